@@ -1,0 +1,94 @@
+"""Registry of M2RNN backends and the rule that resolves ``backend="auto"``.
+
+A backend is a function
+
+    fn(q, k, v, W, f, h0, *, cu_seqlens, gradient_clipping, state_dtype, interpret) -> (y, h_final)
+
+that receives validated inputs with their original head counts (``h0`` may be None, ``gradient_clipping`` is None
+or |c|) and returns ``y`` and the final state in any float dtype; the op casts them to the contract dtypes.
+Kernel backends live in their own modules, which call :func:`register_backend` when imported; they are imported
+lazily so that a missing optional dependency of one backend never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class Backend(Protocol):
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        W: jax.Array,
+        f: jax.Array,
+        h0: jax.Array | None,
+        *,
+        cu_seqlens: jax.Array | None,
+        gradient_clipping: float | None,
+        state_dtype: jnp.dtype,
+        interpret: bool,
+    ) -> tuple[jax.Array, jax.Array]: ...
+
+
+BACKEND_NAMES = ("auto", "scan", "pallas_gpu", "pallas_tpu")
+PALLAS_BACKENDS = ("pallas_gpu", "pallas_tpu")
+
+_REGISTRY: dict[str, Backend] = {}
+_LAZY_MODULES = {
+    "scan": "m2rnn_jax.ops.scan_backend",
+    "pallas_gpu": "m2rnn_jax.ops.pallas_gpu",
+    "pallas_tpu": "m2rnn_jax.ops.pallas_tpu",
+}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Register ``fn`` as the implementation of backend ``name`` (one of :data:`BACKEND_NAMES`, not "auto")."""
+    if name not in _LAZY_MODULES:
+        raise ValueError(f"backend name: expected one of {sorted(_LAZY_MODULES)}, got {name!r}")
+    _REGISTRY[name] = fn
+
+
+def _platform() -> str:
+    """"gpu_nvidia", "tpu" or the name of another platform, from the default device."""
+    device = jax.devices()[0]
+    if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
+        return "gpu_nvidia"
+    return device.platform
+
+
+def resolve_backend_name(backend: str) -> str:
+    """Map ``backend`` (possibly "auto") to a concrete backend name; "auto" goes by the default device."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return {"gpu_nvidia": "pallas_gpu", "tpu": "pallas_tpu"}.get(_platform(), "scan")
+
+
+def get_backend(name: str) -> Backend:
+    """Return the implementation of concrete backend ``name``, importing its module on first use."""
+    if name not in _REGISTRY:
+        importlib.import_module(_LAZY_MODULES[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: {name!r} is not available (its module did not register it)")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list[str]:
+    """Concrete backends whose modules import on this machine."""
+    names = []
+    for name in _LAZY_MODULES:
+        try:
+            get_backend(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+

@@ -1,0 +1,80 @@
+"""The public M2RNN op: validation, backend dispatch and the output-dtype contract."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.ops.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
+from m2rnn_jax.ops.clipping import normalize_clipping
+from m2rnn_jax.ops.validation import state_dtypes, validate_inputs
+
+
+def m2rnn(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    W: jax.Array,
+    f: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    cu_seqlens: jax.Array | None = None,
+    gradient_clipping: float | None = None,
+    state_dtype: jnp.dtype = jnp.float32,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The M2RNN recurrence (Matrix-to-Matrix RNN, arXiv 2603.14360), per sequence and head n:
+
+        Z_t = tanh(H_{t-1} W + k_t v_t^T)          H_t (K, V), W (V, V), k_t (K,), v_t (V,)
+        H_t = f_t H_{t-1} + (1 - f_t) Z_t          f_t a scalar forget value in (0, 1]
+        y_t = H_t^T q_t                            y_t (V,), read from the new state
+
+    Dense inputs:
+        q (B, S, Nq, K), k (B, S, Nk, K), v (B, S, Nv, V), f (B, S, Nf), W (Nw, V, V), h0 (B, N, K, V) or None
+        -> y (B, S, N, V), h_final (B, N, K, V)
+    Varlen inputs (``cu_seqlens`` given): B sequences packed along T tokens,
+        q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), f (T, Nf), cu_seqlens (B+1,) int offsets, 0 first and T last;
+        sequence b covers tokens [cu_seqlens[b], cu_seqlens[b+1]) and starts from h0[b]
+        -> y (T, N, V), h_final (B, N, K, V) (an empty sequence returns its h0).
+
+    Heads: N = max(Nq, Nk, Nv, Nf, Nw) and each count must divide N; output head n reads source head
+    n // (N / N_x) of every input (contiguous blocks, ``repeat_interleave``). The paper uses Nq = Nk = 1.
+
+    Precision: the state is carried in ``promote_types(state_dtype, q.dtype)`` (float32 for bf16/f32 inputs by
+    default, float64 for float64 inputs); the arithmetic of each step uses at least float32 and tanh is exact.
+    ``state_dtype=jnp.bfloat16`` with bf16 inputs reproduces the upstream kernels' bf16 state. y has q's dtype;
+    h_final has h0's dtype when h0 is given, otherwise q's dtype. q, k, v must share one float dtype; f, W and h0
+    may have other float dtypes.
+
+    Gradient clipping (``gradient_clipping=c``, the fused-kernel semantics): walking backward, the state cotangent
+    arriving from step t+1, and the cotangent of h_final, are clamped element-wise to [-|c|, |c|] before the readout
+    term q_t dy_t^T is added; the forward pass is unchanged and dh0 is not clamped. None disables it.
+
+    Backends: "scan" (``lax.scan`` reference, any platform), "pallas_gpu" (fused kernels for NVIDIA GPUs),
+    "pallas_tpu" (fused Mosaic TPU kernels), "auto" (pallas_gpu on NVIDIA GPUs, pallas_tpu on TPU, scan elsewhere,
+    judged by the default device). ``interpret=True`` runs a Pallas backend in interpret mode (on CPU).
+
+    Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
+    B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.
+    """
+    validate_inputs(q, k, v, W, f, h0, cu_seqlens)
+    clip = normalize_clipping(gradient_clipping)
+    state_dtypes(state_dtype, q.dtype)  # validates state_dtype
+    name = resolve_backend_name(backend)
+    if interpret and name not in PALLAS_BACKENDS:
+        raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
+    y, h_final = get_backend(name)(
+        q,
+        k,
+        v,
+        W,
+        f,
+        h0,
+        cu_seqlens=cu_seqlens,
+        gradient_clipping=clip,
+        state_dtype=jnp.dtype(state_dtype),
+        interpret=interpret,
+    )
+    final_dtype = q.dtype if h0 is None else h0.dtype
+    return y.astype(q.dtype), h_final.astype(final_dtype)
