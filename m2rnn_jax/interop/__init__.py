@@ -1,0 +1,29 @@
+"""Interoperability with PyTorch: an independent torch reference and lm-engine weight conversion.
+
+PyTorch is optional (``pip install m2rnn-jax[torch]``); names are imported on first use so that
+``import m2rnn_jax.interop`` works without it and fails with a clear message only when a torch
+feature is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "m2rnn_torch": "torch_reference",
+    "M2RNNTorch": "torch_reference",
+    "torch_state_dict_from_flax": "conversion",
+    "load_flax_into_torch": "conversion",
+    "flax_params_from_torch_state_dict": "conversion",
+    "torch_layer_from_flax": "conversion",
+    "compare_layer_with_torch": "conversion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    return getattr(module, name)
