@@ -1,0 +1,309 @@
+"""The full lm-engine M2RNN sequence mixer as a Flax NNX module (SPEC §3, §2.3, §8, §0).
+
+Dataflow for x (B, S, h), with C = Nq*K + Nk*K + Nv*V conv channels:
+
+1. ``input_projection``: h -> C + Nf + Ng*V, split ``[q | k | v | f | g]``.
+2. f <- softplus decay gate, ``f = exp(-exp(A_log) * softplus(f_raw + dt_bias))`` in float32, cast to dtype.
+3. ``[q | k | v]`` -> causal depthwise conv (``kernel_size`` taps, SiLU); skipped when ``kernel_size`` is None.
+4. ``(y, H_T) = m2rnn(q, k, v, W, f, H_0)`` with the layer's ``gradient_clipping`` and ``backend``.
+5. ``y <- y + D * v`` (post-conv v) when ``use_residual``.
+6. ``y <- y * SiLU(g)`` (SiLU in float32), g broadcast per head block when Ng < N (SPEC §0.3).
+7. RMSNorm over all N*V features jointly, then ``output_projection`` N*V -> h.
+
+Parameters (Flax path -> lm-engine name; kernels are stored transposed, ``kernel = weight.T``):
+
+=============================  =============================  ======================  =========================
+Flax path                      lm-engine name                 Flax shape              init
+=============================  =============================  ======================  =========================
+input_projection.kernel        input_projection.weight        (h, C + Nf + Ng*V)      N(0, initializer_range)
+input_projection.bias          input_projection.bias          (C + Nf + Ng*V,)        zeros (only if add_bias)
+conv1d.kernel                  conv1d.weight (C, 1, ks)       (ks, C)                 N(0, initializer_range)
+conv1d.bias                    conv1d.bias                    (C,)                    zeros (only if add_bias)
+decay_gate.A_log               decay_gate.A_log               (N,) float32            log U(A_init_min, A_init_max)
+decay_gate.dt_bias             decay_gate.dt_bias             (N,) float32            softplus^-1(dt), SPEC §2.3
+D                              D                              (N, V)                  ones (only if use_residual)
+state_weight                   state_weight                   (Nw, V, V)              identity per head
+g_norm.scale                   g_norm.weight                  (N*V,)                  ones
+output_projection.kernel       output_projection.weight       (N*V, h)                N(0, initializer_range /
+                                                                                      sqrt(2 * num_layers))
+=============================  =============================  ======================  =========================
+
+``conv1d.kernel[j, c] = conv1d.weight[c, 0, j]`` (taps oldest -> newest). A_log and dt_bias are stored in
+``promote_types(float32, param_dtype)``. Logical sharding axes: input_projection (embed, None), conv (None, None),
+A_log/dt_bias (heads,), D (heads, None), state_weight (heads, None, None), g_norm (heads,),
+output_projection (heads, embed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
+from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.ops import m2rnn
+from m2rnn_jax.ops.backends import BACKEND_NAMES
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class M2RNNConfig:
+    """Hyper-parameters of the M2RNN mixer (lm-engine ``M2RNNArgs``; defaults = the paper's configs).
+
+    ``num_heads`` is N, the number of state heads. ``num_v_heads``, ``num_f_heads``, ``num_g_heads`` and
+    ``num_weight_heads`` default to N; every head count must divide N and the largest of
+    (Nq, Nk, Nv, Nf, Nw) must equal N. The decay gate is sized N, so Nf = N; the residual D (N, V) needs Nv = N.
+    """
+
+    num_heads: int
+    k_head_dim: int = 64
+    v_head_dim: int = 16
+    num_q_heads: int = 1
+    num_k_heads: int = 1
+    num_v_heads: int | None = None
+    num_f_heads: int | None = None
+    num_g_heads: int | None = None
+    num_weight_heads: int | None = None
+    kernel_size: int | None = 4
+    activation_function: str | None = "silu"
+    use_residual: bool = True
+    add_bias: bool = False
+    gradient_clipping: float | None = 1.0
+    A_init_min: float = 0.0
+    A_init_max: float = 16.0
+    dt_init_min: float = 1e-3
+    dt_init_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    norm_eps: float = 1e-5
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_heads", "k_head_dim", "v_head_dim", "num_q_heads", "num_k_heads"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("num_v_heads", "num_f_heads", "num_g_heads", "num_weight_heads"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, self.num_heads)
+            else:
+                _require_positive_int(name, value)
+        heads = self.head_counts
+        for name, count in heads.items():
+            if self.num_heads % count != 0:
+                raise ValueError(f"{name} must divide num_heads={self.num_heads}, got {count}")
+        largest = max(count for name, count in heads.items() if name != "num_g_heads")
+        if largest != self.num_heads:
+            raise ValueError(
+                f"num_heads must equal max(num_q_heads, num_k_heads, num_v_heads, num_f_heads, num_weight_heads)"
+                f" = {largest}, got {self.num_heads} (head counts {heads})"
+            )
+        if self.num_f_heads != self.num_heads:
+            raise ValueError(
+                f"num_f_heads must equal num_heads={self.num_heads} (the decay gate has one A_log/dt_bias per "
+                f"state head), got {self.num_f_heads}"
+            )
+        if self.use_residual and self.num_v_heads != self.num_heads:
+            raise ValueError(
+                f"num_v_heads must equal num_heads={self.num_heads} when use_residual (D is (N, V)), "
+                f"got {self.num_v_heads}"
+            )
+        if self.kernel_size is None:
+            if self.activation_function is not None:
+                raise ValueError(
+                    f"activation_function must be None when kernel_size is None, got {self.activation_function!r}"
+                )
+        else:
+            _require_positive_int("kernel_size", self.kernel_size)
+            if self.activation_function is not None and self.activation_function not in ACTIVATIONS:
+                raise ValueError(
+                    f"activation_function must be one of {sorted(ACTIVATIONS)} or None, "
+                    f"got {self.activation_function!r}"
+                )
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        validate_decay_gate_init(
+            self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
+        )
+
+    @property
+    def head_counts(self) -> dict[str, int]:
+        """Every head count by field name (after defaults are filled in)."""
+        names = ("num_q_heads", "num_k_heads", "num_v_heads", "num_f_heads", "num_g_heads", "num_weight_heads")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def conv_channels(self) -> int:
+        """C = Nq*K + Nk*K + Nv*V: the [q | k | v] channels that go through the conv."""
+        return (self.num_q_heads + self.num_k_heads) * self.k_head_dim + self.num_v_heads * self.v_head_dim
+
+    @property
+    def projection_size(self) -> int:
+        """Output width of the input projection: C + Nf + Ng*V."""
+        return self.conv_channels + self.num_f_heads + self.num_g_heads * self.v_head_dim
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class M2RNNState(NamedTuple):
+    """Decoding state of one M2RNN layer.
+
+    conv: (B, kernel_size - 1, C) raw pre-conv [q | k | v] inputs, or None when the layer has no conv.
+    recurrent: (B, N, K, V) matrix state of every head.
+    """
+
+    conv: jax.Array | None
+    recurrent: jax.Array
+
+
+class M2RNN(nnx.Module):
+    """M2RNN sequence mixer: x (B, S, hidden) -> (y (B, S, hidden), M2RNNState).
+
+    ``state=None`` starts from zeros (conv padding and H_0); the returned state continues the sequence, so
+    running S tokens at once equals running them in pieces (or one by one) while carrying the state.
+    When ``state`` is None the new state is kept in ``promote_types(float32, dtype)``; a given state keeps its
+    dtypes. The recurrence always carries its state in at least float32 (SPEC §0.2).
+
+    Parameters:
+        hidden_size: h.
+        config: the mixer's hyper-parameters.
+        num_layers: number of layers of the model (depth-scaled init of the output projection).
+        initializer_range: sigma of the N(0, sigma) inits.
+        dtype: compute dtype (bfloat16 in training); param_dtype: storage dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: M2RNNConfig,
+        *,
+        num_layers: int,
+        initializer_range: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _require_positive_int("hidden_size", hidden_size)
+        _require_positive_int("num_layers", num_layers)
+        if initializer_range <= 0:
+            raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
+        self.hidden_size = hidden_size
+        self.config = config
+        self.dtype = dtype
+        N, V = config.num_heads, config.v_head_dim
+
+        self.input_projection = nnx.Linear(
+            hidden_size,
+            config.projection_size,
+            use_bias=config.add_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=jax.nn.initializers.normal(stddev=initializer_range),
+            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False},
+            bias_metadata={"out_sharding": (None,), "eager_sharding": False},
+            rngs=rngs,
+        )
+        self.decay_gate = SoftplusDecayGate(
+            N,
+            A_init_min=config.A_init_min,
+            A_init_max=config.A_init_max,
+            dt_init_min=config.dt_init_min,
+            dt_init_max=config.dt_init_max,
+            dt_init_floor=config.dt_init_floor,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.conv1d = (
+            None
+            if config.kernel_size is None
+            else CausalDepthwiseConv1d(
+                config.conv_channels,
+                config.kernel_size,
+                activation=config.activation_function,
+                use_bias=config.add_bias,
+                initializer_range=initializer_range,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
+        self.D = (
+            nnx.Param(jnp.ones((N, V), dtype=param_dtype), out_sharding=("heads", None), eager_sharding=False)
+            if config.use_residual
+            else None
+        )
+        self.state_weight = nnx.Param(
+            jnp.broadcast_to(jnp.eye(V, dtype=param_dtype), (config.num_weight_heads, V, V)),
+            out_sharding=("heads", None, None),
+            eager_sharding=False,
+        )
+        self.g_norm = RMSNorm(
+            N * V, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads"
+        )
+        self.output_projection = nnx.Linear(
+            N * V,
+            hidden_size,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=jax.nn.initializers.normal(stddev=initializer_range / (2 * num_layers) ** 0.5),
+            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
+            rngs=rngs,
+        )
+
+    def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> M2RNNState:
+        """Zero state for ``batch_size`` sequences (``max_length`` is ignored: the state has a fixed size)."""
+        c = self.config
+        conv = None if self.conv1d is None else self.conv1d.init_state(batch_size, dtype=dtype)
+        recurrent = jnp.zeros((batch_size, c.num_heads, c.k_head_dim, c.v_head_dim), dtype=dtype)
+        return M2RNNState(conv=conv, recurrent=recurrent)
+
+    def __call__(self, x: jax.Array, state: M2RNNState | None = None) -> tuple[jax.Array, M2RNNState]:
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new M2RNNState)."""
+        c = self.config
+        if x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
+        batch, seq_len, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, seq_len, dtype=jnp.promote_types(jnp.float32, self.dtype))
+        N, K, V = c.num_heads, c.k_head_dim, c.v_head_dim
+
+        projected = self.input_projection(x.astype(self.dtype))
+        qkv, f_raw, g = jnp.split(projected, [c.conv_channels, c.conv_channels + c.num_f_heads], axis=-1)
+        f = self.decay_gate(f_raw, final_exponential=True)  # (B, S, N)
+        conv_state = state.conv
+        if self.conv1d is not None:
+            qkv, conv_state = self.conv1d(qkv, state.conv)
+        q, k, v = jnp.split(qkv, [c.num_q_heads * K, (c.num_q_heads + c.num_k_heads) * K], axis=-1)
+        q = q.reshape(batch, seq_len, c.num_q_heads, K)
+        k = k.reshape(batch, seq_len, c.num_k_heads, K)
+        v = v.reshape(batch, seq_len, c.num_v_heads, V)
+
+        y, recurrent = m2rnn(
+            q,
+            k,
+            v,
+            self.state_weight[...].astype(self.dtype),
+            f,
+            state.recurrent,
+            gradient_clipping=c.gradient_clipping,
+            backend=c.backend,
+        )  # y (B, S, N, V)
+        if self.D is not None:
+            y = y + v * self.D[...].astype(self.dtype)
+
+        gate_dtype = jnp.promote_types(jnp.float32, self.dtype)
+        gate = jax.nn.silu(g.reshape(batch, seq_len, c.num_g_heads, V).astype(gate_dtype))
+        gate = jnp.repeat(gate.astype(self.dtype), N // c.num_g_heads, axis=2)  # per head block (SPEC §0.3)
+        y = self.g_norm((y * gate).reshape(batch, seq_len, N * V))
+        return self.output_projection(y), M2RNNState(conv=conv_state, recurrent=recurrent)
