@@ -1,0 +1,175 @@
+"""Hyper-parameters of the hybrid decoder (SPEC §9-§10) as one frozen, validated dataclass.
+
+A model is a stack of ``num_layers`` pre-norm blocks; ``layer_pattern`` names the sequence mixer of each block by
+one letter (index 0 first):
+
+=======  ==================  ====================================================
+letter   config field        mixer
+=======  ==================  ====================================================
+``M``    ``m2rnn``           :class:`m2rnn_jax.layers.m2rnn.M2RNN`
+``G``    ``gated_deltanet``  :class:`m2rnn_jax.layers.gated_deltanet.GatedDeltaNet`
+``S``    ``mamba2``          :class:`m2rnn_jax.layers.mamba2.Mamba2`
+``A``    ``attention``       :class:`m2rnn_jax.layers.attention.Attention`
+``R``    ``rnn``             :class:`m2rnn_jax.layers.rnn.RNN`
+``U``    ``gru``             :class:`m2rnn_jax.layers.gru.GRU`
+=======  ==================  ====================================================
+
+Every letter used by the pattern needs its config field set; fields of unused mixers must stay ``None`` (so a
+config says exactly what it builds). The channel mixer of every block is ``mlp``: a dense SwiGLU
+(:class:`~m2rnn_jax.layers.mlp.MLPConfig`) or a mixture of experts (:class:`~m2rnn_jax.layers.mlp.MoEConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import jax.numpy as jnp
+
+from m2rnn_jax.layers.attention import AttentionConfig
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNetConfig
+from m2rnn_jax.layers.gru import GRUConfig
+from m2rnn_jax.layers.m2rnn import M2RNNConfig
+from m2rnn_jax.layers.mamba2 import Mamba2Config
+from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
+from m2rnn_jax.layers.rnn import RNNConfig
+
+# Layer-pattern letter -> ModelConfig field holding that mixer's config.
+MIXER_FIELDS: dict[str, str] = {
+    "M": "m2rnn",
+    "G": "gated_deltanet",
+    "S": "mamba2",
+    "A": "attention",
+    "R": "rnn",
+    "U": "gru",
+}
+
+# ModelConfig field -> the config class it must hold.
+MIXER_CONFIG_TYPES: dict[str, type] = {
+    "m2rnn": M2RNNConfig,
+    "gated_deltanet": GatedDeltaNetConfig,
+    "mamba2": Mamba2Config,
+    "attention": AttentionConfig,
+    "rnn": RNNConfig,
+    "gru": GRUConfig,
+}
+
+CHANNEL_MIXER_CONFIG_TYPES: tuple[type, ...] = (MLPConfig, MoEConfig)
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+
+ChannelMixerConfig = Union[MLPConfig, MoEConfig]
+
+
+def canonical_dtype_name(dtype: Any, field_name: str) -> str:
+    """Returns the numpy name of ``dtype`` (a string or a dtype-like), one of :data:`SUPPORTED_DTYPES`."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError as err:
+        raise ValueError(f"{field_name}: expected one of {SUPPORTED_DTYPES}, got {dtype!r}") from err
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"{field_name}: expected one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The hybrid decoder: embeddings -> ``num_layers`` pre-norm blocks -> final RMSNorm -> LM head.
+
+    Attributes:
+        vocab_size: number of token ids.
+        hidden_size: width h of the residual stream.
+        num_layers: number of blocks L (also the depth used by depth-scaled output-projection init).
+        layer_pattern: one mixer letter per block (see the module docstring), ``len == num_layers``.
+        mlp: channel mixer of every block (SwiGLU :class:`MLPConfig` or :class:`MoEConfig`).
+        m2rnn, gated_deltanet, mamba2, attention, rnn, gru: per-mixer configs; set exactly those the pattern uses.
+        initializer_range: σ of the normal init of embeddings, LM head and input projections (SPEC §3.3, §9.1).
+        norm_eps: epsilon of the block and final RMSNorms.
+        tie_embeddings: reuse the embedding matrix as LM head (the paper's models are untied).
+        dtype: compute dtype ("bfloat16" for training at scale).
+        param_dtype: storage dtype of the parameters (float32 master weights).
+        remat: rematerialise each block in the backward pass (activation checkpointing).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    layer_pattern: str
+    mlp: ChannelMixerConfig
+    m2rnn: M2RNNConfig | None = None
+    gated_deltanet: GatedDeltaNetConfig | None = None
+    mamba2: Mamba2Config | None = None
+    attention: AttentionConfig | None = None
+    rnn: RNNConfig | None = None
+    gru: GRUConfig | None = None
+    initializer_range: float = 0.02
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self._validate_pattern()
+        self._validate_mixer_configs()
+        if not isinstance(self.mlp, CHANNEL_MIXER_CONFIG_TYPES):
+            raise ValueError(f"mlp: expected MLPConfig or MoEConfig, got {type(self.mlp).__name__}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range: expected > 0, got {self.initializer_range!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps!r}")
+        object.__setattr__(self, "dtype", canonical_dtype_name(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", canonical_dtype_name(self.param_dtype, "param_dtype"))
+
+    def _validate_pattern(self) -> None:
+        if not isinstance(self.layer_pattern, str):
+            raise ValueError(f"layer_pattern: expected a string, got {type(self.layer_pattern).__name__}")
+        unknown = sorted(set(self.layer_pattern) - set(MIXER_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"layer_pattern: unknown mixer letters {unknown} in {self.layer_pattern!r}; "
+                f"known letters: {''.join(MIXER_FIELDS)}"
+            )
+        if len(self.layer_pattern) != self.num_layers:
+            raise ValueError(
+                f"layer_pattern: expected {self.num_layers} letters (num_layers), "
+                f"got {len(self.layer_pattern)} in {self.layer_pattern!r}"
+            )
+
+    def _validate_mixer_configs(self) -> None:
+        used = {MIXER_FIELDS[letter] for letter in self.layer_pattern}
+        for name, config_type in MIXER_CONFIG_TYPES.items():
+            value = getattr(self, name)
+            if name in used and value is None:
+                raise ValueError(f"{name}: the layer_pattern uses this mixer, so its config is required, got None")
+            if name not in used and value is not None:
+                raise ValueError(
+                    f"{name}: the layer_pattern {self.layer_pattern!r} does not use this mixer, "
+                    f"so its config must be None, got {type(value).__name__}"
+                )
+            if value is not None and not isinstance(value, config_type):
+                raise ValueError(f"{name}: expected {config_type.__name__}, got {type(value).__name__}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """``dtype`` as a jnp dtype."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        """``param_dtype`` as a jnp dtype."""
+        return jnp.dtype(self.param_dtype)
+
+    def mixer_config(self, letter: str) -> Any:
+        """The config of the mixer that ``letter`` names in the layer pattern."""
+        if letter not in MIXER_FIELDS:
+            raise ValueError(f"letter: expected one of {''.join(MIXER_FIELDS)}, got {letter!r}")
+        return getattr(self, MIXER_FIELDS[letter])
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)

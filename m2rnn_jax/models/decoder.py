@@ -1,0 +1,204 @@
+"""The hybrid decoder (SPEC §9.1): embeddings, pre-norm blocks from a layer pattern, final RMSNorm, LM head.
+
+Each block computes ``x += mixer(norm1(x)); x += mlp(norm2(x))``. The mixer of block i is chosen by the letter
+``config.layer_pattern[i]`` (see :mod:`m2rnn_jax.models.config`). Parameter paths and their lm-engine names:
+
+=====================================  ====================================  ==================
+Flax path                              lm-engine name                        shape
+=====================================  ====================================  ==================
+``embed.embedding``                    ``transformer.wte.weight``            (vocab, h)
+``blocks.{i}.norm1.scale``             ``transformer.h.{i}.ln_1.weight``     (h,)
+``blocks.{i}.mixer.*``                 ``transformer.h.{i}.sequence_mixer.*``  per mixer
+``blocks.{i}.norm2.scale``             ``transformer.h.{i}.ln_2.weight``     (h,)
+``blocks.{i}.mlp.*``                   ``transformer.h.{i}.mlp_block.*``     per channel mixer
+``final_norm.scale``                   ``transformer.ln_f.weight``           (h,)
+``lm_head.kernel``                     ``lm_head.weight`` (transposed)       (h, vocab)
+=====================================  ====================================  ==================
+
+The decoder carries a *cache*: a tuple with one mixer state per block (conv tail + recurrent state, or the
+attention KV buffer). ``cache=None`` starts every mixer from zeros; the returned cache continues the sequence, so
+running S tokens at once equals running them one at a time (see :mod:`m2rnn_jax.models.generation`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.attention import Attention
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
+from m2rnn_jax.layers.gru import GRU
+from m2rnn_jax.layers.m2rnn import M2RNN
+from m2rnn_jax.layers.mamba2 import Mamba2
+from m2rnn_jax.layers.mlp import MLP, MoE, MoEConfig
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.rnn import RNN
+from m2rnn_jax.models.config import ModelConfig
+
+# Layer-pattern letter -> sequence-mixer class (all follow the mixer interface of the layers package).
+MIXER_CLASSES: dict[str, type[nnx.Module]] = {
+    "M": M2RNN,
+    "G": GatedDeltaNet,
+    "S": Mamba2,
+    "A": Attention,
+    "R": RNN,
+    "U": GRU,
+}
+
+Cache = tuple[Any, ...]
+
+
+class DecoderOutput(NamedTuple):
+    """What :class:`Decoder` returns.
+
+    Attributes:
+        logits: (B, S, vocab) in the compute dtype.
+        cache: one mixer state per block; feed it back to continue the sequence.
+        aux_loss: scalar float32, the sum over blocks of the MoE auxiliary losses (0 for dense MLPs), already
+            weighted by ``router_aux_loss_coef``.
+    """
+
+    logits: jax.Array
+    cache: Cache
+    aux_loss: jax.Array
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+class DecoderBlock(nnx.Module):
+    """One pre-norm block: ``x += mixer(norm1(x)); x += mlp(norm2(x))``.
+
+    Args:
+        letter: the mixer letter of this block (``M G S A R U``).
+        config: the model config (mixer and channel-mixer configs, widths, dtypes, init).
+        rngs: parameter initialisation keys.
+    """
+
+    def __init__(self, letter: str, config: ModelConfig, *, rngs: nnx.Rngs):
+        if letter not in MIXER_CLASSES:
+            raise ValueError(f"letter: expected one of {''.join(MIXER_CLASSES)}, got {letter!r}")
+        hidden = config.hidden_size
+        common = dict(
+            num_layers=config.num_layers,
+            initializer_range=config.initializer_range,
+            dtype=config.compute_dtype,
+            param_dtype=config.parameter_dtype,
+            rngs=rngs,
+        )
+        norm_args = dict(eps=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+        self.letter = letter
+        self.norm1 = RMSNorm(hidden, **norm_args)
+        self.mixer = MIXER_CLASSES[letter](hidden, config.mixer_config(letter), **common)
+        self.norm2 = RMSNorm(hidden, **norm_args)
+        channel_mixer_class = MoE if isinstance(config.mlp, MoEConfig) else MLP
+        self.mlp = channel_mixer_class(hidden, config.mlp, **common)
+        self.mixer_takes_segment_ids = _accepts_keyword(type(self.mixer).__call__, "segment_ids")
+
+    def __call__(
+        self, x: jax.Array, state: Any = None, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, Any, jax.Array]:
+        """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar f32))."""
+        mixer_kwargs = {"segment_ids": segment_ids} if self.mixer_takes_segment_ids else {}
+        mixed, new_state = self.mixer(self.norm1(x), state, **mixer_kwargs)
+        x = x + mixed.astype(x.dtype)
+        if isinstance(self.mlp, MoE):
+            channel, aux_loss = self.mlp(self.norm2(x))
+        else:
+            channel, aux_loss = self.mlp(self.norm2(x)), jnp.zeros((), dtype=jnp.float32)
+        return x + channel.astype(x.dtype), new_state, aux_loss.astype(jnp.float32)
+
+
+def _run_block(
+    block: DecoderBlock, x: jax.Array, state: Any, segment_ids: jax.Array | None
+) -> tuple[jax.Array, Any, jax.Array]:
+    return block(x, state, segment_ids)
+
+
+class Decoder(nnx.Module):
+    """The hybrid language model of SPEC §9-§10.
+
+    Args:
+        config: the model config (see :class:`~m2rnn_jax.models.config.ModelConfig`).
+        rngs: parameter initialisation keys (``nnx.Rngs(seed)``).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config: expected ModelConfig, got {type(config).__name__}")
+        self.config = config
+        normal = nnx.initializers.normal(stddev=config.initializer_range)
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=config.compute_dtype,
+            param_dtype=config.parameter_dtype,
+            embedding_init=normal,
+            embedding_metadata={"out_sharding": ("vocab", "embed"), "eager_sharding": False},
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([DecoderBlock(letter, config, rngs=rngs) for letter in config.layer_pattern])
+        self.final_norm = RMSNorm(
+            config.hidden_size, eps=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype
+        )
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                dtype=config.compute_dtype,
+                param_dtype=config.parameter_dtype,
+                kernel_init=normal,
+                kernel_metadata={"out_sharding": ("embed", "vocab"), "eager_sharding": False},
+                rngs=rngs,
+            )
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> Cache:
+        """Empty per-block mixer states: recurrent states of zeros, attention KV buffers of ``max_length``.
+
+        ``dtype`` defaults to ``promote_types(float32, compute dtype)`` (float32, or float64 for float64 models).
+        """
+        if dtype is None:
+            dtype = jnp.promote_types(jnp.float32, self.config.compute_dtype)
+        return tuple(block.mixer.init_state(batch_size, max_length, dtype=dtype) for block in self.blocks)
+
+    def __call__(
+        self, input_ids: jax.Array, cache: Cache | None = None, *, segment_ids: jax.Array | None = None
+    ) -> DecoderOutput:
+        """input_ids (B, S) int -> :class:`DecoderOutput` (logits (B, S, vocab)).
+
+        Args:
+            input_ids: (B, S) token ids.
+            cache: ``None`` (start from empty states) or the cache returned by a previous call / ``init_cache``.
+            segment_ids: optional (B, S) document ids for document masking, passed to the mixers that accept a
+                ``segment_ids`` keyword (the others ignore document boundaries, the paper's default, SPEC §0.5).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids: expected shape (B, S), got {input_ids.shape}")
+        if segment_ids is not None and segment_ids.shape != input_ids.shape:
+            raise ValueError(f"segment_ids: expected shape {input_ids.shape}, got {segment_ids.shape}")
+        if cache is None:
+            cache = (None,) * len(self.blocks)
+        elif len(cache) != len(self.blocks):
+            raise ValueError(f"cache: expected {len(self.blocks)} per-block states, got {len(cache)}")
+        run_block = nnx.remat(_run_block) if self.config.remat else _run_block
+        x = self.embed(input_ids)
+        new_cache = []
+        aux_loss = jnp.zeros((), dtype=jnp.float32)
+        for block, state in zip(self.blocks, cache):
+            x, new_state, block_aux_loss = run_block(block, x, state, segment_ids)
+            new_cache.append(new_state)
+            aux_loss = aux_loss + block_aux_loss
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return DecoderOutput(logits=logits, cache=tuple(new_cache), aux_loss=aux_loss)

@@ -1,0 +1,98 @@
+"""Language-model losses: masked token cross-entropy in float32 plus the MoE auxiliary loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.models.decoder import Decoder
+
+
+class LossMetrics(NamedTuple):
+    """Scalars reported next to the loss (all float32 except ``num_tokens``, int32)."""
+
+    cross_entropy: jax.Array
+    aux_loss: jax.Array
+    num_tokens: jax.Array
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean token cross-entropy, computed in float32.
+
+    Args:
+        logits: (B, S, vocab), any float dtype.
+        targets: (B, S) int token ids.
+        loss_mask: optional (B, S), nonzero where the token counts.
+
+    Returns:
+        (mean cross-entropy over the counted tokens (0 if none), number of counted tokens (int32)).
+    """
+    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            f"targets: expected shape {logits.shape[:2]} matching logits (B, S, vocab) {logits.shape}, "
+            f"got {targets.shape}"
+        )
+    if loss_mask is None:
+        loss_mask = jnp.ones(targets.shape, dtype=jnp.float32)
+    elif loss_mask.shape != targets.shape:
+        raise ValueError(f"loss_mask: expected shape {targets.shape}, got {loss_mask.shape}")
+    weights = (loss_mask != 0).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    num_tokens = jnp.sum(weights)
+    mean = jnp.sum(token_nll * weights) / jnp.maximum(num_tokens, 1.0)
+    return mean, num_tokens.astype(jnp.int32)
+
+
+def next_token_targets(
+    tokens: jax.Array, loss_mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """Splits a (B, S+1) token window into inputs ``tokens[:, :-1]`` and next-token targets ``tokens[:, 1:]``.
+
+    ``loss_mask`` (B, S+1) is taken on the target side, ``segment_ids`` (B, S+1) on the input side.
+
+    Returns:
+        (inputs (B, S), targets (B, S), loss_mask (B, S) or None, segment_ids (B, S) or None).
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens: expected shape (B, S+1) with S >= 1, got {tokens.shape}")
+    for name, value in (("loss_mask", loss_mask), ("segment_ids", segment_ids)):
+        if value is not None and value.shape != tokens.shape:
+            raise ValueError(f"{name}: expected shape {tokens.shape}, got {value.shape}")
+    return (
+        tokens[:, :-1],
+        tokens[:, 1:],
+        None if loss_mask is None else loss_mask[:, 1:],
+        None if segment_ids is None else segment_ids[:, :-1],
+    )
+
+
+def language_model_loss(
+    model: Decoder,
+    inputs: jax.Array,
+    targets: jax.Array,
+    *,
+    loss_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, LossMetrics]:
+    """Training objective: masked cross-entropy of ``model(inputs)`` against ``targets`` plus the MoE aux loss.
+
+    Args:
+        model: the decoder.
+        inputs: (B, S) token ids.
+        targets: (B, S) token ids to predict at each position (next tokens for language modelling; any per-position
+            labels for tasks such as state tracking).
+        loss_mask: optional (B, S), nonzero where a target counts.
+        segment_ids: optional (B, S) document ids, passed to the mixers that support document masking.
+
+    Returns:
+        (scalar float32 loss, :class:`LossMetrics`).
+    """
+    output = model(inputs, segment_ids=segment_ids)
+    mean_cross_entropy, num_tokens = cross_entropy(output.logits, targets, loss_mask)
+    loss = mean_cross_entropy + output.aux_loss
+    return loss, LossMetrics(cross_entropy=mean_cross_entropy, aux_loss=output.aux_loss, num_tokens=num_tokens)
