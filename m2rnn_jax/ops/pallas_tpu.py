@@ -1,0 +1,158 @@
+"""The "pallas_tpu" backend: the fused Mosaic TPU kernels of ``pallas_kernels.tpu`` behind a ``jax.custom_vjp``.
+
+The forward kernel saves the state at every chunk boundary; the backward kernel recomputes each chunk from its
+checkpoint and walks it in reverse (memory O(S / C) states). Inputs with fewer heads than N are broadcast before the
+kernels, and the kernels' per-output-head gradients are summed back onto the source heads here (no atomics on TPU).
+The kernels compute in float32; float64 inputs are refused (use backend="scan"), and ``state_dtype=bfloat16`` with
+bf16 inputs rounds the carried state to bf16 after every step, as the reference does (its backward treats that
+rounding as the identity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.ops.backends import register_backend
+from m2rnn_jax.ops.heads import expand_heads, reduce_heads
+from m2rnn_jax.ops.validation import state_dtypes
+from pallas_kernels.tpu import m2rnn_tpu_backward, m2rnn_tpu_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Non-differentiable settings of one call (hashable, for ``nondiff_argnums``)."""
+
+    gradient_clipping: float | None
+    bf16_state: bool
+    chunk_size: int | None
+    interpret: Any
+
+
+def _expand_all(q, k, v, w, f, num_heads: int, varlen: bool):
+    head_axis = 1 if varlen else 2
+    return (
+        expand_heads(q, num_heads, head_axis),
+        expand_heads(k, num_heads, head_axis),
+        expand_heads(v, num_heads, head_axis),
+        expand_heads(w, num_heads, 0),
+        expand_heads(f, num_heads, head_axis),
+    )
+
+
+def _num_heads(q, k, v, w, f) -> int:
+    return max(q.shape[-2], k.shape[-2], v.shape[-2], w.shape[0], f.shape[-1])
+
+
+def _forward(static: _Static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints: bool):
+    varlen = cu_seqlens is not None
+    expanded = _expand_all(q, k, v, w, f, _num_heads(q, k, v, w, f), varlen)
+    return m2rnn_tpu_forward(
+        *expanded,
+        h0,
+        cu_seqlens=cu_seqlens,
+        chunk_size=static.chunk_size,
+        bf16_state=static.bf16_state,
+        save_checkpoints=save_checkpoints,
+        interpret=static.interpret,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _m2rnn_tpu(static: _Static, q, k, v, w, f, h0, cu_seqlens):
+    y, final, _ = _forward(static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints=False)
+    return y, final
+
+
+def _m2rnn_tpu_fwd(static: _Static, q, k, v, w, f, h0, cu_seqlens):
+    y, final, checkpoints = _forward(static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints=True)
+    return (y, final), (q, k, v, w, f, h0, cu_seqlens, checkpoints)
+
+
+def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
+    q, k, v, w, f, h0, cu_seqlens, checkpoints = residuals
+    dy, dfinal = cotangents
+    varlen = cu_seqlens is not None
+    expanded = _expand_all(q, k, v, w, f, _num_heads(q, k, v, w, f), varlen)
+    dq, dk, dv, df, dw, dh0 = m2rnn_tpu_backward(
+        *expanded,
+        h0,
+        checkpoints,
+        dy,
+        dfinal,
+        cu_seqlens=cu_seqlens,
+        chunk_size=static.chunk_size,
+        gradient_clipping=static.gradient_clipping,
+        bf16_state=static.bf16_state,
+        interpret=static.interpret,
+    )
+    head_axis = 1 if varlen else 2
+    grads = (
+        reduce_heads(dq, q.shape[-2], head_axis).astype(q.dtype),
+        reduce_heads(dk, k.shape[-2], head_axis).astype(k.dtype),
+        reduce_heads(dv, v.shape[-2], head_axis).astype(v.dtype),
+        reduce_heads(dw, w.shape[0], 0).astype(w.dtype),
+        reduce_heads(df, f.shape[-1], head_axis).astype(f.dtype),
+        None if h0 is None else dh0.astype(h0.dtype),
+        None,
+    )
+    return grads
+
+
+_m2rnn_tpu.defvjp(_m2rnn_tpu_fwd, _m2rnn_tpu_bwd)
+
+
+def _no_tokens(q, k, v, w, f, h0, cu_seqlens) -> tuple[jax.Array, jax.Array]:
+    """Zero time steps: an empty y and the initial states (zeros when h0 is None)."""
+    num_heads = _num_heads(q, k, v, w, f)
+    lead = q.shape[:-2]
+    batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    y = jnp.zeros(lead + (num_heads, v.shape[-1]), q.dtype)
+    if h0 is None:
+        return y, jnp.zeros((batch, num_heads, q.shape[-1], v.shape[-1]), jnp.float32)
+    return y, h0.astype(jnp.float32)
+
+
+def m2rnn_pallas_tpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    W: jax.Array,
+    f: jax.Array,
+    h0: jax.Array | None,
+    *,
+    cu_seqlens: jax.Array | None,
+    gradient_clipping: float | None,
+    state_dtype: jnp.dtype,
+    interpret: Any,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Backend entry point (validated inputs with their original head counts; see ``m2rnn_jax.ops.op.m2rnn``).
+
+    Returns y in q's dtype and the final state in float32. ``interpret``: False (compile for TPU), True (TPU
+    interpret mode on CPU) or a ``jax.experimental.pallas.tpu.InterpretParams``. ``chunk_size`` (a multiple of 8,
+    default 64 capped by the length) is the number of time steps per grid step and per checkpoint.
+    """
+    storage, compute = state_dtypes(state_dtype, q.dtype)
+    if compute != jnp.float32:
+        raise ValueError(
+            f"state_dtype / input dtype: backend 'pallas_tpu' computes in float32, got inputs {q.dtype} with "
+            f"state_dtype {jnp.dtype(state_dtype)} (arithmetic in {compute}); use backend='scan' for float64"
+        )
+    static = _Static(
+        gradient_clipping=gradient_clipping,
+        bf16_state=storage == jnp.bfloat16,
+        chunk_size=chunk_size,
+        interpret=interpret,
+    )
+    tokens = q.shape[0] if cu_seqlens is not None else q.shape[1]
+    if tokens == 0:
+        return _no_tokens(q, k, v, W, f, h0, cu_seqlens)
+    return _m2rnn_tpu(static, q, k, v, W, f, h0, cu_seqlens)
+
+
+register_backend("pallas_tpu", m2rnn_pallas_tpu)
