@@ -146,8 +146,8 @@ class Attention(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=jax.nn.initializers.normal(stddev=initializer_range),
-            kernel_metadata={"out_sharding": ("embed", "heads")},
-            bias_metadata={"out_sharding": ("heads",)},
+            kernel_metadata={"out_sharding": ("embed", "heads"), "eager_sharding": False},
+            bias_metadata={"out_sharding": ("heads",), "eager_sharding": False},
             rngs=rngs,
         )
         self.c_proj = nnx.Linear(
@@ -157,8 +157,8 @@ class Attention(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=jax.nn.initializers.normal(stddev=initializer_range / (2 * num_layers) ** 0.5),
-            kernel_metadata={"out_sharding": ("heads", "embed")},
-            bias_metadata={"out_sharding": ("embed",)},
+            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
+            bias_metadata={"out_sharding": ("embed",), "eager_sharding": False},
             rngs=rngs,
         )
 

@@ -1,0 +1,249 @@
+"""Channel mixers: dense SwiGLU MLP and mixture of experts (SPEC §9.3, §0.6).
+
+Auxiliary-loss contract (agreed with the decoder): ``MLP.__call__(x)`` returns ``y`` only;
+``MoE.__call__(x)`` returns ``(y, aux_loss)`` where ``aux_loss`` is a float32 scalar computed over the tokens of
+this call and **already multiplied by** ``router_aux_loss_coef``; the decoder sums it over layers and adds it to
+the language-modelling loss (as lm-engine does). No ``nnx.Intermediate`` state is sown, so both modules stay pure
+under ``jax.jit`` / ``nnx.scan``.
+
+SwiGLU (both modules): ``c_fc`` emits 2I features **interleaved** like lm-engine's packed SwiGLU: gate = even
+columns, up = odd columns, ``y = c_proj(up * silu(gate))`` with the activation in >= float32. Converting an
+lm-engine checkpoint therefore copies ``c_fc.weight.T`` as is (no de-interleaving).
+
+MoE routing (lm-engine reference path, ``normalized_topk``): router logits ``x @ gate.kernel`` (float32), top-k
+experts per token by logit, routing weights = softmax over the k selected logits. Each selected expert is a
+SwiGLU of intermediate size I; one always-on shared expert (intermediate ``shared_intermediate_size``, no gate) is
+added. Aux loss = switch load-balancing loss ``E * sum_e P_e F_e`` (P = mean router probability, F = fraction of
+the T*k selections that went to expert e) + 0.1 * router z-loss ``mean(logsumexp(logits)**2)``.
+The experts run as two grouped matmuls (``jax.lax.ragged_dot``) over the T*k (token, expert) pairs sorted by
+expert: exact (no capacity, no token dropping), static shapes, jit-friendly.
+
+Parameters (Flax path -> lm-engine name, kernels stored (in, out); expert kernels (E, in, out)):
+
+=========================  =========================  ===============  ==================  =====================
+Flax path                  lm-engine name             Flax shape       init                logical axes
+=========================  =========================  ===============  ==================  =====================
+c_fc.kernel (MLP)          c_fc.weight                (h, 2I)          N(0, σ)             (embed, mlp)
+c_proj.kernel (MLP)        c_proj.weight              (I, h)           N(0, σ/sqrt(2L))    (mlp, embed)
+gate.kernel (MoE)          gate.weight                (h, E)           N(0, σ)             (embed, None)
+c_fc.kernel (MoE)          c_fc.weight (E, 2I, h)     (E, h, 2I)       N(0, σ)             (expert, embed, mlp)
+c_proj.kernel (MoE)        c_proj.weight (E, h, I)    (E, I, h)        N(0, σ/sqrt(2L))    (expert, mlp, embed)
+c_fc_shared.kernel         c_fc_shared.weight         (h, 2I_s)        N(0, σ)             (embed, mlp)
+c_proj_shared.kernel       c_proj_shared.weight       (I_s, h)         N(0, σ/sqrt(2L))    (mlp, embed)
+=========================  =========================  ===============  ==================  =====================
+
+Biases (zeros, only with ``add_bias``) follow their kernel's output axis. Only parameters with an ``expert`` axis
+are routed: a token uses ``top_k / num_experts`` of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.m2rnn import _require_positive_int
+
+Dtype = Any
+
+Z_LOSS_WEIGHT = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """Dense SwiGLU channel mixer: ``intermediate_size`` I (2752 at 400M)."""
+
+    intermediate_size: int
+    add_bias: bool = False
+
+    def __post_init__(self):
+        _require_positive_int("intermediate_size", self.intermediate_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of SwiGLU experts (7B: 128 experts, top-8, I = 256, shared I = 1024, coef 0.001).
+
+    ``shared_intermediate_size=None`` drops the shared expert.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared_intermediate_size: int | None = None
+    router_aux_loss_coef: float = 0.001
+    add_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "intermediate_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+        if self.shared_intermediate_size is not None:
+            _require_positive_int("shared_intermediate_size", self.shared_intermediate_size)
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+    """h (..., 2I) interleaved [gate, up] pairs -> (..., I) ``up * silu(gate)``, computed in >= float32."""
+    compute = h.astype(jnp.promote_types(jnp.float32, h.dtype))
+    return (compute[..., 1::2] * jax.nn.silu(compute[..., ::2])).astype(h.dtype)
+
+
+def _linear(in_features, out_features, axes, *, std, use_bias, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=jax.nn.initializers.normal(stddev=std),
+        kernel_metadata={"out_sharding": axes, "eager_sharding": False},
+        bias_metadata={"out_sharding": axes[-1:], "eager_sharding": False},
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """Dense SwiGLU channel mixer: x (B, S, hidden) -> y (B, S, hidden) in ``dtype`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: MLPConfig,
+        *,
+        num_layers: int,
+        initializer_range: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _require_positive_int("hidden_size", hidden_size)
+        _require_positive_int("num_layers", num_layers)
+        self.dtype = dtype
+        I = config.intermediate_size
+        kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_fc = _linear(hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
+        self.c_proj = _linear(I, hidden_size, ("mlp", "embed"), std=initializer_range / (2 * num_layers) ** 0.5, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.c_proj(swiglu(self.c_fc(x.astype(self.dtype))))
+
+
+def route_tokens(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """logits (T, E) -> (weights (T, k) float32 softmax over the k largest logits, experts (T, k) int32)."""
+    top_logits, experts = jax.lax.top_k(logits, top_k)
+    weights = jax.nn.softmax(top_logits.astype(jnp.promote_types(jnp.float32, logits.dtype)), axis=-1)
+    return weights, experts.astype(jnp.int32)
+
+
+def router_aux_loss(logits: jax.Array, experts: jax.Array) -> jax.Array:
+    """Switch load-balancing loss + 0.1 * z-loss (unweighted) from logits (T, E) and selections experts (T, k)."""
+    logits = logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
+    num_experts = logits.shape[-1]
+    mean_probability = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)  # (E,), sums to 1
+    counts = jnp.bincount(experts.reshape(-1), length=num_experts).astype(logits.dtype)
+    switch_loss = num_experts * jnp.sum(mean_probability * counts / jnp.sum(counts))
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    return switch_loss + Z_LOSS_WEIGHT * z_loss
+
+
+class ExpertLinear(nnx.Module):
+    """E independent linear maps with ``kernel`` (E, in, out), applied to rows grouped by expert."""
+
+    def __init__(self, num_experts, in_features, out_features, axes, *, std, use_bias, dtype, param_dtype, rngs):
+        init = jax.nn.initializers.normal(stddev=std)
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            init(rngs.params(), (num_experts, in_features, out_features), param_dtype),
+            out_sharding=("expert", *axes),
+            eager_sharding=False,
+        )
+        self.bias = (
+            nnx.Param(
+                jnp.zeros((num_experts, out_features), dtype=param_dtype),
+                out_sharding=("expert", axes[-1]),
+                eager_sharding=False,
+            )
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array) -> jax.Array:
+        """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert, row_experts (R,) -> (R, out)."""
+        y = jax.lax.ragged_dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), group_sizes)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)[row_experts]
+        return y
+
+
+class MoE(nnx.Module):
+    """Mixture of SwiGLU experts: x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, weighted aux loss ())."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: MoEConfig,
+        *,
+        num_layers: int,
+        initializer_range: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _require_positive_int("hidden_size", hidden_size)
+        _require_positive_int("num_layers", num_layers)
+        self.hidden_size = hidden_size
+        self.config = config
+        self.dtype = dtype
+        out_std = initializer_range / (2 * num_layers) ** 0.5
+        kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        E, I = config.num_experts, config.intermediate_size
+        self.gate = _linear(
+            hidden_size,
+            E,
+            ("embed", None),
+            std=initializer_range,
+            use_bias=False,
+            dtype=jnp.promote_types(jnp.float32, dtype),
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.c_fc = ExpertLinear(E, hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
+        self.c_proj = ExpertLinear(E, I, hidden_size, ("mlp", "embed"), std=out_std, **kw)
+        if config.shared_intermediate_size is None:
+            self.c_fc_shared = self.c_proj_shared = None
+        else:
+            I_s = config.shared_intermediate_size
+            self.c_fc_shared = _linear(hidden_size, 2 * I_s, ("embed", "mlp"), std=initializer_range, **kw)
+            self.c_proj_shared = _linear(I_s, hidden_size, ("mlp", "embed"), std=out_std, **kw)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x: expected last axis of size {self.hidden_size}, got shape {x.shape}")
+        c = self.config
+        tokens = x.reshape(-1, self.hidden_size).astype(self.dtype)  # (T, h)
+        logits = self.gate(tokens)  # (T, E) float32
+        weights, experts = route_tokens(logits, c.top_k)
+        y = self._routed_experts(tokens, weights, experts)
+        if self.c_fc_shared is not None:
+            y = y + self.c_proj_shared(swiglu(self.c_fc_shared(tokens)))
+        aux_loss = c.router_aux_loss_coef * router_aux_loss(logits, experts)
+        return y.reshape(x.shape).astype(self.dtype), aux_loss.astype(jnp.float32)
+
+    def _routed_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+        """tokens (T, h), weights (T, k), experts (T, k) -> sum_k weights * expert_k(token) (T, h)."""
+        num_tokens, top_k = experts.shape
+        flat_experts = experts.reshape(-1)  # (T k,) pair p = token p // k, choice p % k
+        order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
+        sorted_experts = flat_experts[order]
+        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
+        hidden = self.c_fc(tokens[order // top_k], group_sizes, sorted_experts)
+        out = self.c_proj(swiglu(hidden), group_sizes, sorted_experts)  # (T k, h) in sorted order
+        out = out[jnp.argsort(order)].reshape(num_tokens, top_k, self.hidden_size)
+        compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
+        return jnp.einsum("tk,tkh->th", weights.astype(compute_dtype), out.astype(compute_dtype))
