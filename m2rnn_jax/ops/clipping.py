@@ -8,6 +8,7 @@ to the next step (SPEC §2.8).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -41,6 +42,6 @@ def normalize_clipping(gradient_clipping: float | None) -> float | None:
             f"{gradient_clipping!r}"
         )
     limit = abs(float(gradient_clipping))
-    if not jnp.isfinite(limit):
+    if not math.isfinite(limit):
         raise ValueError(f"gradient_clipping: expected None or a finite float, got {gradient_clipping!r}")
     return limit
