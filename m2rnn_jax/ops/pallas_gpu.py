@@ -1,0 +1,197 @@
+"""The "pallas_gpu" backend: fused Pallas (Triton lowering) kernels for NVIDIA GPUs behind ``jax.custom_vjp``.
+
+The kernels (``pallas_kernels.gpu``) work on packed tokens with K and V zero-padded to powers of two >= 16; this
+module packs dense inputs ((B, S, ...) -> (B*S, ...) with uniform ``cu_seqlens``), pads, and wires the forward and
+backward kernels into a custom VJP whose residuals are the inputs plus the forward's chunk checkpoints.
+
+Zero padding is exact: padded rows of k and columns of v, W and h0 keep the padded state entries at tanh(0) = 0,
+so they never feed the real entries, and their gradients are sliced away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2rnn_jax.ops.backends import register_backend
+from m2rnn_jax.ops.heads import reduce_heads
+from m2rnn_jax.ops.validation import state_dtypes
+from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
+from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
+from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
+
+
+def padded_size(n: int) -> int:
+    """Smallest power of two >= max(n, 16): the feature sizes the Triton kernels accept."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
+    """Launch parameters for a problem: split the state rows over more programs when B*N is small.
+
+    The H200 has 132 SMs; with fewer than ~2 programs per SM a row split (per-row-block partials of y, dv, df,
+    summed outside the kernel) buys parallelism for a little extra memory traffic.
+    """
+    k_padded = padded_size(k_dim)
+    programs = batch * num_heads
+    block_k = k_padded
+    while block_k > 16 and programs * (k_padded // block_k) < 264:
+        block_k //= 2
+    return KernelConfig(block_k=block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable, non-differentiable parameters of one fused call."""
+
+    config: KernelConfig
+    num_chunks: int
+    clip: float | None
+    interpret: bool
+
+
+def _chunk_offsets(cu_seqlens: jax.Array, chunk_size: int) -> jax.Array:
+    """(B+1,) index of each sequence's first checkpoint: exclusive cumsum of ceil(len_b / chunk_size)."""
+    lengths = jnp.diff(cu_seqlens)
+    counts = cdiv(lengths, chunk_size).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+
+
+def _sum_row_blocks(x: jax.Array) -> jax.Array:
+    """Sum per-row-block partials over their leading axis (a reshape when there is one block)."""
+    return x[0] if x.shape[0] == 1 else x.astype(jnp.float32).sum(axis=0)
+
+
+def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
+    rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
+    offsets = _chunk_offsets(cu_seqlens, static.config.chunk_size) if save else None
+    y, h_final, checkpoints = m2rnn_forward(
+        q,
+        k,
+        v,
+        w,
+        f,
+        h0,
+        cu_seqlens,
+        offsets,
+        num_chunks=static.num_chunks,
+        config=static.config,
+        y_dtype=jnp.float32 if rows_split else q.dtype,
+        interpret=static.interpret,
+    )
+    return (_sum_row_blocks(y).astype(q.dtype), h_final), (checkpoints, offsets)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(q, k, v, w, f, h0, cu_seqlens, static: _Static):
+    """Packed, padded inputs -> y (T, N, V) in q.dtype and h_final (B, N, K, V) in h0.dtype."""
+    outputs, _ = _run_forward(q, k, v, w, f, h0, cu_seqlens, static, save=False)
+    return outputs
+
+
+def _fused_fwd(q, k, v, w, f, h0, cu_seqlens, static: _Static):
+    outputs, (checkpoints, offsets) = _run_forward(q, k, v, w, f, h0, cu_seqlens, static, save=True)
+    return outputs, (q, k, v, w, f, cu_seqlens, checkpoints, offsets)
+
+
+def _fused_bwd(static: _Static, residuals, cotangents):
+    q, k, v, w, f, cu_seqlens, checkpoints, offsets = residuals
+    dy, dh_final = cotangents
+    h0_dtype = checkpoints.dtype  # the forward stores checkpoints in the state's storage dtype
+    acc = jnp.promote_types(h0_dtype, jnp.float32)
+    dq, dk, dv, df, dw, dh0 = m2rnn_backward(
+        q,
+        k,
+        v,
+        w,
+        f,
+        checkpoints,
+        cu_seqlens,
+        offsets,
+        dy,
+        dh_final.astype(acc),
+        config=static.config,
+        clip=static.clip,
+        carry_dtype=h0_dtype,
+        head_partial_dtype=q.dtype,
+        row_partial_dtype=acc,
+        interpret=static.interpret,
+    )
+    grads = (
+        reduce_heads(dq.astype(acc), q.shape[1], axis=1).astype(q.dtype),
+        reduce_heads(dk.astype(acc), k.shape[1], axis=1).astype(k.dtype),
+        reduce_heads(_sum_row_blocks(dv).astype(acc), v.shape[1], axis=1).astype(v.dtype),
+        reduce_heads(dw.sum(axis=(0, 2)), w.shape[0], axis=0).astype(w.dtype),
+        reduce_heads(_sum_row_blocks(df).astype(acc), f.shape[1], axis=1).astype(f.dtype),
+        dh0.astype(h0_dtype),
+        np.zeros(cu_seqlens.shape, jax.dtypes.float0),
+    )
+    return grads
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _pad_to(x: jax.Array, sizes: dict[int, int]) -> jax.Array:
+    """Zero-pad axis a of x at its end to sizes[a]."""
+    widths = [(0, sizes.get(axis, dim) - dim) for axis, dim in enumerate(x.shape)]
+    return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+def m2rnn_pallas_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    W: jax.Array,
+    f: jax.Array,
+    h0: jax.Array | None,
+    *,
+    cu_seqlens: jax.Array | None,
+    gradient_clipping: float | None,
+    state_dtype: jnp.dtype,
+    interpret: bool,
+    config: KernelConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The backend function (validated inputs, original head counts; see ``m2rnn_jax.ops.op.m2rnn``).
+
+    ``config`` overrides the launch parameters chosen by :func:`default_config` (benchmarks use it).
+    Returns y in q.dtype ((B, S, N, V) dense, (T, N, V) varlen) and h_final (B, N, K, V) in the state's
+    storage dtype.
+    """
+    dense = cu_seqlens is None
+    if dense:
+        batch, seq_len = q.shape[:2]
+        q, k, v, f = (x.reshape((batch * seq_len,) + x.shape[2:]) for x in (q, k, v, f))
+        cu_seqlens = jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
+    else:
+        batch = cu_seqlens.shape[0] - 1
+    tokens, k_dim, v_dim = q.shape[0], q.shape[-1], v.shape[-1]
+    num_heads = max(q.shape[1], k.shape[1], v.shape[1], f.shape[1], W.shape[0])
+    carry_dtype, _ = state_dtypes(state_dtype, q.dtype)
+    config = config or default_config(batch, num_heads, k_dim)
+    num_chunks = batch * cdiv(seq_len, config.chunk_size) if dense else tokens // config.chunk_size + batch
+    static = _Static(config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret)
+    if h0 is None:
+        h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), carry_dtype)
+    kp, vp = padded_size(k_dim), padded_size(v_dim)
+    y, h_final = _fused(
+        _pad_to(q, {2: kp}),
+        _pad_to(k, {2: kp}),
+        _pad_to(v, {2: vp}),
+        _pad_to(W, {1: vp, 2: vp}),
+        f,
+        _pad_to(h0.astype(carry_dtype), {2: kp, 3: vp}),
+        cu_seqlens.astype(jnp.int32),
+        static,
+    )
+    y, h_final = y[..., :v_dim], h_final[:, :, :k_dim, :v_dim]
+    if dense:
+        y = y.reshape(batch, seq_len, num_heads, v_dim)
+    return y, h_final
+
+
+register_backend("pallas_gpu", m2rnn_pallas_gpu)

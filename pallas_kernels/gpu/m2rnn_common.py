@@ -1,0 +1,195 @@
+"""Pieces shared by the M2RNN forward and backward GPU kernels (Pallas, Triton lowering).
+
+Both kernels work on packed tokens: dense (B, S, ...) inputs are viewed as (B*S, ...) with
+``cu_seqlens = [0, S, 2S, ...]``, so one kernel serves dense and varlen inputs. Feature sizes reaching the kernels
+are powers of two >= 16 (the caller zero-pads K and V; zero padding is exact, see ``m2rnn_jax.ops.pallas_gpu``).
+
+Grid of both kernels: (B, N, K // block_k): one program per (sequence, output head, block of state rows).
+Rows of the state evolve independently (SPEC §2.2), so splitting K needs no communication inside the recurrence;
+only reductions over K (y, dv, df) produce per-K-block partials that the caller sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tunable launch parameters of the M2RNN GPU kernels.
+
+    block_k: state rows per program (a power of two >= 16); None means all K rows in one program.
+    chunk_size: the forward stores the state every ``chunk_size`` steps for the backward (memory O(S / chunk)).
+    recompute_block: the backward recomputes ``recompute_block`` states at a time into a small per-program buffer
+        that stays in L2; it must divide ``chunk_size`` (equal means one level of recomputation).
+    num_warps, num_stages: Triton launch parameters of both kernels.
+    approx_tanh: use the ``tanh.approx.f32`` instruction (max relative error about 2^-11) instead of exact tanh.
+        Only for 16-bit inputs; it has no interpret-mode lowering, so CPU tests cannot cover it.
+    split_dot: for 16-bit inputs, feed the float32 state to the tensor cores as a sum of two 16-bit parts
+        (about 16 mantissa bits) instead of rounding it to one 16-bit value.
+    """
+
+    block_k: int | None = None
+    chunk_size: int = 64
+    recompute_block: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+    approx_tanh: bool = False
+    split_dot: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "recompute_block", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.chunk_size % self.recompute_block:
+            raise ValueError(
+                f"recompute_block: expected a divisor of chunk_size = {self.chunk_size}, got {self.recompute_block}"
+            )
+        if self.block_k is not None and (self.block_k < 16 or self.block_k & (self.block_k - 1)):
+            raise ValueError(f"block_k: expected None or a power of two >= 16, got {self.block_k}")
+
+    def rows_per_program(self, k_dim: int) -> int:
+        """Rows of the (padded) state handled by one program: ``block_k`` capped at K."""
+        return k_dim if self.block_k is None else min(self.block_k, k_dim)
+
+    def compiler_params(self) -> pltriton.CompilerParams:
+        """Explicit Triton compiler params (the default GPU lowering differs between jax 0.10 and 0.11)."""
+        return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepNumerics:
+    """How one recurrence step is computed.
+
+    carry_dtype: dtype the state is rounded to after every step (its storage dtype).
+    acc_dtype: dtype of the step arithmetic (float32, or float64 for float64 inputs).
+    dot_dtype: operand dtype of the tensor-core products (the input dtype for 16-bit inputs, else acc_dtype).
+    """
+
+    carry_dtype: jnp.dtype
+    acc_dtype: jnp.dtype
+    dot_dtype: jnp.dtype
+    approx_tanh: bool
+    split_dot: bool
+
+    @classmethod
+    def create(cls, input_dtype: jnp.dtype, carry_dtype: jnp.dtype, config: KernelConfig, interpret: bool):
+        acc_dtype = jnp.promote_types(carry_dtype, jnp.float32)
+        sixteen_bit = jnp.dtype(input_dtype).itemsize == 2
+        dot_dtype = jnp.dtype(input_dtype) if sixteen_bit else acc_dtype
+        return cls(
+            carry_dtype=jnp.dtype(carry_dtype),
+            acc_dtype=jnp.dtype(acc_dtype),
+            dot_dtype=dot_dtype,
+            approx_tanh=config.approx_tanh and sixteen_bit and not interpret,
+            split_dot=config.split_dot and sixteen_bit,
+        )
+
+    def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """a (M, L) in acc_dtype times b (L, P) already in dot_dtype -> (M, P) in acc_dtype."""
+        if self.dot_dtype == self.acc_dtype:
+            return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=self.acc_dtype)
+        a_hi = a.astype(self.dot_dtype)
+        out = jnp.dot(a_hi, b, preferred_element_type=self.acc_dtype)
+        if self.split_dot:
+            a_lo = (a - a_hi.astype(self.acc_dtype)).astype(self.dot_dtype)
+            out = out + jnp.dot(a_lo, b, preferred_element_type=self.acc_dtype)
+        return out
+
+    def outer_matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """a^T b for a (L, M), b (L, P) in acc_dtype -> (M, P); one rounded pass (it feeds a long sum, dW)."""
+        dims = (((0,), (0,)), ((), ()))
+        if self.dot_dtype == self.acc_dtype:
+            return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=self.acc_dtype)
+        return lax.dot_general(
+            a.astype(self.dot_dtype), b.astype(self.dot_dtype), dims, preferred_element_type=self.acc_dtype
+        )
+
+    def tanh(self, x: jax.Array) -> jax.Array:
+        if self.approx_tanh:
+            return pltriton.approx_tanh(x)
+        return jnp.tanh(x)
+
+    def round_state(self, h: jax.Array) -> jax.Array:
+        """Round the new state to its storage dtype (a no-op for a float32 carry)."""
+        if self.carry_dtype == self.acc_dtype:
+            return h
+        return h.astype(self.carry_dtype).astype(self.acc_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadMap:
+    """Source-head group sizes: output head n reads source head n // group (SPEC §0.3)."""
+
+    q: int
+    k: int
+    v: int
+    f: int
+    w: int
+
+    @classmethod
+    def create(cls, num_heads: int, q, k, v, f, w) -> "HeadMap":
+        return cls(
+            q=num_heads // q.shape[1],
+            k=num_heads // k.shape[1],
+            v=num_heads // v.shape[1],
+            f=num_heads // f.shape[1],
+            w=num_heads // w.shape[0],
+        )
+
+
+def step_inputs(refs, t: jax.Array, head: jax.Array, rows: pl.Slice, heads: HeadMap, acc_dtype: jnp.dtype):
+    """Load the inputs of step t for one program: q_t, k_t (rows,), v_t (V,), f_t scalar, in acc_dtype."""
+    q_ref, k_ref, v_ref, f_ref = refs
+    q_t = q_ref[t, head // heads.q, rows].astype(acc_dtype)
+    k_t = k_ref[t, head // heads.k, rows].astype(acc_dtype)
+    v_t = v_ref[t, head // heads.v, :].astype(acc_dtype)
+    f_t = f_ref[t, head // heads.f].astype(acc_dtype)
+    return q_t, k_t, v_t, f_t
+
+
+def recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics: StepNumerics):
+    """One step for a block of rows: h_prev (rows, V) -> (Z_t, H_t), both (rows, V) in acc_dtype."""
+    pre = numerics.matmul(h_prev, w_dot) + k_t[:, None] * v_t[None, :]
+    z = numerics.tanh(pre)
+    h = numerics.round_state(f_t * h_prev + (1 - f_t) * z)
+    return z, h
+
+
+def walk_forward(lo, hi, h, w_dot, load, emit, numerics: StepNumerics):
+    """Run steps t in [lo, hi) from state h (rows, V) and return the state after them.
+
+    ``load(t)`` returns (q_t, k_t, v_t, f_t) and must accept t = hi (clamp inside); the inputs of step t+1 are
+    requested before step t's dependent chain so their memory latency overlaps it. ``emit(t, h_prev, h_new, q_t)``
+    performs the per-step side effects (stores) of the caller.
+    """
+
+    def step(t, carry):
+        h_prev, current = carry
+        upcoming = load(t + 1)
+        q_t, k_t, v_t, f_t = current
+        _, h_new = recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics)
+        emit(t, h_prev, h_new, q_t)
+        return h_new, upcoming
+
+    h, _ = lax.fori_loop(lo, hi, step, (h, load(lo)))
+    return h
+
+
+def sequence_bounds(cu_ref, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[start, end) token range of sequence b."""
+    return cu_ref[b], cu_ref[b + 1]
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def row_slice(kb: jax.Array, rows: int) -> pl.Slice:
+    return pl.ds(pl.multiple_of(kb * rows, rows), rows)
