@@ -1,0 +1,263 @@
+"""Gated DeltaNet sequence mixer (SPEC §9.4), with a chunked-parallel form for training and a recurrent form.
+
+Per v-head, with state S (dk, dv), L2-normalised q, k, scale = 1/sqrt(dk) (or ``attention_multiplier``),
+β_t = σ(b_t) (× 2 with ``allow_neg_eigval``) and log α_t = -exp(A_log) softplus(a_t + dt_bias) (the shared decay
+gate of SPEC §2.3):
+
+    S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,        o_t = S_tᵀ (scale · q_t)
+
+Chunked form (WY / UT transform; chunk length C, cumulative log-decay Γ_t = Σ_{s≤t} log α_s inside a chunk, S_0 the
+state entering it). Writing S_t = α_t S_{t-1} + k_t w_tᵀ with w_t = β_t (v_t - α_t S_{t-1}ᵀ k_t) gives
+(I + A) W = diag(β) V - diag(β e^Γ) K S_0 with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular
+solve per chunk yields U = (I + A)⁻¹ diag(β) V and Wk = (I + A)⁻¹ diag(β e^Γ) K, all chunks in parallel; a scan
+over chunks then carries S_0: W = U - Wk S_0, O = diag(e^Γ) Q S_0 + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i ≤ t]) W,
+S_C = e^{Γ_C} S_0 + (K ⊙ e^{Γ_C - Γ})ᵀ W. Ragged lengths are zero-padded at the end (β = 0, log α = 0 leave the
+state untouched). The recurrence runs in >= float32.
+
+Layer dataflow for x (B, S, h): ``qkv_proj`` -> causal conv (SiLU, no bias) on [q | k | v] -> q, k repeated to
+Nv heads (contiguous blocks) -> recurrence -> ``o * SiLU(gate)`` -> per-head RMSNorm over dv (one scale shared by
+the heads) -> ``o_proj``. ``ab_proj`` gives [a (Nv) | b (Nv) | gate (Nv dv)] and is not convolved.
+
+Parameters (Flax path -> lm-engine name; kernels stored transposed):
+
+=======================  =========================  ===========================  =====================  ===============
+Flax path                lm-engine name             Flax shape                   init                   logical axes
+=======================  =========================  ===========================  =====================  ===============
+qkv_proj.kernel          qkv_proj.weight            (h, 2 Nk dk + Nv dv)         N(0, σ)                (embed, None)
+ab_proj.kernel           ab_proj.weight             (h, 2 Nv [+ Nv dv])          N(0, σ)                (embed, None)
+qkv_conv1d.kernel        qkv_conv1d.weight (C,1,ks)  (ks, 2 Nk dk + Nv dv)       N(0, σ)                (None, None)
+decay_gate.A_log         decay_gate.A_log           (Nv,) >= float32             log U(0, 16)           (heads,)
+decay_gate.dt_bias       decay_gate.dt_bias         (Nv,) >= float32             SPEC §2.3              (heads,)
+o_norm.scale             o_norm.weight              (dv,)                        ones                   (None,)
+o_proj.kernel            o_proj.weight              (Nv dv, h)                   N(0, σ / sqrt(2 L))    (heads, embed)
+=======================  =========================  ===========================  =====================  ===============
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
+from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.norm import RMSNorm
+
+Dtype = Any
+
+L2_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetConfig:
+    """Hyper-parameters of Gated DeltaNet (lm-engine ``GatedDeltaNetArgs``; 400M: 2 heads, dk 256, dv 512).
+
+    ``num_heads`` is Nv (the state heads); ``num_k_heads`` (Nk, default Nv) must divide it. ``chunk_size`` is the
+    chunk length of the training form; ``attention_multiplier`` None means 1/sqrt(dk).
+    """
+
+    num_heads: int
+    k_head_dim: int = 256
+    v_head_dim: int = 512
+    num_k_heads: int | None = None
+    kernel_size: int = 4
+    use_gate: bool = True
+    allow_neg_eigval: bool = False
+    attention_multiplier: float | None = None
+    chunk_size: int = 64
+    norm_eps: float = 1e-5
+    A_init_min: float = 0.0
+    A_init_max: float = 16.0
+    dt_init_min: float = 1e-3
+    dt_init_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        if self.num_k_heads is None:
+            object.__setattr__(self, "num_k_heads", self.num_heads)
+        for name in ("num_heads", "k_head_dim", "v_head_dim", "num_k_heads", "kernel_size", "chunk_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_k_heads != 0:
+            raise ValueError(f"num_k_heads must divide num_heads={self.num_heads}, got {self.num_k_heads}")
+        if self.attention_multiplier is not None and not self.attention_multiplier > 0:
+            raise ValueError(f"attention_multiplier must be None or > 0, got {self.attention_multiplier}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        validate_decay_gate_init(
+            self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
+        )
+
+    @property
+    def conv_channels(self) -> int:
+        """2 Nk dk + Nv dv: the [q | k | v] channels of ``qkv_proj`` and the conv."""
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_heads * self.v_head_dim
+
+
+class GatedDeltaNetState(NamedTuple):
+    """Decoding state: conv (B, kernel_size - 1, 2 Nk dk + Nv dv) raw pre-conv inputs; recurrent (B, Nv, dk, dv)."""
+
+    conv: jax.Array
+    recurrent: jax.Array
+
+
+def gated_delta_rule_recurrent(q, k, v, beta, log_alpha, h0):
+    """Step-by-step gated delta rule.
+
+    q, k (B, S, H, K) (normalised, q scaled), v (B, S, H, V), beta and log_alpha (B, S, H), h0 (B, H, K, V)
+    -> (o (B, S, H, V), final state (B, H, K, V)), in the dtype of the inputs.
+    """
+
+    def step(state, inputs):
+        q_t, k_t, v_t, beta_t, log_alpha_t = inputs
+        state = jnp.exp(log_alpha_t)[..., None, None] * state
+        w = beta_t[..., None] * (v_t - jnp.einsum("bhk,bhkv->bhv", k_t, state))
+        state = state + k_t[..., :, None] * w[..., None, :]
+        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, log_alpha)]
+    final, o = jax.lax.scan(step, h0, time_major)
+    return jnp.moveaxis(o, 0, 1), final
+
+
+def gated_delta_rule_chunked(q, k, v, beta, log_alpha, h0, chunk_size: int):
+    """Chunked-parallel gated delta rule (module docstring); same arguments and result as the recurrent form."""
+    batch, seq_len = q.shape[:2]
+    C = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // C)
+    pad = num_chunks * C - seq_len
+
+    def chunks(x):  # (B, S, H, ...) -> (num_chunks, B, H, C, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, num_chunks, C, *x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+
+    q, k, v, beta, log_alpha = map(chunks, (q, k, v, beta, log_alpha))
+    gamma = jnp.cumsum(log_alpha, axis=-1)  # (n, B, H, C)
+    inclusive = jnp.tril(jnp.ones((C, C), dtype=jnp.bool_))
+    decay = jnp.exp(jnp.where(inclusive, gamma[..., :, None] - gamma[..., None, :], -jnp.inf))  # e^{Γt-Γi}, i<=t
+    strict = jnp.tril(jnp.ones((C, C), dtype=q.dtype), k=-1)
+    A = beta[..., :, None] * jnp.einsum("...tk,...ik->...ti", k, k) * decay * strict
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gamma))[..., None] * k], axis=-1)
+    solved = jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)  # (I+A)⁻¹ rhs
+    U, Wk = jnp.split(solved, [v.shape[-1]], axis=-1)
+    qk = jnp.einsum("...tk,...ik->...ti", q, k) * decay
+    q_decayed = q * jnp.exp(gamma)[..., None]
+    last = gamma[..., -1]  # (n, B, H)
+    k_decayed = k * jnp.exp(last[..., None] - gamma)[..., None]
+
+    def step(state, inputs):
+        U_c, Wk_c, q_c, qk_c, k_c, last_c = inputs
+        w = U_c - Wk_c @ state  # (B, H, C, V)
+        o = q_c @ state + qk_c @ w
+        state = jnp.exp(last_c)[..., None, None] * state + jnp.swapaxes(k_c, -1, -2) @ w
+        return state, o
+
+    final, o = jax.lax.scan(step, h0, (U, Wk, q_decayed, qk, k_decayed, last))  # o (n, B, H, C, V)
+    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 3, 2)  # (B, n, C, H, V)
+    o = o.reshape(batch, num_chunks * C, o.shape[3], o.shape[4])
+    return o[:, :seq_len], final
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / sqrt(sum(x**2, -1) + 1e-6) over the last axis."""
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + L2_NORM_EPS)
+
+
+class GatedDeltaNet(nnx.Module):
+    """Gated DeltaNet mixer: x (B, S, hidden) -> (y (B, S, hidden), GatedDeltaNetState).
+
+    Sequences longer than one token use the chunked form (chunk ``min(chunk_size, S)``), a single token the
+    recurrent step; both continue from ``state`` (None = zeros). When ``state`` is None the new state is kept in
+    ``promote_types(float32, dtype)``; a given state keeps its dtypes.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: GatedDeltaNetConfig,
+        *,
+        num_layers: int,
+        initializer_range: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _require_positive_int("hidden_size", hidden_size)
+        _require_positive_int("num_layers", num_layers)
+        self.hidden_size = hidden_size
+        self.config = config
+        self.dtype = dtype
+        c = config
+        Nv, dv = c.num_heads, c.v_head_dim
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        normal = jax.nn.initializers.normal
+        self.qkv_proj = nnx.Linear(
+            hidden_size, c.conv_channels, kernel_init=normal(initializer_range),
+            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False}, **kw,
+        )
+        self.ab_proj = nnx.Linear(
+            hidden_size, 2 * Nv + (Nv * dv if c.use_gate else 0), kernel_init=normal(initializer_range),
+            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False}, **kw,
+        )
+        self.qkv_conv1d = CausalDepthwiseConv1d(
+            c.conv_channels, c.kernel_size, activation="silu", use_bias=False,
+            initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.decay_gate = SoftplusDecayGate(
+            Nv, A_init_min=c.A_init_min, A_init_max=c.A_init_max, dt_init_min=c.dt_init_min,
+            dt_init_max=c.dt_init_max, dt_init_floor=c.dt_init_floor,
+            dtype=jnp.promote_types(jnp.float32, dtype), param_dtype=param_dtype, rngs=rngs,
+        )
+        self.o_norm = RMSNorm(dv, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding=None)
+        self.o_proj = nnx.Linear(
+            Nv * dv, hidden_size, kernel_init=normal(initializer_range / math.sqrt(2 * num_layers)),
+            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False}, **kw,
+        )
+
+    def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> GatedDeltaNetState:
+        """Zero state (``max_length`` is ignored: the state has a fixed size)."""
+        c = self.config
+        return GatedDeltaNetState(
+            conv=self.qkv_conv1d.init_state(batch_size, dtype=dtype),
+            recurrent=jnp.zeros((batch_size, c.num_heads, c.k_head_dim, c.v_head_dim), dtype=dtype),
+        )
+
+    def __call__(
+        self, x: jax.Array, state: GatedDeltaNetState | None = None
+    ) -> tuple[jax.Array, GatedDeltaNetState]:
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new GatedDeltaNetState)."""
+        c = self.config
+        if x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
+        batch, seq_len, _ = x.shape
+        compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
+        if state is None:
+            state = self.init_state(batch, seq_len, dtype=compute_dtype)
+        Nv, Nk, dk, dv = c.num_heads, c.num_k_heads, c.k_head_dim, c.v_head_dim
+
+        x = x.astype(self.dtype)
+        a, b, gate = jnp.split(self.ab_proj(x), [Nv, 2 * Nv], axis=-1)
+        qkv, conv_state = self.qkv_conv1d(self.qkv_proj(x), state.conv)
+        q, k, v = jnp.split(qkv.astype(compute_dtype), [Nk * dk, 2 * Nk * dk], axis=-1)
+        q, k = (jnp.repeat(t.reshape(batch, seq_len, Nk, dk), Nv // Nk, axis=2) for t in (q, k))
+        scale = c.attention_multiplier if c.attention_multiplier is not None else dk**-0.5
+        q, k = l2_normalize(q) * scale, l2_normalize(k)
+        v = v.reshape(batch, seq_len, Nv, dv)
+        beta = jax.nn.sigmoid(b.astype(compute_dtype)) * (2.0 if c.allow_neg_eigval else 1.0)
+        log_alpha = self.decay_gate(a, final_exponential=False)  # (B, S, Nv) in compute_dtype
+
+        h0 = state.recurrent.astype(compute_dtype)
+        if seq_len == 1:
+            o, recurrent = gated_delta_rule_recurrent(q, k, v, beta, log_alpha, h0)
+        else:
+            o, recurrent = gated_delta_rule_chunked(q, k, v, beta, log_alpha, h0, c.chunk_size)
+        if c.use_gate:
+            o = o * jax.nn.silu(gate.reshape(batch, seq_len, Nv, dv).astype(compute_dtype))
+        o = self.o_norm(o)  # per head over dv, output in dtype
+        y = self.o_proj(o.reshape(batch, seq_len, Nv * dv))
+        return y, GatedDeltaNetState(conv=conv_state, recurrent=recurrent.astype(state.recurrent.dtype))
