@@ -1,0 +1,172 @@
+"""One device call: ceilings, correctness at the paper shape and timings of kernel variants (H200).
+
+    PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--sweep forward,backward,shapes]
+
+1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
+2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
+   values at the paper's 400M layer shape (B=8, S=4096, N=84, K=64, V=16, Nq=Nk=1, clip 1, h0 None): relative
+   L2 error ||out - ref|| / ||ref|| of y, h_final and the gradients of q, k, v, W, f.
+3. Timings (forward, forward+backward, memory) of launch-parameter variants, of the default, of the scan
+   reference, and at B=1 and S=16384.
+Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench.kernels import (
+    GRADIENT_CLIPPING, NAMES, SHAPES, bench, format_table, forward_and_training_step, make_inputs, median_ms,
+    op_function,
+)
+from pallas_kernels.gpu.m2rnn_common import KernelConfig
+
+BASE = KernelConfig(block_k=64, chunk_size=64, recompute_block=16, num_warps=4, num_stages=1)
+FORWARD_VARIANTS = {
+    "base": BASE,
+    "warps2": dataclasses.replace(BASE, num_warps=2),
+    "warps1": dataclasses.replace(BASE, num_warps=1),
+    "warps8": dataclasses.replace(BASE, num_warps=8),
+    "stages2": dataclasses.replace(BASE, num_stages=2),
+    "no_split_dot": dataclasses.replace(BASE, split_dot=False),
+    "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
+    "bk32_w2": dataclasses.replace(BASE, block_k=32, num_warps=2),
+    "bk16_w1": dataclasses.replace(BASE, block_k=16, num_warps=1),
+}
+BACKWARD_VARIANTS = {
+    "base": BASE,
+    "c128_r16": dataclasses.replace(BASE, chunk_size=128),
+    "c32_r32": dataclasses.replace(BASE, chunk_size=32, recompute_block=32),
+    "warps2": dataclasses.replace(BASE, num_warps=2),
+    "no_split_dot": dataclasses.replace(BASE, split_dot=False),
+    "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
+}
+CORRECTNESS_VARIANTS = ("base", "no_split_dot", "approx_tanh")
+
+
+class Recorder:
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "results.jsonl")
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def ceilings(rec: Recorder) -> None:
+    x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda a: a * 1.0001)
+    ms = median_ms(copy, x, iters=20)
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    matmul = jax.jit(lambda p, q: p @ q)
+    mm_ms = median_ms(matmul, a, a, iters=10)
+    rec.add({"kind": "ceiling", "copy_tb_per_s": 2 * x.nbytes / ms / 1e9, "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9})
+
+
+def relative_errors(actual: dict, expected: dict) -> dict:
+    out = {}
+    for name, ref in expected.items():
+        ref = np.asarray(ref, np.float64)
+        act = np.asarray(actual[name], np.float64)
+        out[name] = float(np.linalg.norm(act - ref) / np.linalg.norm(ref)) if np.isfinite(act).all() else float("nan")
+    return out
+
+
+def outputs_and_grads(fn, args, dy):
+    (y, h), pullback = jax.vjp(fn, args)
+    grads = pullback((dy.astype(y.dtype), jnp.zeros_like(h)))[0]
+    return {"y": y, "h_final": h} | {"d" + n: g for n, g in grads.items()}
+
+
+def correctness(rec: Recorder) -> None:
+    shape = SHAPES["400m"]
+    bf16 = make_inputs(shape)
+    rounded = {n: x.astype(jnp.float32) for n, x in bf16.items()}
+    dy = jax.random.normal(jax.random.PRNGKey(3), (shape.batch, shape.seq_len, shape.num_heads, shape.v_dim))
+    reference = jax.jit(lambda a, d: outputs_and_grads(op_function("scan"), a, d))(rounded, dy)
+    reference = jax.device_get(reference)
+    for variant in CORRECTNESS_VARIANTS:
+        config = BACKWARD_VARIANTS[variant]
+        try:
+            got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", config), a, d))(bf16, dy)
+            rec.add({"kind": "correctness", "shape": shape.label(), "variant": variant,
+                     "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), reference)})
+        except Exception as err:
+            rec.add({"kind": "correctness", "variant": variant, "error": _error(err)})
+    # float32 inputs: the kernel against the float32 reference at a smaller shape.
+    small = dataclasses.replace(shape, batch=2, seq_len=512, dtype="float32")
+    f32 = make_inputs(small)
+    dy = jax.random.normal(jax.random.PRNGKey(4), (small.batch, small.seq_len, small.num_heads, small.v_dim))
+    ref = jax.jit(lambda a, d: outputs_and_grads(op_function("scan"), a, d))(f32, dy)
+    got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", BASE), a, d))(f32, dy)
+    rec.add({"kind": "correctness", "shape": small.label(), "variant": "base",
+             "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), jax.device_get(ref))})
+
+
+def _error(err: Exception) -> str:
+    return (f"{type(err).__name__}: {err}\n" + traceback.format_exc())[-3000:]
+
+
+def timed(rec: Recorder, shape_name: str, backend: str, config, variant: str, with_backward: bool) -> None:
+    try:
+        row = bench(SHAPES[shape_name], backend, config=config, variant=variant, with_backward=with_backward)
+    except Exception as err:
+        row = {"shape": SHAPES[shape_name].label(), "backend": backend, "variant": variant, "error": _error(err)}
+    rec.add({"kind": "timing"} | row)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/m2rnn_gpu_check"))
+    parser.add_argument("--steps", default="ceilings,correctness,forward,backward,default,scan,shapes")
+    args = parser.parse_args()
+    steps = args.steps.split(",")
+    rec = Recorder(args.out)
+    rec.add({"kind": "env", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+             "python": sys.version.split()[0]})
+    start = time.time()
+    if "ceilings" in steps:
+        ceilings(rec)
+    if "correctness" in steps:
+        correctness(rec)
+    if "forward" in steps:
+        for name, config in FORWARD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=False)
+    if "backward" in steps:
+        for name, config in BACKWARD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
+    if "default" in steps:
+        for shape_name in ("400m", "400m-b1", "400m-s16k"):
+            timed(rec, shape_name, "pallas_gpu", None, "default (auto)", with_backward=True)
+    if "scan" in steps:
+        for shape_name in ("400m", "400m-b1"):
+            timed(rec, shape_name, "scan", None, "reference", with_backward=True)
+    if "shapes" in steps:
+        for name, block_k, warps in (("bk64_w4", 64, 4), ("bk32_w2", 32, 2), ("bk16_w1", 16, 1)):
+            config = dataclasses.replace(BASE, block_k=block_k, num_warps=warps)
+            timed(rec, "400m-b1", "pallas_gpu", config, name, with_backward=True)
+    rec.add({"kind": "done", "seconds": time.time() - start})
+    timings = [r for r in rec.rows if r.get("kind") == "timing"]
+    print(format_table(timings))
+    for row in rec.rows:
+        if row.get("kind") in ("ceiling", "correctness"):
+            print(json.dumps({k: v for k, v in row.items() if k != "kind"})[:600])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Benchmark of the M2RNN op backends: forward ms, forward+backward ms, ns per step, memory.
+
+    python -m experiments.bench.kernels                       # paper shapes, every backend this machine runs
+    python -m experiments.bench.kernels --shapes 400m --backends pallas_gpu scan --json out.json
+    m2rnn-jax bench --shapes 400m-b1                          # the same through the CLI
+
+Inputs are random and realistic (``m2rnn_jax.testing``), h0 = None (training starts every sequence from zeros),
+gradient clipping 1 (the paper's configs). Forward+backward is one jitted call of ``jax.vjp`` and its pullback
+with a fixed random cotangent for y, i.e. everything a training step spends on the op, including the head sums
+of broadcast-head gradients. Times are medians over repeats of ``iters`` back-to-back calls after warm-up, taken
+with ``block_until_ready``. Memory is the compiled executable's temporary allocation (``memory_analysis``):
+device memory beyond the arguments and outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax import m2rnn
+from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu
+from m2rnn_jax.testing import random_m2rnn_inputs
+from pallas_kernels.gpu.m2rnn_common import KernelConfig
+
+NAMES = ("q", "k", "v", "W", "f")
+GRADIENT_CLIPPING = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    num_heads: int
+    k_dim: int
+    v_dim: int
+    num_q_heads: int
+    num_k_heads: int
+    dtype: str = "bfloat16"
+
+    def label(self) -> str:
+        return (f"B={self.batch} S={self.seq_len} N={self.num_heads} K={self.k_dim} V={self.v_dim} "
+                f"Nq={self.num_q_heads} Nk={self.num_k_heads} {self.dtype}")
+
+
+SHAPES = {
+    "400m": Shape(8, 4096, 84, 64, 16, 1, 1),
+    "400m-b1": Shape(1, 4096, 84, 64, 16, 1, 1),
+    "400m-s16k": Shape(8, 16384, 84, 64, 16, 1, 1),
+    "400m-b1-s16k": Shape(1, 16384, 84, 64, 16, 1, 1),
+    "7b": Shape(4, 4096, 132, 64, 16, 1, 1),
+    "tiny": Shape(2, 64, 4, 16, 16, 1, 1, "float32"),
+}
+
+
+def make_inputs(shape: Shape, seed: int = 0) -> dict[str, jax.Array]:
+    inputs = random_m2rnn_inputs(
+        jax.random.PRNGKey(seed), batch=shape.batch, seq_len=shape.seq_len, num_heads=shape.num_heads,
+        k_dim=shape.k_dim, v_dim=shape.v_dim, num_q_heads=shape.num_q_heads, num_k_heads=shape.num_k_heads,
+        dtype=jnp.dtype(shape.dtype), with_h0=False,
+    )
+    return {name: inputs[name] for name in NAMES}
+
+
+def op_function(backend: str, config: KernelConfig | None = None) -> Callable:
+    """args dict -> (y, h_final) through the public op, or through the GPU backend with explicit launch params."""
+    if config is None:
+        return lambda a: m2rnn(**a, gradient_clipping=GRADIENT_CLIPPING, backend=backend)
+
+    def fn(a):
+        y, h = m2rnn_pallas_gpu(*(a[n] for n in NAMES), None, cu_seqlens=None, gradient_clipping=GRADIENT_CLIPPING,
+                                state_dtype=jnp.float32, interpret=False, config=config)
+        return y.astype(a["q"].dtype), h.astype(a["q"].dtype)
+
+    return fn
+
+
+def forward_and_training_step(fn: Callable) -> tuple[Callable, Callable]:
+    """Jitted forward (args) -> y and forward+backward (args, dy) -> grads of q, k, v, W, f."""
+    forward = jax.jit(lambda a: fn(a)[0])
+
+    def fwd_bwd(a, dy):
+        (y, h), pullback = jax.vjp(fn, a)
+        return pullback((dy, jnp.zeros_like(h)))[0]
+
+    return forward, jax.jit(fwd_bwd)
+
+
+def median_ms(fn: Callable, *args, iters: int = 10, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of one call (ms) over ``repeats`` batches of ``iters`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) * 1e3 / iters)
+    return statistics.median(samples)
+
+
+def temp_bytes(fn: Callable, *args) -> int | None:
+    """Bytes of device memory the compiled call allocates beyond its arguments and outputs."""
+    analysis = fn.lower(*args).compile().memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def bench(shape: Shape, backend: str, *, config: KernelConfig | None = None, variant: str = "default",
+          with_backward: bool = True, iters: int = 10, repeats: int = 5) -> dict:
+    """One table row: shape, backend, variant, forward ms, forward+backward ms, ns per step, memory."""
+    args = make_inputs(shape)
+    forward, fwd_bwd = forward_and_training_step(op_function(backend, config))
+    y = forward(args)
+    dy = jax.random.normal(jax.random.PRNGKey(1), y.shape, jnp.float32).astype(y.dtype)
+    row = {"shape": shape.label(), **dataclasses.asdict(shape), "backend": backend, "variant": variant,
+           "config": None if config is None else dataclasses.asdict(config)}
+    row["forward_ms"] = median_ms(forward, args, iters=iters, repeats=repeats)
+    row["forward_ns_per_step"] = row["forward_ms"] * 1e6 / shape.seq_len
+    row["forward_temp_gib"] = _gib(temp_bytes(forward, args))
+    if with_backward:
+        row["fwd_bwd_ms"] = median_ms(fwd_bwd, args, dy, iters=iters, repeats=repeats)
+        row["fwd_bwd_ns_per_step"] = row["fwd_bwd_ms"] * 1e6 / shape.seq_len
+        row["fwd_bwd_temp_gib"] = _gib(temp_bytes(fwd_bwd, args, dy))
+    row["peak_device_gib"] = _gib(_peak_bytes())
+    return row
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+def _peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    columns = [("shape", "shape", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
+               ("fwd ms", "forward_ms", "{:.3f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
+               ("fwd ns/step", "forward_ns_per_step", "{:.0f}"), ("fwd+bwd ns/step", "fwd_bwd_ns_per_step", "{:.0f}"),
+               ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("peak GiB (process)", "peak_device_gib", "{:.2f}")]
+    cells = [[title for title, _, _ in columns]]
+    for row in rows:
+        if "error" in row:
+            cells.append([row["shape"], row["backend"], row["variant"], "ERROR"] + [""] * (len(columns) - 4))
+            continue
+        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def default_backends() -> list[str]:
+    on_gpu = jax.default_backend() == "gpu"
+    return ["pallas_gpu", "scan"] if on_gpu else ["scan"]
+
+
+def run(shapes: Sequence[str], backends: Sequence[str], json_path: str | None, iters: int, repeats: int) -> int:
+    rows = []
+    for shape_name in shapes:
+        for backend in backends:
+            try:
+                rows.append(bench(SHAPES[shape_name], backend, iters=iters, repeats=repeats))
+            except Exception as err:  # report and keep going: one failing backend must not hide the others
+                rows.append({"shape": SHAPES[shape_name].label(), "backend": backend, "variant": "default",
+                             "error": f"{type(err).__name__}: {err}"[:2000]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}, fh,
+                      indent=1)
+    print(format_table(rows))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=["400m", "400m-b1", "400m-s16k"], choices=sorted(SHAPES),
+                        help="named problem shapes (default: the paper's 400M layer, B=1, S=16384)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--iters", type=int, default=10, help="calls per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args.shapes, args.backends or default_backends(), args.json, args.iters, args.repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
