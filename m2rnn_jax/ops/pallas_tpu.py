@@ -1,8 +1,9 @@
 """The "pallas_tpu" backend: the fused Mosaic TPU kernels of ``pallas_kernels.tpu`` behind a ``jax.custom_vjp``.
 
 The forward kernel saves the state at every chunk boundary; the backward kernel recomputes each chunk from its
-checkpoint and walks it in reverse (memory O(S / C) states). Inputs with fewer heads than N are broadcast before the
-kernels, and the kernels' per-output-head gradients are summed back onto the source heads here (no atomics on TPU).
+checkpoint and walks it in reverse (memory O(S / C) states). Head broadcasting is handled by the kernel functions
+(q and k are read per head block as source heads; v, f and W are repeated to N heads) and the kernels' partial
+gradients are summed back onto the source heads by XLA after the kernels (no atomics on TPU).
 The kernels compute in float32; float64 inputs are refused (use backend="scan"), and ``state_dtype=bfloat16`` with
 bf16 inputs rounds the carried state to bf16 after every step, as the reference does (its backward treats that
 rounding as the identity).
@@ -18,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.backends import register_backend
-from m2rnn_jax.ops.heads import expand_heads, reduce_heads
 from m2rnn_jax.ops.validation import state_dtypes
 from pallas_kernels.tpu import m2rnn_tpu_backward, m2rnn_tpu_forward
 
@@ -33,26 +33,17 @@ class _Static:
     interpret: Any
 
 
-def _expand_all(q, k, v, w, f, num_heads: int, varlen: bool):
-    head_axis = 1 if varlen else 2
-    return (
-        expand_heads(q, num_heads, head_axis),
-        expand_heads(k, num_heads, head_axis),
-        expand_heads(v, num_heads, head_axis),
-        expand_heads(w, num_heads, 0),
-        expand_heads(f, num_heads, head_axis),
-    )
-
-
 def _num_heads(q, k, v, w, f) -> int:
     return max(q.shape[-2], k.shape[-2], v.shape[-2], w.shape[0], f.shape[-1])
 
 
 def _forward(static: _Static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints: bool):
-    varlen = cu_seqlens is not None
-    expanded = _expand_all(q, k, v, w, f, _num_heads(q, k, v, w, f), varlen)
     return m2rnn_tpu_forward(
-        *expanded,
+        q,
+        k,
+        v,
+        w,
+        f,
         h0,
         cu_seqlens=cu_seqlens,
         chunk_size=static.chunk_size,
@@ -76,10 +67,12 @@ def _m2rnn_tpu_fwd(static: _Static, q, k, v, w, f, h0, cu_seqlens):
 def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
     q, k, v, w, f, h0, cu_seqlens, checkpoints = residuals
     dy, dfinal = cotangents
-    varlen = cu_seqlens is not None
-    expanded = _expand_all(q, k, v, w, f, _num_heads(q, k, v, w, f), varlen)
     dq, dk, dv, df, dw, dh0 = m2rnn_tpu_backward(
-        *expanded,
+        q,
+        k,
+        v,
+        w,
+        f,
         h0,
         checkpoints,
         dy,
@@ -90,17 +83,15 @@ def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
         bf16_state=static.bf16_state,
         interpret=static.interpret,
     )
-    head_axis = 1 if varlen else 2
-    grads = (
-        reduce_heads(dq, q.shape[-2], head_axis).astype(q.dtype),
-        reduce_heads(dk, k.shape[-2], head_axis).astype(k.dtype),
-        reduce_heads(dv, v.shape[-2], head_axis).astype(v.dtype),
-        reduce_heads(dw, w.shape[0], 0).astype(w.dtype),
-        reduce_heads(df, f.shape[-1], head_axis).astype(f.dtype),
+    return (
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        dw.astype(w.dtype),
+        df.astype(f.dtype),
         None if h0 is None else dh0.astype(h0.dtype),
         None,
     )
-    return grads
 
 
 _m2rnn_tpu.defvjp(_m2rnn_tpu_fwd, _m2rnn_tpu_bwd)

@@ -10,8 +10,9 @@ R in registers and across chunks in scratch:
     dk_t = dA v_t          dv_t = dA^T k_t                  dW += S_{t-1}^T dA
     R_{t-1} = f_t G + dA W^T
 
-No atomics: dq, dk, dv, df are written per output head (df per lane), dW is accumulated per (row, head block) in
-scratch and written once; the caller sums over rows, lanes and broadcast heads. dh0 is R after the first step
+No atomics: dq and dk are written per (head block, source slot), dv and df per output head (df per lane), dW is
+accumulated per (row, head block) in scratch and written once; the sums over blocks, rows, lanes and broadcast
+heads happen in XLA after the kernel. dh0 is R after the first step
 (unclamped), written by DMA. Varlen: at the last token of sequence b, R is replaced by dh_final[b]; after its first
 token, R is written to dh0[b]. Empty sequences are left to the caller (their dh0 is dh_final).
 """
@@ -40,9 +41,10 @@ from pallas_kernels.tpu.layout import (
     BlockPlan,
     pack_lanes,
     pack_state,
+    sum_heads,
     unpack_gate_grad,
-    unpack_heads,
     unpack_lanes,
+    unpack_source_grad,
     unpack_state,
     unpack_weight_grad,
 )
@@ -53,9 +55,9 @@ _F32 = jnp.float32
 def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_state: bool, clip: float | None):
     if varlen:
         cu_ref, *refs = refs
-        q_ref, k_ref, v_ref, f_ref, w_ref, ckpt_ref, dy_ref, dfinal_hbm, h0_hbm, *refs = refs
+        q_ref, k_ref, q_src_ref, k_src_ref, v_ref, f_ref, w_ref, ckpt_ref, dy_ref, dfinal_hbm, h0_hbm, *refs = refs
     else:
-        q_ref, k_ref, v_ref, f_ref, w_ref, ckpt_ref, dy_ref, dfinal_hbm, *refs = refs
+        q_ref, k_ref, q_src_ref, k_src_ref, v_ref, f_ref, w_ref, ckpt_ref, dy_ref, dfinal_hbm, *refs = refs
     dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_hbm, *refs = refs
     q_s, k_s, v_s, dy_s, prev_s, z_s, carry_s, dw_s, io_s, seq_s = refs
     row, block, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -74,8 +76,7 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
     k_s[...] = k_ref[0, 0].astype(_F32)
     v_s[...] = v_ref[0, 0].astype(_F32)
     dy_s[...] = dy_ref[0, 0].astype(_F32)
-    w = w_ref[0]
-    heads = recurrence.head_lanes(plan.heads_per_block, plan.lanes)
+    w, q_src, k_src = w_ref[0], q_src_ref[0], k_src_ref[0]
 
     def f_at(t):
         return f_ref[0, 0, pl.ds(t, 1), :]
@@ -101,7 +102,7 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
 
             state = lax.cond(is_start, load_h0, lambda s: s, state)
         prev_s[t] = state
-        z, state = recurrence.step(state, w, k_s[t], v_s[pl.ds(t, 1), :], f_at(t), heads, bf16_state)
+        z, state = recurrence.step(state, w, k_s[t], v_s[pl.ds(t, 1), :], f_at(t), k_src, bf16_state)
         z_s[t] = z
         return state, seq
 
@@ -125,12 +126,12 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
             state = state.astype(jnp.bfloat16).astype(_F32)
         if clip is not None:
             cotangent = jnp.clip(cotangent, -clip, clip)
-        g = recurrence.outer(q_t, dy_t, heads) + cotangent
-        dq_ref[0, 0, t] = recurrence.contract_lanes(state * dy_t, heads)
+        g = recurrence.outer(q_t, dy_t, q_src) + cotangent
+        dq_ref[0, 0, t] = recurrence.contract_lanes(state * dy_t, q_src)
         df_ref[0, 0, pl.ds(t, 1), :] = jnp.sum(g * (prev - z), axis=0, keepdims=True)
         da = g * (1.0 - f_t) * (1.0 - z * z)
-        dk_ref[0, 0, t] = recurrence.contract_lanes(da * v_t, heads)
-        dv_ref[0, 0, pl.ds(t, 1), :] = recurrence.contract_rows(k_t, da, heads)
+        dk_ref[0, 0, t] = recurrence.contract_lanes(da * v_t, k_src)
+        dv_ref[0, 0, pl.ds(t, 1), :] = recurrence.contract_rows(k_t, da, k_src)
         dw_s[...] += recurrence.matmul_tn(prev, da)
         cotangent = f_t * g + recurrence.matmul_nt(da, w)
         if varlen:
@@ -154,6 +155,8 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
 def backward_call(
     plan: BlockPlan,
     num_seqs: int,
+    q_slots: int,
+    k_slots: int,
     in_dtype,
     *,
     varlen: bool,
@@ -163,23 +166,27 @@ def backward_call(
 ):
     """Build the backward ``pallas_call`` on packed operands.
 
-    Operands: [cu_seqlens (B+1,) int32 when varlen], q, k (R, G, Sp, hb, Kp), v (R, G, Sp, L) in ``in_dtype``;
-    f (R, G, Sp, L) float32; w (G, L, L) float32; checkpoints (R, G, NC, Kp, L) float32; dy (R, G, Sp, L) in
-    ``in_dtype``; dh_final (B, G, Kp, L) float32; [h0 (B, G, Kp, L) float32 when varlen].
-    Results (float32, per output head): dq, dk (R, G, Sp, hb, Kp); dv (R, G, Sp, L); df per lane (R, G, Sp, L);
-    dw (R, G, L, L) block diagonal; dh0 (B, G, Kp, L).
+    Operands: [cu_seqlens (B+1,) int32 when varlen], q (R, G, Sp, mq, Kp), k (R, G, Sp, mk, Kp), q_src (G, mq, L),
+    k_src (G, mk, L), v (R, G, Sp, L) in ``in_dtype``; f (R, G, Sp, L) float32; w (G, L, L) float32; checkpoints
+    (R, G, NC, Kp, L) float32; dy (R, G, Sp, L) in ``in_dtype``; dh_final (B, G, Kp, L) float32; [h0 (B, G, Kp, L)
+    float32 when varlen]. mq = ``q_slots``, mk = ``k_slots``.
+    Results (float32 partials): dq (R, G, Sp, mq, Kp), dk (R, G, Sp, mk, Kp) per block and slot; dv (R, G, Sp, L)
+    and df (R, G, Sp, L) per lane; dw (R, G, L, L) block diagonal; dh0 (B, G, Kp, L).
     """
-    c, hb, kp, lanes, g = plan.chunk, plan.heads_per_block, plan.k_pad, plan.lanes, plan.head_blocks
+    c, kp, lanes, g = plan.chunk, plan.k_pad, plan.lanes, plan.head_blocks
     last = plan.num_chunks - 1
 
     def chunk_of(t):
         return last - t
 
-    heads_spec = pl.BlockSpec((1, 1, c, hb, kp), lambda r, b, t, *_: (r, b, chunk_of(t), 0, 0))
+    q_spec = pl.BlockSpec((1, 1, c, q_slots, kp), lambda r, b, t, *_: (r, b, chunk_of(t), 0, 0))
+    k_spec = pl.BlockSpec((1, 1, c, k_slots, kp), lambda r, b, t, *_: (r, b, chunk_of(t), 0, 0))
     lanes_spec = pl.BlockSpec((1, 1, c, lanes), lambda r, b, t, *_: (r, b, chunk_of(t), 0))
     in_specs = [
-        heads_spec,
-        heads_spec,
+        q_spec,
+        k_spec,
+        pl.BlockSpec((1, q_slots, lanes), lambda r, b, t, *_: (b, 0, 0)),
+        pl.BlockSpec((1, k_slots, lanes), lambda r, b, t, *_: (b, 0, 0)),
         lanes_spec,
         lanes_spec,
         pl.BlockSpec((1, lanes, lanes), lambda r, b, t, *_: (b, 0, 0)),
@@ -188,30 +195,29 @@ def backward_call(
         hbm_spec(),
     ] + ([hbm_spec()] if varlen else [])
     out_specs = [
-        heads_spec,
-        heads_spec,
+        q_spec,
+        k_spec,
         lanes_spec,
         lanes_spec,
         pl.BlockSpec((1, 1, lanes, lanes), lambda r, b, t, *_: (r, b, 0, 0)),
         hbm_spec(),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, hb, kp), _F32),
-        jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, hb, kp), _F32),
+        jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, q_slots, kp), _F32),
+        jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, k_slots, kp), _F32),
         jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, lanes), _F32),
         jax.ShapeDtypeStruct((plan.rows, g, plan.tokens_pad, lanes), _F32),
         jax.ShapeDtypeStruct((plan.rows, g, lanes, lanes), _F32),
         jax.ShapeDtypeStruct((num_seqs, g, kp, lanes), _F32),
     ]
-    pipelined = (
-        [((c, hb, kp), in_dtype)] * 2
-        + [((c, lanes), in_dtype), ((c, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
-        + [((c, lanes), in_dtype)]
-        + [((c, hb, kp), _F32)] * 2
-        + [((c, lanes), _F32)] * 2
-        + [((lanes, lanes), _F32)]
-    )
-    scratch_shapes = [((c, hb, kp), _F32)] * 2 + [((c, lanes), _F32)] * 2 + [((c, kp, lanes), _F32)] * 2
+    slabs = [((c, q_slots, kp), in_dtype), ((c, k_slots, kp), in_dtype)]
+    pipelined = slabs + [((q_slots, lanes), _F32), ((k_slots, lanes), _F32)]
+    pipelined += [((c, lanes), in_dtype), ((c, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
+    pipelined += [((c, lanes), in_dtype)]
+    pipelined += [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32), ((c, lanes), _F32), ((c, lanes), _F32)]
+    pipelined += [((lanes, lanes), _F32)]
+    scratch_shapes = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
+    scratch_shapes += [((c, lanes), _F32)] * 2 + [((c, kp, lanes), _F32)] * 2
     scratch_shapes += [((kp, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
     scratch = [pltpu.VMEM(s, d) for s, d in scratch_shapes] + [pltpu.SMEM((c,), jnp.int32)]
     kernel = functools.partial(
@@ -244,23 +250,25 @@ def m2rnn_tpu_backward(
     bf16_state: bool = False,
     interpret=False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Gradients of M2RNN with every input already broadcast to N heads (shapes as in ``m2rnn_tpu_forward``).
+    """Gradients of M2RNN for the inputs of ``m2rnn_tpu_forward`` (same shapes and head counts).
 
     ``checkpoints`` come from ``m2rnn_tpu_forward(..., save_checkpoints=True)`` with the same ``chunk_size``;
-    dy has y's shape, dh_final (B, N, K, V). ``gradient_clipping`` is None or |c|.
-    Returns float32 per-output-head gradients dq, dk (.., N, K), dv (.., N, V), df (.., N), dw (N, V, V) and
-    dh0 (B, N, K, V); the caller sums them over broadcast heads.
+    dy has y's shape (.., N, V), dh_final (B, N, K, V). ``gradient_clipping`` is None or |c|.
+    Returns float32 gradients with the inputs' shapes: dq, dk, dv, df, dw and dh0 (B, N, K, V).
     """
     varlen = cu_seqlens is not None
     plan, packed = pack_inputs(q, k, v, w, f, h0, cu_seqlens, chunk_size)
     num_seqs = packed.h0.shape[0]
+    q_slots, k_slots = packed.q_slots, packed.k_slots
     call = backward_call(
-        plan, num_seqs, v.dtype, varlen=varlen, bf16_state=bf16_state, clip=gradient_clipping, interpret=interpret
+        plan, num_seqs, q_slots.shape[1], k_slots.shape[1], v.dtype, varlen=varlen, bf16_state=bf16_state, clip=gradient_clipping, interpret=interpret
     )
     dfinal = pack_state(dh_final.astype(_F32), plan)
     operands = (
         packed.q,
         packed.k,
+        packed.q_src,
+        packed.k_src,
         packed.v,
         packed.f,
         packed.w,
@@ -273,9 +281,12 @@ def m2rnn_tpu_backward(
     else:
         results = call(*operands)
     dq, dk, dv, df, dw, dh0 = results
-    dq, dk = unpack_heads(dq, plan, plan.k_dim), unpack_heads(dk, plan, plan.k_dim)
-    dv, df = unpack_lanes(dv, plan), unpack_gate_grad(df, plan)
-    dw = unpack_weight_grad(dw.sum(axis=0), plan)
+    head_axis = 2  # of the (R, S, N, ..) arrays
+    dq = unpack_source_grad(dq, plan, q_slots, q.shape[-2])
+    dk = unpack_source_grad(dk, plan, k_slots, k.shape[-2])
+    dv = sum_heads(unpack_lanes(dv, plan), v.shape[-2], head_axis)
+    df = sum_heads(unpack_gate_grad(df, plan), f.shape[-1], head_axis)
+    dw = sum_heads(unpack_weight_grad(dw.sum(axis=0), plan), w.shape[0], 0)
     dh0 = unpack_state(dh0, plan)
     if varlen:
         dq, dk, dv, df = dq[0], dk[0], dv[0], df[0]

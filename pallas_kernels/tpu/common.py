@@ -16,11 +16,14 @@ from pallas_kernels.tpu.layout import (
     LANES,
     BlockPlan,
     pack_gate,
-    pack_heads,
     pack_lanes,
+    pack_sources,
     pack_state,
     pack_weight,
     plan_blocks,
+    repeat_heads,
+    source_lanes,
+    source_slots,
 )
 
 # The default scoped-VMEM limit of v5e (16 MiB) is the smallest of current chips; a larger request is passed to the
@@ -30,12 +33,17 @@ _MAX_VMEM = 48 * 2**20
 
 
 class PackedInputs(NamedTuple):
-    """Inputs in the kernel layout (see layout.py): q, k (R, G, Sp, hb, Kp) in the input dtype; v (R, G, Sp, L) in
-    the input dtype; f (R, G, Sp, L) float32; w (G, L, L) float32; h0 (B, G, Kp, L) float32; cu_seqlens (B+1,)
-    int32 or None."""
+    """Inputs in the kernel layout (see layout.py): q (R, G, Sp, mq, Kp) and k (R, G, Sp, mk, Kp) in the input
+    dtype with their source lanes q_src (G, mq, L), k_src (G, mk, L) float32 and slot tables q_slots (G, mq),
+    k_slots (G, mk) (numpy); v (R, G, Sp, L) in the input dtype; f (R, G, Sp, L) float32; w (G, L, L) float32;
+    h0 (B, G, Kp, L) float32; cu_seqlens (B+1,) int32 or None."""
 
     q: jax.Array
     k: jax.Array
+    q_src: jax.Array
+    k_src: jax.Array
+    q_slots: np.ndarray
+    k_slots: np.ndarray
     v: jax.Array
     f: jax.Array
     w: jax.Array
@@ -58,22 +66,28 @@ def pack_inputs(
     cu_seqlens: jax.Array | None,
     chunk_size: int | None,
 ) -> tuple[BlockPlan, PackedInputs]:
-    """Plan the blocks and pack N-head inputs: q, k (B, S, N, K) | (T, N, K); v (.., N, V); f (.., N); w (N, V, V);
-    h0 (B, N, K, V) or None (zeros)."""
+    """Plan the blocks and pack inputs with their own head counts: q (B, S, Nq, K) | (T, Nq, K); k (.., Nk, K);
+    v (.., Nv, V); f (.., Nf); w (Nw, V, V); h0 (B, N, K, V) or None (zeros). v, f and w are repeated to N heads."""
     varlen = cu_seqlens is not None
     q, k, v, f = (as_rows(x, varlen) for x in (q, k, v, f))
-    rows, tokens, num_heads, k_dim = q.shape
+    rows, tokens, _, k_dim = q.shape
     v_dim = v.shape[-1]
+    num_heads = max(q.shape[2], k.shape[2], v.shape[2], f.shape[2], w.shape[0])
     num_seqs = cu_seqlens.shape[0] - 1 if varlen else rows
     plan = plan_blocks(rows, tokens, num_heads, k_dim, v_dim, chunk_size)
     if h0 is None:
         h0 = jnp.zeros((num_seqs, num_heads, k_dim, v_dim), jnp.float32)
+    q_slots, k_slots = source_slots(plan, q.shape[2]), source_slots(plan, k.shape[2])
     packed = PackedInputs(
-        q=pack_heads(q, plan, plan.k_pad),
-        k=pack_heads(k, plan, plan.k_pad),
-        v=pack_lanes(v, plan),
-        f=pack_gate(f.astype(jnp.float32), plan),
-        w=pack_weight(w, plan),
+        q=pack_sources(q, plan, q_slots),
+        k=pack_sources(k, plan, k_slots),
+        q_src=jnp.asarray(source_lanes(plan, q_slots, q.shape[2])),
+        k_src=jnp.asarray(source_lanes(plan, k_slots, k.shape[2])),
+        q_slots=q_slots,
+        k_slots=k_slots,
+        v=pack_lanes(repeat_heads(v, num_heads, 2), plan),
+        f=pack_gate(repeat_heads(f.astype(jnp.float32), num_heads, 2), plan),
+        w=pack_weight(repeat_heads(w, num_heads, 0), plan),
         h0=pack_state(h0.astype(jnp.float32), plan),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.astype(jnp.int32),
     )

@@ -40,7 +40,7 @@ _F32 = jnp.float32
 def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_state: bool, save_checkpoints: bool):
     if varlen:
         cu_ref, *refs = refs
-    q_ref, k_ref, v_ref, f_ref, w_ref, h0_hbm, y_ref, final_hbm, *refs = refs
+    q_ref, k_ref, q_src_ref, k_src_ref, v_ref, f_ref, w_ref, h0_hbm, y_ref, final_hbm, *refs = refs
     ckpt_ref = refs.pop(0) if save_checkpoints else None
     q_s, k_s, v_s, y_s, state_s, io_s = refs
     row, block, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -58,12 +58,11 @@ def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_st
     v_s[...] = v_ref[0, 0].astype(_F32)
     if save_checkpoints:
         ckpt_ref[0, 0, 0] = state_s[...]
-    w = w_ref[0]
-    heads = recurrence.head_lanes(plan.heads_per_block, plan.lanes)
+    w, q_src, k_src = w_ref[0], q_src_ref[0], k_src_ref[0]
 
     def advance(t, state):
-        _, state = recurrence.step(state, w, k_s[t], v_s[pl.ds(t, 1), :], f_ref[0, 0, pl.ds(t, 1), :], heads, bf16_state)
-        y_s[pl.ds(t, 1), :] = recurrence.contract_rows(q_s[t], state, heads)
+        _, state = recurrence.step(state, w, k_s[t], v_s[pl.ds(t, 1), :], f_ref[0, 0, pl.ds(t, 1), :], k_src, bf16_state)
+        y_s[pl.ds(t, 1), :] = recurrence.contract_rows(q_s[t], state, q_src)
         return state
 
     if varlen:
@@ -107,6 +106,8 @@ def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_st
 def forward_call(
     plan: BlockPlan,
     num_seqs: int,
+    q_slots: int,
+    k_slots: int,
     out_dtype,
     *,
     varlen: bool,
@@ -116,18 +117,22 @@ def forward_call(
 ):
     """Build the forward ``pallas_call`` on packed operands (see :class:`~pallas_kernels.tpu.common.PackedInputs`).
 
-    Operands: [cu_seqlens (B+1,) int32 when varlen], q, k (R, G, Sp, hb, Kp), v (R, G, Sp, L), f (R, G, Sp, L)
-    float32, w (G, L, L) float32, h0 (B, G, Kp, L) float32.
+    Operands: [cu_seqlens (B+1,) int32 when varlen], q (R, G, Sp, mq, Kp), k (R, G, Sp, mk, Kp), q_src (G, mq, L),
+    k_src (G, mk, L), v (R, G, Sp, L), f (R, G, Sp, L) float32, w (G, L, L) float32, h0 (B, G, Kp, L) float32;
+    mq = ``q_slots``, mk = ``k_slots``.
     Results: y (R, G, Sp, L) in ``out_dtype``, final states (B, G, Kp, L) float32 and, with ``save_checkpoints``,
     the state at the start of every chunk (R, G, NC, Kp, L) float32.
     """
-    c, hb, kp, lanes, g = plan.chunk, plan.heads_per_block, plan.k_pad, plan.lanes, plan.head_blocks
+    c, kp, lanes, g = plan.chunk, plan.k_pad, plan.lanes, plan.head_blocks
     rows_blocks = (plan.rows, g, plan.num_chunks)
-    in_dtype_blocks = [((c, hb, kp), out_dtype)] * 2 + [((c, lanes), out_dtype)]
-    pipelined = in_dtype_blocks + [((c, lanes), _F32), ((lanes, lanes), _F32), ((c, lanes), out_dtype)]
+    pipelined = [((c, q_slots, kp), out_dtype), ((c, k_slots, kp), out_dtype)]
+    pipelined += [((q_slots, lanes), _F32), ((k_slots, lanes), _F32), ((c, lanes), out_dtype), ((c, lanes), _F32)]
+    pipelined += [((lanes, lanes), _F32), ((c, lanes), out_dtype)]
     in_specs = [
-        pl.BlockSpec((1, 1, c, hb, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
-        pl.BlockSpec((1, 1, c, hb, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
+        pl.BlockSpec((1, 1, c, q_slots, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
+        pl.BlockSpec((1, 1, c, k_slots, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
+        pl.BlockSpec((1, q_slots, lanes), lambda r, b, t, *_: (b, 0, 0)),
+        pl.BlockSpec((1, k_slots, lanes), lambda r, b, t, *_: (b, 0, 0)),
         pl.BlockSpec((1, 1, c, lanes), lambda r, b, t, *_: (r, b, t, 0)),
         pl.BlockSpec((1, 1, c, lanes), lambda r, b, t, *_: (r, b, t, 0)),
         pl.BlockSpec((1, lanes, lanes), lambda r, b, t, *_: (b, 0, 0)),
@@ -142,7 +147,8 @@ def forward_call(
         out_specs.append(pl.BlockSpec((1, 1, 1, kp, lanes), lambda r, b, t, *_: (r, b, t, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((plan.rows, g, plan.num_chunks, kp, lanes), _F32))
         pipelined.append(((kp, lanes), _F32))
-    scratch = [((c, hb, kp), _F32)] * 2 + [((c, lanes), _F32)] * 2 + [((kp, lanes), _F32)] * 2
+    scratch = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
+    scratch += [((c, lanes), _F32)] * 2 + [((kp, lanes), _F32)] * 2
     kernel = functools.partial(
         _forward_kernel,
         plan=plan,
@@ -177,11 +183,12 @@ def m2rnn_tpu_forward(
     save_checkpoints: bool = False,
     interpret=False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """M2RNN forward with every input already broadcast to N heads.
+    """M2RNN forward (the op's semantics, SPEC §2) with any head broadcasting.
 
-    Dense: q, k (B, S, N, K), v (B, S, N, V), f (B, S, N), w (N, V, V), h0 (B, N, K, V) or None (zeros).
-    Varlen (``cu_seqlens`` (B+1,) given): q, k (T, N, K), v (T, N, V), f (T, N).
-    Returns y (like v, in v's dtype), the final states (B, N, K, V) float32 and, with ``save_checkpoints``, the
+    Dense: q (B, S, Nq, K), k (B, S, Nk, K), v (B, S, Nv, V), f (B, S, Nf), w (Nw, V, V), h0 (B, N, K, V) or None
+    (zeros); each head count divides N = max(Nq, Nk, Nv, Nf, Nw). Varlen (``cu_seqlens`` (B+1,) given): q (T, Nq, K),
+    k (T, Nk, K), v (T, Nv, V), f (T, Nf).
+    Returns y (.., N, V) in v's dtype, the final states (B, N, K, V) float32 and, with ``save_checkpoints``, the
     packed chunk-start states (R, G, NC, Kp, L) float32 (else None). An empty varlen sequence returns its h0.
     ``interpret``: False (compile for TPU), True (TPU interpret mode) or a ``pltpu.InterpretParams``.
     """
@@ -191,13 +198,15 @@ def m2rnn_tpu_forward(
     call = forward_call(
         plan,
         num_seqs,
+        packed.q_slots.shape[1],
+        packed.k_slots.shape[1],
         v.dtype,
         varlen=varlen,
         bf16_state=bf16_state,
         save_checkpoints=save_checkpoints,
         interpret=interpret,
     )
-    operands = (packed.q, packed.k, packed.v, packed.f, packed.w, packed.h0)
+    operands = (packed.q, packed.k, packed.q_src, packed.k_src, packed.v, packed.f, packed.w, packed.h0)
     results = call(packed.cu_seqlens, *operands) if varlen else call(*operands)
     y_packed, final_packed = results[0], results[1]
     checkpoints = results[2] if save_checkpoints else None

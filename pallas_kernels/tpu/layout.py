@@ -7,7 +7,13 @@ pass multiplies 128-wide operands. A single head's state (K, V) = (64, 16) would
     state     (Kp, L)       L = hb * Vp lanes; lane l belongs to head l // Vp of the block, column l % Vp
     W         (L, L)        block diagonal: hb copies of a (Vp, Vp) head weight, zeros elsewhere
     v, f, y   (C, L)        one row per time step; f is repeated over the Vp lanes of its head
-    q, k      (C, hb, Kp)   one (hb, Kp) slab per time step (leading-dim indexing, no sublane shuffles)
+    q, k      (C, m, Kp)    one (m, Kp) slab per time step (leading-dim indexing, no sublane shuffles) holding
+                            the m distinct *source* heads that the block's hb heads read (m = 1 for the paper's
+                            Nq = Nk = 1), with a (m, L) 0/1 "source lanes" matrix saying which lanes use which slot
+
+q and k are not repeated to N heads: a block reads only its m source heads, so their memory (and that of the
+per-block partial gradients dq, dk) is G * m / Nq times that of q instead of N / Nq times. v, f and W are repeated
+to N heads before packing (they are per-head data of the size of y, or tiny).
 
 Padding (all exact): K -> Kp, a multiple of 8 (zero rows stay zero); V -> Vp, a power of two dividing 128 (or a
 multiple of 128), padded with zero weight rows/columns; N -> G * hb heads (zero heads); the time axis -> a
@@ -23,6 +29,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LANES = 128
 SUBLANES = 8
@@ -112,7 +119,7 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Arr
     return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
 
 
-def pack_heads(x: jax.Array, plan: BlockPlan, feature_pad: int, time_fill: float = 0.0) -> jax.Array:
+def _pack_heads(x: jax.Array, plan: BlockPlan, feature_pad: int, time_fill: float = 0.0) -> jax.Array:
     """(R, S, N, D) -> (R, G, Sp, hb, feature_pad); padded time steps hold ``time_fill``, other padding zeros."""
     rows = x.shape[0]
     x = _pad_axis(x, 1, plan.tokens_pad, time_fill)
@@ -121,8 +128,8 @@ def pack_heads(x: jax.Array, plan: BlockPlan, feature_pad: int, time_fill: float
     return x.transpose(0, 2, 1, 3, 4)
 
 
-def unpack_heads(x: jax.Array, plan: BlockPlan, feature_dim: int) -> jax.Array:
-    """Inverse of :func:`pack_heads`: (R, G, Sp, hb, Dp) -> (R, S, N, feature_dim)."""
+def _unpack_heads(x: jax.Array, plan: BlockPlan, feature_dim: int) -> jax.Array:
+    """Inverse of :func:`_pack_heads`: (R, G, Sp, hb, Dp) -> (R, S, N, feature_dim)."""
     rows = x.shape[0]
     x = x.transpose(0, 2, 1, 3, 4).reshape(rows, plan.tokens_pad, -1, x.shape[-1])
     return x[:, : plan.tokens, : plan.num_heads, :feature_dim]
@@ -130,27 +137,27 @@ def unpack_heads(x: jax.Array, plan: BlockPlan, feature_dim: int) -> jax.Array:
 
 def pack_lanes(x: jax.Array, plan: BlockPlan, time_fill: float = 0.0) -> jax.Array:
     """(R, S, N, V) -> (R, G, Sp, L): heads of a block side by side on the lanes."""
-    packed = pack_heads(x, plan, plan.v_pad, time_fill)
+    packed = _pack_heads(x, plan, plan.v_pad, time_fill)
     return packed.reshape(packed.shape[:3] + (plan.lanes,))
 
 
 def unpack_lanes(x: jax.Array, plan: BlockPlan) -> jax.Array:
     """Inverse of :func:`pack_lanes`: (R, G, Sp, L) -> (R, S, N, V)."""
     split = x.reshape(x.shape[:3] + (plan.heads_per_block, plan.v_pad))
-    return unpack_heads(split, plan, plan.v_dim)
+    return _unpack_heads(split, plan, plan.v_dim)
 
 
 def pack_gate(f: jax.Array, plan: BlockPlan) -> jax.Array:
     """Forget values (R, S, N) -> (R, G, Sp, L), each repeated over its head's Vp lanes; time padding holds 1."""
     per_lane = jnp.broadcast_to(f[..., None], f.shape + (plan.v_pad,))
-    packed = pack_heads(per_lane, plan, plan.v_pad, time_fill=1.0)
+    packed = _pack_heads(per_lane, plan, plan.v_pad, time_fill=1.0)
     return packed.reshape(packed.shape[:3] + (plan.lanes,))
 
 
 def unpack_gate_grad(df: jax.Array, plan: BlockPlan) -> jax.Array:
     """Per-lane forget-value gradients (R, G, Sp, L) -> (R, S, N), summed over each head's lanes."""
     split = df.reshape(df.shape[:3] + (plan.heads_per_block, plan.v_pad))
-    return unpack_heads(split, plan, plan.v_pad).sum(axis=-1)
+    return _unpack_heads(split, plan, plan.v_pad).sum(axis=-1)
 
 
 def pack_state(h: jax.Array, plan: BlockPlan) -> jax.Array:
@@ -185,3 +192,59 @@ def unpack_weight_grad(dw: jax.Array, plan: BlockPlan) -> jax.Array:
     eye = jnp.eye(plan.heads_per_block, dtype=dw.dtype)
     per_head = jnp.einsum("gaibj,ab->gaij", split, eye).reshape(-1, plan.v_pad, plan.v_pad)
     return per_head[: plan.num_heads, : plan.v_dim, : plan.v_dim]
+
+
+def source_slots(plan: BlockPlan, num_sources: int) -> np.ndarray:
+    """(G, m) int: the source head that slot s of head block g holds (-1 for an unused slot).
+
+    Output head n reads source head n // (N / num_sources); block g holds heads [g * hb, (g + 1) * hb) (clipped to
+    N), so it reads a contiguous range of sources and m is the largest such range over the blocks.
+    """
+    repeat = plan.num_heads // num_sources
+    hb = plan.heads_per_block
+    first = [g * hb // repeat for g in range(plan.head_blocks)]
+    last = [(min((g + 1) * hb, plan.num_heads) - 1) // repeat for g in range(plan.head_blocks)]
+    slots = max(b - a + 1 for a, b in zip(first, last))
+    table = np.full((plan.head_blocks, slots), -1, np.int32)
+    for g, (a, b) in enumerate(zip(first, last)):
+        table[g, : b - a + 1] = np.arange(a, b + 1)
+    return table
+
+
+def source_lanes(plan: BlockPlan, slots: np.ndarray, num_sources: int) -> np.ndarray:
+    """(G, m, L) float32 0/1: entry [g, s, l] is 1 when lane l of block g belongs to a real head reading slot s."""
+    repeat = plan.num_heads // num_sources
+    lane_head = np.arange(plan.head_blocks)[:, None] * plan.heads_per_block + np.arange(plan.lanes) // plan.v_pad
+    lane_source = np.where(lane_head < plan.num_heads, lane_head // repeat, -2)  # (G, L)
+    return (lane_source[:, None, :] == slots[:, :, None]).astype(np.float32)
+
+
+def pack_sources(x: jax.Array, plan: BlockPlan, slots: np.ndarray) -> jax.Array:
+    """Source heads per block: (R, S, Nx, K) -> (R, G, Sp, m, Kp) (unused slots repeat a real head; their source
+    lanes are zero)."""
+    gathered = x[:, :, np.maximum(slots, 0).reshape(-1), :]  # (R, S, G * m, K)
+    gathered = _pad_axis(_pad_axis(gathered, 1, plan.tokens_pad), 3, plan.k_pad)
+    gathered = gathered.reshape(x.shape[0], plan.tokens_pad, plan.head_blocks, slots.shape[1], plan.k_pad)
+    return gathered.transpose(0, 2, 1, 3, 4)
+
+
+def unpack_source_grad(dx: jax.Array, plan: BlockPlan, slots: np.ndarray, num_sources: int) -> jax.Array:
+    """Per-block partial gradients (R, G, Sp, m, Kp) -> (R, S, Nx, K), summing the blocks that share a source."""
+    onehot = (slots[:, :, None] == np.arange(num_sources)).astype(np.float32)  # (G, m, Nx), unused slots all 0
+    summed = jnp.einsum("rgtsk,gsn->rtnk", dx, jnp.asarray(onehot, dx.dtype), precision=jax.lax.Precision.HIGHEST)
+    return summed[:, : plan.tokens, :, : plan.k_dim]
+
+
+def repeat_heads(x: jax.Array, num_heads: int, axis: int) -> jax.Array:
+    """Broadcast N_x source heads on ``axis`` to ``num_heads`` in contiguous blocks (head n reads n // (N / N_x))."""
+    return x if x.shape[axis] == num_heads else jnp.repeat(x, num_heads // x.shape[axis], axis=axis)
+
+
+def sum_heads(x: jax.Array, num_sources: int, axis: int) -> jax.Array:
+    """Adjoint of :func:`repeat_heads`: sum each contiguous block of N / num_sources heads on ``axis``."""
+    axis = axis % x.ndim
+    num_heads = x.shape[axis]
+    if num_heads == num_sources:
+        return x
+    split = x.reshape(x.shape[:axis] + (num_sources, num_heads // num_sources) + x.shape[axis + 1 :])
+    return split.sum(axis=axis + 1)
