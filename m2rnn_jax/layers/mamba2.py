@@ -1,0 +1,249 @@
+"""Mamba2 sequence mixer (SPEC §9.4) with the SSD chunked form for training and a recurrent form for decoding.
+
+Per head h (H heads of dim P = I / H) with state s (P, N), groups G (head h reads B/C group h // (H / G)),
+dt_t = softplus(dt_raw_t + dt_bias), A = -exp(A_log) (the shared decay gate, SPEC §2.3; no dt clamp):
+
+    s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_tᵀ,        y_t = s_t C_t + D x_t
+
+SSD chunked form (chunk length L, Γ_t = Σ_{u≤t} dt_u A inside a chunk, s_0 the state entering it):
+y_t = Σ_{i≤t} e^{Γ_t - Γ_i} (C_t·B_i) dt_i x_i + e^{Γ_t} s_0 C_t and s_L = e^{Γ_L} s_0 + Σ_i e^{Γ_L - Γ_i} dt_i x_i B_iᵀ;
+the intra-chunk terms of all chunks are computed in parallel and a scan over chunks carries s. Ragged lengths are
+zero-padded at the end (dt = 0 leaves the state untouched). The recurrence runs in >= float32.
+
+Layer dataflow for x (B, S, h): ``in_proj`` -> [z (I) | xBC (I + 2 G N) | dt_raw (H)]; causal conv (SiLU, with bias)
+on xBC -> [x | B | C]; SSD; + D x; ``y * SiLU(z)``; RMSNorm over all I features; ``out_proj``.
+
+Parameters (Flax path -> lm-engine name; kernels stored transposed):
+
+===================  =======================  ========================  ======================  ===============
+Flax path            lm-engine name           Flax shape                init                    logical axes
+===================  =======================  ========================  ======================  ===============
+in_proj.kernel       in_proj.weight           (h, 2I + 2GN + H)         N(0, σ)                 (embed, None)
+conv1d.kernel        conv1d.weight (C,1,ks)   (ks, I + 2GN)             N(0, σ)                 (None, None)
+conv1d.bias          conv1d.bias              (I + 2GN,)                zeros                   (None,)
+decay_gate.A_log     decay_gate.A_log         (H,) >= float32           log U(0, 16)            (heads,)
+decay_gate.dt_bias   decay_gate.dt_bias       (H,) >= float32           SPEC §2.3               (heads,)
+D                    D                        (H,)                      ones                    (heads,)
+norm.scale           norm.weight              (I,)                      ones                    (heads,)
+out_proj.kernel      out_proj.weight          (I, h)                    N(0, σ / sqrt(2 L))     (heads, embed)
+===================  =======================  ========================  ======================  ===============
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
+from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.norm import RMSNorm
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """Hyper-parameters of Mamba2 (lm-engine ``Mamba2Args``; 400M: 64 heads, I = 1216 (P = 19), N = 216, G = 1).
+
+    ``num_heads`` H must divide ``intermediate_size`` I (head dim P = I / H); ``num_groups`` G must divide H.
+    """
+
+    num_heads: int
+    intermediate_size: int
+    state_size: int = 128
+    num_groups: int = 1
+    kernel_size: int = 4
+    chunk_size: int = 256
+    add_bias: bool = False
+    use_conv_bias: bool = True
+    norm_eps: float = 1e-5
+    A_init_min: float = 0.0
+    A_init_max: float = 16.0
+    dt_init_min: float = 1e-3
+    dt_init_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        for name in ("num_heads", "intermediate_size", "state_size", "num_groups", "kernel_size", "chunk_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.intermediate_size % self.num_heads != 0:
+            raise ValueError(
+                f"intermediate_size must be divisible by num_heads={self.num_heads}, got {self.intermediate_size}"
+            )
+        if self.num_heads % self.num_groups != 0:
+            raise ValueError(f"num_groups must divide num_heads={self.num_heads}, got {self.num_groups}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        validate_decay_gate_init(
+            self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
+        )
+
+    @property
+    def head_dim(self) -> int:
+        """P = I / H."""
+        return self.intermediate_size // self.num_heads
+
+    @property
+    def conv_channels(self) -> int:
+        """I + 2 G N: the [x | B | C] channels that go through the conv."""
+        return self.intermediate_size + 2 * self.num_groups * self.state_size
+
+
+class Mamba2State(NamedTuple):
+    """Decoding state: conv (B, kernel_size - 1, I + 2GN) raw pre-conv inputs; recurrent (B, H, P, N)."""
+
+    conv: jax.Array
+    recurrent: jax.Array
+
+
+def _split_heads(x: jax.Array, groups: int) -> jax.Array:
+    """(..., H, *rest) with H on axis 2 -> (..., G, H / G, *rest)."""
+    return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
+
+
+def ssd_recurrent(x, dt, log_decay, B, C, h0):
+    """Step-by-step SSD.
+
+    x (b, S, H, P), dt and log_decay = dt * A (b, S, H), B and C (b, S, G, N), h0 (b, H, P, N)
+    -> (y (b, S, H, P) without the D skip, final state (b, H, P, N)).
+    """
+    groups = B.shape[2]
+    x, dt, log_decay = (_split_heads(t, groups) for t in (x, dt, log_decay))
+    state = h0.reshape(h0.shape[0], groups, -1, *h0.shape[2:])  # (b, G, R, P, N)
+
+    def step(state, inputs):
+        x_t, dt_t, a_t, B_t, C_t = inputs  # x_t (b, G, R, P), dt_t (b, G, R), B_t (b, G, N)
+        state = jnp.exp(a_t)[..., None, None] * state + jnp.einsum("bgrp,bgn->bgrpn", dt_t[..., None] * x_t, B_t)
+        return state, jnp.einsum("bgrpn,bgn->bgrp", state, C_t)
+
+    final, y = jax.lax.scan(step, state, [jnp.moveaxis(t, 1, 0) for t in (x, dt, log_decay, B, C)])
+    y = jnp.moveaxis(y, 0, 1)  # (b, S, G, R, P)
+    return y.reshape(*y.shape[:2], -1, y.shape[-1]), final.reshape(h0.shape)
+
+
+def ssd_chunked(x, dt, log_decay, B, C, h0, chunk_size: int):
+    """SSD chunked form (module docstring); same arguments and result as :func:`ssd_recurrent`."""
+    batch, seq_len, _, P = x.shape
+    groups = B.shape[2]
+    L = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // L)
+    pad = num_chunks * L - seq_len
+
+    def chunks(t):  # (b, S, ...) -> (n, b, L, ...)
+        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        return jnp.moveaxis(t.reshape(batch, num_chunks, L, *t.shape[2:]), 1, 0)
+
+    xdt = chunks(_split_heads(x * dt[..., None], groups))  # (n, b, L, G, R, P)
+    gamma = jnp.cumsum(chunks(_split_heads(log_decay, groups)), axis=2)  # (n, b, L, G, R)
+    B, C = chunks(B), chunks(C)  # (n, b, L, G, N)
+    g = jnp.moveaxis(gamma, 2, -1)  # (n, b, G, R, L)
+    inclusive = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
+    decay = jnp.exp(jnp.where(inclusive, g[..., :, None] - g[..., None, :], -jnp.inf))  # (n, b, G, R, L, L)
+    scores = jnp.einsum("nbtgs,nbigs->nbgti", C, B)
+    y_diag = jnp.einsum("nbgti,nbgrti,nbigrp->nbtgrp", scores, decay, xdt)
+    last = gamma[:, :, -1]  # (n, b, G, R)
+    chunk_states = jnp.einsum("nbigr,nbigrp,nbigs->nbgrps", jnp.exp(last[:, :, None] - gamma), xdt, B)
+
+    def step(state, inputs):
+        C_c, gamma_c, last_c, chunk_state = inputs
+        y_off = jnp.einsum("btgs,bgrps->btgrp", C_c, state) * jnp.exp(gamma_c)[..., None]
+        return jnp.exp(last_c)[..., None, None] * state + chunk_state, y_off
+
+    state = h0.reshape(batch, groups, -1, *h0.shape[2:])  # (b, G, R, P, N)
+    final, y_off = jax.lax.scan(step, state, (C, gamma, last, chunk_states))
+    y = jnp.moveaxis(y_diag + y_off, 0, 1).reshape(batch, num_chunks * L, -1, P)
+    return y[:, :seq_len], final.reshape(h0.shape)
+
+
+class Mamba2(nnx.Module):
+    """Mamba2 mixer: x (B, S, hidden) -> (y (B, S, hidden), Mamba2State).
+
+    Sequences longer than one token use the SSD chunked form (chunk ``min(chunk_size, S)``), a single token the
+    recurrent step; both continue from ``state`` (None = zeros). When ``state`` is None the new state is kept in
+    ``promote_types(float32, dtype)``; a given state keeps its dtypes.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: Mamba2Config,
+        *,
+        num_layers: int,
+        initializer_range: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _require_positive_int("hidden_size", hidden_size)
+        _require_positive_int("num_layers", num_layers)
+        self.hidden_size = hidden_size
+        self.config = config
+        self.dtype = dtype
+        c = config
+        I, H = c.intermediate_size, c.num_heads
+        kw = dict(use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        normal = jax.nn.initializers.normal
+        self.in_proj = nnx.Linear(
+            hidden_size, I + c.conv_channels + H, kernel_init=normal(initializer_range),
+            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False},
+            bias_metadata={"out_sharding": (None,), "eager_sharding": False}, **kw,
+        )
+        self.conv1d = CausalDepthwiseConv1d(
+            c.conv_channels, c.kernel_size, activation="silu", use_bias=c.use_conv_bias,
+            initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.decay_gate = SoftplusDecayGate(
+            H, A_init_min=c.A_init_min, A_init_max=c.A_init_max, dt_init_min=c.dt_init_min,
+            dt_init_max=c.dt_init_max, dt_init_floor=c.dt_init_floor,
+            dtype=jnp.promote_types(jnp.float32, dtype), param_dtype=param_dtype, rngs=rngs,
+        )
+        self.D = nnx.Param(jnp.ones((H,), dtype=param_dtype), out_sharding=("heads",), eager_sharding=False)
+        self.norm = RMSNorm(I, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
+        self.out_proj = nnx.Linear(
+            I, hidden_size, kernel_init=normal(initializer_range / math.sqrt(2 * num_layers)),
+            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
+            bias_metadata={"out_sharding": ("embed",), "eager_sharding": False}, **kw,
+        )
+
+    def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> Mamba2State:
+        """Zero state (``max_length`` is ignored: the state has a fixed size)."""
+        c = self.config
+        return Mamba2State(
+            conv=self.conv1d.init_state(batch_size, dtype=dtype),
+            recurrent=jnp.zeros((batch_size, c.num_heads, c.head_dim, c.state_size), dtype=dtype),
+        )
+
+    def __call__(self, x: jax.Array, state: Mamba2State | None = None) -> tuple[jax.Array, Mamba2State]:
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new Mamba2State)."""
+        c = self.config
+        if x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
+        batch, seq_len, _ = x.shape
+        compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
+        if state is None:
+            state = self.init_state(batch, seq_len, dtype=compute_dtype)
+        I, H, N, G = c.intermediate_size, c.num_heads, c.state_size, c.num_groups
+
+        z, xBC, dt_raw = jnp.split(self.in_proj(x.astype(self.dtype)), [I, I + c.conv_channels], axis=-1)
+        xBC, conv_state = self.conv1d(xBC, state.conv)
+        xs, B, C = jnp.split(xBC.astype(compute_dtype), [I, I + G * N], axis=-1)
+        xs = xs.reshape(batch, seq_len, H, c.head_dim)
+        B, C = B.reshape(batch, seq_len, G, N), C.reshape(batch, seq_len, G, N)
+        dt = self.decay_gate.time_step(dt_raw)  # (B, S, H) in compute_dtype
+        log_decay = self.decay_gate(dt_raw, final_exponential=False)  # dt * A
+
+        h0 = state.recurrent.astype(compute_dtype)
+        if seq_len == 1:
+            y, recurrent = ssd_recurrent(xs, dt, log_decay, B, C, h0)
+        else:
+            y, recurrent = ssd_chunked(xs, dt, log_decay, B, C, h0, c.chunk_size)
+        y = y + self.D[...].astype(compute_dtype)[:, None] * xs
+        y = y.reshape(batch, seq_len, I) * jax.nn.silu(z.astype(compute_dtype))
+        out = self.out_proj(self.norm(y))
+        return out, Mamba2State(conv=conv_state, recurrent=recurrent.astype(state.recurrent.dtype))
