@@ -34,7 +34,7 @@ def forward_sequence(q, k, v, W, f, h0):
         zs.append(z)
     states = np.stack(states)
     y = np.einsum("snkv,snk->snv", states[1:], q)
-    return y, states, np.stack(zs)
+    return y, states, np.stack(zs) if zs else np.zeros((0,) + h0.shape)
 
 
 def backward_sequence(q, k, v, W, f, states, zs, dy, dh_final, clip):
