@@ -31,7 +31,7 @@ class M2RNNShapes:
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    return str(tuple(int(d) for d in shape))
 
 
 def _require_float(name: str, x: jax.Array) -> None:
