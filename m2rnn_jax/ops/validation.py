@@ -58,13 +58,15 @@ def _check_cu_seqlens(cu_seqlens: jax.Array, tokens: int) -> int:
         )
     if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
         raise ValueError(f"cu_seqlens: expected an integer array, got dtype {cu_seqlens.dtype}")
-    if not isinstance(cu_seqlens, jax.core.Tracer):
+    try:
         values = np.asarray(cu_seqlens)
-        if values[0] != 0 or values[-1] != tokens or np.any(np.diff(values) < 0):
-            raise ValueError(
-                "cu_seqlens: expected non-decreasing offsets starting at 0 and ending at the number of packed "
-                f"tokens T = {tokens}, got {values.tolist()}"
-            )
+    except jax.errors.TracerArrayConversionError:  # traced under jit: values are checked only when concrete
+        return cu_seqlens.shape[0] - 1
+    if values[0] != 0 or values[-1] != tokens or np.any(np.diff(values) < 0):
+        raise ValueError(
+            "cu_seqlens: expected non-decreasing offsets starting at 0 and ending at the number of packed "
+            f"tokens T = {tokens}, got {values.tolist()}"
+        )
     return cu_seqlens.shape[0] - 1
 
 
