@@ -184,3 +184,159 @@ def m2rnn_torch(
             finals.append(h_b)
         y, h_final = torch.cat(ys, dim=0), torch.cat(finals, dim=0)
     return y.to(q.dtype), h_final.to(out_state_dtype)
+
+
+_CONV_ACTIVATIONS = {"silu": F.silu}
+
+
+class M2RNNTorch(torch.nn.Module):
+    """The lm-engine M2RNN sequence mixer (SPEC §3) in PyTorch, with lm-engine parameter names.
+
+    x (B, S, h) -> input_projection -> [q | k | v | f | g]; f = exp(-exp(A_log) * softplus(f + dt_bias));
+    [q | k | v] -> causal depthwise conv (left padding / carried state, SiLU); (y, H) = m2rnn_torch(...);
+    y += D * v; y *= SiLU(g) per head block; RMSNorm over N*V; output_projection -> (B, S, h).
+
+    Parameters (lm-engine names and layouts): input_projection.weight (C + Nf + Ng*V, h) [.bias],
+    conv1d.weight (C, 1, ks) [.bias], decay_gate.A_log (N,), decay_gate.dt_bias (N,), D (N, V) if use_residual,
+    state_weight (Nw, V, V), g_norm.weight (N*V,), output_projection.weight (h, N*V); C = (Nq + Nk)*K + Nv*V.
+    Gate parameters are kept in ``promote_types(float32, dtype)``. ``kernel_size=None`` means no conv.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_heads: int,
+        k_head_dim: int,
+        v_head_dim: int,
+        num_q_heads: int,
+        num_k_heads: int,
+        num_v_heads: int,
+        num_f_heads: int,
+        num_g_heads: int,
+        num_weight_heads: int,
+        kernel_size: int | None = 4,
+        activation_function: str | None = "silu",
+        use_residual: bool = True,
+        add_bias: bool = False,
+        gradient_clipping: float | None = 1.0,
+        norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        num_layers: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        counts = {"Nq": num_q_heads, "Nk": num_k_heads, "Nv": num_v_heads, "Nf": num_f_heads, "Nw": num_weight_heads}
+        if _num_heads(counts) != num_heads or num_f_heads != num_heads or num_heads % num_g_heads:
+            raise ValueError(
+                f"num_heads must equal max(head counts) = num_f_heads and be divisible by num_g_heads; "
+                f"got num_heads={num_heads}, {counts}, Ng={num_g_heads}"
+            )
+        if use_residual and num_v_heads != num_heads:
+            raise ValueError(f"use_residual needs num_v_heads == num_heads={num_heads}; got {num_v_heads}")
+        if (kernel_size is None and activation_function is not None) or (
+            activation_function is not None and activation_function not in _CONV_ACTIVATIONS
+        ):
+            raise ValueError(
+                f"activation_function must be None (required without a conv) or one of {sorted(_CONV_ACTIVATIONS)}"
+                f"; got {activation_function!r} with kernel_size={kernel_size}"
+            )
+        self.num_heads, self.k_head_dim, self.v_head_dim = num_heads, k_head_dim, v_head_dim
+        self.head_counts = dict(q=num_q_heads, k=num_k_heads, v=num_v_heads, f=num_f_heads, g=num_g_heads)
+        self.kernel_size, self.activation_function = kernel_size, activation_function
+        self.gradient_clipping, self.norm_eps = gradient_clipping, norm_eps
+        self.conv_channels = (num_q_heads + num_k_heads) * k_head_dim + num_v_heads * v_head_dim
+        gate_dtype = torch.promote_types(torch.float32, dtype)
+        projection_size = self.conv_channels + num_f_heads + num_g_heads * v_head_dim
+        self.input_projection = torch.nn.Linear(hidden_size, projection_size, bias=add_bias, dtype=dtype)
+        self.conv1d = (
+            None
+            if kernel_size is None
+            else torch.nn.Conv1d(
+                self.conv_channels, self.conv_channels, kernel_size, groups=self.conv_channels, bias=add_bias,
+                dtype=dtype,
+            )
+        )
+        self.decay_gate = torch.nn.Module()
+        self.decay_gate.A_log = torch.nn.Parameter(torch.empty(num_heads, dtype=gate_dtype))
+        self.decay_gate.dt_bias = torch.nn.Parameter(torch.empty(num_heads, dtype=gate_dtype))
+        self.D = torch.nn.Parameter(torch.empty(num_heads, v_head_dim, dtype=dtype)) if use_residual else None
+        self.state_weight = torch.nn.Parameter(torch.empty(num_weight_heads, v_head_dim, v_head_dim, dtype=dtype))
+        self.g_norm = torch.nn.Module()
+        self.g_norm.weight = torch.nn.Parameter(torch.empty(num_heads * v_head_dim, dtype=dtype))
+        self.output_projection = torch.nn.Linear(num_heads * v_head_dim, hidden_size, bias=False, dtype=dtype)
+        self.reset_parameters(initializer_range, num_layers)
+
+    @torch.no_grad()
+    def reset_parameters(self, initializer_range: float = 0.02, num_layers: int = 1) -> None:
+        """SPEC §3.3 init: N(0, sigma) projections and conv (output depth-scaled), gate per §2.3, D = 1, W = I."""
+        self.input_projection.weight.normal_(0.0, initializer_range)
+        self.output_projection.weight.normal_(0.0, initializer_range / math.sqrt(2 * num_layers))
+        biases = [self.input_projection.bias]
+        if self.conv1d is not None:
+            self.conv1d.weight.normal_(0.0, initializer_range)
+            biases.append(self.conv1d.bias)
+        for bias in biases:
+            if bias is not None:
+                bias.zero_()
+        self.decay_gate.A_log.copy_(torch.empty_like(self.decay_gate.A_log).uniform_(0.0, 16.0).log())
+        log_dt = torch.empty_like(self.decay_gate.dt_bias).uniform_(math.log(1e-3), math.log(0.1))
+        dt = log_dt.exp().clamp(min=1e-4)
+        self.decay_gate.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        if self.D is not None:
+            self.D.fill_(1.0)
+        self.state_weight.copy_(torch.eye(self.v_head_dim, dtype=self.state_weight.dtype).expand_as(self.state_weight))
+        self.g_norm.weight.fill_(1.0)
+
+    def _forget(self, f_raw: torch.Tensor) -> torch.Tensor:
+        """(B, S, N) raw gate inputs -> f = exp(-exp(A_log) softplus(f_raw + dt_bias)) in f_raw.dtype."""
+        gate_dtype = torch.promote_types(torch.float32, f_raw.dtype)
+        dt = F.softplus(f_raw.to(gate_dtype) + self.decay_gate.dt_bias.to(gate_dtype))
+        return torch.exp(-torch.exp(self.decay_gate.A_log.to(gate_dtype)) * dt).to(f_raw.dtype)
+
+    def _conv(self, qkv: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, C), state (B, C, ks - 1) of raw inputs or None (= zero left padding) -> conv + act, new state."""
+        channels_first = qkv.transpose(1, 2)  # (B, C, S)
+        if conv_state is None:
+            conv_state = channels_first.new_zeros(qkv.shape[0], self.conv_channels, self.kernel_size - 1)
+        padded = torch.cat([conv_state.to(qkv.dtype), channels_first], dim=-1)
+        out = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_channels)
+        if self.activation_function is not None:
+            act_dtype = torch.promote_types(torch.float32, out.dtype)
+            out = _CONV_ACTIVATIONS[self.activation_function](out.to(act_dtype)).to(qkv.dtype)
+        return out.transpose(1, 2), padded[..., qkv.shape[1] :]
+
+    def _rms_norm(self, y: torch.Tensor) -> torch.Tensor:
+        norm_dtype = torch.promote_types(torch.float32, y.dtype)
+        y32 = y.to(norm_dtype)
+        y32 = y32 * torch.rsqrt(y32.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
+        return (y32 * self.g_norm.weight.to(norm_dtype)).to(y.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        recurrent_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor]]:
+        """x (B, S, h), conv_state (B, C, ks - 1) raw inputs, recurrent_state (B, N, K, V) ->
+        (y (B, S, h), (new conv_state or None without a conv, new recurrent_state))."""
+        batch, seq_len, _ = x.shape
+        N, K, V, heads = self.num_heads, self.k_head_dim, self.v_head_dim, self.head_counts
+        qkv, f_raw, g = self.input_projection(x).split([self.conv_channels, heads["f"], heads["g"] * V], dim=-1)
+        f = self._forget(f_raw)
+        if self.conv1d is not None:
+            qkv, conv_state = self._conv(qkv, conv_state)
+        q, k, v = qkv.split([heads["q"] * K, heads["k"] * K, heads["v"] * V], dim=-1)
+        q = q.reshape(batch, seq_len, heads["q"], K)
+        k = k.reshape(batch, seq_len, heads["k"], K)
+        v = v.reshape(batch, seq_len, heads["v"], V)
+        y, recurrent_state = m2rnn_torch(
+            q, k, v, self.state_weight, f, recurrent_state, gradient_clipping=self.gradient_clipping
+        )
+        if self.D is not None:
+            y = y + v * self.D
+        gate_dtype = torch.promote_types(torch.float32, g.dtype)
+        gate = F.silu(g.to(gate_dtype)).to(g.dtype).reshape(batch, seq_len, heads["g"], V)
+        y = y * _expand_heads(gate, N, dim=2)  # per head block (SPEC §0.3)
+        y = self._rms_norm(y.reshape(batch, seq_len, N * V))
+        return self.output_projection(y), (conv_state, recurrent_state)
