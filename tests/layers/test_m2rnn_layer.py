@@ -167,6 +167,13 @@ def test_parameter_shapes_follow_the_table():
     assert jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, nnx.Param))) == expected
 
 
+@pytest.mark.parametrize("hidden, num_heads, expected", [(1024, 84, 4_376_104), (1536, 132, 10_178_696)])
+def test_paper_layer_parameter_counts(hidden, num_heads, expected):
+    """SPEC §3.3: 4.376M parameters per M2RNN layer at 400M, 10.179M at 7B."""
+    layer = nnx.eval_shape(lambda: M2RNN(hidden, M2RNNConfig(num_heads=num_heads), num_layers=24, rngs=nnx.Rngs(0)))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param))) == expected
+
+
 def test_output_and_state_shapes_and_dtypes_bf16_compute():
     layer = make_layer(PAPER_LIKE, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(0), (2, 5, 12), jnp.float32)
