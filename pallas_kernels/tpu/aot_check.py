@@ -39,6 +39,7 @@ class Shape:
     batch: int = 8
     seq_len: int = 4096
     num_heads: int = 84
+    num_qk_heads: int = 1
     k_dim: int = 64
     v_dim: int = 16
     hidden: int = 1024
@@ -59,11 +60,12 @@ def _spec(mesh: Mesh, shape: tuple[int, ...], dtype, pspec: P) -> jax.ShapeDtype
 
 
 def _op_inputs(mesh: Mesh, s: Shape):
-    """Abstract dense op inputs sharded over (data, heads); q and k have one head and are replicated on heads."""
+    """Abstract dense op inputs sharded over (data, heads); q and k (``num_qk_heads`` heads) are sharded on heads
+    too when they have more than one head, else replicated."""
     dtype = jnp.dtype(s.dtype)
     return (
-        _spec(mesh, (s.batch, s.seq_len, 1, s.k_dim), dtype, P("data")),
-        _spec(mesh, (s.batch, s.seq_len, 1, s.k_dim), dtype, P("data")),
+        _spec(mesh, (s.batch, s.seq_len, s.num_qk_heads, s.k_dim), dtype, _qk_spec(s)),
+        _spec(mesh, (s.batch, s.seq_len, s.num_qk_heads, s.k_dim), dtype, _qk_spec(s)),
         _spec(mesh, (s.batch, s.seq_len, s.num_heads, s.v_dim), dtype, P("data", None, "heads")),
         _spec(mesh, (s.num_heads, s.v_dim, s.v_dim), dtype, P("heads")),
         _spec(mesh, (s.batch, s.seq_len, s.num_heads), dtype, P("data", None, "heads")),
@@ -71,10 +73,15 @@ def _op_inputs(mesh: Mesh, s: Shape):
     )
 
 
-def _sharded_op(mesh: Mesh):
+def _qk_spec(s: Shape) -> P:
+    return P("data") if s.num_qk_heads == 1 else P("data", None, "heads")
+
+
+def _sharded_op(mesh: Mesh, s: Shape):
     from m2rnn_jax.ops import m2rnn
 
-    specs = (P("data"), P("data"), P("data", None, "heads"), P("heads"), P("data", None, "heads"), P("data", "heads"))
+    qk = _qk_spec(s)
+    specs = (qk, qk, P("data", None, "heads"), P("heads"), P("data", None, "heads"), P("data", "heads"))
 
     def local(q, k, v, w, f, h0):
         return m2rnn(q, k, v, w, f, h0, gradient_clipping=1.0, backend="pallas_tpu")
@@ -94,12 +101,12 @@ def _loss(fn):
 
 def compile_forward(topology: str, s: Shape):
     mesh = topology_mesh(topology, ("data", "heads"), (2, -1))
-    return jax.jit(_sharded_op(mesh)).trace(*_op_inputs(mesh, s)).lower().compile()
+    return jax.jit(_sharded_op(mesh, s)).trace(*_op_inputs(mesh, s)).lower().compile()
 
 
 def compile_backward(topology: str, s: Shape):
     mesh = topology_mesh(topology, ("data", "heads"), (2, -1))
-    grad = jax.grad(_loss(_sharded_op(mesh)), argnums=(0, 1, 2, 3, 4, 5))
+    grad = jax.grad(_loss(_sharded_op(mesh, s)), argnums=(0, 1, 2, 3, 4, 5))
     return jax.jit(grad).trace(*_op_inputs(mesh, s)).lower().compile()
 
 
@@ -119,8 +126,8 @@ def compile_varlen(topology: str, s: Shape):
     sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P("data"), P("data")), check_vma=False)
     grad = jax.grad(lambda *a: _loss(sharded)(*a), argnums=(0, 1, 2, 3, 4, 5))
     args = (
-        _spec(mesh, (devices, tokens, 1, s.k_dim), dtype, P("data")),
-        _spec(mesh, (devices, tokens, 1, s.k_dim), dtype, P("data")),
+        _spec(mesh, (devices, tokens, s.num_qk_heads, s.k_dim), dtype, P("data")),
+        _spec(mesh, (devices, tokens, s.num_qk_heads, s.k_dim), dtype, P("data")),
         _spec(mesh, (devices, tokens, s.num_heads, s.v_dim), dtype, P("data")),
         _spec(mesh, (s.num_heads, s.v_dim, s.v_dim), dtype, P()),
         _spec(mesh, (devices, tokens, s.num_heads), dtype, P("data")),
@@ -139,7 +146,13 @@ def compile_train_step(topology: str, s: Shape):
 
     mesh = topology_mesh(topology, ("data",))
     config = M2RNNConfig(
-        num_heads=s.num_heads, k_head_dim=s.k_dim, v_head_dim=s.v_dim, gradient_clipping=1.0, backend="pallas_tpu"
+        num_heads=s.num_heads,
+        num_q_heads=s.num_qk_heads,
+        num_k_heads=s.num_qk_heads,
+        k_head_dim=s.k_dim,
+        v_head_dim=s.v_dim,
+        gradient_clipping=1.0,
+        backend="pallas_tpu",
     )
     dtype = jnp.dtype(s.dtype)
     abstract = nnx.eval_shape(lambda: M2RNN(s.hidden, config, num_layers=24, dtype=dtype, rngs=nnx.Rngs(0)))
