@@ -26,10 +26,10 @@ def prefill(model: Decoder, input_ids: jax.Array, cache: Cache) -> tuple[jax.Arr
         cache: from ``model.init_cache(B, max_length)`` (or a previous call).
 
     Returns:
-        (logits (B, P, vocab) float32, the cache after the prompt).
+        (logits (B, P, vocab) in float32 (float64 for float64 models), the cache after the prompt).
     """
     output = model(input_ids, cache)
-    return output.logits.astype(jnp.float32), output.cache
+    return output.logits.astype(jnp.promote_types(jnp.float32, output.logits.dtype)), output.cache
 
 
 def decode_step(model: Decoder, token_ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
@@ -41,7 +41,7 @@ def decode_step(model: Decoder, token_ids: jax.Array, cache: Cache) -> tuple[jax
         cache: the cache after all previous tokens.
 
     Returns:
-        (logits (B, vocab) float32 for the next token, the updated cache).
+        (logits (B, vocab) in float32 (float64 for float64 models) for the next token, the updated cache).
     """
     if token_ids.ndim != 1:
         raise ValueError(f"token_ids: expected shape (B,), got {token_ids.shape}")

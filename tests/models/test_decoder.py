@@ -1,0 +1,127 @@
+"""The decoder: shapes, init, MoE aux loss, document masking, remat, loss functions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2rnn_jax.models.decoder import Decoder
+from m2rnn_jax.models.loss import cross_entropy, language_model_loss, next_token_targets
+from m2rnn_jax.models.presets import tiny_config
+
+
+def random_ids(seed: int, shape: tuple[int, ...], vocab_size: int = 256) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab_size, dtype=jnp.int32)
+
+
+def test_forward_shapes_and_dtypes_in_bfloat16():
+    config = tiny_config("MA").replace(dtype="bfloat16")
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    output = model(random_ids(1, (2, 5)))
+    assert output.logits.shape == (2, 5, config.vocab_size)
+    assert output.logits.dtype == jnp.bfloat16
+    assert model.embed.embedding[...].dtype == jnp.float32
+    assert len(output.cache) == config.num_layers
+    assert output.aux_loss.shape == () and float(output.aux_loss) == 0.0
+
+
+def test_embedding_and_head_init_follow_initializer_range():
+    config = tiny_config("M", vocab_size=512, hidden_size=128).replace(initializer_range=0.05)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    for weights in (model.embed.embedding[...], model.lm_head.kernel[...]):
+        assert float(jnp.std(weights)) == pytest.approx(0.05, rel=0.05)
+        assert abs(float(jnp.mean(weights))) < 0.005
+    assert model.lm_head.kernel.get_metadata()["out_sharding"] == ("embed", "vocab")
+
+
+def test_tied_embeddings_use_the_embedding_as_head():
+    model = Decoder(tiny_config("M").replace(tie_embeddings=True), rngs=nnx.Rngs(0))
+    assert model.lm_head is None
+    ids = random_ids(2, (1, 4))
+    logits = model(ids).logits
+    hidden = model.final_norm(model.blocks[0](model.embed(ids))[0])
+    np.testing.assert_allclose(logits, hidden @ model.embed.embedding[...].T, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_aux_loss_is_collected_from_every_block():
+    config = tiny_config("MAM", moe=True)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    ids = random_ids(3, (2, 6))
+    output = model(ids)
+    x = model.embed(ids)
+    expected = 0.0
+    for block in model.blocks:
+        x, _, aux = block(x)
+        expected += float(aux)
+    assert float(output.aux_loss) > 0
+    assert float(output.aux_loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_segment_ids_mask_attention_across_documents():
+    model = Decoder(tiny_config("AA"), rngs=nnx.Rngs(0))
+    ids = random_ids(4, (1, 8))
+    changed = ids.at[0, :3].set((ids[0, :3] + 7) % 256)
+    segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], dtype=jnp.int32)
+    masked = model(ids, segment_ids=segments).logits
+    masked_changed = model(changed, segment_ids=segments).logits
+    np.testing.assert_allclose(masked[0, 3:], masked_changed[0, 3:], rtol=1e-5, atol=1e-6)
+    unmasked = model(ids).logits
+    unmasked_changed = model(changed).logits
+    assert float(jnp.max(jnp.abs(unmasked[0, 3:] - unmasked_changed[0, 3:]))) > 1e-4
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    config = tiny_config("MA")
+    ids = random_ids(5, (2, 6))
+
+    def loss_and_grads(remat: bool):
+        model = Decoder(config.replace(remat=remat), rngs=nnx.Rngs(0))
+        loss_fn = lambda m: language_model_loss(m, ids, jnp.roll(ids, -1, axis=1))[0]  # noqa: E731
+        return nnx.value_and_grad(loss_fn)(model)
+
+    loss, grads = loss_and_grads(False)
+    loss_remat, grads_remat = loss_and_grads(True)
+    np.testing.assert_allclose(loss, loss_remat, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_inputs_raise():
+    model = Decoder(tiny_config("M"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(random_ids(6, (5,)))
+    with pytest.raises(ValueError, match="cache"):
+        model(random_ids(6, (1, 5)), cache=())
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(random_ids(6, (1, 5)), segment_ids=jnp.zeros((1, 4), dtype=jnp.int32))
+
+
+def test_cross_entropy_matches_numpy_with_mask():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    targets = rng.integers(0, 5, size=(2, 3))
+    mask = np.array([[1, 0, 1], [1, 1, 0]])
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    expected = (nll * mask).sum() / mask.sum()
+    value, count = cross_entropy(jnp.asarray(logits, dtype=jnp.bfloat16).astype(jnp.float32), targets, mask)
+    value_f32, _ = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    assert int(count) == 4
+    np.testing.assert_allclose(value_f32, expected, rtol=1e-6)
+    np.testing.assert_allclose(value, expected, rtol=2e-2)
+
+
+def test_next_token_targets_shift():
+    tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+    mask = jnp.ones((2, 5), dtype=jnp.int32).at[:, 2].set(0)
+    segments = jnp.asarray([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]], dtype=jnp.int32)
+    inputs, targets, target_mask, input_segments = next_token_targets(tokens, mask, segments)
+    np.testing.assert_array_equal(inputs, tokens[:, :-1])
+    np.testing.assert_array_equal(targets, tokens[:, 1:])
+    np.testing.assert_array_equal(target_mask, mask[:, 1:])
+    np.testing.assert_array_equal(input_segments, segments[:, :-1])
+    with pytest.raises(ValueError, match="tokens"):
+        next_token_targets(tokens[:, :1])
