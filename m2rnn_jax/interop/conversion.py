@@ -105,9 +105,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _pure_params(layer_or_state: M2RNN | nnx.State | dict) -> dict:
     if isinstance(layer_or_state, nnx.Module):
-        return nnx.state(layer_or_state, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(layer_or_state, nnx.Param))
     if isinstance(layer_or_state, nnx.State):
-        return layer_or_state.to_pure_dict()
+        return nnx.to_pure_dict(layer_or_state)
     if isinstance(layer_or_state, dict):
         return layer_or_state
     raise ValueError(
@@ -141,7 +141,7 @@ def flax_params_from_torch_state_dict(state_dict: dict[str, torch.Tensor], layer
     Raises ValueError for a missing, unexpected or wrongly shaped entry.
     """
     params = nnx.state(layer, nnx.Param)
-    current = _flatten(params.to_pure_dict())
+    current = _flatten(nnx.to_pure_dict(params))
     expected = {_MAPPING[path][0] for path in current}
     if set(state_dict) != expected:
         raise ValueError(
@@ -200,16 +200,20 @@ def randomize_layer_params(layer: M2RNN, key: jax.Array, scale: float = 0.3) -> 
     Makes parity checks sensitive to layout mistakes that the structured init hides (W = I, D = 1, norm = 1).
     """
     params = nnx.state(layer, nnx.Param)
-    leaves, treedef = jax.tree_util.tree_flatten(params.to_pure_dict())
-    keys = jax.random.split(key, len(leaves))
+    nnx.replace_by_pure_dict(params, _perturb(nnx.to_pure_dict(params), key, scale))
+    nnx.update(layer, params)
+    return layer
+
+
+@jax.jit
+def _perturb(tree: dict, key: jax.Array, scale: float) -> dict:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
     perturbed = []
-    for leaf, leaf_key in zip(leaves, keys):
+    for leaf, leaf_key in zip(leaves, jax.random.split(key, len(leaves))):
         spread = jnp.std(leaf)
         spread = jnp.where(spread > 0, spread, jnp.ones_like(spread))
         perturbed.append(leaf + scale * spread * jax.random.normal(leaf_key, leaf.shape, leaf.dtype))
-    nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, perturbed))
-    nnx.update(layer, params)
-    return layer
+    return jax.tree_util.tree_unflatten(treedef, perturbed)
 
 
 def _errors(actual: Any, expected: torch.Tensor) -> dict[str, float]:
