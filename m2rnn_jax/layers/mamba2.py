@@ -6,9 +6,10 @@ dt_t = softplus(dt_raw_t + dt_bias), A = -exp(A_log) (the shared decay gate, SPE
     s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_tᵀ,        y_t = s_t C_t + D x_t
 
 SSD chunked form (chunk length L, Γ_t = Σ_{u≤t} dt_u A inside a chunk, s_0 the state entering it):
-y_t = Σ_{i≤t} e^{Γ_t - Γ_i} (C_t·B_i) dt_i x_i + e^{Γ_t} s_0 C_t and s_L = e^{Γ_L} s_0 + Σ_i e^{Γ_L - Γ_i} dt_i x_i B_iᵀ;
-the intra-chunk terms of all chunks are computed in parallel and a scan over chunks carries s. Ragged lengths are
-zero-padded at the end (dt = 0 leaves the state untouched). The recurrence runs in >= float32.
+y_t = Σ_{i≤t} e^{Γ_t - Γ_i} (C_t·B_i) dt_i x_i + e^{Γ_t} s_0 C_t and
+s_L = e^{Γ_L} s_0 + Σ_i e^{Γ_L - Γ_i} dt_i x_i B_iᵀ; the intra-chunk terms of all chunks are computed in parallel
+and a scan over chunks carries s. Ragged lengths are zero-padded at the end (dt = 0 leaves the state untouched).
+The recurrence runs in >= float32.
 
 Layer dataflow for x (B, S, h): ``in_proj`` -> [z (I) | xBC (I + 2 G N) | dt_raw (H)]; causal conv (SiLU, with bias)
 on xBC -> [x | B | C]; SSD; + D x; ``y * SiLU(z)``; RMSNorm over all I features; ``out_proj``.
