@@ -1,0 +1,125 @@
+"""``m2rnn-jax compare``: run a small random M2RNN layer in JAX and in the independent PyTorch twin.
+
+Builds one random layer (every parameter perturbed away from its structured init), copies its weights into
+``M2RNNTorch`` and prints, for float32 and float64, the max absolute and relative (max |jax - torch| / max |torch|)
+differences of the output, the new states and every gradient. Exit code 1 if any relative error is over the
+tolerance of its dtype, 2 if PyTorch is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+NAME = "compare"
+DTYPE_NAMES = ("float32", "float64")
+
+
+def _clipping(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(NAME, help="check the JAX M2RNN layer against the independent PyTorch reference")
+    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--num-heads", type=int, default=4, help="N (also Nv, Nf, Nw)")
+    p.add_argument("--k-head-dim", type=int, default=8)
+    p.add_argument("--v-head-dim", type=int, default=4)
+    p.add_argument("--num-q-heads", type=int, default=1)
+    p.add_argument("--num-k-heads", type=int, default=1)
+    p.add_argument("--num-g-heads", type=int, default=None, help="default: N")
+    p.add_argument("--kernel-size", type=int, default=4)
+    p.add_argument("--gradient-clipping", type=_clipping, default=1.0, help="a float or 'none'")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--with-state", action="store_true", help="also feed a random incoming conv/recurrent state")
+    p.add_argument("--backend", default="scan", help="op backend of the JAX layer (scan, pallas_gpu, ...)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=list(DTYPE_NAMES))
+    p.add_argument("--tol-float32", type=float, default=1e-5, help="max relative error allowed in float32")
+    p.add_argument("--tol-float64", type=float, default=1e-10, help="max relative error allowed in float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def _compare(args: argparse.Namespace, dtype_name: str) -> dict[str, dict[str, float]]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m2rnn_jax.interop.conversion import compare_layer_with_torch, randomize_layer_params
+    from m2rnn_jax.layers import M2RNN, M2RNNConfig, M2RNNState
+
+    dtype = jnp.dtype(dtype_name)
+    with jax.enable_x64(dtype == jnp.float64):
+        config = M2RNNConfig(
+            num_heads=args.num_heads,
+            k_head_dim=args.k_head_dim,
+            v_head_dim=args.v_head_dim,
+            num_q_heads=args.num_q_heads,
+            num_k_heads=args.num_k_heads,
+            num_g_heads=args.num_g_heads,
+            kernel_size=args.kernel_size,
+            gradient_clipping=args.gradient_clipping,
+            backend=args.backend,
+        )
+        layer = M2RNN(
+            args.hidden_size,
+            config,
+            num_layers=2,
+            initializer_range=0.3,
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=nnx.Rngs(args.seed),
+        )
+        keys = jax.random.split(jax.random.key(args.seed), 4)
+        randomize_layer_params(layer, keys[0])
+        x = jax.random.normal(keys[1], (args.batch, args.seq_len, args.hidden_size), dtype)
+        state = None
+        if args.with_state:
+            zeros = layer.init_state(args.batch, args.seq_len, dtype=dtype)
+            state = M2RNNState(
+                conv=jax.random.normal(keys[2], zeros.conv.shape, dtype),
+                recurrent=jnp.tanh(jax.random.normal(keys[3], zeros.recurrent.shape, dtype)),
+            )
+        return compare_layer_with_torch(layer, x, state, seed=args.seed)
+
+
+def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None:
+    names = list(next(iter(results.values())))
+    width = max(len(name) for name in names)
+    header = f"{'':<{width}}" + "".join(f"  {d + ' abs':>13}  {d + ' rel':>13}" for d in results)
+    print(header)
+    for name in names:
+        cells = []
+        for dtype_name, errors in results.items():
+            err = errors[name]
+            flag = "!" if not err["rel"] < tolerances[dtype_name] else " "
+            cells.append(f"  {err['abs']:>13.3e}  {err['rel']:>12.3e}{flag}")
+        print(f"{name:<{width}}" + "".join(cells))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("m2rnn-jax compare: needs PyTorch: pip install m2rnn-jax[torch]", file=sys.stderr)
+        return 2
+    tolerances = {"float32": args.tol_float32, "float64": args.tol_float64}
+    try:
+        results = {dtype_name: _compare(args, dtype_name) for dtype_name in args.dtypes}
+    except ValueError as err:
+        print(f"m2rnn-jax compare: {err}", file=sys.stderr)
+        return 2
+    _print_table(results, tolerances)
+    failures = [
+        f"{dtype_name} {name} rel {err['rel']:.3e} > {tolerances[dtype_name]:g}"
+        for dtype_name, errors in results.items()
+        for name, err in errors.items()
+        if not err["rel"] < tolerances[dtype_name]
+    ]
+    if failures:
+        print("FAIL (relative error over tolerance, marked !):\n  " + "\n  ".join(failures))
+        return 1
+    print("PASS: " + ", ".join(f"{d} rel < {tolerances[d]:g}" for d in results))
+    return 0
