@@ -50,7 +50,7 @@ def test_linen_init_and_apply_match_the_nnx_module():
     y, nnx_state = layer(norm)
     np.testing.assert_allclose(out, x + y, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state.recurrent, nnx_state.recurrent, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(state.conv, nnx_state.conv)
+    np.testing.assert_allclose(state.conv, nnx_state.conv, rtol=1e-6, atol=1e-6)
 
 
 def test_linen_decoding_carries_the_state():
