@@ -152,6 +152,25 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
             pltpu.sync_copy(carry_s, dh0_hbm.at[row, block])
 
 
+def backward_buffers(plan: BlockPlan, q_slots: int, k_slots: int, in_dtype):
+    """The kernel's VMEM buffers as (shape, dtype) lists: (pipelined blocks, double-buffered; VMEM scratch, single).
+
+    Blocks: q, k, q_src, k_src, v, f, W, checkpoint (Kp, L), dy; results dq (C, mq, Kp), dk (C, mk, Kp), dv, df
+    (C, L), dW (L, L), all f32 but the inputs. Scratch (f32): q, k, v, dy of the chunk, the states before each step
+    and the tanh outputs (C, Kp, L) each, the carried cotangent, the dW accumulator, a DMA buffer.
+    """
+    c, kp, lanes = plan.chunk, plan.k_pad, plan.lanes
+    pipelined = [((c, q_slots, kp), in_dtype), ((c, k_slots, kp), in_dtype), ((q_slots, lanes), _F32)]
+    pipelined += [((k_slots, lanes), _F32), ((c, lanes), in_dtype), ((c, lanes), _F32), ((lanes, lanes), _F32)]
+    pipelined += [((kp, lanes), _F32), ((c, lanes), in_dtype)]
+    pipelined += [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32), ((c, lanes), _F32), ((c, lanes), _F32)]
+    pipelined += [((lanes, lanes), _F32)]
+    scratch = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
+    scratch += [((c, lanes), _F32)] * 2 + [((c, kp, lanes), _F32)] * 2
+    scratch += [((kp, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
+    return pipelined, scratch
+
+
 def backward_call(
     plan: BlockPlan,
     num_seqs: int,
@@ -210,15 +229,7 @@ def backward_call(
         jax.ShapeDtypeStruct((plan.rows, g, lanes, lanes), _F32),
         jax.ShapeDtypeStruct((num_seqs, g, kp, lanes), _F32),
     ]
-    slabs = [((c, q_slots, kp), in_dtype), ((c, k_slots, kp), in_dtype)]
-    pipelined = slabs + [((q_slots, lanes), _F32), ((k_slots, lanes), _F32)]
-    pipelined += [((c, lanes), in_dtype), ((c, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
-    pipelined += [((c, lanes), in_dtype)]
-    pipelined += [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32), ((c, lanes), _F32), ((c, lanes), _F32)]
-    pipelined += [((lanes, lanes), _F32)]
-    scratch_shapes = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
-    scratch_shapes += [((c, lanes), _F32)] * 2 + [((c, kp, lanes), _F32)] * 2
-    scratch_shapes += [((kp, lanes), _F32), ((lanes, lanes), _F32), ((kp, lanes), _F32)]
+    pipelined, scratch_shapes = backward_buffers(plan, q_slots, k_slots, in_dtype)
     scratch = [pltpu.VMEM(s, d) for s, d in scratch_shapes] + [pltpu.SMEM((c,), jnp.int32)]
     kernel = functools.partial(
         _backward_kernel, plan=plan, num_seqs=num_seqs, varlen=varlen, bf16_state=bf16_state, clip=clip

@@ -103,6 +103,21 @@ def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_st
             pltpu.sync_copy(state_s, final_hbm.at[row, block])
 
 
+def forward_buffers(plan: BlockPlan, q_slots: int, k_slots: int, in_dtype, save_checkpoints: bool):
+    """The kernel's VMEM buffers as (shape, dtype) lists: (pipelined blocks, double-buffered; scratch, single).
+
+    Blocks: q (C, mq, Kp), k (C, mk, Kp), q_src (mq, L), k_src (mk, L), v (C, L), f (C, L) f32, W (L, L) f32,
+    y (C, L) [, checkpoint (Kp, L) f32]. Scratch (f32): q, k, v, y of the chunk, the carried state, a DMA buffer.
+    """
+    c, kp, lanes = plan.chunk, plan.k_pad, plan.lanes
+    pipelined = [((c, q_slots, kp), in_dtype), ((c, k_slots, kp), in_dtype), ((q_slots, lanes), _F32)]
+    pipelined += [((k_slots, lanes), _F32), ((c, lanes), in_dtype), ((c, lanes), _F32), ((lanes, lanes), _F32)]
+    pipelined += [((c, lanes), in_dtype)] + ([((kp, lanes), _F32)] if save_checkpoints else [])
+    scratch = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
+    scratch += [((c, lanes), _F32)] * 2 + [((kp, lanes), _F32)] * 2
+    return pipelined, scratch
+
+
 def forward_call(
     plan: BlockPlan,
     num_seqs: int,
@@ -125,9 +140,7 @@ def forward_call(
     """
     c, kp, lanes, g = plan.chunk, plan.k_pad, plan.lanes, plan.head_blocks
     rows_blocks = (plan.rows, g, plan.num_chunks)
-    pipelined = [((c, q_slots, kp), out_dtype), ((c, k_slots, kp), out_dtype)]
-    pipelined += [((q_slots, lanes), _F32), ((k_slots, lanes), _F32), ((c, lanes), out_dtype), ((c, lanes), _F32)]
-    pipelined += [((lanes, lanes), _F32), ((c, lanes), out_dtype)]
+    pipelined, scratch = forward_buffers(plan, q_slots, k_slots, out_dtype, save_checkpoints)
     in_specs = [
         pl.BlockSpec((1, 1, c, q_slots, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
         pl.BlockSpec((1, 1, c, k_slots, kp), lambda r, b, t, *_: (r, b, t, 0, 0)),
@@ -146,9 +159,6 @@ def forward_call(
     if save_checkpoints:
         out_specs.append(pl.BlockSpec((1, 1, 1, kp, lanes), lambda r, b, t, *_: (r, b, t, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((plan.rows, g, plan.num_chunks, kp, lanes), _F32))
-        pipelined.append(((kp, lanes), _F32))
-    scratch = [((c, q_slots, kp), _F32), ((c, k_slots, kp), _F32)]
-    scratch += [((c, lanes), _F32)] * 2 + [((kp, lanes), _F32)] * 2
     kernel = functools.partial(
         _forward_kernel,
         plan=plan,
