@@ -276,6 +276,9 @@ class M2RNN(nnx.Module):
         batch, seq_len, _ = x.shape
         if state is None:
             state = self.init_state(batch, seq_len, dtype=jnp.promote_types(jnp.float32, self.dtype))
+        elif (state.conv is None) != (self.conv1d is None):
+            expected = "None (the layer has no conv)" if self.conv1d is None else "an array (B, kernel_size - 1, C)"
+            raise ValueError(f"state.conv: expected {expected}, got {None if state.conv is None else state.conv.shape}")
         N, K, V = c.num_heads, c.k_head_dim, c.v_head_dim
 
         projected = self.input_projection(x.astype(self.dtype))

@@ -448,3 +448,6 @@ def test_layer_rejects_bad_arguments():
     layer = M2RNN(8, PAPER_LIKE, num_layers=1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"x: expected shape \(B, S, 8\), got \(2, 3, 7\)"):
         layer(jnp.ones((2, 3, 7), jnp.float32))
+    state = layer.init_state(2, 3)
+    with pytest.raises(ValueError, match=r"state.conv: expected an array"):
+        layer(jnp.ones((2, 3, 8), jnp.float32), state._replace(conv=None))
