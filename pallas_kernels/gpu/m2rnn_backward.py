@@ -31,12 +31,16 @@ from pallas_kernels.gpu.m2rnn_common import (
     KernelConfig,
     StepNumerics,
     cdiv,
-    recurrence_step,
+    blend,
     row_slice,
     sequence_bounds,
     step_inputs,
     walk_forward,
 )
+
+
+def _no_stores(*_) -> None:
+    pass
 
 
 def _block_barrier(interpret: bool) -> None:
@@ -62,7 +66,8 @@ def _backward_kernel(
     df_ref,
     dw_ref,
     dh0_ref,
-    history_ref,
+    history_h_ref,
+    history_z_ref,
     block_starts_ref,
     *,
     heads: HeadMap,
@@ -85,10 +90,10 @@ def _backward_kernel(
     load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), n, row_ids, heads, acc)
     two_level = recompute_block < chunk_size
 
-    def backward_step(t, h_prev, inputs, dy_t, carry):
+    def backward_step(t, h_prev, z, inputs, dy_t, carry):
         r, dw = carry
         q_t, k_t, v_t, f_t = inputs
-        z, h = recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics)
+        h = blend(h_prev, z, f_t, numerics)
         dq_ref[t, n, row_ids] = jnp.sum(h * dy_t[None, :], axis=1).astype(dq_ref.dtype)
         if clip is not None:
             r = jnp.clip(r, -clip, clip)
@@ -103,24 +108,25 @@ def _backward_kernel(
 
     def reverse_inputs(t, lo):
         t = jnp.maximum(t, lo)
-        return history_ref[b, n, kb, t - lo].astype(acc), load(t), dy_ref[t, n, :].astype(acc)
+        h_prev = history_h_ref[b, n, kb, t - lo].astype(acc)
+        z = history_z_ref[b, n, kb, t - lo].astype(acc)
+        return h_prev, z, load(t), dy_ref[t, n, :].astype(acc)
 
     def recompute_block_backward(block_start, block_end, h, carry):
-        """Store H_{t-1} for t in [block_start, block_end), then walk those steps backward."""
+        """Store H_{t-1} and Z_t for t in [block_start, block_end), then walk those steps backward."""
 
-        def store_prev(t, h_prev, h_new, q_t):
-            history_ref[b, n, kb, t - block_start] = h_prev.astype(history_ref.dtype)
+        def store(t, h_prev, z, h_new, q_t):
+            history_h_ref[b, n, kb, t - block_start] = h_prev.astype(history_h_ref.dtype)
+            history_z_ref[b, n, kb, t - block_start] = z.astype(history_z_ref.dtype)
 
-        h = walk_forward(block_start, block_end - 1, h, w_dot, load, store_prev, numerics)
-        history_ref[b, n, kb, block_end - 1 - block_start] = h.astype(history_ref.dtype)
+        walk_forward(block_start, block_end, h, w_dot, load, store, numerics)
         _block_barrier(interpret)
 
         def reverse(i, state):
             carry, current = state
             t = block_end - 1 - i
             upcoming = reverse_inputs(t - 1, block_start)
-            h_prev, inputs, dy_t = current
-            return backward_step(t, h_prev, inputs, dy_t, carry), upcoming
+            return backward_step(t, *current, carry), upcoming
 
         first = reverse_inputs(block_end - 1, block_start)
         carry, _ = lax.fori_loop(0, block_end - block_start, reverse, (carry, first))
@@ -139,7 +145,7 @@ def _backward_kernel(
         def save_block_start(j, h):
             block_starts_ref[b, n, kb, j] = h.astype(block_starts_ref.dtype)
             lo = chunk_start + j * recompute_block
-            return walk_forward(lo, lo + recompute_block, h, w_dot, load, lambda *_: None, numerics)
+            return walk_forward(lo, lo + recompute_block, h, w_dot, load, _no_stores, numerics)
 
         h_last_block = lax.fori_loop(0, num_blocks - 1, save_block_start, h)
         block_starts_ref[b, n, kb, num_blocks - 1] = h_last_block.astype(block_starts_ref.dtype)
@@ -212,6 +218,7 @@ def m2rnn_backward(
         jax.ShapeDtypeStruct(programs + (v_dim, v_dim), jnp.float32),
         jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
         jax.ShapeDtypeStruct(programs + (config.recompute_block, rows, v_dim), acc),
+        jax.ShapeDtypeStruct(programs + (config.recompute_block, rows, v_dim), acc),
         jax.ShapeDtypeStruct(programs + (config.chunk_size // config.recompute_block, rows, v_dim), acc),
     )
     kernel = functools.partial(
@@ -224,7 +231,7 @@ def m2rnn_backward(
         numerics=numerics,
         interpret=interpret,
     )
-    dq, dk, dv, df, dw, dh0, _, _ = pl.pallas_call(
+    dq, dk, dv, df, dw, dh0, _, _, _ = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=programs,

@@ -54,7 +54,7 @@ def _forward_kernel(
     last = jnp.maximum(end - 1, start)
     load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), n, row_ids, heads, acc)
 
-    def emit(t, h_prev, h, q_t):
+    def emit(t, h_prev, z, h, q_t):
         y_ref[kb, t, n, :] = jnp.sum(q_t[:, None] * h, axis=0).astype(y_ref.dtype)
 
     def chunk(c, h):

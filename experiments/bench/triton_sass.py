@@ -1,0 +1,150 @@
+"""Static cost of the GPU kernels without a GPU: compile them for sm_90 and count SASS per time step.
+
+    pip install --target /tmp/triton36 --no-deps triton==3.6.0      # the H200 box's Triton; only this tool needs it
+    PYTHONPATH=.:/tmp/triton36 python -m experiments.bench.triton_sass --config '{"num_warps": 1}'
+
+The Pallas kernels are lowered to Triton IR for CUDA on this (CPU) machine, compiled with Triton's own
+``ptxas`` for sm_90 and disassembled with its ``cuobjdump``. The innermost loops of the SASS are the per-step
+bodies of the recurrence; their instruction counts give an issue-slot estimate of the kernel time at the target
+shape (warp-instructions / (132 SMs x 4 schedulers x clock)), the same arithmetic as the floor in RESULTS.md.
+It cannot see latency stalls, so it is a lower bound, and it is no substitute for timing on the device; it is a
+way to compare variants (tanh formula, warps per program, dot precision) when no GPU is lent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax._src.pallas.triton import pallas_call_registration  # noqa: the hook below needs the module object
+
+from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu
+from pallas_kernels.gpu.m2rnn_common import KernelConfig
+
+H200_SCHEDULERS = 132 * 4
+H200_CLOCK_HZ = 1.98e9
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, int]) -> dict[str, tuple[str, list]]:
+    """Triton IR text and launch grid of the forward and backward kernels of a bf16 fwd+bwd call."""
+    modules = {}
+    lowering = pallas_call_registration.lowering
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        name = re.search(r"tt.func public @(\w+)", text).group(1)
+        modules[name] = (text, list(result.grid))
+        return result
+
+    batch, seq_len, heads, k_dim, v_dim = shape
+    dt = jnp.bfloat16
+    specs = dict(q=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
+                 k=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
+                 v=jax.ShapeDtypeStruct((batch, seq_len, heads, v_dim), dt),
+                 W=jax.ShapeDtypeStruct((heads, v_dim, v_dim), dt),
+                 f=jax.ShapeDtypeStruct((batch, seq_len, heads), dt))
+
+    def fwd_bwd(a):
+        fn = lambda a: m2rnn_pallas_gpu(a["q"], a["k"], a["v"], a["W"], a["f"], None, cu_seqlens=None,
+                                        gradient_clipping=1.0, state_dtype=jnp.float32, interpret=False,
+                                        config=config)
+        (y, h), pullback = jax.vjp(fn, a)
+        return pullback((y, h))
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(fwd_bwd).trace(specs).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return modules
+
+
+def compile_to_sass(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tuple[str, str, str]:
+    """SASS text, resource usage line and TritonGPU IR (with layouts) of a Triton IR module compiled for sm_90."""
+    import triton  # optional dependency of this tool only
+    from triton.backends.compiler import GPUTarget
+
+    path = os.path.join(workdir, "kernel.ttir")
+    with open(path, "w") as fh:
+        fh.write(ttir)
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    cubin = os.path.join(workdir, "kernel.cubin")
+    with open(cubin, "wb") as fh:
+        fh.write(kernel.asm["cubin"])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
+                          text=True, check=True).stdout
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+    return sass, usage, kernel.asm["ttgir"]
+
+
+def innermost_loops(sass: str) -> list[dict]:
+    """Innermost loops (backward branches that contain no other backward branch) with their opcode mix."""
+    code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass)]
+    loops = []
+    for address, opcode, operands in code:
+        if opcode.startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            if target and int(target.group(1), 16) < address:
+                loops.append((int(target.group(1), 16), address))
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    out = []
+    for lo, hi in inner:
+        ops = collections.Counter(op.split(".")[0] for addr, op, _ in code if lo <= addr <= hi)
+        out.append({"start": hex(lo), "instructions": sum(ops.values()), "mix": dict(ops.most_common(12))})
+    return out
+
+
+def analyse(config: KernelConfig, shape: tuple[int, int, int, int, int], keep: str | None = None) -> dict:
+    batch, seq_len, heads, k_dim, v_dim = shape
+    report = {"config": dataclasses.asdict(config), "shape": shape}
+    rows = config.rows_per_program(k_dim)
+    elements_per_thread = rows * v_dim / (32 * config.num_warps)
+    for name, (ttir, grid) in lower_to_triton_ir(config, shape).items():
+        with tempfile.TemporaryDirectory() as workdir:
+            sass, usage, ttgir = compile_to_sass(ttir, config.num_warps, config.num_stages, workdir)
+        if keep:
+            for suffix, text in (("sass", sass), ("ttgir", ttgir)):
+                with open(os.path.join(keep, f"{name}.{suffix}"), "w") as fh:
+                    fh.write(text)
+        loops = innermost_loops(sass)
+        programs = grid[0] * grid[1] * grid[2]
+        entry = {"resources": usage, "programs": programs, "loops": loops}
+        # The time-step loops are the big innermost ones; their instructions are per step per warp.
+        step_loops = [loop for loop in loops if loop["instructions"] > 40]
+        per_step = sum(loop["instructions"] for loop in step_loops)
+        entry["per_step_warp_instructions"] = per_step
+        entry["per_element_instructions"] = per_step / elements_per_thread
+        entry["issue_bound_ms"] = (per_step * config.num_warps * programs * seq_len
+                                   / (H200_SCHEDULERS * H200_CLOCK_HZ) * 1e3)
+        report[name] = entry
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="{}", help="KernelConfig fields as JSON")
+    parser.add_argument("--shape", default="[8, 4096, 84, 64, 16]", help="[B, S, N, K, V] as JSON")
+    parser.add_argument("--keep", default=None, help="directory to keep the SASS files in")
+    args = parser.parse_args(argv)
+    report = analyse(KernelConfig(**json.loads(args.config)), tuple(json.loads(args.shape)), args.keep)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
