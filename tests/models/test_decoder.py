@@ -17,10 +17,15 @@ def random_ids(seed: int, shape: tuple[int, ...], vocab_size: int = 256) -> jax.
     return jax.random.randint(jax.random.key(seed), shape, 0, vocab_size, dtype=jnp.int32)
 
 
+@nnx.jit
+def forward_logits(model: Decoder, ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    return model(ids, segment_ids=segment_ids).logits
+
+
 def test_forward_shapes_and_dtypes_in_bfloat16():
     config = tiny_config("MA").replace(dtype="bfloat16")
     model = Decoder(config, rngs=nnx.Rngs(0))
-    output = model(random_ids(1, (2, 5)))
+    output = nnx.jit(lambda m, x: m(x))(model, random_ids(1, (2, 5)))
     assert output.logits.shape == (2, 5, config.vocab_size)
     assert output.logits.dtype == jnp.bfloat16
     assert model.embed.embedding[...].dtype == jnp.float32
@@ -41,23 +46,26 @@ def test_tied_embeddings_use_the_embedding_as_head():
     model = Decoder(tiny_config("M").replace(tie_embeddings=True), rngs=nnx.Rngs(0))
     assert model.lm_head is None
     ids = random_ids(2, (1, 4))
-    logits = model(ids).logits
-    hidden = model.final_norm(model.blocks[0](model.embed(ids))[0])
+    logits = forward_logits(model, ids)
+    hidden = nnx.jit(lambda m, x: m.final_norm(m.blocks[0](m.embed(x))[0]))(model, ids)
     np.testing.assert_allclose(logits, hidden @ model.embed.embedding[...].T, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_aux_loss_is_collected_from_every_block():
-    config = tiny_config("MAM", moe=True)
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = Decoder(tiny_config("MM", moe=True), rngs=nnx.Rngs(0))
     ids = random_ids(3, (2, 6))
-    output = model(ids)
-    x = model.embed(ids)
-    expected = 0.0
-    for block in model.blocks:
-        x, _, aux = block(x)
-        expected += float(aux)
-    assert float(output.aux_loss) > 0
-    assert float(output.aux_loss) == pytest.approx(expected, rel=1e-5)
+
+    @nnx.jit
+    def total_and_per_block(model: Decoder, ids: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        x, per_block = model.embed(ids), []
+        for block in model.blocks:
+            x, _, aux = block(x)
+            per_block.append(aux)
+        return model(ids).aux_loss, per_block
+
+    total, per_block = total_and_per_block(model, ids)
+    assert all(float(aux) > 0 for aux in per_block)
+    assert float(total) == pytest.approx(sum(float(aux) for aux in per_block), rel=1e-5)
 
 
 def test_segment_ids_mask_attention_across_documents():
@@ -65,22 +73,22 @@ def test_segment_ids_mask_attention_across_documents():
     ids = random_ids(4, (1, 8))
     changed = ids.at[0, :3].set((ids[0, :3] + 7) % 256)
     segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], dtype=jnp.int32)
-    masked = model(ids, segment_ids=segments).logits
-    masked_changed = model(changed, segment_ids=segments).logits
+    masked = forward_logits(model, ids, segments)
+    masked_changed = forward_logits(model, changed, segments)
     np.testing.assert_allclose(masked[0, 3:], masked_changed[0, 3:], rtol=1e-5, atol=1e-6)
-    unmasked = model(ids).logits
-    unmasked_changed = model(changed).logits
+    unmasked = forward_logits(model, ids)
+    unmasked_changed = forward_logits(model, changed)
     assert float(jnp.max(jnp.abs(unmasked[0, 3:] - unmasked_changed[0, 3:]))) > 1e-4
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    config = tiny_config("MA")
+    config = tiny_config("MM")
     ids = random_ids(5, (2, 6))
 
     def loss_and_grads(remat: bool):
         model = Decoder(config.replace(remat=remat), rngs=nnx.Rngs(0))
         loss_fn = lambda m: language_model_loss(m, ids, jnp.roll(ids, -1, axis=1))[0]  # noqa: E731
-        return nnx.value_and_grad(loss_fn)(model)
+        return nnx.jit(nnx.value_and_grad(loss_fn))(model)
 
     loss, grads = loss_and_grads(False)
     loss_remat, grads_remat = loss_and_grads(True)

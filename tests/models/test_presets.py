@@ -17,7 +17,7 @@ PAPER_VARIANTS = [
 PAPER_400M = [f"{variant}-400m" for variant in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-3l-400m", "hybrid-mamba2-m2rnn-3l-400m"]
 PAPER_7B = [f"{variant}-7b" for variant in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-5l-7b", "hybrid-mamba2-m2rnn-5l-7b"]
 # The 7B presets checked in the default run (each takes seconds to trace); the rest run with -m slow.
-DEFAULT_7B = ["hybrid-m2rnn-7b", "hybrid-gdn-m2rnn-5l-7b"]
+DEFAULT_7B = ["hybrid-m2rnn-7b", "hybrid-gdn-m2rnn-5l-7b", "hybrid-mamba2-m2rnn-5l-7b"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +100,9 @@ def test_all_7b_counts_match_spec(name):
      ("7b", 135_168, {"gated_deltanet": 393_216, "mamba2": 393_216})],
 )  # fmt: skip
 def test_recurrent_state_ratio_is_about_three(size, m2rnn_state, baseline_state):
+    num_m2rnn = {"400m": 3, "7b": 5}[size]
     states = {}
-    for variant in ("hybrid-gdn-m2rnn-1l", "hybrid-mamba2-m2rnn-1l"):
+    for variant in (f"hybrid-gdn-m2rnn-{num_m2rnn}l", f"hybrid-mamba2-m2rnn-{num_m2rnn}l"):
         states.update(summary(f"{variant}-{size}")["recurrent_state_per_layer"])
     assert states["m2rnn"] == m2rnn_state
     for mixer, elements in baseline_state.items():
