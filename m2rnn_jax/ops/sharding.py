@@ -1,0 +1,110 @@
+"""Running an M2RNN backend under a device mesh: ``jax.shard_map`` over (batch, heads).
+
+A Pallas kernel is an opaque custom call that XLA cannot partition, so under a mesh the op runs its backend inside
+``jax.shard_map``: the batch dimension is split over :data:`BATCH_MESH_AXES`, the heads over
+:data:`HEAD_MESH_AXIS`, and each device runs the whole recurrence of its (sequences, heads) block with no
+communication. Inputs with fewer heads than head shards are handled per count N_x:
+
+* N_x divisible by the head shards: split like the output heads (each shard keeps the ratio N / N_x);
+* N_x == 1 (the paper's shared q and k): replicated, broadcast inside each shard;
+* otherwise: expanded to N heads before the split (memory N / N_x times that input).
+
+Axes that are absent or of size 1, a batch not divisible by its shards, or N not divisible by the head shards
+turn the corresponding split off; with nothing to split the backend is called directly. Varlen (packed) inputs
+are split over heads only. The mesh is the one set by ``jax.set_mesh`` (the trainer sets it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from m2rnn_jax.ops.heads import expand_heads
+
+BATCH_MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
+HEAD_MESH_AXIS: str = "tensor"
+
+
+def _mesh_axis_sizes() -> dict[str, int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return {}
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def run_sharded(
+    backend: Callable[..., tuple[jax.Array, jax.Array]],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    W: jax.Array,
+    f: jax.Array,
+    h0: jax.Array | None,
+    *,
+    cu_seqlens: jax.Array | None,
+    gradient_clipping: float | None,
+    state_dtype: jnp.dtype,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """``backend(q, k, v, W, f, h0, ...)`` run per (batch, head) block of the current mesh (see module doc).
+
+    Same arguments and results as a backend (validated inputs, original head counts): dense q (B,S,Nq,K),
+    k (B,S,Nk,K), v (B,S,Nv,V), f (B,S,Nf), W (Nw,V,V), h0 (B,N,K,V) or None -> y (B,S,N,V), h_final (B,N,K,V);
+    varlen the same with (T, ...) inputs and cu_seqlens (B+1,).
+    """
+    kwargs = dict(gradient_clipping=gradient_clipping, state_dtype=state_dtype, interpret=interpret)
+    sizes = _mesh_axis_sizes()
+    varlen = cu_seqlens is not None
+    num_heads = max(q.shape[-2], k.shape[-2], v.shape[-2], f.shape[-1], W.shape[0])
+    batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
+
+    batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+    if varlen or batch % math.prod(sizes[a] for a in batch_axes) != 0:
+        batch_axes = ()
+    head_shards = sizes.get(HEAD_MESH_AXIS, 1)
+    head_axis = HEAD_MESH_AXIS if head_shards > 1 and num_heads % head_shards == 0 else None
+    if not batch_axes and head_axis is None:
+        return backend(q, k, v, W, f, h0, cu_seqlens=cu_seqlens, **kwargs)
+
+    b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    token_axes = () if varlen else (b, None)  # dense: (B, S); varlen: (T,) never split
+
+    def split_heads(x: jax.Array, head_dim: int) -> tuple[jax.Array, str | None]:
+        count = x.shape[head_dim]
+        if head_axis is None:
+            return x, None
+        if count % head_shards == 0:
+            return x, head_axis
+        if count == 1:
+            return x, None
+        return expand_heads(x, num_heads, axis=head_dim), head_axis
+
+    q, hq = split_heads(q, -2)
+    k, hk = split_heads(k, -2)
+    v, hv = split_heads(v, -2)
+    f, hf = split_heads(f, -1)
+    W, hw = split_heads(W, 0)
+    args = [q, k, v, W, f]
+    specs = [P(*token_axes, hq, None), P(*token_axes, hk, None), P(*token_axes, hv, None), P(hw, None, None),
+             P(*token_axes, hf)]
+    state_spec = P(b, head_axis, None, None)
+    if h0 is not None:
+        args.append(h0)
+        specs.append(state_spec)
+    if varlen:
+        args.append(cu_seqlens)
+        specs.append(P())
+    has_h0 = h0 is not None
+
+    def local(q, k, v, W, f, *rest):
+        rest = list(rest)
+        local_h0 = rest.pop(0) if has_h0 else None
+        local_cu = rest.pop(0) if varlen else None
+        return backend(q, k, v, W, f, local_h0, cu_seqlens=local_cu, **kwargs)
+
+    out_specs = (P(*token_axes, head_axis, None), state_spec)
+    return jax.shard_map(local, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)

@@ -1,0 +1,225 @@
+"""The training configuration: one frozen, validated dataclass tree (model, optimizer, data, mesh, checkpoints).
+
+Every field can be changed from the command line with ``--set section.field=value`` or from a YAML/JSON
+``--config`` file holding the same nesting (see :mod:`m2rnn_jax.train.overrides`); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m2rnn_jax.models.config import ModelConfig
+from m2rnn_jax.train import overrides
+
+DATA_KINDS = ("state_tracking", "token_file", "random_tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _require(condition: bool, field: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup from 0 and cosine decay to ``min_lr_ratio * learning_rate`` (SPEC §10.1).
+
+    ``no_decay_names``: parameters whose name (last path element) is listed get no weight decay (SPEC §0.4:
+    biases, norm scales, D, A_log, dt_bias); everything else (projections, conv kernels, embeddings, the M2RNN
+    state weight) is decayed. ``grad_clip_norm``: global-norm clipping (None disables it).
+    """
+
+    learning_rate: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-10
+    weight_decay: float = 0.1
+    no_decay_names: tuple[str, ...] = ("bias", "scale", "D", "A_log", "dt_bias")
+    warmup_steps: int = 2500
+    min_lr_ratio: float = 0.1
+    grad_clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        _require(self.learning_rate > 0, "optimizer.learning_rate", "> 0", self.learning_rate)
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1/b2", "values in [0, 1)", (self.b1, self.b2))
+        _require(self.eps > 0, "optimizer.eps", "> 0", self.eps)
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", ">= 0", self.weight_decay)
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optimizer.warmup_steps", "an int >= 0",
+                 self.warmup_steps)
+        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
+                 "None or > 0", self.grad_clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from.
+
+    kind:
+        ``state_tracking``: running products of random ``group`` elements (parity, s3, s5, a5);
+        ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path`` (.bin of ``token_dtype``
+        or .npy), next-token targets; ``mask_documents`` resets the recurrent mixers at ``eos_token_id``;
+        ``random_tokens``: uniform random tokens (throughput runs only: nothing to learn).
+    seq_len: training length; ``curriculum`` optionally starts shorter: ``((step, length), ...)`` means "from
+        ``step`` on, train at ``length``" (steps ascending, first step 0, last length == ``seq_len``).
+    eval_lengths: the lengths evaluated at the end (and every ``eval_every`` steps): one accuracy per length.
+    eval_path: token file for evaluation (token_file only; default: the last ``eval_fraction`` of ``path``).
+    """
+
+    kind: str = "state_tracking"
+    group: str = "s3"
+    seq_len: int = 64
+    curriculum: tuple[tuple[int, int], ...] = ()
+    eval_lengths: tuple[int, ...] = (64,)
+    eval_batch_size: int = 256
+    eval_batches: int = 1
+    path: str | None = None
+    eval_path: str | None = None
+    eval_fraction: float = 0.005
+    token_dtype: str = "uint16"
+    mask_documents: bool = False
+    eos_token_id: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", self.kind)
+        _require(_is_int(self.seq_len) and self.seq_len > 0, "data.seq_len", "a positive int", self.seq_len)
+        object.__setattr__(self, "curriculum", tuple(tuple(stage) for stage in self.curriculum))
+        if self.curriculum:
+            steps = [stage[0] for stage in self.curriculum]
+            _require(all(len(stage) == 2 for stage in self.curriculum), "data.curriculum",
+                     "pairs (step, length)", self.curriculum)
+            _require(steps[0] == 0 and steps == sorted(set(steps)), "data.curriculum",
+                     "strictly increasing steps starting at 0", self.curriculum)
+            _require(self.curriculum[-1][1] == self.seq_len, "data.curriculum",
+                     f"a last length equal to data.seq_len={self.seq_len}", self.curriculum)
+        _require(len(self.eval_lengths) > 0 and all(_is_int(n) and n > 0 for n in self.eval_lengths),
+                 "data.eval_lengths", "a non-empty list of positive ints", self.eval_lengths)
+        _require(_is_int(self.eval_batch_size) and self.eval_batch_size > 0, "data.eval_batch_size",
+                 "a positive int", self.eval_batch_size)
+        _require(_is_int(self.eval_batches) and self.eval_batches > 0, "data.eval_batches", "a positive int",
+                 self.eval_batches)
+        _require(self.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {TOKEN_DTYPES}", self.token_dtype)
+        _require(0 < self.eval_fraction < 1, "data.eval_fraction", "a value in (0, 1)", self.eval_fraction)
+        if self.kind == "token_file":
+            _require(bool(self.path), "data.path", "a token file (.bin or .npy) for kind=token_file", self.path)
+        if self.mask_documents:
+            _require(self.kind == "token_file" and self.eos_token_id is not None, "data.mask_documents",
+                     "kind=token_file with data.eos_token_id set", (self.kind, self.eos_token_id))
+
+    def seq_len_at(self, step: int) -> int:
+        """The training length at ``step`` (the curriculum stage that covers it, else ``seq_len``)."""
+        length = self.seq_len
+        for start, stage_length in self.curriculum:
+            if step >= start:
+                length = stage_length
+        return length
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor, expert)``; one entry may be -1 = all remaining devices.
+
+    ``data``: batch replicas; ``fsdp``: batch split + parameters sharded (ZeRO-3); ``tensor``: heads / MLP /
+    vocab split (M2RNN heads run without communication); ``expert``: MoE experts.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        sizes = self.axis_sizes
+        _require(all(_is_int(s) and (s > 0 or s == -1) for s in sizes.values()), "mesh",
+                 "positive ints (one may be -1)", sizes)
+        _require(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under ``<workdir>/checkpoints``: every ``every_steps`` steps and at the end."""
+
+    every_steps: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(_is_int(self.every_steps) and self.every_steps > 0, "checkpoint.every_steps", "a positive int",
+                 self.every_steps)
+        _require(_is_int(self.keep) and self.keep > 0, "checkpoint.keep", "a positive int", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs.
+
+    batch_size: global sequences per optimizer step (split over ``grad_accum_steps`` micro-batches and over the
+    data-parallel devices). ``eval_every``: evaluate every N steps (0 = only at the end).
+    """
+
+    model: ModelConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    eval_every: int = 0
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model: expected ModelConfig, got {type(self.model).__name__}")
+        for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, "a positive int", value)
+        _require(_is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
+        _require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
+                 f"a multiple of grad_accum_steps={self.grad_accum_steps}", self.batch_size)
+        if self.data.kind == "state_tracking":
+            from m2rnn_jax.train.data.state_tracking import get_group
+
+            order = get_group(self.data.group).order
+            _require(self.model.vocab_size >= order, "model.vocab_size",
+                     f">= {order} (the order of group {self.data.group!r})", self.model.vocab_size)
+        _require(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
+                 f"<= steps={self.steps}", self.optimizer.warmup_steps)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return overrides.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return overrides.from_dict(cls, data)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file (ValueError if it is not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {str(path)!r}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: expected a mapping at the top of {str(path)!r}, got {type(data).__name__}")
+    return data

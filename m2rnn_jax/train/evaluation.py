@@ -1,0 +1,104 @@
+"""Evaluation over the fixed eval sets at several lengths, and the length-generalization report (table + PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from m2rnn_jax.parallel.batches import global_batch
+from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
+from m2rnn_jax.train.config import DataConfig
+from m2rnn_jax.train.data.sources import BatchSource
+from m2rnn_jax.train.step import make_eval_step
+
+
+class Evaluator:
+    """Runs the eval sets of ``data`` at each of ``data.eval_lengths`` (one compiled step per length)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: Mesh, source: BatchSource,
+                 data: DataConfig):
+        shards = batch_shards(mesh)
+        if data.eval_batch_size % shards != 0:
+            raise ValueError(
+                f"data.eval_batch_size: expected a multiple of the {shards} batch shards of the mesh, "
+                f"got {data.eval_batch_size}"
+            )
+        self.mesh, self.source, self.data = mesh, source, data
+        self.sharding = batch_sharding(mesh)
+        self._step = jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, self.sharding),
+                             out_shardings=replicated(mesh))
+
+    def evaluate(self, params: nnx.State, lengths: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
+        """{length: {"loss", "accuracy", "final_accuracy", "tokens"}} over ``data.eval_batches`` batches each."""
+        results = {}
+        size = self.data.eval_batch_size
+        for length in lengths or self.data.eval_lengths:
+            totals: dict[str, float] = {}
+            for index in range(self.data.eval_batches):
+                batch = global_batch(lambda rows: self.source.eval_batch(index, length, size, rows),
+                                     self.sharding, size, length)
+                with jax.set_mesh(self.mesh):
+                    sums = jax.device_get(self._step(params, batch))
+                for key, value in sums.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            tokens = max(totals["tokens"], 1.0)
+            results[length] = {
+                "loss": totals["cross_entropy_sum"] / tokens,
+                "accuracy": totals["correct"] / tokens,
+                "final_accuracy": totals["correct_last"] / max(totals["rows"], 1.0),
+                "tokens": int(totals["tokens"]),
+            }
+        return results
+
+
+def format_table(results: dict[int, dict[str, float]], train_length: int) -> str:
+    """A text table: length, x train length, token accuracy, final-position accuracy, loss."""
+    lines = [f"{'length':>8} {'x train':>8} {'accuracy':>10} {'final acc':>10} {'loss':>10}"]
+    for length in sorted(results):
+        r = results[length]
+        lines.append(
+            f"{length:>8} {length / train_length:>8.1f} {100 * r['accuracy']:>9.2f}% "
+            f"{100 * r['final_accuracy']:>9.2f}% {r['loss']:>10.4f}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(results: dict[int, dict[str, float]], train_length: int, directory: str | Path, title: str,
+                 extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Writes ``length_generalization.json`` and ``length_generalization.png`` (accuracy vs length) to
+    ``directory``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = directory / "length_generalization.json", directory / "length_generalization.png"
+    payload = {"title": title, "train_length": train_length,
+               "results": {str(k): v for k, v in sorted(results.items())}, **(extra or {})}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    lengths = sorted(results)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], "o-", label="all positions")
+    ax.plot(lengths, [100 * results[n]["final_accuracy"] for n in lengths], "s--", label="last position")
+    ax.axvline(train_length, color="gray", linestyle=":", label=f"train length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return json_path, png_path

@@ -1,0 +1,63 @@
+"""Optax AdamW with warmup + cosine schedule, weight-decay masks (SPEC §0.4), global-norm clipping, NaN guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from m2rnn_jax.train.config import OptimizerConfig
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup 0 -> peak over ``warmup_steps``, then cosine to ``min_lr_ratio * peak`` at ``total_steps``."""
+    peak = config.learning_rate
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+    warmup = optax.linear_schedule(0.0, peak, max(config.warmup_steps, 1))
+    cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+    if config.warmup_steps == 0:
+        return cosine
+    return optax.join_schedules([warmup, cosine], [config.warmup_steps])
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    last = path[-1]
+    for attribute in ("key", "name", "idx"):
+        if hasattr(last, attribute):
+            return str(getattr(last, attribute))
+    return str(last)
+
+
+def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
+    """A pytree of bools like ``params``: True where weight decay applies (the name is not in ``no_decay_names``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _path_name(path) not in no_decay_names, params)
+
+
+def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping -> AdamW (masked decay), wrapped in a NaN/Inf guard.
+
+    The guard (``optax.apply_if_finite``) skips an update whose gradients hold a NaN or Inf and counts it
+    (``skipped_updates`` reads the count from the optimizer state).
+    """
+    schedule = learning_rate_schedule(config, total_steps)
+    parts = []
+    if config.grad_clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=lambda params: weight_decay_mask(params, config.no_decay_names),
+        )
+    )
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000_000)
+
+
+def skipped_updates(opt_state: Any) -> jax.Array:
+    """How many updates the NaN/Inf guard has skipped so far (int32 scalar)."""
+    return jnp.asarray(opt_state.total_notfinite, dtype=jnp.int32)

@@ -1,0 +1,141 @@
+"""Training presets: a model plus its data, optimizer and schedule, by name.
+
+``state-tracking-<group>-tiny`` (group = parity, s3, s5, a5) train a small M2RNN on CPU at length 64 and
+evaluate at 64, 256 and 1024 (the README quick start); ``state-tracking-<group>-small`` is the same task with a
+bigger model and batch for a GPU. The model part of every training preset is also registered with
+:func:`m2rnn_jax.models.register_preset`, so ``m2rnn-jax info --list`` shows them. Any model preset can be
+trained too (:func:`train_config`): it gets :func:`default_train_config` (random tokens, for throughput runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Callable
+
+from m2rnn_jax.layers.m2rnn import M2RNNConfig
+from m2rnn_jax.layers.mlp import MLPConfig
+from m2rnn_jax.models import ModelConfig, get_preset, list_presets, register_preset
+from m2rnn_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
+from m2rnn_jax.train.data.state_tracking import GROUPS, get_group
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPreset:
+    name: str
+    description: str
+    factory: Callable[[], TrainConfig]
+
+
+_TRAIN_PRESETS: dict[str, TrainPreset] = {}
+
+
+def register_train_preset(name: str, factory: Callable[[], TrainConfig], description: str) -> None:
+    """Adds a training preset and registers its model config as a model preset of the same name."""
+    if name in _TRAIN_PRESETS:
+        raise ValueError(f"name: a training preset named {name!r} is already registered")
+    _TRAIN_PRESETS[name] = TrainPreset(name, description, factory)
+    register_preset(name, lambda: factory().model, f"{description} [training preset]")
+
+
+def list_train_presets() -> list[str]:
+    return list(_TRAIN_PRESETS)
+
+
+def default_train_config(model: ModelConfig) -> TrainConfig:
+    """A short run on random tokens (seq_len 128, batch 16, 100 steps): for throughput and smoke tests."""
+    return TrainConfig(
+        model=model,
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
+        data=DataConfig(kind="random_tokens", seq_len=128, eval_lengths=(128,), eval_batch_size=16),
+        checkpoint=CheckpointConfig(every_steps=100),
+        steps=100,
+        batch_size=16,
+        log_every=10,
+    )
+
+
+def train_config(name: str) -> TrainConfig:
+    """The training config of preset ``name``: a training preset, or a model preset with the default settings."""
+    if name in _TRAIN_PRESETS:
+        return _TRAIN_PRESETS[name].factory()
+    if name in list_presets():
+        return default_train_config(get_preset(name))
+    names = list(_TRAIN_PRESETS) + [n for n in list_presets() if n not in _TRAIN_PRESETS]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `m2rnn-jax info --list` lists them"
+    raise ValueError(f"--preset: unknown preset {name!r}{hint}")
+
+
+def state_tracking_model(group: str, *, hidden_size: int, num_layers: int, num_heads: int, k_head_dim: int,
+                         v_head_dim: int, intermediate_size: int, dtype: str = "float32") -> ModelConfig:
+    """An all-M2RNN decoder whose vocabulary is the group's elements (input tokens and output classes).
+
+    The decay gate starts with short memory (f = exp(-A dt) mostly well below 1: dt in [0.3, 3], A in [1, 16]),
+    which suits state tracking, where every step must overwrite the state.
+    """
+    return ModelConfig(
+        vocab_size=get_group(group).order,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        layer_pattern="M" * num_layers,
+        mlp=MLPConfig(intermediate_size=intermediate_size),
+        m2rnn=M2RNNConfig(
+            num_heads=num_heads,
+            k_head_dim=k_head_dim,
+            v_head_dim=v_head_dim,
+            num_q_heads=num_heads,
+            num_k_heads=num_heads,
+            A_init_min=1.0,
+            A_init_max=16.0,
+            dt_init_min=0.3,
+            dt_init_max=3.0,
+        ),
+        dtype=dtype,
+    )
+
+
+def _state_tracking_tiny(group: str) -> TrainConfig:
+    return TrainConfig(
+        model=state_tracking_model(group, hidden_size=64, num_layers=2, num_heads=8, k_head_dim=4, v_head_dim=16,
+                                   intermediate_size=128),
+        optimizer=OptimizerConfig(learning_rate=3e-2, warmup_steps=100, weight_decay=0.1),
+        data=DataConfig(kind="state_tracking", group=group, seq_len=64, eval_lengths=(64, 256, 1024),
+                        eval_batch_size=256),
+        checkpoint=CheckpointConfig(every_steps=500, keep=2),
+        steps=1500,
+        batch_size=32,
+        log_every=100,
+    )
+
+
+def _state_tracking_small(group: str) -> TrainConfig:
+    return TrainConfig(
+        model=state_tracking_model(group, hidden_size=256, num_layers=4, num_heads=16, k_head_dim=16,
+                                   v_head_dim=16, intermediate_size=512, dtype="bfloat16"),
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=500, weight_decay=0.1),
+        data=DataConfig(kind="state_tracking", group=group, seq_len=128, eval_lengths=(128, 512, 2048),
+                        eval_batch_size=512),
+        checkpoint=CheckpointConfig(every_steps=1000, keep=2),
+        steps=10000,
+        batch_size=256,
+        log_every=100,
+    )
+
+
+def _register() -> None:
+    for group in GROUPS:
+        label = "parity" if group == "parity" else group.upper()
+        register_train_preset(
+            f"state-tracking-{group}-tiny",
+            lambda group=group: _state_tracking_tiny(group),
+            f"{label} state tracking: 2-layer M2RNN (h=64), train at 64, eval at 64/256/1024, CPU minutes",
+        )
+        register_train_preset(
+            f"state-tracking-{group}-small",
+            lambda group=group: _state_tracking_small(group),
+            f"{label} state tracking: 4-layer M2RNN (h=256, bf16), train at 128, eval up to 2048, for a GPU",
+        )
+
+
+_register()

@@ -1,0 +1,215 @@
+"""The training loop: sharded jitted steps, checkpoints (resume, SIGTERM), metrics, evaluation, final report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from m2rnn_jax.parallel.batches import global_batch
+from m2rnn_jax.parallel.mesh import build_mesh
+from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
+from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from m2rnn_jax.train.config import TrainConfig
+from m2rnn_jax.train.data.sources import make_source
+from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
+from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
+from m2rnn_jax.train.metrics import MetricsLogger
+from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    model_graphdef,
+    train_state_shardings,
+)
+from m2rnn_jax.train.step import make_train_step
+
+
+class _StopSignal:
+    """Remembers a SIGTERM (or SIGINT) so that the loop can save and exit at the next step boundary."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_process(self) -> bool:
+        """True if any process got the signal (all processes must stop at the same step)."""
+        flag = np.asarray(self.received is not None, dtype=np.int32)
+        if jax.process_count() > 1:
+            flag = multihost_utils.process_allgather(flag).max()
+        return bool(flag)
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`run` trains (resuming if possible).
+
+    Files under ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, and for
+    state-tracking data ``length_generalization.{json,png}``.
+    """
+
+    def __init__(self, config: TrainConfig, workdir: str | Path):
+        self.config, self.workdir = config, Path(workdir)
+        self.is_main = jax.process_index() == 0
+        self.mesh = build_mesh(config.mesh.axis_sizes)
+        self._check_divisibility()
+        self.schedule = learning_rate_schedule(config.optimizer, config.steps)
+        self.optimizer = build_optimizer(config.optimizer, config.steps)
+        self.graphdef = model_graphdef(config.model)
+        self.source = make_source(config.data, config.model.vocab_size)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.logger = MetricsLogger(self.workdir, total_steps=config.steps, enabled=self.is_main)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+        self.state, self.state_shardings = self._initial_state()
+        self._train_step = jax.jit(
+            make_train_step(self.graphdef, self.optimizer, self.schedule, config.grad_accum_steps),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        self.evaluator = Evaluator(self.graphdef, self.state_shardings.params, self.mesh, self.source, config.data)
+
+    def _check_divisibility(self) -> None:
+        shards = batch_shards(self.mesh)
+        micro = self.config.micro_batch_size
+        if micro % shards != 0:
+            raise ValueError(
+                f"batch_size: the micro-batch (batch_size / grad_accum_steps = {micro}) must be a multiple of the "
+                f"{shards} batch shards of the mesh (data * fsdp * expert)"
+            )
+        tensor = self.mesh.shape["tensor"]
+        m2rnn = self.config.model.m2rnn
+        if m2rnn is not None and m2rnn.num_heads % tensor != 0:
+            raise ValueError(
+                f"model.m2rnn.num_heads: expected a multiple of mesh.tensor={tensor} (heads are split over the "
+                f"tensor axis), got {m2rnn.num_heads}"
+            )
+
+    def _initial_state(self) -> tuple[TrainState, TrainState]:
+        latest = self.checkpointer.latest_step()
+        abstract = abstract_train_state(self.config.model, self.optimizer)
+        if latest is None:
+            state, shardings = create_train_state(self.config.model, self.optimizer, self.config.seed, self.mesh)
+            if self.is_main:
+                (self.workdir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            return state, shardings
+        shardings = train_state_shardings(abstract, self.optimizer, self.mesh)
+        state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+        position = metadata.get("data_position", {}).get("next_step")
+        if position != latest:
+            raise ValueError(f"checkpoint: step {latest} records data position {position!r}, expected {latest}")
+        self.logger.message(f"resumed from step {latest} (checkpoint in {self.checkpointer.directory})")
+        return state, shardings
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    def _metadata(self, step: int) -> dict[str, Any]:
+        return {"step": step, "data_position": {"next_step": step, "kind": self.config.data.kind},
+                "config": self.config.to_dict()}
+
+    def save(self, *, wait: bool = False) -> None:
+        step = self.step
+        self.checkpointer.save(self.state, self._metadata(step))
+        if wait:
+            self.checkpointer.wait_until_finished()
+
+    def _batch(self, step: int) -> dict[str, jax.Array]:
+        config = self.config
+        seq_len = config.data.seq_len_at(step)
+        return global_batch(lambda rows: self.source.train_batch(step, seq_len, config.batch_size, rows),
+                            self.batch_sharding, config.batch_size, seq_len)
+
+    def run(self, stop_after: int | None = None) -> int:
+        """Trains up to ``config.steps`` (or ``stop_after`` steps in this call); returns a process exit code.
+
+        A SIGTERM/SIGINT saves a checkpoint at the current step and returns 0; running again resumes.
+        """
+        config = self.config
+        start = self.step
+        last_step = config.steps if stop_after is None else min(config.steps, start + stop_after)
+        if start >= config.steps:
+            self.logger.message(f"nothing to train: the checkpoint is at step {start} >= steps={config.steps}")
+        flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
+        peak = peak_flops_per_device()
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        with _StopSignal() as stop, jax.set_mesh(self.mesh):
+            for step in range(start, last_step):
+                batch = self._batch(step)
+                self.state, metrics = self._train_step(self.state, batch)
+                done = step + 1
+                if step == start:  # do not count compilation in the throughput
+                    jax.block_until_ready(metrics)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                else:
+                    window_tokens += config.batch_size * batch["inputs"].shape[1]
+                    window_steps += 1
+                if done % config.log_every == 0 or done == last_step:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    if window_steps:
+                        tokens_per_second = window_tokens / elapsed
+                        values["tokens_per_second"] = tokens_per_second
+                        values["steps_per_second"] = window_steps / elapsed
+                        if peak is not None:
+                            values["mfu"] = tokens_per_second * flops_per_token / (peak * jax.device_count())
+                    values["seq_len"] = int(batch["inputs"].shape[1])
+                    self.logger.write("train", done, values)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                self.logger.tick(done)
+                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                    self._log_eval(done)
+                if done % config.checkpoint.every_steps == 0 or done == config.steps:
+                    self.save()
+                if stop.any_process():
+                    self.save(wait=True)
+                    self.logger.message(f"received signal {stop.received}: saved checkpoint at step {done}, exiting")
+                    self.checkpointer.close()
+                    return 0
+            if last_step < config.steps:
+                self.save(wait=True)
+            self.checkpointer.wait_until_finished()
+            if last_step == config.steps and start < config.steps:
+                self.final_report()
+        self.checkpointer.close()
+        self.logger.close()
+        return 0
+
+    def _log_eval(self, step: int) -> dict[int, dict[str, float]]:
+        results = self.evaluator.evaluate(self.state.params)
+        for length, values in results.items():
+            self.logger.write(f"eval_len{length}", step, values)
+        return results
+
+    def final_report(self) -> dict[int, dict[str, float]]:
+        """Evaluates at every ``data.eval_lengths``; prints a table; for state tracking writes the JSON + PNG."""
+        step = self.step
+        with jax.set_mesh(self.mesh):
+            results = self._log_eval(step)
+        data = self.config.data
+        self.logger.message(format_table(results, data.seq_len))
+        if self.is_main and data.kind == "state_tracking":
+            title = f"{data.group.upper()} state tracking, trained at length {data.seq_len} ({step} steps)"
+            json_path, png_path = write_report(results, data.seq_len, self.workdir, title, {"step": step})
+            self.logger.message(f"wrote {json_path} and {png_path}")
+        return results
