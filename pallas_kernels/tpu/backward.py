@@ -272,7 +272,15 @@ def m2rnn_tpu_backward(
     num_seqs = packed.h0.shape[0]
     q_slots, k_slots = packed.q_slots, packed.k_slots
     call = backward_call(
-        plan, num_seqs, q_slots.shape[1], k_slots.shape[1], v.dtype, varlen=varlen, bf16_state=bf16_state, clip=gradient_clipping, interpret=interpret
+        plan,
+        num_seqs,
+        q_slots.shape[1],
+        k_slots.shape[1],
+        v.dtype,
+        varlen=varlen,
+        bf16_state=bf16_state,
+        clip=gradient_clipping,
+        interpret=interpret,
     )
     dfinal = pack_state(dh_final.astype(_F32), plan)
     operands = (

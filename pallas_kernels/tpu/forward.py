@@ -61,7 +61,8 @@ def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_st
     w, q_src, k_src = w_ref[0], q_src_ref[0], k_src_ref[0]
 
     def advance(t, state):
-        _, state = recurrence.step(state, w, k_s[t], v_s[pl.ds(t, 1), :], f_ref[0, 0, pl.ds(t, 1), :], k_src, bf16_state)
+        f_t, v_t = f_ref[0, 0, pl.ds(t, 1), :], v_s[pl.ds(t, 1), :]
+        _, state = recurrence.step(state, w, k_s[t], v_t, f_t, k_src, bf16_state)
         y_s[pl.ds(t, 1), :] = recurrence.contract_rows(q_s[t], state, q_src)
         return state
 
