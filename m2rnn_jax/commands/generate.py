@@ -1,12 +1,21 @@
-"""``m2rnn-jax generate``: continue a prompt of token ids with a preset model (greedy or sampled).
+"""``m2rnn-jax generate``: continue a prompt of token ids with a trained or randomly initialised model.
 
-Prints the generated token ids (without the prompt), comma-separated, on one line.
+Examples::
+
+    m2rnn-jax generate --checkpoint runs/tiny --prompt-ids 1,2,3 --max-new-tokens 16
+    m2rnn-jax generate --preset tiny-hybrid --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --top-p 0.9
+
+``--checkpoint`` is a run directory written by ``m2rnn-jax train`` (its ``config.json`` gives the model unless
+``--preset`` is given; ``--step`` picks a checkpoint, default the latest). Without ``--checkpoint`` the preset's
+model is randomly initialised. Prints the generated token ids (without the prompt), comma-separated, on one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 NAME = "generate"
@@ -24,8 +33,9 @@ def _token_ids(text: str) -> list[int]:
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(NAME, help="generate tokens from a prompt with a preset model (optionally a checkpoint)")
-    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-hybrid (see `m2rnn-jax info --list`)")
-    p.add_argument("--checkpoint", help="training checkpoint directory; without it the model is randomly initialised")
+    p.add_argument("--preset", help="model preset, e.g. tiny-hybrid (see `m2rnn-jax info --list`)")
+    p.add_argument("--checkpoint", help="run directory of m2rnn-jax train; without it the model is randomly initialised")
+    p.add_argument("--step", type=int, help="checkpoint step to load (default: the latest)")
     p.add_argument("--prompt-ids", required=True, type=_token_ids, help="prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=32, help="number of tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -35,23 +45,42 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _restore_model(args: argparse.Namespace) -> Any:
+    """The decoder of a training run, with the parameters of its checkpoint ``args.step`` (default latest)."""
+    from flax import nnx
+
+    from m2rnn_jax.train.config import TrainConfig
+    from m2rnn_jax.train.presets import train_config
+    from m2rnn_jax.train.restore import restore_params
+
+    workdir = Path(args.checkpoint)
+    saved_config = workdir / "config.json"
+    if args.preset:
+        config = train_config(args.preset)
+    elif saved_config.is_file():
+        config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
+    else:
+        raise ValueError(f"checkpoint: expected a run directory holding config.json (or pass --preset), got {str(workdir)!r}")
+    restored = restore_params(config, workdir / "checkpoints", args.step)
+    print(f"m2rnn-jax generate: loaded step {restored.step} from {str(workdir)!r}", file=sys.stderr)
+    return nnx.merge(restored.graphdef, restored.params)
+
+
 def _load_model(args: argparse.Namespace) -> Any:
     from flax import nnx
 
     from m2rnn_jax.models.decoder import Decoder
     from m2rnn_jax.models.presets import get_preset
 
-    config = get_preset(args.preset)
-    if args.checkpoint is None:
-        print(
-            f"m2rnn-jax generate: no --checkpoint given, using randomly initialised weights (seed {args.seed})",
-            file=sys.stderr,
-        )
-        return Decoder(config, rngs=nnx.Rngs(args.seed))
-    raise ValueError(
-        "checkpoint: loading needs the training checkpoint module m2rnn_jax.train.checkpoint, "
-        "which is not available in this version"
+    if args.checkpoint is not None:
+        return _restore_model(args)
+    if args.preset is None:
+        raise ValueError("preset: expected --preset NAME (or --checkpoint RUN_DIR), got neither")
+    print(
+        f"m2rnn-jax generate: no --checkpoint given, using randomly initialised weights (seed {args.seed})",
+        file=sys.stderr,
     )
+    return Decoder(get_preset(args.preset), rngs=nnx.Rngs(args.seed))
 
 
 def run(args: argparse.Namespace) -> int:

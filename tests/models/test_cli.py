@@ -52,3 +52,19 @@ def test_generate_prints_the_new_tokens(capsys):
 def test_generate_rejects_out_of_vocabulary_prompts(capsys):
     assert main(["generate", "--preset", "tiny-m2rnn", "--prompt-ids", "1,999", "--max-new-tokens", "2"]) == 2
     assert "prompt-ids" in capsys.readouterr().err
+
+
+def test_generate_from_a_training_checkpoint(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    train = ["train", "--preset", "tiny-m2rnn", "--workdir", workdir, "--set", "steps=2", "--set",
+             "optimizer.warmup_steps=1", "--set", "data.seq_len=8", "--set", "batch_size=2", "--set",
+             "data.eval_lengths=[8]"]  # fmt: skip
+    assert main(train) == 0
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", workdir, "--prompt-ids", "4,5", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "loaded step 2" in captured.err
+    assert len(captured.out.strip().split(",")) == 3
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "4"]) == 2
+    assert "config.json" in capsys.readouterr().err
