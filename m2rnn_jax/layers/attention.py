@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.rope import apply_rope
 
 Dtype = Any
@@ -64,14 +64,14 @@ class AttentionConfig:
     implementation: str = "auto"
 
     def __post_init__(self):
-        _require_positive_int("num_heads", self.num_heads)
+        require_positive_int("num_heads", self.num_heads)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        _require_positive_int("num_kv_heads", self.num_kv_heads)
+        require_positive_int("num_kv_heads", self.num_kv_heads)
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_kv_heads must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
         if self.head_dim is not None:
-            _require_positive_int("head_dim", self.head_dim)
+            require_positive_int("head_dim", self.head_dim)
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
@@ -123,8 +123,8 @@ class Attention(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         if config.head_dim is None and hidden_size % config.num_heads != 0:
             raise ValueError(
                 f"hidden_size must be divisible by num_heads={config.num_heads} when head_dim is None, "

@@ -45,7 +45,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
-from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 
 Dtype = Any
@@ -81,7 +81,7 @@ class GatedDeltaNetConfig:
         if self.num_k_heads is None:
             object.__setattr__(self, "num_k_heads", self.num_heads)
         for name in ("num_heads", "k_head_dim", "v_head_dim", "num_k_heads", "kernel_size", "chunk_size"):
-            _require_positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         if self.num_heads % self.num_k_heads != 0:
             raise ValueError(f"num_k_heads must divide num_heads={self.num_heads}, got {self.num_k_heads}")
         if self.attention_multiplier is not None and not self.attention_multiplier > 0:
@@ -187,8 +187,8 @@ class GatedDeltaNet(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype

@@ -46,6 +46,7 @@ from flax import nnx
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.backends import BACKEND_NAMES
 
@@ -85,13 +86,13 @@ class M2RNNConfig:
 
     def __post_init__(self):
         for name in ("num_heads", "k_head_dim", "v_head_dim", "num_q_heads", "num_k_heads"):
-            _require_positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         for name in ("num_v_heads", "num_f_heads", "num_g_heads", "num_weight_heads"):
             value = getattr(self, name)
             if value is None:
                 object.__setattr__(self, name, self.num_heads)
             else:
-                _require_positive_int(name, value)
+                require_positive_int(name, value)
         heads = self.head_counts
         for name, count in heads.items():
             if self.num_heads % count != 0:
@@ -118,7 +119,7 @@ class M2RNNConfig:
                     f"activation_function must be None when kernel_size is None, got {self.activation_function!r}"
                 )
         else:
-            _require_positive_int("kernel_size", self.kernel_size)
+            require_positive_int("kernel_size", self.kernel_size)
             if self.activation_function is not None and self.activation_function not in ACTIVATIONS:
                 raise ValueError(
                     f"activation_function must be one of {sorted(ACTIVATIONS)} or None, "
@@ -147,11 +148,6 @@ class M2RNNConfig:
     def projection_size(self) -> int:
         """Output width of the input projection: C + Nf + Ng*V."""
         return self.conv_channels + self.num_f_heads + self.num_g_heads * self.v_head_dim
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class M2RNNState(NamedTuple):
@@ -192,8 +188,8 @@ class M2RNN(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         if initializer_range <= 0:
             raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
         self.hidden_size = hidden_size

@@ -42,7 +42,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
-from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 
 Dtype = Any
@@ -72,7 +72,7 @@ class Mamba2Config:
 
     def __post_init__(self):
         for name in ("num_heads", "intermediate_size", "state_size", "num_groups", "kernel_size", "chunk_size"):
-            _require_positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         if self.intermediate_size % self.num_heads != 0:
             raise ValueError(
                 f"intermediate_size must be divisible by num_heads={self.num_heads}, got {self.intermediate_size}"
@@ -181,8 +181,8 @@ class Mamba2(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.validation import require_positive_int
 
 Dtype = Any
 
@@ -60,7 +60,7 @@ class MLPConfig:
     add_bias: bool = False
 
     def __post_init__(self):
-        _require_positive_int("intermediate_size", self.intermediate_size)
+        require_positive_int("intermediate_size", self.intermediate_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +79,11 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "intermediate_size"):
-            _require_positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
         if self.shared_intermediate_size is not None:
-            _require_positive_int("shared_intermediate_size", self.shared_intermediate_size)
+            require_positive_int("shared_intermediate_size", self.shared_intermediate_size)
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
@@ -122,8 +122,8 @@ class MLP(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         self.dtype = dtype
         I = config.intermediate_size
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -195,8 +195,8 @@ class MoE(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype

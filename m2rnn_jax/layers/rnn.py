@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
-from m2rnn_jax.layers.m2rnn import _require_positive_int
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.ops.clipping import clamp_cotangent, normalize_clipping
 
@@ -60,10 +60,10 @@ class VectorRNNConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        _require_positive_int("num_heads", self.num_heads)
-        _require_positive_int("head_dim", self.head_dim)
+        require_positive_int("num_heads", self.num_heads)
+        require_positive_int("head_dim", self.head_dim)
         if self.kernel_size is not None:
-            _require_positive_int("kernel_size", self.kernel_size)
+            require_positive_int("kernel_size", self.kernel_size)
         if self.activation_function is not None and self.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"activation_function must be one of {sorted(ACTIVATIONS)} or None, got {self.activation_function!r}"
@@ -129,8 +129,8 @@ class GatedVectorRNN(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _require_positive_int("hidden_size", hidden_size)
-        _require_positive_int("num_layers", num_layers)
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("num_layers", num_layers)
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype
