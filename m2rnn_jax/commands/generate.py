@@ -34,7 +34,9 @@ def _token_ids(text: str) -> list[int]:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(NAME, help="generate tokens from a prompt with a preset model (optionally a checkpoint)")
     p.add_argument("--preset", help="model preset, e.g. tiny-hybrid (see `m2rnn-jax info --list`)")
-    p.add_argument("--checkpoint", help="run directory of m2rnn-jax train; without it the model is randomly initialised")
+    p.add_argument(
+        "--checkpoint", help="run directory of m2rnn-jax train; without it the model is randomly initialised"
+    )
     p.add_argument("--step", type=int, help="checkpoint step to load (default: the latest)")
     p.add_argument("--prompt-ids", required=True, type=_token_ids, help="prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=32, help="number of tokens to generate (default 32)")
@@ -60,7 +62,9 @@ def _restore_model(args: argparse.Namespace) -> Any:
     elif saved_config.is_file():
         config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
     else:
-        raise ValueError(f"checkpoint: expected a run directory holding config.json (or pass --preset), got {str(workdir)!r}")
+        raise ValueError(
+            f"checkpoint: expected a run directory holding config.json (or pass --preset), got {str(workdir)!r}"
+        )
     restored = restore_params(config, workdir / "checkpoints", args.step)
     print(f"m2rnn-jax generate: loaded step {restored.step} from {str(workdir)!r}", file=sys.stderr)
     return nnx.merge(restored.graphdef, restored.params)

@@ -148,8 +148,7 @@ def model_summary(config: ModelConfig) -> dict[str, Any]:
         "recurrent_state_per_layer": states.recurrent,
         "conv_state_per_layer": states.conv,
         "kv_cache_per_token_per_layer": states.kv_per_token,
-        "recurrent_state_total": sum(states.recurrent[MIXER_FIELDS[letter]] for letter in config.layer_pattern
-                                     if MIXER_FIELDS[letter] in states.recurrent),
+        "recurrent_state_total": sum(states.recurrent.get(MIXER_FIELDS[letter], 0) for letter in config.layer_pattern),
         "dtype": config.dtype,
         "param_dtype": config.param_dtype,
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 from typing import Callable
 
@@ -156,7 +157,9 @@ def _paper_scales() -> dict[str, PaperScale]:
     }
 
 
-def hybrid_pattern(num_layers: int, mixer: str, attention_layers: tuple[int, ...], m2rnn_layers: tuple[int, ...] = ()) -> str:
+def hybrid_pattern(
+    num_layers: int, mixer: str, attention_layers: tuple[int, ...], m2rnn_layers: tuple[int, ...] = ()
+) -> str:
     """A layer pattern of ``mixer`` letters with ``A`` at ``attention_layers`` and ``M`` at ``m2rnn_layers``."""
     letters = [mixer] * num_layers
     for index in attention_layers:
@@ -183,54 +186,43 @@ def _paper_config(scale: PaperScale, pattern: str, *, rope: bool = False) -> Mod
     )
 
 
-# variant -> (description, pattern builder from the scale)
-_PAPER_VARIANTS: dict[str, tuple[str, Callable[[PaperScale], str]]] = {
-    "m2rnn": ("M2RNN in every layer", lambda s: "M" * s.num_layers),
-    "gdn": ("Gated DeltaNet in every layer", lambda s: "G" * s.num_layers),
-    "mamba2": ("Mamba2 in every layer", lambda s: "S" * s.num_layers),
-    "rnn": ("vector RNN in every layer", lambda s: "R" * s.num_layers),
-    "gru": ("GRU in every layer", lambda s: "U" * s.num_layers),
-    "attention": ("softmax attention (RoPE) in every layer", lambda s: "A" * s.num_layers),
-    "hybrid-m2rnn": (
-        "M2RNN + NoPE attention hybrid",
-        lambda s: hybrid_pattern(s.num_layers, "M", s.attention_layers),
-    ),
-    "hybrid-gdn": (
-        "Gated DeltaNet + NoPE attention hybrid",
-        lambda s: hybrid_pattern(s.num_layers, "G", s.attention_layers),
-    ),
-    "hybrid-gdn-m2rnn-1l": (
-        "hybrid GDN with M2RNN as layer 0",
-        lambda s: hybrid_pattern(s.num_layers, "G", s.attention_layers, (0,)),
-    ),
-    "hybrid-mamba2": (
-        "Mamba2 + NoPE attention hybrid",
-        lambda s: hybrid_pattern(s.num_layers, "S", s.attention_layers),
-    ),
-    "hybrid-mamba2-m2rnn-1l": (
-        "hybrid Mamba2 with M2RNN as layer 0",
-        lambda s: hybrid_pattern(s.num_layers, "S", s.attention_layers, (0,)),
-    ),
-}
+def _paper_variants(scale: PaperScale) -> dict[str, tuple[str, str]]:
+    """Variant name -> (description, layer pattern) at one model size (SPEC §10.2)."""
+    layers, attention = scale.num_layers, scale.attention_layers
+    before_attention = tuple(index - 1 for index in attention)
+    num_m2rnn = len(before_attention)
+    return {
+        "m2rnn": ("M2RNN in every layer", "M" * layers),
+        "gdn": ("Gated DeltaNet in every layer", "G" * layers),
+        "mamba2": ("Mamba2 in every layer", "S" * layers),
+        "rnn": ("vector RNN in every layer", "R" * layers),
+        "gru": ("GRU in every layer", "U" * layers),
+        "attention": ("softmax attention (RoPE) in every layer", "A" * layers),
+        "hybrid-m2rnn": ("M2RNN + NoPE attention hybrid", hybrid_pattern(layers, "M", attention)),
+        "hybrid-gdn": ("Gated DeltaNet + NoPE attention hybrid", hybrid_pattern(layers, "G", attention)),
+        "hybrid-gdn-m2rnn-1l": ("hybrid GDN with M2RNN as layer 0", hybrid_pattern(layers, "G", attention, (0,))),
+        f"hybrid-gdn-m2rnn-{num_m2rnn}l": (
+            "hybrid GDN with M2RNN right before each attention layer",
+            hybrid_pattern(layers, "G", attention, before_attention),
+        ),
+        "hybrid-mamba2": ("Mamba2 + NoPE attention hybrid", hybrid_pattern(layers, "S", attention)),
+        "hybrid-mamba2-m2rnn-1l": (
+            "hybrid Mamba2 with M2RNN as layer 0",
+            hybrid_pattern(layers, "S", attention, (0,)),
+        ),
+        f"hybrid-mamba2-m2rnn-{num_m2rnn}l": (
+            "hybrid Mamba2 with M2RNN right before each attention layer",
+            hybrid_pattern(layers, "S", attention, before_attention),
+        ),
+    }
 
 
 def _register_paper_presets() -> None:
-    scales = _paper_scales()
-    for size, scale in scales.items():
-        before_attention = tuple(index - 1 for index in scale.attention_layers)
-        variants = dict(_PAPER_VARIANTS)
-        num_m2rnn = len(before_attention)
-        for base, name in (("gdn", "G"), ("mamba2", "S")):
-            variants[f"hybrid-{base}-m2rnn-{num_m2rnn}l"] = (
-                f"hybrid {'GDN' if base == 'gdn' else 'Mamba2'} with M2RNN before each attention layer",
-                lambda s, letter=name, m=before_attention: hybrid_pattern(s.num_layers, letter, s.attention_layers, m),
-            )
-        for variant, (description, pattern_of) in variants.items():
+    for size, scale in _paper_scales().items():
+        for variant, (description, pattern) in _paper_variants(scale).items():
             register_preset(
                 f"{variant}-{size}",
-                lambda scale=scale, pattern_of=pattern_of, variant=variant: _paper_config(
-                    scale, pattern_of(scale), rope=variant == "attention"
-                ),
+                functools.partial(_paper_config, scale, pattern, rope=variant == "attention"),
                 f"{description}, paper {size.upper()} ({scale.num_layers} layers, h={scale.hidden_size})",
             )
 

@@ -14,7 +14,7 @@ PAPER_VARIANTS = [
     "m2rnn", "gdn", "mamba2", "rnn", "gru", "attention",
     "hybrid-m2rnn", "hybrid-gdn", "hybrid-gdn-m2rnn-1l", "hybrid-mamba2", "hybrid-mamba2-m2rnn-1l",
 ]  # fmt: skip
-PAPER_400M = [f"{variant}-400m" for variant in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-3l-400m", "hybrid-mamba2-m2rnn-3l-400m"]
+PAPER_400M = [f"{v}-400m" for v in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-3l-400m", "hybrid-mamba2-m2rnn-3l-400m"]
 PAPER_7B = [f"{variant}-7b" for variant in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-5l-7b", "hybrid-mamba2-m2rnn-5l-7b"]
 # The 7B presets checked in the default run (each takes seconds to trace); the rest run with -m slow.
 DEFAULT_7B = ["hybrid-m2rnn-7b", "hybrid-gdn-m2rnn-5l-7b", "hybrid-mamba2-m2rnn-5l-7b"]
