@@ -153,6 +153,12 @@ class ModelConfig:
                 )
             if value is not None and not isinstance(value, config_type):
                 raise ValueError(f"{name}: expected {config_type.__name__}, got {type(value).__name__}")
+        attention = self.attention
+        if attention is not None and attention.head_dim is None and self.hidden_size % attention.num_heads:
+            raise ValueError(
+                f"attention.num_heads: must divide hidden_size={self.hidden_size} when attention.head_dim is None, "
+                f"got {attention.num_heads}"
+            )
 
     @property
     def compute_dtype(self) -> jnp.dtype:

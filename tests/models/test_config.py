@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
+from m2rnn_jax.layers.attention import AttentionConfig
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.models.presets import tiny_config
 
@@ -51,6 +52,13 @@ def test_mixer_config_of_wrong_type_is_rejected():
     base = tiny_config("MA")
     with pytest.raises(ValueError, match="attention: expected AttentionConfig"):
         dataclasses.replace(base, attention=base.m2rnn)
+
+
+def test_attention_heads_must_divide_hidden_size_without_head_dim():
+    base = tiny_config("MA")
+    with pytest.raises(ValueError, match="attention.num_heads"):
+        dataclasses.replace(base, attention=AttentionConfig(num_heads=3))
+    assert dataclasses.replace(base, attention=AttentionConfig(num_heads=3, head_dim=16)).attention.num_heads == 3
 
 
 def test_mixer_config_lookup_rejects_unknown_letter():
