@@ -105,7 +105,7 @@ def innermost_loops(sass: str) -> list[dict]:
     out = []
     for lo, hi in inner:
         ops = collections.Counter(op.split(".")[0] for addr, op, _ in code if lo <= addr <= hi)
-        out.append({"start": hex(lo), "instructions": sum(ops.values()), "mix": dict(ops.most_common(12))})
+        out.append({"start": hex(lo), "instructions": sum(ops.values()), "mix": dict(ops.most_common())})
     return out
 
 
@@ -124,9 +124,16 @@ def analyse(config: KernelConfig, shape: tuple[int, int, int, int, int], keep: s
         loops = innermost_loops(sass)
         programs = grid[0] * grid[1] * grid[2]
         entry = {"resources": usage, "programs": programs, "loops": loops}
-        # The time-step loops are the big innermost ones; their instructions are per step per warp.
-        step_loops = [loop for loop in loops if loop["instructions"] > 40]
-        per_step = sum(loop["instructions"] for loop in step_loops)
+        # Every recurrence step evaluates one tanh per state element: 2 MUFU ops per element (exact), 1 (approx).
+        # A loop's MUFU count therefore tells how many tanh evaluations one pass makes. A single-step loop makes 1;
+        # the backward's unrolled recompute block of r time steps makes 2r - 1 (r - 1 forward, r reverse).
+        mufu_per_step = elements_per_thread * (1 if config.approx_tanh else 2)
+        per_step = 0.0
+        for loop in loops:
+            tanh_steps = round(loop["mix"].get("MUFU", 0) / mufu_per_step)
+            loop["time_steps"] = (tanh_steps + 1) // 2
+            if tanh_steps:
+                per_step += loop["instructions"] / loop["time_steps"]
         entry["per_step_warp_instructions"] = per_step
         entry["per_element_instructions"] = per_step / elements_per_thread
         entry["issue_bound_ms"] = (per_step * config.num_warps * programs * seq_len

@@ -31,7 +31,7 @@ from pallas_kernels.gpu.m2rnn_common import (
     KernelConfig,
     StepNumerics,
     cdiv,
-    blend,
+    recurrence_step,
     row_slice,
     sequence_bounds,
     step_inputs,
@@ -66,8 +66,6 @@ def _backward_kernel(
     df_ref,
     dw_ref,
     dh0_ref,
-    history_h_ref,
-    history_z_ref,
     block_starts_ref,
     *,
     heads: HeadMap,
@@ -88,12 +86,11 @@ def _backward_kernel(
     w_t_dot = w.T.astype(numerics.dot_dtype)
     last = jnp.maximum(end - 1, start)
     load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), n, row_ids, heads, acc)
-    two_level = recompute_block < chunk_size
 
-    def backward_step(t, h_prev, z, inputs, dy_t, carry):
+    def backward_step(t, h_prev, inputs, dy_t, carry):
         r, dw = carry
         q_t, k_t, v_t, f_t = inputs
-        h = blend(h_prev, z, f_t, numerics)
+        z, h = recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics)
         dq_ref[t, n, row_ids] = jnp.sum(h * dy_t[None, :], axis=1).astype(dq_ref.dtype)
         if clip is not None:
             r = jnp.clip(r, -clip, clip)
@@ -106,47 +103,32 @@ def _backward_kernel(
         r = f_t * g + numerics.matmul(dp, w_t_dot)
         return r, dw
 
-    def reverse_inputs(t, lo):
-        t = jnp.maximum(t, lo)
-        h_prev = history_h_ref[b, n, kb, t - lo].astype(acc)
-        z = history_z_ref[b, n, kb, t - lo].astype(acc)
-        return h_prev, z, load(t), dy_ref[t, n, :].astype(acc)
-
-    def recompute_block_backward(block_start, block_end, h, carry):
-        """Store H_{t-1} and Z_t for t in [block_start, block_end), then walk those steps backward."""
-
-        def store(t, h_prev, z, h_new, q_t):
-            history_h_ref[b, n, kb, t - block_start] = h_prev.astype(history_h_ref.dtype)
-            history_z_ref[b, n, kb, t - block_start] = z.astype(history_z_ref.dtype)
-
-        walk_forward(block_start, block_end, h, w_dot, load, store, numerics)
-        _block_barrier(interpret)
-
-        def reverse(i, state):
-            carry, current = state
-            t = block_end - 1 - i
-            upcoming = reverse_inputs(t - 1, block_start)
-            return backward_step(t, *current, carry), upcoming
-
-        first = reverse_inputs(block_end - 1, block_start)
-        carry, _ = lax.fori_loop(0, block_end - block_start, reverse, (carry, first))
-        _block_barrier(interpret)
+    def block_backward(block_start, block_len, h, carry):
+        """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state h before
+        them: recompute their states into registers (a statically unrolled block), then walk them backward."""
+        states = [h]
+        for s in range(recompute_block - 1):
+            _, k_t, v_t, f_t = load(block_start + s)
+            states.append(recurrence_step(states[-1], w_dot, k_t, v_t, f_t, numerics)[1])
+        for s in reversed(range(recompute_block)):
+            t = block_start + s
+            dy_t = dy_ref[jnp.minimum(t, last), n, :].astype(acc)
+            step = functools.partial(backward_step, t, states[s], load(t), dy_t)
+            carry = lax.cond(s < block_len, step, lambda c: c, carry)
         return carry
 
     def chunk(i, carry):
         c = cdiv(end - start, chunk_size) - 1 - i
         chunk_start = start + c * chunk_size
-        chunk_end = jnp.minimum(chunk_start + chunk_size, end)
-        h = checkpoints_ref[chunk_offsets_ref[b] + c, n, row_ids, :].astype(acc)
-        if not two_level:
-            return recompute_block_backward(chunk_start, chunk_end, h, carry)
-        num_blocks = cdiv(chunk_end - chunk_start, recompute_block)
+        chunk_len = jnp.minimum(chunk_size, end - chunk_start)
+        num_blocks = cdiv(chunk_len, recompute_block)
 
         def save_block_start(j, h):
             block_starts_ref[b, n, kb, j] = h.astype(block_starts_ref.dtype)
             lo = chunk_start + j * recompute_block
             return walk_forward(lo, lo + recompute_block, h, w_dot, load, _no_stores, numerics)
 
+        h = checkpoints_ref[chunk_offsets_ref[b] + c, n, row_ids, :].astype(acc)
         h_last_block = lax.fori_loop(0, num_blocks - 1, save_block_start, h)
         block_starts_ref[b, n, kb, num_blocks - 1] = h_last_block.astype(block_starts_ref.dtype)
         _block_barrier(interpret)
@@ -154,10 +136,12 @@ def _backward_kernel(
         def block(jj, carry):
             j = num_blocks - 1 - jj
             block_start = chunk_start + j * recompute_block
-            block_end = jnp.minimum(block_start + recompute_block, chunk_end)
-            return recompute_block_backward(block_start, block_end, block_starts_ref[b, n, kb, j].astype(acc), carry)
+            block_len = jnp.minimum(recompute_block, chunk_start + chunk_len - block_start)
+            return block_backward(block_start, block_len, block_starts_ref[b, n, kb, j].astype(acc), carry)
 
-        return lax.fori_loop(0, num_blocks, block, carry)
+        carry = lax.fori_loop(0, num_blocks, block, carry)
+        _block_barrier(interpret)
+        return carry
 
     r = dh_final_ref[b, n, row_ids, :].astype(acc)
     dw = jnp.zeros(w.shape, acc)
@@ -217,8 +201,6 @@ def m2rnn_backward(
         jax.ShapeDtypeStruct((row_blocks, tokens, num_heads), row_partial_dtype),
         jax.ShapeDtypeStruct(programs + (v_dim, v_dim), jnp.float32),
         jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
-        jax.ShapeDtypeStruct(programs + (config.recompute_block, rows, v_dim), acc),
-        jax.ShapeDtypeStruct(programs + (config.recompute_block, rows, v_dim), acc),
         jax.ShapeDtypeStruct(programs + (config.chunk_size // config.recompute_block, rows, v_dim), acc),
     )
     kernel = functools.partial(
@@ -231,7 +213,7 @@ def m2rnn_backward(
         numerics=numerics,
         interpret=interpret,
     )
-    dq, dk, dv, df, dw, dh0, _, _, _ = pl.pallas_call(
+    dq, dk, dv, df, dw, dh0, _ = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=programs,

@@ -26,8 +26,9 @@ class KernelConfig:
 
     block_k: state rows per program (a power of two >= 16); None means all K rows in one program.
     chunk_size: the forward stores the state every ``chunk_size`` steps for the backward (memory O(S / chunk)).
-    recompute_block: the backward recomputes ``recompute_block`` states at a time into a small per-program buffer
-        that stays in L2; it must divide ``chunk_size`` (equal means one level of recomputation).
+    recompute_block: the backward recomputes ``recompute_block`` states at a time into registers (a statically
+        unrolled block, so keep it small: code size and registers grow with it) and walks them backward; it must
+        divide ``chunk_size``.
     num_warps, num_stages: Triton launch parameters of both kernels.
     approx_tanh: use the ``tanh.approx.f32`` instruction (max relative error about 2^-11) instead of exact tanh.
         Only for 16-bit inputs; it has no interpret-mode lowering, so CPU tests cannot cover it.
@@ -36,8 +37,8 @@ class KernelConfig:
     """
 
     block_k: int | None = None
-    chunk_size: int = 64
-    recompute_block: int = 16
+    chunk_size: int = 128
+    recompute_block: int = 2
     num_warps: int = 2
     num_stages: int = 1
     approx_tanh: bool = False
@@ -47,6 +48,8 @@ class KernelConfig:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.recompute_block > 16:
+            raise ValueError(f"recompute_block: expected at most 16 (it is unrolled), got {self.recompute_block}")
         if self.chunk_size % self.recompute_block:
             raise ValueError(
                 f"recompute_block: expected a divisor of chunk_size = {self.chunk_size}, got {self.recompute_block}"

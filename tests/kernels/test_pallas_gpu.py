@@ -81,12 +81,12 @@ def test_dense_paper_heads_ragged_chunks_two_level_recompute():
 
 
 def test_dense_mixed_heads_no_h0_row_split_binding_clip():
-    """Mixed head counts, h0 None, K split over two programs, one recompute level, clipping that binds."""
+    """Mixed head counts, h0 None, K split over two programs, blocks of 3 steps, clipping that binds."""
     inputs = random_m2rnn_inputs(
         jax.random.PRNGKey(1), batch=2, seq_len=19, num_heads=4, k_dim=20, v_dim=16,
         num_q_heads=2, num_k_heads=1, num_f_heads=2, num_w_heads=1, with_h0=False,
     )
-    config = KernelConfig(block_k=16, chunk_size=8, recompute_block=8)
+    config = KernelConfig(block_k=16, chunk_size=6, recompute_block=3)
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.02, config=config)
 
 
@@ -113,13 +113,15 @@ def test_varlen_with_empty_sequence_h0_and_clip():
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.5, config=KernelConfig(chunk_size=8, recompute_block=4))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_sixteen_bit_inputs(dtype):
+@pytest.mark.parametrize("dtype, split_dot", [(jnp.bfloat16, False), (jnp.float16, True)])
+def test_sixteen_bit_inputs(dtype, split_dot):
+    """16-bit inputs feed the tensor cores a 16-bit copy of the float32 state (or a hi + lo pair: split_dot)."""
     inputs = random_m2rnn_inputs(
         jax.random.PRNGKey(3), batch=2, seq_len=17, num_heads=2, k_dim=16, v_dim=16, num_q_heads=1,
         num_k_heads=1, dtype=dtype,
     )
-    _check_against_scan(inputs, dtype=dtype, config=KernelConfig(chunk_size=8, recompute_block=4))
+    config = KernelConfig(chunk_size=8, recompute_block=4, split_dot=split_dot)
+    _check_against_scan(inputs, dtype=dtype, config=config)
 
 
 def test_bf16_state_storage():
@@ -188,7 +190,9 @@ def test_launch_parameters():
     assert default_config(batch=8, num_heads=84, k_dim=64).block_k == 64
     assert default_config(batch=1, num_heads=84, k_dim=64).block_k == 16
     with pytest.raises(ValueError, match="recompute_block"):
-        KernelConfig(chunk_size=64, recompute_block=24)
+        KernelConfig(chunk_size=64, recompute_block=6)
+    with pytest.raises(ValueError, match="recompute_block"):
+        KernelConfig(chunk_size=64, recompute_block=32)
     with pytest.raises(ValueError, match="block_k"):
         KernelConfig(block_k=24)
 
