@@ -62,12 +62,18 @@ def _platform() -> str:
     return device.platform
 
 
-def resolve_backend_name(backend: str) -> str:
-    """Map ``backend`` (possibly "auto") to a concrete backend name; "auto" goes by the default device."""
+def resolve_backend_name(backend: str, input_dtype: jnp.dtype = jnp.float32) -> str:
+    """Map ``backend`` (possibly "auto") to a concrete backend name.
+
+    "auto" goes by the default device: pallas_gpu on NVIDIA GPUs, pallas_tpu on TPUs, scan elsewhere; float64
+    inputs always get scan (the fused kernels compute in float32 and reject float64).
+    """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
     if backend != "auto":
         return backend
+    if jnp.dtype(input_dtype) == jnp.float64:
+        return "scan"
     return {"gpu_nvidia": "pallas_gpu", "tpu": "pallas_tpu"}.get(_platform(), "scan")
 
 

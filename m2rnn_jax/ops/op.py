@@ -53,7 +53,8 @@ def m2rnn(
 
     Backends: "scan" (``lax.scan`` reference, any platform), "pallas_gpu" (fused kernels for NVIDIA GPUs),
     "pallas_tpu" (fused Mosaic TPU kernels), "auto" (pallas_gpu on NVIDIA GPUs, pallas_tpu on TPU, scan elsewhere,
-    judged by the default device). ``interpret=True`` runs a Pallas backend in interpret mode (on CPU).
+    judged by the default device; float64 inputs always get scan). ``interpret=True`` runs a Pallas backend in
+    interpret mode (on CPU).
 
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.
@@ -61,7 +62,7 @@ def m2rnn(
     validate_inputs(q, k, v, W, f, h0, cu_seqlens)
     clip = normalize_clipping(gradient_clipping)
     state_dtypes(state_dtype, q.dtype)  # validates state_dtype
-    name = resolve_backend_name(backend)
+    name = resolve_backend_name(backend, q.dtype)
     if interpret and name not in PALLAS_BACKENDS:
         raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
     y, h_final = get_backend(name)(

@@ -94,3 +94,13 @@ def test_contract_in_help():
     doc = m2rnn.__doc__
     for needle in ("q (B, S, Nq, K)", "cu_seqlens (B+1,)", "Gradient clipping", "Backends", "Raises ValueError"):
         assert needle in doc
+
+
+def test_auto_backend_resolution(monkeypatch):
+    from m2rnn_jax.ops import backends
+
+    assert backends.resolve_backend_name("auto") == "scan"  # CPU
+    monkeypatch.setattr(backends, "_platform", lambda: "tpu")
+    assert backends.resolve_backend_name("auto", jnp.bfloat16) == "pallas_tpu"
+    assert backends.resolve_backend_name("auto", jnp.float64) == "scan"  # the kernels compute in float32
+    assert backends.resolve_backend_name("scan") == "scan"
