@@ -20,7 +20,8 @@ def _format(value: Any) -> str:
 class ProgressBar:
     """A one-line bar redrawn in place on a terminal; on a pipe it stays silent (log lines carry the news)."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stdout, width: int = 30):
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 30):
+        stream = sys.stdout if stream is None else stream
         self.total, self.stream, self.width = total, stream, width
         self.enabled = stream.isatty()
         self._last = 0.0
@@ -47,8 +48,8 @@ class MetricsLogger:
     ``enabled=False`` (non-main processes) turns everything off.
     """
 
-    def __init__(self, workdir: str | Path, *, total_steps: int, enabled: bool = True, stream: TextIO = sys.stdout):
-        self.enabled, self.stream = enabled, stream
+    def __init__(self, workdir: str | Path, *, total_steps: int, enabled: bool = True, stream: TextIO | None = None):
+        self.enabled, self.stream = enabled, sys.stdout if stream is None else stream
         if not enabled:
             return
         workdir = Path(workdir)

@@ -95,7 +95,7 @@ def make_train_step(
             "loss": cross_entropy_mean + sums["aux_loss"],
             "cross_entropy": cross_entropy_mean,
             "accuracy": sums["correct"] / tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": sums["tokens"],
             "skipped_updates": skipped_updates(opt_state).astype(jnp.float32),
