@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from m2rnn_jax.cli import main
-from m2rnn_jax.models.presets import list_presets
+from m2rnn_jax.models import presets
+from m2rnn_jax.models.presets import list_presets, register_preset, tiny_config
+
+# One M2RNN layer: the cheapest model to compile for the generate command.
+SMALLEST = "test-cli-one-m2rnn-layer"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smallest_preset():
+    register_preset(SMALLEST, lambda: tiny_config("M"), "one M2RNN layer (CLI tests)", overwrite=True)
+    yield
+    del presets._REGISTRY[SMALLEST]
 
 
 def test_info_json_has_the_sizes(capsys):
@@ -39,7 +52,7 @@ def test_info_unknown_preset_is_a_clear_error(capsys):
 
 
 def test_generate_prints_the_new_tokens(capsys):
-    argv = ["generate", "--preset", "tiny-m2rnn", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
+    argv = ["generate", "--preset", SMALLEST, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     tokens = [int(token) for token in captured.out.strip().split(",")]
@@ -50,13 +63,13 @@ def test_generate_prints_the_new_tokens(capsys):
 
 
 def test_generate_rejects_out_of_vocabulary_prompts(capsys):
-    assert main(["generate", "--preset", "tiny-m2rnn", "--prompt-ids", "1,999", "--max-new-tokens", "2"]) == 2
+    assert main(["generate", "--preset", SMALLEST, "--prompt-ids", "1,999", "--max-new-tokens", "2"]) == 2
     assert "prompt-ids" in capsys.readouterr().err
 
 
 def test_generate_from_a_training_checkpoint(tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    train = ["train", "--preset", "tiny-m2rnn", "--workdir", workdir, "--set", "steps=2", "--set",
+    train = ["train", "--preset", SMALLEST, "--workdir", workdir, "--set", "steps=2", "--set",
              "optimizer.warmup_steps=1", "--set", "data.seq_len=8", "--set", "batch_size=2", "--set",
              "data.eval_lengths=[8]"]  # fmt: skip
     assert main(train) == 0

@@ -82,7 +82,7 @@ def test_segment_ids_mask_attention_across_documents():
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    config = tiny_config("MM")
+    config = tiny_config("M")
     ids = random_ids(5, (2, 6))
 
     def loss_and_grads(remat: bool):
