@@ -6,6 +6,7 @@ import functools
 
 import pytest
 
+from m2rnn_jax.models import presets
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.models.counting import model_summary
 from m2rnn_jax.models.presets import get_preset, list_presets, preset_description, register_preset, tiny_config
@@ -119,9 +120,13 @@ def test_vector_rnn_states_are_about_sixty_times_smaller():
 
 def test_register_preset_adds_and_guards_names():
     register_preset("test-only-preset", lambda: tiny_config("M"), "a test preset", overwrite=True)
-    assert isinstance(get_preset("test-only-preset"), ModelConfig)
-    with pytest.raises(ValueError, match="already registered"):
-        register_preset("test-only-preset", lambda: tiny_config("M"))
+    try:
+        assert isinstance(get_preset("test-only-preset"), ModelConfig)
+        assert preset_description("test-only-preset") == "a test preset"
+        with pytest.raises(ValueError, match="already registered"):
+            register_preset("test-only-preset", lambda: tiny_config("M"))
+    finally:
+        del presets._REGISTRY["test-only-preset"]
     with pytest.raises(ValueError, match="name"):
         register_preset("has space", lambda: tiny_config("M"))
 
