@@ -22,17 +22,20 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     return optax.join_schedules([warmup, cosine], [config.warmup_steps])
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    last = path[-1]
-    for attribute in ("key", "name", "idx"):
-        if hasattr(last, attribute):
-            return str(getattr(last, attribute))
-    return str(last)
+def _parameter_name(path: tuple[Any, ...]) -> str:
+    """The last named element of a pytree path, skipping the ``.value`` of an ``nnx.Variable`` leaf."""
+    for entry in reversed(path):
+        if isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
+            continue
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                return str(getattr(entry, attribute))
+    return ""
 
 
 def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
     """A pytree of bools like ``params``: True where weight decay applies (the name is not in ``no_decay_names``)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: _path_name(path) not in no_decay_names, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) not in no_decay_names, params)
 
 
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

@@ -1,0 +1,120 @@
+"""Data: group tables, running products, determinism and per-process slicing, packed token files."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from m2rnn_jax.train.config import DataConfig
+from m2rnn_jax.train.data.sources import make_source
+from m2rnn_jax.train.data.state_tracking import GROUPS, get_group, running_products, state_tracking_batch
+from m2rnn_jax.train.data.token_file import TokenWindows, open_tokens
+
+
+@pytest.mark.parametrize("name, order", [("parity", 2), ("s3", 6), ("s5", 120), ("a5", 60)])
+def test_groups_are_groups(name, order):
+    group = get_group(name)
+    table = group.table
+    assert table.shape == (order, order)
+    # identity, every row and column a permutation (inverses exist), associativity on random triples
+    np.testing.assert_array_equal(table[group.identity], np.arange(order))
+    np.testing.assert_array_equal(table[:, group.identity], np.arange(order))
+    assert all(sorted(row) == list(range(order)) for row in table)
+    assert all(sorted(col) == list(range(order)) for col in table.T)
+    rng = np.random.default_rng(0)
+    a, b, c = rng.integers(0, order, size=(3, 500))
+    np.testing.assert_array_equal(table[table[a, b], c], table[a, table[b, c]])
+
+
+def test_s3_is_not_abelian_and_a5_has_no_odd_permutations():
+    s3 = get_group("s3").table
+    assert any(s3[a, b] != s3[b, a] for a, b in itertools.product(range(6), repeat=2))
+    assert get_group("a5").order * 2 == get_group("s5").order
+
+
+def test_running_products_fold_the_prefix():
+    group = get_group("s3")
+    tokens = np.random.default_rng(1).integers(0, 6, size=(4, 9)).astype(np.int32)
+    out = running_products(group, tokens)
+    for row in range(4):
+        product = group.identity
+        for t in range(9):
+            product = group.table[product, tokens[row, t]]
+            assert out[row, t] == product
+
+
+def test_parity_targets_are_prefix_xor():
+    batch = state_tracking_batch(get_group("parity"), seed=3, step=5, batch_size=4, seq_len=12)
+    np.testing.assert_array_equal(batch["targets"], np.cumsum(batch["inputs"], axis=1) % 2)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_batches_are_a_pure_function_of_seed_and_step(group):
+    g = get_group(group)
+    a = state_tracking_batch(g, seed=7, step=11, batch_size=8, seq_len=5)
+    b = state_tracking_batch(g, seed=7, step=11, batch_size=8, seq_len=5)
+    c = state_tracking_batch(g, seed=7, step=12, batch_size=8, seq_len=5)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert not np.array_equal(a["inputs"], c["inputs"])
+    rows = state_tracking_batch(g, seed=7, step=11, batch_size=8, seq_len=5, rows=slice(2, 6))
+    np.testing.assert_array_equal(rows["inputs"], a["inputs"][2:6])
+    np.testing.assert_array_equal(rows["targets"], a["targets"][2:6])
+
+
+def test_eval_data_never_repeats_training_data():
+    source = make_source(DataConfig(group="s5", seq_len=16), vocab_size=120)
+    train = source.train_batch(0, 16, 32, slice(0, 32))["inputs"]
+    evaluation = source.eval_batch(0, 16, 32, slice(0, 32))["inputs"]
+    assert not {tuple(r) for r in train} & {tuple(r) for r in evaluation}
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".bin", "uint16"), (".bin", "uint32"), (".npy", "uint32")])
+def test_token_file_windows_and_epoch_shuffle(tmp_path, suffix, dtype):
+    tokens = np.arange(1, 4 * 10 + 2, dtype=dtype)  # 41 tokens -> 10 windows of 4 + 1
+    path = tmp_path / f"tokens{suffix}"
+    if suffix == ".npy":
+        np.save(path, tokens)
+    else:
+        tokens.tofile(path)
+    mapped = open_tokens(path, dtype)
+    windows = TokenWindows(mapped, seq_len=4)
+    assert windows.num_windows == 10
+    first = windows.windows(np.array([0, 3]))
+    np.testing.assert_array_equal(first["inputs"], [[1, 2, 3, 4], [13, 14, 15, 16]])
+    np.testing.assert_array_equal(first["targets"], [[2, 3, 4, 5], [14, 15, 16, 17]])
+    epoch = windows.shuffled(seed=0, first_sample=0, count=10)["inputs"][:, 0]
+    assert sorted(epoch) == [1 + 4 * i for i in range(10)]  # each window exactly once per epoch
+    # A restart at any sample (or a process reading only its rows) sees the same stream.
+    both = windows.shuffled(seed=0, first_sample=7, count=6)["inputs"]
+    np.testing.assert_array_equal(both[:3], windows.shuffled(seed=0, first_sample=7, count=3)["inputs"])
+    np.testing.assert_array_equal(both[3:], windows.shuffled(seed=0, first_sample=10, count=3)["inputs"])
+
+
+def test_token_file_source_holds_out_eval_tokens_and_masks_documents(tmp_path):
+    tokens = np.random.default_rng(0).integers(1, 50, size=2000).astype(np.uint16)
+    tokens[::7] = 0  # EOS
+    path = tmp_path / "data.bin"
+    tokens.tofile(path)
+    config = DataConfig(kind="token_file", path=str(path), seq_len=16, eval_fraction=0.1, mask_documents=True,
+                        eos_token_id=0)
+    source = make_source(config, vocab_size=64)
+    batch = source.train_batch(3, 16, 8, slice(0, 8))
+    assert batch["inputs"].shape == batch["targets"].shape == batch["segment_ids"].shape == (8, 16)
+    ids = batch["segment_ids"]
+    assert np.all(np.diff(ids, axis=1) >= 0)
+    # a new segment starts right after each EOS
+    eos = batch["inputs"][:, :-1] == 0
+    np.testing.assert_array_equal(np.diff(ids, axis=1)[eos], 1)
+    evaluation = source.eval_batch(0, 16, 4, slice(0, 4))["inputs"]
+    split = int(2000 * 0.9)
+    np.testing.assert_array_equal(evaluation[0], tokens[split : split + 16])
+
+
+def test_token_ids_beyond_the_vocabulary_are_rejected(tmp_path):
+    path = tmp_path / "big.bin"
+    np.full(100, 70, dtype=np.uint16).tofile(path)
+    source = make_source(DataConfig(kind="token_file", path=str(path), seq_len=8), vocab_size=64)
+    with pytest.raises(ValueError, match="token id 70 is >= model.vocab_size=64"):
+        source.train_batch(0, 8, 2, slice(0, 2))
