@@ -9,7 +9,7 @@ gradient clipping 1 (the paper's configs). Forward+backward is one jitted call o
 with a fixed random cotangent for y, i.e. everything a training step spends on the op, including the head sums
 of broadcast-head gradients. Times are medians over repeats of ``iters`` back-to-back calls after warm-up, taken
 with ``block_until_ready``. Memory is the compiled executable's temporary allocation (``memory_analysis``):
-device memory beyond the arguments and outputs.
+device memory beyond the arguments and outputs (inputs, dy; y and the gradients).
 """
 
 from __future__ import annotations
@@ -83,12 +83,16 @@ def op_function(backend: str, config: KernelConfig | None = None) -> Callable:
 
 
 def forward_and_training_step(fn: Callable) -> tuple[Callable, Callable]:
-    """Jitted forward (args) -> y and forward+backward (args, dy) -> grads of q, k, v, W, f."""
+    """Jitted forward (args) -> y and forward+backward (args, dy) -> (y, grads of q, k, v, W, f).
+
+    The training step returns y too (the next layer consumes it), so its temporary memory is what the op needs
+    beyond its inputs, output and gradients.
+    """
     forward = jax.jit(lambda a: fn(a)[0])
 
     def fwd_bwd(a, dy):
         (y, h), pullback = jax.vjp(fn, a)
-        return pullback((dy, jnp.zeros_like(h)))[0]
+        return y, pullback((dy, jnp.zeros_like(h)))[0]
 
     return forward, jax.jit(fwd_bwd)
 
@@ -182,20 +186,13 @@ def run(shapes: Sequence[str], backends: Sequence[str], json_path: str | None, i
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", nargs="+", default=["400m", "400m-b1", "400m-s16k"], choices=sorted(SHAPES),
-                        help="named problem shapes (default: the paper's 400M layer, B=1, S=16384)")
-    parser.add_argument("--backends", nargs="+", default=None,
-                        help="backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    parser.add_argument("--iters", type=int, default=10, help="calls per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from m2rnn_jax.commands import bench as command  # one definition of the arguments, shared with the CLI
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    command.add_parser(subparsers)
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return run(args.shapes, args.backends or default_backends(), args.json, args.iters, args.repeats)
 
 

@@ -31,17 +31,17 @@ def padded_size(n: int) -> int:
 
 
 def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
-    """Launch parameters for a problem: split the state rows over more programs when B*N is small.
+    """Launch parameters for a problem size.
 
-    The H200 has 132 SMs; with fewer than ~2 programs per SM a row split (per-row-block partials of y, dv, df,
-    summed outside the kernel) buys parallelism for a little extra memory traffic.
+    One program owns up to 64 state rows with two warps (32 rows each). When B*N is small (B=1 at the paper
+    shape: 84 programs for 132 SMs) the rows are split over more programs, down to 16 rows and one warp, until
+    there are ~2 programs per SM; y, dv and df then come as per-row-block partials summed outside the kernel.
     """
     k_padded = padded_size(k_dim)
-    programs = batch * num_heads
-    block_k = k_padded
-    while block_k > 16 and programs * (k_padded // block_k) < 264:
+    block_k = min(k_padded, 64)
+    while block_k > 16 and batch * num_heads * (k_padded // block_k) < 264:
         block_k //= 2
-    return KernelConfig(block_k=block_k)
+    return KernelConfig(block_k=block_k, num_warps=2 if block_k >= 64 else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,27 @@ def _fused_bwd(static: _Static, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+_MAX_ELEMENTS = 2**31 - 1  # the kernels index arrays with int32 offsets
+
+
+def _check_index_range(tokens: int, num_heads: int, k_padded: int, v_padded: int, batch: int, static: _Static) -> None:
+    """Raise ValueError when an array the kernels index would need offsets beyond int32."""
+    config = static.config
+    rows = config.rows_per_program(k_padded)
+    sizes = {
+        "per-head gradient partials (T, N, K)": tokens * num_heads * k_padded,
+        "readout partials (K/block_k, T, N, V)": (k_padded // rows) * tokens * num_heads * v_padded,
+        "checkpoints": static.num_chunks * num_heads * k_padded * v_padded,
+        "recompute block starts": batch * num_heads * k_padded * v_padded * (config.chunk_size // config.recompute_block),
+    }
+    for what, size in sizes.items():
+        if size > _MAX_ELEMENTS:
+            raise ValueError(
+                f"q: the pallas_gpu kernels index with int32 offsets; {what} would need {size} elements "
+                f"(expected at most {_MAX_ELEMENTS}); split the batch or use backend='scan'"
+            )
+
+
 def _pad_to(x: jax.Array, sizes: dict[int, int]) -> jax.Array:
     """Zero-pad axis a of x at its end to sizes[a]."""
     widths = [(0, sizes.get(axis, dim) - dim) for axis, dim in enumerate(x.shape)]
@@ -178,6 +199,7 @@ def m2rnn_pallas_gpu(
     if h0 is None:
         h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), carry_dtype)
     kp, vp = padded_size(k_dim), padded_size(v_dim)
+    _check_index_range(tokens, num_heads, kp, vp, batch, static)
     y, h_final = _fused(
         _pad_to(q, {2: kp}),
         _pad_to(k, {2: kp}),

@@ -1,19 +1,20 @@
 """Fused M2RNN backward kernel for NVIDIA GPUs (Pallas, Triton lowering).
 
 One program per (sequence b, output head n, block of state rows) sweeps the chunks of its sequence in reverse.
-For each chunk it restarts from the forward's checkpoint, recomputes the states of ``recompute_block`` steps at a
-time into a small per-program buffer (which stays in L2), and walks those steps backward with the math of
-SPEC §4.1 and the clipping placement of SPEC §0.1:
+For each chunk it restarts from the forward's checkpoint and walks the chunk once, storing the state at the start
+of every ``recompute_block`` steps (a few KB per program, read back soon after, so it stays in L2). Then, block by
+block in reverse, it recomputes the block's states into registers (the block is unrolled statically) and walks
+its steps backward, recomputing Z_t, with the math of SPEC §4.1 and the clipping placement of SPEC §0.1:
 
     dq_t = H_t dy_t                      R <- clamp(R)        G = q_t dy_t^T + R
     df_t = sum(G * (H_{t-1} - Z_t))      dP = (1 - f_t) G * (1 - Z_t^2)
     dW  += H_{t-1}^T dP                  dv_t = dP^T k_t      dk_t = dP v_t
     R   <- f_t G + dP W^T                (after the first step of the sequence: dh0 = R, unclamped)
 
-When a chunk holds several recompute blocks, one extra walk over the chunk first stores the state at the start of
-every block. Memory beyond inputs and gradients: the checkpoints, O(B N K V S / chunk_size), plus
-O(B N K V chunk_size) of per-program buffers. Gradients of broadcast heads are written per output head and of
-split rows per row block; the caller sums them (no atomics).
+Per time step that is three evaluations of the recurrence (chunk walk, block recompute, reverse step) and no
+per-step state traffic through memory. Memory beyond inputs and gradients: the checkpoints,
+B N K V (S / chunk_size) floats, plus B N K V (chunk_size / recompute_block) floats of block starts. Gradients of
+broadcast heads are written per output head and of split rows per row block; the caller sums them (no atomics).
 """
 
 from __future__ import annotations
@@ -103,17 +104,20 @@ def _backward_kernel(
         r = f_t * g + numerics.matmul(dp, w_t_dot)
         return r, dw
 
-    def block_backward(block_start, block_len, h, carry):
-        """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state h before
-        them: recompute their states into registers (a statically unrolled block), then walk them backward."""
-        states = [h]
+    def block_backward(block_start, block_len, load_start, carry):
+        """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state before them
+        (``load_start()`` reads it from memory): recompute their states into registers (a statically unrolled
+        block), then walk them backward. The block's first state is read again rather than kept live."""
+        states = [load_start()]
         for s in range(recompute_block - 1):
             _, k_t, v_t, f_t = load(block_start + s)
             states.append(recurrence_step(states[-1], w_dot, k_t, v_t, f_t, numerics)[1])
+        states[0] = None
         for s in reversed(range(recompute_block)):
             t = block_start + s
             dy_t = dy_ref[jnp.minimum(t, last), n, :].astype(acc)
-            step = functools.partial(backward_step, t, states[s], load(t), dy_t)
+            h_prev = load_start() if s == 0 else states[s]
+            step = functools.partial(backward_step, t, h_prev, load(t), dy_t)
             carry = lax.cond(s < block_len, step, lambda c: c, carry)
         return carry
 
@@ -137,7 +141,8 @@ def _backward_kernel(
             j = num_blocks - 1 - jj
             block_start = chunk_start + j * recompute_block
             block_len = jnp.minimum(recompute_block, chunk_start + chunk_len - block_start)
-            return block_backward(block_start, block_len, block_starts_ref[b, n, kb, j].astype(acc), carry)
+            load_start = lambda: block_starts_ref[b, n, kb, j].astype(acc)
+            return block_backward(block_start, block_len, load_start, carry)
 
         carry = lax.fori_loop(0, num_blocks, block, carry)
         _block_barrier(interpret)

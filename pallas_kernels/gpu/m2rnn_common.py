@@ -38,7 +38,7 @@ class KernelConfig:
 
     block_k: int | None = None
     chunk_size: int = 128
-    recompute_block: int = 2
+    recompute_block: int = 4
     num_warps: int = 2
     num_stages: int = 1
     approx_tanh: bool = False

@@ -187,14 +187,33 @@ def test_forward_checkpoints_are_the_chunk_start_states():
 
 def test_launch_parameters():
     assert [padded_size(n) for n in (1, 9, 16, 17, 64, 72)] == [16, 16, 16, 32, 64, 128]
-    assert default_config(batch=8, num_heads=84, k_dim=64).block_k == 64
-    assert default_config(batch=1, num_heads=84, k_dim=64).block_k == 16
+    paper, single = default_config(batch=8, num_heads=84, k_dim=64), default_config(batch=1, num_heads=84, k_dim=64)
+    assert (paper.block_k, paper.num_warps) == (64, 2)
+    assert (single.block_k, single.num_warps) == (16, 1)
+    assert default_config(batch=8, num_heads=84, k_dim=200).block_k == 64
     with pytest.raises(ValueError, match="recompute_block"):
         KernelConfig(chunk_size=64, recompute_block=6)
     with pytest.raises(ValueError, match="recompute_block"):
         KernelConfig(chunk_size=64, recompute_block=32)
     with pytest.raises(ValueError, match="block_k"):
         KernelConfig(block_k=24)
+
+
+def test_int32_index_range_is_checked():
+    batch, seq_len, heads = 64, 65536, 84
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    call = lambda q, v, w, f: m2rnn_pallas_gpu(q, q, v, w, f, None, cu_seqlens=None, gradient_clipping=None,
+                                               state_dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match="int32"):
+        jax.eval_shape(call, spec(batch, seq_len, 1, 64), spec(batch, seq_len, heads, 16), spec(heads, 16, 16),
+                       spec(batch, seq_len, heads))
+
+
+def test_bench_cli_knows_every_benchmark_shape():
+    from experiments.bench.kernels import SHAPES
+    from m2rnn_jax.commands.bench import SHAPE_NAMES
+
+    assert set(SHAPE_NAMES) == set(SHAPES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
