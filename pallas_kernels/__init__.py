@@ -1,0 +1,1 @@
+"""Pallas kernels of m2rnn-jax: ``gpu`` (NVIDIA, Triton lowering) and ``tpu`` (Mosaic TPU); plain array functions."""
