@@ -18,6 +18,7 @@ Decoding states: Flax keeps the conv state as (B, ks - 1, C), lm-engine as (B, C
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -194,26 +195,23 @@ def torch_layer_from_flax(layer: M2RNN, dtype: torch.dtype | None = None) -> M2R
     return load_flax_into_torch(layer, module)
 
 
-def randomize_layer_params(layer: M2RNN, key: jax.Array, scale: float = 0.3) -> M2RNN:
+def randomize_layer_params(layer: M2RNN, seed: int, scale: float = 0.3) -> M2RNN:
     """Perturb every parameter in place: p += scale * std(p) * noise (std 1 for constant p), then return layer.
 
     Makes parity checks sensitive to layout mistakes that the structured init hides (W = I, D = 1, norm = 1).
+    The noise is drawn with NumPy (``seed``): no JAX compilation.
     """
+    rng = np.random.default_rng(seed)
     params = nnx.state(layer, nnx.Param)
-    nnx.replace_by_pure_dict(params, _perturb(nnx.to_pure_dict(params), key, scale))
+
+    def perturb(leaf: jax.Array) -> jax.Array:
+        value = np.asarray(leaf, dtype=np.float64)
+        spread = float(np.std(value)) or 1.0
+        return jnp.asarray(value + scale * spread * rng.standard_normal(value.shape), dtype=leaf.dtype)
+
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(perturb, nnx.to_pure_dict(params)))
     nnx.update(layer, params)
     return layer
-
-
-@jax.jit
-def _perturb(tree: dict, key: jax.Array, scale: float) -> dict:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    perturbed = []
-    for leaf, leaf_key in zip(leaves, jax.random.split(key, len(leaves))):
-        spread = jnp.std(leaf)
-        spread = jnp.where(spread > 0, spread, jnp.ones_like(spread))
-        perturbed.append(leaf + scale * spread * jax.random.normal(leaf_key, leaf.shape, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, perturbed)
 
 
 def _errors(actual: Any, expected: torch.Tensor) -> dict[str, float]:
@@ -223,6 +221,17 @@ def _errors(actual: Any, expected: torch.Tensor) -> dict[str, float]:
         raise ValueError(f"shape mismatch between JAX {actual.shape} and torch {expected.shape}")
     max_abs = float(np.max(np.abs(actual - expected), initial=0.0))
     return {"abs": max_abs, "rel": max_abs / max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)}
+
+
+def _run(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.Array, state: M2RNNState | None):
+    return nnx.merge(graphdef, params, rest)(x, state)
+
+
+@partial(jax.jit, static_argnums=0)  # one compilation per layer structure, reused by later comparisons
+def _outputs_and_grads(graphdef, params, rest, x, state, cotangents):
+    """Layer outputs and the vjp of (y, new state) w.r.t. (params, x, state)."""
+    outputs, vjp = jax.vjp(lambda p, x_, s: _run(graphdef, p, rest, x_, s), params, x, state)
+    return outputs, vjp(cotangents)
 
 
 def compare_layer_with_torch(layer: M2RNN, x: jax.Array, state: M2RNNState | None = None, seed: int = 0) -> dict:
@@ -238,21 +247,15 @@ def compare_layer_with_torch(layer: M2RNN, x: jax.Array, state: M2RNNState | Non
     module = torch_layer_from_flax(layer)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
-    def run(params, x, state):
-        return nnx.merge(graphdef, params, rest)(x, state)
-
-    @jax.jit  # one compilation instead of many eager dispatches
-    def outputs_and_grads(params, x, state, cotangents):
-        outputs, vjp = jax.vjp(run, params, x, state)
-        return outputs, vjp(cotangents)
-
-    y_shape, state_shape = jax.eval_shape(run, params, x, state)
+    y_shape, state_shape = jax.eval_shape(partial(_run, graphdef), params, rest, x, state)
     rng = np.random.default_rng(seed)
     dy = rng.standard_normal(y_shape.shape).astype(np.dtype(y_shape.dtype))
     dh = rng.standard_normal(state_shape.recurrent.shape).astype(np.dtype(state_shape.recurrent.dtype))
     zero_conv = None if state_shape.conv is None else jnp.zeros(state_shape.conv.shape, state_shape.conv.dtype)
     cotangents = (jnp.asarray(dy), M2RNNState(zero_conv, jnp.asarray(dh)))
-    (y, new_state), (grad_params, grad_x, grad_state) = outputs_and_grads(params, x, state, cotangents)
+    (y, new_state), (grad_params, grad_x, grad_state) = _outputs_and_grads(
+        graphdef, params, rest, x, state, cotangents
+    )
 
     x_t = to_torch(x).requires_grad_()
     conv_in = rec_in = None

@@ -19,7 +19,7 @@ def test_compare_passes_and_prints_table(capsys):
 
 
 def test_compare_fails_over_tolerance(capsys):
-    assert main(TINY + ["--dtypes", "float64", "--tol-float64", "1e-30"]) == 1
+    assert main(TINY + ["--dtypes", "float32", "--with-state", "--tol-float32", "1e-30"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 

@@ -33,8 +33,10 @@ TORCH_KWARGS = dict(
 
 
 def make_layer(seed):
-    layer = M2RNN(HIDDEN, CONFIG, num_layers=2, initializer_range=0.3, rngs=nnx.Rngs(seed))
-    return randomize_layer_params(layer, jax.random.key(seed + 100))
+    layer = M2RNN(
+        HIDDEN, CONFIG, num_layers=2, initializer_range=0.3, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))
+    )
+    return randomize_layer_params(layer, seed + 100)
 
 
 def flat_params(layer):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from m2rnn_jax import m2rnn  # noqa: E402
 from m2rnn_jax.interop.conversion import to_torch  # noqa: E402
 from m2rnn_jax.interop.torch_reference import m2rnn_torch  # noqa: E402
-from m2rnn_jax.testing import random_m2rnn_inputs  # noqa: E402
+from tests.interop.inputs import numpy_m2rnn_inputs, numpy_varlen_inputs  # noqa: E402
 
 TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-5}
 DIFFERENTIABLE = ("q", "k", "v", "W", "f", "h0")
@@ -54,19 +54,19 @@ def torch_outputs_and_grads(inputs, cotangents, clip):
     return [o.detach() for o in outputs], dict(zip(names, (g.numpy() for g in grads)))
 
 
-def random_cotangents(key, inputs, dtype):
+def random_cotangents(seed, inputs, dtype):
+    """NumPy-drawn cotangents for y (.., N, V) and h_final (B, N, K, V), as JAX arrays of ``dtype``."""
     q, v = inputs["q"], inputs["v"]
-    lead = q.shape[:-2]
     num_heads = max(q.shape[-2], inputs["k"].shape[-2], v.shape[-2], inputs["f"].shape[-1], inputs["W"].shape[0])
-    batch = lead[0] if "cu_seqlens" not in inputs else inputs["cu_seqlens"].shape[0] - 1
-    key_y, key_h = jax.random.split(key)
-    dy = jax.random.normal(key_y, lead + (num_heads, v.shape[-1]), dtype)
-    dh = jax.random.normal(key_h, (batch, num_heads, q.shape[-1], v.shape[-1]), dtype)
-    return dy, dh
+    batch = q.shape[0] if "cu_seqlens" not in inputs else inputs["cu_seqlens"].shape[0] - 1
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal(q.shape[:-2] + (num_heads, v.shape[-1]))
+    dh = rng.standard_normal((batch, num_heads, q.shape[-1], v.shape[-1]))
+    return jnp.asarray(dy, dtype), jnp.asarray(dh, dtype)
 
 
 def assert_parity(inputs, dtype, clip=None, seed=1):
-    cotangents = random_cotangents(jax.random.key(seed), inputs, dtype)
+    cotangents = random_cotangents(seed, inputs, dtype)
     (y, h), grads = jax_outputs_and_grads(inputs, cotangents, clip)
     (y_t, h_t), grads_t = torch_outputs_and_grads(inputs, cotangents, clip)
     assert y.dtype == dtype and h.dtype == dtype
@@ -77,70 +77,48 @@ def assert_parity(inputs, dtype, clip=None, seed=1):
     return grads
 
 
-def inputs_for(dtype, *, seed=0, **kwargs):
-    return random_m2rnn_inputs(jax.random.key(seed), dtype=dtype, **kwargs)
+def inputs_for(dtype, *, seed=0, cu_seqlens=None, **kwargs):
+    """NumPy-drawn realistic inputs (see tests/interop/inputs.py) as JAX arrays of ``dtype``."""
+    if cu_seqlens is None:
+        arrays = numpy_m2rnn_inputs(seed, **kwargs)
+    else:
+        arrays = numpy_varlen_inputs(seed, cu_seqlens=cu_seqlens, **kwargs)
+    return {name: jnp.asarray(x, dtype=x.dtype if name == "cu_seqlens" else dtype) for name, x in arrays.items()}
 
 
 DTYPES = [pytest.param(jnp.float64, id="f64"), pytest.param(jnp.float32, id="f32")]
-HEAD_PATTERNS = [
-    pytest.param(dict(num_heads=84, k_dim=64, v_dim=16, num_q_heads=1, num_k_heads=1), id="paper-Nq=Nk=1-N84"),
-    pytest.param(
-        dict(num_heads=8, k_dim=5, v_dim=3, num_q_heads=2, num_k_heads=4, num_f_heads=8, num_w_heads=2),
-        id="mixed-2-4-8-8-2",
-    ),
-    pytest.param(dict(num_heads=3, k_dim=4, v_dim=6), id="equal-3"),
+HEAD_PATTERNS = [  # (counts (Nq, Nk, Nv, Nf, Nw) and sizes, gradient_clipping)
+    pytest.param(dict(counts=(1, 1, 84, 84, 84), k_dim=64, v_dim=16), 1.0, id="paper-Nq=Nk=1-N84"),
+    pytest.param(dict(counts=(2, 4, 8, 8, 2), k_dim=5, v_dim=3), 0.05, id="mixed-2-4-8-8-2-binding-clip"),
+    pytest.param(dict(counts=(3, 3, 3, 3, 3), k_dim=4, v_dim=6), None, id="equal-3"),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", HEAD_PATTERNS)
-def test_dense_parity(x64, dtype, heads):
-    seq_len = 3 if heads["num_heads"] == 84 else 6
-    assert_parity(inputs_for(dtype, batch=2, seq_len=seq_len, **heads), dtype)
+@pytest.mark.parametrize("heads,clip", HEAD_PATTERNS)
+def test_dense_parity(x64, dtype, heads, clip):
+    seq_len = 3 if max(heads["counts"]) == 84 else 6
+    assert_parity(inputs_for(dtype, batch=2, seq_len=seq_len, **heads), dtype, clip=clip)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_parity_without_h0(x64, dtype):
-    inputs = inputs_for(dtype, batch=2, seq_len=5, num_heads=4, k_dim=3, v_dim=4, num_q_heads=1, with_h0=False)
+    inputs = inputs_for(dtype, batch=2, seq_len=5, counts=(1, 4, 4, 4, 4), k_dim=3, v_dim=4, with_h0=False)
     assert "h0" not in inputs
     assert_parity(inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_parity(x64, dtype):
-    inputs = inputs_for(
-        dtype, batch=0, seq_len=0, num_heads=4, k_dim=3, v_dim=2, num_k_heads=2, cu_seqlens=[0, 3, 3, 8, 9]
-    )
+    inputs = inputs_for(dtype, counts=(4, 2, 4, 4, 4), k_dim=3, v_dim=2, cu_seqlens=[0, 3, 3, 8, 9])
     assert_parity(inputs, dtype, clip=0.5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_varlen_equals_separate_dense_runs(x64, dtype):
-    """The JAX varlen op on packed tokens equals the torch op run on each sequence separately."""
-    bounds = [0, 4, 5, 9]
-    inputs = inputs_for(dtype, batch=0, seq_len=0, num_heads=2, k_dim=3, v_dim=2, num_q_heads=1, cu_seqlens=bounds)
-    y, h = m2rnn(**inputs, backend="scan")
-    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        piece = {n: to_torch(inputs[n][start:end])[None] for n in ("q", "k", "v", "f")}
-        y_b, h_b = m2rnn_torch(**piece, W=to_torch(inputs["W"]), h0=to_torch(inputs["h0"][b : b + 1]))
-        assert relative_error(y[start:end], y_b[0].numpy()) < TOLERANCE[dtype]
-        assert relative_error(h[b], h_b[0].numpy()) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_clipping_that_binds(x64, dtype):
+def test_clipping_that_binds(x64):
     """With a bound small enough to bind, both implementations agree and the gradients really change."""
-    inputs = inputs_for(dtype, batch=2, seq_len=6, num_heads=4, k_dim=3, v_dim=4, num_q_heads=2)
-    clipped = assert_parity(inputs, dtype, clip=0.05)
-    unclipped = assert_parity(inputs, dtype, clip=None)
+    inputs = inputs_for(jnp.float64, batch=2, seq_len=6, counts=(2, 4, 4, 4, 4), k_dim=3, v_dim=4)
+    clipped = assert_parity(inputs, jnp.float64, clip=0.05)
+    unclipped = assert_parity(inputs, jnp.float64, clip=None)
     for name in ("k", "v", "W", "f", "h0"):
         assert relative_error(clipped[name], unclipped[name]) > 1e-2, name
     assert relative_error(clipped["q"], unclipped["q"]) == 0.0  # dq = H_t dy_t reads the forward state only
-
-
-def test_clipping_that_does_not_bind_is_identity(x64):
-    inputs = inputs_for(jnp.float64, batch=1, seq_len=4, num_heads=2, k_dim=2, v_dim=3)
-    clipped = assert_parity(inputs, jnp.float64, clip=1e6)
-    unclipped = assert_parity(inputs, jnp.float64, clip=None)
-    for name in DIFFERENTIABLE:
-        np.testing.assert_array_equal(clipped[name], unclipped[name])

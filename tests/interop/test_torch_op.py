@@ -10,28 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from m2rnn_jax.interop.torch_reference import m2rnn_torch  # noqa: E402
-
-
-def _random_inputs(seed, *, batch, seq_len, counts, k_dim, v_dim):
-    """Realistic float64 NumPy inputs: f from the softplus decay gate, W near identity, h0 in (-1, 1).
-
-    counts = (Nq, Nk, Nv, Nf, Nw); returns q, k, v, W, f, h0 with h0 (B, N, K, V).
-    """
-    rng = np.random.default_rng(seed)
-    nq, nk, nv, nf, nw = counts
-    n = max(counts)
-    a_log = np.log(rng.uniform(0.5, 16.0, size=nf))
-    dt_bias = np.log(np.expm1(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), size=nf))))
-    gate_in = rng.normal(0.0, 1.0, size=(batch, seq_len, nf))
-    f = np.exp(-np.exp(a_log) * np.logaddexp(0.0, gate_in + dt_bias))
-    return dict(
-        q=rng.normal(0.0, 1.0, size=(batch, seq_len, nq, k_dim)),
-        k=rng.normal(0.0, 1.0, size=(batch, seq_len, nk, k_dim)) / math.sqrt(k_dim),
-        v=rng.normal(0.0, 1.0, size=(batch, seq_len, nv, v_dim)),
-        W=np.eye(v_dim)[None] + rng.normal(0.0, 0.1, size=(nw, v_dim, v_dim)),
-        f=f,
-        h0=np.tanh(rng.normal(0.0, 0.5, size=(batch, n, k_dim, v_dim))),
-    )
+from tests.interop.inputs import numpy_m2rnn_inputs  # noqa: E402
 
 
 def _numpy_m2rnn(q, k, v, W, f, h0):
@@ -67,7 +46,7 @@ def _torch(arrays, requires_grad=False):
     "counts", [(3, 3, 3, 3, 3), (1, 1, 6, 6, 6), (2, 4, 8, 8, 2), (4, 2, 1, 2, 4)], ids=str
 )
 def test_forward_matches_numpy_loop(counts):
-    arrays = _random_inputs(0, batch=2, seq_len=5, counts=counts, k_dim=3, v_dim=4)
+    arrays = numpy_m2rnn_inputs(0, batch=2, seq_len=5, counts=counts, k_dim=3, v_dim=4)
     y_ref, h_ref = _numpy_m2rnn(**arrays)
     y, h = m2rnn_torch(**_torch(arrays))
     assert y.dtype == torch.float64 and h.dtype == torch.float64
@@ -76,7 +55,7 @@ def test_forward_matches_numpy_loop(counts):
 
 
 def test_h0_none_is_zero_state():
-    arrays = _random_inputs(1, batch=2, seq_len=4, counts=(1, 1, 2, 2, 2), k_dim=3, v_dim=2)
+    arrays = numpy_m2rnn_inputs(1, batch=2, seq_len=4, counts=(1, 1, 2, 2, 2), k_dim=3, v_dim=2)
     arrays["h0"] = np.zeros_like(arrays["h0"])
     y_ref, h_ref = _numpy_m2rnn(**arrays)
     tensors = _torch(arrays)
@@ -88,7 +67,7 @@ def test_h0_none_is_zero_state():
 
 @pytest.mark.parametrize("counts", [(2, 2, 2, 2, 2), (1, 1, 2, 2, 1)], ids=str)
 def test_gradients_match_finite_differences(counts):
-    arrays = _random_inputs(2, batch=1, seq_len=3, counts=counts, k_dim=2, v_dim=3)
+    arrays = numpy_m2rnn_inputs(2, batch=1, seq_len=3, counts=counts, k_dim=2, v_dim=3)
     tensors = _torch(arrays, requires_grad=True)
     names = ("q", "k", "v", "W", "f", "h0")
 
@@ -100,7 +79,7 @@ def test_gradients_match_finite_differences(counts):
 
 def test_varlen_equals_separate_runs():
     counts, lengths = (1, 2, 4, 4, 4), (3, 0, 5, 1)
-    arrays = _random_inputs(3, batch=1, seq_len=sum(lengths), counts=counts, k_dim=3, v_dim=2)
+    arrays = numpy_m2rnn_inputs(3, batch=1, seq_len=sum(lengths), counts=counts, k_dim=3, v_dim=2)
     packed = {name: arrays[name][0] for name in ("q", "k", "v", "f")}  # (T, ...)
     W = arrays["W"]
     h0 = np.tanh(np.random.default_rng(4).normal(size=(len(lengths), 4, 3, 2)))
@@ -171,7 +150,7 @@ def test_hand_derived_single_head(clip):
 
 
 def test_bad_head_counts_raise():
-    arrays = _torch(_random_inputs(5, batch=1, seq_len=2, counts=(2, 2, 3, 3, 3), k_dim=2, v_dim=2))
+    arrays = _torch(numpy_m2rnn_inputs(5, batch=1, seq_len=2, counts=(2, 2, 3, 3, 3), k_dim=2, v_dim=2))
     arrays["h0"] = None
     with pytest.raises(ValueError, match="divide N=3"):
         m2rnn_torch(**arrays)
