@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "to_torch": "conversion",
+    "to_jax": "conversion",
+    "randomize_layer_params": "conversion",
     "m2rnn_torch": "torch_reference",
     "M2RNNTorch": "torch_reference",
     "torch_state_dict_from_flax": "conversion",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -154,3 +156,22 @@ def test_bad_head_counts_raise():
     arrays["h0"] = None
     with pytest.raises(ValueError, match="divide N=3"):
         m2rnn_torch(**arrays)
+
+
+def test_missing_torch_gives_install_hint(monkeypatch):
+    """Imported without torch, the module raises an ImportError that names the extra to install."""
+    import m2rnn_jax.interop.torch_reference as module
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    spec = importlib.util.spec_from_file_location("_torch_reference_without_torch", module.__file__)
+    with pytest.raises(ImportError, match=r"pip install m2rnn-jax\[torch\]"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_lazy_package_exports():
+    import m2rnn_jax.interop as interop
+
+    assert interop.m2rnn_torch is m2rnn_torch
+    assert callable(interop.compare_layer_with_torch) and callable(interop.flax_params_from_torch_state_dict)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        interop.nope  # noqa: B018
