@@ -125,13 +125,13 @@ def analyse(config: KernelConfig, shape: tuple[int, int, int, int, int], keep: s
         programs = grid[0] * grid[1] * grid[2]
         entry = {"resources": usage, "programs": programs, "loops": loops}
         # Every recurrence step evaluates one tanh per state element: 2 MUFU ops per element (exact), 1 (approx).
-        # A loop's MUFU count therefore tells how many tanh evaluations one pass makes. A single-step loop makes 1;
-        # the backward's unrolled recompute block of r time steps makes 2r - 1 (r - 1 forward, r reverse).
+        # A loop's MUFU count therefore tells how many time steps one pass through it covers (the backward's
+        # unrolled recompute block of r steps evaluates r of them).
         mufu_per_step = elements_per_thread * (1 if config.approx_tanh else 2)
         per_step = 0.0
         for loop in loops:
             tanh_steps = round(loop["mix"].get("MUFU", 0) / mufu_per_step)
-            loop["time_steps"] = (tanh_steps + 1) // 2
+            loop["time_steps"] = tanh_steps
             if tanh_steps:
                 per_step += loop["instructions"] / loop["time_steps"]
         entry["per_step_warp_instructions"] = per_step

@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.gpu.m2rnn_common import (
     HeadMap,
     KernelConfig,
+    blend,
     StepNumerics,
     cdiv,
     recurrence_step,
@@ -38,10 +39,6 @@ from pallas_kernels.gpu.m2rnn_common import (
     step_inputs,
     walk_forward,
 )
-
-
-def _no_stores(*_) -> None:
-    pass
 
 
 def _block_barrier(interpret: bool) -> None:
@@ -73,6 +70,7 @@ def _backward_kernel(
     rows: int,
     chunk_size: int,
     recompute_block: int,
+    prefetch: int,
     clip: float | None,
     numerics: StepNumerics,
     interpret: bool,
@@ -88,10 +86,10 @@ def _backward_kernel(
     last = jnp.maximum(end - 1, start)
     load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), n, row_ids, heads, acc)
 
-    def backward_step(t, h_prev, inputs, dy_t, carry):
+    def backward_step(t, h_prev, z, inputs, dy_t, carry):
         r, dw = carry
         q_t, k_t, v_t, f_t = inputs
-        z, h = recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics)
+        h = blend(h_prev, z, f_t, numerics)
         dq_ref[t, n, row_ids] = jnp.sum(h * dy_t[None, :], axis=1).astype(dq_ref.dtype)
         if clip is not None:
             r = jnp.clip(r, -clip, clip)
@@ -104,20 +102,23 @@ def _backward_kernel(
         r = f_t * g + numerics.matmul(dp, w_t_dot)
         return r, dw
 
-    def block_backward(block_start, block_len, load_start, carry):
-        """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state before them
-        (``load_start()`` reads it from memory): recompute their states into registers (a statically unrolled
-        block), then walk them backward. The block's first state is read again rather than kept live."""
-        states = [load_start()]
-        for s in range(recompute_block - 1):
-            _, k_t, v_t, f_t = load(block_start + s)
-            states.append(recurrence_step(states[-1], w_dot, k_t, v_t, f_t, numerics)[1])
-        states[0] = None
+    def block_inputs(block_start):
+        """Everything a block reads besides its start state: per step (q, k, v, f) and dy."""
+        steps = [jnp.minimum(block_start + s, last) for s in range(recompute_block)]
+        return tuple(load(t) for t in steps), tuple(dy_ref[t, n, :].astype(acc) for t in steps)
+
+    def block_backward(block_start, block_len, h, inputs, carry):
+        """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state h before
+        them: recompute their states and Z into registers (a statically unrolled block), then walk back."""
+        loaded, dys = inputs
+        states, zs = [], []
+        for s in range(recompute_block):
+            _, k_t, v_t, f_t = loaded[s]
+            states.append(h)
+            z, h = recurrence_step(h, w_dot, k_t, v_t, f_t, numerics)
+            zs.append(z)
         for s in reversed(range(recompute_block)):
-            t = block_start + s
-            dy_t = dy_ref[jnp.minimum(t, last), n, :].astype(acc)
-            h_prev = load_start() if s == 0 else states[s]
-            step = functools.partial(backward_step, t, h_prev, load(t), dy_t)
+            step = functools.partial(backward_step, block_start + s, states[s], zs[s], loaded[s], dys[s])
             carry = lax.cond(s < block_len, step, lambda c: c, carry)
         return carry
 
@@ -126,25 +127,33 @@ def _backward_kernel(
         chunk_start = start + c * chunk_size
         chunk_len = jnp.minimum(chunk_size, end - chunk_start)
         num_blocks = cdiv(chunk_len, recompute_block)
+        last_block_start = chunk_start + (num_blocks - 1) * recompute_block
 
-        def save_block_start(j, h):
-            block_starts_ref[b, n, kb, j] = h.astype(block_starts_ref.dtype)
-            lo = chunk_start + j * recompute_block
-            return walk_forward(lo, lo + recompute_block, h, w_dot, load, _no_stores, numerics)
+        def store_block_start(t, h_prev, z, h_new, q_t):
+            offset = t - chunk_start
+
+            @pl.when(offset % recompute_block == 0)
+            def _():
+                block_starts_ref[b, n, kb, offset // recompute_block] = h_prev.astype(block_starts_ref.dtype)
 
         h = checkpoints_ref[chunk_offsets_ref[b] + c, n, row_ids, :].astype(acc)
-        h_last_block = lax.fori_loop(0, num_blocks - 1, save_block_start, h)
-        block_starts_ref[b, n, kb, num_blocks - 1] = h_last_block.astype(block_starts_ref.dtype)
+        h = walk_forward(chunk_start, last_block_start, h, w_dot, load, store_block_start, numerics, prefetch)
+        block_starts_ref[b, n, kb, num_blocks - 1] = h.astype(block_starts_ref.dtype)
         _block_barrier(interpret)
 
-        def block(jj, carry):
+        def block_data(j):
+            h_start = block_starts_ref[b, n, kb, j].astype(acc)
+            return h_start, block_inputs(chunk_start + j * recompute_block)
+
+        def block(jj, state):
+            carry, (h_start, inputs) = state
             j = num_blocks - 1 - jj
+            upcoming = block_data(jnp.maximum(j - 1, 0))  # the next block's loads fly during this block
             block_start = chunk_start + j * recompute_block
             block_len = jnp.minimum(recompute_block, chunk_start + chunk_len - block_start)
-            load_start = lambda: block_starts_ref[b, n, kb, j].astype(acc)
-            return block_backward(block_start, block_len, load_start, carry)
+            return block_backward(block_start, block_len, h_start, inputs, carry), upcoming
 
-        carry = lax.fori_loop(0, num_blocks, block, carry)
+        carry, _ = lax.fori_loop(0, num_blocks, block, (carry, block_data(num_blocks - 1)))
         _block_barrier(interpret)
         return carry
 
@@ -214,6 +223,7 @@ def m2rnn_backward(
         rows=rows,
         chunk_size=config.chunk_size,
         recompute_block=config.recompute_block,
+        prefetch=config.prefetch,
         clip=clip,
         numerics=numerics,
         interpret=interpret,

@@ -30,6 +30,7 @@ class KernelConfig:
         unrolled block, so keep it small: code size and registers grow with it) and walks them backward; it must
         divide ``chunk_size``.
     num_warps, num_stages: Triton launch parameters of both kernels.
+    prefetch: how many steps ahead the inputs are loaded (a step is shorter than a trip to HBM).
     approx_tanh: use the ``tanh.approx.f32`` instruction (max relative error about 2^-11) instead of exact tanh.
         Only for 16-bit inputs; it has no interpret-mode lowering, so CPU tests cannot cover it.
     split_dot: for 16-bit inputs, feed the float32 state to the tensor cores as a sum of two 16-bit parts
@@ -38,14 +39,15 @@ class KernelConfig:
 
     block_k: int | None = None
     chunk_size: int = 128
-    recompute_block: int = 4
+    recompute_block: int = 2
     num_warps: int = 2
     num_stages: int = 1
+    prefetch: int = 4
     approx_tanh: bool = False
     split_dot: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "recompute_block", "num_warps", "num_stages"):
+        for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.recompute_block > 16:
@@ -208,23 +210,25 @@ def blend(h_prev, z, f_t, numerics: StepNumerics):
     return numerics.round_state(z + f_t * (h_prev - z))
 
 
-def walk_forward(lo, hi, h, w_dot, load, emit, numerics: StepNumerics):
+def walk_forward(lo, hi, h, w_dot, load, emit, numerics: StepNumerics, prefetch: int):
     """Run steps t in [lo, hi) from state h (rows, V) and return the state after them.
 
-    ``load(t)`` returns (q_t, k_t, v_t, f_t) and must accept t = hi (clamp inside); the inputs of step t+1 are
-    requested before step t's dependent chain so their memory latency overlaps it. ``emit(t, h_prev, z, h_new, q_t)``
-    performs the per-step side effects (stores) of the caller.
+    ``load(t)`` returns (q_t, k_t, v_t, f_t) and must accept any t >= lo (clamp inside). The inputs of step
+    t + prefetch are requested at step t, so a load has ``prefetch`` steps of the dependent chain to arrive (one
+    step is shorter than a load's trip to HBM). ``emit(t, h_prev, z, h_new, q_t)`` performs the per-step side
+    effects (stores) of the caller.
     """
 
     def step(t, carry):
-        h_prev, current = carry
-        upcoming = load(t + 1)
-        q_t, k_t, v_t, f_t = current
+        h_prev, queue = carry
+        (q_t, k_t, v_t, f_t), rest = queue[0], queue[1:]
+        upcoming = load(t + prefetch)
         z, h_new = recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics)
         emit(t, h_prev, z, h_new, q_t)
-        return h_new, upcoming
+        return h_new, rest + (upcoming,)
 
-    h, _ = lax.fori_loop(lo, hi, step, (h, load(lo)))
+    queue = tuple(load(lo + i) for i in range(prefetch))
+    h, _ = lax.fori_loop(lo, hi, step, (h, queue))
     return h
 
 

@@ -43,6 +43,7 @@ def _forward_kernel(
     heads: HeadMap,
     rows: int,
     chunk_size: int,
+    prefetch: int,
     numerics: StepNumerics,
 ):
     b, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -62,7 +63,7 @@ def _forward_kernel(
         if checkpoints_ref is not None:
             checkpoints_ref[chunk_offsets_ref[b] + c, n, row_ids, :] = h.astype(checkpoints_ref.dtype)
         chunk_end = jnp.minimum(chunk_start + chunk_size, end)
-        return walk_forward(chunk_start, chunk_end, h, w_dot, load, emit, numerics)
+        return walk_forward(chunk_start, chunk_end, h, w_dot, load, emit, numerics, prefetch)
 
     h = h0_ref[b, n, row_ids, :].astype(acc)
     h = lax.fori_loop(0, cdiv(end - start, chunk_size), chunk, h)
@@ -119,6 +120,7 @@ def m2rnn_forward(
         heads=heads,
         rows=rows,
         chunk_size=config.chunk_size,
+        prefetch=config.prefetch,
         numerics=numerics,
     )
     outs = pl.pallas_call(
