@@ -153,16 +153,19 @@ class Trainer:
         flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
         peak = peak_flops_per_device()
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        compiled_lengths: set[int] = set()
         with _StopSignal() as stop, jax.set_mesh(self.mesh):
             for step in range(start, last_step):
                 batch = self._batch(step)
+                seq_len = int(batch["inputs"].shape[1])
                 self.state, metrics = self._train_step(self.state, batch)
                 done = step + 1
-                if step == start:  # do not count compilation in the throughput
+                if seq_len not in compiled_lengths:  # keep compilation out of the throughput
+                    compiled_lengths.add(seq_len)
                     jax.block_until_ready(metrics)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 else:
-                    window_tokens += config.batch_size * batch["inputs"].shape[1]
+                    window_tokens += config.batch_size * seq_len
                     window_steps += 1
                 if done % config.log_every == 0 or done == last_step:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -173,7 +176,7 @@ class Trainer:
                         values["steps_per_second"] = window_steps / elapsed
                         if peak is not None:
                             values["mfu"] = tokens_per_second * flops_per_token / (peak * jax.device_count())
-                    values["seq_len"] = int(batch["inputs"].shape[1])
+                    values["seq_len"] = seq_len
                     self.logger.write("train", done, values)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 self.logger.tick(done)
