@@ -31,11 +31,11 @@ from experiments.bench.kernels import (
 )
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
-BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=4)
+BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1)
 FORWARD_VARIANTS = {
     "base": BASE,
     "prefetch2": dataclasses.replace(BASE, prefetch=2),
-    "prefetch8": dataclasses.replace(BASE, prefetch=8),
+    "prefetch4": dataclasses.replace(BASE, prefetch=4),
     "warps1": dataclasses.replace(BASE, num_warps=1),
     "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
     "bk32_w1": dataclasses.replace(BASE, block_k=32, num_warps=1),
@@ -43,7 +43,7 @@ FORWARD_VARIANTS = {
 BACKWARD_VARIANTS = {
     "base": BASE,
     "rb4": dataclasses.replace(BASE, recompute_block=4),
-    "prefetch8": dataclasses.replace(BASE, prefetch=8),
+    "prefetch4": dataclasses.replace(BASE, prefetch=4),
     "warps1": dataclasses.replace(BASE, num_warps=1),
     "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
     "c64": dataclasses.replace(BASE, chunk_size=64),
@@ -165,6 +165,10 @@ def main() -> int:
         for name, block_k, warps in (("bk64_w2", 64, 2), ("bk32_w1", 32, 1)):
             config = dataclasses.replace(BASE, block_k=block_k, num_warps=warps)
             timed(rec, "400m-b1", "pallas_gpu", config, name, with_backward=True)
+    if "final" in steps:
+        for shape_name in ("400m", "400m-b1", "400m-s16k"):
+            timed(rec, shape_name, "pallas_gpu", None, "default (auto)", with_backward=True)
+        timed(rec, "400m", "pallas_gpu", dataclasses.replace(BASE, approx_tanh=True), "approx_tanh", with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

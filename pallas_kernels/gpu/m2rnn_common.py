@@ -42,7 +42,7 @@ class KernelConfig:
     recompute_block: int = 2
     num_warps: int = 2
     num_stages: int = 1
-    prefetch: int = 4
+    prefetch: int = 1
     approx_tanh: bool = False
     split_dot: bool = False
 
