@@ -30,9 +30,10 @@ class KernelConfig:
         unrolled block, so keep it small: code size and registers grow with it) and walks them backward; it must
         divide ``chunk_size``.
     num_warps, num_stages: Triton launch parameters of both kernels.
-    prefetch: how many steps ahead the inputs are loaded (a step is shorter than a trip to HBM).
-    approx_tanh: use the ``tanh.approx.f32`` instruction (max relative error about 2^-11) instead of exact tanh.
-        Only for 16-bit inputs; it has no interpret-mode lowering, so CPU tests cannot cover it.
+    prefetch: how many steps ahead the forward walks load their inputs (1 was fastest on the H200: deeper queues
+        cost registers and moves).
+    approx_tanh: use the ``tanh.approx.f32`` instruction (max relative error about 2^-11) instead of the
+        branch-free exact formula. Only for 16-bit inputs; interpret mode (CPU) runs the exact formula instead.
     split_dot: for 16-bit inputs, feed the float32 state to the tensor cores as a sum of two 16-bit parts
         (about 16 mantissa bits) instead of rounding it to one 16-bit value.
     """
@@ -214,9 +215,8 @@ def walk_forward(lo, hi, h, w_dot, load, emit, numerics: StepNumerics, prefetch:
     """Run steps t in [lo, hi) from state h (rows, V) and return the state after them.
 
     ``load(t)`` returns (q_t, k_t, v_t, f_t) and must accept any t >= lo (clamp inside). The inputs of step
-    t + prefetch are requested at step t, so a load has ``prefetch`` steps of the dependent chain to arrive (one
-    step is shorter than a load's trip to HBM). ``emit(t, h_prev, z, h_new, q_t)`` performs the per-step side
-    effects (stores) of the caller.
+    t + prefetch are requested at step t, so a load has ``prefetch`` steps of the dependent chain to arrive.
+    ``emit(t, h_prev, z, h_new, q_t)`` performs the per-step side effects (stores) of the caller.
     """
 
     def step(t, carry):
