@@ -1,6 +1,9 @@
 """One device call: ceilings, correctness at the paper shape and timings of kernel variants (H200).
 
-    PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--sweep forward,backward,shapes]
+    PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
+
+Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
+shapes, final, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -25,10 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.kernels import (
-    GRADIENT_CLIPPING, NAMES, SHAPES, bench, format_table, forward_and_training_step, make_inputs, median_ms,
-    op_function,
-)
+from experiments.bench.kernels import SHAPES, bench, format_table, make_inputs, median_ms, op_function
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1)
@@ -71,7 +71,8 @@ def ceilings(rec: Recorder) -> None:
     a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
     matmul = jax.jit(lambda p, q: p @ q)
     mm_ms = median_ms(matmul, a, a, iters=10)
-    rec.add({"kind": "ceiling", "copy_tb_per_s": 2 * x.nbytes / ms / 1e9, "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9})
+    rec.add({"kind": "ceiling", "copy_tb_per_s": 2 * x.nbytes / ms / 1e9,
+             "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9})
 
 
 def relative_errors(actual: dict, expected: dict) -> dict:

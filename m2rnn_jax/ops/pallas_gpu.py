@@ -147,7 +147,8 @@ def _check_index_range(tokens: int, num_heads: int, k_padded: int, v_padded: int
         "per-head gradient partials (T, N, K)": tokens * num_heads * k_padded,
         "readout partials (K/block_k, T, N, V)": (k_padded // rows) * tokens * num_heads * v_padded,
         "checkpoints": static.num_chunks * num_heads * k_padded * v_padded,
-        "recompute block starts": batch * num_heads * k_padded * v_padded * (config.chunk_size // config.recompute_block),
+        "recompute block starts": batch * num_heads * k_padded * v_padded
+        * (config.chunk_size // config.recompute_block),
     }
     for what, size in sizes.items():
         if size > _MAX_ELEMENTS:
