@@ -26,7 +26,7 @@ def test_weight_decay_mask_follows_spec_0_4():
     model = nnx.eval_shape(lambda: Decoder(tiny_config("MA", vocab_size=32), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     mask = weight_decay_mask(params, OptimizerConfig().no_decay_names)
-    flat = {"/".join(map(str, path)): variable.value for path, variable in nnx.to_flat_state(mask)}
+    flat = {"/".join(map(str, path)): bool(variable.get_value()) for path, variable in nnx.to_flat_state(mask)}
     decayed = {name for name, decay in flat.items() if decay}
     assert decayed == {name for name in flat if name.rsplit("/", 1)[-1] in ("kernel", "embedding", "state_weight")}
     for name in ("blocks/0/mixer/state_weight", "blocks/0/mixer/conv1d/kernel", "embed/embedding",
