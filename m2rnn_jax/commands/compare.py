@@ -37,6 +37,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--with-state", action="store_true", help="also feed a random incoming conv/recurrent state")
     p.add_argument("--backend", default="scan", help="op backend of the JAX layer (scan, pallas_gpu, ...)")
     p.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=list(DTYPE_NAMES))
+    p.add_argument(
+        "--matmul-precision",
+        choices=("highest", "default"),
+        default="highest",
+        help="JAX matmul precision for the layer's projections; 'default' lets GPUs use TF32 for float32 "
+        "(relative errors ~1e-3 against torch's full float32)",
+    )
     p.add_argument("--tol-float32", type=float, default=1e-5, help="max relative error allowed in float32")
     p.add_argument("--tol-float64", type=float, default=1e-10, help="max relative error allowed in float64")
     p.add_argument("--seed", type=int, default=0)
@@ -58,7 +65,7 @@ def _compare(args: argparse.Namespace, dtype_name: str) -> dict[str, dict[str, f
     def normal(shape: tuple[int, ...]) -> jax.Array:
         return jnp.asarray(rng.standard_normal(shape), dtype=dtype)
 
-    with jax.enable_x64(dtype == jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64), jax.default_matmul_precision(args.matmul_precision):
         config = M2RNNConfig(
             num_heads=args.num_heads,
             k_head_dim=args.k_head_dim,
