@@ -188,6 +188,7 @@ class Trainer:
                     self.save(wait=True)
                     self.logger.message(f"received signal {stop.received}: saved checkpoint at step {done}, exiting")
                     self.checkpointer.close()
+                    self.logger.close()
                     return 0
             if last_step < config.steps:
                 self.save(wait=True)

@@ -129,6 +129,21 @@ def check_restore_onto_another_mesh() -> None:
         checkpointer.close()
 
 
+def check_heads_must_divide_the_tensor_axis() -> None:
+    from m2rnn_jax.train.config import MeshConfig
+    from m2rnn_jax.train.trainer import Trainer
+
+    config = tiny_train_config(mesh=MeshConfig(data=1, tensor=8))  # 4 M2RNN heads on 8 tensor shards
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            Trainer(config, directory)
+        except ValueError as err:
+            assert "model.m2rnn.num_heads: expected a multiple of mesh.tensor=8" in str(err), err
+        else:
+            raise AssertionError("4 heads on 8 tensor shards was accepted")
+    print("OK heads_must_divide_tensor")
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.device_count()}"
     checks = sys.argv[1:] or ["op", "steps", "restore"]
@@ -139,3 +154,4 @@ if __name__ == "__main__":
         check_sharded_steps_match_single_device()
     if "restore" in checks:
         check_restore_onto_another_mesh()
+        check_heads_must_divide_the_tensor_axis()

@@ -21,6 +21,7 @@ EXPECTED = [
     "OK restore_onto_data2_tensor4",
     "OK restore_onto_fsdp4_tensor2",
     "OK restore_onto_data1",
+    "OK heads_must_divide_tensor",
 ]
 
 
