@@ -12,18 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def decay_gate_forget_values(key: jax.Array, shape: tuple[int, ...], num_heads_axis_size: int) -> jax.Array:
-    """Forget values f (..., Nf) in (0, 1] from the softplus decay gate with SPEC §2.3 init, in float32.
+def _numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key (typed or raw uint32): drawing with NumPy compiles nothing."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, dtype=np.uint32).ravel().tolist())
 
-    ``shape`` is the full shape of f, whose last axis has ``num_heads_axis_size`` heads.
-    """
-    key_a, key_dt, key_x = jax.random.split(key, 3)
-    a = jax.random.uniform(key_a, (num_heads_axis_size,), jnp.float32, 0.0, 16.0)
-    log_dt = jax.random.uniform(key_dt, (num_heads_axis_size,), jnp.float32, np.log(1e-3), np.log(0.1))
-    dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
-    dt_bias = dt + jnp.log(-jnp.expm1(-dt))
-    x = 0.5 * jax.random.normal(key_x, shape, jnp.float32)
-    return jnp.exp(-a * jax.nn.softplus(x + dt_bias))
+
+def decay_gate_forget_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Forget values f of ``shape`` (..., Nf) in (0, 1] from the softplus decay gate with SPEC §2.3 init (float32)."""
+    num_heads = shape[-1]
+    a = rng.uniform(0.0, 16.0, num_heads)
+    dt = np.maximum(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), num_heads)), 1e-4)
+    dt_bias = dt + np.log(-np.expm1(-dt))
+    x = 0.5 * rng.standard_normal(shape)
+    return np.exp(-a * np.logaddexp(0.0, x + dt_bias)).astype(np.float32)
 
 
 def random_m2rnn_inputs(
@@ -43,7 +46,7 @@ def random_m2rnn_inputs(
     with_h0: bool = True,
     cu_seqlens: list[int] | np.ndarray | None = None,
 ) -> dict[str, jax.Array]:
-    """Return a dict with q, k, v, W, f, h0 (and cu_seqlens) for one op call.
+    """Return a dict with q, k, v, W, f, h0 (and cu_seqlens) for one op call, drawn deterministically from ``key``.
 
     Dense: q (batch, seq_len, Nq, K) etc. Varlen (``cu_seqlens`` given): packed (T, ...) inputs with
     T = cu_seqlens[-1] and ``batch`` ignored in favour of len(cu_seqlens) - 1. Head counts default to
@@ -61,18 +64,18 @@ def random_m2rnn_inputs(
         batch, lead = len(offsets) - 1, (int(offsets[-1]),)
     else:
         lead = (batch, seq_len)
-    keys = jax.random.split(key, 6)
+    rng = _numpy_rng(key)
     inputs = {
-        "q": jax.random.normal(keys[0], lead + (counts["q"], k_dim), jnp.float32),
-        "k": jax.random.normal(keys[1], lead + (counts["k"], k_dim), jnp.float32),
-        "v": jax.random.normal(keys[2], lead + (counts["v"], v_dim), jnp.float32),
-        "f": decay_gate_forget_values(keys[3], lead + (counts["f"],), counts["f"]),
-        "W": jnp.eye(v_dim, dtype=jnp.float32)
-        + 0.3 / np.sqrt(v_dim) * jax.random.normal(keys[4], (counts["w"], v_dim, v_dim), jnp.float32),
+        "q": rng.standard_normal(lead + (counts["q"], k_dim)),
+        "k": rng.standard_normal(lead + (counts["k"], k_dim)),
+        "v": rng.standard_normal(lead + (counts["v"], v_dim)),
+        "f": decay_gate_forget_values(rng, lead + (counts["f"],)),
+        "W": np.eye(v_dim) + 0.3 / np.sqrt(v_dim) * rng.standard_normal((counts["w"], v_dim, v_dim)),
     }
     if with_h0:
-        inputs["h0"] = jnp.tanh(jax.random.normal(keys[5], (batch, num_heads, k_dim, v_dim), jnp.float32))
-    inputs = {name: x.astype(dtype) for name, x in inputs.items()}
+        inputs["h0"] = np.tanh(rng.standard_normal((batch, num_heads, k_dim, v_dim)))
+    # round through float32 first so that every dtype sees the same draws
+    inputs = {name: jnp.asarray(x.astype(np.float32)).astype(dtype) for name, x in inputs.items()}
     if cu_seqlens is not None:
         inputs["cu_seqlens"] = jnp.asarray(offsets)
     return inputs
