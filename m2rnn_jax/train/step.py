@@ -6,7 +6,7 @@ optionally ``loss_mask`` (nonzero where a target counts) and ``segment_ids`` (do
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
