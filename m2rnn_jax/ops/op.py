@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
 from m2rnn_jax.ops.clipping import normalize_clipping
+from m2rnn_jax.ops.sharding import run_sharded
 from m2rnn_jax.ops.validation import state_dtypes, validate_inputs
 
 
@@ -54,7 +57,9 @@ def m2rnn(
     Backends: "scan" (``lax.scan`` reference, any platform), "pallas_gpu" (fused kernels for NVIDIA GPUs),
     "pallas_tpu" (fused Mosaic TPU kernels), "auto" (pallas_gpu on NVIDIA GPUs, pallas_tpu on TPU, scan elsewhere,
     judged by the default device; float64 inputs always get scan). ``interpret=True`` runs a Pallas backend in
-    interpret mode (on CPU).
+    interpret mode (on CPU). Under a mesh (``jax.set_mesh``) a Pallas backend runs inside ``jax.shard_map``: batch
+    split over the mesh's data/fsdp/expert axes, heads over ``tensor``, no communication in the recurrence
+    (:mod:`m2rnn_jax.ops.sharding`); axes a caller's ``shard_map`` already made manual are left alone.
 
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.
@@ -65,7 +70,10 @@ def m2rnn(
     name = resolve_backend_name(backend, q.dtype)
     if interpret and name not in PALLAS_BACKENDS:
         raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
-    y, h_final = get_backend(name)(
+    backend_fn = get_backend(name)
+    if name in PALLAS_BACKENDS:  # opaque custom calls: split over the mesh by hand (XLA partitions the scan itself)
+        backend_fn = functools.partial(run_sharded, backend_fn)
+    y, h_final = backend_fn(
         q,
         k,
         v,

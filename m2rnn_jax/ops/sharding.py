@@ -11,7 +11,9 @@ communication. Inputs with fewer heads than head shards are handled per count N_
 
 Axes that are absent or of size 1, a batch not divisible by its shards, or N not divisible by the head shards
 turn the corresponding split off; with nothing to split the backend is called directly. Varlen (packed) inputs
-are split over heads only. The mesh is the one set by ``jax.set_mesh`` (the trainer sets it).
+are split over heads only. The mesh is the one set by ``jax.set_mesh`` (the trainer sets it); axes that are
+already manual (the op called inside a caller's ``shard_map``) are left alone, so the caller's split stands and
+only the remaining auto axes are split here. :func:`m2rnn_jax.m2rnn` routes its Pallas backends through here.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ HEAD_MESH_AXIS: str = "tensor"
 
 
 def _mesh_axis_sizes() -> dict[str, int]:
+    """Sizes of the current mesh's axes that are not already manual (inside a caller's ``shard_map``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return {}
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+    manual = set(mesh.manual_axes)
+    return {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes) if name not in manual}
 
 
 def run_sharded(

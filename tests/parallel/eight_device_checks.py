@@ -74,6 +74,43 @@ def check_op_needs_no_communication() -> None:
     print("OK op_no_collectives")
 
 
+def check_public_op_routes_kernels_through_shard_map() -> None:
+    """m2rnn(backend=pallas_*) under a mesh runs in shard_map and equals scan, also inside a caller's shard_map.
+
+    Inside a caller's shard_map over "data" the op must leave that manual axis alone and split only "tensor".
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from m2rnn_jax import m2rnn
+
+    mesh = build_mesh({"data": 2, "tensor": 4})
+    inputs = random_m2rnn_inputs(jax.random.key(2), batch=4, seq_len=5, num_heads=8, k_dim=4, v_dim=3,
+                                 num_q_heads=1, num_k_heads=1, num_v_heads=8, num_f_heads=8, num_w_heads=8)
+    args = tuple(inputs[name] for name in ("q", "k", "v", "W", "f", "h0"))
+
+    def loss(backend: str, *a):
+        y, h = m2rnn(*a, gradient_clipping=1.0, backend=backend, interpret=backend != "scan")
+        return jnp.sum(y * jnp.cos(y)) + jnp.sum(h**2)
+
+    expected = jax.value_and_grad(lambda *a: loss("scan", *a), argnums=tuple(range(6)))(*args)
+    with jax.set_mesh(mesh):
+        kernel_loss = lambda *a: loss("pallas_gpu", *a)  # noqa: E731
+        assert "shard_map" in str(jax.make_jaxpr(kernel_loss)(*args)), "the op did not enter shard_map"
+        got = jax.jit(jax.value_and_grad(kernel_loss, argnums=tuple(range(6))))(*args)
+
+        def per_data_shard(*a):  # the caller splits the batch itself; the op may split heads only
+            return jax.lax.psum(kernel_loss(*a), "data")
+
+        batch_specs = (P("data"), P("data"), P("data"), P(), P("data"), P("data"))
+        nested = jax.jit(jax.shard_map(per_data_shard, in_specs=batch_specs, out_specs=P(), axis_names={"data"}))
+        nested_value = nested(*args)
+    np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5)
+    np.testing.assert_allclose(float(nested_value), float(expected[0]), rtol=1e-5)
+    for name, a, b in zip(("q", "k", "v", "W", "f", "h0"), got[1], expected[1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
+    print("OK public_op_kernels_in_shard_map")
+
+
 def _run_steps(mesh_axes: dict[str, int], steps: int = 2):
     config = tiny_train_config()
     mesh = build_mesh(mesh_axes, devices=jax.devices()[: int(np.prod(list(mesh_axes.values())))])
@@ -150,6 +187,7 @@ if __name__ == "__main__":
     if "op" in checks:
         check_op_shard_map()
         check_op_needs_no_communication()
+        check_public_op_routes_kernels_through_shard_map()
     if "steps" in checks:
         check_sharded_steps_match_single_device()
     if "restore" in checks:

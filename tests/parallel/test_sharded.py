@@ -14,6 +14,7 @@ import sys
 EXPECTED = [
     "OK op_shard_map_matches_unsharded",
     "OK op_no_collectives",
+    "OK public_op_kernels_in_shard_map",
     "OK sharded_step_dp",
     "OK sharded_step_fsdp",
     "OK sharded_step_tp",
