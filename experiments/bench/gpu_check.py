@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, more.
+shapes, final, packing, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -32,6 +32,12 @@ from experiments.bench.kernels import SHAPES, bench, format_table, make_inputs, 
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1)
+
+
+def _packed(heads: int, warps: int, block_k: int = 64, **kw) -> KernelConfig:
+    return dataclasses.replace(BASE, heads_per_program=heads, num_warps=warps, block_k=block_k, **kw)
+
+
 FORWARD_VARIANTS = {
     "base": BASE,
     "prefetch2": dataclasses.replace(BASE, prefetch=2),
@@ -48,7 +54,33 @@ BACKWARD_VARIANTS = {
     "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
     "c64": dataclasses.replace(BASE, chunk_size=64),
 }
-CORRECTNESS_VARIANTS = ("base", "approx_tanh")
+# Head packing (P heads per program), B=8: forward-only sweep, then forward+backward for the promising ones.
+PACKED_FORWARD_VARIANTS = {
+    "p1_w2": BASE,
+    "p2_w2": _packed(2, 2),
+    "p2_w4": _packed(2, 4),
+    "p4_w2": _packed(4, 2),
+    "p4_w4": _packed(4, 4),
+    "p4_w8": _packed(4, 8),
+    "p2_w2_bk32": _packed(2, 2, 32),
+    "p4_w4_bk32": _packed(4, 4, 32),
+}
+PACKED_BACKWARD_VARIANTS = {
+    "p2_w2": _packed(2, 2),
+    "p2_w4": _packed(2, 4),
+    "p4_w4": _packed(4, 4),
+    "p4_w8": _packed(4, 8),
+    "p2_w2_bk32": _packed(2, 2, 32),
+    "p4_w4_bk32": _packed(4, 4, 32),
+}
+PACKED_B1_VARIANTS = {
+    "p1_w1_bk16": _packed(1, 1, 16),
+    "p2_w1_bk16": _packed(2, 1, 16),
+    "p4_w2_bk16": _packed(4, 2, 16),
+    "p2_w2_bk32": _packed(2, 2, 32),
+}
+CORRECTNESS_VARIANTS = {"base": BASE, "approx_tanh": BACKWARD_VARIANTS["approx_tanh"], "p2_w4": _packed(2, 4),
+                        "p4_w4": _packed(4, 4)}
 
 
 class Recorder:
@@ -99,7 +131,7 @@ def correctness(rec: Recorder, variants) -> None:
     reference = jax.jit(lambda a, d: outputs_and_grads(op_function("scan"), a, d))(rounded, dy)
     reference = jax.device_get(reference)
     for variant in variants:
-        config = BACKWARD_VARIANTS[variant]
+        config = CORRECTNESS_VARIANTS[variant]
         try:
             got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", config), a, d))(bf16, dy)
             rec.add({"kind": "correctness", "shape": shape.label(), "variant": variant,
@@ -170,6 +202,14 @@ def main() -> int:
         for shape_name in ("400m", "400m-b1", "400m-s16k"):
             timed(rec, shape_name, "pallas_gpu", None, "default (auto)", with_backward=True)
         timed(rec, "400m", "pallas_gpu", dataclasses.replace(BASE, approx_tanh=True), "approx_tanh", with_backward=True)
+    if "packing" in steps:
+        correctness(rec, ("p2_w4", "p4_w4"))
+        for name, config in PACKED_FORWARD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=False)
+        for name, config in PACKED_BACKWARD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
+        for name, config in PACKED_B1_VARIANTS.items():
+            timed(rec, "400m-b1", "pallas_gpu", config, name, with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)
