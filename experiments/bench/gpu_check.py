@@ -62,8 +62,10 @@ PACKED_FORWARD_VARIANTS = {
     "p4_w2": _packed(4, 2),
     "p4_w4": _packed(4, 4),
     "p4_w8": _packed(4, 8),
+    "p8_w8": _packed(8, 8),
     "p2_w2_bk32": _packed(2, 2, 32),
     "p4_w4_bk32": _packed(4, 4, 32),
+    "p4_w4_approx": _packed(4, 4, approx_tanh=True),
 }
 PACKED_BACKWARD_VARIANTS = {
     "p2_w2": _packed(2, 2),
