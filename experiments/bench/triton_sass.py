@@ -113,7 +113,7 @@ def analyse(config: KernelConfig, shape: tuple[int, int, int, int, int], keep: s
     batch, seq_len, heads, k_dim, v_dim = shape
     report = {"config": dataclasses.asdict(config), "shape": shape}
     rows = config.rows_per_program(k_dim)
-    elements_per_thread = rows * config.heads_per_program * v_dim / (32 * config.num_warps)
+    elements_per_thread = rows * v_dim / (32 * config.num_warps)
     for name, (ttir, grid) in lower_to_triton_ir(config, shape).items():
         with tempfile.TemporaryDirectory() as workdir:
             sass, usage, ttgir = compile_to_sass(ttir, config.num_warps, config.num_stages, workdir)

@@ -1,10 +1,8 @@
 """The "pallas_gpu" backend: fused Pallas (Triton lowering) kernels for NVIDIA GPUs behind ``jax.custom_vjp``.
 
-The kernels (``pallas_kernels.gpu``) work on packed tokens with K and V zero-padded to powers of two >= 16 and
-heads packed P to a program; this module packs dense inputs ((B, S, ...) -> (B*S, ...) with uniform
-``cu_seqlens``), pads, converts between the op's per-head arrays and the kernels' pack layout (state tiles
-(K, P*V), block-diagonal W, heads flattened into the columns of v, y, dy) and wires the forward and backward
-kernels into a custom VJP whose residuals are the inputs plus the forward's chunk checkpoints.
+The kernels (``pallas_kernels.gpu``) work on packed tokens with K and V zero-padded to powers of two >= 16; this
+module packs dense inputs ((B, S, ...) -> (B*S, ...) with uniform ``cu_seqlens``), pads, and wires the forward and
+backward kernels into a custom VJP whose residuals are the inputs plus the forward's chunk checkpoints.
 
 Zero padding is exact: padded rows of k and columns of v, W and h0 keep the padded state entries at tanh(0) = 0,
 so they never feed the real entries, and their gradients are sliced away.
@@ -20,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2rnn_jax.ops.backends import register_backend
-from m2rnn_jax.ops.heads import expand_heads, reduce_heads
+from m2rnn_jax.ops.heads import reduce_heads
 from m2rnn_jax.ops.validation import state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
@@ -48,71 +46,12 @@ def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Hashable, non-differentiable parameters of one fused call (num_heads: N, the real heads)."""
+    """Hashable, non-differentiable parameters of one fused call."""
 
     config: KernelConfig
-    num_heads: int
     num_chunks: int
     clip: float | None
     interpret: bool
-
-    @property
-    def heads_per_program(self) -> int:
-        return self.config.heads_per_program
-
-    @property
-    def padded_heads(self) -> int:
-        """N_pad: N rounded up to a multiple of P."""
-        return cdiv(self.num_heads, self.heads_per_program) * self.heads_per_program
-
-
-def pack_states(x: jax.Array, heads_per_program: int) -> jax.Array:
-    """Per-head states (B, N, K, V) -> pack layout (B, G, K, P*V), padded heads zero (G = ceil(N / P))."""
-    batch, num_heads, k_dim, v_dim = x.shape
-    packs = cdiv(num_heads, heads_per_program)
-    x = _pad_to(x, {1: packs * heads_per_program})
-    x = x.reshape(batch, packs, heads_per_program, k_dim, v_dim).transpose(0, 1, 3, 2, 4)
-    return x.reshape(batch, packs, k_dim, heads_per_program * v_dim)
-
-
-def unpack_states(x: jax.Array, num_heads: int, heads_per_program: int) -> jax.Array:
-    """Pack layout (B, G, K, P*V) -> per-head states (B, N, K, V) (padded heads dropped)."""
-    batch, packs, k_dim, columns = x.shape
-    v_dim = columns // heads_per_program
-    x = x.reshape(batch, packs, k_dim, heads_per_program, v_dim).transpose(0, 1, 3, 2, 4)
-    return x.reshape(batch, packs * heads_per_program, k_dim, v_dim)[:, :num_heads]
-
-
-def block_diagonal(w: jax.Array, num_heads: int, heads_per_program: int) -> jax.Array:
-    """W (Nw, V, V) -> (G, P*V, P*V): per pack, its heads' W on the diagonal (padded heads zero)."""
-    v_dim = w.shape[-1]
-    packs = cdiv(num_heads, heads_per_program)
-    heads = _pad_to(expand_heads(w, num_heads, axis=0), {0: packs * heads_per_program})
-    heads = heads.reshape(packs, heads_per_program, v_dim, v_dim)
-    eye = jnp.eye(heads_per_program, dtype=w.dtype)
-    blocks = heads[:, :, :, None, :] * eye[None, :, None, :, None]  # (G, P, V, P, V)
-    return blocks.reshape(packs, heads_per_program * v_dim, heads_per_program * v_dim)
-
-
-def diagonal_blocks(x: jax.Array, num_heads: int, heads_per_program: int) -> jax.Array:
-    """(G, P*V, P*V) -> (N, V, V): the diagonal blocks, one per head (the adjoint of :func:`block_diagonal`)."""
-    packs, columns, _ = x.shape
-    v_dim = columns // heads_per_program
-    x = x.reshape(packs, heads_per_program, v_dim, heads_per_program, v_dim)
-    blocks = jnp.einsum("gpiqj,pq->gpij", x, jnp.eye(heads_per_program, dtype=x.dtype))
-    return blocks.reshape(packs * heads_per_program, v_dim, v_dim)[:num_heads]
-
-
-def _per_slot_to_source(x: jax.Array, source_heads: int, static: _Static) -> jax.Array:
-    """Per-pack-slot partial gradients (T, G * slots, K) of q or k -> (T, N_x, K) per source head."""
-    if x.shape[1] == static.padded_heads // static.heads_per_program:  # one slot per pack
-        return reduce_heads(x, source_heads, axis=1)
-    return reduce_heads(x[:, : static.num_heads], source_heads, axis=1)
-
-
-def _columns_to_heads(x: jax.Array, v_dim: int, static: _Static) -> jax.Array:
-    """(T, N_pad * V) -> (T, N, V)."""
-    return x.reshape(x.shape[0], static.padded_heads, v_dim)[:, : static.num_heads]
 
 
 def _chunk_offsets(cu_seqlens: jax.Array, chunk_size: int) -> jax.Array:
@@ -133,26 +72,23 @@ def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     y, h_final, checkpoints = m2rnn_forward(
         q,
         k,
-        v.reshape(v.shape[0], -1),
-        block_diagonal(w, static.num_heads, static.heads_per_program),
+        v,
+        w,
         f,
-        pack_states(h0, static.heads_per_program),
+        h0,
         cu_seqlens,
         offsets,
-        num_heads=static.num_heads,
         num_chunks=static.num_chunks,
         config=static.config,
         y_dtype=jnp.float32 if rows_split else q.dtype,
         interpret=static.interpret,
     )
-    y = _columns_to_heads(_sum_row_blocks(y).astype(q.dtype), v.shape[-1], static)
-    return (y, unpack_states(h_final, static.num_heads, static.heads_per_program)), (checkpoints, offsets)
+    return (_sum_row_blocks(y).astype(q.dtype), h_final), (checkpoints, offsets)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused(q, k, v, w, f, h0, cu_seqlens, static: _Static):
-    """Packed tokens, padded features: q, k (T, N_x, K), v (T, Nv, V), w (Nw, V, V), f (T, Nf), h0 (B, N, K, V)
-    -> y (T, N, V) in q.dtype and h_final (B, N, K, V) in h0.dtype."""
+    """Packed, padded inputs -> y (T, N, V) in q.dtype and h_final (B, N, K, V) in h0.dtype."""
     outputs, _ = _run_forward(q, k, v, w, f, h0, cu_seqlens, static, save=False)
     return outputs
 
@@ -167,19 +103,17 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     dy, dh_final = cotangents
     h0_dtype = checkpoints.dtype  # the forward stores checkpoints in the state's storage dtype
     acc = jnp.promote_types(h0_dtype, jnp.float32)
-    per_program = static.heads_per_program
     dq, dk, dv, df, dw, dh0 = m2rnn_backward(
         q,
         k,
-        v.reshape(v.shape[0], -1),
-        block_diagonal(w, static.num_heads, per_program),
+        v,
+        w,
         f,
         checkpoints,
         cu_seqlens,
         offsets,
-        _pad_to(dy, {1: static.padded_heads}).reshape(dy.shape[0], -1),
-        pack_states(dh_final.astype(acc), per_program),
-        num_heads=static.num_heads,
+        dy,
+        dh_final.astype(acc),
         config=static.config,
         clip=static.clip,
         carry_dtype=h0_dtype,
@@ -187,16 +121,13 @@ def _fused_bwd(static: _Static, residuals, cotangents):
         row_partial_dtype=acc,
         interpret=static.interpret,
     )
-    dv = _columns_to_heads(_sum_row_blocks(dv).astype(acc), v.shape[-1], static)
-    df = _sum_row_blocks(df).astype(acc)[:, : static.num_heads]
-    dw = diagonal_blocks(dw.sum(axis=(0, 2)), static.num_heads, per_program)
     grads = (
-        _per_slot_to_source(dq.astype(acc), q.shape[1], static).astype(q.dtype),
-        _per_slot_to_source(dk.astype(acc), k.shape[1], static).astype(k.dtype),
-        reduce_heads(dv, v.shape[1], axis=1).astype(v.dtype),
-        reduce_heads(dw, w.shape[0], axis=0).astype(w.dtype),
-        reduce_heads(df, f.shape[1], axis=1).astype(f.dtype),
-        unpack_states(dh0, static.num_heads, per_program).astype(h0_dtype),
+        reduce_heads(dq.astype(acc), q.shape[1], axis=1).astype(q.dtype),
+        reduce_heads(dk.astype(acc), k.shape[1], axis=1).astype(k.dtype),
+        reduce_heads(_sum_row_blocks(dv).astype(acc), v.shape[1], axis=1).astype(v.dtype),
+        reduce_heads(dw.sum(axis=(0, 2)), w.shape[0], axis=0).astype(w.dtype),
+        reduce_heads(_sum_row_blocks(df).astype(acc), f.shape[1], axis=1).astype(f.dtype),
+        dh0.astype(h0_dtype),
         np.zeros(cu_seqlens.shape, jax.dtypes.float0),
     )
     return grads
@@ -208,11 +139,10 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 _MAX_ELEMENTS = 2**31 - 1  # the kernels index arrays with int32 offsets
 
 
-def _check_index_range(tokens: int, k_padded: int, v_padded: int, batch: int, static: _Static) -> None:
+def _check_index_range(tokens: int, num_heads: int, k_padded: int, v_padded: int, batch: int, static: _Static) -> None:
     """Raise ValueError when an array the kernels index would need offsets beyond int32."""
     config = static.config
     rows = config.rows_per_program(k_padded)
-    num_heads = static.padded_heads
     sizes = {
         "per-head gradient partials (T, N, K)": tokens * num_heads * k_padded,
         "readout partials (K/block_k, T, N, V)": (k_padded // rows) * tokens * num_heads * v_padded,
@@ -266,13 +196,11 @@ def m2rnn_pallas_gpu(
     carry_dtype, _ = state_dtypes(state_dtype, q.dtype)
     config = config or default_config(batch, num_heads, k_dim)
     num_chunks = batch * cdiv(seq_len, config.chunk_size) if dense else tokens // config.chunk_size + batch
-    static = _Static(
-        config=config, num_heads=num_heads, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret
-    )
+    static = _Static(config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret)
     if h0 is None:
         h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), carry_dtype)
     kp, vp = padded_size(k_dim), padded_size(v_dim)
-    _check_index_range(tokens, kp, vp, batch, static)
+    _check_index_range(tokens, num_heads, kp, vp, batch, static)
     y, h_final = _fused(
         _pad_to(q, {2: kp}),
         _pad_to(k, {2: kp}),

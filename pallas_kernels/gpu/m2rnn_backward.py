@@ -1,6 +1,6 @@
 """Fused M2RNN backward kernel for NVIDIA GPUs (Pallas, Triton lowering).
 
-One program per (sequence b, pack of P heads, block of state rows) sweeps the chunks of its sequence in reverse.
+One program per (sequence b, output head n, block of state rows) sweeps the chunks of its sequence in reverse.
 For each chunk it restarts from the forward's checkpoint and walks the chunk once, storing the state at the start
 of every ``recompute_block`` steps (a few KB per program, read back soon after, so it stays in L2). Then, block by
 block in reverse, it recomputes the block's states into registers (the block is unrolled statically) and walks
@@ -14,10 +14,7 @@ its steps backward, recomputing Z_t, with the math of SPEC §4.1 and the clippin
 Per time step that is three evaluations of the recurrence (chunk walk, block recompute, reverse step) and no
 per-step state traffic through memory. Memory beyond inputs and gradients: the checkpoints,
 B N K V (S / chunk_size) floats, plus B N K V (chunk_size / recompute_block) floats of block starts. Gradients of
-broadcast heads are written per pack slot (one per pack when the pack shares the source head, else one per head)
-and of split rows per row block; the caller sums them (no atomics). With P heads packed, the per-column products
-of the equations above are the P heads' side by side, dW's product H_{t-1}^T dP is (P*V, P*V) and its diagonal
-(V, V) blocks are the heads' dW (the caller extracts them), and dP W^T uses the block-diagonal W.
+broadcast heads are written per output head and of split rows per row block; the caller sums them (no atomics).
 """
 
 from __future__ import annotations
@@ -31,17 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu.m2rnn_common import (
-    HeadPacking,
+    HeadMap,
     KernelConfig,
-    StepNumerics,
     blend,
+    StepNumerics,
     cdiv,
-    head_sums,
     recurrence_step,
-    row_reduction,
     row_slice,
     sequence_bounds,
-    slot_range,
     step_inputs,
     walk_forward,
 )
@@ -72,7 +66,7 @@ def _backward_kernel(
     dh0_ref,
     block_starts_ref,
     *,
-    packing: HeadPacking,
+    heads: HeadMap,
     rows: int,
     chunk_size: int,
     recompute_block: int,
@@ -81,43 +75,37 @@ def _backward_kernel(
     numerics: StepNumerics,
     interpret: bool,
 ):
-    b, pack, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row_ids = row_slice(kb, rows)
-    columns = row_slice(pack, packing.columns)
-    pack_heads = row_slice(pack, packing.per_program)
-    q_slots, k_slots = packing.slots(packing.q), packing.slots(packing.k)
     start, end = sequence_bounds(cu_ref, b)
     acc = numerics.acc_dtype
     input_refs = (q_ref, k_ref, v_ref, f_ref)
-    w = w_ref[pack]
+    w = w_ref[n // heads.w]
     w_dot = w.astype(numerics.dot_dtype)
     w_t_dot = w.T.astype(numerics.dot_dtype)
     last = jnp.maximum(end - 1, start)
-    load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), pack, row_ids, packing, acc)
+    load = lambda t: step_inputs(input_refs, jnp.minimum(t, last), n, row_ids, heads, acc)
 
     def backward_step(t, h_prev, z, inputs, dy_t, carry):
-        """h_prev, z (rows, P*V); inputs as from ``step_inputs``; dy_t (P*V,); carry R (rows, P*V), dW (P*V, P*V)."""
         r, dw = carry
         q_t, k_t, v_t, f_t = inputs
         h = blend(h_prev, z, f_t, numerics)
-        dq = row_reduction(h * dy_t[None, :], q_slots, packing)
-        dq_ref[t, slot_range(pack, q_slots), row_ids] = dq.astype(dq_ref.dtype)
+        dq_ref[t, n, row_ids] = jnp.sum(h * dy_t[None, :], axis=1).astype(dq_ref.dtype)
         if clip is not None:
             r = jnp.clip(r, -clip, clip)
-        g = q_t * dy_t[None, :] + r
-        df_ref[kb, t, pack_heads] = head_sums(jnp.sum(g * (h_prev - z), axis=0), packing).astype(df_ref.dtype)
+        g = q_t[:, None] * dy_t[None, :] + r
+        df_ref[kb, t, n] = jnp.sum(g * (h_prev - z)).astype(df_ref.dtype)
         dp = (1 - f_t) * g * (1 - z * z)
         dw = dw + numerics.outer_matmul(h_prev, dp)
-        dv_ref[kb, t, columns] = jnp.sum(k_t * dp, axis=0).astype(dv_ref.dtype)
-        dk = row_reduction(dp * v_t[None, :], k_slots, packing)
-        dk_ref[t, slot_range(pack, k_slots), row_ids] = dk.astype(dk_ref.dtype)
+        dv_ref[kb, t, n, :] = jnp.sum(k_t[:, None] * dp, axis=0).astype(dv_ref.dtype)
+        dk_ref[t, n, row_ids] = jnp.sum(dp * v_t[None, :], axis=1).astype(dk_ref.dtype)
         r = f_t * g + numerics.matmul(dp, w_t_dot)
         return r, dw
 
     def block_inputs(block_start):
         """Everything a block reads besides its start state: per step (q, k, v, f) and dy."""
         steps = [jnp.minimum(block_start + s, last) for s in range(recompute_block)]
-        return tuple(load(t) for t in steps), tuple(dy_ref[t, columns].astype(acc) for t in steps)
+        return tuple(load(t) for t in steps), tuple(dy_ref[t, n, :].astype(acc) for t in steps)
 
     def block_backward(block_start, block_len, h, inputs, carry):
         """Steps [block_start, block_start + block_len), block_len <= recompute_block, from the state h before
@@ -146,15 +134,15 @@ def _backward_kernel(
 
             @pl.when(offset % recompute_block == 0)
             def _():
-                block_starts_ref[b, pack, kb, offset // recompute_block] = h_prev.astype(block_starts_ref.dtype)
+                block_starts_ref[b, n, kb, offset // recompute_block] = h_prev.astype(block_starts_ref.dtype)
 
-        h = checkpoints_ref[chunk_offsets_ref[b] + c, pack, row_ids, :].astype(acc)
+        h = checkpoints_ref[chunk_offsets_ref[b] + c, n, row_ids, :].astype(acc)
         h = walk_forward(chunk_start, last_block_start, h, w_dot, load, store_block_start, numerics, prefetch)
-        block_starts_ref[b, pack, kb, num_blocks - 1] = h.astype(block_starts_ref.dtype)
+        block_starts_ref[b, n, kb, num_blocks - 1] = h.astype(block_starts_ref.dtype)
         _block_barrier(interpret)
 
         def block_data(j):
-            h_start = block_starts_ref[b, pack, kb, j].astype(acc)
+            h_start = block_starts_ref[b, n, kb, j].astype(acc)
             return h_start, block_inputs(chunk_start + j * recompute_block)
 
         def block(jj, state):
@@ -169,11 +157,11 @@ def _backward_kernel(
         _block_barrier(interpret)
         return carry
 
-    r = dh_final_ref[b, pack, row_ids, :].astype(acc)
+    r = dh_final_ref[b, n, row_ids, :].astype(acc)
     dw = jnp.zeros(w.shape, acc)
     r, dw = lax.fori_loop(0, cdiv(end - start, chunk_size), chunk, (r, dw))
-    dh0_ref[b, pack, row_ids, :] = r.astype(dh0_ref.dtype)
-    dw_ref[b, pack, kb] = dw.astype(dw_ref.dtype)
+    dh0_ref[b, n, row_ids, :] = r.astype(dh0_ref.dtype)
+    dw_ref[b, n, kb] = dw.astype(dw_ref.dtype)
 
 
 def m2rnn_backward(
@@ -188,7 +176,6 @@ def m2rnn_backward(
     dy: jax.Array,
     dh_final: jax.Array,
     *,
-    num_heads: int,
     config: KernelConfig,
     clip: float | None,
     carry_dtype: jnp.dtype,
@@ -199,43 +186,40 @@ def m2rnn_backward(
     """Gradients of the recurrence, given the forward's checkpoints.
 
     Args:
-      q (T, Nq, K), k (T, Nk, K), v (T, Nv * V), w (G, P*V, P*V), f (T, Nf), cu_seqlens (B+1,), num_heads:
-        as for the forward.
-      checkpoints (num_chunks, G, K, P*V), chunk_offsets (B+1,): from ``m2rnn_forward`` with the same config.
-      dy (T, N_pad * V): cotangent of y (zero on padded heads). dh_final (B, G, K, P*V): cotangent of the final
-        states in the pack layout.
+      q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), w (Nw, V, V), f (T, Nf), cu_seqlens (B+1,): as for the forward.
+      checkpoints (num_chunks, N, K, V), chunk_offsets (B+1,): from ``m2rnn_forward`` with the same config.
+      dy (T, N, V): cotangent of y. dh_final (B, N, K, V): cotangent of the final states.
       clip: None or c >= 0, the state-cotangent clamp of SPEC §0.1.
       carry_dtype: the state storage dtype used by the forward (the recomputation rounds to it likewise).
       head_partial_dtype: dtype of dq, dk (per output head) and dv (per output head and row block).
       row_partial_dtype: dtype of df (per row block).
 
     Returns:
-      dq (T, G * Sq, K), dk (T, G * Sk, K): per pack slot (Sx = ``HeadPacking.slots``: 1 when a pack shares its
-        source head, else P, one per padded output head); sum the slots of each source head.
-      dv (R, T, N_pad * V), df (R, T, N_pad): per row block (R = K // rows) and padded output head.
-      dW (B, G, R, P*V, P*V) float32: per sequence, pack and row block; the heads' dW are the diagonal blocks.
-      dh0 (B, G, K, P*V) float32.
+      dq (T, N, K), dk (T, N, K): per output head; sum each block of N // Nq (N // Nk) heads for the source head.
+      dv (R, T, N, V), df (R, T, N): per row block (R = K // rows) and output head.
+      dW (B, N, R, V, V) float32: per sequence, output head and row block.
+      dh0 (B, N, K, V) float32.
     """
     tokens, k_dim = q.shape[0], q.shape[-1]
-    batch, packs, _, columns = dh_final.shape
+    batch, num_heads, _, v_dim = dh_final.shape
     rows = config.rows_per_program(k_dim)
     row_blocks = k_dim // rows
     numerics = StepNumerics.create(q.dtype, carry_dtype, config, interpret)
-    packing = HeadPacking.create(num_heads, config.heads_per_program, columns, q, k, v, f)
+    heads = HeadMap.create(num_heads, q, k, v, f, w)
     acc = numerics.acc_dtype
-    programs = (batch, packs, row_blocks)
+    programs = (batch, num_heads, row_blocks)
     out_shape = (
-        jax.ShapeDtypeStruct((tokens, packs * packing.slots(packing.q), k_dim), head_partial_dtype),
-        jax.ShapeDtypeStruct((tokens, packs * packing.slots(packing.k), k_dim), head_partial_dtype),
-        jax.ShapeDtypeStruct((row_blocks, tokens, packs * columns), head_partial_dtype),
-        jax.ShapeDtypeStruct((row_blocks, tokens, packs * packing.per_program), row_partial_dtype),
-        jax.ShapeDtypeStruct(programs + (columns, columns), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, num_heads, k_dim), head_partial_dtype),
+        jax.ShapeDtypeStruct((tokens, num_heads, k_dim), head_partial_dtype),
+        jax.ShapeDtypeStruct((row_blocks, tokens, num_heads, v_dim), head_partial_dtype),
+        jax.ShapeDtypeStruct((row_blocks, tokens, num_heads), row_partial_dtype),
+        jax.ShapeDtypeStruct(programs + (v_dim, v_dim), jnp.float32),
         jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
-        jax.ShapeDtypeStruct(programs + (config.chunk_size // config.recompute_block, rows, columns), acc),
+        jax.ShapeDtypeStruct(programs + (config.chunk_size // config.recompute_block, rows, v_dim), acc),
     )
     kernel = functools.partial(
         _backward_kernel,
-        packing=packing,
+        heads=heads,
         rows=rows,
         chunk_size=config.chunk_size,
         recompute_block=config.recompute_block,

@@ -4,14 +4,7 @@ Both kernels work on packed tokens: dense (B, S, ...) inputs are viewed as (B*S,
 ``cu_seqlens = [0, S, 2S, ...]``, so one kernel serves dense and varlen inputs. Feature sizes reaching the kernels
 are powers of two >= 16 (the caller zero-pads K and V; zero padding is exact, see ``m2rnn_jax.ops.pallas_gpu``).
 
-Head packing: one program owns P = ``heads_per_program`` heads side by side, a state tile (rows, P*V) whose column
-j belongs to head j // V of the pack. W comes block-diagonal (P*V, P*V) per pack (the caller assembles it), so one
-tensor-core product advances all P heads; v, f, y and dy are per-column vectors of the pack; a q or k shared by
-the whole pack (Nq = 1 in the paper) is one (rows,) vector, otherwise it is gathered per column. The per-step
-fixed latency (barriers, reductions, the tanh chain) is paid once for P heads. N is padded to a multiple of P by
-the caller; padded heads read the inputs of head N - 1 and their outputs are dropped.
-
-Grid of both kernels: (B, N / P, K // block_k): one program per (sequence, head pack, block of state rows).
+Grid of both kernels: (B, N, K // block_k): one program per (sequence, output head, block of state rows).
 Rows of the state evolve independently (SPEC §2.2), so splitting K needs no communication inside the recurrence;
 only reductions over K (y, dv, df) produce per-K-block partials that the caller sums.
 """
@@ -36,7 +29,6 @@ class KernelConfig:
     recompute_block: the backward recomputes ``recompute_block`` states at a time into registers (a statically
         unrolled block, so keep it small: code size and registers grow with it) and walks them backward; it must
         divide ``chunk_size``.
-    heads_per_program: P, heads packed side by side in one program (a power of two).
     num_warps, num_stages: Triton launch parameters of both kernels.
     prefetch: how many steps ahead the forward walks load their inputs (1 was fastest on the H200: deeper queues
         cost registers and moves).
@@ -49,7 +41,6 @@ class KernelConfig:
     block_k: int | None = None
     chunk_size: int = 128
     recompute_block: int = 2
-    heads_per_program: int = 1
     num_warps: int = 2
     num_stages: int = 1
     prefetch: int = 1
@@ -57,7 +48,7 @@ class KernelConfig:
     split_dot: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "recompute_block", "heads_per_program", "num_warps", "num_stages", "prefetch"):
+        for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.recompute_block > 16:
@@ -66,8 +57,6 @@ class KernelConfig:
             raise ValueError(
                 f"recompute_block: expected a divisor of chunk_size = {self.chunk_size}, got {self.recompute_block}"
             )
-        if self.heads_per_program & (self.heads_per_program - 1):
-            raise ValueError(f"heads_per_program: expected a power of two, got {self.heads_per_program}")
         if self.block_k is not None and (self.block_k < 16 or self.block_k & (self.block_k - 1)):
             raise ValueError(f"block_k: expected None or a power of two >= 16, got {self.block_k}")
 
@@ -180,107 +169,39 @@ def _tanh_f32_ptx(x: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadPacking:
-    """Which source heads the columns of a head pack read (SPEC §0.3: output head n reads source n // group).
+class HeadMap:
+    """Source-head group sizes: output head n reads source head n // group (SPEC §0.3)."""
 
-    num_heads: N, the real output heads (the caller pads to a multiple of ``per_program``; padded heads read the
-    inputs of head N - 1). per_program: P. v_dim: V (padded). q, k, v, f: group sizes N / N_x of each input.
-    """
-
-    num_heads: int
-    per_program: int
-    v_dim: int
     q: int
     k: int
     v: int
     f: int
+    w: int
 
     @classmethod
-    def create(cls, num_heads: int, per_program: int, columns: int, q, k, v, f) -> "HeadPacking":
-        """From the kernel operands: q (T, Nq, K), k (T, Nk, K), v (T, Nv * V), f (T, Nf); columns = P * V."""
-        v_dim = columns // per_program
+    def create(cls, num_heads: int, q, k, v, f, w) -> "HeadMap":
         return cls(
-            num_heads=num_heads,
-            per_program=per_program,
-            v_dim=v_dim,
             q=num_heads // q.shape[1],
             k=num_heads // k.shape[1],
-            v=num_heads // (v.shape[1] // v_dim),
+            v=num_heads // v.shape[1],
             f=num_heads // f.shape[1],
+            w=num_heads // w.shape[0],
         )
 
-    @property
-    def columns(self) -> int:
-        """P * V, the width of a pack's state tile."""
-        return self.per_program * self.v_dim
 
-    def slots(self, group: int) -> int:
-        """Distinct vectors a pack reads from an input with this group size: 1 when the whole pack shares one
-        source head (and never pads: then P divides N), else P (one per head, repeats allowed)."""
-        return 1 if group % self.per_program == 0 else self.per_program
-
-    def column_heads(self, pack: jax.Array) -> jax.Array:
-        """(P*V,) int32: the output head of each column of the pack, padded heads clamped to N - 1."""
-        column = lax.broadcasted_iota(jnp.int32, (self.columns,), 0)
-        return jnp.minimum(pack * self.per_program + column // self.v_dim, self.num_heads - 1)
-
-    def column_within_head(self) -> jax.Array:
-        """(P*V,) int32: the column index inside its head (0 .. V-1) of every column of a pack."""
-        return lax.broadcasted_iota(jnp.int32, (self.columns,), 0) % self.v_dim
-
-
-def shared_or_gathered(ref, t, pack, rows: pl.Slice, group: int, packing: HeadPacking, acc_dtype) -> jax.Array:
-    """q_t or k_t of a pack from ref (T, N_x, K): (rows, 1) when the pack shares one source head, else the
-    (rows, P*V) gather of each column's source row block."""
-    if packing.slots(group) == 1:
-        return ref[t, pack * packing.per_program // group, rows].astype(acc_dtype)[:, None]
-    gathered = ref[t, packing.column_heads(pack) // group, rows]  # (P*V, rows)
-    return gathered.T.astype(acc_dtype)
-
-
-def step_inputs(refs, t, pack, rows: pl.Slice, packing: HeadPacking, acc_dtype: jnp.dtype):
-    """Inputs of step t for one program, in acc_dtype: q_t and k_t (rows, 1) or (rows, P*V) (see
-    :func:`shared_or_gathered`), v_t and f_t (P*V,) per column.
-
-    refs: q (T, Nq, K), k (T, Nk, K), v (T, Nv * V) (heads flattened into the columns), f (T, Nf).
-    """
+def step_inputs(refs, t: jax.Array, head: jax.Array, rows: pl.Slice, heads: HeadMap, acc_dtype: jnp.dtype):
+    """Load the inputs of step t for one program: q_t, k_t (rows,), v_t (V,), f_t scalar, in acc_dtype."""
     q_ref, k_ref, v_ref, f_ref = refs
-    q_t = shared_or_gathered(q_ref, t, pack, rows, packing.q, packing, acc_dtype)
-    k_t = shared_or_gathered(k_ref, t, pack, rows, packing.k, packing, acc_dtype)
-    heads = packing.column_heads(pack)
-    if packing.v == 1 and packing.num_heads % packing.per_program == 0:
-        columns = pl.ds(pl.multiple_of(pack * packing.columns, packing.columns), packing.columns)
-        v_t = v_ref[t, columns]
-    else:
-        v_t = v_ref[t, heads // packing.v * packing.v_dim + packing.column_within_head()]
-    f_t = f_ref[t, heads // packing.f]
-    return q_t, k_t, v_t.astype(acc_dtype), f_t.astype(acc_dtype)
-
-
-def head_sums(x: jax.Array, packing: HeadPacking) -> jax.Array:
-    """Sum each head's V columns: x (..., P*V) -> (..., P)."""
-    return jnp.sum(x.reshape(x.shape[:-1] + (packing.per_program, packing.v_dim)), axis=-1)
-
-
-def row_reduction(x: jax.Array, slots: int, packing: HeadPacking) -> jax.Array:
-    """Reduce x (rows, P*V) over the columns of each slot (see :meth:`HeadPacking.slots`): (rows,) for one slot,
-    else (P, rows) per head."""
-    if slots == 1:
-        return jnp.sum(x, axis=1)
-    return head_sums(x, packing).T
-
-
-def slot_range(pack, slots: int) -> jax.Array | pl.Slice:
-    """Index of a pack's slots on the head axis of a per-slot output (T, N / P * slots, K)."""
-    if slots == 1:
-        return pack
-    return pl.ds(pl.multiple_of(pack * slots, slots), slots)
+    q_t = q_ref[t, head // heads.q, rows].astype(acc_dtype)
+    k_t = k_ref[t, head // heads.k, rows].astype(acc_dtype)
+    v_t = v_ref[t, head // heads.v, :].astype(acc_dtype)
+    f_t = f_ref[t, head // heads.f].astype(acc_dtype)
+    return q_t, k_t, v_t, f_t
 
 
 def recurrence_step(h_prev, w_dot, k_t, v_t, f_t, numerics: StepNumerics):
-    """One step for a pack's block of rows: h_prev (rows, P*V), w_dot (P*V, P*V) block-diagonal, k_t (rows, 1) or
-    (rows, P*V), v_t and f_t (P*V,) -> (Z_t, H_t), both (rows, P*V) in acc_dtype."""
-    z = numerics.tanh(numerics.matmul(h_prev, w_dot) + k_t * v_t[None, :])
+    """One step for a block of rows: h_prev (rows, V) -> (Z_t, H_t), both (rows, V) in acc_dtype."""
+    z = numerics.tanh(numerics.matmul(h_prev, w_dot) + k_t[:, None] * v_t[None, :])
     return z, blend(h_prev, z, f_t, numerics)
 
 
@@ -291,7 +212,7 @@ def blend(h_prev, z, f_t, numerics: StepNumerics):
 
 
 def walk_forward(lo, hi, h, w_dot, load, emit, numerics: StepNumerics, prefetch: int):
-    """Run steps t in [lo, hi) from state h (rows, P*V) and return the state after them.
+    """Run steps t in [lo, hi) from state h (rows, V) and return the state after them.
 
     ``load(t)`` returns (q_t, k_t, v_t, f_t) and must accept any t >= lo (clamp inside). The inputs of step
     t + prefetch are requested at step t, so a load has ``prefetch`` steps of the dependent chain to arrive.

@@ -1,8 +1,7 @@
 """The pallas_gpu backend against the scan reference.
 
 CPU CI runs the real kernels in Pallas interpret mode (tiny shapes, several chunks, ragged last chunks, both
-recompute levels, row splits, head packing with and without padded heads, shared and gathered q/k); tests marked
-``gpu`` run the compiled kernels on an NVIDIA GPU at the paper shape.
+recompute levels, row splits); tests marked ``gpu`` run the compiled kernels on an NVIDIA GPU at the paper shape.
 """
 
 from __future__ import annotations
@@ -14,15 +13,7 @@ import pytest
 
 from m2rnn_jax import m2rnn
 from m2rnn_jax.ops import backends
-from m2rnn_jax.ops.pallas_gpu import (
-    block_diagonal,
-    default_config,
-    diagonal_blocks,
-    m2rnn_pallas_gpu,
-    pack_states,
-    padded_size,
-    unpack_states,
-)
+from m2rnn_jax.ops.pallas_gpu import default_config, m2rnn_pallas_gpu, padded_size
 from m2rnn_jax.ops.reference import m2rnn_scan_dense
 from m2rnn_jax.ops.scan_backend import scan_backend
 from m2rnn_jax.testing import random_m2rnn_inputs
@@ -81,52 +72,22 @@ def _check_against_scan(inputs, *, dtype, clip=None, state_dtype=jnp.float32, co
     _assert_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
-def test_dense_paper_heads_ragged_chunks_two_level_recompute(heads_per_program):
-    """Nq = Nk = 1, K and V not powers of two, S = 21 = 2 * 8 + 5 over chunks of 8 recomputed 4 at a time.
-    N = 3 heads: packs of 2 and 4 pad heads, and the shared q/k is gathered per column (3 is no multiple of P)."""
+def test_dense_paper_heads_ragged_chunks_two_level_recompute():
+    """Nq = Nk = 1, K and V not powers of two, S = 21 = 2 * 8 + 5 over chunks of 8 recomputed 4 at a time."""
     inputs = random_m2rnn_inputs(
         jax.random.PRNGKey(0), batch=2, seq_len=21, num_heads=3, k_dim=12, v_dim=9, num_q_heads=1, num_k_heads=1
     )
-    config = KernelConfig(chunk_size=8, recompute_block=4, heads_per_program=heads_per_program)
-    _check_against_scan(inputs, dtype=jnp.float32, config=config)
+    _check_against_scan(inputs, dtype=jnp.float32, config=KernelConfig(chunk_size=8, recompute_block=4))
 
 
-@pytest.mark.parametrize("heads_per_program", [1, 2])
-def test_dense_mixed_heads_no_h0_row_split_binding_clip(heads_per_program):
-    """Mixed head counts, h0 None, K split over two programs, blocks of 3 steps, clipping that binds.
-    With packs of 2: q (2 heads) and k (1 head) are shared by each pack, v (4 heads) is read per column."""
+def test_dense_mixed_heads_no_h0_row_split_binding_clip():
+    """Mixed head counts, h0 None, K split over two programs, blocks of 3 steps, clipping that binds."""
     inputs = random_m2rnn_inputs(
         jax.random.PRNGKey(1), batch=2, seq_len=19, num_heads=4, k_dim=20, v_dim=16,
         num_q_heads=2, num_k_heads=1, num_f_heads=2, num_w_heads=1, with_h0=False,
     )
-    config = KernelConfig(block_k=16, chunk_size=6, recompute_block=3, heads_per_program=heads_per_program)
+    config = KernelConfig(block_k=16, chunk_size=6, recompute_block=3)
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.02, config=config)
-
-
-def test_packed_heads_broadcast_v_and_gathered_q():
-    """Packs of 4 over N = 8: q has 4 heads (group 2: gathered per column), v and W 2 heads (group 4: v read per
-    column through the gather), f 8 heads; varlen with an h0 and a ragged last chunk."""
-    inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(8), batch=0, seq_len=0, num_heads=8, k_dim=16, v_dim=16, num_q_heads=4,
-        num_k_heads=1, num_v_heads=2, num_w_heads=2, cu_seqlens=[0, 7, 20],
-    )
-    config = KernelConfig(chunk_size=4, recompute_block=2, heads_per_program=4)
-    _check_against_scan(inputs, dtype=jnp.float32, clip=0.5, config=config)
-
-
-def test_pack_layout_round_trips():
-    x = jax.random.normal(jax.random.PRNGKey(9), (2, 5, 3, 4))
-    packed = pack_states(x, 2)
-    assert packed.shape == (2, 3, 3, 8)
-    np.testing.assert_array_equal(packed[:, 1, :, 4:], x[:, 3])
-    np.testing.assert_array_equal(unpack_states(packed, 5, 2), x)
-    w = jax.random.normal(jax.random.PRNGKey(10), (5, 4, 4))
-    blocks = block_diagonal(w, 5, 4)
-    assert blocks.shape == (2, 16, 16)
-    np.testing.assert_array_equal(blocks[1, :4, :4], w[4])
-    assert float(jnp.abs(blocks[0, :4, 4:]).max()) == 0.0
-    np.testing.assert_array_equal(diagonal_blocks(blocks, 5, 4), w)
 
 
 def test_clipping_binds_in_this_setting():
@@ -152,14 +113,14 @@ def test_varlen_with_empty_sequence_h0_and_clip():
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.5, config=KernelConfig(chunk_size=8, recompute_block=4))
 
 
-@pytest.mark.parametrize("dtype, split_dot, heads_per_program", [(jnp.bfloat16, False, 2), (jnp.float16, True, 1)])
-def test_sixteen_bit_inputs(dtype, split_dot, heads_per_program):
+@pytest.mark.parametrize("dtype, split_dot", [(jnp.bfloat16, False), (jnp.float16, True)])
+def test_sixteen_bit_inputs(dtype, split_dot):
     """16-bit inputs feed the tensor cores a 16-bit copy of the float32 state (or a hi + lo pair: split_dot)."""
     inputs = random_m2rnn_inputs(
         jax.random.PRNGKey(3), batch=2, seq_len=17, num_heads=2, k_dim=16, v_dim=16, num_q_heads=1,
         num_k_heads=1, dtype=dtype,
     )
-    config = KernelConfig(chunk_size=8, recompute_block=4, split_dot=split_dot, heads_per_program=heads_per_program)
+    config = KernelConfig(chunk_size=8, recompute_block=4, split_dot=split_dot)
     _check_against_scan(inputs, dtype=dtype, config=config)
 
 
@@ -200,22 +161,19 @@ def test_auto_picks_pallas_gpu_on_nvidia(monkeypatch):
 
 
 def test_forward_checkpoints_are_the_chunk_start_states():
-    """The forward kernel's checkpoint c of sequence b equals the reference state after c * chunk_size steps
-    (packs of 2 heads, stored in the pack layout)."""
-    batch, seq_len, chunk, heads, per_program = 2, 11, 4, 2, 2
-    inputs = random_m2rnn_inputs(jax.random.PRNGKey(7), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=16,
+    """The forward kernel's checkpoint c of sequence b equals the reference state after c * chunk_size steps."""
+    batch, seq_len, chunk = 2, 11, 4
+    inputs = random_m2rnn_inputs(jax.random.PRNGKey(7), batch=batch, seq_len=seq_len, num_heads=2, k_dim=16,
                                  v_dim=16)
     flat = {name: inputs[name].reshape((batch * seq_len,) + inputs[name].shape[2:]) for name in ("q", "k", "v", "f")}
     cu = jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
     num_chunks = -(-seq_len // chunk)
     offsets = jnp.arange(batch + 1, dtype=jnp.int32) * num_chunks
-    config = KernelConfig(chunk_size=chunk, recompute_block=chunk, heads_per_program=per_program)
     _, _, checkpoints = m2rnn_forward(
-        flat["q"], flat["k"], flat["v"].reshape(batch * seq_len, -1), block_diagonal(inputs["W"], heads, per_program),
-        flat["f"], pack_states(inputs["h0"], per_program), cu, offsets, num_heads=heads,
-        num_chunks=batch * num_chunks, config=config, y_dtype=jnp.float32, interpret=True,
+        flat["q"], flat["k"], flat["v"], inputs["W"], flat["f"], inputs["h0"], cu, offsets,
+        num_chunks=batch * num_chunks, config=KernelConfig(chunk_size=chunk, recompute_block=chunk),
+        y_dtype=jnp.float32, interpret=True,
     )
-    checkpoints = unpack_states(checkpoints, heads, per_program)
     checkpoints = checkpoints.reshape(batch, num_chunks, *checkpoints.shape[1:])
     for c in range(num_chunks):
         if c == 0:
