@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, more.
+shapes, final, profile, ablation, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -13,13 +13,16 @@ shapes, final, profile, more.
    reference, and at B=1 and S=16384.
 4. profile: one untimed forward and forward+backward call of the default kernels, to run under
    ``ncu --clock-control none -k regex:m2rnn ...``.
+5. ablation: timings with some per-step input loads pointed at token 0 (wrong results, diagnostic only).
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -39,6 +42,7 @@ from experiments.bench.kernels import (
     median_ms,
     op_function,
 )
+from pallas_kernels.gpu import m2rnn_common
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1)
@@ -145,6 +149,38 @@ def timed(rec: Recorder, shape_name: str, backend: str, config, variant: str, wi
     rec.add({"kind": "timing"} | row)
 
 
+@contextlib.contextmanager
+def frozen_loads(names: tuple[str, ...]):
+    """Diagnostic ablation, results WRONG on purpose: the kernels read the inputs ``names`` (of q, k, v, f) of token 0
+    at every step instead of token t, so those loads hit L1 instead of L2/HBM while every instruction stays.
+    The time saved is what the latency of those per-step loads costs."""
+    # the package re-exports functions under the module names: fetch the modules themselves
+    modules = [importlib.import_module(f"pallas_kernels.gpu.m2rnn_{name}") for name in ("forward", "backward")]
+    original = m2rnn_common.step_inputs
+
+    def patched(refs, t, head, rows, heads, acc_dtype):
+        fresh = original(refs, t, head, rows, heads, acc_dtype)
+        frozen = original(refs, t * 0, head, rows, heads, acc_dtype)
+        return tuple(f if n in names else x for n, x, f in zip("qkvf", fresh, frozen))
+
+    jax.clear_caches()  # traced kernels are cached (custom_vjp, pallas_call): retrace with the patch, then without
+    for module in modules:
+        module.step_inputs = patched
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.step_inputs = original
+        jax.clear_caches()
+
+
+def ablation(rec: Recorder) -> None:
+    for names, with_backward in ((("q", "k"), False), (("q", "k", "v", "f"), True)):
+        with frozen_loads(names):
+            timed(rec, "400m", "pallas_gpu", BASE, "frozen loads " + "".join(names), with_backward=with_backward)
+    timed(rec, "400m", "pallas_gpu", BASE, "base (same run)", with_backward=True)
+
+
 def profile_once() -> None:
     """One forward and one forward+backward call of the default kernels at the paper shape, untimed: the launches
     a profiler run (ncu -k regex:m2rnn) looks at."""
@@ -193,6 +229,8 @@ def main() -> int:
         timed(rec, "400m", "pallas_gpu", dataclasses.replace(BASE, approx_tanh=True), "approx_tanh", with_backward=True)
     if "profile" in steps:
         profile_once()
+    if "ablation" in steps:
+        ablation(rec)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)
