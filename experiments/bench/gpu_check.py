@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, ablation, more.
+shapes, final, profile, ablation, occupancy, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -61,6 +61,13 @@ BACKWARD_VARIANTS = {
     "warps1": dataclasses.replace(BASE, num_warps=1),
     "approx_tanh": dataclasses.replace(BASE, approx_tanh=True),
     "c64": dataclasses.replace(BASE, chunk_size=64),
+}
+# More, smaller programs (more warps per scheduler to hide latency; ncu: 2.5 active warps per scheduler at B=8).
+OCCUPANCY_VARIANTS = {
+    "bk32_w2": (dataclasses.replace(BASE, block_k=32), True),
+    "bk16_w1": (dataclasses.replace(BASE, block_k=16, num_warps=1), True),
+    "bk16_w2": (dataclasses.replace(BASE, block_k=16), False),
+    "bk32_w4": (dataclasses.replace(BASE, block_k=32, num_warps=4), False),
 }
 CORRECTNESS_VARIANTS = ("base", "approx_tanh")
 
@@ -231,6 +238,9 @@ def main() -> int:
         profile_once()
     if "ablation" in steps:
         ablation(rec)
+    if "occupancy" in steps:
+        for name, (config, with_backward) in OCCUPANCY_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=with_backward)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)
