@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, ablation, occupancy, more.
+shapes, final, profile, ablation, occupancy, gluon, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -14,6 +14,8 @@ shapes, final, profile, ablation, occupancy, more.
 4. profile: one untimed forward and forward+backward call of the default kernels, to run under
    ``ncu --clock-control none -k regex:m2rnn ...``.
 5. ablation: timings with some per-step input loads pointed at token 0 (wrong results, diagnostic only).
+6. gluon: the Gluon forward (explicit register layouts) with the Pallas-Triton backward: correctness at the paper
+   shape (exact and approximate tanh), timings against the Pallas forward in the same run, B=1 and S=16384.
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """
 
@@ -70,6 +72,13 @@ OCCUPANCY_VARIANTS = {
     "bk32_w4": (dataclasses.replace(BASE, block_k=32, num_warps=4), False),
 }
 CORRECTNESS_VARIANTS = ("base", "approx_tanh")
+# Gluon forward (explicit register layouts) + the Pallas-Triton backward, against BASE (Pallas forward).
+GLUON = dataclasses.replace(BASE, gluon_forward=True)
+GLUON_VARIANTS = {
+    "gluon": GLUON,
+    "gluon_approx_tanh": dataclasses.replace(GLUON, approx_tanh=True),
+    "pallas (same run)": BASE,
+}
 
 
 class Recorder:
@@ -111,7 +120,7 @@ def outputs_and_grads(fn, args, dy):
     return {"y": y, "h_final": h} | {"d" + n: g for n, g in grads.items()}
 
 
-def correctness(rec: Recorder, variants) -> None:
+def correctness(rec: Recorder, variants, configs: dict[str, KernelConfig] = BACKWARD_VARIANTS) -> None:
     """bf16 kernel variants vs the float32 scan on the same bf16-rounded values, at the paper shape."""
     shape = SHAPES["400m"]
     bf16 = make_inputs(shape)
@@ -120,7 +129,7 @@ def correctness(rec: Recorder, variants) -> None:
     reference = jax.jit(lambda a, d: outputs_and_grads(op_function("scan"), a, d))(rounded, dy)
     reference = jax.device_get(reference)
     for variant in variants:
-        config = BACKWARD_VARIANTS[variant]
+        config = configs[variant]
         try:
             got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", config), a, d))(bf16, dy)
             rec.add({"kind": "correctness", "shape": shape.label(), "variant": variant,
@@ -241,6 +250,12 @@ def main() -> int:
     if "occupancy" in steps:
         for name, (config, with_backward) in OCCUPANCY_VARIANTS.items():
             timed(rec, "400m", "pallas_gpu", config, name, with_backward=with_backward)
+    if "gluon" in steps:
+        correctness(rec, ("gluon", "gluon_approx_tanh"), GLUON_VARIANTS)
+        for name, config in GLUON_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
+        for shape_name in ("400m-b1", "400m-s16k"):
+            timed(rec, shape_name, "pallas_gpu", GLUON, "gluon", with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -23,6 +23,7 @@ from m2rnn_jax.ops.validation import state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
 from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
+from pallas_kernels.gpu.m2rnn_forward_gluon import m2rnn_forward_gluon
 
 
 def padded_size(n: int) -> int:
@@ -52,6 +53,7 @@ class _Static:
     num_chunks: int
     clip: float | None
     interpret: bool
+    gluon_forward: bool = False
 
 
 def _chunk_offsets(cu_seqlens: jax.Array, chunk_size: int) -> jax.Array:
@@ -66,9 +68,46 @@ def _sum_row_blocks(x: jax.Array) -> jax.Array:
     return x[0] if x.shape[0] == 1 else x.astype(jnp.float32).sum(axis=0)
 
 
+def use_gluon_forward(
+    *,
+    dense: bool,
+    interpret: bool,
+    input_dtype: jnp.dtype,
+    carry_dtype: jnp.dtype,
+    k_padded: int,
+    v_padded: int,
+    tokens: int,
+    num_heads: int,
+    config: KernelConfig,
+) -> bool:
+    """Whether the forward runs the Gluon kernel (explicit register layouts) instead of the Pallas-Triton one.
+
+    It covers the common case: dense inputs, bf16/f16 q/k/v, float32 state, padded K in {16, 32, 64, 128},
+    padded V == 16, any head grouping, h0 given or not, offsets within int32, on a GPU (not interpret mode).
+    Everything else (varlen, float32/float64 inputs, a bf16 state, larger K or V, interpret mode) keeps the
+    Pallas-Triton forward; the backward is the Pallas-Triton kernel either way.
+    """
+    return (
+        config.gluon_forward
+        and dense
+        and not interpret
+        and jnp.dtype(input_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and jnp.dtype(carry_dtype) == jnp.dtype(jnp.float32)
+        and k_padded in (16, 32, 64, 128)
+        and v_padded == 16
+        and tokens * num_heads * max(k_padded, v_padded) <= _MAX_ELEMENTS
+    )
+
+
 def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
-    rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
     offsets = _chunk_offsets(cu_seqlens, static.config.chunk_size) if save else None
+    if static.gluon_forward:
+        y, h_final, checkpoints = m2rnn_forward_gluon(
+            q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
+            approx_tanh=static.config.approx_tanh,
+        )
+        return (y, h_final), (checkpoints, offsets)
+    rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
     y, h_final, checkpoints = m2rnn_forward(
         q,
         k,
@@ -196,10 +235,23 @@ def m2rnn_pallas_gpu(
     carry_dtype, _ = state_dtypes(state_dtype, q.dtype)
     config = config or default_config(batch, num_heads, k_dim)
     num_chunks = batch * cdiv(seq_len, config.chunk_size) if dense else tokens // config.chunk_size + batch
-    static = _Static(config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret)
+    kp, vp = padded_size(k_dim), padded_size(v_dim)
+    gluon = use_gluon_forward(
+        dense=dense,
+        interpret=interpret,
+        input_dtype=q.dtype,
+        carry_dtype=carry_dtype,
+        k_padded=kp,
+        v_padded=vp,
+        tokens=tokens,
+        num_heads=num_heads,
+        config=config,
+    )
+    static = _Static(
+        config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret, gluon_forward=gluon
+    )
     if h0 is None:
         h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), carry_dtype)
-    kp, vp = padded_size(k_dim), padded_size(v_dim)
     _check_index_range(tokens, num_heads, kp, vp, batch, static)
     y, h_final = _fused(
         _pad_to(q, {2: kp}),

@@ -36,6 +36,8 @@ class KernelConfig:
         branch-free exact formula. Only for 16-bit inputs; interpret mode (CPU) runs the exact formula instead.
     split_dot: for 16-bit inputs, feed the float32 state to the tensor cores as a sum of two 16-bit parts
         (about 16 mantissa bits) instead of rounding it to one 16-bit value.
+    gluon_forward: run the forward with the explicit-layout Gluon kernel (``m2rnn_forward_gluon``) where it
+        applies (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_forward``); False keeps the Pallas-Triton forward.
     """
 
     block_k: int | None = None
@@ -46,6 +48,7 @@ class KernelConfig:
     prefetch: int = 1
     approx_tanh: bool = False
     split_dot: bool = False
+    gluon_forward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):

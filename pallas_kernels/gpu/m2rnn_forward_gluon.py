@@ -1,0 +1,251 @@
+"""Fused M2RNN forward kernel with explicit register layouts (Gluon, Triton 3.6), for dense bf16/f16 inputs.
+
+One warp per (sequence b, output head n) runs the whole time loop with nothing in shared memory:
+
+* the state H (K, V) in float32 lives in the accumulator layout of ``mma.m16n8k16`` (NVMMA v2);
+* each step rounds H to the input dtype and converts it to the A-operand layout, which for 16-bit operands is a
+  register-only conversion (the FlashAttention-2 accumulator -> operand shortcut), and W (V, V) sits in registers
+  in the B-operand layout for the whole loop;
+* k_t (rows) and v_t (columns) are loaded straight into the slices of the accumulator layout, so the write
+  k_t v_t^T is the accumulator input of the mma: Z_t = tanh(mma(H, W, k_t v_t^T));
+* y_t = q_t^T H_t is a reduction over rows inside one warp (register sums and shuffles, no barrier);
+* the inputs of step t + 1 are loaded during step t.
+
+Besides y and the final state it stores the float32 state at the start of every ``chunk_size`` steps, in the
+layout the Pallas-Triton backward reads (``pallas_kernels.gpu.m2rnn_backward``): checkpoints (B * ceil(S / C),
+N, K, V), slot b * ceil(S / C) + c for chunk c of sequence b.
+
+Triton is imported lazily: this module is only loaded where the kernel is compiled (a machine with Triton 3.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.m2rnn_common import _TANH_PTX
+
+_APPROX_TANH_PTX = "tanh.approx.f32 $0, $1;"
+
+
+@dataclasses.dataclass(frozen=True)
+class GluonForwardSpec:
+    """Static description of one compiled forward kernel (hashable: it keys the compile cache).
+
+    seq_len S, num_heads N, k_dim K and v_dim V (powers of two, 16 <= K <= 128, V in {16, 32}); head group sizes
+    (output head n reads source head n // group_x); chunk_size C of the checkpoints; dtype of q/k/v/f/W ("bf16" or
+    "fp16"; W is passed in that dtype), of f ("bf16", "fp16" or "fp32"); whether checkpoints are stored; approx_tanh selects ``tanh.approx.f32``.
+    """
+
+    seq_len: int
+    num_heads: int
+    k_dim: int
+    v_dim: int
+    group_q: int
+    group_k: int
+    group_v: int
+    group_f: int
+    group_w: int
+    chunk_size: int
+    dtype: str
+    f_dtype: str
+    save_checkpoints: bool
+    approx_tanh: bool = False
+
+
+def _kernel():
+    """Build the Gluon kernel (imports Triton; called once)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    @gluon.jit
+    def load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ: gl.constexpr, NK: gl.constexpr,
+                  NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr,
+                  GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr):
+        q = gl.load(q_ptr + (tok * NQ + n // GQ) * K + rows).to(gl.float32)
+        k = gl.load(k_ptr + (tok * NK + n // GK) * K + rows).to(gl.float32)
+        v = gl.load(v_ptr + (tok * NV + n // GV) * V + cols).to(gl.float32)
+        f = gl.load(f_ptr + tok * NF + n // GF).to(gl.float32)
+        return q, k, v, f
+
+    @gluon.jit
+    def m2rnn_forward_kernel(
+        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, h0_ptr,  # inputs
+        y_ptr, h_final_ptr, checkpoints_ptr,  # outputs
+        S: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+        GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
+        C: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
+    ):
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                             instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        NQ: gl.constexpr = N // GQ
+        NK: gl.constexpr = N // GK
+        NV: gl.constexpr = N // GV
+        NF: gl.constexpr = N // GF
+        NUM_CHUNKS: gl.constexpr = (S + C - 1) // C
+
+        n = gl.program_id(0)
+        b = gl.program_id(1)
+        rows = gl.arange(0, K, layout=row_layout)
+        cols = gl.arange(0, V, layout=col_layout)
+        state_offsets = rows[:, None] * V + cols[None, :]  # (K, V) in the accumulator layout
+
+        w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, b_layout))
+        w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, b_layout))
+        w = gl.load(w_ptr + (n // GW) * V * V + w_rows[:, None] * V + w_cols[None, :])
+
+        head_state = (b * N + n).to(gl.int64) * K * V
+        h = gl.load(h0_ptr + head_state + state_offsets)
+
+        first_tok = b * S
+        q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, n, rows, cols, NQ, NK, NV, NF,
+                               GQ, GK, GV, GF, K, V)
+        for c in range(NUM_CHUNKS):
+            if SAVE:
+                slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
+                gl.store(checkpoints_ptr + slot * K * V + state_offsets, h)
+            for t in range(c * C, gl.minimum(c * C + C, S)):
+                tok = first_tok + t
+                q_next, k_next, v_next, f_next = load_step(
+                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + 1, S - 1), n, rows, cols,
+                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                write = k[:, None] * v[None, :]
+                a = gl.convert_layout(h.to(w.dtype), a_layout)
+                pre = mma_v2(a, w, write)
+                z = gl.inline_asm_elementwise(TANH_ASM, "=f,f", [pre], dtype=gl.float32, is_pure=True, pack=1)
+                h = z + f * (h - z)
+                y = gl.sum(q[:, None] * h, axis=0)
+                gl.store(y_ptr + (tok.to(gl.int64) * N + n) * V + cols, y.to(w.dtype))
+                q, k, v, f = q_next, k_next, v_next, f_next
+        gl.store(h_final_ptr + head_state + state_offsets, h)
+
+    return m2rnn_forward_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_kernel():
+    return _kernel()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledKernel:
+    """What the launcher needs: PTX text, entry name, dynamic shared memory and warps per program."""
+
+    ptx: str
+    name: str
+    shared_mem_bytes: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
+    """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    dt = spec.dtype
+    signature = {
+        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
+        "h0_ptr": "*fp32", "y_ptr": f"*{dt}", "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
+    }
+    constexprs = {
+        "S": spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
+        "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
+        "C": spec.chunk_size, "SAVE": spec.save_checkpoints,
+        "TANH_ASM": _APPROX_TANH_PTX if spec.approx_tanh else _TANH_PTX,
+    }
+    for name, value in constexprs.items():
+        signature[name] = "constexpr"
+    # every pointer is 16-byte aligned (XLA buffers): lets Triton vectorise
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
+    source = GluonASTSource(gluon_kernel(), signature, constexprs, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    return CompiledKernel(
+        ptx=compiled.asm["ptx"], name=compiled.metadata.name, shared_mem_bytes=compiled.metadata.shared, num_warps=1
+    )
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def triton_dtype(dtype) -> str:
+    """Triton's name of a JAX dtype: bf16, fp16 or fp32."""
+    return _DTYPE_NAMES[jnp.dtype(dtype).name]
+
+
+def compute_capability() -> int:
+    """Compute capability of the first device as an integer (90 for the H100/H200); 90 where none is visible."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return int(float(capability) * 10) if capability else 90
+
+
+def m2rnn_forward_gluon(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    w: jax.Array,
+    f: jax.Array,
+    h0: jax.Array,
+    *,
+    chunk_size: int,
+    save_checkpoints: bool,
+    approx_tanh: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Run the recurrence over B dense sequences of S tokens packed as T = B * S.
+
+    Args:
+      q (T, Nq, K), k (T, Nk, K), v (T, Nv, V): bf16 or f16, K in {16, 32, 64, 128}, V == 16.
+      w (Nw, V, V) in q's dtype; f (T, Nf) in bf16, f16 or f32; h0 (B, N, K, V) float32.
+
+    Returns:
+      y (T, N, V) in q's dtype, h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
+      (the state at the start of every chunk of C = chunk_size steps) or None.
+    """
+    from pallas_kernels.gpu.triton_call import KernelLaunch, triton_call
+
+    batch, num_heads, k_dim, v_dim = h0.shape
+    tokens = q.shape[0]
+    seq_len = tokens // batch
+    spec = GluonForwardSpec(
+        seq_len=seq_len,
+        num_heads=num_heads,
+        k_dim=k_dim,
+        v_dim=v_dim,
+        group_q=num_heads // q.shape[1],
+        group_k=num_heads // k.shape[1],
+        group_v=num_heads // v.shape[1],
+        group_f=num_heads // f.shape[1],
+        group_w=num_heads // w.shape[0],
+        chunk_size=chunk_size,
+        dtype=triton_dtype(q.dtype),
+        f_dtype=triton_dtype(f.dtype),
+        save_checkpoints=save_checkpoints,
+        approx_tanh=approx_tanh,
+    )
+    arch = compute_capability()
+    compiled = compile_forward(spec, arch)
+    launch = KernelLaunch(
+        ptx=compiled.ptx,
+        name=compiled.name,
+        shared_mem_bytes=compiled.shared_mem_bytes,
+        num_warps=compiled.num_warps,
+        grid=(num_heads, batch, 1),
+        compute_capability=arch,
+    )
+    num_slots = batch * -(-seq_len // chunk_size) if save_checkpoints else 1
+    out_shapes = (
+        jax.ShapeDtypeStruct((tokens, num_heads, v_dim), q.dtype),
+        jax.ShapeDtypeStruct(h0.shape, jnp.float32),
+        jax.ShapeDtypeStruct((num_slots, num_heads, k_dim, v_dim) if save_checkpoints else (1,), jnp.float32),
+    )
+    y, h_final, checkpoints = triton_call(launch, q, k, v, w.astype(q.dtype), f, h0, out_shapes=out_shapes)
+    return y, h_final, checkpoints if save_checkpoints else None

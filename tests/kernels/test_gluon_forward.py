@@ -1,0 +1,176 @@
+"""The Gluon forward of the pallas_gpu backend (explicit register layouts): when it is chosen, what it compiles to,
+and (tests marked ``gpu``) its results against the scan reference through the Pallas-Triton backward.
+
+CPU CI cannot run the kernel: it checks the selection predicate, and, where Triton 3.6 is importable, the offline
+compile (PTX with tensor-core mma, no barriers, no shared memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu, use_gluon_forward
+from m2rnn_jax.testing import random_m2rnn_inputs
+from pallas_kernels.gpu.m2rnn_common import KernelConfig
+
+NAMES = ("q", "k", "v", "W", "f", "h0")
+COMMON = dict(
+    dense=True, interpret=False, input_dtype=jnp.bfloat16, carry_dtype=jnp.float32, k_padded=64, v_padded=16,
+    tokens=8 * 4096, num_heads=84, config=KernelConfig(gluon_forward=True),
+)
+
+
+def test_predicate_accepts_the_paper_case():
+    assert use_gluon_forward(**COMMON)
+    assert use_gluon_forward(**(COMMON | dict(input_dtype=jnp.float16, k_padded=16)))
+    assert use_gluon_forward(**(COMMON | dict(k_padded=128)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(dense=False),  # varlen
+        dict(interpret=True),  # CPU interpret mode
+        dict(input_dtype=jnp.float32),
+        dict(input_dtype=jnp.float64, carry_dtype=jnp.float64),
+        dict(carry_dtype=jnp.bfloat16),  # state_dtype=bfloat16
+        dict(k_padded=256),
+        dict(v_padded=32),
+        dict(tokens=2**27),  # offsets beyond int32
+        dict(config=KernelConfig(gluon_forward=False)),
+    ],
+)
+def test_predicate_falls_back(change):
+    assert not use_gluon_forward(**(COMMON | change))
+
+
+def test_cpu_interpret_call_keeps_the_pallas_forward():
+    """On CPU (interpret mode) the backend never reaches the Gluon kernel: the call needs no Triton."""
+    args = random_m2rnn_inputs(jax.random.PRNGKey(0), batch=1, seq_len=5, num_heads=2, k_dim=16, v_dim=16,
+                               dtype=jnp.bfloat16)
+    y, h = m2rnn_pallas_gpu(*(args[n] for n in NAMES), cu_seqlens=None, gradient_clipping=None,
+                            state_dtype=jnp.float32, interpret=True)
+    assert y.shape == (1, 5, 2, 16) and h.shape == (1, 2, 16, 16)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="needs triton (3.6) for the offline compile")
+@pytest.mark.parametrize("dtype,k_dim", [("bf16", 64), ("fp16", 32)])
+def test_offline_compile_has_mma_and_no_barriers(dtype, k_dim):
+    from pallas_kernels.gpu.m2rnn_forward_gluon import GluonForwardSpec, compile_forward
+
+    spec = GluonForwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
+                            group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32",
+                            save_checkpoints=True)
+    compiled = compile_forward(spec)
+    assert compiled.shared_mem_bytes == 0 and compiled.num_warps == 1
+    assert "mma.sync.aligned.m16n8k16" in compiled.ptx
+    assert "bar.sync" not in compiled.ptx and "barrier" not in compiled.ptx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real GPU (pytest -m gpu -p no:randomly tests/kernels -n 0 on the device machine)
+
+
+def _relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def _outputs_and_grads(fn, args, key):
+    (y, h), vjp = jax.vjp(fn, args)
+    key_y, key_h = jax.random.split(key)
+    dy = jax.random.normal(key_y, y.shape, jnp.float32).astype(y.dtype)
+    dh = jax.random.normal(key_h, h.shape, jnp.float32).astype(h.dtype)
+    (grads,) = vjp((dy, dh))
+    out = {"y": y, "h_final": h} | {"d" + name: g for name, g in grads.items()}
+    return {name: np.asarray(x.astype(jnp.float32)) for name, x in out.items()}
+
+
+def _backend(config: KernelConfig | None, state_dtype=jnp.float32, backend: str = "pallas_gpu"):
+    from m2rnn_jax.ops.scan_backend import scan_backend
+
+    def fn(args):
+        call_args = tuple(args.get(n) for n in NAMES)
+        options = dict(cu_seqlens=None, gradient_clipping=1.0, state_dtype=jnp.dtype(state_dtype), interpret=False)
+        if backend == "scan":
+            y, h = scan_backend(*call_args, **options)
+        else:
+            y, h = m2rnn_pallas_gpu(*call_args, config=config, **options)
+        return y.astype(jnp.float32), h.astype(jnp.float32)
+
+    return jax.jit(fn)
+
+
+GPU_CASES = {
+    # name: (batch, seq_len, heads, K, V, Nq, Nk, Nv, Nf, Nw, dtype, with_h0)
+    "mixed_heads_h0_ragged_chunk": (2, 300, 6, 64, 16, 3, 1, 6, 2, 6, jnp.bfloat16, True),
+    "k32_f16_no_h0": (3, 129, 4, 32, 16, 4, 2, 4, 4, 1, jnp.float16, False),
+    "k_padded_48_v12": (1, 64, 2, 48, 12, 1, 1, 2, 2, 2, jnp.bfloat16, True),
+    "paper_shape": (8, 4096, 84, 64, 16, 1, 1, 84, 84, 84, jnp.bfloat16, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_gluon_forward_against_f32_scan(case):
+    """Gluon forward + Pallas-Triton backward vs the float32 scan on the same 16-bit values: y, h_final and every
+    gradient; and the Gluon forward vs the Pallas-Triton forward (same numerics, so much closer)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    batch, seq_len, heads, k_dim, v_dim, nq, nk, nv, nf, nw, dtype, with_h0 = GPU_CASES[case]
+    inputs = random_m2rnn_inputs(
+        jax.random.PRNGKey(21), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=k_dim, v_dim=v_dim,
+        num_q_heads=nq, num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=dtype,
+        with_h0=with_h0,
+    )
+    low = {n: inputs[n] for n in NAMES if n in inputs}
+    if with_h0:
+        low["h0"] = low["h0"].astype(jnp.float32)
+    rounded = {n: x.astype(jnp.float32) for n, x in low.items()}
+    key = jax.random.PRNGKey(22)
+    expected = _outputs_and_grads(_backend(None, backend="scan"), rounded, key)
+    gluon = _outputs_and_grads(_backend(KernelConfig(gluon_forward=True)), low, key)
+    pallas = _outputs_and_grads(_backend(KernelConfig(gluon_forward=False)), low, key)
+    for name in expected:
+        assert np.isfinite(gluon[name]).all(), name
+        assert _relative_error(gluon[name], expected[name]) < 1e-2, name
+    for name in ("y", "h_final"):
+        assert _relative_error(gluon[name], pallas[name]) < 5e-3, name
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_checkpoints_match_pallas_forward():
+    """The residual checkpoints of both forwards agree (the backward reads them in this layout)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from m2rnn_jax.ops import pallas_gpu
+
+    inputs = random_m2rnn_inputs(jax.random.PRNGKey(23), batch=2, seq_len=300, num_heads=4, k_dim=64, v_dim=16,
+                                 dtype=jnp.bfloat16)
+    args = tuple(inputs[n] for n in ("q", "k", "v", "W", "f"))
+    h0 = inputs["h0"].astype(jnp.float32)
+
+    def checkpoints(config):
+        def fn(q, k, v, w, f, h0):
+            tokens = q.shape[0] * q.shape[1]
+            pack = lambda x: x.reshape((tokens,) + x.shape[2:])
+            cu = jnp.arange(3, dtype=jnp.int32) * q.shape[1]
+            static = pallas_gpu._Static(config=config, num_chunks=2 * 3, clip=None, interpret=False,
+                                        gluon_forward=config.gluon_forward)
+            _, (ckpt, _) = pallas_gpu._run_forward(pack(q), pack(k), pack(v), w, f.reshape(tokens, -1), h0, cu,
+                                                   static, save=True)
+            return ckpt
+
+        return np.asarray(jax.jit(fn)(*args, h0))
+
+    config = KernelConfig(gluon_forward=True)
+    assert _relative_error(checkpoints(config), checkpoints(dataclasses.replace(config, gluon_forward=False))) < 5e-3
