@@ -75,10 +75,13 @@ CORRECTNESS_VARIANTS = ("base", "approx_tanh")
 # Gluon forward (explicit register layouts) + the Pallas-Triton backward, against BASE (Pallas forward).
 GLUON = dataclasses.replace(BASE, gluon_forward=True)
 GLUON_VARIANTS = {
-    "gluon": GLUON,
-    "gluon_approx_tanh": dataclasses.replace(GLUON, approx_tanh=True),
+    f"gluon rows{rows or 64} {tanh}": dataclasses.replace(GLUON, gluon_rows=rows, gluon_tanh=tanh)
+    for rows in (None, 32) for tanh in ("rcp", "newton", "mixed")
+} | {
+    "gluon rows32 approx_tanh": dataclasses.replace(GLUON, gluon_rows=32, approx_tanh=True),
     "pallas (same run)": BASE,
 }
+GLUON_CORRECTNESS = ("gluon rows64 newton", "gluon rows32 mixed", "gluon rows32 newton")
 
 
 class Recorder:
@@ -251,11 +254,14 @@ def main() -> int:
         for name, (config, with_backward) in OCCUPANCY_VARIANTS.items():
             timed(rec, "400m", "pallas_gpu", config, name, with_backward=with_backward)
     if "gluon" in steps:
-        correctness(rec, ("gluon", "gluon_approx_tanh"), GLUON_VARIANTS)
+        correctness(rec, GLUON_CORRECTNESS, GLUON_VARIANTS)
         for name, config in GLUON_VARIANTS.items():
-            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
-        for shape_name in ("400m-b1", "400m-s16k"):
-            timed(rec, shape_name, "pallas_gpu", GLUON, "gluon", with_backward=True)
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=name.startswith("pallas"))
+        for rows in (16, 32):
+            config = dataclasses.replace(GLUON, gluon_rows=rows, gluon_tanh="mixed", block_k=16, num_warps=1)
+            timed(rec, "400m-b1", "pallas_gpu", config, f"gluon rows{rows} mixed", with_backward=rows == 16)
+        timed(rec, "400m-s16k", "pallas_gpu", GLUON_VARIANTS["gluon rows32 mixed"], "gluon rows32 mixed",
+              with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -104,7 +104,7 @@ def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     if static.gluon_forward:
         y, h_final, checkpoints = m2rnn_forward_gluon(
             q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
-            approx_tanh=static.config.approx_tanh,
+            rows=static.config.gluon_rows, tanh="approx" if static.config.approx_tanh else static.config.gluon_tanh,
         )
         return (y, h_final), (checkpoints, offsets)
     rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]

@@ -38,6 +38,9 @@ class KernelConfig:
         (about 16 mantissa bits) instead of rounding it to one 16-bit value.
     gluon_forward: run the forward with the explicit-layout Gluon kernel (``m2rnn_forward_gluon``) where it
         applies (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_forward``); False keeps the Pallas-Triton forward.
+    gluon_rows: state rows per program of the Gluon forward (None = all K rows: one warp per head).
+    gluon_tanh: exact tanh form of the Gluon forward: "newton" (one ex2 + Newton reciprocal on the FMA pipe) or
+        "rcp" (ex2 + rcp, two special-function ops); ``approx_tanh`` overrides both.
     """
 
     block_k: int | None = None
@@ -49,6 +52,8 @@ class KernelConfig:
     approx_tanh: bool = False
     split_dot: bool = False
     gluon_forward: bool = False
+    gluon_rows: int | None = None
+    gluon_tanh: str = "newton"
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):

@@ -28,7 +28,40 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu.m2rnn_common import _TANH_PTX
 
-_APPROX_TANH_PTX = "tanh.approx.f32 $0, $1;"
+# Exact tanh without the MUFU reciprocal: 1 - 2 / (1 + 2^(2 x log2 e)) with the reciprocal from an integer
+# initial guess (relative error < 1/8) and three Newton steps on the FMA pipe (error ~1e-7, like rcp.approx). The
+# exponent is clamped at 64 so the guess stays in range (tanh is exactly 1 there in float32). One special-function
+# op per element instead of two: the forward is bound by the SFU (4 ops per scheduler per cycle) on H200.
+_TANH_NEWTON_PTX = """{
+  .reg .f32 t, d, nd, r, e;
+  .reg .b32 bits;
+  mul.ftz.f32 t, $1, 0f4038AA3B;
+  min.ftz.f32 t, t, 0f42800000;
+  ex2.approx.ftz.f32 t, t;
+  add.ftz.f32 d, t, 0f3F800000;
+  mov.b32 bits, d;
+  sub.s32 bits, 0x7EF311C3, bits;
+  mov.b32 r, bits;
+  neg.ftz.f32 nd, d;
+  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
+  fma.rn.ftz.f32 r, r, e, r;
+  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
+  fma.rn.ftz.f32 r, r, e, r;
+  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
+  fma.rn.ftz.f32 r, r, e, r;
+  fma.rn.ftz.f32 $0, r, 0fC0000000, 0f3F800000;
+}"""
+# "mixed": of each pair of elements one takes the rcp form (2 special-function ops, 5 instructions) and one the
+# Newton form (1 op, 14 instructions), to balance the SFU against the issue slots.
+
+
+def _renumber(asm: str, out: str, inp: str) -> str:
+    """Rename the output $0 and input $1 of a one-element asm block."""
+    return asm.replace("$0", "@OUT").replace("$1", inp).replace("@OUT", out)
+
+
+_TANH_MIXED_PTX = _renumber(_TANH_PTX, "$0", "$2") + "\n" + _renumber(_TANH_NEWTON_PTX, "$1", "$3")
+TANH_FORMS = {"rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +70,9 @@ class GluonForwardSpec:
 
     seq_len S, num_heads N, k_dim K and v_dim V (powers of two, 16 <= K <= 128, V in {16, 32}); head group sizes
     (output head n reads source head n // group_x); chunk_size C of the checkpoints; dtype of q/k/v/f/W ("bf16" or
-    "fp16"; W is passed in that dtype), of f ("bf16", "fp16" or "fp32"); whether checkpoints are stored; approx_tanh selects ``tanh.approx.f32``.
+    "fp16"; W is passed in that dtype), of f ("bf16", "fp16" or "fp32"); whether checkpoints are stored;
+    the batch B; rows: state rows per program (None = K; fewer rows = more programs, y as float32 partials per
+    row block); tanh: one of ``TANH_FORMS``.
     """
 
     seq_len: int
@@ -53,7 +88,9 @@ class GluonForwardSpec:
     dtype: str
     f_dtype: str
     save_checkpoints: bool
-    approx_tanh: bool = False
+    batch: int = 1
+    rows: int | None = None
+    tanh: str = "newton"
 
 
 def _kernel():
@@ -76,9 +113,10 @@ def _kernel():
     def m2rnn_forward_kernel(
         q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, h0_ptr,  # inputs
         y_ptr, h_final_ptr, checkpoints_ptr,  # outputs
-        S: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+        S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
-        C: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
+        C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -94,9 +132,10 @@ def _kernel():
 
         n = gl.program_id(0)
         b = gl.program_id(1)
-        rows = gl.arange(0, K, layout=row_layout)
+        kb = gl.program_id(2)
+        rows = kb * ROWS + gl.arange(0, ROWS, layout=row_layout)
         cols = gl.arange(0, V, layout=col_layout)
-        state_offsets = rows[:, None] * V + cols[None, :]  # (K, V) in the accumulator layout
+        state_offsets = rows[:, None] * V + cols[None, :]  # (ROWS, V) in the accumulator layout
 
         w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, b_layout))
         w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, b_layout))
@@ -120,10 +159,11 @@ def _kernel():
                 write = k[:, None] * v[None, :]
                 a = gl.convert_layout(h.to(w.dtype), a_layout)
                 pre = mma_v2(a, w, write)
-                z = gl.inline_asm_elementwise(TANH_ASM, "=f,f", [pre], dtype=gl.float32, is_pure=True, pack=1)
+                z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True,
+                                              pack=TANH_PACK)
                 h = z + f * (h - z)
                 y = gl.sum(q[:, None] * h, axis=0)
-                gl.store(y_ptr + (tok.to(gl.int64) * N + n) * V + cols, y.to(w.dtype))
+                gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
                 q, k, v, f = q_next, k_next, v_next, f_next
         gl.store(h_final_ptr + head_state + state_offsets, h)
 
@@ -155,13 +195,15 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     dt = spec.dtype
     signature = {
         "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
-        "h0_ptr": "*fp32", "y_ptr": f"*{dt}", "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
+        "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}", "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
     }
     constexprs = {
-        "S": spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
+        "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "SAVE": spec.save_checkpoints,
-        "TANH_ASM": _APPROX_TANH_PTX if spec.approx_tanh else _TANH_PTX,
+        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
+        "TANH_ASM": TANH_FORMS[spec.tanh],
+        "TANH_CONSTRAINTS": "=f,=f,f,f" if spec.tanh == "mixed" else "=f,f",
+        "TANH_PACK": 2 if spec.tanh == "mixed" else 1,
     }
     for name, value in constexprs.items():
         signature[name] = "constexpr"
@@ -198,16 +240,18 @@ def m2rnn_forward_gluon(
     *,
     chunk_size: int,
     save_checkpoints: bool,
-    approx_tanh: bool = False,
+    rows: int | None = None,
+    tanh: str = "newton",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Run the recurrence over B dense sequences of S tokens packed as T = B * S.
 
     Args:
       q (T, Nq, K), k (T, Nk, K), v (T, Nv, V): bf16 or f16, K in {16, 32, 64, 128}, V == 16.
       w (Nw, V, V) in q's dtype; f (T, Nf) in bf16, f16 or f32; h0 (B, N, K, V) float32.
+      rows: state rows per program (a power of two >= 16 dividing K; None = K); tanh: one of ``TANH_FORMS``.
 
     Returns:
-      y (T, N, V) in q's dtype, h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
+      y (T, N, V) in q's dtype (summed over row blocks in float32 when rows < K), h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
       (the state at the start of every chunk of C = chunk_size steps) or None.
     """
     from pallas_kernels.gpu.triton_call import KernelLaunch, triton_call
@@ -215,6 +259,8 @@ def m2rnn_forward_gluon(
     batch, num_heads, k_dim, v_dim = h0.shape
     tokens = q.shape[0]
     seq_len = tokens // batch
+    rows = k_dim if rows is None else min(rows, k_dim)
+    row_blocks = k_dim // rows
     spec = GluonForwardSpec(
         seq_len=seq_len,
         num_heads=num_heads,
@@ -229,7 +275,9 @@ def m2rnn_forward_gluon(
         dtype=triton_dtype(q.dtype),
         f_dtype=triton_dtype(f.dtype),
         save_checkpoints=save_checkpoints,
-        approx_tanh=approx_tanh,
+        batch=batch,
+        rows=rows,
+        tanh=tanh,
     )
     arch = compute_capability()
     compiled = compile_forward(spec, arch)
@@ -238,14 +286,15 @@ def m2rnn_forward_gluon(
         name=compiled.name,
         shared_mem_bytes=compiled.shared_mem_bytes,
         num_warps=compiled.num_warps,
-        grid=(num_heads, batch, 1),
+        grid=(num_heads, batch, row_blocks),
         compute_capability=arch,
     )
     num_slots = batch * -(-seq_len // chunk_size) if save_checkpoints else 1
     out_shapes = (
-        jax.ShapeDtypeStruct((tokens, num_heads, v_dim), q.dtype),
+        jax.ShapeDtypeStruct((row_blocks, tokens, num_heads, v_dim), q.dtype if row_blocks == 1 else jnp.float32),
         jax.ShapeDtypeStruct(h0.shape, jnp.float32),
         jax.ShapeDtypeStruct((num_slots, num_heads, k_dim, v_dim) if save_checkpoints else (1,), jnp.float32),
     )
     y, h_final, checkpoints = triton_call(launch, q, k, v, w.astype(q.dtype), f, h0, out_shapes=out_shapes)
+    y = y[0] if row_blocks == 1 else y.sum(axis=0).astype(q.dtype)
     return y, h_final, checkpoints if save_checkpoints else None

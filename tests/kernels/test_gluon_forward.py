@@ -119,9 +119,17 @@ GPU_CASES = {
 }
 
 
+GLUON_CONFIGS = {
+    "rows64_newton": KernelConfig(gluon_forward=True),
+    "rows32_mixed": KernelConfig(gluon_forward=True, gluon_rows=32, gluon_tanh="mixed"),
+    "rows16_rcp": KernelConfig(gluon_forward=True, gluon_rows=16, gluon_tanh="rcp", block_k=16, num_warps=1),
+}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("config_name", sorted(GLUON_CONFIGS))
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_gluon_forward_against_f32_scan(case):
+def test_gpu_gluon_forward_against_f32_scan(case, config_name):
     """Gluon forward + Pallas-Triton backward vs the float32 scan on the same 16-bit values: y, h_final and every
     gradient; and the Gluon forward vs the Pallas-Triton forward (same numerics, so much closer)."""
     if jax.default_backend() != "gpu":
@@ -138,7 +146,7 @@ def test_gpu_gluon_forward_against_f32_scan(case):
     rounded = {n: x.astype(jnp.float32) for n, x in low.items()}
     key = jax.random.PRNGKey(22)
     expected = _outputs_and_grads(_backend(None, backend="scan"), rounded, key)
-    gluon = _outputs_and_grads(_backend(KernelConfig(gluon_forward=True)), low, key)
+    gluon = _outputs_and_grads(_backend(GLUON_CONFIGS[config_name]), low, key)
     pallas = _outputs_and_grads(_backend(KernelConfig(gluon_forward=False)), low, key)
     for name in expected:
         assert np.isfinite(gluon[name]).all(), name
@@ -172,5 +180,5 @@ def test_gpu_gluon_checkpoints_match_pallas_forward():
 
         return np.asarray(jax.jit(fn)(*args, h0))
 
-    config = KernelConfig(gluon_forward=True)
+    config = GLUON_CONFIGS["rows32_mixed"]
     assert _relative_error(checkpoints(config), checkpoints(dataclasses.replace(config, gluon_forward=False))) < 5e-3
