@@ -1,6 +1,7 @@
 """Fused M2RNN forward kernel with explicit register layouts (Gluon, Triton 3.6), for dense bf16/f16 inputs.
 
-One warp per (sequence b, output head n) runs the whole time loop with nothing in shared memory:
+One warp per (sequence b, output head n, block of ``rows`` state rows) runs the whole time loop with nothing in
+shared memory (rows < K: y comes as float32 partials per row block, summed outside):
 
 * the state H (K, V) in float32 lives in the accumulator layout of ``mma.m16n8k16`` (NVMMA v2);
 * each step rounds H to the input dtype and converts it to the A-operand layout, which for 16-bit operands is a
