@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, ablation, occupancy, gluon, more.
+shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -16,6 +16,8 @@ shapes, final, profile, ablation, occupancy, gluon, more.
 5. ablation: timings with some per-step input loads pointed at token 0 (wrong results, diagnostic only).
 6. gluon: the Gluon forward (explicit register layouts) with the Pallas-Triton backward: correctness at the paper
    shape (exact and approximate tanh), timings against the Pallas forward in the same run, B=1 and S=16384.
+7. gluon_bwd: the Gluon backward (with the Gluon forward): correctness at the paper shape, forward+backward timings
+   of its variants against the Pallas-Triton backward in the same run, and B=1.
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """
 
@@ -83,6 +85,16 @@ GLUON_VARIANTS = {
     "pallas (same run)": BASE,
 }
 GLUON_CORRECTNESS = ("gluon rows64 newton", "gluon rows32 mixed", "gluon rows32 newton")
+# Gluon forward + Gluon backward (block = steps recomputed at a time into shared memory), against the Gluon
+# forward + Pallas-Triton backward of run 9 (the default before).
+GLUON_FWD = dataclasses.replace(GLUON, gluon_rows=32, gluon_tanh="mixed")
+GLUON_BWD_VARIANTS = {
+    f"gluon bwd rows32 block{block}": dataclasses.replace(GLUON_FWD, gluon_backward=True, gluon_block=block)
+    for block in (4, 8)
+} | {
+    "gluon bwd rows16 block4": dataclasses.replace(GLUON_FWD, gluon_backward=True, gluon_rows=16, gluon_block=4),
+    "gluon fwd + pallas bwd (same run)": GLUON_FWD,
+}
 
 
 class Recorder:
@@ -263,6 +275,13 @@ def main() -> int:
             timed(rec, "400m-b1", "pallas_gpu", config, f"gluon rows{rows} mixed", with_backward=rows == 16)
         timed(rec, "400m-s16k", "pallas_gpu", GLUON_VARIANTS["gluon rows32 mixed"], "gluon rows32 mixed",
               with_backward=True)
+    if "gluon_bwd" in steps:
+        correctness(rec, ("gluon bwd rows32 block4", "gluon bwd rows16 block4"), GLUON_BWD_VARIANTS)
+        for name, config in GLUON_BWD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
+        b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16,
+                                 num_warps=1)
+        timed(rec, "400m-b1", "pallas_gpu", b1, "gluon bwd rows16 block4", with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -155,3 +155,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def ptx_to_sass(ptx: str, workdir: str, arch: str = "sm_90a") -> tuple[str, str]:
+    """SASS text and resource usage line of a PTX module (a Gluon kernel's), with Triton's ptxas and cuobjdump."""
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    src, cubin = os.path.join(workdir, "kernel.ptx"), os.path.join(workdir, "kernel.cubin")
+    with open(src, "w") as fh:
+        fh.write(ptx)
+    subprocess.run([os.path.join(tools, "ptxas"), f"-arch={arch}", src, "-o", cubin], check=True)
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
+                          text=True, check=True).stdout
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+    return sass, usage
+
+
+def gluon_report(ptx: str) -> dict:
+    """Resource usage and the innermost loops (opcode mix) of a compiled Gluon kernel."""
+    with tempfile.TemporaryDirectory() as workdir:
+        sass, usage = ptx_to_sass(ptx, workdir)
+    return {"resources": usage, "loops": innermost_loops(sass)}

@@ -21,6 +21,7 @@ from m2rnn_jax.ops.backends import register_backend
 from m2rnn_jax.ops.heads import reduce_heads
 from m2rnn_jax.ops.validation import state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
+from pallas_kernels.gpu.m2rnn_backward_gluon import m2rnn_backward_gluon
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
 from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
 from pallas_kernels.gpu.m2rnn_forward_gluon import m2rnn_forward_gluon
@@ -55,6 +56,7 @@ class _Static:
     clip: float | None
     interpret: bool
     gluon_forward: bool = False
+    gluon_backward: bool = False
 
 
 def _chunk_offsets(cu_seqlens: jax.Array, chunk_size: int) -> jax.Array:
@@ -86,7 +88,7 @@ def use_gluon_forward(
     It covers the common case: dense inputs, bf16/f16 q/k/v, float32 state, padded K in {16, 32, 64, 128},
     padded V == 16, any head grouping, h0 given or not, offsets within int32, on a GPU (not interpret mode).
     Everything else (varlen, float32/float64 inputs, a bf16 state, larger K or V, interpret mode) keeps the
-    Pallas-Triton forward; the backward is the Pallas-Triton kernel either way.
+    Pallas-Triton forward.
     """
     return (
         config.gluon_forward
@@ -100,12 +102,23 @@ def use_gluon_forward(
     )
 
 
+def use_gluon_backward(*, gluon_forward: bool, config: KernelConfig) -> bool:
+    """Whether the backward runs the Gluon kernel: in the case of the Gluon forward (``use_gluon_forward``: it
+    reads that forward's checkpoints and recomputes with the same tanh), when ``config.gluon_backward`` is set.
+    Everything else keeps the Pallas-Triton backward."""
+    return gluon_forward and config.gluon_backward
+
+
+def _gluon_tanh(config: KernelConfig) -> str:
+    return "approx" if config.approx_tanh else config.gluon_tanh
+
+
 def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     offsets = _chunk_offsets(cu_seqlens, static.config.chunk_size) if save else None
     if static.gluon_forward:
         y, h_final, checkpoints = m2rnn_forward_gluon(
             q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
-            rows=static.config.gluon_rows, tanh="approx" if static.config.approx_tanh else static.config.gluon_tanh,
+            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config),
         )
         return (y, h_final), (checkpoints, offsets)
     rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
@@ -143,7 +156,30 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     dy, dh_final = cotangents
     h0_dtype = checkpoints.dtype  # the forward stores checkpoints in the state's storage dtype
     acc = jnp.promote_types(h0_dtype, jnp.float32)
-    dq, dk, dv, df, dw, dh0 = m2rnn_backward(
+    if static.gluon_backward:
+        k_dim = q.shape[-1]
+        dq, dk, dv, df, dw, dh0 = m2rnn_backward_gluon(
+            q, k, v, w, f, checkpoints, dy, dh_final.astype(acc), chunk_size=static.config.chunk_size,
+            rows=min(static.config.gluon_rows or k_dim, k_dim), block=static.config.gluon_block, clip=static.clip,
+            tanh=_gluon_tanh(static.config),
+        )
+    else:
+        dq, dk, dv, df, dw, dh0 = _pallas_backward(q, k, v, w, f, cu_seqlens, checkpoints, offsets, dy, dh_final,
+                                                   static, h0_dtype, acc)
+    grads = (
+        reduce_heads(dq.astype(acc), q.shape[1], axis=1).astype(q.dtype),
+        reduce_heads(dk.astype(acc), k.shape[1], axis=1).astype(k.dtype),
+        reduce_heads(_sum_row_blocks(dv).astype(acc), v.shape[1], axis=1).astype(v.dtype),
+        reduce_heads(dw.sum(axis=(0, 2)), w.shape[0], axis=0).astype(w.dtype),
+        reduce_heads(_sum_row_blocks(df).astype(acc), f.shape[1], axis=1).astype(f.dtype),
+        dh0.astype(h0_dtype),
+        np.zeros(cu_seqlens.shape, jax.dtypes.float0),
+    )
+    return grads
+
+
+def _pallas_backward(q, k, v, w, f, cu_seqlens, checkpoints, offsets, dy, dh_final, static: _Static, h0_dtype, acc):
+    return m2rnn_backward(
         q,
         k,
         v,
@@ -161,16 +197,6 @@ def _fused_bwd(static: _Static, residuals, cotangents):
         row_partial_dtype=acc,
         interpret=static.interpret,
     )
-    grads = (
-        reduce_heads(dq.astype(acc), q.shape[1], axis=1).astype(q.dtype),
-        reduce_heads(dk.astype(acc), k.shape[1], axis=1).astype(k.dtype),
-        reduce_heads(_sum_row_blocks(dv).astype(acc), v.shape[1], axis=1).astype(v.dtype),
-        reduce_heads(dw.sum(axis=(0, 2)), w.shape[0], axis=0).astype(w.dtype),
-        reduce_heads(_sum_row_blocks(df).astype(acc), f.shape[1], axis=1).astype(f.dtype),
-        dh0.astype(h0_dtype),
-        np.zeros(cu_seqlens.shape, jax.dtypes.float0),
-    )
-    return grads
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -249,7 +275,8 @@ def m2rnn_pallas_gpu(
         config=config,
     )
     static = _Static(
-        config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret, gluon_forward=gluon
+        config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret, gluon_forward=gluon,
+        gluon_backward=use_gluon_backward(gluon_forward=gluon, config=config),
     )
     if h0 is None:
         h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), carry_dtype)

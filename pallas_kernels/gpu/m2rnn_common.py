@@ -42,6 +42,11 @@ class KernelConfig:
         fastest at B=8 on the H200, 16 at B=1).
     gluon_tanh: exact tanh form of the Gluon forward: "mixed" (fastest on the H200), "newton" (one ex2 + Newton
         reciprocal on the FMA pipe) or "rcp" (ex2 + rcp, two special-function ops); ``approx_tanh`` overrides.
+    gluon_backward: run the backward with the Gluon kernel (``m2rnn_backward_gluon``) where the Gluon forward
+        runs (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_backward``); False keeps the Pallas-Triton backward.
+    gluon_block: steps the Gluon backward recomputes at a time into shared memory (divides chunk_size; 2 x 4
+        bytes x rows x V x gluon_block of shared memory per program, and B N K V chunk_size / gluon_block floats
+        of global scratch).
     """
 
     block_k: int | None = None
@@ -55,6 +60,8 @@ class KernelConfig:
     gluon_forward: bool = True
     gluon_rows: int | None = 32
     gluon_tanh: str = "mixed"
+    gluon_backward: bool = False
+    gluon_block: int = 4
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):
@@ -66,6 +73,8 @@ class KernelConfig:
             raise ValueError(
                 f"recompute_block: expected a divisor of chunk_size = {self.chunk_size}, got {self.recompute_block}"
             )
+        if self.chunk_size % self.gluon_block:
+            raise ValueError(f"gluon_block: expected a divisor of chunk_size = {self.chunk_size}, got {self.gluon_block}")
         if self.block_k is not None and (self.block_k < 16 or self.block_k & (self.block_k - 1)):
             raise ValueError(f"block_k: expected None or a power of two >= 16, got {self.block_k}")
 

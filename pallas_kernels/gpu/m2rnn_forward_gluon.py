@@ -27,42 +27,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.m2rnn_common import _TANH_PTX
+from pallas_kernels.gpu.m2rnn_gluon_common import (
+    TANH_FORMS,
+    CompiledKernel,
+    compile_gluon,
+    compute_capability,
+    helpers,
+    launch,
+    tanh_constexprs,
+    triton_dtype,
+)
 
-# Exact tanh without the MUFU reciprocal: 1 - 2 / (1 + 2^(2 x log2 e)) with the reciprocal from an integer
-# initial guess (relative error < 1/8) and three Newton steps on the FMA pipe (error ~1e-7, like rcp.approx). The
-# exponent is clamped at 64 so the guess stays in range (tanh is exactly 1 there in float32). One special-function
-# op per element instead of two: the forward is bound by the SFU (4 ops per scheduler per cycle) on H200.
-_TANH_NEWTON_PTX = """{
-  .reg .f32 t, d, nd, r, e;
-  .reg .b32 bits;
-  mul.ftz.f32 t, $1, 0f4038AA3B;
-  min.ftz.f32 t, t, 0f42800000;
-  ex2.approx.ftz.f32 t, t;
-  add.ftz.f32 d, t, 0f3F800000;
-  mov.b32 bits, d;
-  sub.s32 bits, 0x7EF311C3, bits;
-  mov.b32 r, bits;
-  neg.ftz.f32 nd, d;
-  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
-  fma.rn.ftz.f32 r, r, e, r;
-  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
-  fma.rn.ftz.f32 r, r, e, r;
-  fma.rn.ftz.f32 e, nd, r, 0f3F800000;
-  fma.rn.ftz.f32 r, r, e, r;
-  fma.rn.ftz.f32 $0, r, 0fC0000000, 0f3F800000;
-}"""
-# "mixed": of each pair of elements one takes the rcp form (2 special-function ops, 5 instructions) and one the
-# Newton form (1 op, 14 instructions), to balance the SFU against the issue slots.
-
-
-def _renumber(asm: str, out: str, inp: str) -> str:
-    """Rename the output $0 and input $1 of a one-element asm block."""
-    return asm.replace("$0", "@OUT").replace("$1", inp).replace("@OUT", out)
-
-
-_TANH_MIXED_PTX = _renumber(_TANH_PTX, "$0", "$2") + "\n" + _renumber(_TANH_NEWTON_PTX, "$1", "$3")
-TANH_FORMS = {"rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"}
+__all__ = ["TANH_FORMS", "CompiledKernel", "GluonForwardSpec", "compile_forward", "m2rnn_forward_gluon"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +74,10 @@ def _kernel():
     """Build the Gluon kernel (imports Triton; called once)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    @gluon.jit
-    def load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ: gl.constexpr, NK: gl.constexpr,
-                  NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr,
-                  GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr):
-        q = gl.load(q_ptr + (tok * NQ + n // GQ) * K + rows).to(gl.float32)
-        k = gl.load(k_ptr + (tok * NK + n // GK) * K + rows).to(gl.float32)
-        v = gl.load(v_ptr + (tok * NV + n // GV) * V + cols).to(gl.float32)
-        f = gl.load(f_ptr + tok * NF + n // GF).to(gl.float32)
-        return q, k, v, f
+    common = helpers()
+    load_step = common.load_step
+    recurrence_step = common.recurrence_step
 
     @gluon.jit
     def m2rnn_forward_kernel(
@@ -157,12 +126,7 @@ def _kernel():
                 q_next, k_next, v_next, f_next = load_step(
                     q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + 1, S - 1), n, rows, cols,
                     NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                write = k[:, None] * v[None, :]
-                a = gl.convert_layout(h.to(w.dtype), a_layout)
-                pre = mma_v2(a, w, write)
-                z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True,
-                                              pack=TANH_PACK)
-                h = z + f * (h - z)
+                _, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                 y = gl.sum(q[:, None] * h, axis=0)
                 gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
                 q, k, v, f = q_next, k_next, v_next, f_next
@@ -176,59 +140,21 @@ def gluon_kernel():
     return _kernel()
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledKernel:
-    """What the launcher needs: PTX text, entry name, dynamic shared memory and warps per program."""
-
-    ptx: str
-    name: str
-    shared_mem_bytes: int
-    num_warps: int
-
-
 @functools.lru_cache(maxsize=None)
 def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     dt = spec.dtype
-    signature = {
+    pointers = {
         "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
-        "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}", "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
+        "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}",
+        "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
     }
     constexprs = {
         "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
         "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
-        "TANH_ASM": TANH_FORMS[spec.tanh],
-        "TANH_CONSTRAINTS": "=f,=f,f,f" if spec.tanh == "mixed" else "=f,f",
-        "TANH_PACK": 2 if spec.tanh == "mixed" else 1,
-    }
-    for name, value in constexprs.items():
-        signature[name] = "constexpr"
-    # every pointer is 16-byte aligned (XLA buffers): lets Triton vectorise
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
-    source = GluonASTSource(gluon_kernel(), signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
-    return CompiledKernel(
-        ptx=compiled.asm["ptx"], name=compiled.metadata.name, shared_mem_bytes=compiled.metadata.shared, num_warps=1
-    )
-
-
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-def triton_dtype(dtype) -> str:
-    """Triton's name of a JAX dtype: bf16, fp16 or fp32."""
-    return _DTYPE_NAMES[jnp.dtype(dtype).name]
-
-
-def compute_capability() -> int:
-    """Compute capability of the first device as an integer (90 for the H100/H200); 90 where none is visible."""
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    return int(float(capability) * 10) if capability else 90
+    } | tanh_constexprs(spec.tanh)
+    return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
 
 def m2rnn_forward_gluon(
@@ -255,8 +181,6 @@ def m2rnn_forward_gluon(
       y (T, N, V) in q's dtype (summed over row blocks in float32 when rows < K), h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
       (the state at the start of every chunk of C = chunk_size steps) or None.
     """
-    from pallas_kernels.gpu.triton_call import KernelLaunch, triton_call
-
     batch, num_heads, k_dim, v_dim = h0.shape
     tokens = q.shape[0]
     seq_len = tokens // batch
@@ -282,20 +206,13 @@ def m2rnn_forward_gluon(
     )
     arch = compute_capability()
     compiled = compile_forward(spec, arch)
-    launch = KernelLaunch(
-        ptx=compiled.ptx,
-        name=compiled.name,
-        shared_mem_bytes=compiled.shared_mem_bytes,
-        num_warps=compiled.num_warps,
-        grid=(num_heads, batch, row_blocks),
-        compute_capability=arch,
-    )
     num_slots = batch * -(-seq_len // chunk_size) if save_checkpoints else 1
     out_shapes = (
         jax.ShapeDtypeStruct((row_blocks, tokens, num_heads, v_dim), q.dtype if row_blocks == 1 else jnp.float32),
         jax.ShapeDtypeStruct(h0.shape, jnp.float32),
         jax.ShapeDtypeStruct((num_slots, num_heads, k_dim, v_dim) if save_checkpoints else (1,), jnp.float32),
     )
-    y, h_final, checkpoints = triton_call(launch, q, k, v, w.astype(q.dtype), f, h0, out_shapes=out_shapes)
+    y, h_final, checkpoints = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f, h0,
+                                     out_shapes=out_shapes)
     y = y[0] if row_blocks == 1 else y.sum(axis=0).astype(q.dtype)
     return y, h_final, checkpoints if save_checkpoints else None

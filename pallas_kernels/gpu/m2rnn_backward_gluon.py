@@ -1,0 +1,283 @@
+"""Fused M2RNN backward kernel with explicit register layouts (Gluon, Triton 3.6), for dense bf16/f16 inputs.
+
+The counterpart of ``m2rnn_forward_gluon``: one warp per (output head n, sequence b, block of ``rows`` state rows),
+the state rows being independent (SPEC §2.2). It reads the forward's float32 checkpoints (every C steps) and
+sweeps the chunks in reverse. For each chunk:
+
+1. walk the chunk forward from its checkpoint, storing the state at the start of every block of ``block`` steps
+   (B_r = ``block``) to a small global scratch (written and read by the same thread: no barrier);
+2. block by block in reverse: recompute the block's states H_{t-1} and Z_t into shared memory (each thread stores
+   and loads only its own elements, in the accumulator layout: no barrier), then walk its steps backward with the
+   math and clipping placement of SPEC §4.1 / §0.1:
+
+    dq_t = H_t dy_t                      R <- clamp(R)        G = q_t dy_t^T + R
+    df_t = sum(G * (H_{t-1} - Z_t))      dP = (1 - f_t) G * (1 - Z_t^2)
+    dW  += H_{t-1}^T dP                  dv_t = dP^T k_t      dk_t = dP v_t
+    R   <- f_t G + dP W^T                (after the first step of the sequence: dh0 = R, unclamped)
+
+R, G and dP live in the mma accumulator layout; R's update is one mma with dP (rounded to the input dtype) as
+the A operand (the accumulator -> operand register shortcut) and W^T in registers as the B operand, f_t G as the
+accumulator input. dW (V, V) is an mma accumulator of the program: A = H_{t-1}^T and B = dP (both rounded to the
+input dtype, as the Pallas-Triton backward does), converted to the operand layouts inside the warp. Row sums
+(dq, dk) are sums over the lane quad, column sums (dv, df) over the warp: shuffles only.
+
+Per step that is three evaluations of the recurrence (chunk walk, block recompute; the reverse step reuses Z_t)
+and no per-step state traffic through global memory. Outputs follow ``m2rnn_backward`` (Pallas-Triton): dq, dk
+per output head, dv, df per row block, dW per (sequence, head, row block), dh0; the caller sums the partials.
+Memory beyond them: the block starts, B N K V (C / B_r) floats; shared memory 2 B_r rows V floats per program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.m2rnn_gluon_common import (
+    CompiledKernel,
+    compile_gluon,
+    compute_capability,
+    helpers,
+    launch,
+    tanh_constexprs,
+    triton_dtype,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GluonBackwardSpec:
+    """Static description of one compiled backward kernel (hashable: it keys the compile cache).
+
+    As ``GluonForwardSpec`` (S, N, K, V, head groups, C, dtypes, batch, rows, tanh), plus block: steps recomputed
+    at a time into shared memory (divides C), and clip: the state-cotangent clamp (None = none).
+    """
+
+    seq_len: int
+    num_heads: int
+    k_dim: int
+    v_dim: int
+    group_q: int
+    group_k: int
+    group_v: int
+    group_f: int
+    group_w: int
+    chunk_size: int
+    dtype: str
+    f_dtype: str
+    batch: int
+    rows: int
+    block: int
+    clip: float | None
+    tanh: str = "mixed"
+
+
+def _kernel():
+    """Build the Gluon kernel (imports Triton; called once)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    common = helpers()
+    load_step = common.load_step
+    recurrence_step = common.recurrence_step
+
+    @gluon.jit
+    def walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, lo, hi, n, rows, cols, starts, RB: gl.constexpr,
+             NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr,
+             GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+             ROWS: gl.constexpr, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr,
+             TANH_PACK: gl.constexpr):
+        """Steps [lo, hi) from state h; stores the state before step lo + j RB at starts + j ROWS V, for
+        j = 0 .. (hi - lo) / RB (the last one after the walk: hi - lo is a multiple of RB)."""
+        q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + lo, n, rows, cols, NQ, NK, NV, NF,
+                               GQ, GK, GV, GF, K, V)
+        for t in range(lo, hi):
+            q, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + 1, hi - 1),
+                                                  n, rows, cols, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+            if (t - lo) % RB == 0:
+                gl.store(starts + ((t - lo) // RB) * ROWS * V, h)
+            z, h = recurrence_step(h, w, k, v, f, A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+            k, v, f = k_next, v_next, f_next
+        gl.store(starts + ((hi - lo) // RB) * ROWS * V, h)
+
+    @gluon.jit
+    def m2rnn_backward_kernel(
+        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
+        dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, starts_ptr,  # outputs (starts: scratch)
+        S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+        GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
+        C: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, USE_CLIP: gl.constexpr, CLIP: gl.constexpr,
+        TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
+    ):
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                             instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        NQ: gl.constexpr = N // GQ
+        NK: gl.constexpr = N // GK
+        NV: gl.constexpr = N // GV
+        NF: gl.constexpr = N // GF
+        NUM_CHUNKS: gl.constexpr = (S + C - 1) // C
+        KB: gl.constexpr = K // ROWS
+
+        n = gl.program_id(0)
+        b = gl.program_id(1)
+        kb = gl.program_id(2)
+        rows = kb * ROWS + gl.arange(0, ROWS, layout=row_layout)
+        cols = gl.arange(0, V, layout=col_layout)
+        local_offsets = (rows[:, None] - kb * ROWS) * V + cols[None, :]
+        state_offsets = rows[:, None] * V + cols[None, :]  # (ROWS, V) in the accumulator layout
+
+        w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, b_layout))
+        w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, b_layout))
+        w_base = w_ptr + (n // GW) * V * V
+        w = gl.load(w_base + w_rows[:, None] * V + w_cols[None, :])
+        w_t = gl.load(w_base + w_cols[None, :] * V + w_rows[:, None])  # W^T (V, V) in the B-operand layout
+
+        head_state = (b * N + n).to(gl.int64) * K * V
+        program = (b * N + n) * KB + kb
+        starts = starts_ptr + program.to(gl.int64) * (C // RB) * ROWS * V + local_offsets
+        h_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
+        z_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
+
+        r = gl.load(dh_final_ptr + head_state + state_offsets)
+        dw = gl.zeros([V, V], gl.float32, acc_layout)
+        first_tok = b * S
+        for cc in range(NUM_CHUNKS):
+            c = NUM_CHUNKS - 1 - cc
+            chunk_start = c * C
+            chunk_end = gl.minimum(chunk_start + C, S)
+            num_blocks = (chunk_end - chunk_start + RB - 1) // RB
+            slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
+            h = gl.load(checkpoints_ptr + slot * K * V + state_offsets)
+            walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, chunk_start, chunk_start + (num_blocks - 1) * RB, n,
+                 rows, cols, starts,
+                 RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+            for jj in range(num_blocks):
+                j = num_blocks - 1 - jj
+                block_start = chunk_start + j * RB
+                block_len = gl.minimum(RB, chunk_end - block_start)
+                h = gl.load(starts + j * ROWS * V)
+                # recompute the block: H_{t-1} and Z_t of its steps into shared memory
+                for s in range(block_len):
+                    q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + block_start + s, n, rows, cols,
+                                           NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                    h_smem.index(s).store(h)
+                    z, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                    z_smem.index(s).store(z)
+                # walk the block backward; h is H_t of its last step
+                for ss in range(block_len):
+                    s = block_len - 1 - ss
+                    tok = first_tok + block_start + s
+                    q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ, NK, NV, NF,
+                                           GQ, GK, GV, GF, K, V)
+                    dy = gl.load(dy_ptr + (tok * N + n) * V + cols).to(gl.float32)
+                    h_prev = h_smem.index(s).load(acc_layout)
+                    z = z_smem.index(s).load(acc_layout)
+                    gl.store(dq_ptr + (tok * N + n).to(gl.int64) * K + rows,
+                             gl.sum(h * dy[None, :], axis=1).to(dq_ptr.dtype.element_ty))
+                    if USE_CLIP:
+                        r = gl.minimum(gl.maximum(r, -CLIP), CLIP)
+                    g = q[:, None] * dy[None, :] + r
+                    df = gl.sum(gl.sum(g * (h_prev - z), axis=1), axis=0)
+                    gl.store(df_ptr + (kb * TOKENS + tok).to(gl.int64) * N + n, df)
+                    dp = ((1 - f) * g) * (1 - z * z)
+                    gl.store(dk_ptr + (tok * N + n).to(gl.int64) * K + rows,
+                             gl.sum(dp * v[None, :], axis=1).to(dk_ptr.dtype.element_ty))
+                    gl.store(dv_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols,
+                             gl.sum(k[:, None] * dp, axis=0).to(dv_ptr.dtype.element_ty))
+                    dp_low = dp.to(w.dtype)
+                    r = mma_v2(gl.convert_layout(dp_low, a_layout), w_t, f * g)
+                    h_prev_t = gl.permute(h_prev.to(w.dtype), [1, 0])
+                    dw = mma_v2(gl.convert_layout(h_prev_t, a_layout), gl.convert_layout(dp_low, b_layout), dw)
+                    h = h_prev
+        gl.store(dh0_ptr + head_state + state_offsets, r)
+        dw_rows = gl.arange(0, V, layout=row_layout)
+        gl.store(dw_ptr + program.to(gl.int64) * V * V + dw_rows[:, None] * V + cols[None, :], dw)
+
+    return m2rnn_backward_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_kernel():
+    return _kernel()
+
+
+@functools.lru_cache(maxsize=None)
+def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
+    """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
+    dt = spec.dtype
+    pointers = {
+        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
+        "checkpoints_ptr": "*fp32", "dy_ptr": f"*{dt}", "dh_final_ptr": "*fp32",
+        "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "df_ptr": "*fp32", "dw_ptr": "*fp32",
+        "dh0_ptr": "*fp32", "starts_ptr": "*fp32",
+    }
+    constexprs = {
+        "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
+        "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
+        "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
+        "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
+    } | tanh_constexprs(spec.tanh)
+    return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
+
+
+def m2rnn_backward_gluon(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    w: jax.Array,
+    f: jax.Array,
+    checkpoints: jax.Array,
+    dy: jax.Array,
+    dh_final: jax.Array,
+    *,
+    chunk_size: int,
+    rows: int,
+    block: int,
+    clip: float | None,
+    tanh: str = "mixed",
+) -> tuple[jax.Array, ...]:
+    """Gradients of the recurrence over B dense sequences of S tokens packed as T = B * S.
+
+    Args:
+      q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), w (Nw, V, V), f (T, Nf): as for ``m2rnn_forward_gluon``.
+      checkpoints (B * ceil(S / C), N, K, V) float32: from the forward with chunk_size C.
+      dy (T, N, V) in q's dtype; dh_final (B, N, K, V) float32.
+      rows: state rows per program (a power of two >= 16 dividing K); block: steps recomputed at a time (divides
+      C); clip: None or the state-cotangent clamp c; tanh: the recompute's tanh form (the forward's).
+
+    Returns (as ``m2rnn_backward``, R = K // rows):
+      dq (T, N, K), dk (T, N, K) in q's dtype, per output head; dv (R, T, N, V) in q's dtype; df (R, T, N)
+      float32; dW (B, N, R, V, V) float32; dh0 (B, N, K, V) float32.
+    """
+    batch, num_heads, k_dim, v_dim = dh_final.shape
+    tokens = q.shape[0]
+    row_blocks = k_dim // rows
+    spec = GluonBackwardSpec(
+        seq_len=tokens // batch, num_heads=num_heads, k_dim=k_dim, v_dim=v_dim,
+        group_q=num_heads // q.shape[1], group_k=num_heads // k.shape[1], group_v=num_heads // v.shape[1],
+        group_f=num_heads // f.shape[1], group_w=num_heads // w.shape[0], chunk_size=chunk_size,
+        dtype=triton_dtype(q.dtype), f_dtype=triton_dtype(f.dtype), batch=batch, rows=rows, block=block,
+        clip=clip, tanh=tanh,
+    )
+    arch = compute_capability()
+    compiled = compile_backward(spec, arch)
+    programs = (batch, num_heads, row_blocks)
+    out_shapes = (
+        jax.ShapeDtypeStruct((tokens, num_heads, k_dim), q.dtype),
+        jax.ShapeDtypeStruct((tokens, num_heads, k_dim), q.dtype),
+        jax.ShapeDtypeStruct((row_blocks, tokens, num_heads, v_dim), q.dtype),
+        jax.ShapeDtypeStruct((row_blocks, tokens, num_heads), jnp.float32),
+        jax.ShapeDtypeStruct(programs + (v_dim, v_dim), jnp.float32),
+        jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
+        jax.ShapeDtypeStruct(programs + (chunk_size // block, rows, v_dim), jnp.float32),
+    )
+    dq, dk, dv, df, dw, dh0, _ = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f,
+                                        checkpoints, dy.astype(q.dtype), dh_final, out_shapes=out_shapes)
+    return dq, dk, dv, df, dw, dh0
