@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.rope import apply_rope
 
@@ -139,28 +140,11 @@ class Attention(nnx.Module):
         self.group_size = config.num_heads // config.num_kv_heads
         d = self.head_dim
 
-        self.c_attn = nnx.Linear(
-            hidden_size,
-            (config.num_heads + 2 * config.num_kv_heads) * d,
-            use_bias=config.add_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=jax.nn.initializers.normal(stddev=initializer_range),
-            kernel_metadata={"out_sharding": ("embed", "heads"), "eager_sharding": False},
-            bias_metadata={"out_sharding": ("heads",), "eager_sharding": False},
-            rngs=rngs,
-        )
-        self.c_proj = nnx.Linear(
-            config.num_heads * d,
-            hidden_size,
-            use_bias=config.add_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=jax.nn.initializers.normal(stddev=initializer_range / (2 * num_layers) ** 0.5),
-            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
-            bias_metadata={"out_sharding": ("embed",), "eager_sharding": False},
-            rngs=rngs,
-        )
+        kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_attn = sharded_linear(hidden_size, (config.num_heads + 2 * config.num_kv_heads) * d,
+                                     ("embed", "heads"), std=initializer_range, **kw)
+        self.c_proj = sharded_linear(config.num_heads * d, hidden_size, ("heads", "embed"),
+                                     std=output_projection_std(initializer_range, num_layers), **kw)
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> AttentionState:
         """Empty cache with room for ``max_length`` tokens: zeros (B, max_length, Nkv, d) and position 0."""

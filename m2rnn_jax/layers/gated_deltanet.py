@@ -36,7 +36,6 @@ o_proj.kernel            o_proj.weight              (Nv dv, h)                  
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +44,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 
@@ -195,15 +195,9 @@ class GatedDeltaNet(nnx.Module):
         c = config
         Nv, dv = c.num_heads, c.v_head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        normal = jax.nn.initializers.normal
-        self.qkv_proj = nnx.Linear(
-            hidden_size, c.conv_channels, kernel_init=normal(initializer_range),
-            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False}, **kw,
-        )
-        self.ab_proj = nnx.Linear(
-            hidden_size, 2 * Nv + (Nv * dv if c.use_gate else 0), kernel_init=normal(initializer_range),
-            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False}, **kw,
-        )
+        self.qkv_proj = sharded_linear(hidden_size, c.conv_channels, ("embed", None), std=initializer_range, **kw)
+        self.ab_proj = sharded_linear(hidden_size, 2 * Nv + (Nv * dv if c.use_gate else 0), ("embed", None),
+                                      std=initializer_range, **kw)
         self.qkv_conv1d = CausalDepthwiseConv1d(
             c.conv_channels, c.kernel_size, activation="silu", use_bias=False,
             initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -214,10 +208,8 @@ class GatedDeltaNet(nnx.Module):
             dtype=jnp.promote_types(jnp.float32, dtype), param_dtype=param_dtype, rngs=rngs,
         )
         self.o_norm = RMSNorm(dv, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding=None)
-        self.o_proj = nnx.Linear(
-            Nv * dv, hidden_size, kernel_init=normal(initializer_range / math.sqrt(2 * num_layers)),
-            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False}, **kw,
-        )
+        self.o_proj = sharded_linear(Nv * dv, hidden_size, ("heads", "embed"),
+                                     std=output_projection_std(initializer_range, num_layers), **kw)
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> GatedDeltaNetState:
         """Zero state (``max_length`` is ignored: the state has a fixed size)."""

@@ -46,6 +46,7 @@ from flax import nnx
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.backends import BACKEND_NAMES
@@ -197,16 +198,9 @@ class M2RNN(nnx.Module):
         self.dtype = dtype
         N, V = config.num_heads, config.v_head_dim
 
-        self.input_projection = nnx.Linear(
-            hidden_size,
-            config.projection_size,
-            use_bias=config.add_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=jax.nn.initializers.normal(stddev=initializer_range),
-            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False},
-            bias_metadata={"out_sharding": (None,), "eager_sharding": False},
-            rngs=rngs,
+        self.input_projection = sharded_linear(
+            hidden_size, config.projection_size, ("embed", None), std=initializer_range, use_bias=config.add_bias,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
         self.decay_gate = SoftplusDecayGate(
             N,
@@ -246,15 +240,9 @@ class M2RNN(nnx.Module):
         self.g_norm = RMSNorm(
             N * V, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads"
         )
-        self.output_projection = nnx.Linear(
-            N * V,
-            hidden_size,
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=jax.nn.initializers.normal(stddev=initializer_range / (2 * num_layers) ** 0.5),
-            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
-            rngs=rngs,
+        self.output_projection = sharded_linear(
+            N * V, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers),
+            use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> M2RNNState:

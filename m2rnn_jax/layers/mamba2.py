@@ -33,7 +33,6 @@ out_proj.kernel      out_proj.weight          (I, h)                    N(0, σ 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +41,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 
@@ -189,12 +189,8 @@ class Mamba2(nnx.Module):
         c = config
         I, H = c.intermediate_size, c.num_heads
         kw = dict(use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        normal = jax.nn.initializers.normal
-        self.in_proj = nnx.Linear(
-            hidden_size, I + c.conv_channels + H, kernel_init=normal(initializer_range),
-            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False},
-            bias_metadata={"out_sharding": (None,), "eager_sharding": False}, **kw,
-        )
+        self.in_proj = sharded_linear(hidden_size, I + c.conv_channels + H, ("embed", None), std=initializer_range,
+                                      **kw)
         self.conv1d = CausalDepthwiseConv1d(
             c.conv_channels, c.kernel_size, activation="silu", use_bias=c.use_conv_bias,
             initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -206,11 +202,8 @@ class Mamba2(nnx.Module):
         )
         self.D = nnx.Param(jnp.ones((H,), dtype=param_dtype), out_sharding=("heads",), eager_sharding=False)
         self.norm = RMSNorm(I, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
-        self.out_proj = nnx.Linear(
-            I, hidden_size, kernel_init=normal(initializer_range / math.sqrt(2 * num_layers)),
-            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False},
-            bias_metadata={"out_sharding": ("embed",), "eager_sharding": False}, **kw,
-        )
+        self.out_proj = sharded_linear(I, hidden_size, ("heads", "embed"),
+                                       std=output_projection_std(initializer_range, num_layers), **kw)
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> Mamba2State:
         """Zero state (``max_length`` is ignored: the state has a fixed size)."""

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 
 Dtype = Any
@@ -94,20 +95,6 @@ def swiglu(h: jax.Array) -> jax.Array:
     return (compute[..., 1::2] * jax.nn.silu(compute[..., ::2])).astype(h.dtype)
 
 
-def _linear(in_features, out_features, axes, *, std, use_bias, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=jax.nn.initializers.normal(stddev=std),
-        kernel_metadata={"out_sharding": axes, "eager_sharding": False},
-        bias_metadata={"out_sharding": axes[-1:], "eager_sharding": False},
-        rngs=rngs,
-    )
-
-
 class MLP(nnx.Module):
     """Dense SwiGLU channel mixer: x (B, S, hidden) -> y (B, S, hidden) in ``dtype`` (see the module docstring)."""
 
@@ -127,8 +114,8 @@ class MLP(nnx.Module):
         self.dtype = dtype
         I = config.intermediate_size
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.c_fc = _linear(hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
-        self.c_proj = _linear(I, hidden_size, ("mlp", "embed"), std=initializer_range / (2 * num_layers) ** 0.5, **kw)
+        self.c_fc = sharded_linear(hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
+        self.c_proj = sharded_linear(I, hidden_size, ("mlp", "embed"), std=output_projection_std(initializer_range, num_layers), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.c_proj(swiglu(self.c_fc(x.astype(self.dtype))))
@@ -200,10 +187,10 @@ class MoE(nnx.Module):
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype
-        out_std = initializer_range / (2 * num_layers) ** 0.5
+        out_std = output_projection_std(initializer_range, num_layers)
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         E, I = config.num_experts, config.intermediate_size
-        self.gate = _linear(
+        self.gate = sharded_linear(
             hidden_size,
             E,
             ("embed", None),
@@ -219,8 +206,8 @@ class MoE(nnx.Module):
             self.c_fc_shared = self.c_proj_shared = None
         else:
             I_s = config.shared_intermediate_size
-            self.c_fc_shared = _linear(hidden_size, 2 * I_s, ("embed", "mlp"), std=initializer_range, **kw)
-            self.c_proj_shared = _linear(I_s, hidden_size, ("mlp", "embed"), std=out_std, **kw)
+            self.c_fc_shared = sharded_linear(hidden_size, 2 * I_s, ("embed", "mlp"), std=initializer_range, **kw)
+            self.c_proj_shared = sharded_linear(I_s, hidden_size, ("mlp", "embed"), std=out_std, **kw)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         if x.shape[-1] != self.hidden_size:

@@ -32,7 +32,6 @@ k = 0 for the RNN, 2 for the GRU (forget and reset gate inputs; ``state_weight``
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
+from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.ops.clipping import clamp_cotangent, normalize_clipping
@@ -137,11 +137,9 @@ class GatedVectorRNN(nnx.Module):
         c = config
         width = c.num_heads * c.head_dim
         normal = jax.nn.initializers.normal
-        self.input_projection = nnx.Linear(
-            hidden_size, (2 + self.num_gate_inputs) * width, use_bias=c.add_bias, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=normal(initializer_range),
-            kernel_metadata={"out_sharding": ("embed", None), "eager_sharding": False},
-            bias_metadata={"out_sharding": (None,), "eager_sharding": False}, rngs=rngs,
+        self.input_projection = sharded_linear(
+            hidden_size, (2 + self.num_gate_inputs) * width, ("embed", None), std=initializer_range,
+            use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
         self.conv1d = (
             None
@@ -158,10 +156,9 @@ class GatedVectorRNN(nnx.Module):
             eager_sharding=False,
         )
         self.norm = RMSNorm(width, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
-        self.output_projection = nnx.Linear(
-            width, hidden_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=normal(initializer_range / math.sqrt(2 * num_layers)),
-            kernel_metadata={"out_sharding": ("heads", "embed"), "eager_sharding": False}, rngs=rngs,
+        self.output_projection = sharded_linear(
+            width, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers),
+            use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
 
     def step(self, weights: tuple[jax.Array, ...], h: jax.Array, inputs: tuple[jax.Array, ...]) -> jax.Array:
