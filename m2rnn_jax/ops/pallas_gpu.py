@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +39,16 @@ def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
     One program owns up to 64 state rows with two warps (32 rows each). When B*N is small (B=1 at the paper
     shape: 84 programs for 132 SMs) the rows are split over more programs, down to 16 rows and one warp, until
     there are ~2 programs per SM; y, dv and df then come as per-row-block partials summed outside the kernel.
-    The Gluon forward (one warp per program) takes min(32, block_k) rows per program (H200 run 9).
+    The Gluon forward (one warp per program) takes min(32, block_k) rows per program (H200 run 9). The Gluon
+    backward runs where the rows are not split (many programs: B=8 at the paper shape, 14.4 vs 18.3 ms forward +
+    backward); with few programs the Pallas-Triton backward is faster (B=1: 5.65 vs 7.48 ms; H200 runs 9-10).
     """
     k_padded = padded_size(k_dim)
     block_k = min(k_padded, 64)
     while block_k > 16 and batch * num_heads * (k_padded // block_k) < 264:
         block_k //= 2
-    return KernelConfig(block_k=block_k, num_warps=2 if block_k >= 64 else 1, gluon_rows=min(32, block_k))
+    return KernelConfig(block_k=block_k, num_warps=2 if block_k >= 64 else 1, gluon_rows=min(32, block_k),
+                        gluon_backward=block_k == min(k_padded, 64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +164,8 @@ def _fused_bwd(static: _Static, residuals, cotangents):
         k_dim = q.shape[-1]
         dq, dk, dv, df, dw, dh0 = m2rnn_backward_gluon(
             q, k, v, w, f, checkpoints, dy, dh_final.astype(acc), chunk_size=static.config.chunk_size,
-            rows=min(static.config.gluon_rows or k_dim, k_dim), block=static.config.gluon_block, clip=static.clip,
+            rows=min(static.config.gluon_rows or k_dim, k_dim), clip=static.clip,
+            block=math.gcd(static.config.gluon_block, static.config.chunk_size),
             tanh=_gluon_tanh(static.config),
         )
     else:

@@ -28,9 +28,12 @@ def test_predicate_follows_the_gluon_forward_and_the_config():
     assert not use_gluon_backward(gluon_forward=True, config=dataclasses.replace(config, gluon_backward=False))
 
 
-def test_config_rejects_a_block_that_does_not_divide_the_chunk():
-    with pytest.raises(ValueError, match="gluon_block"):
-        KernelConfig(chunk_size=128, gluon_block=3)
+def test_default_config_takes_the_gluon_backward_where_it_was_faster():
+    from m2rnn_jax.ops.pallas_gpu import default_config
+
+    assert default_config(batch=8, num_heads=84, k_dim=64).gluon_backward  # paper shape, B=8 (H200 run 10)
+    assert not default_config(batch=1, num_heads=84, k_dim=64).gluon_backward  # rows split: Pallas is faster
+    assert not KernelConfig().gluon_backward  # explicit configs keep the Pallas-Triton backward unless asked
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
