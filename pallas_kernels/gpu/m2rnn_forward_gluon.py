@@ -13,7 +13,7 @@ shared memory (rows < K: y comes as float32 partials per row block, summed outsi
 * the inputs of step t + 1 are loaded during step t.
 
 Besides y and the final state it stores the float32 state at the start of every ``chunk_size`` steps, in the
-layout the Pallas-Triton backward reads (``pallas_kernels.gpu.m2rnn_backward``): checkpoints (B * ceil(S / C),
+layout both backwards read (``m2rnn_backward``, ``m2rnn_backward_gluon``): checkpoints (B * ceil(S / C),
 N, K, V), slot b * ceil(S / C) + c for chunk c of sequence b.
 
 Triton is imported lazily: this module is only loaded where the kernel is compiled (a machine with Triton 3.6).
