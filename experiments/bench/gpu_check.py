@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, prescale, more.
+shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -18,8 +18,6 @@ shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, prescale, more.
    shape (exact and approximate tanh), timings against the Pallas forward in the same run, B=1 and S=16384.
 7. gluon_bwd: the Gluon backward (with the Gluon forward): correctness at the paper shape, forward+backward timings
    of its variants against the Pallas-Triton backward in the same run, and B=1.
-8. prescale: the Gluon kernels with and without tanh's scale folded into W and k (``gluon_prescale``):
-   correctness and forward+backward at the paper shape, forward at B=1.
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """
 
@@ -95,14 +93,6 @@ GLUON_BWD_VARIANTS = {
     for block in (4, 8)
 } | {
     "gluon bwd rows16 block4": dataclasses.replace(GLUON_FWD, gluon_backward=True, gluon_rows=16, gluon_block=4),
-    "gluon fwd + pallas bwd (same run)": GLUON_FWD,
-}
-# Run 11: the Gluon kernels with tanh's 2 log2(e) folded into W (hi + lo) and k, against the same kernels without it
-# (both with the backward's unrolled chunk walk), the Gluon forward + Pallas-Triton backward as the anchor to run 10.
-GLUON_DEFAULT = GLUON_BWD_VARIANTS["gluon bwd rows32 block4"]
-PRESCALE_VARIANTS = {
-    "gluon bwd rows32 block4": GLUON_DEFAULT,
-    "gluon bwd rows32 block4 prescale": dataclasses.replace(GLUON_DEFAULT, gluon_prescale=True),
     "gluon fwd + pallas bwd (same run)": GLUON_FWD,
 }
 
@@ -292,14 +282,6 @@ def main() -> int:
         b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16,
                                  num_warps=1)
         timed(rec, "400m-b1", "pallas_gpu", b1, "gluon bwd rows16 block4", with_backward=True)
-    if "prescale" in steps:
-        correctness(rec, list(PRESCALE_VARIANTS)[:2], PRESCALE_VARIANTS)
-        for name, config in PRESCALE_VARIANTS.items():
-            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
-        b1 = dataclasses.replace(GLUON_FWD, gluon_rows=16, block_k=16, num_warps=1)
-        for name, config in (("gluon fwd rows16", b1), ("gluon fwd rows16 prescale",
-                                                           dataclasses.replace(b1, gluon_prescale=True))):
-            timed(rec, "400m-b1", "pallas_gpu", config, name, with_backward=False)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

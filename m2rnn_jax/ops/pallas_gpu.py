@@ -122,7 +122,7 @@ def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     if static.gluon_forward:
         y, h_final, checkpoints = m2rnn_forward_gluon(
             q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
-            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config), prescale=static.config.gluon_prescale,
+            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config),
         )
         return (y, h_final), (checkpoints, offsets)
     rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
@@ -166,7 +166,7 @@ def _fused_bwd(static: _Static, residuals, cotangents):
             q, k, v, w, f, checkpoints, dy, dh_final.astype(acc), chunk_size=static.config.chunk_size,
             rows=min(static.config.gluon_rows or k_dim, k_dim), clip=static.clip,
             block=math.gcd(static.config.gluon_block, static.config.chunk_size),
-            tanh=_gluon_tanh(static.config), prescale=static.config.gluon_prescale,
+            tanh=_gluon_tanh(static.config),
         )
     else:
         dq, dk, dv, df, dw, dh0 = _pallas_backward(q, k, v, w, f, cu_seqlens, checkpoints, offsets, dy, dh_final,

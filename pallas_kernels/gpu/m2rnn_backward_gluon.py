@@ -43,7 +43,6 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
     launch,
     tanh_constexprs,
     triton_dtype,
-    weight_operands,
 )
 
 
@@ -51,7 +50,7 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
 class GluonBackwardSpec:
     """Static description of one compiled backward kernel (hashable: it keys the compile cache).
 
-    As ``GluonForwardSpec`` (S, N, K, V, head groups, C, dtypes, batch, rows, tanh, prescale), plus block: steps recomputed
+    As ``GluonForwardSpec`` (S, N, K, V, head groups, C, dtypes, batch, rows, tanh), plus block: steps recomputed
     at a time into shared memory (divides C), and clip: the state-cotangent clamp (None = none).
     """
 
@@ -72,7 +71,6 @@ class GluonBackwardSpec:
     block: int
     clip: float | None
     tanh: str = "mixed"
-    prescale: bool = False
 
 
 def _kernel():
@@ -84,14 +82,13 @@ def _kernel():
     common = helpers()
     load_step = common.load_step
     recurrence_step = common.recurrence_step
-    load_weights = common.load_weights
 
     @gluon.jit
-    def walk(h, w, w_lo, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, lo, num_blocks, n, rows, cols, starts,
+    def walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, lo, num_blocks, n, rows, cols, starts,
              RB: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
              GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
              V: gl.constexpr, ROWS: gl.constexpr, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
-             TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, PRESCALE: gl.constexpr):
+             TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
         """num_blocks blocks of RB steps from step lo and state h; stores the state before step lo + j RB at
         starts + j ROWS V, for j = 0 .. num_blocks (the last one after the walk). The RB steps of a block are
         unrolled: no per-step test."""
@@ -100,18 +97,17 @@ def _kernel():
             for s in gl.static_range(RB):
                 _, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + lo + j * RB + s, n, rows, cols,
                                        NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, w_lo, k, v, f, A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK,
-                                       PRESCALE)
+                _, h = recurrence_step(h, w, k, v, f, A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
         gl.store(starts + num_blocks * ROWS * V, h)
 
     @gluon.jit
     def m2rnn_backward_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, ws_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
+        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
         dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, starts_ptr,  # outputs (starts: scratch)
         S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, USE_CLIP: gl.constexpr, CLIP: gl.constexpr,
-        TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, PRESCALE: gl.constexpr,
+        TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -137,8 +133,9 @@ def _kernel():
 
         w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, b_layout))
         w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, b_layout))
-        w, w_lo = load_weights(w_ptr, ws_ptr, n // GW, N // GW, V, b_layout, PRESCALE)
-        w_t = gl.load(w_ptr + (n // GW) * V * V + w_cols[None, :] * V + w_rows[:, None])  # W^T, B-operand layout
+        w_base = w_ptr + (n // GW) * V * V
+        w = gl.load(w_base + w_rows[:, None] * V + w_cols[None, :])
+        w_t = gl.load(w_base + w_cols[None, :] * V + w_rows[:, None])  # W^T (V, V) in the B-operand layout
 
         head_state = (b * N + n).to(gl.int64) * K * V
         program = (b * N + n) * KB + kb
@@ -156,9 +153,8 @@ def _kernel():
             num_blocks = (chunk_end - chunk_start + RB - 1) // RB
             slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
             h = gl.load(checkpoints_ptr + slot * K * V + state_offsets)
-            walk(h, w, w_lo, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, chunk_start, num_blocks - 1, n, rows, cols,
-                 starts, RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS,
-                 TANH_PACK, PRESCALE)
+            walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, chunk_start, num_blocks - 1, n, rows, cols, starts,
+                 RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
             for jj in range(num_blocks):
                 j = num_blocks - 1 - jj
                 block_start = chunk_start + j * RB
@@ -169,8 +165,7 @@ def _kernel():
                     q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + block_start + s, n, rows, cols,
                                            NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_smem.index(s).store(h)
-                    z, h = recurrence_step(h, w, w_lo, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK,
-                                           PRESCALE)
+                    z, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_smem.index(s).store(z)
                 # walk the block backward; h is H_t of its last step
                 for ss in range(block_len):
@@ -193,9 +188,9 @@ def _kernel():
                              gl.sum(dp * v[None, :], axis=1).to(dk_ptr.dtype.element_ty))
                     gl.store(dv_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols,
                              gl.sum(k[:, None] * dp, axis=0).to(dv_ptr.dtype.element_ty))
-                    dp_low = dp.to(w_t.dtype)
+                    dp_low = dp.to(w.dtype)
                     r = mma_v2(gl.convert_layout(dp_low, a_layout), w_t, f * g)
-                    h_prev_t = gl.permute(h_prev.to(w_t.dtype), [1, 0])
+                    h_prev_t = gl.permute(h_prev.to(w.dtype), [1, 0])
                     dw = mma_v2(gl.convert_layout(h_prev_t, a_layout), gl.convert_layout(dp_low, b_layout), dw)
                     h = h_prev
         gl.store(dh0_ptr + head_state + state_offsets, r)
@@ -215,8 +210,8 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype
     pointers = {
-        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "ws_ptr": f"*{dt}",
-        "f_ptr": f"*{spec.f_dtype}", "checkpoints_ptr": "*fp32", "dy_ptr": f"*{dt}", "dh_final_ptr": "*fp32",
+        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
+        "checkpoints_ptr": "*fp32", "dy_ptr": f"*{dt}", "dh_final_ptr": "*fp32",
         "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "df_ptr": "*fp32", "dw_ptr": "*fp32",
         "dh0_ptr": "*fp32", "starts_ptr": "*fp32",
     }
@@ -225,7 +220,7 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
         "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
         "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
-    } | tanh_constexprs(spec.tanh, spec.prescale)
+    } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
 
@@ -244,7 +239,6 @@ def m2rnn_backward_gluon(
     block: int,
     clip: float | None,
     tanh: str = "mixed",
-    prescale: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Gradients of the recurrence over B dense sequences of S tokens packed as T = B * S.
 
@@ -253,7 +247,7 @@ def m2rnn_backward_gluon(
       checkpoints (B * ceil(S / C), N, K, V) float32: from the forward with chunk_size C.
       dy (T, N, V) in q's dtype; dh_final (B, N, K, V) float32.
       rows: state rows per program (a power of two >= 16 dividing K); block: steps recomputed at a time (divides
-      C); clip: None or the state-cotangent clamp c; tanh, prescale: the recompute's tanh form (the forward's).
+      C); clip: None or the state-cotangent clamp c; tanh: the recompute's tanh form (the forward's).
 
     Returns (as ``m2rnn_backward``, R = K // rows):
       dq (T, N, K), dk (T, N, K) in q's dtype, per output head; dv (R, T, N, V) in q's dtype; df (R, T, N)
@@ -267,7 +261,7 @@ def m2rnn_backward_gluon(
         group_q=num_heads // q.shape[1], group_k=num_heads // k.shape[1], group_v=num_heads // v.shape[1],
         group_f=num_heads // f.shape[1], group_w=num_heads // w.shape[0], chunk_size=chunk_size,
         dtype=triton_dtype(q.dtype), f_dtype=triton_dtype(f.dtype), batch=batch, rows=rows, block=block,
-        clip=clip, tanh=tanh, prescale=prescale,
+        clip=clip, tanh=tanh,
     )
     arch = compute_capability()
     compiled = compile_backward(spec, arch)
@@ -281,7 +275,6 @@ def m2rnn_backward_gluon(
         jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
         jax.ShapeDtypeStruct(programs + (chunk_size // block, rows, v_dim), jnp.float32),
     )
-    dq, dk, dv, df, dw, dh0, _ = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype),
-                                        weight_operands(w, q.dtype, prescale), f,
+    dq, dk, dv, df, dw, dh0, _ = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f,
                                         checkpoints, dy.astype(q.dtype), dh_final, out_shapes=out_shapes)
     return dq, dk, dv, df, dw, dh0

@@ -48,8 +48,6 @@ class KernelConfig:
     gluon_block: steps the Gluon backward recomputes at a time into shared memory (gcd with chunk_size; 2 x 4
         bytes x rows x V x gluon_block of shared memory per program, and B N K V chunk_size / gluon_block floats
         of global scratch).
-    gluon_prescale: the Gluon kernels fold tanh's 2 log2(e) into W (a bf16 hi + lo pair: two mma per tile) and
-        k instead of multiplying every pre-activation (same numerics to ~2^-16).
     """
 
     block_k: int | None = None
@@ -65,7 +63,6 @@ class KernelConfig:
     gluon_tanh: str = "mixed"
     gluon_backward: bool = False
     gluon_block: int = 4
-    gluon_prescale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):

@@ -35,7 +35,6 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
     helpers,
     launch,
     tanh_constexprs,
-    weight_operands,
     triton_dtype,
 )
 
@@ -50,8 +49,7 @@ class GluonForwardSpec:
     (output head n reads source head n // group_x); chunk_size C of the checkpoints; dtype of q/k/v/f/W ("bf16" or
     "fp16"; W is passed in that dtype), of f ("bf16", "fp16" or "fp32"); whether checkpoints are stored;
     the batch B; rows: state rows per program (None = K; fewer rows = more programs, y as float32 partials per
-    row block); tanh: one of ``TANH_FORMS``; prescale: fold tanh's 2 log2(e) into W (hi + lo) and k
-    (``recurrence_step``).
+    row block); tanh: one of ``TANH_FORMS``.
     """
 
     seq_len: int
@@ -70,7 +68,6 @@ class GluonForwardSpec:
     batch: int = 1
     rows: int | None = None
     tanh: str = "newton"
-    prescale: bool = False
 
 
 def _kernel():
@@ -81,16 +78,15 @@ def _kernel():
     common = helpers()
     load_step = common.load_step
     recurrence_step = common.recurrence_step
-    load_weights = common.load_weights
 
     @gluon.jit
     def m2rnn_forward_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, ws_ptr, f_ptr, h0_ptr,  # inputs
+        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, h0_ptr,  # inputs
         y_ptr, h_final_ptr, checkpoints_ptr,  # outputs
         S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
-        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, PRESCALE: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -111,7 +107,9 @@ def _kernel():
         cols = gl.arange(0, V, layout=col_layout)
         state_offsets = rows[:, None] * V + cols[None, :]  # (ROWS, V) in the accumulator layout
 
-        w, w_lo = load_weights(w_ptr, ws_ptr, n // GW, N // GW, V, b_layout, PRESCALE)
+        w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, b_layout))
+        w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, b_layout))
+        w = gl.load(w_ptr + (n // GW) * V * V + w_rows[:, None] * V + w_cols[None, :])
 
         head_state = (b * N + n).to(gl.int64) * K * V
         h = gl.load(h0_ptr + head_state + state_offsets)
@@ -128,7 +126,7 @@ def _kernel():
                 q_next, k_next, v_next, f_next = load_step(
                     q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + 1, S - 1), n, rows, cols,
                     NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, w_lo, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK, PRESCALE)
+                _, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                 y = gl.sum(q[:, None] * h, axis=0)
                 gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
                 q, k, v, f = q_next, k_next, v_next, f_next
@@ -147,7 +145,7 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype
     pointers = {
-        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "ws_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
+        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
         "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}",
         "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
     }
@@ -155,7 +153,7 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
         "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
         "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
-    } | tanh_constexprs(spec.tanh, spec.prescale)
+    } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
 
@@ -171,15 +169,13 @@ def m2rnn_forward_gluon(
     save_checkpoints: bool,
     rows: int | None = None,
     tanh: str = "newton",
-    prescale: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Run the recurrence over B dense sequences of S tokens packed as T = B * S.
 
     Args:
       q (T, Nq, K), k (T, Nk, K), v (T, Nv, V): bf16 or f16, K in {16, 32, 64, 128}, V == 16.
       w (Nw, V, V) in q's dtype; f (T, Nf) in bf16, f16 or f32; h0 (B, N, K, V) float32.
-      rows: state rows per program (a power of two >= 16 dividing K; None = K); tanh: one of ``TANH_FORMS``;
-      prescale: see ``GluonForwardSpec``.
+      rows: state rows per program (a power of two >= 16 dividing K; None = K); tanh: one of ``TANH_FORMS``.
 
     Returns:
       y (T, N, V) in q's dtype (summed over row blocks in float32 when rows < K), h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
@@ -207,7 +203,6 @@ def m2rnn_forward_gluon(
         batch=batch,
         rows=rows,
         tanh=tanh,
-        prescale=prescale,
     )
     arch = compute_capability()
     compiled = compile_forward(spec, arch)
@@ -217,8 +212,7 @@ def m2rnn_forward_gluon(
         jax.ShapeDtypeStruct(h0.shape, jnp.float32),
         jax.ShapeDtypeStruct((num_slots, num_heads, k_dim, v_dim) if save_checkpoints else (1,), jnp.float32),
     )
-    y, h_final, checkpoints = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype),
-                                     weight_operands(w, q.dtype, prescale), f, h0,
+    y, h_final, checkpoints = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f, h0,
                                      out_shapes=out_shapes)
     y = y[0] if row_blocks == 1 else y.sum(axis=0).astype(q.dtype)
     return y, h_final, checkpoints if save_checkpoints else None

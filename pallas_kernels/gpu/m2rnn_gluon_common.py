@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
 
 import jax
@@ -51,47 +50,19 @@ def _renumber(asm: str, out: str, inp: str) -> str:
 _TANH_MIXED_PTX = _renumber(_TANH_PTX, "$0", "$2") + "\n" + _renumber(_TANH_NEWTON_PTX, "$1", "$3")
 TANH_FORMS = {"rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"}
 
-# 2 log2(e): every exact form starts with u = x * TANH_SCALE (the exponent of 2^u = e^(2x)).
-TANH_SCALE = 2.0 * 1.4426950408889634
-_SCALE_MUL = re.compile(r"\s*mul\.ftz\.f32 t, (\$\d), 0f4038AA3B;\n  ")
 
-
-def prescaled_form(asm: str) -> str:
-    """The same tanh taking u = TANH_SCALE x instead of x: the leading multiply is dropped (the exact forms), or
-    becomes u / TANH_SCALE (tanh.approx)."""
-    if "tanh.approx" in asm:
-        return "{ .reg .f32 t; mul.ftz.f32 t, $1, 0f3EB17218; tanh.approx.f32 $0, t; }"
-    return _SCALE_MUL.sub(lambda m: "\n  mov.b32 t, " + m.group(1) + ";\n  ", asm)
-
-
-def tanh_constexprs(tanh: str, prescaled: bool = False) -> dict:
-    """The compile-time constants TANH_ASM, TANH_CONSTRAINTS, TANH_PACK, PRESCALE of a tanh form (one of
-    ``TANH_FORMS``); prescaled: the kernels feed it TANH_SCALE x (see ``recurrence_step``)."""
-    asm = TANH_FORMS[tanh]
+def tanh_constexprs(tanh: str) -> dict:
+    """The compile-time constants TANH_ASM, TANH_CONSTRAINTS, TANH_PACK of a tanh form (one of ``TANH_FORMS``)."""
     return {
-        "TANH_ASM": prescaled_form(asm) if prescaled else asm,
+        "TANH_ASM": TANH_FORMS[tanh],
         "TANH_CONSTRAINTS": "=f,=f,f,f" if tanh == "mixed" else "=f,f",
         "TANH_PACK": 2 if tanh == "mixed" else 1,
-        "PRESCALE": prescaled,
     }
-
-
-def weight_operands(w: jax.Array, dtype, prescale: bool) -> jax.Array:
-    """The kernels' ws_ptr operand: ``prescaled_weights`` with prescale, else a 1-element placeholder."""
-    return prescaled_weights(w, dtype) if prescale else jnp.zeros((8,), dtype)
-
-
-def prescaled_weights(w: jax.Array, dtype) -> jax.Array:
-    """(Nw, V, V) -> (2, Nw, V, V) in ``dtype``: TANH_SCALE W as a hi + lo pair (hi = round(TANH_SCALE W), lo =
-    round(TANH_SCALE W - hi)); H hi + H lo in float32 equals TANH_SCALE H W to ~2^-16 relative."""
-    scaled = w.astype(jnp.float32) * TANH_SCALE
-    hi = scaled.astype(dtype)
-    return jnp.stack([hi, (scaled - hi.astype(jnp.float32)).astype(dtype)])
 
 
 @functools.lru_cache(maxsize=None)
 def helpers() -> types.SimpleNamespace:
-    """The jitted helpers (imports Triton; built once): ``load_step``, ``recurrence_step``, ``load_weights``."""
+    """The jitted per-step helpers (imports Triton; built once): ``load_step`` and ``recurrence_step``."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -108,39 +79,17 @@ def helpers() -> types.SimpleNamespace:
         return q, k, v, f
 
     @gluon.jit
-    def recurrence_step(h, w, w_lo, k, v, f, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
-                        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, PRESCALE: gl.constexpr):
+    def recurrence_step(h, w, k, v, f, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
+                        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
         """(rows, V) float32 state in the mma accumulator layout -> (Z_t, H_t): Z_t = tanh(H W + k v^T) with W
-        (V, V) in the B-operand layout and H rounded to W's dtype as the A operand; H_t = Z_t + f (H - Z_t).
-        PRESCALE: w, w_lo are TANH_SCALE W as a hi + lo pair (``prescaled_weights``) and the tanh form takes
-        TANH_SCALE (H W + k v^T), so the scale costs two mma and one multiply per row instead of one per element."""
-        a = gl.convert_layout(h.to(w.dtype), A_LAYOUT)
-        if PRESCALE:
-            write = (k * 2.8853900817779268)[:, None] * v[None, :]  # TANH_SCALE k v^T
-            pre = mma_v2(a, w, mma_v2(a, w_lo, write))
-        else:
-            pre = mma_v2(a, w, k[:, None] * v[None, :])
+        (V, V) in the B-operand layout and H rounded to W's dtype as the A operand; H_t = Z_t + f (H - Z_t)."""
+        write = k[:, None] * v[None, :]
+        pre = mma_v2(gl.convert_layout(h.to(w.dtype), A_LAYOUT), w, write)
         z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True,
                                       pack=TANH_PACK)
         return z, z + f * (h - z)
 
-    @gluon.jit
-    def load_weights(w_ptr, ws_ptr, head, NW: gl.constexpr, V: gl.constexpr, B_LAYOUT: gl.constexpr,
-                     PRESCALE: gl.constexpr):
-        """The B operands (w, w_lo) of ``recurrence_step`` for W head ``head``: W and (unused) W from w_ptr (Nw, V, V),
-        or with PRESCALE the hi and lo halves from ws_ptr (2, Nw, V, V) (``prescaled_weights``)."""
-        w_rows = gl.arange(0, V, layout=gl.SliceLayout(1, B_LAYOUT))
-        w_cols = gl.arange(0, V, layout=gl.SliceLayout(0, B_LAYOUT))
-        offsets = head * V * V + w_rows[:, None] * V + w_cols[None, :]
-        if PRESCALE:
-            w = gl.load(ws_ptr + offsets)
-            w_lo = gl.load(ws_ptr + NW * V * V + offsets)
-        else:
-            w = gl.load(w_ptr + offsets)
-            w_lo = w
-        return w, w_lo
-
-    return types.SimpleNamespace(load_step=load_step, recurrence_step=recurrence_step, load_weights=load_weights)
+    return types.SimpleNamespace(load_step=load_step, recurrence_step=recurrence_step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,14 +40,13 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.skipif(not _HAS_TRITON and not os.environ.get("CI"), reason="needs triton (3.6): pip install -e '.[gpu]'")
-@pytest.mark.parametrize("dtype,k_dim,rows,block,clip,prescale",
-                         [("bf16", 64, 32, 4, 1.0, True), ("fp16", 32, 16, 8, None, False)])
-def test_offline_compile(dtype, k_dim, rows, block, clip, prescale):
+@pytest.mark.parametrize("dtype,k_dim,rows,block,clip", [("bf16", 64, 32, 4, 1.0), ("fp16", 32, 16, 8, None)])
+def test_offline_compile(dtype, k_dim, rows, block, clip):
     from pallas_kernels.gpu.m2rnn_backward_gluon import GluonBackwardSpec, compile_backward
 
     spec = GluonBackwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
                              group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32", batch=2, rows=rows,
-                             block=block, clip=clip, prescale=prescale)
+                             block=block, clip=clip)
     compiled = compile_backward(spec)
     assert compiled.num_warps == 1
     assert compiled.shared_mem_bytes == 2 * block * rows * 16 * 4  # H_{t-1} and Z_t of one block, float32
@@ -61,8 +60,6 @@ GLUON_BACKWARD_CONFIGS = {
     "rows32_block4": KernelConfig(gluon_forward=True, gluon_backward=True, gluon_rows=32, gluon_block=4),
     "rows16_block8": KernelConfig(gluon_forward=True, gluon_backward=True, gluon_rows=16, gluon_block=8,
                                   block_k=16, num_warps=1),
-    "rows32_block4_prescale": KernelConfig(gluon_forward=True, gluon_backward=True, gluon_rows=32, gluon_block=4,
-                                           gluon_prescale=True),
 }
 
 

@@ -65,13 +65,13 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # CI installs triton (the [gpu] extra), so there a missing triton fails the test instead of skipping it.
 @pytest.mark.skipif(not _HAS_TRITON and not os.environ.get("CI"), reason="needs triton (3.6): pip install -e '.[gpu]'")
-@pytest.mark.parametrize("dtype,k_dim,prescale", [("bf16", 64, True), ("fp16", 32, False)])
-def test_offline_compile_has_mma_and_no_barriers(dtype, k_dim, prescale):
+@pytest.mark.parametrize("dtype,k_dim", [("bf16", 64), ("fp16", 32)])
+def test_offline_compile_has_mma_and_no_barriers(dtype, k_dim):
     from pallas_kernels.gpu.m2rnn_forward_gluon import GluonForwardSpec, compile_forward
 
     spec = GluonForwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
                             group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32",
-                            save_checkpoints=True, prescale=prescale)
+                            save_checkpoints=True)
     compiled = compile_forward(spec)
     assert compiled.shared_mem_bytes == 0 and compiled.num_warps == 1
     assert "mma.sync.aligned.m16n8k16" in compiled.ptx
