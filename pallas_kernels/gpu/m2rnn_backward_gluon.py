@@ -7,7 +7,8 @@ sweeps the chunks in reverse. For each chunk:
 1. walk the chunk forward from its checkpoint, storing the state at the start of every block of ``block`` steps
    (B_r = ``block``) to a small global scratch (written and read by the same thread: no barrier);
 2. block by block in reverse: recompute the block's states H_{t-1} and Z_t into shared memory (each thread stores
-   and loads only its own elements, in the accumulator layout: no barrier), then walk its steps backward with the
+   and loads only its own elements, in the accumulator layout: no barrier; inputs loaded one step ahead in both
+   loops), then walk its steps backward with the
    math and clipping placement of SPEC §4.1 / §0.1:
 
     dq_t = H_t dy_t                      R <- clamp(R)        G = q_t dy_t^T + R
@@ -44,6 +45,11 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
     tanh_constexprs,
     triton_dtype,
 )
+
+
+# ptxas cap per thread: with the inputs loaded one step ahead ptxas takes 218 registers (9 one-warp programs per SM
+# on the H200, 10.2 needed at B=8 S=4096 N=84); 168 keeps 12 per SM without spills (sm_90, 32 rows).
+MAX_REGISTERS = 168
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +105,14 @@ def _kernel():
                                        NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                 _, h = recurrence_step(h, w, k, v, f, A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
         gl.store(starts + num_blocks * ROWS * V, h)
+
+    @gluon.jit
+    def load_reverse_step(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, tok, n, rows, cols, N: gl.constexpr,
+                          NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr,
+                          GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr):
+        """``load_step``'s q_t, k_t, v_t, f_t and dy_t (V,) of token ``tok`` for head n, in float32."""
+        q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+        return q, k, v, f, gl.load(dy_ptr + (tok * N + n) * V + cols).to(gl.float32)
 
     @gluon.jit
     def m2rnn_backward_kernel(
@@ -160,20 +174,27 @@ def _kernel():
                 block_start = chunk_start + j * RB
                 block_len = gl.minimum(RB, chunk_end - block_start)
                 h = gl.load(starts + j * ROWS * V)
-                # recompute the block: H_{t-1} and Z_t of its steps into shared memory
+                # recompute the block: H_{t-1} and Z_t of its steps into shared memory (inputs one step ahead)
+                block_tok = first_tok + block_start
+                _, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, block_tok, n, rows, cols,
+                                       NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                 for s in range(block_len):
-                    q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + block_start + s, n, rows, cols,
-                                           NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                    _, k_next, v_next, f_next = load_step(
+                        q_ptr, k_ptr, v_ptr, f_ptr, block_tok + gl.minimum(s + 1, block_len - 1), n, rows, cols,
+                        NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_smem.index(s).store(h)
                     z, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_smem.index(s).store(z)
-                # walk the block backward; h is H_t of its last step
+                    k, v, f = k_next, v_next, f_next
+                # walk the block backward (inputs one step ahead); h is H_t of its last step
+                q, k, v, f, dy = load_reverse_step(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, block_tok + block_len - 1,
+                                                   n, rows, cols, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                 for ss in range(block_len):
                     s = block_len - 1 - ss
-                    tok = first_tok + block_start + s
-                    q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ, NK, NV, NF,
-                                           GQ, GK, GV, GF, K, V)
-                    dy = gl.load(dy_ptr + (tok * N + n) * V + cols).to(gl.float32)
+                    tok = block_tok + s
+                    q_next, k_next, v_next, f_next, dy_next = load_reverse_step(
+                        q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, block_tok + gl.maximum(s - 1, 0), n, rows, cols,
+                        N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_prev = h_smem.index(s).load(acc_layout)
                     z = z_smem.index(s).load(acc_layout)
                     gl.store(dq_ptr + (tok * N + n).to(gl.int64) * K + rows,
@@ -193,6 +214,7 @@ def _kernel():
                     h_prev_t = gl.permute(h_prev.to(w.dtype), [1, 0])
                     dw = mma_v2(gl.convert_layout(h_prev_t, a_layout), gl.convert_layout(dp_low, b_layout), dw)
                     h = h_prev
+                    q, k, v, f, dy = q_next, k_next, v_next, f_next, dy_next
         gl.store(dh0_ptr + head_state + state_offsets, r)
         dw_rows = gl.arange(0, V, layout=row_layout)
         gl.store(dw_ptr + program.to(gl.int64) * V * V + dw_rows[:, None] * V + cols[None, :], dw)
@@ -221,7 +243,7 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
         "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
         "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
     } | tanh_constexprs(spec.tanh)
-    return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
+    return compile_gluon(gluon_kernel(), pointers, constexprs, arch, max_registers=MAX_REGISTERS)
 
 
 def m2rnn_backward_gluon(

@@ -102,8 +102,9 @@ class CompiledKernel:
     num_warps: int
 
 
-def compile_gluon(kernel, pointers: dict[str, str], constexprs: dict, arch: int) -> CompiledKernel:
-    """Compile a one-warp Gluon kernel to PTX (Triton 3.6; runs without a GPU).
+def compile_gluon(kernel, pointers: dict[str, str], constexprs: dict, arch: int,
+                  max_registers: int | None = None) -> CompiledKernel:
+    """Compile a one-warp Gluon kernel to PTX (Triton 3.6; runs without a GPU); max_registers: ptxas cap per thread.
 
     pointers: parameter name -> Triton pointer type ("*bf16", ...), in the kernel's order; every pointer is
     16-byte aligned (XLA buffers), which lets Triton vectorise. constexprs: the compile-time parameters.
@@ -115,7 +116,7 @@ def compile_gluon(kernel, pointers: dict[str, str], constexprs: dict, arch: int)
     signature = dict(pointers) | {name: "constexpr" for name in constexprs}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
     source = GluonASTSource(kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1, "maxnreg": max_registers})
     return CompiledKernel(
         ptx=compiled.asm["ptx"], name=compiled.metadata.name, shared_mem_bytes=compiled.metadata.shared, num_warps=1
     )
