@@ -12,13 +12,12 @@ import importlib.util
 import os
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from m2rnn_jax.ops.pallas_gpu import use_gluon_backward
-from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
-from tests.kernels.test_gluon_forward import GPU_CASES, NAMES, _backend, _outputs_and_grads, _relative_error
+from tests.kernels.test_gluon_forward import GPU_CASES, _backend, gpu_case_inputs
+from tests.kernels.test_pallas_gpu import _outputs_and_grads, _relative_error
 
 
 def test_predicate_follows_the_gluon_forward_and_the_config():
@@ -71,16 +70,7 @@ def test_gpu_gluon_backward_against_f32_scan(case, config_name):
     gradient (q, k, v, W, f, h0)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    batch, seq_len, heads, k_dim, v_dim, nq, nk, nv, nf, nw, dtype, with_h0 = GPU_CASES[case]
-    inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(31), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=k_dim, v_dim=v_dim,
-        num_q_heads=nq, num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=dtype,
-        with_h0=with_h0,
-    )
-    low = {n: inputs[n] for n in NAMES if n in inputs}
-    if with_h0:
-        low["h0"] = low["h0"].astype(jnp.float32)
-    rounded = {n: x.astype(jnp.float32) for n, x in low.items()}
+    low, rounded = gpu_case_inputs(case, seed=31)
     key = jax.random.PRNGKey(32)
     expected = _outputs_and_grads(_backend(None, backend="scan"), rounded, key)
     got = _outputs_and_grads(_backend(GLUON_BACKWARD_CONFIGS[config_name]), low, key)

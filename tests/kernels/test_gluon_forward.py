@@ -19,8 +19,8 @@ import pytest
 from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu, use_gluon_forward
 from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
+from tests.kernels.test_pallas_gpu import NAMES, _outputs_and_grads, _relative_error
 
-NAMES = ("q", "k", "v", "W", "f", "h0")
 COMMON = dict(
     dense=True, interpret=False, input_dtype=jnp.bfloat16, carry_dtype=jnp.float32, k_padded=64, v_padded=16,
     tokens=8 * 4096, num_heads=84, config=KernelConfig(gluon_forward=True),
@@ -82,21 +82,6 @@ def test_offline_compile_has_mma_and_no_barriers(dtype, k_dim):
 # Real GPU (pytest -m gpu -p no:randomly tests/kernels -n 0 on the device machine)
 
 
-def _relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def _outputs_and_grads(fn, args, key):
-    (y, h), vjp = jax.vjp(fn, args)
-    key_y, key_h = jax.random.split(key)
-    dy = jax.random.normal(key_y, y.shape, jnp.float32).astype(y.dtype)
-    dh = jax.random.normal(key_h, h.shape, jnp.float32).astype(h.dtype)
-    (grads,) = vjp((dy, dh))
-    out = {"y": y, "h_final": h} | {"d" + name: g for name, g in grads.items()}
-    return {name: np.asarray(x.astype(jnp.float32)) for name, x in out.items()}
-
-
 def _backend(config: KernelConfig | None, state_dtype=jnp.float32, backend: str = "pallas_gpu"):
     from m2rnn_jax.ops.scan_backend import scan_backend
 
@@ -121,6 +106,21 @@ GPU_CASES = {
 }
 
 
+def gpu_case_inputs(case: str, seed: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Random inputs of GPU_CASES[case]: the 16-bit values the kernel gets (h0 in float32) and the same values in
+    float32 for the scan reference."""
+    batch, seq_len, heads, k_dim, v_dim, nq, nk, nv, nf, nw, dtype, with_h0 = GPU_CASES[case]
+    inputs = random_m2rnn_inputs(
+        jax.random.PRNGKey(seed), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=k_dim, v_dim=v_dim,
+        num_q_heads=nq, num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=dtype,
+        with_h0=with_h0,
+    )
+    low = {n: inputs[n] for n in NAMES if n in inputs}
+    if with_h0:
+        low["h0"] = low["h0"].astype(jnp.float32)
+    return low, {n: x.astype(jnp.float32) for n, x in low.items()}
+
+
 GLUON_CONFIGS = {
     "rows64_newton": KernelConfig(gluon_forward=True),
     "rows32_mixed": KernelConfig(gluon_forward=True, gluon_rows=32, gluon_tanh="mixed"),
@@ -136,16 +136,7 @@ def test_gpu_gluon_forward_against_f32_scan(case, config_name):
     gradient; and the Gluon forward vs the Pallas-Triton forward (same numerics, so much closer)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    batch, seq_len, heads, k_dim, v_dim, nq, nk, nv, nf, nw, dtype, with_h0 = GPU_CASES[case]
-    inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(21), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=k_dim, v_dim=v_dim,
-        num_q_heads=nq, num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=dtype,
-        with_h0=with_h0,
-    )
-    low = {n: inputs[n] for n in NAMES if n in inputs}
-    if with_h0:
-        low["h0"] = low["h0"].astype(jnp.float32)
-    rounded = {n: x.astype(jnp.float32) for n, x in low.items()}
+    low, rounded = gpu_case_inputs(case, seed=21)
     key = jax.random.PRNGKey(22)
     expected = _outputs_and_grads(_backend(None, backend="scan"), rounded, key)
     gluon = _outputs_and_grads(_backend(GLUON_CONFIGS[config_name]), low, key)
