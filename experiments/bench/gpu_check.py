@@ -95,7 +95,13 @@ GLUON_BWD_VARIANTS = {
     "gluon bwd rows16 block4": dataclasses.replace(GLUON_FWD, gluon_backward=True, gluon_rows=16, gluon_block=4),
     "gluon fwd + pallas bwd (same run)": GLUON_FWD,
 }
-
+# Session 3: inputs converted to float32 where used (not next to their loads), loads 1 or 2 steps ahead in the
+# forward, with the Gluon backward; exact ("mixed") and approximate tanh.
+GLUON_DEFAULT = dataclasses.replace(GLUON_FWD, gluon_backward=True)
+AHEAD_VARIANTS = {
+    f"ahead{ahead} {tanh}": dataclasses.replace(GLUON_DEFAULT, gluon_ahead=ahead, approx_tanh=tanh == "approx")
+    for ahead in (2, 1) for tanh in ("mixed", "approx")
+}
 
 class Recorder:
     def __init__(self, out_dir: str):
@@ -213,12 +219,12 @@ def ablation(rec: Recorder) -> None:
     timed(rec, "400m", "pallas_gpu", BASE, "base (same run)", with_backward=True)
 
 
-def profile_once() -> None:
-    """One forward and one forward+backward call of the default kernels at the paper shape, untimed: the launches
-    a profiler run (ncu -k regex:m2rnn) looks at."""
+def profile_once(config: KernelConfig | None = None) -> None:
+    """One forward and one forward+backward call of the kernels of ``config`` (None: the default) at the paper
+    shape, untimed: the launches a profiler run (ncu -k regex:m2rnn) looks at."""
     shape = SHAPES["400m"]
     args = make_inputs(shape)
-    forward, fwd_bwd = forward_and_training_step(op_function("pallas_gpu"))
+    forward, fwd_bwd = forward_and_training_step(op_function("pallas_gpu", config))
     y = jax.block_until_ready(forward(args))
     dy = jax.random.normal(jax.random.PRNGKey(1), y.shape, jnp.float32).astype(y.dtype)
     jax.block_until_ready(fwd_bwd(args, dy))
@@ -261,6 +267,8 @@ def main() -> int:
         timed(rec, "400m", "pallas_gpu", dataclasses.replace(BASE, approx_tanh=True), "approx_tanh", with_backward=True)
     if "profile" in steps:
         profile_once()
+    if "profile_approx" in steps:
+        profile_once(AHEAD_VARIANTS["ahead2 approx"])
     if "ablation" in steps:
         ablation(rec)
     if "occupancy" in steps:
@@ -282,6 +290,10 @@ def main() -> int:
         b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16,
                                  num_warps=1)
         timed(rec, "400m-b1", "pallas_gpu", b1, "gluon bwd rows16 block4", with_backward=True)
+    if "ahead" in steps:
+        correctness(rec, ("ahead2 mixed", "ahead2 approx"), AHEAD_VARIANTS)
+        for name, config in AHEAD_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=name.startswith("ahead2"))
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -88,31 +88,30 @@ def _kernel():
     common = helpers()
     load_step = common.load_step
     recurrence_step = common.recurrence_step
+    bits_to_float = common.bits_to_float
+    load_reverse_step = common.load_reverse_step
 
     @gluon.jit
     def walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, lo, num_blocks, n, rows, cols, starts,
-             RB: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
+             S: gl.constexpr, RB: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
              GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
              V: gl.constexpr, ROWS: gl.constexpr, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
              TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
         """num_blocks blocks of RB steps from step lo and state h; stores the state before step lo + j RB at
         starts + j ROWS V, for j = 0 .. num_blocks (the last one after the walk). The RB steps of a block are
-        unrolled: no per-step test."""
+        unrolled: no per-step test. Inputs are loaded one step ahead (the last token is S - 1)."""
+        _q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + lo, n, rows, cols,
+                                NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
         for j in range(num_blocks):
             gl.store(starts + j * ROWS * V, h)
             for s in gl.static_range(RB):
-                _, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + lo + j * RB + s, n, rows, cols,
-                                       NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, k, v, f, A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                _q, k_next, v_next, f_next = load_step(
+                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(lo + j * RB + s + 1, S - 1), n, rows, cols,
+                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                _, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, A_LAYOUT,
+                                       TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                k, v, f = k_next, v_next, f_next
         gl.store(starts + num_blocks * ROWS * V, h)
-
-    @gluon.jit
-    def load_reverse_step(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, tok, n, rows, cols, N: gl.constexpr,
-                          NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr,
-                          GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr):
-        """``load_step``'s q_t, k_t, v_t, f_t and dy_t (V,) of token ``tok`` for head n, in float32."""
-        q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-        return q, k, v, f, gl.load(dy_ptr + (tok * N + n) * V + cols).to(gl.float32)
 
     @gluon.jit
     def m2rnn_backward_kernel(
@@ -168,7 +167,7 @@ def _kernel():
             slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
             h = gl.load(checkpoints_ptr + slot * K * V + state_offsets)
             walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, chunk_start, num_blocks - 1, n, rows, cols, starts,
-                 RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                 S, RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
             for jj in range(num_blocks):
                 j = num_blocks - 1 - jj
                 block_start = chunk_start + j * RB
@@ -183,7 +182,8 @@ def _kernel():
                         q_ptr, k_ptr, v_ptr, f_ptr, block_tok + gl.minimum(s + 1, block_len - 1), n, rows, cols,
                         NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_smem.index(s).store(h)
-                    z, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                    z, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
+                                           TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_smem.index(s).store(z)
                     k, v, f = k_next, v_next, f_next
                 # walk the block backward (inputs one step ahead); h is H_t of its last step
@@ -197,6 +197,11 @@ def _kernel():
                         N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_prev = h_smem.index(s).load(acc_layout)
                     z = z_smem.index(s).load(acc_layout)
+                    q = bits_to_float(q, q_ptr.dtype.element_ty)
+                    k = bits_to_float(k, q_ptr.dtype.element_ty)
+                    v = bits_to_float(v, q_ptr.dtype.element_ty)
+                    f = bits_to_float(f, f_ptr.dtype.element_ty)
+                    dy = bits_to_float(dy, q_ptr.dtype.element_ty)
                     gl.store(dq_ptr + (tok * N + n).to(gl.int64) * K + rows,
                              gl.sum(h * dy[None, :], axis=1).to(dq_ptr.dtype.element_ty))
                     if USE_CLIP:

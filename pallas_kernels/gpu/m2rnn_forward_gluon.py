@@ -68,6 +68,7 @@ class GluonForwardSpec:
     batch: int = 1
     rows: int | None = None
     tanh: str = "newton"
+    ahead: int = 2
 
 
 def _kernel():
@@ -78,6 +79,7 @@ def _kernel():
     common = helpers()
     load_step = common.load_step
     recurrence_step = common.recurrence_step
+    bits_to_float = common.bits_to_float
 
     @gluon.jit
     def m2rnn_forward_kernel(
@@ -86,7 +88,7 @@ def _kernel():
         S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
-        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, AHEAD: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -117,19 +119,25 @@ def _kernel():
         first_tok = b * S
         q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, n, rows, cols, NQ, NK, NV, NF,
                                GQ, GK, GV, GF, K, V)
+        q1, k1, v1, f1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(1, S - 1), n, rows, cols,
+                                   NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
         for c in range(NUM_CHUNKS):
             if SAVE:
                 slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
                 gl.store(checkpoints_ptr + slot * K * V + state_offsets, h)
             for t in range(c * C, gl.minimum(c * C + C, S)):
                 tok = first_tok + t
-                q_next, k_next, v_next, f_next = load_step(
-                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + 1, S - 1), n, rows, cols,
+                q2, k2, v2, f2 = load_step(
+                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + AHEAD, S - 1), n, rows, cols,
                     NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, k, v, f, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
-                y = gl.sum(q[:, None] * h, axis=0)
+                _, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
+                                       TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                y = gl.sum(bits_to_float(q, q_ptr.dtype.element_ty)[:, None] * h, axis=0)
                 gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
-                q, k, v, f = q_next, k_next, v_next, f_next
+                if AHEAD == 2:
+                    q, k, v, f, q1, k1, v1, f1 = q1, k1, v1, f1, q2, k2, v2, f2
+                else:
+                    q, k, v, f, q1, k1, v1, f1 = q2, k2, v2, f2, q2, k2, v2, f2
         gl.store(h_final_ptr + head_state + state_offsets, h)
 
     return m2rnn_forward_kernel
@@ -152,7 +160,7 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     constexprs = {
         "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
+        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints, "AHEAD": spec.ahead,
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
@@ -169,6 +177,7 @@ def m2rnn_forward_gluon(
     save_checkpoints: bool,
     rows: int | None = None,
     tanh: str = "newton",
+    ahead: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Run the recurrence over B dense sequences of S tokens packed as T = B * S.
 
@@ -203,6 +212,7 @@ def m2rnn_forward_gluon(
         batch=batch,
         rows=rows,
         tanh=tanh,
+        ahead=ahead,
     )
     arch = compute_capability()
     compiled = compile_forward(spec, arch)

@@ -7,7 +7,6 @@ Triton is imported lazily: this module is importable without it; ``helpers()`` a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 
 import jax
@@ -60,36 +59,11 @@ def tanh_constexprs(tanh: str) -> dict:
     }
 
 
-@functools.lru_cache(maxsize=None)
-def helpers() -> types.SimpleNamespace:
-    """The jitted per-step helpers (imports Triton; built once): ``load_step`` and ``recurrence_step``."""
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+def helpers() -> types.ModuleType:
+    """The jitted per-step helpers (``m2rnn_gluon_steps``; imports Triton)."""
+    from pallas_kernels.gpu import m2rnn_gluon_steps
 
-    @gluon.jit
-    def load_step(q_ptr, k_ptr, v_ptr, f_ptr, tok, n, rows, cols, NQ: gl.constexpr, NK: gl.constexpr,
-                  NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr,
-                  GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr):
-        """q_t, k_t (rows,), v_t (V,) and f_t of token ``tok`` for output head n, in float32."""
-        q = gl.load(q_ptr + (tok * NQ + n // GQ) * K + rows).to(gl.float32)
-        k = gl.load(k_ptr + (tok * NK + n // GK) * K + rows).to(gl.float32)
-        v = gl.load(v_ptr + (tok * NV + n // GV) * V + cols).to(gl.float32)
-        f = gl.load(f_ptr + tok * NF + n // GF).to(gl.float32)
-        return q, k, v, f
-
-    @gluon.jit
-    def recurrence_step(h, w, k, v, f, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
-                        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
-        """(rows, V) float32 state in the mma accumulator layout -> (Z_t, H_t): Z_t = tanh(H W + k v^T) with W
-        (V, V) in the B-operand layout and H rounded to W's dtype as the A operand; H_t = Z_t + f (H - Z_t)."""
-        write = k[:, None] * v[None, :]
-        pre = mma_v2(gl.convert_layout(h.to(w.dtype), A_LAYOUT), w, write)
-        z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True,
-                                      pack=TANH_PACK)
-        return z, z + f * (h - z)
-
-    return types.SimpleNamespace(load_step=load_step, recurrence_step=recurrence_step)
+    return m2rnn_gluon_steps
 
 
 @dataclasses.dataclass(frozen=True)
