@@ -95,12 +95,11 @@ GLUON_BWD_VARIANTS = {
     "gluon bwd rows16 block4": dataclasses.replace(GLUON_FWD, gluon_backward=True, gluon_rows=16, gluon_block=4),
     "gluon fwd + pallas bwd (same run)": GLUON_FWD,
 }
-# Session 3: inputs converted to float32 where used (not next to their loads), loads 1 or 2 steps ahead in the
-# forward, with the Gluon backward; exact ("mixed") and approximate tanh.
+# Session 3: the Gluon kernels with their inputs staged through shared memory (forward) or loaded as 32-bit
+# registers and converted at use (backward); exact ("mixed") and approximate tanh.
 GLUON_DEFAULT = dataclasses.replace(GLUON_FWD, gluon_backward=True)
-AHEAD_VARIANTS = {
-    f"ahead{ahead} {tanh}": dataclasses.replace(GLUON_DEFAULT, gluon_ahead=ahead, approx_tanh=tanh == "approx")
-    for ahead in (2, 1) for tanh in ("mixed", "approx")
+STAGED_VARIANTS = {
+    f"staged {tanh}": dataclasses.replace(GLUON_DEFAULT, approx_tanh=tanh == "approx") for tanh in ("mixed", "approx")
 }
 
 class Recorder:
@@ -268,7 +267,7 @@ def main() -> int:
     if "profile" in steps:
         profile_once()
     if "profile_approx" in steps:
-        profile_once(AHEAD_VARIANTS["ahead2 approx"])
+        profile_once(STAGED_VARIANTS["staged approx"])
     if "ablation" in steps:
         ablation(rec)
     if "occupancy" in steps:
@@ -290,10 +289,10 @@ def main() -> int:
         b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16,
                                  num_warps=1)
         timed(rec, "400m-b1", "pallas_gpu", b1, "gluon bwd rows16 block4", with_backward=True)
-    if "ahead" in steps:
-        correctness(rec, ("ahead2 mixed", "ahead2 approx"), AHEAD_VARIANTS)
-        for name, config in AHEAD_VARIANTS.items():
-            timed(rec, "400m", "pallas_gpu", config, name, with_backward=name.startswith("ahead2"))
+    if "staged" in steps:
+        correctness(rec, tuple(STAGED_VARIANTS), STAGED_VARIANTS)
+        for name, config in STAGED_VARIANTS.items():
+            timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -122,7 +122,7 @@ def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     if static.gluon_forward:
         y, h_final, checkpoints = m2rnn_forward_gluon(
             q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
-            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config), ahead=static.config.gluon_ahead,
+            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config),
         )
         return (y, h_final), (checkpoints, offsets)
     rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]

@@ -63,7 +63,6 @@ class KernelConfig:
     gluon_tanh: str = "mixed"
     gluon_backward: bool = False
     gluon_block: int = 4
-    gluon_ahead: int = 2
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "recompute_block", "num_warps", "num_stages", "prefetch"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
     tanh_constexprs,
     triton_dtype,
 )
+
+# inputs are staged through shared memory in blocks of this many steps (or gcd with the chunk size)
+STAGED_STEPS = 16
 
 __all__ = ["TANH_FORMS", "CompiledKernel", "GluonForwardSpec", "compile_forward", "m2rnn_forward_gluon"]
 
@@ -68,7 +72,6 @@ class GluonForwardSpec:
     batch: int = 1
     rows: int | None = None
     tanh: str = "newton"
-    ahead: int = 2
 
 
 def _kernel():
@@ -77,9 +80,36 @@ def _kernel():
     from triton.experimental.gluon import language as gl
 
     common = helpers()
-    load_step = common.load_step
+    load_block = common.load_block
+    stage_block = common.stage_block
+    staged_step = common.staged_step
     recurrence_step = common.recurrence_step
-    bits_to_float = common.bits_to_float
+
+    @gluon.jit
+    def run_block(h, w, j, q_smem, k_smem, v_smem, f_smem, q_blk, k_blk, v_blk, f_blk,
+                  q_ptr, k_ptr, v_ptr, f_ptr, y_ptr, checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols,
+                  S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+                  NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr,
+                  GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, C: gl.constexpr, ROWS: gl.constexpr,
+                  SAVE: gl.constexpr, TB: gl.constexpr, A_LAYOUT: gl.constexpr, ROW_LAYOUT: gl.constexpr,
+                  COL_LAYOUT: gl.constexpr, ROW_STAGE: gl.constexpr, COL_STAGE: gl.constexpr,
+                  TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
+        """Block j (steps j TB .. j TB + TB - 1) from its staged inputs (``q_blk`` ...: loaded during block j - 1)
+        through the stage buffers ``q_smem`` ...; returns the state and the inputs of block j + 1."""
+        if SAVE:
+            if (j * TB) % C == 0:
+                slot = (b * ((S + C - 1) // C) + (j * TB) // C).to(gl.int64) * N + n
+                gl.store(checkpoints_ptr + slot * K * V + state_offsets, h)
+        stage_block(q_smem, k_smem, v_smem, f_smem, q_blk, k_blk, v_blk, f_blk)
+        q_blk, k_blk, v_blk, f_blk = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, (j + 1) * TB, S, n, kb,
+                                                NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, TB, ROW_STAGE, COL_STAGE)
+        for s in range(gl.minimum(TB, S - j * TB)):
+            q, k, v, f = staged_step(q_smem, k_smem, v_smem, f_smem, s, ROW_LAYOUT, COL_LAYOUT)
+            _, h = recurrence_step(h, w, k, v, f[None, :], A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+            y = gl.sum(q[:, None] * h, axis=0)
+            tok = first_tok + j * TB + s
+            gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
+        return h, q_blk, k_blk, v_blk, f_blk
 
     @gluon.jit
     def m2rnn_forward_kernel(
@@ -88,7 +118,7 @@ def _kernel():
         S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
-        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, AHEAD: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, TB: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -96,11 +126,15 @@ def _kernel():
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        # staging: 8 contiguous 16-bit values (16 bytes) per thread and load
+        row_stage: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (ROWS // 8), ROWS // 8], [1, 1], [1, 0])
+        col_stage: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (V // 8), V // 8], [1, 1], [1, 0])
+        smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         NQ: gl.constexpr = N // GQ
         NK: gl.constexpr = N // GK
         NV: gl.constexpr = N // GV
         NF: gl.constexpr = N // GF
-        NUM_CHUNKS: gl.constexpr = (S + C - 1) // C
+        NUM_BLOCKS: gl.constexpr = (S + TB - 1) // TB
 
         n = gl.program_id(0)
         b = gl.program_id(1)
@@ -116,28 +150,32 @@ def _kernel():
         head_state = (b * N + n).to(gl.int64) * K * V
         h = gl.load(h0_ptr + head_state + state_offsets)
 
+        # Inputs go through shared memory a block of TB steps at a time: block j + 1 is loaded into registers
+        # while block j runs (its load latency hidden by TB steps), then stored into the other of two stages
+        # (even blocks use the buffers q0 ..., odd blocks q1 ...; the loop runs over pairs of blocks).
+        q0 = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [TB, ROWS], smem_layout)
+        k0 = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [TB, ROWS], smem_layout)
+        v0 = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [TB, V], smem_layout)
+        f0 = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [TB, V], smem_layout)
+        q1 = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [TB, ROWS], smem_layout)
+        k1 = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [TB, ROWS], smem_layout)
+        v1 = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [TB, V], smem_layout)
+        f1 = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [TB, V], smem_layout)
         first_tok = b * S
-        q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, n, rows, cols, NQ, NK, NV, NF,
-                               GQ, GK, GV, GF, K, V)
-        q1, k1, v1, f1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(1, S - 1), n, rows, cols,
-                                   NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-        for c in range(NUM_CHUNKS):
-            if SAVE:
-                slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
-                gl.store(checkpoints_ptr + slot * K * V + state_offsets, h)
-            for t in range(c * C, gl.minimum(c * C + C, S)):
-                tok = first_tok + t
-                q2, k2, v2, f2 = load_step(
-                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(t + AHEAD, S - 1), n, rows, cols,
-                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
-                                       TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
-                y = gl.sum(bits_to_float(q, q_ptr.dtype.element_ty)[:, None] * h, axis=0)
-                gl.store(y_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols, y.to(y_ptr.dtype.element_ty))
-                if AHEAD == 2:
-                    q, k, v, f, q1, k1, v1, f1 = q1, k1, v1, f1, q2, k2, v2, f2
-                else:
-                    q, k, v, f, q1, k1, v1, f1 = q2, k2, v2, f2, q2, k2, v2, f2
+        q_blk, k_blk, v_blk, f_blk = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, 0, S, n, kb, NQ, NK, NV, NF,
+                                                GQ, GK, GV, GF, K, V, ROWS, TB, row_stage, col_stage)
+        for j in range(0, NUM_BLOCKS, 2):
+            h, q_blk, k_blk, v_blk, f_blk = run_block(
+                h, w, j, q0, k0, v0, f0, q_blk, k_blk, v_blk, f_blk, q_ptr, k_ptr, v_ptr, f_ptr, y_ptr,
+                checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols, S, TOKENS, N, K, V, NQ, NK, NV, NF,
+                GQ, GK, GV, GF, C, ROWS, SAVE, TB, a_layout, row_layout, col_layout, row_stage, col_stage,
+                TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+            if j + 1 < NUM_BLOCKS:
+                h, q_blk, k_blk, v_blk, f_blk = run_block(
+                    h, w, j + 1, q1, k1, v1, f1, q_blk, k_blk, v_blk, f_blk, q_ptr, k_ptr, v_ptr, f_ptr, y_ptr,
+                    checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols, S, TOKENS, N, K, V, NQ, NK, NV, NF,
+                    GQ, GK, GV, GF, C, ROWS, SAVE, TB, a_layout, row_layout, col_layout, row_stage, col_stage,
+                    TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
         gl.store(h_final_ptr + head_state + state_offsets, h)
 
     return m2rnn_forward_kernel
@@ -160,7 +198,8 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     constexprs = {
         "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints, "AHEAD": spec.ahead,
+        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
+        "TB": math.gcd(STAGED_STEPS, spec.chunk_size),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
@@ -177,7 +216,6 @@ def m2rnn_forward_gluon(
     save_checkpoints: bool,
     rows: int | None = None,
     tanh: str = "newton",
-    ahead: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Run the recurrence over B dense sequences of S tokens packed as T = B * S.
 
@@ -212,7 +250,6 @@ def m2rnn_forward_gluon(
         batch=batch,
         rows=rows,
         tanh=tanh,
-        ahead=ahead,
     )
     arch = compute_capability()
     compiled = compile_forward(spec, arch)
