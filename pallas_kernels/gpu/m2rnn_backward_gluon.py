@@ -87,7 +87,7 @@ def _kernel():
 
     common = helpers()
     load_step = common.load_step
-    recurrence_step = common.recurrence_step
+    recurrence_step_bits = common.recurrence_step_bits
     bits_to_float = common.bits_to_float
     load_reverse_step = common.load_reverse_step
 
@@ -108,7 +108,7 @@ def _kernel():
                 _q, k_next, v_next, f_next = load_step(
                     q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(lo + j * RB + s + 1, S - 1), n, rows, cols,
                     NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, A_LAYOUT,
+                _, h = recurrence_step_bits(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, A_LAYOUT,
                                        TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                 k, v, f = k_next, v_next, f_next
         gl.store(starts + num_blocks * ROWS * V, h)
@@ -182,7 +182,7 @@ def _kernel():
                         q_ptr, k_ptr, v_ptr, f_ptr, block_tok + gl.minimum(s + 1, block_len - 1), n, rows, cols,
                         NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                     h_smem.index(s).store(h)
-                    z, h = recurrence_step(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
+                    z, h = recurrence_step_bits(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
                                            TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_smem.index(s).store(z)
                     k, v, f = k_next, v_next, f_next

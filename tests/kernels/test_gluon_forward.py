@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +67,38 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # CI installs triton (the [gpu] extra), so there a missing triton fails the test instead of skipping it.
 @pytest.mark.skipif(not _HAS_TRITON and not os.environ.get("CI"), reason="needs triton (3.6): pip install -e '.[gpu]'")
 @pytest.mark.parametrize("dtype,k_dim", [("bf16", 64), ("fp16", 32)])
-def test_offline_compile_has_mma_and_no_barriers(dtype, k_dim):
-    from pallas_kernels.gpu.m2rnn_forward_gluon import GluonForwardSpec, compile_forward
+def test_offline_compile_stages_inputs_and_uses_mma(dtype, k_dim):
+    """The per-step inputs go through shared memory in blocks (two stages of STAGED_STEPS steps: q, k rows, v and
+    f repeated along V), with barriers only between blocks, none in the per-step loops."""
+    from pallas_kernels.gpu.m2rnn_forward_gluon import STAGED_STEPS, GluonForwardSpec, compile_forward
 
     spec = GluonForwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
                             group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32",
                             save_checkpoints=True)
     compiled = compile_forward(spec)
-    assert compiled.shared_mem_bytes == 0 and compiled.num_warps == 1
+    per_step = 2 * k_dim * 2 + 16 * 2 + 16 * 4  # q, k rows (16-bit), v (16-bit), f (float32, repeated along V)
+    assert compiled.shared_mem_bytes == 2 * STAGED_STEPS * per_step and compiled.num_warps == 1
     assert "mma.sync.aligned.m16n8k16" in compiled.ptx
-    assert "bar.sync" not in compiled.ptx and "barrier" not in compiled.ptx
+    step_loops = _innermost_loop_bodies(compiled.ptx)
+    assert len(step_loops) == 2 and all("ld.shared" in body or "ldmatrix" in body for body in step_loops)
+    assert "bar.sync" in compiled.ptx and not any("bar.sync" in body for body in step_loops)
+
+
+def _innermost_loop_bodies(ptx: str) -> list[str]:
+    """PTX text of each innermost loop: from a label that no nested loop header follows to the branch back to it."""
+    lines = ptx.splitlines()
+    bodies = []
+    for i, line in enumerate(lines):
+        label = re.match(r"(\$L__BB\w+):", line.strip())
+        if not label:
+            continue
+        for j in range(i + 1, len(lines)):
+            if re.match(r"\$L__BB\w+:.*Loop", lines[j].strip()):
+                break
+            if re.search(r"\bbra(\.uni)?\s+" + re.escape(label.group(1)) + ";", lines[j]):
+                bodies.append("\n".join(lines[i:j + 1]))
+                break
+    return bodies
 
 
 # ---------------------------------------------------------------------------------------------------------------
