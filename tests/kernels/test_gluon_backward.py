@@ -56,9 +56,12 @@ def test_offline_compile(dtype, k_dim, rows, block, clip):
 # Real GPU (pytest -m gpu -p no:randomly tests/kernels -n 0 on the device machine)
 
 GLUON_BACKWARD_CONFIGS = {
-    "rows32_block4": KernelConfig(gluon_forward=True, gluon_backward=True, gluon_rows=32, gluon_block=4),
-    "rows16_block8": KernelConfig(gluon_forward=True, gluon_backward=True, gluon_rows=16, gluon_block=8,
-                                  block_k=16, num_warps=1),
+    "rows32_block4_approx": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=32,
+                                         gluon_block=4),
+    "rows32_block4_mixed": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=False, gluon_rows=32,
+                                        gluon_tanh="mixed", gluon_block=4),
+    "rows16_block8_approx": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=16,
+                                         gluon_block=8, block_k=16, num_warps=1),
 }
 
 

@@ -145,9 +145,11 @@ def gpu_case_inputs(case: str, seed: int) -> tuple[dict[str, jax.Array], dict[st
 
 
 GLUON_CONFIGS = {
-    "rows64_newton": KernelConfig(gluon_forward=True),
-    "rows32_mixed": KernelConfig(gluon_forward=True, gluon_rows=32, gluon_tanh="mixed"),
-    "rows16_rcp": KernelConfig(gluon_forward=True, gluon_rows=16, gluon_tanh="rcp", block_k=16, num_warps=1),
+    "rows64_newton": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=None, gluon_tanh="newton"),
+    "rows32_mixed": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=32, gluon_tanh="mixed"),
+    "rows16_rcp": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=16, gluon_tanh="rcp", block_k=16,
+                               num_warps=1),
+    "rows32_approx": KernelConfig(gluon_forward=True, approx_tanh=True, gluon_rows=32),
 }
 
 

@@ -6,6 +6,7 @@ recompute levels, row splits); tests marked ``gpu`` run the compiled kernels on 
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,3 +260,20 @@ def test_gpu_f32_matches_reference_closely():
     actual = _outputs_and_grads(jax.jit(lambda a: m2rnn(**a, backend="pallas_gpu")), args, key)
     for name in expected:
         assert _relative_error(actual[name], expected[name]) < 1e-4, name
+
+
+def test_approximate_tanh_only_for_16_bit_inputs_on_the_gpu():
+    """The default ``approx_tanh`` (tanh.approx.f32, SPEC §0.2's documented exception; its accuracy against the
+    float32 reference is checked by the gpu-marked Gluon tests) applies to 16-bit inputs on the GPU only: float32
+    inputs and interpret mode run exact tanh, and ``approx_tanh=False`` selects the exact Gluon form."""
+    from m2rnn_jax.ops.pallas_gpu import _gluon_tanh
+    from pallas_kernels.gpu.m2rnn_common import StepNumerics
+
+    config = KernelConfig()
+    assert config.approx_tanh
+    assert StepNumerics.create(jnp.bfloat16, jnp.float32, config, interpret=False).approx_tanh
+    assert StepNumerics.create(jnp.float16, jnp.float32, config, interpret=False).approx_tanh
+    assert not StepNumerics.create(jnp.float32, jnp.float32, config, interpret=False).approx_tanh
+    assert not StepNumerics.create(jnp.bfloat16, jnp.float32, config, interpret=True).approx_tanh
+    assert _gluon_tanh(config) == "approx"
+    assert _gluon_tanh(dataclasses.replace(config, approx_tanh=False)) == config.gluon_tanh == "mixed"
