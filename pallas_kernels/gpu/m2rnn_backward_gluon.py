@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.m2rnn_gluon_common import (
     CompiledKernel,
     compile_gluon,
+    staging_vector,
     compute_capability,
     helpers,
     launch,
@@ -86,32 +87,27 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     common = helpers()
-    load_step = common.load_step
-    recurrence_step_bits = common.recurrence_step_bits
-    bits_to_float = common.bits_to_float
-    load_reverse_step = common.load_reverse_step
+    load_block = common.load_block
+    stage_block = common.stage_block
+    staged_step = common.staged_step
+    step_view = common.step_view
+    recurrence_step = common.recurrence_step
 
     @gluon.jit
-    def walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, lo, num_blocks, n, rows, cols, starts,
-             S: gl.constexpr, RB: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
-             GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
-             V: gl.constexpr, ROWS: gl.constexpr, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr,
-             TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
-        """num_blocks blocks of RB steps from step lo and state h; stores the state before step lo + j RB at
-        starts + j ROWS V, for j = 0 .. num_blocks (the last one after the walk). The RB steps of a block are
-        unrolled: no per-step test. Inputs are loaded one step ahead (the last token is S - 1)."""
-        _q, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, first_tok + lo, n, rows, cols,
-                                NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-        for j in range(num_blocks):
-            gl.store(starts + j * ROWS * V, h)
-            for s in gl.static_range(RB):
-                _q, k_next, v_next, f_next = load_step(
-                    q_ptr, k_ptr, v_ptr, f_ptr, first_tok + gl.minimum(lo + j * RB + s + 1, S - 1), n, rows, cols,
-                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
-                _, h = recurrence_step_bits(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, A_LAYOUT,
-                                       TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
-                k, v, f = k_next, v_next, f_next
-        gl.store(starts + num_blocks * ROWS * V, h)
+    def load_block_with_dy(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, t0, S: gl.constexpr, n, kb,
+                           N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
+                           GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
+                           V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
+                           COL_STAGE: gl.constexpr):
+        """``load_block`` of steps t0 .. t0 + RB - 1 plus dy (RB, V) of head n."""
+        q, k, v, f = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S, n, kb, NQ, NK, NV, NF,
+                                GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
+        steps = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, COL_STAGE))
+        cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
+        tok = (first_tok + steps)[:, None]
+        dy = gl.load(dy_ptr + (tok * N + n) * V + cols[None, :], mask=(steps < S)[:, None] & (cols < V)[None, :],
+                     other=0.0)
+        return q, k, v, f, dy
 
     @gluon.jit
     def m2rnn_backward_kernel(
@@ -121,6 +117,7 @@ def _kernel():
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, USE_CLIP: gl.constexpr, CLIP: gl.constexpr,
         TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
+        ROW_VEC: gl.constexpr, COL_VEC: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -128,6 +125,10 @@ def _kernel():
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        # staging of a block's inputs: ROW_VEC / COL_VEC contiguous values per thread and load
+        row_stage: gl.constexpr = gl.BlockedLayout([1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC],
+                                                   [1, 1], [1, 0])
+        col_stage: gl.constexpr = gl.BlockedLayout([1, COL_VEC], [32 // (V // COL_VEC), V // COL_VEC], [1, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         NQ: gl.constexpr = N // GQ
         NK: gl.constexpr = N // GK
@@ -155,10 +156,21 @@ def _kernel():
         starts = starts_ptr + program.to(gl.int64) * (C // RB) * ROWS * V + local_offsets
         h_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
         z_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
+        # The inputs of each block of RB steps go through shared memory (q_s ...), loaded into registers one block
+        # ahead in processing order: per chunk the walk's blocks 0 .. nb - 2, then blocks nb - 1 .. 0 backward,
+        # then block 0 of the chunk before.
+        q_s = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
+        k_s = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
+        v_s = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [RB, V], smem_layout)
+        f_s = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [RB, V], smem_layout)
+        dy_s = gl.allocate_shared_memory(dy_ptr.dtype.element_ty, [RB, V], smem_layout)
 
         r = gl.load(dh_final_ptr + head_state + state_offsets)
         dw = gl.zeros([V, V], gl.float32, acc_layout)
         first_tok = b * S
+        q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
+            q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, (NUM_CHUNKS - 1) * C, S, n, kb, N, NQ, NK, NV, NF,
+            GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
         for cc in range(NUM_CHUNKS):
             c = NUM_CHUNKS - 1 - cc
             chunk_start = c * C
@@ -166,42 +178,48 @@ def _kernel():
             num_blocks = (chunk_end - chunk_start + RB - 1) // RB
             slot = (b * NUM_CHUNKS + c).to(gl.int64) * N + n
             h = gl.load(checkpoints_ptr + slot * K * V + state_offsets)
-            walk(h, w, q_ptr, k_ptr, v_ptr, f_ptr, first_tok, chunk_start, num_blocks - 1, n, rows, cols, starts,
-                 S, RB, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+            # 1. walk blocks 0 .. nb - 2 forward, storing each block's starting state (the RB steps unrolled)
+            for j in range(num_blocks - 1):
+                gl.store(starts + j * ROWS * V, h)
+                gl.thread_barrier()  # the previous block's reads of the stage are done
+                dy_s.store(dy_b)
+                stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
+                q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
+                    q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, chunk_start + (j + 1) * RB, S, n, kb, N,
+                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+                for s in gl.static_range(RB):
+                    _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
+                    _, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS,
+                                           TANH_PACK)
+            gl.store(starts + (num_blocks - 1) * ROWS * V, h)
+            # 2. blocks nb - 1 .. 0 backward
             for jj in range(num_blocks):
                 j = num_blocks - 1 - jj
                 block_start = chunk_start + j * RB
                 block_len = gl.minimum(RB, chunk_end - block_start)
+                gl.thread_barrier()
+                dy_s.store(dy_b)
+                stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
+                next_start = gl.where(j > 0, block_start - RB, chunk_start - C)
+                q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
+                    q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, next_start, S, n, kb, N, NQ, NK, NV, NF,
+                    GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+                # recompute the block: H_{t-1} and Z_t of its steps into shared memory (thread-private)
                 h = gl.load(starts + j * ROWS * V)
-                # recompute the block: H_{t-1} and Z_t of its steps into shared memory (inputs one step ahead)
-                block_tok = first_tok + block_start
-                _, k, v, f = load_step(q_ptr, k_ptr, v_ptr, f_ptr, block_tok, n, rows, cols,
-                                       NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
                 for s in range(block_len):
-                    _, k_next, v_next, f_next = load_step(
-                        q_ptr, k_ptr, v_ptr, f_ptr, block_tok + gl.minimum(s + 1, block_len - 1), n, rows, cols,
-                        NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                    _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
                     h_smem.index(s).store(h)
-                    z, h = recurrence_step_bits(h, w, k, v, f, q_ptr.dtype.element_ty, f_ptr.dtype.element_ty, a_layout,
-                                           TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                    z, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_smem.index(s).store(z)
-                    k, v, f = k_next, v_next, f_next
-                # walk the block backward (inputs one step ahead); h is H_t of its last step
-                q, k, v, f, dy = load_reverse_step(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, block_tok + block_len - 1,
-                                                   n, rows, cols, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                # walk the block backward; h is H_t of its last step
+                block_tok = first_tok + block_start
                 for ss in range(block_len):
                     s = block_len - 1 - ss
                     tok = block_tok + s
-                    q_next, k_next, v_next, f_next, dy_next = load_reverse_step(
-                        q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, block_tok + gl.maximum(s - 1, 0), n, rows, cols,
-                        N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V)
+                    q, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
+                    dy = step_view(dy_s).index(s).load(col_layout).to(gl.float32)
                     h_prev = h_smem.index(s).load(acc_layout)
                     z = z_smem.index(s).load(acc_layout)
-                    q = bits_to_float(q, q_ptr.dtype.element_ty)
-                    k = bits_to_float(k, q_ptr.dtype.element_ty)
-                    v = bits_to_float(v, q_ptr.dtype.element_ty)
-                    f = bits_to_float(f, f_ptr.dtype.element_ty)
-                    dy = bits_to_float(dy, q_ptr.dtype.element_ty)
                     gl.store(dq_ptr + (tok * N + n).to(gl.int64) * K + rows,
                              gl.sum(h * dy[None, :], axis=1).to(dq_ptr.dtype.element_ty))
                     if USE_CLIP:
@@ -209,17 +227,16 @@ def _kernel():
                     g = q[:, None] * dy[None, :] + r
                     df = gl.sum(gl.sum(g * (h_prev - z), axis=1), axis=0)
                     gl.store(df_ptr + (kb * TOKENS + tok).to(gl.int64) * N + n, df)
-                    dp = ((1 - f) * g) * (1 - z * z)
+                    dp = ((1 - f[None, :]) * g) * (1 - z * z)
                     gl.store(dk_ptr + (tok * N + n).to(gl.int64) * K + rows,
                              gl.sum(dp * v[None, :], axis=1).to(dk_ptr.dtype.element_ty))
                     gl.store(dv_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols,
                              gl.sum(k[:, None] * dp, axis=0).to(dv_ptr.dtype.element_ty))
                     dp_low = dp.to(w.dtype)
-                    r = mma_v2(gl.convert_layout(dp_low, a_layout), w_t, f * g)
+                    r = mma_v2(gl.convert_layout(dp_low, a_layout), w_t, f[None, :] * g)
                     h_prev_t = gl.permute(h_prev.to(w.dtype), [1, 0])
                     dw = mma_v2(gl.convert_layout(h_prev_t, a_layout), gl.convert_layout(dp_low, b_layout), dw)
                     h = h_prev
-                    q, k, v, f, dy = q_next, k_next, v_next, f_next, dy_next
         gl.store(dh0_ptr + head_state + state_offsets, r)
         dw_rows = gl.arange(0, V, layout=row_layout)
         gl.store(dw_ptr + program.to(gl.int64) * V * V + dw_rows[:, None] * V + cols[None, :], dw)
@@ -247,6 +264,7 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
         "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
         "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
+        "ROW_VEC": staging_vector(spec.block, spec.rows), "COL_VEC": staging_vector(spec.block, spec.v_dim),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch, max_registers=MAX_REGISTERS)
 

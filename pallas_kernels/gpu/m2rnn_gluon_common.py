@@ -59,6 +59,11 @@ def tanh_constexprs(tanh: str) -> dict:
     }
 
 
+def staging_vector(steps: int, width: int) -> int:
+    """Values per thread (at most 8: 16-byte loads) when one warp stages a (steps, width) block of inputs."""
+    return max(1, min(8, steps * width // 32, width))
+
+
 def helpers() -> types.ModuleType:
     """The jitted per-step helpers (``m2rnn_gluon_steps``; imports Triton)."""
     from pallas_kernels.gpu import m2rnn_gluon_steps
