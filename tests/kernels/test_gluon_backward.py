@@ -48,7 +48,9 @@ def test_offline_compile(dtype, k_dim, rows, block, clip):
                              block=block, clip=clip)
     compiled = compile_backward(spec)
     assert compiled.num_warps == 1
-    assert compiled.shared_mem_bytes == 2 * block * rows * 16 * 4  # H_{t-1} and Z_t of one block, float32
+    recompute = 2 * block * rows * 16 * 4  # H_{t-1} and Z_t of one block, float32
+    inputs = block * (2 * rows * 2 + 2 * 16 * 2 + 16 * 4)  # q, k rows; v, dy (16-bit); f (float32, along V)
+    assert compiled.shared_mem_bytes == recompute + inputs
     assert "mma.sync.aligned.m16n8k16" in compiled.ptx
 
 
