@@ -99,14 +99,15 @@ def _kernel():
                            GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
                            V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
                            COL_STAGE: gl.constexpr):
-        """``load_block`` of steps t0 .. t0 + RB - 1 plus dy (RB, V) of head n."""
+        """``load_block`` of steps t0 .. t0 + RB - 1 plus dy (RB, V) of head n (t0 < 0 after the first chunk:
+        everything masked)."""
         q, k, v, f = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S, n, kb, NQ, NK, NV, NF,
                                 GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
         steps = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, COL_STAGE))
         cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
         tok = (first_tok + steps)[:, None]
-        dy = gl.load(dy_ptr + (tok * N + n) * V + cols[None, :], mask=(steps < S)[:, None] & (cols < V)[None, :],
-                     other=0.0)
+        dy = gl.load(dy_ptr + (tok * N + n) * V + cols[None, :],
+                     mask=((steps >= 0) & (steps < S))[:, None] & (cols < V)[None, :], other=0.0)
         return q, k, v, f, dy
 
     @gluon.jit

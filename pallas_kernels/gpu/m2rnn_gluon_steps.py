@@ -34,18 +34,18 @@ def load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S: gl.constexpr, n, kb
                GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, ROWS: gl.constexpr,
                TB: gl.constexpr, ROW_STAGE: gl.constexpr, COL_STAGE: gl.constexpr):
     """q, k (TB, ROWS) of rows kb * ROWS + [0, ROWS), v (TB, V) and f (TB, V) (f_t repeated along V) of steps
-    t0 .. t0 + TB - 1 for output head n, zero beyond step S - 1, in the staging register layouts ROW_STAGE and
+    t0 .. t0 + TB - 1 for output head n, zero outside steps 0 .. S - 1, in the staging register layouts ROW_STAGE and
     COL_STAGE (16-byte loads where the data is contiguous)."""
     steps_r = t0 + gl.arange(0, TB, layout=gl.SliceLayout(1, ROW_STAGE))
     rows = kb * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, ROW_STAGE))
     tok_r = (first_tok + steps_r)[:, None]
-    mask_r = (steps_r < S)[:, None] & (rows < K)[None, :]
+    mask_r = ((steps_r >= 0) & (steps_r < S))[:, None] & (rows < K)[None, :]
     q = gl.load(q_ptr + (tok_r * NQ + n // GQ) * K + rows[None, :], mask=mask_r, other=0.0)
     k = gl.load(k_ptr + (tok_r * NK + n // GK) * K + rows[None, :], mask=mask_r, other=0.0)
     steps_c = t0 + gl.arange(0, TB, layout=gl.SliceLayout(1, COL_STAGE))
     cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
     tok_c = (first_tok + steps_c)[:, None]
-    mask_c = (steps_c < S)[:, None] & (cols < V)[None, :]
+    mask_c = ((steps_c >= 0) & (steps_c < S))[:, None] & (cols < V)[None, :]
     v = gl.load(v_ptr + (tok_c * NV + n // GV) * V + cols[None, :], mask=mask_c, other=0.0)
     f = gl.load(f_ptr + tok_c * NF + n // GF + 0 * cols[None, :], mask=mask_c, other=0.0)
     return q, k, v, f
