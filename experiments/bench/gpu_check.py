@@ -49,8 +49,8 @@ from experiments.bench.kernels import (
 from pallas_kernels.gpu import m2rnn_common
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
-BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1, approx_tanh=False,
-                    gluon_forward=False)  # the Pallas-Triton forward (runs 1-7)
+BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1,
+                    approx_tanh=False, gluon_forward=False)  # the Pallas-Triton forward, exact tanh (runs 1-7)
 FORWARD_VARIANTS = {
     "base": BASE,
     "prefetch2": dataclasses.replace(BASE, prefetch=2),
