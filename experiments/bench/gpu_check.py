@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, more.
+shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, staged, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -16,7 +16,9 @@ shapes, final, profile, ablation, occupancy, gluon, gluon_bwd, more.
 5. ablation: timings with some per-step input loads pointed at token 0 (wrong results, diagnostic only).
 6. gluon: the Gluon forward (explicit register layouts) with the Pallas-Triton backward: correctness at the paper
    shape (exact and approximate tanh), timings against the Pallas forward in the same run, B=1 and S=16384.
-7. gluon_bwd: the Gluon backward (with the Gluon forward): correctness at the paper shape, forward+backward timings
+7. staged: the Gluon kernels as they are now (inputs staged through shared memory), exact and approximate tanh:
+   correctness at the paper shape and forward+backward timings; profile_approx: ``profile`` with approximate tanh.
+8. gluon_bwd: the Gluon backward (with the Gluon forward): correctness at the paper shape, forward+backward timings
    of its variants against the Pallas-Triton backward in the same run, and B=1.
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """

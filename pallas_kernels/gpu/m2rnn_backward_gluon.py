@@ -111,6 +111,20 @@ def _kernel():
         return q, k, v, f, dy
 
     @gluon.jit
+    def restage(q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
+                t0, S: gl.constexpr, n, kb, N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr,
+                NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr,
+                K: gl.constexpr, V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
+                COL_STAGE: gl.constexpr):
+        """Store the staged block (``q_b`` ... ``dy_b``) into the one stage (after the previous block's reads are
+        done) and load the block of steps t0 .. t0 + RB - 1 in its place."""
+        gl.thread_barrier()
+        dy_s.store(dy_b)
+        stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
+        return load_block_with_dy(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, t0, S, n, kb, N, NQ, NK, NV, NF,
+                                  GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
+
+    @gluon.jit
     def m2rnn_backward_kernel(
         q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
         dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, starts_ptr,  # outputs (starts: scratch)
@@ -182,12 +196,10 @@ def _kernel():
             # 1. walk blocks 0 .. nb - 2 forward, storing each block's starting state (the RB steps unrolled)
             for j in range(num_blocks - 1):
                 gl.store(starts + j * ROWS * V, h)
-                gl.thread_barrier()  # the previous block's reads of the stage are done
-                dy_s.store(dy_b)
-                stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
-                q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
-                    q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, chunk_start + (j + 1) * RB, S, n, kb, N,
-                    NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+                q_b, k_b, v_b, f_b, dy_b = restage(
+                    q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
+                    chunk_start + (j + 1) * RB, S, n, kb, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB,
+                    row_stage, col_stage)
                 for s in gl.static_range(RB):
                     _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
                     _, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS,
@@ -198,13 +210,10 @@ def _kernel():
                 j = num_blocks - 1 - jj
                 block_start = chunk_start + j * RB
                 block_len = gl.minimum(RB, chunk_end - block_start)
-                gl.thread_barrier()
-                dy_s.store(dy_b)
-                stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
                 next_start = gl.where(j > 0, block_start - RB, chunk_start - C)
-                q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
-                    q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, next_start, S, n, kb, N, NQ, NK, NV, NF,
-                    GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+                q_b, k_b, v_b, f_b, dy_b = restage(
+                    q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
+                    next_start, S, n, kb, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
                 # recompute the block: H_{t-1} and Z_t of its steps into shared memory (thread-private)
                 h = gl.load(starts + j * ROWS * V)
                 for s in range(block_len):

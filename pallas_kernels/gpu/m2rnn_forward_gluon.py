@@ -35,6 +35,7 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
     compute_capability,
     helpers,
     launch,
+    staging_vector,
     tanh_constexprs,
     triton_dtype,
 )
@@ -118,7 +119,8 @@ def _kernel():
         S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
-        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, TB: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, TB: gl.constexpr, ROW_VEC: gl.constexpr,
+        COL_VEC: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -126,9 +128,10 @@ def _kernel():
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
-        # staging: 8 contiguous 16-bit values (16 bytes) per thread and load
-        row_stage: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (ROWS // 8), ROWS // 8], [1, 1], [1, 0])
-        col_stage: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (V // 8), V // 8], [1, 1], [1, 0])
+        # staging of a block's inputs: ROW_VEC / COL_VEC contiguous values per thread and load
+        row_stage: gl.constexpr = gl.BlockedLayout([1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC],
+                                                   [1, 1], [1, 0])
+        col_stage: gl.constexpr = gl.BlockedLayout([1, COL_VEC], [32 // (V // COL_VEC), V // COL_VEC], [1, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         NQ: gl.constexpr = N // GQ
         NK: gl.constexpr = N // GK
@@ -195,11 +198,13 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
         "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}",
         "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
     }
+    rows = spec.rows or spec.k_dim
+    staged_steps = math.gcd(STAGED_STEPS, spec.chunk_size)
     constexprs = {
         "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
         "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "ROWS": spec.rows or spec.k_dim, "SAVE": spec.save_checkpoints,
-        "TB": math.gcd(STAGED_STEPS, spec.chunk_size),
+        "C": spec.chunk_size, "ROWS": rows, "SAVE": spec.save_checkpoints, "TB": staged_steps,
+        "ROW_VEC": staging_vector(staged_steps, rows), "COL_VEC": staging_vector(staged_steps, spec.v_dim),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
