@@ -6,26 +6,30 @@ sweeps the chunks in reverse. For each chunk:
 
 1. walk the chunk forward from its checkpoint, storing the state at the start of every block of ``block`` steps
    (B_r = ``block``) to a small global scratch (written and read by the same thread: no barrier);
-2. block by block in reverse: recompute the block's states H_{t-1} and Z_t into shared memory (each thread stores
-   and loads only its own elements, in the accumulator layout: no barrier; inputs loaded one step ahead in both
-   loops), then walk its steps backward with the
-   math and clipping placement of SPEC §4.1 / §0.1:
+2. block by block in reverse (each block's start state loaded one block ahead): recompute the block's H_{t-1}
+   (rounded to the input dtype), Z_t (float32) and dq_t = H_t dy_t into shared memory, then walk its steps
+   backward with the math and clipping placement of SPEC §4.1 / §0.1:
 
-    dq_t = H_t dy_t                      R <- clamp(R)        G = q_t dy_t^T + R
-    df_t = sum(G * (H_{t-1} - Z_t))      dP = (1 - f_t) G * (1 - Z_t^2)
-    dW  += H_{t-1}^T dP                  dv_t = dP^T k_t      dk_t = dP v_t
-    R   <- f_t G + dP W^T                (after the first step of the sequence: dh0 = R, unclamped)
+    G = q_t dy_t^T + clamp(R)            df_t = sum(G * (H_{t-1} - Z_t))
+    dP = (1 - f_t) G * (1 - Z_t^2)       dv_t = dP^T k_t      dk_t = dP v_t
+    R  <- f_t G + dP W^T                 (after the first step of the sequence: dh0 = R, unclamped)
+
+   and after the block dW += sum_t H_{t-1}^T dP_t (both operands in the input dtype, as the Pallas-Triton
+   backward rounds them).
 
 R, G and dP live in the mma accumulator layout; R's update is one mma with dP (rounded to the input dtype) as
 the A operand (the accumulator -> operand register shortcut) and W^T in registers as the B operand, f_t G as the
-accumulator input. dW (V, V) is an mma accumulator of the program: A = H_{t-1}^T and B = dP (both rounded to the
-input dtype, as the Pallas-Triton backward does), converted to the operand layouts inside the warp. Row sums
-(dq, dk) are sums over the lane quad, column sums (dv, df) over the warp: shuffles only.
+accumulator input. H_{t-1} and dP_t of a block go through shared memory, so that dW's operands are transposed by
+``ldmatrix`` on the way out. The per-step gradients (dq, dk, dv, df) are staged in shared memory too and written to
+global memory once per block with wide stores (no per-step stores of replicated values, which ptxas turns into
+branches). The state-shaped buffers are XOR-swizzled: without it every access to them was a 2-way bank conflict,
+and shared-memory wavefronts were the limit of this kernel (ncu: L1 data pipe 77% busy, H200 run 24).
 
 Per step that is three evaluations of the recurrence (chunk walk, block recompute; the reverse step reuses Z_t)
 and no per-step state traffic through global memory. Outputs follow ``m2rnn_backward`` (Pallas-Triton): dq, dk
 per output head, dv, df per row block, dW per (sequence, head, row block), dh0; the caller sums the partials.
-Memory beyond them: the block starts, B N K V (C / B_r) floats; shared memory 2 B_r rows V floats per program.
+Memory beyond them: the block starts, B N K V (C / B_r) floats. Shared memory per program: B_r rows V (4 + 2 + 2)
+bytes for the state buffers, plus the staged inputs and gradients of a block (18 KB at rows 32, V 16, B_r 4).
 """
 
 from __future__ import annotations
@@ -125,6 +129,28 @@ def _kernel():
                                   GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
 
     @gluon.jit
+    def store_block_gradients(dq_s, dk_s, dv_s, df_s, dq_ptr, dk_ptr, dv_ptr, df_ptr, first_tok, t0,
+                              S: gl.constexpr, TOKENS: gl.constexpr, n, kb, N: gl.constexpr, K: gl.constexpr,
+                              V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
+                              COL_STAGE: gl.constexpr):
+        """Write the per-step gradients of the block of steps t0 .. t0 + RB - 1, staged in shared memory by its
+        recompute and reverse walk (dq, dk (RB, ROWS), dv (RB, V), df (RB, 1)), to global memory with wide stores,
+        steps past the end of the sequence masked."""
+        gl.thread_barrier()
+        steps_r = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, ROW_STAGE))
+        rows = kb * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, ROW_STAGE))
+        offsets_r = ((first_tok + steps_r)[:, None] * N + n).to(gl.int64) * K + rows[None, :]
+        mask_r = (steps_r < S)[:, None] & (rows < K)[None, :]
+        gl.store(dq_ptr + offsets_r, dq_s.load(ROW_STAGE), mask=mask_r)
+        gl.store(dk_ptr + offsets_r, dk_s.load(ROW_STAGE), mask=mask_r)
+        steps_c = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, COL_STAGE))
+        cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
+        partial = (kb * TOKENS + first_tok + steps_c).to(gl.int64) * N + n
+        gl.store(dv_ptr + partial[:, None] * V + cols[None, :], dv_s.load(COL_STAGE),
+                 mask=(steps_c < S)[:, None] & (cols < V)[None, :])
+        gl.store(df_ptr + partial, gl.sum(df_s.load(COL_STAGE), axis=1), mask=steps_c < S)
+
+    @gluon.jit
     def m2rnn_backward_kernel(
         q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
         dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, starts_ptr,  # outputs (starts: scratch)
@@ -132,7 +158,7 @@ def _kernel():
         GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
         C: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, USE_CLIP: gl.constexpr, CLIP: gl.constexpr,
         TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
-        ROW_VEC: gl.constexpr, COL_VEC: gl.constexpr,
+        ROW_VEC: gl.constexpr, COL_VEC: gl.constexpr, F32_PHASE: gl.constexpr, LOW_PHASE: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                              instr_shape=[16, 8])
@@ -145,6 +171,12 @@ def _kernel():
                                                    [1, 1], [1, 0])
         col_stage: gl.constexpr = gl.BlockedLayout([1, COL_VEC], [32 // (V // COL_VEC), V // COL_VEC], [1, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        # (ROWS, V) state-shaped buffers: 8-element units of a row XOR-swizzled over groups of rows, so that the
+        # accumulator-layout accesses and ldmatrix / stmatrix hit every bank once (no swizzle: 2-way conflicts)
+        f32_state_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=F32_PHASE, max_phase=V // 8,
+                                                               order=[1, 0])
+        low_state_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=LOW_PHASE, max_phase=V // 8,
+                                                               order=[1, 0])
         NQ: gl.constexpr = N // GQ
         NK: gl.constexpr = N // GK
         NV: gl.constexpr = N // GV
@@ -169,8 +201,11 @@ def _kernel():
         head_state = (b * N + n).to(gl.int64) * K * V
         program = (b * N + n) * KB + kb
         starts = starts_ptr + program.to(gl.int64) * (C // RB) * ROWS * V + local_offsets
-        h_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
-        z_smem = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], smem_layout)
+        # per step of a block: Z_t (float32) and H_{t-1} (input dtype: the operand of dW, and of df) from the
+        # recompute, dP_t (input dtype) from the reverse walk
+        z_s = gl.allocate_shared_memory(gl.float32, [RB, ROWS, V], f32_state_smem)
+        hb_s = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [RB, ROWS, V], low_state_smem)
+        dp_s = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [RB, ROWS, V], low_state_smem)
         # The inputs of each block of RB steps go through shared memory (q_s ...), loaded into registers one block
         # ahead in processing order: per chunk the walk's blocks 0 .. nb - 2, then blocks nb - 1 .. 0 backward,
         # then block 0 of the chunk before.
@@ -179,6 +214,11 @@ def _kernel():
         v_s = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [RB, V], smem_layout)
         f_s = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [RB, V], smem_layout)
         dy_s = gl.allocate_shared_memory(dy_ptr.dtype.element_ty, [RB, V], smem_layout)
+        # the per-step gradients of a block, written to global memory once per block
+        dq_s = gl.allocate_shared_memory(dq_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
+        dk_s = gl.allocate_shared_memory(dk_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
+        dv_s = gl.allocate_shared_memory(dv_ptr.dtype.element_ty, [RB, V], smem_layout)
+        df_s = gl.allocate_shared_memory(gl.float32, [RB, 1], smem_layout)
 
         r = gl.load(dh_final_ptr + head_state + state_offsets)
         dw = gl.zeros([V, V], gl.float32, acc_layout)
@@ -204,49 +244,52 @@ def _kernel():
                     _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
                     _, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS,
                                            TANH_PACK)
-            gl.store(starts + (num_blocks - 1) * ROWS * V, h)
-            # 2. blocks nb - 1 .. 0 backward
+            # 2. blocks nb - 1 .. 0 backward (the last block starts from the walk's state; each block's start is
+            # loaded one block ahead, so that its latency is hidden)
+            h_next = h
             for jj in range(num_blocks):
                 j = num_blocks - 1 - jj
+                h = h_next
+                h_next = gl.load(starts + gl.maximum(j - 1, 0) * ROWS * V)
                 block_start = chunk_start + j * RB
-                block_len = gl.minimum(RB, chunk_end - block_start)
                 next_start = gl.where(j > 0, block_start - RB, chunk_start - C)
                 q_b, k_b, v_b, f_b, dy_b = restage(
                     q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
                     next_start, S, n, kb, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
-                # recompute the block: H_{t-1} and Z_t of its steps into shared memory (thread-private)
-                h = gl.load(starts + j * ROWS * V)
-                for s in range(block_len):
+                # recompute the block into shared memory: H_{t-1}, Z_t, and dq_t = H_t dy_t from the float32 state.
+                # Both loops run RB steps also in a ragged last block: steps past the end of the sequence have f = 1
+                # and zero inputs (``load_block``), so the state cotangent passes through them clamped (which the next
+                # step's clamp makes a no-op), and their gradients are not stored.
+                for s in range(RB):
                     _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
-                    h_smem.index(s).store(h)
+                    dy = step_view(dy_s).index(s).load(col_layout).to(gl.float32)
+                    hb_s.index(s).store(h.to(w.dtype))
                     z, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
-                    z_smem.index(s).store(z)
-                # walk the block backward; h is H_t of its last step
-                block_tok = first_tok + block_start
-                for ss in range(block_len):
-                    s = block_len - 1 - ss
-                    tok = block_tok + s
+                    z_s.index(s).store(z)
+                    step_view(dq_s).index(s).store(gl.sum(h * dy[None, :], axis=1).to(dq_ptr.dtype.element_ty))
+                # walk the block backward
+                for ss in range(RB):
+                    s = RB - 1 - ss
                     q, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
                     dy = step_view(dy_s).index(s).load(col_layout).to(gl.float32)
-                    h_prev = h_smem.index(s).load(acc_layout)
-                    z = z_smem.index(s).load(acc_layout)
-                    gl.store(dq_ptr + (tok * N + n).to(gl.int64) * K + rows,
-                             gl.sum(h * dy[None, :], axis=1).to(dq_ptr.dtype.element_ty))
+                    h_prev = hb_s.index(s).load(acc_layout).to(gl.float32)
+                    z = z_s.index(s).load(acc_layout)
                     if USE_CLIP:
                         r = gl.minimum(gl.maximum(r, -CLIP), CLIP)
                     g = q[:, None] * dy[None, :] + r
-                    df = gl.sum(gl.sum(g * (h_prev - z), axis=1), axis=0)
-                    gl.store(df_ptr + (kb * TOKENS + tok).to(gl.int64) * N + n, df)
+                    step_view(df_s).index(s).store(gl.sum(gl.sum(g * (h_prev - z), axis=1)[:, None], axis=0))
                     dp = ((1 - f[None, :]) * g) * (1 - z * z)
-                    gl.store(dk_ptr + (tok * N + n).to(gl.int64) * K + rows,
-                             gl.sum(dp * v[None, :], axis=1).to(dk_ptr.dtype.element_ty))
-                    gl.store(dv_ptr + ((kb * TOKENS + tok).to(gl.int64) * N + n) * V + cols,
-                             gl.sum(k[:, None] * dp, axis=0).to(dv_ptr.dtype.element_ty))
+                    step_view(dk_s).index(s).store(gl.sum(dp * v[None, :], axis=1).to(dk_ptr.dtype.element_ty))
+                    step_view(dv_s).index(s).store(gl.sum(k[:, None] * dp, axis=0).to(dv_ptr.dtype.element_ty))
                     dp_low = dp.to(w.dtype)
+                    dp_s.index(s).store(dp_low)
                     r = mma_v2(gl.convert_layout(dp_low, a_layout), w_t, f[None, :] * g)
-                    h_prev_t = gl.permute(h_prev.to(w.dtype), [1, 0])
-                    dw = mma_v2(gl.convert_layout(h_prev_t, a_layout), gl.convert_layout(dp_low, b_layout), dw)
-                    h = h_prev
+                # dW += H_{t-1}^T dP_t over the block's steps (operands transposed on the way out of shared memory)
+                gl.thread_barrier()
+                for s in gl.static_range(RB):
+                    dw = mma_v2(hb_s.index(s).permute([1, 0]).load(a_layout), dp_s.index(s).load(b_layout), dw)
+                store_block_gradients(dq_s, dk_s, dv_s, df_s, dq_ptr, dk_ptr, dv_ptr, df_ptr, first_tok, block_start,
+                                      S, TOKENS, n, kb, N, K, V, ROWS, RB, row_stage, col_stage)
         gl.store(dh0_ptr + head_state + state_offsets, r)
         dw_rows = gl.arange(0, V, layout=row_layout)
         gl.store(dw_ptr + program.to(gl.int64) * V * V + dw_rows[:, None] * V + cols[None, :], dw)
@@ -275,6 +318,7 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
         "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
         "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
         "ROW_VEC": staging_vector(spec.block, spec.rows), "COL_VEC": staging_vector(spec.block, spec.v_dim),
+        "F32_PHASE": max(1, 128 // (4 * spec.v_dim)), "LOW_PHASE": max(1, 128 // (2 * spec.v_dim)),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch, max_registers=MAX_REGISTERS)
 

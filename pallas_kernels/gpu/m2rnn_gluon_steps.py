@@ -34,8 +34,9 @@ def load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S: gl.constexpr, n, kb
                GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, ROWS: gl.constexpr,
                TB: gl.constexpr, ROW_STAGE: gl.constexpr, COL_STAGE: gl.constexpr):
     """q, k (TB, ROWS) of rows kb * ROWS + [0, ROWS), v (TB, V) and f (TB, V) (f_t repeated along V) of steps
-    t0 .. t0 + TB - 1 for output head n, zero outside steps 0 .. S - 1, in the staging register layouts ROW_STAGE and
-    COL_STAGE (16-byte loads where the data is contiguous)."""
+    t0 .. t0 + TB - 1 for output head n, in the staging register layouts ROW_STAGE and COL_STAGE (16-byte loads where
+    the data is contiguous). Outside steps 0 .. S - 1, q, k, v are 0 and f is 1: such a step keeps the state (up to
+    rounding) and passes the state cotangent through."""
     steps_r = t0 + gl.arange(0, TB, layout=gl.SliceLayout(1, ROW_STAGE))
     rows = kb * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, ROW_STAGE))
     tok_r = (first_tok + steps_r)[:, None]
@@ -47,7 +48,7 @@ def load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S: gl.constexpr, n, kb
     tok_c = (first_tok + steps_c)[:, None]
     mask_c = ((steps_c >= 0) & (steps_c < S))[:, None] & (cols < V)[None, :]
     v = gl.load(v_ptr + (tok_c * NV + n // GV) * V + cols[None, :], mask=mask_c, other=0.0)
-    f = gl.load(f_ptr + tok_c * NF + n // GF + 0 * cols[None, :], mask=mask_c, other=0.0)
+    f = gl.load(f_ptr + tok_c * NF + n // GF + 0 * cols[None, :], mask=mask_c, other=1.0)
     return q, k, v, f
 
 

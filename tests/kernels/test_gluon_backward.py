@@ -48,9 +48,10 @@ def test_offline_compile(dtype, k_dim, rows, block, clip):
                              block=block, clip=clip)
     compiled = compile_backward(spec)
     assert compiled.num_warps == 1
-    recompute = 2 * block * rows * 16 * 4  # H_{t-1} and Z_t of one block, float32
+    recompute = block * rows * 16 * (4 + 2 * 2)  # Z_t (float32), H_{t-1} and dP_t (16-bit) of one block
     inputs = block * (2 * rows * 2 + 2 * 16 * 2 + 16 * 4)  # q, k rows; v, dy (16-bit); f (float32, along V)
-    assert compiled.shared_mem_bytes == recompute + inputs
+    outputs = block * (2 * rows * 2 + 16 * 2 + 4)  # dq, dk rows, dv (16-bit); df (float32)
+    assert compiled.shared_mem_bytes == recompute + inputs + outputs
     assert "mma.sync.aligned.m16n8k16" in compiled.ptx
 
 
