@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, staged, more.
+shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, staged, b1_backward, more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -49,6 +49,7 @@ from experiments.bench.kernels import (
     op_function,
 )
 from pallas_kernels.gpu import m2rnn_common
+from m2rnn_jax.ops.pallas_gpu import default_config
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1,
@@ -295,6 +296,12 @@ def main() -> int:
         correctness(rec, tuple(STAGED_VARIANTS), STAGED_VARIANTS)
         for name, config in STAGED_VARIANTS.items():
             timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
+    if "b1_backward" in steps:
+        # B=1 (rows split over 4 programs per head): the Pallas-Triton backward against the Gluon backward
+        default_b1 = default_config(batch=1, num_heads=84, k_dim=64)
+        for gluon_backward in (False, True):
+            timed(rec, "400m-b1", "pallas_gpu", dataclasses.replace(default_b1, gluon_backward=gluon_backward),
+                  "gluon bwd rows16" if gluon_backward else "pallas bwd", with_backward=True)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)

@@ -39,16 +39,17 @@ def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
     One program owns up to 64 state rows with two warps (32 rows each). When B*N is small (B=1 at the paper
     shape: 84 programs for 132 SMs) the rows are split over more programs, down to 16 rows and one warp, until
     there are ~2 programs per SM; y, dv and df then come as per-row-block partials summed outside the kernel.
-    The Gluon forward (one warp per program) takes min(32, block_k) rows per program (H200 run 9). The Gluon
-    backward runs where the rows are not split (many programs: B=8 at the paper shape, 14.4 vs 18.3 ms forward +
-    backward); with few programs the Pallas-Triton backward is faster (B=1: 5.65 vs 7.48 ms; H200 runs 9-10).
+    The Gluon forward (one warp per program) takes min(32, block_k) rows per program (H200 run 9), and the Gluon
+    backward the same rows: since its shared-memory bank conflicts were removed it is faster than the Pallas-Triton
+    backward both with many programs (B=8 at the paper shape: 8.73 vs 17.9 ms forward + backward) and with the rows
+    split (B=1: 3.19 vs 4.39 ms; H200 run 26).
     """
     k_padded = padded_size(k_dim)
     block_k = min(k_padded, 64)
     while block_k > 16 and batch * num_heads * (k_padded // block_k) < 264:
         block_k //= 2
     return KernelConfig(block_k=block_k, num_warps=2 if block_k >= 64 else 1, gluon_rows=min(32, block_k),
-                        gluon_backward=block_k == min(k_padded, 64))
+                        gluon_backward=True)
 
 
 @dataclasses.dataclass(frozen=True)

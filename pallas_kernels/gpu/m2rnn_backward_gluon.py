@@ -123,8 +123,9 @@ def _kernel():
         """Store the staged block (``q_b`` ... ``dy_b``) into the one stage (after the previous block's reads are
         done) and load the block of steps t0 .. t0 + RB - 1 in its place."""
         gl.thread_barrier()
-        dy_s.store(dy_b)
-        stage_block(q_s, k_s, v_s, f_s, q_b, k_b, v_b, f_b)
+        dy_s.store(dy_b.to(gl.float32))
+        stage_block(q_s, k_s, v_s, f_s, q_b.to(gl.float32), k_b.to(gl.float32), v_b.to(gl.float32),
+                    f_b.to(gl.float32))
         return load_block_with_dy(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, t0, S, n, kb, N, NQ, NK, NV, NF,
                                   GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
 
@@ -209,11 +210,11 @@ def _kernel():
         # The inputs of each block of RB steps go through shared memory (q_s ...), loaded into registers one block
         # ahead in processing order: per chunk the walk's blocks 0 .. nb - 2, then blocks nb - 1 .. 0 backward,
         # then block 0 of the chunk before.
-        q_s = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
-        k_s = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
-        v_s = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [RB, V], smem_layout)
-        f_s = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [RB, V], smem_layout)
-        dy_s = gl.allocate_shared_memory(dy_ptr.dtype.element_ty, [RB, V], smem_layout)
+        q_s = gl.allocate_shared_memory(gl.float32, [RB, ROWS], smem_layout)
+        k_s = gl.allocate_shared_memory(gl.float32, [RB, ROWS], smem_layout)
+        v_s = gl.allocate_shared_memory(gl.float32, [RB, V], smem_layout)
+        f_s = gl.allocate_shared_memory(gl.float32, [RB, V], smem_layout)
+        dy_s = gl.allocate_shared_memory(gl.float32, [RB, V], smem_layout)
         # the per-step gradients of a block, written to global memory once per block
         dq_s = gl.allocate_shared_memory(dq_ptr.dtype.element_ty, [RB, ROWS], smem_layout)
         dk_s = gl.allocate_shared_memory(dk_ptr.dtype.element_ty, [RB, ROWS], smem_layout)

@@ -48,8 +48,8 @@ class KernelConfig:
         reciprocal on the FMA pipe) or "rcp" (ex2 + rcp, two special-function ops), used where ``approx_tanh``
         is False.
     gluon_backward: run the backward with the Gluon kernel (``m2rnn_backward_gluon``) where the Gluon forward
-        runs (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_backward``); False keeps the Pallas-Triton backward
-        (faster when B*N is small: H200 run 10). ``default_config`` sets it where it is faster.
+        runs (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_backward``); False keeps the Pallas-Triton backward.
+        ``default_config`` sets it: faster at B=8 and at B=1 of the paper shape (H200 run 26).
     gluon_block: steps the Gluon backward recomputes at a time into shared memory (gcd with chunk_size; 2 x 4
         bytes x rows x V x gluon_block of shared memory per program, and B N K V chunk_size / gluon_block floats
         of global scratch).
