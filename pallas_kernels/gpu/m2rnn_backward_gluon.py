@@ -52,8 +52,9 @@ from pallas_kernels.gpu.m2rnn_gluon_common import (
 )
 
 
-# ptxas cap per thread: with the inputs loaded one step ahead ptxas takes 218 registers (9 one-warp programs per SM
-# on the H200, 10.2 needed at B=8 S=4096 N=84); 168 keeps 12 per SM without spills (sm_90, 32 rows).
+# ptxas cap per thread: uncapped, ptxas has taken up to 218 registers (9 one-warp programs per SM on the H200, 10.2
+# needed at B=8 S=4096 N=84); 168 allows 12 per SM without spills (sm_90, 32 rows; the 18.4 KB of shared memory
+# allow 11). 176 was slower (H200 run 28).
 MAX_REGISTERS = 168
 
 
