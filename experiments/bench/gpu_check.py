@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 experiments/bench/gpu_check.py --out $OUT [--steps correctness,default,forward,...]
 
 Steps (``--steps``, comma-separated, run in this order): ceilings, correctness, default, forward, backward, scan,
-shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, staged, b1_backward, more.
+shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, staged, b1_backward, layer,
+more.
 
 1. Ceilings of this GPU: device-to-device copy bandwidth and a bf16 matmul rate (METHOD.md).
 2. Correctness: the bf16 kernel (each correctness variant) vs the float32 scan reference on the same bf16-rounded
@@ -20,6 +21,7 @@ shapes, final, profile, profile_approx, ablation, occupancy, gluon, gluon_bwd, s
    correctness at the paper shape and forward+backward timings; profile_approx: ``profile`` with approximate tanh.
 8. gluon_bwd: the Gluon backward (with the Gluon forward): correctness at the paper shape, forward+backward timings
    of its variants against the Pallas-Triton backward in the same run, and B=1.
+9. layer: the whole M2RNN layer at the 400M shape, each op backend: times, and errors against the float32 layer.
 Every result is appended to $OUT/results.jsonl as soon as it exists; a table is printed last.
 """
 
@@ -177,6 +179,53 @@ def correctness_f32(rec: Recorder) -> None:
         rec.add({"kind": "correctness", "shape": small.label(), "variant": "base", "error": _error(err)})
 
 
+def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"), hidden: int = 1024,
+                heads: int = 84, timing_shape: tuple[int, int] = (8, 4096),
+                error_shape: tuple[int, int] = (4, 2048)) -> None:
+    """The whole ``M2RNN`` layer at the 400M shape (h=1024, N=84, K=64, V=16, Nq=Nk=1, bf16 compute, float32
+    parameters, init values): forward and forward+backward times of each op backend at (B, S) = timing_shape, and
+    relative L2 errors of y and of the gradients of every parameter against the float32 scan layer at error_shape."""
+    from flax import nnx
+
+    from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
+
+    def build(backend: str, dtype) -> M2RNN:
+        config = M2RNNConfig(num_heads=heads, k_head_dim=64, v_head_dim=16, backend=backend)
+        return M2RNN(hidden, config, num_layers=24, dtype=dtype, rngs=nnx.Rngs(0))
+
+    def functions(layer: M2RNN):
+        graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+        def loss(p, x, probe):
+            y, _ = nnx.merge(graphdef, p, rest)(x)
+            return jnp.sum(y.astype(jnp.float32) * probe), y
+
+        forward = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x)[0])
+        grads = jax.jit(jax.grad(loss, has_aux=True))
+        return params, forward, grads
+
+    key_x, key_probe = jax.random.split(jax.random.PRNGKey(5))
+    for backend in backends:
+        params, forward, grads = functions(build(backend, jnp.bfloat16))
+        x = jax.random.normal(key_x, (*timing_shape, hidden), jnp.bfloat16)
+        probe = jax.random.normal(key_probe, (*timing_shape, hidden), jnp.float32)
+        rec.add({"kind": "layer_timing", "backend": backend,
+                 "shape": f"B={timing_shape[0]} S={timing_shape[1]} h={hidden} N={heads} K=64 V=16 bf16",
+                 "forward_ms": median_ms(forward, params, x, iters=5, repeats=3),
+                 "fwd_bwd_ms": median_ms(grads, params, x, probe, iters=3, repeats=3)})
+    x = jax.random.normal(key_x, (*error_shape, hidden), jnp.float32)
+    probe = jax.random.normal(key_probe, (*error_shape, hidden), jnp.float32)
+    params, _, grads = functions(build("scan", jnp.float32))
+    ref_grads, ref_y = jax.device_get(grads(params, x, probe))
+    ref = {"y": ref_y} | {"d/" + "/".join(map(str, k)): v for k, v in nnx.to_flat_state(ref_grads)}
+    for backend in backends:
+        params, _, grads = functions(build(backend, jnp.bfloat16))
+        got_grads, got_y = jax.device_get(grads(params, x.astype(jnp.bfloat16), probe))
+        got = {"y": got_y} | {"d/" + "/".join(map(str, k)): v for k, v in nnx.to_flat_state(got_grads)}
+        rec.add({"kind": "layer_correctness", "backend": backend, "shape": f"B={error_shape[0]} S={error_shape[1]} bf16 vs float32 scan layer",
+                 "relative_l2": relative_errors(got, ref)})
+
+
 def _error(err: Exception) -> str:
     return (f"{type(err).__name__}: {err}\n" + traceback.format_exc())[-3000:]
 
@@ -302,6 +351,8 @@ def main() -> int:
         for gluon_backward in (False, True):
             timed(rec, "400m-b1", "pallas_gpu", dataclasses.replace(default_b1, gluon_backward=gluon_backward),
                   "gluon bwd rows16" if gluon_backward else "pallas bwd", with_backward=True)
+    if "layer" in steps:
+        layer_check(rec)
     if "more" in steps:
         correctness(rec, [v for v in CORRECTNESS_VARIANTS if v != "base"])
         correctness_f32(rec)
