@@ -204,6 +204,11 @@ def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"
         grads = jax.jit(jax.grad(loss, has_aux=True))
         return params, forward, grads
 
+    def named_outputs(grads, params, x, probe) -> dict:
+        """y and the gradient of every parameter ("d/<path>") of one call, on the host."""
+        param_grads, y = jax.device_get(grads(params, x, probe))
+        return {"y": y} | {"d/" + "/".join(map(str, path)): g for path, g in nnx.to_flat_state(param_grads)}
+
     key_x, key_probe = jax.random.split(jax.random.PRNGKey(5))
     for backend in backends:
         params, forward, grads = functions(build(backend, jnp.bfloat16))
@@ -216,14 +221,13 @@ def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"
     x = jax.random.normal(key_x, (*error_shape, hidden), jnp.float32)
     probe = jax.random.normal(key_probe, (*error_shape, hidden), jnp.float32)
     params, _, grads = functions(build("scan", jnp.float32))
-    ref_grads, ref_y = jax.device_get(grads(params, x, probe))
-    ref = {"y": ref_y} | {"d/" + "/".join(map(str, k)): v for k, v in nnx.to_flat_state(ref_grads)}
+    reference = named_outputs(grads, params, x, probe)
     for backend in backends:
         params, _, grads = functions(build(backend, jnp.bfloat16))
-        got_grads, got_y = jax.device_get(grads(params, x.astype(jnp.bfloat16), probe))
-        got = {"y": got_y} | {"d/" + "/".join(map(str, k)): v for k, v in nnx.to_flat_state(got_grads)}
-        rec.add({"kind": "layer_correctness", "backend": backend, "shape": f"B={error_shape[0]} S={error_shape[1]} bf16 vs float32 scan layer",
-                 "relative_l2": relative_errors(got, ref)})
+        got = named_outputs(grads, params, x.astype(jnp.bfloat16), probe)
+        rec.add({"kind": "layer_correctness", "backend": backend,
+                 "shape": f"B={error_shape[0]} S={error_shape[1]} bf16 vs float32 scan layer",
+                 "relative_l2": relative_errors(got, reference)})
 
 
 def _error(err: Exception) -> str:

@@ -264,7 +264,7 @@ def _kernel():
                 # step's clamp makes a no-op), and their gradients are not stored.
                 for s in range(RB):
                     _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
-                    dy = step_view(dy_s).index(s).load(col_layout).to(gl.float32)
+                    dy = step_view(dy_s).index(s).load(col_layout)
                     hb_s.index(s).store(h.to(w.dtype))
                     z, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
                     z_s.index(s).store(z)
@@ -273,7 +273,7 @@ def _kernel():
                 for ss in range(RB):
                     s = RB - 1 - ss
                     q, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
-                    dy = step_view(dy_s).index(s).load(col_layout).to(gl.float32)
+                    dy = step_view(dy_s).index(s).load(col_layout)
                     h_prev = hb_s.index(s).load(acc_layout).to(gl.float32)
                     z = z_s.index(s).load(acc_layout)
                     if USE_CLIP:
