@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.kernels import (
+from m2rnn_jax.bench.op import (
     SHAPES,
     bench,
     format_table,

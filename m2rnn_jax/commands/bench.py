@@ -1,7 +1,6 @@
 """``m2rnn-jax bench``: time the M2RNN op's backends (forward, forward+backward, ns per step, memory).
 
-The benchmark itself lives in ``experiments/bench/kernels.py`` (also runnable as ``python -m
-experiments.bench.kernels``); this subcommand needs a repository checkout, where ``experiments`` is importable.
+The benchmark itself lives in :mod:`m2rnn_jax.bench.op` (also runnable as ``python -m m2rnn_jax.bench.op``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from experiments.bench import kernels
-    except ModuleNotFoundError as err:
-        raise SystemExit(f"m2rnn-jax bench needs a repository checkout (experiments/ importable): {err}") from err
+    from m2rnn_jax.bench import op as kernels
+
     return kernels.run(args.shapes, args.backends or kernels.default_backends(), args.json, args.iters, args.repeats)

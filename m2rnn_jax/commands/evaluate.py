@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"m2rnn-jax eval: error: {err}", file=sys.stderr)
         return 2
-    from m2rnn_jax.train.data.sources import make_source
+    from m2rnn_jax.data.sources import make_source
     from m2rnn_jax.train.evaluation import Evaluator
 
     source = make_source(config.data, config.model.vocab_size)

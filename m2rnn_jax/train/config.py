@@ -13,20 +13,11 @@ from typing import Any
 
 import yaml
 
+from m2rnn_jax.checks import is_int, require
+from m2rnn_jax.data.config import DataConfig
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.train import overrides
 
-DATA_KINDS = ("state_tracking", "token_file", "random_tokens")
-TOKEN_DTYPES = ("uint16", "uint32")
-
-
-def _require(condition: bool, field: str, expected: str, value: Any) -> None:
-    if not condition:
-        raise ValueError(f"{field}: expected {expected}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,80 +40,15 @@ class OptimizerConfig:
     grad_clip_norm: float | None = 1.0
 
     def __post_init__(self):
-        _require(self.learning_rate > 0, "optimizer.learning_rate", "> 0", self.learning_rate)
-        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1/b2", "values in [0, 1)", (self.b1, self.b2))
-        _require(self.eps > 0, "optimizer.eps", "> 0", self.eps)
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", ">= 0", self.weight_decay)
-        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optimizer.warmup_steps", "an int >= 0",
+        require(self.learning_rate > 0, "optimizer.learning_rate", "> 0", self.learning_rate)
+        require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1/b2", "values in [0, 1)", (self.b1, self.b2))
+        require(self.eps > 0, "optimizer.eps", "> 0", self.eps)
+        require(self.weight_decay >= 0, "optimizer.weight_decay", ">= 0", self.weight_decay)
+        require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "optimizer.warmup_steps", "an int >= 0",
                  self.warmup_steps)
-        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
-        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
+        require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
+        require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
                  "None or > 0", self.grad_clip_norm)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where batches come from.
-
-    kind:
-        ``state_tracking``: running products of random ``group`` elements (parity, s3, s5, a5);
-        ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path`` (.bin of ``token_dtype``
-        or .npy), next-token targets; ``mask_documents`` resets the recurrent mixers at ``eos_token_id``;
-        ``random_tokens``: uniform random tokens (throughput runs only: nothing to learn).
-    seq_len: training length; ``curriculum`` optionally starts shorter: ``((step, length), ...)`` means "from
-        ``step`` on, train at ``length``" (steps ascending, first step 0, last length == ``seq_len``).
-    eval_lengths: the lengths evaluated at the end (and every ``eval_every`` steps): one accuracy per length.
-    eval_path: token file for evaluation (token_file only; default: the last ``eval_fraction`` of ``path``).
-    """
-
-    kind: str = "state_tracking"
-    group: str = "s3"
-    seq_len: int = 64
-    curriculum: tuple[tuple[int, int], ...] = ()
-    eval_lengths: tuple[int, ...] = (64,)
-    eval_batch_size: int = 256
-    eval_batches: int = 1
-    path: str | None = None
-    eval_path: str | None = None
-    eval_fraction: float = 0.005
-    token_dtype: str = "uint16"
-    mask_documents: bool = False
-    eos_token_id: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        _require(self.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", self.kind)
-        _require(_is_int(self.seq_len) and self.seq_len > 0, "data.seq_len", "a positive int", self.seq_len)
-        object.__setattr__(self, "curriculum", tuple(tuple(stage) for stage in self.curriculum))
-        if self.curriculum:
-            steps = [stage[0] for stage in self.curriculum]
-            _require(all(len(stage) == 2 for stage in self.curriculum), "data.curriculum",
-                     "pairs (step, length)", self.curriculum)
-            _require(steps[0] == 0 and steps == sorted(set(steps)), "data.curriculum",
-                     "strictly increasing steps starting at 0", self.curriculum)
-            _require(self.curriculum[-1][1] == self.seq_len, "data.curriculum",
-                     f"a last length equal to data.seq_len={self.seq_len}", self.curriculum)
-        _require(len(self.eval_lengths) > 0 and all(_is_int(n) and n > 0 for n in self.eval_lengths),
-                 "data.eval_lengths", "a non-empty list of positive ints", self.eval_lengths)
-        _require(_is_int(self.eval_batch_size) and self.eval_batch_size > 0, "data.eval_batch_size",
-                 "a positive int", self.eval_batch_size)
-        _require(_is_int(self.eval_batches) and self.eval_batches > 0, "data.eval_batches", "a positive int",
-                 self.eval_batches)
-        _require(self.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {TOKEN_DTYPES}", self.token_dtype)
-        _require(0 < self.eval_fraction < 1, "data.eval_fraction", "a value in (0, 1)", self.eval_fraction)
-        if self.kind == "token_file":
-            _require(bool(self.path), "data.path", "a token file (.bin or .npy) for kind=token_file", self.path)
-        if self.mask_documents:
-            _require(self.kind == "token_file" and self.eos_token_id is not None, "data.mask_documents",
-                     "kind=token_file with data.eos_token_id set", (self.kind, self.eos_token_id))
-
-    def seq_len_at(self, step: int) -> int:
-        """The training length at ``step`` (the curriculum stage that covers it, else ``seq_len``)."""
-        length = self.seq_len
-        for start, stage_length in self.curriculum:
-            if step >= start:
-                length = stage_length
-        return length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +66,9 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = self.axis_sizes
-        _require(all(_is_int(s) and (s > 0 or s == -1) for s in sizes.values()), "mesh",
+        require(all(is_int(s) and (s > 0 or s == -1) for s in sizes.values()), "mesh",
                  "positive ints (one may be -1)", sizes)
-        _require(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
+        require(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
 
     @property
     def axis_sizes(self) -> dict[str, int]:
@@ -158,9 +84,9 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
-        _require(_is_int(self.every_steps) and self.every_steps > 0, "checkpoint.every_steps", "a positive int",
+        require(is_int(self.every_steps) and self.every_steps > 0, "checkpoint.every_steps", "a positive int",
                  self.every_steps)
-        _require(_is_int(self.keep) and self.keep > 0, "checkpoint.keep", "a positive int", self.keep)
+        require(is_int(self.keep) and self.keep > 0, "checkpoint.keep", "a positive int", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +114,17 @@ class TrainConfig:
             raise ValueError(f"model: expected ModelConfig, got {type(self.model).__name__}")
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):
             value = getattr(self, name)
-            _require(_is_int(value) and value > 0, name, "a positive int", value)
-        _require(_is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
-        _require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
+            require(is_int(value) and value > 0, name, "a positive int", value)
+        require(is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
+        require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
                  f"a multiple of grad_accum_steps={self.grad_accum_steps}", self.batch_size)
         if self.data.kind == "state_tracking":
-            from m2rnn_jax.train.data.state_tracking import get_group
+            from m2rnn_jax.data.state_tracking import get_group
 
             order = get_group(self.data.group).order
-            _require(self.model.vocab_size >= order, "model.vocab_size",
+            require(self.model.vocab_size >= order, "model.vocab_size",
                      f">= {order} (the order of group {self.data.group!r})", self.model.vocab_size)
-        _require(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
+        require(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
                  f"<= steps={self.steps}", self.optimizer.warmup_steps)
 
     @property

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from m2rnn_jax.parallel.batches import global_batch
 from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
 from m2rnn_jax.train.config import DataConfig
-from m2rnn_jax.train.data.sources import BatchSource
+from m2rnn_jax.data.sources import BatchSource
 from m2rnn_jax.train.step import make_eval_step
 
 

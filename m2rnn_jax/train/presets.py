@@ -17,7 +17,7 @@ from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mlp import MLPConfig
 from m2rnn_jax.models import ModelConfig, get_preset, list_presets, register_preset
 from m2rnn_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
-from m2rnn_jax.train.data.state_tracking import GROUPS, get_group
+from m2rnn_jax.data.state_tracking import GROUPS, get_group
 
 
 @dataclasses.dataclass(frozen=True)

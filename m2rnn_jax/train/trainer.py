@@ -17,7 +17,7 @@ from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from m2rnn_jax.train.config import TrainConfig
-from m2rnn_jax.train.data.sources import make_source
+from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.metrics import MetricsLogger

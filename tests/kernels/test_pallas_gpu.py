@@ -211,7 +211,7 @@ def test_int32_index_range_is_checked():
 
 
 def test_bench_cli_knows_every_benchmark_shape():
-    from experiments.bench.kernels import SHAPES
+    from m2rnn_jax.bench.op import SHAPES
     from m2rnn_jax.commands.bench import SHAPE_NAMES
 
     assert set(SHAPE_NAMES) == set(SHAPES)

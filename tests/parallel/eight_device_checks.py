@@ -19,7 +19,7 @@ from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.parallel.shardings import batch_sharding, replicated
 from m2rnn_jax.testing import random_m2rnn_inputs
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from m2rnn_jax.train.data.sources import make_source
+from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from m2rnn_jax.train.state import abstract_train_state, create_train_state, model_graphdef, train_state_shardings
 from m2rnn_jax.train.step import make_train_step

@@ -11,9 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from m2rnn_jax.train.config import DataConfig
-from m2rnn_jax.train.data.state_tracking import get_group, state_tracking_batch
-from m2rnn_jax.train.data.token_file import TokenWindows, open_tokens
+from m2rnn_jax.data.config import DataConfig
+from m2rnn_jax.data.state_tracking import get_group, state_tracking_batch
+from m2rnn_jax.data.token_file import TokenWindows, open_tokens
 
 Batch = dict[str, np.ndarray]
 EVAL_STREAM = 1_000_003  # added to the seed for evaluation data, so it never repeats a training batch

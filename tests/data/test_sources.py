@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from m2rnn_jax.train.config import DataConfig
-from m2rnn_jax.train.data.sources import make_source
-from m2rnn_jax.train.data.state_tracking import GROUPS, get_group, running_products, state_tracking_batch
-from m2rnn_jax.train.data.token_file import TokenWindows, open_tokens
+from m2rnn_jax.data.sources import make_source
+from m2rnn_jax.data.state_tracking import GROUPS, get_group, running_products, state_tracking_batch
+from m2rnn_jax.data.token_file import TokenWindows, open_tokens
 
 
 @pytest.mark.parametrize("name, order", [("parity", 2), ("s3", 6), ("s5", 120), ("a5", 60)])

@@ -1,7 +1,7 @@
 """Benchmark of the M2RNN op backends: forward ms, forward+backward ms, ns per step, memory.
 
-    python -m experiments.bench.kernels                       # paper shapes, every backend this machine runs
-    python -m experiments.bench.kernels --shapes 400m --backends pallas_gpu scan --json out.json
+    python -m m2rnn_jax.bench.op                       # paper shapes, every backend this machine runs
+    python -m m2rnn_jax.bench.op --shapes 400m --backends pallas_gpu scan --json out.json
     m2rnn-jax bench --shapes 400m-b1                          # the same through the CLI
 
 Inputs are random and realistic (``m2rnn_jax.testing``), h0 = None (training starts every sequence from zeros),

@@ -1,0 +1,75 @@
+"""Where batches come from: the ``data`` section of the training configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from m2rnn_jax.checks import is_int, require
+
+DATA_KINDS = ("state_tracking", "token_file", "random_tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from.
+
+    kind:
+        ``state_tracking``: running products of random ``group`` elements (parity, s3, s5, a5);
+        ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path`` (.bin of ``token_dtype``
+        or .npy), next-token targets; ``mask_documents`` resets the recurrent mixers at ``eos_token_id``;
+        ``random_tokens``: uniform random tokens (throughput runs only: nothing to learn).
+    seq_len: training length; ``curriculum`` optionally starts shorter: ``((step, length), ...)`` means "from
+        ``step`` on, train at ``length``" (steps ascending, first step 0, last length == ``seq_len``).
+    eval_lengths: the lengths evaluated at the end (and every ``eval_every`` steps): one accuracy per length.
+    eval_path: token file for evaluation (token_file only; default: the last ``eval_fraction`` of ``path``).
+    """
+
+    kind: str = "state_tracking"
+    group: str = "s3"
+    seq_len: int = 64
+    curriculum: tuple[tuple[int, int], ...] = ()
+    eval_lengths: tuple[int, ...] = (64,)
+    eval_batch_size: int = 256
+    eval_batches: int = 1
+    path: str | None = None
+    eval_path: str | None = None
+    eval_fraction: float = 0.005
+    token_dtype: str = "uint16"
+    mask_documents: bool = False
+    eos_token_id: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", self.kind)
+        require(is_int(self.seq_len) and self.seq_len > 0, "data.seq_len", "a positive int", self.seq_len)
+        object.__setattr__(self, "curriculum", tuple(tuple(stage) for stage in self.curriculum))
+        if self.curriculum:
+            steps = [stage[0] for stage in self.curriculum]
+            require(all(len(stage) == 2 for stage in self.curriculum), "data.curriculum",
+                     "pairs (step, length)", self.curriculum)
+            require(steps[0] == 0 and steps == sorted(set(steps)), "data.curriculum",
+                     "strictly increasing steps starting at 0", self.curriculum)
+            require(self.curriculum[-1][1] == self.seq_len, "data.curriculum",
+                     f"a last length equal to data.seq_len={self.seq_len}", self.curriculum)
+        require(len(self.eval_lengths) > 0 and all(is_int(n) and n > 0 for n in self.eval_lengths),
+                 "data.eval_lengths", "a non-empty list of positive ints", self.eval_lengths)
+        require(is_int(self.eval_batch_size) and self.eval_batch_size > 0, "data.eval_batch_size",
+                 "a positive int", self.eval_batch_size)
+        require(is_int(self.eval_batches) and self.eval_batches > 0, "data.eval_batches", "a positive int",
+                 self.eval_batches)
+        require(self.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {TOKEN_DTYPES}", self.token_dtype)
+        require(0 < self.eval_fraction < 1, "data.eval_fraction", "a value in (0, 1)", self.eval_fraction)
+        if self.kind == "token_file":
+            require(bool(self.path), "data.path", "a token file (.bin or .npy) for kind=token_file", self.path)
+        if self.mask_documents:
+            require(self.kind == "token_file" and self.eos_token_id is not None, "data.mask_documents",
+                     "kind=token_file with data.eos_token_id set", (self.kind, self.eos_token_id))
+
+    def seq_len_at(self, step: int) -> int:
+        """The training length at ``step`` (the curriculum stage that covers it, else ``seq_len``)."""
+        length = self.seq_len
+        for start, stage_length in self.curriculum:
+            if step >= start:
+                length = stage_length
+        return length
