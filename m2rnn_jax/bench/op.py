@@ -17,21 +17,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from m2rnn_jax import m2rnn
+from m2rnn_jax.bench.report import format_table as layout_table
+from m2rnn_jax.bench.report import write_json
+from m2rnn_jax.bench.timing import compile_timed, median_ms, peak_bytes, temp_bytes, to_gib
 from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu
 from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 NAMES = ("q", "k", "v", "W", "f")
 GRADIENT_CLIPPING = 1.0
+WARMUP = 2  # calls before timing (the runs in experiments/RESULTS.md used two)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,70 +99,38 @@ def forward_and_training_step(fn: Callable) -> tuple[Callable, Callable]:
     return forward, jax.jit(fwd_bwd)
 
 
-def median_ms(fn: Callable, *args, iters: int = 10, repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall time of one call (ms) over ``repeats`` batches of ``iters`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) * 1e3 / iters)
-    return statistics.median(samples)
-
-
-def temp_bytes(fn: Callable, *args) -> int | None:
-    """Bytes of device memory the compiled call allocates beyond its arguments and outputs."""
-    analysis = fn.lower(*args).compile().memory_analysis()
-    return None if analysis is None else int(analysis.temp_size_in_bytes)
-
-
 def bench(shape: Shape, backend: str, *, config: KernelConfig | None = None, variant: str = "default",
           with_backward: bool = True, iters: int = 10, repeats: int = 5) -> dict:
     """One table row: shape, backend, variant, forward ms, forward+backward ms, ns per step, memory."""
     args = make_inputs(shape)
     forward, fwd_bwd = forward_and_training_step(op_function(backend, config))
-    y = forward(args)
+    y = jax.eval_shape(forward, args)
     dy = jax.random.normal(jax.random.PRNGKey(1), y.shape, jnp.float32).astype(y.dtype)
     row = {"shape": shape.label(), **dataclasses.asdict(shape), "backend": backend, "variant": variant,
            "config": None if config is None else dataclasses.asdict(config)}
-    row["forward_ms"] = median_ms(forward, args, iters=iters, repeats=repeats)
+    forward_call = compile_timed(forward, args).executable
+    row["forward_ms"] = median_ms(forward_call, args, iters=iters, repeats=repeats, warmup=WARMUP)
     row["forward_ns_per_step"] = row["forward_ms"] * 1e6 / shape.seq_len
-    row["forward_temp_gib"] = _gib(temp_bytes(forward, args))
+    row["forward_temp_gib"] = to_gib(temp_bytes(forward_call))
     if with_backward:
-        row["fwd_bwd_ms"] = median_ms(fwd_bwd, args, dy, iters=iters, repeats=repeats)
+        fwd_bwd_call = compile_timed(fwd_bwd, args, dy).executable
+        row["fwd_bwd_ms"] = median_ms(fwd_bwd_call, args, dy, iters=iters, repeats=repeats, warmup=WARMUP)
         row["fwd_bwd_ns_per_step"] = row["fwd_bwd_ms"] * 1e6 / shape.seq_len
-        row["fwd_bwd_temp_gib"] = _gib(temp_bytes(fwd_bwd, args, dy))
-    row["peak_device_gib"] = _gib(_peak_bytes())
+        row["fwd_bwd_temp_gib"] = to_gib(temp_bytes(fwd_bwd_call))
+    row["peak_device_gib"] = to_gib(peak_bytes())
     return row
 
 
-def _gib(n: int | None) -> float | None:
-    return None if n is None else n / 2**30
-
-
-def _peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+COLUMNS = (("shape", "shape", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
+           ("fwd ms", "forward_ms", "{:.3f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
+           ("fwd ns/step", "forward_ns_per_step", "{:.0f}"), ("fwd+bwd ns/step", "fwd_bwd_ns_per_step", "{:.0f}"),
+           ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("peak GiB (process)", "peak_device_gib", "{:.2f}"),
+           ("note", "note", "{}"))
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    columns = [("shape", "shape", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
-               ("fwd ms", "forward_ms", "{:.3f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
-               ("fwd ns/step", "forward_ns_per_step", "{:.0f}"), ("fwd+bwd ns/step", "fwd_bwd_ns_per_step", "{:.0f}"),
-               ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("peak GiB (process)", "peak_device_gib", "{:.2f}")]
-    cells = [[title for title, _, _ in columns]]
-    for row in rows:
-        if "error" in row:
-            cells.append([row["shape"], row["backend"], row["variant"], "ERROR"] + [""] * (len(columns) - 4))
-            continue
-        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The rows as a text table; a row that failed shows ERROR in its note column (the JSON holds the message)."""
+    return layout_table(COLUMNS, [{**row, "note": "ERROR"} if "error" in row else row for row in rows])
 
 
 def default_backends() -> list[str]:
@@ -179,9 +149,7 @@ def run(shapes: Sequence[str], backends: Sequence[str], json_path: str | None, i
                              "error": f"{type(err).__name__}: {err}"[:2000]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}, fh,
-                      indent=1)
+        write_json(json_path, {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows})
     print(format_table(rows))
     return 0
 

@@ -1,0 +1,85 @@
+"""Timing and memory helpers shared by the op and model benchmarks.
+
+A timing is the median over ``repeats`` batches of ``iters`` back-to-back calls, after ``warmup`` calls, each batch
+closed by ``jax.block_until_ready``; it is reported in ms per call. Memory comes from the compiled executable
+(``memory_analysis``: temporaries, arguments, outputs) and, where the device reports it, from the allocator
+(``memory_stats``: the process-wide peak).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+GIB = 2**30
+
+
+class Compiled(NamedTuple):
+    """A compiled executable and what compiling it cost.
+
+    Attributes:
+        executable: the ``jax.stages.Compiled`` (call it like the jitted function).
+        compile_s: seconds spent in ``lower`` + ``compile``.
+    """
+
+    executable: Any
+    compile_s: float
+
+
+def compile_timed(fn: Callable[..., Any], *args: Any) -> Compiled:
+    """Lowers and compiles ``fn`` (a ``jax.jit`` function) for ``args``, timing both stages together."""
+    start = time.perf_counter()
+    executable = fn.lower(*args).compile()
+    return Compiled(executable, time.perf_counter() - start)
+
+
+def median_ms(fn: Callable[..., Any], *args: Any, iters: int = 10, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of one call ``fn(*args)`` in ms, over ``repeats`` batches of ``iters`` calls after
+    ``warmup`` calls. ``fn`` may be a closure that carries state between calls (a train step feeding its output
+    state back)."""
+    for name, value in (("iters", iters), ("repeats", repeats)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) * 1e3 / iters)
+    return statistics.median(samples)
+
+
+def temp_bytes(executable: Any) -> int | None:
+    """Bytes of device memory a compiled call allocates beyond its arguments and outputs (None if unknown)."""
+    analysis = executable.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def footprint_bytes(executable: Any) -> int | None:
+    """Bytes a compiled call holds at once by its own analysis: arguments + outputs - donated aliases + temporaries
+    (None if unknown)."""
+    analysis = executable.memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+               + analysis.temp_size_in_bytes)
+
+
+def peak_bytes(device: jax.Device | None = None) -> int | None:
+    """The allocator's peak bytes in use on ``device`` (default: the first device) since the process started,
+    or None where the device does not report memory statistics (CPUs)."""
+    device = jax.devices()[0] if device is None else device
+    stats = device.memory_stats() or {}
+    value = stats.get("peak_bytes_in_use")
+    return None if value is None else int(value)
+
+
+def to_gib(n: int | None) -> float | None:
+    """Bytes -> GiB, passing None through."""
+    return None if n is None else n / GIB
