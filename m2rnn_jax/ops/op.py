@@ -22,6 +22,7 @@ def m2rnn(
     h0: jax.Array | None = None,
     *,
     cu_seqlens: jax.Array | None = None,
+    reset: jax.Array | None = None,
     gradient_clipping: float | None = None,
     state_dtype: jnp.dtype = jnp.float32,
     backend: str = "auto",
@@ -40,6 +41,14 @@ def m2rnn(
         q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), f (T, Nf), cu_seqlens (B+1,) int offsets, 0 first and T last;
         sequence b covers tokens [cu_seqlens[b], cu_seqlens[b+1]) and starts from h0[b]
         -> y (T, N, V), h_final (B, N, K, V) (an empty sequence returns its h0).
+
+    Document resets (``reset`` (B, S) bool, dense inputs only): where ``reset[b, t]`` is set, the state entering
+    step t of sequence b is zero instead of H_{t-1} (h0 when t = 0): a new document starts there, and its outputs,
+    the final state and every gradient equal those of running that document alone from a zero state (the clamped
+    cotangent of SPEC §0.1 does not flow into the earlier document). Only the "scan" backend implements it; a call
+    with ``reset`` and a Pallas backend (or "auto" resolving to one) runs the scan backend instead: the fused
+    kernels have no in-sequence reset, and their varlen form would need a static bound on the number of documents
+    (one slot per token, whose checkpoints exceed the kernels' int32 indexing at training shapes).
 
     Heads: N = max(Nq, Nk, Nv, Nf, Nw) and each count must divide N; output head n reads source head
     n // (N / N_x) of every input (contiguous blocks, ``repeat_interleave``). The paper uses Nq = Nk = 1.
@@ -64,12 +73,18 @@ def m2rnn(
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.
     """
-    validate_inputs(q, k, v, W, f, h0, cu_seqlens)
+    validate_inputs(q, k, v, W, f, h0, cu_seqlens, reset)
     clip = normalize_clipping(gradient_clipping)
     state_dtypes(state_dtype, q.dtype)  # validates state_dtype
     name = resolve_backend_name(backend, q.dtype)
     if interpret and name not in PALLAS_BACKENDS:
         raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
+    if reset is not None:  # only the scan backend resets inside a sequence (docstring)
+        y, h_final = get_backend("scan")(
+            q, k, v, W, f, h0, cu_seqlens=None, gradient_clipping=clip, state_dtype=jnp.dtype(state_dtype),
+            interpret=False, reset=reset,
+        )
+        return _cast_outputs(y, h_final, q, h0)
     backend_fn = get_backend(name)
     if name in PALLAS_BACKENDS:  # opaque custom calls: split over the mesh by hand (XLA partitions the scan itself)
         backend_fn = functools.partial(run_sharded, backend_fn)
@@ -85,5 +100,12 @@ def m2rnn(
         state_dtype=jnp.dtype(state_dtype),
         interpret=interpret,
     )
+    return _cast_outputs(y, h_final, q, h0)
+
+
+def _cast_outputs(
+    y: jax.Array, h_final: jax.Array, q: jax.Array, h0: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """The output-dtype contract: y in q's dtype, h_final in h0's dtype (q's when h0 is None)."""
     final_dtype = q.dtype if h0 is None else h0.dtype
     return y.astype(q.dtype), h_final.astype(final_dtype)

@@ -62,9 +62,13 @@ def m2rnn_scan_dense(
     *,
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Dense reference: q (B,S,Nq,K), k (B,S,Nk,K), v (B,S,Nv,V), f (B,S,Nf), W (Nw,V,V), h0 (B,N,K,V) | None.
 
+    ``reset`` (B,S) bool or None: where set, the state entering step t is zero instead of H_{t-1} (a new document
+    starts at t). The zeroing sits after the clamped carry, so no cotangent flows from step t into the earlier
+    document: each document gets exactly the gradients of a separate run from zeros.
     Returns y (B,S,N,V) and the final state (B,N,K,V), both in the arithmetic dtype (the op casts them).
     ``gradient_clipping`` must already be normalised (None or |c|).
     """
@@ -78,11 +82,14 @@ def m2rnn_scan_dense(
         h_init = h0.astype(storage_dtype)
 
     def body(h_prev, xs):
-        h, y = _step(h_prev, *xs, w, storage_dtype, compute_dtype)
+        *step_inputs, reset_t = xs
+        if reset_t is not None:
+            h_prev = jnp.where(reset_t[:, None, None, None], jnp.zeros_like(h_prev), h_prev)
+        h, y = _step(h_prev, *step_inputs, w, storage_dtype, compute_dtype)
         carry = h if gradient_clipping is None else clamp_cotangent(h, gradient_clipping)
         return carry, y
 
-    time_major = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, f))
+    time_major = tuple(None if x is None else jnp.swapaxes(x, 0, 1) for x in (q, k, v, f, reset))
     h_final, ys = jax.lax.scan(body, h_init, time_major)
     return jnp.swapaxes(ys, 0, 1), h_final
 

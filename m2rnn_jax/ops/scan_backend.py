@@ -21,11 +21,15 @@ def scan_backend(
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
     interpret: bool,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
+    """The backend function (validated inputs; see ``m2rnn_jax.ops.op.m2rnn``); ``reset`` (B, S) only when dense."""
     if interpret:
         raise ValueError('interpret: True is only meaningful for a Pallas backend, got backend="scan"')
     if cu_seqlens is None:
-        return m2rnn_scan_dense(q, k, v, W, f, h0, gradient_clipping=gradient_clipping, state_dtype=state_dtype)
+        return m2rnn_scan_dense(
+            q, k, v, W, f, h0, gradient_clipping=gradient_clipping, state_dtype=state_dtype, reset=reset
+        )
     return m2rnn_scan_varlen(
         q, k, v, W, f, h0, cu_seqlens, gradient_clipping=gradient_clipping, state_dtype=state_dtype
     )

@@ -70,6 +70,15 @@ def _check_cu_seqlens(cu_seqlens: jax.Array, tokens: int) -> int:
     return cu_seqlens.shape[0] - 1
 
 
+def _check_reset(reset: jax.Array, batch: int, tokens: int, varlen: bool) -> None:
+    if varlen:
+        raise ValueError("reset: expected None with cu_seqlens (varlen sequences already start from h0), got an array")
+    if reset.dtype != jnp.bool_:
+        raise ValueError(f"reset: expected a bool array, got dtype {reset.dtype}")
+    if tuple(reset.shape) != (batch, tokens):
+        raise ValueError(f"reset: expected shape (B, S) = {_shape_str((batch, tokens))}, got {_shape_str(reset.shape)}")
+
+
 def validate_inputs(
     q: jax.Array,
     k: jax.Array,
@@ -78,6 +87,7 @@ def validate_inputs(
     f: jax.Array,
     h0: jax.Array | None,
     cu_seqlens: jax.Array | None,
+    reset: jax.Array | None = None,
 ) -> M2RNNShapes:
     """Check ranks, sizes, head counts and dtypes of the op's inputs; return the sizes of the call."""
     varlen = cu_seqlens is not None
@@ -135,6 +145,8 @@ def validate_inputs(
         expected = (batch, num_heads, k_dim, v_dim)
         if tuple(h0.shape) != expected:
             raise ValueError(f"h0: expected shape (B, N, K, V) = {_shape_str(expected)}, got {_shape_str(h0.shape)}")
+    if reset is not None:
+        _check_reset(reset, batch, tokens, varlen)
     return M2RNNShapes(
         batch=batch,
         tokens=tokens,
