@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     command.add_parser(subparsers)
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return run(args.shapes, args.backends or default_backends(), args.json, args.iters, args.repeats)
+    return args.run(args)
 
 
 if __name__ == "__main__":

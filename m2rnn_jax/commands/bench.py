@@ -1,30 +1,91 @@
-"""``m2rnn-jax bench``: time the M2RNN op's backends (forward, forward+backward, ns per step, memory).
+"""``m2rnn-jax bench``: time the M2RNN op's backends (``--shapes``) or a whole model preset (``--model``).
 
-The benchmark itself lives in :mod:`m2rnn_jax.bench.op` (also runnable as ``python -m m2rnn_jax.bench.op``).
+Op mode (the default) lives in :mod:`m2rnn_jax.bench.op`, model mode in :mod:`m2rnn_jax.bench.model`; both print a
+table and optionally write the same numbers as JSON. See ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
+DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
+DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
+MODEL_ONLY = ("batch", "seq_len", "dtype", "remat")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+EPILOG = """modes:
+  op (default)   m2rnn-jax bench [--shapes 400m ...] [--backends pallas_gpu scan]
+                 the M2RNN op alone: forward, forward+backward, ns per step, temporaries
+  model          m2rnn-jax bench --model PRESET [--batch B --seq-len S --dtype bfloat16 --remat NAME]
+                 every distinct block of the preset (and its mixer alone), the LM head + loss, and the whole
+                 train step (ms, tokens/s, MFU, peak memory, compile time) beside the sum of its parts
+presets: m2rnn-jax info --list"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(NAME, help="time the M2RNN op backends and print a table (optionally write JSON)")
-    p.add_argument("--shapes", nargs="+", default=["400m", "400m-b1", "400m-s16k"], choices=SHAPE_NAMES,
-                   help="named problem shapes (default: the paper's 400M layer, B=1, S=16384)")
+    p = subparsers.add_parser(
+        NAME, help="time the M2RNN op backends or a model preset's blocks and train step (table, optional JSON)",
+        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shapes", nargs="+", default=None, choices=SHAPE_NAMES,
+                      help=f"op mode: named problem shapes (default: {' '.join(DEFAULT_SHAPES)})")
+    mode.add_argument("--model", metavar="PRESET", default=None,
+                      help="model mode: benchmark this preset (names: m2rnn-jax info --list)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    p.add_argument("--iters", type=int, default=10, help="calls per timed repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+                   help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
+    p.add_argument("--batch", type=_positive_int, default=None, help=f"model mode: batch size (default {DEFAULT_BATCH})")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
+    p.add_argument("--remat", default=None,
+                   help="model mode: rematerialisation of each block, as the model config's remat field "
+                        "(default: the preset's)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--iters", type=_positive_int, default=10, help="calls per timed repeat")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (the median is reported)")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from m2rnn_jax.bench import op as kernels
+def _error(message: str) -> int:
+    print(f"m2rnn-jax {NAME}: error: {message}", file=sys.stderr)
+    return 2
 
-    return kernels.run(args.shapes, args.backends or kernels.default_backends(), args.json, args.iters, args.repeats)
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is None:
+        given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if getattr(args, name) is not None]
+        if given:
+            return _error(f"{', '.join(given)}: only with --model PRESET")
+        from m2rnn_jax.bench import op
+
+        return op.run(args.shapes or DEFAULT_SHAPES, args.backends or op.default_backends(), args.json, args.iters,
+                      args.repeats)
+    if args.backends is not None:
+        return _error("--backends: only in op mode (without --model)")
+    from m2rnn_jax.bench import model
+    from m2rnn_jax.bench.report import write_json
+
+    try:
+        config = model.resolve_config(args.model, args.dtype, args.remat)
+    except ValueError as err:
+        return _error(str(err))
+    report = model.run_model_bench(args.model, config, args.batch or DEFAULT_BATCH, args.seq_len or DEFAULT_SEQ_LEN,
+                                   model.Timing(args.iters, args.repeats))
+    print(model.format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0

@@ -1,0 +1,294 @@
+"""Model-level benchmark of a preset: each distinct block, each mixer alone, the LM head + loss, the train step.
+
+    m2rnn-jax bench --model hybrid-gdn-m2rnn-1l-400m --batch 8 --seq-len 4096 --json out.json
+
+Rows (see ``docs/benchmarks.md``):
+
+- one ``block`` row per distinct mixer letter of ``layer_pattern`` (a :class:`~m2rnn_jax.models.decoder.DecoderBlock`:
+  norm + mixer + norm + MLP/MoE, with the preset's remat) and one ``mixer`` row for its mixer alone: forward ms,
+  forward+backward ms (``jax.vjp`` and its pullback for random cotangents, gradients of the parameters and the
+  input), and the compiled temporaries of each;
+- the ``head`` row: LM head + cross-entropy at (B*S, h) x (h, vocab);
+- the ``step`` row: the whole train step as the trainer builds it (``make_train_step`` + ``build_optimizer`` +
+  a fresh ``TrainState``, donated, random tokens): ms per step, tokens/s, MFU, peak memory, compile seconds;
+- the ``sum`` row: sum over blocks of (count x block forward+backward) + head forward+backward, beside the step.
+
+Each block is created alone with its parameters made once (the mixer row reuses them); the train step runs first,
+so its state is gone before the blocks are built and the allocator's peak is the step's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections import Counter
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.bench.report import format_table
+from m2rnn_jax.bench.timing import (
+    compile_timed,
+    footprint_bytes,
+    median_ms,
+    peak_bytes,
+    temp_bytes,
+    to_gib,
+)
+from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+from m2rnn_jax.models.decoder import MIXER_CLASSES, DecoderBlock
+from m2rnn_jax.models.loss import cross_entropy, next_token_targets
+from m2rnn_jax.models.presets import get_preset, list_presets
+from m2rnn_jax.train.config import OptimizerConfig
+from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
+from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.state import init_train_state, model_graphdef
+from m2rnn_jax.train.step import make_train_step
+
+SCHEDULE_STEPS = 100_000  # length of the learning-rate schedule the benchmarked optimizer is built for
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How to time: ``repeats`` batches of ``iters`` calls after one warm-up call (median reported)."""
+
+    iters: int = 10
+    repeats: int = 5
+
+
+def resolve_config(preset: str, dtype: str | None = None, remat: Any = None) -> ModelConfig:
+    """The preset's config with the compute ``dtype`` and ``remat`` replaced where given (None keeps the preset's).
+
+    Raises:
+        ValueError: unknown preset (the message lists the known names), or a dtype / remat the config rejects.
+    """
+    names = list_presets()
+    if preset not in names:
+        raise ValueError(f"model: expected one of the presets {', '.join(names)}; got {preset!r}")
+    config = get_preset(preset)
+    if dtype is not None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {dtype!r}")
+        config = config.replace(dtype=dtype)
+    if remat is not None:
+        config = config.replace(remat=remat)
+    return config
+
+
+def mixer_kinds(config: ModelConfig) -> dict[str, int]:
+    """Mixer letter -> number of blocks of that kind, in order of first appearance in ``layer_pattern``."""
+    return dict(Counter(config.layer_pattern))
+
+
+def random_like(key: jax.Array, tree: Any) -> Any:
+    """Standard-normal arrays with the shapes and dtypes of ``tree`` (ShapeDtypeStructs or arrays)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return treedef.unflatten(
+        [jax.random.normal(k, leaf.shape, jnp.float32).astype(leaf.dtype) for k, leaf in zip(keys, leaves)]
+    )
+
+
+def time_forward_backward(fn: Callable[[Any, jax.Array], Any], params: Any, x: jax.Array, timing: Timing) -> dict:
+    """Times ``fn(params, x)`` alone and with its full backward (gradients of ``params`` and ``x`` for random
+    cotangents of every output); returns ms, compiled temporaries (GiB) and compile seconds of both."""
+    forward = jax.jit(fn)
+    cotangent = random_like(jax.random.PRNGKey(SEED + 1), jax.eval_shape(fn, params, x))
+
+    @jax.jit
+    def forward_backward(params, x, cotangent):
+        out, pullback = jax.vjp(fn, params, x)
+        return out, pullback(cotangent)
+
+    fwd = compile_timed(forward, params, x)
+    fwd_bwd = compile_timed(forward_backward, params, x, cotangent)
+    return {
+        "forward_ms": median_ms(fwd.executable, params, x, iters=timing.iters, repeats=timing.repeats),
+        "fwd_bwd_ms": median_ms(fwd_bwd.executable, params, x, cotangent, iters=timing.iters, repeats=timing.repeats),
+        "forward_temp_gib": to_gib(temp_bytes(fwd.executable)),
+        "fwd_bwd_temp_gib": to_gib(temp_bytes(fwd_bwd.executable)),
+        "compile_s": fwd.compile_s + fwd_bwd.compile_s,
+    }
+
+
+def random_hidden(config: ModelConfig, batch: int, seq_len: int) -> jax.Array:
+    """(B, S, h) standard-normal hidden states in the compute dtype (what a block sees: RMS ~1)."""
+    shape = (batch, seq_len, config.hidden_size)
+    return jax.random.normal(jax.random.PRNGKey(SEED + 2), shape, jnp.float32).astype(config.compute_dtype)
+
+
+def block_function(graphdef: nnx.GraphDef, remat: Any) -> Callable[[nnx.State, jax.Array], tuple]:
+    """(params, x (B, S, h)) -> (x (B, S, h), aux loss) of one block from a fresh state, rematerialised like the
+    decoder's blocks when ``remat`` is set."""
+
+    def apply(params: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y, _, aux_loss = nnx.merge(graphdef, params)(x)
+        return y, aux_loss
+
+    return jax.checkpoint(apply) if remat else apply
+
+
+def mixer_function(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
+    """(params, x (B, S, h)) -> y (B, S, h) of one mixer from a zero state (the final state is dropped)."""
+
+    def apply(params: nnx.State, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params)(x, None)[0]
+
+    return apply
+
+
+def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_len: int, timing: Timing) -> list[dict]:
+    """The ``block`` and ``mixer`` rows of one mixer letter that ``count`` blocks use (parameters created once)."""
+    block = DecoderBlock(letter, config, rngs=nnx.Rngs(SEED))
+    x = random_hidden(config, batch, seq_len)
+    name = MIXER_CLASSES[letter].__name__
+    block_graph, block_params = nnx.split(block)
+    mixer_graph, mixer_params = nnx.split(block.mixer)
+    return [
+        {"kind": "block", "part": f"block {letter} ({name})", "letter": letter, "count": count,
+         **time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing)},
+        {"kind": "mixer", "part": f"  mixer {letter} alone", "letter": letter, "count": count,
+         **time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing)},
+    ]
+
+
+def plain_head_loss(batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int, repeats: int) -> dict:
+    """LM head + cross-entropy as one full (B*S, vocab) logits matmul and ``cross_entropy`` (used until
+    ``m2rnn_jax.bench.loss.bench_lm_head_loss`` exists): float32 kernel (h, vocab), hidden ~N(0, 1) in ``dtype``."""
+    compute = jnp.dtype(dtype)
+    kernel = 0.02 * jax.random.normal(jax.random.PRNGKey(SEED + 3), (hidden, vocab), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(SEED + 4), (batch, seq_len, hidden), jnp.float32).astype(compute)
+    targets = jax.random.randint(jax.random.PRNGKey(SEED + 5), (batch, seq_len), 0, vocab)
+
+    def loss(kernel: jax.Array, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bsh,hv->bsv", x, kernel.astype(compute))
+        return cross_entropy(logits, targets)[0]
+
+    return time_forward_backward(loss, kernel, x, Timing(iters, repeats))
+
+
+def head_loss_function() -> Callable[..., dict]:
+    """``bench_lm_head_loss`` of :mod:`m2rnn_jax.bench.loss` when that module exists, else :func:`plain_head_loss`."""
+    try:
+        module = importlib.import_module("m2rnn_jax.bench.loss")
+    except ModuleNotFoundError as err:
+        if err.name != "m2rnn_jax.bench.loss":
+            raise
+        return plain_head_loss
+    return module.bench_lm_head_loss
+
+
+def bench_head(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
+    """The ``head`` row: LM head + loss at the model's width and vocabulary."""
+    result = head_loss_function()(batch, seq_len, config.hidden_size, config.vocab_size, config.dtype,
+                                  timing.iters, timing.repeats)
+    return {"kind": "head", "part": "lm head + loss", "letter": None, "count": 1, **result}
+
+
+def random_batch(config: ModelConfig, batch: int, seq_len: int) -> dict[str, jax.Array]:
+    """A train batch of uniform random tokens: ``inputs`` and next-token ``targets``, both (B, S) int32."""
+    window = jax.random.randint(jax.random.PRNGKey(SEED + 6), (batch, seq_len + 1), 0, config.vocab_size)
+    inputs, targets, _, _ = next_token_targets(window)
+    return {"inputs": inputs, "targets": targets}
+
+
+def bench_train_step(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
+    """The ``step`` row: the trainer's jitted, donated train step on one device, timed feeding its state back."""
+    optimizer_config = OptimizerConfig()
+    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
+    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
+    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
+    tokens = random_batch(config, batch, seq_len)
+    compiled = compile_timed(step, state, tokens)
+    carried = [state]
+    del state
+
+    def one_step() -> Any:
+        carried[0], metrics = compiled.executable(carried[0], tokens)
+        return carried[0], metrics
+
+    ms = median_ms(one_step, iters=timing.iters, repeats=timing.repeats)
+    tokens_per_s = batch * seq_len / (ms / 1e3)
+    flops_per_token = training_flops_per_token(config, seq_len)
+    peak_flops = peak_flops_per_device()
+    measured_peak = peak_bytes()
+    peak = measured_peak if measured_peak is not None else footprint_bytes(compiled.executable)
+    return {
+        "kind": "step", "part": "train step (measured)", "letter": None, "count": 1,
+        "forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
+        "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)),
+        "compile_s": compiled.compile_s,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "model_tflops_per_s": flops_per_token * tokens_per_s / 1e12,
+        "peak_flops_per_device": peak_flops,
+        "mfu": None if peak_flops is None else flops_per_token * tokens_per_s / peak_flops,
+        "peak_memory_gib": to_gib(peak),
+        "peak_memory_source": "memory_stats" if measured_peak is not None else "memory_analysis",
+    }
+
+
+def sum_of_parts(rows: list[dict], step_ms: float) -> dict:
+    """The ``sum`` row: sum of count x forward+backward over the block rows plus the head, and its share of the
+    measured step (the rest is the embedding, the final norm, the optimizer update and glue)."""
+    total = sum(row["count"] * row["fwd_bwd_ms"] for row in rows if row["kind"] in ("block", "head"))
+    return {"kind": "sum", "part": "sum of parts (blocks x count + head)", "letter": None, "count": None,
+            "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
+            "unaccounted_ms": step_ms - total}
+
+
+def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing()) -> dict:
+    """Benchmarks ``config`` (from :func:`resolve_config`; ``preset`` names it in the report) at (batch, seq_len);
+    returns the JSON report (device, versions, shapes, rows).
+
+    Raises:
+        ValueError: non-positive batch / seq_len.
+    """
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    step = bench_train_step(config, batch, seq_len, timing)
+    rows = [row for letter, count in mixer_kinds(config).items()
+            for row in bench_block(config, letter, count, batch, seq_len, timing)]
+    rows.append(bench_head(config, batch, seq_len, timing))
+    rows += [sum_of_parts(rows, step["fwd_bwd_ms"]), step]
+    device = jax.devices()[0]
+    return {
+        "device": str(device.device_kind),
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "preset": preset,
+        "shapes": {"batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
+                   "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+                   "layer_pattern": config.layer_pattern, "dtype": config.dtype, "param_dtype": config.param_dtype,
+                   "remat": config.remat},
+        "timing": dataclasses.asdict(timing),
+        "rows": rows,
+    }
+
+
+TABLE_COLUMNS = (("part", "part", "{}"), ("count", "count", "{}"), ("fwd ms", "forward_ms", "{:.3f}"),
+                 ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"), ("fwd temp GiB", "forward_temp_gib", "{:.3f}"),
+                 ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("compile s", "compile_s", "{:.1f}"))
+
+
+def format_report(report: dict) -> str:
+    """The report of :func:`run_model_bench` as a heading, a table of rows and two summary lines."""
+    shapes = report["shapes"]
+    rows = {row["kind"]: row for row in report["rows"]}
+    step, total = rows["step"], rows["sum"]
+    mfu = "n/a" if step["mfu"] is None else f"{100 * step['mfu']:.1f}%"
+    heading = (f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
+               f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
+               f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}")
+    step_line = (f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
+                 f"peak memory {step['peak_memory_gib']:.3f} GiB ({step['peak_memory_source']}), "
+                 f"compile {step['compile_s']:.1f} s")
+    sum_line = (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
+                f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
+                "(embedding, final norm, optimizer update, glue)")
+    return "\n".join([heading, format_table(TABLE_COLUMNS, report["rows"]), step_line, sum_line])
