@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate",
     "bench": "bench",
     "compare": "compare",
+    "prepare-data": "prepare_data",
 }
 
 
