@@ -1,0 +1,234 @@
+"""The chunked (WY / UT transform) form of the gated delta rule, in plain ``jnp``, split into reusable stages.
+
+Chunk length C; inside a chunk Γ_t = Σ_{s<=t} log α_s and S_0 is the state entering the chunk. Writing
+S_t = α_t S_{t-1} + k_t w_tᵀ with w_t = β_t (v_t - α_t S_{t-1}ᵀ k_t) gives (I + A) W = diag(β) V - diag(β e^Γ) K S_0
+with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular solve per chunk yields
+
+    U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
+
+for all chunks in parallel (:func:`chunk_factors`). The only sequential part walks over chunks (:func:`scan_states`
+here, a fused kernel in :mod:`m2rnn_jax.ops.gdn.pallas_gpu`):
+
+    W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
+
+and the outputs are parallel again (:func:`chunk_outputs`): O_c = diag(e^Γ) Q S_c + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]) W_c.
+
+Resets (a new document at position t: the state entering step t is zero) are folded into the chunk-local factors:
+a pairwise decay e^{Γ_t - Γ_i} across a reset becomes 0, the chunk-start factor e^{Γ_t} becomes 0 from the first
+reset of the chunk on, and the carry factors (Kd's e^{Γ_C - Γ_i} and a) become 0 before the chunk's last reset.
+Ragged lengths are zero-padded at the end (β = 0, log α = 0 leave the state untouched).
+
+Layout of the chunked tensors: (B, H, n, C, ...) with n = ceil(S / C) chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# solve(A, rhs) -> (I + A)⁻¹ rhs for A (..., C, C) strictly lower triangular and rhs (..., C, P)
+Solve = Callable[[jax.Array, jax.Array], jax.Array]
+# states(U, Wk, Kd, a, h0) -> (W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V))
+States = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+class ChunkFactors(NamedTuple):
+    """Chunk-local factors, all chunks at once (shapes for B, H, n chunks of C; accumulation dtype)."""
+
+    U: jax.Array  # (B, H, n, C, V)
+    Wk: jax.Array  # (B, H, n, C, K)
+    Kd: jax.Array  # (B, H, n, C, K)
+    carry: jax.Array  # (B, H, n): a_c, the decay of the chunk-start state over the whole chunk
+    Qd: jax.Array  # (B, H, n, C, K): diag(e^Γ) Q
+    QK: jax.Array  # (B, H, n, C, C): Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]
+
+
+def matmul(equation: str, a: jax.Array, b: jax.Array, dot_dtype: jnp.dtype) -> jax.Array:
+    """einsum with both operands cast to ``dot_dtype`` and a float32 (float64 for float64) accumulator."""
+    acc = jnp.promote_types(jnp.float32, dot_dtype)
+    return jnp.einsum(equation, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=acc,
+                      precision=HIGHEST)
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """(B, S, H, ...) -> (B, H, n, C, ...), zero-padding S to n C."""
+    batch, seq_len = x.shape[:2]
+    num_chunks = -(-seq_len // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk_size - seq_len)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def from_chunks(x: jax.Array, seq_len: int) -> jax.Array:
+    """(B, H, n, C, V) -> (B, S, H, V), dropping the padding."""
+    batch, heads, num_chunks, chunk_size, v_dim = x.shape
+    x = jnp.moveaxis(x, 1, 3).reshape(batch, num_chunks * chunk_size, heads, v_dim)
+    return x[:, :seq_len]
+
+
+def _masked_exp(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """exp(x) where ``keep``, 0 elsewhere (exp(-inf): no NaN in the value or the gradient)."""
+    return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
+
+
+def chunk_gates(
+    log_alpha: jax.Array, reset: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Decay factors of each chunk, resets folded in.
+
+    Args:
+      log_alpha (B, H, n, C) in the accumulation dtype; reset (B, 1, n, C) bool or None.
+
+    Returns:
+      decay (B, H, n, C, C): e^{Γ_t - Γ_i} for i <= t with no reset in (i, t], else 0;
+      start (B, H, n, C): e^{Γ_t} before the chunk's first reset, else 0 (the weight of the chunk-start state);
+      end (B, H, n, C): e^{Γ_C - Γ_i} from the chunk's last reset on, else 0 (what of step i reaches the chunk end);
+      carry (B, H, n): e^{Γ_C} if the chunk has no reset, else 0.
+    """
+    gamma = jnp.cumsum(log_alpha, axis=-1)
+    steps = jnp.arange(log_alpha.shape[-1])
+    lower = steps[:, None] >= steps[None, :]
+    if reset is None:
+        same, first, last, whole = lower, None, None, None
+    else:
+        segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)  # index of the document inside the chunk
+        same = lower & (segment[..., :, None] == segment[..., None, :])
+        first = segment == 0
+        last = segment == segment[..., -1:]
+        whole = first[..., -1]
+    decay = _masked_exp(gamma[..., :, None] - gamma[..., None, :], same)
+    start = _masked_exp(gamma, first)
+    end = _masked_exp(gamma[..., -1:] - gamma, last)
+    carry = _masked_exp(gamma[..., -1], whole)
+    return decay, start, end, carry
+
+
+def chunk_factors(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    reset: jax.Array | None,
+    *,
+    solve: Solve,
+    dot_dtype: jnp.dtype,
+) -> ChunkFactors:
+    """Chunk-local factors from chunked inputs q, k (B, H, n, C, K), v (B, H, n, C, V), beta, log_alpha
+    (B, H, n, C), reset (B, 1, n, C) or None. Products take ``dot_dtype`` operands; the rest is in the dtype of
+    beta / log_alpha (>= float32)."""
+    decay, start, end, carry = chunk_gates(log_alpha, reset)
+    steps = jnp.arange(q.shape[-2])
+    strict = steps[:, None] > steps[None, :]
+    A = jnp.where(strict, beta[..., :, None] * matmul("...tk,...ik->...ti", k, k, dot_dtype) * decay, 0.0)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * start)[..., None] * k], axis=-1)
+    U, Wk = jnp.split(solve(A, rhs), [v.shape[-1]], axis=-1)
+    return ChunkFactors(
+        U=U,
+        Wk=Wk,
+        Kd=k * end[..., None],
+        carry=carry,
+        Qd=q * start[..., None],
+        QK=matmul("...tk,...ik->...ti", q, k, dot_dtype) * decay,
+    )
+
+
+def triangular_solve(A: jax.Array, rhs: jax.Array) -> jax.Array:
+    """(I + A)⁻¹ rhs by XLA's triangular solve (the reference)."""
+    return jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
+
+
+def unit_lower_inverse(A: jax.Array) -> jax.Array:
+    """(I + A)⁻¹ for A (..., C, C) strictly lower triangular, C a power of two, by block doubling in matmuls.
+
+    With T_b the inverse of the block-diagonal part of I + A in blocks of b, the blocks of 2b are
+    [[T11, 0], [-T22 A21 T11, T22]], so T_2b = T_b - T_b M_b T_b where M_b keeps A's (odd, even) sub-blocks of
+    size b inside each block of 2b. Exact block substitution (no Neumann-series cancellation); log2(C) levels of
+    two float32 matmuls each, which differentiate into matmuls.
+    """
+    size = A.shape[-1]
+    if size & (size - 1):
+        raise ValueError(f"A: expected a power-of-two chunk length, got {size}")
+    rows = jnp.arange(size)
+    T = jnp.broadcast_to(jnp.eye(size, dtype=A.dtype), A.shape)
+    b = 1
+    while b < size:
+        sub = (rows[:, None] // (2 * b) == rows[None, :] // (2 * b)) & (rows[:, None] // b != rows[None, :] // b)
+        M = jnp.where(sub & (rows[:, None] > rows[None, :]), A, 0.0)
+        T = T - jnp.matmul(T, jnp.matmul(M, T, precision=HIGHEST), precision=HIGHEST)
+        b *= 2
+    return T
+
+
+def scan_states(
+    U: jax.Array, Wk: jax.Array, Kd: jax.Array, carry: jax.Array, h0: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The walk over chunks with ``lax.scan`` (the reference of the fused kernel).
+
+    U (B, H, n, C, V), Wk, Kd (B, H, n, C, K), carry (B, H, n), h0 (B, H, K, V)
+    -> W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V).
+    """
+
+    def step(state, inputs):
+        U_c, Wk_c, Kd_c, a_c = inputs
+        w = U_c - jnp.matmul(Wk_c, state, precision=HIGHEST)
+        nxt = a_c[..., None, None] * state + jnp.matmul(jnp.swapaxes(Kd_c, -1, -2), w, precision=HIGHEST)
+        return nxt, (w, state)
+
+    final, (w, starts) = jax.lax.scan(step, h0, [jnp.moveaxis(x, 2, 0) for x in (U, Wk, Kd, carry)])
+    return jnp.moveaxis(w, 0, 2), jnp.moveaxis(starts, 0, 2), final
+
+
+def chunk_outputs(Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array, dot_dtype: jnp.dtype) -> jax.Array:
+    """O_c = Qd_c S_c + QK_c W_c for all chunks: (B, H, n, C, V) in the accumulation dtype."""
+    return matmul("...ck,...kv->...cv", Qd, starts, dot_dtype) + matmul("...ti,...iv->...tv", QK, w, dot_dtype)
+
+
+def run_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    h0: jax.Array,
+    reset: jax.Array | None,
+    *,
+    chunk_size: int,
+    solve: Solve,
+    states: States,
+    dot_dtype: jnp.dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """The three stages on (B, S, H, ...) inputs: chunk factors, the walk ``states``, outputs.
+
+    Returns o (B, S, H, V) and the final state, both in the accumulation dtype of beta / log_alpha.
+    """
+    seq_len = q.shape[1]
+    q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
+    if reset is not None:
+        reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
+    f = chunk_factors(q, k, v, beta, log_alpha, reset, solve=solve, dot_dtype=dot_dtype)
+    w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
+    return from_chunks(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), seq_len), final
+
+
+def gated_delta_rule_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    h0: jax.Array,
+    reset: jax.Array | None = None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """The chunked reference: everything in ``promote_types(float32, q.dtype)``, XLA's triangular solve and a
+    ``lax.scan`` over chunks of ``min(chunk_size, S)``. Arguments and results as
+    :func:`m2rnn_jax.ops.gdn.recurrent.gated_delta_rule_recurrent`."""
+    dtype = jnp.promote_types(jnp.float32, q.dtype)
+    q, k, v, beta, log_alpha, h0 = (x.astype(dtype) for x in (q, k, v, beta, log_alpha, h0))
+    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=min(chunk_size, q.shape[1]),
+                       solve=triangular_solve, states=scan_states, dot_dtype=dtype)

@@ -1,0 +1,107 @@
+"""The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks fused.
+
+The chunk-local factors (:func:`m2rnn_jax.ops.gdn.chunked.chunk_factors`) and the outputs are batched XLA matmuls
+with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is the
+matmul-based block doubling (:func:`~m2rnn_jax.ops.gdn.chunked.unit_lower_inverse`). Only the walk over chunks is
+sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
+backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
+
+    dU = dW,   dWk_c = -dW_c S_cᵀ,   dKd_c = W_c G_{c+1}ᵀ,   da_c = <G_{c+1}, S_c>,   dh0 = G_0
+
+XLA differentiates the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.ops.gdn.chunked import matmul, run_chunked, triangular_solve, unit_lower_inverse
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
+
+DEFAULT_KERNEL_CONFIG = StatesKernelConfig()
+INVERSES = ("doubling", "triangular_solve")
+FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _power_of_two_at_least_16(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def fused_unsupported_reason(k_dim: int, v_dim: int, chunk_size: int, dtype: jnp.dtype) -> str | None:
+    """Why the fused backend cannot take these sizes (None if it can): K, V and the chunk length must be powers of
+    two >= 16 (Triton's block rule) and the inputs bf16, f16 or f32."""
+    for name, n in (("K (q.shape[-1])", k_dim), ("V (v.shape[-1])", v_dim), ("chunk_size", chunk_size)):
+        if not _power_of_two_at_least_16(n):
+            return f"{name}: expected a power of two >= 16 for backend 'pallas_gpu', got {n}"
+    if jnp.dtype(dtype) not in FUSED_DTYPES:
+        return f"q.dtype: expected bfloat16, float16 or float32 for backend 'pallas_gpu', got {jnp.dtype(dtype)}"
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def fused_chunk_states(U, Wk, Kd, carry, h0, config: StatesKernelConfig, interpret: bool):
+    """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`."""
+    return chunk_states_forward(U, Wk, Kd, carry, h0, config=config, interpret=interpret)
+
+
+def _fused_forward(U, Wk, Kd, carry, h0, config, interpret):
+    w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=config, interpret=interpret)
+    return (w, starts, final), (Wk, Kd, carry, w, starts)
+
+
+def _fused_backward(config, interpret, residuals, cotangents):
+    Wk, Kd, carry, w, starts = residuals
+    dw_ext, dstarts, dfinal = cotangents
+    dw, g_next, dh0 = chunk_states_backward(Wk, Kd, carry, dw_ext, dstarts, dfinal, config=config,
+                                            interpret=interpret)
+    dot = Wk.dtype
+    dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
+    dKd = matmul("...cv,...kv->...ck", w, g_next, dot)
+    dcarry = jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
+    return dw.astype(w.dtype), dWk.astype(dot), dKd.astype(dot), dcarry.astype(carry.dtype), dh0
+
+
+fused_chunk_states.defvjp(_fused_forward, _fused_backward)
+
+
+def gated_delta_rule_pallas_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    h0: jax.Array,
+    reset: jax.Array | None,
+    *,
+    chunk_size: int,
+    interpret: bool = False,
+    kernel_config: StatesKernelConfig = DEFAULT_KERNEL_CONFIG,
+    inverse: str = "doubling",
+) -> tuple[jax.Array, jax.Array]:
+    """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) float32, final state (B, H, K, V) float32).
+
+    Products take q's dtype; ``inverse`` picks the chunk inverse ("doubling" matmuls or XLA's
+    "triangular_solve"); ``kernel_config`` the launch of the fused walk.
+    """
+    reason = fused_unsupported_reason(q.shape[-1], v.shape[-1], chunk_size, q.dtype)
+    if reason is not None:
+        raise ValueError(reason)
+    if inverse not in INVERSES:
+        raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
+    dot = q.dtype
+
+    def solve(A, rhs):
+        if inverse == "triangular_solve":
+            return triangular_solve(A, rhs)
+        return matmul("...ti,...ip->...tp", unit_lower_inverse(A), rhs, dot)
+
+    def states(U, Wk, Kd, carry, state):
+        return fused_chunk_states(U.astype(dot), Wk.astype(dot), Kd.astype(dot), carry, state, kernel_config,
+                                  interpret)
+
+    beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
+    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, solve=solve, states=states,
+                       dot_dtype=dot)
