@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from m2rnn_jax.checks import is_int, require
+from m2rnn_jax.data.token_file import is_prepared
 
 DATA_KINDS = ("state_tracking", "token_file", "random_tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -16,13 +17,19 @@ class DataConfig:
 
     kind:
         ``state_tracking``: running products of random ``group`` elements (parity, s3, s5, a5);
-        ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path`` (.bin of ``token_dtype``
-        or .npy), next-token targets; ``mask_documents`` resets the recurrent mixers at ``eos_token_id``;
+        ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path``, next-token targets.
+        ``path`` is a directory written by ``m2rnn-jax prepare-data`` (train on ``train.bin``, evaluate on
+        ``validation.bin``; dtype and EOS id from its ``meta.json``) or one file (.bin of ``token_dtype`` or .npy;
+        the last ``eval_fraction`` is held out). ``mask_documents`` resets the recurrent mixers at
+        ``eos_token_id`` (default for a directory: its EOS id);
         ``random_tokens``: uniform random tokens (throughput runs only: nothing to learn).
     seq_len: training length; ``curriculum`` optionally starts shorter: ``((step, length), ...)`` means "from
         ``step`` on, train at ``length``" (steps ascending, first step 0, last length == ``seq_len``).
     eval_lengths: the lengths evaluated at the end (and every ``eval_every`` steps): one accuracy per length.
-    eval_path: token file for evaluation (token_file only; default: the last ``eval_fraction`` of ``path``).
+    eval_path: token file for evaluation (token_file only; default: validation.bin of a prepared directory, else
+        the last ``eval_fraction`` of ``path``).
+    eval_windows: token_file only: evaluate the first ``eval_windows`` windows of the evaluation tokens (all of
+        them when there are fewer), in batches of ``eval_batch_size`` (``eval_batches`` is for the other kinds).
     """
 
     kind: str = "state_tracking"
@@ -35,6 +42,7 @@ class DataConfig:
     path: str | None = None
     eval_path: str | None = None
     eval_fraction: float = 0.005
+    eval_windows: int = 2048
     token_dtype: str = "uint16"
     mask_documents: bool = False
     eos_token_id: int | None = None
@@ -60,11 +68,14 @@ class DataConfig:
                  self.eval_batches)
         require(self.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {TOKEN_DTYPES}", self.token_dtype)
         require(0 < self.eval_fraction < 1, "data.eval_fraction", "a value in (0, 1)", self.eval_fraction)
+        require(is_int(self.eval_windows) and self.eval_windows > 0, "data.eval_windows", "a positive int",
+                 self.eval_windows)
         if self.kind == "token_file":
-            require(bool(self.path), "data.path", "a token file (.bin or .npy) for kind=token_file", self.path)
+            require(bool(self.path), "data.path", "a token file (.bin or .npy) or a prepare-data directory for kind=token_file", self.path)
         if self.mask_documents:
-            require(self.kind == "token_file" and self.eos_token_id is not None, "data.mask_documents",
-                     "kind=token_file with data.eos_token_id set", (self.kind, self.eos_token_id))
+            require(self.kind == "token_file" and (self.eos_token_id is not None or is_prepared(self.path)),
+                     "data.mask_documents", "kind=token_file with data.eos_token_id set (or a prepared directory)",
+                     (self.kind, self.eos_token_id))
 
     def seq_len_at(self, step: int) -> int:
         """The training length at ``step`` (the curriculum stage that covers it, else ``seq_len``)."""

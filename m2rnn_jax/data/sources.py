@@ -1,8 +1,10 @@
 """Batch sources: every batch is a pure function of (step, length, rows), so resuming needs only the step.
 
 ``train_batch(step, seq_len, batch_size, rows)`` returns rows ``rows`` of global training batch ``step``;
-``eval_batch(index, seq_len, batch_size, rows)`` the same for the fixed evaluation set at that length. Arrays are
-numpy int32 (B_rows, S): ``inputs``, ``targets`` and optionally ``segment_ids``.
+``eval_batch(index, seq_len, batch_size, rows)`` the same for batch ``index`` of the fixed evaluation set at that
+length, which has ``num_eval_batches(seq_len, batch_size)`` batches. Arrays are numpy int32 (B_rows, S):
+``inputs``, ``targets`` and optionally ``segment_ids`` and ``loss_mask``. ``token_bytes`` is (vocab,) UTF-8 bytes
+per token id when the tokenizer is known (bits per byte), else None.
 """
 
 from __future__ import annotations
@@ -13,22 +15,40 @@ import numpy as np
 
 from m2rnn_jax.data.config import DataConfig
 from m2rnn_jax.data.state_tracking import get_group, state_tracking_batch
-from m2rnn_jax.data.token_file import TokenWindows, open_tokens
+from m2rnn_jax.data.token_file import TokenWindows, is_prepared, open_tokens, read_prepared
+from m2rnn_jax.data.tokenizer import load_tokenizer
 
 Batch = dict[str, np.ndarray]
 EVAL_STREAM = 1_000_003  # added to the seed for evaluation data, so it never repeats a training batch
 
 
 class BatchSource(Protocol):
+    token_bytes: np.ndarray | None
+
     def train_batch(self, step: int, seq_len: int, batch_size: int, rows: slice) -> Batch: ...
 
     def eval_batch(self, index: int, seq_len: int, batch_size: int, rows: slice) -> Batch: ...
 
+    def num_eval_batches(self, seq_len: int, batch_size: int) -> int: ...
 
-class StateTrackingSource:
+
+class _FixedEvalBatches:
+    """``data.eval_batches`` evaluation batches at every length; no tokenizer."""
+
+    token_bytes = None
+
+    def __init__(self, config: DataConfig):
+        self.eval_batches = config.eval_batches
+
+    def num_eval_batches(self, seq_len: int, batch_size: int) -> int:
+        return self.eval_batches
+
+
+class StateTrackingSource(_FixedEvalBatches):
     """Random group-element sequences and their running products (train and eval from disjoint seeds)."""
 
     def __init__(self, config: DataConfig):
+        super().__init__(config)
         self.group = get_group(config.group)
         self.seed = config.seed
 
@@ -41,10 +61,11 @@ class StateTrackingSource:
                                     batch_size=batch_size, seq_len=seq_len, rows=rows)
 
 
-class RandomTokenSource:
+class RandomTokenSource(_FixedEvalBatches):
     """Uniform random tokens with next-token targets: for throughput measurements (there is nothing to learn)."""
 
     def __init__(self, config: DataConfig, vocab_size: int):
+        super().__init__(config)
         self.seed, self.vocab_size = config.seed, vocab_size
 
     def _batch(self, seed: int, step: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
@@ -60,20 +81,31 @@ class RandomTokenSource:
 
 
 class TokenFileSource:
-    """Windows of a packed token file (shuffled per epoch for training, in order for evaluation)."""
+    """Windows of packed token files: shuffled per epoch for training; for evaluation the first
+    ``data.eval_windows`` windows in order (rows past the last window repeat window 0 with ``loss_mask`` 0)."""
 
     def __init__(self, config: DataConfig, vocab_size: int):
-        tokens = open_tokens(config.path, config.token_dtype)
         self.seed, self.config, self.vocab_size = config.seed, config, vocab_size
-        eos = config.eos_token_id if config.mask_documents else None
-        if config.eval_path is not None:
-            self.train_tokens, self.eval_tokens = tokens, open_tokens(config.eval_path, config.token_dtype)
-            self.train_end, self.eval_begin = len(tokens), 0
+        eos = config.eos_token_id
+        self.token_bytes = None
+        if is_prepared(config.path):
+            prepared = read_prepared(config.path)
+            if prepared.vocab_size > vocab_size:
+                raise ValueError(f"model.vocab_size: expected >= {prepared.vocab_size} (the vocabulary of data.path "
+                                 f"{config.path!r}), got {vocab_size}")
+            tokens = open_tokens(prepared.train_file, prepared.dtype)
+            eval_tokens = open_tokens(prepared.validation_file, prepared.dtype)
+            eos = prepared.eos_token_id if eos is None else eos
+            self.token_bytes = load_tokenizer(prepared.directory).token_byte_lengths()
         else:
-            split = int(len(tokens) * (1 - config.eval_fraction))
-            self.train_tokens = self.eval_tokens = tokens
-            self.train_end, self.eval_begin = split, split
-        self._eos = eos
+            tokens = eval_tokens = open_tokens(config.path, config.token_dtype)
+        if config.eval_path is not None:
+            eval_tokens = open_tokens(config.eval_path, config.token_dtype)
+        self.train_tokens, self.eval_tokens = tokens, eval_tokens
+        self.train_end, self.eval_begin = len(tokens), 0
+        if eval_tokens is tokens:
+            self.train_end = self.eval_begin = int(len(tokens) * (1 - config.eval_fraction))
+        self._eos = eos if config.mask_documents else None
         self._windows: dict[tuple[str, int], TokenWindows] = {}
 
     def _get(self, split: str, seq_len: int) -> TokenWindows:
@@ -97,11 +129,19 @@ class TokenFileSource:
         batch = self._get("train", seq_len).shuffled(self.seed, step * batch_size + start, stop - start)
         return self._check_vocab(batch)
 
+    def _num_eval_windows(self, seq_len: int) -> int:
+        return min(self.config.eval_windows, self._get("eval", seq_len).num_windows)
+
+    def num_eval_batches(self, seq_len: int, batch_size: int) -> int:
+        return -(-self._num_eval_windows(seq_len) // batch_size)
+
     def eval_batch(self, index: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
-        windows = self._get("eval", seq_len)
         start, stop, _ = rows.indices(batch_size)
-        indices = (index * batch_size + np.arange(start, stop)) % windows.num_windows
-        return self._check_vocab(windows.windows(indices))
+        indices = index * batch_size + np.arange(start, stop)
+        valid = indices < self._num_eval_windows(seq_len)
+        batch = self._get("eval", seq_len).windows(np.where(valid, indices, 0))
+        batch["loss_mask"] = np.broadcast_to(valid[:, None], batch["targets"].shape).astype(np.int32)
+        return self._check_vocab(batch)
 
 
 def make_source(config: DataConfig, vocab_size: int) -> BatchSource:

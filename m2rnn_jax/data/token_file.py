@@ -8,13 +8,79 @@ file) is held out for evaluation and read in order.
 
 With ``eos_token_id`` set, each window also gets ``segment_ids`` (B, S): a new document starts after every EOS
 token, for mixers that reset at document boundaries (SPEC §0.5).
+
+A *prepared directory* (written by ``m2rnn-jax prepare-data``, see :mod:`m2rnn_jax.data.text`) holds
+``train.bin``, ``validation.bin``, the tokenizer and ``meta.json`` (dtype, vocabulary, EOS id): read it with
+:func:`read_prepared`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+from m2rnn_jax.data.atomic import atomic_file
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """What ``meta.json`` of a prepared directory says (paths resolved against the directory)."""
+
+    directory: Path
+    vocab_size: int
+    eos_token_id: int
+    dtype: str
+    train_file: Path
+    validation_file: Path
+    tokenizer_files: tuple[str, ...]
+
+
+def is_prepared(path: str | Path | None) -> bool:
+    """True if ``path`` is a directory (a prepared one, or meant to be: :func:`read_prepared` says what is wrong)."""
+    return path is not None and Path(path).is_dir()
+
+
+def read_prepared(directory: str | Path) -> PreparedData:
+    """The ``meta.json`` of a directory written by ``m2rnn-jax prepare-data`` (ValueError naming what is missing)."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"data.path: expected a token file (.bin/.npy) or a directory written by m2rnn-jax "
+                         f"prepare-data (holding meta.json), got the directory {str(directory)!r} without meta.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        version = meta.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(f"data.path: expected meta.json format_version in {SUPPORTED_FORMAT_VERSIONS}, "
+                             f"got {version!r} in {str(meta_path)!r}")
+        return PreparedData(
+            directory=directory,
+            vocab_size=int(meta["vocab_size"]),
+            eos_token_id=int(meta["eos_token_id"]),
+            dtype=str(meta["dtype"]),
+            train_file=directory / meta["splits"]["train"]["file"],
+            validation_file=directory / meta["splits"]["validation"]["file"],
+            tokenizer_files=tuple(meta["tokenizer"]["files"]),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"data.path: {str(meta_path)!r} is not a valid meta.json ({type(err).__name__}: {err})") from err
+
+
+def copy_tokenizer(prepared: PreparedData, workdir: str | Path) -> list[Path]:
+    """Copies the tokenizer files of ``prepared`` into ``workdir`` (atomically; ``eval``/``generate`` read them)."""
+    copied = []
+    for name in prepared.tokenizer_files:
+        target = Path(workdir) / name
+        with atomic_file(target) as temporary:
+            shutil.copyfile(prepared.directory / name, temporary)
+        copied.append(target)
+    return copied
 
 
 def open_tokens(path: str | Path, dtype: str = "uint16") -> np.ndarray:

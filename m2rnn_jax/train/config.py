@@ -139,6 +139,32 @@ class TrainConfig:
         return overrides.from_dict(cls, data)
 
 
+def resolve_token_data(config: TrainConfig, *, keep_vocab_size: bool = False) -> TrainConfig:
+    """``config`` with the facts of a prepared text directory (``data.path`` written by prepare-data) filled in.
+
+    ``data.token_dtype`` and (if unset) ``data.eos_token_id`` come from its ``meta.json``. ``model.vocab_size``
+    becomes the data's vocabulary exactly (no rounding: every logit is a real token), whatever the preset said,
+    unless ``keep_vocab_size`` (set explicitly, e.g. padded to a multiple of 128 for speed): then a vocabulary
+    smaller than the data's is a ValueError naming both. Other data kinds and plain token files are returned
+    unchanged.
+    """
+    from m2rnn_jax.data.token_file import is_prepared, read_prepared
+
+    data = config.data
+    if data.kind != "token_file" or not is_prepared(data.path):
+        return config
+    prepared = read_prepared(data.path)
+    if keep_vocab_size:
+        require(config.model.vocab_size >= prepared.vocab_size, "model.vocab_size",
+                 f">= {prepared.vocab_size} (the vocabulary of data.path {data.path!r})", config.model.vocab_size)
+    changes: dict[str, Any] = {"data": {"token_dtype": prepared.dtype}}
+    if data.eos_token_id is None:
+        changes["data"]["eos_token_id"] = prepared.eos_token_id
+    if not keep_vocab_size:
+        changes["model"] = {"vocab_size": prepared.vocab_size}
+    return overrides.merge(config, changes)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML or JSON config file (ValueError if it is not a mapping)."""
     path = Path(path)

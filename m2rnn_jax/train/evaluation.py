@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from m2rnn_jax.parallel.batches import global_batch
@@ -18,10 +21,13 @@ from m2rnn_jax.train.step import make_eval_step
 
 
 class Evaluator:
-    """Runs the eval sets of ``data`` at each of ``data.eval_lengths`` (one compiled step per length)."""
+    """Runs the eval sets of ``data`` at each of ``data.eval_lengths`` (one compiled step per length).
+
+    ``token_bytes`` (vocab,) UTF-8 bytes per token id (default: the source's) adds bits per byte to the results.
+    """
 
     def __init__(self, graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: Mesh, source: BatchSource,
-                 data: DataConfig):
+                 data: DataConfig, token_bytes: np.ndarray | None = None):
         shards = batch_shards(mesh)
         if data.eval_batch_size % shards != 0:
             raise ValueError(
@@ -29,19 +35,36 @@ class Evaluator:
                 f"got {data.eval_batch_size}"
             )
         self.mesh, self.source, self.data = mesh, source, data
+        self.token_bytes = source.token_bytes if token_bytes is None else token_bytes
         self.sharding = batch_sharding(mesh)
         self._step = jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, self.sharding),
                              out_shardings=replicated(mesh))
 
+    def _target_bytes(self, rows: dict[str, np.ndarray]) -> float:
+        """UTF-8 bytes of this process's counted targets (all processes' when there are several)."""
+        weights = np.ones(rows["targets"].shape) if "loss_mask" not in rows else rows["loss_mask"] != 0
+        local = np.asarray(float(np.sum(self.token_bytes[rows["targets"]] * weights)))
+        if jax.process_count() > 1:
+            return float(np.sum(multihost_utils.process_allgather(local)))
+        return float(local)
+
     def evaluate(self, params: nnx.State, lengths: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
-        """{length: {"loss", "accuracy", "final_accuracy", "tokens"}} over ``data.eval_batches`` batches each."""
+        """{length: {"loss", "accuracy", "final_accuracy", "tokens"}} over the source's eval batches; language
+        data (every kind but state_tracking) adds "perplexity", and "bits_per_byte" when the tokenizer is known."""
         results = {}
         size = self.data.eval_batch_size
         for length in lengths or self.data.eval_lengths:
-            totals: dict[str, float] = {}
-            for index in range(self.data.eval_batches):
-                batch = global_batch(lambda rows: self.source.eval_batch(index, length, size, rows),
-                                     self.sharding, size, length)
+            totals: dict[str, float] = {"bytes": 0.0}
+            for index in range(self.source.num_eval_batches(length, size)):
+                local: dict[str, np.ndarray] = {}
+
+                def make_rows(rows: slice, index: int = index, length: int = length) -> dict[str, np.ndarray]:
+                    local.update(self.source.eval_batch(index, length, size, rows))
+                    return local
+
+                batch = global_batch(make_rows, self.sharding, size, length)
+                if self.token_bytes is not None:
+                    totals["bytes"] += self._target_bytes(local)
                 with jax.set_mesh(self.mesh):
                     sums = jax.device_get(self._step(params, batch))
                 for key, value in sums.items():
@@ -53,11 +76,24 @@ class Evaluator:
                 "final_accuracy": totals["correct_last"] / max(totals["rows"], 1.0),
                 "tokens": int(totals["tokens"]),
             }
+            if self.data.kind != "state_tracking":
+                results[length]["perplexity"] = math.exp(min(results[length]["loss"], 700.0))
+            if self.token_bytes is not None:
+                results[length]["bits_per_byte"] = totals["cross_entropy_sum"] / (math.log(2) * max(totals["bytes"], 1.0))
         return results
 
 
 def format_table(results: dict[int, dict[str, float]], train_length: int) -> str:
-    """A text table: length, x train length, token accuracy, final-position accuracy, loss."""
+    """A text table. State tracking: length, x train length, token accuracy, final-position accuracy, loss.
+    Language data: length, loss, perplexity, bits per byte (when known), token accuracy, tokens."""
+    if all("perplexity" in r for r in results.values()):
+        lines = [f"{'length':>8} {'loss':>10} {'perplexity':>12} {'bits/byte':>10} {'accuracy':>10} {'tokens':>10}"]
+        for length in sorted(results):
+            r = results[length]
+            bpb = f"{r['bits_per_byte']:>10.4f}" if "bits_per_byte" in r else f"{'-':>10}"
+            lines.append(f"{length:>8} {r['loss']:>10.4f} {r['perplexity']:>12.3f} {bpb} "
+                         f"{100 * r['accuracy']:>9.2f}% {r['tokens']:>10}")
+        return "\n".join(lines)
     lines = [f"{'length':>8} {'x train':>8} {'accuracy':>10} {'final acc':>10} {'loss':>10}"]
     for length in sorted(results):
         r = results[length]

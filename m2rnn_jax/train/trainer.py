@@ -18,6 +18,7 @@ from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicate
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from m2rnn_jax.train.config import TrainConfig
 from m2rnn_jax.data.sources import make_source
+from m2rnn_jax.data.token_file import copy_tokenizer, is_prepared, read_prepared
 from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.metrics import MetricsLogger
@@ -62,8 +63,8 @@ class _StopSignal:
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`run` trains (resuming if possible).
 
-    Files under ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, and for
-    state-tracking data ``length_generalization.{json,png}``.
+    Files under ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, for
+    state-tracking data ``length_generalization.{json,png}``, for a prepared text directory its tokenizer.
     """
 
     def __init__(self, config: TrainConfig, workdir: str | Path):
@@ -77,6 +78,8 @@ class Trainer:
         self.source = make_source(config.data, config.model.vocab_size)
         self.batch_sharding = batch_sharding(self.mesh)
         self.logger = MetricsLogger(self.workdir, total_steps=config.steps, enabled=self.is_main)
+        if self.is_main and is_prepared(config.data.path):  # eval / generate find the tokenizer in the workdir
+            copy_tokenizer(read_prepared(config.data.path), self.workdir)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
         self.state, self.state_shardings = self._initial_state()
