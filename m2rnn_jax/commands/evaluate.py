@@ -1,12 +1,15 @@
 """``m2rnn-jax eval``: evaluate the latest (or a given) checkpoint of a run at chosen lengths.
 
-Example::
+Examples::
 
     m2rnn-jax eval --workdir runs/s3 --lengths 64 256 1024 4096
+    m2rnn-jax eval --workdir runs/text --data data/other_corpus      # validation.bin of a prepared directory
+    m2rnn-jax eval --workdir runs/text --data held_out.bin           # every window of one token file
 
 The run's ``config.json`` is used unless ``--preset`` / ``--config`` are given; ``--set`` overrides apply either
 way (e.g. ``--set mesh.data=1`` to evaluate on another mesh). For state-tracking runs the table and the
-``length_generalization.{json,png}`` report are written to ``--output`` (default: the workdir).
+``length_generalization.{json,png}`` report are written to ``--output`` (default: the workdir). For text runs it
+prints loss, perplexity and bits per byte (bytes from the data directory's tokenizer, else the workdir's).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="eval lengths (default: data.eval_lengths)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--output", help="where to write the report (default: --workdir)")
+    p.add_argument("--data", help="token data to evaluate: a prepare-data directory (its validation.bin) or one "
+                                  ".bin/.npy token file (default: the run's data)")
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 
@@ -43,26 +48,27 @@ def run(args: argparse.Namespace) -> int:
         initialize_distributed(args)
         saved = workdir / "config.json"
         config = resolve_config(args, json.loads(saved.read_text()) if saved.is_file() else None)
-        if args.lengths:
-            from m2rnn_jax.train.overrides import merge
-
-            config = merge(config, {"data": {"eval_lengths": list(args.lengths)}})
-        from m2rnn_jax.train.evaluation import format_table, write_report
+        config = _with_eval_data(config, args)
+        from m2rnn_jax.data.sources import make_source
+        from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
         from m2rnn_jax.train.restore import restore_params
 
+        source = make_source(config.data, config.model.vocab_size)
         restored = restore_params(config, workdir / "checkpoints", args.step)
+        evaluator = Evaluator(restored.graphdef, restored.param_shardings, restored.mesh, source, config.data,
+                              token_bytes=_workdir_token_bytes(workdir) if source.token_bytes is None else None)
     except ValueError as err:
         print(f"m2rnn-jax eval: error: {err}", file=sys.stderr)
         return 2
-    from m2rnn_jax.data.sources import make_source
-    from m2rnn_jax.train.evaluation import Evaluator
-
-    source = make_source(config.data, config.model.vocab_size)
-    evaluator = Evaluator(restored.graphdef, restored.param_shardings, restored.mesh, source, config.data)
     results = evaluator.evaluate(restored.params)
     step = restored.step
     print(f"checkpoint step {step}")
     print(format_table(results, config.data.seq_len))
+    for length, r in sorted(results.items()):
+        if "perplexity" in r:
+            bpb = f" bits_per_byte={r['bits_per_byte']:.4f}" if "bits_per_byte" in r else ""
+            print(f"validation length {length}: loss={r['loss']:.4f} perplexity={r['perplexity']:.3f}{bpb} "
+                  f"tokens={r['tokens']}")
     if config.data.kind == "state_tracking":
         title = f"{config.data.group.upper()} state tracking, trained at length {config.data.seq_len} ({step} steps)"
         json_path, png_path = write_report(results, config.data.seq_len, args.output or workdir, title,
@@ -70,3 +76,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {json_path} and {png_path}")
     return 0
 
+
+
+def _with_eval_data(config: Any, args: argparse.Namespace) -> Any:
+    """``config`` with ``--lengths`` and ``--data`` applied (a directory replaces data.path; a file is evaluated
+    whole, as data.path and data.eval_path)."""
+    from m2rnn_jax.train.config import resolve_token_data
+    from m2rnn_jax.train.overrides import merge
+
+    changes: dict[str, Any] = {}
+    if args.lengths:
+        changes["eval_lengths"] = list(args.lengths)
+    if args.data:
+        data = Path(args.data)
+        if not data.exists():
+            raise ValueError(f"--data: expected a prepare-data directory or a token file, got {args.data!r} "
+                             f"(no such file or directory)")
+        changes.update(kind="token_file", path=str(data), eval_path=None if data.is_dir() else str(data))
+        if data.is_dir():
+            changes["eos_token_id"] = None
+    config = merge(config, {"data": changes}) if changes else config
+    return resolve_token_data(config, keep_vocab_size=True)
+
+
+def _workdir_token_bytes(workdir: Path) -> Any:
+    """UTF-8 bytes per token of the tokenizer copied into the run directory (None without one)."""
+    from m2rnn_jax.data.tokenizer import TIKTOKEN_FILE, HF_FILE, load_tokenizer
+
+    if not any((workdir / name).is_file() for name in (HF_FILE, TIKTOKEN_FILE)):
+        return None
+    return load_tokenizer(workdir).token_byte_lengths()

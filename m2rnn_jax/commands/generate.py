@@ -1,13 +1,19 @@
-"""``m2rnn-jax generate``: continue a prompt of token ids with a trained or randomly initialised model.
+"""``m2rnn-jax generate``: continue text prompts (or one prompt of token ids) with a trained or random model.
 
 Examples::
 
+    m2rnn-jax generate --checkpoint runs/text --prompt "Once upon a time" --prompt "The" --max-new-tokens 64
     m2rnn-jax generate --checkpoint runs/tiny --prompt-ids 1,2,3 --max-new-tokens 16
     m2rnn-jax generate --preset tiny-hybrid --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --top-p 0.9
 
 ``--checkpoint`` is a run directory written by ``m2rnn-jax train`` (its ``config.json`` gives the model unless
 ``--preset`` is given; ``--step`` picks a checkpoint, default the latest). Without ``--checkpoint`` the preset's
-model is randomly initialised. Prints the generated token ids (without the prompt), comma-separated, on one line.
+model is randomly initialised.
+
+``--prompt`` (repeatable) encodes text with the run's tokenizer (the one ``train`` copied into the run directory,
+or ``--tokenizer``); each prompt is preceded by the EOS token (every training document follows one), the new
+tokens stop at the first EOS, and the prompt followed by its continuation is printed under a ``=== prompt N ===``
+line. ``--prompt-ids`` prints the generated token ids (without the prompt), comma-separated, on one line.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 NAME = "generate"
 
@@ -32,13 +40,16 @@ def _token_ids(text: str) -> list[int]:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(NAME, help="generate tokens from a prompt with a preset model (optionally a checkpoint)")
+    p = subparsers.add_parser(NAME, help="generate text or tokens from prompts with a trained or random model")
     p.add_argument("--preset", help="model preset, e.g. tiny-hybrid (see `m2rnn-jax info --list`)")
     p.add_argument(
         "--checkpoint", help="run directory of m2rnn-jax train; without it the model is randomly initialised"
     )
     p.add_argument("--step", type=int, help="checkpoint step to load (default: the latest)")
-    p.add_argument("--prompt-ids", required=True, type=_token_ids, help="prompt token ids, e.g. 1,2,3")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text (repeatable: one batch of prompts)")
+    prompts.add_argument("--prompt-ids", type=_token_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--tokenizer", help="tokenizer for --prompt (default: the one in the --checkpoint directory)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="number of tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -47,69 +58,118 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _restore_model(args: argparse.Namespace) -> Any:
-    """The decoder of a training run, with the parameters of its checkpoint ``args.step`` (default latest)."""
-    from flax import nnx
-
+def _train_config(args: argparse.Namespace) -> Any:
+    """The training config of ``--checkpoint`` (its config.json), or None for a bare ``--preset``."""
     from m2rnn_jax.train.config import TrainConfig
     from m2rnn_jax.train.presets import train_config
-    from m2rnn_jax.train.restore import restore_params
 
-    workdir = Path(args.checkpoint)
-    saved_config = workdir / "config.json"
+    if args.checkpoint is None:
+        return None
+    saved_config = Path(args.checkpoint) / "config.json"
     if args.preset:
-        config = train_config(args.preset)
-    elif saved_config.is_file():
-        config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
-    else:
-        raise ValueError(
-            f"checkpoint: expected a run directory holding config.json (or pass --preset), got {str(workdir)!r}"
-        )
-    restored = restore_params(config, workdir / "checkpoints", args.step)
-    print(f"m2rnn-jax generate: loaded step {restored.step} from {str(workdir)!r}", file=sys.stderr)
-    return nnx.merge(restored.graphdef, restored.params)
+        return train_config(args.preset)
+    if saved_config.is_file():
+        return TrainConfig.from_dict(json.loads(saved_config.read_text()))
+    raise ValueError(
+        f"checkpoint: expected a run directory holding config.json (or pass --preset), got {args.checkpoint!r}"
+    )
 
 
-def _load_model(args: argparse.Namespace) -> Any:
+def _model_config(args: argparse.Namespace, config: Any) -> Any:
+    from m2rnn_jax.models.presets import get_preset
+
+    if config is not None:
+        return config.model
+    if args.preset is None:
+        raise ValueError("preset: expected --preset NAME (or --checkpoint RUN_DIR), got neither")
+    return get_preset(args.preset)
+
+
+def _load_model(args: argparse.Namespace, config: Any, model_config: Any) -> Any:
+    """The decoder: checkpoint ``args.step`` (default latest) of the run, or randomly initialised."""
     from flax import nnx
 
     from m2rnn_jax.models.decoder import Decoder
-    from m2rnn_jax.models.presets import get_preset
+    from m2rnn_jax.train.restore import restore_params
 
-    if args.checkpoint is not None:
-        return _restore_model(args)
-    if args.preset is None:
-        raise ValueError("preset: expected --preset NAME (or --checkpoint RUN_DIR), got neither")
+    if config is not None:
+        restored = restore_params(config, Path(args.checkpoint) / "checkpoints", args.step)
+        print(f"m2rnn-jax generate: loaded step {restored.step} from {args.checkpoint!r}", file=sys.stderr)
+        return nnx.merge(restored.graphdef, restored.params)
     print(
         f"m2rnn-jax generate: no --checkpoint given, using randomly initialised weights (seed {args.seed})",
         file=sys.stderr,
     )
-    return Decoder(get_preset(args.preset), rngs=nnx.Rngs(args.seed))
+    return Decoder(model_config, rngs=nnx.Rngs(args.seed))
 
 
-def run(args: argparse.Namespace) -> int:
+def _load_tokenizer(args: argparse.Namespace) -> Any:
+    from m2rnn_jax.data.tokenizer import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if args.checkpoint is None:
+        raise ValueError("tokenizer: expected --tokenizer PATH (or a --checkpoint run trained on text) for --prompt")
+    try:
+        return load_tokenizer(args.checkpoint)
+    except ValueError as err:
+        raise ValueError(f"tokenizer: the run {args.checkpoint!r} has no tokenizer (trained on text prepared by "
+                         f"m2rnn-jax prepare-data?); pass --tokenizer PATH ({err})") from err
+
+
+def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> list[np.ndarray]:
+    """The new tokens of each prompt (prompts of one length in one batch; of different lengths one by one)."""
     import jax
     import jax.numpy as jnp
 
     from m2rnn_jax.models.generation import generate
 
+    sampling = dict(max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if len({len(p) for p in prompts}) == 1:
+        tokens = np.asarray(generate(model, jnp.asarray(prompts, dtype=jnp.int32), **sampling))
+        return [row[len(prompts[0]):] for row in tokens]
+    return [np.asarray(generate(model, jnp.asarray([p], dtype=jnp.int32), **sampling))[0, len(p):] for p in prompts]
+
+
+def _until_eos(new_tokens: np.ndarray, eos_token_id: int, vocab_size: int) -> list[int]:
+    """The new tokens before the first EOS, without ids the tokenizer does not know (a padded model vocab)."""
+    kept = []
+    for token in new_tokens.tolist():
+        if token == eos_token_id:
+            break
+        if token < vocab_size:
+            kept.append(token)
+    return kept
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        model = _load_model(args)
-        vocab_size = model.config.vocab_size
-        if any(not 0 <= token < vocab_size for token in args.prompt_ids):
-            raise ValueError(f"prompt-ids: expected ids in [0, {vocab_size}), got {args.prompt_ids}")
-        tokens = generate(
-            model,
-            jnp.asarray([args.prompt_ids], dtype=jnp.int32),
-            max_new_tokens=args.max_new_tokens,
-            key=jax.random.key(args.seed),
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-        )
+        config = _train_config(args)
+        model_config = _model_config(args, config)
+        vocab_size = model_config.vocab_size
+        tokenizer = None
+        if args.prompt is not None:
+            tokenizer = _load_tokenizer(args)
+            prompts = [[tokenizer.eos_token_id] + tokenizer.encode(text) for text in args.prompt]
+            bad = [i for i, p in enumerate(prompts, 1) if max(p) >= vocab_size]
+            if bad:
+                raise ValueError(f"prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
+                                 f"vocabulary {tokenizer.vocab_size}), got larger ones in prompt(s) {bad}")
+        else:
+            prompts = [args.prompt_ids]
+            if any(not 0 <= token < vocab_size for token in args.prompt_ids):
+                raise ValueError(f"prompt-ids: expected ids in [0, {vocab_size}), got {args.prompt_ids}")
+        model = _load_model(args, config, model_config)
+        continuations = _continue(model, prompts, args)
     except ValueError as err:
-        print(f"m2rnn-jax generate: {err}", file=sys.stderr)
+        print(f"m2rnn-jax {NAME}: error: {err}", file=sys.stderr)
         return 2
-    new_tokens = tokens[0, len(args.prompt_ids):].tolist()
-    print(",".join(str(token) for token in new_tokens))
+    if tokenizer is None:
+        print(",".join(str(token) for token in continuations[0].tolist()))
+        return 0
+    for number, (prompt, new_tokens) in enumerate(zip(prompts, continuations), 1):
+        kept = _until_eos(new_tokens, tokenizer.eos_token_id, tokenizer.vocab_size)
+        print(f"=== prompt {number} ===")
+        print(tokenizer.decode(prompt[1:] + kept))
     return 0
