@@ -58,6 +58,13 @@ CHANNEL_MIXER_CONFIG_TYPES: tuple[type, ...] = (MLPConfig, MoEConfig)
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
+# ModelConfig.remat: what each block keeps for the backward pass (the policies live in models/decoder.py).
+#   "none":      no rematerialisation; every intermediate of the forward pass is kept.
+#   "full":      only the block inputs are kept; the whole block runs again in the backward pass.
+#   "save_dots": the outputs of matmuls without batch dimensions (the linear projections) are kept; everything
+#                else (norms, activations, convolutions, recurrences, attention) runs again.
+REMAT_CHOICES: tuple[str, ...] = ("none", "full", "save_dots")
+
 ChannelMixerConfig = Union[MLPConfig, MoEConfig]
 
 
@@ -70,6 +77,15 @@ def canonical_dtype_name(dtype: Any, field_name: str) -> str:
     if name not in SUPPORTED_DTYPES:
         raise ValueError(f"{field_name}: expected one of {SUPPORTED_DTYPES}, got {dtype!r}")
     return name
+
+
+def canonical_remat(remat: str | bool) -> str:
+    """``remat`` as one of :data:`REMAT_CHOICES` (``True`` -> "full", ``False`` -> "none")."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"remat: expected one of {REMAT_CHOICES} (or True / False), got {remat!r}")
+    return remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +104,8 @@ class ModelConfig:
         tie_embeddings: reuse the embedding matrix as LM head (the paper's models are untied).
         dtype: compute dtype ("bfloat16" for training at scale).
         param_dtype: storage dtype of the parameters (float32 master weights).
-        remat: rematerialise each block in the backward pass (activation checkpointing).
+        remat: activation checkpointing of each block, one of :data:`REMAT_CHOICES` ("none", "full",
+            "save_dots"); ``True`` / ``False`` (older config files) are read as "full" / "none".
     """
 
     vocab_size: int
@@ -107,7 +124,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str | bool = "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers"):
@@ -124,6 +141,7 @@ class ModelConfig:
             raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps!r}")
         object.__setattr__(self, "dtype", canonical_dtype_name(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", canonical_dtype_name(self.param_dtype, "param_dtype"))
+        object.__setattr__(self, "remat", canonical_remat(self.remat))
 
     def _validate_pattern(self) -> None:
         if not isinstance(self.layer_pattern, str):

@@ -56,15 +56,18 @@ class DecoderOutput(NamedTuple):
     """What :class:`Decoder` returns.
 
     Attributes:
-        logits: (B, S, vocab) in the compute dtype.
+        logits: (B, S, vocab) in the compute dtype; None when called with ``return_hidden=True``.
         cache: one mixer state per block; feed it back to continue the sequence.
         aux_loss: scalar float32, the sum over blocks of the MoE auxiliary losses (0 for dense MLPs), already
             weighted by ``router_aux_loss_coef``.
+        hidden: (B, S, h) final-normed hidden states in the compute dtype (the LM head's input) when called with
+            ``return_hidden=True``, else None.
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     cache: Cache
     aux_loss: jax.Array
+    hidden: jax.Array | None = None
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:
@@ -120,6 +123,20 @@ def _run_block(
     return block(x, state, segment_ids)
 
 
+# ModelConfig.remat (see REMAT_CHOICES in models/config.py) -> the nnx.remat policy of each block ("none": no remat).
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_runner(remat: str) -> Any:
+    """``_run_block``, wrapped in ``nnx.remat`` with the policy that ``remat`` names."""
+    if remat == "none":
+        return _run_block
+    return nnx.remat(_run_block, policy=REMAT_POLICIES[remat])
+
+
 class Decoder(nnx.Module):
     """The hybrid language model of SPEC §9-§10.
 
@@ -169,16 +186,32 @@ class Decoder(nnx.Module):
             dtype = jnp.promote_types(jnp.float32, self.config.compute_dtype)
         return tuple(block.mixer.init_state(batch_size, max_length, dtype=dtype) for block in self.blocks)
 
+    def head_kernel(self) -> jax.Array:
+        """The LM head kernel (h, vocab): ``lm_head.kernel``, or ``embed.embedding.T`` for tied embeddings (in the
+        parameter dtype; the head casts it to the compute dtype)."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].T
+        return self.lm_head.kernel[...]
+
     def __call__(
-        self, input_ids: jax.Array, cache: Cache | None = None, *, segment_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        cache: Cache | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> DecoderOutput:
-        """input_ids (B, S) int -> :class:`DecoderOutput` (logits (B, S, vocab)).
+        """input_ids (B, S) int -> :class:`DecoderOutput` (logits (B, S, vocab), or hidden (B, S, h)).
 
         Args:
             input_ids: (B, S) token ids.
             cache: ``None`` (start from empty states) or the cache returned by a previous call / ``init_cache``.
-            segment_ids: optional (B, S) document ids for document masking, passed to the mixers that accept a
-                ``segment_ids`` keyword (the others ignore document boundaries, the paper's default, SPEC §0.5).
+            segment_ids: optional (B, S) document ids for document masking (SPEC §0.5; None, the paper's default,
+                ignores document boundaries): a new document starts where the id changes between neighbouring
+                positions; every mixer starts it from a zero state and conv tail and attention stays inside it.
+                Position 0 continues ``cache``.
+            return_hidden: return the final-normed hidden states instead of the logits (for the chunked head +
+                loss of :mod:`m2rnn_jax.models.lm_head_loss`, which never holds all (B, S, vocab) logits).
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids: expected shape (B, S), got {input_ids.shape}")
@@ -188,7 +221,7 @@ class Decoder(nnx.Module):
             cache = (None,) * len(self.blocks)
         elif len(cache) != len(self.blocks):
             raise ValueError(f"cache: expected {len(self.blocks)} per-block states, got {len(cache)}")
-        run_block = nnx.remat(_run_block) if self.config.remat else _run_block
+        run_block = _block_runner(self.config.remat)
         x = self.embed(input_ids)
         new_cache = []
         aux_loss = jnp.zeros((), dtype=jnp.float32)
@@ -197,6 +230,8 @@ class Decoder(nnx.Module):
             new_cache.append(new_state)
             aux_loss = aux_loss + block_aux_loss
         x = self.final_norm(x)
+        if return_hidden:
+            return DecoderOutput(logits=None, cache=tuple(new_cache), aux_loss=aux_loss, hidden=x)
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:

@@ -1,4 +1,9 @@
-"""Language-model losses: masked token cross-entropy in float32 plus the MoE auxiliary loss."""
+"""Language-model losses: masked token cross-entropy in float32 plus the MoE auxiliary loss.
+
+Training goes through :func:`head_loss_sums`, which runs the decoder to its final hidden states and the chunked
+LM head + cross-entropy of :mod:`m2rnn_jax.models.lm_head_loss` (no (B, S, vocab) float32 logits);
+:func:`cross_entropy` is the plain version on full logits.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.models.decoder import Decoder
+from m2rnn_jax.models.lm_head_loss import LMHeadLoss, lm_head_cross_entropy
 
 
 class LossMetrics(NamedTuple):
@@ -71,6 +77,46 @@ def next_token_targets(
     )
 
 
+def head_loss_sums(
+    model: Decoder,
+    inputs: jax.Array,
+    targets: jax.Array,
+    *,
+    loss_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> tuple[LMHeadLoss, jax.Array]:
+    """The decoder's summed token cross-entropy through the chunked LM head, and its MoE aux loss.
+
+    Args:
+        model: the decoder (tied or untied head).
+        inputs: (B, S) token ids.
+        targets: (B, S) token ids to predict at each position.
+        loss_mask: optional (B, S), nonzero where a target counts (weight 1), else weight 0.
+        segment_ids: optional (B, S) document ids, passed to the mixers that support document masking.
+        chunk_size: tokens per chunk of the head (default: :func:`~m2rnn_jax.models.lm_head_loss.default_num_chunks`).
+
+    Returns:
+        (:class:`~m2rnn_jax.models.lm_head_loss.LMHeadLoss` with ``correct`` shaped (B, S), aux loss (scalar f32)).
+    """
+    if targets.shape != inputs.shape:
+        raise ValueError(f"targets: expected shape {inputs.shape} matching inputs, got {targets.shape}")
+    if loss_mask is not None and loss_mask.shape != targets.shape:
+        raise ValueError(f"loss_mask: expected shape {targets.shape}, got {loss_mask.shape}")
+    output = model(inputs, segment_ids=segment_ids, return_hidden=True)
+    batch, seq_len, width = output.hidden.shape
+    weights = None if loss_mask is None else (loss_mask != 0).astype(jnp.float32).reshape(-1)
+    head = lm_head_cross_entropy(
+        output.hidden.reshape(batch * seq_len, width),
+        model.head_kernel(),
+        targets.reshape(-1),
+        weights,
+        chunk_size=chunk_size,
+        compute_dtype=model.config.compute_dtype,
+    )
+    return head._replace(correct=head.correct.reshape(batch, seq_len)), output.aux_loss
+
+
 def language_model_loss(
     model: Decoder,
     inputs: jax.Array,
@@ -92,7 +138,8 @@ def language_model_loss(
     Returns:
         (scalar float32 loss, :class:`LossMetrics`).
     """
-    output = model(inputs, segment_ids=segment_ids)
-    mean_cross_entropy, num_tokens = cross_entropy(output.logits, targets, loss_mask)
-    loss = mean_cross_entropy + output.aux_loss
-    return loss, LossMetrics(cross_entropy=mean_cross_entropy, aux_loss=output.aux_loss, num_tokens=num_tokens)
+    head, aux_loss = head_loss_sums(model, inputs, targets, loss_mask=loss_mask, segment_ids=segment_ids)
+    mean_cross_entropy = head.nll_sum / jnp.maximum(head.weight_sum, 1.0)
+    return mean_cross_entropy + aux_loss, LossMetrics(
+        cross_entropy=mean_cross_entropy, aux_loss=aux_loss, num_tokens=head.weight_sum.astype(jnp.int32)
+    )

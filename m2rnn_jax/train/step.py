@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m2rnn_jax.models.loss import cross_entropy
+from m2rnn_jax.models.loss import head_loss_sums
 from m2rnn_jax.train.optimizer import skipped_updates
 from m2rnn_jax.train.state import TrainState
 
@@ -22,22 +22,22 @@ SUM_KEYS = ("cross_entropy_sum", "aux_loss", "correct", "tokens", "correct_last"
 
 
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss and per-batch sums for one (micro-)batch."""
+    """Loss and per-batch sums for one (micro-)batch (the LM head + cross-entropy run chunked, see
+    :mod:`m2rnn_jax.models.lm_head_loss`)."""
     model = nnx.merge(graphdef, params)
-    output = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-    mask = batch.get("loss_mask")
-    mean_ce, num_tokens = cross_entropy(output.logits, batch["targets"], mask)
-    weights = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else (mask != 0).astype(jnp.float32)
-    correct = (jnp.argmax(output.logits, axis=-1) == batch["targets"]).astype(jnp.float32) * weights
+    head, aux_loss = head_loss_sums(
+        model, batch["inputs"], batch["targets"], loss_mask=batch.get("loss_mask"),
+        segment_ids=batch.get("segment_ids"),
+    )
     sums = {
-        "cross_entropy_sum": mean_ce * num_tokens.astype(jnp.float32),
-        "aux_loss": output.aux_loss,
-        "correct": jnp.sum(correct),
-        "tokens": num_tokens.astype(jnp.float32),
-        "correct_last": jnp.sum(correct[:, -1]),
-        "rows": jnp.asarray(correct.shape[0], jnp.float32),
+        "cross_entropy_sum": head.nll_sum,
+        "aux_loss": aux_loss,
+        "correct": jnp.sum(head.correct),
+        "tokens": head.weight_sum,
+        "correct_last": jnp.sum(head.correct[:, -1]),
+        "rows": jnp.asarray(head.correct.shape[0], jnp.float32),
     }
-    return mean_ce + output.aux_loss, sums
+    return head.nll_sum / jnp.maximum(head.weight_sum, 1.0) + aux_loss, sums
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:

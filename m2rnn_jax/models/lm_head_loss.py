@@ -1,0 +1,226 @@
+"""LM head + token cross-entropy computed chunk by chunk: the (N, V) logits never exist at once.
+
+For N tokens with final hidden states ``hidden`` (N, h), head kernel ``kernel`` (h, V), targets ``t`` (N,) and
+token weights ``w`` (N,):
+
+    logits_i = hidden_i @ kernel                                  (compute dtype in, float32 accumulation)
+    nll_i    = logsumexp(logits_i) - logits_i[t_i]                (float32)
+    loss     = sum_i w_i nll_i                                    (divide by sum_i w_i for the mean)
+
+The tokens are cut into ``num_chunks`` chunks and a ``lax.scan`` walks them, holding one chunk's logits
+(chunk, V) at a time. Chunk j takes the rows ``i * num_chunks + j`` (strided, like the micro-batches of
+:mod:`m2rnn_jax.train.step`), so that tokens split over devices in contiguous blocks stay split the same way inside
+every chunk and the scan axis is never a sharded one.
+
+Gradients ("fused linear cross-entropy"): differentiating the loss needs ``d logits_i = w_i (softmax(logits_i) -
+onehot(t_i))``, then ``d hidden = d logits @ kernel.T`` and ``d kernel = hidden.T @ d logits``. Recomputing the
+logits in the backward would cost a fourth (N, h, V) matmul, so the forward rule of the custom VJP computes both
+gradients chunk by chunk right after each chunk's logits, keeps them as residuals ((N, h) and (h, V), float32), and
+the backward only scales them by the incoming cotangent of ``loss``. The summed loss is linear in that cotangent,
+so dividing by the weight sum afterwards (a mean over counted tokens) gives exact gradients. Without
+differentiation only the loss is computed (no gradient work).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Default chunking: enough chunks that one chunk's logits hold at most this many elements (512 MiB in float32).
+CHUNK_LOGITS_ELEMENTS = 2**27
+
+
+class LMHeadLoss(NamedTuple):
+    """What :func:`lm_head_cross_entropy` returns (float32, or float64 when computing in float64).
+
+    Attributes:
+        nll_sum: () sum over tokens of ``weight * (logsumexp(logits) - logits[target])``; differentiable.
+        weight_sum: () sum of the weights (the number of counted tokens for 0/1 weights).
+        correct: (N,) ``weight`` where ``argmax(logits) == target`` (first index on ties), else 0.
+    """
+
+    nll_sum: jax.Array
+    weight_sum: jax.Array
+    correct: jax.Array
+
+
+class _Layout(NamedTuple):
+    """Static facts the custom VJP needs (hashable: a non-differentiable argument)."""
+
+    num_chunks: int
+    chunk: int
+    compute_dtype: Any
+    hidden_dtype: Any
+    kernel_dtype: Any
+
+
+def default_num_chunks(num_tokens: int, vocab_size: int) -> int:
+    """The smallest power of two of chunks such that a chunk's logits hold at most
+    :data:`CHUNK_LOGITS_ELEMENTS` elements (at most ``num_tokens`` chunks)."""
+    needed = max(1, math.ceil(num_tokens * vocab_size / CHUNK_LOGITS_ELEMENTS))
+    return min(num_tokens, 1 << (needed - 1).bit_length())
+
+
+def lm_head_cross_entropy(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    chunk_size: int | None = None,
+    compute_dtype: Any = None,
+) -> LMHeadLoss:
+    """Summed weighted token cross-entropy of the LM head ``hidden @ kernel``, chunked over tokens.
+
+    Args:
+        hidden: (N, h) final hidden states (after the final norm).
+        kernel: (h, V) head kernel; for tied embeddings pass ``embedding.T``.
+        targets: (N,) int target ids in [0, V) (not checked: ids outside give undefined values).
+        weights: optional (N,) float token weights (0 drops a token); default all ones.
+        chunk_size: at most this many tokens per chunk; default: see :func:`default_num_chunks`.
+        compute_dtype: dtype the matmul inputs are cast to (the model's compute dtype); default ``hidden.dtype``.
+            Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
+
+    Returns:
+        :class:`LMHeadLoss`. Gradients flow to ``hidden``, ``kernel`` and ``weights`` through ``nll_sum``,
+        ``weight_sum`` and ``correct`` (the last two only to ``weights``).
+
+    Raises:
+        ValueError: on shapes that do not fit together or a bad ``chunk_size``.
+    """
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden: expected shape (N, h), got {hidden.shape}")
+    num_tokens, width = hidden.shape
+    if kernel.ndim != 2 or kernel.shape[0] != width:
+        raise ValueError(f"kernel: expected shape ({width}, V), got {kernel.shape}")
+    if targets.shape != (num_tokens,) or not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets: expected int array of shape ({num_tokens},), got {targets.dtype} {targets.shape}")
+    if weights is None:
+        weights = jnp.ones((num_tokens,), dtype=jnp.float32)
+    elif weights.shape != (num_tokens,):
+        raise ValueError(f"weights: expected shape ({num_tokens},), got {weights.shape}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if num_tokens == 0:
+        raise ValueError("hidden: expected at least one token, got N=0")
+    if chunk_size is None:
+        num_chunks = default_num_chunks(num_tokens, kernel.shape[1])
+    else:
+        num_chunks = math.ceil(num_tokens / chunk_size)
+    compute_dtype = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
+    layout = _Layout(
+        num_chunks=num_chunks,
+        chunk=math.ceil(num_tokens / num_chunks),
+        compute_dtype=compute_dtype,
+        hidden_dtype=jnp.dtype(hidden.dtype),
+        kernel_dtype=jnp.dtype(kernel.dtype),
+    )
+    accumulation = jnp.promote_types(jnp.float32, compute_dtype)
+    return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
+
+
+def _to_chunks(x: jax.Array, layout: _Layout) -> jax.Array:
+    """(N, ...) -> (num_chunks, chunk, ...), chunk j holding rows i * num_chunks + j (zero rows pad the end)."""
+    padding = layout.num_chunks * layout.chunk - x.shape[0]
+    if padding:
+        x = jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.swapaxes(x.reshape((layout.chunk, layout.num_chunks) + x.shape[1:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array, num_tokens: int) -> jax.Array:
+    """Inverse of :func:`_to_chunks`: (num_chunks, chunk, ...) -> (N, ...)."""
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])[:num_tokens]
+
+
+def _chunk_inputs(layout: _Layout, hidden, kernel, targets, weights):
+    """Casts to the compute dtype and cuts the per-token arrays into chunks."""
+    chunks = tuple(_to_chunks(x, layout) for x in (hidden.astype(layout.compute_dtype), targets, weights))
+    return kernel.astype(layout.compute_dtype), chunks
+
+
+def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], accumulation: Any) -> jax.Array:
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=accumulation)
+
+
+def _chunk_logits(hidden_c: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(C, h) @ (h, V) -> (C, V) logits in the accumulation dtype."""
+    return _matmul(hidden_c, kernel, (1, 0), jnp.promote_types(jnp.float32, hidden_c.dtype))
+
+
+def _token_statistics(logits: jax.Array, targets_c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(C, V) logits -> (logsumexp (C,), nll (C,), argmax == target (C,) bool)."""
+    best = jnp.argmax(logits, axis=-1)
+    # The maximum read at the argmax: one reduction over the logits gives both.
+    top = jnp.take_along_axis(logits, best[:, None], axis=-1)
+    logsumexp = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets_c[:, None], axis=-1)[:, 0]
+    return logsumexp, logsumexp - target_logit, best == targets_c
+
+
+def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
+    """Per-chunk (num_chunks, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
+    return LMHeadLoss(
+        nll_sum=jnp.sum(nll * weights),
+        weight_sum=jnp.sum(weights),
+        correct=_from_chunks(jnp.where(hits, weights, 0), num_tokens),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLoss:
+    """Loss only: one scan over the chunks computing logits, logsumexp and hits."""
+    kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
+
+    def step(_, xs):
+        hidden_c, targets_c = xs
+        _, nll, hits = _token_statistics(_chunk_logits(hidden_c, kernel_c), targets_c)
+        return None, (nll, hits)
+
+    _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks))
+    return _outputs(nll, hits, weight_chunks, hidden.shape[0])
+
+
+def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
+    """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals)."""
+    kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+
+    def step(d_kernel, xs):
+        hidden_c, targets_c, weights_c = xs
+        logits = _chunk_logits(hidden_c, kernel_c)
+        logsumexp, nll, hits = _token_statistics(logits, targets_c)
+        onehot = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :] == targets_c[:, None]
+        d_logits = (jnp.exp(logits - logsumexp[:, None]) - onehot) * weights_c[:, None]
+        d_logits = d_logits.astype(layout.compute_dtype)
+        d_hidden_c = _matmul(d_logits, kernel_c, (1, 1), accumulation)
+        d_kernel = d_kernel + _matmul(hidden_c, d_logits, (0, 0), accumulation)
+        return d_kernel, (nll, hits, d_hidden_c)
+
+    zeros = jnp.zeros(kernel.shape, dtype=accumulation)
+    d_kernel, (nll, hits, d_hidden) = jax.lax.scan(step, zeros, (hidden_chunks, target_chunks, weight_chunks))
+    num_tokens = hidden.shape[0]
+    output = _outputs(nll, hits, weight_chunks, num_tokens)
+    residuals = (_from_chunks(d_hidden, num_tokens), d_kernel, _from_chunks(nll, num_tokens),
+                 _from_chunks(hits, num_tokens))
+    return output, residuals
+
+
+def _chunked_loss_backward(layout: _Layout, residuals, cotangent: LMHeadLoss):
+    """Scales the stored gradients by the cotangent of ``nll_sum``; weights get ``d nll_sum / d w_i = nll_i``,
+    ``d weight_sum / d w_i = 1`` and ``d correct_i / d w_i = hit_i``."""
+    d_hidden, d_kernel, nll, hits = residuals
+    scale = cotangent.nll_sum.astype(d_kernel.dtype)
+    d_weights = scale * nll + cotangent.weight_sum + jnp.where(hits, cotangent.correct, 0)
+    return (
+        (scale * d_hidden).astype(layout.hidden_dtype),
+        (scale * d_kernel).astype(layout.kernel_dtype),
+        None,
+        d_weights,
+    )
+
+
+_chunked_loss.defvjp(_chunked_loss_forward, _chunked_loss_backward)

@@ -1,0 +1,198 @@
+"""The chunked LM head + cross-entropy against plain log_softmax on full logits: values, hits, every gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2rnn_jax.models.decoder import Decoder
+from m2rnn_jax.models.lm_head_loss import CHUNK_LOGITS_ELEMENTS, default_num_chunks, lm_head_cross_entropy
+from m2rnn_jax.models.loss import cross_entropy, language_model_loss
+from m2rnn_jax.models.presets import tiny_config
+from m2rnn_jax.train.step import make_eval_step
+
+
+def head_inputs(seed: int, num_tokens: int, width: int, vocab: int, dtype, masked: bool = True):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    hidden = jax.random.normal(keys[0], (num_tokens, width), dtype)
+    kernel = jax.random.normal(keys[1], (width, vocab), dtype) / np.sqrt(width) * 3
+    targets = jax.random.randint(keys[2], (num_tokens,), 0, vocab, dtype=jnp.int32)
+    weights = jax.random.uniform(keys[3], (num_tokens,), dtype) > 0.3 if masked else jnp.ones((num_tokens,), bool)
+    return hidden, kernel, targets, weights.astype(dtype)
+
+
+def plain_mean_loss(hidden, kernel, targets, weights):
+    """The reference: full logits, log_softmax, weighted mean over the counted tokens."""
+    log_probs = jax.nn.log_softmax(hidden @ kernel, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None):
+    out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype)
+    return out.nll_sum / jnp.maximum(out.weight_sum, 1)
+
+
+def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None):
+    argnums = (0, 1, 3)  # hidden, kernel, weights
+    expected, expected_grads = jax.value_and_grad(plain_mean_loss, argnums)(*args)
+    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5))
+    actual, actual_grads = chunked(*args, chunk_size, compute_dtype)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+    for name, a, e in zip(("hidden", "kernel", "weights"), actual_grads, expected_grads):
+        assert a.dtype == e.dtype, name
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 37, 100, 1], ids=["ragged", "one_chunk", "chunk_above_n", "token_chunks"])
+def test_float64_loss_and_gradients_equal_full_logits(x64, chunk_size):
+    args = head_inputs(0, 37, 16, 50, jnp.float64)
+    assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_float32_loss_and_gradients_equal_full_logits(masked):
+    args = head_inputs(1, 45, 24, 70, jnp.float32, masked=masked)
+    assert_loss_and_gradients_match(args, 16, rtol=2e-5, atol=1e-6)
+
+
+def test_real_valued_weights_and_hits(x64):
+    hidden, kernel, targets, _ = head_inputs(2, 29, 8, 13, jnp.float64)
+    weights = jax.random.uniform(jax.random.key(3), (29,), jnp.float64)
+    targets = targets.at[:10].set(jnp.argmax(hidden @ kernel, axis=-1)[:10].astype(jnp.int32))  # some certain hits
+    out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=6)
+    log_probs = jax.nn.log_softmax(hidden @ kernel, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    hits = jnp.argmax(hidden @ kernel, axis=-1) == targets
+    np.testing.assert_allclose(out.nll_sum, jnp.sum(nll * weights), rtol=1e-12)
+    np.testing.assert_allclose(out.weight_sum, jnp.sum(weights), rtol=1e-12)
+    np.testing.assert_array_equal(out.correct, jnp.where(hits, weights, 0))
+    assert int(jnp.sum(out.correct > 0)) >= 10
+
+    def summed(weights):  # every output depends on the weights: check their gradient through all three
+        out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=6)
+        return out.nll_sum * 0.7 + out.weight_sum * 0.2 + jnp.sum(out.correct * jnp.arange(29.0))
+
+    expected = 0.7 * nll + 0.2 + jnp.where(hits, jnp.arange(29.0), 0)
+    np.testing.assert_allclose(jax.grad(summed)(weights), expected, rtol=1e-12)
+
+
+def test_tied_head_gradient_flows_through_hidden_and_kernel(x64):
+    """Tied embeddings: the embedding feeds both the hidden states and the head kernel (embedding.T)."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    embedding = jax.random.normal(keys[0], (40, 12), jnp.float64)
+    ids = jax.random.randint(keys[1], (33,), 0, 40)
+    targets = jax.random.randint(keys[2], (33,), 0, 40)
+    weights = jnp.ones((33,), jnp.float64)
+
+    def loss(embedding, head_loss):
+        return head_loss(jnp.tanh(embedding[ids]), embedding.T, targets, weights)
+
+    expected = jax.grad(loss)(embedding, plain_mean_loss)
+    actual = jax.jit(jax.grad(loss), static_argnums=1)(embedding, lambda *a: chunked_mean_loss(*a, chunk_size=5))
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    """bf16 inputs with float32 parameters: loss and gradients within bf16 rounding of the float32 reference."""
+    hidden, kernel, targets, weights = head_inputs(5, 64, 32, 96, jnp.float32)
+    expected, (d_hidden, d_kernel) = jax.value_and_grad(plain_mean_loss, (0, 1))(hidden, kernel, targets, weights)
+    hidden_bf16 = hidden.astype(jnp.bfloat16)
+    fn = jax.jit(jax.value_and_grad(lambda h, k: chunked_mean_loss(h, k, targets, weights, 24, jnp.bfloat16), (0, 1)))
+    actual, (a_hidden, a_kernel) = fn(hidden_bf16, kernel)
+    assert a_hidden.dtype == jnp.bfloat16 and a_kernel.dtype == jnp.float32
+    np.testing.assert_allclose(actual, expected, rtol=1e-2)
+    for a, e in ((a_hidden, d_hidden), (a_kernel, d_kernel)):
+        error = float(jnp.linalg.norm(a.astype(jnp.float32) - e) / jnp.linalg.norm(e))
+        assert error < 2e-2, error
+
+
+def test_value_without_gradient_equals_value_of_the_forward_rule():
+    args = head_inputs(6, 21, 8, 30, jnp.float32)
+    def loss_and_outputs(hidden):
+        out = lm_head_cross_entropy(hidden, *args[1:], chunk_size=4)
+        return out.nll_sum, out
+
+    primal = jax.jit(loss_and_outputs)(args[0])[1]
+    (_, with_grad), _ = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))(args[0])
+    for a, b in zip(primal, with_grad):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_chunked_head_never_holds_all_float32_logits():
+    """The compiled forward+backward allocates far less than the (N, V) float32 logits of the plain version."""
+    hidden, kernel, targets, weights = head_inputs(7, 2048, 32, 1024, jnp.float32)
+    full_logits_bytes = 2048 * 1024 * 4
+
+    def temp_bytes(loss_fn):
+        grad = jax.jit(jax.grad(loss_fn, (0, 1)))
+        return grad.lower(hidden, kernel, targets, weights).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(plain_mean_loss) >= full_logits_bytes
+    assert temp_bytes(lambda *a: chunked_mean_loss(*a, chunk_size=128)) < full_logits_bytes / 4
+
+
+def test_default_chunking_bounds_the_chunk_logits():
+    assert default_num_chunks(8 * 4096, 100352) == 32
+    assert default_num_chunks(100, 50) == 1
+    assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
+    assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
+    assert default_num_chunks(3, CHUNK_LOGITS_ELEMENTS) == 3  # at most one chunk per token
+
+
+def test_bad_inputs_raise():
+    hidden, kernel, targets, weights = head_inputs(8, 6, 4, 5, jnp.float32)
+    with pytest.raises(ValueError, match="hidden: expected shape"):
+        lm_head_cross_entropy(hidden[0], kernel, targets)
+    with pytest.raises(ValueError, match="kernel: expected shape"):
+        lm_head_cross_entropy(hidden, kernel.T, targets)
+    with pytest.raises(ValueError, match="targets: expected"):
+        lm_head_cross_entropy(hidden, kernel, targets.astype(jnp.float32))
+    with pytest.raises(ValueError, match="weights: expected shape"):
+        lm_head_cross_entropy(hidden, kernel, targets, weights[:3])
+    with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
+        lm_head_cross_entropy(hidden, kernel, targets, chunk_size=0)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_language_model_loss_equals_full_logits_loss(tied):
+    """The decoder's training loss (chunked head) equals cross_entropy on its full logits, gradients included."""
+    model = Decoder(tiny_config("A").replace(tie_embeddings=tied), rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(9), 2)
+    inputs = jax.random.randint(keys[0], (2, 7), 0, 256, dtype=jnp.int32)
+    targets = jax.random.randint(keys[1], (2, 7), 0, 256, dtype=jnp.int32)
+    mask = jnp.ones((2, 7), jnp.int32).at[0, :3].set(0)
+
+    def full_logits_loss(model):
+        output = model(inputs)
+        return cross_entropy(output.logits, targets, mask)[0] + output.aux_loss
+
+    chunked = nnx.jit(nnx.value_and_grad(lambda m: language_model_loss(m, inputs, targets, loss_mask=mask)[0]))
+    loss, grads = chunked(model)
+    expected, expected_grads = nnx.jit(nnx.value_and_grad(full_logits_loss))(model)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-7)
+
+
+def test_eval_sums_equal_the_full_logits_metrics():
+    """cross_entropy_sum, correct, tokens and correct_last of the step equal those computed from full logits."""
+    config = tiny_config("M", vocab_size=8)  # a small vocabulary so that some predictions are right
+    model = Decoder(config, rngs=nnx.Rngs(1))
+    keys = jax.random.split(jax.random.key(10), 2)
+    inputs = jax.random.randint(keys[0], (4, 9), 0, 8, dtype=jnp.int32)
+    targets = jax.random.randint(keys[1], (4, 9), 0, 8, dtype=jnp.int32)
+    mask = jnp.ones((4, 9), jnp.int32).at[1, -1].set(0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    sums = jax.jit(make_eval_step(graphdef))(params, {"inputs": inputs, "targets": targets, "loss_mask": mask})
+    logits = model(inputs).logits
+    mean, tokens = cross_entropy(logits, targets, mask)
+    correct = (jnp.argmax(logits, axis=-1) == targets) * (mask != 0)
+    assert float(sums["tokens"]) == int(tokens) == 35
+    np.testing.assert_allclose(sums["cross_entropy_sum"], mean * 35, rtol=1e-5)
+    assert float(sums["correct"]) == int(jnp.sum(correct)) > 0
+    assert float(sums["correct_last"]) == int(jnp.sum(correct[:, -1]))
+    assert float(sums["rows"]) == 4
