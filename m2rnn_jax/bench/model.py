@@ -38,7 +38,7 @@ from m2rnn_jax.bench.timing import (
     to_gib,
 )
 from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
-from m2rnn_jax.models.decoder import MIXER_CLASSES, DecoderBlock
+from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
 from m2rnn_jax.models.loss import cross_entropy, next_token_targets
 from m2rnn_jax.models.presets import get_preset, list_presets
 from m2rnn_jax.train.config import OptimizerConfig
@@ -59,7 +59,7 @@ class Timing:
     repeats: int = 5
 
 
-def resolve_config(preset: str, dtype: str | None = None, remat: Any = None) -> ModelConfig:
+def resolve_config(preset: str, dtype: str | None = None, remat: str | None = None) -> ModelConfig:
     """The preset's config with the compute ``dtype`` and ``remat`` replaced where given (None keeps the preset's).
 
     Raises:
@@ -120,15 +120,15 @@ def random_hidden(config: ModelConfig, batch: int, seq_len: int) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(SEED + 2), shape, jnp.float32).astype(config.compute_dtype)
 
 
-def block_function(graphdef: nnx.GraphDef, remat: Any) -> Callable[[nnx.State, jax.Array], tuple]:
-    """(params, x (B, S, h)) -> (x (B, S, h), aux loss) of one block from a fresh state, rematerialised like the
-    decoder's blocks when ``remat`` is set."""
+def block_function(graphdef: nnx.GraphDef, remat: str) -> Callable[[nnx.State, jax.Array], tuple]:
+    """(params, x (B, S, h)) -> (x (B, S, h), aux loss) of one block from a fresh state, rematerialised as the
+    decoder does for ``remat`` (a :data:`~m2rnn_jax.models.config.REMAT_CHOICES` name)."""
 
     def apply(params: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         y, _, aux_loss = nnx.merge(graphdef, params)(x)
         return y, aux_loss
 
-    return jax.checkpoint(apply) if remat else apply
+    return apply if remat == "none" else jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
 
 
 def mixer_function(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:

@@ -52,8 +52,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
     p.add_argument("--remat", default=None,
-                   help="model mode: rematerialisation of each block, as the model config's remat field "
-                        "(default: the preset's)")
+                   help="model mode: activation checkpointing of each block, a choice of the model config's remat "
+                        "field: none, full, save_dots (default: the preset's)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--iters", type=_positive_int, default=10, help="calls per timed repeat")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (the median is reported)")

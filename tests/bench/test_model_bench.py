@@ -1,0 +1,200 @@
+"""`m2rnn-jax bench --model` (table and every JSON field on a tiny preset), its bad-input errors, the op mode, and
+the helpers of m2rnn_jax.bench (timing, report, block functions)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2rnn_jax.bench import model as model_bench
+from m2rnn_jax.bench.report import format_table, write_json
+from m2rnn_jax.bench.timing import compile_timed, footprint_bytes, median_ms, temp_bytes
+from m2rnn_jax.cli import main
+from m2rnn_jax.models.decoder import DecoderBlock
+from m2rnn_jax.models.presets import get_preset, list_presets
+from m2rnn_jax.train.flops import training_flops_per_token
+
+PRESET, BATCH, SEQ_LEN = "tiny-m2rnn", 2, 16  # pattern MMAM: two block kinds, M three times
+BENCH_ARGS = ["bench", "--model", PRESET, "--batch", str(BATCH), "--seq-len", str(SEQ_LEN), "--iters", "1",
+              "--repeats", "1"]
+TIMED = ("forward_ms", "fwd_bwd_ms", "forward_temp_gib", "fwd_bwd_temp_gib", "compile_s")
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """(table text, JSON report) of one CLI run on the tiny preset."""
+    path = tmp_path_factory.mktemp("bench") / "sub" / "model.json"
+    out = io.StringIO()  # capsys is function-scoped: capture the module-scoped run by hand
+    with contextlib.redirect_stdout(out):
+        assert main([*BENCH_ARGS, "--json", str(path)]) == 0
+    return out.getvalue(), json.loads(path.read_text())
+
+
+def _rows(report, kind):
+    return [row for row in report["rows"] if row["kind"] == kind]
+
+
+def test_model_bench_table_names_every_part(model_run):
+    table, _ = model_run
+    lines = table.splitlines()
+    assert lines[0].startswith(f"{PRESET} on ") and "pattern=MMAM" in lines[0] and f"B={BATCH} S={SEQ_LEN}" in lines[0]
+    assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
+    parts = [line.split("|")[0].strip() for line in lines[3:] if "|" in line]
+    assert parts == ["block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone", "lm head + loss",
+                     "sum of parts (blocks x count + head)", "train step (measured)"]
+    counts = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in lines[3:] if "|" in line}
+    assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
+    assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
+    assert lines[-1].startswith("sum of parts ") and "vs measured" in lines[-1]
+
+
+def test_model_bench_json_header(model_run):
+    _, report = model_run
+    config = get_preset(PRESET)
+    assert set(report) == {"device", "platform", "jax", "preset", "shapes", "timing", "rows"}
+    assert report["device"] == jax.devices()[0].device_kind and report["platform"] == jax.devices()[0].platform
+    assert report["jax"] == jax.__version__ and report["preset"] == PRESET
+    assert report["shapes"] == {
+        "batch": BATCH, "seq_len": SEQ_LEN, "tokens_per_step": BATCH * SEQ_LEN, "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size, "layer_pattern": "MMAM", "dtype": config.dtype,
+        "param_dtype": config.param_dtype, "remat": config.remat,
+    }
+    assert report["timing"] == {"iters": 1, "repeats": 1}
+    assert [row["kind"] for row in report["rows"]] == ["block", "mixer", "block", "mixer", "head", "sum", "step"]
+
+
+def test_model_bench_json_block_mixer_and_head_rows(model_run):
+    _, report = model_run
+    for row in _rows(report, "block") + _rows(report, "mixer") + _rows(report, "head"):
+        for key in TIMED:
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0, (row["part"], key)
+        assert row["forward_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["compile_s"] > 0
+    assert [(row["letter"], row["count"]) for row in _rows(report, "block")] == [("M", 3), ("A", 1)]
+    assert [(row["letter"], row["count"]) for row in _rows(report, "mixer")] == [("M", 3), ("A", 1)]
+    (head,) = _rows(report, "head")
+    assert head["count"] == 1 and head["letter"] is None
+
+
+def test_model_bench_json_step_and_sum_rows(model_run):
+    _, report = model_run
+    (step,) = _rows(report, "step")
+    (total,) = _rows(report, "sum")
+    ms = step["fwd_bwd_ms"]
+    assert ms > 0 and step["compile_s"] > 0 and step["fwd_bwd_temp_gib"] > 0
+    assert step["tokens_per_s"] == pytest.approx(BATCH * SEQ_LEN / (ms / 1e3))
+    assert step["flops_per_token"] == training_flops_per_token(get_preset(PRESET), SEQ_LEN)
+    assert step["model_tflops_per_s"] == pytest.approx(step["flops_per_token"] * step["tokens_per_s"] / 1e12)
+    if jax.default_backend() == "cpu":
+        assert step["peak_flops_per_device"] is None and step["mfu"] is None
+        assert step["peak_memory_source"] == "memory_analysis"
+    assert step["peak_memory_gib"] > step["fwd_bwd_temp_gib"]  # parameters, moments and batch on top
+    expected = sum(row["count"] * row["fwd_bwd_ms"] for row in _rows(report, "block") + _rows(report, "head"))
+    assert total["fwd_bwd_ms"] == pytest.approx(expected)
+    assert total["measured_ms"] == ms
+    assert total["fraction_of_step"] == pytest.approx(expected / ms)
+    assert total["unaccounted_ms"] == pytest.approx(ms - expected)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "tiny-hybrid"),  # the known presets are listed
+        (["--model", PRESET, "--batch", "0"], "--batch: expected a positive int, got '0'"),
+        (["--model", PRESET, "--seq-len", "-3"], "--seq-len: expected a positive int, got '-3'"),
+        (["--model", PRESET, "--shapes", "tiny"], "not allowed with argument"),
+        (["--shapes", "tiny", "--batch", "4"], "--batch: only with --model PRESET"),
+        (["--model", PRESET, "--backends", "scan"], "--backends: only in op mode"),
+        (["--model", PRESET, "--remat", "sometimes"], "remat: expected one of"),
+    ],
+)
+def test_bench_bad_input_exits_2(args, message, capsys):
+    try:
+        code = main(["bench", *args])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "m2rnn-jax bench: error: " in err and message in err
+
+
+def test_unknown_preset_error_lists_every_preset():
+    with pytest.raises(ValueError, match="model: expected one of the presets") as info:
+        model_bench.resolve_config("tiny-hybird")
+    assert all(name in str(info.value) for name in list_presets())
+
+
+def test_resolve_config_overrides_dtype_and_remat():
+    assert model_bench.resolve_config(PRESET, "bfloat16").dtype == "bfloat16"
+    assert model_bench.resolve_config(PRESET, remat="full").remat == "full"
+    assert model_bench.resolve_config(PRESET).dtype == get_preset(PRESET).dtype
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        model_bench.resolve_config(PRESET, "int8")
+
+
+def test_op_mode_still_runs(tmp_path, capsys):
+    path = tmp_path / "op.json"
+    assert main(["bench", "--shapes", "tiny", "--iters", "1", "--repeats", "1", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "fwd+bwd ms" in table and "scan" in table
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["backend"] == "scan" and row["forward_ms"] > 0 and row["fwd_bwd_ms"] > 0
+
+
+def test_block_function_matches_the_block_and_remat_keeps_gradients():
+    config = get_preset(PRESET)
+    block = DecoderBlock("A", config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(block)
+    x = model_bench.random_hidden(config, 2, 8)
+    y, aux = jax.jit(model_bench.block_function(graphdef, "none"))(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(block(x)[0]), rtol=1e-6, atol=1e-6)
+
+    def grads(remat):
+        loss = lambda p, x: jnp.sum(model_bench.block_function(graphdef, remat)(p, x)[0] ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    plain = jax.tree.leaves(grads("none"))
+    for remat in ("full", "save_dots"):
+        for expected, actual in zip(plain, jax.tree.leaves(grads(remat))):
+            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_mixer_kinds_in_order_of_first_use():
+    assert model_bench.mixer_kinds(get_preset("tiny-m2rnn")) == {"M": 3, "A": 1}
+    assert list(model_bench.mixer_kinds(get_preset("tiny-hybrid"))) == list("MGSARU")
+
+
+def test_median_ms_carries_state_and_checks_arguments():
+    calls = []
+
+    def step():
+        calls.append(len(calls))
+        return jnp.zeros(())
+
+    assert median_ms(step, iters=3, repeats=2, warmup=1) >= 0
+    assert len(calls) == 1 + 3 * 2
+    with pytest.raises(ValueError, match="iters: expected a positive int, got 0"):
+        median_ms(step, iters=0)
+
+
+def test_compiled_memory_helpers():
+    fn = jax.jit(lambda a: jnp.sin(a) @ a.T)
+    compiled = compile_timed(fn, jnp.ones((64, 64), jnp.float32))
+    assert compiled.compile_s > 0
+    assert footprint_bytes(compiled.executable) >= 2 * 64 * 64 * 4 + temp_bytes(compiled.executable)
+
+
+def test_format_table_and_atomic_json(tmp_path):
+    table = format_table((("a", "x", "{:.1f}"), ("bb", "y", "{}")), [{"x": 1.25, "y": None}, {"x": None, "y": "z"}])
+    assert table.splitlines() == ["a   | bb", "----+---", "1.2 | -", "-   | z"]
+    path = tmp_path / "deep" / "out.json"
+    write_json(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]
