@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -99,7 +100,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:  # the text exactly, line endings included
+            return f.read()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"INPUT: cannot read {str(path)!r} as UTF-8 text ({err})") from err
 
@@ -115,7 +117,7 @@ def file_documents(path: Path, txt_documents: str = "file", text_field: str = "t
         if txt_documents == "file":
             yield text
         else:
-            yield from (block.strip("\n") for block in text.replace("\r\n", "\n").split("\n\n"))
+            yield from (block.strip("\r\n") for block in re.split(r"\r?\n[ \t]*\r?\n", text))
     elif path.suffix == ".jsonl":
         for number, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
