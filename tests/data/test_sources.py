@@ -118,3 +118,51 @@ def test_token_ids_beyond_the_vocabulary_are_rejected(tmp_path):
     source = make_source(DataConfig(kind="token_file", path=str(path), seq_len=8), vocab_size=64)
     with pytest.raises(ValueError, match="token id 70 is >= model.vocab_size=64"):
         source.train_batch(0, 8, 2, slice(0, 2))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepare-data directory: 30 short documents, byte-level BPE of 300 tokens, 20% validation."""
+    from m2rnn_jax.data.text import Corpus, prepare_text_data
+
+    directory = tmp_path_factory.mktemp("prepared")
+    (directory / "docs.txt").write_text("\n\n".join(f"doc {i}: {'ab cd ' * (i % 5 + 2)}é" for i in range(30)))
+    meta = prepare_text_data(Corpus(inputs=(str(directory / "docs.txt"),), txt_documents="paragraph"),
+                             directory / "out", train_vocab_size=300, validation_fraction=0.2, progress=False)
+    return directory / "out", meta
+
+
+def test_a_prepared_directory_trains_on_train_bin_and_evaluates_validation_bin(prepared):
+    from m2rnn_jax.data.tokenizer import load_tokenizer
+
+    directory, meta = prepared
+    train = np.fromfile(directory / "train.bin", dtype=meta["dtype"])
+    validation = np.fromfile(directory / "validation.bin", dtype=meta["dtype"])
+    config = DataConfig(kind="token_file", path=str(directory), seq_len=8, eval_windows=5, mask_documents=True)
+    source = make_source(config, vocab_size=meta["vocab_size"])
+    starts = {tuple(train[s : s + 8]) for s in range(0, len(train) - 8, 8)}
+    assert all(tuple(row) in starts for row in source.train_batch(0, 8, 4, slice(0, 4))["inputs"])
+    assert source.num_eval_batches(8, 4) == 2  # 5 windows in batches of 4
+    first, second = source.eval_batch(0, 8, 4, slice(0, 4)), source.eval_batch(1, 8, 4, slice(0, 4))
+    np.testing.assert_array_equal(first["inputs"][1], validation[8:16])
+    np.testing.assert_array_equal(first["loss_mask"], 1)
+    np.testing.assert_array_equal(second["loss_mask"][:, 0], [1, 0, 0, 0])  # padded rows do not count
+    np.testing.assert_array_equal(second["inputs"][0], validation[32:40])
+    is_eos = first["inputs"] == meta["eos_token_id"]  # segment ids from the directory's EOS id
+    np.testing.assert_array_equal(np.diff(first["segment_ids"], axis=1), is_eos[:, :-1])
+    np.testing.assert_array_equal(source.token_bytes, load_tokenizer(directory).token_byte_lengths())
+    # The whole split when it has fewer windows than data.eval_windows.
+    everything = make_source(DataConfig(kind="token_file", path=str(directory), seq_len=8), meta["vocab_size"])
+    assert everything.num_eval_batches(8, 4) == -(-((len(validation) - 1) // 8) // 4)
+
+
+def test_a_prepared_directory_checks_the_model_vocabulary_and_its_meta(prepared, tmp_path):
+    directory, meta = prepared
+    with pytest.raises(ValueError, match=f"model.vocab_size: expected >= {meta['vocab_size']} "
+                                         f"\\(the vocabulary of data.path '{directory}'\\), got 100"):
+        make_source(DataConfig(kind="token_file", path=str(directory), seq_len=8), vocab_size=100)
+    with pytest.raises(ValueError, match="data.path: expected a token file .* without meta.json"):
+        make_source(DataConfig(kind="token_file", path=str(tmp_path), seq_len=8), vocab_size=100)
+    (tmp_path / "meta.json").write_text('{"format_version": 99}')
+    with pytest.raises(ValueError, match="format_version in \\(1,\\), got 99"):
+        make_source(DataConfig(kind="token_file", path=str(tmp_path), seq_len=8), vocab_size=100)
