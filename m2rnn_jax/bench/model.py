@@ -9,12 +9,14 @@ Rows (see ``docs/benchmarks.md``):
   forward+backward ms (``jax.vjp`` and its pullback for random cotangents, gradients of the parameters and the
   input), and the compiled temporaries of each;
 - the ``head`` row: LM head + cross-entropy at (B*S, h) x (h, vocab);
+- the ``optimizer`` row: the step's optimizer update alone (every parameter and moment, random gradients);
+- the ``sum`` row: sum over blocks of (count x block forward+backward) + head + optimizer, beside the step;
 - the ``step`` row: the whole train step as the trainer builds it (``make_train_step`` + ``build_optimizer`` +
-  a fresh ``TrainState``, donated, random tokens): ms per step, tokens/s, MFU, peak memory, compile seconds;
-- the ``sum`` row: sum over blocks of (count x block forward+backward) + head forward+backward, beside the step.
+  a fresh ``TrainState``, donated, random tokens): ms per step, tokens/s, MFU, peak memory, compile seconds.
 
-Each block is created alone with its parameters made once (the mixer row reuses them); the train step runs first,
-so its state is gone before the blocks are built and the allocator's peak is the step's.
+Each block is created alone with its parameters made once (the mixer row reuses them); the train step (and then the
+optimizer update on the state it leaves) runs first, so the whole model is gone before any block is built and the
+allocator's peak is the step's.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from m2rnn_jax.bench.report import format_table
 from m2rnn_jax.bench.timing import (
+    Compiled,
     compile_timed,
     footprint_bytes,
     median_ms,
@@ -39,16 +43,18 @@ from m2rnn_jax.bench.timing import (
 )
 from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
-from m2rnn_jax.models.loss import cross_entropy, next_token_targets
+from m2rnn_jax.models.lm_head_loss import lm_head_cross_entropy
+from m2rnn_jax.models.loss import next_token_targets
 from m2rnn_jax.models.presets import get_preset, list_presets
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
-from m2rnn_jax.train.state import init_train_state, model_graphdef
+from m2rnn_jax.train.state import TrainState, init_train_state, model_graphdef
 from m2rnn_jax.train.step import make_train_step
 
 SCHEDULE_STEPS = 100_000  # length of the learning-rate schedule the benchmarked optimizer is built for
 SEED = 0
+SUMMED_KINDS = ("block", "head", "optimizer")  # the rows that add up to the sum of parts (blocks x their count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,29 +161,31 @@ def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_le
     ]
 
 
-def plain_head_loss(batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int, repeats: int) -> dict:
-    """LM head + cross-entropy as one full (B*S, vocab) logits matmul and ``cross_entropy`` (used until
-    ``m2rnn_jax.bench.loss.bench_lm_head_loss`` exists): float32 kernel (h, vocab), hidden ~N(0, 1) in ``dtype``."""
-    compute = jnp.dtype(dtype)
+def chunked_head_loss(batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int,
+                      repeats: int) -> dict:
+    """LM head + mean cross-entropy as the train step computes it (:func:`lm_head_cross_entropy`, chunked over
+    tokens), used until ``m2rnn_jax.bench.loss.bench_lm_head_loss`` exists: float32 kernel (h, vocab), hidden
+    (B*S, h) ~N(0, 1) in ``dtype``, uniform random targets."""
     kernel = 0.02 * jax.random.normal(jax.random.PRNGKey(SEED + 3), (hidden, vocab), jnp.float32)
-    x = jax.random.normal(jax.random.PRNGKey(SEED + 4), (batch, seq_len, hidden), jnp.float32).astype(compute)
-    targets = jax.random.randint(jax.random.PRNGKey(SEED + 5), (batch, seq_len), 0, vocab)
+    x = jax.random.normal(jax.random.PRNGKey(SEED + 4), (batch * seq_len, hidden), jnp.float32).astype(dtype)
+    targets = jax.random.randint(jax.random.PRNGKey(SEED + 5), (batch * seq_len,), 0, vocab)
 
     def loss(kernel: jax.Array, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bsh,hv->bsv", x, kernel.astype(compute))
-        return cross_entropy(logits, targets)[0]
+        head = lm_head_cross_entropy(x, kernel, targets, compute_dtype=dtype)
+        return head.nll_sum / head.weight_sum
 
     return time_forward_backward(loss, kernel, x, Timing(iters, repeats))
 
 
 def head_loss_function() -> Callable[..., dict]:
-    """``bench_lm_head_loss`` of :mod:`m2rnn_jax.bench.loss` when that module exists, else :func:`plain_head_loss`."""
+    """``bench_lm_head_loss`` of :mod:`m2rnn_jax.bench.loss` when that module exists, else
+    :func:`chunked_head_loss`."""
     try:
         module = importlib.import_module("m2rnn_jax.bench.loss")
     except ModuleNotFoundError as err:
         if err.name != "m2rnn_jax.bench.loss":
             raise
-        return plain_head_loss
+        return chunked_head_loss
     return module.bench_lm_head_loss
 
 
@@ -195,23 +203,23 @@ def random_batch(config: ModelConfig, batch: int, seq_len: int) -> dict[str, jax
     return {"inputs": inputs, "targets": targets}
 
 
-def bench_train_step(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
-    """The ``step`` row: the trainer's jitted, donated train step on one device, timed feeding its state back."""
-    optimizer_config = OptimizerConfig()
-    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
-    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
-    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
-    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
-    tokens = random_batch(config, batch, seq_len)
-    compiled = compile_timed(step, state, tokens)
-    carried = [state]
-    del state
+def time_carried(executable: Any, carry: Any, *args: Any, timing: Timing) -> tuple[float, Any]:
+    """(ms per call, last carry) of ``executable(carry, *args) -> (carry, outputs)``, each call fed the carry the
+    previous call returned (so a donated carry stays valid)."""
+    carried = [carry]
+    del carry
 
-    def one_step() -> Any:
-        carried[0], metrics = compiled.executable(carried[0], tokens)
-        return carried[0], metrics
+    def call() -> Any:
+        carried[0], outputs = executable(carried[0], *args)
+        return carried[0], outputs
 
-    ms = median_ms(one_step, iters=timing.iters, repeats=timing.repeats)
+    ms = median_ms(call, iters=timing.iters, repeats=timing.repeats)
+    return ms, carried.pop()
+
+
+def step_row(config: ModelConfig, batch: int, seq_len: int, ms: float, compiled: Compiled) -> dict:
+    """The ``step`` row from its measured ms per step and its compiled executable (read the peak right after the
+    step ran: the allocator's peak, else the executable's own footprint)."""
     tokens_per_s = batch * seq_len / (ms / 1e3)
     flops_per_token = training_flops_per_token(config, seq_len)
     peak_flops = peak_flops_per_device()
@@ -232,11 +240,48 @@ def bench_train_step(config: ModelConfig, batch: int, seq_len: int, timing: Timi
     }
 
 
+def optimizer_update_function(optimizer: optax.GradientTransformation) -> Callable:
+    """(state, grads) -> (state after one optimizer update, global norm of the updates): the step's update alone."""
+
+    def update(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state._replace(params=params, opt_state=opt_state), optax.tree.norm(updates)
+
+    return update
+
+
+def bench_optimizer_update(optimizer: optax.GradientTransformation, state: TrainState, timing: Timing) -> dict:
+    """The ``optimizer`` row: one update of every parameter and moment (donated) for random gradients."""
+    grads = jax.tree.map(lambda p: 1e-3 * p, random_like(jax.random.PRNGKey(SEED + 7), state.params))
+    update = jax.jit(optimizer_update_function(optimizer), donate_argnums=0)
+    compiled = compile_timed(update, state, grads)
+    ms, _ = time_carried(compiled.executable, state, grads, timing=timing)
+    return {"kind": "optimizer", "part": "optimizer update", "letter": None, "count": 1,
+            "forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
+            "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)), "compile_s": compiled.compile_s}
+
+
+def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> tuple[dict, dict]:
+    """The ``step`` and ``optimizer`` rows: the trainer's jitted, donated train step on one device (AdamW of
+    ``OptimizerConfig()``, a fresh state, random tokens), then its optimizer update alone on the state it left."""
+    optimizer_config = OptimizerConfig()
+    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
+    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
+    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
+    tokens = random_batch(config, batch, seq_len)
+    compiled = compile_timed(step, state, tokens)
+    ms, state = time_carried(compiled.executable, state, tokens, timing=timing)
+    row = step_row(config, batch, seq_len, ms, compiled)
+    return row, bench_optimizer_update(optimizer, state, timing)
+
+
 def sum_of_parts(rows: list[dict], step_ms: float) -> dict:
-    """The ``sum`` row: sum of count x forward+backward over the block rows plus the head, and its share of the
-    measured step (the rest is the embedding, the final norm, the optimizer update and glue)."""
-    total = sum(row["count"] * row["fwd_bwd_ms"] for row in rows if row["kind"] in ("block", "head"))
-    return {"kind": "sum", "part": "sum of parts (blocks x count + head)", "letter": None, "count": None,
+    """The ``sum`` row: sum of count x forward+backward over the block rows, plus the head and the optimizer
+    update, and its share of the measured step (the rest is the embedding, the final norm and glue)."""
+    total = sum(row["count"] * row["fwd_bwd_ms"] for row in rows if row["kind"] in SUMMED_KINDS)
+    return {"kind": "sum", "part": "sum of parts", "letter": None, "count": None,
             "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
             "unaccounted_ms": step_ms - total}
 
@@ -251,10 +296,10 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    step = bench_train_step(config, batch, seq_len, timing)
+    step, optimizer = bench_training(config, batch, seq_len, timing)
     rows = [row for letter, count in mixer_kinds(config).items()
             for row in bench_block(config, letter, count, batch, seq_len, timing)]
-    rows.append(bench_head(config, batch, seq_len, timing))
+    rows += [bench_head(config, batch, seq_len, timing), optimizer]
     rows += [sum_of_parts(rows, step["fwd_bwd_ms"]), step]
     device = jax.devices()[0]
     return {
@@ -290,5 +335,5 @@ def format_report(report: dict) -> str:
                  f"compile {step['compile_s']:.1f} s")
     sum_line = (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
                 f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
-                "(embedding, final norm, optimizer update, glue)")
+                "(embedding, final norm, glue)")
     return "\n".join([heading, format_table(TABLE_COLUMNS, report["rows"]), step_line, sum_line])

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -21,6 +22,7 @@ from m2rnn_jax.cli import main
 from m2rnn_jax.models.decoder import DecoderBlock
 from m2rnn_jax.models.presets import get_preset, list_presets
 from m2rnn_jax.train.flops import training_flops_per_token
+from m2rnn_jax.train.state import TrainState
 
 PRESET, BATCH, SEQ_LEN = "tiny-m2rnn", 2, 16  # pattern MMAM: two block kinds, M three times
 BENCH_ARGS = ["bench", "--model", PRESET, "--batch", str(BATCH), "--seq-len", str(SEQ_LEN), "--iters", "1",
@@ -49,7 +51,7 @@ def test_model_bench_table_names_every_part(model_run):
     assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
     parts = [line.split("|")[0].strip() for line in lines[3:] if "|" in line]
     assert parts == ["block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone", "lm head + loss",
-                     "sum of parts (blocks x count + head)", "train step (measured)"]
+                     "optimizer update", "sum of parts", "train step (measured)"]
     counts = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in lines[3:] if "|" in line}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
     assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
@@ -68,7 +70,8 @@ def test_model_bench_json_header(model_run):
         "param_dtype": config.param_dtype, "remat": config.remat,
     }
     assert report["timing"] == {"iters": 1, "repeats": 1}
-    assert [row["kind"] for row in report["rows"]] == ["block", "mixer", "block", "mixer", "head", "sum", "step"]
+    assert [row["kind"] for row in report["rows"]] == [
+        "block", "mixer", "block", "mixer", "head", "optimizer", "sum", "step"]
 
 
 def test_model_bench_json_block_mixer_and_head_rows(model_run):
@@ -81,6 +84,13 @@ def test_model_bench_json_block_mixer_and_head_rows(model_run):
     assert [(row["letter"], row["count"]) for row in _rows(report, "mixer")] == [("M", 3), ("A", 1)]
     (head,) = _rows(report, "head")
     assert head["count"] == 1 and head["letter"] is None
+
+
+def test_model_bench_json_optimizer_row(model_run):
+    _, report = model_run
+    (row,) = _rows(report, "optimizer")
+    assert row["count"] == 1 and row["letter"] is None and row["forward_ms"] is None
+    assert row["fwd_bwd_ms"] > 0 and row["fwd_bwd_temp_gib"] >= 0 and row["compile_s"] > 0
 
 
 def test_model_bench_json_step_and_sum_rows(model_run):
@@ -96,7 +106,8 @@ def test_model_bench_json_step_and_sum_rows(model_run):
         assert step["peak_flops_per_device"] is None and step["mfu"] is None
         assert step["peak_memory_source"] == "memory_analysis"
     assert step["peak_memory_gib"] > step["fwd_bwd_temp_gib"]  # parameters, moments and batch on top
-    expected = sum(row["count"] * row["fwd_bwd_ms"] for row in _rows(report, "block") + _rows(report, "head"))
+    parts = _rows(report, "block") + _rows(report, "head") + _rows(report, "optimizer")
+    expected = sum(row["count"] * row["fwd_bwd_ms"] for row in parts)
     assert total["fwd_bwd_ms"] == pytest.approx(expected)
     assert total["measured_ms"] == ms
     assert total["fraction_of_step"] == pytest.approx(expected / ms)
@@ -169,6 +180,30 @@ def test_block_function_matches_the_block_and_remat_keeps_gradients():
 def test_mixer_kinds_in_order_of_first_use():
     assert model_bench.mixer_kinds(get_preset("tiny-m2rnn")) == {"M": 3, "A": 1}
     assert list(model_bench.mixer_kinds(get_preset("tiny-hybrid"))) == list("MGSARU")
+
+
+def test_time_carried_feeds_each_carry_to_the_next_call():
+    seen = []
+
+    def executable(carry, increment):
+        seen.append(carry)
+        return carry + increment, carry
+
+    ms, last = model_bench.time_carried(executable, 0, 1, timing=model_bench.Timing(iters=2, repeats=3))
+    assert ms >= 0 and seen == list(range(1 + 2 * 3)) and last == 7
+
+
+def test_optimizer_update_function_is_the_steps_update():
+    optimizer = optax.adamw(1e-2)
+    params = {"w": jnp.arange(4.0)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       rng=jnp.zeros((2,), jnp.uint32))
+    grads = {"w": jnp.ones(4)}
+    new_state, norm = model_bench.optimizer_update_function(optimizer)(state, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    np.testing.assert_array_equal(np.asarray(new_state.params["w"]), np.asarray(params["w"] + updates["w"]))
+    assert float(norm) == pytest.approx(float(optax.tree.norm(updates)))
+    assert int(new_state.opt_state[0].count) == 1
 
 
 def test_median_ms_carries_state_and_checks_arguments():
