@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Default chunking: enough chunks that one chunk's logits hold at most this many elements (512 MiB in float32).
-CHUNK_LOGITS_ELEMENTS = 2**27
+# Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
+CHUNK_LOGITS_ELEMENTS = 2**28
 
 
 class LMHeadLoss(NamedTuple):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from m2rnn_jax.bench.loss import bench_lm_head_loss
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.lm_head_loss import CHUNK_LOGITS_ELEMENTS, default_num_chunks, lm_head_cross_entropy
 from m2rnn_jax.models.loss import cross_entropy, language_model_loss
@@ -136,7 +137,7 @@ def test_chunked_head_never_holds_all_float32_logits():
 
 
 def test_default_chunking_bounds_the_chunk_logits():
-    assert default_num_chunks(8 * 4096, 100352) == 32
+    assert default_num_chunks(8 * 4096, 100352) == 16  # 2048 tokens per chunk
     assert default_num_chunks(100, 50) == 1
     assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
     assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
@@ -196,3 +197,13 @@ def test_eval_sums_equal_the_full_logits_metrics():
     assert float(sums["correct"]) == int(jnp.sum(correct)) > 0
     assert float(sums["correct_last"]) == int(jnp.sum(correct[:, -1]))
     assert float(sums["rows"]) == 4
+
+
+def test_bench_times_both_versions_at_a_tiny_shape():
+    result = bench_lm_head_loss(2, 16, 8, 64, "float32", 1, 1, chunk_size=8)
+    assert result["chunk_tokens"] == 8
+    for prefix in ("", "plain_"):
+        for key in ("forward_ms", "fwd_bwd_ms", "fwd_bwd_temp_gib", "compile_s"):
+            assert result[prefix + key] > 0, prefix + key
+    for key in ("loss_rel_diff", "d_hidden_rel_diff", "d_kernel_rel_diff"):
+        assert result[key] < 1e-5, key
