@@ -6,7 +6,8 @@ Dataflow for x (B, S, h), with Nq query heads, Nkv key/value heads, G = Nq / Nkv
    query head n = kv * G + g reads key/value head n // G.
 2. Optional RoPE (θ = 10000 over the full head dim, rotate-half) on q and k; NoPE by default.
 3. Causal attention with scale 1/sqrt(d) through ``jax.nn.dot_product_attention``; optional document masking by
-   ``segment_ids`` (tokens attend only within their segment).
+   ``segment_ids`` (tokens attend only within their document, :mod:`m2rnn_jax.layers.documents`), also across
+   calls: the KV cache keeps the document number of every slot.
 4. ``c_proj``: Nq d -> h, depth-scaled init N(0, σ / sqrt(2 L)).
 
 Parameters (Flax path -> lm-engine name; kernels stored transposed, ``kernel = weight.T``):
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.rope import apply_rope
@@ -90,11 +92,14 @@ class AttentionState(NamedTuple):
 
     key, value: (B, max_length, Nkv, d); slots at and after ``position`` are unused.
     position: () int32, the number of tokens already in the cache (the absolute position of the next token).
+    documents: (B, max_length) int32, the document number of every filled slot (0 for the first document of a row;
+        +1 at every document start); a query attends only to slots of its own document.
     """
 
     key: jax.Array
     value: jax.Array
     position: jax.Array
+    documents: jax.Array
 
 
 class Attention(nnx.Module):
@@ -153,6 +158,7 @@ class Attention(nnx.Module):
             key=jnp.zeros(shape, dtype=dtype),
             value=jnp.zeros(shape, dtype=dtype),
             position=jnp.zeros((), dtype=jnp.int32),
+            documents=jnp.zeros((batch_size, max_length), dtype=jnp.int32),
         )
 
     def __call__(
@@ -160,18 +166,14 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, AttentionState]:
         """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new AttentionState).
 
-        segment_ids: optional (B, S) integers; a token attends only to earlier tokens with the same id (document
-        masking, SPEC §0.5). Only without a cache (``state=None``).
+        segment_ids: optional (B, S) integers; a new document starts where the id changes between neighbouring
+        positions, and a token attends only to earlier tokens of its document (document masking, SPEC §0.5).
+        Position 0 continues the cache's last document; without ``segment_ids`` every new token does.
         """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
         batch, seq_len, _ = x.shape
-        if segment_ids is not None:
-            if state is not None:
-                raise ValueError("segment_ids: document masking is only supported without a cache (state=None)")
-            if segment_ids.shape != (batch, seq_len):
-                raise ValueError(f"segment_ids: expected shape {(batch, seq_len)}, got {segment_ids.shape}")
 
         d, group = self.head_dim, self.group_size
         qkv = self.c_attn(x.astype(self.dtype)).reshape(batch, seq_len, c.num_kv_heads, group + 2, d)
@@ -182,23 +184,30 @@ class Attention(nnx.Module):
         positions = start + jnp.arange(seq_len, dtype=jnp.int32)  # (S,)
         if c.position_embedding == "rope":
             q, k = apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
+        documents = jnp.zeros((batch, seq_len), dtype=jnp.int32)
+        if segment_ids is not None:
+            documents = document_index(segment_ids, batch, seq_len)
 
         if state is None:
             mask = None
             if segment_ids is not None:
                 causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
-                same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-                mask = (causal & same_segment)[:, None]  # (B, 1, S, S)
+                same_document = documents[:, :, None] == documents[:, None, :]
+                mask = (causal & same_document)[:, None]  # (B, 1, S, S)
             out = self._attend(q, k, v, mask=mask, is_causal=mask is None)
-            new_state = AttentionState(key=k, value=v, position=start + seq_len)
+            new_state = AttentionState(key=k, value=v, position=start + seq_len, documents=documents)
         else:
             self._check_state(state, batch, seq_len)
+            last = jax.lax.dynamic_slice_in_dim(state.documents, jnp.maximum(start - 1, 0), 1, axis=1)  # (B, 1)
+            documents = last + documents  # position 0 continues the cache's last document
             keys = jax.lax.dynamic_update_slice_in_dim(state.key, k.astype(state.key.dtype), start, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(state.value, v.astype(state.value.dtype), start, axis=1)
+            slot_documents = jax.lax.dynamic_update_slice_in_dim(state.documents, documents, start, axis=1)
             slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
-            mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, S, max_length)
+            causal = slots[None, :] <= positions[:, None]  # (S, max_length)
+            mask = (causal[None] & (slot_documents[:, None, :] == documents[:, :, None]))[:, None]
             out = self._attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask=mask, is_causal=False)
-            new_state = AttentionState(key=keys, value=values, position=start + seq_len)
+            new_state = AttentionState(key=keys, value=values, position=start + seq_len, documents=slot_documents)
         return self.c_proj(out.reshape(batch, seq_len, c.num_heads * d)), new_state
 
     def _check_state(self, state: AttentionState, batch: int, seq_len: int) -> None:
@@ -206,6 +215,8 @@ class Attention(nnx.Module):
         for name, array in (("key", state.key), ("value", state.value)):
             if array.ndim != 4 or (array.shape[0], array.shape[2], array.shape[3]) != (batch, heads, d):
                 raise ValueError(f"state.{name}: expected shape ({batch}, max_length, {heads}, {d}), got {array.shape}")
+        if state.documents.shape != state.key.shape[:2]:
+            raise ValueError(f"state.documents: expected shape {state.key.shape[:2]}, got {state.documents.shape}")
         if seq_len > state.key.shape[1]:
             raise ValueError(f"x: {seq_len} tokens do not fit a cache of max_length {state.key.shape[1]}")
 

@@ -3,6 +3,8 @@
 ``y[t, c] = act(sum_j kernel[j, c] * x[t - (kernel_size - 1) + j, c] + bias[c])``: taps ordered oldest -> newest,
 zero left padding (or the carried state) before the first token. The state is the last ``kernel_size - 1`` raw
 (pre-conv) inputs, so running a sequence in pieces while carrying the state equals running it at once.
+With ``segment_ids`` (documents, :mod:`m2rnn_jax.layers.documents`) taps that reach into an earlier document read
+zeros, and the returned state keeps only inputs of the last document.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from m2rnn_jax.layers.documents import document_index
 
 Dtype = Any
 
@@ -68,11 +72,15 @@ class CausalDepthwiseConv1d(nnx.Module):
         """Zero state (B, kernel_size - 1, C): the conv of a sequence's first tokens sees zero padding."""
         return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), dtype=dtype)
 
-    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, state: jax.Array | None = None, *, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """x (B, S, C), state (B, kernel_size - 1, C) or None -> (y (B, S, C) in ``dtype``, new state).
 
         The new state holds the last ``kernel_size - 1`` raw inputs of ``[state, x]`` in the state's dtype
-        (``x.dtype`` when ``state`` is None).
+        (``x.dtype`` when ``state`` is None). ``segment_ids`` (B, S): document ids; a tap whose input lies in an
+        earlier document than its output reads zero (the state counts as the document at position 0), and state
+        entries outside the last document are zero.
         """
         if x.ndim != 3 or x.shape[-1] != self.channels:
             raise ValueError(f"x: expected shape (B, S, {self.channels}), got {x.shape}")
@@ -84,13 +92,24 @@ class CausalDepthwiseConv1d(nnx.Module):
             raise ValueError(f"state: expected shape {expected_state}, got {state.shape}")
 
         padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (B, S + kernel_size - 1, C)
+        new_state = padded[:, seq_len:]
         compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
         window = padded.astype(compute_dtype)
         kernel = self.kernel[...].astype(compute_dtype)
-        y = sum(window[:, j : j + seq_len] * kernel[j] for j in range(self.kernel_size))
+        taps = [window[:, j : j + seq_len] * kernel[j] for j in range(self.kernel_size)]
+        if segment_ids is not None:
+            document = document_index(segment_ids, batch, seq_len)  # (B, S)
+            padded_document = jnp.pad(document, ((0, 0), (self.kernel_size - 1, 0)))  # the state is document 0
+            taps = [
+                jnp.where((padded_document[:, j : j + seq_len] == document)[..., None], tap, 0)
+                for j, tap in enumerate(taps)
+            ]
+            in_last_document = padded_document[:, seq_len:] == document[:, -1:]
+            new_state = jnp.where(in_last_document[..., None], new_state, 0)
+        y = sum(taps)
         if self.bias is not None:
             y = y + self.bias[...].astype(compute_dtype)
         if self.activation is not None:
             y = ACTIVATIONS[self.activation](y)
-        new_state = padded[:, seq_len:].astype(state.dtype)
+        new_state = new_state.astype(state.dtype)
         return y.astype(self.dtype), new_state

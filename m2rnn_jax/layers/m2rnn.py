@@ -45,6 +45,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
@@ -252,8 +253,14 @@ class M2RNN(nnx.Module):
         recurrent = jnp.zeros((batch_size, c.num_heads, c.k_head_dim, c.v_head_dim), dtype=dtype)
         return M2RNNState(conv=conv, recurrent=recurrent)
 
-    def __call__(self, x: jax.Array, state: M2RNNState | None = None) -> tuple[jax.Array, M2RNNState]:
-        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new M2RNNState)."""
+    def __call__(
+        self, x: jax.Array, state: M2RNNState | None = None, *, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, M2RNNState]:
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new M2RNNState).
+
+        segment_ids: optional (B, S) document ids; each new document starts from a zero state and conv tail
+        (:mod:`m2rnn_jax.layers.documents`; the op's ``reset``, which runs the scan backend).
+        """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
@@ -264,13 +271,14 @@ class M2RNN(nnx.Module):
             expected = "None (the layer has no conv)" if self.conv1d is None else "an array (B, kernel_size - 1, C)"
             raise ValueError(f"state.conv: expected {expected}, got {None if state.conv is None else state.conv.shape}")
         N, K, V = c.num_heads, c.k_head_dim, c.v_head_dim
+        reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
 
         projected = self.input_projection(x.astype(self.dtype))
         qkv, f_raw, g = jnp.split(projected, [c.conv_channels, c.conv_channels + c.num_f_heads], axis=-1)
         f = self.decay_gate(f_raw, final_exponential=True)  # (B, S, N)
         conv_state = state.conv
         if self.conv1d is not None:
-            qkv, conv_state = self.conv1d(qkv, state.conv)
+            qkv, conv_state = self.conv1d(qkv, state.conv, segment_ids=segment_ids)
         q, k, v = jnp.split(qkv, [c.num_q_heads * K, (c.num_q_heads + c.num_k_heads) * K], axis=-1)
         q = q.reshape(batch, seq_len, c.num_q_heads, K)
         k = k.reshape(batch, seq_len, c.num_k_heads, K)
@@ -283,6 +291,7 @@ class M2RNN(nnx.Module):
             self.state_weight[...].astype(self.dtype),
             f,
             state.recurrent,
+            reset=reset,
             gradient_clipping=c.gradient_clipping,
             backend=c.backend,
         )  # y (B, S, N, V)

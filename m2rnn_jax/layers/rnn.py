@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
+from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
@@ -90,20 +91,27 @@ def clipped_recurrence(
     h0: jax.Array,
     inputs: tuple[jax.Array, ...],
     gradient_clipping: float | None,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Scan ``h_t = step(h_{t-1}, inputs_t)`` over time with the op's state-gradient clipping.
 
-    inputs: arrays (B, S, ...); h0 (B, ...) -> (every h_t stacked (B, S, ...), final state (B, ...)).
-    ``y_t`` is the unclamped h_t; the carry handed to step t+1 (and returned as the final state) is
-    ``clamp_cotangent(h_t)``, so the cotangent from the future is clamped before dy_t is added (SPEC §2.8).
+    inputs: arrays (B, S, ...); h0 (B, ...); reset (B, S) bool or None -> (every h_t stacked (B, S, ...), final
+    state (B, ...)). ``y_t`` is the unclamped h_t; the carry handed to step t+1 (and returned as the final state)
+    is ``clamp_cotangent(h_t)``, so the cotangent from the future is clamped before dy_t is added (SPEC §2.8).
+    Where ``reset`` is set, the state entering the step is zero (a new document), and no cotangent flows back
+    into the earlier document.
     """
     limit = normalize_clipping(gradient_clipping)
 
-    def body(h, inputs_t):
+    def body(h, xs):
+        inputs_t, reset_t = xs
+        if reset_t is not None:
+            h = jnp.where(reset_t.reshape(reset_t.shape + (1,) * (h.ndim - 1)), 0, h)
         h = step(h, inputs_t)
         return (h if limit is None else clamp_cotangent(h, limit)), h
 
-    final, hs = jax.lax.scan(body, h0, tuple(jnp.moveaxis(x, 1, 0) for x in inputs))
+    time_major = tuple(jnp.moveaxis(x, 1, 0) for x in inputs)
+    final, hs = jax.lax.scan(body, h0, (time_major, None if reset is None else jnp.moveaxis(reset, 1, 0)))
     return jnp.moveaxis(hs, 0, 1), final
 
 
@@ -171,8 +179,14 @@ class GatedVectorRNN(nnx.Module):
         conv = None if self.conv1d is None else self.conv1d.init_state(batch_size, dtype=dtype)
         return VectorRNNState(conv=conv, recurrent=jnp.zeros((batch_size, c.num_heads, c.head_dim), dtype=dtype))
 
-    def __call__(self, x: jax.Array, state: VectorRNNState | None = None) -> tuple[jax.Array, VectorRNNState]:
-        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new VectorRNNState)."""
+    def __call__(
+        self, x: jax.Array, state: VectorRNNState | None = None, *, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, VectorRNNState]:
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new VectorRNNState).
+
+        segment_ids: optional (B, S) document ids; each new document starts from a zero state and conv tail
+        (:mod:`m2rnn_jax.layers.documents`).
+        """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
@@ -184,9 +198,10 @@ class GatedVectorRNN(nnx.Module):
 
         blocks = jnp.split(self.input_projection(x.astype(self.dtype)), 2 + self.num_gate_inputs, axis=-1)
         inputs, g = blocks[:-1], blocks[-1]
+        reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
         conv_state = state.conv
         if self.conv1d is not None:
-            first, conv_state = self.conv1d(inputs[0], state.conv)
+            first, conv_state = self.conv1d(inputs[0], state.conv, segment_ids=segment_ids)
         elif c.activation_function is not None:
             first = ACTIVATIONS[c.activation_function](inputs[0].astype(compute_dtype))
         else:
@@ -199,6 +214,7 @@ class GatedVectorRNN(nnx.Module):
             state.recurrent.astype(compute_dtype),
             tuple(inputs),
             c.gradient_clipping,
+            reset,
         )
         y = hs.reshape(batch, seq_len, N * d) * jax.nn.silu(g.astype(compute_dtype))
         out = self.output_projection(self.norm(y))
