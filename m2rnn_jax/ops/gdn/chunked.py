@@ -6,7 +6,7 @@ with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular sol
 
     U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
 
-for all chunks in parallel (:func:`chunk_factors`). The only sequential part walks over chunks (:func:`scan_states`
+for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part walks over chunks (:func:`scan_states`
 here, a fused kernel in :mod:`m2rnn_jax.ops.gdn.pallas_gpu`):
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# solve(A, rhs) -> (I + A)⁻¹ rhs for A (..., C, C) strictly lower triangular and rhs (..., C, P)
-Solve = Callable[[jax.Array, jax.Array], jax.Array]
+# inverse(A) -> (I + A)⁻¹ for A (..., C, C) strictly lower triangular
+Inverse = Callable[[jax.Array], jax.Array]
 # states(U, Wk, Kd, a, h0) -> (W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V))
 States = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -41,17 +41,21 @@ class ChunkFactors(NamedTuple):
 
     U: jax.Array  # (B, H, n, C, V)
     Wk: jax.Array  # (B, H, n, C, K)
-    Kd: jax.Array  # (B, H, n, C, K)
+    Kd: jax.Array  # (B, H, n, C, K): diag(e^{Γ_C - Γ}) K
     carry: jax.Array  # (B, H, n): a_c, the decay of the chunk-start state over the whole chunk
     Qd: jax.Array  # (B, H, n, C, K): diag(e^Γ) Q
     QK: jax.Array  # (B, H, n, C, C): Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]
 
 
-def matmul(equation: str, a: jax.Array, b: jax.Array, dot_dtype: jnp.dtype) -> jax.Array:
-    """einsum with both operands cast to ``dot_dtype`` and a float32 (float64 for float64) accumulator."""
+def matmul(
+    equation: str, a: jax.Array, b: jax.Array, dot_dtype: jnp.dtype, out_dtype: jnp.dtype | None = None
+) -> jax.Array:
+    """einsum with both operands cast to ``dot_dtype``, a float32 (float64 for float64) accumulator and the result
+    in ``out_dtype`` (default: the accumulator's dtype)."""
     acc = jnp.promote_types(jnp.float32, dot_dtype)
-    return jnp.einsum(equation, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=acc,
-                      precision=HIGHEST)
+    out = jnp.einsum(equation, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=acc,
+                     precision=HIGHEST)
+    return out if out_dtype is None else out.astype(out_dtype)
 
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
@@ -115,40 +119,44 @@ def chunk_factors(
     log_alpha: jax.Array,
     reset: jax.Array | None,
     *,
-    solve: Solve,
+    inverse: Inverse,
     dot_dtype: jnp.dtype,
 ) -> ChunkFactors:
     """Chunk-local factors from chunked inputs q, k (B, H, n, C, K), v (B, H, n, C, V), beta, log_alpha
-    (B, H, n, C), reset (B, 1, n, C) or None. Products take ``dot_dtype`` operands; the rest is in the dtype of
-    beta / log_alpha (>= float32)."""
+    (B, H, n, C), reset (B, 1, n, C) or None.
+
+    Products take ``dot_dtype`` operands with a >= float32 accumulator; U, Wk, Kd, Qd come out in ``dot_dtype``
+    (the operands of the walk and the outputs), carry and QK in the dtype of beta / log_alpha. The diagonal scalings
+    of the right-hand sides are applied to the columns of T = (I + A)⁻¹ (C x C) instead of to V and K.
+    """
     decay, start, end, carry = chunk_gates(log_alpha, reset)
     steps = jnp.arange(q.shape[-2])
     strict = steps[:, None] > steps[None, :]
     A = jnp.where(strict, beta[..., :, None] * matmul("...tk,...ik->...ti", k, k, dot_dtype) * decay, 0.0)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * start)[..., None] * k], axis=-1)
-    U, Wk = jnp.split(solve(A, rhs), [v.shape[-1]], axis=-1)
+    T = inverse(A)
     return ChunkFactors(
-        U=U,
-        Wk=Wk,
-        Kd=k * end[..., None],
+        U=matmul("...ti,...iv->...tv", T * beta[..., None, :], v, dot_dtype, out_dtype=dot_dtype),
+        Wk=matmul("...ti,...ik->...tk", T * (beta * start)[..., None, :], k, dot_dtype, out_dtype=dot_dtype),
+        Kd=(k * end[..., None]).astype(dot_dtype),
         carry=carry,
-        Qd=q * start[..., None],
+        Qd=(q * start[..., None]).astype(dot_dtype),
         QK=matmul("...tk,...ik->...ti", q, k, dot_dtype) * decay,
     )
 
 
-def triangular_solve(A: jax.Array, rhs: jax.Array) -> jax.Array:
-    """(I + A)⁻¹ rhs by XLA's triangular solve (the reference)."""
-    return jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
+def triangular_inverse(A: jax.Array) -> jax.Array:
+    """(I + A)⁻¹ by XLA's triangular solve against the identity (the reference)."""
+    eye = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
+    return jax.lax.linalg.triangular_solve(A, eye, left_side=True, lower=True, unit_diagonal=True)
 
 
-def unit_lower_inverse(A: jax.Array) -> jax.Array:
+def unit_lower_inverse(A: jax.Array, precision: jax.lax.Precision = HIGHEST) -> jax.Array:
     """(I + A)⁻¹ for A (..., C, C) strictly lower triangular, C a power of two, by block doubling in matmuls.
 
     With T_b the inverse of the block-diagonal part of I + A in blocks of b, the blocks of 2b are
     [[T11, 0], [-T22 A21 T11, T22]], so T_2b = T_b - T_b M_b T_b where M_b keeps A's (odd, even) sub-blocks of
     size b inside each block of 2b. Exact block substitution (no Neumann-series cancellation); log2(C) levels of
-    two float32 matmuls each, which differentiate into matmuls.
+    two matmuls at ``precision`` each, which differentiate into matmuls.
     """
     size = A.shape[-1]
     if size & (size - 1):
@@ -157,9 +165,9 @@ def unit_lower_inverse(A: jax.Array) -> jax.Array:
     T = jnp.broadcast_to(jnp.eye(size, dtype=A.dtype), A.shape)
     b = 1
     while b < size:
-        sub = (rows[:, None] // (2 * b) == rows[None, :] // (2 * b)) & (rows[:, None] // b != rows[None, :] // b)
-        M = jnp.where(sub & (rows[:, None] > rows[None, :]), A, 0.0)
-        T = T - jnp.matmul(T, jnp.matmul(M, T, precision=HIGHEST), precision=HIGHEST)
+        sub = (rows[:, None] // (2 * b) == rows[None, :] // (2 * b)) & (rows[:, None] // b > rows[None, :] // b)
+        M = jnp.where(sub, A, 0.0)
+        T = T - jnp.matmul(T, jnp.matmul(M, T, precision=precision), precision=precision)
         b *= 2
     return T
 
@@ -198,7 +206,7 @@ def run_chunked(
     reset: jax.Array | None,
     *,
     chunk_size: int,
-    solve: Solve,
+    inverse: Inverse,
     states: States,
     dot_dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
@@ -210,7 +218,7 @@ def run_chunked(
     q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
     if reset is not None:
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
-    f = chunk_factors(q, k, v, beta, log_alpha, reset, solve=solve, dot_dtype=dot_dtype)
+    f = chunk_factors(q, k, v, beta, log_alpha, reset, inverse=inverse, dot_dtype=dot_dtype)
     w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
     return from_chunks(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), seq_len), final
 
@@ -231,4 +239,4 @@ def gated_delta_rule_chunked(
     dtype = jnp.promote_types(jnp.float32, q.dtype)
     q, k, v, beta, log_alpha, h0 = (x.astype(dtype) for x in (q, k, v, beta, log_alpha, h0))
     return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=min(chunk_size, q.shape[1]),
-                       solve=triangular_solve, states=scan_states, dot_dtype=dtype)
+                       inverse=triangular_inverse, states=scan_states, dot_dtype=dtype)

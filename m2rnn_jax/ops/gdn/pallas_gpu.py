@@ -18,10 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.gdn.chunked import matmul, run_chunked, triangular_solve, unit_lower_inverse
+from m2rnn_jax.ops.gdn.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
-DEFAULT_KERNEL_CONFIG = StatesKernelConfig()
+DEFAULT_FORWARD_CONFIG = StatesKernelConfig(block_v=32, num_warps=4, num_stages=2)
+DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=2)
 INVERSES = ("doubling", "triangular_solve")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -41,21 +42,22 @@ def fused_unsupported_reason(k_dim: int, v_dim: int, chunk_size: int, dtype: jnp
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def fused_chunk_states(U, Wk, Kd, carry, h0, config: StatesKernelConfig, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def fused_chunk_states(U, Wk, Kd, carry, h0, forward_config: StatesKernelConfig,
+                       backward_config: StatesKernelConfig, interpret: bool):
     """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`."""
-    return chunk_states_forward(U, Wk, Kd, carry, h0, config=config, interpret=interpret)
+    return chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
 
 
-def _fused_forward(U, Wk, Kd, carry, h0, config, interpret):
-    w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=config, interpret=interpret)
+def _fused_forward(U, Wk, Kd, carry, h0, forward_config, backward_config, interpret):
+    w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
     return (w, starts, final), (Wk, Kd, carry, w, starts)
 
 
-def _fused_backward(config, interpret, residuals, cotangents):
+def _fused_backward(forward_config, backward_config, interpret, residuals, cotangents):
     Wk, Kd, carry, w, starts = residuals
     dw_ext, dstarts, dfinal = cotangents
-    dw, g_next, dh0 = chunk_states_backward(Wk, Kd, carry, dw_ext, dstarts, dfinal, config=config,
+    dw, g_next, dh0 = chunk_states_backward(Wk, Kd, carry, dw_ext, dstarts, dfinal, config=backward_config,
                                             interpret=interpret)
     dot = Wk.dtype
     dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
@@ -78,13 +80,15 @@ def gated_delta_rule_pallas_gpu(
     *,
     chunk_size: int,
     interpret: bool = False,
-    kernel_config: StatesKernelConfig = DEFAULT_KERNEL_CONFIG,
+    forward_config: StatesKernelConfig = DEFAULT_FORWARD_CONFIG,
+    backward_config: StatesKernelConfig = DEFAULT_BACKWARD_CONFIG,
     inverse: str = "doubling",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) float32, final state (B, H, K, V) float32).
 
-    Products take q's dtype; ``inverse`` picks the chunk inverse ("doubling" matmuls or XLA's
-    "triangular_solve"); ``kernel_config`` the launch of the fused walk.
+    Products take q's dtype; ``inverse`` picks the chunk inverse ("doubling" matmuls, at the matmul unit's default
+    precision for 16-bit inputs and full float32 for float32 inputs, or XLA's "triangular_solve");
+    ``forward_config`` / ``backward_config`` the launches of the fused walks.
     """
     reason = fused_unsupported_reason(q.shape[-1], v.shape[-1], chunk_size, q.dtype)
     if reason is not None:
@@ -93,15 +97,14 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
     dot = q.dtype
 
-    def solve(A, rhs):
+    def invert(A):
         if inverse == "triangular_solve":
-            return triangular_solve(A, rhs)
-        return matmul("...ti,...ip->...tp", unit_lower_inverse(A), rhs, dot)
+            return triangular_inverse(A)
+        return unit_lower_inverse(A, HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT)
 
     def states(U, Wk, Kd, carry, state):
-        return fused_chunk_states(U.astype(dot), Wk.astype(dot), Kd.astype(dot), carry, state, kernel_config,
-                                  interpret)
+        return fused_chunk_states(U, Wk, Kd, carry, state, forward_config, backward_config, interpret)
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
-    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, solve=solve, states=states,
+    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states,
                        dot_dtype=dot)

@@ -1,0 +1,208 @@
+"""GPU check of the gated delta rule's pallas_gpu backend: errors against the float32 chunked reference (outputs,
+final state, every gradient) and timings (median of host-timed calls after warm-up, synchronised with
+block_until_ready) of several kernel / inverse variants, in one call.
+
+    PYTHONPATH=. python3 experiments/bench/gdn_check.py --out $OUT
+
+Writes ``$OUT/gdn_check.json`` (rewritten atomically after every step) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.ops.gdn.chunked import chunk_factors, to_chunks, triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.gdn.op import gated_delta_rule
+from m2rnn_jax.ops.gdn.pallas_gpu import DEFAULT_BACKWARD_CONFIG, DEFAULT_FORWARD_CONFIG, gated_delta_rule_pallas_gpu
+from m2rnn_jax.ops.gdn.testing import random_gdn_inputs, relative_error
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
+
+ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
+K = StatesKernelConfig
+VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse)
+    "default": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "doubling"),
+    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling"),
+    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling"),
+    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling"),
+}
+KERNEL_SWEEP = [K(16, 4, 2), K(32, 2, 2), K(32, 4, 2), K(32, 8, 2), K(64, 4, 2), K(64, 8, 2), K(64, 8, 1), K(32, 4, 1)]
+
+
+def median_ms(fn, *args, warmup: int = 3, reps: int = 20) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def forward_and_backward(fn):
+    """jit of (inputs, cotangents) -> (o, h_final, gradients of the six inputs)."""
+
+    def run(inputs, do, dh):
+        (o, h), vjp = jax.vjp(lambda *a: fn(*a), *(inputs[n] for n in ARGS))
+        return o, h, vjp((do, dh))
+
+    return jax.jit(run)
+
+
+def errors(result, reference) -> dict[str, float]:
+    o, h, grads = result
+    o_ref, h_ref, grads_ref = reference
+    out = {"o": relative_error(o, o_ref), "h_final": relative_error(h, h_ref)}
+    out.update({f"d{n}": relative_error(g, g_ref) for n, g, g_ref in zip(ARGS, grads, grads_ref)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--k-dim", type=int, default=256)
+    parser.add_argument("--v-dim", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (a CPU dry run)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining steps after this")
+    args = parser.parse_args()
+    t0 = time.time()
+    shape = dict(B=args.batch, S=args.seq, H=args.heads, K=args.k_dim, V=args.v_dim, C=args.chunk)
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": shape, "dtype": "bfloat16",
+        "steps": {},
+    }
+    path = os.path.join(args.out, "gdn_check.json")
+
+    def save():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+
+    def step(name, body):
+        if time.time() - t0 > args.budget_s:
+            record["steps"][name] = {"skipped": "time budget"}
+        else:
+            try:
+                record["steps"][name] = body()
+            except Exception as e:  # one broken variant must not lose the others' numbers
+                record["steps"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                traceback.print_exc()
+        print(name, json.dumps(record["steps"][name]), flush=True)
+        save()
+
+    dims = (args.batch, args.seq, args.heads, args.k_dim, args.v_dim)
+    bf16 = random_gdn_inputs(0, *dims, dtype=jnp.bfloat16)
+    bf16.pop("reset")
+    f32 = {n: x.astype(jnp.float32) for n, x in bf16.items()}
+    key_o, key_h = jax.random.split(jax.random.key(1))
+    do = jax.random.normal(key_o, (*dims[:3], args.v_dim), jnp.float32)
+    dh = jax.random.normal(key_h, (args.batch, args.heads, args.k_dim, args.v_dim), jnp.float32)
+
+    def chunked(*a, reset=None):
+        return gated_delta_rule(*a, reset=reset, chunk_size=args.chunk, backend="chunked")
+
+    reference = jax.device_get(forward_and_backward(chunked)(f32, do, dh))
+
+    def reference_timing():
+        fwd = jax.jit(lambda x: chunked(*(x[n] for n in ARGS)))
+        return {"fwd_ms": median_ms(fwd, f32), "fwd_bwd_ms": median_ms(forward_and_backward(chunked), f32, do, dh)}
+
+    step("chunked_f32_reference", reference_timing)
+
+    def variant(forward_config, backward_config, inverse):
+        def fn(*a, reset=None):
+            o, h = gated_delta_rule_pallas_gpu(*a, reset, chunk_size=args.chunk, forward_config=forward_config,
+                                               backward_config=backward_config, inverse=inverse,
+                                               interpret=args.interpret)
+            return o.astype(a[0].dtype), h
+
+        def body():
+            both = forward_and_backward(fn)
+            out = {"errors_vs_f32": errors(jax.device_get(both(bf16, do.astype(jnp.bfloat16), dh)), reference)}
+            fwd = jax.jit(lambda x: fn(*(x[n] for n in ARGS)))
+            out["fwd_ms"] = median_ms(fwd, bf16)
+            out["fwd_bwd_ms"] = median_ms(both, bf16, do.astype(jnp.bfloat16), dh)
+            out["config"] = {"forward": dataclasses.asdict(forward_config),
+                             "backward": dataclasses.asdict(backward_config), "inverse": inverse}
+            return out
+
+        return body
+
+    for name, configs in VARIANTS.items():
+        step(name, variant(*configs))
+
+    def breakdown():
+        chunks = {n: to_chunks(bf16[n], args.chunk) for n in ("q", "k", "v", "beta", "log_alpha")}
+
+        def factors(c):
+            inverse = lambda A: unit_lower_inverse(A, jax.lax.Precision.DEFAULT)
+            return chunk_factors(c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, inverse=inverse,
+                                 dot_dtype=jnp.bfloat16)
+
+        f = jax.jit(factors)(chunks)
+        h0 = bf16["h0"]
+        factor_grad = jax.jit(lambda c: jax.vjp(factors, c)[1](jax.tree.map(jnp.ones_like, factors(c))))
+        solve_check = jax.jit(lambda A: (unit_lower_inverse(A, jax.lax.Precision.DEFAULT), triangular_inverse(A)))
+        A = jnp.tril(0.3 * jax.random.normal(jax.random.key(2), (64, args.chunk, args.chunk)), -1)
+        inv_d, inv_t = solve_check(A)
+        out = {
+            "chunk_factors_fwd_ms": median_ms(jax.jit(factors), chunks),
+            "chunk_factors_vjp_ms": median_ms(factor_grad, chunks),
+            "inverse_doubling_default_precision_vs_trsm_rel": relative_error(inv_d, inv_t),
+        }
+        for cfg in KERNEL_SWEEP:
+            name = f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+            fwd_kernel = jax.jit(lambda U, Wk, Kd, a, h, cfg=cfg: chunk_states_forward(
+                U, Wk, Kd, a, h, config=cfg, interpret=args.interpret))
+            bwd_kernel = jax.jit(lambda Wk, Kd, a, dw, ds, dh_, cfg=cfg: chunk_states_backward(
+                Wk, Kd, a, dw, ds, dh_, config=cfg, interpret=args.interpret))
+            try:
+                w, starts, _ = fwd_kernel(f.U, f.Wk, f.Kd, f.carry, h0)
+                out[f"states_fwd_{name}_ms"] = median_ms(fwd_kernel, f.U, f.Wk, f.Kd, f.carry, h0)
+                out[f"states_bwd_{name}_ms"] = median_ms(bwd_kernel, f.Wk, f.Kd, f.carry, w, starts, dh)
+            except Exception as e:
+                out[f"states_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        return out
+
+    step("breakdown", breakdown)
+
+    def with_resets():
+        reset = jax.random.uniform(jax.random.key(3), (args.batch, args.seq)) < 1e-3
+        ref = forward_and_backward(lambda *a: chunked(*a, reset=reset))(f32, do, dh)
+
+        def fused(*a):
+            o, h = gated_delta_rule_pallas_gpu(*a, reset, chunk_size=args.chunk, interpret=args.interpret)
+            return o.astype(a[0].dtype), h
+
+        got = forward_and_backward(fused)(bf16, do.astype(jnp.bfloat16), dh)
+        return {"resets": int(reset.sum()), "errors_vs_f32": errors(jax.device_get(got), jax.device_get(ref))}
+
+    step("resets_default_variant", with_resets)
+
+    print(f"\n{'step':28s} {'fwd ms':>8s} {'f+b ms':>8s}  max rel err (o, h, grads)")
+    for name, r in record["steps"].items():
+        errs = r.get("errors_vs_f32", {})
+        worst = max(errs.values()) if errs else float("nan")
+        print(f"{name:28s} {r.get('fwd_ms', float('nan')):8.3f} {r.get('fwd_bwd_ms', float('nan')):8.3f}  {worst:.2e}"
+              f"  {r.get('error', '')[:120]}")
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The gated delta rule op: chunked vs recurrent vs a float64 NumPy loop, resets vs separate documents, the
+pallas_gpu backend in interpret mode (forward and every gradient), the chunk inverse, argument checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2rnn_jax.ops import gated_delta_rule
+from m2rnn_jax.ops.gdn.chunked import triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.gdn.op import resolve_backend
+from m2rnn_jax.ops.gdn.testing import random_gdn_inputs, relative_error
+
+ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
+
+
+def numpy_gated_delta_rule(q, k, v, beta, log_alpha, h0, reset):
+    """The recurrence written out per (sequence, head, step) in float64."""
+    q, k, v, beta, log_alpha, h0 = (np.asarray(x, np.float64) for x in (q, k, v, beta, log_alpha, h0))
+    batch, seq_len, heads, _ = q.shape
+    o = np.zeros((batch, seq_len, heads, v.shape[-1]))
+    final = np.zeros_like(h0)
+    for b in range(batch):
+        for h in range(heads):
+            state = h0[b, h].copy()
+            for t in range(seq_len):
+                if reset is not None and reset[b, t]:
+                    state = np.zeros_like(state)
+                state = np.exp(log_alpha[b, t, h]) * state
+                w = beta[b, t, h] * (v[b, t, h] - k[b, t, h] @ state)
+                state = state + np.outer(k[b, t, h], w)
+                o[b, t, h] = state.T @ q[b, t, h]
+            final[b, h] = state
+    return o, final
+
+
+def inputs64(seed, reset_rate=0.2, **dims):
+    sizes = dict(batch=2, seq_len=13, heads=3, k_dim=5, v_dim=4) | dims
+    x = random_gdn_inputs(seed, **sizes, reset_rate=reset_rate)
+    return {n: (x[n] if x[n] is None or n == "reset" else x[n].astype(jnp.float64)) for n in x}
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunked"])
+@pytest.mark.parametrize("chunk_size, reset_rate, with_h0", [(4, 0.2, True), (32, 0.0, False), (1, 0.3, True)])
+def test_reference_backends_match_numpy_float64(x64, backend, chunk_size, reset_rate, with_h0):
+    x = inputs64(chunk_size, reset_rate)
+    h0 = x["h0"] if with_h0 else None
+    o, final = gated_delta_rule(*(x[n] for n in ARGS[:5]), h0, reset=x["reset"], chunk_size=chunk_size,
+                                backend=backend)
+    o_np, final_np = numpy_gated_delta_rule(*(x[n] for n in ARGS[:5]), x["h0"] if with_h0 else np.zeros_like(
+        x["h0"]), None if x["reset"] is None else np.asarray(x["reset"]))
+    assert o.dtype == jnp.float64 and final.dtype == jnp.float64
+    np.testing.assert_allclose(o, o_np, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(final, final_np, rtol=1e-10, atol=1e-12)
+
+
+def _loss(backend, reset, chunk_size, weights, **kwargs):
+    def loss(*args):
+        o, final = gated_delta_rule(*args, reset=reset, chunk_size=chunk_size, backend=backend, **kwargs)
+        return jnp.sum(o * weights) + jnp.sum(final * jnp.cos(final))
+
+    return loss
+
+
+@pytest.mark.parametrize("chunk_size", [4, 32])
+def test_chunked_gradients_match_recurrent_float64(x64, chunk_size):
+    x = inputs64(10 + chunk_size, reset_rate=0.25)
+    args = tuple(x[n] for n in ARGS)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 13, 3, 4)))
+    grads = [jax.jit(jax.grad(_loss(b, x["reset"], chunk_size, weights), argnums=tuple(range(6))))(*args)
+             for b in ("recurrent", "chunked")]
+    for name, g_rec, g_chk in zip(ARGS, *grads):
+        np.testing.assert_allclose(g_chk, g_rec, rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+def test_reset_equals_running_documents_separately(x64):
+    x = inputs64(3, reset_rate=0.0, batch=1, seq_len=17)
+    starts = [0, 5, 6, 12]  # documents [0, 5), [5, 6), [6, 12), [12, 17)
+    reset = np.zeros((1, 17), bool)
+    reset[0, starts[1:]] = True
+    o, final = gated_delta_rule(*(x[n] for n in ARGS), reset=jnp.asarray(reset), chunk_size=4, backend="chunked")
+    pieces, state = [], x["h0"]
+    for lo, hi in zip(starts, starts[1:] + [17]):
+        part = [x[n][:, lo:hi] for n in ARGS[:5]]
+        o_part, state = gated_delta_rule(*part, state if lo == 0 else None, chunk_size=4, backend="chunked")
+        pieces.append(o_part)
+    np.testing.assert_allclose(o, jnp.concatenate(pieces, axis=1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(final, state, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "seq_len, reset_rate, with_h0",
+    [(40, 0.1, True), (16, 0.0, False)],  # 40: two full chunks of 16 + a ragged one; 16: one chunk, no h0
+)
+def test_pallas_gpu_interpret_matches_recurrent_with_gradients(seq_len, reset_rate, with_h0):
+    x = random_gdn_inputs(seq_len, 2, seq_len, 2, 16, 32, reset_rate=reset_rate)
+    if reset_rate:
+        x["reset"] = x["reset"].at[0, 17].set(True)  # a reset on a chunk boundary's neighbour, at least one
+    h0 = x["h0"] if with_h0 else None
+    args = tuple(x[n] for n in ARGS[:5]) + (h0,)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal((2, seq_len, 2, 32)), jnp.float32)
+    argnums = tuple(range(6)) if with_h0 else tuple(range(5))
+    results = []
+    for backend, kwargs in (("recurrent", {}), ("pallas_gpu", {"interpret": True})):
+        loss = _loss(backend, x["reset"], 16, weights, **kwargs)
+        value = gated_delta_rule(*args, reset=x["reset"], chunk_size=16, backend=backend, **kwargs)
+        results.append((value, jax.jit(jax.grad(loss, argnums=argnums))(*args)))
+    (o_ref, f_ref), g_ref = results[0]
+    (o, f), g = results[1]
+    assert relative_error(o, o_ref) < 1e-5 and relative_error(f, f_ref) < 1e-5
+    for name, a, b in zip(ARGS, g, g_ref):
+        assert relative_error(a, b) < 1e-5, name
+
+
+def test_pallas_gpu_interpret_bf16_inputs_close_to_float32():
+    x = random_gdn_inputs(5, 1, 24, 2, 16, 16, dtype=jnp.bfloat16, reset_rate=0.1)
+    args = tuple(x[n] for n in ARGS)
+    o, final = gated_delta_rule(*args, reset=x["reset"], chunk_size=16, backend="pallas_gpu", interpret=True)
+    o_ref, final_ref = gated_delta_rule(*(a.astype(jnp.float32) for a in args), reset=x["reset"],
+                                        backend="recurrent")
+    assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    assert relative_error(o, o_ref) < 2e-2 and relative_error(final, final_ref) < 2e-2
+
+
+@pytest.mark.parametrize("precision", [jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT])
+def test_doubling_inverse_matches_triangular_solve(precision):
+    A = jnp.tril(jnp.asarray(np.random.default_rng(0).standard_normal((3, 32, 32)), jnp.float32), -1) * 0.5
+    tol = 1e-5 if precision == jax.lax.Precision.HIGHEST else 2e-2  # DEFAULT may be TF32 on GPUs
+    assert relative_error(unit_lower_inverse(A, precision), triangular_inverse(A)) < tol
+    with pytest.raises(ValueError, match="power-of-two"):
+        unit_lower_inverse(jnp.zeros((24, 24)))
+
+
+def test_output_dtypes_and_auto_on_cpu():
+    x = random_gdn_inputs(0, 1, 5, 1, 4, 3, dtype=jnp.bfloat16)
+    o, final = gated_delta_rule(*(x[n] for n in ARGS[:5]))
+    assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32 and final.shape == (1, 1, 4, 3)
+    if jax.devices()[0].platform == "cpu":
+        assert resolve_backend("auto", 16, 16, 16, jnp.bfloat16) == "chunked"
+    assert resolve_backend("recurrent", 5, 3, 7, jnp.float64) == "recurrent"
+
+
+def test_bad_arguments_raise():
+    x = random_gdn_inputs(0, 1, 6, 2, 4, 3)
+    q, k, v, beta, log_alpha, h0 = (x[n] for n in ARGS)
+    cases = [
+        (dict(q=q[0]), "q: expected shape \\(B, S, H, K\\)"),
+        (dict(k=k[:, :5]), "k: expected shape"),
+        (dict(v=v[:, :, :1]), "v: expected shape"),
+        (dict(v=v.astype(jnp.bfloat16)), "q, k, v: expected one dtype"),
+        (dict(beta=beta[..., :1]), "beta: expected shape"),
+        (dict(log_alpha=log_alpha.astype(jnp.int32)), "log_alpha: expected a floating-point array"),
+        (dict(h0=h0[..., :2]), "h0: expected shape"),
+        (dict(reset=jnp.zeros((1, 6), jnp.int32)), "reset: expected a bool array"),
+        (dict(chunk_size=0), "chunk_size: expected a positive int"),
+        (dict(backend="fast"), "backend: expected one of"),
+        (dict(backend="chunked", interpret=True), "interpret: True needs backend 'pallas_gpu'"),
+        (dict(backend="pallas_gpu"), "K \\(q.shape\\[-1\\]\\): expected a power of two >= 16"),
+    ]
+    base = dict(q=q, k=k, v=v, beta=beta, log_alpha=log_alpha, h0=h0)
+    for change, message in cases:
+        kw = base | change
+        args = [kw.pop(n) for n in ARGS]
+        with pytest.raises(ValueError, match=message):
+            gated_delta_rule(*args, **kw)
