@@ -22,7 +22,6 @@ running S tokens at once equals running them one at a time (see :mod:`m2rnn_jax.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -70,10 +69,6 @@ class DecoderOutput(NamedTuple):
     hidden: jax.Array | None = None
 
 
-def _accepts_keyword(fn: Any, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 class DecoderBlock(nnx.Module):
     """One pre-norm block: ``x += mixer(norm1(x)); x += mlp(norm2(x))``.
 
@@ -101,14 +96,18 @@ class DecoderBlock(nnx.Module):
         self.norm2 = RMSNorm(hidden, **norm_args)
         channel_mixer_class = MoE if isinstance(config.mlp, MoEConfig) else MLP
         self.mlp = channel_mixer_class(hidden, config.mlp, **common)
-        self.mixer_takes_segment_ids = _accepts_keyword(type(self.mixer).__call__, "segment_ids")
 
     def __call__(
         self, x: jax.Array, state: Any = None, segment_ids: jax.Array | None = None
     ) -> tuple[jax.Array, Any, jax.Array]:
-        """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar f32))."""
-        mixer_kwargs = {"segment_ids": segment_ids} if self.mixer_takes_segment_ids else {}
-        mixed, new_state = self.mixer(self.norm1(x), state, **mixer_kwargs)
+        """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar f32)).
+
+        segment_ids: optional (B, S) document ids, given to the mixer (every mixer takes the keyword): each new
+        document starts from a zero state and conv tail, attention stays within a document.
+        """
+        h = self.norm1(x)
+        # the keyword only when given: Gated DeltaNet gains it in a parallel change (then always pass it)
+        mixed, new_state = self.mixer(h, state) if segment_ids is None else self.mixer(h, state, segment_ids=segment_ids)
         x = x + mixed.astype(x.dtype)
         if isinstance(self.mlp, MoE):
             channel, aux_loss = self.mlp(self.norm2(x))

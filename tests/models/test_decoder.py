@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.loss import cross_entropy, language_model_loss, next_token_targets
 from m2rnn_jax.models.presets import tiny_config
@@ -79,6 +82,27 @@ def test_segment_ids_mask_attention_across_documents():
     unmasked = forward_logits(model, ids)
     unmasked_changed = forward_logits(model, changed)
     assert float(jnp.max(jnp.abs(unmasked[0, 3:] - unmasked_changed[0, 3:]))) > 1e-4
+
+
+def _pattern_with_every_mixer() -> str:
+    """MSARU, plus G once Gated DeltaNet takes ``segment_ids`` (a parallel change adds it)."""
+    takes_segment_ids = "segment_ids" in inspect.signature(GatedDeltaNet.__call__).parameters
+    return "MSARUG" if takes_segment_ids else "MSARU"
+
+
+def test_packed_documents_equal_separate_runs_in_every_mixer(x64):
+    """A row of three documents with segment_ids gives each document's logits of a separate run (float64)."""
+    config = tiny_config(_pattern_with_every_mixer(), hidden_size=32).replace(
+        initializer_range=0.1, dtype="float64", param_dtype="float64"
+    )
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    ids = random_ids(7, (1, 11))
+    bounds = [0, 4, 5, 11]
+    segments = jnp.asarray([[0] * 4 + [1] + [2] * 6], dtype=jnp.int32)
+    packed = forward_logits(model, ids, segments)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        np.testing.assert_allclose(packed[0, s:e], forward_logits(model, ids[:, s:e])[0], rtol=1e-9, atol=1e-10)
+    assert float(jnp.max(jnp.abs(forward_logits(model, ids)[0, 4:] - packed[0, 4:]))) > 1e-4
 
 
 def test_remat_gives_the_same_loss_and_gradients():
