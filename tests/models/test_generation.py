@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
 from m2rnn_jax.models.decoder import Decoder
-from m2rnn_jax.models.generation import decode_step, filter_logits, generate, prefill, sample_logits
+from m2rnn_jax.models.generation import (
+    decode_step,
+    filter_logits,
+    generate,
+    generate_ragged,
+    left_pad_prompts,
+    prefill,
+    sample_logits,
+)
 from m2rnn_jax.models.presets import tiny_config
 
 EVERY_MIXER = "MGSARU"
@@ -113,3 +124,65 @@ def test_samples_stay_inside_the_filtered_set_and_follow_the_probabilities():
     assert set(np.asarray(draw(keys, 0, 0.81)).tolist()) == {1, 2, 3}
     greedy = sample_logits(logits, keys[0], 0.0, 0, 1.0)
     assert int(greedy[0]) == 1
+
+
+def _ragged_pattern() -> str:
+    """Every mixer letter; G once Gated DeltaNet takes ``segment_ids`` (a parallel change adds it)."""
+    takes_segment_ids = "segment_ids" in inspect.signature(GatedDeltaNet.__call__).parameters
+    return "MSARUG" if takes_segment_ids else "MSARU"
+
+
+RAGGED_PROMPTS = [[5, 17, 3, 200, 9, 41, 7], [88], [12, 250, 33, 4]]
+
+
+def test_left_pad_prompts():
+    ids, segments = left_pad_prompts([[3, 4, 5], np.array([7]), jnp.array([8, 9])], pad_id=1)
+    np.testing.assert_array_equal(ids, [[3, 4, 5], [1, 1, 7], [1, 8, 9]])
+    np.testing.assert_array_equal(segments, [[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match="prompts: expected a non-empty list"):
+        left_pad_prompts([])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected a non-empty 1-D sequence of integer token ids"):
+        left_pad_prompts([[1, 2], []])
+    with pytest.raises(ValueError, match=r"prompts\[0\]: expected a non-empty 1-D sequence of integer token ids"):
+        left_pad_prompts([[1.5, 2.0]])
+
+
+def test_ragged_prefill_and_decode_logits_equal_single_prompts():
+    """Left-padded prefill + decode steps give each prompt's logits of running it alone (float32)."""
+    config = tiny_config(_ragged_pattern()).replace(initializer_range=0.1)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    ids, segments = left_pad_prompts(RAGGED_PROMPTS)
+    steps = [[3, 60, 7], [11, 2, 99]]  # tokens fed after the prompts, one column per row
+
+    def run(ids, segment_ids, steps):
+        cache = model.init_cache(ids.shape[0], ids.shape[1] + len(steps))
+        logits, cache = nnx.jit(prefill)(model, jnp.asarray(ids), cache, segment_ids=segment_ids)
+        step_logits = []
+        for tokens in steps:
+            out, cache = nnx.jit(decode_step)(model, jnp.asarray(tokens, jnp.int32), cache)
+            step_logits.append(out)
+        return np.asarray(logits), [np.asarray(out) for out in step_logits]
+
+    logits, step_logits = run(ids, jnp.asarray(segments), steps)
+    for b, prompt in enumerate(RAGGED_PROMPTS):
+        alone, alone_steps = run(np.asarray([prompt]), None, [[tokens[b]] for tokens in steps])
+        np.testing.assert_allclose(logits[b, ids.shape[1] - len(prompt) :], alone[0], rtol=0, atol=2e-5)
+        for got, want in zip(step_logits, alone_steps):
+            np.testing.assert_allclose(got[b], want[0], rtol=0, atol=2e-5)
+    plain, _ = run(ids, None, [])
+    assert np.max(np.abs(plain[1, -1] - logits[1, -1])) > 1e-3  # without segments the padding leaks in
+
+
+def test_generate_ragged_greedy_equals_single_prompts():
+    config = tiny_config(_ragged_pattern()).replace(initializer_range=0.1)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    tokens = generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=5)
+    assert len(tokens) == len(RAGGED_PROMPTS)
+    for prompt, new in zip(RAGGED_PROMPTS, tokens):
+        alone = generate(model, jnp.asarray([prompt], jnp.int32), max_new_tokens=5)
+        assert new.dtype == np.int32 and new.shape == (5,)
+        np.testing.assert_array_equal(new, np.asarray(alone[0, len(prompt) :]))
+    sampled = generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=3, key=jax.random.key(1), temperature=1.0)
+    assert [s.shape for s in sampled] == [(3,)] * 3
+    with pytest.raises(ValueError, match="key: sampling with temperature > 0 needs a PRNG key"):
+        generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=3, temperature=1.0)
