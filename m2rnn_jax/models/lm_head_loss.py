@@ -7,10 +7,13 @@ token weights ``w`` (N,):
     nll_i    = logsumexp(logits_i) - logits_i[t_i]                (float32)
     loss     = sum_i w_i nll_i                                    (divide by sum_i w_i for the mean)
 
-The tokens are cut into ``num_chunks`` chunks and a ``lax.scan`` walks them, holding one chunk's logits
-(chunk, V) at a time. Chunk j takes the rows ``i * num_chunks + j`` (strided, like the micro-batches of
-:mod:`m2rnn_jax.train.step`), so that tokens split over devices in contiguous blocks stay split the same way inside
-every chunk and the scan axis is never a sharded one.
+Layout: the N tokens form ``groups`` contiguous groups (G, N / G) and each group is cut into ``num_chunks``
+chunks; a ``lax.scan`` walks the chunks, holding the logits (G, chunk, V) of one chunk of every group at a time.
+Chunk j of a group takes its rows ``i * num_chunks + j`` (strided, like the micro-batches of
+:mod:`m2rnn_jax.train.step`). With ``groups`` = the number of devices the tokens are split over (contiguous blocks,
+as a batch split over the data/fsdp mesh axes), each device computes its own group: the scan axis is never a
+sharded one and the kernel gradient is accumulated per group, (G, h, V), and summed once after the scan (a single
+all-reduce; with one group the partitioner all-reduces the (h, V) gradient after every chunk).
 
 Gradients ("fused linear cross-entropy"): differentiating the loss needs ``d logits_i = w_i (softmax(logits_i) -
 onehot(t_i))``, then ``d hidden = d logits @ kernel.T`` and ``d kernel = hidden.T @ d logits``. Recomputing the
@@ -51,6 +54,7 @@ class LMHeadLoss(NamedTuple):
 class _Layout(NamedTuple):
     """Static facts the custom VJP needs (hashable: a non-differentiable argument)."""
 
+    groups: int
     num_chunks: int
     chunk: int
     compute_dtype: Any
@@ -73,6 +77,7 @@ def lm_head_cross_entropy(
     *,
     chunk_size: int | None = None,
     compute_dtype: Any = None,
+    groups: int = 1,
 ) -> LMHeadLoss:
     """Summed weighted token cross-entropy of the LM head ``hidden @ kernel``, chunked over tokens.
 
@@ -81,9 +86,11 @@ def lm_head_cross_entropy(
         kernel: (h, V) head kernel; for tied embeddings pass ``embedding.T``.
         targets: (N,) int target ids in [0, V) (not checked: ids outside give undefined values).
         weights: optional (N,) float token weights (0 drops a token); default all ones.
-        chunk_size: at most this many tokens per chunk; default: see :func:`default_num_chunks`.
+        chunk_size: at most this many tokens per chunk of a group; default: :func:`default_num_chunks` of N / G.
         compute_dtype: dtype the matmul inputs are cast to (the model's compute dtype); default ``hidden.dtype``.
             Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
+        groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
+            tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
 
     Returns:
         :class:`LMHeadLoss`. Gradients flow to ``hidden``, ``kernel`` and ``weights`` through ``nll_sum``,
@@ -107,14 +114,18 @@ def lm_head_cross_entropy(
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     if num_tokens == 0:
         raise ValueError("hidden: expected at least one token, got N=0")
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 0 < groups <= num_tokens:
+        raise ValueError(f"groups: expected an int in [1, N={num_tokens}], got {groups!r}")
+    group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
-        num_chunks = default_num_chunks(num_tokens, kernel.shape[1])
+        num_chunks = default_num_chunks(group_tokens, kernel.shape[1])
     else:
-        num_chunks = math.ceil(num_tokens / chunk_size)
+        num_chunks = math.ceil(group_tokens / chunk_size)
     compute_dtype = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     layout = _Layout(
+        groups=groups,
         num_chunks=num_chunks,
-        chunk=math.ceil(num_tokens / num_chunks),
+        chunk=math.ceil(group_tokens / num_chunks),
         compute_dtype=compute_dtype,
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
@@ -124,16 +135,18 @@ def lm_head_cross_entropy(
 
 
 def _to_chunks(x: jax.Array, layout: _Layout) -> jax.Array:
-    """(N, ...) -> (num_chunks, chunk, ...), chunk j holding rows i * num_chunks + j (zero rows pad the end)."""
-    padding = layout.num_chunks * layout.chunk - x.shape[0]
+    """(N, ...) -> (num_chunks, G, chunk, ...): row g * (chunk * num_chunks) + i * num_chunks + j goes to chunk j,
+    group g, position i (zero rows pad the end)."""
+    padding = layout.groups * layout.chunk * layout.num_chunks - x.shape[0]
     if padding:
         x = jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
-    return jnp.swapaxes(x.reshape((layout.chunk, layout.num_chunks) + x.shape[1:]), 0, 1)
+    x = x.reshape((layout.groups, layout.chunk, layout.num_chunks) + x.shape[1:])
+    return jnp.moveaxis(x, 2, 0)
 
 
 def _from_chunks(x: jax.Array, num_tokens: int) -> jax.Array:
-    """Inverse of :func:`_to_chunks`: (num_chunks, chunk, ...) -> (N, ...)."""
-    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])[:num_tokens]
+    """Inverse of :func:`_to_chunks`: (num_chunks, G, chunk, ...) -> (N, ...)."""
+    return jnp.moveaxis(x, 0, 2).reshape((-1,) + x.shape[3:])[:num_tokens]
 
 
 def _chunk_inputs(layout: _Layout, hidden, kernel, targets, weights):
@@ -142,27 +155,29 @@ def _chunk_inputs(layout: _Layout, hidden, kernel, targets, weights):
     return kernel.astype(layout.compute_dtype), chunks
 
 
-def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], accumulation: Any) -> jax.Array:
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=accumulation)
+def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], batch: tuple[tuple[int, ...], tuple[int, ...]],
+            accumulation: Any) -> jax.Array:
+    dimensions = (((contract[0],), (contract[1],)), batch)
+    return jax.lax.dot_general(a, b, dimensions, preferred_element_type=accumulation)
 
 
 def _chunk_logits(hidden_c: jax.Array, kernel: jax.Array) -> jax.Array:
-    """(C, h) @ (h, V) -> (C, V) logits in the accumulation dtype."""
-    return _matmul(hidden_c, kernel, (1, 0), jnp.promote_types(jnp.float32, hidden_c.dtype))
+    """(G, C, h) @ (h, V) -> (G, C, V) logits in the accumulation dtype."""
+    return _matmul(hidden_c, kernel, (2, 0), ((), ()), jnp.promote_types(jnp.float32, hidden_c.dtype))
 
 
 def _token_statistics(logits: jax.Array, targets_c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(C, V) logits -> (logsumexp (C,), nll (C,), argmax == target (C,) bool)."""
+    """(G, C, V) logits -> (logsumexp (G, C), nll (G, C), argmax == target (G, C) bool)."""
     best = jnp.argmax(logits, axis=-1)
     # The maximum read at the argmax: one reduction over the logits gives both.
-    top = jnp.take_along_axis(logits, best[:, None], axis=-1)
-    logsumexp = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    target_logit = jnp.take_along_axis(logits, targets_c[:, None], axis=-1)[:, 0]
+    top = jnp.take_along_axis(logits, best[..., None], axis=-1)
+    logsumexp = top[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
     return logsumexp, logsumexp - target_logit, best == targets_c
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
-    """Per-chunk (num_chunks, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
+    """Per-chunk (num_chunks, G, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
     return LMHeadLoss(
         nll_sum=jnp.sum(nll * weights),
         weight_sum=jnp.sum(weights),
@@ -193,15 +208,16 @@ def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
         hidden_c, targets_c, weights_c = xs
         logits = _chunk_logits(hidden_c, kernel_c)
         logsumexp, nll, hits = _token_statistics(logits, targets_c)
-        onehot = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :] == targets_c[:, None]
-        d_logits = (jnp.exp(logits - logsumexp[:, None]) - onehot) * weights_c[:, None]
+        onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets_c[..., None]
+        d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights_c[..., None]
         d_logits = d_logits.astype(layout.compute_dtype)
-        d_hidden_c = _matmul(d_logits, kernel_c, (1, 1), accumulation)
-        d_kernel = d_kernel + _matmul(hidden_c, d_logits, (0, 0), accumulation)
+        d_hidden_c = _matmul(d_logits, kernel_c, (2, 1), ((), ()), accumulation)
+        d_kernel = d_kernel + _matmul(hidden_c, d_logits, (1, 1), ((0,), (0,)), accumulation)
         return d_kernel, (nll, hits, d_hidden_c)
 
-    zeros = jnp.zeros(kernel.shape, dtype=accumulation)
+    zeros = jnp.zeros((layout.groups,) + kernel.shape, dtype=accumulation)
     d_kernel, (nll, hits, d_hidden) = jax.lax.scan(step, zeros, (hidden_chunks, target_chunks, weight_chunks))
+    d_kernel = jnp.sum(d_kernel, axis=0)
     num_tokens = hidden.shape[0]
     output = _outputs(nll, hits, weight_chunks, num_tokens)
     residuals = (_from_chunks(d_hidden, num_tokens), d_kernel, _from_chunks(nll, num_tokens),

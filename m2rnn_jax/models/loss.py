@@ -85,6 +85,7 @@ def head_loss_sums(
     loss_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     chunk_size: int | None = None,
+    groups: int = 1,
 ) -> tuple[LMHeadLoss, jax.Array]:
     """The decoder's summed token cross-entropy through the chunked LM head, and its MoE aux loss.
 
@@ -95,6 +96,8 @@ def head_loss_sums(
         loss_mask: optional (B, S), nonzero where a target counts (weight 1), else weight 0.
         segment_ids: optional (B, S) document ids, passed to the mixers that support document masking.
         chunk_size: tokens per chunk of the head (default: :func:`~m2rnn_jax.models.lm_head_loss.default_num_chunks`).
+        groups: contiguous token groups of the head: the number of devices the batch rows are split over (1 on one
+            device; see :mod:`m2rnn_jax.models.lm_head_loss`).
 
     Returns:
         (:class:`~m2rnn_jax.models.lm_head_loss.LMHeadLoss` with ``correct`` shaped (B, S), aux loss (scalar f32)).
@@ -113,6 +116,7 @@ def head_loss_sums(
         weights,
         chunk_size=chunk_size,
         compute_dtype=model.config.compute_dtype,
+        groups=groups,
     )
     return head._replace(correct=head.correct.reshape(batch, seq_len)), output.aux_loss
 

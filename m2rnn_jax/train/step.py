@@ -6,6 +6,7 @@ optionally ``loss_mask`` (nonzero where a target counts) and ``segment_ids`` (do
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -14,6 +15,7 @@ import optax
 from flax import nnx
 
 from m2rnn_jax.models.loss import head_loss_sums
+from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
 from m2rnn_jax.train.optimizer import skipped_updates
 from m2rnn_jax.train.state import TrainState
 
@@ -21,13 +23,21 @@ Batch = dict[str, jax.Array]
 SUM_KEYS = ("cross_entropy_sum", "aux_loss", "correct", "tokens", "correct_last", "rows")
 
 
+def _batch_shards() -> int:
+    """How many ways the mesh the step is traced under (``jax.set_mesh``) splits the batch; 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes.get(axis, 1) for axis in LOGICAL_AXIS_RULES["batch"])
+
+
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss and per-batch sums for one (micro-)batch (the LM head + cross-entropy run chunked, see
-    :mod:`m2rnn_jax.models.lm_head_loss`)."""
+    :mod:`m2rnn_jax.models.lm_head_loss`, one token group per batch shard so that each device accumulates its own
+    head gradient)."""
     model = nnx.merge(graphdef, params)
     head, aux_loss = head_loss_sums(
         model, batch["inputs"], batch["targets"], loss_mask=batch.get("loss_mask"),
-        segment_ids=batch.get("segment_ids"),
+        segment_ids=batch.get("segment_ids"), groups=min(_batch_shards(), batch["inputs"].size),
     )
     sums = {
         "cross_entropy_sum": head.nll_sum,

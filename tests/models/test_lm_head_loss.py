@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,26 +36,31 @@ def plain_mean_loss(hidden, kernel, targets, weights):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None):
-    out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype)
+def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1):
+    out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype,
+                                groups=groups)
     return out.nll_sum / jnp.maximum(out.weight_sum, 1)
 
 
-def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None):
+def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None, groups=1):
     argnums = (0, 1, 3)  # hidden, kernel, weights
     expected, expected_grads = jax.value_and_grad(plain_mean_loss, argnums)(*args)
-    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5))
-    actual, actual_grads = chunked(*args, chunk_size, compute_dtype)
+    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5, 6))
+    actual, actual_grads = chunked(*args, chunk_size, compute_dtype, groups)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
     for name, a, e in zip(("hidden", "kernel", "weights"), actual_grads, expected_grads):
         assert a.dtype == e.dtype, name
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 37, 100, 1], ids=["ragged", "one_chunk", "chunk_above_n", "token_chunks"])
-def test_float64_loss_and_gradients_equal_full_logits(x64, chunk_size):
+@pytest.mark.parametrize(
+    "chunk_size,groups",
+    [(8, 1), (37, 1), (100, 1), (1, 1), (4, 3), (2, 37)],
+    ids=["ragged", "one_chunk", "chunk_above_n", "token_chunks", "ragged_groups", "token_groups"],
+)
+def test_float64_loss_and_gradients_equal_full_logits(x64, chunk_size, groups):
     args = head_inputs(0, 37, 16, 50, jnp.float64)
-    assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14)
+    assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14, groups=groups)
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -156,6 +165,23 @@ def test_bad_inputs_raise():
         lm_head_cross_entropy(hidden, kernel, targets, weights[:3])
     with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
         lm_head_cross_entropy(hidden, kernel, targets, chunk_size=0)
+    with pytest.raises(ValueError, match=r"groups: expected an int in \[1, N=6\]"):
+        lm_head_cross_entropy(hidden, kernel, targets, groups=7)
+
+
+def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():
+    """8 fake CPU devices (subprocess): sharded == unsharded, and one group per device moves the all-reduce of the
+    kernel gradient out of the loop (with one group it is inside, once per chunk)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-m", "tests.models.lm_head_loss_sharded"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    facts = dict(line.split() for line in result.stdout.splitlines())
+    for groups in (1, 8):
+        assert float(facts[f"groups{groups}_value_error"]) < 1e-5, facts
+        assert float(facts[f"groups{groups}_grad_error"]) < 1e-6, facts
+    assert int(facts["groups1_collectives_in_loops"]) > 0, facts
+    assert int(facts["groups8_collectives_in_loops"]) == 0, facts
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
