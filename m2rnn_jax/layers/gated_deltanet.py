@@ -6,13 +6,9 @@ gate of SPEC §2.3):
 
     S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,        o_t = S_tᵀ (scale · q_t)
 
-Chunked form (WY / UT transform; chunk length C, cumulative log-decay Γ_t = Σ_{s≤t} log α_s inside a chunk, S_0 the
-state entering it). Writing S_t = α_t S_{t-1} + k_t w_tᵀ with w_t = β_t (v_t - α_t S_{t-1}ᵀ k_t) gives
-(I + A) W = diag(β) V - diag(β e^Γ) K S_0 with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular
-solve per chunk yields U = (I + A)⁻¹ diag(β) V and Wk = (I + A)⁻¹ diag(β e^Γ) K, all chunks in parallel; a scan
-over chunks then carries S_0: W = U - Wk S_0, O = diag(e^Γ) Q S_0 + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i ≤ t]) W,
-S_C = e^{Γ_C} S_0 + (K ⊙ e^{Γ_C - Γ})ᵀ W. Ragged lengths are zero-padded at the end (β = 0, log α = 0 leave the
-state untouched). The recurrence runs in >= float32.
+The recurrence is the op :func:`m2rnn_jax.ops.gated_delta_rule` (chunked WY form, the fused GPU backend, or the
+step-by-step form; ``GatedDeltaNetConfig.backend``). With ``segment_ids`` every new document starts from a zero
+state and conv tail (:mod:`m2rnn_jax.layers.documents`; the op's ``reset``).
 
 Layer dataflow for x (B, S, h): ``qkv_proj`` -> causal conv (SiLU, no bias) on [q | k | v] -> q, k repeated to
 Nv heads (contiguous blocks) -> recurrence -> ``o * SiLU(gate)`` -> per-head RMSNorm over dv (one scale shared by
@@ -44,9 +40,12 @@ from flax import nnx
 
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
+from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.ops.gdn import gated_delta_rule
+from m2rnn_jax.ops.gdn.op import BACKENDS
 
 Dtype = Any
 
@@ -58,7 +57,9 @@ class GatedDeltaNetConfig:
     """Hyper-parameters of Gated DeltaNet (lm-engine ``GatedDeltaNetArgs``; 400M: 2 heads, dk 256, dv 512).
 
     ``num_heads`` is Nv (the state heads); ``num_k_heads`` (Nk, default Nv) must divide it. ``chunk_size`` is the
-    chunk length of the training form; ``attention_multiplier`` None means 1/sqrt(dk).
+    chunk length of the training form; ``attention_multiplier`` None means 1/sqrt(dk). ``backend`` is the op's
+    backend for sequences longer than one token (:func:`m2rnn_jax.ops.gated_delta_rule`: "auto", "chunked",
+    "recurrent", "pallas_gpu").
     """
 
     num_heads: int
@@ -76,6 +77,7 @@ class GatedDeltaNetConfig:
     dt_init_min: float = 1e-3
     dt_init_max: float = 0.1
     dt_init_floor: float = 1e-4
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.num_k_heads is None:
@@ -86,6 +88,8 @@ class GatedDeltaNetConfig:
             raise ValueError(f"num_k_heads must divide num_heads={self.num_heads}, got {self.num_k_heads}")
         if self.attention_multiplier is not None and not self.attention_multiplier > 0:
             raise ValueError(f"attention_multiplier must be None or > 0, got {self.attention_multiplier}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         validate_decay_gate_init(
@@ -105,64 +109,6 @@ class GatedDeltaNetState(NamedTuple):
     recurrent: jax.Array
 
 
-def gated_delta_rule_recurrent(q, k, v, beta, log_alpha, h0):
-    """Step-by-step gated delta rule.
-
-    q, k (B, S, H, K) (normalised, q scaled), v (B, S, H, V), beta and log_alpha (B, S, H), h0 (B, H, K, V)
-    -> (o (B, S, H, V), final state (B, H, K, V)), in the dtype of the inputs.
-    """
-
-    def step(state, inputs):
-        q_t, k_t, v_t, beta_t, log_alpha_t = inputs
-        state = jnp.exp(log_alpha_t)[..., None, None] * state
-        w = beta_t[..., None] * (v_t - jnp.einsum("bhk,bhkv->bhv", k_t, state))
-        state = state + k_t[..., :, None] * w[..., None, :]
-        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, log_alpha)]
-    final, o = jax.lax.scan(step, h0, time_major)
-    return jnp.moveaxis(o, 0, 1), final
-
-
-def gated_delta_rule_chunked(q, k, v, beta, log_alpha, h0, chunk_size: int):
-    """Chunked-parallel gated delta rule (module docstring); same arguments and result as the recurrent form."""
-    batch, seq_len = q.shape[:2]
-    C = min(chunk_size, seq_len)
-    num_chunks = -(-seq_len // C)
-    pad = num_chunks * C - seq_len
-
-    def chunks(x):  # (B, S, H, ...) -> (num_chunks, B, H, C, ...)
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(batch, num_chunks, C, *x.shape[2:])
-        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
-
-    q, k, v, beta, log_alpha = map(chunks, (q, k, v, beta, log_alpha))
-    gamma = jnp.cumsum(log_alpha, axis=-1)  # (n, B, H, C)
-    inclusive = jnp.tril(jnp.ones((C, C), dtype=jnp.bool_))
-    decay = jnp.exp(jnp.where(inclusive, gamma[..., :, None] - gamma[..., None, :], -jnp.inf))  # e^{Γt-Γi}, i<=t
-    strict = jnp.tril(jnp.ones((C, C), dtype=q.dtype), k=-1)
-    A = beta[..., :, None] * jnp.einsum("...tk,...ik->...ti", k, k) * decay * strict
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gamma))[..., None] * k], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)  # (I+A)⁻¹ rhs
-    U, Wk = jnp.split(solved, [v.shape[-1]], axis=-1)
-    qk = jnp.einsum("...tk,...ik->...ti", q, k) * decay
-    q_decayed = q * jnp.exp(gamma)[..., None]
-    last = gamma[..., -1]  # (n, B, H)
-    k_decayed = k * jnp.exp(last[..., None] - gamma)[..., None]
-
-    def step(state, inputs):
-        U_c, Wk_c, q_c, qk_c, k_c, last_c = inputs
-        w = U_c - Wk_c @ state  # (B, H, C, V)
-        o = q_c @ state + qk_c @ w
-        state = jnp.exp(last_c)[..., None, None] * state + jnp.swapaxes(k_c, -1, -2) @ w
-        return state, o
-
-    final, o = jax.lax.scan(step, h0, (U, Wk, q_decayed, qk, k_decayed, last))  # o (n, B, H, C, V)
-    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 3, 2)  # (B, n, C, H, V)
-    o = o.reshape(batch, num_chunks * C, o.shape[3], o.shape[4])
-    return o[:, :seq_len], final
-
-
 def l2_normalize(x: jax.Array) -> jax.Array:
     """x / sqrt(sum(x**2, -1) + 1e-6) over the last axis."""
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + L2_NORM_EPS)
@@ -171,9 +117,11 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 class GatedDeltaNet(nnx.Module):
     """Gated DeltaNet mixer: x (B, S, hidden) -> (y (B, S, hidden), GatedDeltaNetState).
 
-    Sequences longer than one token use the chunked form (chunk ``min(chunk_size, S)``), a single token the
-    recurrent step; both continue from ``state`` (None = zeros). When ``state`` is None the new state is kept in
-    ``promote_types(float32, dtype)``; a given state keeps its dtypes.
+    Sequences longer than one token use the op's ``config.backend`` (chunk length ``chunk_size``), a single token
+    the recurrent step; both continue from ``state`` (None = zeros). q, k, v reach the op in ``dtype`` (bf16
+    layers feed the fused kernels bf16; the op accumulates in float32); beta and the decay stay in
+    ``promote_types(float32, dtype)``. When ``state`` is None the new state is kept in that dtype too; a given
+    state keeps its dtypes.
     """
 
     def __init__(
@@ -220,9 +168,13 @@ class GatedDeltaNet(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, state: GatedDeltaNetState | None = None
+        self, x: jax.Array, state: GatedDeltaNetState | None = None, *, segment_ids: jax.Array | None = None
     ) -> tuple[jax.Array, GatedDeltaNetState]:
-        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new GatedDeltaNetState)."""
+        """x (B, S, hidden) -> (y (B, S, hidden) in ``dtype``, new GatedDeltaNetState).
+
+        segment_ids: optional (B, S) integer document ids; a new document starts where the id differs from the
+        previous position's (position 0 continues ``state``) and runs from a zero state and conv tail.
+        """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected shape (B, S, {self.hidden_size}), got {x.shape}")
@@ -234,20 +186,21 @@ class GatedDeltaNet(nnx.Module):
 
         x = x.astype(self.dtype)
         a, b, gate = jnp.split(self.ab_proj(x), [Nv, 2 * Nv], axis=-1)
-        qkv, conv_state = self.qkv_conv1d(self.qkv_proj(x), state.conv)
+        reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
+        qkv, conv_state = self.qkv_conv1d(self.qkv_proj(x), state.conv, segment_ids=segment_ids)
         q, k, v = jnp.split(qkv.astype(compute_dtype), [Nk * dk, 2 * Nk * dk], axis=-1)
         q, k = (jnp.repeat(t.reshape(batch, seq_len, Nk, dk), Nv // Nk, axis=2) for t in (q, k))
         scale = c.attention_multiplier if c.attention_multiplier is not None else dk**-0.5
         q, k = l2_normalize(q) * scale, l2_normalize(k)
-        v = v.reshape(batch, seq_len, Nv, dv)
+        q, k = q.astype(self.dtype), k.astype(self.dtype)
+        v = v.reshape(batch, seq_len, Nv, dv).astype(self.dtype)
         beta = jax.nn.sigmoid(b.astype(compute_dtype)) * (2.0 if c.allow_neg_eigval else 1.0)
         log_alpha = self.decay_gate(a, final_exponential=False)  # (B, S, Nv) in compute_dtype
 
-        h0 = state.recurrent.astype(compute_dtype)
-        if seq_len == 1:
-            o, recurrent = gated_delta_rule_recurrent(q, k, v, beta, log_alpha, h0)
-        else:
-            o, recurrent = gated_delta_rule_chunked(q, k, v, beta, log_alpha, h0, c.chunk_size)
+        backend = "recurrent" if seq_len == 1 else c.backend
+        o, recurrent = gated_delta_rule(q, k, v, beta, log_alpha, state.recurrent, reset=reset,
+                                        chunk_size=c.chunk_size, backend=backend)
+        o = o.astype(compute_dtype)
         if c.use_gate:
             o = o * jax.nn.silu(gate.reshape(batch, seq_len, Nv, dv).astype(compute_dtype))
         o = self.o_norm(o)  # per head over dv, output in dtype

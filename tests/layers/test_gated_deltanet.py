@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.gated_deltanet import (
-    GatedDeltaNet,
-    GatedDeltaNetConfig,
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-    l2_normalize,
-)
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, l2_normalize
+from m2rnn_jax.ops.gdn import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from tests.layers.mixer_helpers import assert_decode_matches_forward, count_params, jitted
 from tests.layers.test_conv import numpy_causal_conv
 
@@ -93,14 +88,14 @@ def test_chunked_form_matches_recurrent_form_and_its_gradients(x64, chunk_size):
         o, final = form(*args)
         return jnp.sum(o * weights) + jnp.sum(final**2)
 
-    chunked = jax.jit(lambda *a: gated_delta_rule_chunked(*a, chunk_size))
+    chunked = jax.jit(lambda *a: gated_delta_rule_chunked(*a, None, chunk_size))
     o_rec, s_rec = jax.jit(gated_delta_rule_recurrent)(*inputs)
     o_chk, s_chk = chunked(*inputs)
     np.testing.assert_allclose(o_chk, o_rec, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(s_chk, s_rec, rtol=1e-10, atol=1e-12)
     argnums = tuple(range(6))
     g_rec = jax.jit(jax.grad(lambda *a: loss(gated_delta_rule_recurrent, *a), argnums))(*inputs)
-    g_chk = jax.jit(jax.grad(lambda *a: loss(lambda *b: gated_delta_rule_chunked(*b, chunk_size), *a), argnums))(
+    g_chk = jax.jit(jax.grad(lambda *a: loss(lambda *b: gated_delta_rule_chunked(*b, None, chunk_size), *a), argnums))(
         *inputs
     )
     for a, b in zip(g_chk, g_rec):
@@ -115,11 +110,29 @@ def test_decode_matches_forward(x64, dtype, tol):
     assert_decode_matches_forward(layer, x, rtol=tol, atol=tol, prefill=4)
 
 
+def test_segment_ids_equal_separate_documents(x64):
+    config = GatedDeltaNetConfig(num_heads=2, num_k_heads=1, k_head_dim=4, v_head_dim=3, chunk_size=4)
+    layer = make_layer(config, dtype=jnp.float64, key=5)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 11, 12)))
+    starts = [0, 3, 4, 9]  # documents [0, 3), [3, 4), [4, 9), [9, 11)
+    segment_ids = jnp.asarray(np.searchsorted(starts, np.arange(11), side="right")[None])
+    run = jitted(layer)
+    y, state = run(x, segment_ids=segment_ids)
+    pieces = []
+    for lo, hi in zip(starts, starts[1:] + [11]):
+        y_doc, state_doc = run(x[:, lo:hi])
+        pieces.append(y_doc)
+    np.testing.assert_allclose(y, jnp.concatenate(pieces, axis=1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(state.recurrent, state_doc.recurrent, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="num_k_heads"):
         GatedDeltaNetConfig(num_heads=3, num_k_heads=2)
     with pytest.raises(ValueError, match="chunk_size"):
         GatedDeltaNetConfig(num_heads=2, chunk_size=0)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        GatedDeltaNetConfig(num_heads=2, backend="triton")
     with pytest.raises(ValueError, match="x: expected shape"):
         make_layer(GatedDeltaNetConfig(num_heads=2, k_head_dim=4, v_head_dim=3))(jnp.ones((1, 2, 5)))
 
