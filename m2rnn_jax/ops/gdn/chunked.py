@@ -23,6 +23,7 @@ Layout of the chunked tensors: (B, H, n, C, ...) with n = ceil(S / C) chunks.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -150,13 +151,14 @@ def triangular_inverse(A: jax.Array) -> jax.Array:
     return jax.lax.linalg.triangular_solve(A, eye, left_side=True, lower=True, unit_diagonal=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def unit_lower_inverse(A: jax.Array, precision: jax.lax.Precision = HIGHEST) -> jax.Array:
     """(I + A)⁻¹ for A (..., C, C) strictly lower triangular, C a power of two, by block doubling in matmuls.
 
     With T_b the inverse of the block-diagonal part of I + A in blocks of b, the blocks of 2b are
     [[T11, 0], [-T22 A21 T11, T22]], so T_2b = T_b - T_b M_b T_b where M_b keeps A's (odd, even) sub-blocks of
     size b inside each block of 2b. Exact block substitution (no Neumann-series cancellation); log2(C) levels of
-    two matmuls at ``precision`` each, which differentiate into matmuls.
+    two matmuls at ``precision``. The gradient is the closed form dA = -strict_lower(Tᵀ dT Tᵀ) (two matmuls).
     """
     size = A.shape[-1]
     if size & (size - 1):
@@ -170,6 +172,20 @@ def unit_lower_inverse(A: jax.Array, precision: jax.lax.Precision = HIGHEST) -> 
         T = T - jnp.matmul(T, jnp.matmul(M, T, precision=precision), precision=precision)
         b *= 2
     return T
+
+
+def _inverse_forward(A, precision):
+    T = unit_lower_inverse(A, precision)
+    return T, T
+
+
+def _inverse_backward(precision, T, dT):
+    Tt = jnp.swapaxes(T, -1, -2)
+    dA = -jnp.matmul(jnp.matmul(Tt, dT, precision=precision), Tt, precision=precision)
+    return (jnp.tril(dA, -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_forward, _inverse_backward)
 
 
 def scan_states(
