@@ -8,17 +8,22 @@ backward runs the reverse kernel and leaves the parallel cotangents to einsums (
 
     dU = dW,   dWk_c = -dW_c S_cᵀ,   dKd_c = W_c G_{c+1}ᵀ,   da_c = <G_{c+1}, S_c>,   dh0 = G_0
 
-XLA differentiates the rest.
+XLA differentiates the rest. Under a mesh (``jax.set_mesh``) the kernels, opaque to XLA's partitioner, run inside
+``jax.shard_map``: batch split over the mesh's data/fsdp/expert axes, heads over ``tensor`` (when they divide);
+axes already manual are left alone.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.gdn.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 DEFAULT_FORWARD_CONFIG = StatesKernelConfig(block_v=32, num_warps=4, num_stages=2)
@@ -69,6 +74,24 @@ def _fused_backward(forward_config, backward_config, interpret, residuals, cotan
 fused_chunk_states.defvjp(_fused_forward, _fused_backward)
 
 
+def mesh_split(batch: int, heads: int) -> P | None:
+    """PartitionSpec (batch axes, head axis) for the (B, H, ...) arrays of the walk under the current mesh, or None
+    when nothing is split (no mesh, axes of size 1 or already manual, sizes that do not divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    manual = set(mesh.manual_axes)
+    sizes = {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes) if name not in manual}
+    batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+    if batch % math.prod(sizes[a] for a in batch_axes):
+        batch_axes = ()
+    head_shards = sizes.get(HEAD_MESH_AXIS, 1)
+    head_axis = HEAD_MESH_AXIS if head_shards > 1 and heads % head_shards == 0 else None
+    if not batch_axes and head_axis is None:
+        return None
+    return P(batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None), head_axis)
+
+
 def gated_delta_rule_pallas_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -103,7 +126,12 @@ def gated_delta_rule_pallas_gpu(
         return unit_lower_inverse(A, HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT)
 
     def states(U, Wk, Kd, carry, state):
-        return fused_chunk_states(U, Wk, Kd, carry, state, forward_config, backward_config, interpret)
+        run = lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret)
+        spec = mesh_split(U.shape[0], U.shape[1])
+        if spec is None:
+            return run(U, Wk, Kd, carry, state)
+        return jax.shard_map(run, in_specs=(spec,) * 5, out_specs=(spec,) * 3, check_vma=False)(
+            U, Wk, Kd, carry, state)
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
     return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states,
