@@ -118,18 +118,13 @@ def _load_tokenizer(args: argparse.Namespace) -> Any:
 
 
 def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> list[np.ndarray]:
-    """The new tokens of each prompt (prompts of one length in one batch; of different lengths one by one)."""
+    """The new tokens of each prompt, all prompts in one batch (left-padded when their lengths differ)."""
     import jax
-    import jax.numpy as jnp
 
-    from m2rnn_jax.models.generation import generate
+    from m2rnn_jax.models.generation import generate_ragged
 
-    sampling = dict(max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if len({len(p) for p in prompts}) == 1:
-        tokens = np.asarray(generate(model, jnp.asarray(prompts, dtype=jnp.int32), **sampling))
-        return [row[len(prompts[0]):] for row in tokens]
-    return [np.asarray(generate(model, jnp.asarray([p], dtype=jnp.int32), **sampling))[0, len(p):] for p in prompts]
+    return generate_ragged(model, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
 def _until_eos(new_tokens: np.ndarray, eos_token_id: int, vocab_size: int) -> list[int]:
