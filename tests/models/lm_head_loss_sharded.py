@@ -53,7 +53,8 @@ def main() -> None:
         error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(grads, expected_grads))
         print(f"groups{groups}_value_error {abs(float(value) - float(expected)):.3g}")
         print(f"groups{groups}_grad_error {error:.3g}")
-        print(f"groups{groups}_collectives_in_loops {collectives_in_loops(fn.lower(sharded_hidden, kernel).compile().as_text())}")
+        hlo = fn.lower(sharded_hidden, kernel).compile().as_text()
+        print(f"groups{groups}_collectives_in_loops {collectives_in_loops(hlo)}")
 
 
 if __name__ == "__main__":
