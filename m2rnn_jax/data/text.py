@@ -12,7 +12,8 @@ batches (the tokenizer's ``encode_batch`` runs on all cores) and writes, in the 
 - ``meta.json`` (:data:`FORMAT_VERSION`; see ``docs/text_data.md``), written last.
 
 Every file is written under a temporary name and renamed when complete, and an old ``meta.json`` is deleted
-first, so an interrupted run never leaves a directory that looks finished.
+before the first file is written (after the corpus has been read once without error), so an interrupted run
+never leaves a directory that looks finished.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -196,8 +198,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def validation_documents(num_documents: int, fraction: float, seed: int) -> np.ndarray:
     """(num_documents,) bool: which documents go to validation (``round(fraction * n)``, at least 1 and at most
     n - 1, chosen uniformly with ``seed``)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"--validation-fraction: expected a value in (0, 1), got {fraction}")
+    _check_fraction(fraction)
     if num_documents < 2:
         raise ValueError(f"INPUT: expected at least 2 non-empty documents (train and validation), "
                          f"got {num_documents}")
@@ -236,18 +237,21 @@ def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
 
 
 def prepare_output_directory(output: str | Path) -> Path:
-    """Creates ``output`` if needed, checks it is writable, and removes an old ``meta.json`` and tokenizer."""
+    """Creates ``output`` if needed and checks that it is writable (ValueError naming --output otherwise)."""
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
+        probe = output / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-        for name in (META_FILE, *TOKENIZER_FILES):
-            (output / name).unlink(missing_ok=True)
     except OSError as err:
         raise ValueError(f"--output: expected a writable directory, got {str(output)!r} ({err})") from err
     return output
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise ValueError(f"--validation-fraction: expected a value in (0, 1), got {fraction}")
 
 
 def count_documents(corpus: Corpus) -> int:
@@ -301,9 +305,12 @@ def prepare_text_data(corpus: Corpus, output: str | Path, *, tokenizer: Tokenize
     if (tokenizer is None) == (train_vocab_size is None):
         raise ValueError("tokenizer: expected --tokenizer PATH or --train-tokenizer VOCAB_SIZE (exactly one)")
     if train_vocab_size is not None:
-        check_train_vocab_size(train_vocab_size)  # before reading the corpus
+        check_train_vocab_size(train_vocab_size)  # the cheap checks come before reading the corpus
+    _check_fraction(validation_fraction)
     output = prepare_output_directory(output)
     is_validation = validation_documents(count_documents(corpus), validation_fraction, seed)
+    for name in (META_FILE, *TOKENIZER_FILES):  # from here on the directory is not a finished one
+        (output / name).unlink(missing_ok=True)
     if tokenizer is None:
         train_texts = (doc for doc, held_out in zip(corpus, is_validation) if not held_out)
         tokenizer = train_byte_level_bpe(train_texts, train_vocab_size, show_progress=progress)

@@ -106,11 +106,10 @@ class HuggingFaceTokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
-            return cls(RustTokenizer.from_file(str(path)), eos_token)
+            tokenizer = RustTokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises its own exception type for unreadable files
-            if isinstance(err, ValueError) and str(err).startswith("tokenizer:"):
-                raise
             raise ValueError(f"tokenizer: cannot read {str(path)!r} as a tokenizer.json ({err})") from err
+        return cls(tokenizer, eos_token)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -215,3 +215,15 @@ def test_corpus_errors(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="--output: expected a writable directory"):
         prepare_text_data(Corpus(inputs=(str(tmp_path / "empty.txt"),)), tmp_path / "a_file" / "out",
                           tokenizer=tokenizer)
+
+
+def test_a_bad_corpus_leaves_an_earlier_output_alone(tmp_path, tokenizer):
+    good = Corpus(inputs=(str(_write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)),))
+    prepare_text_data(good, tmp_path / "out", tokenizer=tokenizer, progress=False)
+    before = (tmp_path / "out" / "meta.json").read_text()
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="--text-field"):
+        prepare_text_data(Corpus(inputs=(str(tmp_path / "bad.jsonl"),)), tmp_path / "out", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="--validation-fraction"):
+        prepare_text_data(good, tmp_path / "out", tokenizer=tokenizer, validation_fraction=0.0)
+    assert (tmp_path / "out" / "meta.json").read_text() == before
