@@ -137,8 +137,10 @@ def test_bad_arguments_raise():
     x = jnp.ones((1, 5, 16), jnp.float32)
     with pytest.raises(ValueError, match="max_length"):
         module(x, module.init_state(1, 4))
-    with pytest.raises(ValueError, match="segment_ids"):
-        module(x, module.init_state(1, 8), segment_ids=jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match=r"segment_ids: expected shape \(B, S\) = \(1, 5\), got \(1, 4\)"):
+        module(x, module.init_state(1, 8), segment_ids=jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="state.documents: expected shape"):
+        module(x, module.init_state(1, 8)._replace(documents=jnp.zeros((1, 7), jnp.int32)))
     with pytest.raises(ValueError, match="hidden_size"):
         make_attention(18, AttentionConfig(num_heads=4))
 

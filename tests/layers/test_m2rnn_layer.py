@@ -368,7 +368,7 @@ def test_default_config_trains_under_jit():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-def test_gradient_clipping_and_backend_reach_the_op(monkeypatch):
+def test_gradient_clipping_backend_and_documents_reach_the_op(monkeypatch):
     calls = []
     real_op = m2rnn_layer_module.m2rnn
 
@@ -380,7 +380,9 @@ def test_gradient_clipping_and_backend_reach_the_op(monkeypatch):
     config = dataclasses.replace(PAPER_LIKE, gradient_clipping=0.25, backend="scan")
     layer = make_layer(config)
     layer(jnp.ones((1, 2, 12), jnp.float32))
-    assert calls == [{"gradient_clipping": 0.25, "backend": "scan"}]
+    assert calls == [{"reset": None, "gradient_clipping": 0.25, "backend": "scan"}]
+    layer(jnp.ones((1, 3, 12), jnp.float32), segment_ids=jnp.asarray([[4, 4, 2]], jnp.int32))
+    np.testing.assert_array_equal(calls[1]["reset"], [[False, False, True]])
 
 
 def test_gradient_clipping_changes_only_the_backward():
