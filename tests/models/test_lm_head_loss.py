@@ -217,6 +217,18 @@ def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop(
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_decoder_hidden_times_head_kernel_gives_the_logits(tied):
+    model = Decoder(tiny_config("A").replace(tie_embeddings=tied), rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(14), (2, 5), 0, 256, dtype=jnp.int32)
+    full = nnx.jit(lambda m: m(ids))(model)
+    hidden = nnx.jit(lambda m: m(ids, return_hidden=True))(model)
+    assert full.hidden is None and hidden.logits is None and hidden.hidden.shape == (2, 5, 64)
+    assert model.head_kernel().shape == (64, 256)
+    np.testing.assert_allclose(hidden.hidden @ model.head_kernel(), full.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hidden.aux_loss, full.aux_loss)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_language_model_loss_equals_full_logits_loss(tied):
     """The decoder's training loss (chunked head) equals cross_entropy on its full logits, gradients included."""
     model = Decoder(tiny_config("A").replace(tie_embeddings=tied), rngs=nnx.Rngs(0))
