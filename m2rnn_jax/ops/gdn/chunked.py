@@ -228,7 +228,7 @@ def run_chunked(
 ) -> tuple[jax.Array, jax.Array]:
     """The three stages on (B, S, H, ...) inputs: chunk factors, the walk ``states``, outputs.
 
-    Returns o (B, S, H, V) and the final state, both in the accumulation dtype of beta / log_alpha.
+    Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``states`` gives it.
     """
     seq_len = q.shape[1]
     q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
@@ -236,7 +236,8 @@ def run_chunked(
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
     f = chunk_factors(q, k, v, beta, log_alpha, reset, inverse=inverse, dot_dtype=dot_dtype)
     w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
-    return from_chunks(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), seq_len), final
+    o = chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype).astype(q.dtype)  # before the transpose: fewer bytes
+    return from_chunks(o, seq_len), final
 
 
 def gated_delta_rule_chunked(

@@ -107,7 +107,7 @@ def gated_delta_rule_pallas_gpu(
     backward_config: StatesKernelConfig = DEFAULT_BACKWARD_CONFIG,
     inverse: str = "doubling",
 ) -> tuple[jax.Array, jax.Array]:
-    """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) float32, final state (B, H, K, V) float32).
+    """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
     Products take q's dtype; ``inverse`` picks the chunk inverse ("doubling" matmuls, at the matmul unit's default
     precision for 16-bit inputs and full float32 for float32 inputs, or XLA's "triangular_solve");
