@@ -23,7 +23,6 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -39,7 +38,7 @@ SPLITS = ("train", "validation")
 TXT_DOCUMENTS = ("file", "paragraph")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BATCH_DOCUMENTS = 1024  # documents per encode_batch call
-BATCH_CHARACTERS = 8_000_000  # ... or fewer when they are long
+BATCH_CHARACTERS = 1_000_000  # ... or fewer when they are long (memory: the Rust encodings of a batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +99,26 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file, endings kept, read as a stream (ValueError naming the file if unreadable)."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # the text exactly, line endings included
-            return f.read()
+        with open(path, encoding="utf-8", newline="") as f:
+            yield from f
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"INPUT: cannot read {str(path)!r} as UTF-8 text ({err})") from err
+
+
+def _paragraphs(lines: Iterator[str]) -> Iterator[str]:
+    """Blocks of lines separated by blank lines (only spaces/tabs), without their outer line breaks."""
+    block: list[str] = []
+    for line in lines:
+        if line.strip(" \t\r\n"):
+            block.append(line)
+        elif block:
+            yield "".join(block).strip("\r\n")
+            block = []
+    if block:
+        yield "".join(block).strip("\r\n")
 
 
 def _field_error(field: str, where: str, found: Sequence[str]) -> ValueError:
@@ -113,15 +126,14 @@ def _field_error(field: str, where: str, found: Sequence[str]) -> ValueError:
 
 
 def file_documents(path: Path, txt_documents: str = "file", text_field: str = "text") -> Iterator[str]:
-    """The documents of one local file (see :class:`Corpus`)."""
+    """The documents of one local file (see :class:`Corpus`), read as a stream."""
     if path.suffix == ".txt":
-        text = _read_text(path)
         if txt_documents == "file":
-            yield text
+            yield "".join(_lines(path))
         else:
-            yield from (block.strip("\r\n") for block in re.split(r"\r?\n[ \t]*\r?\n", text))
+            yield from _paragraphs(_lines(path))
     elif path.suffix == ".jsonl":
-        for number, line in enumerate(_read_text(path).splitlines(), 1):
+        for number, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
             try:
