@@ -71,7 +71,8 @@ class DataConfig:
         require(is_int(self.eval_windows) and self.eval_windows > 0, "data.eval_windows", "a positive int",
                  self.eval_windows)
         if self.kind == "token_file":
-            require(bool(self.path), "data.path", "a token file (.bin or .npy) or a prepare-data directory for kind=token_file", self.path)
+            require(bool(self.path), "data.path",
+                     "a token file (.bin or .npy) or a prepare-data directory for kind=token_file", self.path)
         if self.mask_documents:
             require(self.kind == "token_file" and (self.eos_token_id is not None or is_prepared(self.path)),
                      "data.mask_documents", "kind=token_file with data.eos_token_id set (or a prepared directory)",

@@ -69,7 +69,9 @@ def read_prepared(directory: str | Path) -> PreparedData:
             tokenizer_files=tuple(meta["tokenizer"]["files"]),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"data.path: {str(meta_path)!r} is not a valid meta.json ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"data.path: {str(meta_path)!r} is not a valid meta.json ({type(err).__name__}: {err})"
+        ) from err
 
 
 def copy_tokenizer(prepared: PreparedData, workdir: str | Path) -> list[Path]:

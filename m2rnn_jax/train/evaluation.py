@@ -79,7 +79,8 @@ class Evaluator:
             if self.data.kind != "state_tracking":
                 results[length]["perplexity"] = math.exp(min(results[length]["loss"], 700.0))
             if self.token_bytes is not None:
-                results[length]["bits_per_byte"] = totals["cross_entropy_sum"] / (math.log(2) * max(totals["bytes"], 1.0))
+                bits = totals["cross_entropy_sum"] / math.log(2)
+                results[length]["bits_per_byte"] = bits / max(totals["bytes"], 1.0)
         return results
 
 

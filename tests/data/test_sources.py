@@ -166,3 +166,13 @@ def test_a_prepared_directory_checks_the_model_vocabulary_and_its_meta(prepared,
     (tmp_path / "meta.json").write_text('{"format_version": 99}')
     with pytest.raises(ValueError, match="format_version in \\(1,\\), got 99"):
         make_source(DataConfig(kind="token_file", path=str(tmp_path), seq_len=8), vocab_size=100)
+
+
+def test_data_config_checks_the_text_fields(prepared, tmp_path):
+    directory, _ = prepared
+    with pytest.raises(ValueError, match="data.eval_windows: expected a positive int, got 0"):
+        DataConfig(eval_windows=0)
+    # mask_documents needs an EOS id: given, or from a prepared directory's meta.json
+    DataConfig(kind="token_file", path=str(directory), mask_documents=True)
+    with pytest.raises(ValueError, match="data.mask_documents: expected kind=token_file with data.eos_token_id set"):
+        DataConfig(kind="token_file", path=str(tmp_path / "tokens.bin"), mask_documents=True)

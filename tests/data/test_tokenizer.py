@@ -16,7 +16,8 @@ from m2rnn_jax.data.tokenizer import (
     train_byte_level_bpe,
 )
 
-TEXTS = ["The cat sat on the mat.", "Café crème, naïve façade", "日本語のテキスト 😀 emoji", "tabs\tand\nlines  "] * 8
+TEXTS = ["The cat sat on the mat.", "Café crème, naïve façade", "日本語のテキスト 😀 emoji", "tabs\tand\nlines  "]
+TEXTS = TEXTS * 8
 
 
 @pytest.fixture(scope="module")

@@ -103,5 +103,6 @@ def test_text_errors(text_run, capsys, tmp_path):
     assert main(["generate", "--preset", ONE_LAYER, "--prompt", "hi"]) == 2
     assert "error: tokenizer: expected --tokenizer PATH" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["generate", "--checkpoint", str(workdir), "--tokenizer", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    argv = ["generate", "--checkpoint", str(workdir), "--tokenizer", str(tmp_path / "empty"), "--prompt", "x"]
+    assert main(argv) == 2
     assert "tokenizer: expected tokenizer.json or tokenizer.tiktoken" in capsys.readouterr().err
