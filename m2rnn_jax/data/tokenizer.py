@@ -168,8 +168,9 @@ class TiktokenTokenizer:
         self._eos_token = eos_token
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TiktokenTokenizer":
-        """Reads ``path`` and, if present, ``tiktoken_config.json`` next to it (pattern, special tokens, EOS)."""
+    def from_file(cls, path: str | Path, eos_token: str | None = None) -> "TiktokenTokenizer":
+        """Reads ``path`` and, if present, ``tiktoken_config.json`` next to it (pattern, special tokens, EOS);
+        ``eos_token`` names the EOS token (default: the config's, else ``<|endoftext|>``)."""
         path = Path(path)
         ranks: dict[bytes, int] = {}
         try:
@@ -184,7 +185,8 @@ class TiktokenTokenizer:
         config_path = path.with_name(TIKTOKEN_CONFIG_FILE)
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         return cls(ranks, pattern=config.get("pattern", DEFAULT_TIKTOKEN_PATTERN),
-                   special_tokens=config.get("special_tokens"), eos_token=config.get("eos_token", DEFAULT_EOS))
+                   special_tokens=config.get("special_tokens"),
+                   eos_token=eos_token or config.get("eos_token", DEFAULT_EOS))
 
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)
@@ -218,8 +220,9 @@ class TiktokenTokenizer:
 def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> Tokenizer:
     """The tokenizer in ``path``: a ``tokenizer.json``, a ``.tiktoken`` file, or a directory holding one.
 
-    ``eos_token`` names the end-of-document token of a ``tokenizer.json`` (default: the first of
-    ``<|endoftext|>``, ``</s>``, ``<|end_of_text|>``, ``<eos>``, ``[EOS]`` in its vocabulary).
+    ``eos_token`` names the end-of-document token (default for a ``tokenizer.json``: the first of
+    ``<|endoftext|>``, ``</s>``, ``<|end_of_text|>``, ``<eos>``, ``[EOS]`` in its vocabulary; for a ``.tiktoken``
+    file: the one in ``tiktoken_config.json``, else ``<|endoftext|>``, appended after the ranks).
     """
     path = Path(path)
     if path.is_dir():
@@ -232,7 +235,7 @@ def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> Tokeniz
         raise ValueError(f"tokenizer: expected a tokenizer.json, a .tiktoken file or a directory, "
                          f"got {str(path)!r} (no such file)")
     if path.suffix == ".tiktoken":
-        return TiktokenTokenizer.from_file(path)
+        return TiktokenTokenizer.from_file(path, eos_token)
     return HuggingFaceTokenizer.from_file(path, eos_token)
 
 

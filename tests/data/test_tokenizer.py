@@ -119,6 +119,10 @@ def test_tiktoken_files_expose_the_same_interface(tmp_path):
     assert loaded.encode(text) == ids and loaded.eos_token_id == 260
     config = json.loads((saved / "tiktoken_config.json").read_text())
     assert config["special_tokens"] == {DEFAULT_EOS: 260}
+    renamed = load_tokenizer(tmp_path / "small.tiktoken", eos_token="<|end|>")
+    assert renamed.eos_token_id == 260 and renamed.decode([260]) == "<|end|>"
+    with pytest.raises(ValueError, match=r"expected the EOS token '<\|end\|>' among the special tokens"):
+        load_tokenizer(saved, eos_token="<|end|>")
 
 
 def test_unreadable_tokenizers_are_named(tmp_path):
