@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _with_eval_data(config: Any, args: argparse.Namespace) -> Any:
     """``config`` with ``--lengths`` and ``--data`` applied (a directory replaces data.path; a file is evaluated
     whole, as data.path and data.eval_path)."""
@@ -101,7 +100,7 @@ def _with_eval_data(config: Any, args: argparse.Namespace) -> Any:
 
 def _workdir_token_bytes(workdir: Path) -> Any:
     """UTF-8 bytes per token of the tokenizer copied into the run directory (None without one)."""
-    from m2rnn_jax.data.tokenizer import TIKTOKEN_FILE, HF_FILE, load_tokenizer
+    from m2rnn_jax.data.tokenizer import HF_FILE, TIKTOKEN_FILE, load_tokenizer
 
     if not any((workdir / name).is_file() for name in (HF_FILE, TIKTOKEN_FILE)):
         return None
