@@ -11,9 +11,11 @@ Examples::
 model is randomly initialised.
 
 ``--prompt`` (repeatable) encodes text with the run's tokenizer (the one ``train`` copied into the run directory,
-or ``--tokenizer``); each prompt is preceded by the EOS token (every training document follows one), the new
-tokens stop at the first EOS, and the prompt followed by its continuation is printed under a ``=== prompt N ===``
-line. ``--prompt-ids`` prints the generated token ids (without the prompt), comma-separated, on one line.
+or ``--tokenizer``); each prompt is preceded by the EOS token (every training document follows one), all prompts
+run as one batch (:func:`m2rnn_jax.models.generation.generate_ragged`: left padding, the padding its own document),
+the new tokens stop at the first EOS, and the prompt followed by its continuation is printed under a
+``=== prompt N ===`` line. ``--prompt-ids`` prints the generated token ids (without the prompt), comma-separated,
+on one line.
 """
 
 from __future__ import annotations
