@@ -106,3 +106,10 @@ def test_text_errors(text_run, capsys, tmp_path):
     argv = ["generate", "--checkpoint", str(workdir), "--tokenizer", str(tmp_path / "empty"), "--prompt", "x"]
     assert main(argv) == 2
     assert "tokenizer: expected tokenizer.json or tokenizer.tiktoken" in capsys.readouterr().err
+
+
+def test_continuations_stop_at_eos_and_drop_ids_the_tokenizer_lacks():
+    from m2rnn_jax.commands.generate import _until_eos
+
+    assert _until_eos(np.array([5, 300, 7, 0, 9]), eos_token_id=0, vocab_size=290) == [5, 7]
+    assert _until_eos(np.array([5, 6]), eos_token_id=0, vocab_size=290) == [5, 6]
