@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.checks import is_int, require
+
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
 CHUNK_LOGITS_ELEMENTS = 2**28
 
@@ -109,44 +111,41 @@ def lm_head_cross_entropy(
         ``weight_sum`` and ``correct`` (the last two only to ``weights``).
 
     Raises:
-        ValueError: on shapes that do not fit together or a bad ``chunk_size``.
+        ValueError: on shapes that do not fit together, a bad ``chunk_size``, ``groups`` or ``statistics``.
     """
-    if hidden.ndim != 2:
-        raise ValueError(f"hidden: expected shape (N, h), got {hidden.shape}")
-    num_tokens, width = hidden.shape
-    if kernel.ndim != 2 or kernel.shape[0] != width:
-        raise ValueError(f"kernel: expected shape ({width}, V), got {kernel.shape}")
-    if targets.shape != (num_tokens,) or not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise ValueError(f"targets: expected int array of shape ({num_tokens},), got {targets.dtype} {targets.shape}")
     if weights is None:
-        weights = jnp.ones((num_tokens,), dtype=jnp.float32)
-    elif weights.shape != (num_tokens,):
-        raise ValueError(f"weights: expected shape ({num_tokens},), got {weights.shape}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if num_tokens == 0:
-        raise ValueError("hidden: expected at least one token, got N=0")
-    if not isinstance(groups, int) or isinstance(groups, bool) or not 0 < groups <= num_tokens:
-        raise ValueError(f"groups: expected an int in [1, N={num_tokens}], got {groups!r}")
-    if statistics not in STATISTICS:
-        raise ValueError(f"statistics: expected one of {STATISTICS}, got {statistics!r}")
+        weights = jnp.ones(hidden.shape[:1], dtype=jnp.float32)
+    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics)
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+    return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
+
+
+def _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics) -> _Layout:
+    """Validates the arguments of :func:`lm_head_cross_entropy` and derives the chunk layout."""
+    require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
+    num_tokens, width = hidden.shape
+    require(kernel.ndim == 2 and kernel.shape[0] == width, "kernel", f"shape ({width}, V)", kernel.shape)
+    require(targets.shape == (num_tokens,) and jnp.issubdtype(targets.dtype, jnp.integer), "targets",
+            f"an int array of shape ({num_tokens},)", f"{targets.dtype} {targets.shape}")
+    require(weights.shape == (num_tokens,), "weights", f"shape ({num_tokens},)", weights.shape)
+    require(chunk_size is None or (is_int(chunk_size) and chunk_size > 0), "chunk_size", "a positive int or None",
+            chunk_size)
+    require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
+    require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
         num_chunks = default_num_chunks(group_tokens, kernel.shape[1])
     else:
         num_chunks = math.ceil(group_tokens / chunk_size)
-    compute_dtype = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
-    layout = _Layout(
+    return _Layout(
         groups=groups,
         num_chunks=num_chunks,
         chunk=math.ceil(group_tokens / num_chunks),
-        compute_dtype=compute_dtype,
+        compute_dtype=jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype),
         statistics=statistics,
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
     )
-    accumulation = jnp.promote_types(jnp.float32, compute_dtype)
-    return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
 
 
 def _to_chunks(x: jax.Array, layout: _Layout) -> jax.Array:

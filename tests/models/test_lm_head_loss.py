@@ -189,7 +189,7 @@ def test_bad_inputs_raise():
         lm_head_cross_entropy(hidden[0], kernel, targets)
     with pytest.raises(ValueError, match="kernel: expected shape"):
         lm_head_cross_entropy(hidden, kernel.T, targets)
-    with pytest.raises(ValueError, match="targets: expected"):
+    with pytest.raises(ValueError, match="targets: expected an int array"):
         lm_head_cross_entropy(hidden, kernel, targets.astype(jnp.float32))
     with pytest.raises(ValueError, match="weights: expected shape"):
         lm_head_cross_entropy(hidden, kernel, targets, weights[:3])
