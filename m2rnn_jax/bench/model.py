@@ -22,7 +22,6 @@ allocator's peak is the step's.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections import Counter
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from m2rnn_jax.bench.loss import bench_lm_head_loss
 from m2rnn_jax.bench.report import format_table
 from m2rnn_jax.bench.timing import (
     Compiled,
@@ -43,7 +43,6 @@ from m2rnn_jax.bench.timing import (
 )
 from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
-from m2rnn_jax.models.lm_head_loss import lm_head_cross_entropy
 from m2rnn_jax.models.loss import next_token_targets
 from m2rnn_jax.models.presets import get_preset, list_presets
 from m2rnn_jax.train.config import OptimizerConfig
@@ -161,38 +160,11 @@ def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_le
     ]
 
 
-def chunked_head_loss(batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int,
-                      repeats: int) -> dict:
-    """LM head + mean cross-entropy as the train step computes it (:func:`lm_head_cross_entropy`, chunked over
-    tokens), used until ``m2rnn_jax.bench.loss.bench_lm_head_loss`` exists: float32 kernel (h, vocab), hidden
-    (B*S, h) ~N(0, 1) in ``dtype``, uniform random targets."""
-    kernel = 0.02 * jax.random.normal(jax.random.PRNGKey(SEED + 3), (hidden, vocab), jnp.float32)
-    x = jax.random.normal(jax.random.PRNGKey(SEED + 4), (batch * seq_len, hidden), jnp.float32).astype(dtype)
-    targets = jax.random.randint(jax.random.PRNGKey(SEED + 5), (batch * seq_len,), 0, vocab)
-
-    def loss(kernel: jax.Array, x: jax.Array) -> jax.Array:
-        head = lm_head_cross_entropy(x, kernel, targets, compute_dtype=dtype)
-        return head.nll_sum / head.weight_sum
-
-    return time_forward_backward(loss, kernel, x, Timing(iters, repeats))
-
-
-def head_loss_function() -> Callable[..., dict]:
-    """``bench_lm_head_loss`` of :mod:`m2rnn_jax.bench.loss` when that module exists, else
-    :func:`chunked_head_loss`."""
-    try:
-        module = importlib.import_module("m2rnn_jax.bench.loss")
-    except ModuleNotFoundError as err:
-        if err.name != "m2rnn_jax.bench.loss":
-            raise
-        return chunked_head_loss
-    return module.bench_lm_head_loss
-
-
 def bench_head(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
-    """The ``head`` row: LM head + loss at the model's width and vocabulary."""
-    result = head_loss_function()(batch, seq_len, config.hidden_size, config.vocab_size, config.dtype,
-                                  timing.iters, timing.repeats)
+    """The ``head`` row: LM head + mean cross-entropy at the model's width and vocabulary, chunked as the train step
+    computes it (:func:`m2rnn_jax.bench.loss.bench_lm_head_loss` without the plain comparison)."""
+    result = bench_lm_head_loss(batch, seq_len, config.hidden_size, config.vocab_size, config.dtype, timing.iters,
+                                timing.repeats, compare_plain=False)
     return {"kind": "head", "part": "lm head + loss", "letter": None, "count": 1, **result}
 
 

@@ -84,6 +84,8 @@ def test_model_bench_json_block_mixer_and_head_rows(model_run):
     assert [(row["letter"], row["count"]) for row in _rows(report, "mixer")] == [("M", 3), ("A", 1)]
     (head,) = _rows(report, "head")
     assert head["count"] == 1 and head["letter"] is None
+    assert head["chunk_tokens"] == BATCH * SEQ_LEN and head["statistics"] == "two_pass"  # one chunk at this size
+    assert not any(key.startswith("plain_") for key in head)
 
 
 def test_model_bench_json_optimizer_row(model_run):
