@@ -105,9 +105,7 @@ class DecoderBlock(nnx.Module):
         segment_ids: optional (B, S) document ids, given to the mixer (every mixer takes the keyword): each new
         document starts from a zero state and conv tail, attention stays within a document.
         """
-        h = self.norm1(x)
-        # the keyword only when given: Gated DeltaNet gains it in a parallel change (then always pass it)
-        mixed, new_state = self.mixer(h, state) if segment_ids is None else self.mixer(h, state, segment_ids=segment_ids)
+        mixed, new_state = self.mixer(self.norm1(x), state, segment_ids=segment_ids)
         x = x + mixed.astype(x.dtype)
         if isinstance(self.mlp, MoE):
             channel, aux_loss = self.mlp(self.norm2(x))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.loss import cross_entropy, language_model_loss, next_token_targets
 from m2rnn_jax.models.presets import tiny_config
@@ -84,15 +81,9 @@ def test_segment_ids_mask_attention_across_documents():
     assert float(jnp.max(jnp.abs(unmasked[0, 3:] - unmasked_changed[0, 3:]))) > 1e-4
 
 
-def _pattern_with_every_mixer() -> str:
-    """MSARU, plus G once Gated DeltaNet takes ``segment_ids`` (a parallel change adds it)."""
-    takes_segment_ids = "segment_ids" in inspect.signature(GatedDeltaNet.__call__).parameters
-    return "MSARUG" if takes_segment_ids else "MSARU"
-
-
 def test_packed_documents_equal_separate_runs_in_every_mixer(x64):
     """A row of three documents with segment_ids gives each document's logits of a separate run (float64)."""
-    config = tiny_config(_pattern_with_every_mixer(), hidden_size=32).replace(
+    config = tiny_config("MGSARU", hidden_size=32).replace(
         initializer_range=0.1, dtype="float64", param_dtype="float64"
     )
     model = Decoder(config, rngs=nnx.Rngs(0))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.generation import (
     decode_step,
@@ -126,12 +123,6 @@ def test_samples_stay_inside_the_filtered_set_and_follow_the_probabilities():
     assert int(greedy[0]) == 1
 
 
-def _ragged_pattern() -> str:
-    """Every mixer letter; G once Gated DeltaNet takes ``segment_ids`` (a parallel change adds it)."""
-    takes_segment_ids = "segment_ids" in inspect.signature(GatedDeltaNet.__call__).parameters
-    return "MSARUG" if takes_segment_ids else "MSARU"
-
-
 RAGGED_PROMPTS = [[5, 17, 3, 200, 9, 41, 7], [88], [12, 250, 33, 4]]
 
 
@@ -149,7 +140,7 @@ def test_left_pad_prompts():
 
 def test_ragged_prefill_and_decode_logits_equal_single_prompts():
     """Left-padded prefill + decode steps give each prompt's logits of running it alone (float32)."""
-    config = tiny_config(_ragged_pattern()).replace(initializer_range=0.1)
+    config = tiny_config(EVERY_MIXER).replace(initializer_range=0.1)
     model = Decoder(config, rngs=nnx.Rngs(0))
     ids, segments = left_pad_prompts(RAGGED_PROMPTS)
     steps = [[3, 60, 7], [11, 2, 99]]  # tokens fed after the prompts, one column per row
@@ -174,7 +165,7 @@ def test_ragged_prefill_and_decode_logits_equal_single_prompts():
 
 
 def test_generate_ragged_greedy_equals_single_prompts():
-    config = tiny_config(_ragged_pattern()).replace(initializer_range=0.1)
+    config = tiny_config(EVERY_MIXER).replace(initializer_range=0.1)
     model = Decoder(config, rngs=nnx.Rngs(0))
     tokens = generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=5)
     assert len(tokens) == len(RAGGED_PROMPTS)
