@@ -1,6 +1,7 @@
 """Run with 8 fake CPU devices (``tests/models/test_lm_head_loss.py`` starts it in a subprocess): the chunked head
 with tokens split over the devices equals the single-device result, and with one token group per device the kernel
-gradient is all-reduced once after the chunk loop instead of inside it.
+gradient is all-reduced once after the chunk loop instead of inside it; the train step takes one group per batch
+shard of the mesh it is traced under.
 
 Prints one ``name value`` line per fact.
 """
@@ -15,6 +16,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from m2rnn_jax.models.lm_head_loss import lm_head_cross_entropy
+from m2rnn_jax.parallel.mesh import build_mesh
+from m2rnn_jax.train.step import _batch_shards
 
 DEVICES = 8
 
@@ -55,6 +58,12 @@ def main() -> None:
         print(f"groups{groups}_grad_error {error:.3g}")
         hlo = fn.lower(sharded_hidden, kernel).compile().as_text()
         print(f"groups{groups}_collectives_in_loops {collectives_in_loops(hlo)}")
+
+
+    print(f"batch_shards_no_mesh {_batch_shards()}")
+    for axes in ({"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        with jax.set_mesh(build_mesh(axes, devices=jax.devices()[:DEVICES])):
+            print(f"batch_shards_{'_'.join(f'{k}{v}' for k, v in axes.items())} {_batch_shards()}")
 
 
 if __name__ == "__main__":

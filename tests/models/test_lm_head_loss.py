@@ -203,7 +203,8 @@ def test_bad_inputs_raise():
 
 def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():
     """8 fake CPU devices (subprocess): sharded == unsharded, and one group per device moves the all-reduce of the
-    kernel gradient out of the loop (with one group it is inside, once per chunk)."""
+    kernel gradient out of the loop (with one group it is inside, once per chunk); the train step's group count is
+    the number of batch shards of the ambient mesh."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run([sys.executable, "-m", "tests.models.lm_head_loss_sharded"], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -214,6 +215,8 @@ def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop(
         assert float(facts[f"groups{groups}_grad_error"]) < 1e-6, facts
     assert int(facts["groups1_collectives_in_loops"]) > 0, facts
     assert int(facts["groups8_collectives_in_loops"]) == 0, facts
+    expected_shards = {"no_mesh": 1, "data8": 8, "fsdp4_tensor2": 4, "data2_fsdp2_tensor2": 4}
+    assert {key: int(facts[f"batch_shards_{key}"]) for key in expected_shards} == expected_shards, facts
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
