@@ -120,7 +120,16 @@ def lm_head_cross_entropy(
     return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
 
 
-def _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics) -> _Layout:
+def _make_layout(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk_size: int | None,
+    compute_dtype: Any,
+    groups: int,
+    statistics: str,
+) -> _Layout:
     """Validates the arguments of :func:`lm_head_cross_entropy` and derives the chunk layout."""
     require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
     num_tokens, width = hidden.shape
@@ -163,8 +172,11 @@ def _from_chunks(x: jax.Array, num_tokens: int) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape((-1,) + x.shape[3:])[:num_tokens]
 
 
-def _chunk_inputs(layout: _Layout, hidden, kernel, targets, weights):
-    """Casts to the compute dtype and cuts the per-token arrays into chunks."""
+def _chunk_inputs(
+    layout: _Layout, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Casts to the compute dtype and cuts the per-token arrays into chunks: (kernel (h, V), (hidden
+    (num_chunks, G, C, h), targets (num_chunks, G, C), weights (num_chunks, G, C)))."""
     chunks = tuple(_to_chunks(x, layout) for x in (hidden.astype(layout.compute_dtype), targets, weights))
     return kernel.astype(layout.compute_dtype), chunks
 
