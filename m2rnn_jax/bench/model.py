@@ -155,7 +155,7 @@ def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_le
     return [
         {"kind": "block", "part": f"block {letter} ({name})", "letter": letter, "count": count,
          **time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing)},
-        {"kind": "mixer", "part": f"  mixer {letter} alone", "letter": letter, "count": count,
+        {"kind": "mixer", "part": f"mixer {letter} alone", "letter": letter, "count": count,
          **time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing)},
     ]
 
@@ -293,19 +293,25 @@ TABLE_COLUMNS = (("part", "part", "{}"), ("count", "count", "{}"), ("fwd ms", "f
                  ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("compile s", "compile_s", "{:.1f}"))
 
 
+def _gib_text(gib: float | None) -> str:
+    return "n/a" if gib is None else f"{gib:.3f} GiB"
+
+
 def format_report(report: dict) -> str:
-    """The report of :func:`run_model_bench` as a heading, a table of rows and two summary lines."""
+    """The report of :func:`run_model_bench` as a heading, a table of rows (mixer rows indented under their block)
+    and two summary lines."""
     shapes = report["shapes"]
     rows = {row["kind"]: row for row in report["rows"]}
     step, total = rows["step"], rows["sum"]
     mfu = "n/a" if step["mfu"] is None else f"{100 * step['mfu']:.1f}%"
+    table_rows = [{**row, "part": f"  {row['part']}"} if row["kind"] == "mixer" else row for row in report["rows"]]
     heading = (f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
                f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
                f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}")
     step_line = (f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
-                 f"peak memory {step['peak_memory_gib']:.3f} GiB ({step['peak_memory_source']}), "
+                 f"peak memory {_gib_text(step['peak_memory_gib'])} ({step['peak_memory_source']}), "
                  f"compile {step['compile_s']:.1f} s")
     sum_line = (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
                 f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
                 "(embedding, final norm, glue)")
-    return "\n".join([heading, format_table(TABLE_COLUMNS, report["rows"]), step_line, sum_line])
+    return "\n".join([heading, format_table(TABLE_COLUMNS, table_rows), step_line, sum_line])

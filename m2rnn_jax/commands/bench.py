@@ -47,8 +47,10 @@ def add_parser(subparsers: Any) -> None:
                       help="model mode: benchmark this preset (names: m2rnn-jax info --list)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    p.add_argument("--batch", type=_positive_int, default=None, help=f"model mode: batch size (default {DEFAULT_BATCH})")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help=f"model mode: batch size (default {DEFAULT_BATCH})")
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
     p.add_argument("--remat", default=None,

@@ -49,10 +49,10 @@ def test_model_bench_table_names_every_part(model_run):
     lines = table.splitlines()
     assert lines[0].startswith(f"{PRESET} on ") and "pattern=MMAM" in lines[0] and f"B={BATCH} S={SEQ_LEN}" in lines[0]
     assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
-    parts = [line.split("|")[0].strip() for line in lines[3:] if "|" in line]
-    assert parts == ["block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone", "lm head + loss",
+    parts = [line.split("|")[0].rstrip() for line in lines[3:] if "|" in line]
+    assert parts == ["block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone", "lm head + loss",
                      "optimizer update", "sum of parts", "train step (measured)"]
-    counts = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in lines[3:] if "|" in line}
+    counts = {part: line.split("|")[1].strip() for part, line in zip(parts, lines[3:])}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
     assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
     assert lines[-1].startswith("sum of parts ") and "vs measured" in lines[-1]
@@ -72,6 +72,8 @@ def test_model_bench_json_header(model_run):
     assert report["timing"] == {"iters": 1, "repeats": 1}
     assert [row["kind"] for row in report["rows"]] == [
         "block", "mixer", "block", "mixer", "head", "optimizer", "sum", "step"]
+    assert [row["part"] for row in report["rows"]][:4] == [
+        "block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone"]
 
 
 def test_model_bench_json_block_mixer_and_head_rows(model_run):
