@@ -17,12 +17,14 @@ DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
 MODEL_ONLY = ("batch", "seq_len", "dtype", "remat")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
+DESCRIPTION = "Time the M2RNN op's backends (--shapes, the default mode) or a model preset (--model)."
 EPILOG = """modes:
   op (default)   m2rnn-jax bench [--shapes 400m ...] [--backends pallas_gpu scan]
                  the M2RNN op alone: forward, forward+backward, ns per step, temporaries
   model          m2rnn-jax bench --model PRESET [--batch B --seq-len S --dtype bfloat16 --remat NAME]
-                 every distinct block of the preset (and its mixer alone), the LM head + loss, and the whole
-                 train step (ms, tokens/s, MFU, peak memory, compile time) beside the sum of its parts
+                 every distinct block of the preset (and its mixer alone), the LM head + loss, the optimizer
+                 update, and the whole train step (ms, tokens/s, MFU, peak memory, compile time) beside the
+                 sum of its parts
 presets: m2rnn-jax info --list"""
 
 
@@ -39,26 +41,27 @@ def _positive_int(text: str) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         NAME, help="time the M2RNN op backends or a model preset's blocks and train step (table, optional JSON)",
-        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shapes", nargs="+", default=None, choices=SHAPE_NAMES,
                       help=f"op mode: named problem shapes (default: {' '.join(DEFAULT_SHAPES)})")
     mode.add_argument("--model", metavar="PRESET", default=None,
                       help="model mode: benchmark this preset (names: m2rnn-jax info --list)")
-    p.add_argument("--backends", nargs="+", default=None,
+    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
                    help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    p.add_argument("--batch", type=_positive_int, default=None,
+    p.add_argument("--batch", type=_positive_int, default=None, metavar="B",
                    help=f"model mode: batch size (default {DEFAULT_BATCH})")
-    p.add_argument("--seq-len", type=_positive_int, default=None,
+    p.add_argument("--seq-len", type=_positive_int, default=None, metavar="S",
                    help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
-    p.add_argument("--remat", default=None,
+    p.add_argument("--remat", default=None, metavar="NAME",
                    help="model mode: activation checkpointing of each block, a choice of the model config's remat "
                         "field: none, full, save_dots (default: the preset's)")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--iters", type=_positive_int, default=10, help="calls per timed repeat")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--iters", type=_positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
+                   help="timed repeats; the median is reported (default 5)")
     p.set_defaults(run=run)
 
 

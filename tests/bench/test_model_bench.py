@@ -140,6 +140,18 @@ def test_bench_bad_input_exits_2(args, message, capsys):
     assert "m2rnn-jax bench: error: " in err and message in err
 
 
+def test_help_describes_both_modes_and_dtypes_match_the_config(capsys):
+    from m2rnn_jax.commands.bench import DTYPES
+    from m2rnn_jax.models.config import SUPPORTED_DTYPES
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "op (default)" in text and "m2rnn-jax bench --model PRESET" in text and "--seq-len S" in text
+    assert DTYPES == SUPPORTED_DTYPES  # the CLI keeps its own copy so that building the parser imports no jax
+
+
 def test_unknown_preset_error_lists_every_preset():
     with pytest.raises(ValueError, match="model: expected one of the presets") as info:
         model_bench.resolve_config("tiny-hybird")
