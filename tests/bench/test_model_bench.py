@@ -249,3 +249,19 @@ def test_format_table_and_atomic_json(tmp_path):
     write_json(path, {"rows": [1, 2]})
     assert json.loads(path.read_text()) == {"rows": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+@pytest.mark.gpu
+def test_gpu_model_bench_reads_allocator_peak_and_mfu(tmp_path):
+    """On a GPU: bf16 blocks (Pallas M2RNN), the allocator's peak, and an MFU in (0, 1) where the peak is known."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    path = tmp_path / "gpu.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*BENCH_ARGS, "--dtype", "bfloat16", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    (step,) = _rows(report, "step")
+    assert report["platform"] == "gpu" and report["shapes"]["dtype"] == "bfloat16"
+    assert step["peak_memory_source"] == "memory_stats" and step["peak_memory_gib"] > 0
+    if step["peak_flops_per_device"] is not None:
+        assert 0 < step["mfu"] < 1
