@@ -10,10 +10,15 @@ Writes ``$OUT/gdn_check.json`` (rewritten atomically after every step) and print
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
+import glob
+import gzip
 import json
 import os
+import shutil
+import tempfile
 import statistics
 import time
 import traceback
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--v-dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (a CPU dry run)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the chunk-factor / kernel-config breakdown")
+    parser.add_argument("--profile", action="store_true", help="profile default fwd+bwd; top GPU kernels")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining steps after this")
     args = parser.parse_args()
     t0 = time.time()
@@ -144,8 +152,8 @@ def main() -> None:
 
         return body
 
-    for name, configs in VARIANTS.items():
-        step(name, variant(*configs))
+    for name in args.variants:
+        step(name, variant(*VARIANTS[name]))
 
     def breakdown():
         chunks = {n: to_chunks(bf16[n], args.chunk) for n in ("q", "k", "v", "beta", "log_alpha")}
@@ -180,7 +188,40 @@ def main() -> None:
                 out[f"states_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
         return out
 
-    step("breakdown", breakdown)
+    if not args.no_sweep:
+        step("breakdown", breakdown)
+
+    def profile():
+        def fn(*a):
+            o, h = gated_delta_rule_pallas_gpu(*a, None, chunk_size=args.chunk, interpret=args.interpret)
+            return o.astype(a[0].dtype), h
+
+        both = forward_and_backward(fn)
+        cts = (bf16, do.astype(jnp.bfloat16), dh)
+        jax.block_until_ready(both(*cts))
+        logdir = tempfile.mkdtemp()
+        jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+        for _ in range(3):
+            jax.block_until_ready(both(*cts))
+        jax.profiler.stop_trace()
+        (trace_path,) = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+        shutil.copy(trace_path, os.path.join(args.out, "gdn_fwd_bwd_trace.json.gz"))
+        with gzip.open(trace_path) as f:
+            events = json.load(f)["traceEvents"]
+        names = {e["pid"]: e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+        gpu = {pid for pid, name in names.items() if "gpu" in name.lower() or "cuda" in name.lower()}
+        totals, counts = collections.Counter(), collections.Counter()
+        for e in events:
+            if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu):
+                totals[e["name"]] += e.get("dur", 0) / 3e3  # ms per call
+                counts[e["name"]] += 1
+        top = [[name, round(ms, 4), counts[name] // 3] for name, ms in totals.most_common(45)]
+        return {"gpu_processes": sorted(names[p] for p in gpu), "total_ms_per_call": round(sum(totals.values()), 3),
+                "top_ms_per_call": top}
+
+    if args.profile:
+        step("profile_default_fwd_bwd", profile)
 
     def with_resets():
         reset = jax.random.uniform(jax.random.key(3), (args.batch, args.seq)) < 1e-3

@@ -156,8 +156,8 @@ def chunk_states_backward(
       results: dw_ext (B, H, n, C, V), dstarts (B, H, n, K, V), dfinal (B, H, K, V).
 
     Returns:
-      dW (B, H, n, C, V) float32 (the full cotangent of W: external plus through the states), G_{c+1} (B, H, n, K, V)
-      in the product dtype (the cotangent of the state leaving chunk c), dh0 (B, H, K, V) float32.
+      dW (B, H, n, C, V) (the full cotangent of W: external plus through the states) and G_{c+1} (B, H, n, K, V)
+      (the cotangent of the state leaving chunk c) in the product dtype, dh0 (B, H, K, V) float32.
     """
     batch, heads, num_chunks, chunk, k_dim = Wk.shape
     v_dim = dw_ext.shape[-1]
@@ -166,7 +166,7 @@ def chunk_states_backward(
     dw, g_next, dh0 = pl.pallas_call(
         functools.partial(_backward_kernel, num_chunks=num_chunks, block_v=block_v),
         out_shape=[
-            jax.ShapeDtypeStruct((bh, num_chunks, chunk, v_dim), jnp.float32),
+            jax.ShapeDtypeStruct((bh, num_chunks, chunk, v_dim), Wk.dtype),
             jax.ShapeDtypeStruct((bh, num_chunks, k_dim, v_dim), Wk.dtype),
             jax.ShapeDtypeStruct((bh, k_dim, v_dim), jnp.float32),
         ],
