@@ -4,13 +4,15 @@
 
 Rows (see ``docs/benchmarks.md``):
 
+- the ``embedding`` row: the token embedding, forward and forward+backward;
 - one ``block`` row per distinct mixer letter of ``layer_pattern`` (a :class:`~m2rnn_jax.models.decoder.DecoderBlock`:
   norm + mixer + norm + MLP/MoE, with the preset's remat) and one ``mixer`` row for its mixer alone: forward ms,
   forward+backward ms (``jax.vjp`` and its pullback for random cotangents, gradients of the parameters and the
   input), and the compiled temporaries of each;
 - the ``head`` row: LM head + cross-entropy at (B*S, h) x (h, vocab);
 - the ``optimizer`` row: the step's optimizer update alone (every parameter and moment, random gradients);
-- the ``sum`` row: sum over blocks of (count x block forward+backward) + head + optimizer, beside the step;
+- the ``sum`` row: embedding + sum over blocks of (count x block forward+backward) + head + optimizer, beside the
+  step;
 - the ``step`` row: the whole train step as the trainer builds it (``make_train_step`` + ``build_optimizer`` +
   a fresh ``TrainState``, donated, random tokens): ms per step, tokens/s, MFU, peak memory, compile seconds.
 
@@ -42,6 +44,7 @@ from m2rnn_jax.bench.timing import (
     to_gib,
 )
 from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+from m2rnn_jax.models.counting import abstract_decoder
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
 from m2rnn_jax.models.loss import next_token_targets
 from m2rnn_jax.models.presets import get_preset, list_presets
@@ -53,7 +56,7 @@ from m2rnn_jax.train.step import make_train_step
 
 SCHEDULE_STEPS = 100_000  # length of the learning-rate schedule the benchmarked optimizer is built for
 SEED = 0
-SUMMED_KINDS = ("block", "head", "optimizer")  # the rows that add up to the sum of parts (blocks x their count)
+SUMMED_KINDS = ("embedding", "block", "head", "optimizer")  # the rows that add up to the sum of parts (blocks x their count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,20 @@ def bench_head(config: ModelConfig, batch: int, seq_len: int, timing: Timing) ->
     return {"kind": "head", "part": "lm head + loss", "letter": None, "count": 1, **result}
 
 
+def bench_embedding(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
+    """The ``embedding`` row: the decoder's token embedding (lookup forward; forward+backward adds the scatter of
+    the (B, S, h) cotangent into the (vocab, h) gradient), with N(0, 1) parameters of the decoder's shapes."""
+    graphdef, abstract = nnx.split(abstract_decoder(config).embed)
+    params = random_like(jax.random.PRNGKey(SEED + 8), abstract)
+    tokens = random_batch(config, batch, seq_len)["inputs"]
+
+    def apply(params: nnx.State, ids: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params)(ids)
+
+    return {"kind": "embedding", "part": "embedding", "letter": None, "count": 1,
+            **time_forward_backward(apply, params, tokens, timing)}
+
+
 def random_batch(config: ModelConfig, batch: int, seq_len: int) -> dict[str, jax.Array]:
     """A train batch of uniform random tokens: ``inputs`` and next-token ``targets``, both (B, S) int32."""
     window = jax.random.randint(jax.random.PRNGKey(SEED + 6), (batch, seq_len + 1), 0, config.vocab_size)
@@ -250,8 +267,8 @@ def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing
 
 
 def sum_of_parts(rows: list[dict], step_ms: float) -> dict:
-    """The ``sum`` row: sum of count x forward+backward over the block rows, plus the head and the optimizer
-    update, and its share of the measured step (the rest is the embedding, the final norm and glue)."""
+    """The ``sum`` row: sum of count x forward+backward over the block rows, plus the embedding, the head and the
+    optimizer update, and its share of the measured step (the rest is the final norm, the metrics and glue)."""
     total = sum(row["count"] * row["fwd_bwd_ms"] for row in rows if row["kind"] in SUMMED_KINDS)
     return {"kind": "sum", "part": "sum of parts", "letter": None, "count": None,
             "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
@@ -269,8 +286,9 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     step, optimizer = bench_training(config, batch, seq_len, timing)
-    rows = [row for letter, count in mixer_kinds(config).items()
-            for row in bench_block(config, letter, count, batch, seq_len, timing)]
+    rows = [bench_embedding(config, batch, seq_len, timing)]
+    rows += [row for letter, count in mixer_kinds(config).items()
+             for row in bench_block(config, letter, count, batch, seq_len, timing)]
     rows += [bench_head(config, batch, seq_len, timing), optimizer]
     rows += [sum_of_parts(rows, step["fwd_bwd_ms"]), step]
     device = jax.devices()[0]
@@ -313,5 +331,5 @@ def format_report(report: dict) -> str:
                  f"compile {step['compile_s']:.1f} s")
     sum_line = (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
                 f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
-                "(embedding, final norm, glue)")
+                "(final norm, metrics, glue)")
     return "\n".join([heading, format_table(TABLE_COLUMNS, table_rows), step_line, sum_line])

@@ -50,7 +50,7 @@ def test_model_bench_table_names_every_part(model_run):
     assert lines[0].startswith(f"{PRESET} on ") and "pattern=MMAM" in lines[0] and f"B={BATCH} S={SEQ_LEN}" in lines[0]
     assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
     parts = [line.split("|")[0].rstrip() for line in lines[3:] if "|" in line]
-    assert parts == ["block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone", "lm head + loss",
+    assert parts == ["embedding", "block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone", "lm head + loss",
                      "optimizer update", "sum of parts", "train step (measured)"]
     counts = {part: line.split("|")[1].strip() for part, line in zip(parts, lines[3:])}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
@@ -71,19 +71,23 @@ def test_model_bench_json_header(model_run):
     }
     assert report["timing"] == {"iters": 1, "repeats": 1}
     assert [row["kind"] for row in report["rows"]] == [
-        "block", "mixer", "block", "mixer", "head", "optimizer", "sum", "step"]
-    assert [row["part"] for row in report["rows"]][:4] == [
-        "block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone"]
+        "embedding", "block", "mixer", "block", "mixer", "head", "optimizer", "sum", "step"]
+    assert [row["part"] for row in report["rows"]][:5] == [
+        "embedding", "block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone"]
 
 
-def test_model_bench_json_block_mixer_and_head_rows(model_run):
+def test_model_bench_json_embedding_block_mixer_and_head_rows(model_run):
     _, report = model_run
-    for row in _rows(report, "block") + _rows(report, "mixer") + _rows(report, "head"):
+    timed_rows = _rows(report, "embedding") + _rows(report, "block") + _rows(report, "mixer") + _rows(report, "head")
+    assert len(timed_rows) == 6
+    for row in timed_rows:
         for key in TIMED:
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0, (row["part"], key)
         assert row["forward_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["compile_s"] > 0
     assert [(row["letter"], row["count"]) for row in _rows(report, "block")] == [("M", 3), ("A", 1)]
     assert [(row["letter"], row["count"]) for row in _rows(report, "mixer")] == [("M", 3), ("A", 1)]
+    (embedding,) = _rows(report, "embedding")
+    assert embedding["count"] == 1 and embedding["letter"] is None
     (head,) = _rows(report, "head")
     assert head["count"] == 1 and head["letter"] is None
     assert head["chunk_tokens"] == BATCH * SEQ_LEN and head["statistics"] == "two_pass"  # one chunk at this size
@@ -110,7 +114,7 @@ def test_model_bench_json_step_and_sum_rows(model_run):
         assert step["peak_flops_per_device"] is None and step["mfu"] is None
         assert step["peak_memory_source"] == "memory_analysis"
     assert step["peak_memory_gib"] > step["fwd_bwd_temp_gib"]  # parameters, moments and batch on top
-    parts = _rows(report, "block") + _rows(report, "head") + _rows(report, "optimizer")
+    parts = _rows(report, "embedding") + _rows(report, "block") + _rows(report, "head") + _rows(report, "optimizer")
     expected = sum(row["count"] * row["fwd_bwd_ms"] for row in parts)
     assert total["fwd_bwd_ms"] == pytest.approx(expected)
     assert total["measured_ms"] == ms
