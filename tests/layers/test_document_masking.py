@@ -18,7 +18,7 @@ from m2rnn_jax.layers.attention import Attention, AttentionConfig
 from m2rnn_jax.layers.documents import document_index, document_starts
 from m2rnn_jax.layers.gru import GRU, GRUConfig
 from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
-from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config
+from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config, ssd_chunked, ssd_recurrent
 from m2rnn_jax.layers.rnn import RNN, RNNConfig
 
 HIDDEN = 6
@@ -180,3 +180,23 @@ def test_one_document_is_the_default(x64, name):
     y_plain, _ = run(x, None, None)
     y_one, _ = run(x, None, jnp.full((2, 10), 4, jnp.int32))
     np.testing.assert_allclose(y_one, y_plain, **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, 16])
+def test_ssd_chunked_reset_matches_recurrent_reset(x64, chunk_size):
+    """The chunked SSD with resets (resets at chunk starts, mid-chunk, adjacent) equals the step-by-step form."""
+    keys = jax.random.split(jax.random.key(8), 5)
+    b, s, h, p, g, n = 2, 9, 4, 3, 2, 5
+    x = jax.random.normal(keys[0], (b, s, h, p), jnp.float64)
+    dt = jax.nn.softplus(jax.random.normal(keys[1], (b, s, h), jnp.float64))
+    log_decay = -dt * jnp.linspace(0.5, 2.0, h)
+    B = jax.random.normal(keys[2], (b, s, g, n), jnp.float64)
+    C = jax.random.normal(keys[3], (b, s, g, n), jnp.float64)
+    h0 = jax.random.normal(keys[4], (b, h, p, n), jnp.float64)
+    reset = jnp.zeros((b, s), bool).at[0, jnp.array([2, 3, 7])].set(True).at[1, 0].set(True).at[1, 5].set(True)
+    y_ref, final_ref = ssd_recurrent(x, dt, log_decay, B, C, h0, reset)
+    y, final = ssd_chunked(x, dt, log_decay, B, C, h0, chunk_size, reset)
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    np.testing.assert_allclose(final, final_ref, **TOL)
+    y_plain, _ = ssd_recurrent(x, dt, log_decay, B, C, h0)
+    assert float(jnp.max(jnp.abs(y_plain - y_ref))) > 1e-3
