@@ -170,6 +170,12 @@ def test_resolve_config_overrides_dtype_and_remat():
         model_bench.resolve_config(PRESET, "int8")
 
 
+@pytest.mark.parametrize("batch, seq_len, name", [(0, 16, "batch"), (2, -1, "seq_len"), (2.0, 16, "batch")])
+def test_run_model_bench_rejects_bad_shapes_before_any_work(batch, seq_len, name):
+    with pytest.raises(ValueError, match=f"{name}: expected a positive int, got"):
+        model_bench.run_model_bench(PRESET, get_preset(PRESET), batch, seq_len)
+
+
 def test_op_mode_still_runs(tmp_path, capsys):
     path = tmp_path / "op.json"
     assert main(["bench", "--shapes", "tiny", "--iters", "1", "--repeats", "1", "--json", str(path)]) == 0
