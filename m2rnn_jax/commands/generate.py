@@ -129,18 +129,9 @@ def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) ->
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def _until_eos(new_tokens: np.ndarray, eos_token_id: int, vocab_size: int) -> list[int]:
-    """The new tokens before the first EOS, without ids the tokenizer does not know (a padded model vocab)."""
-    kept = []
-    for token in new_tokens.tolist():
-        if token == eos_token_id:
-            break
-        if token < vocab_size:
-            kept.append(token)
-    return kept
-
-
 def run(args: argparse.Namespace) -> int:
+    from m2rnn_jax.models.text_generation import encode_prompts, until_eos
+
     try:
         config = _train_config(args)
         model_config = _model_config(args, config)
@@ -148,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = None
         if args.prompt is not None:
             tokenizer = _load_tokenizer(args)
-            prompts = [[tokenizer.eos_token_id] + tokenizer.encode(text) for text in args.prompt]
+            prompts = encode_prompts(tokenizer, args.prompt)
             bad = [i for i, p in enumerate(prompts, 1) if max(p) >= vocab_size]
             if bad:
                 raise ValueError(f"prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
@@ -166,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(",".join(str(token) for token in continuations[0].tolist()))
         return 0
     for number, (prompt, new_tokens) in enumerate(zip(prompts, continuations), 1):
-        kept = _until_eos(new_tokens, tokenizer.eos_token_id, tokenizer.vocab_size)
+        kept = until_eos(new_tokens, tokenizer.eos_token_id, tokenizer.vocab_size)
         print(f"=== prompt {number} ===")
         print(tokenizer.decode(prompt[1:] + kept))
     return 0

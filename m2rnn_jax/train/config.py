@@ -90,6 +90,28 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Text samples printed at the end of a run on prepared text data (its tokenizer is in the workdir).
+
+    Each of ``prompts`` is continued by up to ``max_new_tokens`` tokens, sampled at ``temperature`` within the
+    nucleus ``top_p`` (temperature 0 = greedy), with the run's seed. No prompts, no samples.
+    """
+
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        require(all(isinstance(p, str) for p in self.prompts), "sample.prompts", "a list of strings", self.prompts)
+        require(is_int(self.max_new_tokens) and self.max_new_tokens > 0, "sample.max_new_tokens", "a positive int",
+                self.max_new_tokens)
+        require(self.temperature >= 0, "sample.temperature", ">= 0", self.temperature)
+        require(0 < self.top_p <= 1, "sample.top_p", "a value in (0, 1]", self.top_p)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs.
 
@@ -102,6 +124,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    sample: SampleConfig = SampleConfig()
     steps: int = 1000
     batch_size: int = 64
     grad_accum_steps: int = 1
@@ -145,12 +168,18 @@ def resolve_token_data(config: TrainConfig, *, keep_vocab_size: bool = False) ->
     ``data.token_dtype`` and (if unset) ``data.eos_token_id`` come from its ``meta.json``. ``model.vocab_size``
     becomes the data's vocabulary exactly (no rounding: every logit is a real token), whatever the preset said,
     unless ``keep_vocab_size`` (set explicitly, e.g. padded to a multiple of 128 for speed): then a vocabulary
-    smaller than the data's is a ValueError naming both. Other data kinds and plain token files are returned
-    unchanged.
+    smaller than the data's is a ValueError naming both. ``data.path=builtin:NAME`` (a corpus that ships with the
+    install, :mod:`m2rnn_jax.data.builtin_corpora`) is prepared on first use and replaced by its directory. Other data
+    kinds and plain token files are returned unchanged.
     """
+    from m2rnn_jax.data.builtin_corpora import BUILTIN_PREFIX, prepared_builtin_corpus
     from m2rnn_jax.data.token_file import is_prepared, read_prepared
 
     data = config.data
+    if data.kind == "token_file" and data.path.startswith(BUILTIN_PREFIX):
+        path = prepared_builtin_corpus(data.path[len(BUILTIN_PREFIX):])
+        config = overrides.merge(config, {"data": {"path": str(path)}})
+        data = config.data
     if data.kind != "token_file" or not is_prepared(data.path):
         return config
     prepared = read_prepared(data.path)

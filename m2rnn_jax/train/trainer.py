@@ -219,4 +219,26 @@ class Trainer:
             title = f"{data.group.upper()} state tracking, trained at length {data.seq_len} ({step} steps)"
             json_path, png_path = write_report(results, data.seq_len, self.workdir, title, {"step": step})
             self.logger.message(f"wrote {json_path} and {png_path}")
+        if self.config.sample.prompts and is_prepared(data.path):
+            self._print_samples()
         return results
+
+    def _print_samples(self) -> None:
+        """Continues ``config.sample.prompts`` with the trained model, prints them and writes ``samples.txt``
+        (every process generates: the parameters may be sharded; only the main one prints and writes)."""
+        from flax import nnx
+
+        from m2rnn_jax.data.atomic import atomic_file
+        from m2rnn_jax.data.tokenizer import load_tokenizer
+        from m2rnn_jax.models.text_generation import continue_text
+
+        sample = self.config.sample
+        params = jax.device_get(self.state.params)
+        texts = continue_text(nnx.merge(self.graphdef, params), load_tokenizer(self.workdir), sample.prompts,
+                              max_new_tokens=sample.max_new_tokens, key=jax.random.key(self.config.seed),
+                              temperature=sample.temperature, top_p=sample.top_p)
+        report = "\n".join(f"--- sample {number} (step {self.step}) ---\n{text}" for number, text in enumerate(texts, 1))
+        self.logger.message(report)
+        if self.is_main:
+            with atomic_file(self.workdir / "samples.txt") as temporary:
+                temporary.write_text(report + "\n")

@@ -30,7 +30,8 @@ def text_run(tmp_path_factory):
     train = ["train", "--preset", ONE_LAYER, "--workdir", str(workdir), "--set", "data.kind=token_file",
              "--set", f"data.path={data}", "--set", "data.mask_documents=true", "--set", f"data.seq_len={SEQ_LEN}",
              "--set", f"data.eval_lengths=[{SEQ_LEN}]", "--set", "data.eval_batch_size=4", "--set", "steps=4",
-             "--set", "eval_every=2", "--set", "batch_size=4", "--set", "optimizer.warmup_steps=1"]
+             "--set", "eval_every=2", "--set", "batch_size=4", "--set", "optimizer.warmup_steps=1",
+             "--set", 'sample.prompts=["the cat saw", "Story 3"]', "--set", "sample.max_new_tokens=5"]
     assert main(train) == 0
     return workdir, data, json.loads((data / "meta.json").read_text())
 
@@ -109,7 +110,15 @@ def test_text_errors(text_run, capsys, tmp_path):
 
 
 def test_continuations_stop_at_eos_and_drop_ids_the_tokenizer_lacks():
-    from m2rnn_jax.commands.generate import _until_eos
+    from m2rnn_jax.models.text_generation import until_eos as _until_eos
 
     assert _until_eos(np.array([5, 300, 7, 0, 9]), eos_token_id=0, vocab_size=290) == [5, 7]
     assert _until_eos(np.array([5, 6]), eos_token_id=0, vocab_size=290) == [5, 6]
+
+
+def test_the_run_ends_with_a_sample_for_each_prompt(text_run):
+    workdir, _, _ = text_run
+    samples = (workdir / "samples.txt").read_text()
+    assert samples.count("--- sample ") == 2 and "(step 4)" in samples
+    first, second = samples.split("--- sample 2 (step 4) ---\n")
+    assert first.split("---\n", 1)[1].startswith("the cat saw") and second.startswith("Story 3")
