@@ -52,11 +52,31 @@ def matmul(
     equation: str, a: jax.Array, b: jax.Array, dot_dtype: jnp.dtype, out_dtype: jnp.dtype | None = None
 ) -> jax.Array:
     """einsum with both operands cast to ``dot_dtype``, a float32 (float64 for float64) accumulator and the result
-    in ``out_dtype`` (default: the accumulator's dtype)."""
-    acc = jnp.promote_types(jnp.float32, dot_dtype)
-    out = jnp.einsum(equation, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=acc,
-                     precision=HIGHEST)
+    in ``out_dtype`` (default: the accumulator's dtype). Its gradient products also take ``dot_dtype`` operands."""
+    out = _einsum_wide(equation, a.astype(dot_dtype), b.astype(dot_dtype))
     return out if out_dtype is None else out.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_wide(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum of two operands of one dtype with a >= float32 result. Plain autodiff would multiply the float32
+    cotangent with a 16-bit operand, promoted to float32 products (no bf16 matrix units); the VJP here rounds the
+    cotangent to the operands' dtype first (the operand cotangents have that dtype anyway)."""
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.promote_types(jnp.float32, a.dtype),
+                      precision=HIGHEST)
+
+
+def _einsum_wide_forward(equation, a, b):
+    return _einsum_wide(equation, a, b), (a, b)
+
+
+def _einsum_wide_backward(equation, residuals, cotangent):
+    a, b = residuals
+    _, vjp = jax.vjp(lambda x, y: jnp.einsum(equation, x, y, precision=HIGHEST), a, b)
+    return vjp(cotangent.astype(a.dtype))
+
+
+_einsum_wide.defvjp(_einsum_wide_forward, _einsum_wide_backward)
 
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
