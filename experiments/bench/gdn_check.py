@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the chunk-factor / kernel-config breakdown")
     parser.add_argument("--profile", action="store_true", help="profile default fwd+bwd; top GPU kernels")
     parser.add_argument("--no-resets", action="store_true", help="skip the check with resets")
+    parser.add_argument("--no-reference-timing", action="store_true", help="use the reference for errors only")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining steps after this")
     args = parser.parse_args()
     t0 = time.time()
@@ -132,7 +133,8 @@ def main() -> None:
         fwd = jax.jit(lambda x: chunked(*(x[n] for n in ARGS)))
         return {"fwd_ms": median_ms(fwd, f32), "fwd_bwd_ms": median_ms(forward_and_backward(chunked), f32, do, dh)}
 
-    step("chunked_f32_reference", reference_timing)
+    if not args.no_reference_timing:
+        step("chunked_f32_reference", reference_timing)
 
     def variant(forward_config, backward_config, inverse):
         def fn(*a, reset=None):
