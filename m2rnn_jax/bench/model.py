@@ -56,7 +56,7 @@ from m2rnn_jax.train.step import make_train_step
 
 SCHEDULE_STEPS = 100_000  # length of the learning-rate schedule the benchmarked optimizer is built for
 SEED = 0
-SUMMED_KINDS = ("embedding", "block", "head", "optimizer")  # the rows that add up to the sum of parts (blocks x their count)
+SUMMED_KINDS = ("embedding", "block", "head", "optimizer")  # rows in the sum of parts (blocks x their count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,20 @@ class Timing:
 
     iters: int = 10
     repeats: int = 5
+
+
+def part(kind: str, label: str, letter: str | None = None, count: int | None = 1) -> dict:
+    """The fields every row starts with: ``kind``, ``part`` (the table label), ``letter``, ``count``."""
+    return {"kind": kind, "part": label, "letter": letter, "count": count}
+
+
+def measured(row: dict, measure: Callable[[], dict]) -> dict:
+    """``row`` with the fields ``measure()`` returns, or with ``error`` when the device fails (out of memory, a
+    kernel that does not run): one failing part must not lose the others of a long GPU run."""
+    try:
+        return {**row, **measure()}
+    except jax.errors.JaxRuntimeError as err:
+        return {**row, "error": f"{type(err).__name__}: {err}"[:2000]}
 
 
 def resolve_config(preset: str, dtype: str | None = None, remat: str | None = None) -> ModelConfig:
@@ -156,19 +170,19 @@ def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_le
     block_graph, block_params = nnx.split(block)
     mixer_graph, mixer_params = nnx.split(block.mixer)
     return [
-        {"kind": "block", "part": f"block {letter} ({name})", "letter": letter, "count": count,
-         **time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing)},
-        {"kind": "mixer", "part": f"mixer {letter} alone", "letter": letter, "count": count,
-         **time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing)},
+        measured(part("block", f"block {letter} ({name})", letter, count),
+                 lambda: time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing)),
+        measured(part("mixer", f"mixer {letter} alone", letter, count),
+                 lambda: time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing)),
     ]
 
 
 def bench_head(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
     """The ``head`` row: LM head + mean cross-entropy at the model's width and vocabulary, chunked as the train step
     computes it (:func:`m2rnn_jax.bench.loss.bench_lm_head_loss` without the plain comparison)."""
-    result = bench_lm_head_loss(batch, seq_len, config.hidden_size, config.vocab_size, config.dtype, timing.iters,
-                                timing.repeats, compare_plain=False)
-    return {"kind": "head", "part": "lm head + loss", "letter": None, "count": 1, **result}
+    return measured(part("head", "lm head + loss"), lambda: bench_lm_head_loss(
+        batch, seq_len, config.hidden_size, config.vocab_size, config.dtype, timing.iters, timing.repeats,
+        compare_plain=False))
 
 
 def bench_embedding(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
@@ -181,8 +195,7 @@ def bench_embedding(config: ModelConfig, batch: int, seq_len: int, timing: Timin
     def apply(params: nnx.State, ids: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params)(ids)
 
-    return {"kind": "embedding", "part": "embedding", "letter": None, "count": 1,
-            **time_forward_backward(apply, params, tokens, timing)}
+    return measured(part("embedding", "embedding"), lambda: time_forward_backward(apply, params, tokens, timing))
 
 
 def random_batch(config: ModelConfig, batch: int, seq_len: int) -> dict[str, jax.Array]:
@@ -206,16 +219,15 @@ def time_carried(executable: Any, carry: Any, *args: Any, timing: Timing) -> tup
     return ms, carried.pop()
 
 
-def step_row(config: ModelConfig, batch: int, seq_len: int, ms: float, compiled: Compiled) -> dict:
-    """The ``step`` row from its measured ms per step and its compiled executable (read the peak right after the
-    step ran: the allocator's peak, else the executable's own footprint)."""
+def step_fields(config: ModelConfig, batch: int, seq_len: int, ms: float, compiled: Compiled) -> dict:
+    """The ``step`` row's numbers from its measured ms per step and its compiled executable (call right after the
+    step ran: the peak is the allocator's, else the executable's own footprint)."""
     tokens_per_s = batch * seq_len / (ms / 1e3)
     flops_per_token = training_flops_per_token(config, seq_len)
     peak_flops = peak_flops_per_device()
     measured_peak = peak_bytes()
     peak = measured_peak if measured_peak is not None else footprint_bytes(compiled.executable)
     return {
-        "kind": "step", "part": "train step (measured)", "letter": None, "count": 1,
         "forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
         "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)),
         "compile_s": compiled.compile_s,
@@ -240,14 +252,13 @@ def optimizer_update_function(optimizer: optax.GradientTransformation) -> Callab
     return update
 
 
-def bench_optimizer_update(optimizer: optax.GradientTransformation, state: TrainState, timing: Timing) -> dict:
-    """The ``optimizer`` row: one update of every parameter and moment (donated) for random gradients."""
+def time_optimizer_update(optimizer: optax.GradientTransformation, state: TrainState, timing: Timing) -> dict:
+    """The ``optimizer`` row's numbers: one update of every parameter and moment (donated) for random gradients."""
     grads = jax.tree.map(lambda p: 1e-3 * p, random_like(jax.random.PRNGKey(SEED + 7), state.params))
     update = jax.jit(optimizer_update_function(optimizer), donate_argnums=0)
     compiled = compile_timed(update, state, grads)
     ms, _ = time_carried(compiled.executable, state, grads, timing=timing)
-    return {"kind": "optimizer", "part": "optimizer update", "letter": None, "count": 1,
-            "forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
+    return {"forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
             "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)), "compile_s": compiled.compile_s}
 
 
@@ -258,20 +269,32 @@ def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing
     optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
     schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
     step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
-    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
     tokens = random_batch(config, batch, seq_len)
-    compiled = compile_timed(step, state, tokens)
-    ms, state = time_carried(compiled.executable, state, tokens, timing=timing)
-    row = step_row(config, batch, seq_len, ms, compiled)
-    return row, bench_optimizer_update(optimizer, state, timing)
+    left: dict[str, TrainState] = {}  # the state the step leaves, for the optimizer row
+
+    def measure_step() -> dict:
+        state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
+        compiled = compile_timed(step, state, tokens)
+        ms, left["state"] = time_carried(compiled.executable, state, tokens, timing=timing)
+        return step_fields(config, batch, seq_len, ms, compiled)
+
+    step_row = measured(part("step", "train step (measured)"), measure_step)
+    optimizer_row = part("optimizer", "optimizer update")
+    if "state" not in left:
+        return step_row, {**optimizer_row, "error": "not run: the train step failed"}
+    return step_row, measured(optimizer_row, lambda: time_optimizer_update(optimizer, left.pop("state"), timing))
 
 
-def sum_of_parts(rows: list[dict], step_ms: float) -> dict:
+def sum_of_parts(rows: list[dict], step_ms: float | None) -> dict:
     """The ``sum`` row: sum of count x forward+backward over the block rows, plus the embedding, the head and the
-    optimizer update, and its share of the measured step (the rest is the final norm, the metrics and glue)."""
-    total = sum(row["count"] * row["fwd_bwd_ms"] for row in rows if row["kind"] in SUMMED_KINDS)
-    return {"kind": "sum", "part": "sum of parts", "letter": None, "count": None,
-            "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
+    optimizer update, and its share of the measured step (the rest is the final norm, the metrics and glue); its
+    numbers are None when a part or the step failed."""
+    summed = [row for row in rows if row["kind"] in SUMMED_KINDS]
+    row = part("sum", "sum of parts", count=None)
+    if step_ms is None or any("error" in r for r in summed):
+        return {**row, "fwd_bwd_ms": None, "measured_ms": step_ms, "fraction_of_step": None, "unaccounted_ms": None}
+    total = sum(r["count"] * r["fwd_bwd_ms"] for r in summed)
+    return {**row, "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
             "unaccounted_ms": step_ms - total}
 
 
@@ -290,7 +313,7 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
     rows += [row for letter, count in mixer_kinds(config).items()
              for row in bench_block(config, letter, count, batch, seq_len, timing)]
     rows += [bench_head(config, batch, seq_len, timing), optimizer]
-    rows += [sum_of_parts(rows, step["fwd_bwd_ms"]), step]
+    rows += [sum_of_parts(rows, step.get("fwd_bwd_ms")), step]
     device = jax.devices()[0]
     return {
         "device": str(device.device_kind),
@@ -309,27 +332,48 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
 TABLE_COLUMNS = (("part", "part", "{}"), ("count", "count", "{}"), ("fwd ms", "forward_ms", "{:.3f}"),
                  ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"), ("fwd temp GiB", "forward_temp_gib", "{:.3f}"),
                  ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("compile s", "compile_s", "{:.1f}"))
+NOTE_COLUMN = ("note", "note", "{}")  # shown only when a part failed
 
 
-def _gib_text(gib: float | None) -> str:
-    return "n/a" if gib is None else f"{gib:.3f} GiB"
+def _table_row(row: dict) -> dict:
+    """A row as the table shows it: mixer rows indented under their block, ERROR in the note of a failed part."""
+    shown = {**row, "part": f"  {row['part']}"} if row["kind"] == "mixer" else dict(row)
+    if "error" in row:
+        shown["note"] = "ERROR"
+    return shown
+
+
+def _step_line(step: dict) -> str:
+    if "error" in step:
+        return "train step: ERROR (below)"
+    mfu = "n/a" if step["mfu"] is None else f"{100 * step['mfu']:.1f}%"
+    peak = "n/a" if step["peak_memory_gib"] is None else f"{step['peak_memory_gib']:.3f} GiB"
+    return (f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
+            f"peak memory {peak} ({step['peak_memory_source']}), compile {step['compile_s']:.1f} s")
+
+
+def _sum_line(total: dict) -> str:
+    if total["fwd_bwd_ms"] is None:
+        return "sum of parts: n/a (a part or the step failed)"
+    return (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
+            f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
+            "(final norm, metrics, glue)")
 
 
 def format_report(report: dict) -> str:
-    """The report of :func:`run_model_bench` as a heading, a table of rows (mixer rows indented under their block)
-    and two summary lines."""
+    """The report of :func:`run_model_bench` as a heading, a table of rows, two summary lines and one line per
+    failed part."""
     shapes = report["shapes"]
     rows = {row["kind"]: row for row in report["rows"]}
-    step, total = rows["step"], rows["sum"]
-    mfu = "n/a" if step["mfu"] is None else f"{100 * step['mfu']:.1f}%"
-    table_rows = [{**row, "part": f"  {row['part']}"} if row["kind"] == "mixer" else row for row in report["rows"]]
     heading = (f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
                f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
                f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}")
-    step_line = (f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
-                 f"peak memory {_gib_text(step['peak_memory_gib'])} ({step['peak_memory_source']}), "
-                 f"compile {step['compile_s']:.1f} s")
-    sum_line = (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
-                f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
-                "(final norm, metrics, glue)")
-    return "\n".join([heading, format_table(TABLE_COLUMNS, table_rows), step_line, sum_line])
+    errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
+    columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS
+    table = format_table(columns, [_table_row(row) for row in report["rows"]])
+    return "\n".join([heading, table, _step_line(rows["step"]), _sum_line(rows["sum"]), *errors])
+
+
+def failed_parts(report: dict) -> list[str]:
+    """Labels of the rows whose measurement failed."""
+    return [row["part"] for row in report["rows"] if "error" in row]

@@ -93,4 +93,8 @@ def run(args: argparse.Namespace) -> int:
     print(model.format_report(report))
     if args.json:
         write_json(args.json, report)
+    failed = model.failed_parts(report)
+    if failed:
+        print(f"m2rnn-jax {NAME}: {len(failed)} part(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

@@ -50,8 +50,8 @@ def test_model_bench_table_names_every_part(model_run):
     assert lines[0].startswith(f"{PRESET} on ") and "pattern=MMAM" in lines[0] and f"B={BATCH} S={SEQ_LEN}" in lines[0]
     assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
     parts = [line.split("|")[0].rstrip() for line in lines[3:] if "|" in line]
-    assert parts == ["embedding", "block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone", "lm head + loss",
-                     "optimizer update", "sum of parts", "train step (measured)"]
+    assert parts == ["embedding", "block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone",
+                     "lm head + loss", "optimizer update", "sum of parts", "train step (measured)"]
     counts = {part: line.split("|")[1].strip() for part, line in zip(parts, lines[3:])}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
     assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
@@ -275,3 +275,53 @@ def test_gpu_model_bench_reads_allocator_peak_and_mfu(tmp_path):
     assert step["peak_memory_source"] == "memory_stats" and step["peak_memory_gib"] > 0
     if step["peak_flops_per_device"] is not None:
         assert 0 < step["mfu"] < 1
+
+
+def _device_failure(*_args, **_kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99 GiB")
+
+
+def test_measured_records_device_failures_and_lets_bugs_through():
+    row = model_bench.measured(model_bench.part("head", "lm head + loss"), _device_failure)
+    assert row["kind"] == "head" and row["error"].startswith("JaxRuntimeError: RESOURCE_EXHAUSTED")
+    assert model_bench.measured(model_bench.part("head", "x"), lambda: {"fwd_bwd_ms": 1.0})["fwd_bwd_ms"] == 1.0
+    with pytest.raises(ValueError, match="a bug"):
+        model_bench.measured(model_bench.part("head", "x"), lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_failed_step_skips_the_optimizer_row(monkeypatch):
+    monkeypatch.setattr(model_bench, "compile_timed", _device_failure)
+    step, optimizer = model_bench.bench_training(get_preset(PRESET), BATCH, SEQ_LEN, model_bench.Timing(1, 1))
+    assert step["kind"] == "step" and "RESOURCE_EXHAUSTED" in step["error"] and "fwd_bwd_ms" not in step
+    assert optimizer["kind"] == "optimizer" and optimizer["error"] == "not run: the train step failed"
+
+
+def _report_with_a_failed_block():
+    ok = {"forward_ms": 1.0, "fwd_bwd_ms": 2.0, "forward_temp_gib": 0.5, "fwd_bwd_temp_gib": 1.0, "compile_s": 3.0}
+    rows = [
+        {**model_bench.part("embedding", "embedding"), **ok},
+        {**model_bench.part("block", "block G (GatedDeltaNet)", "G", 3), 
+         "error": "JaxRuntimeError: RESOURCE_EXHAUSTED"},
+        {**model_bench.part("mixer", "mixer G alone", "G", 3), **ok},
+        {**model_bench.part("head", "lm head + loss"), **ok},
+        {**model_bench.part("optimizer", "optimizer update"), **ok, "forward_ms": None, "forward_temp_gib": None},
+    ]
+    step = {**model_bench.part("step", "train step (measured)"), **ok, "forward_ms": None, "forward_temp_gib": None,
+            "tokens_per_s": 1e3, "mfu": 0.25, "peak_memory_gib": 2.0, "peak_memory_source": "memory_stats"}
+    rows += [model_bench.sum_of_parts(rows, step["fwd_bwd_ms"]), step]
+    shapes = {"batch": 1, "seq_len": 2, "hidden_size": 3, "vocab_size": 4, "dtype": "bfloat16",
+              "param_dtype": "float32", "remat": "none", "layer_pattern": "GGG"}
+    return {"preset": "p", "device": "d", "jax": "v", "shapes": shapes, "rows": rows}
+
+
+def test_report_with_a_failed_part(monkeypatch, capsys):
+    report = _report_with_a_failed_block()
+    total = report["rows"][-2]
+    assert total["fwd_bwd_ms"] is None and total["fraction_of_step"] is None and total["measured_ms"] == 2.0
+    text = model_bench.format_report(report)
+    assert "sum of parts: n/a (a part or the step failed)" in text and "MFU 25.0%" in text
+    assert "| ERROR" in text and text.splitlines()[-1] == "block G (GatedDeltaNet): JaxRuntimeError: RESOURCE_EXHAUSTED"
+    assert model_bench.failed_parts(report) == ["block G (GatedDeltaNet)"]
+    monkeypatch.setattr(model_bench, "run_model_bench", lambda *args: report)
+    assert main(BENCH_ARGS) == 1
+    assert "1 part(s) failed: block G (GatedDeltaNet)" in capsys.readouterr().err
