@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "compare": "compare",
     "prepare-data": "prepare_data",
+    "compile": "compile",
 }
 
 

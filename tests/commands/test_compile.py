@@ -1,0 +1,225 @@
+"""``m2rnn-jax compile``: the train step compiled ahead of time for a virtual TPU topology (libtpu, no TPU).
+
+The unit tests of the mesh parser, the divisibility checks and the HLO collective counter run in this process. The
+``tpu_aot`` tests start subprocesses whose PYTHONPATH begins with .venv-tpu (libtpu from .ci/install_tpu.sh), as
+tests/kernels/test_tpu_aot.py does, so this pytest process never loads the TPU plugin: one compile of a tiny preset
+on v5e:2x2 (every JSON field checked), and the error cases (exit status 2 with a message naming the argument).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from m2rnn_jax.bench.collectives import COLLECTIVE_KINDS, count_collectives, shape_bytes
+from m2rnn_jax.bench.compile import CompileRequest, check_divisibility, chip_name, parse_mesh, tpu_model_config
+from m2rnn_jax.models import get_preset
+
+REPO = Path(__file__).resolve().parents[2]
+LIBTPU_DIR = REPO / ".venv-tpu"
+
+# A 4-chip v5e, M2RNN + attention hybrid (tiny-m2rnn: MMAM, 4 M2RNN heads), data x tensor so that the kernel runs
+# under shard_map over batch and heads, the parameters are split over tensor and the gradients are reduced.
+TINY = ["--preset", "tiny-m2rnn", "--topology", "v5e:2x2", "--mesh", "data=2,tensor=2", "--batch", "4",
+        "--seq-len", "32", "--remat", "full"]
+
+
+# ------------------------------------------------------------------------------------------------ unit tests (CPU)
+
+
+def test_parse_mesh_reads_axes_and_rejects_bad_text():
+    assert parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
+    assert parse_mesh("fsdp=-1,expert=8") == {"fsdp": -1, "expert": 8}
+    for text, fragment in [("", "at least one"), ("data=2,pipe=2", "AXIS=SIZE"), ("data=0", "positive size"),
+                           ("data=x", "positive size"), ("data=2,data=2", "each axis once"), ("data", "AXIS=SIZE")]:
+        with pytest.raises(ValueError, match=f"--mesh: expected.*{fragment}"):
+            parse_mesh(text)
+
+
+def test_chip_name():
+    assert chip_name("v5p:4x4x4") == "v5p"
+    for bad in ("v5e", "v5e:", "v5e:2x", ":2x2"):
+        with pytest.raises(ValueError, match="--topology: expected CHIP:DIMS"):
+            chip_name(bad)
+
+
+def test_divisibility_errors_name_the_argument():
+    dense = get_preset("tiny-m2rnn")  # 4 M2RNN heads, dense MLP
+    moe = get_preset("tiny-hybrid-moe")  # 4 experts
+    sizes = {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1}
+    check_divisibility(dense, sizes, batch=8, grad_accum=2)
+    with pytest.raises(ValueError, match=r"--batch: expected a multiple of --grad-accum=3, got 8"):
+        check_divisibility(dense, sizes, batch=8, grad_accum=3)
+    with pytest.raises(ValueError, match=r"--batch: expected the micro-batch .* 4 batch shards"):
+        check_divisibility(dense, sizes, batch=6, grad_accum=1)
+    with pytest.raises(ValueError, match=r"--mesh: expected tensor to divide the 4 M2RNN heads.*tensor=8"):
+        check_divisibility(dense, {**sizes, "tensor": 8}, batch=8, grad_accum=1)
+    with pytest.raises(ValueError, match=r"--mesh: expected expert to divide .*dense MLP"):
+        check_divisibility(dense, {**sizes, "expert": 2}, batch=8, grad_accum=1)
+    with pytest.raises(ValueError, match=r"--mesh: expected expert to divide the model's MoE experts \(4\)"):
+        check_divisibility(moe, {**sizes, "expert": 8}, batch=32, grad_accum=1)
+    check_divisibility(moe, {**sizes, "expert": 4}, batch=16, grad_accum=1)
+
+
+def test_tpu_model_config_forces_the_tpu_backends_and_remat():
+    config = tpu_model_config(get_preset("tiny-hybrid"), "save_dots")
+    assert config.m2rnn.backend == "pallas_tpu"
+    assert config.gated_deltanet.backend == "chunked"
+    assert config.remat == "save_dots"
+    assert tpu_model_config(get_preset("tiny-m2rnn"), None).remat == get_preset("tiny-m2rnn").remat
+
+
+def test_request_validation():
+    with pytest.raises(ValueError, match="batch: expected a positive int, got 0"):
+        CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=0)
+    with pytest.raises(ValueError, match="remat: expected one of"):
+        CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1, remat="some")
+
+
+HLO = """
+HloModule jit_train_step, is_scheduled=true
+%fused (p: f32[4]) -> f32[4] { ... }
+ENTRY %main {
+  %p0 = bf16[8,128]{1,0} parameter(0)
+  %all-gather-start.1 = (bf16[8,128]{1,0}, bf16[16,128]{1,0}) all-gather-start(bf16[8,128]{1,0} %p0), dimensions={0}
+  %all-gather-done.1 = bf16[16,128]{1,0} all-gather-done((bf16[8,128]{1,0}, bf16[16,128]{1,0}) %all-gather-start.1)
+  %all-reduce.2 = f32[1024]{0} all-reduce(f32[1024]{0} %x), replica_groups={{0,1}}, to_apply=%add
+  %all-reduce-start.3 = f32[10]{0} all-reduce-start(f32[10]{0} %y), to_apply=%add
+  %all-reduce-done.3 = f32[10]{0} all-reduce-done(f32[10]{0} %all-reduce-start.3)
+  %reduce-scatter.4 = f32[2,64]{1,0} reduce-scatter(f32[4,64]{1,0} %z), dimensions={0}
+  %all-to-all.5 = (s32[4]{0}, s32[4]{0}) all-to-all(s32[4]{0} %a, s32[4]{0} %b)
+  %add.6 = f32[1024]{0} add(f32[1024]{0} %all-reduce.2, f32[1024]{0} %all-reduce.2)
+  ROOT %collective-permute.7 = u8[3]{0} collective-permute(u8[3]{0} %c), source_target_pairs={{0,1}}
+}
+"""
+
+
+def test_count_collectives_counts_async_pairs_once_with_result_bytes():
+    counts = count_collectives(HLO)
+    assert set(counts) == set(COLLECTIVE_KINDS)
+    assert counts["all-gather"] == {"count": 1, "bytes": 16 * 128 * 2}
+    assert counts["all-reduce"] == {"count": 2, "bytes": 1024 * 4 + 10 * 4}
+    assert counts["reduce-scatter"] == {"count": 1, "bytes": 2 * 64 * 4}
+    assert counts["all-to-all"] == {"count": 1, "bytes": 2 * 4 * 4}
+    assert counts["collective-permute"] == {"count": 1, "bytes": 3}
+    assert count_collectives("%add = f32[2]{0} add(f32[2]{0} %a, f32[2]{0} %b)")["all-reduce"]["count"] == 0
+
+
+def test_shape_bytes():
+    assert shape_bytes("bf16[2,3]{1,0}") == 12
+    assert shape_bytes("(f32[4]{0}, s8[]{:T(128)}, token[])") == 17
+    assert shape_bytes("f32[]") == 4
+
+
+# ------------------------------------------------------------------------------- ahead-of-time compiles (libtpu)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="module")
+def libtpu_env() -> dict[str, str]:
+    if not (LIBTPU_DIR / "libtpu").is_dir():
+        message = f"libtpu is not installed in {LIBTPU_DIR}; run .ci/install_tpu.sh"
+        if _ci():
+            pytest.fail(message + " (CI must run it before pytest)")
+        pytest.skip(message)
+    env = dict(os.environ)
+    paths = [str(LIBTPU_DIR), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _cli(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "m2rnn_jax", "compile", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+
+
+@pytest.mark.tpu_aot
+def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_path):
+    out = tmp_path / "report.json"
+    result = _cli(libtpu_env, TINY + ["--json", str(out)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tiny-m2rnn on v5e:2x2 (4 x TPU v5 lite), mesh data=2,fsdp=1,tensor=2,expert=1" in result.stdout
+    report = json.loads(out.read_text())
+    assert set(report) == {
+        "preset", "topology", "chip", "num_devices", "mesh", "batch", "micro_batch", "grad_accum", "seq_len",
+        "micro_batch_per_device", "remat", "backends", "dtype", "param_dtype", "jax_version", "libtpu_version",
+        "num_params", "replicated_parameters", "lower_seconds", "compile_seconds", "memory", "cost", "collectives",
+        "status", "error",
+    }
+    assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert (report["num_devices"], report["chip"], report["status"], report["error"]) == (4, "TPU v5 lite", "fits",
+                                                                                          None)
+    assert (report["batch"], report["micro_batch"], report["micro_batch_per_device"]) == (4, 4, 2)
+    assert report["backends"] == {"m2rnn": "pallas_tpu"} and report["remat"] == "full"
+    assert report["libtpu_version"] and report["num_params"] > 100_000
+    memory = report["memory"]
+    assert memory["hbm_bytes"] == 16 * 2**30 and memory["fits"] is True
+    parts = ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes")
+    assert all(memory[key] > 0 for key in parts)
+    assert memory["total_bytes"] == sum(memory[key] for key in parts) - memory["alias_bytes"]
+    assert memory["alias_bytes"] > 0  # the state is donated: outputs reuse the argument buffers
+    assert memory["fraction_of_hbm"] == pytest.approx(memory["total_bytes"] / memory["hbm_bytes"])
+    # fp32 params + 2 Adam moments, about half of them on each tensor shard: arguments >= 12 bytes * params / 2
+    assert memory["argument_bytes"] >= 12 * report["num_params"] / 2
+    # forward + backward >= 6 FLOPs per parameter per token on each device's 2 rows (tensor halves the matmuls)
+    tokens_per_device = 2 * 32
+    assert report["cost"]["flops"] >= 6 * report["num_params"] * tokens_per_device / 2 / 2
+    assert report["cost"]["bytes_accessed"] > 0
+    collectives = report["collectives"]
+    assert set(collectives) == set(COLLECTIVE_KINDS)
+    assert collectives["all-reduce"]["count"] > 0 and collectives["all-reduce"]["bytes"] > 0  # gradients over data
+    assert report["compile_seconds"] >= report["lower_seconds"] > 0
+
+
+@pytest.mark.tpu_aot
+def test_bad_requests_exit_2_with_a_message(libtpu_env):
+    """All error cases in one subprocess (one libtpu start-up): each runs the CLI's main and records its exit."""
+    cases = [
+        (["--mesh", "data=3"], "mesh: data*fsdp*tensor*expert = 3"),
+        (["--mesh", "data=2,tensor=2", "--batch", "3"], "--batch: expected the micro-batch"),
+        (["--topology", "v5e:2x4", "--mesh", "tensor=8"], "--mesh: expected tensor to divide the 4 M2RNN heads"),
+        (["--mesh", "data=2,expert=2"], "--mesh: expected expert to divide"),
+        (["--topology", "v5e:3x7"], "--topology: libtpu does not know the topology 'v5e:3x7'"),
+        (["--topology", "v9z:2x2"], "--topology"),
+        (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    ]
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from m2rnn_jax.cli import main\n"
+        "base = ['compile', '--preset', 'tiny-m2rnn', '--topology', 'v5e:2x2', '--mesh', 'data=4', '--seq-len', '8']\n"
+        "results = []\n"
+        "for extra in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(base + extra)\n"
+        "    results.append([code, err.getvalue()])\n"
+        "print('RESULTS ' + json.dumps(results))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, json.dumps([extra for extra, _ in cases])], cwd=REPO,
+                            env=libtpu_env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    for (extra, fragment), (code, stderr) in zip(cases, json.loads(lines[0][len("RESULTS "):])):
+        assert code == 2, (extra, stderr)
+        assert stderr.startswith("m2rnn-jax compile: error: ") and fragment in stderr, (extra, stderr)
+
+
+def test_missing_libtpu_is_a_usage_error(tmp_path):
+    """Without libtpu on the path the command says how to get it (exit 2); skipped where libtpu is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is not None:
+        pytest.skip("libtpu is installed in this environment")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    result = _cli(env, ["--preset", "tiny-m2rnn", "--topology", "v5e:2x2", "--mesh", "data=4"])
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "m2rnn-jax compile: error: --topology: the TPU compiler (libtpu) is not importable" in result.stderr
