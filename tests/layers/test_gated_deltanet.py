@@ -1,15 +1,16 @@
-"""Gated DeltaNet: the layer vs a per-step float64 NumPy loop, chunked vs recurrent forms, decode == forward."""
+"""Gated DeltaNet: the layer vs a per-step float64 NumPy loop, decode == forward, documents == separate runs.
+
+The recurrence itself (chunked vs recurrent forms and their gradients) is tested in tests/ops/test_gated_delta_rule.py.
+"""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, l2_normalize
-from m2rnn_jax.ops.gdn import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from tests.layers.mixer_helpers import assert_decode_matches_forward, count_params, jitted
 from tests.layers.test_conv import numpy_causal_conv
 
@@ -67,39 +68,6 @@ def test_layer_matches_numpy_float64(x64, num_k_heads, allow_neg_eigval):
     y, state = jitted(layer)(jnp.asarray(x))
     np.testing.assert_allclose(y, numpy_gated_deltanet(layer, x), rtol=1e-10, atol=1e-12)
     assert state.recurrent.shape == (2, 2, 4, 3) and state.conv.shape == (2, 3, 2 * num_k_heads * 4 + 6)
-
-
-def random_delta_rule_inputs(rng, batch=2, seq_len=13, heads=3, k_dim=5, v_dim=4):
-    q = l2_normalize(jnp.asarray(rng.standard_normal((batch, seq_len, heads, k_dim)))) * k_dim**-0.5
-    k = l2_normalize(jnp.asarray(rng.standard_normal((batch, seq_len, heads, k_dim))))
-    v = jnp.asarray(rng.standard_normal((batch, seq_len, heads, v_dim)))
-    beta = 2.0 * jax.nn.sigmoid(jnp.asarray(rng.standard_normal((batch, seq_len, heads))))  # (0, 2): neg eigvals
-    log_alpha = -jnp.exp(jnp.asarray(rng.uniform(-4.0, 0.5, (batch, seq_len, heads))))
-    h0 = jnp.asarray(rng.standard_normal((batch, heads, k_dim, v_dim)))
-    return q, k, v, beta, log_alpha, h0
-
-
-@pytest.mark.parametrize("chunk_size", [1, 4, 32])
-def test_chunked_form_matches_recurrent_form_and_its_gradients(x64, chunk_size):
-    inputs = random_delta_rule_inputs(np.random.default_rng(chunk_size))
-    weights = jnp.asarray(np.random.default_rng(99).standard_normal((2, 13, 3, 4)))
-
-    def loss(form, *args):
-        o, final = form(*args)
-        return jnp.sum(o * weights) + jnp.sum(final**2)
-
-    chunked = jax.jit(lambda *a: gated_delta_rule_chunked(*a, None, chunk_size))
-    o_rec, s_rec = jax.jit(gated_delta_rule_recurrent)(*inputs)
-    o_chk, s_chk = chunked(*inputs)
-    np.testing.assert_allclose(o_chk, o_rec, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(s_chk, s_rec, rtol=1e-10, atol=1e-12)
-    argnums = tuple(range(6))
-    g_rec = jax.jit(jax.grad(lambda *a: loss(gated_delta_rule_recurrent, *a), argnums))(*inputs)
-    g_chk = jax.jit(jax.grad(lambda *a: loss(lambda *b: gated_delta_rule_chunked(*b, None, chunk_size), *a), argnums))(
-        *inputs
-    )
-    for a, b in zip(g_chk, g_rec):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])

@@ -85,11 +85,12 @@ def test_reset_equals_running_documents_separately(x64):
     starts = [0, 5, 6, 12]  # documents [0, 5), [5, 6), [6, 12), [12, 17)
     reset = np.zeros((1, 17), bool)
     reset[0, starts[1:]] = True
-    o, final = gated_delta_rule(*(x[n] for n in ARGS), reset=jnp.asarray(reset), chunk_size=4, backend="chunked")
+    run = jax.jit(lambda *a, reset=None: gated_delta_rule(*a, reset=reset, chunk_size=4, backend="chunked"))
+    o, final = run(*(x[n] for n in ARGS), reset=jnp.asarray(reset))
     pieces, state = [], x["h0"]
     for lo, hi in zip(starts, starts[1:] + [17]):
         part = [x[n][:, lo:hi] for n in ARGS[:5]]
-        o_part, state = gated_delta_rule(*part, state if lo == 0 else None, chunk_size=4, backend="chunked")
+        o_part, state = run(*part, state if lo == 0 else jnp.zeros_like(state))
         pieces.append(o_part)
     np.testing.assert_allclose(o, jnp.concatenate(pieces, axis=1), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(final, state, rtol=1e-10, atol=1e-12)

@@ -6,8 +6,8 @@ with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular sol
 
     U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
 
-for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part walks over chunks (:func:`scan_states`
-here, a fused kernel in :mod:`m2rnn_jax.ops.gdn.pallas_gpu`):
+for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part
+walks over chunks (:func:`scan_states` here, a fused kernel in :mod:`m2rnn_jax.ops.gdn.pallas_gpu`):
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
 
