@@ -209,3 +209,33 @@ def test_pallas_gpu_runs_per_shard_under_a_mesh():
     done = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _dot_operand_types(jaxpr) -> list[tuple]:
+    """(dtype, shape) pairs of the operands of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found.extend(_dot_operand_types(inner))
+    return found
+
+
+def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
+    """Float32 products in the bf16 backward ran as float32 FFMA gemms on the H200 (run 3 profile); only the
+    (C, C) chunk inverse and its gradient are meant to be float32."""
+    x = random_gdn_inputs(0, 1, 32, 1, 32, 64, dtype=jnp.bfloat16)  # K, V != C: (C, C) products stand out
+
+    def loss(*args):
+        o, final = gated_delta_rule(*args, chunk_size=16, backend="pallas_gpu", interpret=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(*(x[n] for n in ARGS)).jaxpr
+    dots = _dot_operand_types(jaxpr)
+    assert any(all(d == jnp.bfloat16 for d, _ in ops) for ops in dots)
+    wide = [ops for ops in dots if any(d != jnp.bfloat16 for d, _ in ops)]
+    assert all(shape[-2:] == (16, 16) for ops in wide for _, shape in ops), wide
