@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate",
     "bench": "bench",
     "compare": "compare",
+    "convert": "convert",
     "prepare-data": "prepare_data",
     "compile": "compile",
 }
