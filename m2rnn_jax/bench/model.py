@@ -24,6 +24,8 @@ allocator's peak is the step's.
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from collections import Counter
 from typing import Any, Callable
 
@@ -74,11 +76,14 @@ def part(kind: str, label: str, letter: str | None = None, count: int | None = 1
 
 def measured(row: dict, measure: Callable[[], dict]) -> dict:
     """``row`` with the fields ``measure()`` returns, or with ``error`` when the device fails (out of memory, a
-    kernel that does not run): one failing part must not lose the others of a long GPU run."""
+    kernel that does not run): one failing part must not lose the others of a long GPU run. Each finished row is
+    also printed to stderr as one JSON line, so a run stopped by a time limit still shows what it measured."""
     try:
-        return {**row, **measure()}
+        row = {**row, **measure()}
     except jax.errors.JaxRuntimeError as err:
-        return {**row, "error": f"{type(err).__name__}: {err}"[:2000]}
+        row = {**row, "error": f"{type(err).__name__}: {err}"[:2000]}
+    print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+    return row
 
 
 def resolve_config(preset: str, dtype: str | None = None, remat: str | None = None) -> ModelConfig:
