@@ -26,7 +26,7 @@ from m2rnn_jax.ops.gdn.chunked import HIGHEST, matmul, run_chunked, triangular_i
 from m2rnn_jax.ops.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
-# measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/results/gdn.md, run 2)
+# measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)
 DEFAULT_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=2)
 INVERSES = ("doubling", "triangular_solve")
