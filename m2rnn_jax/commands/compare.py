@@ -1,9 +1,15 @@
-"""``m2rnn-jax compare``: run a small random M2RNN layer in JAX and in the independent PyTorch twin.
+"""``m2rnn-jax compare``: run the JAX model against the independent PyTorch twin.
 
-Builds one random layer (every parameter perturbed away from its structured init), copies its weights into
+Layer mode (default): builds one random M2RNN layer (every parameter perturbed away from its structured init), copies its weights into
 ``M2RNNTorch`` and prints, for float32 and float64, the max absolute and relative (max |jax - torch| / max |torch|)
 differences of the output, the new states and every gradient. Exit code 1 if any relative error is over the
-tolerance of its dtype, 2 if PyTorch is missing.
+tolerance of its dtype, 2 if PyTorch is missing or the input is bad.
+
+Model mode (``--model PRESET_OR_WORKDIR``): the whole decoder of a model / training preset (random init with every
+parameter perturbed) or of a run directory's checkpoint (``--step``, default latest), against
+:class:`~m2rnn_jax.interop.torch_decoder.DecoderTorch` built from the lm-engine config translation: logits, MoE aux
+loss, loss (mean next-token cross-entropy + aux), the decode path (``--prefill`` tokens cached, then one token at a
+time) and the gradient of every parameter by lm-engine name. ``--batch`` / ``--seq-len`` set the token batch.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-g-heads", type=int, default=None, help="default: N")
     p.add_argument("--kernel-size", type=int, default=4)
     p.add_argument("--gradient-clipping", type=_clipping, default=1.0, help="a float or 'none'")
+    p.add_argument("--model", metavar="PRESET_OR_WORKDIR", default=None,
+                   help="compare the whole decoder of a preset (random weights) or a run directory (its checkpoint)")
+    p.add_argument("--step", type=int, default=None, help="with --model WORKDIR: checkpoint step (default: latest)")
+    p.add_argument("--prefill", type=int, default=None, help="with --model: tokens before the decode path "
+                   "(default: seq-len // 2)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--with-state", action="store_true", help="also feed a random incoming conv/recurrent state")
@@ -96,6 +107,55 @@ def _compare(args: argparse.Namespace, dtype_name: str) -> dict[str, dict[str, f
         return compare_layer_with_torch(layer, x, state, seed=args.seed)
 
 
+def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(ModelConfig, restored nnx.State of parameters or None) of --model: a run directory or a preset name."""
+    import json
+    from pathlib import Path
+
+    from m2rnn_jax.models.presets import list_presets
+    from m2rnn_jax.train.presets import list_train_presets, train_config
+
+    workdir = Path(args.model)
+    if (workdir / "config.json").is_file():
+        from m2rnn_jax.train.config import TrainConfig
+        from m2rnn_jax.train.restore import restore_params
+
+        config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+        return config.model, restore_params(config, workdir / "checkpoints", args.step).params
+    if args.step is not None:
+        raise ValueError(f"--step: only with --model WORKDIR (a run directory holding config.json), got {args.model!r}")
+    if args.model in list_presets():
+        from m2rnn_jax.models.presets import get_preset
+
+        return get_preset(args.model), None
+    if args.model in list_train_presets():
+        return train_config(args.model).model, None
+    raise ValueError(f"--model: expected a run directory holding config.json or a preset name "
+                     f"(m2rnn-jax info --list), got {args.model!r}")
+
+
+def _compare_model(args: argparse.Namespace, dtype_name: str, model_config: Any, restored: Any) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from m2rnn_jax.interop.model_parity import compare_model_with_torch, randomize_model_params
+    from m2rnn_jax.models import Decoder
+
+    with jax.enable_x64(dtype_name == "float64"), jax.default_matmul_precision(args.matmul_precision):
+        config = model_config.replace(dtype=dtype_name, param_dtype=dtype_name, remat="none")
+        model = Decoder(config, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")))
+        if restored is None:
+            randomize_model_params(model, args.seed + 1)
+        else:
+            nnx.update(model, jax.tree.map(lambda x: x.astype(dtype_name), restored))
+        rng = np.random.default_rng(args.seed)
+        shape = (args.batch, args.seq_len)
+        input_ids = rng.integers(0, config.vocab_size, shape)
+        targets = rng.integers(0, config.vocab_size, shape)
+        return compare_model_with_torch(model, input_ids, targets, args.prefill)
+
+
 def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None:
     names = list(next(iter(results.values())))
     width = max(len(name) for name in names)
@@ -116,7 +176,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     tolerances = {"float32": args.tol_float32, "float64": args.tol_float64}
     try:
-        results = {dtype_name: _compare(args, dtype_name) for dtype_name in args.dtypes}
+        if args.model is None:
+            for name in ("step", "prefill"):
+                if getattr(args, name) is not None:
+                    raise ValueError(f"--{name}: only with --model")
+            results = {dtype_name: _compare(args, dtype_name) for dtype_name in args.dtypes}
+        else:
+            model_config, restored = _model_config_and_params(args)
+            results = {dtype_name: _compare_model(args, dtype_name, model_config, restored)
+                       for dtype_name in args.dtypes}
     except ValueError as err:
         print(f"m2rnn-jax compare: {err}", file=sys.stderr)
         return 2
