@@ -36,7 +36,7 @@ def torch_decoder_from_flax(model: Decoder) -> DecoderTorch:
             f"got dtype={model.config.dtype}, param_dtype={dtype_name}"
         )
     twin = DecoderTorch(to_lm_engine_config(model.config), dtype=_TORCH_DTYPES[dtype_name])
-    state_dict = {name: torch.from_numpy(array) for name, array in lm_engine_tensors(nnx.state(model, nnx.Param))}
+    state_dict = {name: torch.from_numpy(np.array(array)) for name, array in lm_engine_tensors(nnx.state(model, nnx.Param))}
     twin.load_state_dict(state_dict, strict=True)
     return twin
 
