@@ -55,7 +55,7 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     """
     from m2rnn_jax.train.checkpoint import Checkpointer
     from m2rnn_jax.train.optimizer import build_optimizer
-    from m2rnn_jax.train.state import TrainState, abstract_train_state, model_graphdef
+    from m2rnn_jax.train.state import TrainState, abstract_train_state
 
     model_config = read_lm_engine_config(source)
     config = make_config(model_config)
@@ -69,10 +69,9 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     reader = SafetensorsReader(source)
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
-    pure = params_from_tensors(abstract.params, reader.read, reader.names())
-    params = nnx.state(nnx.merge(model_graphdef(config.model), abstract.params), nnx.Param)
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, pure))
-    del pure
+    pure = params_from_tensors(abstract.params, reader.read, reader.names(), place=jnp.asarray)
+    params = abstract.params  # an nnx.State of ShapeDtypeStructs, filled in place
+    nnx.replace_by_pure_dict(params, pure)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
         rng=jax.random.key_data(jax.random.key(config.seed + 1)),

@@ -133,7 +133,9 @@ def lm_engine_tensors(params: Any) -> Iterator[tuple[str, np.ndarray]]:
         yield entry.name, np.ascontiguousarray(_to_lm(entry.kind, np.asarray(jax.device_get(leaf))))
 
 
-def params_from_tensors(template: Any, read: Callable[[str], np.ndarray], names: set[str]) -> Any:
+def params_from_tensors(
+    template: Any, read: Callable[[str], np.ndarray], names: set[str], place: Callable[[np.ndarray], Any] = np.asarray
+) -> Any:
     """A parameter tree shaped like ``template`` whose leaves are read by lm-engine name, one at a time.
 
     Args:
@@ -141,8 +143,10 @@ def params_from_tensors(template: Any, read: Callable[[str], np.ndarray], names:
             dtypes are used.
         read: lm-engine name -> NumPy array in lm-engine layout.
         names: every name the source holds (to report unexpected ones).
+        place: applied to each converted leaf as soon as it is read (e.g. ``jnp.asarray`` to move it to the device
+            and drop the host copy before the next tensor is read).
 
-    Returns a pure dict of NumPy arrays in Flax layout, cast to the template dtypes. Raises ValueError listing missing and
+    Returns a pure dict of ``place(array)`` in Flax layout, cast to the template dtypes. Raises ValueError listing missing and
     unexpected names, or naming a tensor of the wrong shape.
     """
     template = _pure(template)
@@ -157,6 +161,6 @@ def params_from_tensors(template: Any, read: Callable[[str], np.ndarray], names:
         tensor = read(entry.name)
         if tuple(tensor.shape) != entry.lm_engine_shape:
             raise ValueError(f"{entry.name}: expected shape {entry.lm_engine_shape}, got {tuple(tensor.shape)}")
-        return np.ascontiguousarray(_from_lm(entry.kind, tensor)).astype(leaf.dtype, copy=False)
+        return place(np.ascontiguousarray(_from_lm(entry.kind, tensor)).astype(leaf.dtype, copy=False))
 
     return jax.tree_util.tree_map_with_path(convert, template)
