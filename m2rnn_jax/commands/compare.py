@@ -156,6 +156,17 @@ def _compare_model(args: argparse.Namespace, dtype_name: str, model_config: Any,
         return compare_model_with_torch(model, input_ids, targets, args.prefill)
 
 
+# Rows the JAX model returns in float32 whatever its dtype (the decoder's contract: DecoderOutput.aux_loss is a float32
+# scalar), so they are held to the float32 tolerance in float64 runs too.
+FLOAT32_ROWS = ("aux_loss",)
+
+
+def _tolerance(tolerances: dict[str, float], dtype_name: str, row: str) -> float:
+    if row in FLOAT32_ROWS:
+        return max(tolerances[dtype_name], tolerances["float32"])
+    return tolerances[dtype_name]
+
+
 def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None:
     names = list(next(iter(results.values())))
     width = max(len(name) for name in names)
@@ -165,7 +176,7 @@ def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None
         cells = []
         for dtype_name, errors in results.items():
             err = errors[name]
-            flag = "!" if not err["rel"] < tolerances[dtype_name] else " "
+            flag = "!" if not err["rel"] < _tolerance(tolerances, dtype_name, name) else " "
             cells.append(f"  {err['abs']:>13.3e}  {err['rel']:>12.3e}{flag}")
         print(f"{name:<{width}}" + "".join(cells))
 
@@ -190,13 +201,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _print_table(results, tolerances)
     failures = [
-        f"{dtype_name} {name} rel {err['rel']:.3e} > {tolerances[dtype_name]:g}"
+        f"{dtype_name} {name} rel {err['rel']:.3e} > {_tolerance(tolerances, dtype_name, name):g}"
         for dtype_name, errors in results.items()
         for name, err in errors.items()
-        if not err["rel"] < tolerances[dtype_name]
+        if not err["rel"] < _tolerance(tolerances, dtype_name, name)
     ]
     if failures:
         print("FAIL (relative error over tolerance, marked !):\n  " + "\n  ".join(failures))
         return 1
-    print("PASS: " + ", ".join(f"{d} rel < {tolerances[d]:g}" for d in results))
+    note = " (aux_loss at the float32 tolerance: the decoder returns it in float32)" if args.model else ""
+    print("PASS: " + ", ".join(f"{d} rel < {tolerances[d]:g}" for d in results) + note)
     return 0
