@@ -10,14 +10,14 @@ A checkpoint directory holds ``model.safetensors`` or shards listed by ``model.s
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import ml_dtypes
 import numpy as np
+
+from m2rnn_jax.data.atomic import atomic_file
 
 __all__ = ["SafetensorsReader", "write_safetensors", "SINGLE_FILE", "INDEX_FILE"]
 
@@ -103,7 +103,7 @@ def write_safetensors(
     """Write ``path`` atomically: the header from ``specs`` (name -> (shape, dtype)), then ``produce(name)`` for
     each name in order, one array at a time (each must match its spec)."""
     path = Path(path)
-    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, (shape, dtype) in specs.items():
         dtype = np.dtype(dtype)
@@ -114,17 +114,11 @@ def write_safetensors(
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(struct.pack("<Q", len(encoded)) + encoded)
-            for name, (shape, dtype) in specs.items():
-                array = np.asarray(produce(name))
-                if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-                    raise ValueError(f"produce({name!r}): expected {tuple(shape)} {np.dtype(dtype)}, "
-                                     f"got {array.shape} {array.dtype}")
-                file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, (shape, dtype) in specs.items():
+            array = np.asarray(produce(name))
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"produce({name!r}): expected {tuple(shape)} {np.dtype(dtype)}, "
+                                 f"got {array.shape} {array.dtype}")
+            file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
