@@ -11,7 +11,7 @@ both ways for what both sides can express, and a ``ValueError`` naming the field
   are accepted and dropped.
 * ours -> lm-engine: JAX-only execution fields (``backend``, ``implementation``, GDN ``chunk_size``, dtypes,
   ``remat``) are dropped; fields without an lm-engine counterpart must keep their default (e.g. a mixer
-  ``norm_eps`` other than 1e-5, RNN/GRU heads are all equal by construction).
+  ``norm_eps`` other than lm-engine's: 1e-5 for M2RNN / RNN / GRU, ``layer_norm_epsilon`` for GDN and Mamba2).
 """
 
 from __future__ import annotations
@@ -77,18 +77,17 @@ def _mixer_block(letter: str, config: Any, hidden_size: int, eps: float) -> dict
             activation_function=config.activation_function, add_bias=config.add_bias,
             gradient_clipping=config.gradient_clipping, normalization_function="rmsnorm", **_gate(config),
         )
+    if letter in ("G", "S") and config.norm_eps != eps:
+        raise ValueError(
+            f"{field}.norm_eps: lm-engine uses layer_norm_epsilon={eps!r} for this mixer's norm, got {config.norm_eps!r}"
+        )
     if letter == "G":
-        if config.norm_eps != eps:
-            raise ValueError(
-                f"{field}.norm_eps: lm-engine uses layer_norm_epsilon={eps!r} for o_norm, got {config.norm_eps!r}"
-            )
         return dict(
             k_head_dim=config.k_head_dim, v_head_dim=config.v_head_dim, num_k_heads=config.num_k_heads,
             num_v_heads=config.num_heads, use_gate=config.use_gate, attention_multiplier=config.attention_multiplier,
             allow_neg_eigval=config.allow_neg_eigval, kernel_size=config.kernel_size, **_gate(config),
         )
     if letter == "S":
-        _require_default_eps(f"{field}.norm_eps", config.norm_eps)
         return dict(
             state_size=config.state_size, intermediate_size=config.intermediate_size, num_heads=config.num_heads,
             conv_kernel_size=config.kernel_size, time_step_limit=[0.0, math.inf], add_bias=config.add_bias,
@@ -221,7 +220,7 @@ def _mixer_from(fields: _Fields, eps: float, rope: bool, rope_theta: float, rope
             state_size=fields.get("state_size"), num_groups=fields.get("num_groups"),
             kernel_size=fields.get("conv_kernel_size"), chunk_size=fields.get("chunk_size", 256),
             add_bias=fields.get("add_bias", False), use_conv_bias=fields.get("use_conv_bias", True),
-            **_gate_from(fields),
+            norm_eps=eps, **_gate_from(fields),
         )
     elif kind == "softmax_attention":
         for key in ("softmax_dropout", "dropout"):

@@ -24,7 +24,7 @@ F = torch.nn.functional
 
 __all__ = ["DecoderTorch", "SwiGLUTorch", "MoETorch", "build_sequence_mixer"]
 
-_NORM_EPS = 1e-5  # lm-engine's default eps of the norms inside the mixers
+_NORM_EPS = 1e-5  # lm-engine's eps of the M2RNN / RNN / GRU output norms (GDN and Mamba2 use layer_norm_epsilon)
 
 
 class _Norm(torch.nn.Module):
@@ -125,7 +125,7 @@ def build_sequence_mixer(block: dict, hidden_size: int, config: dict, dtype: tor
             hidden_size, num_heads=block["num_heads"], intermediate_size=block["intermediate_size"],
             state_size=block["state_size"], num_groups=block["num_groups"], kernel_size=block["conv_kernel_size"],
             add_bias=block.get("add_bias", False), use_conv_bias=block.get("use_conv_bias", True),
-            norm_eps=_NORM_EPS, dtype=dtype,
+            norm_eps=config["layer_norm_epsilon"], dtype=dtype,
         )
     if kind == "softmax_attention":
         head_dim = block.get("head_dim") or hidden_size // block["num_attention_heads"]

@@ -150,6 +150,25 @@ def test_blocks_of_one_mixer_type_must_agree():
         from_lm_engine_config(config)
 
 
+def test_norm_eps_follows_lm_engine():
+    """GDN and Mamba2 norms use layer_norm_epsilon in lm-engine; M2RNN / RNN / GRU norms a fixed 1e-5."""
+    config = tiny_config("MGSR")
+    config = config.replace(
+        norm_eps=1e-6,
+        gated_deltanet=config.gated_deltanet.__class__(**{**config.gated_deltanet.__dict__, "norm_eps": 1e-6}),
+        mamba2=config.mamba2.__class__(**{**config.mamba2.__dict__, "norm_eps": 1e-6}),
+    )
+    lm = to_lm_engine_config(config)
+    assert lm["layer_norm_epsilon"] == 1e-6
+    back = from_lm_engine_config(lm)
+    assert (back.gated_deltanet.norm_eps, back.mamba2.norm_eps, back.m2rnn.norm_eps) == (1e-6, 1e-6, 1e-5)
+    twin = DecoderTorch(lm)
+    assert twin.transformer.h[1].sequence_mixer.norm_eps == twin.transformer.h[2].sequence_mixer.norm_eps == 1e-6
+    with pytest.raises(ValueError, match=r"mamba2.norm_eps: lm-engine uses layer_norm_epsilon=1e-05"):
+        to_lm_engine_config(tiny_config("S").replace(
+            mamba2=config.mamba2.__class__(**{**config.mamba2.__dict__, "norm_eps": 1e-6})))
+
+
 def test_our_fields_without_counterpart_are_errors():
     config = tiny_config("MR")
     with pytest.raises(ValueError, match=r"m2rnn.norm_eps: lm-engine fixes this norm's eps at 1e-05"):
