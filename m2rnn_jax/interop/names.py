@@ -53,6 +53,14 @@ class TensorName(NamedTuple):
     lm_engine_shape: tuple[int, ...]
 
 
+_LM_SHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
+    "copy": lambda shape: shape,
+    "transpose": lambda shape: shape[::-1],
+    "conv": lambda shape: (shape[1], 1, shape[0]),
+    "experts": lambda shape: (shape[0], shape[2], shape[1]),
+}
+
+
 def _to_lm(kind: str, x: np.ndarray) -> np.ndarray:
     if kind == "transpose":
         return x.T
@@ -106,7 +114,7 @@ def lm_engine_name(path: str, shape: tuple[int, ...]) -> TensorName:
     suffix, kind = _leaf_rule(rest, len(shape))
     if kind == "invalid":
         raise ValueError(f"{path}: expected a 2-D or 3-D kernel, got shape {shape}")
-    lm_shape = tuple(_to_lm(kind, np.empty(shape, dtype=np.bool_)).shape)
+    lm_shape = _LM_SHAPES[kind](shape)
     return TensorName(f"transformer.h.{index}.{_BLOCK_PARTS[part]}.{suffix}", kind, shape, lm_shape)
 
 
