@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
+import os
 import re
 import time
 from typing import Any, Mapping
@@ -107,6 +108,9 @@ def topology_devices(topology: str) -> list[Any]:
     chip_name(topology)
     from jax.experimental import topologies
 
+    # Compiling touches no chip: let several compiles (and a TPU job on this host) share libtpu, whose default is
+    # one process per host (a lock file in /tmp).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as err:  # libtpu raises RuntimeError / XlaRuntimeError / ValueError depending on the cause
@@ -115,7 +119,7 @@ def topology_devices(topology: str) -> list[Any]:
                 "--topology: the TPU compiler (libtpu) is not importable; install jax[tpu] or run "
                 ".ci/install_tpu.sh and put .venv-tpu first on PYTHONPATH"
             ) from err
-        raise ValueError(f"--topology: libtpu does not know the topology {topology!r} ({err})") from err
+        raise ValueError(f"--topology: libtpu cannot describe the topology {topology!r} ({err})") from err
     return list(description.devices)
 
 
@@ -294,6 +298,14 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
     return report
 
 
+def _size(num_bytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """A few human-readable lines of a :func:`compile_train_step` report."""
     mesh = ",".join(f"{axis}={size}" for axis, size in report["mesh"].items())
@@ -305,21 +317,21 @@ def format_report(report: Mapping[str, Any]) -> str:
     ]
     memory = report["memory"]
     if report.get("error"):
-        lines.append(f"DOES NOT FIT ({memory['hbm_bytes'] / GIB:.1f} GiB HBM): {report['error']}")
+        lines.append(f"DOES NOT FIT ({_size(memory['hbm_bytes'])} HBM): {report['error']}")
     else:
+        sizes = {key: _size(memory[key]) for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                                                      "total_bytes", "hbm_bytes")}
+        verdict = "fits" if memory["fits"] else "DOES NOT FIT"
         lines.append(
-            "memory per device (GiB): arguments {:.2f}, outputs {:.2f} (aliased {:.2f}), temporaries {:.2f}, "
-            "total {:.2f} of {:.1f} HBM ({:.0%}) -> {}".format(
-                memory["argument_bytes"] / GIB, memory["output_bytes"] / GIB, memory["alias_bytes"] / GIB,
-                memory["temp_bytes"] / GIB, memory["total_bytes"] / GIB, memory["hbm_bytes"] / GIB,
-                memory["fraction_of_hbm"], "fits" if memory["fits"] else "DOES NOT FIT",
-            )
+            f"memory per device: arguments {sizes['argument_bytes']}, outputs {sizes['output_bytes']} (aliased "
+            f"{sizes['alias_bytes']}), temporaries {sizes['temp_bytes']}, total {sizes['total_bytes']} of "
+            f"{sizes['hbm_bytes']} HBM ({memory['fraction_of_hbm']:.1%}) -> {verdict}"
         )
         cost = report["cost"]
         if cost["flops"] is not None:
-            lines.append(f"compiler estimate per device: {cost['flops'] / 1e12:.2f} TFLOP, "
-                         f"{(cost['bytes_accessed'] or 0) / 1e9:.2f} GB accessed")
-        parts = [f"{kind} {c['count']} ({c['bytes'] / GIB:.2f} GiB)" for kind, c in report["collectives"].items()
+            lines.append(f"compiler estimate per device: {cost['flops']:.3g} FLOP, "
+                         f"{_size(cost['bytes_accessed'] or 0)} accessed")
+        parts = [f"{kind} {c['count']} ({_size(c['bytes'])})" for kind, c in report["collectives"].items()
                  if c["count"]]
         lines.append("collectives: " + (", ".join(parts) if parts else "none"))
     if report["replicated_parameters"]:

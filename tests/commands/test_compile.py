@@ -187,7 +187,7 @@ def test_bad_requests_exit_2_with_a_message(libtpu_env):
         (["--mesh", "data=2,tensor=2", "--batch", "3"], "--batch: expected the micro-batch"),
         (["--topology", "v5e:2x4", "--mesh", "tensor=8"], "--mesh: expected tensor to divide the 4 M2RNN heads"),
         (["--mesh", "data=2,expert=2"], "--mesh: expected expert to divide"),
-        (["--topology", "v5e:3x7"], "--topology: libtpu does not know the topology 'v5e:3x7'"),
+        (["--topology", "v5e:3x7"], "--topology: libtpu cannot describe the topology 'v5e:3x7'"),
         (["--topology", "v9z:2x2"], "--topology"),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     ]
@@ -223,3 +223,35 @@ def test_missing_libtpu_is_a_usage_error(tmp_path):
     result = _cli(env, ["--preset", "tiny-m2rnn", "--topology", "v5e:2x2", "--mesh", "data=4"])
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "m2rnn-jax compile: error: --topology: the TPU compiler (libtpu) is not importable" in result.stderr
+
+
+def _report(**changes):
+    report = {
+        "preset": "p", "topology": "v5e:2x2", "chip": "TPU v5 lite", "num_devices": 4,
+        "mesh": {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}, "batch": 8, "micro_batch": 8, "grad_accum": 1,
+        "seq_len": 16, "micro_batch_per_device": 2, "remat": "none", "num_params": 2_000_000,
+        "replicated_parameters": [], "compile_seconds": 3.0, "lower_seconds": 1.0, "error": None,
+        "memory": {"argument_bytes": 3 * 2**30, "output_bytes": 2**20, "alias_bytes": 2**20, "temp_bytes": 1536,
+                   "total_bytes": 3 * 2**30 + 1536, "hbm_bytes": 16 * 2**30, "fraction_of_hbm": 0.1875, "fits": True},
+        "cost": {"flops": 1.5e12, "bytes_accessed": 2**21},
+        "collectives": {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVE_KINDS},
+    }
+    report.update(changes)
+    return report
+
+
+def test_format_report_lines():
+    from m2rnn_jax.bench.compile import format_report
+
+    collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVE_KINDS}
+    collectives["all-reduce"] = {"count": 3, "bytes": 5 * 2**20}
+    text = format_report(_report(collectives=collectives, replicated_parameters=["['a']['kernel']"]))
+    assert "p on v5e:2x2 (4 x TPU v5 lite), mesh data=4,fsdp=1,tensor=1,expert=1" in text
+    assert "arguments 3.00 GiB, outputs 1.00 MiB (aliased 1.00 MiB), temporaries 1.50 KiB" in text
+    assert "of 16.00 GiB HBM (18.8%) -> fits" in text
+    assert "1.5e+12 FLOP, 2.00 MiB accessed" in text
+    assert "collectives: all-reduce 3 (5.00 MiB)" in text and "all-gather" not in text
+    assert "replicated (size not divisible by the mesh): 1 parameters, e.g. ['a']['kernel']" in text
+    refused = format_report(_report(error="RESOURCE_EXHAUSTED: Ran out of memory", cost=None, collectives=None,
+                                    memory={"hbm_bytes": 16 * 2**30, "fits": False}))
+    assert "DOES NOT FIT (16.00 GiB HBM): RESOURCE_EXHAUSTED: Ran out of memory" in refused
