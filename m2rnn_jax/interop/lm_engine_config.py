@@ -79,7 +79,8 @@ def _mixer_block(letter: str, config: Any, hidden_size: int, eps: float) -> dict
         )
     if letter in ("G", "S") and config.norm_eps != eps:
         raise ValueError(
-            f"{field}.norm_eps: lm-engine uses layer_norm_epsilon={eps!r} for this mixer's norm, got {config.norm_eps!r}"
+            f"{field}.norm_eps: lm-engine uses layer_norm_epsilon={eps!r} for this mixer's norm, "
+            f"got {config.norm_eps!r}"
         )
     if letter == "G":
         return dict(

@@ -18,7 +18,7 @@ from flax import nnx
 from m2rnn_jax.interop.conversion import _errors, randomize_layer_params, to_torch
 from m2rnn_jax.interop.lm_engine_config import to_lm_engine_config
 from m2rnn_jax.interop.names import lm_engine_tensors
-from m2rnn_jax.interop.torch_decoder import DecoderTorch, language_model_loss
+from m2rnn_jax.interop.torch_decoder import DecoderTorch, cross_entropy_loss
 from m2rnn_jax.interop.torch_reference import torch
 from m2rnn_jax.models import Decoder
 
@@ -36,7 +36,8 @@ def torch_decoder_from_flax(model: Decoder) -> DecoderTorch:
             f"got dtype={model.config.dtype}, param_dtype={dtype_name}"
         )
     twin = DecoderTorch(to_lm_engine_config(model.config), dtype=_TORCH_DTYPES[dtype_name])
-    state_dict = {name: torch.from_numpy(np.array(array)) for name, array in lm_engine_tensors(nnx.state(model, nnx.Param))}
+    params = nnx.state(model, nnx.Param)
+    state_dict = {name: torch.from_numpy(np.array(array)) for name, array in lm_engine_tensors(params)}
     twin.load_state_dict(state_dict, strict=True)
     return twin
 
@@ -46,20 +47,20 @@ def randomize_model_params(model: Decoder, seed: int, scale: float = 0.3) -> Dec
     return randomize_layer_params(model, seed, scale)
 
 
-def _loss(logits: jax.Array, targets: jax.Array, aux: jax.Array) -> jax.Array:
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     log_probabilities = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probabilities, targets[..., None], axis=-1)
-    return -jnp.mean(picked) + aux.astype(logits.dtype)
+    return -jnp.mean(jnp.take_along_axis(log_probabilities, targets[..., None], axis=-1))
 
 
 @partial(jax.jit, static_argnums=0)
 def _forward_and_grads(graphdef, params, input_ids, targets):
     def loss_fn(p):
         output = nnx.merge(graphdef, p)(input_ids)
-        return _loss(output.logits, targets, output.aux_loss), output
+        cross_entropy = _cross_entropy(output.logits, targets)
+        return cross_entropy + output.aux_loss.astype(cross_entropy.dtype), (output, cross_entropy)
 
-    (loss, output), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return output.logits, output.aux_loss, loss, grads
+    (loss, (output, cross_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return output.logits, output.aux_loss, cross_entropy, loss, grads
 
 
 @partial(jax.jit, static_argnums=0)
@@ -93,7 +94,8 @@ def _torch_decode(twin: DecoderTorch, input_ids: torch.Tensor, prefill: int) -> 
 def compare_model_with_torch(model: Decoder, input_ids: Any, targets: Any, prefill: int | None = None) -> dict:
     """Differences between ``model`` and its torch twin on input_ids (B, S) with next-token targets (B, S).
 
-    Returns ``{name: {"abs", "rel"}}`` for ``logits``, ``aux_loss``, ``loss`` (mean cross-entropy + aux),
+    Returns ``{name: {"abs", "rel"}}`` for ``logits``, ``cross_entropy`` (mean next-token cross-entropy),
+    ``aux_loss`` (the MoE aux loss, which the decoder returns in float32), ``loss`` (cross-entropy + aux),
     ``decode`` (logits of tokens ``prefill..S-1`` fed one at a time after a cached prefill of ``prefill`` tokens;
     default S // 2) and ``grad/<lm-engine name>`` for every parameter.
     """
@@ -106,15 +108,19 @@ def compare_model_with_torch(model: Decoder, input_ids: Any, targets: Any, prefi
         raise ValueError(f"prefill: expected 0 < prefill < S={seq_len}, got {prefill}")
     twin = torch_decoder_from_flax(model)
     graphdef, params = nnx.split(model, nnx.Param)
-    logits, aux, loss, grads = _forward_and_grads(graphdef, params, jnp.asarray(input_ids), jnp.asarray(targets))
+    logits, aux, cross_entropy, loss, grads = _forward_and_grads(
+        graphdef, params, jnp.asarray(input_ids), jnp.asarray(targets)
+    )
     decode = _jax_decode(graphdef, params, model, jnp.asarray(input_ids), prefill)
 
     ids_t = torch.from_numpy(input_ids.astype(np.int64))
     logits_t, _, aux_t = twin(ids_t)
-    loss_t = language_model_loss(logits_t, torch.from_numpy(targets.astype(np.int64)), aux_t)
+    cross_entropy_t = cross_entropy_loss(logits_t, torch.from_numpy(targets.astype(np.int64)))
+    loss_t = cross_entropy_t + aux_t
     loss_t.backward()
     errors = {
         "logits": _errors(logits, logits_t),
+        "cross_entropy": _errors(cross_entropy, cross_entropy_t),
         "aux_loss": _errors(aux, aux_t),
         "loss": _errors(loss, loss_t),
         "decode": _errors(decode, _torch_decode(twin, ids_t, prefill)),

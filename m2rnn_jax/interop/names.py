@@ -154,8 +154,8 @@ def params_from_tensors(
         place: applied to each converted leaf as soon as it is read (e.g. ``jnp.asarray`` to move it to the device
             and drop the host copy before the next tensor is read).
 
-    Returns a pure dict of ``place(array)`` in Flax layout, cast to the template dtypes. Raises ValueError listing missing and
-    unexpected names, or naming a tensor of the wrong shape.
+    Returns a pure dict of ``place(array)`` in Flax layout, cast to the template dtypes. Raises ValueError listing
+    missing and unexpected names, or naming a tensor of the wrong shape.
     """
     template = _pure(template)
     mapping = name_map(template)

@@ -206,6 +206,6 @@ class DecoderTorch(torch.nn.Module):
         return F.linear(x, head), tuple(new_cache), aux
 
 
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits (B, S, vocab) against targets (B, S), plus the aux loss."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) + aux
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, S, vocab) against target ids (B, S)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
