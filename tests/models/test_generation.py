@@ -138,6 +138,7 @@ def test_left_pad_prompts():
         left_pad_prompts([[1.5, 2.0]])
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; test_generate_ragged_greedy_equals_single_prompts covers the default run
 def test_ragged_prefill_and_decode_logits_equal_single_prompts():
     """Left-padded prefill + decode steps give each prompt's logits of running it alone (float32)."""
     config = tiny_config(EVERY_MIXER).replace(initializer_range=0.1)
