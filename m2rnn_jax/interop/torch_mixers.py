@@ -4,14 +4,10 @@ Written from the SPEC equations, not from the JAX layers: every recurrence is a 
 steps (no chunked or parallel forms), attention is an explicit masked softmax. Each module takes and returns its
 decoding state as a tuple of tensors (``None`` = start from zeros / an empty cache):
 
-=============================  ===============================================  ==================================
-module                         state                                            lm-engine class
-=============================  ===============================================  ==================================
-:class:`GatedDeltaNetTorch`    (conv (B, C, ks - 1), recurrent (B, Nv, dk, dv))  ``GatedDeltaNet``
-:class:`Mamba2Torch`           (conv (B, C, ks - 1), recurrent (B, H, P, N))     ``Mamba2``
-:class:`AttentionTorch`        (key (B, T, Nkv, d), value (B, T, Nkv, d))        ``Attention`` (``LinearCache``)
-:class:`VectorRNNTorch`        (conv (B, N d, ks - 1) or None, recurrent (B, N, d))  ``RNN`` / ``GRU``
-=============================  ===============================================  ==================================
+* :class:`GatedDeltaNetTorch` (lm-engine ``GatedDeltaNet``): (conv (B, C, ks - 1), recurrent (B, Nv, dk, dv));
+* :class:`Mamba2Torch` (``Mamba2``): (conv (B, C, ks - 1), recurrent (B, H, P, N));
+* :class:`AttentionTorch` (``Attention`` with a ``LinearCache``): (key (B, T, Nkv, d), value (B, T, Nkv, d));
+* :class:`VectorRNNTorch` (``RNN`` / ``GRU``): (conv (B, N d, ks - 1) or None, recurrent (B, N, d)).
 
 Conv states hold the last ``ks - 1`` raw (pre-conv) inputs, channels first as lm-engine keeps them. All math runs
 in the parameters' dtype (the twins are for float32 / float64 parity checks).
@@ -28,6 +24,7 @@ F = torch.nn.functional
 __all__ = [
     "causal_conv",
     "rms_norm",
+    "rope",
     "GatedDeltaNetTorch",
     "Mamba2Torch",
     "AttentionTorch",

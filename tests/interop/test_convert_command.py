@@ -100,11 +100,12 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_converted_run_evaluates_and_trains(tmp_path):
+def test_converted_run_evaluates_generates_and_trains(tmp_path):
     _lm_engine_checkpoint(tmp_path / "src", "MA", moe=True)
     assert main(["convert", "--from-lm-engine", str(tmp_path / "src"), "--workdir", str(tmp_path / "run"),
                  "--set", "steps=12", "--set", "batch_size=2", "--set", "data.seq_len=16"]) == 0
     assert main(["eval", "--workdir", str(tmp_path / "run")]) == 0
     run = tmp_path / "run"
+    assert main(["generate", "--checkpoint", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0
     assert main(["train", "--config", str(run / "config.json"), "--workdir", str(run)]) == 0  # resumes at step 0
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12

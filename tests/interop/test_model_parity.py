@@ -1,6 +1,6 @@
 """The JAX decoder against the independent torch twin: logits, aux loss, loss, decode path, every gradient.
 
-Each case is one layer of a mixer letter with the MoE channel mixer (the dense SwiGLU is covered by the CLI test).
+Each case is one layer of a mixer letter with the MoE channel mixer; ``test_dense_swiglu`` covers the dense MLP.
 JAX compilation makes each case take 10-40 s on a 2-core CPU, so all but one are marked slow.
 """
 
@@ -60,6 +60,13 @@ def test_every_mixer_with_moe(request, letter, dtype):
     if (letter, dtype) == ("A", "float64"):
         request.applymarker(ATTENTION_FLOAT64)
     name, rel = _worst(letter, dtype)
+    assert rel < TOLERANCES[dtype], (name, rel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dense_swiglu(dtype):
+    name, rel = _worst("RM", dtype, moe=False)
     assert rel < TOLERANCES[dtype], (name, rel)
 
 
