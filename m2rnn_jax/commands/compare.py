@@ -9,8 +9,7 @@ Model mode (``--model PRESET_OR_WORKDIR``): the whole decoder of a model / train
 parameter perturbed) or of a run directory's checkpoint (``--step``, default latest), against
 :class:`~m2rnn_jax.interop.torch_decoder.DecoderTorch` built from the lm-engine config translation: logits, MoE aux
 loss, loss (mean next-token cross-entropy + aux), the decode path (``--prefill`` tokens cached, then one token at a
-time) and the gradient of every parameter by lm-engine name; ``aux_loss`` and ``loss`` (= cross_entropy + aux) are
-held to the float32 tolerance because the decoder returns the aux loss in float32. ``--batch`` / ``--seq-len`` set
+time) and the gradient of every parameter by lm-engine name. ``--batch`` / ``--seq-len`` set
 the token batch.
 """
 
@@ -158,15 +157,7 @@ def _compare_model(args: argparse.Namespace, dtype_name: str, model_config: Any,
         return compare_model_with_torch(model, input_ids, targets, args.prefill)
 
 
-# Rows limited by the MoE aux loss, which the decoder returns in float32 whatever its dtype (DecoderOutput.aux_loss
-# is a float32 scalar): held to the float32 tolerance in float64 runs too. ``cross_entropy`` is checked at full
-# precision.
-FLOAT32_ROWS = ("aux_loss", "loss")
-
-
 def _tolerance(tolerances: dict[str, float], dtype_name: str, row: str) -> float:
-    if row in FLOAT32_ROWS:
-        return max(tolerances[dtype_name], tolerances["float32"])
     return tolerances[dtype_name]
 
 
@@ -212,7 +203,5 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         print("FAIL (relative error over tolerance, marked !):\n  " + "\n  ".join(failures))
         return 1
-    note = " (aux_loss and loss at the float32 tolerance: the decoder returns the aux loss in float32)"
-    note = note if args.model else ""
-    print("PASS: " + ", ".join(f"{d} rel < {tolerances[d]:g}" for d in results) + note)
+    print("PASS: " + ", ".join(f"{d} rel < {tolerances[d]:g}" for d in results))
     return 0

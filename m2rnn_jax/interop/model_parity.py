@@ -95,7 +95,7 @@ def compare_model_with_torch(model: Decoder, input_ids: Any, targets: Any, prefi
     """Differences between ``model`` and its torch twin on input_ids (B, S) with next-token targets (B, S).
 
     Returns ``{name: {"abs", "rel"}}`` for ``logits``, ``cross_entropy`` (mean next-token cross-entropy),
-    ``aux_loss`` (the MoE aux loss, which the decoder returns in float32), ``loss`` (cross-entropy + aux),
+    ``aux_loss`` (the MoE aux loss), ``loss`` (cross-entropy + aux),
     ``decode`` (logits of tokens ``prefill..S-1`` fed one at a time after a cached prefill of ``prefill`` tokens;
     default S // 2) and ``grad/<lm-engine name>`` for every parameter.
     """

@@ -229,6 +229,8 @@ class Attention(nnx.Module):
             return jax.nn.dot_product_attention(
                 q, k, v, mask=mask, scale=scale, is_causal=is_causal, implementation="cudnn"
             )
+        if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's XLA path takes the softmax in float32
+            return _attend_float64(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal, implementation="xla")
 
     def _use_cudnn(self, q: jax.Array, mask: jax.Array | None) -> bool:
@@ -242,3 +244,26 @@ class Attention(nnx.Module):
             and self.head_dim % 8 == 0
             and self.head_dim <= 128
         )
+
+
+def _attend_float64(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None, is_causal: bool, scale: float
+) -> jax.Array:
+    """Softmax attention with every step in float64 (scores, mask, softmax, weighted sum).
+
+    q (B, S, Nq, d), k/v (B, T, Nkv, d) with Nkv dividing Nq (query head n reads kv head n // (Nq / Nkv));
+    ``mask`` broadcastable to (B, Nq, S, T), True where a query may attend; ``is_causal`` masks t > s (S == T).
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    grouped = q.reshape(batch, seq_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("bsngd,btnd->bngst", grouped, k) * scale  # (B, Nkv, G, S, T)
+    allowed = jnp.ones(scores.shape[-2:], dtype=jnp.bool_)
+    if is_causal:
+        allowed = jnp.tril(allowed)
+    if mask is not None:  # (B or 1, Nq or 1, S, T) -> (B or 1, Nkv or 1, G or 1, S, T)
+        mask = jnp.broadcast_to(mask, (mask.shape[0], num_heads) + mask.shape[2:])
+        allowed = allowed & mask.reshape(mask.shape[0], num_kv_heads, num_heads // num_kv_heads, *mask.shape[2:])
+    weights = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bngst,btnd->bsngd", weights, v)
+    return out.reshape(batch, seq_len, num_heads, head_dim)

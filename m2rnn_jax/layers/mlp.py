@@ -1,7 +1,7 @@
 """Channel mixers: dense SwiGLU MLP and mixture of experts (SPEC §9.3, §0.6).
 
 Auxiliary-loss contract (agreed with the decoder): ``MLP.__call__(x)`` returns ``y`` only;
-``MoE.__call__(x)`` returns ``(y, aux_loss)`` where ``aux_loss`` is a float32 scalar computed over the tokens of
+``MoE.__call__(x)`` returns ``(y, aux_loss)`` where ``aux_loss`` is a >= float32 scalar (float64 for float64 models) computed over the tokens of
 this call and **already multiplied by** ``router_aux_loss_coef``; the decoder sums it over layers and adds it to
 the language-modelling loss (as lm-engine does). No ``nnx.Intermediate`` state is sown, so both modules stay pure
 under ``jax.jit`` / ``nnx.scan``.
@@ -220,7 +220,7 @@ class MoE(nnx.Module):
         if self.c_fc_shared is not None:
             y = y + self.c_proj_shared(swiglu(self.c_fc_shared(tokens)))
         aux_loss = c.router_aux_loss_coef * router_aux_loss(logits, experts)
-        return y.reshape(x.shape).astype(self.dtype), aux_loss.astype(jnp.float32)
+        return y.reshape(x.shape).astype(self.dtype), aux_loss.astype(jnp.promote_types(jnp.float32, self.dtype))
 
     def _routed_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """tokens (T, h), weights (T, k), experts (T, k) -> sum_k weights * expert_k(token) (T, h)."""

@@ -57,8 +57,8 @@ class DecoderOutput(NamedTuple):
     Attributes:
         logits: (B, S, vocab) in the compute dtype; None when called with ``return_hidden=True``.
         cache: one mixer state per block; feed it back to continue the sequence.
-        aux_loss: scalar float32, the sum over blocks of the MoE auxiliary losses (0 for dense MLPs), already
-            weighted by ``router_aux_loss_coef``.
+        aux_loss: scalar in promote_types(float32, compute dtype), the sum over blocks of the MoE auxiliary losses
+            (0 for dense MLPs), already weighted by ``router_aux_loss_coef``.
         hidden: (B, S, h) final-normed hidden states in the compute dtype (the LM head's input) when called with
             ``return_hidden=True``, else None.
     """
@@ -100,7 +100,7 @@ class DecoderBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, state: Any = None, segment_ids: jax.Array | None = None
     ) -> tuple[jax.Array, Any, jax.Array]:
-        """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar f32)).
+        """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar, >= float32)).
 
         segment_ids: optional (B, S) document ids, given to the mixer (every mixer takes the keyword): each new
         document starts from a zero state and conv tail, attention stays within a document.
@@ -110,8 +110,8 @@ class DecoderBlock(nnx.Module):
         if isinstance(self.mlp, MoE):
             channel, aux_loss = self.mlp(self.norm2(x))
         else:
-            channel, aux_loss = self.mlp(self.norm2(x)), jnp.zeros((), dtype=jnp.float32)
-        return x + channel.astype(x.dtype), new_state, aux_loss.astype(jnp.float32)
+            channel, aux_loss = self.mlp(self.norm2(x)), jnp.zeros((), dtype=jnp.promote_types(jnp.float32, x.dtype))
+        return x + channel.astype(x.dtype), new_state, aux_loss.astype(jnp.promote_types(jnp.float32, x.dtype))
 
 
 def _run_block(
@@ -221,7 +221,7 @@ class Decoder(nnx.Module):
         run_block = _block_runner(self.config.remat)
         x = self.embed(input_ids)
         new_cache = []
-        aux_loss = jnp.zeros((), dtype=jnp.float32)
+        aux_loss = jnp.zeros((), dtype=jnp.promote_types(jnp.float32, self.config.compute_dtype))
         for block, state in zip(self.blocks, cache):
             x, new_state, block_aux_loss = run_block(block, x, state, segment_ids)
             new_cache.append(new_state)

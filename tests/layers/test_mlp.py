@@ -60,7 +60,7 @@ def test_moe_matches_numpy_float64(x64, shared):
     x = np.random.default_rng(1).standard_normal((3, 7, 8))
     y, aux = jax.jit(lambda x: module(x))(jnp.asarray(x))
     np.testing.assert_allclose(y, numpy_moe(module, x.reshape(-1, 8)).reshape(x.shape), rtol=1e-11, atol=1e-12)
-    assert aux.shape == () and aux.dtype == jnp.float32 and float(aux) > 0
+    assert aux.shape == () and aux.dtype == jnp.float64 and float(aux) > 0
 
 
 def test_routing_weights_sum_to_one_over_the_argmax_set():
