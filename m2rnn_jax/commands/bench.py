@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from m2rnn_jax.commands.arguments import positive_int
+
 NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
@@ -28,16 +30,6 @@ EPILOG = """modes:
 presets: m2rnn-jax info --list"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         NAME, help="time the M2RNN op backends or a model preset's blocks and train step (table, optional JSON)",
@@ -49,9 +41,9 @@ def add_parser(subparsers: Any) -> None:
                       help="model mode: benchmark this preset (names: m2rnn-jax info --list)")
     p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
                    help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    p.add_argument("--batch", type=_positive_int, default=None, metavar="B",
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
                    help=f"model mode: batch size (default {DEFAULT_BATCH})")
-    p.add_argument("--seq-len", type=_positive_int, default=None, metavar="S",
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="S",
                    help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
@@ -59,8 +51,8 @@ def add_parser(subparsers: Any) -> None:
                    help="model mode: activation checkpointing of each block, a choice of the model config's remat "
                         "field: none, full, save_dots (default: the preset's)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
-    p.add_argument("--iters", type=_positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
-    p.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
+    p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="R",
                    help="timed repeats; the median is reported (default 5)")
     p.set_defaults(run=run)
 

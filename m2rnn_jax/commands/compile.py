@@ -10,20 +10,12 @@ import argparse
 import sys
 from typing import Any
 
+from m2rnn_jax.commands.arguments import positive_int
+
 NAME = "compile"
 EPILOG = """example (libtpu from .ci/install_tpu.sh):
   PYTHONPATH=.venv-tpu m2rnn-jax compile --preset hybrid-m2rnn-400m --topology v5e:2x4 \\
       --mesh data=2,fsdp=4 --batch 16 --seq-len 4096 --json out.json"""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,10 +29,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--topology", required=True, help="TPU topology CHIP:DIMS, e.g. v5e:2x4, v5p:4x4x2, v6e:4x4")
     p.add_argument("--mesh", required=True,
                    help="AXIS=SIZE,... over data, fsdp, tensor, expert (missing axes are 1; one may be -1)")
-    p.add_argument("--batch", type=_positive_int, default=None, metavar="B",
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
                    help="global sequences per optimizer step (default: one per batch shard)")
-    p.add_argument("--seq-len", type=_positive_int, default=4096, metavar="S", help="tokens per row (default 4096)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--seq-len", type=positive_int, default=4096, metavar="S", help="tokens per row (default 4096)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
                    help="micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT_CHOICES, default=None, help="activation checkpointing (default: preset's)")
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip in GiB (default: the chip's)")

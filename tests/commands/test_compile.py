@@ -21,7 +21,6 @@ from m2rnn_jax.bench.compile import CompileRequest, check_divisibility, chip_nam
 from m2rnn_jax.models import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
-LIBTPU_DIR = REPO / ".venv-tpu"
 
 # A 4-chip v5e, M2RNN + attention hybrid (tiny-m2rnn: MMAM, 4 M2RNN heads), data x tensor so that the kernel runs
 # under shard_map over batch and heads, the parameters are split over tensor and the gradients are reduced.
@@ -117,23 +116,6 @@ def test_shape_bytes():
 
 
 # ------------------------------------------------------------------------------- ahead-of-time compiles (libtpu)
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(scope="module")
-def libtpu_env() -> dict[str, str]:
-    if not (LIBTPU_DIR / "libtpu").is_dir():
-        message = f"libtpu is not installed in {LIBTPU_DIR}; run .ci/install_tpu.sh"
-        if _ci():
-            pytest.fail(message + " (CI must run it before pytest)")
-        pytest.skip(message)
-    env = dict(os.environ)
-    paths = [str(LIBTPU_DIR), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def _cli(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:

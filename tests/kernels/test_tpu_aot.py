@@ -11,7 +11,6 @@ Without .venv-tpu these tests skip with the install command, except under CI (``
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ import pytest
 pytestmark = pytest.mark.tpu_aot
 
 REPO = Path(__file__).resolve().parents[2]
-LIBTPU_DIR = REPO / ".venv-tpu"
 # K = 64, V = 16 and Nq = Nk = 1 as in the paper (the kernel blocks are those of the 400M/7B layers); 24 heads per
 # device give 3 head blocks; shorter sequences and a narrow hidden size keep the XLA part of the compile short.
 PAPER_BLOCKS = ["--batch", "4", "--seq-len", "256", "--num-heads", "48", "--hidden", "256"]
@@ -29,23 +27,6 @@ PAPER_BLOCKS = ["--batch", "4", "--seq-len", "256", "--num-heads", "48", "--hidd
 ODD_BLOCKS = ["--batch", "4", "--seq-len", "100", "--num-heads", "12", "--num-qk-heads", "4", "--k-dim", "9"]
 ODD_BLOCKS += ["--v-dim", "9", "--dtype", "float32"]
 ODD_BLOCKS += ["--target", "forward", "--target", "backward", "--target", "varlen"]
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(scope="module")
-def libtpu_env() -> dict[str, str]:
-    if not (LIBTPU_DIR / "libtpu").is_dir():
-        message = f"libtpu is not installed in {LIBTPU_DIR}; run .ci/install_tpu.sh"
-        if _ci():
-            pytest.fail(message + " (CI must run it before pytest)")
-        pytest.skip(message)
-    env = dict(os.environ)
-    paths = [str(LIBTPU_DIR), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def _aot_check(env: dict[str, str], topology: str, extra: list[str]) -> list[str]:
