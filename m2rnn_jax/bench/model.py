@@ -303,9 +303,11 @@ def sum_of_parts(rows: list[dict], step_ms: float | None) -> dict:
             "unaccounted_ms": step_ms - total}
 
 
-def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing()) -> dict:
+def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing(),
+                    step_only: bool = False) -> dict:
     """Benchmarks ``config`` (from :func:`resolve_config`; ``preset`` names it in the report) at (batch, seq_len);
-    returns the JSON report (device, versions, shapes, rows).
+    returns the JSON report (device, versions, shapes, rows). ``step_only`` keeps only the train step and the
+    optimizer update rows (no per-part rows, no sum).
 
     Raises:
         ValueError: non-positive batch / seq_len.
@@ -314,11 +316,18 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     step, optimizer = bench_training(config, batch, seq_len, timing)
+    if step_only:
+        return report_fields(preset, config, batch, seq_len, timing, [optimizer, step])
     rows = [bench_embedding(config, batch, seq_len, timing)]
     rows += [row for letter, count in mixer_kinds(config).items()
              for row in bench_block(config, letter, count, batch, seq_len, timing)]
     rows += [bench_head(config, batch, seq_len, timing), optimizer]
     rows += [sum_of_parts(rows, step.get("fwd_bwd_ms")), step]
+    return report_fields(preset, config, batch, seq_len, timing, rows)
+
+
+def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing, rows: list[dict]) -> dict:
+    """The JSON report around ``rows``: device, versions, shapes and timing settings."""
     device = jax.devices()[0]
     return {
         "device": str(device.device_kind),
@@ -376,7 +385,8 @@ def format_report(report: dict) -> str:
     errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
     columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS
     table = format_table(columns, [_table_row(row) for row in report["rows"]])
-    return "\n".join([heading, table, _step_line(rows["step"]), _sum_line(rows["sum"]), *errors])
+    return "\n".join([heading, table, _step_line(rows["step"]),
+                      *([_sum_line(rows["sum"])] if "sum" in rows else []), *errors])
 
 
 def failed_parts(report: dict) -> list[str]:

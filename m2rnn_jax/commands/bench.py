@@ -16,7 +16,7 @@ NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
 DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
-MODEL_ONLY = ("batch", "seq_len", "dtype", "remat")
+MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "step_only")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 DESCRIPTION = "Time the M2RNN op's backends (--shapes, the default mode) or a model preset (--model)."
@@ -50,6 +50,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--remat", default=None, metavar="NAME",
                    help="model mode: activation checkpointing of each block, a choice of the model config's remat "
                         "field: none, full, save_dots (default: the preset's)")
+    p.add_argument("--step-only", action="store_const", const=True, default=None,
+                   help="model mode: time only the whole train step and the optimizer update (one compile; for "
+                        "comparing --remat or --batch choices)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="R",
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _error(str(err))
     report = model.run_model_bench(args.model, config, args.batch or DEFAULT_BATCH, args.seq_len or DEFAULT_SEQ_LEN,
-                                   model.Timing(args.iters, args.repeats))
+                                   model.Timing(args.iters, args.repeats), step_only=bool(args.step_only))
     print(model.format_report(report))
     if args.json:
         write_json(args.json, report)

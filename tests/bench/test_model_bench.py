@@ -130,6 +130,7 @@ def test_model_bench_json_step_and_sum_rows(model_run):
         (["--model", PRESET, "--seq-len", "-3"], "--seq-len: expected a positive int, got '-3'"),
         (["--model", PRESET, "--shapes", "tiny"], "not allowed with argument"),
         (["--shapes", "tiny", "--batch", "4"], "--batch: only with --model PRESET"),
+        (["--shapes", "tiny", "--step-only"], "--step-only: only with --model PRESET"),
         (["--model", PRESET, "--backends", "scan"], "--backends: only in op mode"),
         (["--model", PRESET, "--remat", "sometimes"], "remat: expected one of"),
     ],
@@ -174,6 +175,15 @@ def test_resolve_config_overrides_dtype_and_remat():
 def test_run_model_bench_rejects_bad_shapes_before_any_work(batch, seq_len, name):
     with pytest.raises(ValueError, match=f"{name}: expected a positive int, got"):
         model_bench.run_model_bench(PRESET, get_preset(PRESET), batch, seq_len)
+
+
+def test_step_only_times_the_step_and_the_optimizer_alone(tmp_path):
+    path = tmp_path / "step.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*BENCH_ARGS, "--step-only", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert [row["kind"] for row in report["rows"]] == ["optimizer", "step"]
+    assert report["rows"][1]["tokens_per_s"] > 0 and report["shapes"]["batch"] == BATCH
 
 
 def test_op_mode_still_runs(tmp_path, capsys):
@@ -322,6 +332,6 @@ def test_report_with_a_failed_part(monkeypatch, capsys):
     assert "sum of parts: n/a (a part or the step failed)" in text and "MFU 25.0%" in text
     assert "| ERROR" in text and text.splitlines()[-1] == "block G (GatedDeltaNet): JaxRuntimeError: RESOURCE_EXHAUSTED"
     assert model_bench.failed_parts(report) == ["block G (GatedDeltaNet)"]
-    monkeypatch.setattr(model_bench, "run_model_bench", lambda *args: report)
+    monkeypatch.setattr(model_bench, "run_model_bench", lambda *args, **kwargs: report)
     assert main(BENCH_ARGS) == 1
     assert "1 part(s) failed: block G (GatedDeltaNet)" in capsys.readouterr().err
