@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 12's H200 measurements in one device call: the GDN kernel check, the LM-head loss variants, the step-only
+# remat comparison and the full per-part breakdown of the four 400M presets. Every part has its own timeout and
+# writes to $OUT as it finishes (a time-out keeps what was done).  Usage (on the device): bash experiments/bench/h200_steps.sh PART...
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+B=${B:-8}; S=${S:-4096}
+run() {  # run NAME SECONDS CMD...: stdout+stderr to $OUT/NAME.log, status line to $OUT/status.txt
+  local name=$1 seconds=$2; shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? ${SECONDS}s-$start" | awk '{print}' >> "$OUT/status.txt"
+  tail -25 "$OUT/$name.log"
+}
+for part in "$@"; do
+  case $part in
+    gdn) run gdn 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT" --variants default --no-sweep ;;
+    loss) run loss 120 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass online \
+            --json "$OUT/loss.json" ;;
+    steps) for preset in hybrid-gdn-m2rnn-1l-400m hybrid-gdn-400m; do for remat in full save_dots none; do
+             run "step_${preset}_${remat}" 150 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
+               --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json"
+           done; done ;;
+    parts-*) preset=${part#parts-}
+           run "parts_$preset" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
+             --iters 5 --repeats 3 --json "$OUT/parts_$preset.json" ;;
+    gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
+                tests/models/test_lm_head_loss.py ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
