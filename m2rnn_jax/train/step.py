@@ -16,6 +16,7 @@ from flax import nnx
 
 from m2rnn_jax.models.loss import head_loss_sums
 from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
+from m2rnn_jax.train.batch_checks import check_batch
 from m2rnn_jax.train.optimizer import skipped_updates
 from m2rnn_jax.train.state import TrainState
 
@@ -35,6 +36,7 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[j
     :mod:`m2rnn_jax.models.lm_head_loss`, one token group per batch shard so that each device accumulates its own
     head gradient)."""
     model = nnx.merge(graphdef, params)
+    check_batch(batch, model.config.vocab_size)  # opt-in value checks (M2RNN_JAX_CHECKS=1), nothing otherwise
     head, aux_loss = head_loss_sums(
         model, batch["inputs"], batch["targets"], loss_mask=batch.get("loss_mask"),
         segment_ids=batch.get("segment_ids"), groups=min(_batch_shards(), batch["inputs"].size),
