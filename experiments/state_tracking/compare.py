@@ -1,0 +1,168 @@
+"""Every sequence mixer on a group word problem with one training budget: the paper's S3 figure, and A5 / S5.
+
+    python -m experiments.state_tracking compare --recipe gpu --groups s3 --seeds 0 1 2 --out runs/st_compare
+    python -m experiments.state_tracking compare --recipe cpu --groups s3 --seeds 0 --out runs/st_compare_cpu
+    python -m experiments.state_tracking compare --recipe gpu --groups a5 --models m2rnn gru --steps 2000
+
+Each (group, model, seed) trains in ``<out>/runs/<group>/<model>/s<seed>`` with the recipe's budget
+(:mod:`experiments.state_tracking.recipes`), then its accuracy at every position 1 .. max(lengths) is measured on a
+fixed evaluation set (:mod:`experiments.state_tracking.positions`) and written to ``result.json`` there. A finished
+run with the same configuration is not trained again; a run stopped by ``--run-seconds`` or SIGTERM is recorded with
+the steps it did (``complete: false``) and resumes from its checkpoint next time. At the end ``<out>/compare.json``,
+``<out>/compare.md`` and ``<out>/compare_<group>.png`` summarise every run found (``--report-only``: only that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.state_tracking.models import MODELS, ModelSize
+from experiments.state_tracking.plot import plot_group
+from experiments.state_tracking.positions import at_lengths, evaluate_positions
+from experiments.state_tracking.recipes import RECIPES, Recipe, train_config
+from experiments.state_tracking.report import write_report
+from m2rnn_jax.data.atomic import atomic_file
+from m2rnn_jax.data.state_tracking import GROUPS
+from m2rnn_jax.models.counting import model_summary
+from m2rnn_jax.train.trainer import Trainer
+
+CHUNK_STEPS = 100  # with a time budget, the run checks the clock every CHUNK_STEPS steps
+
+
+def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
+    return out / "runs" / group / model / f"s{seed}"
+
+
+def _cached(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished result in ``path`` if it was trained with ``config``."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("complete") and result.get("config") == config else None
+
+
+def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path,
+            run_seconds: float | None = None) -> dict[str, Any]:
+    """Trains (or resumes) one run, evaluates it at every position, writes and returns its ``result.json``."""
+    config = train_config(recipe, model, group, seed)
+    directory = run_directory(out, group, model, seed)
+    result_path = directory / "result.json"
+    config_dict = config.to_dict()
+    cached = _cached(result_path, config_dict)
+    if cached is not None:
+        return cached
+    if result_path.is_file() and json.loads(result_path.read_text()).get("config") != config_dict:
+        shutil.rmtree(directory)  # an earlier run of another configuration: start again
+    directory.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    trainer = Trainer(config, directory)
+    while trainer.step < config.steps:
+        before = trainer.step
+        chunk = config.steps if run_seconds is None else CHUNK_STEPS
+        trainer.run(stop_after=chunk)
+        if trainer.step < min(before + chunk, config.steps):  # stopped by a signal
+            break
+        if run_seconds is not None and time.perf_counter() - started > run_seconds:
+            break
+    train_seconds = time.perf_counter() - started
+    steps_done = trainer.step
+    curves = evaluate_positions(trainer, group, max(recipe.lengths), recipe.eval_sequences)
+    summary = model_summary(config.model)
+    result = {
+        "group": group, "model": model, "seed": seed, "steps": config.steps, "steps_done": steps_done,
+        "complete": steps_done >= config.steps, "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1), "train_length": recipe.train_length,
+        "params": summary["params_total"], "recurrent_state_per_layer": sum(
+            summary["recurrent_state_per_layer"].values()),
+        "at_lengths": at_lengths(curves, list(recipe.lengths)), "curves": curves, "config": config_dict,
+    }
+    with atomic_file(result_path) as temporary:
+        temporary.write_text(json.dumps(result) + "\n")
+    if result["complete"]:
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    return result
+
+
+def collect(out: Path, groups: list[str], models: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """Every ``result.json`` under ``out`` for the given groups, models and seeds (missing runs are skipped)."""
+    results = []
+    for group in groups:
+        for model in models:
+            for seed in seeds:
+                path = run_directory(out, group, model, seed) / "result.json"
+                if path.is_file():
+                    results.append(json.loads(path.read_text()))
+    return results
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = RECIPES[args.recipe]
+    size = dataclasses.replace(recipe.size, **{k: v for k, v in (("hidden_size", args.hidden_size),
+                                                                  ("num_layers", args.num_layers)) if v})
+    changes: dict[str, Any] = {"size": size}
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
+    if args.lengths:
+        changes["lengths"] = tuple(sorted(args.lengths))
+    if args.eval_sequences:
+        changes["eval_sequences"] = args.eval_sequences
+    return dataclasses.replace(recipe, **changes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.state_tracking compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="gpu", choices=sorted(RECIPES), help="the training budget (default gpu)")
+    parser.add_argument("--groups", nargs="+", default=["s3"], choices=list(GROUPS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lengths", nargs="+", type=int, help="table lengths (default: the recipe's)")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--num-layers", type=int)
+    parser.add_argument("--eval-sequences", type=int)
+    parser.add_argument("--run-seconds", type=float, help="stop training a run after this long (then evaluate)")
+    parser.add_argument("--out", default="runs/state_tracking_compare")
+    parser.add_argument("--report-only", action="store_true", help="summarise the runs under --out, train nothing")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "hidden_size", "num_layers", "eval_sequences"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
+    if args.lengths and min(args.lengths) < 1:
+        parser.error(f"--lengths: expected positive lengths, got {args.lengths}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    recipe = _recipe_from_args(args)
+    out = Path(args.out)
+    if not args.report_only:
+        for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
+            result = run_one(recipe, model, group, seed, out, args.run_seconds)
+            cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
+            print(f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
+                  f"{result['seconds']} s, {cells}", flush=True)
+            if not result["complete"] and args.run_seconds is None:
+                break  # a signal stopped the run: report what is done, leave the rest for the next call
+    results = collect(out, args.groups, args.models, args.seeds)
+    paths = write_report(results, recipe, out)
+    for group in args.groups:
+        group_results = [r for r in results if r["group"] == group]
+        if group_results:
+            paths.append(plot_group(group_results, group, out / f"compare_{group}.png"))
+    print((out / "compare.md").read_text())
+    print("[compare] wrote " + ", ".join(str(p) for p in paths))
+    return 0
