@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from m2rnn_jax.commands.arguments import positive_int
+from m2rnn_jax.commands.arguments import check_backend_hardware, check_preset, positive_int
+from m2rnn_jax.commands.errors import fail
 
 NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
@@ -60,29 +61,30 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _error(message: str) -> int:
-    print(f"m2rnn-jax {NAME}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     if args.model is None:
         given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if getattr(args, name) is not None]
         if given:
-            return _error(f"{', '.join(given)}: only with --model PRESET")
+            return fail(NAME, f"{', '.join(given)}: only with --model PRESET")
         from m2rnn_jax.bench import op
 
+        try:
+            for backend in args.backends or ():
+                check_backend_hardware("--backends", backend)
+        except ValueError as err:
+            return fail(NAME, err)
         return op.run(args.shapes or DEFAULT_SHAPES, args.backends or op.default_backends(), args.json, args.iters,
                       args.repeats)
     if args.backends is not None:
-        return _error("--backends: only in op mode (without --model)")
+        return fail(NAME, "--backends: only in op mode (without --model)")
     from m2rnn_jax.bench import model
     from m2rnn_jax.bench.report import write_json
 
     try:
+        check_preset("--model", args.model)
         config = model.resolve_config(args.model, args.dtype, args.remat)
     except ValueError as err:
-        return _error(str(err))
+        return fail(NAME, err)
     report = model.run_model_bench(args.model, config, args.batch or DEFAULT_BATCH, args.seq_len or DEFAULT_SEQ_LEN,
                                    model.Timing(args.iters, args.repeats), step_only=bool(args.step_only))
     print(model.format_report(report))

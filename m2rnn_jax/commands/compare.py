@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from typing import Any
+
+from m2rnn_jax.commands.arguments import check_backend_hardware
+from m2rnn_jax.commands.errors import fail
 
 NAME = "compare"
 DTYPE_NAMES = ("float32", "float64")
@@ -177,10 +179,10 @@ def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:
-        print("m2rnn-jax compare: needs PyTorch: pip install m2rnn-jax[torch]", file=sys.stderr)
-        return 2
+        return fail(NAME, "torch: expected PyTorch installed (pip install m2rnn-jax[torch]), got no module 'torch'")
     tolerances = {"float32": args.tol_float32, "float64": args.tol_float64}
     try:
+        check_backend_hardware("--backend", args.backend)
         if args.model is None:
             for name in ("step", "prefill"):
                 if getattr(args, name) is not None:
@@ -191,8 +193,7 @@ def run(args: argparse.Namespace) -> int:
             results = {dtype_name: _compare_model(args, dtype_name, model_config, restored)
                        for dtype_name in args.dtypes}
     except ValueError as err:
-        print(f"m2rnn-jax compare: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     _print_table(results, tolerances)
     failures = [
         f"{dtype_name} {name} rel {err['rel']:.3e} > {_tolerance(tolerances, dtype_name, name):g}"

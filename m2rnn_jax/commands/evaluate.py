@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from m2rnn_jax.commands.arguments import existing_directory
+from m2rnn_jax.commands.errors import fail
 
 NAME = "eval"
 
@@ -43,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from m2rnn_jax.commands.train import resolve_config
     from m2rnn_jax.parallel.distributed import initialize_distributed
 
-    workdir = Path(args.workdir)
     try:
+        workdir = existing_directory("--workdir", args.workdir, "run directory (written by m2rnn-jax train)")
         initialize_distributed(args)
         saved = workdir / "config.json"
         config = resolve_config(args, json.loads(saved.read_text()) if saved.is_file() else None)
@@ -58,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         evaluator = Evaluator(restored.graphdef, restored.param_shardings, restored.mesh, source, config.data,
                               token_bytes=_workdir_token_bytes(workdir) if source.token_bytes is None else None)
     except ValueError as err:
-        print(f"m2rnn-jax eval: error: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     results = evaluator.evaluate(restored.params)
     step = restored.step
     print(f"checkpoint step {step}")

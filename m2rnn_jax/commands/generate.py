@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from m2rnn_jax.commands.arguments import check_preset, existing_directory
+from m2rnn_jax.commands.errors import fail
+
 NAME = "generate"
 
 
@@ -65,15 +68,17 @@ def _train_config(args: argparse.Namespace) -> Any:
     from m2rnn_jax.train.config import TrainConfig
     from m2rnn_jax.train.presets import train_config
 
+    if args.preset:
+        check_preset("--preset", args.preset)
     if args.checkpoint is None:
         return None
-    saved_config = Path(args.checkpoint) / "config.json"
+    saved_config = existing_directory("--checkpoint", args.checkpoint, "run directory") / "config.json"
     if args.preset:
         return train_config(args.preset)
     if saved_config.is_file():
         return TrainConfig.from_dict(json.loads(saved_config.read_text()))
     raise ValueError(
-        f"checkpoint: expected a run directory holding config.json (or pass --preset), got {args.checkpoint!r}"
+        f"--checkpoint: expected a run directory holding config.json (or pass --preset), got {args.checkpoint!r}"
     )
 
 
@@ -83,7 +88,7 @@ def _model_config(args: argparse.Namespace, config: Any) -> Any:
     if config is not None:
         return config.model
     if args.preset is None:
-        raise ValueError("preset: expected --preset NAME (or --checkpoint RUN_DIR), got neither")
+        raise ValueError("--preset: expected --preset NAME (or --checkpoint RUN_DIR), got neither")
     return get_preset(args.preset)
 
 
@@ -111,12 +116,12 @@ def _load_tokenizer(args: argparse.Namespace) -> Any:
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
     if args.checkpoint is None:
-        raise ValueError("tokenizer: expected --tokenizer PATH (or a --checkpoint run trained on text) for --prompt")
+        raise ValueError("--tokenizer: expected --tokenizer PATH (or a --checkpoint run trained on text) for --prompt")
     try:
         return load_tokenizer(args.checkpoint)
     except ValueError as err:
-        raise ValueError(f"tokenizer: the run {args.checkpoint!r} has no tokenizer (trained on text prepared by "
-                         f"m2rnn-jax prepare-data?); pass --tokenizer PATH ({err})") from err
+        raise ValueError(f"--tokenizer: expected --tokenizer PATH or a run trained on text prepared by m2rnn-jax "
+                         f"prepare-data, got the run {args.checkpoint!r} without a tokenizer ({err})") from err
 
 
 def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> list[np.ndarray]:
@@ -142,17 +147,16 @@ def run(args: argparse.Namespace) -> int:
             prompts = encode_prompts(tokenizer, args.prompt)
             bad = [i for i, p in enumerate(prompts, 1) if max(p) >= vocab_size]
             if bad:
-                raise ValueError(f"prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
+                raise ValueError(f"--prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
                                  f"vocabulary {tokenizer.vocab_size}), got larger ones in prompt(s) {bad}")
         else:
             prompts = [args.prompt_ids]
             if any(not 0 <= token < vocab_size for token in args.prompt_ids):
-                raise ValueError(f"prompt-ids: expected ids in [0, {vocab_size}), got {args.prompt_ids}")
+                raise ValueError(f"--prompt-ids: expected ids in [0, {vocab_size}), got {args.prompt_ids}")
         model = _load_model(args, config, model_config)
         continuations = _continue(model, prompts, args)
     except ValueError as err:
-        print(f"m2rnn-jax {NAME}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     if tokenizer is None:
         print(",".join(str(token) for token in continuations[0].tolist()))
         return 0

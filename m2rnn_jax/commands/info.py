@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from m2rnn_jax.commands.arguments import check_preset
+from m2rnn_jax.commands.errors import fail
 
 NAME = "info"
 
@@ -45,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {preset_description(name)}")
         return 0
     try:
+        check_preset("--preset", args.preset)
         config = get_preset(args.preset)
     except ValueError as err:
-        print(f"m2rnn-jax info: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     summary = {"preset": args.preset, "description": preset_description(args.preset), **model_summary(config)}
     print(json.dumps(summary, indent=2) if args.json else _format_text(summary))
     return 0

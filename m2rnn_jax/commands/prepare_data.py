@@ -14,8 +14,9 @@ Then train with ``--set data.kind=token_file --set data.path=data/corpus``. The 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from m2rnn_jax.commands.errors import fail
 
 NAME = "prepare-data"
 
@@ -54,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
                                  tokenizer_source=args.tokenizer or "", validation_fraction=args.validation_fraction,
                                  seed=args.seed, progress=not args.quiet)
     except ValueError as err:
-        print(f"m2rnn-jax {NAME}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     for split, entry in meta["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens, {entry['bytes']} bytes "
               f"({entry['bytes'] / max(entry['tokens'], 1):.2f} bytes/token)")

@@ -7,14 +7,22 @@ Examples::
     m2rnn-jax train --config my_run.yaml --set optimizer.learning_rate=1e-3 --workdir runs/mine
     m2rnn-jax train --preset tiny-m2rnn --set data.kind=token_file --set data.path=data/corpus --workdir runs/text
 
-Running the same command again with the same ``--workdir`` resumes from the latest checkpoint.
+Running the same command again with the same ``--workdir`` resumes from the latest checkpoint; so does
+``m2rnn-jax train --workdir RUN`` alone (the run's own config.json), with ``--set`` for the fields that may change
+on resume (``steps``, ``eval_every``, ``log_every``, ``checkpoint.*``, ... :data:`m2rnn_jax.train.restore.
+RESUME_CHANGEABLE`). A workdir holding a different run is an error naming the differing fields; ``--restart``
+renames it to ``RUN.replaced-<time>`` and starts a new run there. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+from pathlib import Path
 from typing import Any
+
+from m2rnn_jax.commands.arguments import check_backend_hardware
+from m2rnn_jax.commands.errors import fail
 
 NAME = "train"
 
@@ -34,6 +42,9 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(NAME, help="train a model (sharded over all devices), resuming from --workdir")
     add_config_arguments(p)
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move an existing --workdir aside (renamed to WORKDIR.replaced-<time>, nothing "
+                        "deleted) instead of resuming it")
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 
@@ -61,16 +72,45 @@ def resolve_config(args: argparse.Namespace, workdir_config: dict | None = None)
     return resolve_token_data(apply_overrides(config, args.overrides), keep_vocab_size=explicit_vocab)
 
 
+def check_backends(config: Any) -> None:
+    """ValueError naming ``model.<mixer>.backend`` when a mixer's backend needs hardware this machine lacks."""
+    for name, value in vars(config.model).items():
+        backend = getattr(value, "backend", None)
+        if isinstance(backend, str):
+            check_backend_hardware(f"model.{name}.backend", backend)
+
+
+def _restart(workdir: str) -> None:
+    """--restart: the main process renames the old run; every process waits for it."""
+    import jax
+
+    from m2rnn_jax.train.restore import move_run_aside
+
+    if jax.process_index() == 0:
+        moved = move_run_aside(workdir)
+        if moved is not None:
+            print(f"-- --restart: moved the previous run {workdir} to {moved}", flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("m2rnn-jax train --restart")
+
+
 def run(args: argparse.Namespace) -> int:
     from m2rnn_jax.parallel.distributed import initialize_distributed
 
     try:
         initialize_distributed(args)
-        config = resolve_config(args)
+        stored = Path(args.workdir) / "config.json"
+        resume_stored = not (args.preset or args.config or args.restart) and stored.is_file()
+        config = resolve_config(args, json.loads(stored.read_text()) if resume_stored else None)
+        check_backends(config)
+        if args.restart:
+            _restart(args.workdir)
         from m2rnn_jax.train.trainer import Trainer
 
-        trainer = Trainer(config, args.workdir)
+        name = args.preset or args.config or f"the run in {args.workdir}"
+        trainer = Trainer(config, args.workdir, name=name)
     except ValueError as err:
-        print(f"m2rnn-jax train: error: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     return trainer.run()

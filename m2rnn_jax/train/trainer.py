@@ -6,7 +6,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -23,6 +23,8 @@ from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.metrics import MetricsLogger
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.progress import Console
+from m2rnn_jax.train.restore import check_workdir_config
 from m2rnn_jax.train.state import (
     TrainState,
     abstract_train_state,
@@ -65,11 +67,19 @@ class Trainer:
 
     Files under ``workdir``: ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, for
     state-tracking data ``length_generalization.{json,png}``, for a prepared text directory its tokenizer.
+
+    A ``workdir`` holding another run (its config.json differs outside
+    :data:`~m2rnn_jax.train.restore.RESUME_CHANGEABLE`) is a ``ValueError`` before anything is built. ``name`` (the
+    preset or config file) titles the start-up header printed on ``console`` (default: stdout of the main process),
+    which also gets a line per phase (compile, curriculum length, evaluation, checkpoint) and the progress.
     """
 
-    def __init__(self, config: TrainConfig, workdir: str | Path):
+    def __init__(self, config: TrainConfig, workdir: str | Path, *, name: str | None = None,
+                 console: Console | None = None):
         self.config, self.workdir = config, Path(workdir)
         self.is_main = jax.process_index() == 0
+        self.console = Console(enabled=self.is_main) if console is None else console
+        self.resume_changes = check_workdir_config(self.workdir, config)
         self.mesh = build_mesh(config.mesh.axis_sizes)
         self._check_divisibility()
         self.schedule = learning_rate_schedule(config.optimizer, config.steps)
@@ -77,12 +87,15 @@ class Trainer:
         self.graphdef = model_graphdef(config.model)
         self.source = make_source(config.data, config.model.vocab_size)
         self.batch_sharding = batch_sharding(self.mesh)
-        self.logger = MetricsLogger(self.workdir, total_steps=config.steps, enabled=self.is_main)
+        self.logger = MetricsLogger(self.workdir, enabled=self.is_main, console=self.console)
         if self.is_main and is_prepared(config.data.path):  # eval / generate find the tokenizer in the workdir
             copy_tokenizer(read_prepared(config.data.path), self.workdir)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
-        self.state, self.state_shardings = self._initial_state()
+        latest = self.checkpointer.latest_step()
+        abstract = abstract_train_state(config.model, self.optimizer)
+        self._print_header(name, abstract, latest)
+        self.state, self.state_shardings = self._initial_state(abstract, latest)
         self._train_step = jax.jit(
             make_train_step(self.graphdef, self.optimizer, self.schedule, config.grad_accum_steps),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -107,20 +120,53 @@ class Trainer:
                 f"tensor axis), got {m2rnn.num_heads}"
             )
 
-    def _initial_state(self) -> tuple[TrainState, TrainState]:
-        latest = self.checkpointer.latest_step()
-        abstract = abstract_train_state(self.config.model, self.optimizer)
+    def _print_header(self, name: str | None, abstract: TrainState, latest: int | None) -> None:
+        """What is trained, where and how: printed before anything compiles."""
+        config, model, data = self.config, self.config.model, self.config.data
+        parameters = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
+        device = jax.devices()[0]
+        mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
+        source = {"state_tracking": f"state tracking, group {data.group}", "token_file": f"token file {data.path}"}
+        lengths = " -> ".join(str(length) for _, length in data.curriculum) or str(data.seq_len)
+        accumulation = f" in {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""
+        resumed = "new run" if latest is None else f"resuming from step {latest}"
+        if self.resume_changes:
+            resumed += "; changed: " + ", ".join(change.describe() for change in self.resume_changes)
+        self.console.header(f"m2rnn-jax train: {name or 'config'}", [
+            ("model", f"{model.layer_pattern} ({model.num_layers} layers, hidden {model.hidden_size}, vocab "
+                      f"{model.vocab_size}), {parameters:,} parameters"),
+            ("devices", f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
+                        f"{jax.process_count()} process(es); mesh {mesh}"),
+            ("dtypes", f"compute {model.dtype}, parameters {model.param_dtype}, remat {model.remat}"),
+            ("data", f"{source.get(data.kind, data.kind)}; length {lengths}; batch {config.batch_size}{accumulation}"),
+            ("steps", f"{config.steps} (log every {config.log_every}, evaluate every {config.eval_every or '-'} "
+                      f"and at the end, checkpoint every {config.checkpoint.every_steps})"),
+            ("workdir", f"{self.workdir} ({resumed})"),
+        ])
+
+    def _write_config(self) -> None:
+        """config.json of the run (atomically; main process only)."""
+        from m2rnn_jax.data.atomic import atomic_file
+
+        if self.is_main:
+            with atomic_file(self.workdir / "config.json") as temporary:
+                temporary.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _initial_state(self, abstract: TrainState, latest: int | None) -> tuple[TrainState, TrainState]:
         if latest is None:
-            state, shardings = create_train_state(self.config.model, self.optimizer, self.config.seed, self.mesh)
-            if self.is_main:
-                (self.workdir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            with self.console.timed_phase("initialising the parameters", "initialised"):
+                state, shardings = create_train_state(self.config.model, self.optimizer, self.config.seed, self.mesh)
+            self._write_config()
             return state, shardings
+        if self.resume_changes:
+            self._write_config()
         shardings = train_state_shardings(abstract, self.optimizer, self.mesh)
-        state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+        with self.console.timed_phase(f"restoring the checkpoint in {self.checkpointer.directory}",
+                                      f"resumed from step {latest}"):
+            state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
         position = metadata.get("data_position", {}).get("next_step")
         if position != latest:
             raise ValueError(f"checkpoint: step {latest} records data position {position!r}, expected {latest}")
-        self.logger.message(f"resumed from step {latest} (checkpoint in {self.checkpointer.directory})")
         return state, shardings
 
     @property
@@ -132,16 +178,37 @@ class Trainer:
                 "config": self.config.to_dict()}
 
     def save(self, *, wait: bool = False) -> None:
+        """Checkpoints the current step (in the background unless ``wait``); a step already saved is skipped."""
         step = self.step
-        self.checkpointer.save(self.state, self._metadata(step))
+        if not self.checkpointer.save(self.state, self._metadata(step)):
+            return
         if wait:
             self.checkpointer.wait_until_finished()
+        how = "written" if wait or not self.config.checkpoint.async_save else "being written in the background"
+        self.console.phase(f"checkpoint: step {step} {how} to {self.checkpointer.directory / str(step)}")
 
     def _batch(self, step: int) -> dict[str, jax.Array]:
         config = self.config
         seq_len = config.data.seq_len_at(step)
         return global_batch(lambda rows: self.source.train_batch(step, seq_len, config.batch_size, rows),
                             self.batch_sharding, config.batch_size, seq_len)
+
+    def _run_step(self, step: int, previous_length: int | None, compiled: set[int]) -> tuple[Any, int, bool]:
+        """(metrics, length, compiled now) of train step ``step``: announces a curriculum length switch, and the
+        compile of a length not seen before (timed with its first step, which it waits for)."""
+        batch = self._batch(step)
+        length = int(batch["inputs"].shape[1])
+        if previous_length is not None and length != previous_length:
+            self.console.phase(f"curriculum: sequence length {previous_length} -> {length} at step {step}")
+        if length in compiled:
+            self.state, metrics = self._train_step(self.state, batch)
+            return metrics, length, False
+        compiled.add(length)
+        with self.console.timed_phase(f"compiling the train step for length {length} (batch {self.config.batch_size})",
+                                      "compiled and ran the first step"):
+            self.state, metrics = self._train_step(self.state, batch)
+            jax.block_until_ready(metrics)
+        return metrics, length, True
 
     def run(self, stop_after: int | None = None) -> int:
         """Trains up to ``config.steps`` (or ``stop_after`` steps in this call); returns a process exit code.
@@ -157,15 +224,15 @@ class Trainer:
         peak = peak_flops_per_device()
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         compiled_lengths: set[int] = set()
+        seq_len = None
+        progress = self.console.start_progress(config.steps, initial=start, desc="train")
         with _StopSignal() as stop, jax.set_mesh(self.mesh):
             for step in range(start, last_step):
-                batch = self._batch(step)
-                seq_len = int(batch["inputs"].shape[1])
-                self.state, metrics = self._train_step(self.state, batch)
+                metrics, seq_len, compiled = self._run_step(step, seq_len, compiled_lengths)
                 done = step + 1
-                if seq_len not in compiled_lengths:  # keep compilation out of the throughput
-                    compiled_lengths.add(seq_len)
-                    jax.block_until_ready(metrics)
+                progress.update(done)
+                if compiled:  # keep compilation out of the throughput
+                    progress.restart_clock()
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 else:
                     window_tokens += config.batch_size * seq_len
@@ -181,29 +248,38 @@ class Trainer:
                             values["mfu"] = tokens_per_second * flops_per_token / (peak * jax.device_count())
                     values["seq_len"] = seq_len
                     self.logger.write("train", done, values)
+                    progress.update(done, loss=values["loss"])
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-                self.logger.tick(done)
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     self._log_eval(done)
+                    progress.restart_clock()  # keep evaluation out of the throughput
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 if done % config.checkpoint.every_steps == 0 or done == config.steps:
                     self.save()
                 if stop.any_process():
                     self.save(wait=True)
                     self.logger.message(f"received signal {stop.received}: saved checkpoint at step {done}, exiting")
-                    self.checkpointer.close()
-                    self.logger.close()
+                    self._close()
                     return 0
             if last_step < config.steps:
                 self.save(wait=True)
             self.checkpointer.wait_until_finished()
+            progress.close()
             if last_step == config.steps and start < config.steps:
                 self.final_report()
-        self.checkpointer.close()
-        self.logger.close()
+        self._close()
         return 0
 
-    def _log_eval(self, step: int) -> dict[int, dict[str, float]]:
-        results = self.evaluator.evaluate(self.state.params)
+    def _close(self) -> None:
+        self.console.close()
+        self.checkpointer.close()
+        self.logger.close()
+
+    def _log_eval(self, step: int, lengths: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
+        lengths = tuple(lengths or self.config.data.eval_lengths)
+        with self.console.timed_phase(f"evaluating at length(s) {', '.join(map(str, lengths))} (step {step})",
+                                      "evaluated"):
+            results = self.evaluator.evaluate(self.state.params, lengths)
         for length, values in results.items():
             self.logger.write(f"eval_len{length}", step, values)
         return results
