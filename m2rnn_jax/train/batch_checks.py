@@ -1,9 +1,9 @@
 """Opt-in value checks of a training or evaluation batch (``M2RNN_JAX_CHECKS=1``), run inside the jitted steps.
 
-A token id past the vocabulary does not fail under ``jax.jit``: JAX's gathers clamp or fill out-of-range indices,
-so the step trains on a wrong embedding or a wrong log-probability. With the checks on, :func:`check_batch` fails on the first bad value instead, naming
-the batch key, the value and its (row, position) index (:mod:`m2rnn_jax.value_checks` says where the error
-surfaces).
+A token id past the vocabulary does not fail under ``jax.jit``: the embedding lookup fills its row with NaN and the
+loss reads a wrong (NaN or clamped) log-probability for an out-of-range target. With the checks on,
+:func:`check_batch` fails on the first bad value instead, naming the batch key, the value and its (row, position)
+index (:mod:`m2rnn_jax.value_checks` says where the error surfaces).
 """
 
 from __future__ import annotations
