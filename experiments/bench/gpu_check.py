@@ -51,7 +51,7 @@ from m2rnn_jax.bench.op import (
     op_function,
 )
 from pallas_kernels.gpu import m2rnn_common
-from m2rnn_jax.ops.pallas_gpu import default_config
+from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1,

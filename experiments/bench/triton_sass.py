@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration  # noqa: the hook below needs the module object
 
-from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu
+from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 H200_SCHEDULERS = 132 * 4

@@ -27,7 +27,7 @@ from m2rnn_jax import m2rnn
 from m2rnn_jax.bench.report import format_table as layout_table
 from m2rnn_jax.bench.report import write_json
 from m2rnn_jax.bench.timing import compile_timed, median_ms, peak_bytes, temp_bytes, to_gib
-from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu
+from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu
 from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 

@@ -44,8 +44,8 @@ from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
-from m2rnn_jax.ops.gdn import gated_delta_rule
-from m2rnn_jax.ops.gdn.op import BACKENDS
+from m2rnn_jax.ops.gated_delta_rule import gated_delta_rule
+from m2rnn_jax.ops.gated_delta_rule.op import BACKENDS
 
 Dtype = Any
 

@@ -50,7 +50,7 @@ from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
-from m2rnn_jax.ops.backends import BACKEND_NAMES
+from m2rnn_jax.ops.m2rnn.backends import BACKEND_NAMES
 
 Dtype = Any
 

@@ -1,17 +1,13 @@
-"""Mamba2 sequence mixer (SPEC §9.4) with the SSD chunked form for training and a recurrent form for decoding.
+"""Mamba2 sequence mixer (SPEC §9.4) around the SSD op (chunked form for training, recurrent for decoding).
 
 Per head h (H heads of dim P = I / H) with state s (P, N), groups G (head h reads B/C group h // (H / G)),
 dt_t = softplus(dt_raw_t + dt_bias), A = -exp(A_log) (the shared decay gate, SPEC §2.3; no dt clamp):
 
     s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_tᵀ,        y_t = s_t C_t + D x_t
 
-SSD chunked form (chunk length L, Γ_t = Σ_{u≤t} dt_u A inside a chunk, s_0 the state entering it):
-y_t = Σ_{i≤t} e^{Γ_t - Γ_i} (C_t·B_i) dt_i x_i + e^{Γ_t} s_0 C_t and
-s_L = e^{Γ_L} s_0 + Σ_i e^{Γ_L - Γ_i} dt_i x_i B_iᵀ; the intra-chunk terms of all chunks are computed in parallel
-and a scan over chunks carries s. Ragged lengths are zero-padded at the end (dt = 0 leaves the state untouched).
-The recurrence runs in >= float32. Document resets (``segment_ids``, :mod:`m2rnn_jax.layers.documents`): the
-pairwise decay between positions of different documents is 0, the chunk-start state reaches only positions before
-the chunk's first reset, and the carried state is zeroed by a reset inside the chunk.
+The recurrence is the SSD op (:func:`m2rnn_jax.ops.ssd`: chunked form for training, step-by-step form for one
+token), run in >= float32. Document resets (``segment_ids``, :mod:`m2rnn_jax.layers.documents`) become the op's
+``reset``.
 
 Layer dataflow for x (B, S, h): ``in_proj`` -> [z (I) | xBC (I + 2 G N) | dt_raw (H)]; causal conv (SiLU, with bias)
 on xBC -> [x | B | C]; SSD; + D x; ``y * SiLU(z)``; RMSNorm over all I features; ``out_proj``.
@@ -47,6 +43,7 @@ from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.ops import ssd
 
 Dtype = Any
 
@@ -104,77 +101,6 @@ class Mamba2State(NamedTuple):
 
     conv: jax.Array
     recurrent: jax.Array
-
-
-def _split_heads(x: jax.Array, groups: int) -> jax.Array:
-    """(..., H, *rest) with H on axis 2 -> (..., G, H / G, *rest)."""
-    return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
-
-
-def ssd_recurrent(x, dt, log_decay, B, C, h0, reset=None):
-    """Step-by-step SSD.
-
-    x (b, S, H, P), dt and log_decay = dt * A (b, S, H), B and C (b, S, G, N), h0 (b, H, P, N), reset (b, S) bool
-    or None (the state entering a reset step is zero) -> (y (b, S, H, P) without the D skip, final state (b, H, P, N)).
-    """
-    groups = B.shape[2]
-    x, dt, log_decay = (_split_heads(t, groups) for t in (x, dt, log_decay))
-    state = h0.reshape(h0.shape[0], groups, -1, *h0.shape[2:])  # (b, G, R, P, N)
-    if reset is None:
-        reset = jnp.zeros(x.shape[:2], dtype=jnp.bool_)
-
-    def step(state, inputs):
-        x_t, dt_t, a_t, B_t, C_t, reset_t = inputs  # x_t (b, G, R, P), dt_t (b, G, R), B_t (b, G, N), reset_t (b,)
-        state = jnp.where(reset_t[:, None, None, None, None], 0, state)
-        state = jnp.exp(a_t)[..., None, None] * state + jnp.einsum("bgrp,bgn->bgrpn", dt_t[..., None] * x_t, B_t)
-        return state, jnp.einsum("bgrpn,bgn->bgrp", state, C_t)
-
-    final, y = jax.lax.scan(step, state, [jnp.moveaxis(t, 1, 0) for t in (x, dt, log_decay, B, C, reset)])
-    y = jnp.moveaxis(y, 0, 1)  # (b, S, G, R, P)
-    return y.reshape(*y.shape[:2], -1, y.shape[-1]), final.reshape(h0.shape)
-
-
-def ssd_chunked(x, dt, log_decay, B, C, h0, chunk_size: int, reset=None):
-    """SSD chunked form (module docstring); same arguments and result as :func:`ssd_recurrent`."""
-    batch, seq_len, _, P = x.shape
-    groups = B.shape[2]
-    L = min(chunk_size, seq_len)
-    num_chunks = -(-seq_len // L)
-    pad = num_chunks * L - seq_len
-    if reset is None:
-        reset = jnp.zeros((batch, seq_len), dtype=jnp.bool_)
-
-    def chunks(t):  # (b, S, ...) -> (n, b, L, ...)
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-        return jnp.moveaxis(t.reshape(batch, num_chunks, L, *t.shape[2:]), 1, 0)
-
-    xdt = chunks(_split_heads(x * dt[..., None], groups))  # (n, b, L, G, R, P)
-    gamma = jnp.cumsum(chunks(_split_heads(log_decay, groups)), axis=2)  # (n, b, L, G, R)
-    B, C = chunks(B), chunks(C)  # (n, b, L, G, N)
-    document = jnp.cumsum(chunks(reset), axis=2, dtype=jnp.int32)  # (n, b, L): resets so far in the chunk
-    g = jnp.moveaxis(gamma, 2, -1)  # (n, b, G, R, L)
-    same_document = document[..., :, None] == document[..., None, :]  # (n, b, L, L)
-    visible = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_)) & same_document[:, :, None, None]
-    decay = jnp.exp(jnp.where(visible, g[..., :, None] - g[..., None, :], -jnp.inf))  # (n, b, G, R, L, L)
-    scores = jnp.einsum("nbtgs,nbigs->nbgti", C, B)
-    y_diag = jnp.einsum("nbgti,nbgrti,nbigrp->nbtgrp", scores, decay, xdt)
-    last = gamma[:, :, -1]  # (n, b, G, R)
-    in_last_document = (document == document[:, :, -1:])[..., None, None]  # (n, b, L, 1, 1)
-    to_end = jnp.where(in_last_document, jnp.exp(last[:, :, None] - gamma), 0)
-    chunk_states = jnp.einsum("nbigr,nbigrp,nbigs->nbgrps", to_end, xdt, B)
-    from_start = jnp.where((document == 0)[..., None, None], jnp.exp(gamma), 0)  # decay from s_0, 0 after a reset
-    keeps_state = jnp.where(document[:, :, -1] == 0, 1.0, 0.0).astype(gamma.dtype)  # (n, b)
-
-    def step(state, inputs):
-        C_c, from_start_c, last_c, keeps_c, chunk_state = inputs
-        y_off = jnp.einsum("btgs,bgrps->btgrp", C_c, state) * from_start_c[..., None]
-        carried = (keeps_c[:, None, None] * jnp.exp(last_c))[..., None, None] * state
-        return carried + chunk_state, y_off
-
-    state = h0.reshape(batch, groups, -1, *h0.shape[2:])  # (b, G, R, P, N)
-    final, y_off = jax.lax.scan(step, state, (C, from_start, last, keeps_state, chunk_states))
-    y = jnp.moveaxis(y_diag + y_off, 0, 1).reshape(batch, num_chunks * L, -1, P)
-    return y[:, :seq_len], final.reshape(h0.shape)
 
 
 class Mamba2(nnx.Module):
@@ -255,10 +181,7 @@ class Mamba2(nnx.Module):
         log_decay = self.decay_gate(dt_raw, final_exponential=False)  # dt * A
 
         h0 = state.recurrent.astype(compute_dtype)
-        if seq_len == 1:
-            y, recurrent = ssd_recurrent(xs, dt, log_decay, B, C, h0, reset)
-        else:
-            y, recurrent = ssd_chunked(xs, dt, log_decay, B, C, h0, c.chunk_size, reset)
+        y, recurrent = ssd(xs, dt, log_decay, B, C, h0, reset=reset, chunk_size=c.chunk_size)
         y = y + self.D[...].astype(compute_dtype)[:, None] * xs
         y = y.reshape(batch, seq_len, I) * jax.nn.silu(z.astype(compute_dtype))
         out = self.out_proj(self.norm(y))

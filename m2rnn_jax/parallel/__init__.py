@@ -1,7 +1,7 @@
 """Sharding: meshes over (data, fsdp, tensor, expert), logical-axis rules, shardings, global batches, multi-host.
 
 The shard_map wrapper that runs the M2RNN kernels per (batch, heads) block lives with the op, in
-:mod:`m2rnn_jax.ops.sharding`.
+:mod:`m2rnn_jax.ops.m2rnn.sharding`.
 """
 
 from m2rnn_jax.parallel.mesh import build_mesh, resolve_mesh_shape

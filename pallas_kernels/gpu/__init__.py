@@ -1,11 +1,8 @@
-"""M2RNN kernels for NVIDIA GPUs (Pallas, Triton lowering): plain array functions, no Flax.
+"""Kernels for NVIDIA GPUs: plain array functions, no Flax. One module per op and part, named ``<op>_<part>``.
 
-``m2rnn_forward`` / ``m2rnn_backward`` work on packed, padded inputs; ``m2rnn_jax.ops.pallas_gpu`` wires them into
-the op. ``KernelConfig`` holds the launch parameters.
+``m2rnn_forward`` / ``m2rnn_backward`` (Pallas, Triton lowering) and ``m2rnn_forward_gluon`` /
+``m2rnn_backward_gluon`` (Gluon) work on packed, padded inputs; ``m2rnn_common.KernelConfig`` holds the launch
+parameters and ``m2rnn_jax.ops.m2rnn.pallas_gpu`` wires them into the op. ``gdn_chunk_states`` is the gated delta
+rule's walk over chunks (``m2rnn_jax.ops.gated_delta_rule.pallas_gpu``). Import from the modules: this package
+re-exports nothing, so that no function hides the module of the same name.
 """
-
-from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
-from pallas_kernels.gpu.m2rnn_common import KernelConfig
-from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
-
-__all__ = ["KernelConfig", "m2rnn_backward", "m2rnn_forward"]

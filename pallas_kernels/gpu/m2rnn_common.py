@@ -2,7 +2,7 @@
 
 Both kernels work on packed tokens: dense (B, S, ...) inputs are viewed as (B*S, ...) with
 ``cu_seqlens = [0, S, 2S, ...]``, so one kernel serves dense and varlen inputs. Feature sizes reaching the kernels
-are powers of two >= 16 (the caller zero-pads K and V; zero padding is exact, see ``m2rnn_jax.ops.pallas_gpu``).
+are powers of two >= 16 (the caller zero-pads K and V; zero padding is exact, see ``m2rnn_jax.ops.m2rnn.pallas_gpu``).
 
 Grid of both kernels: (B, N, K // block_k): one program per (sequence, output head, block of state rows).
 Rows of the state evolve independently (SPEC §2.2), so splitting K needs no communication inside the recurrence;
@@ -41,14 +41,14 @@ class KernelConfig:
     split_dot: for 16-bit inputs, feed the float32 state to the tensor cores as a sum of two 16-bit parts
         (about 16 mantissa bits) instead of rounding it to one 16-bit value.
     gluon_forward: run the forward with the explicit-layout Gluon kernel (``m2rnn_forward_gluon``) where it
-        applies (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_forward``); False keeps the Pallas-Triton forward.
+        applies (see ``m2rnn_jax.ops.m2rnn.pallas_gpu.use_gluon_forward``); False keeps the Pallas-Triton forward.
     gluon_rows: state rows per program of the Gluon forward (None = all K rows: one warp per head; 32 was
         fastest at B=8 on the H200, 16 at B=1).
     gluon_tanh: exact tanh form of the Gluon forward: "mixed" (fastest on the H200), "newton" (one ex2 + Newton
         reciprocal on the FMA pipe) or "rcp" (ex2 + rcp, two special-function ops), used where ``approx_tanh``
         is False.
     gluon_backward: run the backward with the Gluon kernel (``m2rnn_backward_gluon``) where the Gluon forward
-        runs (see ``m2rnn_jax.ops.pallas_gpu.use_gluon_backward``); False keeps the Pallas-Triton backward.
+        runs (see ``m2rnn_jax.ops.m2rnn.pallas_gpu.use_gluon_backward``); False keeps the Pallas-Triton backward.
         ``default_config`` sets it: faster at B=8 and at B=1 of the paper shape (H200 run 26).
     gluon_block: steps the Gluon backward recomputes at a time into shared memory (gcd with chunk_size; 2 x 4
         bytes x rows x V x gluon_block of shared memory per program, and B N K V chunk_size / gluon_block floats

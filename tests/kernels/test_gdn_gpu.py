@@ -1,6 +1,6 @@
 """The fused walk over chunks of the gated delta rule (pallas_kernels/gpu/gdn_chunk_states.py).
 
-On CPU the kernels run in Pallas interpret mode against ``lax.scan`` (:func:`m2rnn_jax.ops.gdn.chunked.scan_states`)
+On CPU the kernels run in Pallas interpret mode against ``lax.scan`` (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_states`)
 and its autodiff, forward and every cotangent; tests marked ``gpu`` run the whole pallas_gpu backend compiled on an
 NVIDIA GPU against the float32 chunked reference.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from m2rnn_jax.ops import gated_delta_rule
-from m2rnn_jax.ops.gdn.chunked import scan_states
-from m2rnn_jax.ops.gdn.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.ops.gated_delta_rule.chunked import scan_states
+from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")

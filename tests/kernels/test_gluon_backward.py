@@ -14,7 +14,7 @@ import os
 import jax
 import pytest
 
-from m2rnn_jax.ops.pallas_gpu import use_gluon_backward
+from m2rnn_jax.ops.m2rnn.pallas_gpu import use_gluon_backward
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from tests.kernels.test_gluon_forward import GPU_CASES, _backend, gpu_case_inputs
 from tests.kernels.test_pallas_gpu import _outputs_and_grads, _relative_error
@@ -28,7 +28,7 @@ def test_predicate_follows_the_gluon_forward_and_the_config():
 
 
 def test_default_config_takes_the_gluon_backward():
-    from m2rnn_jax.ops.pallas_gpu import default_config
+    from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config
 
     assert default_config(batch=8, num_heads=84, k_dim=64).gluon_backward  # paper shape, B=8 (H200 run 26)
     b1 = default_config(batch=1, num_heads=84, k_dim=64)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2rnn_jax.ops.pallas_gpu import m2rnn_pallas_gpu, use_gluon_forward
+from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu, use_gluon_forward
 from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from tests.kernels.test_pallas_gpu import NAMES, _outputs_and_grads, _relative_error
@@ -106,7 +106,7 @@ def _innermost_loop_bodies(ptx: str) -> list[str]:
 
 
 def _backend(config: KernelConfig | None, state_dtype=jnp.float32, backend: str = "pallas_gpu"):
-    from m2rnn_jax.ops.scan_backend import scan_backend
+    from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
 
     def fn(args):
         call_args = tuple(args.get(n) for n in NAMES)
@@ -178,7 +178,7 @@ def test_gpu_gluon_checkpoints_match_pallas_forward():
     """The residual checkpoints of both forwards agree (the backward reads them in this layout)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    from m2rnn_jax.ops import pallas_gpu
+    from m2rnn_jax.ops.m2rnn import pallas_gpu
 
     inputs = random_m2rnn_inputs(jax.random.PRNGKey(23), batch=2, seq_len=300, num_heads=4, k_dim=64, v_dim=16,
                                  dtype=jnp.bfloat16)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from m2rnn_jax import m2rnn
-from m2rnn_jax.ops import backends
-from m2rnn_jax.ops.pallas_gpu import default_config, m2rnn_pallas_gpu, padded_size
-from m2rnn_jax.ops.reference import m2rnn_scan_dense
-from m2rnn_jax.ops.scan_backend import scan_backend
+from m2rnn_jax.ops.m2rnn import backends
+from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config, m2rnn_pallas_gpu, padded_size
+from m2rnn_jax.ops.m2rnn.reference import m2rnn_scan_dense
+from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
 from m2rnn_jax.testing import random_m2rnn_inputs
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
@@ -266,7 +266,7 @@ def test_approximate_tanh_only_for_16_bit_inputs_on_the_gpu():
     """The default ``approx_tanh`` (tanh.approx.f32, SPEC §0.2's documented exception; its accuracy against the
     float32 reference is checked by the gpu-marked Gluon tests) applies to 16-bit inputs on the GPU only: float32
     inputs and interpret mode run exact tanh, and ``approx_tanh=False`` selects the exact Gluon form."""
-    from m2rnn_jax.ops.pallas_gpu import _gluon_tanh
+    from m2rnn_jax.ops.m2rnn.pallas_gpu import _gluon_tanh
     from pallas_kernels.gpu.m2rnn_common import StepNumerics
 
     config = KernelConfig()

@@ -17,13 +17,13 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from m2rnn_jax import m2rnn
-from m2rnn_jax.ops.backends import get_backend, resolve_backend_name
-from m2rnn_jax.ops.pallas_tpu import m2rnn_pallas_tpu
+from m2rnn_jax.ops.m2rnn.backends import get_backend, resolve_backend_name
+from m2rnn_jax.ops.m2rnn.pallas_tpu import m2rnn_pallas_tpu
 from m2rnn_jax.testing import random_m2rnn_inputs
-from pallas_kernels.tpu import layout
-from pallas_kernels.tpu.backward import backward_buffers
-from pallas_kernels.tpu.common import vmem_bytes
-from pallas_kernels.tpu.forward import forward_buffers
+from pallas_kernels.tpu import m2rnn_layout as layout
+from pallas_kernels.tpu.m2rnn_backward import backward_buffers
+from pallas_kernels.tpu.m2rnn_common import vmem_bytes
+from pallas_kernels.tpu.m2rnn_forward import forward_buffers
 
 try:  # the race flag lives in a private module; the printed "RACE DETECTED" is checked as well
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpret_state
@@ -190,7 +190,7 @@ def test_public_op_runs_the_kernels_in_interpret_mode(interpret):
 
 
 def test_auto_selects_the_tpu_kernels_on_tpu(monkeypatch):
-    from m2rnn_jax.ops import backends
+    from m2rnn_jax.ops.m2rnn import backends
 
     monkeypatch.setattr(backends, "_platform", lambda: "tpu")
     assert resolve_backend_name("auto") == "pallas_tpu"

@@ -18,7 +18,8 @@ from m2rnn_jax.layers.attention import Attention, AttentionConfig
 from m2rnn_jax.layers.documents import document_index, document_starts
 from m2rnn_jax.layers.gru import GRU, GRUConfig
 from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
-from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config, ssd_chunked, ssd_recurrent
+from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config
+from m2rnn_jax.ops.ssd import ssd_chunked, ssd_recurrent
 from m2rnn_jax.layers.rnn import RNN, RNNConfig
 
 HIDDEN = 6

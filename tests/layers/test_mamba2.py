@@ -1,4 +1,4 @@
-"""Mamba2: the layer vs a per-step float64 NumPy loop, SSD chunked vs recurrent forms, decode == forward."""
+"""Mamba2: the layer vs a per-step float64 NumPy loop, decode == forward (the SSD forms: tests/ops/test_ssd.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config, ssd_chunked, ssd_recurrent
+from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config
 from tests.layers.mixer_helpers import assert_decode_matches_forward, count_params, jitted
 from tests.layers.test_conv import numpy_causal_conv
 from tests.layers.test_gated_deltanet import numpy_rms_norm, numpy_silu
@@ -57,39 +57,6 @@ def test_layer_matches_numpy_float64(x64, num_groups):
     y, state = jitted(layer)(jnp.asarray(x))
     np.testing.assert_allclose(y, numpy_mamba2(layer, x), rtol=1e-10, atol=1e-12)
     assert state.recurrent.shape == (2, 4, 3, 5) and state.conv.shape == (2, 3, 12 + 2 * num_groups * 5)
-
-
-@pytest.mark.parametrize("chunk_size", [1, 4, 32])
-def test_chunked_form_matches_recurrent_form_and_its_gradients(x64, chunk_size):
-    rng = np.random.default_rng(chunk_size)
-    b, S, H, P, G, N = 2, 13, 4, 3, 2, 5
-    dt = jnp.asarray(rng.uniform(0.01, 1.0, (b, S, H)))
-    inputs = (
-        jnp.asarray(rng.standard_normal((b, S, H, P))),
-        dt,
-        dt * -jnp.asarray(rng.uniform(0.1, 4.0, (H,))),
-        jnp.asarray(rng.standard_normal((b, S, G, N))),
-        jnp.asarray(rng.standard_normal((b, S, G, N))),
-        jnp.asarray(rng.standard_normal((b, H, P, N))),
-    )
-    weights = jnp.asarray(rng.standard_normal((b, S, H, P)))
-
-    def loss(form, *args):
-        y, final = form(*args)
-        return jnp.sum(y * weights) + jnp.sum(final**2)
-
-    def chunked(*args):
-        return ssd_chunked(*args, chunk_size)
-
-    y_rec, s_rec = jax.jit(ssd_recurrent)(*inputs)
-    y_chk, s_chk = jax.jit(chunked)(*inputs)
-    np.testing.assert_allclose(y_chk, y_rec, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(s_chk, s_rec, rtol=1e-10, atol=1e-12)
-    argnums = tuple(range(6))
-    g_rec = jax.jit(jax.grad(lambda *a: loss(ssd_recurrent, *a), argnums))(*inputs)
-    g_chk = jax.jit(jax.grad(lambda *a: loss(chunked, *a), argnums))(*inputs)
-    for a, b_ in zip(g_chk, g_rec):
-        np.testing.assert_allclose(a, b_, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])

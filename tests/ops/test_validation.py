@@ -97,7 +97,7 @@ def test_contract_in_help():
 
 
 def test_auto_backend_resolution(monkeypatch):
-    from m2rnn_jax.ops import backends
+    from m2rnn_jax.ops.m2rnn import backends
 
     assert backends.resolve_backend_name("auto") == "scan"  # CPU
     monkeypatch.setattr(backends, "_platform", lambda: "tpu")

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2rnn_jax.ops.scan_backend import scan_backend
-from m2rnn_jax.ops.sharding import run_sharded
+from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
+from m2rnn_jax.ops.m2rnn.sharding import run_sharded
 from m2rnn_jax.parallel.batches import global_batch
 from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.parallel.shardings import batch_sharding, replicated

@@ -1,8 +1,8 @@
 """The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks fused.
 
-The chunk-local factors (:func:`m2rnn_jax.ops.gdn.chunked.chunk_factors`) and the outputs are batched XLA matmuls
+The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched XLA matmuls
 with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is the
-matmul-based block doubling (:func:`~m2rnn_jax.ops.gdn.chunked.unit_lower_inverse`). Only the walk over chunks is
+matmul-based block doubling (:func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`). Only the walk over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
 backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
 
@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.ops.gdn.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
-from m2rnn_jax.ops.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
+from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.m2rnn.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 # measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)

@@ -41,9 +41,9 @@ PALLAS_BACKENDS = ("pallas_gpu", "pallas_tpu")
 
 _REGISTRY: dict[str, Backend] = {}
 _LAZY_MODULES = {
-    "scan": "m2rnn_jax.ops.scan_backend",
-    "pallas_gpu": "m2rnn_jax.ops.pallas_gpu",
-    "pallas_tpu": "m2rnn_jax.ops.pallas_tpu",
+    "scan": "m2rnn_jax.ops.m2rnn.scan_backend",
+    "pallas_gpu": "m2rnn_jax.ops.m2rnn.pallas_gpu",
+    "pallas_tpu": "m2rnn_jax.ops.m2rnn.pallas_tpu",
 }
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.clipping import clamp_cotangent
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.ops.validation import state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import state_dtypes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu.layout import (
+from pallas_kernels.tpu.m2rnn_layout import (
     LANES,
     BlockPlan,
     pack_gate,

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu import recurrence
-from pallas_kernels.tpu.common import (
+from pallas_kernels.tpu import m2rnn_recurrence as recurrence
+from pallas_kernels.tpu.m2rnn_common import (
     compiler_params,
     hbm_spec,
     interpret_mode,
@@ -32,7 +32,7 @@ from pallas_kernels.tpu.common import (
     smem_scalar_grid,
     vmem_bytes,
 )
-from pallas_kernels.tpu.layout import BlockPlan, unpack_lanes, unpack_state
+from pallas_kernels.tpu.m2rnn_layout import BlockPlan, unpack_lanes, unpack_state
 
 _F32 = jnp.float32
 
@@ -131,7 +131,7 @@ def forward_call(
     save_checkpoints: bool,
     interpret=False,
 ):
-    """Build the forward ``pallas_call`` on packed operands (see :class:`~pallas_kernels.tpu.common.PackedInputs`).
+    """Build the forward ``pallas_call`` on packed operands (see :class:`~pallas_kernels.tpu.m2rnn_common.PackedInputs`).
 
     Operands: [cu_seqlens (B+1,) int32 when varlen], q (R, G, Sp, mq, Kp), k (R, G, Sp, mk, Kp), q_src (G, mq, L),
     k_src (G, mk, L), v (R, G, Sp, L), f (R, G, Sp, L) float32, w (G, L, L) float32, h0 (B, G, Kp, L) float32;
@@ -180,7 +180,7 @@ def forward_call(
     )
 
 
-def m2rnn_tpu_forward(
+def m2rnn_forward(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,

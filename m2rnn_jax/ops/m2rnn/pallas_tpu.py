@@ -18,9 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.backends import register_backend
-from m2rnn_jax.ops.validation import state_dtypes
-from pallas_kernels.tpu import m2rnn_tpu_backward, m2rnn_tpu_forward
+from m2rnn_jax.ops.m2rnn.backends import register_backend
+from m2rnn_jax.ops.m2rnn.validation import state_dtypes
+from pallas_kernels.tpu.m2rnn_backward import m2rnn_backward
+from pallas_kernels.tpu.m2rnn_forward import m2rnn_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ def _num_heads(q, k, v, w, f) -> int:
 
 
 def _forward(static: _Static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints: bool):
-    return m2rnn_tpu_forward(
+    return m2rnn_forward(
         q,
         k,
         v,
@@ -67,7 +68,7 @@ def _m2rnn_tpu_fwd(static: _Static, q, k, v, w, f, h0, cu_seqlens):
 def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
     q, k, v, w, f, h0, cu_seqlens, checkpoints = residuals
     dy, dfinal = cotangents
-    dq, dk, dv, df, dw, dh0 = m2rnn_tpu_backward(
+    dq, dk, dv, df, dw, dh0 = m2rnn_backward(
         q,
         k,
         v,
@@ -122,7 +123,7 @@ def m2rnn_pallas_tpu(
     interpret: Any,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Backend entry point (validated inputs with their original head counts; see ``m2rnn_jax.ops.op.m2rnn``).
+    """Backend entry point (validated inputs with their original head counts; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).
 
     Returns y in q's dtype and the final state in float32. ``interpret``: False (compile for TPU), True (TPU
     interpret mode on CPU) or a ``jax.experimental.pallas.tpu.InterpretParams``. ``chunk_size`` (a multiple of 8,

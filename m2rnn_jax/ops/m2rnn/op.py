@@ -7,10 +7,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
+from m2rnn_jax.ops.m2rnn.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
 from m2rnn_jax.ops.clipping import normalize_clipping
-from m2rnn_jax.ops.sharding import run_sharded
-from m2rnn_jax.ops.validation import state_dtypes, validate_inputs
+from m2rnn_jax.ops.m2rnn.sharding import run_sharded
+from m2rnn_jax.ops.m2rnn.validation import state_dtypes, validate_inputs
 
 
 def m2rnn(
@@ -68,7 +68,7 @@ def m2rnn(
     judged by the default device; float64 inputs always get scan). ``interpret=True`` runs a Pallas backend in
     interpret mode (on CPU). Under a mesh (``jax.set_mesh``) a Pallas backend runs inside ``jax.shard_map``: batch
     split over the mesh's data/fsdp/expert axes, heads over ``tensor``, no communication in the recurrence
-    (:mod:`m2rnn_jax.ops.sharding`); axes a caller's ``shard_map`` already made manual are left alone.
+    (:mod:`m2rnn_jax.ops.m2rnn.sharding`); axes a caller's ``shard_map`` already made manual are left alone.
 
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.backends import register_backend
-from m2rnn_jax.ops.reference import m2rnn_scan_dense, m2rnn_scan_varlen
+from m2rnn_jax.ops.m2rnn.backends import register_backend
+from m2rnn_jax.ops.m2rnn.reference import m2rnn_scan_dense, m2rnn_scan_varlen
 
 
 def scan_backend(
@@ -23,7 +23,7 @@ def scan_backend(
     interpret: bool,
     reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The backend function (validated inputs; see ``m2rnn_jax.ops.op.m2rnn``); ``reset`` (B, S) only when dense."""
+    """The backend function (validated inputs; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``); ``reset`` (B, S) only when dense."""
     if interpret:
         raise ValueError('interpret: True is only meaningful for a Pallas backend, got backend="scan"')
     if cu_seqlens is None:

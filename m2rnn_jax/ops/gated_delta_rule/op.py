@@ -7,8 +7,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.gdn.chunked import gated_delta_rule_chunked
-from m2rnn_jax.ops.gdn.recurrent import gated_delta_rule_recurrent
+from m2rnn_jax.ops.gated_delta_rule.chunked import gated_delta_rule_chunked
+from m2rnn_jax.ops.gated_delta_rule.recurrent import gated_delta_rule_recurrent
 
 BACKENDS = ("auto", "chunked", "recurrent", "pallas_gpu")
 
@@ -52,12 +52,12 @@ def _on_nvidia_gpu() -> bool:
 
 
 def _fused_module():
-    return importlib.import_module("m2rnn_jax.ops.gdn.pallas_gpu")
+    return importlib.import_module("m2rnn_jax.ops.gated_delta_rule.pallas_gpu")
 
 
 def resolve_backend(backend: str, k_dim: int, v_dim: int, chunk_size: int, dtype: jnp.dtype) -> str:
     """Map ``backend`` to a concrete one: "auto" is "pallas_gpu" on an NVIDIA GPU (default device) when the fused
-    backend takes these sizes and dtype (:func:`~m2rnn_jax.ops.gdn.pallas_gpu.fused_unsupported_reason`), else
+    backend takes these sizes and dtype (:func:`~m2rnn_jax.ops.gated_delta_rule.pallas_gpu.fused_unsupported_reason`), else
     "chunked"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")

@@ -7,7 +7,7 @@ with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular sol
     U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
 
 for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part
-walks over chunks (:func:`scan_states` here, a fused kernel in :mod:`m2rnn_jax.ops.gdn.pallas_gpu`):
+walks over chunks (:func:`scan_states` here, a fused kernel in :mod:`m2rnn_jax.ops.gated_delta_rule.pallas_gpu`):
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
 
@@ -272,7 +272,7 @@ def gated_delta_rule_chunked(
 ) -> tuple[jax.Array, jax.Array]:
     """The chunked reference: everything in ``promote_types(float32, q.dtype)``, XLA's triangular solve and a
     ``lax.scan`` over chunks of ``min(chunk_size, S)``. Arguments and results as
-    :func:`m2rnn_jax.ops.gdn.recurrent.gated_delta_rule_recurrent`."""
+    :func:`m2rnn_jax.ops.gated_delta_rule.recurrent.gated_delta_rule_recurrent`."""
     dtype = jnp.promote_types(jnp.float32, q.dtype)
     q, k, v, beta, log_alpha, h0 = (x.astype(dtype) for x in (q, k, v, beta, log_alpha, h0))
     return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=min(chunk_size, q.shape[1]),

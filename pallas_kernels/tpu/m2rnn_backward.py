@@ -27,8 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu import recurrence
-from pallas_kernels.tpu.common import (
+from pallas_kernels.tpu import m2rnn_recurrence as recurrence
+from pallas_kernels.tpu.m2rnn_common import (
     as_rows,
     compiler_params,
     hbm_spec,
@@ -37,7 +37,7 @@ from pallas_kernels.tpu.common import (
     smem_scalar_grid,
     vmem_bytes,
 )
-from pallas_kernels.tpu.layout import (
+from pallas_kernels.tpu.m2rnn_layout import (
     BlockPlan,
     pack_lanes,
     pack_state,
@@ -244,7 +244,7 @@ def backward_call(
     )
 
 
-def m2rnn_tpu_backward(
+def m2rnn_backward(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -261,9 +261,9 @@ def m2rnn_tpu_backward(
     bf16_state: bool = False,
     interpret=False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Gradients of M2RNN for the inputs of ``m2rnn_tpu_forward`` (same shapes and head counts).
+    """Gradients of M2RNN for the inputs of ``m2rnn_forward`` (same shapes and head counts).
 
-    ``checkpoints`` come from ``m2rnn_tpu_forward(..., save_checkpoints=True)`` with the same ``chunk_size``;
+    ``checkpoints`` come from ``m2rnn_forward(..., save_checkpoints=True)`` with the same ``chunk_size``;
     dy has y's shape (.., N, V), dh_final (B, N, K, V). ``gradient_clipping`` is None or |c|.
     Returns float32 gradients with the inputs' shapes: dq, dk, dv, df, dw and dh0 (B, N, K, V).
     """

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2rnn_jax.ops.backends import register_backend
+from m2rnn_jax.ops.m2rnn.backends import register_backend
 from m2rnn_jax.ops.heads import reduce_heads
-from m2rnn_jax.ops.validation import state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_backward_gluon import m2rnn_backward_gluon
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
@@ -250,7 +250,7 @@ def m2rnn_pallas_gpu(
     interpret: bool,
     config: KernelConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The backend function (validated inputs, original head counts; see ``m2rnn_jax.ops.op.m2rnn``).
+    """The backend function (validated inputs, original head counts; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).
 
     ``config`` overrides the launch parameters chosen by :func:`default_config` (benchmarks use it).
     Returns y in q.dtype ((B, S, N, V) dense, (T, N, V) varlen) and h_final (B, N, K, V) in the state's
