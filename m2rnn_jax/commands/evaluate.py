@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from m2rnn_jax.commands.train import resolve_config
     from m2rnn_jax.parallel.distributed import initialize_distributed
+    from m2rnn_jax.train.progress import Console
 
     try:
         workdir = existing_directory("--workdir", args.workdir, "run directory (written by m2rnn-jax train)")
@@ -56,13 +60,25 @@ def run(args: argparse.Namespace) -> int:
         from m2rnn_jax.train.restore import restore_params
 
         source = make_source(config.data, config.model.vocab_size)
+        start = time.perf_counter()
         restored = restore_params(config, workdir / "checkpoints", args.step)
+        restore_seconds = time.perf_counter() - start
         evaluator = Evaluator(restored.graphdef, restored.param_shardings, restored.mesh, source, config.data,
                               token_bytes=_workdir_token_bytes(workdir) if source.token_bytes is None else None)
     except ValueError as err:
         return fail(NAME, err)
-    results = evaluator.evaluate(restored.params)
+    console = Console(enabled=jax.process_index() == 0)
     step = restored.step
+    batches = {length: evaluator.num_batches(length) for length in config.data.eval_lengths}
+    size = config.data.eval_batch_size
+    console.header(f"m2rnn-jax eval: {args.workdir}", [
+        ("checkpoint", f"step {step} (restored in {restore_seconds:.1f} s)"),
+        ("model", f"{config.model.layer_pattern} ({config.model.num_layers} layers, hidden "
+                  f"{config.model.hidden_size}, vocab {config.model.vocab_size})"),
+        ("data", config.data.path or config.data.kind),
+        ("lengths", ", ".join(f"{length} ({count} x {size} rows)" for length, count in batches.items())),
+    ])
+    results = _evaluate(console, evaluator, restored.params, batches)
     print(f"checkpoint step {step}")
     print(format_table(results, config.data.seq_len))
     for length, r in sorted(results.items()):
@@ -76,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
                                            {"step": step})
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _evaluate(console: Any, evaluator: Any, params: Any, batches: dict[int, int]) -> dict[int, dict[str, float]]:
+    """Every length of ``batches`` ({length: number of batches}), one timed phase per length, with a progress over
+    all batches (a bar on a terminal, a status line every 10 s elsewhere)."""
+    progress = console.start_progress(sum(batches.values()), desc="eval", unit="batch", plain_every=10.0)
+    results = {}
+    for length, count in batches.items():
+        with console.timed_phase(f"evaluating length {length} ({count} batches)", "evaluated"):
+            results.update(evaluator.evaluate(params, (length,),
+                                              on_batch=lambda: progress.update(progress.position + 1)))
+    progress.close()
+    return results
 
 
 def _with_eval_data(config: Any, args: argparse.Namespace) -> Any:

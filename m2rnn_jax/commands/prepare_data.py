@@ -39,21 +39,38 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.01,
                    help="fraction of documents held out for validation (default 0.01, at least one document)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (shown only when stderr is a terminal; the phase lines stay)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from m2rnn_jax.data.text import Corpus, prepare_text_data
     from m2rnn_jax.data.tokenizer import load_tokenizer
+    from m2rnn_jax.train.progress import Console
 
+    console = Console()
+    # tqdm bars (tokenizer training, tokenizing) only on a terminal: in a log they are carriage-return noise; there
+    # the phase lines below say what runs and how long it took.
+    bars = not args.quiet and sys.stderr.isatty()
     try:
         corpus = Corpus(inputs=tuple(args.inputs), txt_documents=args.txt_documents, text_field=args.text_field,
                         hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config)
         tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token) if args.tokenizer else None
-        meta = prepare_text_data(corpus, args.output, tokenizer=tokenizer, train_vocab_size=args.train_tokenizer,
-                                 tokenizer_source=args.tokenizer or "", validation_fraction=args.validation_fraction,
-                                 seed=args.seed, progress=not args.quiet)
+        source = f"dataset {args.hf_dataset} (split {args.hf_split})" if args.hf_dataset else \
+            f"{len(args.inputs)} input pattern(s): {' '.join(args.inputs)}"
+        console.header(f"m2rnn-jax {NAME}: {args.output}", [
+            ("inputs", source),
+            ("tokenizer", args.tokenizer or f"byte-level BPE trained here, vocabulary {args.train_tokenizer}"),
+            ("validation", f"{args.validation_fraction:g} of the documents (seed {args.seed})"),
+        ])
+        with console.timed_phase("counting documents, " + ("training the tokenizer, " if tokenizer is None else "")
+                                 + "tokenizing", "written"):
+            meta = prepare_text_data(corpus, args.output, tokenizer=tokenizer, train_vocab_size=args.train_tokenizer,
+                                     tokenizer_source=args.tokenizer or "",
+                                     validation_fraction=args.validation_fraction, seed=args.seed, progress=bars)
     except ValueError as err:
         return fail(NAME, err)
     for split, entry in meta["splits"].items():
@@ -62,4 +79,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"vocab_size {meta['vocab_size']}, eos_token_id {meta['eos_token_id']}, dtype {meta['dtype']}")
     print(f"wrote {args.output}/meta.json")
     return 0
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -48,14 +48,20 @@ class Evaluator:
             return float(np.sum(multihost_utils.process_allgather(local)))
         return float(local)
 
-    def evaluate(self, params: nnx.State, lengths: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
+    def num_batches(self, length: int) -> int:
+        """Eval batches at ``length`` (each ``data.eval_batch_size`` rows)."""
+        return self.source.num_eval_batches(length, self.data.eval_batch_size)
+
+    def evaluate(self, params: nnx.State, lengths: tuple[int, ...] | None = None,
+                 on_batch: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
         """{length: {"loss", "accuracy", "final_accuracy", "tokens"}} over the source's eval batches; language
-        data (every kind but state_tracking) adds "perplexity", and "bits_per_byte" when the tokenizer is known."""
+        data (every kind but state_tracking) adds "perplexity", and "bits_per_byte" when the tokenizer is known.
+        ``on_batch`` is called after each batch (progress reporting)."""
         results = {}
         size = self.data.eval_batch_size
         for length in lengths or self.data.eval_lengths:
             totals: dict[str, float] = {"bytes": 0.0}
-            for index in range(self.source.num_eval_batches(length, size)):
+            for index in range(self.num_batches(length)):
                 local: dict[str, np.ndarray] = {}
 
                 def make_rows(rows: slice, index: int = index, length: int = length) -> dict[str, np.ndarray]:
@@ -69,6 +75,8 @@ class Evaluator:
                     sums = jax.device_get(self._step(params, batch))
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
+                if on_batch is not None:
+                    on_batch()
             tokens = max(totals["tokens"], 1.0)
             results[length] = {
                 "loss": totals["cross_entropy_sum"] / tokens,

@@ -35,12 +35,19 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """Position out of ``total`` since ``initial``: a live tqdm bar on a terminal, and the rate/ETA text of the
-    plain lines (:meth:`status`), measured over the positions reached since the last :meth:`status` call."""
+    plain lines (:meth:`status`), measured over the positions reached since the last :meth:`status` call.
 
-    def __init__(self, console: "Console", total: int, *, initial: int = 0, desc: str = "", unit: str = "step"):
+    ``plain_every``: without a bar, print ``<desc> N/TOTAL (rate, eta)`` at most every this many seconds (None:
+    never; the caller's own lines carry :meth:`status`).
+    """
+
+    def __init__(self, console: "Console", total: int, *, initial: int = 0, desc: str = "", unit: str = "step",
+                 plain_every: float | None = None):
         self.console, self.total, self.desc, self.unit = console, total, desc, unit
         self.position = initial
+        self.plain_every = plain_every
         self._mark = (initial, time.perf_counter())
+        self._last_plain = self._mark[1]
         self._bar = None
         if console.live:
             from tqdm import tqdm
@@ -55,6 +62,10 @@ class Progress:
             if postfix:
                 self._bar.set_postfix({k: format_value(v) for k, v in postfix.items()}, refresh=False)
         self.position = position
+        now = time.perf_counter()
+        if self._bar is None and self.plain_every is not None and now - self._last_plain >= self.plain_every:
+            self._last_plain = now
+            self.console.line(f"{self.desc} {self.status()}")
 
     def restart_clock(self) -> None:
         """Starts the rate window of :meth:`status` again from here (e.g. after a compile, which is not
@@ -127,11 +138,12 @@ class Console:
         yield
         self.phase(f"{text}: {done} in {time.perf_counter() - start:.1f} s")
 
-    def start_progress(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "step") -> Progress:
+    def start_progress(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "step",
+                       plain_every: float | None = None) -> Progress:
         """A new :class:`Progress` (closing the previous one); :meth:`record` reports its status."""
         if self.progress is not None:
             self.progress.close()
-        self.progress = Progress(self, total, initial=initial, desc=desc, unit=unit)
+        self.progress = Progress(self, total, initial=initial, desc=desc, unit=unit, plain_every=plain_every)
         return self.progress
 
     def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
