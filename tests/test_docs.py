@@ -1,0 +1,90 @@
+"""The documentation site: every page under docs/ is in the nav of mkdocs.yml, and ``mkdocs build --strict`` passes.
+
+The strict build needs the ``docs`` extra (``pip install -e ".[docs]"``, which CI installs); without it that test
+skips. The nav check needs only PyYAML.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+DOCS_EXTRA = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+
+needs_docs_extra = pytest.mark.skipif(
+    any(importlib.util.find_spec(name.split(".")[0]) is None for name in DOCS_EXTRA),
+    reason='mkdocs, mkdocs-material or mkdocstrings[python] not installed (pip install -e ".[docs]")',
+)
+
+
+def _nav_pages(entries: list) -> list[str]:
+    """The page paths (relative to docs/) of a nav list, depth first."""
+    pages = []
+    for entry in entries:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        if isinstance(value, list):
+            pages += _nav_pages(value)
+        elif not value.startswith(("http://", "https://")):
+            pages.append(value)
+    return pages
+
+
+def _load_config() -> dict:
+    with open(REPO / "mkdocs.yml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _strict_build(config_file: Path, site_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")  # Material's end-of-life banner, not a build message
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config_file),
+         "--site-dir", str(site_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_every_docs_page_is_in_the_nav():
+    nav = _nav_pages(_load_config()["nav"])
+    on_disk = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
+    missing = [page for page in on_disk if page not in nav]
+    assert not missing, f"mkdocs.yml nav: expected every page under docs/, missing {missing}"
+    absent = [page for page in nav if not (DOCS / page).is_file()]
+    assert not absent, f"mkdocs.yml nav: expected existing pages, got {absent}"
+    assert len(nav) == len(set(nav)), f"mkdocs.yml nav: a page listed twice in {nav}"
+
+
+@needs_docs_extra
+def test_strict_build_passes(tmp_path):
+    result = _strict_build(REPO / "mkdocs.yml", tmp_path / "site")
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "site" / "api" / "ops" / "index.html").is_file()
+    ops_page = (tmp_path / "site" / "api" / "ops" / "index.html").read_text(encoding="utf-8")
+    assert "cu_seqlens" in ops_page, "the API page of the ops does not show the docstring of m2rnn"
+
+
+@needs_docs_extra
+def test_strict_build_rejects_a_broken_link(tmp_path):
+    """The project's validation settings turn a link to a missing page into a failure (so the check can fail)."""
+    config = _load_config()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# Home\n\nSee [the missing page](missing.md).\n", encoding="utf-8")
+    small = {
+        "site_name": "broken-link check",
+        "docs_dir": str(docs),
+        "validation": config["validation"],
+        "nav": [{"Home": "index.md"}],
+    }
+    config_file = tmp_path / "mkdocs.yml"
+    config_file.write_text(yaml.safe_dump(small), encoding="utf-8")
+    result = _strict_build(config_file, tmp_path / "site")
+    assert result.returncode != 0
+    assert "missing.md" in result.stdout + result.stderr
