@@ -107,8 +107,8 @@ def gated_delta_rule(
       as operands and float32 accumulation, and carries the state in float32.
 
     Raises:
-      ValueError naming the argument for wrong ranks, shapes, dtypes, chunk sizes, unknown backends, sizes the
-      chosen backend cannot take, or ``interpret`` with a non-Pallas backend.
+      ValueError: naming the argument, for wrong ranks, shapes, dtypes, chunk sizes, unknown backends, sizes the
+        chosen backend cannot take, or ``interpret`` with a non-Pallas backend.
     """
     validate_inputs(q, k, v, beta, log_alpha, h0, reset, chunk_size)
     name = resolve_backend(backend, q.shape[-1], v.shape[-1], chunk_size, q.dtype)
