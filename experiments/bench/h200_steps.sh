@@ -21,6 +21,10 @@ for part in "$@"; do
              run "step_${preset}_${remat}" 150 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
                --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json"
            done; done ;;
+    step-*) spec=${part#step-}; preset=${spec%:*}; remat=${spec##*:}  # step-PRESET:REMAT, one step-only run
+           run "step_${preset}_${remat}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
+             --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json" ;;
+    lm_table) run lm_table 560 python3 -m experiments.lm_table.run --data data/gutenberg --out "$OUT/lm_table" ;;
     parts-*) preset=${part#parts-}
            run "parts_$preset" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
              --iters 5 --repeats 3 --json "$OUT/parts_$preset.json" ;;

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             rows.append(train_variant(variant, args, Path(tmp) / variant))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), file=sys.stderr, flush=True)
-    write_outputs(rows, args)
+            write_outputs(rows, args)  # after every variant: a run cut short keeps the finished rows
     return 0
 
 
