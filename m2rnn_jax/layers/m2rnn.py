@@ -51,6 +51,8 @@ from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import BACKEND_NAMES
+from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
+from m2rnn_jax.parallel.context.m2rnn import context_m2rnn
 
 Dtype = Any
 
@@ -177,6 +179,8 @@ class M2RNN(nnx.Module):
         num_layers: number of layers of the model (depth-scaled init of the output projection).
         initializer_range: sigma of the N(0, sigma) inits.
         dtype: compute dtype (bfloat16 in training); param_dtype: storage dtype of the parameters.
+        check_values: the op's opt-in value checks (None: the ``M2RNN_JAX_CHECKS`` environment variable decides;
+            :func:`m2rnn_jax.ops.m2rnn.op.m2rnn`, ``docs/value_checks.md``).
     """
 
     def __init__(
@@ -188,6 +192,7 @@ class M2RNN(nnx.Module):
         initializer_range: float = 0.02,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        check_values: bool | None = None,
         rngs: nnx.Rngs,
     ):
         require_positive_int("hidden_size", hidden_size)
@@ -197,6 +202,7 @@ class M2RNN(nnx.Module):
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype
+        self.check_values = check_values
         N, V = config.num_heads, config.v_head_dim
 
         self.input_projection = sharded_linear(
@@ -284,17 +290,17 @@ class M2RNN(nnx.Module):
         k = k.reshape(batch, seq_len, c.num_k_heads, K)
         v = v.reshape(batch, seq_len, c.num_v_heads, V)
 
-        y, recurrent = m2rnn(
-            q,
-            k,
-            v,
-            self.state_weight[...].astype(self.dtype),
-            f,
-            state.recurrent,
-            reset=reset,
-            gradient_clipping=c.gradient_clipping,
-            backend=c.backend,
-        )  # y (B, S, N, V)
+        W = self.state_weight[...].astype(self.dtype)
+        if context_axis_size() > 1:  # the sequence is split over devices: pipelined across the shards
+            require_supported("segment_ids", segment_ids is not None)
+            y, recurrent = context_m2rnn(
+                q, k, v, W, f, state.recurrent, gradient_clipping=c.gradient_clipping, backend=c.backend
+            )
+        else:
+            y, recurrent = m2rnn(
+                q, k, v, W, f, state.recurrent, reset=reset, gradient_clipping=c.gradient_clipping, backend=c.backend,
+                check_values=self.check_values,
+            )  # y (B, S, N, V)
         if self.D is not None:
             y = y + v * self.D[...].astype(self.dtype)
 

@@ -14,11 +14,11 @@ from jax.sharding import PartitionSpec
 
 from m2rnn_jax.ops.m2rnn.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "tensor", "expert")
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_MESH_AXES,  # data parallel + fsdp (+ expert ranks see different tokens)
-    "seq": (),  # never split time: the recurrences are sequential
+    "seq": ("context",),  # context parallelism: contiguous sequence shards (m2rnn_jax.parallel.context)
     "embed": ("fsdp",),  # ZeRO-3: parameters split along the model width
     "heads": (HEAD_MESH_AXIS,),  # tensor parallel over heads (no communication inside the recurrence)
     "kv": (),

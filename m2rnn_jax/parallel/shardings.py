@@ -56,11 +56,18 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(axis for axis in LOGICAL_AXIS_RULES["batch"] if shape.get(axis, 1) > 1)
 
 
+def sequence_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the sequence dimension (context parallelism)."""
+    shape = mesh_shape(mesh)
+    return tuple(axis for axis in LOGICAL_AXIS_RULES["seq"] if shape.get(axis, 1) > 1)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a (B, S, ...) batch: B over the batch mesh axes, the rest replicated."""
-    axes = batch_axes(mesh)
-    first = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+    """Sharding of a (B, S, ...) batch: B over the batch mesh axes, S over the context axis, the rest replicated."""
+    spec = []
+    for axes in (batch_axes(mesh), sequence_axes(mesh))[:ndim]:
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
 
 
 def batch_shards(mesh: Mesh) -> int:

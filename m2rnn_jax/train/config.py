@@ -53,14 +53,17 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor, expert)``; one entry may be -1 = all remaining devices.
+    """Device mesh ``(data, fsdp, context, tensor, expert)``; one entry may be -1 = all remaining devices.
 
-    ``data``: batch replicas; ``fsdp``: batch split + parameters sharded (ZeRO-3); ``tensor``: heads / MLP /
-    vocab split (M2RNN heads run without communication); ``expert``: MoE experts.
+    ``data``: batch replicas; ``fsdp``: batch split + parameters sharded (ZeRO-3); ``context``: every sequence split
+    into contiguous shards along time (context parallelism, :mod:`m2rnn_jax.parallel.context`; the sequence length
+    must be a multiple of it); ``tensor``: heads / MLP / vocab split (M2RNN heads run without communication);
+    ``expert``: MoE experts.
     """
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
     expert: int = 1
 
@@ -72,7 +75,8 @@ class MeshConfig:
 
     @property
     def axis_sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        return {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor,
+                "expert": self.expert}
 
 
 @dataclasses.dataclass(frozen=True)
