@@ -47,7 +47,7 @@ def ssd(
       compute in that dtype.
 
     Raises:
-      ValueError naming the argument for wrong ranks, shapes, dtypes, group counts, chunk sizes or backends.
+      ValueError: naming the argument, for wrong ranks, shapes, dtypes, group counts, chunk sizes or backends.
     """
     shapes = validate_inputs(x, dt, log_decay, B, C, h0, reset, chunk_size)
     require(backend in BACKENDS, "backend", f"one of {list(BACKENDS)}", backend)
