@@ -15,15 +15,19 @@ the steps it did (``complete: false``) and resumes from its checkpoint next time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from experiments.state_tracking.models import MODELS, ModelSize
+from experiments.state_tracking.models import MODELS
 from experiments.state_tracking.plot import plot_group
 from experiments.state_tracking.positions import at_lengths, evaluate_positions
 from experiments.state_tracking.recipes import RECIPES, Recipe, train_config
@@ -33,7 +37,49 @@ from m2rnn_jax.data.state_tracking import GROUPS
 from m2rnn_jax.models.counting import model_summary
 from m2rnn_jax.train.trainer import Trainer
 
-CHUNK_STEPS = 100  # with a time budget, the run checks the clock every CHUNK_STEPS steps
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT outside a training run, and the per-run time budget.
+
+    While :meth:`Trainer.run` trains, its own handler turns a signal into "save and return"; outside it this handler
+    records the signal, so the current run is finished and written before the comparison stops. A time budget is
+    a timer that sends this process SIGTERM: the run stops at its next step, is evaluated, and the next one starts.
+    """
+
+    def __init__(self):
+        self.received = False
+        self.budget_expired = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def _expire(self) -> None:
+        self.budget_expired = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def budget(self, seconds: float | None):
+        """Within the block, SIGTERM arrives after ``seconds`` (None: never)."""
+        self.budget_expired = False
+        timer = None if seconds is None else threading.Timer(seconds, self._expire)
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self.budget_expired:
+                self.received = False  # the budget's own signal, not a request to stop the comparison
+
+    def stop_requested(self, trainer_step: int, steps: int) -> bool:
+        """True when a signal from outside stopped the run (not its time budget) or arrived after it."""
+        return self.received or (trainer_step < steps and not self.budget_expired)
+
 
 
 def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
@@ -48,9 +94,11 @@ def _cached(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     return result if result.get("complete") and result.get("config") == config else None
 
 
-def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path,
+def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path, stops: _StopRequests,
             run_seconds: float | None = None) -> dict[str, Any]:
-    """Trains (or resumes) one run, evaluates it at every position, writes and returns its ``result.json``."""
+    """Trains (or resumes) one run, evaluates it at every position, writes and returns its ``result.json``.
+
+    ``run_seconds``: stop training after that long (the run is recorded with the steps it did)."""
     config = train_config(recipe, model, group, seed)
     directory = run_directory(out, group, model, seed)
     result_path = directory / "result.json"
@@ -64,14 +112,8 @@ def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path,
 
     started = time.perf_counter()
     trainer = Trainer(config, directory)
-    while trainer.step < config.steps:
-        before = trainer.step
-        chunk = config.steps if run_seconds is None else CHUNK_STEPS
-        trainer.run(stop_after=chunk)
-        if trainer.step < min(before + chunk, config.steps):  # stopped by a signal
-            break
-        if run_seconds is not None and time.perf_counter() - started > run_seconds:
-            break
+    with stops.budget(run_seconds):
+        trainer.run()
     train_seconds = time.perf_counter() - started
     steps_done = trainer.step
     curves = evaluate_positions(trainer, group, max(recipe.lengths), recipe.eval_sequences)
@@ -116,7 +158,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         changes["lengths"] = tuple(sorted(args.lengths))
     if args.eval_sequences:
         changes["eval_sequences"] = args.eval_sequences
-    return dataclasses.replace(recipe, **changes)
+    recipe = dataclasses.replace(recipe, **changes)
+    return recipe.with_train_length(args.train_length) if args.train_length else recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lengths", nargs="+", type=int, help="table lengths (default: the recipe's)")
     parser.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
+    parser.add_argument("--train-length", type=int, help="training length (the curriculum scales with it)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--hidden-size", type=int)
     parser.add_argument("--num-layers", type=int)
@@ -136,7 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/state_tracking_compare")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs under --out, train nothing")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "num_layers", "eval_sequences"):
+    for name in ("steps", "train_length", "batch_size", "hidden_size", "num_layers", "eval_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
@@ -150,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe = _recipe_from_args(args)
     out = Path(args.out)
     if not args.report_only:
+        stops = _StopRequests()
         for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
-            result = run_one(recipe, model, group, seed, out, args.run_seconds)
+            result = run_one(recipe, model, group, seed, out, stops, args.run_seconds)
             cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
             print(f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
                   f"{result['seconds']} s, {cells}", flush=True)
-            if not result["complete"] and args.run_seconds is None:
-                break  # a signal stopped the run: report what is done, leave the rest for the next call
+            if stops.stop_requested(result["steps_done"], result["steps"]):
+                print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
+                break
     results = collect(out, args.groups, args.models, args.seeds)
     paths = write_report(results, recipe, out)
     for group in args.groups:

@@ -45,6 +45,15 @@ class Recipe:
             stages[int(round(fraction * self.steps))] = length
         return tuple(sorted(stages.items()))
 
+    def with_train_length(self, train_length: int) -> "Recipe":
+        """This recipe trained at ``train_length``, its curriculum lengths scaled by the same factor."""
+        if train_length < 1:
+            raise ValueError(f"train_length: expected >= 1, got {train_length}")
+        scale = train_length / self.train_length
+        stages = tuple((fraction, max(1, round(length * scale))) for fraction, length in self.curriculum[:-1])
+        return dataclasses.replace(self, train_length=train_length,
+                                   curriculum=stages + ((self.curriculum[-1][0], train_length),))
+
     def describe(self) -> str:
         """One line stating the budget (printed above every table)."""
         stages = " -> ".join(f"{length} from step {step}" for step, length in self.curriculum_steps())
