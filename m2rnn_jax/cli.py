@@ -50,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit status (2 for a user mistake, reported as
+    ``m2rnn-jax <command>: error: ...``; see :mod:`m2rnn_jax.commands.errors`)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, so that the error names the command like every other
+        (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.run(args) or 0)
 
 

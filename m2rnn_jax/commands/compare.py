@@ -178,11 +178,14 @@ def _print_table(results: dict[str, dict], tolerances: dict[str, float]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        check_backend_hardware("--backend", args.backend)
+    except ValueError as err:
+        return fail(NAME, err)
     if importlib.util.find_spec("torch") is None:
         return fail(NAME, "torch: expected PyTorch installed (pip install m2rnn-jax[torch]), got no module 'torch'")
     tolerances = {"float32": args.tol_float32, "float64": args.tol_float64}
     try:
-        check_backend_hardware("--backend", args.backend)
         if args.model is None:
             for name in ("step", "prefill"):
                 if getattr(args, name) is not None:
