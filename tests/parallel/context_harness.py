@@ -58,8 +58,8 @@ def context_mesh(context: int, data: int = 1):
 
 def assert_sharded_matches(sharded: Callable, single: Callable, args: dict, tol: float, seed: int = 0) -> None:
     """``sharded(**args)`` equals ``single(**args)`` (a pytree of outputs), and so do the gradients of
-    ``sum(outputs * random cotangents)`` with respect to every floating-point argument (None and integer / bool
-    arguments are held fixed): relative error (``m2rnn_jax.ops.gated_delta_rule.testing.relative_error``) below
+    ``sum(outputs * random cotangents)`` with respect to every floating-point argument (an argument may be a pytree
+    such as module parameters; None and integer / bool arguments are held fixed): relative error (``m2rnn_jax.ops.gated_delta_rule.testing.relative_error``) below
     ``tol`` for every leaf; the failure message lists each leaf that misses, with its error."""
     import jax
     import jax.numpy as jnp
@@ -67,7 +67,11 @@ def assert_sharded_matches(sharded: Callable, single: Callable, args: dict, tol:
 
     from m2rnn_jax.ops.gated_delta_rule.testing import relative_error
 
-    wrt = {k: a for k, a in args.items() if a is not None and jnp.issubdtype(a.dtype, jnp.floating)}
+    def floating(a) -> bool:
+        leaves = jax.tree.leaves(a)
+        return bool(leaves) and all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves)
+
+    wrt = {k: a for k, a in args.items() if floating(a)}
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda w: single(**{**args, **w}), wrt)
     cotangents = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), shapes)
