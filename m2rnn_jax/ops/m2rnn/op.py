@@ -11,6 +11,8 @@ from m2rnn_jax.ops.m2rnn.backends import PALLAS_BACKENDS, get_backend, resolve_b
 from m2rnn_jax.ops.clipping import normalize_clipping
 from m2rnn_jax.ops.m2rnn.sharding import run_sharded
 from m2rnn_jax.ops.m2rnn.validation import state_dtypes, validate_inputs
+from m2rnn_jax.ops.m2rnn.value_checks import check_input_values
+from m2rnn_jax.value_checks import checks_enabled
 
 
 def m2rnn(
@@ -27,6 +29,7 @@ def m2rnn(
     state_dtype: jnp.dtype = jnp.float32,
     backend: str = "auto",
     interpret: bool = False,
+    check_values: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The M2RNN recurrence (Matrix-to-Matrix RNN, arXiv 2603.14360), per sequence and head n:
 
@@ -41,6 +44,9 @@ def m2rnn(
         q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), f (T, Nf), cu_seqlens (B+1,) int offsets, 0 first and T last;
         sequence b covers tokens [cu_seqlens[b], cu_seqlens[b+1]) and starts from h0[b]
         -> y (T, N, V), h_final (B, N, K, V) (an empty sequence returns its h0).
+        A concrete ``cu_seqlens`` with bad offsets raises ValueError here. Under ``jax.jit`` the offsets are traced
+        and nothing looks at them: a decreasing ``cu_seqlens`` (or one not starting at 0 / ending at T) raises
+        nothing and gives meaningless outputs. ``check_values=True`` catches it when the program runs.
 
     Document resets (``reset`` (B, S) bool, dense inputs only): where ``reset[b, t]`` is set, the state entering
     step t of sequence b is zero instead of H_{t-1} (h0 when t = 0): a new document starts there, and its outputs,
@@ -72,8 +78,19 @@ def m2rnn(
 
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.
+
+    Value checks (``check_values=True``, or ``None`` and the environment variable ``M2RNN_JAX_CHECKS=1``, read when
+    the call is traced; off by default, and then the traced program holds nothing extra): f in (0, 1] (NaN fails);
+    q, k, v, W and h0 finite; ``cu_seqlens`` 0 first, non-decreasing and T last. A failure names the argument, the
+    first offending value and its index, e.g. ``f: expected values in (0, 1], got 2.0 at index (0, 3, 1)``. With
+    concrete inputs the call raises it as ``checkify.JaxRuntimeError`` (a ValueError); under ``jax.jit`` /
+    ``grad`` / ``vmap`` a ``jax.debug.callback`` raises it when the program runs, so the jitted call (or the first
+    ``block_until_ready`` of its outputs) raises ``jax.errors.JaxRuntimeError`` whose message ends with that line
+    (:mod:`m2rnn_jax.value_checks`, ``docs/value_checks.md``). The caller needs no ``checkify`` of its own.
     """
     validate_inputs(q, k, v, W, f, h0, cu_seqlens, reset)
+    if checks_enabled(check_values):
+        check_input_values(q, k, v, W, f, h0, cu_seqlens)
     clip = normalize_clipping(gradient_clipping)
     state_dtypes(state_dtype, q.dtype)  # validates state_dtype
     name = resolve_backend_name(backend, q.dtype)
