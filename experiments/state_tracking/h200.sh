@@ -30,7 +30,7 @@ if (( SMOKE )); then
                --set model.hidden_size=16 --set model.num_layers=1 --set model.layer_pattern=M
                --set model.mlp.intermediate_size=16)
 else
-  MAX_JOBS=${MAX_JOBS:-12}
+  MAX_JOBS=${MAX_JOBS:-15}
   COMPARE="--recipe gpu"
   SEEDS="0 1 2"; RUN_SECONDS=100; A5_RUN_SECONDS=90
   SWEEP_SMOKE=()
@@ -58,12 +58,16 @@ for model in $MODELS; do
 done
 # (c) the S3 small preset (6000 steps; float32 since this session).
 job s3_small 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small" "${SWEEP_SMOKE[@]}"
+job s3_small_bf16 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small_bf16" --set model.dtype=bfloat16 \
+  "${SWEEP_SMOKE[@]}"   # the control: the preset as it was (bfloat16)
 # (b) M2RNN on A5 and S5: the settings of experiments/state_tracking/SEARCH.md, as presets.
 for preset in a5-large s5-large; do
   job "m2rnn_${preset}" 470 $ST --groups ${preset%%-*} --size ${preset#*-} --seeds 0 --out "$OUT/m2rnn_$preset" \
     "${SWEEP_SMOKE[@]}"
 done
-job m2rnn_a5-large_s1 470 $ST --groups a5 --size large --seeds 1 --out "$OUT/m2rnn_a5-large" "${SWEEP_SMOKE[@]}"
+job m2rnn_a5-large_s1 470 $ST --groups a5 --size large --seeds 1 --out "$OUT/m2rnn_a5-large_s1" "${SWEEP_SMOKE[@]}"
+job m2rnn_a5-large_v128 470 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_v128" \
+  --set model.m2rnn.k_head_dim=2 --set model.m2rnn.v_head_dim=128 "${SWEEP_SMOKE[@]}"  # the control: V < n|G|
 # (b) A5 for every mixer (item 4): 1 seed, two processes of three or four mixers.
 job a5_compare_1 470 $ST compare $COMPARE --groups a5 --models m2rnn gru rnn gdn-neg --seeds 0 \
   --run-seconds $A5_RUN_SECONDS --out "$OUT/a5"
@@ -78,6 +82,6 @@ echo "done in $(( SECONDS - START ))s" >> "$OUT/status.txt"
 find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
 cat "$OUT/status.txt"
 cat "$OUT/s3/compare.md" "$OUT/a5/compare.md" 2>/dev/null
-for name in s3_small m2rnn_a5-large m2rnn_s5-large m2rnn_a5-large_s1; do
+for name in s3_small s3_small_bf16 m2rnn_a5-large m2rnn_a5-large_s1 m2rnn_a5-large_v128 m2rnn_s5-large; do
   echo "== $name"; grep -A6 "^| group" "$OUT/$name.log" | tail -4
 done
