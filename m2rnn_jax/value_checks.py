@@ -31,7 +31,8 @@ def checks_enabled(check_values: bool | None) -> bool:
     """Whether a call runs its value checks: ``check_values`` when given, else the environment variable.
 
     ``None`` reads ``M2RNN_JAX_CHECKS`` (unset, ``""`` or ``"0"``: off; ``"1"``: on) at the moment of the call,
-    which under ``jax.jit`` is trace time: a function compiled before the variable changed keeps its program.
+    which under ``jax.jit`` is trace time: a function traced before the variable changed keeps its program (JAX
+    shares traces between ``jax.jit`` wrappers of one function), so set it before the process traces anything.
     """
     if check_values is not None:
         if not isinstance(check_values, bool):
