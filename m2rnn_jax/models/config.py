@@ -1,7 +1,7 @@
 """Hyper-parameters of the hybrid decoder (SPEC §9-§10) as one frozen, validated dataclass.
 
 A model is a stack of ``num_layers`` pre-norm blocks; ``layer_pattern`` names the sequence mixer of each block by
-one letter (index 0 first):
+one letter (index 0 first), from the registry :data:`m2rnn_jax.models.mixers.MIXERS`:
 
 =======  ==================  ====================================================
 letter   config field        mixer
@@ -33,26 +33,10 @@ from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2Config
 from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
 from m2rnn_jax.layers.rnn import RNNConfig
+from m2rnn_jax.models.mixers import MIXER_LETTERS, MIXERS, mixer_fields, mixer_spec
 
-# Layer-pattern letter -> ModelConfig field holding that mixer's config.
-MIXER_FIELDS: dict[str, str] = {
-    "M": "m2rnn",
-    "G": "gated_deltanet",
-    "S": "mamba2",
-    "A": "attention",
-    "R": "rnn",
-    "U": "gru",
-}
-
-# ModelConfig field -> the config class it must hold.
-MIXER_CONFIG_TYPES: dict[str, type] = {
-    "m2rnn": M2RNNConfig,
-    "gated_deltanet": GatedDeltaNetConfig,
-    "mamba2": Mamba2Config,
-    "attention": AttentionConfig,
-    "rnn": RNNConfig,
-    "gru": GRUConfig,
-}
+# Layer-pattern letter -> ModelConfig field holding that mixer's config (a view of the registry).
+MIXER_FIELDS: dict[str, str] = {spec.letter: spec.field for spec in MIXERS}
 
 CHANNEL_MIXER_CONFIG_TYPES: tuple[type, ...] = (MLPConfig, MoEConfig)
 
@@ -146,11 +130,11 @@ class ModelConfig:
     def _validate_pattern(self) -> None:
         if not isinstance(self.layer_pattern, str):
             raise ValueError(f"layer_pattern: expected a string, got {type(self.layer_pattern).__name__}")
-        unknown = sorted(set(self.layer_pattern) - set(MIXER_FIELDS))
+        unknown = sorted(set(self.layer_pattern) - set(MIXER_LETTERS))
         if unknown:
             raise ValueError(
-                f"layer_pattern: unknown mixer letters {unknown} in {self.layer_pattern!r}; "
-                f"known letters: {''.join(MIXER_FIELDS)}"
+                f"layer_pattern: expected letters from {MIXER_LETTERS}, got unknown letters {unknown} in "
+                f"{self.layer_pattern!r}"
             )
         if len(self.layer_pattern) != self.num_layers:
             raise ValueError(
@@ -159,23 +143,25 @@ class ModelConfig:
             )
 
     def _validate_mixer_configs(self) -> None:
-        used = {MIXER_FIELDS[letter] for letter in self.layer_pattern}
-        for name, config_type in MIXER_CONFIG_TYPES.items():
-            value = getattr(self, name)
+        used = mixer_fields(self.layer_pattern)
+        for spec in MIXERS:
+            name, value = spec.field, getattr(self, spec.field)
             if name in used and value is None:
-                raise ValueError(f"{name}: the layer_pattern uses this mixer, so its config is required, got None")
+                raise ValueError(
+                    f"{name}: expected a {spec.config_class.__name__} (the layer_pattern uses {spec.letter}), got None"
+                )
             if name not in used and value is not None:
                 raise ValueError(
-                    f"{name}: the layer_pattern {self.layer_pattern!r} does not use this mixer, "
-                    f"so its config must be None, got {type(value).__name__}"
+                    f"{name}: expected None (the layer_pattern {self.layer_pattern!r} does not use {spec.letter}), "
+                    f"got {type(value).__name__}"
                 )
-            if value is not None and not isinstance(value, config_type):
-                raise ValueError(f"{name}: expected {config_type.__name__}, got {type(value).__name__}")
+            if value is not None and not isinstance(value, spec.config_class):
+                raise ValueError(f"{name}: expected {spec.config_class.__name__}, got {type(value).__name__}")
         attention = self.attention
         if attention is not None and attention.head_dim is None and self.hidden_size % attention.num_heads:
             raise ValueError(
-                f"attention.num_heads: must divide hidden_size={self.hidden_size} when attention.head_dim is None, "
-                f"got {attention.num_heads}"
+                f"attention.num_heads: expected a divisor of hidden_size={self.hidden_size} when "
+                f"attention.head_dim is None, got {attention.num_heads}"
             )
 
     @property
@@ -190,9 +176,7 @@ class ModelConfig:
 
     def mixer_config(self, letter: str) -> Any:
         """The config of the mixer that ``letter`` names in the layer pattern."""
-        if letter not in MIXER_FIELDS:
-            raise ValueError(f"letter: expected one of {''.join(MIXER_FIELDS)}, got {letter!r}")
-        return getattr(self, MIXER_FIELDS[letter])
+        return getattr(self, mixer_spec(letter).field)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with ``changes`` applied (validated again)."""

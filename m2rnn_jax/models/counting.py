@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.mlp import MoEConfig
-from m2rnn_jax.models.config import MIXER_FIELDS, ModelConfig
+from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.models.decoder import Decoder
+from m2rnn_jax.models.mixers import mixer_spec
 
 # Top-level Decoder attributes whose parameters are the (input or output) embeddings.
 EMBEDDING_MODULES: tuple[str, ...] = ("embed", "lm_head")
@@ -90,7 +91,7 @@ def mixer_parameter_counts(model: Decoder) -> dict[str, int]:
     """Parameters of one sequence mixer of each type in the model (norms and channel mixer excluded)."""
     counts: dict[str, int] = {}
     for block in model.blocks:
-        name = MIXER_FIELDS[block.letter]
+        name = mixer_spec(block.letter).field
         if name not in counts:
             state = nnx.state(block.mixer, nnx.Param)
             counts[name] = sum(_size(variable) for _, variable in nnx.to_flat_state(state))
@@ -113,7 +114,8 @@ def state_sizes(model: Decoder) -> StateSizes:
     conv: dict[str, int] = {}
     kv_per_token: dict[str, int] = {}
     for block in model.blocks:
-        name = MIXER_FIELDS[block.letter]
+        spec = mixer_spec(block.letter)
+        name = spec.field
         if name in recurrent or name in kv_per_token:
             continue
         state = jax.eval_shape(lambda mixer=block.mixer: mixer.init_state(1, 1, dtype=jnp.float32))
@@ -122,7 +124,7 @@ def state_sizes(model: Decoder) -> StateSizes:
         other_elements = sum(size for field, size in elements.items() if not field.startswith("conv"))
         if conv_elements:
             conv[name] = conv_elements
-        if block.letter == "A":
+        if spec.kv_cache:
             kv_per_token[name] = other_elements
         else:
             recurrent[name] = other_elements
@@ -148,7 +150,9 @@ def model_summary(config: ModelConfig) -> dict[str, Any]:
         "recurrent_state_per_layer": states.recurrent,
         "conv_state_per_layer": states.conv,
         "kv_cache_per_token_per_layer": states.kv_per_token,
-        "recurrent_state_total": sum(states.recurrent.get(MIXER_FIELDS[letter], 0) for letter in config.layer_pattern),
+        "recurrent_state_total": sum(
+            states.recurrent.get(mixer_spec(letter).field, 0) for letter in config.layer_pattern
+        ),
         "dtype": config.dtype,
         "param_dtype": config.param_dtype,
     }

@@ -28,25 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2rnn_jax.layers.attention import Attention
-from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
-from m2rnn_jax.layers.gru import GRU
-from m2rnn_jax.layers.m2rnn import M2RNN
-from m2rnn_jax.layers.mamba2 import Mamba2
 from m2rnn_jax.layers.mlp import MLP, MoE, MoEConfig
 from m2rnn_jax.layers.norm import RMSNorm
-from m2rnn_jax.layers.rnn import RNN
 from m2rnn_jax.models.config import ModelConfig
+from m2rnn_jax.models.mixers import MIXERS, mixer_spec
 
-# Layer-pattern letter -> sequence-mixer class (all follow the mixer interface of the layers package).
-MIXER_CLASSES: dict[str, type[nnx.Module]] = {
-    "M": M2RNN,
-    "G": GatedDeltaNet,
-    "S": Mamba2,
-    "A": Attention,
-    "R": RNN,
-    "U": GRU,
-}
+# Layer-pattern letter -> sequence-mixer class (a view of the registry in models/mixers.py).
+MIXER_CLASSES: dict[str, type[nnx.Module]] = {spec.letter: spec.module_class for spec in MIXERS}
 
 Cache = tuple[Any, ...]
 
@@ -79,8 +67,7 @@ class DecoderBlock(nnx.Module):
     """
 
     def __init__(self, letter: str, config: ModelConfig, *, rngs: nnx.Rngs):
-        if letter not in MIXER_CLASSES:
-            raise ValueError(f"letter: expected one of {''.join(MIXER_CLASSES)}, got {letter!r}")
+        spec = mixer_spec(letter)
         hidden = config.hidden_size
         common = dict(
             num_layers=config.num_layers,
@@ -92,7 +79,7 @@ class DecoderBlock(nnx.Module):
         norm_args = dict(eps=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
         self.letter = letter
         self.norm1 = RMSNorm(hidden, **norm_args)
-        self.mixer = MIXER_CLASSES[letter](hidden, config.mixer_config(letter), **common)
+        self.mixer = spec.module_class(hidden, config.mixer_config(letter), **common)
         self.norm2 = RMSNorm(hidden, **norm_args)
         channel_mixer_class = MoE if isinstance(config.mlp, MoEConfig) else MLP
         self.mlp = channel_mixer_class(hidden, config.mlp, **common)
@@ -102,8 +89,9 @@ class DecoderBlock(nnx.Module):
     ) -> tuple[jax.Array, Any, jax.Array]:
         """x (B, S, h) -> (x (B, S, h), new mixer state, aux loss (scalar, >= float32)).
 
-        segment_ids: optional (B, S) document ids, given to the mixer (every mixer takes the keyword): each new
-        document starts from a zero state and conv tail, attention stays within a document.
+        segment_ids: optional (B, S) document ids, given to the mixer (part of the
+        :class:`~m2rnn_jax.layers.mixer.SequenceMixer` interface): each new document starts from a zero state and
+        conv tail, attention stays within a document.
         """
         mixed, new_state = self.mixer(self.norm1(x), state, segment_ids=segment_ids)
         x = x + mixed.astype(x.dtype)

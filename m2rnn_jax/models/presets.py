@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 from m2rnn_jax.layers.attention import AttentionConfig
 from m2rnn_jax.layers.gated_deltanet import GatedDeltaNetConfig
@@ -27,7 +27,8 @@ from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2Config
 from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
 from m2rnn_jax.layers.rnn import RNNConfig
-from m2rnn_jax.models.config import MIXER_FIELDS, ModelConfig
+from m2rnn_jax.models.config import ModelConfig
+from m2rnn_jax.models.mixers import mixer_fields
 
 # Modules that register extra presets on import (e.g. the state-tracking presets of the trainer).
 PRESET_PLUGIN_MODULES: tuple[str, ...] = ("m2rnn_jax.train.presets",)
@@ -113,12 +114,7 @@ class PaperScale:
     hidden_size: int
     num_layers: int
     attention_layers: tuple[int, ...]
-    m2rnn: M2RNNConfig
-    gated_deltanet: GatedDeltaNetConfig
-    mamba2: Mamba2Config
-    rnn: RNNConfig
-    gru: GRUConfig
-    attention: AttentionConfig
+    mixers: dict[str, Any]  # ModelConfig field (models/mixers.py) -> that mixer's config at this size
     mlp: MLPConfig | MoEConfig
 
 
@@ -128,24 +124,28 @@ def _paper_scales() -> dict[str, PaperScale]:
             hidden_size=1024,
             num_layers=24,
             attention_layers=(4, 12, 20),
-            m2rnn=M2RNNConfig(num_heads=84),
-            gated_deltanet=GatedDeltaNetConfig(num_heads=2, k_head_dim=256, v_head_dim=512),
-            mamba2=Mamba2Config(num_heads=64, intermediate_size=1216, state_size=216),
-            rnn=RNNConfig(num_heads=85, head_dim=16),
-            gru=GRUConfig(num_heads=85, head_dim=16),
-            attention=AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64),
+            mixers={
+                "m2rnn": M2RNNConfig(num_heads=84),
+                "gated_deltanet": GatedDeltaNetConfig(num_heads=2, k_head_dim=256, v_head_dim=512),
+                "mamba2": Mamba2Config(num_heads=64, intermediate_size=1216, state_size=216),
+                "rnn": RNNConfig(num_heads=85, head_dim=16),
+                "gru": GRUConfig(num_heads=85, head_dim=16),
+                "attention": AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64),
+            },
             mlp=MLPConfig(intermediate_size=2752),
         ),
         "7b": PaperScale(
             hidden_size=1536,
             num_layers=40,
             attention_layers=(4, 12, 20, 28, 36),
-            m2rnn=M2RNNConfig(num_heads=132),
-            gated_deltanet=GatedDeltaNetConfig(num_heads=3, k_head_dim=256, v_head_dim=512),
-            mamba2=Mamba2Config(num_heads=32, intermediate_size=2048, state_size=192),
-            rnn=RNNConfig(num_heads=128, head_dim=16),
-            gru=GRUConfig(num_heads=128, head_dim=16),
-            attention=AttentionConfig(num_heads=24, num_kv_heads=24, head_dim=64),
+            mixers={
+                "m2rnn": M2RNNConfig(num_heads=132),
+                "gated_deltanet": GatedDeltaNetConfig(num_heads=3, k_head_dim=256, v_head_dim=512),
+                "mamba2": Mamba2Config(num_heads=32, intermediate_size=2048, state_size=192),
+                "rnn": RNNConfig(num_heads=128, head_dim=16),
+                "gru": GRUConfig(num_heads=128, head_dim=16),
+                "attention": AttentionConfig(num_heads=24, num_kv_heads=24, head_dim=64),
+            },
             mlp=MoEConfig(
                 num_experts=128,
                 top_k=8,
@@ -170,10 +170,9 @@ def hybrid_pattern(
 
 
 def _paper_config(scale: PaperScale, pattern: str, *, rope: bool = False) -> ModelConfig:
-    used = {MIXER_FIELDS[letter] for letter in pattern}
-    mixers = {name: getattr(scale, name) if name in used else None for name in MIXER_FIELDS.values()}
+    mixers = {name: scale.mixers[name] for name in mixer_fields(pattern)}
     if rope:
-        mixers["attention"] = dataclasses.replace(scale.attention, position_embedding="rope")
+        mixers["attention"] = dataclasses.replace(scale.mixers["attention"], position_embedding="rope")
     return ModelConfig(
         vocab_size=PAPER_VOCAB_SIZE,
         hidden_size=scale.hidden_size,
@@ -242,7 +241,7 @@ _TINY_MIXERS = dict(
 
 def tiny_config(pattern: str, *, moe: bool = False, vocab_size: int = 256, hidden_size: int = 64) -> ModelConfig:
     """A small float32 model for CPU tests with the given layer pattern (all six mixers available)."""
-    used = {MIXER_FIELDS[letter] for letter in pattern}
+    used = mixer_fields(pattern)
     mlp = (
         MoEConfig(num_experts=4, top_k=2, intermediate_size=32, shared_intermediate_size=64, router_aux_loss_coef=0.01)
         if moe
