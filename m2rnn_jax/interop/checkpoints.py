@@ -1,12 +1,15 @@
 """lm-engine checkpoints (safetensors + ``config.json``) <-> m2rnn-jax run directories (Orbax + ``config.json``).
 
-* :func:`import_lm_engine` reads an lm-engine directory tensor by tensor into a fresh train state at step 0
-  (parameters from the checkpoint, new optimizer moments) and writes ``<workdir>/config.json`` and
-  ``<workdir>/checkpoints/0``: ``m2rnn-jax train`` resumes from it, ``eval`` and ``generate`` load it.
-* :func:`export_lm_engine` restores a run's parameters and writes ``<output>/model.safetensors`` one tensor at a
-  time plus ``<output>/config.json`` in lm-engine's ``gpt_base`` format.
+* :func:`import_lm_engine` reads an lm-engine directory tensor by tensor into the parameters of a train state at
+  step 0 and writes ``<workdir>/config.json`` and ``<workdir>/checkpoints/0``, a *parameters-only* checkpoint (no
+  optimizer state): ``m2rnn-jax train`` resumes from it and builds fresh optimizer moments then
+  (:meth:`m2rnn_jax.train.checkpoint.Checkpointer.restore`), ``eval`` and ``generate`` load it.
+* :func:`export_lm_engine` restores only a run's parameters (the optimizer moments stay on disk) and writes
+  ``<output>/model.safetensors`` one tensor at a time plus ``<output>/config.json`` in lm-engine's ``gpt_base``
+  format.
 
-Neither direction holds a second full copy of the parameters: tensors are converted one at a time.
+Memory: either direction holds the parameters once plus one tensor in conversion (no optimizer state, no second
+copy of the model).
 """
 
 from __future__ import annotations
@@ -67,15 +70,11 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         raise ValueError(f"--workdir: {str(checkpoint_dir)!r} already holds checkpoints; use a new directory")
     reader = SafetensorsReader(source)
-    optimizer = build_optimizer(config.optimizer, config.steps)
-    abstract = abstract_train_state(config.model, optimizer)
-    pure = params_from_tensors(abstract.params, reader.read, reader.names(), place=jnp.asarray)
-    params = abstract.params  # an nnx.State of ShapeDtypeStructs, filled in place
-    nnx.replace_by_pure_dict(params, pure)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
-        rng=jax.random.key_data(jax.random.key(config.seed + 1)),
-    )
+    # ShapeDtypeStructs only (nothing allocated); the parameters' nnx.State is filled in place.
+    params = abstract_train_state(config.model, build_optimizer(config.optimizer, config.steps)).params
+    nnx.replace_by_pure_dict(params, params_from_tensors(params, reader.read, reader.names(), place=jnp.asarray))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                       rng=jax.random.key_data(jax.random.key(config.seed + 1)))
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / CONFIG_FILE, config.to_dict())
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False)

@@ -28,7 +28,8 @@ class RestoredParams(NamedTuple):
 
 
 def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | None = None) -> RestoredParams:
-    """The parameters of checkpoint ``step`` (default: latest) placed on the mesh of ``config.mesh``."""
+    """The parameters of checkpoint ``step`` (default: latest) placed on the mesh of ``config.mesh`` (the optimizer
+    state stays on disk: only the parameters are read)."""
     mesh = build_mesh(config.mesh.axis_sizes)
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
@@ -40,7 +41,7 @@ def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | 
             raise ValueError(f"--workdir: no checkpoint under {str(Path(checkpoint_dir))!r}")
         if step not in checkpointer.all_steps():
             raise ValueError(f"--step: expected one of {checkpointer.all_steps()}, got {step}")
-        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings), step)
+        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings), step, params_only=True)
     finally:
         checkpointer.close()
     return RestoredParams(state.params, shardings.params, model_graphdef(config.model), mesh, step)

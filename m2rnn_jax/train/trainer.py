@@ -163,7 +163,8 @@ class Trainer:
         shardings = train_state_shardings(abstract, self.optimizer, self.mesh)
         with self.console.timed_phase(f"restoring the checkpoint in {self.checkpointer.directory}",
                                       f"resumed from step {latest}"):
-            state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+            state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest,
+                                                        optimizer=self.optimizer)
         position = metadata.get("data_position", {}).get("next_step")
         if position != latest:
             raise ValueError(f"checkpoint: step {latest} records data position {position!r}, expected {latest}")

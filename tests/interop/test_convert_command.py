@@ -109,3 +109,104 @@ def test_converted_run_evaluates_generates_and_trains(tmp_path):
     assert main(["generate", "--checkpoint", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0
     assert main(["train", "--config", str(run / "config.json"), "--workdir", str(run)]) == 0  # resumes at step 0
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+
+
+# ------------------------------------------------------------------ parameters-only checkpoints (issue 16's memory)
+
+
+def _converted_run(tmp_path, pattern="MR"):
+    """An lm-engine checkpoint converted into ``tmp_path/run``; returns (its tensors, its TrainConfig, optimizer,
+    abstract state with shardings on one device)."""
+    from m2rnn_jax.parallel.mesh import build_mesh
+    from m2rnn_jax.train.checkpoint import abstract_with_shardings
+    from m2rnn_jax.train.config import TrainConfig
+    from m2rnn_jax.train.optimizer import build_optimizer
+    from m2rnn_jax.train.state import abstract_train_state, train_state_shardings
+
+    tensors, _ = _lm_engine_checkpoint(tmp_path / "src", pattern, moe=False)
+    assert main(["convert", "--from-lm-engine", str(tmp_path / "src"), "--workdir", str(tmp_path / "run"),
+                 "--set", "batch_size=2", "--set", "data.seq_len=8", "--set", "steps=2",
+                 "--set", "optimizer.warmup_steps=1"]) == 0
+    config = TrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    optimizer = build_optimizer(config.optimizer, config.steps)
+    abstract = abstract_train_state(config.model, optimizer)
+    shardings = train_state_shardings(abstract, optimizer, build_mesh(config.mesh.axis_sizes))
+    return tensors, config, optimizer, abstract_with_shardings(abstract, shardings)
+
+
+def _saved_opt_state(step_dir):
+    """The optimizer-state part of the tree Orbax recorded for checkpoint directory ``step_dir`` (None if absent)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(step_dir / "state")
+    tree = getattr(metadata, "item_metadata", metadata).tree
+    return tree["opt_state"]
+
+
+def test_import_writes_parameters_only_and_restore_builds_the_optimizer_state(tmp_path):
+    from m2rnn_jax.train.checkpoint import Checkpointer
+
+    tensors, _, optimizer, abstract = _converted_run(tmp_path)
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    try:
+        with pytest.raises(ValueError, match=r"checkpoint: step 0 .* holds parameters only; pass the optimizer"):
+            checkpointer.restore(abstract)
+        state, metadata = checkpointer.restore(abstract, optimizer=optimizer)
+        only, _ = checkpointer.restore(abstract, params_only=True)
+    finally:
+        checkpointer.close()
+    assert metadata["params_only"] is True and int(state.step) == 0 and only.opt_state is None
+    assert _saved_opt_state(tmp_path / "run" / "checkpoints" / "0") is None
+    expected = jax.jit(optimizer.init)(state.params)  # the fresh moments: what training from these params starts at
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(expected)
+    for got, want, target in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected),
+                                 jax.tree.leaves(abstract.opt_state)):
+        assert got.sharding.is_equivalent_to(target.sharding, got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    exported = dict(lm_engine_tensors(state.params))
+    assert all(exported[name].tobytes() == value.tobytes() for name, value in tensors.items())
+
+
+def test_export_of_a_full_checkpoint_reads_only_the_parameters(tmp_path):
+    """A trained run's checkpoint holds optimizer moments; export restores the parameters without them and writes
+    the same tensors. Here the moments are made non-zero so that mixing them up with parameters would show."""
+    from m2rnn_jax.train.checkpoint import Checkpointer
+
+    tensors, _, optimizer, abstract = _converted_run(tmp_path)
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    try:
+        state, _ = checkpointer.restore(abstract, optimizer=optimizer)
+        moments = jax.tree.map(lambda x: x + 7 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+                               state.opt_state)
+        checkpointer.save(state._replace(step=state.step + 1, opt_state=moments), {"step": 1})
+        checkpointer.wait_until_finished()
+        full, metadata = checkpointer.restore(abstract, 1)
+        only, _ = checkpointer.restore(abstract, 1, params_only=True)
+    finally:
+        checkpointer.close()
+    assert "params_only" not in metadata and only.opt_state is None
+    assert _saved_opt_state(tmp_path / "run" / "checkpoints" / "1") is not None
+    assert all(float(np.min(np.asarray(leaf))) == 7 for leaf in jax.tree.leaves(full.opt_state) if leaf.ndim)
+    for name, value in lm_engine_tensors(only.params):
+        assert value.tobytes() == tensors[name].tobytes(), name
+    assert main(["convert", "--to-lm-engine", "--checkpoint", str(tmp_path / "run"), "--step", "1",
+                 "--output", str(tmp_path / "back")]) == 0
+    back = SafetensorsReader(tmp_path / "back")
+    assert all(back.read(name).tobytes() == value.tobytes() for name, value in tensors.items())
+
+
+def test_trainer_resumes_from_a_converted_run(tmp_path):
+    """The trainer's resume path on a parameters-only checkpoint: step 0, the converted parameters, fresh moments;
+    one step later it saves a full checkpoint."""
+    from m2rnn_jax.train.trainer import Trainer
+
+    tensors, config, _, _ = _converted_run(tmp_path)
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.step == 0
+    assert all(value.tobytes() == tensors[name].tobytes() for name, value in lm_engine_tensors(trainer.state.params))
+    fresh = jax.jit(trainer.optimizer.init)(trainer.state.params)
+    for got, want in zip(jax.tree.leaves(trainer.state.opt_state), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    trainer.run()
+    assert _saved_opt_state(tmp_path / "run" / "checkpoints" / "2") is not None
