@@ -50,36 +50,49 @@ class _StopRequests:
     def __init__(self):
         self.received = False
         self.budget_expired = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        if not self.budget_expired:  # once the budget is over, SIGTERMs are the budget's own
+            self.received = True
 
-    def _expire(self) -> None:
+    def _expire(self, done: threading.Event) -> None:
+        """Sends SIGTERM every second until the run returns (one sent before the trainer installs its handler would
+        otherwise be lost)."""
         self.budget_expired = True
-        os.kill(os.getpid(), signal.SIGTERM)
+        while not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.wait(1.0)
 
     @contextlib.contextmanager
     def budget(self, seconds: float | None):
         """Within the block, SIGTERM arrives after ``seconds`` (None: never)."""
         self.budget_expired = False
-        timer = None if seconds is None else threading.Timer(seconds, self._expire)
+        done = threading.Event()
+        timer = None if seconds is None else threading.Timer(seconds, self._expire, (done,))
         if timer is not None:
             timer.daemon = True
             timer.start()
         try:
             yield
         finally:
+            done.set()
             if timer is not None:
                 timer.cancel()
-            if self.budget_expired:
-                self.received = False  # the budget's own signal, not a request to stop the comparison
+                timer.join()
 
     def stop_requested(self, trainer_step: int, steps: int) -> bool:
         """True when a signal from outside stopped the run (not its time budget) or arrived after it."""
         return self.received or (trainer_step < steps and not self.budget_expired)
-
 
 
 def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
@@ -194,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe = _recipe_from_args(args)
     out = Path(args.out)
     if not args.report_only:
-        stops = _StopRequests()
-        for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
-            result = run_one(recipe, model, group, seed, out, stops, args.run_seconds)
-            cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
-            print(f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
-                  f"{result['seconds']} s, {cells}", flush=True)
-            if stops.stop_requested(result["steps_done"], result["steps"]):
-                print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
-                break
+        with _StopRequests() as stops:
+            for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
+                result = run_one(recipe, model, group, seed, out, stops, args.run_seconds)
+                cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
+                print(f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
+                      f"{result['seconds']} s, {cells}", flush=True)
+                if stops.stop_requested(result["steps_done"], result["steps"]):
+                    print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
+                    break
     results = collect(out, args.groups, args.models, args.seeds)
     paths = write_report(results, recipe, out)
     for group in args.groups:

@@ -57,8 +57,9 @@ class Recipe:
     def describe(self) -> str:
         """One line stating the budget (printed above every table)."""
         stages = " -> ".join(f"{length} from step {step}" for step, length in self.curriculum_steps())
+        warmup = min(self.warmup_steps, self.steps)
         return (f"{self.steps} steps of {self.batch_size} sequences (curriculum: {stages}), AdamW lr "
-                f"{self.learning_rate:g} (warmup {min(self.warmup_steps, self.steps)}, cosine to 10%), weight decay 0.1, "
+                f"{self.learning_rate:g} (warmup {warmup}, cosine to 10%), weight decay 0.1, gradient clip 1, "
                 f"{self.size.num_layers} layers of width {self.size.hidden_size} ({self.size.dtype}), "
                 f"evaluated on {self.eval_sequences} sequences of length {max(self.lengths)}")
 

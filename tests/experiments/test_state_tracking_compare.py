@@ -50,9 +50,9 @@ def test_recipe_curriculum_scales_with_steps():
 
 
 def test_compare_end_to_end(tmp_path, capsys):
-    argv = ["--recipe", "cpu", "--models", "m2rnn", "gdn-neg", "--seeds", "0", "--steps", "4", "--train-length", "6", "--batch-size", "4",
-            "--hidden-size", "16", "--num-layers", "1", "--lengths", "2", "6", "--eval-sequences", "8",
-            "--out", str(tmp_path)]
+    argv = ["--recipe", "cpu", "--models", "m2rnn", "gdn-neg", "--seeds", "0", "--steps", "4", "--train-length", "6",
+            "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "2", "6",
+            "--eval-sequences", "8", "--out", str(tmp_path)]
     assert compare.main(argv) == 0
     report = json.loads((tmp_path / "compare.json").read_text())
     summary = report["summary"]["s3"]
@@ -85,3 +85,16 @@ def test_compare_rejects_bad_flags(tmp_path):
         compare.main(["--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         compare.main(["--models", "lstm", "--out", str(tmp_path)])
+
+
+def test_compare_time_budget_records_partial_runs_and_goes_on(tmp_path):
+    argv = ["--recipe", "cpu", "--models", "m2rnn", "--seeds", "0", "1", "--steps", "100000", "--train-length", "6",
+            "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "3",
+            "--eval-sequences", "8", "--run-seconds", "1", "--out", str(tmp_path)]
+    assert compare.main(argv) == 0
+    for seed in (0, 1):
+        directory = tmp_path / "runs" / "s3" / "m2rnn" / f"s{seed}"
+        result = json.loads((directory / "result.json").read_text())
+        assert 1 <= result["steps_done"] < 100000 and not result["complete"]
+        assert (directory / "checkpoints").is_dir()  # kept: the next call resumes from it
+    assert "of 100000" in (tmp_path / "compare.md").read_text()
