@@ -6,7 +6,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,6 +60,32 @@ class _StopSignal:
         if jax.process_count() > 1:
             flag = multihost_utils.process_allgather(flag).max()
         return bool(flag)
+
+
+class _Throughput:
+    """Tokens and steps since the last :meth:`reset` (called after compiles and evaluations, which are not
+    throughput) as tokens/s, steps/s and, when the chip's peak is known, MFU."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.steps = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def values(self) -> dict[str, float]:
+        """{} when no step was timed."""
+        if not self.steps:
+            return {}
+        elapsed = time.perf_counter() - self.start
+        values = {"tokens_per_second": self.tokens / elapsed, "steps_per_second": self.steps / elapsed}
+        if self.peak_flops is not None:
+            values["mfu"] = values["tokens_per_second"] * self.flops_per_token / (self.peak_flops * jax.device_count())
+        return values
 
 
 class Trainer:
@@ -205,8 +231,8 @@ class Trainer:
             self.state, metrics = self._train_step(self.state, batch)
             return metrics, length, False
         compiled.add(length)
-        with self.console.timed_phase(f"compiling the train step for length {length} (batch {self.config.batch_size})",
-                                      "compiled and ran the first step"):
+        what = f"compiling the train step for length {length} (batch {self.config.batch_size})"
+        with self.console.timed_phase(what, "compiled and ran the first step"):
             self.state, metrics = self._train_step(self.state, batch)
             jax.block_until_ready(metrics)
         return metrics, length, True
@@ -221,9 +247,7 @@ class Trainer:
         last_step = config.steps if stop_after is None else min(config.steps, start + stop_after)
         if start >= config.steps:
             self.logger.message(f"nothing to train: the checkpoint is at step {start} >= steps={config.steps}")
-        flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
-        peak = peak_flops_per_device()
-        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        throughput = _Throughput(training_flops_per_token(config.model, config.data.seq_len), peak_flops_per_device())
         compiled_lengths: set[int] = set()
         seq_len = None
         progress = self.console.start_progress(config.steps, initial=start, desc="train")
@@ -234,27 +258,19 @@ class Trainer:
                 progress.update(done)
                 if compiled:  # keep compilation out of the throughput
                     progress.restart_clock()
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    throughput.reset()
                 else:
-                    window_tokens += config.batch_size * seq_len
-                    window_steps += 1
+                    throughput.add(config.batch_size * seq_len)
                 if done % config.log_every == 0 or done == last_step:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - window_start
-                    if window_steps:
-                        tokens_per_second = window_tokens / elapsed
-                        values["tokens_per_second"] = tokens_per_second
-                        values["steps_per_second"] = window_steps / elapsed
-                        if peak is not None:
-                            values["mfu"] = tokens_per_second * flops_per_token / (peak * jax.device_count())
-                    values["seq_len"] = seq_len
+                    values.update(throughput.values(), seq_len=seq_len)
                     self.logger.write("train", done, values)
                     progress.update(done, loss=values["loss"])
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    throughput.reset()
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     self._log_eval(done)
                     progress.restart_clock()  # keep evaluation out of the throughput
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    throughput.reset()
                 if done % config.checkpoint.every_steps == 0 or done == config.steps:
                     self.save()
                 if stop.any_process():
@@ -276,8 +292,8 @@ class Trainer:
         self.checkpointer.close()
         self.logger.close()
 
-    def _log_eval(self, step: int, lengths: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
-        lengths = tuple(lengths or self.config.data.eval_lengths)
+    def _log_eval(self, step: int) -> dict[int, dict[str, float]]:
+        lengths = self.config.data.eval_lengths
         with self.console.timed_phase(f"evaluating at length(s) {', '.join(map(str, lengths))} (step {step})",
                                       "evaluated"):
             results = self.evaluator.evaluate(self.state.params, lengths)
