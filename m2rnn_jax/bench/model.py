@@ -49,7 +49,7 @@ from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.counting import abstract_decoder
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
 from m2rnn_jax.models.loss import next_token_targets
-from m2rnn_jax.models.presets import get_preset, list_presets
+from m2rnn_jax.train.presets import get_preset, list_presets
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule

@@ -45,7 +45,7 @@ def check_backend_hardware(flag: str, backend: str) -> None:
 def check_preset(flag: str, name: str) -> None:
     """Raises ``ValueError`` naming ``flag`` and listing every preset when ``name`` is not a model or training
     preset."""
-    from m2rnn_jax.models.presets import list_presets
+    from m2rnn_jax.train.presets import list_presets
 
     names = list_presets()
     if name not in names:

@@ -115,7 +115,7 @@ def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
     import json
     from pathlib import Path
 
-    from m2rnn_jax.models.presets import list_presets
+    from m2rnn_jax.train.presets import list_presets
     from m2rnn_jax.train.presets import list_train_presets, train_config
 
     workdir = Path(args.model)
@@ -128,7 +128,7 @@ def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.step is not None:
         raise ValueError(f"--step: only with --model WORKDIR (a run directory holding config.json), got {args.model!r}")
     if args.model in list_presets():
-        from m2rnn_jax.models.presets import get_preset
+        from m2rnn_jax.train.presets import get_preset
 
         return get_preset(args.model), None
     if args.model in list_train_presets():

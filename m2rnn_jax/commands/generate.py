@@ -83,7 +83,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _model_config(args: argparse.Namespace, config: Any) -> Any:
-    from m2rnn_jax.models.presets import get_preset
+    from m2rnn_jax.train.presets import get_preset
 
     if config is not None:
         return config.model

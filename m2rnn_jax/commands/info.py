@@ -38,7 +38,7 @@ def _format_text(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from m2rnn_jax.models.counting import model_summary
-    from m2rnn_jax.models.presets import get_preset, list_presets, preset_description
+    from m2rnn_jax.train.presets import get_preset, list_presets, preset_description
 
     if args.list:
         names = list_presets()

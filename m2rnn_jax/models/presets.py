@@ -8,8 +8,9 @@ Paper presets are ``<variant>-<size>`` with size ``400m`` or ``7b`` and variant 
 - ``hybrid-gdn-m2rnn-1l``, ``hybrid-mamba2-m2rnn-1l``: the hybrid with M2RNN as layer 0;
 - ``hybrid-gdn-m2rnn-3l`` / ``-5l`` (400m / 7b), same for mamba2: M2RNN right before every attention layer.
 
-Other modules add presets with :func:`register_preset`; modules listed in :data:`PRESET_PLUGIN_MODULES` are imported
-(when installed) before the registry is read, so their presets show up in ``m2rnn-jax info --list``.
+This is the one preset registry. Other modules add presets with :func:`register_preset`: the training presets of
+:mod:`m2rnn_jax.train.presets` register their models here when that module is imported, and the CLI looks every
+name up through that module (models never import ``train``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib
 from typing import Any, Callable
 
 from m2rnn_jax.layers.attention import AttentionConfig
@@ -29,9 +29,6 @@ from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
 from m2rnn_jax.layers.rnn import RNNConfig
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.models.mixers import mixer_fields
-
-# Modules that register extra presets on import (e.g. the state-tracking presets of the trainer).
-PRESET_PLUGIN_MODULES: tuple[str, ...] = ("m2rnn_jax.train.presets",)
 
 PAPER_VOCAB_SIZE = 100352
 
@@ -46,7 +43,6 @@ class Preset:
 
 
 _REGISTRY: dict[str, Preset] = {}
-_plugins_loaded = False
 
 
 def register_preset(
@@ -62,27 +58,12 @@ def register_preset(
     _REGISTRY[name] = Preset(name=name, description=description, factory=factory)
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for module_name in PRESET_PLUGIN_MODULES:
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-
-
 def list_presets() -> list[str]:
     """Names of every registered preset, in registration order."""
-    _load_plugins()
     return list(_REGISTRY)
 
 
 def _lookup(name: str) -> Preset:
-    _load_plugins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `m2rnn-jax info --list` lists them"

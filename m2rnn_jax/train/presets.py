@@ -6,6 +6,9 @@ bigger model and batch for a GPU; ``state-tracking-<group>-large`` the setting f
 slower curriculum). The model part of every training preset is also registered with
 :func:`m2rnn_jax.models.register_preset`, so ``m2rnn-jax info --list`` shows them. Any model preset can be
 trained too (:func:`train_config`): it gets :func:`default_train_config` (random tokens, for throughput runs).
+
+The CLI looks every preset up here: importing this module registers the training presets, and it re-exports the
+model registry's lookups (:func:`list_presets`, :func:`get_preset`, :func:`preset_description`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,20 @@ from typing import Callable
 from m2rnn_jax.layers.attention import AttentionConfig
 from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mlp import MLPConfig
-from m2rnn_jax.models import ModelConfig, get_preset, list_presets, register_preset
+from m2rnn_jax.models import ModelConfig, get_preset, list_presets, preset_description, register_preset
 from m2rnn_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, SampleConfig, TrainConfig
 from m2rnn_jax.data.state_tracking import GROUPS, get_group
+
+__all__ = [
+    "default_train_config",
+    "get_preset",
+    "list_presets",
+    "list_train_presets",
+    "preset_description",
+    "register_train_preset",
+    "state_tracking_model",
+    "train_config",
+]
 
 
 @dataclasses.dataclass(frozen=True)
