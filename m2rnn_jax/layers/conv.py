@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.documents import document_index
+from m2rnn_jax.parallel.context.axis import context_axis_size
+from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 
 Dtype = Any
 
@@ -84,6 +86,8 @@ class CausalDepthwiseConv1d(nnx.Module):
         """
         if x.ndim != 3 or x.shape[-1] != self.channels:
             raise ValueError(f"x: expected shape (B, S, {self.channels}), got {x.shape}")
+        if context_axis_size() > 1:  # the sequence is split over devices: halo exchange between the shards
+            return causal_conv_over_context(self, x, state, segment_ids=segment_ids)
         batch, seq_len, _ = x.shape
         if state is None:
             state = self.init_state(batch, dtype=x.dtype)

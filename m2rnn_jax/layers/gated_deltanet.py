@@ -46,6 +46,8 @@ from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.ops.gated_delta_rule import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.op import BACKENDS
+from m2rnn_jax.parallel.context.axis import context_axis_size
+from m2rnn_jax.parallel.context.mixers import gated_delta_rule_over_context
 
 Dtype = Any
 
@@ -198,8 +200,9 @@ class GatedDeltaNet(nnx.Module):
         log_alpha = self.decay_gate(a, final_exponential=False)  # (B, S, Nv) in compute_dtype
 
         backend = "recurrent" if seq_len == 1 else c.backend
-        o, recurrent = gated_delta_rule(q, k, v, beta, log_alpha, state.recurrent, reset=reset,
-                                        chunk_size=c.chunk_size, backend=backend)
+        delta_rule = gated_delta_rule_over_context if context_axis_size() > 1 else gated_delta_rule
+        o, recurrent = delta_rule(q, k, v, beta, log_alpha, state.recurrent, reset=reset, chunk_size=c.chunk_size,
+                                  backend=backend)
         o = o.astype(compute_dtype)
         if c.use_gate:
             o = o * jax.nn.silu(gate.reshape(batch, seq_len, Nv, dv).astype(compute_dtype))

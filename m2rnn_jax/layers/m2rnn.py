@@ -51,7 +51,7 @@ from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import BACKEND_NAMES
-from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
+from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.m2rnn import context_m2rnn
 
 Dtype = Any
@@ -291,16 +291,11 @@ class M2RNN(nnx.Module):
         v = v.reshape(batch, seq_len, c.num_v_heads, V)
 
         W = self.state_weight[...].astype(self.dtype)
-        if context_axis_size() > 1:  # the sequence is split over devices: pipelined across the shards
-            require_supported("segment_ids", segment_ids is not None)
-            y, recurrent = context_m2rnn(
-                q, k, v, W, f, state.recurrent, gradient_clipping=c.gradient_clipping, backend=c.backend
-            )
-        else:
-            y, recurrent = m2rnn(
-                q, k, v, W, f, state.recurrent, reset=reset, gradient_clipping=c.gradient_clipping, backend=c.backend,
-                check_values=self.check_values,
-            )  # y (B, S, N, V)
+        recurrence = context_m2rnn if context_axis_size() > 1 else m2rnn  # context: pipelined across the shards
+        y, recurrent = recurrence(
+            q, k, v, W, f, state.recurrent, reset=reset, gradient_clipping=c.gradient_clipping, backend=c.backend,
+            check_values=self.check_values,
+        )  # y (B, S, N, V)
         if self.D is not None:
             y = y + v * self.D[...].astype(self.dtype)
 

@@ -44,6 +44,8 @@ from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.ops import ssd
+from m2rnn_jax.parallel.context.axis import context_axis_size
+from m2rnn_jax.parallel.context.mixers import ssd_over_context
 
 Dtype = Any
 
@@ -181,7 +183,8 @@ class Mamba2(nnx.Module):
         log_decay = self.decay_gate(dt_raw, final_exponential=False)  # dt * A
 
         h0 = state.recurrent.astype(compute_dtype)
-        y, recurrent = ssd(xs, dt, log_decay, B, C, h0, reset=reset, chunk_size=c.chunk_size)
+        scan = ssd_over_context if context_axis_size() > 1 else ssd
+        y, recurrent = scan(xs, dt, log_decay, B, C, h0, reset=reset, chunk_size=c.chunk_size)
         y = y + self.D[...].astype(compute_dtype)[:, None] * xs
         y = y.reshape(batch, seq_len, I) * jax.nn.silu(z.astype(compute_dtype))
         out = self.out_proj(self.norm(y))

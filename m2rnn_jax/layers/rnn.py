@@ -44,7 +44,7 @@ from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.ops.clipping import clamp_cotangent, normalize_clipping
-from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
+from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.pipeline import context_recurrence
 
 Dtype = Any
@@ -211,14 +211,13 @@ class GatedVectorRNN(nnx.Module):
         inputs = [t.astype(compute_dtype).reshape(batch, seq_len, N, d) for t in (first, *inputs[1:])]
         weights = tuple(jnp.split(self.state_weight[...].astype(compute_dtype), 1 + self.num_gate_inputs, axis=0))
 
-        def recurrence(inputs, weights, h0, reset=None):
+        def recurrence(inputs, weights, h0, reset):
             step = lambda h, inputs_t: self.step(weights, h, inputs_t)  # noqa: E731
             return clipped_recurrence(step, h0, inputs, c.gradient_clipping, reset)
 
         h0 = state.recurrent.astype(compute_dtype)
         if context_axis_size() > 1:  # the sequence is split over devices: pipelined across the shards
-            require_supported("segment_ids", segment_ids is not None)
-            hs, recurrent = context_recurrence(recurrence, tuple(inputs), weights, h0, num_heads=N)
+            hs, recurrent = context_recurrence(recurrence, tuple(inputs), weights, h0, reset=reset, num_heads=N)
         else:
             hs, recurrent = recurrence(tuple(inputs), weights, h0, reset)
         y = hs.reshape(batch, seq_len, N * d) * jax.nn.silu(g.astype(compute_dtype))

@@ -90,8 +90,9 @@ def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches:
 
 
 def _check_layer(name: str, kind: str) -> None:
-    """The M2RNN / RNN / GRU layer (float64) under context 4 x data 2 == one device: output, final state and the
-    gradients of x and every parameter, clamp binding; then context 2 x data 4 and context 8 for the output."""
+    """The M2RNN / RNN / GRU layer (float64) under context 4 x data 2, context 2 x data 4 and context 8 == one
+    device: output, final state and the gradients of x and every parameter, with documents (segment_ids) whose
+    boundaries fall inside shards and on a shard boundary."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -109,10 +110,12 @@ def _check_layer(name: str, kind: str) -> None:
         layer_class, config_class = {"rnn": (RNN, RNNConfig), "gru": (GRU, GRUConfig)}[kind]
         layer = layer_class(12, config_class(num_heads=4, head_dim=3, gradient_clipping=0.02), **common)
     graphdef, params = nnx.split(layer)
-    x = jax.random.normal(jax.random.key(1), (4, 16, 12), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (4, 24, 12), jnp.float64)  # >= kernel_size - 1 positions per shard
+    starts = jnp.zeros((4, 24), jnp.int32).at[0, 5].set(1).at[1, 12].set(1).at[2, 6].set(1).at[2, 13].set(1)
+    segment_ids = jnp.cumsum(starts, axis=1)  # rows 0-2: 2-3 documents, starting inside shards and on boundaries
 
     def value(params, x):
-        y, state = nnx.merge(graphdef, params)(x)
+        y, state = nnx.merge(graphdef, params)(x, segment_ids=segment_ids)
         return jnp.sum(y * jnp.cos(3 * y)) + jnp.sum(jnp.sin(5 * state.recurrent)), (y, state)
 
     step = jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
@@ -126,7 +129,7 @@ def _check_layer(name: str, kind: str) -> None:
 
 
 def _check_errors() -> None:
-    """A sequence not divisible by the context size, and document masking under a context axis, name both."""
+    """A sequence length not divisible by the context size names both."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -137,7 +140,7 @@ def _check_errors() -> None:
     from m2rnn_jax.testing import random_m2rnn_inputs
 
     inputs = random_m2rnn_inputs(jax.random.key(0), batch=2, seq_len=6, num_heads=2, k_dim=2, v_dim=2)
-    layer = RNN(8, RNNConfig(num_heads=2, head_dim=4), num_layers=1, rngs=nnx.Rngs(0))
+    layer = RNN(8, RNNConfig(num_heads=2, head_dim=4, kernel_size=None), num_layers=1, rngs=nnx.Rngs(0))
     with jax.set_mesh(build_mesh({"context": 4, "data": 2})):
         try:
             context_m2rnn(*(inputs[n] for n in ("q", "k", "v", "W", "f")))
@@ -146,11 +149,11 @@ def _check_errors() -> None:
         else:
             raise AssertionError("no error for S=6 over 4 context shards")
         try:
-            layer(jnp.zeros((2, 8, 8)), segment_ids=jnp.zeros((2, 8), jnp.int32))
+            layer(jnp.zeros((2, 10, 8)))
         except ValueError as error:
-            assert "segment_ids" in str(error) and "'context' of size 4" in str(error), error
+            assert "expected a multiple of the context axis size 4" in str(error) and "got 10" in str(error), error
         else:
-            raise AssertionError("no error for segment_ids under a context axis")
+            raise AssertionError("no error for S=10 over 4 context shards in a layer")
     print("OK errors")
 
 

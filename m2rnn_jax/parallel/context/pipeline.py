@@ -23,13 +23,21 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.heads import expand_heads
 from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS, mesh_axis_sizes
-from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
+from m2rnn_jax.parallel.context.shard import (
+    BATCH,
+    REPLICATED,
+    SEQUENCE,
+    require_divisible_sequence,
+    run_over_context,
+    split_batch_axes,
+)
 
-Run = Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array], tuple[jax.Array, jax.Array]]
+# run(inputs, weights, h0, reset) -> (y, h_final): the single-device recurrence on local arrays (reset may be None)
+Run = Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array | None],
+               tuple[jax.Array, jax.Array]]
 
 
 def _to_micro(x: jax.Array, axis: int | None, num_micro: int) -> jax.Array:
@@ -52,6 +60,7 @@ def pipelined_recurrence(
     inputs: tuple[jax.Array, ...],
     weights: tuple[jax.Array, ...],
     h0: jax.Array,
+    reset: jax.Array | None = None,
     *,
     input_axes: Sequence[int | None],
     weight_axes: Sequence[int | None],
@@ -62,11 +71,12 @@ def pipelined_recurrence(
 ) -> tuple[jax.Array, jax.Array]:
     """The pipelined schedule (module doc) of ``run`` over the shards of ``axis_name``; call inside shard_map.
 
-    ``run(inputs, weights, h0) -> (y, h_final)`` is the single-device recurrence over one local (micro-)shard.
-    inputs: local shards (B, S_local, ...); weights: whole arrays; h0: the initial state of the global sequence
-    (used by shard 0). Each argument is cut into ``num_micro_batches`` along its axis in ``input_axes`` /
-    ``weight_axes`` / ``state_axis`` (None: every micro-batch uses it whole); y is reassembled along
-    ``output_axis`` and h_final along ``state_axis``.
+    ``run(inputs, weights, h0, reset) -> (y, h_final)`` is the single-device recurrence over one local
+    (micro-)shard. inputs: local shards (B, S_local, ...); weights: whole arrays; h0: the initial state of the
+    global sequence (used by shard 0); reset: None or the local shard (B, S_local) of the global document starts.
+    Each argument is cut into ``num_micro_batches`` along its axis in ``input_axes`` / ``weight_axes`` /
+    ``state_axis`` (None: every micro-batch uses it whole; reset is cut along the batch when ``state_axis`` is 0);
+    y is reassembled along ``output_axis`` and h_final along ``state_axis``.
     Returns (y of this shard, h_final after this shard): on the last shard h_final is the global final state.
     """
     num_shards = jax.lax.axis_size(axis_name)
@@ -75,6 +85,8 @@ def pipelined_recurrence(
     micro_inputs = tuple(_to_micro(x, a, m) for x, a in zip(inputs, input_axes, strict=True))
     micro_weights = tuple(_to_micro(w, a, m) for w, a in zip(weights, weight_axes, strict=True))
     micro_h0 = _to_micro(h0, state_axis, m)
+    reset_axis = 0 if state_axis == 0 else None
+    micro_reset = None if reset is None else _to_micro(reset, reset_axis, m)
 
     def pick(x: jax.Array, axis: int | None, index: jax.Array) -> jax.Array:
         return x if axis is None else jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
@@ -86,6 +98,7 @@ def pipelined_recurrence(
             tuple(pick(x, a, index) for x, a in zip(micro_inputs, input_axes)),
             tuple(pick(w, a, index) for w, a in zip(micro_weights, weight_axes)),
             start,
+            None if reset is None else pick(micro_reset, reset_axis, index),
         )
         final = final.astype(received.dtype)
         handed_over = jax.lax.ppermute(final, axis_name, [(r, r + 1) for r in range(num_shards - 1)])
@@ -138,35 +151,28 @@ def context_recurrence(
     weights: tuple[jax.Array, ...],
     h0: jax.Array,
     *,
+    reset: jax.Array | None = None,
     num_heads: int,
     num_micro_batches: int | None = None,
     axis_name: str = CONTEXT_AXIS,
 ) -> tuple[jax.Array, jax.Array]:
     """A per-head recurrence over sequences split along the ``axis_name`` mesh axis (the mesh of ``jax.set_mesh``).
 
-    ``run(inputs, weights, h0) -> (y, h_final)`` is the single-device recurrence (an op or a scan); it is called
-    on local shards inside ``jax.shard_map`` by the pipeline of :func:`pipelined_recurrence`. Layouts:
-    inputs (B, S, N_x, ...) heads on axis 2, weights (N_x, ...) heads on axis 0, h0 (B, N, ...),
-    y (B, S, N, ...), h_final (B, N, ...); each N_x is 1 (shared by every head) or divides N = ``num_heads``.
-    The batch is also split over the batch mesh axes (data, fsdp, expert) when it divides them; heads split over
-    ``tensor`` by the caller's shardings stay with XLA (or with the op's own shard_map, for the Pallas kernels).
+    ``run(inputs, weights, h0, reset) -> (y, h_final)`` is the single-device recurrence (an op or a scan, reset
+    (B, S) bool document starts or None, as ``reset`` here: computed on the global sequence); it is called
+    on local shards inside ``jax.shard_map`` (:func:`~m2rnn_jax.parallel.context.shard.run_over_context`) by the
+    pipeline of :func:`pipelined_recurrence`. Layouts: inputs (B, S, N_x, ...) heads on axis 2, weights
+    (N_x, ...) heads on axis 0, h0 (B, N, ...), y (B, S, N, ...), h_final (B, N, ...); each N_x is 1 (shared by
+    every head) or divides N = ``num_heads``. S must be a multiple of the context size.
     Returns (y (B, S, N, ...), h_final (B, N, ...)) equal to ``run`` on the whole sequence.
     """
     sizes = mesh_axis_sizes()
-    num_shards = sizes.get(axis_name, 1)
-    batch, seq_len = h0.shape[0], inputs[0].shape[1]
-    if seq_len % num_shards != 0:
-        raise ValueError(
-            f"sequence length: expected a multiple of the context axis size {num_shards} (mesh axis "
-            f"{axis_name!r}), got {seq_len}"
-        )
-    batch_axes = tuple(a for a in LOGICAL_AXIS_RULES["batch"] if sizes.get(a, 1) > 1)
-    if batch % math.prod(sizes[a] for a in batch_axes) != 0:
-        batch_axes = ()
+    num_shards = require_divisible_sequence(inputs[0].shape[1], axis_name)
+    batch_axes = split_batch_axes(h0.shape[0])
     tensor = sizes.get("tensor", 1)
     local_heads = num_heads // tensor if num_heads % tensor == 0 else num_heads
-    unit, m = choose_micro_batches(batch // math.prod(sizes[a] for a in batch_axes), local_heads, num_shards,
-                                   num_micro_batches)
+    local_batch = h0.shape[0] // math.prod(sizes[a] for a in batch_axes)
+    unit, m = choose_micro_batches(local_batch, local_heads, num_shards, num_micro_batches)
     if unit == "heads":  # every input is either per head or shared by all heads
         inputs = tuple(x if x.shape[2] == 1 else expand_heads(x, num_heads, axis=2) for x in inputs)
         weights = tuple(w if w.shape[0] == 1 else expand_heads(w, num_heads, axis=0) for w in weights)
@@ -176,22 +182,13 @@ def context_recurrence(
     else:
         input_axes, weight_axes, state_axis, output_axis = [0] * len(inputs), [None] * len(weights), 0, 0
 
-    b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
-
-    def local(inputs, weights, h0):
+    def local(inputs, weights, h0, reset):
         y, final = pipelined_recurrence(
-            run, inputs, weights, h0, input_axes=input_axes, weight_axes=weight_axes, state_axis=state_axis,
+            run, inputs, weights, h0, reset, input_axes=input_axes, weight_axes=weight_axes, state_axis=state_axis,
             output_axis=output_axis, num_micro_batches=m, axis_name=axis_name,
         )
-        return y, final[None]
+        return y, final[:, None]  # (B, shards, ...) over the shards: the last one is the global final state
 
-    in_specs = (
-        tuple(P(b, axis_name, *([None] * (x.ndim - 2))) for x in inputs),
-        tuple(P() for _ in weights),
-        P(b, *([None] * (h0.ndim - 1))),
-    )
-    out_specs = (P(b, axis_name), P(axis_name, b))
-    y, finals = jax.shard_map(
-        local, in_specs=in_specs, out_specs=out_specs, axis_names={axis_name, *batch_axes}, check_vma=False
-    )(inputs, weights, h0)
-    return y, finals[-1]
+    y, finals = run_over_context(local, (inputs, weights, h0, reset), (SEQUENCE, REPLICATED, BATCH, SEQUENCE),
+                                 (SEQUENCE, SEQUENCE), axis_name=axis_name)
+    return y, finals[:, -1]

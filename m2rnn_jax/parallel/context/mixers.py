@@ -1,0 +1,84 @@
+"""The layers' entry points under a context axis: the short conv, the gated delta rule and SSD on global arrays.
+
+Each opens the ``shard_map`` (:func:`~m2rnn_jax.parallel.context.shard.run_over_context`) around the function of
+local shards that does the cross-shard work (:mod:`.conv`: halo exchange; :mod:`.linear_recurrence`: per-shard
+(transition, state) pairs combined over the axis), and takes and returns what the single-device call does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+from flax import nnx
+
+from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS
+from m2rnn_jax.parallel.context.linear_recurrence import context_gated_delta_rule, context_ssd
+from m2rnn_jax.parallel.context.shard import BATCH, REPLICATED, SEQUENCE, run_over_context
+
+if TYPE_CHECKING:
+    from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
+
+
+def causal_conv_over_context(
+    conv: "CausalDepthwiseConv1d",
+    x: jax.Array,
+    state: jax.Array | None,
+    *,
+    segment_ids: jax.Array | None = None,
+    axis_name: str = CONTEXT_AXIS,
+) -> tuple[jax.Array, jax.Array]:
+    """``conv(x, state, segment_ids=segment_ids)`` with x (B, S, C) and segment_ids (B, S) split along S:
+    -> (y (B, S, C), state after the sequence (B, kernel_size - 1, C))."""
+    from m2rnn_jax.parallel.context.conv import context_causal_conv  # imports the layer module (a cycle at import)
+
+    graphdef, params = nnx.split(conv)
+
+    def local(params: nnx.State, x: jax.Array, state: jax.Array | None, segment_ids: jax.Array | None):
+        return context_causal_conv(nnx.merge(graphdef, params), x, state, segment_ids=segment_ids,
+                                   axis_name=axis_name)
+
+    return run_over_context(local, (params, x, state, segment_ids), (REPLICATED, SEQUENCE, BATCH, SEQUENCE),
+                            (SEQUENCE, BATCH), axis_name=axis_name)
+
+
+def gated_delta_rule_over_context(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    reset: jax.Array | None = None,
+    axis_name: str = CONTEXT_AXIS,
+    **op_kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`m2rnn_jax.ops.gated_delta_rule` (same arguments and results) with S split over ``axis_name``."""
+
+    def local(q, k, v, beta, log_alpha, h0, reset):
+        return context_gated_delta_rule(q, k, v, beta, log_alpha, h0, reset=reset, axis_name=axis_name, **op_kwargs)
+
+    return run_over_context(local, (q, k, v, beta, log_alpha, h0, reset), (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
+                            (SEQUENCE, BATCH), axis_name=axis_name)
+
+
+def ssd_over_context(
+    x: jax.Array,
+    dt: jax.Array,
+    log_decay: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    reset: jax.Array | None = None,
+    axis_name: str = CONTEXT_AXIS,
+    **op_kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`m2rnn_jax.ops.ssd` (same arguments and results) with S split over ``axis_name``."""
+
+    def local(x, dt, log_decay, B, C, h0, reset):
+        return context_ssd(x, dt, log_decay, B, C, h0, reset=reset, axis_name=axis_name, **op_kwargs)
+
+    return run_over_context(local, (x, dt, log_decay, B, C, h0, reset), (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
+                            (SEQUENCE, BATCH), axis_name=axis_name)

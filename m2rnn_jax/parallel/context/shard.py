@@ -1,0 +1,71 @@
+"""Opening the ``jax.shard_map`` over the context axis: a function of local sequence shards run on global arrays.
+
+Every argument and result has a kind: :data:`SEQUENCE` (B, S, ...) split over the batch mesh axes and along S over
+the context axis, :data:`BATCH` (B, ...) split over the batch axes and the same on every context shard (an initial
+or final state), :data:`REPLICATED` (weights: whole on every device). The batch is split over the batch axes
+(data, fsdp, expert) only where it divides them; axes that are not split stay automatic (the ``tensor`` axis, for
+one: XLA, or an op's own ``shard_map``, handles it inside). Arguments may be pytrees (and None).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS, mesh_axis_sizes
+from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
+
+SEQUENCE, BATCH, REPLICATED = "sequence", "batch", "replicated"
+
+
+def split_batch_axes(batch: int) -> tuple[str, ...]:
+    """The batch mesh axes (size > 1, not yet manual) that a batch of ``batch`` rows is split over."""
+    sizes = mesh_axis_sizes()
+    axes = tuple(a for a in LOGICAL_AXIS_RULES["batch"] if sizes.get(a, 1) > 1)
+    return axes if batch % math.prod(sizes[a] for a in axes) == 0 else ()
+
+
+def require_divisible_sequence(seq_len: int, axis_name: str = CONTEXT_AXIS) -> int:
+    """The number of context shards; ValueError naming both when ``seq_len`` is not a multiple of it."""
+    shards = mesh_axis_sizes().get(axis_name, 1)
+    if seq_len % shards != 0:
+        raise ValueError(
+            f"sequence length: expected a multiple of the context axis size {shards} (mesh axis {axis_name!r}), "
+            f"got {seq_len}"
+        )
+    return shards
+
+
+def run_over_context(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    kinds: Sequence[str],
+    out_kinds: Sequence[str],
+    *,
+    axis_name: str = CONTEXT_AXIS,
+) -> Any:
+    """``fn(*local_args)`` inside ``jax.shard_map`` over ``axis_name`` and the batch axes; returns the global results.
+
+    kinds / out_kinds: one of SEQUENCE, BATCH, REPLICATED per argument / per result (``fn`` returns a tuple of
+    ``len(out_kinds)``). The first SEQUENCE argument gives B and S; S must be a multiple of the context size.
+    BATCH results must be the same on every context shard (``fn``'s responsibility).
+    """
+    sequence = next(a for a, kind in zip(args, kinds, strict=True) if kind == SEQUENCE and a is not None)
+    leaf = jax.tree.leaves(sequence)[0]
+    require_divisible_sequence(leaf.shape[1], axis_name)
+    batch_axes = split_batch_axes(leaf.shape[0])
+    b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    specs = {SEQUENCE: P(b, axis_name), BATCH: P(b), REPLICATED: P()}
+    for kind in (*kinds, *out_kinds):
+        if kind not in specs:
+            raise ValueError(f"kind: expected one of {sorted(specs)}, got {kind!r}")
+    return jax.shard_map(
+        fn,
+        in_specs=tuple(specs[kind] for kind in kinds),
+        out_specs=tuple(specs[kind] for kind in out_kinds),
+        axis_names={axis_name, *batch_axes},
+        check_vma=False,
+    )(*args)
