@@ -59,8 +59,9 @@ def context_mesh(context: int, data: int = 1):
 def assert_sharded_matches(sharded: Callable, single: Callable, args: dict, tol: float, seed: int = 0) -> None:
     """``sharded(**args)`` equals ``single(**args)`` (a pytree of outputs), and so do the gradients of
     ``sum(outputs * random cotangents)`` with respect to every floating-point argument (an argument may be a pytree
-    such as module parameters; None and integer / bool arguments are held fixed): relative error (``m2rnn_jax.ops.gated_delta_rule.testing.relative_error``) below
-    ``tol`` for every leaf; the failure message lists each leaf that misses, with its error."""
+    such as module parameters; None and integer / bool arguments are held fixed): relative error
+    (``m2rnn_jax.ops.gated_delta_rule.testing.relative_error``) below ``tol`` for every leaf; the failure message
+    lists each leaf that misses, with its error."""
     import jax
     import jax.numpy as jnp
     import numpy as np

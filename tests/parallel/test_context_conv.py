@@ -29,7 +29,7 @@ def _segment_ids(batch: int, rng):
 
 
 def check_conv(dtype_name: str, context: int, data: int = 1, *, kernel_size: int = 4, with_state: bool = True,
-               with_documents: bool = False) -> None:
+               with_documents: bool = False, check_vma: bool = True) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,7 +60,7 @@ def check_conv(dtype_name: str, context: int, data: int = 1, *, kernel_size: int
 
         specs = (seq, None if state is None else rows, P(), None if segment_ids is None else seq)
         return jax.shard_map(body, mesh=context_mesh(context, data), in_specs=specs,
-                             out_specs=(seq, rows))(x, state, params, segment_ids)
+                             out_specs=(seq, rows), check_vma=check_vma)(x, state, params, segment_ids)
 
     def single(x, state, params, segment_ids):
         return nnx.merge(graphdef, params)(x, state, segment_ids=segment_ids)
@@ -79,6 +79,8 @@ SLOW = {
     "conv_float64_context8_kernel7": functools.partial(check_conv, "float64", 8, kernel_size=7),
     "conv_float64_context2_data4_documents": functools.partial(check_conv, "float64", 2, 4, with_documents=True),
     "conv_float32_context8_kernel1": functools.partial(check_conv, "float32", 8, kernel_size=1),
+    "conv_float64_context4_documents_check_vma_off": functools.partial(check_conv, "float64", 4,
+                                                                       with_documents=True, check_vma=False),
 }
 
 

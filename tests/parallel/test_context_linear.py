@@ -33,7 +33,7 @@ def _random_gdn(dtype, *, seed: int, batch: int, with_h0: bool, reset_rate: floa
 
 
 def check_gdn(dtype_name: str, context: int, data: int = 1, *, with_h0: bool = True, reset_rate: float = 0.0,
-              backend: str = "chunked") -> None:
+              backend: str = "chunked", check_vma: bool = True) -> None:
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -49,8 +49,9 @@ def check_gdn(dtype_name: str, context: int, data: int = 1, *, with_h0: bool = T
     def sharded(q, k, v, beta, log_alpha, h0, reset):
         body = functools.partial(context_gated_delta_rule, axis_name="context", **op)
         specs = (seq, seq, seq, seq, seq, None if h0 is None else state, None if reset is None else seq)
-        return jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
-                             in_specs=specs, out_specs=(seq, state))(q, k, v, beta, log_alpha, h0, reset)
+        run = jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
+                            in_specs=specs, out_specs=(seq, state), check_vma=check_vma)
+        return run(q, k, v, beta, log_alpha, h0, reset)
 
     def single(q, k, v, beta, log_alpha, h0, reset):
         return gated_delta_rule(q, k, v, beta, log_alpha, h0, reset=reset, chunk_size=CHUNK, backend="chunked")
@@ -85,7 +86,7 @@ def _random_ssd(dtype, *, seed: int, batch: int, heads: int, groups: int, with_h
 
 
 def check_ssd(dtype_name: str, context: int, data: int = 1, *, heads: int = 2, groups: int = 1,
-              with_h0: bool = True, with_reset: bool = False) -> None:
+              with_h0: bool = True, with_reset: bool = False, check_vma: bool = True) -> None:
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -101,8 +102,9 @@ def check_ssd(dtype_name: str, context: int, data: int = 1, *, heads: int = 2, g
     def sharded(x, dt, log_decay, B, C, h0, reset):
         body = functools.partial(context_ssd, chunk_size=CHUNK, backend="chunked", axis_name="context")
         specs = (seq, seq, seq, seq, seq, None if h0 is None else state, None if reset is None else seq)
-        return jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
-                             in_specs=specs, out_specs=(seq, state))(x, dt, log_decay, B, C, h0, reset)
+        run = jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
+                            in_specs=specs, out_specs=(seq, state), check_vma=check_vma)
+        return run(x, dt, log_decay, B, C, h0, reset)
 
     def single(x, dt, log_decay, B, C, h0, reset):
         return ssd(x, dt, log_decay, B, C, h0, reset=reset, chunk_size=CHUNK, backend="chunked")
@@ -114,6 +116,8 @@ FAST = {
     "gdn_float64_context2": functools.partial(check_gdn, "float64", 2),
     "gdn_float64_context8_resets": functools.partial(check_gdn, "float64", 8, reset_rate=0.05),
     "gdn_float32_context4_data2_no_h0": functools.partial(check_gdn, "float32", 4, 2, with_h0=False),
+    "gdn_float64_context4_resets_check_vma_off": functools.partial(check_gdn, "float64", 4, reset_rate=0.05,
+                                                                   check_vma=False),
     "ssd_float64_context2": functools.partial(check_ssd, "float64", 2),
     "ssd_float64_context8_groups_resets": functools.partial(check_ssd, "float64", 8, heads=4, groups=2,
                                                             with_reset=True),
@@ -129,6 +133,8 @@ SLOW = {
        for c in (2, 4)},
     "ssd_float64_context8_no_h0": functools.partial(check_ssd, "float64", 8, with_h0=False),
     "ssd_float32_context8_groups": functools.partial(check_ssd, "float32", 8, heads=4, groups=2),
+    "ssd_float64_context4_resets_check_vma_off": functools.partial(check_ssd, "float64", 4, with_reset=True,
+                                                                   check_vma=False),
 }
 
 

@@ -7,10 +7,11 @@ with documents, both lie in one document). Two ways to bring the keys to the que
 * ``"all_gather"``: every shard gathers the whole K and V (B, n S, Nkv, d) and attends once. Memory per device:
   the full K/V, 2 B n S Nkv d elements, plus the (B, Nq, S, n S) float32 scores.
 * ``"ring"`` (default): n steps; at step t shard r holds the K/V block of shard (r - t) mod n, folds it into a
-  running (max, sum, weighted sum) online softmax and passes it on with ``ppermute`` (r -> r + 1). Memory per step:
-  two K/V blocks and (B, Nq, S, S) scores; autodiff keeps each step's scores for the backward, so a training step
-  holds n of them (as many as ``"all_gather"``), but never the whole K/V. Blocks from later shards are fully masked
-  and still computed (the last shard has no such block, so skipping them would not shorten the step).
+  running (max, sum, weighted sum) online softmax and passes it on with ``ppermute`` (r -> r + 1). Memory: two K/V
+  blocks and one (B, Nq, S, S) block of scores at a time in the forward; the backward (autodiff, each block
+  rematerialised) keeps every step's K/V block, i.e. the whole K/V again, but one block of scores at a time.
+  Blocks from later shards are fully masked and still computed (the last shard has no such block, so skipping
+  them would not shorten the step).
 
 Both compute the softmax in ``promote_types(float32, q.dtype)`` with the max shift held out of the gradient (the
 result does not depend on it), so their values and gradients equal one-device attention (``jax.nn.
@@ -19,6 +20,7 @@ dot_product_attention`` or the layer's float64 path). Gradients by autodiff thro
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -51,8 +53,13 @@ def global_positions(seq_len: int, axis_name: str = "context", start: int | jax.
     return (offset + jnp.arange(seq_len)).astype(jnp.int32)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
 def _block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> Partial:
-    """q (B, S, Nkv, G, d), k/v (B, T, Nkv, d), allowed (B or 1, S, T) -> this block's Partial."""
+    """q (B, S, Nkv, G, d), k/v (B, T, Nkv, d), allowed (B or 1, S, T) -> this block's Partial.
+
+    Rematerialised: the backward recomputes the block's scores from q, k, v instead of keeping them, so a training
+    step holds the (B, Nq, S, T) scores of one block at a time."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)  # K/V travel in their own dtype, q is in the compute dtype
     scores = jnp.einsum("bsngd,btnd->bngst", q, k, precision=HIGHEST) * scale
     scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
@@ -141,7 +148,6 @@ def context_causal_attention(
     rank = jax.lax.axis_index(axis_name)
     grouped = q.astype(dtype).reshape(batch, seq_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     query_documents = block_documents(rank)
-    k, v = k.astype(dtype), v.astype(dtype)
     if method == "all_gather":
         every_k, every_v = (jax.lax.all_gather(x, axis_name, axis=1, tiled=True) for x in (k, v))
         every_position = jnp.arange(n * seq_len)
