@@ -42,6 +42,8 @@ from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.rope import apply_rope
+from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
+from m2rnn_jax.parallel.context.mixers import causal_attention_over_context
 
 Dtype = Any
 
@@ -188,7 +190,11 @@ class Attention(nnx.Module):
         if segment_ids is not None:
             documents = document_index(segment_ids, batch, seq_len)
 
-        if state is None:
+        require_supported("state (cached decoding)", state)
+        if state is None and context_axis_size() > 1:  # the sequence is split over devices: K/V around a ring
+            out = causal_attention_over_context(q, k, v, scale=self.head_dim**-0.5, segment_ids=segment_ids)
+            new_state = AttentionState(key=k, value=v, position=start + seq_len, documents=documents)
+        elif state is None:
             mask = None
             if segment_ids is not None:
                 causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))

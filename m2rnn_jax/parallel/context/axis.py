@@ -26,11 +26,11 @@ def context_axis_size(axis_name: str = CONTEXT_AXIS) -> int:
     return mesh_axis_sizes().get(axis_name, 1)
 
 
-def require_supported(feature: str, unsupported: bool, axis_name: str = CONTEXT_AXIS) -> None:
-    """ValueError naming ``feature`` and the context axis when ``unsupported`` is true under a context axis > 1."""
+def require_supported(feature: str, value: object, axis_name: str = CONTEXT_AXIS) -> None:
+    """ValueError naming ``feature`` and the context axis when ``value`` is not None under a context axis > 1."""
     size = context_axis_size(axis_name)
-    if unsupported and size > 1:
+    if value is not None and size > 1:
         raise ValueError(
-            f"{feature}: expected None under context parallelism (mesh axis {axis_name!r} of size {size}), got an "
-            f"array; it cannot run with the sequence split over devices (use mesh.{axis_name}=1)"
+            f"{feature}: expected None under context parallelism (mesh axis {axis_name!r} of size {size}), got a "
+            f"{type(value).__name__}; it cannot run with the sequence split over devices (use mesh.{axis_name}=1)"
         )

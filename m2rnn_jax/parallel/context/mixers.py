@@ -1,8 +1,10 @@
-"""The layers' entry points under a context axis: the short conv, the gated delta rule and SSD on global arrays.
+"""The layers' entry points under a context axis: short conv, gated delta rule, SSD and attention on global arrays.
 
 Each opens the ``shard_map`` (:func:`~m2rnn_jax.parallel.context.shard.run_over_context`) around the function of
 local shards that does the cross-shard work (:mod:`.conv`: halo exchange; :mod:`.linear_recurrence`: per-shard
-(transition, state) pairs combined over the axis), and takes and returns what the single-device call does.
+(transition, state) pairs combined over the axis; :mod:`.attention`: K/V blocks passed around a ring), and takes
+and returns what the single-device call does. :mod:`.conv` and :mod:`.attention` import layer modules, so they are
+imported when first called (the layers import this module).
 """
 
 from __future__ import annotations
@@ -82,3 +84,24 @@ def ssd_over_context(
 
     return run_over_context(local, (x, dt, log_decay, B, C, h0, reset), (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
                             (SEQUENCE, BATCH), axis_name=axis_name)
+
+
+def causal_attention_over_context(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+    method: str = "ring",
+    axis_name: str = CONTEXT_AXIS,
+) -> jax.Array:
+    """Causal attention (document-masked with ``segment_ids`` (B, S)) of q (B, S, Nq, d) to k, v (B, S, Nkv, d),
+    already rotated at their global positions, with S split over ``axis_name`` -> (B, S, Nq, d) in q's dtype."""
+    from m2rnn_jax.parallel.context.attention import context_causal_attention  # imports layer modules
+
+    def local(q, k, v, segment_ids):
+        return (context_causal_attention(q, k, v, scale=scale, segment_ids=segment_ids, method=method,
+                                         axis_name=axis_name),)
+
+    return run_over_context(local, (q, k, v, segment_ids), (SEQUENCE,) * 4, (SEQUENCE,), axis_name=axis_name)[0]
