@@ -1,8 +1,8 @@
 """Benchmark of the M2RNN op backends: forward ms, forward+backward ms, ns per step, memory.
 
-    python -m m2rnn_jax.bench.op                       # paper shapes, every backend this machine runs
-    python -m m2rnn_jax.bench.op --shapes 400m --backends pallas_gpu scan --json out.json
-    m2rnn-jax bench --shapes 400m-b1                          # the same through the CLI
+    m2rnn-jax bench                                    # paper shapes, every backend this machine runs
+    m2rnn-jax bench --shapes 400m --backends pallas_gpu scan --json out.json
+    python -m m2rnn_jax bench --shapes 400m-b1         # the same without the installed script
 
 Inputs are random and realistic (``m2rnn_jax.testing``), h0 = None (training starts every sequence from zeros),
 gradient clipping 1 (the paper's configs). Forward+backward is one jitted call of ``jax.vjp`` and its pullback
@@ -14,7 +14,6 @@ device memory beyond the arguments and outputs (inputs, dy; y and the gradients)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -153,16 +152,3 @@ def run(shapes: Sequence[str], backends: Sequence[str], json_path: str | None, i
     print(format_table(rows))
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from m2rnn_jax.commands import bench as command  # one definition of the arguments, shared with the CLI
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    command.add_parser(subparsers)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

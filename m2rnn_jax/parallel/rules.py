@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
-from m2rnn_jax.ops.m2rnn.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
+from m2rnn_jax.parallel.axes import BATCH_MESH_AXES, HEAD_MESH_AXIS
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "tensor", "expert")
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compiles of the TPU kernels with the real Mosaic TPU compiler (libtpu) for virtual v5e and v6e chips.
 
-Each test runs ``python -m pallas_kernels.tpu.aot_check`` in a subprocess whose PYTHONPATH starts with .venv-tpu
+Each test runs ``python -m m2rnn_jax.bench.tpu_aot`` in a subprocess whose PYTHONPATH starts with .venv-tpu
 (libtpu installed there by .ci/install_tpu.sh), so this pytest process never loads the TPU plugin. The subprocess
 compiles, for a 2x2 topology: the op's forward and backward (backend "pallas_tpu") under ``jax.shard_map`` over
 (batch, heads), the varlen forward+backward, and one AdamW step of the ``M2RNN`` layer, data-parallel under
@@ -30,7 +30,7 @@ ODD_BLOCKS += ["--target", "forward", "--target", "backward", "--target", "varle
 
 
 def _aot_check(env: dict[str, str], topology: str, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "pallas_kernels.tpu.aot_check", "--topology", topology, *extra]
+    command = [sys.executable, "-m", "m2rnn_jax.bench.tpu_aot", "--topology", topology, *extra]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     report = [line for line in result.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert result.returncode == 0, "\n".join(report) + "\n" + result.stdout[-4000:] + result.stderr[-4000:]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
-from m2rnn_jax.ops.m2rnn.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS
+from m2rnn_jax.parallel.axes import BATCH_MESH_AXES, HEAD_MESH_AXIS
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 # measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)

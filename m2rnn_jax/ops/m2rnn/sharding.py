@@ -26,9 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.heads import expand_heads
-
-BATCH_MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
-HEAD_MESH_AXIS: str = "tensor"
+from m2rnn_jax.parallel.axes import BATCH_MESH_AXES, HEAD_MESH_AXIS
 
 
 def _mesh_axis_sizes() -> dict[str, int]:

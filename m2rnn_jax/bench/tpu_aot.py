@@ -9,7 +9,7 @@ mesh over the topology's virtual devices and runs the real Mosaic TPU compiler (
 - varlen:     forward + backward of packed sequences with ``cu_seqlens`` (one shard per device);
 - train_step: one optax step of the ``m2rnn_jax.layers.M2RNN`` mixer, data-parallel under ``jax.shard_map``.
 
-Usage: python -m pallas_kernels.tpu.aot_check --topology v5e:2x2 --topology v6e:2x2
+Usage: python -m m2rnn_jax.bench.tpu_aot --topology v5e:2x2 --topology v6e:2x2
 Exit status 0 when every compile succeeds; the failures are printed with their compiler message otherwise.
 It proves that Mosaic accepts the kernels for those chips, not their numerics or speed.
 """
