@@ -1,7 +1,7 @@
 """Benchmark of the LM head + cross-entropy: the chunked version against the plain one (full logits).
 
     python -m m2rnn_jax.bench.loss                                   # B=8, S=4096, h=1024, V=100352, bf16
-    python -m m2rnn_jax.bench.loss --chunk-sizes 1024 2048 4096 --statistics two_pass online --json head.json
+    python -m m2rnn_jax.bench.loss --chunk-sizes 1024 2048 4096 --json head.json
     python -m m2rnn_jax.bench.loss --batch 2 --seq-len 64 --hidden 32 --vocab 512 --dtype float32   # CPU
 
 Both versions take hidden states (B*S, h) in the compute dtype and a float32 kernel (h, V) and return (mean token
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from m2rnn_jax.bench.report import format_table, write_json
 from m2rnn_jax.bench.timing import compile_timed, median_ms, temp_bytes, to_gib
-from m2rnn_jax.models.lm_head_loss import STATISTICS, default_num_chunks, lm_head_cross_entropy
+from m2rnn_jax.models.lm_head_loss import default_num_chunks, lm_head_cross_entropy
 from m2rnn_jax.models.loss import cross_entropy
 
 SEED = 0
@@ -50,12 +50,11 @@ def plain_loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax
     return mean, jnp.sum(jnp.argmax(logits, axis=-1) == targets)
 
 
-def chunked_loss(chunk_size: int | None, statistics: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """:func:`lm_head_cross_entropy` with ``chunk_size`` and ``statistics``: (mean cross-entropy, correct count)."""
+def chunked_loss(chunk_size: int | None) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """:func:`lm_head_cross_entropy` with ``chunk_size``: (mean cross-entropy, correct count)."""
 
     def loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        head = lm_head_cross_entropy(x, kernel, targets, chunk_size=chunk_size, compute_dtype=x.dtype,
-                                     statistics=statistics)
+        head = lm_head_cross_entropy(x, kernel, targets, chunk_size=chunk_size, compute_dtype=x.dtype)
         return head.nll_sum / jnp.maximum(head.weight_sum, 1.0), jnp.sum(head.correct)
 
     return loss
@@ -91,23 +90,21 @@ def bench_lm_head_loss(
     repeats: int,
     *,
     chunk_size: int | None = None,
-    statistics: str = "two_pass",
     compare_plain: bool = True,
 ) -> dict[str, Any]:
     """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it).
 
     Returns:
         ``forward_ms``, ``fwd_bwd_ms``, ``forward_temp_gib``, ``fwd_bwd_temp_gib``, ``compile_s``,
-        ``chunk_tokens`` (tokens per chunk) and ``statistics`` of the chunked version; with ``compare_plain`` the
+        ``chunk_tokens`` (tokens per chunk) of the chunked version; with ``compare_plain`` the
         first five again with a ``plain_`` prefix, and ``loss_rel_diff``, ``d_hidden_rel_diff``,
         ``d_kernel_rel_diff`` (chunked vs plain).
     """
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
     num_chunks = default_num_chunks(num_tokens, vocab) if chunk_size is None else -(-num_tokens // chunk_size)
-    result, (value, grads) = _time(chunked_loss(chunk_size, statistics), args, iters, repeats)
+    result, (value, grads) = _time(chunked_loss(chunk_size), args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)
-    result["statistics"] = statistics
     if compare_plain:
         plain, (plain_value, plain_grads) = _time(plain_loss, args, iters, repeats)
         result.update({f"plain_{key}": value_ for key, value_ in plain.items()})
@@ -119,7 +116,6 @@ def bench_lm_head_loss(
 
 TABLE_COLUMNS = [
     ("chunk", "chunk_tokens", "{}"),
-    ("statistics", "statistics", "{}"),
     ("fwd ms", "forward_ms", "{:.2f}"),
     ("fwd+bwd ms", "fwd_bwd_ms", "{:.2f}"),
     ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
@@ -141,18 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
                         help="tokens per chunk, one row each (default: one row with the default chunking)")
-    parser.add_argument("--statistics", nargs="+", choices=STATISTICS, default=["two_pass"],
-                        help="reduction(s) of the softmax statistics, one row each per chunk size")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
     for chunk_size in args.chunk_sizes or [None]:
-        for statistics in args.statistics:
-            rows.append(bench_lm_head_loss(args.batch, args.seq_len, args.hidden, args.vocab, args.dtype, args.iters,
-                                           args.repeats, chunk_size=chunk_size, statistics=statistics,
-                                           compare_plain=not rows))
+        rows.append(bench_lm_head_loss(args.batch, args.seq_len, args.hidden, args.vocab, args.dtype, args.iters,
+                                       args.repeats, chunk_size=chunk_size, compare_plain=not rows))
     print(f"LM head + loss on {jax.devices()[0].device_kind} (jax {jax.__version__}): N={args.batch}x{args.seq_len} "
           f"h={args.hidden} V={args.vocab} {args.dtype}")
     print(format_table(TABLE_COLUMNS, rows))

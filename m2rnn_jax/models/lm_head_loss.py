@@ -38,16 +38,6 @@ from m2rnn_jax.checks import is_int, require
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
 CHUNK_LOGITS_ELEMENTS = 2**28
 
-# How the per-token maximum, argmax and sum of exponentials are read off a chunk's logits:
-#   "online":   one variadic reduction (max, sum of exp relative to the running max, first argmax) over the
-#               vocabulary: one read of the logits, two exponentials per element;
-#   "two_pass": an argmax reduction, then a sum-of-exp reduction: two reads, one exponential per element.
-# Both give the same values up to float rounding; which is faster is a memory-bandwidth vs exp-throughput question:
-# on a 2-core CPU "two_pass" is 1.5-3x faster (the default); on the H200 it is to be measured
-# (``python -m m2rnn_jax.bench.loss --statistics two_pass online``).
-STATISTICS = ("two_pass", "online")
-
-
 class LMHeadLoss(NamedTuple):
     """What :func:`lm_head_cross_entropy` returns (float32, or float64 when computing in float64).
 
@@ -69,7 +59,6 @@ class _Layout(NamedTuple):
     num_chunks: int
     chunk: int
     compute_dtype: Any
-    statistics: str
     hidden_dtype: Any
     kernel_dtype: Any
 
@@ -90,7 +79,6 @@ def lm_head_cross_entropy(
     chunk_size: int | None = None,
     compute_dtype: Any = None,
     groups: int = 1,
-    statistics: str = "two_pass",
 ) -> LMHeadLoss:
     """Summed weighted token cross-entropy of the LM head ``hidden @ kernel``, chunked over tokens.
 
@@ -104,18 +92,17 @@ def lm_head_cross_entropy(
             Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
-        statistics: one of :data:`STATISTICS`, how the max / argmax / sum of exp are reduced.
 
     Returns:
         :class:`LMHeadLoss`. Gradients flow to ``hidden``, ``kernel`` and ``weights`` through ``nll_sum``,
         ``weight_sum`` and ``correct`` (the last two only to ``weights``).
 
     Raises:
-        ValueError: on shapes that do not fit together, a bad ``chunk_size``, ``groups`` or ``statistics``.
+        ValueError: on shapes that do not fit together, a bad ``chunk_size`` or ``groups``.
     """
     if weights is None:
         weights = jnp.ones(hidden.shape[:1], dtype=jnp.float32)
-    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics)
+    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups)
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
 
@@ -128,7 +115,6 @@ def _make_layout(
     chunk_size: int | None,
     compute_dtype: Any,
     groups: int,
-    statistics: str,
 ) -> _Layout:
     """Validates the arguments of :func:`lm_head_cross_entropy` and derives the chunk layout."""
     require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
@@ -140,7 +126,6 @@ def _make_layout(
     require(chunk_size is None or (is_int(chunk_size) and chunk_size > 0), "chunk_size", "a positive int or None",
             chunk_size)
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
-    require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
         num_chunks = default_num_chunks(group_tokens, kernel.shape[1])
@@ -151,7 +136,6 @@ def _make_layout(
         num_chunks=num_chunks,
         chunk=math.ceil(group_tokens / num_chunks),
         compute_dtype=jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype),
-        statistics=statistics,
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
     )
@@ -192,39 +176,18 @@ def _chunk_logits(hidden_c: jax.Array, kernel: jax.Array) -> jax.Array:
     return _matmul(hidden_c, kernel, (2, 0), ((), ()), jnp.promote_types(jnp.float32, hidden_c.dtype))
 
 
-def _two_pass_reduction(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(..., V) -> (max, first argmax, sum of exp(logits - max)), each (...): argmax, then a sum of exp."""
+def _softmax_statistics(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(..., V) -> (max, first argmax, sum of exp(logits - max)), each (...): an argmax reduction, then a sum of exp
+    (two reads of the logits, one exponential per element; a single variadic (max, sum, argmax) reduction was
+    measured no faster on the H200 and 1.5-3x slower on CPU, RESULTS.md session 6)."""
     best = jnp.argmax(logits, axis=-1)
     top = jnp.take_along_axis(logits, best[..., None], axis=-1)  # the max, read at the argmax
     return top[..., 0], best, jnp.sum(jnp.exp(logits - top), axis=-1)
 
 
-def _online_merge(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """Merges two (max, sum of exp relative to that max, first index of the max) triples."""
-    (max_a, sum_a, index_a), (max_b, sum_b, index_b) = a, b
-    top = jnp.maximum(max_a, max_b)
-    # exp(max - top), written so that max == top == -inf (empty partial sums) gives 1, not NaN.
-    scale_a = jnp.exp(jnp.where(max_a == top, 0.0, max_a - top))
-    scale_b = jnp.exp(jnp.where(max_b == top, 0.0, max_b - top))
-    index = jnp.where(max_a > max_b, index_a, jnp.where(max_b > max_a, index_b, jnp.minimum(index_a, index_b)))
-    return top, sum_a * scale_a + sum_b * scale_b, index
-
-
-def _online_reduction(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(..., V) -> (max, first argmax, sum of exp(logits - max)), each (...): one variadic reduction."""
-    axis = logits.ndim - 1
-    operands = (logits, jnp.ones_like(logits), jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis))
-    init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(0, logits.dtype), jnp.array(logits.shape[axis], jnp.int32))
-    top, total, best = jax.lax.reduce(operands, init, _online_merge, (axis,))
-    return top, best, total
-
-
-def _token_statistics(
-    logits: jax.Array, targets_c: jax.Array, statistics: str
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _token_statistics(logits: jax.Array, targets_c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(G, C, V) logits -> (logsumexp (G, C), nll (G, C), argmax == target (G, C) bool)."""
-    reduction = _online_reduction if statistics == "online" else _two_pass_reduction
-    top, best, total = reduction(logits)
+    top, best, total = _softmax_statistics(logits)
     logsumexp = top + jnp.log(total)
     target_logit = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
     return logsumexp, logsumexp - target_logit, best == targets_c
@@ -246,7 +209,7 @@ def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLo
 
     def step(_, xs):
         hidden_c, targets_c = xs
-        _, nll, hits = _token_statistics(_chunk_logits(hidden_c, kernel_c), targets_c, layout.statistics)
+        _, nll, hits = _token_statistics(_chunk_logits(hidden_c, kernel_c), targets_c)
         return None, (nll, hits)
 
     _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks))
@@ -261,7 +224,7 @@ def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     def step(d_kernel, xs):
         hidden_c, targets_c, weights_c = xs
         logits = _chunk_logits(hidden_c, kernel_c)
-        logsumexp, nll, hits = _token_statistics(logits, targets_c, layout.statistics)
+        logsumexp, nll, hits = _token_statistics(logits, targets_c)
         onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets_c[..., None]
         d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights_c[..., None]
         d_logits = d_logits.astype(layout.compute_dtype)

@@ -16,7 +16,6 @@ from m2rnn_jax.bench.loss import bench_lm_head_loss
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.lm_head_loss import (
     CHUNK_LOGITS_ELEMENTS,
-    STATISTICS,
     default_num_chunks,
     lm_head_cross_entropy,
 )
@@ -41,18 +40,17 @@ def plain_mean_loss(hidden, kernel, targets, weights):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1,
-                      statistics="two_pass"):
+def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1):
     out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype,
-                                groups=groups, statistics=statistics)
+                                groups=groups)
     return out.nll_sum / jnp.maximum(out.weight_sum, 1)
 
 
-def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None, groups=1, statistics="two_pass"):
+def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None, groups=1):
     argnums = (0, 1, 3)  # hidden, kernel, weights
     expected, expected_grads = jax.value_and_grad(plain_mean_loss, argnums)(*args)
-    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5, 6, 7))
-    actual, actual_grads = chunked(*args, chunk_size, compute_dtype, groups, statistics)
+    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5, 6))
+    actual, actual_grads = chunked(*args, chunk_size, compute_dtype, groups)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
     for name, a, e in zip(("hidden", "kernel", "weights"), actual_grads, expected_grads):
         assert a.dtype == e.dtype, name
@@ -69,13 +67,7 @@ def test_float64_loss_and_gradients_equal_full_logits(x64, chunk_size, groups):
     assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14, groups=groups)
 
 
-def test_float64_online_statistics_equal_full_logits(x64):
-    args = head_inputs(12, 37, 16, 50, jnp.float64)
-    assert_loss_and_gradients_match(args, 8, rtol=1e-12, atol=1e-14, groups=2, statistics="online")
-
-
-@pytest.mark.parametrize("statistics", STATISTICS)
-def test_ties_predict_the_first_maximal_index(statistics):
+def test_ties_predict_the_first_maximal_index():
     """Two equal vocabulary columns give equal logits: the prediction is the lower index, as jnp.argmax."""
     hidden, kernel, _, _ = head_inputs(13, 40, 8, 30, jnp.float32)
     first = jnp.argmax(hidden @ kernel, axis=-1).astype(jnp.int32)
@@ -89,7 +81,7 @@ def test_ties_predict_the_first_maximal_index(statistics):
     assert int(jnp.sum((later_tie != best) & (jnp.take_along_axis(logits, later_tie[:, None], -1)[:, 0]
                                               == jnp.max(logits, axis=-1)))) >= 5  # maximal but not first
     for targets in (best, later_tie):
-        out = jax.jit(lambda t: lm_head_cross_entropy(hidden, kernel, t, chunk_size=7, statistics=statistics))(targets)
+        out = jax.jit(lambda t: lm_head_cross_entropy(hidden, kernel, t, chunk_size=7))(targets)
         np.testing.assert_array_equal(out.correct, (best == targets).astype(jnp.float32))
 
 
@@ -197,8 +189,6 @@ def test_bad_inputs_raise():
         lm_head_cross_entropy(hidden, kernel, targets, chunk_size=0)
     with pytest.raises(ValueError, match=r"groups: expected an int in \[1, N=6\]"):
         lm_head_cross_entropy(hidden, kernel, targets, groups=7)
-    with pytest.raises(ValueError, match="statistics: expected one of"):
-        lm_head_cross_entropy(hidden, kernel, targets, statistics="fast")
 
 
 def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():
