@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
-import sys
 import time
 from typing import Any
+
+from m2rnn_jax.commands.errors import fail
 
 NAME = "convert"
 
@@ -83,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
             summary = (f"wrote {args.output}/model.safetensors ({stats['num_tensors']} tensors, "
                        f"{stats['num_parameters']:,} parameters, step {stats['step']}) and config.json")
     except ValueError as err:
-        print(f"m2rnn-jax convert: error: {err}", file=sys.stderr)
-        return 2
+        return fail(NAME, err)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"{summary}; {time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB")
     return 0
