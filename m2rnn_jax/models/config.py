@@ -22,7 +22,7 @@ config says exactly what it builds). The channel mixer of every block is ``mlp``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -49,7 +49,7 @@ SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64"
 #                else (norms, activations, convolutions, recurrences, attention) runs again.
 REMAT_CHOICES: tuple[str, ...] = ("none", "full", "save_dots")
 
-ChannelMixerConfig = Union[MLPConfig, MoEConfig]
+ChannelMixerConfig = MLPConfig | MoEConfig
 
 
 def canonical_dtype_name(dtype: Any, field_name: str) -> str:
@@ -178,6 +178,6 @@ class ModelConfig:
         """The config of the mixer that ``letter`` names in the layer pattern."""
         return getattr(self, mixer_spec(letter).field)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)

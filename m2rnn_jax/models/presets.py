@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from m2rnn_jax.layers.attention import AttentionConfig
 from m2rnn_jax.layers.gated_deltanet import GatedDeltaNetConfig

@@ -10,8 +10,8 @@ Shared by the ops: head repeat/sum (:mod:`m2rnn_jax.ops.heads`) and the clamped 
 
 from m2rnn_jax.ops.clipping import clamp_cotangent
 from m2rnn_jax.ops.gated_delta_rule import gated_delta_rule
-from m2rnn_jax.ops.m2rnn.backends import available_backends, register_backend, resolve_backend_name
 from m2rnn_jax.ops.m2rnn import m2rnn
+from m2rnn_jax.ops.m2rnn.backends import available_backends, register_backend, resolve_backend_name
 from m2rnn_jax.ops.ssd import ssd
 
 __all__ = [

@@ -30,8 +30,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.gpu.m2rnn_common import (
     HeadMap,
     KernelConfig,
-    blend,
     StepNumerics,
+    blend,
     cdiv,
     recurrence_step,
     row_slice,

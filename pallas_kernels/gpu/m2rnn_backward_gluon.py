@@ -43,14 +43,13 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.m2rnn_gluon_common import (
     CompiledKernel,
     compile_gluon,
-    staging_vector,
     compute_capability,
     helpers,
     launch,
+    staging_vector,
     tanh_constexprs,
     triton_dtype,
 )
-
 
 # ptxas cap per thread: uncapped, ptxas has taken up to 218 registers (9 one-warp programs per SM on the H200, 10.2
 # needed at B=8 S=4096 N=84); 168 allows 12 per SM without spills (sm_90, 32 rows; the 18.4 KB of shared memory
@@ -299,12 +298,12 @@ def _kernel():
     return m2rnn_backward_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gluon_kernel():
     return _kernel()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype

@@ -201,7 +201,7 @@ class HeadMap:
     w: int
 
     @classmethod
-    def create(cls, num_heads: int, q, k, v, f, w) -> "HeadMap":
+    def create(cls, num_heads: int, q, k, v, f, w) -> HeadMap:
         return cls(
             q=num_heads // q.shape[1],
             k=num_heads // k.shape[1],

@@ -184,12 +184,12 @@ def _kernel():
     return m2rnn_forward_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gluon_kernel():
     return _kernel()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype
@@ -230,7 +230,8 @@ def m2rnn_forward_gluon(
       rows: state rows per program (a power of two >= 16 dividing K; None = K); tanh: one of ``TANH_FORMS``.
 
     Returns:
-      y (T, N, V) in q's dtype (summed over row blocks in float32 when rows < K), h_final (B, N, K, V) float32, and checkpoints (B * ceil(S / C), N, K, V) float32
+      y (T, N, V) in q's dtype (summed over row blocks in float32 when rows < K), h_final (B, N, K, V) float32,
+      and checkpoints (B * ceil(S / C), N, K, V) float32
       (the state at the start of every chunk of C = chunk_size steps) or None.
     """
     batch, num_heads, k_dim, v_dim = h0.shape

@@ -47,7 +47,9 @@ def _renumber(asm: str, out: str, inp: str) -> str:
 
 
 _TANH_MIXED_PTX = _renumber(_TANH_PTX, "$0", "$2") + "\n" + _renumber(_TANH_NEWTON_PTX, "$1", "$3")
-TANH_FORMS = {"rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"}
+TANH_FORMS = {
+    "rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"
+}
 
 
 def tanh_constexprs(tanh: str) -> dict:
@@ -95,7 +97,9 @@ def compile_gluon(kernel, pointers: dict[str, str], constexprs: dict, arch: int,
     signature = dict(pointers) | {name: "constexpr" for name in constexprs}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
     source = GluonASTSource(kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1, "maxnreg": max_registers})
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1, "maxnreg": max_registers}
+    )
     return CompiledKernel(
         ptx=compiled.asm["ptx"], name=compiled.metadata.name, shared_mem_bytes=compiled.metadata.shared, num_warps=1
     )

@@ -131,7 +131,7 @@ def forward_call(
     save_checkpoints: bool,
     interpret=False,
 ):
-    """Build the forward ``pallas_call`` on packed operands (see :class:`~pallas_kernels.tpu.m2rnn_common.PackedInputs`).
+    """Build the forward ``pallas_call`` on packed operands (:class:`~pallas_kernels.tpu.m2rnn_common.PackedInputs`).
 
     Operands: [cu_seqlens (B+1,) int32 when varlen], q (R, G, Sp, mq, Kp), k (R, G, Sp, mk, Kp), q_src (G, mq, L),
     k_src (G, mk, L), v (R, G, Sp, L), f (R, G, Sp, L) float32, w (G, L, L) float32, h0 (B, G, Kp, L) float32;

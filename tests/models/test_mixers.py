@@ -26,7 +26,7 @@ def test_every_registered_mixer_has_a_model_config_field_of_its_config_type():
 @pytest.mark.parametrize("spec", MIXERS, ids=lambda spec: spec.letter)
 def test_module_class_implements_the_sequence_mixer_interface(spec):
     cls = spec.module_class
-    assert callable(getattr(cls, "init_state", None)) and callable(getattr(cls, "__call__", None))
+    assert inspect.isfunction(cls.init_state) and inspect.isfunction(cls.__call__)
     call = inspect.signature(cls.__call__).parameters
     assert list(call)[:3] == ["self", "x", "state"] and call["segment_ids"].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(cls.init_state).parameters)[:4] == ["self", "batch_size", "max_length", "dtype"]

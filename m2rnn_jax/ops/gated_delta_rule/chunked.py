@@ -24,7 +24,8 @@ Layout of the chunked tensors: (B, H, n, C, ...) with n = ceil(S / C) chunks.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -57,7 +57,8 @@ def _fused_module():
 
 def resolve_backend(backend: str, k_dim: int, v_dim: int, chunk_size: int, dtype: jnp.dtype) -> str:
     """Map ``backend`` to a concrete one: "auto" is "pallas_gpu" on an NVIDIA GPU (default device) when the fused
-    backend takes these sizes and dtype (:func:`~m2rnn_jax.ops.gated_delta_rule.pallas_gpu.fused_unsupported_reason`), else
+    backend takes these sizes and dtype
+    (:func:`~m2rnn_jax.ops.gated_delta_rule.pallas_gpu.fused_unsupported_reason`), else
     "chunked"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")

@@ -1,8 +1,9 @@
 """The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks fused.
 
-The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched XLA matmuls
-with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is the
-matmul-based block doubling (:func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`). Only the walk over chunks is
+The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched
+XLA matmuls with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is
+the matmul-based block doubling (:func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`). Only the walk
+over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
 backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
 

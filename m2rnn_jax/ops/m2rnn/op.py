@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.m2rnn.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
 from m2rnn_jax.ops.clipping import normalize_clipping
+from m2rnn_jax.ops.m2rnn.backends import PALLAS_BACKENDS, get_backend, resolve_backend_name
 from m2rnn_jax.ops.m2rnn.sharding import run_sharded
 from m2rnn_jax.ops.m2rnn.validation import state_dtypes, validate_inputs
 from m2rnn_jax.ops.m2rnn.value_checks import check_input_values

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2rnn_jax.ops.m2rnn.backends import register_backend
 from m2rnn_jax.ops.heads import reduce_heads
+from m2rnn_jax.ops.m2rnn.backends import register_backend
 from m2rnn_jax.ops.m2rnn.validation import state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_backward_gluon import m2rnn_backward_gluon

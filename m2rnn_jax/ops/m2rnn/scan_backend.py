@@ -23,7 +23,9 @@ def scan_backend(
     interpret: bool,
     reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The backend function (validated inputs; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``); ``reset`` (B, S) only when dense."""
+    """The backend function (validated inputs; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).
+
+    ``reset`` (B, S) only when dense."""
     if interpret:
         raise ValueError('interpret: True is only meaningful for a Pallas backend, got backend="scan"')
     if cu_seqlens is None:

@@ -19,7 +19,7 @@ only the remaining auto axes are split here. :func:`m2rnn_jax.m2rnn` routes its 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
