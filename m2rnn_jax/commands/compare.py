@@ -124,7 +124,7 @@ def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
         from m2rnn_jax.train.restore import restore_params
 
         config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-        return config.model, restore_params(config, workdir / "checkpoints", args.step).params
+        return config.model, restore_params(config, workdir / "checkpoints", args.step, flag="--model").params
     if args.step is not None:
         raise ValueError(f"--step: only with --model WORKDIR (a run directory holding config.json), got {args.model!r}")
     if args.model in list_presets():

@@ -100,7 +100,7 @@ def _load_model(args: argparse.Namespace, config: Any, model_config: Any) -> Any
     from m2rnn_jax.train.restore import restore_params
 
     if config is not None:
-        restored = restore_params(config, Path(args.checkpoint) / "checkpoints", args.step)
+        restored = restore_params(config, Path(args.checkpoint) / "checkpoints", args.step, flag="--checkpoint")
         print(f"m2rnn-jax generate: loaded step {restored.step} from {args.checkpoint!r}", file=sys.stderr)
         return nnx.merge(restored.graphdef, restored.params)
     print(

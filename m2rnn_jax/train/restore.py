@@ -27,9 +27,11 @@ class RestoredParams(NamedTuple):
     step: int
 
 
-def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | None = None) -> RestoredParams:
+def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | None = None, *,
+                   flag: str = "--workdir") -> RestoredParams:
     """The parameters of checkpoint ``step`` (default: latest) placed on the mesh of ``config.mesh`` (the optimizer
-    state stays on disk: only the parameters are read)."""
+    state stays on disk: only the parameters are read). ``flag`` names the run directory in the error when there is
+    no checkpoint."""
     mesh = build_mesh(config.mesh.axis_sizes)
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
@@ -38,7 +40,8 @@ def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | 
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
-            raise ValueError(f"--workdir: no checkpoint under {str(Path(checkpoint_dir))!r}")
+            raise ValueError(f"{flag}: expected a run directory with a checkpoint, got none under "
+                             f"{str(Path(checkpoint_dir))!r}")
         if step not in checkpointer.all_steps():
             raise ValueError(f"--step: expected one of {checkpointer.all_steps()}, got {step}")
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings), step, params_only=True)

@@ -38,6 +38,8 @@ IN_PROCESS: dict[str, tuple[list[str], str]] = {
                            "--set", "optimizer.lr=1"], "optimizer: unknown key 'lr'"),
     "train_nothing_to_train": (["train", "--workdir", "{tmp}/empty"], "--preset or --config: expected one of them"),
     "bench_model_unknown_preset": (["bench", "--model", "x"], "--model: expected a preset name"),
+    "generate_run_without_checkpoint": (["generate", "--checkpoint", "{run}", "--prompt-ids", "1"],
+                                        "--checkpoint: expected a run directory with a checkpoint, got none under"),
 }
 if ON_CPU:  # backends that need hardware this machine lacks
     SUBPROCESS["compare_pallas_gpu"] = (
@@ -110,7 +112,7 @@ def test_unknown_preset_lists_the_presets(finished):
 def test_prompt_ids_are_checked_before_loading_the_model(finished):
     """The run has no checkpoint: a model built or restored first would fail differently (or print 'loaded')."""
     assert "loaded step" not in finished["generate_prompt_outside_vocab"].stderr
-    assert "no checkpoint" not in finished["generate_prompt_outside_vocab"].stderr
+    assert "expected a run directory with a checkpoint" not in finished["generate_prompt_outside_vocab"].stderr
 
 
 def test_missing_directory_is_named(finished):
