@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
         config = _with_eval_data(config, args)
         from m2rnn_jax.data.sources import make_source
         from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
-        from m2rnn_jax.train.restore import restore_params
+        from m2rnn_jax.train.restore import check_same_model, restore_params
+
+        if args.preset or args.config:
+            check_same_model(workdir, config, "--workdir")
 
         source = make_source(config.data, config.model.vocab_size)
         start = time.perf_counter()

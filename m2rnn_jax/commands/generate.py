@@ -67,6 +67,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     """The training config of ``--checkpoint`` (its config.json), or None for a bare ``--preset``."""
     from m2rnn_jax.train.config import TrainConfig
     from m2rnn_jax.train.presets import train_config
+    from m2rnn_jax.train.restore import check_same_model
 
     if args.preset:
         check_preset("--preset", args.preset)
@@ -74,7 +75,9 @@ def _train_config(args: argparse.Namespace) -> Any:
         return None
     saved_config = existing_directory("--checkpoint", args.checkpoint, "run directory") / "config.json"
     if args.preset:
-        return train_config(args.preset)
+        config = train_config(args.preset)
+        check_same_model(args.checkpoint, config, "--checkpoint")
+        return config
     if saved_config.is_file():
         return TrainConfig.from_dict(json.loads(saved_config.read_text()))
     raise ValueError(

@@ -28,15 +28,16 @@ class RestoredParams(NamedTuple):
 
 
 def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | None = None, *,
-                   flag: str = "--workdir") -> RestoredParams:
+                   flag: str = "--workdir", concurrent_gb: int | None = None) -> RestoredParams:
     """The parameters of checkpoint ``step`` (default: latest) placed on the mesh of ``config.mesh`` (the optimizer
     state stays on disk: only the parameters are read). ``flag`` names the run directory in the error when there is
-    no checkpoint."""
+    no checkpoint; ``concurrent_gb`` limits the arrays Orbax reads at once (see :class:`Checkpointer`)."""
     mesh = build_mesh(config.mesh.axis_sizes)
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
     shardings = train_state_shardings(abstract, optimizer, mesh)
-    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False)
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False,
+                                concurrent_gb=concurrent_gb)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
@@ -95,6 +96,18 @@ def config_changes(stored: dict[str, Any], requested: dict[str, Any], prefix: st
     return changes
 
 
+def _stored_config(workdir: str | Path, flag: str, hint: str = "") -> dict[str, Any] | None:
+    """The run's config.json as ``TrainConfig.to_dict()`` (defaults filled in), None without one."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+    except ValueError as err:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f"{flag} {str(workdir)}: expected a readable config.json, got {str(path)!r} ({err})"
+                         f"{hint}") from err
+
+
 def check_workdir_config(workdir: str | Path, config: TrainConfig) -> list[ConfigChange]:
     """The changes from the run stored in ``workdir`` (its config.json) to ``config``, all of them in
     :data:`RESUME_CHANGEABLE`; none for a workdir without config.json.
@@ -103,14 +116,9 @@ def check_workdir_config(workdir: str | Path, config: TrainConfig) -> list[Confi
         ValueError: the workdir holds a different run (a field outside :data:`RESUME_CHANGEABLE` differs); the
             message names every differing field and the ways out.
     """
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
+    stored = _stored_config(workdir, "--workdir", "; pass --restart to move this run aside and start over")
+    if stored is None:
         return []
-    try:
-        stored = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
-    except ValueError as err:  # json.JSONDecodeError is a ValueError too
-        raise ValueError(f"--workdir {str(workdir)}: expected a readable config.json, got {str(path)!r} ({err}); "
-                         f"pass --restart to move this run aside and start over") from err
     changes = config_changes(stored, config.to_dict())
     fixed = [change for change in changes if not change.changeable]
     if fixed:
@@ -123,6 +131,21 @@ def check_workdir_config(workdir: str | Path, config: TrainConfig) -> list[Confi
             f"resume: {', '.join(RESUME_CHANGEABLE)}"
         )
     return changes
+
+
+def check_same_model(workdir: str | Path, config: TrainConfig, flag: str) -> None:
+    """For eval / generate given another config than the run's: ``ValueError`` naming ``flag`` and every differing
+    field when ``config.model`` is not the model stored in ``workdir`` (its checkpoint would not load); fields in
+    :data:`RESUME_CHANGEABLE` (remat, backends) may differ. Nothing to check without config.json."""
+    stored = _stored_config(workdir, flag)
+    if stored is None:
+        return
+    fixed = [change for change in config_changes(stored["model"], config.to_dict()["model"], "model.")
+             if not change.changeable]
+    if fixed:
+        raise ValueError(f"{flag} {str(workdir)}: holds a different model; differing fields: "
+                         f"{', '.join(change.describe() for change in fixed)} (without --preset/--config the "
+                         f"run's own config.json is used)")
 
 
 def move_run_aside(workdir: str | Path) -> Path | None:

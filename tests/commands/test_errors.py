@@ -40,6 +40,12 @@ IN_PROCESS: dict[str, tuple[list[str], str]] = {
     "bench_model_unknown_preset": (["bench", "--model", "x"], "--model: expected a preset name"),
     "generate_run_without_checkpoint": (["generate", "--checkpoint", "{run}", "--prompt-ids", "1"],
                                         "--checkpoint: expected a run directory with a checkpoint, got none under"),
+    "eval_another_model": (["eval", "--workdir", "{run}", "--preset", "state-tracking-parity-tiny"],
+                           "--workdir {run}: holds a different model; differing fields: model.vocab_size (stored 6, "
+                           "requested 2), model.hidden_size (stored 16, requested 64)"),
+    "generate_another_model": (["generate", "--checkpoint", "{run}", "--preset", "state-tracking-parity-tiny",
+                                "--prompt-ids", "1"], "--checkpoint {run}: holds a different model; differing "
+                                                      "fields: model.vocab_size (stored 6, requested 2)"),
 }
 if ON_CPU:  # backends that need hardware this machine lacks
     SUBPROCESS["compare_pallas_gpu"] = (
@@ -69,8 +75,9 @@ def _argv(argv: list[str], scratch) -> list[str]:
     return [arg.format(run=run, tmp=tmp) for arg in argv]
 
 
-def _check(name: str, cases: dict, returncode: int, stderr: str) -> None:
+def _check(name: str, cases: dict, returncode: int, stderr: str, scratch) -> None:
     argv, expected = cases[name]
+    expected = _argv([expected], scratch)[0]
     assert returncode == 2, stderr
     assert "Traceback" not in stderr, stderr
     prefix = f"m2rnn-jax {argv[0]}: error: "
@@ -94,14 +101,14 @@ def finished(scratch) -> dict[str, subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("name", list(SUBPROCESS))
-def test_user_mistakes_in_a_process_exit_2_with_one_error_line(finished, name):
-    _check(name, SUBPROCESS, finished[name].returncode, finished[name].stderr)
+def test_user_mistakes_in_a_process_exit_2_with_one_error_line(finished, scratch, name):
+    _check(name, SUBPROCESS, finished[name].returncode, finished[name].stderr, scratch)
 
 
 @pytest.mark.parametrize("name", list(IN_PROCESS))
 def test_user_mistakes_through_main(scratch, capsys, name):
     returncode = main(_argv(IN_PROCESS[name][0], scratch))
-    _check(name, IN_PROCESS, returncode, capsys.readouterr().err)
+    _check(name, IN_PROCESS, returncode, capsys.readouterr().err, scratch)
 
 
 def test_unknown_preset_lists_the_presets(finished):
