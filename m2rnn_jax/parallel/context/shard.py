@@ -5,6 +5,10 @@ the context axis, :data:`BATCH` (B, ...) split over the batch axes and the same 
 or final state), :data:`REPLICATED` (weights: whole on every device). The batch is split over the batch axes
 (data, fsdp, expert) only where it divides them; axes that are not split stay automatic (the ``tensor`` axis, for
 one: XLA, or an op's own ``shard_map``, handles it inside). Arguments may be pytrees (and None).
+
+The gradient of a BATCH or REPLICATED argument is summed over the context shards (a ``psum``); bfloat16 / float16
+arguments of those kinds enter the ``shard_map`` as float32 and are cast back inside, so that sum runs in float32
+(more accurate, and XLA:CPU fails to compile a bfloat16 all-reduce inside ``shard_map``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS, mesh_axis_sizes
@@ -62,10 +67,21 @@ def run_over_context(
     for kind in (*kinds, *out_kinds):
         if kind not in specs:
             raise ValueError(f"kind: expected one of {sorted(specs)}, got {kind!r}")
+    dtypes = [jax.tree.map(lambda x: x.dtype, a) for a in args]
+    args = [a if kind == SEQUENCE else jax.tree.map(_widen, a) for a, kind in zip(args, kinds)]
+
+    def local(*args):
+        return fn(*(jax.tree.map(lambda x, dtype: x.astype(dtype), a, d) for a, d in zip(args, dtypes)))
+
     return jax.shard_map(
-        fn,
+        local,
         in_specs=tuple(specs[kind] for kind in kinds),
         out_specs=tuple(specs[kind] for kind in out_kinds),
         axis_names={axis_name, *batch_axes},
         check_vma=False,
     )(*args)
+
+
+def _widen(x: jax.Array) -> jax.Array:
+    """float32 for a 16-bit float array (its cotangent is summed over the shards), ``x`` otherwise."""
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32 else x
