@@ -32,7 +32,7 @@ XLA when not told); ``"xla"`` / ``"cudnn"`` force one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +40,11 @@ from flax import nnx
 
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.rope import apply_rope
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
 from m2rnn_jax.parallel.context.mixers import causal_attention_over_context
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 POSITION_EMBEDDINGS = ("nope", "rope")
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")

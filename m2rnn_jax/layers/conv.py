@@ -9,7 +9,7 @@ zeros, and the returned state keeps only inputs of the last document.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,7 @@ from flax import nnx
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
 

@@ -8,13 +8,12 @@ result is cast to the compute dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 def validate_decay_gate_init(

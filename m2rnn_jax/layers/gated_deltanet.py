@@ -32,7 +32,7 @@ o_proj.kernel            o_proj.weight              (Nv dv, h)                  
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,13 @@ from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops.gated_delta_rule import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.op import BACKENDS
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import gated_delta_rule_over_context
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 L2_NORM_EPS = 1e-6
 

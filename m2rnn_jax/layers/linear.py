@@ -7,12 +7,11 @@ depth-scaled ``std = initializer_range / sqrt(2 * num_layers)`` (SPEC §3.3, §9
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 from flax import nnx
 
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 def output_projection_std(initializer_range: float, num_layers: int) -> float:

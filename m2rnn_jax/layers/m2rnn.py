@@ -37,7 +37,7 @@ output_projection (heads, embed).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +46,14 @@ from flax import nnx
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
-from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import BACKEND_NAMES
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.m2rnn import context_m2rnn
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 @dataclasses.dataclass(frozen=True)

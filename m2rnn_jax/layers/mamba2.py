@@ -31,7 +31,7 @@ out_proj.kernel      out_proj.weight          (I, h)                    N(0, σ 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +41,12 @@ from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops import ssd
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import ssd_over_context
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 @dataclasses.dataclass(frozen=True)

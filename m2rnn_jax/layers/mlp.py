@@ -39,7 +39,6 @@ are routed: a token uses ``top_k / num_experts`` of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +46,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.validation import require_positive_int
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 Z_LOSS_WEIGHT = 0.1
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 class RMSNorm(nnx.Module):

@@ -32,7 +32,7 @@ k = 0 for the RNN, 2 for the GRU (forget and reset gate inputs; ``state_weight``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +41,12 @@ from flax import nnx
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.validation import require_positive_int
 from m2rnn_jax.ops.clipping import clamp_cotangent, normalize_clipping
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.pipeline import context_recurrence
-
-Dtype = Any
+from m2rnn_jax.typing import Dtype
 
 
 @dataclasses.dataclass(frozen=True)
