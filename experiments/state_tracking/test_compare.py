@@ -87,6 +87,7 @@ def test_compare_rejects_bad_flags(tmp_path):
         compare.main(["--models", "lstm", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_compare_time_budget_records_partial_runs_and_goes_on(tmp_path):
     argv = ["--recipe", "cpu", "--models", "m2rnn", "--seeds", "0", "1", "--steps", "100000", "--train-length", "6",
             "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "3",
