@@ -89,7 +89,7 @@ def _restart(workdir: str) -> None:
     if jax.process_index() == 0:
         moved = move_run_aside(workdir)
         if moved is not None:
-            print(f"-- --restart: moved the previous run {workdir} to {moved}", flush=True)
+            print(f"-- moved the previous run {workdir} to {moved} (--restart)", flush=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
