@@ -73,19 +73,19 @@ class AttentionConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         require_positive_int("num_kv_heads", self.num_kv_heads)
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {self.num_kv_heads}")
         if self.head_dim is not None:
             require_positive_int("head_dim", self.head_dim)
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
-                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
+                f"position_embedding: expected one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
             )
         if self.position_embedding == "rope" and self.head_dim is not None and self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even with RoPE, got {self.head_dim}")
+            raise ValueError(f"head_dim: expected an even number with RoPE, got {self.head_dim}")
         if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+            raise ValueError(f"rope_theta: expected > 0, got {self.rope_theta}")
         if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+            raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
 
 class AttentionState(NamedTuple):
@@ -111,7 +111,7 @@ class Attention(nnx.Module):
     ``state.position`` and the queries attend to every filled slot. Writing past ``max_length`` cannot be detected
     under jit (positions are traced) and silently corrupts the cache: size the cache for the whole generation.
 
-    Parameters:
+    Args:
         hidden_size: h.
         config: the mixer's hyper-parameters.
         num_layers: number of layers of the model (depth-scaled init of ``c_proj``).
@@ -134,7 +134,7 @@ class Attention(nnx.Module):
         require_positive_int("num_layers", num_layers)
         if config.head_dim is None and hidden_size % config.num_heads != 0:
             raise ValueError(
-                f"hidden_size must be divisible by num_heads={config.num_heads} when head_dim is None, "
+                f"hidden_size: expected a multiple of num_heads={config.num_heads} when head_dim is None, "
                 f"got {hidden_size}"
             )
         self.hidden_size = hidden_size
@@ -142,7 +142,7 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.head_dim = config.head_dim or hidden_size // config.num_heads
         if config.position_embedding == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even with RoPE, got {self.head_dim}")
+            raise ValueError(f"head_dim: expected an even number with RoPE, got {self.head_dim}")
         self.group_size = config.num_heads // config.num_kv_heads
         d = self.head_dim
 

@@ -29,7 +29,7 @@ class CausalDepthwiseConv1d(nnx.Module):
     lm-engine stores ``conv1d.weight`` as (C, 1, kernel_size): ``kernel = weight[:, 0, :].T``.
     The convolution and the activation run in ``promote_types(float32, dtype)``; the output is cast to ``dtype``.
 
-    Parameters:
+    Args:
         channels: C.
         kernel_size: number of taps (>= 1).
         activation: ``"silu"`` or ``None`` (identity), applied after the bias.
@@ -50,11 +50,11 @@ class CausalDepthwiseConv1d(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+            raise ValueError(f"channels: expected a positive value, got {channels}")
         if kernel_size <= 0:
-            raise ValueError(f"kernel_size must be positive, got {kernel_size}")
+            raise ValueError(f"kernel_size: expected a positive value, got {kernel_size}")
         if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}")
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or None, got {activation!r}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.activation = activation

@@ -21,15 +21,15 @@ def validate_decay_gate_init(
 ) -> None:
     """Raise ``ValueError`` naming the field if the gate's init ranges are invalid (SPEC §2.3)."""
     if A_init_min < 0:
-        raise ValueError(f"A_init_min must be >= 0, got {A_init_min}")
+        raise ValueError(f"A_init_min: expected >= 0, got {A_init_min}")
     if A_init_max < A_init_min:
-        raise ValueError(f"A_init_max must be >= A_init_min ({A_init_min}), got {A_init_max}")
+        raise ValueError(f"A_init_max: expected >= A_init_min ({A_init_min}), got {A_init_max}")
     if dt_init_min <= 0:
-        raise ValueError(f"dt_init_min must be > 0, got {dt_init_min}")
+        raise ValueError(f"dt_init_min: expected > 0, got {dt_init_min}")
     if dt_init_max < dt_init_min:
-        raise ValueError(f"dt_init_max must be >= dt_init_min ({dt_init_min}), got {dt_init_max}")
+        raise ValueError(f"dt_init_max: expected >= dt_init_min ({dt_init_min}), got {dt_init_max}")
     if dt_init_floor < 0:
-        raise ValueError(f"dt_init_floor must be >= 0, got {dt_init_floor}")
+        raise ValueError(f"dt_init_floor: expected >= 0, got {dt_init_floor}")
 
 
 def inverse_softplus(y: jax.Array) -> jax.Array:
@@ -45,7 +45,7 @@ class SoftplusDecayGate(nnx.Module):
     ``dt_bias = softplus^-1(dt)``. Both parameters are stored in ``promote_types(float32, param_dtype)``
     (float32 unless float64 is requested) and carry no weight decay (SPEC §0.4).
 
-    Parameters:
+    Args:
         num_heads: N, the number of gate values per token.
         dtype: compute dtype of the returned values.
         param_dtype: requested storage dtype (raised to at least float32).
@@ -65,7 +65,7 @@ class SoftplusDecayGate(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if num_heads <= 0:
-            raise ValueError(f"num_heads must be positive, got {num_heads}")
+            raise ValueError(f"num_heads: expected a positive value, got {num_heads}")
         validate_decay_gate_init(A_init_min, A_init_max, dt_init_min, dt_init_max, dt_init_floor)
         self.num_heads = num_heads
         self.dtype = dtype

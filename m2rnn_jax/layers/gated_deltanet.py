@@ -86,13 +86,13 @@ class GatedDeltaNetConfig:
         for name in ("num_heads", "k_head_dim", "v_head_dim", "num_k_heads", "kernel_size", "chunk_size"):
             require_positive_int(name, getattr(self, name))
         if self.num_heads % self.num_k_heads != 0:
-            raise ValueError(f"num_k_heads must divide num_heads={self.num_heads}, got {self.num_k_heads}")
+            raise ValueError(f"num_k_heads: expected a divisor of num_heads={self.num_heads}, got {self.num_k_heads}")
         if self.attention_multiplier is not None and not self.attention_multiplier > 0:
-            raise ValueError(f"attention_multiplier must be None or > 0, got {self.attention_multiplier}")
+            raise ValueError(f"attention_multiplier: expected None or > 0, got {self.attention_multiplier}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps}")
         validate_decay_gate_init(
             self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
         )

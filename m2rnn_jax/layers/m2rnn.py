@@ -99,39 +99,39 @@ class M2RNNConfig:
         heads = self.head_counts
         for name, count in heads.items():
             if self.num_heads % count != 0:
-                raise ValueError(f"{name} must divide num_heads={self.num_heads}, got {count}")
+                raise ValueError(f"{name}: expected a divisor of num_heads={self.num_heads}, got {count}")
         largest = max(count for name, count in heads.items() if name != "num_g_heads")
         if largest != self.num_heads:
             raise ValueError(
-                f"num_heads must equal max(num_q_heads, num_k_heads, num_v_heads, num_f_heads, num_weight_heads)"
+                f"num_heads: expected max(num_q_heads, num_k_heads, num_v_heads, num_f_heads, num_weight_heads)"
                 f" = {largest}, got {self.num_heads} (head counts {heads})"
             )
         if self.num_f_heads != self.num_heads:
             raise ValueError(
-                f"num_f_heads must equal num_heads={self.num_heads} (the decay gate has one A_log/dt_bias per "
+                f"num_f_heads: expected num_heads={self.num_heads} (the decay gate has one A_log/dt_bias per "
                 f"state head), got {self.num_f_heads}"
             )
         if self.use_residual and self.num_v_heads != self.num_heads:
             raise ValueError(
-                f"num_v_heads must equal num_heads={self.num_heads} when use_residual (D is (N, V)), "
+                f"num_v_heads: expected num_heads={self.num_heads} when use_residual (D is (N, V)), "
                 f"got {self.num_v_heads}"
             )
         if self.kernel_size is None:
             if self.activation_function is not None:
                 raise ValueError(
-                    f"activation_function must be None when kernel_size is None, got {self.activation_function!r}"
+                    f"activation_function: expected None when kernel_size is None, got {self.activation_function!r}"
                 )
         else:
             require_positive_int("kernel_size", self.kernel_size)
             if self.activation_function is not None and self.activation_function not in ACTIVATIONS:
                 raise ValueError(
-                    f"activation_function must be one of {sorted(ACTIVATIONS)} or None, "
+                    f"activation_function: expected one of {sorted(ACTIVATIONS)} or None, "
                     f"got {self.activation_function!r}"
                 )
         if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps}")
         validate_decay_gate_init(
             self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
         )
@@ -172,7 +172,7 @@ class M2RNN(nnx.Module):
     When ``state`` is None the new state is kept in ``promote_types(float32, dtype)``; a given state keeps its
     dtypes. The recurrence always carries its state in at least float32 (SPEC §0.2).
 
-    Parameters:
+    Args:
         hidden_size: h.
         config: the mixer's hyper-parameters.
         num_layers: number of layers of the model (depth-scaled init of the output projection).
@@ -197,7 +197,7 @@ class M2RNN(nnx.Module):
         require_positive_int("hidden_size", hidden_size)
         require_positive_int("num_layers", num_layers)
         if initializer_range <= 0:
-            raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
+            raise ValueError(f"initializer_range: expected > 0, got {initializer_range}")
         self.hidden_size = hidden_size
         self.config = config
         self.dtype = dtype

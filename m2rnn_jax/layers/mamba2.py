@@ -76,12 +76,12 @@ class Mamba2Config:
             require_positive_int(name, getattr(self, name))
         if self.intermediate_size % self.num_heads != 0:
             raise ValueError(
-                f"intermediate_size must be divisible by num_heads={self.num_heads}, got {self.intermediate_size}"
+                f"intermediate_size: expected a multiple of num_heads={self.num_heads}, got {self.intermediate_size}"
             )
         if self.num_heads % self.num_groups != 0:
-            raise ValueError(f"num_groups must divide num_heads={self.num_heads}, got {self.num_groups}")
+            raise ValueError(f"num_groups: expected a divisor of num_heads={self.num_heads}, got {self.num_groups}")
         if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps}")
         validate_decay_gate_init(
             self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
         )

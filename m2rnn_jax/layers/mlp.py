@@ -80,11 +80,11 @@ class MoEConfig:
         for name in ("num_experts", "top_k", "intermediate_size"):
             require_positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+            raise ValueError(f"top_k: expected <= num_experts={self.num_experts}, got {self.top_k}")
         if self.shared_intermediate_size is not None:
             require_positive_int("shared_intermediate_size", self.shared_intermediate_size)
         if not self.router_aux_loss_coef >= 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            raise ValueError(f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
 
 
 def swiglu(h: jax.Array) -> jax.Array:

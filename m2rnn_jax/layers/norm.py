@@ -14,7 +14,7 @@ class RMSNorm(nnx.Module):
 
     The statistics and the scaling run in ``promote_types(float32, x.dtype)``; the result is cast to ``dtype``.
 
-    Parameters:
+    Args:
         num_features: size F of the normalized (last) axis; ``scale`` has shape ``(F,)``, initialised to ones.
         eps: added to the mean square (lm-engine default 1e-5).
         dtype: output (compute) dtype.
@@ -33,9 +33,9 @@ class RMSNorm(nnx.Module):
         scale_sharding: str | None = "embed",
     ):
         if num_features <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features}")
+            raise ValueError(f"num_features: expected a positive value, got {num_features}")
         if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+            raise ValueError(f"eps: expected a positive value, got {eps}")
         self.num_features = num_features
         self.eps = eps
         self.dtype = dtype

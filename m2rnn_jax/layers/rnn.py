@@ -68,11 +68,11 @@ class VectorRNNConfig:
             require_positive_int("kernel_size", self.kernel_size)
         if self.activation_function is not None and self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"activation_function must be one of {sorted(ACTIVATIONS)} or None, got {self.activation_function!r}"
+                f"activation_function: expected one of {sorted(ACTIVATIONS)} or None, got {self.activation_function!r}"
             )
         normalize_clipping(self.gradient_clipping)
         if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,4 +8,4 @@ from typing import Any
 def require_positive_int(name: str, value: Any) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is a positive int (bools rejected)."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
