@@ -14,12 +14,16 @@ the rest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.checks import require
-from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.parallel.context.collectives import context_size, last_shard_value, shift_right
+
+if TYPE_CHECKING:  # the layer package imports this package's entry points
+    from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 
 
 def _same_document_as_first(halo_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
