@@ -1,8 +1,10 @@
 """Context parallelism of the non-linear recurrences (M2RNN op and layer, RNN, GRU) on 8 fake CPU devices.
 
-One subprocess (``python -m tests.parallel.test_context_recurrences``, with 8 host devices) runs every check and
-prints ``OK <name>``; the tests below read its output. Each check compares a run under a mesh with a ``context``
-axis against the same run on one device: forward, loss and every gradient, with the state-gradient clamp binding.
+A subprocess (``python -m tests.parallel.test_context_recurrences fast|slow``, with 8 host devices) runs a set of
+checks and prints ``OK <name>`` for each; the tests below read its output. Each check compares a run under a mesh
+with a ``context`` axis against the same run on one device: forward, loss and every gradient, with the
+state-gradient clamp binding. The default run covers the op on every context size (2, 4, 8, with data and tensor
+axes) and each layer on context 4 x data 2; ``-m slow`` adds the layers on context 2 x data 4 and context 8.
 """
 
 from __future__ import annotations
@@ -13,31 +15,44 @@ import sys
 
 import pytest
 
-CHECKS = [
+FAST = [
     "op_float64_context2_data4_heads",
     "op_float64_context4_batch",
     "op_float64_context8_serial",
     "op_float64_context2_tensor2_data2",
     "op_pallas_gpu_interpret_float32_context4",
-    "layer_m2rnn_float64",
-    "layer_rnn_float64",
-    "layer_gru_float64",
+    "op_bfloat16_context4",
+    "layer_m2rnn_float64_context4_data2",
+    "layer_rnn_float64_context4_data2",
+    "layer_gru_float64_context4_data2",
     "errors",
 ]
+SLOW = [f"layer_{kind}_float64_{mesh}" for kind in ("m2rnn", "rnn", "gru") for mesh in ("context2_data4", "context8")]
 
 
-@pytest.fixture(scope="module")
-def output() -> list[str]:
+def _run(which: str) -> list[str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-m", "tests.parallel.test_context_recurrences"], env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "tests.parallel.test_context_recurrences", which], env=env,
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.splitlines()
 
 
-@pytest.mark.parametrize("name", CHECKS)
+@pytest.fixture(scope="module")
+def output() -> list[str]:
+    return _run("fast")
+
+
+@pytest.mark.parametrize("name", FAST)
 def test_context_parallel(output: list[str], name: str) -> None:
     assert f"OK {name}" in output, "\n".join(output)
+
+
+@pytest.mark.slow
+def test_context_parallel_layers_on_more_meshes() -> None:
+    lines = _run("slow")
+    for name in SLOW:
+        assert f"OK {name}" in lines, "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the checks (run in the 8-device subprocess)
@@ -52,9 +67,11 @@ def _max_error(got, expected) -> float:
 
 
 def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches: int | None = None,
-              dtype=None, backend: str = "scan", tolerance: float = 1e-10) -> None:
+              dtype=None, backend: str = "scan", tolerance: float = 1e-10,
+              gradient_tolerance: float | None = None) -> None:
     """context_m2rnn under ``axes`` == the op on one device (value and the gradients of q, k, v, W, f, h0), with a
-    clamp that binds (the clipped gradients differ from the unclipped ones)."""
+    clamp that binds (the clipped gradients differ from the unclipped ones). Values within ``tolerance``, gradients
+    within ``gradient_tolerance`` (default: ``tolerance``) relative to 1 + their largest magnitude."""
     import jax
     import jax.numpy as jnp
 
@@ -84,15 +101,22 @@ def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches:
         y, h = jax.jit(lambda *a: context_m2rnn(*a, backend=backend, interpret=backend != "scan"))(*args[:5])
     reference = m2rnn(*args[:5], backend="scan")
     assert (y.dtype, h.dtype) == (reference[0].dtype, reference[1].dtype), (y.dtype, h.dtype)
-    error = max(_max_error(got, expected), _max_error((y, h), reference))
-    assert error < tolerance, f"{name}: max error {error:.2e}"
+    value_error = max(_max_error(got[0], expected[0]), _max_error((y, h), reference))
+    assert value_error <= tolerance, f"{name}: values: max error {value_error:.2e}"
+    gradient_error = max(_max_error(a, b) / (1 + _max_error(b, 0 * b)) for a, b in zip(got[1], expected[1]))
+    limit = tolerance if gradient_tolerance is None else gradient_tolerance
+    assert gradient_error <= limit, f"{name}: gradients: max relative error {gradient_error:.2e}"
     print(f"OK {name}")
 
 
-def _check_layer(name: str, kind: str) -> None:
-    """The M2RNN / RNN / GRU layer (float64) under context 4 x data 2, context 2 x data 4 and context 8 == one
-    device: output, final state and the gradients of x and every parameter, with documents (segment_ids) whose
-    boundaries fall inside shards and on a shard boundary."""
+MESHES = {"context4_data2": {"context": 4, "data": 2}, "context2_data4": {"context": 2, "data": 4},
+          "context8": {"context": 8}}
+
+
+def _check_layer(kind: str, meshes: list[str]) -> None:
+    """The M2RNN / RNN / GRU layer (float64) under each of ``meshes`` == one device: output, final state and the
+    gradients of x and every parameter, with documents (segment_ids) whose boundaries fall inside shards and on a
+    shard boundary."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -120,12 +144,12 @@ def _check_layer(name: str, kind: str) -> None:
 
     step = jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
     expected = step(params, x)
-    for axes in ({"context": 4, "data": 2}, {"context": 2, "data": 4}, {"context": 8}):
-        with jax.set_mesh(build_mesh(axes)):
+    for mesh in meshes:
+        with jax.set_mesh(build_mesh(MESHES[mesh])):
             got = jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))(params, x)
         error = _max_error(got, expected)
-        assert error < 1e-10, f"{name} {axes}: max error {error:.2e}"
-    print(f"OK {name}")
+        assert error < 1e-10, f"{kind} {mesh}: max error {error:.2e}"
+        print(f"OK layer_{kind}_float64_{mesh}")
 
 
 def _check_errors() -> None:
@@ -157,21 +181,27 @@ def _check_errors() -> None:
     print("OK errors")
 
 
-def main() -> None:
+def main(which: str) -> None:
     import jax
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
+    if which == "slow":
+        for kind in ("m2rnn", "rnn", "gru"):
+            _check_layer(kind, ["context2_data4", "context8"])
+        return
     _check_op("op_float64_context2_data4_heads", {"context": 2, "data": 4}, batch=4)
     _check_op("op_float64_context4_batch", {"context": 4, "data": 2}, batch=8, num_micro_batches=4)
     _check_op("op_float64_context8_serial", {"context": 8}, batch=2, num_micro_batches=1)
     _check_op("op_float64_context2_tensor2_data2", {"context": 2, "tensor": 2, "data": 2}, batch=2)
     _check_op("op_pallas_gpu_interpret_float32_context4", {"context": 4, "data": 2}, batch=2, dtype=jnp.float32,
               backend="pallas_gpu", tolerance=1e-5)
+    _check_op("op_bfloat16_context4", {"context": 4, "data": 2}, batch=2, dtype=jnp.bfloat16, tolerance=0.0,
+              gradient_tolerance=2**-7)
     for kind in ("m2rnn", "rnn", "gru"):
-        _check_layer(f"layer_{kind}_float64", kind)
+        _check_layer(kind, ["context4_data2"])
     _check_errors()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
