@@ -15,7 +15,6 @@ prints loss, perplexity and bits per byte (bytes from the data directory's token
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,16 +51,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         workdir = existing_directory("--workdir", args.workdir, "run directory (written by m2rnn-jax train)")
         initialize_distributed(args)
-        saved = workdir / "config.json"
-        config = resolve_config(args, json.loads(saved.read_text()) if saved.is_file() else None)
-        config = _with_eval_data(config, args)
         from m2rnn_jax.data.sources import make_source
         from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
-        from m2rnn_jax.train.restore import check_same_model, restore_params
+        from m2rnn_jax.train.restore import check_same_model, read_run_config, restore_params
 
+        config = _with_eval_data(resolve_config(args, read_run_config(workdir, "--workdir")), args)
         if args.preset or args.config:
             check_same_model(workdir, config, "--workdir")
-
         source = make_source(config.data, config.model.vocab_size)
         start = time.perf_counter()
         restored = restore_params(config, workdir / "checkpoints", args.step)

@@ -9,16 +9,15 @@ Examples::
 
 Running the same command again with the same ``--workdir`` resumes from the latest checkpoint; so does
 ``m2rnn-jax train --workdir RUN`` alone (the run's own config.json), with ``--set`` for the fields that may change
-on resume (``steps``, ``eval_every``, ``log_every``, ``checkpoint.*``, ... :data:`m2rnn_jax.train.restore.
-RESUME_CHANGEABLE`). A workdir holding a different run is an error naming the differing fields; ``--restart``
-renames it to ``RUN.replaced-<time>`` and starts a new run there. See ``docs/cli.md``.
+on resume (``steps``, ``eval_every``, ``log_every``, ``checkpoint.*``, ...: ``RESUME_CHANGEABLE`` in
+:mod:`m2rnn_jax.train.restore`). A workdir holding a different run is an error naming the differing fields;
+``--restart`` renames it to ``RUN.replaced-<time>`` and starts a new run there (with the stored config when neither
+``--preset`` nor ``--config`` is given). See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 from m2rnn_jax.commands.arguments import check_backend_hardware
@@ -101,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         initialize_distributed(args)
-        stored = Path(args.workdir) / "config.json"
-        resume_stored = not (args.preset or args.config or args.restart) and stored.is_file()
-        config = resolve_config(args, json.loads(stored.read_text()) if resume_stored else None)
+        from m2rnn_jax.train.restore import read_run_config
+
+        stored = None if args.preset or args.config else read_run_config(args.workdir, "--workdir")
+        config = resolve_config(args, stored)
         check_backends(config)
         if args.restart:
             _restart(args.workdir)

@@ -96,8 +96,9 @@ def config_changes(stored: dict[str, Any], requested: dict[str, Any], prefix: st
     return changes
 
 
-def _stored_config(workdir: str | Path, flag: str, hint: str = "") -> dict[str, Any] | None:
-    """The run's config.json as ``TrainConfig.to_dict()`` (defaults filled in), None without one."""
+def read_run_config(workdir: str | Path, flag: str, hint: str = "") -> dict[str, Any] | None:
+    """The run's config.json as ``TrainConfig.to_dict()`` (defaults filled in), None without one; ``ValueError``
+    naming ``flag`` (and adding ``hint``) when it cannot be read."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return None
@@ -116,7 +117,7 @@ def check_workdir_config(workdir: str | Path, config: TrainConfig) -> list[Confi
         ValueError: the workdir holds a different run (a field outside :data:`RESUME_CHANGEABLE` differs); the
             message names every differing field and the ways out.
     """
-    stored = _stored_config(workdir, "--workdir", "; pass --restart to move this run aside and start over")
+    stored = read_run_config(workdir, "--workdir", "; pass --restart to move this run aside and start over")
     if stored is None:
         return []
     changes = config_changes(stored, config.to_dict())
@@ -137,7 +138,7 @@ def check_same_model(workdir: str | Path, config: TrainConfig, flag: str) -> Non
     """For eval / generate given another config than the run's: ``ValueError`` naming ``flag`` and every differing
     field when ``config.model`` is not the model stored in ``workdir`` (its checkpoint would not load); fields in
     :data:`RESUME_CHANGEABLE` (remat, backends) may differ. Nothing to check without config.json."""
-    stored = _stored_config(workdir, flag)
+    stored = read_run_config(workdir, flag)
     if stored is None:
         return
     fixed = [change for change in config_changes(stored["model"], config.to_dict()["model"], "model.")
