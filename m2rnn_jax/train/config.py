@@ -153,6 +153,10 @@ class TrainConfig:
                      f">= {order} (the order of group {self.data.group!r})", self.model.vocab_size)
         require(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
                  f"<= steps={self.steps}", self.optimizer.warmup_steps)
+        lengths = sorted({self.data.seq_len, *self.data.eval_lengths, *(n for _, n in self.data.curriculum)})
+        require(all(n % self.mesh.context == 0 for n in lengths), "mesh.context",
+                f"a divisor of every sequence length (data.seq_len, data.curriculum, data.eval_lengths: {lengths}) "
+                "since each sequence is split into mesh.context shards", self.mesh.context)
 
     @property
     def micro_batch_size(self) -> int:
