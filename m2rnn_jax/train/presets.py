@@ -177,7 +177,7 @@ def _state_tracking_large(group: str) -> TrainConfig:
         data=DataConfig(kind="state_tracking", group=group, seq_len=64,
                         curriculum=((0, 4), (4000, 6), (6000, 8), (8000, 12), (10000, 16), (12000, 32),
                                     (14000, 64)),
-                        eval_lengths=(64, 256, 1024), eval_batch_size=512),
+                        eval_lengths=(64, 256, 1024), eval_batch_size=128, eval_batches=4),
         checkpoint=CheckpointConfig(every_steps=2000, keep=1),
         steps=16000,
         batch_size=256,
