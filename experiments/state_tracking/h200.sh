@@ -13,6 +13,8 @@
 #   PARTS="s3 small large a5" (the default) picks the parts: s3 = (a), small = (c), large = M2RNN on A5/S5, a5 = A5
 #   for every mixer.
 set -u
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SMOKE=0; [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 PARTS=" ${PARTS:-s3 small large a5} "
@@ -39,6 +41,9 @@ else
   SWEEP_SMOKE=()
 fi
 START=$SECONDS
+{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } \
+  > "$OUT/environment.txt" 2>&1
 echo "state-tracking H200 script: budget ${BUDGET}s, smoke=$SMOKE, parts$PARTS, max $MAX_JOBS jobs at once" \
   > "$OUT/status.txt"
 
