@@ -20,8 +20,9 @@ class DataConfig:
         ``token_file``: windows of ``seq_len + 1`` tokens from a memory-mapped ``path``, next-token targets.
         ``path`` is a directory written by ``m2rnn-jax prepare-data`` (train on ``train.bin``, evaluate on
         ``validation.bin``; dtype and EOS id from its ``meta.json``) or one file (.bin of ``token_dtype`` or .npy;
-        the last ``eval_fraction`` is held out). ``mask_documents`` resets the recurrent mixers at
-        ``eos_token_id`` (default for a directory: its EOS id);
+        the last ``eval_fraction`` is held out). ``mask_documents`` starts a new document after every
+        ``eos_token_id`` (default for a directory: its EOS id): every mixer starts it from a zero state and
+        attention stays within it;
         ``random_tokens``: uniform random tokens (throughput runs only: nothing to learn).
     seq_len: training length; ``curriculum`` optionally starts shorter: ``((step, length), ...)`` means "from
         ``step`` on, train at ``length``" (steps ascending, first step 0, last length == ``seq_len``).

@@ -8,7 +8,7 @@ replicated: e.g. a shared q/k head or a 6-token vocabulary on 4 tensor shards).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
@@ -21,11 +21,9 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "seq": ("context",),  # context parallelism: contiguous sequence shards (m2rnn_jax.parallel.context)
     "embed": ("fsdp",),  # ZeRO-3: parameters split along the model width
     "heads": (HEAD_MESH_AXIS,),  # tensor parallel over heads (no communication inside the recurrence)
-    "kv": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "expert": ("expert",),
-    "layers": (),
 }
 
 

@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m2rnn_jax.parallel.axes import batch_split_axes, spec_entry
 from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_mesh_axes
 
 
@@ -52,8 +53,7 @@ def optimizer_state_shardings(
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes (of size > 1) that split the batch dimension."""
-    shape = mesh_shape(mesh)
-    return tuple(axis for axis in LOGICAL_AXIS_RULES["batch"] if shape.get(axis, 1) > 1)
+    return batch_split_axes(mesh_shape(mesh))
 
 
 def sequence_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -66,7 +66,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a (B, S, ...) batch: B over the batch mesh axes, S over the context axis, the rest replicated."""
     spec = []
     for axes in (batch_axes(mesh), sequence_axes(mesh))[:ndim]:
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        spec.append(spec_entry(axes))
     return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
 
 

@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.heads import reduce_heads
 from pallas_kernels.tpu import m2rnn_recurrence as recurrence
 from pallas_kernels.tpu.m2rnn_common import (
     as_rows,
@@ -41,7 +42,6 @@ from pallas_kernels.tpu.m2rnn_layout import (
     BlockPlan,
     pack_lanes,
     pack_state,
-    sum_heads,
     unpack_gate_grad,
     unpack_lanes,
     unpack_source_grad,
@@ -303,9 +303,9 @@ def m2rnn_backward(
     head_axis = 2  # of the (R, S, N, ..) arrays
     dq = unpack_source_grad(dq, plan, q_slots, q.shape[-2])
     dk = unpack_source_grad(dk, plan, k_slots, k.shape[-2])
-    dv = sum_heads(unpack_lanes(dv, plan), v.shape[-2], head_axis)
-    df = sum_heads(unpack_gate_grad(df, plan), f.shape[-1], head_axis)
-    dw = sum_heads(unpack_weight_grad(dw.sum(axis=0), plan), w.shape[0], 0)
+    dv = reduce_heads(unpack_lanes(dv, plan), v.shape[-2], head_axis)
+    df = reduce_heads(unpack_gate_grad(df, plan), f.shape[-1], head_axis)
+    dw = reduce_heads(unpack_weight_grad(dw.sum(axis=0), plan), w.shape[0], 0)
     dh0 = unpack_state(dh0, plan)
     if varlen:
         dq, dk, dv, df = dq[0], dk[0], dv[0], df[0]

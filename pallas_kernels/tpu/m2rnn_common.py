@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.heads import expand_heads
 from pallas_kernels.tpu.m2rnn_layout import (
     LANES,
     BlockPlan,
@@ -21,7 +22,6 @@ from pallas_kernels.tpu.m2rnn_layout import (
     pack_state,
     pack_weight,
     plan_blocks,
-    repeat_heads,
     source_lanes,
     source_slots,
 )
@@ -85,9 +85,9 @@ def pack_inputs(
         k_src=jnp.asarray(source_lanes(plan, k_slots, k.shape[2])),
         q_slots=q_slots,
         k_slots=k_slots,
-        v=pack_lanes(repeat_heads(v, num_heads, 2), plan),
-        f=pack_gate(repeat_heads(f.astype(jnp.float32), num_heads, 2), plan),
-        w=pack_weight(repeat_heads(w, num_heads, 0), plan),
+        v=pack_lanes(expand_heads(v, num_heads, 2), plan),
+        f=pack_gate(expand_heads(f.astype(jnp.float32), num_heads, 2), plan),
+        w=pack_weight(expand_heads(w, num_heads, 0), plan),
         h0=pack_state(h0.astype(jnp.float32), plan),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.astype(jnp.int32),
     )

@@ -234,17 +234,3 @@ def unpack_source_grad(dx: jax.Array, plan: BlockPlan, slots: np.ndarray, num_so
     summed = jnp.einsum("rgtsk,gsn->rtnk", dx, jnp.asarray(onehot, dx.dtype), precision=jax.lax.Precision.HIGHEST)
     return summed[:, : plan.tokens, :, : plan.k_dim]
 
-
-def repeat_heads(x: jax.Array, num_heads: int, axis: int) -> jax.Array:
-    """Broadcast N_x source heads on ``axis`` to ``num_heads`` in contiguous blocks (head n reads n // (N / N_x))."""
-    return x if x.shape[axis] == num_heads else jnp.repeat(x, num_heads // x.shape[axis], axis=axis)
-
-
-def sum_heads(x: jax.Array, num_sources: int, axis: int) -> jax.Array:
-    """Adjoint of :func:`repeat_heads`: sum each contiguous block of N / num_sources heads on ``axis``."""
-    axis = axis % x.ndim
-    num_heads = x.shape[axis]
-    if num_heads == num_sources:
-        return x
-    split = x.reshape(x.shape[:axis] + (num_sources, num_heads // num_sources) + x.shape[axis + 1 :])
-    return split.sum(axis=axis + 1)

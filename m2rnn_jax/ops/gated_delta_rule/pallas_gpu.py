@@ -17,14 +17,13 @@ axes already manual are left alone.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
-from m2rnn_jax.parallel.axes import BATCH_MESH_AXES, HEAD_MESH_AXIS
+from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 # measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)
@@ -79,19 +78,13 @@ fused_chunk_states.defvjp(_fused_forward, _fused_backward)
 def mesh_split(batch: int, heads: int) -> P | None:
     """PartitionSpec (batch axes, head axis) for the (B, H, ...) arrays of the walk under the current mesh, or None
     when nothing is split (no mesh, axes of size 1 or already manual, sizes that do not divide)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    manual = set(mesh.manual_axes)
-    sizes = {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes) if name not in manual}
-    batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
-    if batch % math.prod(sizes[a] for a in batch_axes):
-        batch_axes = ()
+    sizes = auto_axis_sizes()
+    batch_axes = batch_split_axes(sizes, batch)
     head_shards = sizes.get(HEAD_MESH_AXIS, 1)
     head_axis = HEAD_MESH_AXIS if head_shards > 1 and heads % head_shards == 0 else None
     if not batch_axes and head_axis is None:
         return None
-    return P(batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None), head_axis)
+    return P(spec_entry(batch_axes), head_axis)
 
 
 def gated_delta_rule_pallas_gpu(

@@ -18,6 +18,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.typing import Interpret
+
 
 class Backend(Protocol):
     def __call__(
@@ -32,7 +34,7 @@ class Backend(Protocol):
         cu_seqlens: jax.Array | None,
         gradient_clipping: float | None,
         state_dtype: jnp.dtype,
-        interpret: bool,
+        interpret: Interpret,
     ) -> tuple[jax.Array, jax.Array]: ...
 
 

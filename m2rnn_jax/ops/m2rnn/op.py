@@ -12,6 +12,7 @@ from m2rnn_jax.ops.m2rnn.backends import PALLAS_BACKENDS, get_backend, resolve_b
 from m2rnn_jax.ops.m2rnn.sharding import run_sharded
 from m2rnn_jax.ops.m2rnn.validation import state_dtypes, validate_inputs
 from m2rnn_jax.ops.m2rnn.value_checks import check_input_values
+from m2rnn_jax.typing import Interpret
 from m2rnn_jax.value_checks import checks_enabled
 
 
@@ -28,7 +29,7 @@ def m2rnn(
     gradient_clipping: float | None = None,
     state_dtype: jnp.dtype = jnp.float32,
     backend: str = "auto",
-    interpret: bool = False,
+    interpret: Interpret = False,
     check_values: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The M2RNN recurrence (Matrix-to-Matrix RNN, arXiv 2603.14360), per sequence and head n:
@@ -72,9 +73,10 @@ def m2rnn(
     Backends: "scan" (``lax.scan`` reference, any platform), "pallas_gpu" (fused kernels for NVIDIA GPUs),
     "pallas_tpu" (fused Mosaic TPU kernels), "auto" (pallas_gpu on NVIDIA GPUs, pallas_tpu on TPU, scan elsewhere,
     judged by the default device; float64 inputs always get scan). ``interpret=True`` runs a Pallas backend in
-    interpret mode (on CPU). Under a mesh (``jax.set_mesh``) a Pallas backend runs inside ``jax.shard_map``: batch
-    split over the mesh's data/fsdp/expert axes, heads over ``tensor``, no communication in the recurrence
-    (:mod:`m2rnn_jax.ops.m2rnn.sharding`); axes a caller's ``shard_map`` already made manual are left alone.
+    interpret mode (on CPU; pallas_tpu also takes a ``pltpu.InterpretParams``). Under a mesh (``jax.set_mesh``) a
+    Pallas backend runs inside ``jax.shard_map``: batch split over the mesh's data/fsdp/expert axes, heads over
+    ``tensor``, no communication in the recurrence (:mod:`m2rnn_jax.ops.m2rnn.sharding`); axes a caller's
+    ``shard_map`` already made manual are left alone.
 
     Raises ValueError naming the argument and the expected and actual shape/value for wrong ranks, mismatched
     B/S/T, K or V, head counts that do not divide N, bad ``cu_seqlens``, non-float dtypes, unknown backends.

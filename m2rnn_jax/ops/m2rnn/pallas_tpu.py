@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.m2rnn.backends import register_backend
 from m2rnn_jax.ops.m2rnn.validation import state_dtypes
+from m2rnn_jax.typing import Interpret
 from pallas_kernels.tpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.tpu.m2rnn_forward import m2rnn_forward
 
@@ -31,7 +31,7 @@ class _Static:
     gradient_clipping: float | None
     bf16_state: bool
     chunk_size: int | None
-    interpret: Any
+    interpret: Interpret
 
 
 def _num_heads(q, k, v, w, f) -> int:
@@ -120,7 +120,7 @@ def m2rnn_pallas_tpu(
     cu_seqlens: jax.Array | None,
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
-    interpret: Any,
+    interpret: Interpret,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Backend entry point (validated inputs with their original head counts; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).

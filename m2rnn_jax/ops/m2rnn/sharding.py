@@ -18,7 +18,6 @@ only the remaining auto axes are split here. :func:`m2rnn_jax.m2rnn` routes its 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -26,16 +25,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.parallel.axes import BATCH_MESH_AXES, HEAD_MESH_AXIS
-
-
-def _mesh_axis_sizes() -> dict[str, int]:
-    """Sizes of the current mesh's axes that are not already manual (inside a caller's ``shard_map``)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return {}
-    manual = set(mesh.manual_axes)
-    return {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes) if name not in manual}
+from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
+from m2rnn_jax.typing import Interpret
 
 
 def run_sharded(
@@ -50,7 +41,7 @@ def run_sharded(
     cu_seqlens: jax.Array | None,
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
-    interpret: bool,
+    interpret: Interpret,
 ) -> tuple[jax.Array, jax.Array]:
     """``backend(q, k, v, W, f, h0, ...)`` run per (batch, head) block of the current mesh (see module doc).
 
@@ -59,20 +50,18 @@ def run_sharded(
     varlen the same with (T, ...) inputs and cu_seqlens (B+1,).
     """
     kwargs = dict(gradient_clipping=gradient_clipping, state_dtype=state_dtype, interpret=interpret)
-    sizes = _mesh_axis_sizes()
+    sizes = auto_axis_sizes()
     varlen = cu_seqlens is not None
     num_heads = max(q.shape[-2], k.shape[-2], v.shape[-2], f.shape[-1], W.shape[0])
     batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
 
-    batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
-    if varlen or batch % math.prod(sizes[a] for a in batch_axes) != 0:
-        batch_axes = ()
+    batch_axes = () if varlen else batch_split_axes(sizes, batch)
     head_shards = sizes.get(HEAD_MESH_AXIS, 1)
     head_axis = HEAD_MESH_AXIS if head_shards > 1 and num_heads % head_shards == 0 else None
     if not batch_axes and head_axis is None:
         return backend(q, k, v, W, f, h0, cu_seqlens=cu_seqlens, **kwargs)
 
-    b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    b = spec_entry(batch_axes)
     token_axes = () if varlen else (b, None)  # dense: (B, S); varlen: (T,) never split
 
     def split_heads(x: jax.Array, head_dim: int) -> tuple[jax.Array, str | None]:
