@@ -14,6 +14,7 @@ copy of the model).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,9 @@ from m2rnn_jax.train.config import TrainConfig
 __all__ = ["import_lm_engine", "export_lm_engine", "read_lm_engine_config"]
 
 CONFIG_FILE = "config.json"
+# Orbax moves at most this many GB of arrays at once while saving or restoring a converted model (its default,
+# 96 GB, lets it stage a second host copy of the whole model).
+CONCURRENT_GB = 1
 
 
 def read_lm_engine_config(source: str | Path, **overrides: Any) -> ModelConfig:
@@ -72,12 +76,14 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     reader = SafetensorsReader(source)
     # ShapeDtypeStructs only (nothing allocated); the parameters' nnx.State is filled in place.
     params = abstract_train_state(config.model, build_optimizer(config.optimizer, config.steps)).params
-    nnx.replace_by_pure_dict(params, params_from_tensors(params, reader.read, reader.names(), place=jnp.asarray))
+    read = functools.partial(reader.read, copy=False)  # views of the file: each tensor is copied once, aligned
+    nnx.replace_by_pure_dict(params, params_from_tensors(params, read, reader.names(), place=jax.device_put))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                        rng=jax.random.key_data(jax.random.key(config.seed + 1)))
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / CONFIG_FILE, config.to_dict())
-    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False)
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False,
+                                concurrent_gb=CONCURRENT_GB)
     try:
         metadata = {"step": 0, "data_position": {"next_step": 0, "kind": config.data.kind},
                     "config": config.to_dict(), "converted_from": str(Path(source).absolute())}
@@ -103,7 +109,7 @@ def export_lm_engine(workdir: str | Path, output: str | Path, step: int | None =
         raise ValueError(f"--checkpoint: expected a run directory holding {CONFIG_FILE}, got {str(workdir)!r}")
     config = TrainConfig.from_dict(json.loads(saved.read_text()))
     lm_config = to_lm_engine_config(config.model, **token_ids)
-    restored = restore_params(config, workdir / "checkpoints", step)
+    restored = restore_params(config, workdir / "checkpoints", step, concurrent_gb=CONCURRENT_GB)
     leaves = {name: array for name, array in _leaves_by_name(restored.params)}
     mapping = name_map(restored.params)
     specs = {entry.name: (entry.lm_engine_shape, np.dtype(leaves[entry.name].dtype)) for entry in mapping.values()}

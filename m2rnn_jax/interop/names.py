@@ -77,6 +77,22 @@ def _from_lm(kind: str, x: np.ndarray) -> np.ndarray:
     return _to_lm(kind, x)  # transpose and swapaxes are their own inverses
 
 
+# Alignment (bytes) of the arrays params_from_tensors produces: JAX's CPU client wraps a 64-byte aligned NumPy
+# array without copying it (jax.device_put), so an imported tensor exists once, not twice.
+ALIGNMENT = 64
+
+
+def aligned_copy(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """A C-contiguous copy of ``x`` cast to ``dtype``, whose data starts at a multiple of :data:`ALIGNMENT` bytes
+    (one allocation; ``x`` may be a strided view, e.g. a transpose of a memory-mapped tensor)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(x.size * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    out = raw[start:start + x.size * dtype.itemsize].view(dtype).reshape(x.shape)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def _pure(params: Any) -> Any:
     """An ``nnx.State`` as its pure nested dict (other trees unchanged)."""
     return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
@@ -151,11 +167,13 @@ def params_from_tensors(
             dtypes are used.
         read: lm-engine name -> NumPy array in lm-engine layout.
         names: every name the source holds (to report unexpected ones).
-        place: applied to each converted leaf as soon as it is read (e.g. ``jnp.asarray`` to move it to the device
-            and drop the host copy before the next tensor is read).
+        place: applied to each converted leaf as soon as it is read (e.g. ``jax.device_put``, which on a CPU device
+            wraps the aligned array without a copy, and elsewhere moves it to the device and drops the host copy
+            before the next tensor is read).
 
-    Returns a pure dict of ``place(array)`` in Flax layout, cast to the template dtypes. Raises ValueError listing
-    missing and unexpected names, or naming a tensor of the wrong shape.
+    Returns a pure dict of ``place(array)`` in Flax layout, cast to the template dtypes; each array is a fresh
+    aligned copy (:func:`aligned_copy`), so ``read`` may return views of a memory-mapped file. Raises ValueError
+    listing missing and unexpected names, or naming a tensor of the wrong shape.
     """
     template = _pure(template)
     mapping = name_map(template)
@@ -169,6 +187,6 @@ def params_from_tensors(
         tensor = read(entry.name)
         if tuple(tensor.shape) != entry.lm_engine_shape:
             raise ValueError(f"{entry.name}: expected shape {entry.lm_engine_shape}, got {tuple(tensor.shape)}")
-        return place(np.ascontiguousarray(_from_lm(entry.kind, tensor)).astype(leaf.dtype, copy=False))
+        return place(aligned_copy(_from_lm(entry.kind, tensor), leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(convert, template)

@@ -49,7 +49,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
 class SafetensorsReader:
     """Tensors of a safetensors file, or of a directory with ``model.safetensors`` or a sharded index.
 
-    ``names()`` lists every tensor; ``read(name)`` returns one NumPy array (memory-mapped, then copied).
+    ``names()`` lists every tensor; ``read(name)`` returns one NumPy array (memory-mapped, then copied unless
+    ``copy=False``).
     """
 
     def __init__(self, source: str | Path):
@@ -80,7 +81,9 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._entries)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """Tensor ``name`` as a NumPy array: a copy, or with ``copy=False`` a read-only view of the memory-mapped
+        file (no memory of its own; the pages are read when used and released with the view)."""
         if name not in self._entries:
             raise ValueError(f"name: no tensor {name!r} in the safetensors source")
         path, data_start, entry = self._entries[name]
@@ -91,7 +94,7 @@ class SafetensorsReader:
         if end == begin:
             return np.zeros(shape, dtype=dtype)
         mapped = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
-        return np.array(mapped)
+        return np.array(mapped) if copy else mapped
 
 
 def write_safetensors(
@@ -121,4 +124,5 @@ def write_safetensors(
             if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"produce({name!r}): expected {tuple(shape)} {np.dtype(dtype)}, "
                                  f"got {array.shape} {array.dtype}")
-            file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+            file.write(little.reshape(-1).view(np.uint8))  # the array's own bytes: no further copy

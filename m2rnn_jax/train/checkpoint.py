@@ -26,12 +26,21 @@ from m2rnn_jax.train.state import TrainState
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 concurrent_gb: int | None = None):
+        """``concurrent_gb``: at most this many GB of arrays in flight while saving or restoring (Orbax's default,
+        96, may stage a host copy of a whole model at once; a small value keeps host memory near one model)."""
         self.directory = Path(directory).absolute()
+        self._concurrent_gb = concurrent_gb
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None
+        if concurrent_gb is not None:
+            handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=concurrent_gb,
+                                                               restore_concurrent_gb=concurrent_gb),
+                        "metadata": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint (None if there is none)."""
@@ -92,7 +101,8 @@ class Checkpointer:
         (``ocp.PLACEHOLDER`` leaves), not read."""
         target = abstract_state._replace(opt_state=jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract_state.opt_state))
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        with ocp.PyTreeCheckpointer() as reader:  # its own handler: this manager's "state" item is a StandardSave
+        handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=self._concurrent_gb)
+        with ocp.Checkpointer(handler) as reader:  # its own handler: this manager's "state" item is a StandardSave
             state = reader.restore(self.directory / str(step) / "state",
                                    args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
         return state._replace(opt_state=None)
