@@ -14,7 +14,7 @@ from tests.train.tiny import tiny_train_config
     "extra, message",
     [
         (["--set", "optimizer.lr=1"], "unknown key 'lr'"),
-        (["--set", "model.m2rnn.num_q_heads=3"], "model.m2rnn: num_q_heads must divide num_heads"),
+        (["--set", "model.m2rnn.num_q_heads=3"], "model.m2rnn: num_q_heads: expected a divisor of num_heads"),
         (["--set", "mesh.data=2"], "does not match the 1 available devices"),
         (["--set", "mesh.tensor=3", "--set", "mesh.data=-1"], "do not divide the 1 available devices"),
         (["--set", "data.kind=token_file"], "data.path: expected a token file"),

@@ -53,7 +53,7 @@ def test_overrides_are_typed_and_applied_together():
         ("stepz=3", "config: unknown key 'stepz' (did you mean 'steps'?)"),
         ("steps=abc", "steps: expected int, got 'abc'"),
         ("data.kind=video", "data.kind: expected one of"),
-        ("model.m2rnn.num_q_heads=3", "model.m2rnn: num_q_heads must divide num_heads"),
+        ("model.m2rnn.num_q_heads=3", "model.m2rnn: num_q_heads: expected a divisor of num_heads"),
         ("model.attention.num_heads=2", "model.attention: this section is not set"),
         ("batch_size=30", "batch_size: expected a multiple of grad_accum_steps"),
         ("model.vocab_size=4", "model.vocab_size: expected >= 6"),
