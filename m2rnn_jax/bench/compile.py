@@ -24,6 +24,7 @@ import importlib.metadata
 import math
 import os
 import re
+import resource
 import time
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ from jax.sharding import Mesh
 
 from m2rnn_jax.bench.collectives import count_collectives
 from m2rnn_jax.models import ModelConfig
-from m2rnn_jax.models.config import REMAT_CHOICES
+from m2rnn_jax.models.config import MIXER_FIELDS, REMAT_CHOICES
 from m2rnn_jax.parallel.mesh import build_mesh, resolve_mesh_shape
 from m2rnn_jax.parallel.rules import MESH_AXES
 from m2rnn_jax.parallel.shardings import batch_sharding, batch_shards, mesh_shape, replicated
@@ -51,6 +52,9 @@ class CompileRequest:
 
     ``batch`` is the global batch of one optimizer step (sequences), cut into ``grad_accum`` micro-batches;
     ``remat`` overrides the preset's activation checkpointing (None keeps it); ``hbm_gib`` overrides the chip's HBM.
+    ``overrides`` are ``KEY=VALUE`` assignments on the preset's training config (``model.vocab_size=4096``, as
+    ``m2rnn-jax train --set``); ``layers`` keeps only the first ``layers`` blocks of the layer pattern (a probe of
+    how compile cost and memory grow with depth).
     """
 
     preset: str
@@ -61,6 +65,8 @@ class CompileRequest:
     grad_accum: int = 1
     remat: str | None = None
     hbm_gib: float | None = None
+    overrides: tuple[str, ...] = ()
+    layers: int | None = None
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "grad_accum"):
@@ -71,6 +77,9 @@ class CompileRequest:
             raise ValueError(f"remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
         if self.hbm_gib is not None and not self.hbm_gib > 0:
             raise ValueError(f"hbm_gib: expected > 0, got {self.hbm_gib!r}")
+        if self.layers is not None and (not isinstance(self.layers, int) or isinstance(self.layers, bool)
+                                        or self.layers <= 0):
+            raise ValueError(f"layers: expected a positive int or None, got {self.layers!r}")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -128,6 +137,25 @@ def _libtpu_version() -> str | None:
         return importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def requested_train_config(request: CompileRequest) -> Any:
+    """The TrainConfig of ``request.preset`` with its ``overrides`` applied and the layer pattern cut to
+    ``request.layers`` blocks (ValueError when the preset has fewer)."""
+    from m2rnn_jax.train.overrides import apply_overrides
+    from m2rnn_jax.train.presets import train_config
+
+    config = apply_overrides(train_config(request.preset), list(request.overrides))
+    if request.layers is None:
+        return config
+    model = config.model
+    if request.layers > model.num_layers:
+        raise ValueError(f"--layers: expected at most the model's {model.num_layers} layers, got {request.layers}")
+    pattern = model.layer_pattern[: request.layers]
+    used = {MIXER_FIELDS[letter] for letter in pattern}
+    unused = {field: None for field in MIXER_FIELDS.values() if field not in used}
+    return dataclasses.replace(config, model=model.replace(num_layers=request.layers, layer_pattern=pattern,
+                                                           **unused))
 
 
 def tpu_model_config(config: ModelConfig, remat: str | None) -> ModelConfig:
@@ -189,6 +217,11 @@ def replicated_parameters(abstract_params: Any, shardings: Any, sizes: Mapping[s
     return names
 
 
+def _peak_rss_bytes() -> int:
+    """The largest resident memory this process has had so far (the compile's host cost), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _cost(compiled: Any) -> dict[str, float | None]:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per partition
@@ -218,14 +251,13 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _build_step(config: ModelConfig, request: CompileRequest, mesh: Mesh):
-    """(jitted step, abstract state, abstract batch, parameter count, replicated parameter names)."""
+def _build_step(train: Any, config: ModelConfig, request: CompileRequest, mesh: Mesh):
+    """(jitted step, abstract state, abstract batch, parameter count, replicated parameter names) of the train
+    config ``train`` with its model replaced by ``config``."""
     from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
-    from m2rnn_jax.train.presets import train_config
     from m2rnn_jax.train.state import abstract_train_state, model_graphdef, train_state_shardings
     from m2rnn_jax.train.step import make_train_step
 
-    train = train_config(request.preset)
     optimizer = build_optimizer(train.optimizer, train.steps)
     schedule = learning_rate_schedule(train.optimizer, train.steps)
     abstract = abstract_train_state(config, optimizer)
@@ -251,13 +283,12 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
     topology or the model, no libtpu). A compile that the TPU compiler refuses for lack of HBM gives a report with
     ``status`` "does_not_fit" and the compiler's message; any other compiler error is raised.
     """
-    from m2rnn_jax.models import get_preset
-
     chip = chip_name(request.topology)
     hbm_gib = request.hbm_gib if request.hbm_gib is not None else CHIP_HBM_GIB.get(chip)
     if hbm_gib is None:
         raise ValueError(f"--hbm-gib: HBM of chip {chip!r} unknown (known: {sorted(CHIP_HBM_GIB)}); pass it")
-    config = tpu_model_config(get_preset(request.preset), request.remat)
+    train = requested_train_config(request)
+    config = tpu_model_config(train.model, request.remat)
     devices = topology_devices(request.topology)
     sizes = resolve_mesh_shape(request.mesh, len(devices))
     check_divisibility(config, sizes, request.batch, request.grad_accum)
@@ -267,14 +298,15 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
         "preset": request.preset, "topology": request.topology, "chip": devices[0].device_kind,
         "num_devices": len(devices), "mesh": sizes, "batch": request.batch,
         "micro_batch": request.batch // request.grad_accum, "grad_accum": request.grad_accum,
-        "seq_len": request.seq_len,
+        "seq_len": request.seq_len, "layers": request.layers, "layer_pattern": config.layer_pattern,
+        "overrides": list(request.overrides),
         "micro_batch_per_device": request.batch // request.grad_accum // batch_shards(mesh),
         "remat": config.remat, "backends": {f: b for f, b in TPU_BACKENDS.items() if getattr(config, f) is not None},
         "dtype": config.dtype, "param_dtype": config.param_dtype,
         "jax_version": jax.__version__, "libtpu_version": _libtpu_version(),
     }
     start = time.perf_counter()
-    step, state, batch, num_params, replicated_names = _build_step(config, request, mesh)
+    step, state, batch, num_params, replicated_names = _build_step(train, config, request, mesh)
     report["num_params"] = num_params
     report["replicated_parameters"] = replicated_names
     with jax.set_mesh(mesh):  # the step reads the mesh (batch groups of the LM head, shard_map of the kernels)
@@ -286,10 +318,12 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
         if not _OOM.search(str(err)):
             raise
         report.update(status="does_not_fit", error=str(err).strip().splitlines()[0][:2000],
-                      compile_seconds=time.perf_counter() - start, cost=None, collectives=None)
+                      compile_seconds=time.perf_counter() - start, host_peak_rss_bytes=_peak_rss_bytes(),
+                      cost=None, collectives=None)
         report["memory"] = {"hbm_bytes": int(hbm_gib * GIB), "fits": False}
         return report
     report["compile_seconds"] = time.perf_counter() - start
+    report["host_peak_rss_bytes"] = _peak_rss_bytes()
     report["memory"] = _memory(compiled, int(hbm_gib * GIB))
     report["cost"] = _cost(compiled)
     report["collectives"] = count_collectives(compiled.as_text())
@@ -309,8 +343,9 @@ def _size(num_bytes: float) -> str:
 def format_report(report: Mapping[str, Any]) -> str:
     """A few human-readable lines of a :func:`compile_train_step` report."""
     mesh = ",".join(f"{axis}={size}" for axis, size in report["mesh"].items())
+    layers = "" if report["layers"] is None else f" ({report['layers']} layers: {report['layer_pattern']})"
     lines = [
-        f"{report['preset']} on {report['topology']} ({report['num_devices']} x {report['chip']}), mesh {mesh}",
+        f"{report['preset']}{layers} on {report['topology']} ({report['num_devices']} x {report['chip']}), mesh {mesh}",
         f"batch {report['batch']} x {report['seq_len']} (micro-batch {report['micro_batch']}, "
         f"{report['micro_batch_per_device']} per device, grad-accum {report['grad_accum']}), remat {report['remat']}, "
         f"{report['num_params'] / 1e6:.1f}M parameters",
@@ -337,5 +372,6 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report["replicated_parameters"]:
         lines.append(f"replicated (size not divisible by the mesh): {len(report['replicated_parameters'])} "
                      f"parameters, e.g. {report['replicated_parameters'][0]}")
-    lines.append(f"compiled in {report['compile_seconds']:.1f} s (trace + lower {report['lower_seconds']:.1f} s)")
+    lines.append(f"compiled in {report['compile_seconds']:.1f} s (trace + lower {report['lower_seconds']:.1f} s), "
+                 f"host peak RSS {_size(report['host_peak_rss_bytes'])}")
     return "\n".join(lines)

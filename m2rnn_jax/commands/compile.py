@@ -7,10 +7,10 @@ fits the chip's HBM, 1 it does not fit (or the compiler failed), 2 a bad request
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from m2rnn_jax.commands.arguments import positive_int
+from m2rnn_jax.commands.errors import fail
 
 NAME = "compile"
 EPILOG = """example (libtpu from .ci/install_tpu.sh):
@@ -35,14 +35,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
                    help="micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT_CHOICES, default=None, help="activation checkpointing (default: preset's)")
+    p.add_argument("--layers", type=positive_int, default=None, metavar="N",
+                   help="compile only the first N blocks of the layer pattern (depth probes; default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the preset's training config, e.g. --set model.vocab_size=4096 "
+                        "(repeatable)")
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip in GiB (default: the chip's)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report to this JSON file")
     p.set_defaults(run=run)
-
-
-def _error(message: str) -> int:
-    print(f"m2rnn-jax {NAME}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
             batch = sizes["data"] * sizes["fsdp"] * sizes["expert"] * args.grad_accum
         request = CompileRequest(preset=args.preset, topology=args.topology, mesh=mesh, batch=batch,
                                  seq_len=args.seq_len, grad_accum=args.grad_accum, remat=args.remat,
-                                 hbm_gib=args.hbm_gib)
+                                 hbm_gib=args.hbm_gib, overrides=tuple(args.overrides), layers=args.layers)
         report = compile_train_step(request)
     except ValueError as err:
-        return _error(str(err))
+        return fail(NAME, err)
     print(format_report(report), flush=True)
     if args.json:
         write_json(args.json, report)

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from m2rnn_jax.bench.collectives import COLLECTIVE_KINDS, count_collectives, shape_bytes
-from m2rnn_jax.bench.compile import CompileRequest, check_divisibility, chip_name, parse_mesh, tpu_model_config
+from m2rnn_jax.bench.compile import (
+    CompileRequest,
+    check_divisibility,
+    chip_name,
+    parse_mesh,
+    requested_train_config,
+    tpu_model_config,
+)
 from m2rnn_jax.models import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +85,28 @@ def test_request_validation():
         CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=0)
     with pytest.raises(ValueError, match="remat: expected one of"):
         CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1, remat="some")
+    with pytest.raises(ValueError, match="layers: expected a positive int or None, got 0"):
+        CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1, layers=0)
+
+
+def test_requested_train_config_applies_overrides_and_cuts_the_layers():
+    """--set edits the preset's training config; --layers keeps the first blocks and drops unused mixer configs."""
+    base = requested_train_config(CompileRequest(preset="tiny-hybrid", topology="v5e:2x2", mesh={}, batch=1))
+    assert base.model == get_preset("tiny-hybrid")
+    request = CompileRequest(preset="tiny-hybrid", topology="v5e:2x2", mesh={}, batch=1, layers=1,
+                             overrides=("model.vocab_size=64", "model.m2rnn.num_heads=2"))
+    config = requested_train_config(request).model
+    assert (config.num_layers, config.layer_pattern) == (1, base.model.layer_pattern[:1])
+    assert config.vocab_size == 64 and config.m2rnn.num_heads == 2
+    kept = {"M": "m2rnn", "G": "gated_deltanet", "A": "attention"}[config.layer_pattern]
+    for field in ("m2rnn", "gated_deltanet", "attention"):
+        assert (getattr(config, field) is not None) == (field == kept), field
+    too_deep = CompileRequest(preset="tiny-hybrid", topology="v5e:2x2", mesh={}, batch=1, layers=99)
+    with pytest.raises(ValueError, match=r"--layers: expected at most the model's \d+ layers, got 99"):
+        requested_train_config(too_deep)
+    with pytest.raises(ValueError, match="unknown key 'nope'"):
+        requested_train_config(CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1,
+                                              overrides=("model.nope=1",)))
 
 
 HLO = """
@@ -128,15 +157,17 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
     out = tmp_path / "report.json"
     result = _cli(libtpu_env, TINY + ["--json", str(out)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "tiny-m2rnn on v5e:2x2 (4 x TPU v5 lite), mesh data=2,fsdp=1,tensor=2,expert=1" in result.stdout
+    assert "tiny-m2rnn on v5e:2x2 (4 x TPU v5 lite), mesh data=2,fsdp=1,context=1,tensor=2,expert=1" in result.stdout
     report = json.loads(out.read_text())
     assert set(report) == {
         "preset", "topology", "chip", "num_devices", "mesh", "batch", "micro_batch", "grad_accum", "seq_len",
         "micro_batch_per_device", "remat", "backends", "dtype", "param_dtype", "jax_version", "libtpu_version",
         "num_params", "replicated_parameters", "lower_seconds", "compile_seconds", "memory", "cost", "collectives",
-        "status", "error",
+        "status", "error", "layers", "layer_pattern", "overrides", "host_peak_rss_bytes",
     }
-    assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert report["mesh"] == {"data": 2, "fsdp": 1, "context": 1, "tensor": 2, "expert": 1}
+    assert (report["layers"], report["layer_pattern"], report["overrides"]) == (None, "MMAM", [])
+    assert 2**27 < report["host_peak_rss_bytes"] < 2**35
     assert (report["num_devices"], report["chip"], report["status"], report["error"]) == (4, "TPU v5 lite", "fits",
                                                                                           None)
     assert (report["batch"], report["micro_batch"], report["micro_batch_per_device"]) == (4, 4, 2)
@@ -172,6 +203,8 @@ def test_bad_requests_exit_2_with_a_message(libtpu_env):
         (["--topology", "v5e:3x7"], "--topology: libtpu cannot describe the topology 'v5e:3x7'"),
         (["--topology", "v9z:2x2"], "--topology"),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--layers", "9"], "--layers: expected at most the model's 4 layers, got 9"),
+        (["--set", "model.nope=1"], "unknown key 'nope'"),
     ]
     script = (
         "import contextlib, io, json, sys\n"
@@ -213,6 +246,7 @@ def _report(**changes):
         "mesh": {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}, "batch": 8, "micro_batch": 8, "grad_accum": 1,
         "seq_len": 16, "micro_batch_per_device": 2, "remat": "none", "num_params": 2_000_000,
         "replicated_parameters": [], "compile_seconds": 3.0, "lower_seconds": 1.0, "error": None,
+        "layers": None, "layer_pattern": "MMAM", "overrides": [], "host_peak_rss_bytes": 3 * 2**29,
         "memory": {"argument_bytes": 3 * 2**30, "output_bytes": 2**20, "alias_bytes": 2**20, "temp_bytes": 1536,
                    "total_bytes": 3 * 2**30 + 1536, "hbm_bytes": 16 * 2**30, "fraction_of_hbm": 0.1875, "fits": True},
         "cost": {"flops": 1.5e12, "bytes_accessed": 2**21},
@@ -234,6 +268,8 @@ def test_format_report_lines():
     assert "1.5e+12 FLOP, 2.00 MiB accessed" in text
     assert "collectives: all-reduce 3 (5.00 MiB)" in text and "all-gather" not in text
     assert "replicated (size not divisible by the mesh): 1 parameters, e.g. ['a']['kernel']" in text
+    assert "compiled in 3.0 s (trace + lower 1.0 s), host peak RSS 1.50 GiB" in text
+    assert "p (2 layers: MM) on v5e:2x2" in format_report(_report(layers=2, layer_pattern="MM"))
     refused = format_report(_report(error="RESOURCE_EXHAUSTED: Ran out of memory", cost=None, collectives=None,
                                     memory={"hbm_bytes": 16 * 2**30, "fits": False}))
     assert "DOES NOT FIT (16.00 GiB HBM): RESOURCE_EXHAUSTED: Ran out of memory" in refused
