@@ -380,7 +380,7 @@ def test_gradient_clipping_backend_and_documents_reach_the_op(monkeypatch):
     config = dataclasses.replace(PAPER_LIKE, gradient_clipping=0.25, backend="scan")
     layer = make_layer(config)
     layer(jnp.ones((1, 2, 12), jnp.float32))
-    assert calls == [{"reset": None, "gradient_clipping": 0.25, "backend": "scan"}]
+    assert calls == [{"reset": None, "gradient_clipping": 0.25, "backend": "scan", "check_values": None}]
     layer(jnp.ones((1, 3, 12), jnp.float32), segment_ids=jnp.asarray([[4, 4, 2]], jnp.int32))
     np.testing.assert_array_equal(calls[1]["reset"], [[False, False, True]])
 
