@@ -1,4 +1,5 @@
-"""Random, realistic inputs for the M2RNN op, shared by tests and benchmarks.
+"""Random, realistic inputs for the ops (M2RNN, the gated delta rule) and error measures, shared by tests and
+benchmarks.
 
 Realistic means what the trained layer feeds the op: forget values from the softplus decay gate at init
 (f = exp(-A * softplus(x + dt_bias)), A ~ U(0, 16), dt_bias from dt ~ logU(1e-3, 0.1); f roughly in [0.2, 1]),
@@ -79,3 +80,44 @@ def random_m2rnn_inputs(
     if cu_seqlens is not None:
         inputs["cu_seqlens"] = jnp.asarray(offsets)
     return inputs
+
+
+def random_gdn_inputs(
+    seed: int, batch: int, seq_len: int, heads: int, k_dim: int, v_dim: int, dtype: jnp.dtype = jnp.float32,
+    reset_rate: float = 0.0,
+) -> dict[str, jax.Array]:
+    """Layer-like inputs: q, k (B, S, H, K) L2-normalised (q scaled by K^-1/2), v (B, S, H, V) in ``dtype``;
+    beta in (0, 2) and log_alpha in [-1.6, -1e-3] (B, S, H) float32; h0 (B, H, K, V) float32; reset (B, S) bool
+    with about ``reset_rate`` of the positions True (None when the rate is 0)."""
+    rng = np.random.default_rng(seed)
+
+    def unit(shape):
+        x = rng.standard_normal(shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    inputs = {
+        "q": jnp.asarray(unit((batch, seq_len, heads, k_dim)) * k_dim**-0.5, dtype),
+        "k": jnp.asarray(unit((batch, seq_len, heads, k_dim)), dtype),
+        "v": jnp.asarray(rng.standard_normal((batch, seq_len, heads, v_dim)), dtype),
+        "beta": jnp.asarray(2.0 / (1.0 + np.exp(-rng.standard_normal((batch, seq_len, heads)))), jnp.float32),
+        "log_alpha": jnp.asarray(-np.exp(rng.uniform(np.log(1e-3), np.log(1.6), (batch, seq_len, heads))),
+                                 jnp.float32),
+        "h0": jnp.asarray(rng.standard_normal((batch, heads, k_dim, v_dim)) * 0.1, jnp.float32),
+    }
+    inputs["reset"] = jnp.asarray(rng.uniform(size=(batch, seq_len)) < reset_rate) if reset_rate > 0 else None
+    return inputs
+
+
+def relative_error(actual: jax.Array, expected: jax.Array) -> float:
+    """||actual - expected||_2 / ||expected||_2 over all elements, in float64 on the host."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+def max_relative_error(actual: jax.Array, expected: jax.Array, floor: float = 1e-30) -> float:
+    """max |actual - expected| / max(max |expected|, ``floor``), in float64 on the host.
+
+    ``floor`` 1.0 makes it an absolute error for references of magnitude below one.
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), floor))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from m2rnn_jax.ops.gated_delta_rule.chunked import chunk_factors, to_chunks, triangular_inverse, unit_lower_inverse
 from m2rnn_jax.ops.gated_delta_rule.op import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import DEFAULT_BACKWARD_CONFIG, DEFAULT_FORWARD_CONFIG, gated_delta_rule_pallas_gpu
-from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")

@@ -14,7 +14,7 @@ import pytest
 
 from m2rnn_jax.ops import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.chunked import scan_states
-from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")

@@ -17,7 +17,7 @@ from m2rnn_jax.ops.m2rnn import backends
 from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config, m2rnn_pallas_gpu, padded_size
 from m2rnn_jax.ops.m2rnn.reference import m2rnn_scan_dense
 from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
-from m2rnn_jax.testing import random_m2rnn_inputs
+from m2rnn_jax.testing import max_relative_error, random_m2rnn_inputs, relative_error
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
 
@@ -45,10 +45,9 @@ def _outputs_and_grads(fn, inputs, key):
 def _assert_close(actual, expected, dtype):
     assert actual.keys() == expected.keys()
     for name in expected:
-        scale = max(float(np.abs(expected[name]).max()), 1e-6)
-        error = float(np.abs(actual[name] - expected[name]).max())
         assert np.isfinite(actual[name]).all(), name
-        assert error <= TOLERANCE[dtype] * scale, f"{name}: max error {error:.3g} vs max value {scale:.3g}"
+        error = max_relative_error(actual[name], expected[name], floor=1e-6)
+        assert error <= TOLERANCE[dtype], f"{name}: max error {error:.3g} of the reference's max value"
 
 
 def _check_against_scan(inputs, *, dtype, clip=None, state_dtype=jnp.float32, config=None, seed=0):
@@ -228,11 +227,6 @@ def _paper_inputs(batch=8, seq_len=4096):
     )
 
 
-def _relative_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 @pytest.mark.gpu
 def test_gpu_paper_shape_bf16_against_f32_reference():
     """400M layer (B=8, S=4096, N=84, K=64, V=16, Nq=Nk=1), bf16 kernel vs float32 scan on the same values."""
@@ -246,7 +240,7 @@ def test_gpu_paper_shape_bf16_against_f32_reference():
     expected = _outputs_and_grads(jax.jit(lambda a: m2rnn(**a, backend="scan")), rounded, key)
     actual = _outputs_and_grads(jax.jit(lambda a: m2rnn(**a, backend="pallas_gpu")), bf16, key)
     for name in expected:
-        assert _relative_error(actual[name], expected[name]) < 1e-2, name
+        assert relative_error(actual[name], expected[name]) < 1e-2, name
 
 
 @pytest.mark.gpu
@@ -259,7 +253,7 @@ def test_gpu_f32_matches_reference_closely():
     expected = _outputs_and_grads(jax.jit(lambda a: m2rnn(**a, backend="scan")), args, key)
     actual = _outputs_and_grads(jax.jit(lambda a: m2rnn(**a, backend="pallas_gpu")), args, key)
     for name in expected:
-        assert _relative_error(actual[name], expected[name]) < 1e-4, name
+        assert relative_error(actual[name], expected[name]) < 1e-4, name
 
 
 def test_approximate_tanh_only_for_16_bit_inputs_on_the_gpu():

@@ -19,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from m2rnn_jax import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import get_backend, resolve_backend_name
 from m2rnn_jax.ops.m2rnn.pallas_tpu import m2rnn_pallas_tpu
-from m2rnn_jax.testing import random_m2rnn_inputs
+from m2rnn_jax.testing import max_relative_error, random_m2rnn_inputs
 from pallas_kernels.tpu import m2rnn_layout as layout
 from pallas_kernels.tpu.m2rnn_backward import backward_buffers
 from pallas_kernels.tpu.m2rnn_common import vmem_bytes
@@ -63,7 +63,7 @@ def _assert_close(name, actual, expected, tol):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
     assert np.all(np.isfinite(actual)), name
-    error = np.max(np.abs(actual - expected)) / max(1.0, np.max(np.abs(expected)))
+    error = max_relative_error(actual, expected, floor=1.0)
     assert error <= tol, f"{name}: relative max error {error:.2e} > {tol:.1e}"
 
 

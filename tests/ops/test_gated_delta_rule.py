@@ -16,7 +16,7 @@ import pytest
 from m2rnn_jax.ops import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.chunked import triangular_inverse, unit_lower_inverse
 from m2rnn_jax.ops.gated_delta_rule.op import resolve_backend
-from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import random_gdn_inputs, relative_error
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 
@@ -186,7 +186,7 @@ def test_doubling_inverse_gradient_matches_triangular_solve_autodiff():
 _MESH_SCRIPT = """
 import jax, jax.numpy as jnp
 from m2rnn_jax.ops import gated_delta_rule
-from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import random_gdn_inputs, relative_error
 x = random_gdn_inputs(0, 2, 20, 2, 16, 16, reset_rate=0.1)
 args = [x[n] for n in ("q", "k", "v", "beta", "log_alpha", "h0")]
 def loss(backend, **kw):

@@ -10,15 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m2rnn_jax import m2rnn
-from m2rnn_jax.testing import random_m2rnn_inputs
+from m2rnn_jax.testing import random_m2rnn_inputs, relative_error
 from tests.ops.numpy_reference import m2rnn_numpy
 
 ARGS = ("q", "k", "v", "W", "f", "h0")
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def scan_value_and_grads(inputs, cotangents, clip=None, **kw):
@@ -55,10 +50,10 @@ def check_against_numpy(inputs, clip=None, tol=1e-10):
         *(inputs.get(n) for n in ARGS), cu_seqlens=inputs.get("cu_seqlens"),
         dy=np.asarray(cot[0]), dh_final=np.asarray(cot[1]), clip=clip,
     )
-    assert rel_err(y, ref_y) < tol
-    assert rel_err(h, ref_h) < tol
+    assert relative_error(y, ref_y) < tol
+    assert relative_error(h, ref_h) < tol
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < tol, name
+        assert relative_error(g, ref_grads[name]) < tol, name
     return grads, ref_grads
 
 
@@ -101,9 +96,9 @@ def test_float32_matches_float64_truth():
         *(inputs[n] for n in ARGS), dy=np.asarray(cot[0]), dh_final=np.asarray(cot[1])
     )
     assert y.dtype == jnp.float32 and h.dtype == jnp.float32
-    assert rel_err(y, ref_y) < 1e-5 and rel_err(h, ref_h) < 1e-5
+    assert relative_error(y, ref_y) < 1e-5 and relative_error(h, ref_h) < 1e-5
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < 1e-5, name
+        assert relative_error(g, ref_grads[name]) < 1e-5, name
 
 
 def test_bfloat16_inputs_error_is_bounded():
@@ -115,12 +110,12 @@ def test_bfloat16_inputs_error_is_bounded():
     y, h = m2rnn(**inputs, backend="scan")
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.bfloat16
     ref_y, ref_h = m2rnn_numpy(*(np.asarray(inputs[n], np.float64) for n in ARGS))
-    err_y, err_h = rel_err(y, ref_y), rel_err(h, ref_h)
+    err_y, err_h = relative_error(y, ref_y), relative_error(h, ref_h)
     print(f"bf16 inputs, f32 state: rel err y {err_y:.2e}, h_final {err_h:.2e}")
     assert err_y < 8e-3 and err_h < 8e-3  # output rounding to bf16 is 2^-9 = 2e-3 per element
     # a bf16 state accumulates rounding over steps: measurably worse than the float32 state
     y16, _ = m2rnn(**inputs, backend="scan", state_dtype=jnp.bfloat16)
-    err_y16 = rel_err(y16, ref_y)
+    err_y16 = relative_error(y16, ref_y)
     print(f"bf16 inputs, bf16 state: rel err y {err_y16:.2e}")
     assert err_y < err_y16 < 0.1
 

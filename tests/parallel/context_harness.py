@@ -60,13 +60,13 @@ def assert_sharded_matches(sharded: Callable, single: Callable, args: dict, tol:
     """``sharded(**args)`` equals ``single(**args)`` (a pytree of outputs), and so do the gradients of
     ``sum(outputs * random cotangents)`` with respect to every floating-point argument (an argument may be a pytree
     such as module parameters; None and integer / bool arguments are held fixed): relative error
-    (``m2rnn_jax.ops.gated_delta_rule.testing.relative_error``) below ``tol`` for every leaf; the failure message
-    lists each leaf that misses, with its error."""
+    (:func:`m2rnn_jax.testing.relative_error`) below ``tol`` for every leaf; the failure message lists each leaf
+    that misses, with its error."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from m2rnn_jax.ops.gated_delta_rule.testing import relative_error
+    from m2rnn_jax.testing import relative_error
 
     def floating(a) -> bool:
         leaves = jax.tree.leaves(a)

@@ -20,7 +20,7 @@ CHUNK = 5
 def _random_gdn(dtype, *, seed: int, batch: int, with_h0: bool, reset_rate: float):
     import jax.numpy as jnp
 
-    from m2rnn_jax.ops.gated_delta_rule.testing import random_gdn_inputs
+    from m2rnn_jax.testing import random_gdn_inputs
 
     inputs = random_gdn_inputs(seed, batch, GLOBAL_LENGTH, heads=2, k_dim=6, v_dim=5, reset_rate=reset_rate)
     args = {name: inputs[name].astype(dtype) for name in ("q", "k", "v", "beta", "log_alpha", "h0")}

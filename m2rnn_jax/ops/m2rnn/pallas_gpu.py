@@ -20,7 +20,7 @@ import numpy as np
 
 from m2rnn_jax.ops.heads import reduce_heads
 from m2rnn_jax.ops.m2rnn.backends import register_backend
-from m2rnn_jax.ops.m2rnn.validation import state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import head_count, state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_backward_gluon import m2rnn_backward_gluon
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
@@ -264,7 +264,7 @@ def m2rnn_pallas_gpu(
     else:
         batch = cu_seqlens.shape[0] - 1
     tokens, k_dim, v_dim = q.shape[0], q.shape[-1], v.shape[-1]
-    num_heads = max(q.shape[1], k.shape[1], v.shape[1], f.shape[1], W.shape[0])
+    num_heads = head_count(q, k, v, W, f)
     carry_dtype, _ = state_dtypes(state_dtype, q.dtype)
     config = config or default_config(batch, num_heads, k_dim)
     num_chunks = batch * cdiv(seq_len, config.chunk_size) if dense else tokens // config.chunk_size + batch

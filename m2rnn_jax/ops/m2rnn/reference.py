@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.clipping import clamp_cotangent
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.ops.m2rnn.validation import state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import head_count, state_dtypes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -73,7 +73,7 @@ def m2rnn_scan_dense(
     ``gradient_clipping`` must already be normalised (None or |c|).
     """
     storage_dtype, compute_dtype = state_dtypes(state_dtype, q.dtype)
-    num_heads = max(q.shape[2], k.shape[2], v.shape[2], f.shape[2], W.shape[0])
+    num_heads = head_count(q, k, v, W, f)
     batch, k_dim, v_dim = q.shape[0], q.shape[-1], v.shape[-1]
     w = expand_heads(W.astype(compute_dtype), num_heads, axis=0)
     if h0 is None:
@@ -122,7 +122,7 @@ def m2rnn_scan_varlen(
     Returns y (T,N,V) and the final states (B,N,K,V) in the arithmetic dtype.
     """
     storage_dtype, compute_dtype = state_dtypes(state_dtype, q.dtype)
-    num_heads = max(q.shape[1], k.shape[1], v.shape[1], f.shape[1], W.shape[0])
+    num_heads = head_count(q, k, v, W, f)
     batch, tokens = cu_seqlens.shape[0] - 1, q.shape[0]
     k_dim, v_dim = q.shape[-1], v.shape[-1]
     w = expand_heads(W.astype(compute_dtype), num_heads, axis=0)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.heads import expand_heads
+from m2rnn_jax.ops.m2rnn.validation import head_count
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from m2rnn_jax.typing import Interpret
 
@@ -52,7 +53,7 @@ def run_sharded(
     kwargs = dict(gradient_clipping=gradient_clipping, state_dtype=state_dtype, interpret=interpret)
     sizes = auto_axis_sizes()
     varlen = cu_seqlens is not None
-    num_heads = max(q.shape[-2], k.shape[-2], v.shape[-2], f.shape[-1], W.shape[0])
+    num_heads = head_count(q, k, v, W, f)
     batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
 
     batch_axes = () if varlen else batch_split_axes(sizes, batch)

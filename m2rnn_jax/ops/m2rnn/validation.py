@@ -162,6 +162,11 @@ def validate_inputs(
     )
 
 
+def head_count(q: jax.Array, k: jax.Array, v: jax.Array, W: jax.Array, f: jax.Array) -> int:
+    """N = max(Nq, Nk, Nv, Nf, Nw) of validated inputs, dense (B, S, N_x, ...) or varlen (T, N_x, ...)."""
+    return max(q.shape[-2], k.shape[-2], v.shape[-2], f.shape[-1], W.shape[0])
+
+
 def state_dtypes(state_dtype: jnp.dtype, input_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
     """Return (storage dtype of the carried state, dtype of the per-step arithmetic).
 
