@@ -18,8 +18,8 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -28,7 +28,11 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import chunk_factors, to_chunks, triangular_inverse, unit_lower_inverse
 from m2rnn_jax.ops.gated_delta_rule.op import gated_delta_rule
-from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import DEFAULT_BACKWARD_CONFIG, DEFAULT_FORWARD_CONFIG, gated_delta_rule_pallas_gpu
+from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import (
+    DEFAULT_BACKWARD_CONFIG,
+    DEFAULT_FORWARD_CONFIG,
+    gated_delta_rule_pallas_gpu,
+)
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
@@ -92,7 +96,7 @@ def main() -> None:
     t0 = time.time()
     shape = dict(B=args.batch, S=args.seq, H=args.heads, K=args.k_dim, V=args.v_dim, C=args.chunk)
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": shape, "dtype": "bfloat16",
         "steps": {},
     }

@@ -1,8 +1,8 @@
 """The fused walk over chunks of the gated delta rule (pallas_kernels/gpu/gdn_chunk_states.py).
 
-On CPU the kernels run in Pallas interpret mode against ``lax.scan`` (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_states`)
-and its autodiff, forward and every cotangent; tests marked ``gpu`` run the whole pallas_gpu backend compiled on an
-NVIDIA GPU against the float32 chunked reference.
+On CPU the kernels run in Pallas interpret mode against ``lax.scan``
+(:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_states`) and its autodiff, forward and every cotangent; tests
+marked ``gpu`` run the whole pallas_gpu backend compiled on an NVIDIA GPU against the float32 chunked reference.
 """
 
 from __future__ import annotations

@@ -177,8 +177,10 @@ def test_doubling_inverse_gradient_matches_triangular_solve_autodiff():
     rng = np.random.default_rng(4)
     A = jnp.tril(jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32), -1) * 0.5
     weights = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
-    grads = [jax.grad(lambda a: jnp.sum(inverse(a) * weights))(A) for inverse in (unit_lower_inverse,
-                                                                                   triangular_inverse)]
+    def gradient(inverse):
+        return jax.grad(lambda a: jnp.sum(inverse(a) * weights))(A)
+
+    grads = [gradient(unit_lower_inverse), gradient(triangular_inverse)]
     assert relative_error(grads[0], jnp.tril(grads[1], -1)) < 1e-5
     assert not np.any(np.triu(np.asarray(grads[0])))  # A is strictly lower: nothing flows elsewhere
 
