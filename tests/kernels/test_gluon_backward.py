@@ -15,9 +15,10 @@ import jax
 import pytest
 
 from m2rnn_jax.ops.m2rnn.pallas_gpu import use_gluon_backward
+from m2rnn_jax.testing import relative_error
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from tests.kernels.test_gluon_forward import GPU_CASES, _backend, gpu_case_inputs
-from tests.kernels.test_pallas_gpu import _outputs_and_grads, _relative_error
+from tests.kernels.test_pallas_gpu import _outputs_and_grads
 
 
 def test_predicate_follows_the_gluon_forward_and_the_config():
@@ -81,5 +82,5 @@ def test_gpu_gluon_backward_against_f32_scan(case, config_name):
     key = jax.random.PRNGKey(32)
     expected = _outputs_and_grads(_backend(None, backend="scan"), rounded, key)
     got = _outputs_and_grads(_backend(GLUON_BACKWARD_CONFIGS[config_name]), low, key)
-    errors = {name: _relative_error(got[name], expected[name]) for name in expected}
+    errors = {name: relative_error(got[name], expected[name]) for name in expected}
     assert all(error < 1e-2 for error in errors.values()), errors

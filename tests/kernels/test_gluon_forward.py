@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu, use_gluon_forward
-from m2rnn_jax.testing import random_m2rnn_inputs
+from m2rnn_jax.testing import random_m2rnn_inputs, relative_error
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
-from tests.kernels.test_pallas_gpu import NAMES, _outputs_and_grads, _relative_error
+from tests.kernels.test_pallas_gpu import NAMES, _outputs_and_grads
 
 COMMON = dict(
     dense=True, interpret=False, input_dtype=jnp.bfloat16, carry_dtype=jnp.float32, k_padded=64, v_padded=16,
@@ -168,9 +168,9 @@ def test_gpu_gluon_forward_against_f32_scan(case, config_name):
     pallas = _outputs_and_grads(_backend(KernelConfig(gluon_forward=False)), low, key)
     for name in expected:
         assert np.isfinite(gluon[name]).all(), name
-        assert _relative_error(gluon[name], expected[name]) < 1e-2, name
+        assert relative_error(gluon[name], expected[name]) < 1e-2, name
     for name in ("y", "h_final"):
-        assert _relative_error(gluon[name], pallas[name]) < 5e-3, name
+        assert relative_error(gluon[name], pallas[name]) < 5e-3, name
 
 
 @pytest.mark.gpu
@@ -199,4 +199,4 @@ def test_gpu_gluon_checkpoints_match_pallas_forward():
         return np.asarray(jax.jit(fn)(*args, h0))
 
     config = GLUON_CONFIGS["rows32_mixed"]
-    assert _relative_error(checkpoints(config), checkpoints(dataclasses.replace(config, gluon_forward=False))) < 5e-3
+    assert relative_error(checkpoints(config), checkpoints(dataclasses.replace(config, gluon_forward=False))) < 5e-3
