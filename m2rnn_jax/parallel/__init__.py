@@ -1,4 +1,5 @@
-"""Sharding: meshes over (data, fsdp, tensor, expert), logical-axis rules, shardings, global batches, multi-host.
+"""Sharding: meshes over (data, fsdp, context, tensor, expert), logical-axis rules, shardings, global batches,
+multi-host; context parallelism (sequences split over the ``context`` axis) in :mod:`m2rnn_jax.parallel.context`.
 
 The shard_map wrapper that runs the M2RNN kernels per (batch, heads) block lives with the op, in
 :mod:`m2rnn_jax.ops.m2rnn.sharding`.

@@ -85,7 +85,8 @@ def _check_train_tiny_state_tracking() -> None:
 
 def _check_train_tiny_hybrid() -> None:
     _compare_train_runs("train_tiny_hybrid", ["--preset", "tiny-hybrid", "--set", "steps=3", "--set", "log_every=1",
-                                              "--set", "batch_size=8", "--set", "data.eval_batch_size=8"])
+                                              "--set", "optimizer.warmup_steps=1", "--set", "batch_size=8",
+                                              "--set", "data.eval_batch_size=8"])
 
 
 def _check_tiny_hybrid_model() -> None:

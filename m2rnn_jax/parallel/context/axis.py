@@ -31,6 +31,6 @@ def require_supported(feature: str, value: object, axis_name: str = CONTEXT_AXIS
     size = context_axis_size(axis_name)
     if value is not None and size > 1:
         raise ValueError(
-            f"{feature}: expected None under context parallelism (mesh axis {axis_name!r} of size {size}), got a "
+            f"{feature}: expected None under context parallelism (mesh axis {axis_name!r} of size {size}), got "
             f"{type(value).__name__}; it cannot run with the sequence split over devices (use mesh.{axis_name}=1)"
         )
