@@ -153,11 +153,12 @@ def _check_layer(kind: str, meshes: list[str]) -> None:
 
 
 def _check_errors() -> None:
-    """A sequence length not divisible by the context size names both."""
+    """A sequence length not divisible by the context size names both; so does attention's cached decoding."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from m2rnn_jax.layers.attention import Attention, AttentionConfig
     from m2rnn_jax.layers.rnn import RNN, RNNConfig
     from m2rnn_jax.parallel.context.m2rnn import context_m2rnn
     from m2rnn_jax.parallel.mesh import build_mesh
@@ -178,6 +179,14 @@ def _check_errors() -> None:
             assert "expected a multiple of the context axis size 4" in str(error) and "got 10" in str(error), error
         else:
             raise AssertionError("no error for S=10 over 4 context shards in a layer")
+        attention = Attention(8, AttentionConfig(num_heads=2), num_layers=1, rngs=nnx.Rngs(0))
+        try:
+            attention(jnp.zeros((2, 4, 8)), attention.init_state(2, 16))
+        except ValueError as error:
+            assert "state (cached decoding): expected None" in str(error), error
+            assert "'context' of size 4" in str(error), error
+        else:
+            raise AssertionError("no error for cached decoding under a context axis")
     print("OK errors")
 
 
