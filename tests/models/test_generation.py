@@ -174,7 +174,8 @@ def test_generate_ragged_greedy_equals_single_prompts():
         alone = generate(model, jnp.asarray([prompt], jnp.int32), max_new_tokens=5)
         assert new.dtype == np.int32 and new.shape == (5,)
         np.testing.assert_array_equal(new, np.asarray(alone[0, len(prompt) :]))
-    sampled = generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=3, key=jax.random.key(1), temperature=1.0)
-    assert [s.shape for s in sampled] == [(3,)] * 3
+    # the same max_new_tokens as above: temperature and key are traced, so sampling reuses the greedy compile
+    sampled = generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=5, key=jax.random.key(1), temperature=1.0)
+    assert [s.shape for s in sampled] == [(5,)] * 3
     with pytest.raises(ValueError, match="key: sampling with temperature > 0 needs a PRNG key"):
         generate_ragged(model, RAGGED_PROMPTS, max_new_tokens=3, temperature=1.0)
