@@ -26,13 +26,14 @@ def plot_group(results: list[dict[str, Any]], group: str, path: Path) -> Path:
         by_model.setdefault(result["model"], []).append(result)
     order = sorted(by_model, key=lambda name: list(MODELS).index(name) if name in MODELS else len(MODELS))
     train_length = results[0]["train_length"]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 5), dpi=120)
     for ax, (kind, ylabel) in zip(axes, PANELS):
         for name in order:
             length = min(len(run["curves"][kind]) for run in by_model[name])
             curves = 100 * np.array([run["curves"][kind][:length] for run in by_model[name]])
             x = np.arange(1, length + 1)
-            (line,) = ax.plot(x, curves.mean(axis=0), label=f"{model_label(name)} ({len(curves)} seeds)", lw=1.5)
+            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+            (line,) = ax.plot(x, curves.mean(axis=0), label=f"{model_label(name)} ({seeds})", lw=1.5)
             if len(curves) > 1:
                 ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
         ax.axvline(train_length, color="gray", linestyle="--", lw=1, label=f"training length {train_length}")
@@ -41,9 +42,10 @@ def plot_group(results: list[dict[str, Any]], group: str, path: Path) -> Path:
         ax.set_xlabel("sequence length n")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{group.upper()} state tracking, trained at length {train_length}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as temporary:
         fig.savefig(temporary, format="png")
