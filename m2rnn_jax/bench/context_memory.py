@@ -1,6 +1,6 @@
 """Per-device memory of one mixer layer's training step at long context, from XLA's compiled memory analysis.
 
-    python -m m2rnn_jax.parallel.context.memory --preset hybrid-m2rnn-400m --mixer m2rnn --seq-len 65536 \\
+    python -m m2rnn_jax.bench.context_memory --preset hybrid-m2rnn-400m --mixer m2rnn --seq-len 65536 \\
         --context 1 8
 
 compiles (never runs) ``value_and_grad`` of one mixer layer (forward and backward, gradients of the parameters
@@ -63,7 +63,7 @@ def layer_step_memory(preset: str, mixer: str, seq_len: int, batch: int, context
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m2rnn_jax.parallel.context.memory", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m m2rnn_jax.bench.context_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="hybrid-m2rnn-400m")
     parser.add_argument("--mixer", default="m2rnn", help="config field of the mixer (m2rnn, gdn, mamba2, ...)")
