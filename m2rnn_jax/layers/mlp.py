@@ -87,10 +87,27 @@ class MoEConfig:
             raise ValueError(f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
 
 
-def swiglu(h: jax.Array) -> jax.Array:
-    """h (..., 2I) interleaved [gate, up] pairs -> (..., I) ``up * silu(gate)``, computed in >= float32."""
-    compute = h.astype(jnp.promote_types(jnp.float32, h.dtype))
-    return (compute[..., 1::2] * jax.nn.silu(compute[..., ::2])).astype(h.dtype)
+# The even (gate) and odd (up) columns of an interleaved SwiGLU projection. The split is applied to the kernel
+# (in, 2I), once per call, and the two halves are separate matmuls: splitting the (tokens, 2I) product instead is a
+# stride-2 lane shuffle of every activation row, whose TPU code generation grew with the number of tokens (a
+# 400M preset's one-layer train step at 4096 tokens: minutes of compile and ~8 GiB of compiler memory for this
+# alone; experiments/RESULTS.md, "Session 6: TPU pod compiles").
+GATE_COLUMNS, UP_COLUMNS = slice(0, None, 2), slice(1, None, 2)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """gate, up (..., I) -> (..., I) ``up * silu(gate)``, computed in >= float32, returned in ``gate.dtype``."""
+    compute = jnp.promote_types(jnp.float32, gate.dtype)
+    return (up.astype(compute) * jax.nn.silu(gate.astype(compute))).astype(gate.dtype)
+
+
+def linear_columns(linear: nnx.Linear, x: jax.Array, columns: slice) -> jax.Array:
+    """``linear(x)[..., columns]`` computed from the kernel's (and bias') ``columns`` only, in ``linear.dtype``."""
+    dtype = linear.dtype
+    y = jnp.dot(x.astype(dtype), linear.kernel[...][:, columns].astype(dtype))
+    if linear.bias is not None:
+        y = y + linear.bias[...][columns].astype(dtype)
+    return y
 
 
 class MLP(nnx.Module):
@@ -116,7 +133,9 @@ class MLP(nnx.Module):
         self.c_proj = sharded_linear(I, hidden_size, ("mlp", "embed"), std=output_projection_std(initializer_range, num_layers), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.c_proj(swiglu(self.c_fc(x.astype(self.dtype))))
+        x = x.astype(self.dtype)
+        gate, up = (linear_columns(self.c_fc, x, columns) for columns in (GATE_COLUMNS, UP_COLUMNS))
+        return self.c_proj(swiglu(gate, up))
 
 
 def route_tokens(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -158,11 +177,14 @@ class ExpertLinear(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array) -> jax.Array:
-        """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert, row_experts (R,) -> (R, out)."""
-        y = jax.lax.ragged_dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), group_sizes)
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array,
+                 columns: slice = slice(None)) -> jax.Array:
+        """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert, row_experts (R,) -> (R, out) or, with
+        ``columns``, only those output columns (computed from those kernel columns)."""
+        kernel = self.kernel[...][..., columns]
+        y = jax.lax.ragged_dot(x.astype(self.dtype), kernel.astype(self.dtype), group_sizes)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)[row_experts]
+            y = y + self.bias[...][..., columns].astype(self.dtype)[row_experts]
         return y
 
 
@@ -216,7 +238,8 @@ class MoE(nnx.Module):
         weights, experts = route_tokens(logits, c.top_k)
         y = self._routed_experts(tokens, weights, experts)
         if self.c_fc_shared is not None:
-            y = y + self.c_proj_shared(swiglu(self.c_fc_shared(tokens)))
+            gate, up = (linear_columns(self.c_fc_shared, tokens, c) for c in (GATE_COLUMNS, UP_COLUMNS))
+            y = y + self.c_proj_shared(swiglu(gate, up))
         aux_loss = c.router_aux_loss_coef * router_aux_loss(logits, experts)
         return y.reshape(x.shape).astype(self.dtype), aux_loss.astype(jnp.promote_types(jnp.float32, self.dtype))
 
@@ -227,8 +250,9 @@ class MoE(nnx.Module):
         order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
         sorted_experts = flat_experts[order]
         group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
-        hidden = self.c_fc(tokens[order // top_k], group_sizes, sorted_experts)
-        out = self.c_proj(swiglu(hidden), group_sizes, sorted_experts)  # (T k, h) in sorted order
+        rows = tokens[order // top_k]
+        gate, up = (self.c_fc(rows, group_sizes, sorted_experts, c) for c in (GATE_COLUMNS, UP_COLUMNS))
+        out = self.c_proj(swiglu(gate, up), group_sizes, sorted_experts)  # (T k, h) in sorted order
         out = out[jnp.argsort(order)].reshape(num_tokens, top_k, self.hidden_size)
         compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
         return jnp.einsum("tk,tkh->th", weights.astype(compute_dtype), out.astype(compute_dtype))
