@@ -8,12 +8,21 @@ whole session, so that the default float32/int32 behaviour of the library is wha
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Many tests compile the same programs (the tiny train step of every Trainer, the tiny models): JAX's persistent
+# compilation cache, shared by the xdist workers of a run, turns the repeats into disk reads (docs/testing.md).
+# An explicit JAX_COMPILATION_CACHE_DIR wins; subprocesses started by tests do not inherit the setting.
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "m2rnn-jax-test-compile-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_compilation_cache_max_size", 2**30)  # bytes; least recently used entries go first
 LIBTPU_DIR = REPO / ".venv-tpu"  # where .ci/install_tpu.sh puts libtpu (a --target folder)
 
 
