@@ -50,13 +50,14 @@ def test_recipe_curriculum_scales_with_steps():
 
 
 def test_compare_end_to_end(tmp_path, capsys):
-    argv = ["--recipe", "cpu", "--models", "m2rnn", "gdn-neg", "--seeds", "0", "--steps", "4", "--train-length", "6",
+    # Training at length 1 keeps it to one compiled train step per model.
+    argv = ["--recipe", "cpu", "--models", "m2rnn", "attention", "--seeds", "0", "--steps", "4", "--train-length", "1",
             "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "2", "6",
             "--eval-sequences", "8", "--out", str(tmp_path)]
     assert compare.main(argv) == 0
     report = json.loads((tmp_path / "compare.json").read_text())
     summary = report["summary"]["s3"]
-    assert list(summary) == ["m2rnn", "gdn-neg"]
+    assert list(summary) == ["m2rnn", "attention"]
     for entry in summary.values():
         assert entry["steps_done"] == 4 and entry["seeds"] == [0]
         assert set(entry["at_lengths"]) == {"2", "6"}
@@ -66,7 +67,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert all(0.0 <= value <= 1.0 for value in run["curves"]["sequence"])
         assert not (tmp_path / "runs" / "s3" / run["model"] / "s0" / "checkpoints").exists()
     table = (tmp_path / "compare.md").read_text()
-    assert "| M2RNN |" in table and "| Gated DeltaNet [-1, 1] |" in table and "@6" in table
+    assert "| M2RNN |" in table and "| Attention (RoPE) |" in table and "@6" in table
     assert (tmp_path / "compare_s3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second call finds the finished runs and trains nothing; --report-only rebuilds the report.
