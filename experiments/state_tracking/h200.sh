@@ -50,39 +50,40 @@ echo "state-tracking H200 script: budget ${BUDGET}s, smoke=$SMOKE, parts$PARTS, 
 job() {  # job NAME SECONDS CMD...: runs in the background (at most MAX_JOBS at once), log in $OUT/NAME.log
   local name=$1 seconds=$2; shift 2
   while (( $(jobs -rp | wc -l) >= MAX_JOBS )); do wait -n; done
-  local left=$(( BUDGET - 40 - (SECONDS - START) ))
+  local left=$(( BUDGET - 75 - (SECONDS - START) ))  # 45 s grace after SIGTERM, ~30 s for the reports
   (( seconds > left )) && seconds=$left
   if (( seconds < 30 )); then echo "$name skipped: no time left" >> "$OUT/status.txt"; return; fi
   (
     local begin=$SECONDS
-    timeout -k 30 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 45 "$seconds" "$@" > "$OUT/$name.log" 2>&1
     echo "$name rc=$? $(( SECONDS - begin ))s (timeout ${seconds}s)" >> "$OUT/status.txt"
   ) &
 }
 
 # (a) the S3 figure: one process per mixer, 3 seeds each, every run capped at RUN_SECONDS of training.
 part s3 && for model in $MODELS; do
-  job "s3_$model" 480 $ST compare $COMPARE --groups s3 --models $model --seeds $SEEDS --run-seconds $RUN_SECONDS \
+  job "s3_$model" 460 $ST compare $COMPARE --groups s3 --models $model --seeds $SEEDS --run-seconds $RUN_SECONDS \
     --out "$OUT/s3"
 done
 # (c) the S3 small preset (6000 steps; float32 since this session).
 part small && job s3_small 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small" "${SWEEP_SMOKE[@]}"
-part small && job s3_small_bf16 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small_bf16" --set model.dtype=bfloat16 \
-  "${SWEEP_SMOKE[@]}"   # the control: the preset as it was (bfloat16)
+part small && job s3_small_bf16 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small_bf16" \
+  --set model.dtype=bfloat16 "${SWEEP_SMOKE[@]}"   # the control: the preset as it was (bfloat16)
 # (b) M2RNN on A5 and S5: the settings of experiments/state_tracking/SEARCH.md, as presets.
 part large && for preset in a5-large s5-large; do
-  job "m2rnn_${preset}" 470 $ST --groups ${preset%%-*} --size ${preset#*-} --seeds 0 --out "$OUT/m2rnn_$preset" \
+  job "m2rnn_${preset}" 440 $ST --groups ${preset%%-*} --size ${preset#*-} --seeds 0 --out "$OUT/m2rnn_$preset" \
     "${SWEEP_SMOKE[@]}"
 done
-part large && job m2rnn_a5-large_s1 470 $ST --groups a5 --size large --seeds 1 --out "$OUT/m2rnn_a5-large_s1" "${SWEEP_SMOKE[@]}"
-part large && job m2rnn_a5-large_1l 470 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_1l" \
+part large && job m2rnn_a5-large_s1 440 $ST --groups a5 --size large --seeds 1 --out "$OUT/m2rnn_a5-large_s1" \
+  "${SWEEP_SMOKE[@]}"
+part large && job m2rnn_a5-large_1l 440 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_1l" \
   --set model.num_layers=1 --set model.layer_pattern=M "${SWEEP_SMOKE[@]}"  # one layer: the recurrence only
-part large && job m2rnn_a5-large_v128 470 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_v128" \
+part large && job m2rnn_a5-large_v128 440 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_v128" \
   --set model.m2rnn.k_head_dim=2 --set model.m2rnn.v_head_dim=128 "${SWEEP_SMOKE[@]}"  # the control: V < n|G|
 # (b) A5 for every mixer (item 4): 1 seed, two processes of three or four mixers.
-part a5 && job a5_compare_1 470 $ST compare $COMPARE --groups a5 --models m2rnn gru rnn gdn-neg --seeds 0 \
+part a5 && job a5_compare_1 460 $ST compare $COMPARE --groups a5 --models m2rnn gru rnn gdn-neg --seeds 0 \
   --run-seconds $A5_RUN_SECONDS --out "$OUT/a5"
-part a5 && job a5_compare_2 470 $ST compare $COMPARE --groups a5 --models gdn mamba2 attention --seeds 0 \
+part a5 && job a5_compare_2 460 $ST compare $COMPARE --groups a5 --models gdn mamba2 attention --seeds 0 \
   --run-seconds $A5_RUN_SECONDS --out "$OUT/a5"
 
 wait
