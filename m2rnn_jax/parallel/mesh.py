@@ -1,4 +1,5 @@
-"""Device meshes over the axes ``(data, fsdp, context, tensor, expert)`` from a :class:`~m2rnn_jax.train.config.MeshConfig`."""
+"""Device meshes over the axes ``(data, fsdp, context, tensor, expert)`` from a
+:class:`~m2rnn_jax.train.config.MeshConfig`."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
     total = math.prod(sizes.values())
     if total != num_devices:
         raise ValueError(
-            f"mesh: data*fsdp*context*tensor*expert = {total} ({sizes}) does not match the {num_devices} available devices; "
-            f"set one axis to -1 to use all of them"
+            f"mesh: data*fsdp*context*tensor*expert = {total} ({sizes}) does not match the {num_devices} available "
+            f"devices; set one axis to -1 to use all of them"
         )
     return sizes
 

@@ -33,9 +33,10 @@ def context_m2rnn(
 
     Same arguments, results and dtypes as the op: q (B, S, Nq, K), k (B, S, Nk, K), v (B, S, Nv, V), f (B, S, Nf),
     W (Nw, V, V), h0 (B, N, K, V) or None, reset (B, S) bool or None (document starts; the op then runs its scan
-    backend) -> y (B, S, N, V), h_final (B, N, K, V); S must be a multiple of the axis size. Each shard runs the op (any backend; Pallas kernels inside their own shard_map over the remaining
-    axes) on its positions, pipelined over micro-batches of sequences or heads (``num_micro_batches``, default
-    chosen by :func:`~m2rnn_jax.parallel.context.pipeline.choose_micro_batches`); the state between shards is
+    backend) -> y (B, S, N, V), h_final (B, N, K, V); S must be a multiple of the axis size. Each shard runs the
+    op (any backend; Pallas kernels inside their own shard_map over the remaining axes) on its positions,
+    pipelined over micro-batches of sequences or heads (``num_micro_batches``, default chosen by
+    :func:`~m2rnn_jax.parallel.context.pipeline.choose_micro_batches`); the state between shards is
     carried in ``promote_types(state_dtype, q.dtype)``, as inside the op, so the result equals the op on one device,
     gradient clipping included. ``check_values``: the op's value checks, run once on the global inputs.
     """
@@ -53,8 +54,8 @@ def context_m2rnn(
 
     def run(inputs, weights, h, reset):
         q, k, v, f = inputs
-        return m2rnn(q, k, v, weights[0], f, h, reset=reset, gradient_clipping=gradient_clipping, state_dtype=state_dtype,
-                     backend=backend, interpret=interpret, check_values=False)
+        return m2rnn(q, k, v, weights[0], f, h, reset=reset, gradient_clipping=gradient_clipping,
+                     state_dtype=state_dtype, backend=backend, interpret=interpret, check_values=False)
 
     y, final = context_recurrence(run, (q, k, v, f), (W,), start, reset=reset, num_heads=num_heads,
                                   num_micro_batches=num_micro_batches, axis_name=axis_name)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def causal_conv_over_context(
-    conv: "CausalDepthwiseConv1d",
+    conv: CausalDepthwiseConv1d,
     x: jax.Array,
     state: jax.Array | None,
     *,

@@ -19,7 +19,7 @@ Everything here runs inside ``jax.shard_map`` except :func:`context_recurrence`,
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

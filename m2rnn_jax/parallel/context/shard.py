@@ -14,7 +14,8 @@ arguments of those kinds enter the ``shard_map`` as float32 and are cast back in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
