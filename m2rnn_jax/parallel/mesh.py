@@ -47,3 +47,14 @@ def build_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | No
         axis_types=(AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def without_context(mesh: Mesh) -> Mesh:
+    """``mesh`` with its ``context`` axis folded into ``data`` (the same devices, ``context`` of size 1): for work
+    that cannot split the sequence over devices, such as token-by-token decoding after a context-parallel run."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    context = sizes.get("context", 1)
+    if context == 1:
+        return mesh
+    sizes["data"], sizes["context"] = sizes["data"] * context, 1
+    return build_mesh(sizes, list(mesh.devices.flat))

@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from m2rnn_jax.parallel.batches import global_batch
-from m2rnn_jax.parallel.mesh import build_mesh
+from m2rnn_jax.parallel.mesh import build_mesh, without_context
 from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from m2rnn_jax.train.config import TrainConfig
@@ -327,9 +327,10 @@ class Trainer:
 
         sample = self.config.sample
         params = jax.device_get(self.state.params)
-        texts = continue_text(nnx.merge(self.graphdef, params), load_tokenizer(self.workdir), sample.prompts,
-                              max_new_tokens=sample.max_new_tokens, key=jax.random.key(self.config.seed),
-                              temperature=sample.temperature, top_p=sample.top_p)
+        with jax.set_mesh(without_context(self.mesh)):  # decoding runs token by token: no sequence split
+            texts = continue_text(nnx.merge(self.graphdef, params), load_tokenizer(self.workdir), sample.prompts,
+                                  max_new_tokens=sample.max_new_tokens, key=jax.random.key(self.config.seed),
+                                  temperature=sample.temperature, top_p=sample.top_p)
         report = "\n".join(f"--- sample {number} (step {self.step}) ---\n{text}" for number, text in enumerate(texts, 1))
         self.logger.message(report)
         if self.is_main:

@@ -28,6 +28,10 @@ def test_train_command_context4_data2_equals_data8() -> None:
     _run_check("train_tiny_state_tracking")
 
 
+def test_decoding_after_a_context_run_folds_the_context_axis_into_data() -> None:
+    _run_check("decoding_after_a_context_run")
+
+
 @pytest.mark.slow
 def test_tiny_hybrid_every_mixer_equals_one_device() -> None:
     _run_check("tiny_hybrid_model")
@@ -124,7 +128,39 @@ def _check_tiny_hybrid_model() -> None:
     print("OK tiny_hybrid_model")
 
 
+def _check_decoding_after_a_context_run() -> None:
+    """Generation refuses the context axis, and runs under without_context(mesh) (what the trainer's end-of-run
+    samples use) on the same devices with the same tokens as without a mesh."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from m2rnn_jax.models.decoder import Decoder
+    from m2rnn_jax.models.generation import generate
+    from m2rnn_jax.models.presets import get_preset
+    from m2rnn_jax.parallel.mesh import build_mesh, without_context
+
+    model = Decoder(get_preset("tiny-m2rnn"), rngs=nnx.Rngs(0))
+    prompts = jax.random.randint(jax.random.key(2), (2, 5), 0, 256)
+    expected = generate(model, prompts, max_new_tokens=4)
+    mesh = build_mesh({"data": 2, "context": 4})
+    folded = without_context(mesh)
+    assert dict(zip(folded.axis_names, folded.devices.shape))["data"] == 8 and folded.shape["context"] == 1
+    assert sorted(d.id for d in folded.devices.flat) == sorted(d.id for d in mesh.devices.flat)
+    with jax.set_mesh(mesh):
+        try:
+            generate(model, prompts, max_new_tokens=4)
+        except ValueError as error:
+            assert "context" in str(error), error
+        else:
+            raise AssertionError("decoding under a context axis should be refused")
+        with jax.set_mesh(folded):
+            np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=4), expected)
+    print("OK decoding_after_a_context_run")
+
+
 CHECKS = {
+    "decoding_after_a_context_run": _check_decoding_after_a_context_run,
     "train_tiny_state_tracking": _check_train_tiny_state_tracking,
     "train_tiny_hybrid": _check_train_tiny_hybrid,
     "tiny_hybrid_model": _check_tiny_hybrid_model,
