@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "m2rnn-jax-test-compile-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_compilation_cache_max_size", 2**30)  # bytes; least recently used entries go first
 LIBTPU_DIR = REPO / ".venv-tpu"  # where .ci/install_tpu.sh puts libtpu (a --target folder)
 
 
