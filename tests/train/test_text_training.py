@@ -102,7 +102,7 @@ def test_text_errors(text_run, capsys, tmp_path):
     assert (f"model.vocab_size: expected >= {meta['vocab_size']} (the vocabulary of data.path '{data}'), got 260"
             in capsys.readouterr().err)
     assert main(["generate", "--preset", ONE_LAYER, "--prompt", "hi"]) == 2
-    assert "error: tokenizer: expected --tokenizer PATH" in capsys.readouterr().err
+    assert "error: --tokenizer: expected --tokenizer PATH" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     argv = ["generate", "--checkpoint", str(workdir), "--tokenizer", str(tmp_path / "empty"), "--prompt", "x"]
     assert main(argv) == 2
