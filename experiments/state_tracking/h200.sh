@@ -96,5 +96,5 @@ cat "$OUT/status.txt"
 cat "$OUT/s3/compare.md" "$OUT/a5/compare.md" 2>/dev/null
 for name in s3_small s3_small_bf16 m2rnn_a5-large m2rnn_a5-large_s1 m2rnn_a5-large_1l m2rnn_a5-large_v128 \
   m2rnn_s5-large; do
-  echo "== $name"; grep -A6 "^| group" "$OUT/$name.log" | tail -4
+  [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -A6 "^| group" "$OUT/$name.log" | tail -4; }
 done
