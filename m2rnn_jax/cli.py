@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Subcommand name -> module under m2rnn_jax.commands.
 COMMANDS: dict[str, str] = {

@@ -83,7 +83,13 @@ def random_m2rnn_inputs(
 
 
 def random_gdn_inputs(
-    seed: int, batch: int, seq_len: int, heads: int, k_dim: int, v_dim: int, dtype: jnp.dtype = jnp.float32,
+    seed: int,
+    batch: int,
+    seq_len: int,
+    heads: int,
+    k_dim: int,
+    v_dim: int,
+    dtype: jnp.dtype = jnp.float32,
     reset_rate: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Layer-like inputs: q, k (B, S, H, K) L2-normalised (q scaled by K^-1/2), v (B, S, H, V) in ``dtype``;
@@ -100,8 +106,7 @@ def random_gdn_inputs(
         "k": jnp.asarray(unit((batch, seq_len, heads, k_dim)), dtype),
         "v": jnp.asarray(rng.standard_normal((batch, seq_len, heads, v_dim)), dtype),
         "beta": jnp.asarray(2.0 / (1.0 + np.exp(-rng.standard_normal((batch, seq_len, heads)))), jnp.float32),
-        "log_alpha": jnp.asarray(-np.exp(rng.uniform(np.log(1e-3), np.log(1.6), (batch, seq_len, heads))),
-                                 jnp.float32),
+        "log_alpha": jnp.asarray(-np.exp(rng.uniform(np.log(1e-3), np.log(1.6), (batch, seq_len, heads))), jnp.float32),
         "h0": jnp.asarray(rng.standard_normal((batch, heads, k_dim, v_dim)) * 0.1, jnp.float32),
     }
     inputs["reset"] = jnp.asarray(rng.uniform(size=(batch, seq_len)) < reset_rate) if reset_rate > 0 else None

@@ -17,7 +17,8 @@ for example ``f: expected values in (0, 1], got 2.0 at index (0, 3, 1)``. The us
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

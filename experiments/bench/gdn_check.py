@@ -97,7 +97,10 @@ def main() -> None:
     shape = dict(B=args.batch, S=args.seq, H=args.heads, K=args.k_dim, V=args.v_dim, C=args.chunk)
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": shape, "dtype": "bfloat16",
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "shape": shape,
+        "dtype": "bfloat16",
         "steps": {},
     }
     path = os.path.join(args.out, "gdn_check.json")
@@ -142,9 +145,15 @@ def main() -> None:
 
     def variant(forward_config, backward_config, inverse):
         def fn(*a, reset=None):
-            o, h = gated_delta_rule_pallas_gpu(*a, reset, chunk_size=args.chunk, forward_config=forward_config,
-                                               backward_config=backward_config, inverse=inverse,
-                                               interpret=args.interpret)
+            o, h = gated_delta_rule_pallas_gpu(
+                *a,
+                reset,
+                chunk_size=args.chunk,
+                forward_config=forward_config,
+                backward_config=backward_config,
+                inverse=inverse,
+                interpret=args.interpret,
+            )
             return o.astype(a[0].dtype), h
 
         def body():
@@ -153,8 +162,11 @@ def main() -> None:
             fwd = jax.jit(lambda x: fn(*(x[n] for n in ARGS)))
             out["fwd_ms"] = median_ms(fwd, bf16)
             out["fwd_bwd_ms"] = median_ms(both, bf16, do.astype(jnp.bfloat16), dh)
-            out["config"] = {"forward": dataclasses.asdict(forward_config),
-                             "backward": dataclasses.asdict(backward_config), "inverse": inverse}
+            out["config"] = {
+                "forward": dataclasses.asdict(forward_config),
+                "backward": dataclasses.asdict(backward_config),
+                "inverse": inverse,
+            }
             return out
 
         return body
@@ -167,8 +179,9 @@ def main() -> None:
 
         def factors(c):
             inverse = lambda A: unit_lower_inverse(A, jax.lax.Precision.DEFAULT)
-            return chunk_factors(c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, inverse=inverse,
-                                 dot_dtype=jnp.bfloat16)
+            return chunk_factors(
+                c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, inverse=inverse, dot_dtype=jnp.bfloat16
+            )
 
         f = jax.jit(factors)(chunks)
         h0 = bf16["h0"]
@@ -183,10 +196,16 @@ def main() -> None:
         }
         for cfg in KERNEL_SWEEP:
             name = f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
-            fwd_kernel = jax.jit(lambda U, Wk, Kd, a, h, cfg=cfg: chunk_states_forward(
-                U, Wk, Kd, a, h, config=cfg, interpret=args.interpret))
-            bwd_kernel = jax.jit(lambda Wk, Kd, a, dw, ds, dh_, cfg=cfg: chunk_states_backward(
-                Wk, Kd, a, dw, ds, dh_, config=cfg, interpret=args.interpret))
+            fwd_kernel = jax.jit(
+                lambda U, Wk, Kd, a, h, cfg=cfg: chunk_states_forward(
+                    U, Wk, Kd, a, h, config=cfg, interpret=args.interpret
+                )
+            )
+            bwd_kernel = jax.jit(
+                lambda Wk, Kd, a, dw, ds, dh_, cfg=cfg: chunk_states_backward(
+                    Wk, Kd, a, dw, ds, dh_, config=cfg, interpret=args.interpret
+                )
+            )
             try:
                 w, starts, _ = fwd_kernel(f.U, f.Wk, f.Kd, f.carry, h0)
                 out[f"states_fwd_{name}_ms"] = median_ms(fwd_kernel, f.U, f.Wk, f.Kd, f.carry, h0)
@@ -215,8 +234,11 @@ def main() -> None:
         shutil.copy(trace_path, os.path.join(args.out, "gdn_fwd_bwd_trace.json.gz"))
         with gzip.open(trace_path) as f:
             events = json.load(f)["traceEvents"]
-        names = {e["pid"]: e["args"].get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+        names = {
+            e["pid"]: e["args"].get("name", "")
+            for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"
+        }
         gpu = {pid for pid, name in names.items() if "gpu" in name.lower() or "cuda" in name.lower()}
         totals, counts = collections.Counter(), collections.Counter()
         for e in events:
@@ -224,8 +246,11 @@ def main() -> None:
                 totals[e["name"]] += e.get("dur", 0) / 3e3  # ms per call
                 counts[e["name"]] += 1
         top = [[name, round(ms, 4), counts[name] // 3] for name, ms in totals.most_common(45)]
-        return {"gpu_processes": sorted(names[p] for p in gpu), "total_ms_per_call": round(sum(totals.values()), 3),
-                "top_ms_per_call": top}
+        return {
+            "gpu_processes": sorted(names[p] for p in gpu),
+            "total_ms_per_call": round(sum(totals.values()), 3),
+            "top_ms_per_call": top,
+        }
 
     if args.profile:
         step("profile_default_fwd_bwd", profile)
@@ -248,8 +273,10 @@ def main() -> None:
     for name, r in record["steps"].items():
         errs = r.get("errors_vs_f32", {})
         worst = max(errs.values()) if errs else float("nan")
-        print(f"{name:28s} {r.get('fwd_ms', float('nan')):8.3f} {r.get('fwd_bwd_ms', float('nan')):8.3f}  {worst:.2e}"
-              f"  {r.get('error', '')[:120]}")
+        print(
+            f"{name:28s} {r.get('fwd_ms', float('nan')):8.3f} {r.get('fwd_bwd_ms', float('nan')):8.3f}  {worst:.2e}"
+            f"  {r.get('error', '')[:120]}"
+        )
     print(f"total {time.time() - t0:.0f} s")
 
 

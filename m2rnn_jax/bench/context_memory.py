@@ -24,7 +24,8 @@ def layer_step_memory(preset: str, mixer: str, seq_len: int, batch: int, context
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from m2rnn_jax.models.mixers import MIXERS
     from m2rnn_jax.models.presets import get_preset
@@ -34,9 +35,16 @@ def layer_step_memory(preset: str, mixer: str, seq_len: int, batch: int, context
     spec = next((s for s in MIXERS if s.field == mixer), None)
     if spec is None or getattr(config, mixer, None) is None:
         raise ValueError(f"--mixer: expected a mixer of preset {preset!r}, got {mixer!r}")
-    layer = nnx.eval_shape(lambda: spec.module_class(
-        config.hidden_size, getattr(config, mixer), num_layers=config.num_layers, dtype=config.compute_dtype,
-        param_dtype=config.parameter_dtype, rngs=nnx.Rngs(0)))
+    layer = nnx.eval_shape(
+        lambda: spec.module_class(
+            config.hidden_size,
+            getattr(config, mixer),
+            num_layers=config.num_layers,
+            dtype=config.compute_dtype,
+            param_dtype=config.parameter_dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
     graphdef, params = nnx.split(layer)
 
     def loss(params: nnx.State, x: jax.Array) -> jax.Array:
@@ -63,8 +71,11 @@ def layer_step_memory(preset: str, mixer: str, seq_len: int, batch: int, context
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m2rnn_jax.bench.context_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m m2rnn_jax.bench.context_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="hybrid-m2rnn-400m")
     parser.add_argument("--mixer", default="m2rnn", help="config field of the mixer (m2rnn, gdn, mamba2, ...)")
     parser.add_argument("--seq-len", type=int, default=65536)
@@ -74,16 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if jax.default_backend() == "cpu" and jax.device_count() < max(args.context):
-        raise SystemExit(f"--context: expected at most {jax.device_count()} devices here, got {max(args.context)}; "
-                         f"on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={max(args.context)}")
+        raise SystemExit(
+            f"--context: expected at most {jax.device_count()} devices here, got {max(args.context)}; "
+            f"on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={max(args.context)}"
+        )
     gib = 2.0**30
-    print(f"{args.preset} {args.mixer} layer, batch {args.batch} x {args.seq_len} tokens, value_and_grad, "
-          "GiB per device")
+    print(
+        f"{args.preset} {args.mixer} layer, batch {args.batch} x {args.seq_len} tokens, value_and_grad, GiB per device"
+    )
     print(f"{'context':>8} {'arguments':>10} {'outputs':>10} {'temporaries':>12} {'total':>10}")
     for context in args.context:
         sizes = layer_step_memory(args.preset, args.mixer, args.seq_len, args.batch, context)
-        print(f"{context:>8} {sizes['arguments'] / gib:>10.3f} {sizes['outputs'] / gib:>10.3f} "
-              f"{sizes['temporaries'] / gib:>12.3f} {sizes['total'] / gib:>10.3f}")
+        print(
+            f"{context:>8} {sizes['arguments'] / gib:>10.3f} {sizes['outputs'] / gib:>10.3f} "
+            f"{sizes['temporaries'] / gib:>12.3f} {sizes['total'] / gib:>10.3f}"
+        )
     return 0
 
 

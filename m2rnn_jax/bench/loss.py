@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -135,18 +136,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=100352)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
-                        help="tokens per chunk, one row each (default: one row with the default chunking)")
+    parser.add_argument(
+        "--chunk-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="tokens per chunk, one row each (default: one row with the default chunking)",
+    )
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
     for chunk_size in args.chunk_sizes or [None]:
-        rows.append(bench_lm_head_loss(args.batch, args.seq_len, args.hidden, args.vocab, args.dtype, args.iters,
-                                       args.repeats, chunk_size=chunk_size, compare_plain=not rows))
-    print(f"LM head + loss on {jax.devices()[0].device_kind} (jax {jax.__version__}): N={args.batch}x{args.seq_len} "
-          f"h={args.hidden} V={args.vocab} {args.dtype}")
+        rows.append(
+            bench_lm_head_loss(
+                args.batch,
+                args.seq_len,
+                args.hidden,
+                args.vocab,
+                args.dtype,
+                args.iters,
+                args.repeats,
+                chunk_size=chunk_size,
+                compare_plain=not rows,
+            )
+        )
+    print(
+        f"LM head + loss on {jax.devices()[0].device_kind} (jax {jax.__version__}): N={args.batch}x{args.seq_len} "
+        f"h={args.hidden} V={args.vocab} {args.dtype}"
+    )
     print(format_table(TABLE_COLUMNS, rows))
     if args.json:
         write_json(args.json, {"shape": vars(args), "jax": jax.__version__, "rows": rows})

@@ -27,7 +27,8 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +50,10 @@ from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.counting import abstract_decoder
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
 from m2rnn_jax.models.loss import next_token_targets
-from m2rnn_jax.train.presets import get_preset, list_presets
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.presets import get_preset, list_presets
 from m2rnn_jax.train.state import TrainState, init_train_state, model_graphdef
 from m2rnn_jax.train.step import make_train_step
 
@@ -175,19 +176,33 @@ def bench_block(config: ModelConfig, letter: str, count: int, batch: int, seq_le
     block_graph, block_params = nnx.split(block)
     mixer_graph, mixer_params = nnx.split(block.mixer)
     return [
-        measured(part("block", f"block {letter} ({name})", letter, count),
-                 lambda: time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing)),
-        measured(part("mixer", f"mixer {letter} alone", letter, count),
-                 lambda: time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing)),
+        measured(
+            part("block", f"block {letter} ({name})", letter, count),
+            lambda: time_forward_backward(block_function(block_graph, config.remat), block_params, x, timing),
+        ),
+        measured(
+            part("mixer", f"mixer {letter} alone", letter, count),
+            lambda: time_forward_backward(mixer_function(mixer_graph), mixer_params, x, timing),
+        ),
     ]
 
 
 def bench_head(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
     """The ``head`` row: LM head + mean cross-entropy at the model's width and vocabulary, chunked as the train step
     computes it (:func:`m2rnn_jax.bench.loss.bench_lm_head_loss` without the plain comparison)."""
-    return measured(part("head", "lm head + loss"), lambda: bench_lm_head_loss(
-        batch, seq_len, config.hidden_size, config.vocab_size, config.dtype, timing.iters, timing.repeats,
-        compare_plain=False))
+    return measured(
+        part("head", "lm head + loss"),
+        lambda: bench_lm_head_loss(
+            batch,
+            seq_len,
+            config.hidden_size,
+            config.vocab_size,
+            config.dtype,
+            timing.iters,
+            timing.repeats,
+            compare_plain=False,
+        ),
+    )
 
 
 def bench_embedding(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> dict:
@@ -233,7 +248,9 @@ def step_fields(config: ModelConfig, batch: int, seq_len: int, ms: float, compil
     measured_peak = peak_bytes()
     peak = measured_peak if measured_peak is not None else footprint_bytes(compiled.executable)
     return {
-        "forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
+        "forward_ms": None,
+        "fwd_bwd_ms": ms,
+        "forward_temp_gib": None,
         "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)),
         "compile_s": compiled.compile_s,
         "tokens_per_s": tokens_per_s,
@@ -263,8 +280,13 @@ def time_optimizer_update(optimizer: optax.GradientTransformation, state: TrainS
     update = jax.jit(optimizer_update_function(optimizer), donate_argnums=0)
     compiled = compile_timed(update, state, grads)
     ms, _ = time_carried(compiled.executable, state, grads, timing=timing)
-    return {"forward_ms": None, "fwd_bwd_ms": ms, "forward_temp_gib": None,
-            "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)), "compile_s": compiled.compile_s}
+    return {
+        "forward_ms": None,
+        "fwd_bwd_ms": ms,
+        "forward_temp_gib": None,
+        "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)),
+        "compile_s": compiled.compile_s,
+    }
 
 
 def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> tuple[dict, dict]:
@@ -299,12 +321,18 @@ def sum_of_parts(rows: list[dict], step_ms: float | None) -> dict:
     if step_ms is None or any("error" in r for r in summed):
         return {**row, "fwd_bwd_ms": None, "measured_ms": step_ms, "fraction_of_step": None, "unaccounted_ms": None}
     total = sum(r["count"] * r["fwd_bwd_ms"] for r in summed)
-    return {**row, "fwd_bwd_ms": total, "measured_ms": step_ms, "fraction_of_step": total / step_ms,
-            "unaccounted_ms": step_ms - total}
+    return {
+        **row,
+        "fwd_bwd_ms": total,
+        "measured_ms": step_ms,
+        "fraction_of_step": total / step_ms,
+        "unaccounted_ms": step_ms - total,
+    }
 
 
-def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing(),
-                    step_only: bool = False) -> dict:
+def run_model_bench(
+    preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing(), step_only: bool = False
+) -> dict:
     """Benchmarks ``config`` (from :func:`resolve_config`; ``preset`` names it in the report) at (batch, seq_len);
     returns the JSON report (device, versions, shapes, rows). ``step_only`` keeps only the train step and the
     optimizer update rows (no per-part rows, no sum).
@@ -319,8 +347,11 @@ def run_model_bench(preset: str, config: ModelConfig, batch: int, seq_len: int, 
     if step_only:
         return report_fields(preset, config, batch, seq_len, timing, [optimizer, step])
     rows = [bench_embedding(config, batch, seq_len, timing)]
-    rows += [row for letter, count in mixer_kinds(config).items()
-             for row in bench_block(config, letter, count, batch, seq_len, timing)]
+    rows += [
+        row
+        for letter, count in mixer_kinds(config).items()
+        for row in bench_block(config, letter, count, batch, seq_len, timing)
+    ]
     rows += [bench_head(config, batch, seq_len, timing), optimizer]
     rows += [sum_of_parts(rows, step.get("fwd_bwd_ms")), step]
     return report_fields(preset, config, batch, seq_len, timing, rows)
@@ -334,18 +365,31 @@ def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, ti
         "platform": device.platform,
         "jax": jax.__version__,
         "preset": preset,
-        "shapes": {"batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
-                   "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-                   "layer_pattern": config.layer_pattern, "dtype": config.dtype, "param_dtype": config.param_dtype,
-                   "remat": config.remat},
+        "shapes": {
+            "batch": batch,
+            "seq_len": seq_len,
+            "tokens_per_step": batch * seq_len,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "layer_pattern": config.layer_pattern,
+            "dtype": config.dtype,
+            "param_dtype": config.param_dtype,
+            "remat": config.remat,
+        },
         "timing": dataclasses.asdict(timing),
         "rows": rows,
     }
 
 
-TABLE_COLUMNS = (("part", "part", "{}"), ("count", "count", "{}"), ("fwd ms", "forward_ms", "{:.3f}"),
-                 ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"), ("fwd temp GiB", "forward_temp_gib", "{:.3f}"),
-                 ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("compile s", "compile_s", "{:.1f}"))
+TABLE_COLUMNS = (
+    ("part", "part", "{}"),
+    ("count", "count", "{}"),
+    ("fwd ms", "forward_ms", "{:.3f}"),
+    ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
+    ("fwd temp GiB", "forward_temp_gib", "{:.3f}"),
+    ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"),
+    ("compile s", "compile_s", "{:.1f}"),
+)
 NOTE_COLUMN = ("note", "note", "{}")  # shown only when a part failed
 
 
@@ -362,16 +406,20 @@ def _step_line(step: dict) -> str:
         return "train step: ERROR (below)"
     mfu = "n/a" if step["mfu"] is None else f"{100 * step['mfu']:.1f}%"
     peak = "n/a" if step["peak_memory_gib"] is None else f"{step['peak_memory_gib']:.3f} GiB"
-    return (f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
-            f"peak memory {peak} ({step['peak_memory_source']}), compile {step['compile_s']:.1f} s")
+    return (
+        f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
+        f"peak memory {peak} ({step['peak_memory_source']}), compile {step['compile_s']:.1f} s"
+    )
 
 
 def _sum_line(total: dict) -> str:
     if total["fwd_bwd_ms"] is None:
         return "sum of parts: n/a (a part or the step failed)"
-    return (f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
-            f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
-            "(final norm, metrics, glue)")
+    return (
+        f"sum of parts {total['fwd_bwd_ms']:.3f} ms vs measured {total['measured_ms']:.3f} ms "
+        f"({100 * total['fraction_of_step']:.0f}%); unaccounted {total['unaccounted_ms']:.3f} ms "
+        "(final norm, metrics, glue)"
+    )
 
 
 def format_report(report: dict) -> str:
@@ -379,14 +427,17 @@ def format_report(report: dict) -> str:
     failed part."""
     shapes = report["shapes"]
     rows = {row["kind"]: row for row in report["rows"]}
-    heading = (f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
-               f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
-               f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}")
+    heading = (
+        f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
+        f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
+        f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}"
+    )
     errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
     columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS
     table = format_table(columns, [_table_row(row) for row in report["rows"]])
-    return "\n".join([heading, table, _step_line(rows["step"]),
-                      *([_sum_line(rows["sum"])] if "sum" in rows else []), *errors])
+    return "\n".join(
+        [heading, table, _step_line(rows["step"]), *([_sum_line(rows["sum"])] if "sum" in rows else []), *errors]
+    )
 
 
 def failed_parts(report: dict) -> list[str]:

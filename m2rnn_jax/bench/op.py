@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,10 @@ class Shape:
     dtype: str = "bfloat16"
 
     def label(self) -> str:
-        return (f"B={self.batch} S={self.seq_len} N={self.num_heads} K={self.k_dim} V={self.v_dim} "
-                f"Nq={self.num_q_heads} Nk={self.num_k_heads} {self.dtype}")
+        return (
+            f"B={self.batch} S={self.seq_len} N={self.num_heads} K={self.k_dim} V={self.v_dim} "
+            f"Nq={self.num_q_heads} Nk={self.num_k_heads} {self.dtype}"
+        )
 
 
 SHAPES = {
@@ -63,9 +65,16 @@ SHAPES = {
 
 def make_inputs(shape: Shape, seed: int = 0) -> dict[str, jax.Array]:
     inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(seed), batch=shape.batch, seq_len=shape.seq_len, num_heads=shape.num_heads,
-        k_dim=shape.k_dim, v_dim=shape.v_dim, num_q_heads=shape.num_q_heads, num_k_heads=shape.num_k_heads,
-        dtype=jnp.dtype(shape.dtype), with_h0=False,
+        jax.random.PRNGKey(seed),
+        batch=shape.batch,
+        seq_len=shape.seq_len,
+        num_heads=shape.num_heads,
+        k_dim=shape.k_dim,
+        v_dim=shape.v_dim,
+        num_q_heads=shape.num_q_heads,
+        num_k_heads=shape.num_k_heads,
+        dtype=jnp.dtype(shape.dtype),
+        with_h0=False,
     )
     return {name: inputs[name] for name in NAMES}
 
@@ -76,8 +85,15 @@ def op_function(backend: str, config: KernelConfig | None = None) -> Callable:
         return lambda a: m2rnn(**a, gradient_clipping=GRADIENT_CLIPPING, backend=backend)
 
     def fn(a):
-        y, h = m2rnn_pallas_gpu(*(a[n] for n in NAMES), None, cu_seqlens=None, gradient_clipping=GRADIENT_CLIPPING,
-                                state_dtype=jnp.float32, interpret=False, config=config)
+        y, h = m2rnn_pallas_gpu(
+            *(a[n] for n in NAMES),
+            None,
+            cu_seqlens=None,
+            gradient_clipping=GRADIENT_CLIPPING,
+            state_dtype=jnp.float32,
+            interpret=False,
+            config=config,
+        )
         return y.astype(a["q"].dtype), h.astype(a["q"].dtype)
 
     return fn
@@ -98,15 +114,28 @@ def forward_and_training_step(fn: Callable) -> tuple[Callable, Callable]:
     return forward, jax.jit(fwd_bwd)
 
 
-def bench(shape: Shape, backend: str, *, config: KernelConfig | None = None, variant: str = "default",
-          with_backward: bool = True, iters: int = 10, repeats: int = 5) -> dict:
+def bench(
+    shape: Shape,
+    backend: str,
+    *,
+    config: KernelConfig | None = None,
+    variant: str = "default",
+    with_backward: bool = True,
+    iters: int = 10,
+    repeats: int = 5,
+) -> dict:
     """One table row: shape, backend, variant, forward ms, forward+backward ms, ns per step, memory."""
     args = make_inputs(shape)
     forward, fwd_bwd = forward_and_training_step(op_function(backend, config))
     y = jax.eval_shape(forward, args)
     dy = jax.random.normal(jax.random.PRNGKey(1), y.shape, jnp.float32).astype(y.dtype)
-    row = {"shape": shape.label(), **dataclasses.asdict(shape), "backend": backend, "variant": variant,
-           "config": None if config is None else dataclasses.asdict(config)}
+    row = {
+        "shape": shape.label(),
+        **dataclasses.asdict(shape),
+        "backend": backend,
+        "variant": variant,
+        "config": None if config is None else dataclasses.asdict(config),
+    }
     forward_call = compile_timed(forward, args).executable
     row["forward_ms"] = median_ms(forward_call, args, iters=iters, repeats=repeats, warmup=WARMUP)
     row["forward_ns_per_step"] = row["forward_ms"] * 1e6 / shape.seq_len
@@ -120,11 +149,18 @@ def bench(shape: Shape, backend: str, *, config: KernelConfig | None = None, var
     return row
 
 
-COLUMNS = (("shape", "shape", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
-           ("fwd ms", "forward_ms", "{:.3f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
-           ("fwd ns/step", "forward_ns_per_step", "{:.0f}"), ("fwd+bwd ns/step", "fwd_bwd_ns_per_step", "{:.0f}"),
-           ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"), ("peak GiB (process)", "peak_device_gib", "{:.2f}"),
-           ("note", "note", "{}"))
+COLUMNS = (
+    ("shape", "shape", "{}"),
+    ("backend", "backend", "{}"),
+    ("variant", "variant", "{}"),
+    ("fwd ms", "forward_ms", "{:.3f}"),
+    ("fwd+bwd ms", "fwd_bwd_ms", "{:.3f}"),
+    ("fwd ns/step", "forward_ns_per_step", "{:.0f}"),
+    ("fwd+bwd ns/step", "fwd_bwd_ns_per_step", "{:.0f}"),
+    ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.3f}"),
+    ("peak GiB (process)", "peak_device_gib", "{:.2f}"),
+    ("note", "note", "{}"),
+)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -144,11 +180,16 @@ def run(shapes: Sequence[str], backends: Sequence[str], json_path: str | None, i
             try:
                 rows.append(bench(SHAPES[shape_name], backend, iters=iters, repeats=repeats))
             except Exception as err:  # report and keep going: one failing backend must not hide the others
-                rows.append({"shape": SHAPES[shape_name].label(), "backend": backend, "variant": "default",
-                             "error": f"{type(err).__name__}: {err}"[:2000]})
+                rows.append(
+                    {
+                        "shape": SHAPES[shape_name].label(),
+                        "backend": backend,
+                        "variant": "default",
+                        "error": f"{type(err).__name__}: {err}"[:2000],
+                    }
+                )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if json_path:
         write_json(json_path, {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows})
     print(format_table(rows))
     return 0
-

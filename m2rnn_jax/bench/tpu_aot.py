@@ -169,9 +169,7 @@ def compile_train_step(topology: str, s: Shape):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, "data")
 
-    sharded = jax.shard_map(
-        step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P(), P()), check_vma=False
-    )
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P(), P()), check_vma=False)
     replicated = NamedSharding(mesh, P())
 
     def place(x):

@@ -38,8 +38,10 @@ def check_backend_hardware(flag: str, backend: str) -> None:
     platform, words = need
     here = jax.default_backend()
     if here != platform:
-        raise ValueError(f"{flag}: expected a backend this machine can run ({backend} needs {words}; JAX's "
-                         f"default backend here is {here!r}: use scan or auto), got {backend!r}")
+        raise ValueError(
+            f"{flag}: expected a backend this machine can run ({backend} needs {words}; JAX's "
+            f"default backend here is {here!r}: use scan or auto), got {backend!r}"
+        )
 
 
 def check_preset(flag: str, name: str) -> None:
@@ -49,8 +51,9 @@ def check_preset(flag: str, name: str) -> None:
 
     names = list_presets()
     if name not in names:
-        raise ValueError(f"{flag}: expected a preset name (m2rnn-jax info --list describes them: "
-                         f"{', '.join(names)}), got {name!r}")
+        raise ValueError(
+            f"{flag}: expected a preset name (m2rnn-jax info --list describes them: {', '.join(names)}), got {name!r}"
+        )
 
 
 def existing_directory(flag: str, path: str | Path, what: str = "directory") -> Path:

@@ -33,31 +33,73 @@ presets: m2rnn-jax info --list"""
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        NAME, help="time the M2RNN op backends or a model preset's blocks and train step (table, optional JSON)",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        NAME,
+        help="time the M2RNN op backends or a model preset's blocks and train step (table, optional JSON)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--shapes", nargs="+", default=None, choices=SHAPE_NAMES,
-                      help=f"op mode: named problem shapes (default: {' '.join(DEFAULT_SHAPES)})")
-    mode.add_argument("--model", metavar="PRESET", default=None,
-                      help="model mode: benchmark this preset (names: m2rnn-jax info --list)")
-    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
-                   help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)")
-    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
-                   help=f"model mode: batch size (default {DEFAULT_BATCH})")
-    p.add_argument("--seq-len", type=positive_int, default=None, metavar="S",
-                   help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)")
-    p.add_argument("--remat", default=None, metavar="NAME",
-                   help="model mode: activation checkpointing of each block, a choice of the model config's remat "
-                        "field: none, full, save_dots (default: the preset's)")
-    p.add_argument("--step-only", action="store_const", const=True, default=None,
-                   help="model mode: time only the whole train step and the optimizer update (one compile; for "
-                        "comparing --remat or --batch choices)")
+    mode.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        choices=SHAPE_NAMES,
+        help=f"op mode: named problem shapes (default: {' '.join(DEFAULT_SHAPES)})",
+    )
+    mode.add_argument(
+        "--model",
+        metavar="PRESET",
+        default=None,
+        help="model mode: benchmark this preset (names: m2rnn-jax info --list)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        metavar="BACKEND",
+        help="op mode: backends to time (default: pallas_gpu and scan on a GPU, scan elsewhere)",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        metavar="B",
+        help=f"model mode: batch size (default {DEFAULT_BATCH})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help=f"model mode: tokens per row (default {DEFAULT_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="model mode: compute dtype (default: the preset's; parameters stay in its param_dtype)",
+    )
+    p.add_argument(
+        "--remat",
+        default=None,
+        metavar="NAME",
+        help="model mode: activation checkpointing of each block, a choice of the model config's remat "
+        "field: none, full, save_dots (default: the preset's)",
+    )
+    p.add_argument(
+        "--step-only",
+        action="store_const",
+        const=True,
+        default=None,
+        help="model mode: time only the whole train step and the optimizer update (one compile; for "
+        "comparing --remat or --batch choices)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
-    p.add_argument("--repeats", type=positive_int, default=5, metavar="R",
-                   help="timed repeats; the median is reported (default 5)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=5, metavar="R", help="timed repeats; the median is reported (default 5)"
+    )
     p.set_defaults(run=run)
 
 
@@ -73,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
                 check_backend_hardware("--backends", backend)
         except ValueError as err:
             return fail(NAME, err)
-        return op.run(args.shapes or DEFAULT_SHAPES, args.backends or op.default_backends(), args.json, args.iters,
-                      args.repeats)
+        return op.run(
+            args.shapes or DEFAULT_SHAPES, args.backends or op.default_backends(), args.json, args.iters, args.repeats
+        )
     if args.backends is not None:
         return fail(NAME, "--backends: only in op mode (without --model)")
     from m2rnn_jax.bench import model
@@ -85,8 +128,14 @@ def run(args: argparse.Namespace) -> int:
         config = model.resolve_config(args.model, args.dtype, args.remat)
     except ValueError as err:
         return fail(NAME, err)
-    report = model.run_model_bench(args.model, config, args.batch or DEFAULT_BATCH, args.seq_len or DEFAULT_SEQ_LEN,
-                                   model.Timing(args.iters, args.repeats), step_only=bool(args.step_only))
+    report = model.run_model_bench(
+        args.model,
+        config,
+        args.batch or DEFAULT_BATCH,
+        args.seq_len or DEFAULT_SEQ_LEN,
+        model.Timing(args.iters, args.repeats),
+        step_only=bool(args.step_only),
+    )
     print(model.format_report(report))
     if args.json:
         write_json(args.json, report)

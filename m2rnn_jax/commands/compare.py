@@ -41,11 +41,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-g-heads", type=int, default=None, help="default: N")
     p.add_argument("--kernel-size", type=int, default=4)
     p.add_argument("--gradient-clipping", type=_clipping, default=1.0, help="a float or 'none'")
-    p.add_argument("--model", metavar="PRESET_OR_WORKDIR", default=None,
-                   help="compare the whole decoder of a preset (random weights) or a run directory (its checkpoint)")
+    p.add_argument(
+        "--model",
+        metavar="PRESET_OR_WORKDIR",
+        default=None,
+        help="compare the whole decoder of a preset (random weights) or a run directory (its checkpoint)",
+    )
     p.add_argument("--step", type=int, default=None, help="with --model WORKDIR: checkpoint step (default: latest)")
-    p.add_argument("--prefill", type=int, default=None, help="with --model: tokens before the decode path "
-                   "(default: seq-len // 2)")
+    p.add_argument(
+        "--prefill", type=int, default=None, help="with --model: tokens before the decode path (default: seq-len // 2)"
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--with-state", action="store_true", help="also feed a random incoming conv/recurrent state")
@@ -115,8 +120,7 @@ def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
     import json
     from pathlib import Path
 
-    from m2rnn_jax.train.presets import list_presets
-    from m2rnn_jax.train.presets import list_train_presets, train_config
+    from m2rnn_jax.train.presets import list_presets, list_train_presets, train_config
 
     workdir = Path(args.model)
     if (workdir / "config.json").is_file():
@@ -133,8 +137,10 @@ def _model_config_and_params(args: argparse.Namespace) -> tuple[Any, Any]:
         return get_preset(args.model), None
     if args.model in list_train_presets():
         return train_config(args.model).model, None
-    raise ValueError(f"--model: expected a run directory holding config.json or a preset name "
-                     f"(m2rnn-jax info --list), got {args.model!r}")
+    raise ValueError(
+        f"--model: expected a run directory holding config.json or a preset name "
+        f"(m2rnn-jax info --list), got {args.model!r}"
+    )
 
 
 def _compare_model(args: argparse.Namespace, dtype_name: str, model_config: Any, restored: Any) -> dict:
@@ -193,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
             results = {dtype_name: _compare(args, dtype_name) for dtype_name in args.dtypes}
         else:
             model_config, restored = _model_config_and_params(args)
-            results = {dtype_name: _compare_model(args, dtype_name, model_config, restored)
-                       for dtype_name in args.dtypes}
+            results = {
+                dtype_name: _compare_model(args, dtype_name, model_config, restored) for dtype_name in args.dtypes
+            }
     except ValueError as err:
         return fail(NAME, err)
     _print_table(results, tolerances)

@@ -35,8 +35,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="eval lengths (default: data.eval_lengths)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--output", help="where to write the report (default: --workdir)")
-    p.add_argument("--data", help="token data to evaluate: a prepare-data directory (its validation.bin) or one "
-                                  ".bin/.npy token file (default: the run's data)")
+    p.add_argument(
+        "--data",
+        help="token data to evaluate: a prepare-data directory (its validation.bin) or one "
+        ".bin/.npy token file (default: the run's data)",
+    )
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 
@@ -62,33 +65,46 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         restored = restore_params(config, workdir / "checkpoints", args.step)
         restore_seconds = time.perf_counter() - start
-        evaluator = Evaluator(restored.graphdef, restored.param_shardings, restored.mesh, source, config.data,
-                              token_bytes=_workdir_token_bytes(workdir) if source.token_bytes is None else None)
+        evaluator = Evaluator(
+            restored.graphdef,
+            restored.param_shardings,
+            restored.mesh,
+            source,
+            config.data,
+            token_bytes=_workdir_token_bytes(workdir) if source.token_bytes is None else None,
+        )
     except ValueError as err:
         return fail(NAME, err)
     console = Console(enabled=jax.process_index() == 0)
     step = restored.step
     batches = {length: evaluator.num_batches(length) for length in config.data.eval_lengths}
     size = config.data.eval_batch_size
-    console.header(f"m2rnn-jax eval: {args.workdir}", [
-        ("checkpoint", f"step {step} (restored in {restore_seconds:.1f} s)"),
-        ("model", f"{config.model.layer_pattern} ({config.model.num_layers} layers, hidden "
-                  f"{config.model.hidden_size}, vocab {config.model.vocab_size})"),
-        ("data", config.data.path or config.data.kind),
-        ("lengths", ", ".join(f"{length} ({count} x {size} rows)" for length, count in batches.items())),
-    ])
+    console.header(
+        f"m2rnn-jax eval: {args.workdir}",
+        [
+            ("checkpoint", f"step {step} (restored in {restore_seconds:.1f} s)"),
+            (
+                "model",
+                f"{config.model.layer_pattern} ({config.model.num_layers} layers, hidden "
+                f"{config.model.hidden_size}, vocab {config.model.vocab_size})",
+            ),
+            ("data", config.data.path or config.data.kind),
+            ("lengths", ", ".join(f"{length} ({count} x {size} rows)" for length, count in batches.items())),
+        ],
+    )
     results = _evaluate(console, evaluator, restored.params, batches)
     print(f"checkpoint step {step}")
     print(format_table(results, config.data.seq_len))
     for length, r in sorted(results.items()):
         if "perplexity" in r:
             bpb = f" bits_per_byte={r['bits_per_byte']:.4f}" if "bits_per_byte" in r else ""
-            print(f"validation length {length}: loss={r['loss']:.4f} perplexity={r['perplexity']:.3f}{bpb} "
-                  f"tokens={r['tokens']}")
+            print(
+                f"validation length {length}: loss={r['loss']:.4f} perplexity={r['perplexity']:.3f}{bpb} "
+                f"tokens={r['tokens']}"
+            )
     if config.data.kind == "state_tracking":
         title = f"{config.data.group.upper()} state tracking, trained at length {config.data.seq_len} ({step} steps)"
-        json_path, png_path = write_report(results, config.data.seq_len, args.output or workdir, title,
-                                           {"step": step})
+        json_path, png_path = write_report(results, config.data.seq_len, args.output or workdir, title, {"step": step})
         print(f"wrote {json_path} and {png_path}")
     return 0
 
@@ -100,8 +116,9 @@ def _evaluate(console: Any, evaluator: Any, params: Any, batches: dict[int, int]
     results = {}
     for length, count in batches.items():
         with console.timed_phase(f"evaluating length {length} ({count} batches)", "evaluated"):
-            results.update(evaluator.evaluate(params, (length,),
-                                              on_batch=lambda: progress.update(progress.position + 1)))
+            results.update(
+                evaluator.evaluate(params, (length,), on_batch=lambda: progress.update(progress.position + 1))
+            )
     progress.close()
     return results
 
@@ -118,8 +135,10 @@ def _with_eval_data(config: Any, args: argparse.Namespace) -> Any:
     if args.data:
         data = Path(args.data)
         if not data.exists():
-            raise ValueError(f"--data: expected a prepare-data directory or a token file, got {args.data!r} "
-                             f"(no such file or directory)")
+            raise ValueError(
+                f"--data: expected a prepare-data directory or a token file, got {args.data!r} "
+                f"(no such file or directory)"
+            )
         changes.update(kind="token_file", path=str(data), eval_path=None if data.is_dir() else str(data))
         if data.is_dir():
             changes["eos_token_id"] = None

@@ -123,8 +123,10 @@ def _load_tokenizer(args: argparse.Namespace) -> Any:
     try:
         return load_tokenizer(args.checkpoint)
     except ValueError as err:
-        raise ValueError(f"--tokenizer: expected --tokenizer PATH or a run trained on text prepared by m2rnn-jax "
-                         f"prepare-data, got the run {args.checkpoint!r} without a tokenizer ({err})") from err
+        raise ValueError(
+            f"--tokenizer: expected --tokenizer PATH or a run trained on text prepared by m2rnn-jax "
+            f"prepare-data, got the run {args.checkpoint!r} without a tokenizer ({err})"
+        ) from err
 
 
 def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> list[np.ndarray]:
@@ -133,8 +135,15 @@ def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) ->
 
     from m2rnn_jax.models.generation import generate_ragged
 
-    return generate_ragged(model, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return generate_ragged(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        key=jax.random.key(args.seed),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,8 +159,10 @@ def run(args: argparse.Namespace) -> int:
             prompts = encode_prompts(tokenizer, args.prompt)
             bad = [i for i, p in enumerate(prompts, 1) if max(p) >= vocab_size]
             if bad:
-                raise ValueError(f"--prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
-                                 f"vocabulary {tokenizer.vocab_size}), got larger ones in prompt(s) {bad}")
+                raise ValueError(
+                    f"--prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer "
+                    f"vocabulary {tokenizer.vocab_size}), got larger ones in prompt(s) {bad}"
+                )
         else:
             prompts = [args.prompt_ids]
             if any(not 0 <= token < vocab_size for token in args.prompt_ids):

@@ -31,8 +31,14 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", help="training or model preset (m2rnn-jax info --list)")
     source.add_argument("--config", help="YAML/JSON file: a full config, or {preset: NAME, ...overrides}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set optimizer.learning_rate=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set optimizer.learning_rate=1e-3 (repeatable)",
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -41,9 +47,12 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(NAME, help="train a model (sharded over all devices), resuming from --workdir")
     add_config_arguments(p)
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
-    p.add_argument("--restart", action="store_true",
-                   help="start over: move an existing --workdir aside (renamed to WORKDIR.replaced-<time>, nothing "
-                        "deleted) instead of resuming it")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: move an existing --workdir aside (renamed to WORKDIR.replaced-<time>, nothing "
+        "deleted) instead of resuming it",
+    )
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 

@@ -17,8 +17,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENVIRONMENT_VARIABLE = "M2RNN_JAX_CACHE"
@@ -80,6 +80,12 @@ def prepared_builtin_corpus(name: str, *, progress: bool = True) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         documents = Path(tmp) / f"{name}.jsonl"
         documents.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in corpus.documents()))
-        prepare_text_data(Corpus(inputs=(str(documents),)), output, train_vocab_size=corpus.vocab_size,
-                          validation_fraction=corpus.validation_fraction, seed=0, progress=progress)
+        prepare_text_data(
+            Corpus(inputs=(str(documents),)),
+            output,
+            train_vocab_size=corpus.vocab_size,
+            validation_fraction=corpus.validation_fraction,
+            seed=0,
+            progress=progress,
+        )
     return output

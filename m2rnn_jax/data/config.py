@@ -55,29 +55,64 @@ class DataConfig:
         object.__setattr__(self, "curriculum", tuple(tuple(stage) for stage in self.curriculum))
         if self.curriculum:
             steps = [stage[0] for stage in self.curriculum]
-            require(all(len(stage) == 2 for stage in self.curriculum), "data.curriculum",
-                     "pairs (step, length)", self.curriculum)
-            require(steps[0] == 0 and steps == sorted(set(steps)), "data.curriculum",
-                     "strictly increasing steps starting at 0", self.curriculum)
-            require(self.curriculum[-1][1] == self.seq_len, "data.curriculum",
-                     f"a last length equal to data.seq_len={self.seq_len}", self.curriculum)
-        require(len(self.eval_lengths) > 0 and all(is_int(n) and n > 0 for n in self.eval_lengths),
-                 "data.eval_lengths", "a non-empty list of positive ints", self.eval_lengths)
-        require(is_int(self.eval_batch_size) and self.eval_batch_size > 0, "data.eval_batch_size",
-                 "a positive int", self.eval_batch_size)
-        require(is_int(self.eval_batches) and self.eval_batches > 0, "data.eval_batches", "a positive int",
-                 self.eval_batches)
+            require(
+                all(len(stage) == 2 for stage in self.curriculum),
+                "data.curriculum",
+                "pairs (step, length)",
+                self.curriculum,
+            )
+            require(
+                steps[0] == 0 and steps == sorted(set(steps)),
+                "data.curriculum",
+                "strictly increasing steps starting at 0",
+                self.curriculum,
+            )
+            require(
+                self.curriculum[-1][1] == self.seq_len,
+                "data.curriculum",
+                f"a last length equal to data.seq_len={self.seq_len}",
+                self.curriculum,
+            )
+        require(
+            len(self.eval_lengths) > 0 and all(is_int(n) and n > 0 for n in self.eval_lengths),
+            "data.eval_lengths",
+            "a non-empty list of positive ints",
+            self.eval_lengths,
+        )
+        require(
+            is_int(self.eval_batch_size) and self.eval_batch_size > 0,
+            "data.eval_batch_size",
+            "a positive int",
+            self.eval_batch_size,
+        )
+        require(
+            is_int(self.eval_batches) and self.eval_batches > 0,
+            "data.eval_batches",
+            "a positive int",
+            self.eval_batches,
+        )
         require(self.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {TOKEN_DTYPES}", self.token_dtype)
         require(0 < self.eval_fraction < 1, "data.eval_fraction", "a value in (0, 1)", self.eval_fraction)
-        require(is_int(self.eval_windows) and self.eval_windows > 0, "data.eval_windows", "a positive int",
-                 self.eval_windows)
+        require(
+            is_int(self.eval_windows) and self.eval_windows > 0,
+            "data.eval_windows",
+            "a positive int",
+            self.eval_windows,
+        )
         if self.kind == "token_file":
-            require(bool(self.path), "data.path",
-                     "a token file (.bin or .npy) or a prepare-data directory for kind=token_file", self.path)
+            require(
+                bool(self.path),
+                "data.path",
+                "a token file (.bin or .npy) or a prepare-data directory for kind=token_file",
+                self.path,
+            )
         if self.mask_documents:
-            require(self.kind == "token_file" and (self.eos_token_id is not None or is_prepared(self.path)),
-                     "data.mask_documents", "kind=token_file with data.eos_token_id set (or a prepared directory)",
-                     (self.kind, self.eos_token_id))
+            require(
+                self.kind == "token_file" and (self.eos_token_id is not None or is_prepared(self.path)),
+                "data.mask_documents",
+                "kind=token_file with data.eos_token_id set (or a prepared directory)",
+                (self.kind, self.eos_token_id),
+            )
 
     def seq_len_at(self, step: int) -> int:
         """The training length at ``step`` (the curriculum stage that covers it, else ``seq_len``)."""

@@ -53,12 +53,19 @@ class StateTrackingSource(_FixedEvalBatches):
         self.seed = config.seed
 
     def train_batch(self, step: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
-        return state_tracking_batch(self.group, seed=self.seed, step=step, batch_size=batch_size,
-                                    seq_len=seq_len, rows=rows)
+        return state_tracking_batch(
+            self.group, seed=self.seed, step=step, batch_size=batch_size, seq_len=seq_len, rows=rows
+        )
 
     def eval_batch(self, index: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
-        return state_tracking_batch(self.group, seed=self.seed + EVAL_STREAM, step=seq_len * 10_000 + index,
-                                    batch_size=batch_size, seq_len=seq_len, rows=rows)
+        return state_tracking_batch(
+            self.group,
+            seed=self.seed + EVAL_STREAM,
+            step=seq_len * 10_000 + index,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            rows=rows,
+        )
 
 
 class RandomTokenSource(_FixedEvalBatches):
@@ -91,8 +98,10 @@ class TokenFileSource:
         if is_prepared(config.path):
             prepared = read_prepared(config.path)
             if prepared.vocab_size > vocab_size:
-                raise ValueError(f"model.vocab_size: expected >= {prepared.vocab_size} (the vocabulary of data.path "
-                                 f"{config.path!r}), got {vocab_size}")
+                raise ValueError(
+                    f"model.vocab_size: expected >= {prepared.vocab_size} (the vocabulary of data.path "
+                    f"{config.path!r}), got {vocab_size}"
+                )
             tokens = open_tokens(prepared.train_file, prepared.dtype)
             eval_tokens = open_tokens(prepared.validation_file, prepared.dtype)
             eos = prepared.eos_token_id if eos is None else eos

@@ -24,8 +24,9 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -61,8 +62,10 @@ class Corpus:
         if self.txt_documents not in TXT_DOCUMENTS:
             raise ValueError(f"--txt-documents: expected one of {TXT_DOCUMENTS}, got {self.txt_documents!r}")
         if bool(self.inputs) == bool(self.hf_dataset):
-            raise ValueError(f"INPUT: expected input files or --hf-dataset (exactly one of them), got "
-                             f"inputs={list(self.inputs)} and hf_dataset={self.hf_dataset!r}")
+            raise ValueError(
+                f"INPUT: expected input files or --hf-dataset (exactly one of them), got "
+                f"inputs={list(self.inputs)} and hf_dataset={self.hf_dataset!r}"
+            )
         if self.inputs:
             object.__setattr__(self, "files", tuple(expand_inputs(self.inputs)))
 
@@ -78,8 +81,9 @@ class Corpus:
         if self.hf_dataset:
             documents = hf_documents(self.hf_dataset, self.hf_split, self.hf_config, self.text_field)
         else:
-            documents = (doc for path in self.files
-                         for doc in file_documents(path, self.txt_documents, self.text_field))
+            documents = (
+                doc for path in self.files for doc in file_documents(path, self.txt_documents, self.text_field)
+            )
         return (doc for doc in documents if doc)
 
 
@@ -212,8 +216,7 @@ def validation_documents(num_documents: int, fraction: float, seed: int) -> np.n
     n - 1, chosen uniformly with ``seed``)."""
     _check_fraction(fraction)
     if num_documents < 2:
-        raise ValueError(f"INPUT: expected at least 2 non-empty documents (train and validation), "
-                         f"got {num_documents}")
+        raise ValueError(f"INPUT: expected at least 2 non-empty documents (train and validation), got {num_documents}")
     count = min(max(1, round(fraction * num_documents)), num_documents - 1)
     chosen = np.zeros(num_documents, bool)
     chosen[np.random.default_rng(seed).choice(num_documents, size=count, replace=False)] = True
@@ -274,8 +277,9 @@ def count_documents(corpus: Corpus) -> int:
     return count
 
 
-def write_token_files(corpus: Corpus, tokenizer: Tokenizer, output: Path, is_validation: np.ndarray, *,
-                      progress: bool = True) -> dict[str, dict[str, object]]:
+def write_token_files(
+    corpus: Corpus, tokenizer: Tokenizer, output: Path, is_validation: np.ndarray, *, progress: bool = True
+) -> dict[str, dict[str, object]]:
     """Tokenizes every document into the split ``is_validation`` gives it; returns meta.json's ``splits``."""
     from tqdm import tqdm
 
@@ -285,8 +289,9 @@ def write_token_files(corpus: Corpus, tokenizer: Tokenizer, output: Path, is_val
         for split in SPLITS:
             temporary = stack.enter_context(atomic_file(output / f"{split}.bin"))
             writers[split] = _SplitWriter(stack.enter_context(open(temporary, "wb")), dtype, tokenizer.eos_token_id)
-        bar = stack.enter_context(tqdm(total=len(is_validation), unit="doc", desc="tokenizing", file=sys.stderr,
-                                       disable=not progress))
+        bar = stack.enter_context(
+            tqdm(total=len(is_validation), unit="doc", desc="tokenizing", file=sys.stderr, disable=not progress)
+        )
         index = 0
         for batch in _batches(iter(corpus)):
             for text, ids in zip(batch, tokenizer.encode_batch(batch)):
@@ -294,21 +299,36 @@ def write_token_files(corpus: Corpus, tokenizer: Tokenizer, output: Path, is_val
                 index += 1
             bar.update(len(batch))
         if index != len(is_validation):
-            raise ValueError(f"INPUT: the corpus changed while reading it ({len(is_validation)} documents "
-                             f"counted, {index} tokenized)")
+            raise ValueError(
+                f"INPUT: the corpus changed while reading it ({len(is_validation)} documents "
+                f"counted, {index} tokenized)"
+            )
     splits = {}
     for split, writer in writers.items():
         offsets_name = f"{split}.offsets.npy"
         with atomic_file(output / offsets_name) as temporary, open(temporary, "wb") as f:
             np.save(f, np.asarray(writer.offsets, dtype=np.int64))
-        splits[split] = {"file": f"{split}.bin", "offsets": offsets_name, "tokens": writer.tokens,
-                         "documents": len(writer.offsets), "bytes": writer.bytes}
+        splits[split] = {
+            "file": f"{split}.bin",
+            "offsets": offsets_name,
+            "tokens": writer.tokens,
+            "documents": len(writer.offsets),
+            "bytes": writer.bytes,
+        }
     return splits
 
 
-def prepare_text_data(corpus: Corpus, output: str | Path, *, tokenizer: Tokenizer | None = None,
-                      train_vocab_size: int | None = None, tokenizer_source: str = "",
-                      validation_fraction: float = 0.01, seed: int = 0, progress: bool = True) -> dict:
+def prepare_text_data(
+    corpus: Corpus,
+    output: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    train_vocab_size: int | None = None,
+    tokenizer_source: str = "",
+    validation_fraction: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Writes the token files, tokenizer and meta.json of ``corpus`` to ``output``; returns the meta dict.
 
     Give ``tokenizer`` (an existing one, described by ``tokenizer_source``) or ``train_vocab_size`` (a
@@ -331,8 +351,12 @@ def prepare_text_data(corpus: Corpus, output: str | Path, *, tokenizer: Tokenize
     files = [path.name for path in tokenizer.save(output)]
     meta = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"kind": tokenizer.kind, "source": tokenizer_source, "files": files,
-                      "byte_lengths_exact": tokenizer.byte_lengths_exact},
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "source": tokenizer_source,
+            "files": files,
+            "byte_lengths_exact": tokenizer.byte_lengths_exact,
+        },
         "vocab_size": tokenizer.vocab_size,
         "eos_token_id": tokenizer.eos_token_id,
         "dtype": token_dtype(tokenizer.vocab_size).name,

@@ -51,14 +51,18 @@ def read_prepared(directory: str | Path) -> PreparedData:
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"data.path: expected a token file (.bin/.npy) or a directory written by m2rnn-jax "
-                         f"prepare-data (holding meta.json), got the directory {str(directory)!r} without meta.json")
+        raise ValueError(
+            f"data.path: expected a token file (.bin/.npy) or a directory written by m2rnn-jax "
+            f"prepare-data (holding meta.json), got the directory {str(directory)!r} without meta.json"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         version = meta.get("format_version")
         if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise ValueError(f"data.path: expected meta.json format_version in {SUPPORTED_FORMAT_VERSIONS}, "
-                             f"got {version!r} in {str(meta_path)!r}")
+            raise ValueError(
+                f"data.path: expected meta.json format_version in {SUPPORTED_FORMAT_VERSIONS}, "
+                f"got {version!r} in {str(meta_path)!r}"
+            )
         return PreparedData(
             directory=directory,
             vocab_size=int(meta["vocab_size"]),
@@ -102,8 +106,15 @@ def open_tokens(path: str | Path, dtype: str = "uint16") -> np.ndarray:
 class TokenWindows:
     """Windows of ``seq_len + 1`` tokens from ``tokens[begin:end]`` (see the module docstring)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, *, begin: int = 0, end: int | None = None,
-                 eos_token_id: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        *,
+        begin: int = 0,
+        end: int | None = None,
+        eos_token_id: int | None = None,
+    ):
         end = len(tokens) if end is None else end
         self.tokens, self.seq_len, self.begin = tokens, seq_len, begin
         self.num_windows = (end - begin - 1) // seq_len

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class HuggingFaceTokenizer:
         self.byte_lengths_exact = _uses_byte_level(self._spec.get("decoder"))
 
     @classmethod
-    def from_file(cls, path: str | Path, eos_token: str | None = None) -> "HuggingFaceTokenizer":
+    def from_file(cls, path: str | Path, eos_token: str | None = None) -> HuggingFaceTokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
@@ -152,29 +153,38 @@ class TiktokenTokenizer:
     kind = "tiktoken"
     byte_lengths_exact = True
 
-    def __init__(self, ranks: dict[bytes, int], *, pattern: str = DEFAULT_TIKTOKEN_PATTERN,
-                 special_tokens: dict[str, int] | None = None, eos_token: str = DEFAULT_EOS):
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        *,
+        pattern: str = DEFAULT_TIKTOKEN_PATTERN,
+        special_tokens: dict[str, int] | None = None,
+        eos_token: str = DEFAULT_EOS,
+    ):
         import tiktoken
 
         special_tokens = dict(special_tokens or {eos_token: len(ranks)})
         if eos_token not in special_tokens:
-            raise ValueError(f"tokenizer: expected the EOS token {eos_token!r} among the special tokens, "
-                             f"got {sorted(special_tokens)}")
+            raise ValueError(
+                f"tokenizer: expected the EOS token {eos_token!r} among the special tokens, "
+                f"got {sorted(special_tokens)}"
+            )
         self._ranks, self._pattern, self._special = ranks, pattern, special_tokens
-        self._encoding = tiktoken.Encoding("m2rnn", pat_str=pattern, mergeable_ranks=ranks,
-                                           special_tokens=special_tokens)
+        self._encoding = tiktoken.Encoding(
+            "m2rnn", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
+        )
         self.vocab_size = int(self._encoding.n_vocab)
         self.eos_token_id = int(special_tokens[eos_token])
         self._eos_token = eos_token
 
     @classmethod
-    def from_file(cls, path: str | Path, eos_token: str | None = None) -> "TiktokenTokenizer":
+    def from_file(cls, path: str | Path, eos_token: str | None = None) -> TiktokenTokenizer:
         """Reads ``path`` and, if present, ``tiktoken_config.json`` next to it (pattern, special tokens, EOS);
         ``eos_token`` names the EOS token (default: the config's, else ``<|endoftext|>``)."""
         path = Path(path)
         ranks: dict[bytes, int] = {}
         try:
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for line in path.read_text().splitlines():
                 if line.strip():
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -184,9 +194,12 @@ class TiktokenTokenizer:
             raise ValueError(f"tokenizer: expected token ranks in {str(path)!r}, got an empty file")
         config_path = path.with_name(TIKTOKEN_CONFIG_FILE)
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        return cls(ranks, pattern=config.get("pattern", DEFAULT_TIKTOKEN_PATTERN),
-                   special_tokens=config.get("special_tokens"),
-                   eos_token=eos_token or config.get("eos_token", DEFAULT_EOS))
+        return cls(
+            ranks,
+            pattern=config.get("pattern", DEFAULT_TIKTOKEN_PATTERN),
+            special_tokens=config.get("special_tokens"),
+            eos_token=eos_token or config.get("eos_token", DEFAULT_EOS),
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)
@@ -208,8 +221,10 @@ class TiktokenTokenizer:
     def save(self, directory: str | Path) -> list[Path]:
         directory = Path(directory)
         paths = [directory / TIKTOKEN_FILE, directory / TIKTOKEN_CONFIG_FILE]
-        lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
-                        for token, rank in sorted(self._ranks.items(), key=lambda item: item[1]))
+        lines = "".join(
+            f"{base64.b64encode(token).decode()} {rank}\n"
+            for token, rank in sorted(self._ranks.items(), key=lambda item: item[1])
+        )
         config = {"pattern": self._pattern, "special_tokens": self._special, "eos_token": self._eos_token}
         for path, text in zip(paths, (lines, json.dumps(config, indent=2) + "\n")):
             with atomic_file(path) as temporary:
@@ -229,11 +244,14 @@ def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> Tokeniz
         for name in (HF_FILE, TIKTOKEN_FILE):
             if (path / name).is_file():
                 return load_tokenizer(path / name, eos_token=eos_token)
-        raise ValueError(f"tokenizer: expected {HF_FILE} or {TIKTOKEN_FILE} in the directory {str(path)!r}, "
-                         f"got {sorted(p.name for p in path.iterdir())[:10]}")
+        raise ValueError(
+            f"tokenizer: expected {HF_FILE} or {TIKTOKEN_FILE} in the directory {str(path)!r}, "
+            f"got {sorted(p.name for p in path.iterdir())[:10]}"
+        )
     if not path.is_file():
-        raise ValueError(f"tokenizer: expected a tokenizer.json, a .tiktoken file or a directory, "
-                         f"got {str(path)!r} (no such file)")
+        raise ValueError(
+            f"tokenizer: expected a tokenizer.json, a .tiktoken file or a directory, got {str(path)!r} (no such file)"
+        )
     if path.suffix == ".tiktoken":
         return TiktokenTokenizer.from_file(path, eos_token)
     return HuggingFaceTokenizer.from_file(path, eos_token)
@@ -243,12 +261,14 @@ def check_train_vocab_size(vocab_size: int) -> None:
     """ValueError unless ``vocab_size`` holds the 256 byte tokens and the EOS token."""
     minimum = 256 + 1
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(f"--train-tokenizer: expected a vocabulary of at least {minimum} (256 bytes + EOS), "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"--train-tokenizer: expected a vocabulary of at least {minimum} (256 bytes + EOS), got {vocab_size}"
+        )
 
 
-def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, *, eos_token: str = DEFAULT_EOS,
-                         show_progress: bool = False) -> HuggingFaceTokenizer:
+def train_byte_level_bpe(
+    texts: Iterable[str], vocab_size: int, *, eos_token: str = DEFAULT_EOS, show_progress: bool = False
+) -> HuggingFaceTokenizer:
     """A byte-level BPE with ``vocab_size`` tokens (the 256 bytes, ``eos_token`` and merges) trained on ``texts``.
 
     The vocabulary may come out smaller when the corpus has fewer distinct merges than asked for.
@@ -260,7 +280,11 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, *, eos_token: st
     tokenizer = RustTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=show_progress,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos_token],
+        show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return HuggingFaceTokenizer(tokenizer, eos_token)

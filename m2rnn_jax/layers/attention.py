@@ -147,10 +147,20 @@ class Attention(nnx.Module):
         d = self.head_dim
 
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.c_attn = sharded_linear(hidden_size, (config.num_heads + 2 * config.num_kv_heads) * d,
-                                     ("embed", "heads"), std=initializer_range, **kw)
-        self.c_proj = sharded_linear(config.num_heads * d, hidden_size, ("heads", "embed"),
-                                     std=output_projection_std(initializer_range, num_layers), **kw)
+        self.c_attn = sharded_linear(
+            hidden_size,
+            (config.num_heads + 2 * config.num_kv_heads) * d,
+            ("embed", "heads"),
+            std=initializer_range,
+            **kw,
+        )
+        self.c_proj = sharded_linear(
+            config.num_heads * d,
+            hidden_size,
+            ("heads", "embed"),
+            std=output_projection_std(initializer_range, num_layers),
+            **kw,
+        )
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> AttentionState:
         """Empty cache with room for ``max_length`` tokens: zeros (B, max_length, Nkv, d) and position 0."""

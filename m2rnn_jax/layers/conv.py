@@ -9,7 +9,7 @@ zeros, and the returned state keeps only inputs of the last document.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -71,9 +71,7 @@ class SoftplusDecayGate(nnx.Module):
         self.dtype = dtype
         storage_dtype = jnp.promote_types(jnp.float32, param_dtype)
 
-        A = jax.random.uniform(
-            rngs.params(), (num_heads,), dtype=storage_dtype, minval=A_init_min, maxval=A_init_max
-        )
+        A = jax.random.uniform(rngs.params(), (num_heads,), dtype=storage_dtype, minval=A_init_min, maxval=A_init_max)
         log_dt = jax.random.uniform(
             rngs.params(),
             (num_heads,),

@@ -145,20 +145,34 @@ class GatedDeltaNet(nnx.Module):
         Nv, dv = c.num_heads, c.v_head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv_proj = sharded_linear(hidden_size, c.conv_channels, ("embed", None), std=initializer_range, **kw)
-        self.ab_proj = sharded_linear(hidden_size, 2 * Nv + (Nv * dv if c.use_gate else 0), ("embed", None),
-                                      std=initializer_range, **kw)
+        self.ab_proj = sharded_linear(
+            hidden_size, 2 * Nv + (Nv * dv if c.use_gate else 0), ("embed", None), std=initializer_range, **kw
+        )
         self.qkv_conv1d = CausalDepthwiseConv1d(
-            c.conv_channels, c.kernel_size, activation="silu", use_bias=False,
-            initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            c.conv_channels,
+            c.kernel_size,
+            activation="silu",
+            use_bias=False,
+            initializer_range=initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.decay_gate = SoftplusDecayGate(
-            Nv, A_init_min=c.A_init_min, A_init_max=c.A_init_max, dt_init_min=c.dt_init_min,
-            dt_init_max=c.dt_init_max, dt_init_floor=c.dt_init_floor,
-            dtype=jnp.promote_types(jnp.float32, dtype), param_dtype=param_dtype, rngs=rngs,
+            Nv,
+            A_init_min=c.A_init_min,
+            A_init_max=c.A_init_max,
+            dt_init_min=c.dt_init_min,
+            dt_init_max=c.dt_init_max,
+            dt_init_floor=c.dt_init_floor,
+            dtype=jnp.promote_types(jnp.float32, dtype),
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.o_norm = RMSNorm(dv, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding=None)
-        self.o_proj = sharded_linear(Nv * dv, hidden_size, ("heads", "embed"),
-                                     std=output_projection_std(initializer_range, num_layers), **kw)
+        self.o_proj = sharded_linear(
+            Nv * dv, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers), **kw
+        )
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> GatedDeltaNetState:
         """Zero state (``max_length`` is ignored: the state has a fixed size)."""
@@ -200,8 +214,9 @@ class GatedDeltaNet(nnx.Module):
 
         backend = "recurrent" if seq_len == 1 else c.backend
         delta_rule = gated_delta_rule_over_context if context_axis_size() > 1 else gated_delta_rule
-        o, recurrent = delta_rule(q, k, v, beta, log_alpha, state.recurrent, reset=reset, chunk_size=c.chunk_size,
-                                  backend=backend)
+        o, recurrent = delta_rule(
+            q, k, v, beta, log_alpha, state.recurrent, reset=reset, chunk_size=c.chunk_size, backend=backend
+        )
         o = o.astype(compute_dtype)
         if c.use_gate:
             o = o * jax.nn.silu(gate.reshape(batch, seq_len, Nv, dv).astype(compute_dtype))

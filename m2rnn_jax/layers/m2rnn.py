@@ -205,8 +205,14 @@ class M2RNN(nnx.Module):
         N, V = config.num_heads, config.v_head_dim
 
         self.input_projection = sharded_linear(
-            hidden_size, config.projection_size, ("embed", None), std=initializer_range, use_bias=config.add_bias,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            hidden_size,
+            config.projection_size,
+            ("embed", None),
+            std=initializer_range,
+            use_bias=config.add_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.decay_gate = SoftplusDecayGate(
             N,
@@ -243,12 +249,16 @@ class M2RNN(nnx.Module):
             out_sharding=("heads", None, None),
             eager_sharding=False,
         )
-        self.g_norm = RMSNorm(
-            N * V, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads"
-        )
+        self.g_norm = RMSNorm(N * V, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
         self.output_projection = sharded_linear(
-            N * V, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers),
-            use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            N * V,
+            hidden_size,
+            ("heads", "embed"),
+            std=output_projection_std(initializer_range, num_layers),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> M2RNNState:
@@ -292,7 +302,15 @@ class M2RNN(nnx.Module):
         W = self.state_weight[...].astype(self.dtype)
         recurrence = context_m2rnn if context_axis_size() > 1 else m2rnn  # context: pipelined across the shards
         y, recurrent = recurrence(
-            q, k, v, W, f, state.recurrent, reset=reset, gradient_clipping=c.gradient_clipping, backend=c.backend,
+            q,
+            k,
+            v,
+            W,
+            f,
+            state.recurrent,
+            reset=reset,
+            gradient_clipping=c.gradient_clipping,
+            backend=c.backend,
             check_values=self.check_values,
         )  # y (B, S, N, V)
         if self.D is not None:

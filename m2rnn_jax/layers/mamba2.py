@@ -131,21 +131,35 @@ class Mamba2(nnx.Module):
         c = config
         I, H = c.intermediate_size, c.num_heads
         kw = dict(use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_proj = sharded_linear(hidden_size, I + c.conv_channels + H, ("embed", None), std=initializer_range,
-                                      **kw)
+        self.in_proj = sharded_linear(
+            hidden_size, I + c.conv_channels + H, ("embed", None), std=initializer_range, **kw
+        )
         self.conv1d = CausalDepthwiseConv1d(
-            c.conv_channels, c.kernel_size, activation="silu", use_bias=c.use_conv_bias,
-            initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            c.conv_channels,
+            c.kernel_size,
+            activation="silu",
+            use_bias=c.use_conv_bias,
+            initializer_range=initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.decay_gate = SoftplusDecayGate(
-            H, A_init_min=c.A_init_min, A_init_max=c.A_init_max, dt_init_min=c.dt_init_min,
-            dt_init_max=c.dt_init_max, dt_init_floor=c.dt_init_floor,
-            dtype=jnp.promote_types(jnp.float32, dtype), param_dtype=param_dtype, rngs=rngs,
+            H,
+            A_init_min=c.A_init_min,
+            A_init_max=c.A_init_max,
+            dt_init_min=c.dt_init_min,
+            dt_init_max=c.dt_init_max,
+            dt_init_floor=c.dt_init_floor,
+            dtype=jnp.promote_types(jnp.float32, dtype),
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.D = nnx.Param(jnp.ones((H,), dtype=param_dtype), out_sharding=("heads",), eager_sharding=False)
         self.norm = RMSNorm(I, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
-        self.out_proj = sharded_linear(I, hidden_size, ("heads", "embed"),
-                                       std=output_projection_std(initializer_range, num_layers), **kw)
+        self.out_proj = sharded_linear(
+            I, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers), **kw
+        )
 
     def init_state(self, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> Mamba2State:
         """Zero state (``max_length`` is ignored: the state has a fixed size)."""

@@ -37,4 +37,3 @@ class SequenceMixer(Protocol):
         neighbouring positions, from a zero state (attention: it attends within its document only).
         """
         ...
-

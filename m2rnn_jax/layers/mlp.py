@@ -1,10 +1,10 @@
 """Channel mixers: dense SwiGLU MLP and mixture of experts (SPEC §9.3, §0.6).
 
 Auxiliary-loss contract (agreed with the decoder): ``MLP.__call__(x)`` returns ``y`` only;
-``MoE.__call__(x)`` returns ``(y, aux_loss)`` where ``aux_loss`` is a >= float32 scalar (float64 for float64 models) computed over the tokens of
-this call and **already multiplied by** ``router_aux_loss_coef``; the decoder sums it over layers and adds it to
-the language-modelling loss (as lm-engine does). No ``nnx.Intermediate`` state is sown, so both modules stay pure
-under ``jax.jit`` / ``nnx.scan``.
+``MoE.__call__(x)`` returns ``(y, aux_loss)`` where ``aux_loss`` is a >= float32 scalar (float64 for float64 models)
+computed over the tokens of this call and **already multiplied by** ``router_aux_loss_coef``; the decoder sums it
+over layers and adds it to the language-modelling loss (as lm-engine does). No ``nnx.Intermediate`` state is sown,
+so both modules stay pure under ``jax.jit`` / ``nnx.scan``.
 
 SwiGLU (both modules): ``c_fc`` emits 2I features **interleaved** like lm-engine's packed SwiGLU: gate = even
 columns, up = odd columns, ``y = c_proj(up * silu(gate))`` with the activation in >= float32. Converting an
@@ -130,7 +130,9 @@ class MLP(nnx.Module):
         I = config.intermediate_size
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.c_fc = sharded_linear(hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
-        self.c_proj = sharded_linear(I, hidden_size, ("mlp", "embed"), std=output_projection_std(initializer_range, num_layers), **kw)
+        self.c_proj = sharded_linear(
+            I, hidden_size, ("mlp", "embed"), std=output_projection_std(initializer_range, num_layers), **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -177,8 +179,9 @@ class ExpertLinear(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array,
-                 columns: slice = slice(None)) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array, columns: slice = slice(None)
+    ) -> jax.Array:
         """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert, row_experts (R,) -> (R, out) or, with
         ``columns``, only those output columns (computed from those kernel columns)."""
         kernel = self.kernel[...][..., columns]

@@ -32,7 +32,8 @@ k = 0 for the RNN, 2 for the GRU (forget and reset gate inputs; ``state_weight``
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,15 +148,27 @@ class GatedVectorRNN(nnx.Module):
         width = c.num_heads * c.head_dim
         normal = jax.nn.initializers.normal
         self.input_projection = sharded_linear(
-            hidden_size, (2 + self.num_gate_inputs) * width, ("embed", None), std=initializer_range,
-            use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            hidden_size,
+            (2 + self.num_gate_inputs) * width,
+            ("embed", None),
+            std=initializer_range,
+            use_bias=c.add_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.conv1d = (
             None
             if c.kernel_size is None
             else CausalDepthwiseConv1d(
-                width, c.kernel_size, activation=c.activation_function, use_bias=c.add_bias,
-                initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                width,
+                c.kernel_size,
+                activation=c.activation_function,
+                use_bias=c.add_bias,
+                initializer_range=initializer_range,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
             )
         )
         weight_shape = ((1 + self.num_gate_inputs) * c.num_heads, c.head_dim, c.head_dim)
@@ -166,8 +179,14 @@ class GatedVectorRNN(nnx.Module):
         )
         self.norm = RMSNorm(width, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
         self.output_projection = sharded_linear(
-            width, hidden_size, ("heads", "embed"), std=output_projection_std(initializer_range, num_layers),
-            use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            width,
+            hidden_size,
+            ("heads", "embed"),
+            std=output_projection_std(initializer_range, num_layers),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def step(self, weights: tuple[jax.Array, ...], h: jax.Array, inputs: tuple[jax.Array, ...]) -> jax.Array:

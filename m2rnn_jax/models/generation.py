@@ -9,7 +9,6 @@ new tokens); temperature, top-k and top-p are traced values, so changing them do
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import jax

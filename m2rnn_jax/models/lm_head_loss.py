@@ -38,6 +38,7 @@ from m2rnn_jax.checks import is_int, require
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
 CHUNK_LOGITS_ELEMENTS = 2**28
 
+
 class LMHeadLoss(NamedTuple):
     """What :func:`lm_head_cross_entropy` returns (float32, or float64 when computing in float64).
 
@@ -120,11 +121,19 @@ def _make_layout(
     require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
     num_tokens, width = hidden.shape
     require(kernel.ndim == 2 and kernel.shape[0] == width, "kernel", f"shape ({width}, V)", kernel.shape)
-    require(targets.shape == (num_tokens,) and jnp.issubdtype(targets.dtype, jnp.integer), "targets",
-            f"an int array of shape ({num_tokens},)", f"{targets.dtype} {targets.shape}")
+    require(
+        targets.shape == (num_tokens,) and jnp.issubdtype(targets.dtype, jnp.integer),
+        "targets",
+        f"an int array of shape ({num_tokens},)",
+        f"{targets.dtype} {targets.shape}",
+    )
     require(weights.shape == (num_tokens,), "weights", f"shape ({num_tokens},)", weights.shape)
-    require(chunk_size is None or (is_int(chunk_size) and chunk_size > 0), "chunk_size", "a positive int or None",
-            chunk_size)
+    require(
+        chunk_size is None or (is_int(chunk_size) and chunk_size > 0),
+        "chunk_size",
+        "a positive int or None",
+        chunk_size,
+    )
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
@@ -165,8 +174,13 @@ def _chunk_inputs(
     return kernel.astype(layout.compute_dtype), chunks
 
 
-def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], batch: tuple[tuple[int, ...], tuple[int, ...]],
-            accumulation: Any) -> jax.Array:
+def _matmul(
+    a: jax.Array,
+    b: jax.Array,
+    contract: tuple[int, int],
+    batch: tuple[tuple[int, ...], tuple[int, ...]],
+    accumulation: Any,
+) -> jax.Array:
     dimensions = (((contract[0],), (contract[1],)), batch)
     return jax.lax.dot_general(a, b, dimensions, preferred_element_type=accumulation)
 
@@ -237,8 +251,12 @@ def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     d_kernel = jnp.sum(d_kernel, axis=0)
     num_tokens = hidden.shape[0]
     output = _outputs(nll, hits, weight_chunks, num_tokens)
-    residuals = (_from_chunks(d_hidden, num_tokens), d_kernel, _from_chunks(nll, num_tokens),
-                 _from_chunks(hits, num_tokens))
+    residuals = (
+        _from_chunks(d_hidden, num_tokens),
+        d_kernel,
+        _from_chunks(nll, num_tokens),
+        _from_chunks(hits, num_tokens),
+    )
     return output, residuals
 
 

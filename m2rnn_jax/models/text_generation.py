@@ -8,7 +8,8 @@ document, so a document always starts right after one, and the model sees a prom
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,16 +34,30 @@ def until_eos(new_tokens: np.ndarray, eos_token_id: int, vocab_size: int) -> lis
     return kept
 
 
-def continue_text(model: Decoder, tokenizer: Any, texts: Sequence[str], *, max_new_tokens: int, key: jax.Array,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+def continue_text(
+    model: Decoder,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> list[str]:
     """Each text followed by its continuation (decoded; stops at EOS), all prompts generated in one batch."""
     prompts = encode_prompts(tokenizer, texts)
     vocab_size = model.config.vocab_size
     too_large = [number for number, prompt in enumerate(prompts, 1) if max(prompt) >= vocab_size]
     if too_large:
-        raise ValueError(f"prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer vocabulary "
-                         f"{tokenizer.vocab_size}), got larger ones in prompt(s) {too_large}")
-    continuations = generate_ragged(model, prompts, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
-                                    top_k=top_k, top_p=top_p)
-    return [tokenizer.decode(prompt[1:] + until_eos(new, tokenizer.eos_token_id, tokenizer.vocab_size))
-            for prompt, new in zip(prompts, continuations)]
+        raise ValueError(
+            f"prompt: expected token ids below model.vocab_size={vocab_size} (tokenizer vocabulary "
+            f"{tokenizer.vocab_size}), got larger ones in prompt(s) {too_large}"
+        )
+    continuations = generate_ragged(
+        model, prompts, max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    return [
+        tokenizer.decode(prompt[1:] + until_eos(new, tokenizer.eos_token_id, tokenizer.vocab_size))
+        for prompt, new in zip(prompts, continuations)
+    ]

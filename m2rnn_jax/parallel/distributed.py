@@ -21,8 +21,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator-address", help="host:port of process 0 (env M2RNN_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int, help="number of processes (env M2RNN_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, help="this process's index (env M2RNN_PROCESS_ID)")
-    group.add_argument("--distributed", choices=("off", "auto"), default="off",
-                       help="'auto': let JAX detect the cluster (TPU pod, SLURM, ...)")
+    group.add_argument(
+        "--distributed",
+        choices=("off", "auto"),
+        default="off",
+        help="'auto': let JAX detect the cluster (TPU pod, SLURM, ...)",
+    )
 
 
 def _setting(args: argparse.Namespace, name: str) -> str | None:

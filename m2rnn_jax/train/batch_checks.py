@@ -9,7 +9,7 @@ index (:mod:`m2rnn_jax.value_checks` says where the error surfaces).
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

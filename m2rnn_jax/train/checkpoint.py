@@ -26,20 +26,22 @@ from m2rnn_jax.train.state import TrainState
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
-                 concurrent_gb: int | None = None):
+    def __init__(
+        self, directory: str | Path, *, keep: int = 3, async_save: bool = True, concurrent_gb: int | None = None
+    ):
         """``concurrent_gb``: at most this many GB of arrays in flight while saving or restoring (Orbax's default,
         96, may stage a host copy of a whole model at once; a small value keeps host memory near one model)."""
         self.directory = Path(directory).absolute()
         self._concurrent_gb = concurrent_gb
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         handlers = None
         if concurrent_gb is not None:
-            handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=concurrent_gb,
-                                                               restore_concurrent_gb=concurrent_gb),
-                        "metadata": ocp.JsonCheckpointHandler()}
+            handlers = {
+                "state": ocp.StandardCheckpointHandler(
+                    save_concurrent_gb=concurrent_gb, restore_concurrent_gb=concurrent_gb
+                ),
+                "metadata": ocp.JsonCheckpointHandler(),
+            }
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -84,8 +86,10 @@ class Checkpointer:
         metadata = dict(self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata)
         saved_params_only = bool(metadata.get("params_only", False))
         if saved_params_only and not params_only and optimizer is None:
-            raise ValueError(f"checkpoint: step {step} in {str(self.directory)!r} holds parameters only; pass the "
-                             "optimizer to build its state")
+            raise ValueError(
+                f"checkpoint: step {step} in {str(self.directory)!r} holds parameters only; pass the "
+                "optimizer to build its state"
+            )
         if params_only and not saved_params_only:
             state = self._restore_without_opt_state(abstract_state, step)
         else:
@@ -103,8 +107,9 @@ class Checkpointer:
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=self._concurrent_gb)
         with ocp.Checkpointer(handler) as reader:  # its own handler: this manager's "state" item is a StandardSave
-            state = reader.restore(self.directory / str(step) / "state",
-                                   args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+            state = reader.restore(
+                self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+            )
         return state._replace(opt_state=None)
 
     def wait_until_finished(self) -> None:

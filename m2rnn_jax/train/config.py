@@ -19,7 +19,6 @@ from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.train import overrides
 
 
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup from 0 and cosine decay to ``min_lr_ratio * learning_rate`` (SPEC §10.1).
@@ -44,11 +43,19 @@ class OptimizerConfig:
         require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1/b2", "values in [0, 1)", (self.b1, self.b2))
         require(self.eps > 0, "optimizer.eps", "> 0", self.eps)
         require(self.weight_decay >= 0, "optimizer.weight_decay", ">= 0", self.weight_decay)
-        require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "optimizer.warmup_steps", "an int >= 0",
-                 self.warmup_steps)
+        require(
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            "optimizer.warmup_steps",
+            "an int >= 0",
+            self.warmup_steps,
+        )
         require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
-        require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
-                 "None or > 0", self.grad_clip_norm)
+        require(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            "optimizer.grad_clip_norm",
+            "None or > 0",
+            self.grad_clip_norm,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +76,23 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = self.axis_sizes
-        require(all(is_int(s) and (s > 0 or s == -1) for s in sizes.values()), "mesh",
-                 "positive ints (one may be -1)", sizes)
+        require(
+            all(is_int(s) and (s > 0 or s == -1) for s in sizes.values()),
+            "mesh",
+            "positive ints (one may be -1)",
+            sizes,
+        )
         require(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
 
     @property
     def axis_sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor,
-                "expert": self.expert}
+        return {
+            "data": self.data,
+            "fsdp": self.fsdp,
+            "context": self.context,
+            "tensor": self.tensor,
+            "expert": self.expert,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +104,12 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
-        require(is_int(self.every_steps) and self.every_steps > 0, "checkpoint.every_steps", "a positive int",
-                 self.every_steps)
+        require(
+            is_int(self.every_steps) and self.every_steps > 0,
+            "checkpoint.every_steps",
+            "a positive int",
+            self.every_steps,
+        )
         require(is_int(self.keep) and self.keep > 0, "checkpoint.keep", "a positive int", self.keep)
 
 
@@ -109,8 +129,12 @@ class SampleConfig:
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
         require(all(isinstance(p, str) for p in self.prompts), "sample.prompts", "a list of strings", self.prompts)
-        require(is_int(self.max_new_tokens) and self.max_new_tokens > 0, "sample.max_new_tokens", "a positive int",
-                self.max_new_tokens)
+        require(
+            is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+            "sample.max_new_tokens",
+            "a positive int",
+            self.max_new_tokens,
+        )
         require(self.temperature >= 0, "sample.temperature", ">= 0", self.temperature)
         require(0 < self.top_p <= 1, "sample.top_p", "a value in (0, 1]", self.top_p)
 
@@ -143,20 +167,36 @@ class TrainConfig:
             value = getattr(self, name)
             require(is_int(value) and value > 0, name, "a positive int", value)
         require(is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
-        require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
-                 f"a multiple of grad_accum_steps={self.grad_accum_steps}", self.batch_size)
+        require(
+            self.batch_size % self.grad_accum_steps == 0,
+            "batch_size",
+            f"a multiple of grad_accum_steps={self.grad_accum_steps}",
+            self.batch_size,
+        )
         if self.data.kind == "state_tracking":
             from m2rnn_jax.data.state_tracking import get_group
 
             order = get_group(self.data.group).order
-            require(self.model.vocab_size >= order, "model.vocab_size",
-                     f">= {order} (the order of group {self.data.group!r})", self.model.vocab_size)
-        require(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
-                 f"<= steps={self.steps}", self.optimizer.warmup_steps)
+            require(
+                self.model.vocab_size >= order,
+                "model.vocab_size",
+                f">= {order} (the order of group {self.data.group!r})",
+                self.model.vocab_size,
+            )
+        require(
+            self.optimizer.warmup_steps <= self.steps,
+            "optimizer.warmup_steps",
+            f"<= steps={self.steps}",
+            self.optimizer.warmup_steps,
+        )
         lengths = sorted({self.data.seq_len, *self.data.eval_lengths, *(n for _, n in self.data.curriculum)})
-        require(all(n % self.mesh.context == 0 for n in lengths), "mesh.context",
-                f"a divisor of every sequence length (data.seq_len, data.curriculum, data.eval_lengths: {lengths}) "
-                "since each sequence is split into mesh.context shards", self.mesh.context)
+        require(
+            all(n % self.mesh.context == 0 for n in lengths),
+            "mesh.context",
+            f"a divisor of every sequence length (data.seq_len, data.curriculum, data.eval_lengths: {lengths}) "
+            "since each sequence is split into mesh.context shards",
+            self.mesh.context,
+        )
 
     @property
     def micro_batch_size(self) -> int:
@@ -166,7 +206,7 @@ class TrainConfig:
         return overrides.to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return overrides.from_dict(cls, data)
 
 
@@ -185,15 +225,19 @@ def resolve_token_data(config: TrainConfig, *, keep_vocab_size: bool = False) ->
 
     data = config.data
     if data.kind == "token_file" and data.path.startswith(BUILTIN_PREFIX):
-        path = prepared_builtin_corpus(data.path[len(BUILTIN_PREFIX):])
+        path = prepared_builtin_corpus(data.path[len(BUILTIN_PREFIX) :])
         config = overrides.merge(config, {"data": {"path": str(path)}})
         data = config.data
     if data.kind != "token_file" or not is_prepared(data.path):
         return config
     prepared = read_prepared(data.path)
     if keep_vocab_size:
-        require(config.model.vocab_size >= prepared.vocab_size, "model.vocab_size",
-                 f">= {prepared.vocab_size} (the vocabulary of data.path {data.path!r})", config.model.vocab_size)
+        require(
+            config.model.vocab_size >= prepared.vocab_size,
+            "model.vocab_size",
+            f">= {prepared.vocab_size} (the vocabulary of data.path {data.path!r})",
+            config.model.vocab_size,
+        )
     changes: dict[str, Any] = {"data": {"token_dtype": prepared.dtype}}
     if data.eos_token_id is None:
         changes["data"]["eos_token_id"] = prepared.eos_token_id

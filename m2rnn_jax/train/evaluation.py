@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -13,10 +14,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from m2rnn_jax.parallel.batches import global_batch
-from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
-from m2rnn_jax.train.config import DataConfig
 from m2rnn_jax.data.sources import BatchSource
+from m2rnn_jax.parallel.batches import global_batch
+from m2rnn_jax.parallel.shardings import batch_sharding, batch_shards, replicated
+from m2rnn_jax.train.config import DataConfig
 from m2rnn_jax.train.step import make_eval_step
 
 
@@ -26,8 +27,15 @@ class Evaluator:
     ``token_bytes`` (vocab,) UTF-8 bytes per token id (default: the source's) adds bits per byte to the results.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: Mesh, source: BatchSource,
-                 data: DataConfig, token_bytes: np.ndarray | None = None):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        param_shardings: nnx.State,
+        mesh: Mesh,
+        source: BatchSource,
+        data: DataConfig,
+        token_bytes: np.ndarray | None = None,
+    ):
         shards = batch_shards(mesh)
         if data.eval_batch_size % shards != 0:
             raise ValueError(
@@ -37,8 +45,9 @@ class Evaluator:
         self.mesh, self.source, self.data = mesh, source, data
         self.token_bytes = source.token_bytes if token_bytes is None else token_bytes
         self.sharding = batch_sharding(mesh)
-        self._step = jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, self.sharding),
-                             out_shardings=replicated(mesh))
+        self._step = jax.jit(
+            make_eval_step(graphdef), in_shardings=(param_shardings, self.sharding), out_shardings=replicated(mesh)
+        )
 
     def _target_bytes(self, rows: dict[str, np.ndarray]) -> float:
         """UTF-8 bytes of this process's counted targets (all processes' when there are several)."""
@@ -52,8 +61,9 @@ class Evaluator:
         """Eval batches at ``length`` (each ``data.eval_batch_size`` rows)."""
         return self.source.num_eval_batches(length, self.data.eval_batch_size)
 
-    def evaluate(self, params: nnx.State, lengths: tuple[int, ...] | None = None,
-                 on_batch: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
+    def evaluate(
+        self, params: nnx.State, lengths: tuple[int, ...] | None = None, on_batch: Callable[[], None] | None = None
+    ) -> dict[int, dict[str, float]]:
         """{length: {"loss", "accuracy", "final_accuracy", "tokens"}} over the source's eval batches; language
         data (every kind but state_tracking) adds "perplexity", and "bits_per_byte" when the tokenizer is known.
         ``on_batch`` is called after each batch (progress reporting)."""
@@ -64,7 +74,9 @@ class Evaluator:
             for index in range(self.num_batches(length)):
                 local: dict[str, np.ndarray] = {}
 
-                def make_rows(rows: slice, index: int = index, length: int = length) -> dict[str, np.ndarray]:
+                def make_rows(
+                    rows: slice, index: int = index, length: int = length, local: dict[str, np.ndarray] = local
+                ) -> dict[str, np.ndarray]:
                     local.update(self.source.eval_batch(index, length, size, rows))
                     return local
 
@@ -100,8 +112,10 @@ def format_table(results: dict[int, dict[str, float]], train_length: int) -> str
         for length in sorted(results):
             r = results[length]
             bpb = f"{r['bits_per_byte']:>10.4f}" if "bits_per_byte" in r else f"{'-':>10}"
-            lines.append(f"{length:>8} {r['loss']:>10.4f} {r['perplexity']:>12.3f} {bpb} "
-                         f"{100 * r['accuracy']:>9.2f}% {r['tokens']:>10}")
+            lines.append(
+                f"{length:>8} {r['loss']:>10.4f} {r['perplexity']:>12.3f} {bpb} "
+                f"{100 * r['accuracy']:>9.2f}% {r['tokens']:>10}"
+            )
         return "\n".join(lines)
     lines = [f"{'length':>8} {'x train':>8} {'accuracy':>10} {'final acc':>10} {'loss':>10}"]
     for length in sorted(results):
@@ -113,8 +127,13 @@ def format_table(results: dict[int, dict[str, float]], train_length: int) -> str
     return "\n".join(lines)
 
 
-def write_report(results: dict[int, dict[str, float]], train_length: int, directory: str | Path, title: str,
-                 extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def write_report(
+    results: dict[int, dict[str, float]],
+    train_length: int,
+    directory: str | Path,
+    title: str,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
     """Writes ``length_generalization.json`` and ``length_generalization.png`` (accuracy vs length) to
     ``directory``; returns their paths."""
     import matplotlib
@@ -125,8 +144,12 @@ def write_report(results: dict[int, dict[str, float]], train_length: int, direct
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "length_generalization.json", directory / "length_generalization.png"
-    payload = {"title": title, "train_length": train_length,
-               "results": {str(k): v for k, v in sorted(results.items())}, **(extra or {})}
+    payload = {
+        "title": title,
+        "train_length": train_length,
+        "results": {str(k): v for k, v in sorted(results.items())},
+        **(extra or {}),
+    }
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
     lengths = sorted(results)

@@ -34,7 +34,9 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if scalars:
             self._events.scalars(step, scalars)
         self.console.record(kind, step, values)

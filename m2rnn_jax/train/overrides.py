@@ -13,7 +13,8 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Iterator, Sequence, TextIO
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 
 def format_value(value: Any) -> str:
@@ -41,8 +42,16 @@ class Progress:
     never; the caller's own lines carry :meth:`status`).
     """
 
-    def __init__(self, console: "Console", total: int, *, initial: int = 0, desc: str = "", unit: str = "step",
-                 plain_every: float | None = None):
+    def __init__(
+        self,
+        console: Console,
+        total: int,
+        *,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "step",
+        plain_every: float | None = None,
+    ):
         self.console, self.total, self.desc, self.unit = console, total, desc, unit
         self.position = initial
         self.plain_every = plain_every
@@ -52,8 +61,9 @@ class Progress:
         if console.live:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=console.stream,
-                             dynamic_ncols=True, leave=False)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, file=console.stream, dynamic_ncols=True, leave=False
+            )
 
     def update(self, position: int, **postfix: Any) -> None:
         """Moves to ``position``; ``postfix`` values (e.g. ``loss=2.31``) are shown after the bar."""
@@ -138,8 +148,9 @@ class Console:
         yield
         self.phase(f"{text}: {done} in {time.perf_counter() - start:.1f} s")
 
-    def start_progress(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "step",
-                       plain_every: float | None = None) -> Progress:
+    def start_progress(
+        self, total: int, *, initial: int = 0, desc: str = "", unit: str = "step", plain_every: float | None = None
+    ) -> Progress:
         """A new :class:`Progress` (closing the previous one); :meth:`record` reports its status."""
         if self.progress is not None:
             self.progress.close()

@@ -27,8 +27,14 @@ class RestoredParams(NamedTuple):
     step: int
 
 
-def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | None = None, *,
-                   flag: str = "--workdir", concurrent_gb: int | None = None) -> RestoredParams:
+def restore_params(
+    config: TrainConfig,
+    checkpoint_dir: str | Path,
+    step: int | None = None,
+    *,
+    flag: str = "--workdir",
+    concurrent_gb: int | None = None,
+) -> RestoredParams:
     """The parameters of checkpoint ``step`` (default: latest) placed on the mesh of ``config.mesh`` (the optimizer
     state stays on disk: only the parameters are read). ``flag`` names the run directory in the error when there is
     no checkpoint; ``concurrent_gb`` limits the arrays Orbax reads at once (see :class:`Checkpointer`)."""
@@ -36,13 +42,15 @@ def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | 
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
     shardings = train_state_shardings(abstract, optimizer, mesh)
-    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False,
-                                concurrent_gb=concurrent_gb)
+    checkpointer = Checkpointer(
+        checkpoint_dir, keep=config.checkpoint.keep, async_save=False, concurrent_gb=concurrent_gb
+    )
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
-            raise ValueError(f"{flag}: expected a run directory with a checkpoint, got none under "
-                             f"{str(Path(checkpoint_dir))!r}")
+            raise ValueError(
+                f"{flag}: expected a run directory with a checkpoint, got none under {str(Path(checkpoint_dir))!r}"
+            )
         if step not in checkpointer.all_steps():
             raise ValueError(f"--step: expected one of {checkpointer.all_steps()}, got {step}")
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings), step, params_only=True)
@@ -56,9 +64,19 @@ def restore_params(config: TrainConfig, checkpoint_dir: str | Path, step: int | 
 # learning-rate schedule is recomputed for the new total), logging / evaluation / checkpoint / sampling cadence,
 # the evaluation sets, the mesh (checkpoints load onto any mesh) and how mixers compute (backends, remat).
 RESUME_CHANGEABLE: tuple[str, ...] = (
-    "steps", "eval_every", "log_every", "checkpoint.*", "sample.*", "mesh.*",
-    "data.eval_lengths", "data.eval_batch_size", "data.eval_batches", "data.eval_windows",
-    "model.remat", "model.*.backend", "model.attention.implementation",
+    "steps",
+    "eval_every",
+    "log_every",
+    "checkpoint.*",
+    "sample.*",
+    "mesh.*",
+    "data.eval_lengths",
+    "data.eval_batch_size",
+    "data.eval_batches",
+    "data.eval_windows",
+    "model.remat",
+    "model.*.backend",
+    "model.attention.implementation",
 )
 
 
@@ -105,8 +123,9 @@ def read_run_config(workdir: str | Path, flag: str, hint: str = "") -> dict[str,
     try:
         return TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
     except ValueError as err:  # json.JSONDecodeError is a ValueError too
-        raise ValueError(f"{flag} {str(workdir)}: expected a readable config.json, got {str(path)!r} ({err})"
-                         f"{hint}") from err
+        raise ValueError(
+            f"{flag} {str(workdir)}: expected a readable config.json, got {str(path)!r} ({err}){hint}"
+        ) from err
 
 
 def check_workdir_config(workdir: str | Path, config: TrainConfig) -> list[ConfigChange]:
@@ -141,12 +160,17 @@ def check_same_model(workdir: str | Path, config: TrainConfig, flag: str) -> Non
     stored = read_run_config(workdir, flag)
     if stored is None:
         return
-    fixed = [change for change in config_changes(stored["model"], config.to_dict()["model"], "model.")
-             if not change.changeable]
+    fixed = [
+        change
+        for change in config_changes(stored["model"], config.to_dict()["model"], "model.")
+        if not change.changeable
+    ]
     if fixed:
-        raise ValueError(f"{flag} {str(workdir)}: holds a different model; differing fields: "
-                         f"{', '.join(change.describe() for change in fixed)} (without --preset/--config the "
-                         f"run's own config.json is used)")
+        raise ValueError(
+            f"{flag} {str(workdir)}: holds a different model; differing fields: "
+            f"{', '.join(change.describe() for change in fixed)} (without --preset/--config the "
+            f"run's own config.json is used)"
+        )
 
 
 def move_run_aside(workdir: str | Path) -> Path | None:

@@ -7,7 +7,7 @@ optionally ``loss_mask`` (nonzero where a target counts) and ``segment_ids`` (do
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,12 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[j
     model = nnx.merge(graphdef, params)
     check_batch(batch, model.config.vocab_size)  # opt-in value checks (M2RNN_JAX_CHECKS=1), nothing otherwise
     head, aux_loss = head_loss_sums(
-        model, batch["inputs"], batch["targets"], loss_mask=batch.get("loss_mask"),
-        segment_ids=batch.get("segment_ids"), groups=min(_batch_shards(), batch["inputs"].size),
+        model,
+        batch["inputs"],
+        batch["targets"],
+        loss_mask=batch.get("loss_mask"),
+        segment_ids=batch.get("segment_ids"),
+        groups=min(_batch_shards(), batch["inputs"].size),
     )
     sums = {
         "cross_entropy_sum": head.nll_sum,

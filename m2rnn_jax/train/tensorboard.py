@@ -11,8 +11,8 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _CRC32C_POLY = 0x82F63B78
 _CRC_TABLE = []
@@ -56,8 +56,9 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
     return _field(number, 2) + _varint(len(payload)) + payload
 
 
-def encode_event(wall_time: float, step: int, *, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
+def encode_event(
+    wall_time: float, step: int, *, scalars: dict[str, float] | None = None, file_version: str | None = None
+) -> bytes:
     """The serialized Event proto for one step's scalars (or the file-version header)."""
     out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
     if file_version is not None:

@@ -12,13 +12,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from m2rnn_jax.parallel.batches import global_batch
-from m2rnn_jax.parallel.mesh import build_mesh, without_context
-from m2rnn_jax.parallel.shardings import batch_shards, batch_sharding, replicated
-from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from m2rnn_jax.train.config import TrainConfig
 from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.data.token_file import copy_tokenizer, is_prepared, read_prepared
+from m2rnn_jax.parallel.batches import global_batch
+from m2rnn_jax.parallel.mesh import build_mesh, without_context
+from m2rnn_jax.parallel.shardings import batch_sharding, batch_shards, replicated
+from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from m2rnn_jax.train.config import TrainConfig
 from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.metrics import MetricsLogger
@@ -42,7 +42,7 @@ class _StopSignal:
         self.received: int | None = None
         self._previous = {}
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -100,8 +100,9 @@ class Trainer:
     which also gets a line per phase (compile, curriculum length, evaluation, checkpoint) and the progress.
     """
 
-    def __init__(self, config: TrainConfig, workdir: str | Path, *, name: str | None = None,
-                 console: Console | None = None):
+    def __init__(
+        self, config: TrainConfig, workdir: str | Path, *, name: str | None = None, console: Console | None = None
+    ):
         self.config, self.workdir = config, Path(workdir)
         self.is_main = jax.process_index() == 0
         self.console = Console(enabled=self.is_main) if console is None else console
@@ -116,8 +117,9 @@ class Trainer:
         self.logger = MetricsLogger(self.workdir, enabled=self.is_main, console=self.console)
         if self.is_main and is_prepared(config.data.path):  # eval / generate find the tokenizer in the workdir
             copy_tokenizer(read_prepared(config.data.path), self.workdir)
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
-                                         async_save=config.checkpoint.async_save)
+        self.checkpointer = Checkpointer(
+            self.workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        )
         latest = self.checkpointer.latest_step()
         abstract = abstract_train_state(config.model, self.optimizer)
         self._print_header(name, abstract, latest)
@@ -158,17 +160,32 @@ class Trainer:
         resumed = "new run" if latest is None else f"resuming from step {latest}"
         if self.resume_changes:
             resumed += "; changed: " + ", ".join(change.describe() for change in self.resume_changes)
-        self.console.header(f"m2rnn-jax train: {name or 'config'}", [
-            ("model", f"{model.layer_pattern} ({model.num_layers} layers, hidden {model.hidden_size}, vocab "
-                      f"{model.vocab_size}), {parameters:,} parameters"),
-            ("devices", f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
-                        f"{jax.process_count()} process(es); mesh {mesh}"),
-            ("dtypes", f"compute {model.dtype}, parameters {model.param_dtype}, remat {model.remat}"),
-            ("data", f"{source.get(data.kind, data.kind)}; length {lengths}; batch {config.batch_size}{accumulation}"),
-            ("steps", f"{config.steps} (log every {config.log_every}, evaluate every {config.eval_every or '-'} "
-                      f"and at the end, checkpoint every {config.checkpoint.every_steps})"),
-            ("workdir", f"{self.workdir} ({resumed})"),
-        ])
+        self.console.header(
+            f"m2rnn-jax train: {name or 'config'}",
+            [
+                (
+                    "model",
+                    f"{model.layer_pattern} ({model.num_layers} layers, hidden {model.hidden_size}, vocab "
+                    f"{model.vocab_size}), {parameters:,} parameters",
+                ),
+                (
+                    "devices",
+                    f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
+                    f"{jax.process_count()} process(es); mesh {mesh}",
+                ),
+                ("dtypes", f"compute {model.dtype}, parameters {model.param_dtype}, remat {model.remat}"),
+                (
+                    "data",
+                    f"{source.get(data.kind, data.kind)}; length {lengths}; batch {config.batch_size}{accumulation}",
+                ),
+                (
+                    "steps",
+                    f"{config.steps} (log every {config.log_every}, evaluate every {config.eval_every or '-'} "
+                    f"and at the end, checkpoint every {config.checkpoint.every_steps})",
+                ),
+                ("workdir", f"{self.workdir} ({resumed})"),
+            ],
+        )
 
     def _write_config(self) -> None:
         """config.json of the run (atomically; main process only)."""
@@ -187,10 +204,12 @@ class Trainer:
         if self.resume_changes:
             self._write_config()
         shardings = train_state_shardings(abstract, self.optimizer, self.mesh)
-        with self.console.timed_phase(f"restoring the checkpoint in {self.checkpointer.directory}",
-                                      f"resumed from step {latest}"):
-            state, metadata = self.checkpointer.restore(abstract_with_shardings(abstract, shardings), latest,
-                                                        optimizer=self.optimizer)
+        with self.console.timed_phase(
+            f"restoring the checkpoint in {self.checkpointer.directory}", f"resumed from step {latest}"
+        ):
+            state, metadata = self.checkpointer.restore(
+                abstract_with_shardings(abstract, shardings), latest, optimizer=self.optimizer
+            )
         position = metadata.get("data_position", {}).get("next_step")
         if position != latest:
             raise ValueError(f"checkpoint: step {latest} records data position {position!r}, expected {latest}")
@@ -201,8 +220,11 @@ class Trainer:
         return int(jax.device_get(self.state.step))
 
     def _metadata(self, step: int) -> dict[str, Any]:
-        return {"step": step, "data_position": {"next_step": step, "kind": self.config.data.kind},
-                "config": self.config.to_dict()}
+        return {
+            "step": step,
+            "data_position": {"next_step": step, "kind": self.config.data.kind},
+            "config": self.config.to_dict(),
+        }
 
     def save(self, *, wait: bool = False) -> None:
         """Checkpoints the current step (in the background unless ``wait``); a step already saved is skipped."""
@@ -217,8 +239,12 @@ class Trainer:
     def _batch(self, step: int) -> dict[str, jax.Array]:
         config = self.config
         seq_len = config.data.seq_len_at(step)
-        return global_batch(lambda rows: self.source.train_batch(step, seq_len, config.batch_size, rows),
-                            self.batch_sharding, config.batch_size, seq_len)
+        return global_batch(
+            lambda rows: self.source.train_batch(step, seq_len, config.batch_size, rows),
+            self.batch_sharding,
+            config.batch_size,
+            seq_len,
+        )
 
     def _run_step(self, step: int, previous_length: int | None, compiled: set[int]) -> tuple[Any, int, bool]:
         """(metrics, length, compiled now) of train step ``step``: announces a curriculum length switch, and the
@@ -294,8 +320,9 @@ class Trainer:
 
     def _log_eval(self, step: int) -> dict[int, dict[str, float]]:
         lengths = self.config.data.eval_lengths
-        with self.console.timed_phase(f"evaluating at length(s) {', '.join(map(str, lengths))} (step {step})",
-                                      "evaluated"):
+        with self.console.timed_phase(
+            f"evaluating at length(s) {', '.join(map(str, lengths))} (step {step})", "evaluated"
+        ):
             results = self.evaluator.evaluate(self.state.params, lengths)
         for length, values in results.items():
             self.logger.write(f"eval_len{length}", step, values)
@@ -328,10 +355,18 @@ class Trainer:
         sample = self.config.sample
         params = jax.device_get(self.state.params)
         with jax.set_mesh(without_context(self.mesh)):  # decoding runs token by token: no sequence split
-            texts = continue_text(nnx.merge(self.graphdef, params), load_tokenizer(self.workdir), sample.prompts,
-                                  max_new_tokens=sample.max_new_tokens, key=jax.random.key(self.config.seed),
-                                  temperature=sample.temperature, top_p=sample.top_p)
-        report = "\n".join(f"--- sample {number} (step {self.step}) ---\n{text}" for number, text in enumerate(texts, 1))
+            texts = continue_text(
+                nnx.merge(self.graphdef, params),
+                load_tokenizer(self.workdir),
+                sample.prompts,
+                max_new_tokens=sample.max_new_tokens,
+                key=jax.random.key(self.config.seed),
+                temperature=sample.temperature,
+                top_p=sample.top_p,
+            )
+        report = "\n".join(
+            f"--- sample {number} (step {self.step}) ---\n{text}" for number, text in enumerate(texts, 1)
+        )
         self.logger.message(report)
         if self.is_main:
             with atomic_file(self.workdir / "samples.txt") as temporary:

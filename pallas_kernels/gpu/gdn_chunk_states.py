@@ -134,8 +134,11 @@ def chunk_states_forward(
         interpret=interpret,
         name="gdn_chunk_states_forward",
     )(_flat(U), _flat(Wk), _flat(Kd), _flat(carry.astype(jnp.float32)), _flat(h0.astype(jnp.float32)))
-    return (w.reshape(U.shape), starts.reshape(batch, heads, num_chunks, k_dim, v_dim),
-            final.reshape(batch, heads, k_dim, v_dim))
+    return (
+        w.reshape(U.shape),
+        starts.reshape(batch, heads, num_chunks, k_dim, v_dim),
+        final.reshape(batch, heads, k_dim, v_dim),
+    )
 
 
 def chunk_states_backward(
@@ -175,5 +178,8 @@ def chunk_states_backward(
         interpret=interpret,
         name="gdn_chunk_states_backward",
     )(_flat(Wk), _flat(Kd), _flat(carry.astype(jnp.float32)), _flat(dw_ext), _flat(dstarts), _flat(dfinal))
-    return (dw.reshape(batch, heads, num_chunks, chunk, v_dim),
-            g_next.reshape(batch, heads, num_chunks, k_dim, v_dim), dh0.reshape(batch, heads, k_dim, v_dim))
+    return (
+        dw.reshape(batch, heads, num_chunks, chunk, v_dim),
+        g_next.reshape(batch, heads, num_chunks, k_dim, v_dim),
+        dh0.reshape(batch, heads, k_dim, v_dim),
+    )

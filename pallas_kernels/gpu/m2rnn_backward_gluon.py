@@ -98,42 +98,165 @@ def _kernel():
     recurrence_step = common.recurrence_step
 
     @gluon.jit
-    def load_block_with_dy(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, t0, S: gl.constexpr, n, kb,
-                           N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
-                           GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr,
-                           V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
-                           COL_STAGE: gl.constexpr):
+    def load_block_with_dy(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        f_ptr,
+        dy_ptr,
+        first_tok,
+        t0,
+        S: gl.constexpr,
+        n,
+        kb,
+        N: gl.constexpr,
+        NQ: gl.constexpr,
+        NK: gl.constexpr,
+        NV: gl.constexpr,
+        NF: gl.constexpr,
+        GQ: gl.constexpr,
+        GK: gl.constexpr,
+        GV: gl.constexpr,
+        GF: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        ROWS: gl.constexpr,
+        RB: gl.constexpr,
+        ROW_STAGE: gl.constexpr,
+        COL_STAGE: gl.constexpr,
+    ):
         """``load_block`` of steps t0 .. t0 + RB - 1 plus dy (RB, V) of head n (t0 < 0 after the first chunk:
         everything masked)."""
-        q, k, v, f = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S, n, kb, NQ, NK, NV, NF,
-                                GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
+        q, k, v, f = load_block(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            f_ptr,
+            first_tok,
+            t0,
+            S,
+            n,
+            kb,
+            NQ,
+            NK,
+            NV,
+            NF,
+            GQ,
+            GK,
+            GV,
+            GF,
+            K,
+            V,
+            ROWS,
+            RB,
+            ROW_STAGE,
+            COL_STAGE,
+        )
         steps = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, COL_STAGE))
         cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
         tok = (first_tok + steps)[:, None]
-        dy = gl.load(dy_ptr + (tok * N + n) * V + cols[None, :],
-                     mask=((steps >= 0) & (steps < S))[:, None] & (cols < V)[None, :], other=0.0)
+        dy = gl.load(
+            dy_ptr + (tok * N + n) * V + cols[None, :],
+            mask=((steps >= 0) & (steps < S))[:, None] & (cols < V)[None, :],
+            other=0.0,
+        )
         return q, k, v, f, dy
 
     @gluon.jit
-    def restage(q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
-                t0, S: gl.constexpr, n, kb, N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr,
-                NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr,
-                K: gl.constexpr, V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
-                COL_STAGE: gl.constexpr):
+    def restage(
+        q_s,
+        k_s,
+        v_s,
+        f_s,
+        dy_s,
+        q_b,
+        k_b,
+        v_b,
+        f_b,
+        dy_b,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        f_ptr,
+        dy_ptr,
+        first_tok,
+        t0,
+        S: gl.constexpr,
+        n,
+        kb,
+        N: gl.constexpr,
+        NQ: gl.constexpr,
+        NK: gl.constexpr,
+        NV: gl.constexpr,
+        NF: gl.constexpr,
+        GQ: gl.constexpr,
+        GK: gl.constexpr,
+        GV: gl.constexpr,
+        GF: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        ROWS: gl.constexpr,
+        RB: gl.constexpr,
+        ROW_STAGE: gl.constexpr,
+        COL_STAGE: gl.constexpr,
+    ):
         """Store the staged block (``q_b`` ... ``dy_b``) into the one stage (after the previous block's reads are
         done) and load the block of steps t0 .. t0 + RB - 1 in its place."""
         gl.thread_barrier()
         dy_s.store(dy_b.to(gl.float32))
-        stage_block(q_s, k_s, v_s, f_s, q_b.to(gl.float32), k_b.to(gl.float32), v_b.to(gl.float32),
-                    f_b.to(gl.float32))
-        return load_block_with_dy(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, t0, S, n, kb, N, NQ, NK, NV, NF,
-                                  GQ, GK, GV, GF, K, V, ROWS, RB, ROW_STAGE, COL_STAGE)
+        stage_block(q_s, k_s, v_s, f_s, q_b.to(gl.float32), k_b.to(gl.float32), v_b.to(gl.float32), f_b.to(gl.float32))
+        return load_block_with_dy(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            f_ptr,
+            dy_ptr,
+            first_tok,
+            t0,
+            S,
+            n,
+            kb,
+            N,
+            NQ,
+            NK,
+            NV,
+            NF,
+            GQ,
+            GK,
+            GV,
+            GF,
+            K,
+            V,
+            ROWS,
+            RB,
+            ROW_STAGE,
+            COL_STAGE,
+        )
 
     @gluon.jit
-    def store_block_gradients(dq_s, dk_s, dv_s, df_s, dq_ptr, dk_ptr, dv_ptr, df_ptr, first_tok, t0,
-                              S: gl.constexpr, TOKENS: gl.constexpr, n, kb, N: gl.constexpr, K: gl.constexpr,
-                              V: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, ROW_STAGE: gl.constexpr,
-                              COL_STAGE: gl.constexpr):
+    def store_block_gradients(
+        dq_s,
+        dk_s,
+        dv_s,
+        df_s,
+        dq_ptr,
+        dk_ptr,
+        dv_ptr,
+        df_ptr,
+        first_tok,
+        t0,
+        S: gl.constexpr,
+        TOKENS: gl.constexpr,
+        n,
+        kb,
+        N: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        ROWS: gl.constexpr,
+        RB: gl.constexpr,
+        ROW_STAGE: gl.constexpr,
+        COL_STAGE: gl.constexpr,
+    ):
         """Write the per-step gradients of the block of steps t0 .. t0 + RB - 1, staged in shared memory by its
         recompute and reverse walk (dq, dk (RB, ROWS), dv (RB, V), df (RB, 1)), to global memory with wide stores,
         steps past the end of the sequence masked."""
@@ -147,37 +270,72 @@ def _kernel():
         steps_c = t0 + gl.arange(0, RB, layout=gl.SliceLayout(1, COL_STAGE))
         cols = gl.arange(0, V, layout=gl.SliceLayout(0, COL_STAGE))
         partial = (kb * TOKENS + first_tok + steps_c).to(gl.int64) * N + n
-        gl.store(dv_ptr + partial[:, None] * V + cols[None, :], dv_s.load(COL_STAGE),
-                 mask=(steps_c < S)[:, None] & (cols < V)[None, :])
+        gl.store(
+            dv_ptr + partial[:, None] * V + cols[None, :],
+            dv_s.load(COL_STAGE),
+            mask=(steps_c < S)[:, None] & (cols < V)[None, :],
+        )
         gl.store(df_ptr + partial, gl.sum(df_s.load(COL_STAGE), axis=1), mask=steps_c < S)
 
     @gluon.jit
     def m2rnn_backward_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoints_ptr, dy_ptr, dh_final_ptr,  # inputs
-        dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, starts_ptr,  # outputs (starts: scratch)
-        S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
-        GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
-        C: gl.constexpr, ROWS: gl.constexpr, RB: gl.constexpr, USE_CLIP: gl.constexpr, CLIP: gl.constexpr,
-        TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr,
-        ROW_VEC: gl.constexpr, COL_VEC: gl.constexpr, F32_PHASE: gl.constexpr, LOW_PHASE: gl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        w_ptr,
+        f_ptr,
+        checkpoints_ptr,
+        dy_ptr,
+        dh_final_ptr,  # inputs
+        dq_ptr,
+        dk_ptr,
+        dv_ptr,
+        df_ptr,
+        dw_ptr,
+        dh0_ptr,
+        starts_ptr,  # outputs (starts: scratch)
+        S: gl.constexpr,
+        TOKENS: gl.constexpr,
+        N: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        GQ: gl.constexpr,
+        GK: gl.constexpr,
+        GV: gl.constexpr,
+        GF: gl.constexpr,
+        GW: gl.constexpr,
+        C: gl.constexpr,
+        ROWS: gl.constexpr,
+        RB: gl.constexpr,
+        USE_CLIP: gl.constexpr,
+        CLIP: gl.constexpr,
+        TANH_ASM: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr,
+        TANH_PACK: gl.constexpr,
+        ROW_VEC: gl.constexpr,
+        COL_VEC: gl.constexpr,
+        F32_PHASE: gl.constexpr,
+        LOW_PHASE: gl.constexpr,
     ):
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
-                                                             instr_shape=[16, 8])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         # staging of a block's inputs: ROW_VEC / COL_VEC contiguous values per thread and load
-        row_stage: gl.constexpr = gl.BlockedLayout([1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC],
-                                                   [1, 1], [1, 0])
+        row_stage: gl.constexpr = gl.BlockedLayout(
+            [1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC], [1, 1], [1, 0]
+        )
         col_stage: gl.constexpr = gl.BlockedLayout([1, COL_VEC], [32 // (V // COL_VEC), V // COL_VEC], [1, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         # (ROWS, V) state-shaped buffers: 8-element units of a row XOR-swizzled over groups of rows, so that the
         # accumulator-layout accesses and ldmatrix / stmatrix hit every bank once (no swizzle: 2-way conflicts)
-        f32_state_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=F32_PHASE, max_phase=V // 8,
-                                                               order=[1, 0])
-        low_state_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=LOW_PHASE, max_phase=V // 8,
-                                                               order=[1, 0])
+        f32_state_smem: gl.constexpr = gl.SwizzledSharedLayout(
+            vec=8, per_phase=F32_PHASE, max_phase=V // 8, order=[1, 0]
+        )
+        low_state_smem: gl.constexpr = gl.SwizzledSharedLayout(
+            vec=8, per_phase=LOW_PHASE, max_phase=V // 8, order=[1, 0]
+        )
         NQ: gl.constexpr = N // GQ
         NK: gl.constexpr = N // GK
         NV: gl.constexpr = N // GV
@@ -225,8 +383,32 @@ def _kernel():
         dw = gl.zeros([V, V], gl.float32, acc_layout)
         first_tok = b * S
         q_b, k_b, v_b, f_b, dy_b = load_block_with_dy(
-            q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok, (NUM_CHUNKS - 1) * C, S, n, kb, N, NQ, NK, NV, NF,
-            GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            f_ptr,
+            dy_ptr,
+            first_tok,
+            (NUM_CHUNKS - 1) * C,
+            S,
+            n,
+            kb,
+            N,
+            NQ,
+            NK,
+            NV,
+            NF,
+            GQ,
+            GK,
+            GV,
+            GF,
+            K,
+            V,
+            ROWS,
+            RB,
+            row_stage,
+            col_stage,
+        )
         for cc in range(NUM_CHUNKS):
             c = NUM_CHUNKS - 1 - cc
             chunk_start = c * C
@@ -238,13 +420,45 @@ def _kernel():
             for j in range(num_blocks - 1):
                 gl.store(starts + j * ROWS * V, h)
                 q_b, k_b, v_b, f_b, dy_b = restage(
-                    q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
-                    chunk_start + (j + 1) * RB, S, n, kb, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB,
-                    row_stage, col_stage)
+                    q_s,
+                    k_s,
+                    v_s,
+                    f_s,
+                    dy_s,
+                    q_b,
+                    k_b,
+                    v_b,
+                    f_b,
+                    dy_b,
+                    q_ptr,
+                    k_ptr,
+                    v_ptr,
+                    f_ptr,
+                    dy_ptr,
+                    first_tok,
+                    chunk_start + (j + 1) * RB,
+                    S,
+                    n,
+                    kb,
+                    N,
+                    NQ,
+                    NK,
+                    NV,
+                    NF,
+                    GQ,
+                    GK,
+                    GV,
+                    GF,
+                    K,
+                    V,
+                    ROWS,
+                    RB,
+                    row_stage,
+                    col_stage,
+                )
                 for s in gl.static_range(RB):
                     _, k, v, f = staged_step(q_s, k_s, v_s, f_s, s, row_layout, col_layout)
-                    _, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS,
-                                           TANH_PACK)
+                    _, h = recurrence_step(h, w, k, v, f[None, :], a_layout, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
             # 2. blocks nb - 1 .. 0 backward (the last block starts from the walk's state; each block's start is
             # loaded one block ahead, so that its latency is hidden)
             h_next = h
@@ -255,8 +469,42 @@ def _kernel():
                 block_start = chunk_start + j * RB
                 next_start = gl.where(j > 0, block_start - RB, chunk_start - C)
                 q_b, k_b, v_b, f_b, dy_b = restage(
-                    q_s, k_s, v_s, f_s, dy_s, q_b, k_b, v_b, f_b, dy_b, q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, first_tok,
-                    next_start, S, n, kb, N, NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, RB, row_stage, col_stage)
+                    q_s,
+                    k_s,
+                    v_s,
+                    f_s,
+                    dy_s,
+                    q_b,
+                    k_b,
+                    v_b,
+                    f_b,
+                    dy_b,
+                    q_ptr,
+                    k_ptr,
+                    v_ptr,
+                    f_ptr,
+                    dy_ptr,
+                    first_tok,
+                    next_start,
+                    S,
+                    n,
+                    kb,
+                    N,
+                    NQ,
+                    NK,
+                    NV,
+                    NF,
+                    GQ,
+                    GK,
+                    GV,
+                    GF,
+                    K,
+                    V,
+                    ROWS,
+                    RB,
+                    row_stage,
+                    col_stage,
+                )
                 # recompute the block into shared memory: H_{t-1}, Z_t, and dq_t = H_t dy_t from the float32 state.
                 # Both loops run RB steps also in a ragged last block: steps past the end of the sequence have f = 1
                 # and zero inputs (``load_block``), so the state cotangent passes through them clamped (which the next
@@ -289,8 +537,29 @@ def _kernel():
                 gl.thread_barrier()
                 for s in gl.static_range(RB):
                     dw = mma_v2(hb_s.index(s).permute([1, 0]).load(a_layout), dp_s.index(s).load(b_layout), dw)
-                store_block_gradients(dq_s, dk_s, dv_s, df_s, dq_ptr, dk_ptr, dv_ptr, df_ptr, first_tok, block_start,
-                                      S, TOKENS, n, kb, N, K, V, ROWS, RB, row_stage, col_stage)
+                store_block_gradients(
+                    dq_s,
+                    dk_s,
+                    dv_s,
+                    df_s,
+                    dq_ptr,
+                    dk_ptr,
+                    dv_ptr,
+                    df_ptr,
+                    first_tok,
+                    block_start,
+                    S,
+                    TOKENS,
+                    n,
+                    kb,
+                    N,
+                    K,
+                    V,
+                    ROWS,
+                    RB,
+                    row_stage,
+                    col_stage,
+                )
         gl.store(dh0_ptr + head_state + state_offsets, r)
         dw_rows = gl.arange(0, V, layout=row_layout)
         gl.store(dw_ptr + program.to(gl.int64) * V * V + dw_rows[:, None] * V + cols[None, :], dw)
@@ -308,18 +577,42 @@ def compile_backward(spec: GluonBackwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype
     pointers = {
-        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
-        "checkpoints_ptr": "*fp32", "dy_ptr": f"*{dt}", "dh_final_ptr": "*fp32",
-        "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "df_ptr": "*fp32", "dw_ptr": "*fp32",
-        "dh0_ptr": "*fp32", "starts_ptr": "*fp32",
+        "q_ptr": f"*{dt}",
+        "k_ptr": f"*{dt}",
+        "v_ptr": f"*{dt}",
+        "w_ptr": f"*{dt}",
+        "f_ptr": f"*{spec.f_dtype}",
+        "checkpoints_ptr": "*fp32",
+        "dy_ptr": f"*{dt}",
+        "dh_final_ptr": "*fp32",
+        "dq_ptr": f"*{dt}",
+        "dk_ptr": f"*{dt}",
+        "dv_ptr": f"*{dt}",
+        "df_ptr": "*fp32",
+        "dw_ptr": "*fp32",
+        "dh0_ptr": "*fp32",
+        "starts_ptr": "*fp32",
     }
     constexprs = {
-        "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
-        "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "ROWS": spec.rows, "RB": spec.block, "USE_CLIP": spec.clip is not None,
+        "S": spec.seq_len,
+        "TOKENS": spec.batch * spec.seq_len,
+        "N": spec.num_heads,
+        "K": spec.k_dim,
+        "V": spec.v_dim,
+        "GQ": spec.group_q,
+        "GK": spec.group_k,
+        "GV": spec.group_v,
+        "GF": spec.group_f,
+        "GW": spec.group_w,
+        "C": spec.chunk_size,
+        "ROWS": spec.rows,
+        "RB": spec.block,
+        "USE_CLIP": spec.clip is not None,
         "CLIP": float(abs(spec.clip)) if spec.clip is not None else 0.0,
-        "ROW_VEC": staging_vector(spec.block, spec.rows), "COL_VEC": staging_vector(spec.block, spec.v_dim),
-        "F32_PHASE": max(1, 128 // (4 * spec.v_dim)), "LOW_PHASE": max(1, 128 // (2 * spec.v_dim)),
+        "ROW_VEC": staging_vector(spec.block, spec.rows),
+        "COL_VEC": staging_vector(spec.block, spec.v_dim),
+        "F32_PHASE": max(1, 128 // (4 * spec.v_dim)),
+        "LOW_PHASE": max(1, 128 // (2 * spec.v_dim)),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch, max_registers=MAX_REGISTERS)
 
@@ -357,11 +650,23 @@ def m2rnn_backward_gluon(
     tokens = q.shape[0]
     row_blocks = k_dim // rows
     spec = GluonBackwardSpec(
-        seq_len=tokens // batch, num_heads=num_heads, k_dim=k_dim, v_dim=v_dim,
-        group_q=num_heads // q.shape[1], group_k=num_heads // k.shape[1], group_v=num_heads // v.shape[1],
-        group_f=num_heads // f.shape[1], group_w=num_heads // w.shape[0], chunk_size=chunk_size,
-        dtype=triton_dtype(q.dtype), f_dtype=triton_dtype(f.dtype), batch=batch, rows=rows, block=block,
-        clip=clip, tanh=tanh,
+        seq_len=tokens // batch,
+        num_heads=num_heads,
+        k_dim=k_dim,
+        v_dim=v_dim,
+        group_q=num_heads // q.shape[1],
+        group_k=num_heads // k.shape[1],
+        group_v=num_heads // v.shape[1],
+        group_f=num_heads // f.shape[1],
+        group_w=num_heads // w.shape[0],
+        chunk_size=chunk_size,
+        dtype=triton_dtype(q.dtype),
+        f_dtype=triton_dtype(f.dtype),
+        batch=batch,
+        rows=rows,
+        block=block,
+        clip=clip,
+        tanh=tanh,
     )
     arch = compute_capability()
     compiled = compile_backward(spec, arch)
@@ -375,6 +680,18 @@ def m2rnn_backward_gluon(
         jax.ShapeDtypeStruct(dh_final.shape, jnp.float32),
         jax.ShapeDtypeStruct(programs + (chunk_size // block, rows, v_dim), jnp.float32),
     )
-    dq, dk, dv, df, dw, dh0, _ = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f,
-                                        checkpoints, dy.astype(q.dtype), dh_final, out_shapes=out_shapes)
+    dq, dk, dv, df, dw, dh0, _ = launch(
+        compiled,
+        (num_heads, batch, row_blocks),
+        arch,
+        q,
+        k,
+        v,
+        w.astype(q.dtype),
+        f,
+        checkpoints,
+        dy.astype(q.dtype),
+        dh_final,
+        out_shapes=out_shapes,
+    )
     return dq, dk, dv, df, dw, dh0

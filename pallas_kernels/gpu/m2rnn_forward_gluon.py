@@ -87,14 +87,56 @@ def _kernel():
     recurrence_step = common.recurrence_step
 
     @gluon.jit
-    def run_block(h, w, j, q_smem, k_smem, v_smem, f_smem, q_blk, k_blk, v_blk, f_blk,
-                  q_ptr, k_ptr, v_ptr, f_ptr, y_ptr, checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols,
-                  S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
-                  NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr,
-                  GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, C: gl.constexpr, ROWS: gl.constexpr,
-                  SAVE: gl.constexpr, TB: gl.constexpr, A_LAYOUT: gl.constexpr, ROW_LAYOUT: gl.constexpr,
-                  COL_LAYOUT: gl.constexpr, ROW_STAGE: gl.constexpr, COL_STAGE: gl.constexpr,
-                  TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr):
+    def run_block(
+        h,
+        w,
+        j,
+        q_smem,
+        k_smem,
+        v_smem,
+        f_smem,
+        q_blk,
+        k_blk,
+        v_blk,
+        f_blk,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        f_ptr,
+        y_ptr,
+        checkpoints_ptr,
+        first_tok,
+        b,
+        n,
+        kb,
+        state_offsets,
+        cols,
+        S: gl.constexpr,
+        TOKENS: gl.constexpr,
+        N: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        NQ: gl.constexpr,
+        NK: gl.constexpr,
+        NV: gl.constexpr,
+        NF: gl.constexpr,
+        GQ: gl.constexpr,
+        GK: gl.constexpr,
+        GV: gl.constexpr,
+        GF: gl.constexpr,
+        C: gl.constexpr,
+        ROWS: gl.constexpr,
+        SAVE: gl.constexpr,
+        TB: gl.constexpr,
+        A_LAYOUT: gl.constexpr,
+        ROW_LAYOUT: gl.constexpr,
+        COL_LAYOUT: gl.constexpr,
+        ROW_STAGE: gl.constexpr,
+        COL_STAGE: gl.constexpr,
+        TANH_ASM: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr,
+        TANH_PACK: gl.constexpr,
+    ):
         """Block j (steps j TB .. j TB + TB - 1) from its staged inputs (``q_blk`` ...: loaded during block j - 1)
         through the stage buffers ``q_smem`` ...; returns the state and the inputs of block j + 1."""
         if SAVE:
@@ -102,8 +144,31 @@ def _kernel():
                 slot = (b * ((S + C - 1) // C) + (j * TB) // C).to(gl.int64) * N + n
                 gl.store(checkpoints_ptr + slot * K * V + state_offsets, h)
         stage_block(q_smem, k_smem, v_smem, f_smem, q_blk, k_blk, v_blk, f_blk)
-        q_blk, k_blk, v_blk, f_blk = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, (j + 1) * TB, S, n, kb,
-                                                NQ, NK, NV, NF, GQ, GK, GV, GF, K, V, ROWS, TB, ROW_STAGE, COL_STAGE)
+        q_blk, k_blk, v_blk, f_blk = load_block(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            f_ptr,
+            first_tok,
+            (j + 1) * TB,
+            S,
+            n,
+            kb,
+            NQ,
+            NK,
+            NV,
+            NF,
+            GQ,
+            GK,
+            GV,
+            GF,
+            K,
+            V,
+            ROWS,
+            TB,
+            ROW_STAGE,
+            COL_STAGE,
+        )
         for s in range(gl.minimum(TB, S - j * TB)):
             q, k, v, f = staged_step(q_smem, k_smem, v_smem, f_smem, s, ROW_LAYOUT, COL_LAYOUT)
             _, h = recurrence_step(h, w, k, v, f[None, :], A_LAYOUT, TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
@@ -114,23 +179,44 @@ def _kernel():
 
     @gluon.jit
     def m2rnn_forward_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, h0_ptr,  # inputs
-        y_ptr, h_final_ptr, checkpoints_ptr,  # outputs
-        S: gl.constexpr, TOKENS: gl.constexpr, N: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
-        GQ: gl.constexpr, GK: gl.constexpr, GV: gl.constexpr, GF: gl.constexpr, GW: gl.constexpr,
-        C: gl.constexpr, ROWS: gl.constexpr, SAVE: gl.constexpr, TANH_ASM: gl.constexpr,
-        TANH_CONSTRAINTS: gl.constexpr, TANH_PACK: gl.constexpr, TB: gl.constexpr, ROW_VEC: gl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        w_ptr,
+        f_ptr,
+        h0_ptr,  # inputs
+        y_ptr,
+        h_final_ptr,
+        checkpoints_ptr,  # outputs
+        S: gl.constexpr,
+        TOKENS: gl.constexpr,
+        N: gl.constexpr,
+        K: gl.constexpr,
+        V: gl.constexpr,
+        GQ: gl.constexpr,
+        GK: gl.constexpr,
+        GV: gl.constexpr,
+        GF: gl.constexpr,
+        GW: gl.constexpr,
+        C: gl.constexpr,
+        ROWS: gl.constexpr,
+        SAVE: gl.constexpr,
+        TANH_ASM: gl.constexpr,
+        TANH_CONSTRAINTS: gl.constexpr,
+        TANH_PACK: gl.constexpr,
+        TB: gl.constexpr,
+        ROW_VEC: gl.constexpr,
         COL_VEC: gl.constexpr,
     ):
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
-                                                             instr_shape=[16, 8])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         # staging of a block's inputs: ROW_VEC / COL_VEC contiguous values per thread and load
-        row_stage: gl.constexpr = gl.BlockedLayout([1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC],
-                                                   [1, 1], [1, 0])
+        row_stage: gl.constexpr = gl.BlockedLayout(
+            [1, ROW_VEC], [32 // (ROWS // ROW_VEC), ROWS // ROW_VEC], [1, 1], [1, 0]
+        )
         col_stage: gl.constexpr = gl.BlockedLayout([1, COL_VEC], [32 // (V // COL_VEC), V // COL_VEC], [1, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         NQ: gl.constexpr = N // GQ
@@ -165,20 +251,133 @@ def _kernel():
         v1 = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [TB, V], smem_layout)
         f1 = gl.allocate_shared_memory(f_ptr.dtype.element_ty, [TB, V], smem_layout)
         first_tok = b * S
-        q_blk, k_blk, v_blk, f_blk = load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, 0, S, n, kb, NQ, NK, NV, NF,
-                                                GQ, GK, GV, GF, K, V, ROWS, TB, row_stage, col_stage)
+        q_blk, k_blk, v_blk, f_blk = load_block(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            f_ptr,
+            first_tok,
+            0,
+            S,
+            n,
+            kb,
+            NQ,
+            NK,
+            NV,
+            NF,
+            GQ,
+            GK,
+            GV,
+            GF,
+            K,
+            V,
+            ROWS,
+            TB,
+            row_stage,
+            col_stage,
+        )
         for j in range(0, NUM_BLOCKS, 2):
             h, q_blk, k_blk, v_blk, f_blk = run_block(
-                h, w, j, q0, k0, v0, f0, q_blk, k_blk, v_blk, f_blk, q_ptr, k_ptr, v_ptr, f_ptr, y_ptr,
-                checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols, S, TOKENS, N, K, V, NQ, NK, NV, NF,
-                GQ, GK, GV, GF, C, ROWS, SAVE, TB, a_layout, row_layout, col_layout, row_stage, col_stage,
-                TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                h,
+                w,
+                j,
+                q0,
+                k0,
+                v0,
+                f0,
+                q_blk,
+                k_blk,
+                v_blk,
+                f_blk,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                f_ptr,
+                y_ptr,
+                checkpoints_ptr,
+                first_tok,
+                b,
+                n,
+                kb,
+                state_offsets,
+                cols,
+                S,
+                TOKENS,
+                N,
+                K,
+                V,
+                NQ,
+                NK,
+                NV,
+                NF,
+                GQ,
+                GK,
+                GV,
+                GF,
+                C,
+                ROWS,
+                SAVE,
+                TB,
+                a_layout,
+                row_layout,
+                col_layout,
+                row_stage,
+                col_stage,
+                TANH_ASM,
+                TANH_CONSTRAINTS,
+                TANH_PACK,
+            )
             if j + 1 < NUM_BLOCKS:
                 h, q_blk, k_blk, v_blk, f_blk = run_block(
-                    h, w, j + 1, q1, k1, v1, f1, q_blk, k_blk, v_blk, f_blk, q_ptr, k_ptr, v_ptr, f_ptr, y_ptr,
-                    checkpoints_ptr, first_tok, b, n, kb, state_offsets, cols, S, TOKENS, N, K, V, NQ, NK, NV, NF,
-                    GQ, GK, GV, GF, C, ROWS, SAVE, TB, a_layout, row_layout, col_layout, row_stage, col_stage,
-                    TANH_ASM, TANH_CONSTRAINTS, TANH_PACK)
+                    h,
+                    w,
+                    j + 1,
+                    q1,
+                    k1,
+                    v1,
+                    f1,
+                    q_blk,
+                    k_blk,
+                    v_blk,
+                    f_blk,
+                    q_ptr,
+                    k_ptr,
+                    v_ptr,
+                    f_ptr,
+                    y_ptr,
+                    checkpoints_ptr,
+                    first_tok,
+                    b,
+                    n,
+                    kb,
+                    state_offsets,
+                    cols,
+                    S,
+                    TOKENS,
+                    N,
+                    K,
+                    V,
+                    NQ,
+                    NK,
+                    NV,
+                    NF,
+                    GQ,
+                    GK,
+                    GV,
+                    GF,
+                    C,
+                    ROWS,
+                    SAVE,
+                    TB,
+                    a_layout,
+                    row_layout,
+                    col_layout,
+                    row_stage,
+                    col_stage,
+                    TANH_ASM,
+                    TANH_CONSTRAINTS,
+                    TANH_PACK,
+                )
         gl.store(h_final_ptr + head_state + state_offsets, h)
 
     return m2rnn_forward_kernel
@@ -194,17 +393,35 @@ def compile_forward(spec: GluonForwardSpec, arch: int = 90) -> CompiledKernel:
     """Compile the kernel for ``spec`` to PTX (Triton 3.6; runs without a GPU)."""
     dt = spec.dtype
     pointers = {
-        "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "w_ptr": f"*{dt}", "f_ptr": f"*{spec.f_dtype}",
-        "h0_ptr": "*fp32", "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}",
-        "h_final_ptr": "*fp32", "checkpoints_ptr": "*fp32",
+        "q_ptr": f"*{dt}",
+        "k_ptr": f"*{dt}",
+        "v_ptr": f"*{dt}",
+        "w_ptr": f"*{dt}",
+        "f_ptr": f"*{spec.f_dtype}",
+        "h0_ptr": "*fp32",
+        "y_ptr": "*fp32" if spec.rows and spec.rows < spec.k_dim else f"*{dt}",
+        "h_final_ptr": "*fp32",
+        "checkpoints_ptr": "*fp32",
     }
     rows = spec.rows or spec.k_dim
     staged_steps = math.gcd(STAGED_STEPS, spec.chunk_size)
     constexprs = {
-        "S": spec.seq_len, "TOKENS": spec.batch * spec.seq_len, "N": spec.num_heads, "K": spec.k_dim, "V": spec.v_dim,
-        "GQ": spec.group_q, "GK": spec.group_k, "GV": spec.group_v, "GF": spec.group_f, "GW": spec.group_w,
-        "C": spec.chunk_size, "ROWS": rows, "SAVE": spec.save_checkpoints, "TB": staged_steps,
-        "ROW_VEC": staging_vector(staged_steps, rows), "COL_VEC": staging_vector(staged_steps, spec.v_dim),
+        "S": spec.seq_len,
+        "TOKENS": spec.batch * spec.seq_len,
+        "N": spec.num_heads,
+        "K": spec.k_dim,
+        "V": spec.v_dim,
+        "GQ": spec.group_q,
+        "GK": spec.group_k,
+        "GV": spec.group_v,
+        "GF": spec.group_f,
+        "GW": spec.group_w,
+        "C": spec.chunk_size,
+        "ROWS": rows,
+        "SAVE": spec.save_checkpoints,
+        "TB": staged_steps,
+        "ROW_VEC": staging_vector(staged_steps, rows),
+        "COL_VEC": staging_vector(staged_steps, spec.v_dim),
     } | tanh_constexprs(spec.tanh)
     return compile_gluon(gluon_kernel(), pointers, constexprs, arch)
 
@@ -265,7 +482,8 @@ def m2rnn_forward_gluon(
         jax.ShapeDtypeStruct(h0.shape, jnp.float32),
         jax.ShapeDtypeStruct((num_slots, num_heads, k_dim, v_dim) if save_checkpoints else (1,), jnp.float32),
     )
-    y, h_final, checkpoints = launch(compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f, h0,
-                                     out_shapes=out_shapes)
+    y, h_final, checkpoints = launch(
+        compiled, (num_heads, batch, row_blocks), arch, q, k, v, w.astype(q.dtype), f, h0, out_shapes=out_shapes
+    )
     y = y[0] if row_blocks == 1 else y.sum(axis=0).astype(q.dtype)
     return y, h_final, checkpoints if save_checkpoints else None

@@ -48,7 +48,10 @@ def _renumber(asm: str, out: str, inp: str) -> str:
 
 _TANH_MIXED_PTX = _renumber(_TANH_PTX, "$0", "$2") + "\n" + _renumber(_TANH_NEWTON_PTX, "$1", "$3")
 TANH_FORMS = {
-    "rcp": _TANH_PTX, "newton": _TANH_NEWTON_PTX, "mixed": _TANH_MIXED_PTX, "approx": "tanh.approx.f32 $0, $1;"
+    "rcp": _TANH_PTX,
+    "newton": _TANH_NEWTON_PTX,
+    "mixed": _TANH_MIXED_PTX,
+    "approx": "tanh.approx.f32 $0, $1;",
 }
 
 
@@ -83,8 +86,9 @@ class CompiledKernel:
     num_warps: int
 
 
-def compile_gluon(kernel, pointers: dict[str, str], constexprs: dict, arch: int,
-                  max_registers: int | None = None) -> CompiledKernel:
+def compile_gluon(
+    kernel, pointers: dict[str, str], constexprs: dict, arch: int, max_registers: int | None = None
+) -> CompiledKernel:
     """Compile a one-warp Gluon kernel to PTX (Triton 3.6; runs without a GPU); max_registers: ptxas cap per thread.
 
     pointers: parameter name -> Triton pointer type ("*bf16", ...), in the kernel's order; every pointer is
@@ -109,8 +113,14 @@ def launch(compiled: CompiledKernel, grid: tuple[int, int, int], arch: int, *inp
     """Run a compiled kernel through jaxlib's Triton custom call (``triton_call``)."""
     from pallas_kernels.gpu.triton_call import KernelLaunch, triton_call
 
-    spec = KernelLaunch(ptx=compiled.ptx, name=compiled.name, shared_mem_bytes=compiled.shared_mem_bytes,
-                        num_warps=compiled.num_warps, grid=grid, compute_capability=arch)
+    spec = KernelLaunch(
+        ptx=compiled.ptx,
+        name=compiled.name,
+        shared_mem_bytes=compiled.shared_mem_bytes,
+        num_warps=compiled.num_warps,
+        grid=grid,
+        compute_capability=arch,
+    )
     return triton_call(spec, *inputs, out_shapes=out_shapes)
 
 

@@ -16,23 +16,52 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
 @gluon.jit
-def recurrence_step(h, w, k, v, f, A_LAYOUT: gl.constexpr, TANH_ASM: gl.constexpr, TANH_CONSTRAINTS: gl.constexpr,
-                    TANH_PACK: gl.constexpr):
+def recurrence_step(
+    h,
+    w,
+    k,
+    v,
+    f,
+    A_LAYOUT: gl.constexpr,
+    TANH_ASM: gl.constexpr,
+    TANH_CONSTRAINTS: gl.constexpr,
+    TANH_PACK: gl.constexpr,
+):
     """(rows, V) float32 state in the mma accumulator layout -> (Z_t, H_t): Z_t = tanh(H W + k v^T) with W
     (V, V) in the B-operand layout and H rounded to W's dtype as the A operand; H_t = Z_t + f (H - Z_t).
     k (rows,), v (V,) in the slice layouts of the accumulator layout, f broadcastable to (rows, V); float32."""
     write = k[:, None] * v[None, :]
     pre = mma_v2(gl.convert_layout(h.to(w.dtype), A_LAYOUT), w, write)
-    z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True,
-                                  pack=TANH_PACK)
+    z = gl.inline_asm_elementwise(TANH_ASM, TANH_CONSTRAINTS, [pre], dtype=gl.float32, is_pure=True, pack=TANH_PACK)
     return z, z + f * (h - z)
 
 
 @gluon.jit
-def load_block(q_ptr, k_ptr, v_ptr, f_ptr, first_tok, t0, S: gl.constexpr, n, kb, NQ: gl.constexpr,
-               NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, GQ: gl.constexpr, GK: gl.constexpr,
-               GV: gl.constexpr, GF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, ROWS: gl.constexpr,
-               TB: gl.constexpr, ROW_STAGE: gl.constexpr, COL_STAGE: gl.constexpr):
+def load_block(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    f_ptr,
+    first_tok,
+    t0,
+    S: gl.constexpr,
+    n,
+    kb,
+    NQ: gl.constexpr,
+    NK: gl.constexpr,
+    NV: gl.constexpr,
+    NF: gl.constexpr,
+    GQ: gl.constexpr,
+    GK: gl.constexpr,
+    GV: gl.constexpr,
+    GF: gl.constexpr,
+    K: gl.constexpr,
+    V: gl.constexpr,
+    ROWS: gl.constexpr,
+    TB: gl.constexpr,
+    ROW_STAGE: gl.constexpr,
+    COL_STAGE: gl.constexpr,
+):
     """q, k (TB, ROWS) of rows kb * ROWS + [0, ROWS), v (TB, V) and f (TB, V) (f_t repeated along V) of steps
     t0 .. t0 + TB - 1 for output head n, in the staging register layouts ROW_STAGE and COL_STAGE (16-byte loads where
     the data is contiguous). Outside steps 0 .. S - 1, q, k, v are 0 and f is 1: such a step keeps the state (up to
@@ -75,5 +104,6 @@ def staged_step(q_smem, k_smem, v_smem, f_smem, s, ROW_LAYOUT: gl.constexpr, COL
 @gluon.jit
 def step_view(smem):
     """The (steps, n) row-major buffer ``smem`` with a one-dimensional layout, so that ``index(s)`` gives step s."""
-    return smem._reinterpret(smem.dtype, smem.shape,
-                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+    return smem._reinterpret(
+        smem.dtype, smem.shape, gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    )

@@ -119,9 +119,7 @@ def compiler_params(vmem: int) -> pltpu.CompilerParams:
             "MiB); pass a smaller chunk_size"
         )
     limit = None if vmem * 5 // 4 <= _DEFAULT_SCOPED_VMEM else min(_MAX_VMEM, vmem * 5 // 4 + 2**20)
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit
-    )
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
 
 
 def interpret_mode(interpret):

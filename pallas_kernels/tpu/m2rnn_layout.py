@@ -233,4 +233,3 @@ def unpack_source_grad(dx: jax.Array, plan: BlockPlan, slots: np.ndarray, num_so
     onehot = (slots[:, :, None] == np.arange(num_sources)).astype(np.float32)  # (G, m, Nx), unused slots all 0
     summed = jnp.einsum("rgtsk,gsn->rtnk", dx, jnp.asarray(onehot, dx.dtype), precision=jax.lax.Precision.HIGHEST)
     return summed[:, : plan.tokens, :, : plan.k_dim]
-

@@ -25,8 +25,19 @@ from m2rnn_jax.train.flops import training_flops_per_token
 from m2rnn_jax.train.state import TrainState
 
 PRESET, BATCH, SEQ_LEN = "tiny-m2rnn", 2, 16  # pattern MMAM: two block kinds, M three times
-BENCH_ARGS = ["bench", "--model", PRESET, "--batch", str(BATCH), "--seq-len", str(SEQ_LEN), "--iters", "1",
-              "--repeats", "1"]
+BENCH_ARGS = [
+    "bench",
+    "--model",
+    PRESET,
+    "--batch",
+    str(BATCH),
+    "--seq-len",
+    str(SEQ_LEN),
+    "--iters",
+    "1",
+    "--repeats",
+    "1",
+]
 TIMED = ("forward_ms", "fwd_bwd_ms", "forward_temp_gib", "fwd_bwd_temp_gib", "compile_s")
 
 
@@ -50,8 +61,17 @@ def test_model_bench_table_names_every_part(model_run):
     assert lines[0].startswith(f"{PRESET} on ") and "pattern=MMAM" in lines[0] and f"B={BATCH} S={SEQ_LEN}" in lines[0]
     assert lines[1].split("|")[0].strip() == "part" and "fwd+bwd ms" in lines[1] and "compile s" in lines[1]
     parts = [line.split("|")[0].rstrip() for line in lines[3:] if "|" in line]
-    assert parts == ["embedding", "block M (M2RNN)", "  mixer M alone", "block A (Attention)", "  mixer A alone",
-                     "lm head + loss", "optimizer update", "sum of parts", "train step (measured)"]
+    assert parts == [
+        "embedding",
+        "block M (M2RNN)",
+        "  mixer M alone",
+        "block A (Attention)",
+        "  mixer A alone",
+        "lm head + loss",
+        "optimizer update",
+        "sum of parts",
+        "train step (measured)",
+    ]
     counts = {part: line.split("|")[1].strip() for part, line in zip(parts, lines[3:])}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
     assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
@@ -65,15 +85,35 @@ def test_model_bench_json_header(model_run):
     assert report["device"] == jax.devices()[0].device_kind and report["platform"] == jax.devices()[0].platform
     assert report["jax"] == jax.__version__ and report["preset"] == PRESET
     assert report["shapes"] == {
-        "batch": BATCH, "seq_len": SEQ_LEN, "tokens_per_step": BATCH * SEQ_LEN, "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size, "layer_pattern": "MMAM", "dtype": config.dtype,
-        "param_dtype": config.param_dtype, "remat": config.remat,
+        "batch": BATCH,
+        "seq_len": SEQ_LEN,
+        "tokens_per_step": BATCH * SEQ_LEN,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "layer_pattern": "MMAM",
+        "dtype": config.dtype,
+        "param_dtype": config.param_dtype,
+        "remat": config.remat,
     }
     assert report["timing"] == {"iters": 1, "repeats": 1}
     assert [row["kind"] for row in report["rows"]] == [
-        "embedding", "block", "mixer", "block", "mixer", "head", "optimizer", "sum", "step"]
+        "embedding",
+        "block",
+        "mixer",
+        "block",
+        "mixer",
+        "head",
+        "optimizer",
+        "sum",
+        "step",
+    ]
     assert [row["part"] for row in report["rows"]][:5] == [
-        "embedding", "block M (M2RNN)", "mixer M alone", "block A (Attention)", "mixer A alone"]
+        "embedding",
+        "block M (M2RNN)",
+        "mixer M alone",
+        "block A (Attention)",
+        "mixer A alone",
+    ]
 
 
 def test_model_bench_json_embedding_block_mixer_and_head_rows(model_run):
@@ -232,8 +272,9 @@ def test_time_carried_feeds_each_carry_to_the_next_call():
 def test_optimizer_update_function_is_the_steps_update():
     optimizer = optax.adamw(1e-2)
     params = {"w": jnp.arange(4.0)}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       rng=jnp.zeros((2,), jnp.uint32))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=jnp.zeros((2,), jnp.uint32)
+    )
     grads = {"w": jnp.ones(4)}
     new_state, norm = model_bench.optimizer_update_function(optimizer)(state, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -310,17 +351,35 @@ def _report_with_a_failed_block():
     ok = {"forward_ms": 1.0, "fwd_bwd_ms": 2.0, "forward_temp_gib": 0.5, "fwd_bwd_temp_gib": 1.0, "compile_s": 3.0}
     rows = [
         {**model_bench.part("embedding", "embedding"), **ok},
-        {**model_bench.part("block", "block G (GatedDeltaNet)", "G", 3), 
-         "error": "JaxRuntimeError: RESOURCE_EXHAUSTED"},
+        {
+            **model_bench.part("block", "block G (GatedDeltaNet)", "G", 3),
+            "error": "JaxRuntimeError: RESOURCE_EXHAUSTED",
+        },
         {**model_bench.part("mixer", "mixer G alone", "G", 3), **ok},
         {**model_bench.part("head", "lm head + loss"), **ok},
         {**model_bench.part("optimizer", "optimizer update"), **ok, "forward_ms": None, "forward_temp_gib": None},
     ]
-    step = {**model_bench.part("step", "train step (measured)"), **ok, "forward_ms": None, "forward_temp_gib": None,
-            "tokens_per_s": 1e3, "mfu": 0.25, "peak_memory_gib": 2.0, "peak_memory_source": "memory_stats"}
+    step = {
+        **model_bench.part("step", "train step (measured)"),
+        **ok,
+        "forward_ms": None,
+        "forward_temp_gib": None,
+        "tokens_per_s": 1e3,
+        "mfu": 0.25,
+        "peak_memory_gib": 2.0,
+        "peak_memory_source": "memory_stats",
+    }
     rows += [model_bench.sum_of_parts(rows, step["fwd_bwd_ms"]), step]
-    shapes = {"batch": 1, "seq_len": 2, "hidden_size": 3, "vocab_size": 4, "dtype": "bfloat16",
-              "param_dtype": "float32", "remat": "none", "layer_pattern": "GGG"}
+    shapes = {
+        "batch": 1,
+        "seq_len": 2,
+        "hidden_size": 3,
+        "vocab_size": 4,
+        "dtype": "bfloat16",
+        "param_dtype": "float32",
+        "remat": "none",
+        "layer_pattern": "GGG",
+    }
     return {"preset": "p", "device": "d", "jax": "v", "shapes": shapes, "rows": rows}
 
 

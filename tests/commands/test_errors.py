@@ -27,37 +27,54 @@ ON_CPU = jax.default_backend() == "cpu"
 SUBPROCESS: dict[str, tuple[list[str], str]] = {
     "info_unknown_preset": (["info", "--preset", "x"], "--preset: expected a preset name (m2rnn-jax info --list"),
     "eval_missing_workdir": (["eval", "--workdir", "missing/"], "--workdir: expected an existing run directory"),
-    "generate_prompt_outside_vocab": (["generate", "--checkpoint", "{run}", "--prompt-ids", "1,7"],
-                                      "--prompt-ids: expected ids in [0, 6), got [1, 7]"),
+    "generate_prompt_outside_vocab": (
+        ["generate", "--checkpoint", "{run}", "--prompt-ids", "1,7"],
+        "--prompt-ids: expected ids in [0, 6), got [1, 7]",
+    ),
     "train_bad_flag": (["train", "--workdir", "{tmp}/t", "--bogus"], "unrecognized arguments: --bogus"),
 }
 IN_PROCESS: dict[str, tuple[list[str], str]] = {
-    "generate_missing_checkpoint": (["generate", "--checkpoint", "missing/", "--prompt-ids", "1"],
-                                    "--checkpoint: expected an existing run directory"),
-    "train_unknown_key": (["train", "--preset", "state-tracking-s3-tiny", "--workdir", "{tmp}/t",
-                           "--set", "optimizer.lr=1"], "optimizer: unknown key 'lr'"),
+    "generate_missing_checkpoint": (
+        ["generate", "--checkpoint", "missing/", "--prompt-ids", "1"],
+        "--checkpoint: expected an existing run directory",
+    ),
+    "train_unknown_key": (
+        ["train", "--preset", "state-tracking-s3-tiny", "--workdir", "{tmp}/t", "--set", "optimizer.lr=1"],
+        "optimizer: unknown key 'lr'",
+    ),
     "train_nothing_to_train": (["train", "--workdir", "{tmp}/empty"], "--preset or --config: expected one of them"),
     "bench_model_unknown_preset": (["bench", "--model", "x"], "--model: expected a preset name"),
-    "generate_run_without_checkpoint": (["generate", "--checkpoint", "{run}", "--prompt-ids", "1"],
-                                        "--checkpoint: expected a run directory with a checkpoint, got none under"),
-    "eval_another_model": (["eval", "--workdir", "{run}", "--preset", "state-tracking-parity-tiny"],
-                           "--workdir {run}: holds a different model; differing fields: model.vocab_size (stored 6, "
-                           "requested 2), model.hidden_size (stored 16, requested 64)"),
-    "generate_another_model": (["generate", "--checkpoint", "{run}", "--preset", "state-tracking-parity-tiny",
-                                "--prompt-ids", "1"], "--checkpoint {run}: holds a different model; differing "
-                                                      "fields: model.vocab_size (stored 6, requested 2)"),
+    "generate_run_without_checkpoint": (
+        ["generate", "--checkpoint", "{run}", "--prompt-ids", "1"],
+        "--checkpoint: expected a run directory with a checkpoint, got none under",
+    ),
+    "eval_another_model": (
+        ["eval", "--workdir", "{run}", "--preset", "state-tracking-parity-tiny"],
+        "--workdir {run}: holds a different model; differing fields: model.vocab_size (stored 6, "
+        "requested 2), model.hidden_size (stored 16, requested 64)",
+    ),
+    "generate_another_model": (
+        ["generate", "--checkpoint", "{run}", "--preset", "state-tracking-parity-tiny", "--prompt-ids", "1"],
+        "--checkpoint {run}: holds a different model; differing fields: model.vocab_size (stored 6, requested 2)",
+    ),
 }
 if ON_CPU:  # backends that need hardware this machine lacks
     SUBPROCESS["compare_pallas_gpu"] = (
         ["compare", "--backend", "pallas_gpu"],
-        "--backend: expected a backend this machine can run (pallas_gpu needs an NVIDIA GPU")
-    IN_PROCESS.update({
-        "bench_pallas_gpu": (["bench", "--backends", "pallas_gpu", "--shapes", "tiny"],
-                             "--backends: expected a backend this machine can run (pallas_gpu needs an NVIDIA GPU"),
-        "train_pallas_tpu": (["train", "--preset", "tiny-m2rnn", "--workdir", "{tmp}/t", "--set",
-                              "model.m2rnn.backend=pallas_tpu"],
-                             "model.m2rnn.backend: expected a backend this machine can run (pallas_tpu needs a TPU"),
-    })
+        "--backend: expected a backend this machine can run (pallas_gpu needs an NVIDIA GPU",
+    )
+    IN_PROCESS.update(
+        {
+            "bench_pallas_gpu": (
+                ["bench", "--backends", "pallas_gpu", "--shapes", "tiny"],
+                "--backends: expected a backend this machine can run (pallas_gpu needs an NVIDIA GPU",
+            ),
+            "train_pallas_tpu": (
+                ["train", "--preset", "tiny-m2rnn", "--workdir", "{tmp}/t", "--set", "model.m2rnn.backend=pallas_tpu"],
+                "model.m2rnn.backend: expected a backend this machine can run (pallas_tpu needs a TPU",
+            ),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +100,24 @@ def _check(name: str, cases: dict, returncode: int, stderr: str, scratch) -> Non
     prefix = f"m2rnn-jax {argv[0]}: error: "
     lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, stderr
-    assert lines[0][len(prefix):].startswith(expected), stderr
+    assert lines[0][len(prefix) :].startswith(expected), stderr
 
 
 @pytest.fixture(scope="module")
 def finished(scratch) -> dict[str, subprocess.CompletedProcess]:
     """Every SUBPROCESS case, started at once (each is mostly the JAX import)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    started = {name: subprocess.Popen([sys.executable, "-m", "m2rnn_jax", *_argv(argv, scratch)], cwd=scratch[0],
-                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for name, (argv, _) in SUBPROCESS.items()}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "m2rnn_jax", *_argv(argv, scratch)],
+            cwd=scratch[0],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, (argv, _) in SUBPROCESS.items()
+    }
     results = {}
     for name, process in started.items():
         out, err = process.communicate(timeout=300)

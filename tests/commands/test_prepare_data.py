@@ -29,8 +29,18 @@ def _prepare(capsys, *argv):
 
 def test_paragraph_documents_with_a_trained_tokenizer(corpus, capsys):
     out = corpus / "out"
-    code, captured = _prepare(capsys, str(corpus / "*.txt"), "--txt-documents", "paragraph", "--train-tokenizer",
-                              "300", "--validation-fraction", "0.2", "--output", str(out))
+    code, captured = _prepare(
+        capsys,
+        str(corpus / "*.txt"),
+        "--txt-documents",
+        "paragraph",
+        "--train-tokenizer",
+        "300",
+        "--validation-fraction",
+        "0.2",
+        "--output",
+        str(out),
+    )
     assert code == 0, captured.err
     assert "train: 8 documents" in captured.out and "validation: 2 documents" in captured.out
     meta = json.loads((out / "meta.json").read_text())
@@ -45,8 +55,16 @@ def test_paragraph_documents_with_a_trained_tokenizer(corpus, capsys):
 def test_an_existing_tokenizer_file_or_directory(corpus, capsys):
     first = _prepare(capsys, str(corpus / "*.txt"), "--train-tokenizer", "280", "--output", str(corpus / "first"))
     assert first[0] == 0, first[1].err
-    code, captured = _prepare(capsys, str(corpus / "b.txt"), "--txt-documents", "paragraph", "--tokenizer",
-                              str(corpus / "first"), "--output", str(corpus / "second"))
+    code, captured = _prepare(
+        capsys,
+        str(corpus / "b.txt"),
+        "--txt-documents",
+        "paragraph",
+        "--tokenizer",
+        str(corpus / "first"),
+        "--output",
+        str(corpus / "second"),
+    )
     assert code == 0, captured.err
     meta = json.loads((corpus / "second" / "meta.json").read_text())
     assert meta["tokenizer"]["source"] == str(corpus / "first")
@@ -57,8 +75,16 @@ def test_a_tiktoken_file(corpus, capsys):
     ranks = {bytes([i]): i for i in range(256)} | {b"ca": 256, b"cat": 257}
     path = corpus / "tiny.tiktoken"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    code, captured = _prepare(capsys, str(corpus / "*.txt"), "--txt-documents", "paragraph", "--tokenizer",
-                              str(path), "--output", str(corpus / "out"))
+    code, captured = _prepare(
+        capsys,
+        str(corpus / "*.txt"),
+        "--txt-documents",
+        "paragraph",
+        "--tokenizer",
+        str(path),
+        "--output",
+        str(corpus / "out"),
+    )
     assert code == 0, captured.err
     meta = json.loads((corpus / "out" / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "tiktoken" and meta["eos_token_id"] == 258 and meta["vocab_size"] == 259
@@ -71,8 +97,9 @@ def test_a_tiktoken_file(corpus, capsys):
 def test_jsonl_with_a_text_field(tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"body": p}) + "\n" for p in PARAGRAPHS))
-    code, captured = _prepare(capsys, str(path), "--text-field", "body", "--train-tokenizer", "300", "--output",
-                              str(tmp_path / "out"))
+    code, captured = _prepare(
+        capsys, str(path), "--text-field", "body", "--train-tokenizer", "300", "--output", str(tmp_path / "out")
+    )
     assert code == 0, captured.err
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["splits"]["validation"]["documents"] == 1
 
@@ -82,11 +109,15 @@ def test_jsonl_with_a_text_field(tmp_path, capsys):
     [
         (lambda d: [str(d / "*.md"), "--train-tokenizer", "300"], "INPUT: no files matched '{d}/*.md'"),
         (lambda d: [str(d / "empty.txt"), "--train-tokenizer", "300"], "INPUT: the corpus is empty"),
-        (lambda d: [str(d / "rows.jsonl"), "--train-tokenizer", "300"],
-         "--text-field: expected a field 'text' in '{d}/rows.jsonl' line 1, got the fields ['body']"),
+        (
+            lambda d: [str(d / "rows.jsonl"), "--train-tokenizer", "300"],
+            "--text-field: expected a field 'text' in '{d}/rows.jsonl' line 1, got the fields ['body']",
+        ),
         (lambda d: [str(d / "latin1.txt"), "--train-tokenizer", "300"], "INPUT: cannot read '{d}/latin1.txt'"),
-        (lambda d: [str(d / "a.txt"), "--train-tokenizer", "200"],
-         "--train-tokenizer: expected a vocabulary of at least 257 (256 bytes + EOS), got 200"),
+        (
+            lambda d: [str(d / "a.txt"), "--train-tokenizer", "200"],
+            "--train-tokenizer: expected a vocabulary of at least 257 (256 bytes + EOS), got 200",
+        ),
         (lambda d: [str(d / "a.txt"), "--tokenizer", str(d / "none.json")], "tokenizer: expected a tokenizer.json"),
         (lambda d: ["--train-tokenizer", "300"], "INPUT: expected input files or --hf-dataset"),
     ],
@@ -105,8 +136,9 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys, make_argv, message):
 def test_an_output_that_is_not_a_writable_directory(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("\n\n".join(PARAGRAPHS))
     (tmp_path / "taken").write_text("a file")
-    code, captured = _prepare(capsys, str(tmp_path / "a.txt"), "--train-tokenizer", "300", "--output",
-                              str(tmp_path / "taken"))
+    code, captured = _prepare(
+        capsys, str(tmp_path / "a.txt"), "--train-tokenizer", "300", "--output", str(tmp_path / "taken")
+    )
     assert code == 2 and f"{ERROR}--output: expected a writable directory, got '{tmp_path}/taken'" in captured.err
 
 

@@ -56,16 +56,20 @@ def test_header_phases_and_step_total_lines_on_a_pipe(trained):
     assert header["steps"].startswith("4 (log every 2, evaluate every 2")
     assert header["workdir"] == f"{run} (new run)"
     phases = [line for line in lines if line.startswith("-- ")]
-    expected = ["-- initialising the parameters ...", "-- initialising the parameters: initialised in ",
-                "-- compiling the train step for length 4 (batch 8) ...",
-                "-- compiling the train step for length 4 (batch 8): compiled and ran the first step in ",
-                "-- evaluating at length(s) 8 (step 2) ...", "-- evaluating at length(s) 8 (step 2): evaluated in ",
-                "-- checkpoint: step 2 being written in the background to ",
-                "-- curriculum: sequence length 4 -> 8 at step 2",
-                "-- compiling the train step for length 8 (batch 8) ...",
-                "-- compiling the train step for length 8 (batch 8): compiled and ran the first step in ",
-                "-- checkpoint: step 4 being written in the background to ",
-                "-- evaluating at length(s) 8 (step 4) ..."]
+    expected = [
+        "-- initialising the parameters ...",
+        "-- initialising the parameters: initialised in ",
+        "-- compiling the train step for length 4 (batch 8) ...",
+        "-- compiling the train step for length 4 (batch 8): compiled and ran the first step in ",
+        "-- evaluating at length(s) 8 (step 2) ...",
+        "-- evaluating at length(s) 8 (step 2): evaluated in ",
+        "-- checkpoint: step 2 being written in the background to ",
+        "-- curriculum: sequence length 4 -> 8 at step 2",
+        "-- compiling the train step for length 8 (batch 8) ...",
+        "-- compiling the train step for length 8 (batch 8): compiled and ran the first step in ",
+        "-- checkpoint: step 4 being written in the background to ",
+        "-- evaluating at length(s) 8 (step 4) ...",
+    ]
     assert len(phases) >= len(expected)
     for phase, start in zip(phases, expected):
         assert phase.startswith(start), (phase, phases)
@@ -91,13 +95,26 @@ def test_eval_prints_a_header_and_a_phase_per_length(trained):
 def test_a_workdir_holding_another_run_is_refused_untouched(trained):
     config_file, run, _ = trained
     before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
-    code, out, err = _run(["train", "--config", str(config_file), "--workdir", str(run),
-                           "--set", "model.vocab_size=8", "--set", "batch_size=4"])
+    code, out, err = _run(
+        [
+            "train",
+            "--config",
+            str(config_file),
+            "--workdir",
+            str(run),
+            "--set",
+            "model.vocab_size=8",
+            "--set",
+            "batch_size=4",
+        ]
+    )
     assert code == 2
     assert out == ""  # nothing built, no header
     first = err.splitlines()[0]
-    assert first == (f"m2rnn-jax train: error: --workdir {run}: holds a different run; differing fields: "
-                     f"model.vocab_size (stored 6, requested 8), batch_size (stored 8, requested 4)")
+    assert first == (
+        f"m2rnn-jax train: error: --workdir {run}: holds a different run; differing fields: "
+        f"model.vocab_size (stored 6, requested 8), batch_size (stored 8, requested 4)"
+    )
     assert "--restart" in err and "another --workdir" in err and "steps, eval_every" in err
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
@@ -117,8 +134,22 @@ def test_changeable_fields_resume_and_update_config_json(trained, tmp_path):
 def test_restart_moves_the_old_run_aside_readable(trained, tmp_path):
     config_file, run, _ = trained
     copy = shutil.copytree(run, tmp_path / "run")
-    code, out, err = _run(["train", "--config", str(config_file), "--workdir", str(copy), "--restart",
-                           "--set", "model.vocab_size=8", "--set", "steps=1", "--set", "data.curriculum=[]"])
+    code, out, err = _run(
+        [
+            "train",
+            "--config",
+            str(config_file),
+            "--workdir",
+            str(copy),
+            "--restart",
+            "--set",
+            "model.vocab_size=8",
+            "--set",
+            "steps=1",
+            "--set",
+            "data.curriculum=[]",
+        ]
+    )
     assert code == 0, err
     (moved,) = tmp_path.glob("run.replaced-*")
     assert f"moved the previous run {copy} to {moved}" in out and f"{copy} (new run)" in out

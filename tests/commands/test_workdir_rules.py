@@ -15,22 +15,44 @@ from tests.train.tiny import tiny_train_config
 
 def test_config_changes_are_dotted_and_whole_subconfigs_on_one_side():
     stored = {"steps": 4, "model": {"vocab_size": 6, "m2rnn": {"backend": "auto"}, "attention": None}}
-    requested = {"steps": 8, "model": {"vocab_size": 6, "m2rnn": {"backend": "scan"}, "attention": {"heads": 2}},
-                 "new": 1}
+    requested = {
+        "steps": 8,
+        "model": {"vocab_size": 6, "m2rnn": {"backend": "scan"}, "attention": {"heads": 2}},
+        "new": 1,
+    }
     assert config_changes(stored, requested) == [
-        ConfigChange("steps", 4, 8), ConfigChange("model.m2rnn.backend", "auto", "scan"),
-        ConfigChange("model.attention", None, {"heads": 2}), ConfigChange("new", None, 1)]
+        ConfigChange("steps", 4, 8),
+        ConfigChange("model.m2rnn.backend", "auto", "scan"),
+        ConfigChange("model.attention", None, {"heads": 2}),
+        ConfigChange("new", None, 1),
+    ]
     assert config_changes(stored, stored) == []
 
 
-@pytest.mark.parametrize("key, changeable", [
-    ("steps", True), ("eval_every", True), ("checkpoint.every_steps", True), ("sample.prompts", True),
-    ("mesh.data", True), ("data.eval_lengths", True), ("model.remat", True), ("model.m2rnn.backend", True),
-    ("model.gated_deltanet.backend", True), ("model.attention.implementation", True),
-    ("model.vocab_size", False), ("model.m2rnn.num_heads", False), ("optimizer.learning_rate", False),
-    ("data.seq_len", False), ("data.seed", False), ("batch_size", False), ("seed", False),
-    ("data.curriculum", False), ("model.attention", False),
-])
+@pytest.mark.parametrize(
+    "key, changeable",
+    [
+        ("steps", True),
+        ("eval_every", True),
+        ("checkpoint.every_steps", True),
+        ("sample.prompts", True),
+        ("mesh.data", True),
+        ("data.eval_lengths", True),
+        ("model.remat", True),
+        ("model.m2rnn.backend", True),
+        ("model.gated_deltanet.backend", True),
+        ("model.attention.implementation", True),
+        ("model.vocab_size", False),
+        ("model.m2rnn.num_heads", False),
+        ("optimizer.learning_rate", False),
+        ("data.seq_len", False),
+        ("data.seed", False),
+        ("batch_size", False),
+        ("seed", False),
+        ("data.curriculum", False),
+        ("model.attention", False),
+    ],
+)
 def test_which_fields_may_change_on_resume(key, changeable):
     assert ConfigChange(key, 1, 2).changeable is changeable
 
@@ -51,8 +73,10 @@ def test_check_workdir_config(tmp_path):
     with pytest.raises(ValueError) as error:
         check_workdir_config(workdir, other)
     first, ways = str(error.value).split("\n")
-    assert first == (f"--workdir {workdir}: holds a different run; differing fields: batch_size (stored 8, "
-                     f"requested 4), seed (stored 0, requested 3)")  # the changeable steps / mesh are not listed
+    assert first == (
+        f"--workdir {workdir}: holds a different run; differing fields: batch_size (stored 8, "
+        f"requested 4), seed (stored 0, requested 3)"
+    )  # the changeable steps / mesh are not listed
     assert "another --workdir" in ways and "--restart" in ways and "steps, eval_every, log_every" in ways
 
 

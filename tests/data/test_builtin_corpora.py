@@ -17,7 +17,7 @@ def test_python_docs_is_english_text_in_sections():
     assert sum(map(len, documents)) > 400_000
     assert all(doc == doc.strip() and doc for doc in documents)
     joined = "\n".join(documents)
-    assert "The \"if\" statement" in joined and " the " in joined
+    assert 'The "if" statement' in joined and " the " in joined
     assert documents == builtin_corpus("python-docs")  # deterministic order
 
 

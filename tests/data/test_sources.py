@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from m2rnn_jax.train.config import DataConfig
 from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.data.state_tracking import GROUPS, get_group, running_products, state_tracking_batch
 from m2rnn_jax.data.token_file import TokenWindows, open_tokens
+from m2rnn_jax.train.config import DataConfig
 
 
 @pytest.mark.parametrize("name, order", [("parity", 2), ("s3", 6), ("s5", 120), ("a5", 60)])
@@ -97,8 +97,9 @@ def test_token_file_source_holds_out_eval_tokens_and_masks_documents(tmp_path):
     tokens[::7] = 0  # EOS
     path = tmp_path / "data.bin"
     tokens.tofile(path)
-    config = DataConfig(kind="token_file", path=str(path), seq_len=16, eval_fraction=0.1, mask_documents=True,
-                        eos_token_id=0)
+    config = DataConfig(
+        kind="token_file", path=str(path), seq_len=16, eval_fraction=0.1, mask_documents=True, eos_token_id=0
+    )
     source = make_source(config, vocab_size=64)
     batch = source.train_batch(3, 16, 8, slice(0, 8))
     assert batch["inputs"].shape == batch["targets"].shape == batch["segment_ids"].shape == (8, 16)
@@ -127,8 +128,13 @@ def prepared(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("prepared")
     (directory / "docs.txt").write_text("\n\n".join(f"doc {i}: {'ab cd ' * (i % 5 + 2)}é" for i in range(30)))
-    meta = prepare_text_data(Corpus(inputs=(str(directory / "docs.txt"),), txt_documents="paragraph"),
-                             directory / "out", train_vocab_size=300, validation_fraction=0.2, progress=False)
+    meta = prepare_text_data(
+        Corpus(inputs=(str(directory / "docs.txt"),), txt_documents="paragraph"),
+        directory / "out",
+        train_vocab_size=300,
+        validation_fraction=0.2,
+        progress=False,
+    )
     return directory / "out", meta
 
 
@@ -158,8 +164,11 @@ def test_a_prepared_directory_trains_on_train_bin_and_evaluates_validation_bin(p
 
 def test_a_prepared_directory_checks_the_model_vocabulary_and_its_meta(prepared, tmp_path):
     directory, meta = prepared
-    with pytest.raises(ValueError, match=f"model.vocab_size: expected >= {meta['vocab_size']} "
-                                         f"\\(the vocabulary of data.path '{directory}'\\), got 100"):
+    with pytest.raises(
+        ValueError,
+        match=f"model.vocab_size: expected >= {meta['vocab_size']} "
+        f"\\(the vocabulary of data.path '{directory}'\\), got 100",
+    ):
         make_source(DataConfig(kind="token_file", path=str(directory), seq_len=8), vocab_size=100)
     with pytest.raises(ValueError, match="data.path: expected a token file .* without meta.json"):
         make_source(DataConfig(kind="token_file", path=str(tmp_path), seq_len=8), vocab_size=100)

@@ -55,8 +55,11 @@ def test_jsonl_and_parquet_read_the_text_field(tmp_path):
 
     jsonl = _write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS[:3], field="content")
     assert list(file_documents(jsonl, text_field="content")) == DOCUMENTS[:3]
-    with pytest.raises(ValueError, match=r"--text-field: expected a field 'text' in .*line 1, got the fields "
-                                         r"\['content', 'id'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"--text-field: expected a field 'text' in .*line 1, got the fields "
+        r"\['content', 'id'\]",
+    ):
         list(file_documents(jsonl))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl' line 2 is not JSON"):
@@ -128,38 +131,47 @@ def _split_documents(offsets_path, tokens, eos):
     offsets = np.load(offsets_path)
     ends = list(offsets[1:]) + [len(tokens)]
     assert all(tokens[end - 1] == eos for end in ends)
-    return [tokens[start:end - 1] for start, end in zip(offsets, ends)]
+    return [tokens[start : end - 1] for start, end in zip(offsets, ends)]
 
 
 def test_prepared_files_round_trip_to_the_documents(tmp_path, tokenizer):
     documents = DOCUMENTS + [""]  # the empty document is skipped
     corpus = Corpus(inputs=(str(_write_jsonl(tmp_path / "docs.jsonl", documents)),))
     out = tmp_path / "out"
-    meta = prepare_text_data(corpus, out, tokenizer=tokenizer, tokenizer_source="test", validation_fraction=0.25,
-                             seed=3, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "meta.json", "tokenizer.json", "train.bin", "train.offsets.npy", "validation.bin", "validation.offsets.npy"])
+    meta = prepare_text_data(
+        corpus, out, tokenizer=tokenizer, tokenizer_source="test", validation_fraction=0.25, seed=3, progress=False
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["meta.json", "tokenizer.json", "train.bin", "train.offsets.npy", "validation.bin", "validation.offsets.npy"]
+    )
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == tokenizer.vocab_size
-    assert meta["tokenizer"] == {"kind": "huggingface", "source": "test", "files": ["tokenizer.json"],
-                                 "byte_lengths_exact": True}
+    assert meta["tokenizer"] == {
+        "kind": "huggingface",
+        "source": "test",
+        "files": ["tokenizer.json"],
+        "byte_lengths_exact": True,
+    }
     held_out = validation_documents(len(DOCUMENTS), 0.25, 3)
     loaded = load_tokenizer(out)
     for split, chosen in (("train", ~held_out), ("validation", held_out)):
         expected = [d for d, keep in zip(DOCUMENTS, chosen) if keep]
         tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         assert loaded.decode(tokens) == "".join(d + DEFAULT_EOS for d in expected)
-        assert [loaded.decode(doc) for doc in _split_documents(out / f"{split}.offsets.npy", tokens,
-                                                                 meta["eos_token_id"])] == expected
+        assert [
+            loaded.decode(doc) for doc in _split_documents(out / f"{split}.offsets.npy", tokens, meta["eos_token_id"])
+        ] == expected
         entry = meta["splits"][split]
         assert entry["tokens"] == len(tokens) and entry["documents"] == len(expected)
         assert entry["bytes"] == sum(len(d.encode()) for d in expected)
     # Same seed, same split and files; another seed, another split.
-    again = prepare_text_data(corpus, tmp_path / "again", tokenizer=tokenizer, validation_fraction=0.25, seed=3,
-                              progress=False)
+    again = prepare_text_data(
+        corpus, tmp_path / "again", tokenizer=tokenizer, validation_fraction=0.25, seed=3, progress=False
+    )
     assert again["splits"] == meta["splits"]
-    other = prepare_text_data(corpus, tmp_path / "other", tokenizer=tokenizer, validation_fraction=0.25, seed=4,
-                              progress=False)
+    other = prepare_text_data(
+        corpus, tmp_path / "other", tokenizer=tokenizer, validation_fraction=0.25, seed=4, progress=False
+    )
     assert other["splits"]["validation"]["bytes"] != meta["splits"]["validation"]["bytes"]
 
 
@@ -168,8 +180,9 @@ def test_a_trained_tokenizer_learns_from_the_training_documents_only(tmp_path):
     meta = prepare_text_data(corpus, tmp_path / "out", train_vocab_size=300, validation_fraction=0.2, progress=False)
     assert meta["tokenizer"]["kind"] == "huggingface" and "trained" in meta["tokenizer"]["source"]
     assert meta["vocab_size"] == load_tokenizer(tmp_path / "out").vocab_size <= 300
-    expected = train_byte_level_bpe([d for d, held in zip(DOCUMENTS, validation_documents(12, 0.2, 0)) if not held],
-                                    300)
+    expected = train_byte_level_bpe(
+        [d for d, held in zip(DOCUMENTS, validation_documents(12, 0.2, 0)) if not held], 300
+    )
     assert load_tokenizer(tmp_path / "out").encode(DOCUMENTS[0]) == expected.encode(DOCUMENTS[0])
 
 
@@ -213,8 +226,9 @@ def test_corpus_errors(tmp_path, tokenizer):
         Corpus(inputs=(str(tmp_path / "empty.txt"),), txt_documents="line")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="--output: expected a writable directory"):
-        prepare_text_data(Corpus(inputs=(str(tmp_path / "empty.txt"),)), tmp_path / "a_file" / "out",
-                          tokenizer=tokenizer)
+        prepare_text_data(
+            Corpus(inputs=(str(tmp_path / "empty.txt"),)), tmp_path / "a_file" / "out", tokenizer=tokenizer
+        )
 
 
 def test_a_bad_corpus_leaves_an_earlier_output_alone(tmp_path, tokenizer):

@@ -45,9 +45,24 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 def test_offline_compile(dtype, k_dim, rows, block, clip):
     from pallas_kernels.gpu.m2rnn_backward_gluon import GluonBackwardSpec, compile_backward
 
-    spec = GluonBackwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
-                             group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32", batch=2, rows=rows,
-                             block=block, clip=clip)
+    spec = GluonBackwardSpec(
+        seq_len=300,
+        num_heads=6,
+        k_dim=k_dim,
+        v_dim=16,
+        group_q=3,
+        group_k=6,
+        group_v=1,
+        group_f=2,
+        group_w=1,
+        chunk_size=128,
+        dtype=dtype,
+        f_dtype="fp32",
+        batch=2,
+        rows=rows,
+        block=block,
+        clip=clip,
+    )
     compiled = compile_backward(spec)
     assert compiled.num_warps == 1
     recompute = block * rows * 16 * (4 + 2 * 2)  # Z_t (float32), H_{t-1} and dP_t (16-bit) of one block
@@ -61,12 +76,15 @@ def test_offline_compile(dtype, k_dim, rows, block, clip):
 # Real GPU (pytest -m gpu -p no:randomly tests/kernels -n 0 on the device machine)
 
 GLUON_BACKWARD_CONFIGS = {
-    "rows32_block4_approx": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=32,
-                                         gluon_block=4),
-    "rows32_block4_mixed": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=False, gluon_rows=32,
-                                        gluon_tanh="mixed", gluon_block=4),
-    "rows16_block8_approx": KernelConfig(gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=16,
-                                         gluon_block=8, block_k=16, num_warps=1),
+    "rows32_block4_approx": KernelConfig(
+        gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=32, gluon_block=4
+    ),
+    "rows32_block4_mixed": KernelConfig(
+        gluon_forward=True, gluon_backward=True, approx_tanh=False, gluon_rows=32, gluon_tanh="mixed", gluon_block=4
+    ),
+    "rows16_block8_approx": KernelConfig(
+        gluon_forward=True, gluon_backward=True, approx_tanh=True, gluon_rows=16, gluon_block=8, block_k=16, num_warps=1
+    ),
 }
 
 

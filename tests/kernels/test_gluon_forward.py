@@ -23,8 +23,15 @@ from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from tests.kernels.test_pallas_gpu import NAMES, _outputs_and_grads
 
 COMMON = dict(
-    dense=True, interpret=False, input_dtype=jnp.bfloat16, carry_dtype=jnp.float32, k_padded=64, v_padded=16,
-    tokens=8 * 4096, num_heads=84, config=KernelConfig(gluon_forward=True),
+    dense=True,
+    interpret=False,
+    input_dtype=jnp.bfloat16,
+    carry_dtype=jnp.float32,
+    k_padded=64,
+    v_padded=16,
+    tokens=8 * 4096,
+    num_heads=84,
+    config=KernelConfig(gluon_forward=True),
 )
 
 
@@ -54,10 +61,12 @@ def test_predicate_falls_back(change):
 
 def test_cpu_interpret_call_keeps_the_pallas_forward():
     """On CPU (interpret mode) the backend never reaches the Gluon kernel: the call needs no Triton."""
-    args = random_m2rnn_inputs(jax.random.PRNGKey(0), batch=1, seq_len=5, num_heads=2, k_dim=16, v_dim=16,
-                               dtype=jnp.bfloat16)
-    y, h = m2rnn_pallas_gpu(*(args[n] for n in NAMES), cu_seqlens=None, gradient_clipping=None,
-                            state_dtype=jnp.float32, interpret=True)
+    args = random_m2rnn_inputs(
+        jax.random.PRNGKey(0), batch=1, seq_len=5, num_heads=2, k_dim=16, v_dim=16, dtype=jnp.bfloat16
+    )
+    y, h = m2rnn_pallas_gpu(
+        *(args[n] for n in NAMES), cu_seqlens=None, gradient_clipping=None, state_dtype=jnp.float32, interpret=True
+    )
     assert y.shape == (1, 5, 2, 16) and h.shape == (1, 2, 16, 16)
 
 
@@ -72,9 +81,21 @@ def test_offline_compile_stages_inputs_and_uses_mma(dtype, k_dim):
     f repeated along V), with barriers only between blocks, none in the per-step loops."""
     from pallas_kernels.gpu.m2rnn_forward_gluon import STAGED_STEPS, GluonForwardSpec, compile_forward
 
-    spec = GluonForwardSpec(seq_len=300, num_heads=6, k_dim=k_dim, v_dim=16, group_q=3, group_k=6, group_v=1,
-                            group_f=2, group_w=1, chunk_size=128, dtype=dtype, f_dtype="fp32",
-                            save_checkpoints=True)
+    spec = GluonForwardSpec(
+        seq_len=300,
+        num_heads=6,
+        k_dim=k_dim,
+        v_dim=16,
+        group_q=3,
+        group_k=6,
+        group_v=1,
+        group_f=2,
+        group_w=1,
+        chunk_size=128,
+        dtype=dtype,
+        f_dtype="fp32",
+        save_checkpoints=True,
+    )
     compiled = compile_forward(spec)
     per_step = 2 * k_dim * 2 + 16 * 2 + 16 * 4  # q, k rows (16-bit), v (16-bit), f (float32, repeated along V)
     assert compiled.shared_mem_bytes == 2 * STAGED_STEPS * per_step and compiled.num_warps == 1
@@ -96,7 +117,7 @@ def _innermost_loop_bodies(ptx: str) -> list[str]:
             if re.match(r"\$L__BB\w+:.*Loop", lines[j].strip()):
                 break
             if re.search(r"\bbra(\.uni)?\s+" + re.escape(label.group(1)) + ";", lines[j]):
-                bodies.append("\n".join(lines[i:j + 1]))
+                bodies.append("\n".join(lines[i : j + 1]))
                 break
     return bodies
 
@@ -134,8 +155,18 @@ def gpu_case_inputs(case: str, seed: int) -> tuple[dict[str, jax.Array], dict[st
     float32 for the scan reference."""
     batch, seq_len, heads, k_dim, v_dim, nq, nk, nv, nf, nw, dtype, with_h0 = GPU_CASES[case]
     inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(seed), batch=batch, seq_len=seq_len, num_heads=heads, k_dim=k_dim, v_dim=v_dim,
-        num_q_heads=nq, num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=dtype,
+        jax.random.PRNGKey(seed),
+        batch=batch,
+        seq_len=seq_len,
+        num_heads=heads,
+        k_dim=k_dim,
+        v_dim=v_dim,
+        num_q_heads=nq,
+        num_k_heads=nk,
+        num_v_heads=nv,
+        num_f_heads=nf,
+        num_w_heads=nw,
+        dtype=dtype,
         with_h0=with_h0,
     )
     low = {n: inputs[n] for n in NAMES if n in inputs}
@@ -147,8 +178,9 @@ def gpu_case_inputs(case: str, seed: int) -> tuple[dict[str, jax.Array], dict[st
 GLUON_CONFIGS = {
     "rows64_newton": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=None, gluon_tanh="newton"),
     "rows32_mixed": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=32, gluon_tanh="mixed"),
-    "rows16_rcp": KernelConfig(gluon_forward=True, approx_tanh=False, gluon_rows=16, gluon_tanh="rcp", block_k=16,
-                               num_warps=1),
+    "rows16_rcp": KernelConfig(
+        gluon_forward=True, approx_tanh=False, gluon_rows=16, gluon_tanh="rcp", block_k=16, num_warps=1
+    ),
     "rows32_approx": KernelConfig(gluon_forward=True, approx_tanh=True, gluon_rows=32),
 }
 
@@ -180,8 +212,9 @@ def test_gpu_gluon_checkpoints_match_pallas_forward():
         pytest.skip("needs a GPU")
     from m2rnn_jax.ops.m2rnn import pallas_gpu
 
-    inputs = random_m2rnn_inputs(jax.random.PRNGKey(23), batch=2, seq_len=300, num_heads=4, k_dim=64, v_dim=16,
-                                 dtype=jnp.bfloat16)
+    inputs = random_m2rnn_inputs(
+        jax.random.PRNGKey(23), batch=2, seq_len=300, num_heads=4, k_dim=64, v_dim=16, dtype=jnp.bfloat16
+    )
     args = tuple(inputs[n] for n in ("q", "k", "v", "W", "f"))
     h0 = inputs["h0"].astype(jnp.float32)
 
@@ -190,10 +223,12 @@ def test_gpu_gluon_checkpoints_match_pallas_forward():
             tokens = q.shape[0] * q.shape[1]
             pack = lambda x: x.reshape((tokens,) + x.shape[2:])
             cu = jnp.arange(3, dtype=jnp.int32) * q.shape[1]
-            static = pallas_gpu._Static(config=config, num_chunks=2 * 3, clip=None, interpret=False,
-                                        gluon_forward=config.gluon_forward)
-            _, (ckpt, _) = pallas_gpu._run_forward(pack(q), pack(k), pack(v), w, f.reshape(tokens, -1), h0, cu,
-                                                   static, save=True)
+            static = pallas_gpu._Static(
+                config=config, num_chunks=2 * 3, clip=None, interpret=False, gluon_forward=config.gluon_forward
+            )
+            _, (ckpt, _) = pallas_gpu._run_forward(
+                pack(q), pack(k), pack(v), w, f.reshape(tokens, -1), h0, cu, static, save=True
+            )
             return ckpt
 
         return np.asarray(jax.jit(fn)(*args, h0))

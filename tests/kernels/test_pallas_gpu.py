@@ -7,6 +7,7 @@ recompute levels, row splits); tests marked ``gpu`` run the compiled kernels on 
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,8 +84,17 @@ def test_dense_paper_heads_ragged_chunks_two_level_recompute():
 def test_dense_mixed_heads_no_h0_row_split_binding_clip():
     """Mixed head counts, h0 None, K split over two programs, blocks of 3 steps, clipping that binds."""
     inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(1), batch=2, seq_len=19, num_heads=4, k_dim=20, v_dim=16,
-        num_q_heads=2, num_k_heads=1, num_f_heads=2, num_w_heads=1, with_h0=False,
+        jax.random.PRNGKey(1),
+        batch=2,
+        seq_len=19,
+        num_heads=4,
+        k_dim=20,
+        v_dim=16,
+        num_q_heads=2,
+        num_k_heads=1,
+        num_f_heads=2,
+        num_w_heads=1,
+        with_h0=False,
     )
     config = KernelConfig(block_k=16, chunk_size=6, recompute_block=3)
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.02, config=config)
@@ -98,8 +108,9 @@ def test_clipping_binds_in_this_setting():
     args = {name: inputs[name] for name in NAMES}
 
     def grad_h0(clip):
-        loss = lambda a: scan_backend(**a, cu_seqlens=None, gradient_clipping=clip, state_dtype=jnp.float32,
-                                      interpret=False)[0].sum()
+        loss = lambda a: scan_backend(
+            **a, cu_seqlens=None, gradient_clipping=clip, state_dtype=jnp.float32, interpret=False
+        )[0].sum()
         return jax.jit(jax.grad(loss))(args)["h0"]
 
     assert float(jnp.abs(grad_h0(0.02) - grad_h0(None)).max()) > 1e-3
@@ -107,8 +118,16 @@ def test_clipping_binds_in_this_setting():
 
 def test_varlen_with_empty_sequence_h0_and_clip():
     inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(2), batch=0, seq_len=0, num_heads=2, k_dim=16, v_dim=12,
-        num_q_heads=1, num_v_heads=2, num_w_heads=1, cu_seqlens=[0, 5, 5, 23, 40],
+        jax.random.PRNGKey(2),
+        batch=0,
+        seq_len=0,
+        num_heads=2,
+        k_dim=16,
+        v_dim=12,
+        num_q_heads=1,
+        num_v_heads=2,
+        num_w_heads=1,
+        cu_seqlens=[0, 5, 5, 23, 40],
     )
     _check_against_scan(inputs, dtype=jnp.float32, clip=0.5, config=KernelConfig(chunk_size=8, recompute_block=4))
 
@@ -117,8 +136,15 @@ def test_varlen_with_empty_sequence_h0_and_clip():
 def test_sixteen_bit_inputs(dtype, split_dot):
     """16-bit inputs feed the tensor cores a 16-bit copy of the float32 state (or a hi + lo pair: split_dot)."""
     inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(3), batch=2, seq_len=17, num_heads=2, k_dim=16, v_dim=16, num_q_heads=1,
-        num_k_heads=1, dtype=dtype,
+        jax.random.PRNGKey(3),
+        batch=2,
+        seq_len=17,
+        num_heads=2,
+        k_dim=16,
+        v_dim=16,
+        num_q_heads=1,
+        num_k_heads=1,
+        dtype=dtype,
     )
     config = KernelConfig(chunk_size=8, recompute_block=4, split_dot=split_dot)
     _check_against_scan(inputs, dtype=dtype, config=config)
@@ -135,9 +161,7 @@ def test_bf16_state_storage():
 
 
 def test_k_above_64():
-    inputs = random_m2rnn_inputs(
-        jax.random.PRNGKey(5), batch=1, seq_len=6, num_heads=1, k_dim=72, v_dim=8
-    )
+    inputs = random_m2rnn_inputs(jax.random.PRNGKey(5), batch=1, seq_len=6, num_heads=1, k_dim=72, v_dim=8)
     _check_against_scan(inputs, dtype=jnp.float32, config=KernelConfig(chunk_size=4, recompute_block=2))
 
 
@@ -163,16 +187,24 @@ def test_auto_picks_pallas_gpu_on_nvidia(monkeypatch):
 def test_forward_checkpoints_are_the_chunk_start_states():
     """The forward kernel's checkpoint c of sequence b equals the reference state after c * chunk_size steps."""
     batch, seq_len, chunk = 2, 11, 4
-    inputs = random_m2rnn_inputs(jax.random.PRNGKey(7), batch=batch, seq_len=seq_len, num_heads=2, k_dim=16,
-                                 v_dim=16)
+    inputs = random_m2rnn_inputs(jax.random.PRNGKey(7), batch=batch, seq_len=seq_len, num_heads=2, k_dim=16, v_dim=16)
     flat = {name: inputs[name].reshape((batch * seq_len,) + inputs[name].shape[2:]) for name in ("q", "k", "v", "f")}
     cu = jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
     num_chunks = -(-seq_len // chunk)
     offsets = jnp.arange(batch + 1, dtype=jnp.int32) * num_chunks
     _, _, checkpoints = m2rnn_forward(
-        flat["q"], flat["k"], flat["v"], inputs["W"], flat["f"], inputs["h0"], cu, offsets,
-        num_chunks=batch * num_chunks, config=KernelConfig(chunk_size=chunk, recompute_block=chunk),
-        y_dtype=jnp.float32, interpret=True,
+        flat["q"],
+        flat["k"],
+        flat["v"],
+        inputs["W"],
+        flat["f"],
+        inputs["h0"],
+        cu,
+        offsets,
+        num_chunks=batch * num_chunks,
+        config=KernelConfig(chunk_size=chunk, recompute_block=chunk),
+        y_dtype=jnp.float32,
+        interpret=True,
     )
     checkpoints = checkpoints.reshape(batch, num_chunks, *checkpoints.shape[1:])
     for c in range(num_chunks):
@@ -180,8 +212,9 @@ def test_forward_checkpoints_are_the_chunk_start_states():
             expected = inputs["h0"]
         else:
             prefix = {name: inputs[name][:, : c * chunk] for name in ("q", "k", "v", "f")}
-            _, expected = m2rnn_scan_dense(**prefix, W=inputs["W"], h0=inputs["h0"], gradient_clipping=None,
-                                           state_dtype=jnp.float32)
+            _, expected = m2rnn_scan_dense(
+                **prefix, W=inputs["W"], h0=inputs["h0"], gradient_clipping=None, state_dtype=jnp.float32
+            )
         np.testing.assert_allclose(checkpoints[:, c], expected, atol=1e-5)
 
 
@@ -202,11 +235,17 @@ def test_launch_parameters():
 def test_int32_index_range_is_checked():
     batch, seq_len, heads = 64, 65536, 84
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    call = lambda q, v, w, f: m2rnn_pallas_gpu(q, q, v, w, f, None, cu_seqlens=None, gradient_clipping=None,
-                                               state_dtype=jnp.float32, interpret=True)
+    call = lambda q, v, w, f: m2rnn_pallas_gpu(
+        q, q, v, w, f, None, cu_seqlens=None, gradient_clipping=None, state_dtype=jnp.float32, interpret=True
+    )
     with pytest.raises(ValueError, match="int32"):
-        jax.eval_shape(call, spec(batch, seq_len, 1, 64), spec(batch, seq_len, heads, 16), spec(heads, 16, 16),
-                       spec(batch, seq_len, heads))
+        jax.eval_shape(
+            call,
+            spec(batch, seq_len, 1, 64),
+            spec(batch, seq_len, heads, 16),
+            spec(heads, 16, 16),
+            spec(batch, seq_len, heads),
+        )
 
 
 def test_bench_cli_knows_every_benchmark_shape():
@@ -222,8 +261,15 @@ def test_bench_cli_knows_every_benchmark_shape():
 
 def _paper_inputs(batch=8, seq_len=4096):
     return random_m2rnn_inputs(
-        jax.random.PRNGKey(11), batch=batch, seq_len=seq_len, num_heads=84, k_dim=64, v_dim=16, num_q_heads=1,
-        num_k_heads=1, dtype=jnp.float32,
+        jax.random.PRNGKey(11),
+        batch=batch,
+        seq_len=seq_len,
+        num_heads=84,
+        k_dim=64,
+        v_dim=16,
+        num_q_heads=1,
+        num_k_heads=1,
+        dtype=jnp.float32,
     )
 
 

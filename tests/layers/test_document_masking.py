@@ -19,8 +19,8 @@ from m2rnn_jax.layers.documents import document_index, document_starts
 from m2rnn_jax.layers.gru import GRU, GRUConfig
 from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config
-from m2rnn_jax.ops.ssd import ssd_chunked, ssd_recurrent
 from m2rnn_jax.layers.rnn import RNN, RNNConfig
+from m2rnn_jax.ops.ssd import ssd_chunked, ssd_recurrent
 
 HIDDEN = 6
 # row 0: documents [0, 3) [3, 7) [7, 10); row 1: [0, 8) [8, 10) (ids need not increase)
@@ -28,25 +28,69 @@ SEGMENTS = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 3,
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 MIXERS = {
-    "m2rnn": lambda rngs: M2RNN(HIDDEN, M2RNNConfig(num_heads=2, k_head_dim=4, v_head_dim=3, backend="scan"),
-                                num_layers=2, initializer_range=0.5, dtype=jnp.float64,
-                                param_dtype=jnp.float64, rngs=rngs),
-    "mamba2_chunk3": lambda rngs: Mamba2(HIDDEN, Mamba2Config(num_heads=2, intermediate_size=8, state_size=5,
-                                                              chunk_size=3), num_layers=2, initializer_range=0.5,
-                                         dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs),
-    "mamba2_chunk4_groups": lambda rngs: Mamba2(HIDDEN, Mamba2Config(num_heads=4, intermediate_size=8, state_size=3,
-                                                                     num_groups=2, chunk_size=4),
-                                                num_layers=2, initializer_range=0.5, dtype=jnp.float64,
-                                                param_dtype=jnp.float64, rngs=rngs),
-    "rnn_no_conv": lambda rngs: RNN(HIDDEN, RNNConfig(num_heads=2, head_dim=3, kernel_size=None), num_layers=2,
-                                    initializer_range=0.5, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs),
-    "gru": lambda rngs: GRU(HIDDEN, GRUConfig(num_heads=2, head_dim=3, kernel_size=3), num_layers=2,
-                            initializer_range=0.5, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs),
-    "attention": lambda rngs: Attention(HIDDEN, AttentionConfig(num_heads=2, num_kv_heads=1), num_layers=2,
-                                       initializer_range=0.5, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs),
-    "attention_rope": lambda rngs: Attention(HIDDEN, AttentionConfig(num_heads=3, position_embedding="rope"),
-                                            num_layers=2, initializer_range=0.5, dtype=jnp.float64,
-                                            param_dtype=jnp.float64, rngs=rngs),
+    "m2rnn": lambda rngs: M2RNN(
+        HIDDEN,
+        M2RNNConfig(num_heads=2, k_head_dim=4, v_head_dim=3, backend="scan"),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "mamba2_chunk3": lambda rngs: Mamba2(
+        HIDDEN,
+        Mamba2Config(num_heads=2, intermediate_size=8, state_size=5, chunk_size=3),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "mamba2_chunk4_groups": lambda rngs: Mamba2(
+        HIDDEN,
+        Mamba2Config(num_heads=4, intermediate_size=8, state_size=3, num_groups=2, chunk_size=4),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "rnn_no_conv": lambda rngs: RNN(
+        HIDDEN,
+        RNNConfig(num_heads=2, head_dim=3, kernel_size=None),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "gru": lambda rngs: GRU(
+        HIDDEN,
+        GRUConfig(num_heads=2, head_dim=3, kernel_size=3),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "attention": lambda rngs: Attention(
+        HIDDEN,
+        AttentionConfig(num_heads=2, num_kv_heads=1),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
+    "attention_rope": lambda rngs: Attention(
+        HIDDEN,
+        AttentionConfig(num_heads=3, position_embedding="rope"),
+        num_layers=2,
+        initializer_range=0.5,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+        rngs=rngs,
+    ),
 }
 
 
@@ -77,8 +121,10 @@ def _numpy_masked_conv(x, kernel, state, segments):
     """Direct loop: output t sums taps whose input is in t's document (state entries count as document 0)."""
     ks = kernel.shape[0]
     padded = np.concatenate([state, x], axis=1)
-    document = np.concatenate([np.zeros((x.shape[0], ks - 1), int), np.asarray(document_index(
-        jnp.asarray(segments), *segments.shape))], axis=1)
+    document = np.concatenate(
+        [np.zeros((x.shape[0], ks - 1), int), np.asarray(document_index(jnp.asarray(segments), *segments.shape))],
+        axis=1,
+    )
     y = np.zeros(x.shape)
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
@@ -89,8 +135,9 @@ def _numpy_masked_conv(x, kernel, state, segments):
 
 
 def test_conv_taps_stop_at_document_starts(x64):
-    conv = CausalDepthwiseConv1d(3, 4, activation=None, initializer_range=0.5, dtype=jnp.float64,
-                                 param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    conv = CausalDepthwiseConv1d(
+        3, 4, activation=None, initializer_range=0.5, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+    )
     x = jax.random.normal(jax.random.key(1), (2, 10, 3), jnp.float64)
     state = jax.random.normal(jax.random.key(2), (2, 3, 3), jnp.float64)
     y, new_state = conv(x, state, segment_ids=jnp.asarray(SEGMENTS))

@@ -28,8 +28,9 @@ def numpy_gated_deltanet(layer: GatedDeltaNet, x: np.ndarray) -> np.ndarray:
     c = layer.config
     Nv, Nk, dk, dv = c.num_heads, c.num_k_heads, c.k_head_dim, c.v_head_dim
     batch, seq_len, _ = x.shape
-    qkv = numpy_causal_conv(x @ np.asarray(layer.qkv_proj.kernel[...]), np.asarray(layer.qkv_conv1d.kernel[...]),
-                            None, None, silu=True)
+    qkv = numpy_causal_conv(
+        x @ np.asarray(layer.qkv_proj.kernel[...]), np.asarray(layer.qkv_conv1d.kernel[...]), None, None, silu=True
+    )
     ab = x @ np.asarray(layer.ab_proj.kernel[...])
     a, b, gate = ab[..., :Nv], ab[..., Nv : 2 * Nv], ab[..., 2 * Nv :].reshape(batch, seq_len, Nv, dv)
     q = qkv[..., : Nk * dk].reshape(batch, seq_len, Nk, dk)
@@ -55,14 +56,21 @@ def numpy_gated_deltanet(layer: GatedDeltaNet, x: np.ndarray) -> np.ndarray:
 
 
 def make_layer(config, *, hidden=12, dtype=jnp.float32, key=0):
-    return GatedDeltaNet(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype,
-                         rngs=nnx.Rngs(key))
+    return GatedDeltaNet(
+        hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(key)
+    )
 
 
 @pytest.mark.parametrize("num_k_heads, allow_neg_eigval", [(2, False), (1, True)])
 def test_layer_matches_numpy_float64(x64, num_k_heads, allow_neg_eigval):
-    config = GatedDeltaNetConfig(num_heads=2, num_k_heads=num_k_heads, k_head_dim=4, v_head_dim=3, chunk_size=4,
-                                 allow_neg_eigval=allow_neg_eigval)
+    config = GatedDeltaNetConfig(
+        num_heads=2,
+        num_k_heads=num_k_heads,
+        k_head_dim=4,
+        v_head_dim=3,
+        chunk_size=4,
+        allow_neg_eigval=allow_neg_eigval,
+    )
     layer = make_layer(config, dtype=jnp.float64)
     x = np.random.default_rng(0).standard_normal((2, 10, 12))  # 10 = two full chunks of 4 + a ragged one
     y, state = jitted(layer)(jnp.asarray(x))

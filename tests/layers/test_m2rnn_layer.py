@@ -21,15 +21,12 @@ import m2rnn_jax.layers.m2rnn as m2rnn_layer_module
 from m2rnn_jax.layers import M2RNN, M2RNNConfig, M2RNNState
 from tests.layers.test_conv import numpy_causal_conv
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
 
 def make_layer(config, *, hidden=12, dtype=jnp.float32, param_dtype=jnp.float32, seed=0, num_layers=2):
-    layer = M2RNN(
-        hidden, config, num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)
-    )
+    layer = M2RNN(hidden, config, num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     randomize_parameters(layer, jax.random.key(seed + 1000))
     return layer
 

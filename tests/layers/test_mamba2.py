@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ def numpy_mamba2(layer: Mamba2, x: np.ndarray) -> np.ndarray:
     batch, seq_len, _ = x.shape
     projected = x @ np.asarray(layer.in_proj.kernel[...])
     z, xBC, dt_raw = projected[..., :I], projected[..., I : I + c.conv_channels], projected[..., I + c.conv_channels :]
-    xBC = numpy_causal_conv(xBC, np.asarray(layer.conv1d.kernel[...]), np.asarray(layer.conv1d.bias[...]), None,
-                            silu=True)
+    xBC = numpy_causal_conv(
+        xBC, np.asarray(layer.conv1d.kernel[...]), np.asarray(layer.conv1d.bias[...]), None, silu=True
+    )
     xs = xBC[..., :I].reshape(batch, seq_len, H, P)
     B = xBC[..., I : I + G * N].reshape(batch, seq_len, G, N)
     C = xBC[..., I + G * N :].reshape(batch, seq_len, G, N)
@@ -42,8 +42,9 @@ def numpy_mamba2(layer: Mamba2, x: np.ndarray) -> np.ndarray:
 
 
 def make_layer(config, *, hidden=12, dtype=jnp.float32, key=0):
-    layer = Mamba2(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype,
-                   rngs=nnx.Rngs(key))
+    layer = Mamba2(
+        hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(key)
+    )
     layer.conv1d.bias[...] = jnp.asarray(np.random.default_rng(key).normal(0.0, 0.3, layer.conv1d.bias.shape), dtype)
     layer.D[...] = jnp.asarray(np.random.default_rng(key + 1).uniform(0.5, 1.5, layer.D.shape), dtype)
     return layer

@@ -35,14 +35,14 @@ def numpy_moe(module: MoE, x: np.ndarray) -> np.ndarray:
         for weight, e in zip(weights, chosen):
             out[t] += weight * numpy_swiglu(token, c_fc[e], c_proj[e])
         if module.c_fc_shared is not None:
-            out[t] += numpy_swiglu(token, np.asarray(module.c_fc_shared.kernel[...]),
-                                   np.asarray(module.c_proj_shared.kernel[...]))
+            out[t] += numpy_swiglu(
+                token, np.asarray(module.c_fc_shared.kernel[...]), np.asarray(module.c_proj_shared.kernel[...])
+            )
     return out
 
 
 def make(cls, config, *, hidden=8, dtype=jnp.float32, key=0):
-    return cls(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype,
-               rngs=nnx.Rngs(key))
+    return cls(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(key))
 
 
 def test_mlp_matches_numpy_float64(x64):
@@ -95,8 +95,9 @@ def test_shared_expert_is_always_applied():
     module.c_proj.kernel[...] = jnp.zeros_like(module.c_proj.kernel[...])  # silence every routed expert
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 8)), jnp.float32)
     y, _ = jax.jit(lambda x: module(x))(x)
-    shared = numpy_swiglu(np.asarray(x), np.asarray(module.c_fc_shared.kernel[...]),
-                          np.asarray(module.c_proj_shared.kernel[...]))
+    shared = numpy_swiglu(
+        np.asarray(x), np.asarray(module.c_fc_shared.kernel[...]), np.asarray(module.c_proj_shared.kernel[...])
+    )
     np.testing.assert_allclose(y, shared, rtol=1e-5, atol=1e-6)
     assert np.abs(shared).min() > 0
 

@@ -44,18 +44,19 @@ def numpy_vector_rnn(layer, x: np.ndarray, gru: bool) -> np.ndarray:
                 else:
                     h = np.tanh(h @ weights[0][n] + xs[b, t, n])
                 hs[b, t, n] = h
-    y = numpy_rms_norm(hs.reshape(batch, seq_len, N * d) * numpy_silu(blocks[-1]), np.asarray(layer.norm.scale[...]),
-                       c.norm_eps)
+    y = numpy_rms_norm(
+        hs.reshape(batch, seq_len, N * d) * numpy_silu(blocks[-1]), np.asarray(layer.norm.scale[...]), c.norm_eps
+    )
     return y @ np.asarray(layer.output_projection.kernel[...])
 
 
 def make_layer(cls, config, *, hidden=10, dtype=jnp.float32, key=0):
-    return cls(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype,
-               rngs=nnx.Rngs(key))
+    return cls(hidden, config, num_layers=2, initializer_range=0.4, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(key))
 
 
-@pytest.mark.parametrize("cls, config_cls, kernel_size", [(RNN, RNNConfig, 4), (RNN, RNNConfig, None),
-                                                          (GRU, GRUConfig, 3)])
+@pytest.mark.parametrize(
+    "cls, config_cls, kernel_size", [(RNN, RNNConfig, 4), (RNN, RNNConfig, None), (GRU, GRUConfig, 3)]
+)
 def test_layer_matches_numpy_float64(x64, cls, config_cls, kernel_size):
     config = config_cls(num_heads=3, head_dim=4, kernel_size=kernel_size)  # no conv: SiLU applied directly
     layer = make_layer(cls, config, dtype=jnp.float64)

@@ -59,7 +59,6 @@ def main() -> None:
         hlo = fn.lower(sharded_hidden, kernel).compile().as_text()
         print(f"groups{groups}_collectives_in_loops {collectives_in_loops(hlo)}")
 
-
     print(f"batch_shards_no_mesh {_batch_shards()}")
     for axes in ({"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}):
         with jax.set_mesh(build_mesh(axes, devices=jax.devices()[:DEVICES])):

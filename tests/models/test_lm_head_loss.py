@@ -41,8 +41,9 @@ def plain_mean_loss(hidden, kernel, targets, weights):
 
 
 def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1):
-    out = lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype,
-                                groups=groups)
+    out = lm_head_cross_entropy(
+        hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype, groups=groups
+    )
     return out.nll_sum / jnp.maximum(out.weight_sum, 1)
 
 
@@ -78,8 +79,15 @@ def test_ties_predict_the_first_maximal_index():
     ties = jnp.sum(logits == jnp.max(logits, axis=-1, keepdims=True), axis=-1) > 1
     assert int(jnp.sum(ties)) >= 5
     later_tie = jnp.where(ties, (best + 1) % 30, best)
-    assert int(jnp.sum((later_tie != best) & (jnp.take_along_axis(logits, later_tie[:, None], -1)[:, 0]
-                                              == jnp.max(logits, axis=-1)))) >= 5  # maximal but not first
+    assert (
+        int(
+            jnp.sum(
+                (later_tie != best)
+                & (jnp.take_along_axis(logits, later_tie[:, None], -1)[:, 0] == jnp.max(logits, axis=-1))
+            )
+        )
+        >= 5
+    )  # maximal but not first
     for targets in (best, later_tie):
         out = jax.jit(lambda t: lm_head_cross_entropy(hidden, kernel, t, chunk_size=7))(targets)
         np.testing.assert_array_equal(out.correct, (best == targets).astype(jnp.float32))
@@ -144,6 +152,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 def test_value_without_gradient_equals_value_of_the_forward_rule():
     args = head_inputs(6, 21, 8, 30, jnp.float32)
+
     def loss_and_outputs(hidden):
         out = lm_head_cross_entropy(hidden, *args[1:], chunk_size=4)
         return out.nll_sum, out
@@ -196,8 +205,13 @@ def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop(
     kernel gradient out of the loop (with one group it is inside, once per chunk); the train step's group count is
     the number of batch shards of the ambient mesh."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-m", "tests.models.lm_head_loss_sharded"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.models.lm_head_loss_sharded"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     facts = dict(line.split() for line in result.stdout.splitlines())
     for groups in (1, 8):

@@ -21,7 +21,7 @@ PAPER_7B = [f"{variant}-7b" for variant in PAPER_VARIANTS] + ["hybrid-gdn-m2rnn-
 DEFAULT_7B = ["hybrid-m2rnn-7b", "hybrid-gdn-m2rnn-5l-7b", "hybrid-mamba2-m2rnn-5l-7b"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def summary(name: str) -> dict:
     return model_summary(get_preset(name))
 
@@ -69,9 +69,12 @@ def test_gru_has_the_larger_mixer_of_spec():
 
 
 def test_mixer_parameters_are_matched_at_400m():
-    counts = {**summary("hybrid-m2rnn-400m")["params_per_mixer_layer"], **summary("hybrid-gdn-400m")[
-        "params_per_mixer_layer"], **summary("hybrid-mamba2-400m")["params_per_mixer_layer"],
-        **summary("rnn-400m")["params_per_mixer_layer"]}
+    counts = {
+        **summary("hybrid-m2rnn-400m")["params_per_mixer_layer"],
+        **summary("hybrid-gdn-400m")["params_per_mixer_layer"],
+        **summary("hybrid-mamba2-400m")["params_per_mixer_layer"],
+        **summary("rnn-400m")["params_per_mixer_layer"],
+    }
     expected = {"m2rnn": 4.376e6, "gated_deltanet": 4.21e6, "mamba2": 4.25e6, "attention": 4.19e6, "rnn": 4.21e6}
     for mixer, value in expected.items():
         assert counts[mixer] == pytest.approx(value, rel=0.01), (mixer, counts[mixer])

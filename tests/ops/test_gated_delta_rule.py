@@ -52,10 +52,12 @@ def inputs64(seed, reset_rate=0.2, **dims):
 def test_reference_backends_match_numpy_float64(x64, backend, chunk_size, reset_rate, with_h0):
     x = inputs64(chunk_size, reset_rate)
     h0 = x["h0"] if with_h0 else None
-    o, final = gated_delta_rule(*(x[n] for n in ARGS[:5]), h0, reset=x["reset"], chunk_size=chunk_size,
-                                backend=backend)
-    o_np, final_np = numpy_gated_delta_rule(*(x[n] for n in ARGS[:5]), x["h0"] if with_h0 else np.zeros_like(
-        x["h0"]), None if x["reset"] is None else np.asarray(x["reset"]))
+    o, final = gated_delta_rule(*(x[n] for n in ARGS[:5]), h0, reset=x["reset"], chunk_size=chunk_size, backend=backend)
+    o_np, final_np = numpy_gated_delta_rule(
+        *(x[n] for n in ARGS[:5]),
+        x["h0"] if with_h0 else np.zeros_like(x["h0"]),
+        None if x["reset"] is None else np.asarray(x["reset"]),
+    )
     assert o.dtype == jnp.float64 and final.dtype == jnp.float64
     np.testing.assert_allclose(o, o_np, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(final, final_np, rtol=1e-10, atol=1e-12)
@@ -74,8 +76,10 @@ def test_chunked_gradients_match_recurrent_float64(x64, chunk_size):
     x = inputs64(10 + chunk_size, reset_rate=0.25)
     args = tuple(x[n] for n in ARGS)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 13, 3, 4)))
-    grads = [jax.jit(jax.grad(_loss(b, x["reset"], chunk_size, weights), argnums=tuple(range(6))))(*args)
-             for b in ("recurrent", "chunked")]
+    grads = [
+        jax.jit(jax.grad(_loss(b, x["reset"], chunk_size, weights), argnums=tuple(range(6))))(*args)
+        for b in ("recurrent", "chunked")
+    ]
     for name, g_rec, g_chk in zip(ARGS, *grads):
         np.testing.assert_allclose(g_chk, g_rec, rtol=1e-9, atol=1e-10, err_msg=name)
 
@@ -124,8 +128,7 @@ def test_pallas_gpu_interpret_bf16_inputs_close_to_float32():
     x = random_gdn_inputs(5, 1, 24, 2, 16, 16, dtype=jnp.bfloat16, reset_rate=0.1)
     args = tuple(x[n] for n in ARGS)
     o, final = gated_delta_rule(*args, reset=x["reset"], chunk_size=16, backend="pallas_gpu", interpret=True)
-    o_ref, final_ref = gated_delta_rule(*(a.astype(jnp.float32) for a in args), reset=x["reset"],
-                                        backend="recurrent")
+    o_ref, final_ref = gated_delta_rule(*(a.astype(jnp.float32) for a in args), reset=x["reset"], backend="recurrent")
     assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
     assert relative_error(o, o_ref) < 2e-2 and relative_error(final, final_ref) < 2e-2
 
@@ -177,6 +180,7 @@ def test_doubling_inverse_gradient_matches_triangular_solve_autodiff():
     rng = np.random.default_rng(4)
     A = jnp.tril(jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32), -1) * 0.5
     weights = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+
     def gradient(inverse):
         return jax.grad(lambda a: jnp.sum(inverse(a) * weights))(A)
 
@@ -208,8 +212,14 @@ print("ok")
 
 def test_pallas_gpu_runs_per_shard_under_a_mesh():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    done = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 

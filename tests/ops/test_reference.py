@@ -47,8 +47,11 @@ def check_against_numpy(inputs, clip=None, tol=1e-10):
     cot = random_cotangents(jax.random.key(99), inputs)
     y, h, grads = scan_value_and_grads(inputs, cot, clip=clip)
     ref_y, ref_h, ref_grads = m2rnn_numpy(
-        *(inputs.get(n) for n in ARGS), cu_seqlens=inputs.get("cu_seqlens"),
-        dy=np.asarray(cot[0]), dh_final=np.asarray(cot[1]), clip=clip,
+        *(inputs.get(n) for n in ARGS),
+        cu_seqlens=inputs.get("cu_seqlens"),
+        dy=np.asarray(cot[0]),
+        dh_final=np.asarray(cot[1]),
+        clip=clip,
     )
     assert relative_error(y, ref_y) < tol
     assert relative_error(h, ref_h) < tol
@@ -71,8 +74,19 @@ HEAD_PATTERNS = [
 def test_float64_matches_numpy_forward_and_gradients(x64, heads, with_h0):
     n, nq, nk, nv, nf, nw = heads
     inputs = random_m2rnn_inputs(
-        jax.random.key(1), batch=2, seq_len=9, num_heads=n, k_dim=5, v_dim=3, num_q_heads=nq,
-        num_k_heads=nk, num_v_heads=nv, num_f_heads=nf, num_w_heads=nw, dtype=jnp.float64, with_h0=with_h0,
+        jax.random.key(1),
+        batch=2,
+        seq_len=9,
+        num_heads=n,
+        k_dim=5,
+        v_dim=3,
+        num_q_heads=nq,
+        num_k_heads=nk,
+        num_v_heads=nv,
+        num_f_heads=nf,
+        num_w_heads=nw,
+        dtype=jnp.float64,
+        with_h0=with_h0,
     )
     check_against_numpy(inputs)
 
@@ -80,8 +94,15 @@ def test_float64_matches_numpy_forward_and_gradients(x64, heads, with_h0):
 def test_paper_head_pattern_float64(x64):
     """Nq = Nk = 1 shared over N = 84 heads with the paper's K = 64, V = 16."""
     inputs = random_m2rnn_inputs(
-        jax.random.key(2), batch=1, seq_len=4, num_heads=84, k_dim=64, v_dim=16, num_q_heads=1,
-        num_k_heads=1, dtype=jnp.float64,
+        jax.random.key(2),
+        batch=1,
+        seq_len=4,
+        num_heads=84,
+        k_dim=64,
+        v_dim=16,
+        num_q_heads=1,
+        num_k_heads=1,
+        dtype=jnp.float64,
     )
     check_against_numpy(inputs)
 
@@ -104,8 +125,15 @@ def test_float32_matches_float64_truth():
 def test_bfloat16_inputs_error_is_bounded():
     """bf16 inputs, float32 state: the error vs the float64 truth on the same (rounded) inputs stays small."""
     inputs = random_m2rnn_inputs(
-        jax.random.key(5), batch=2, seq_len=64, num_heads=4, k_dim=16, v_dim=8, num_q_heads=1,
-        num_k_heads=1, dtype=jnp.bfloat16,
+        jax.random.key(5),
+        batch=2,
+        seq_len=64,
+        num_heads=4,
+        k_dim=16,
+        v_dim=8,
+        num_q_heads=1,
+        num_k_heads=1,
+        dtype=jnp.bfloat16,
     )
     y, h = m2rnn(**inputs, backend="scan")
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.bfloat16
@@ -140,8 +168,9 @@ def test_h0_none_equals_zero_state():
 
 def test_prefix_then_continuation_equals_full_run():
     """Running S1 steps, then S2 steps from the returned state, equals one run of S1 + S2 steps."""
-    inputs = random_m2rnn_inputs(jax.random.key(8), batch=2, seq_len=12, num_heads=4, k_dim=4, v_dim=3,
-                                 num_q_heads=1, num_k_heads=2)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(8), batch=2, seq_len=12, num_heads=4, k_dim=4, v_dim=3, num_q_heads=1, num_k_heads=2
+    )
     y, h = m2rnn(**inputs)
     first = {n: (x[:, :5] if n in ("q", "k", "v", "f") else x) for n, x in inputs.items()}
     rest = {n: (x[:, 5:] if n in ("q", "k", "v", "f") else x) for n, x in inputs.items()}
@@ -152,8 +181,7 @@ def test_prefix_then_continuation_equals_full_run():
 
 
 def test_jit_and_state_in_range_from_zero():
-    inputs = random_m2rnn_inputs(jax.random.key(9), batch=2, seq_len=40, num_heads=2, k_dim=4, v_dim=4,
-                                 with_h0=False)
+    inputs = random_m2rnn_inputs(jax.random.key(9), batch=2, seq_len=40, num_heads=2, k_dim=4, v_dim=4, with_h0=False)
     y, h = jax.jit(lambda a: m2rnn(**a))(inputs)
     assert jnp.all(jnp.abs(h) <= 1.0)  # convex blend of tanh values from H0 = 0 (SPEC §2.1)
     assert jnp.all(jnp.isfinite(y))
@@ -176,9 +204,18 @@ def test_property_shapes_and_heads_match_numpy(batch, seq_len, n_factor, k_dim, 
         n = base * group
         counts = [base if small else n for small in pattern]
         inputs = random_m2rnn_inputs(
-            jax.random.key(seed), batch=batch, seq_len=seq_len, num_heads=n, k_dim=k_dim, v_dim=v_dim,
-            num_q_heads=counts[0], num_k_heads=counts[1], num_v_heads=counts[2], num_f_heads=counts[3],
-            num_w_heads=counts[4], dtype=jnp.float64,
+            jax.random.key(seed),
+            batch=batch,
+            seq_len=seq_len,
+            num_heads=n,
+            k_dim=k_dim,
+            v_dim=v_dim,
+            num_q_heads=counts[0],
+            num_k_heads=counts[1],
+            num_v_heads=counts[2],
+            num_f_heads=counts[3],
+            num_w_heads=counts[4],
+            dtype=jnp.float64,
         )
         if max(counts) < n:  # N is defined as the largest count
             inputs["v"] = jnp.repeat(inputs["v"], n // counts[2], axis=2)

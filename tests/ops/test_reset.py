@@ -32,8 +32,16 @@ def _documents(b: int) -> list[tuple[int, int]]:
 def test_reset_equals_separate_documents(x64, clip):
     """y, h_final and the gradients of every input equal separate runs of each document (float64, 1e-12)."""
     inputs = random_m2rnn_inputs(
-        jax.random.key(20), batch=2, seq_len=SEQ_LEN, num_heads=4, k_dim=3, v_dim=2, num_q_heads=1,
-        num_k_heads=2, num_w_heads=2, dtype=jnp.float64,
+        jax.random.key(20),
+        batch=2,
+        seq_len=SEQ_LEN,
+        num_heads=4,
+        k_dim=3,
+        v_dim=2,
+        num_q_heads=1,
+        num_k_heads=2,
+        num_w_heads=2,
+        dtype=jnp.float64,
     )
     cot = random_cotangents(jax.random.key(21), inputs)
     y, h, grads = scan_value_and_grads(inputs, cot, clip=clip, reset=_reset_mask())
@@ -46,8 +54,7 @@ def test_reset_equals_separate_documents(x64, clip):
             continues_h0 = s == 0 and 0 not in STARTS[b]
             h0 = inputs["h0"][b : b + 1] if continues_h0 else jnp.zeros_like(inputs["h0"][b : b + 1])
             dh = cot[1][b : b + 1] if last else jnp.zeros_like(cot[1][b : b + 1])
-            yd, hd, gd = scan_value_and_grads(dict(doc, W=inputs["W"], h0=h0), (cot[0][b : b + 1, s:e], dh),
-                                              clip=clip)
+            yd, hd, gd = scan_value_and_grads(dict(doc, W=inputs["W"], h0=h0), (cot[0][b : b + 1, s:e], dh), clip=clip)
             np.testing.assert_allclose(y[b, s:e], yd[0], rtol=1e-12, atol=1e-12)
             for name in ("q", "k", "v", "f"):
                 np.testing.assert_allclose(grads[name][b, s:e], gd[name][0], rtol=1e-12, atol=1e-12)
@@ -101,7 +108,8 @@ def test_reset_validation():
         m2rnn(**inputs, reset=jnp.zeros((2, 8), bool))
     with pytest.raises(ValueError, match="reset: expected a bool array, got dtype int32"):
         m2rnn(**inputs, reset=jnp.zeros((2, SEQ_LEN), jnp.int32))
-    packed = random_m2rnn_inputs(jax.random.key(27), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2,
-                                 cu_seqlens=[0, 3, 5])
+    packed = random_m2rnn_inputs(
+        jax.random.key(27), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2, cu_seqlens=[0, 3, 5]
+    )
     with pytest.raises(ValueError, match="reset: expected None with cu_seqlens"):
         m2rnn(**packed, reset=jnp.zeros((2, 5), bool))

@@ -73,17 +73,19 @@ def test_output_dtypes():
 def _bad(argument: str):
     x, dt, log_decay, B, C, h0 = make_inputs(4, dtype=jnp.float32, S=3)
     kwargs = dict(x=x, dt=dt, log_decay=log_decay, B=B, C=C, h0=h0, reset=None, chunk_size=4, backend="auto")
-    kwargs.update({
-        "x": dict(x=x[0]),
-        "dt": dict(dt=dt[:, :2]),
-        "log_decay": dict(log_decay=log_decay.astype(jnp.int32)),
-        "B": dict(B=B[:, :, :1].repeat(3, axis=2)),
-        "C": dict(C=C[..., :4]),
-        "h0": dict(h0=h0[:, :, :2]),
-        "reset": dict(reset=jnp.zeros((2, 3), jnp.int32)),
-        "chunk_size": dict(chunk_size=0),
-        "backend": dict(backend="pallas_gpu"),
-    }[argument])
+    kwargs.update(
+        {
+            "x": dict(x=x[0]),
+            "dt": dict(dt=dt[:, :2]),
+            "log_decay": dict(log_decay=log_decay.astype(jnp.int32)),
+            "B": dict(B=B[:, :, :1].repeat(3, axis=2)),
+            "C": dict(C=C[..., :4]),
+            "h0": dict(h0=h0[:, :, :2]),
+            "reset": dict(reset=jnp.zeros((2, 3), jnp.int32)),
+            "chunk_size": dict(chunk_size=0),
+            "backend": dict(backend="pallas_gpu"),
+        }[argument]
+    )
     return kwargs
 
 

@@ -14,14 +14,16 @@ from m2rnn_jax.testing import random_m2rnn_inputs
 
 @pytest.fixture(scope="module")
 def dense():
-    return random_m2rnn_inputs(jax.random.key(0), batch=2, seq_len=3, num_heads=4, k_dim=5, v_dim=3,
-                               num_q_heads=1, num_k_heads=2)
+    return random_m2rnn_inputs(
+        jax.random.key(0), batch=2, seq_len=3, num_heads=4, k_dim=5, v_dim=3, num_q_heads=1, num_k_heads=2
+    )
 
 
 @pytest.fixture(scope="module")
 def packed():
-    return random_m2rnn_inputs(jax.random.key(1), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2,
-                               cu_seqlens=[0, 2, 5])
+    return random_m2rnn_inputs(
+        jax.random.key(1), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2, cu_seqlens=[0, 2, 5]
+    )
 
 
 def _raises(inputs, message, **kwargs):
@@ -30,61 +32,77 @@ def _raises(inputs, message, **kwargs):
 
 
 def test_wrong_rank(dense):
-    _raises(dense, re.escape("q: expected rank 4 with shape (B, S, Nq, K), got shape (2, 3, 5)"),
-            q=dense["q"][:, :, 0])
-    _raises(dense, re.escape("f: expected rank 3 with shape (B, S, Nf), got shape (2, 3, 4, 1)"),
-            f=dense["f"][..., None])
+    _raises(dense, re.escape("q: expected rank 4 with shape (B, S, Nq, K), got shape (2, 3, 5)"), q=dense["q"][:, :, 0])
+    _raises(
+        dense, re.escape("f: expected rank 3 with shape (B, S, Nf), got shape (2, 3, 4, 1)"), f=dense["f"][..., None]
+    )
     _raises(dense, re.escape("W: expected rank 3 with shape (Nw, V, V), got shape (3, 3)"), W=dense["W"][0])
 
 
 def test_mismatched_batch_or_length(dense):
-    _raises(dense, re.escape("k: expected leading dims (B, S) = (2, 3) as in q, got shape (2, 2, 2, 5)"),
-            k=dense["k"][:, :2])
-    _raises(dense, re.escape("v: expected leading dims (B, S) = (2, 3) as in q, got shape (1, 3, 4, 3)"),
-            v=dense["v"][:1])
+    _raises(
+        dense,
+        re.escape("k: expected leading dims (B, S) = (2, 3) as in q, got shape (2, 2, 2, 5)"),
+        k=dense["k"][:, :2],
+    )
+    _raises(
+        dense, re.escape("v: expected leading dims (B, S) = (2, 3) as in q, got shape (1, 3, 4, 3)"), v=dense["v"][:1]
+    )
 
 
 def test_mismatched_k_and_v(dense):
-    _raises(dense, re.escape("k: expected shape (B, S, Nk, K) with K (as in q) = 5, got shape (2, 3, 2, 4)"),
-            k=dense["k"][..., :4])
-    _raises(dense, re.escape("W: expected shape (Nw, V, V) with V (as in v) = 3, got shape (4, 2, 3)"),
-            W=dense["W"][:, :2])
+    _raises(
+        dense,
+        re.escape("k: expected shape (B, S, Nk, K) with K (as in q) = 5, got shape (2, 3, 2, 4)"),
+        k=dense["k"][..., :4],
+    )
+    _raises(
+        dense, re.escape("W: expected shape (Nw, V, V) with V (as in v) = 3, got shape (4, 2, 3)"), W=dense["W"][:, :2]
+    )
 
 
 def test_head_counts_must_divide(dense):
-    _raises(dense, "head counts: each of Nq, Nk, Nv, Nf, Nw must divide N = max\\(...\\) = 4; .*k: 3.*k do not",
-            k=jnp.concatenate([dense["k"], dense["k"][:, :, :1]], axis=2))
+    _raises(
+        dense,
+        "head counts: each of Nq, Nk, Nv, Nf, Nw must divide N = max\\(...\\) = 4; .*k: 3.*k do not",
+        k=jnp.concatenate([dense["k"], dense["k"][:, :, :1]], axis=2),
+    )
 
 
 def test_h0_shape(dense):
-    _raises(dense, re.escape("h0: expected shape (B, N, K, V) = (2, 4, 5, 3), got (2, 1, 5, 3)"),
-            h0=dense["h0"][:, :1])
+    _raises(dense, re.escape("h0: expected shape (B, N, K, V) = (2, 4, 5, 3), got (2, 1, 5, 3)"), h0=dense["h0"][:, :1])
 
 
 def test_non_float_dtypes(dense):
     _raises(dense, "q: expected a floating-point array, got dtype int32", q=dense["q"].astype(jnp.int32))
     _raises(dense, "f: expected a floating-point array, got dtype int32", f=dense["f"].astype(jnp.int32))
-    _raises(dense, "q, k, v: expected one dtype, got q bfloat16, k float32, v float32",
-            q=dense["q"].astype(jnp.bfloat16))
+    _raises(
+        dense, "q, k, v: expected one dtype, got q bfloat16, k float32, v float32", q=dense["q"].astype(jnp.bfloat16)
+    )
     _raises(dense, "state_dtype: expected a floating-point dtype, got int32", state_dtype=jnp.int32)
 
 
 def test_bad_cu_seqlens(packed):
-    _raises(packed, re.escape("cu_seqlens: expected non-decreasing offsets starting at 0 and ending at the "
-                              "number of packed tokens T = 5, got [0, 4, 2]"), cu_seqlens=jnp.array([0, 4, 2]))
-    _raises(packed, "ending at the number of packed tokens T = 5, got \\[0, 2, 6\\]",
-            cu_seqlens=jnp.array([0, 2, 6]))
-    _raises(packed, re.escape("cu_seqlens: expected shape (B+1,) with B >= 1, got shape (1,)"),
-            cu_seqlens=jnp.array([0]))
-    _raises(packed, "cu_seqlens: expected an integer array, got dtype float32",
-            cu_seqlens=jnp.array([0.0, 2.0, 5.0]))
-    _raises(packed, re.escape("q: expected rank 3 with shape (T, Nq, K), got shape (1, 5, 2, 2)"),
-            q=packed["q"][None])
+    _raises(
+        packed,
+        re.escape(
+            "cu_seqlens: expected non-decreasing offsets starting at 0 and ending at the "
+            "number of packed tokens T = 5, got [0, 4, 2]"
+        ),
+        cu_seqlens=jnp.array([0, 4, 2]),
+    )
+    _raises(packed, "ending at the number of packed tokens T = 5, got \\[0, 2, 6\\]", cu_seqlens=jnp.array([0, 2, 6]))
+    _raises(
+        packed, re.escape("cu_seqlens: expected shape (B+1,) with B >= 1, got shape (1,)"), cu_seqlens=jnp.array([0])
+    )
+    _raises(packed, "cu_seqlens: expected an integer array, got dtype float32", cu_seqlens=jnp.array([0.0, 2.0, 5.0]))
+    _raises(packed, re.escape("q: expected rank 3 with shape (T, Nq, K), got shape (1, 5, 2, 2)"), q=packed["q"][None])
 
 
 def test_bad_options(dense):
-    _raises(dense, "backend: expected one of \\['auto', 'scan', 'pallas_gpu', 'pallas_tpu'\\], got 'cuda'",
-            backend="cuda")
+    _raises(
+        dense, "backend: expected one of \\['auto', 'scan', 'pallas_gpu', 'pallas_tpu'\\], got 'cuda'", backend="cuda"
+    )
     _raises(dense, "interpret: True needs a Pallas backend", interpret=True, backend="scan")
     _raises(dense, "gradient_clipping: expected None or a finite float, got str '1'", gradient_clipping="1")
     _raises(dense, "gradient_clipping: expected None or a finite float, got inf", gradient_clipping=float("inf"))

@@ -14,9 +14,9 @@ from flax import nnx
 
 from m2rnn_jax import m2rnn
 from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
-from m2rnn_jax.testing import random_m2rnn_inputs
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.presets import tiny_config
+from m2rnn_jax.testing import random_m2rnn_inputs
 from m2rnn_jax.train.batch_checks import check_batch
 from m2rnn_jax.train.state import model_graphdef
 from m2rnn_jax.train.step import make_eval_step
@@ -32,8 +32,9 @@ def dense():
 
 @pytest.fixture(scope="module")
 def packed():
-    return random_m2rnn_inputs(jax.random.key(1), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2,
-                               cu_seqlens=[0, 2, 3, 5])
+    return random_m2rnn_inputs(
+        jax.random.key(1), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2, cu_seqlens=[0, 2, 3, 5]
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -81,11 +82,14 @@ def test_the_first_bad_element_is_named(dense):
         jax.block_until_ready(checked(**{**dense, "f": f}))
 
 
-@pytest.mark.parametrize("offsets, message", [
-    ([0, 3, 2, 5], "cu_seqlens: expected non-decreasing offsets, got 2 at index (2,)"),
-    ([1, 2, 3, 5], "cu_seqlens: expected 0 first, got 1 at index (0,)"),
-    ([0, 2, 3, 4], "cu_seqlens: expected the number of packed tokens T = 5 last, got 4 at index (3,)"),
-])
+@pytest.mark.parametrize(
+    "offsets, message",
+    [
+        ([0, 3, 2, 5], "cu_seqlens: expected non-decreasing offsets, got 2 at index (2,)"),
+        ([1, 2, 3, 5], "cu_seqlens: expected 0 first, got 1 at index (0,)"),
+        ([0, 2, 3, 4], "cu_seqlens: expected the number of packed tokens T = 5 last, got 4 at index (3,)"),
+    ],
+)
 def test_bad_cu_seqlens_raises_under_jit(packed, offsets, message):
     with _raises_under_jit(message):
         jax.block_until_ready(checked(**{**packed, "cu_seqlens": jnp.asarray(offsets, jnp.int32)}))
@@ -178,22 +182,25 @@ def test_batch_check_names_an_out_of_vocabulary_token():
         check_batch(batch, 16, check_values=True)
     check_batch(batch, 16)  # off by default
     with _raises_under_jit("targets: expected token ids in [0, 16), got -1 at index (0, 4)"):
-        jax.jit(lambda b: check_batch(b, 16, check_values=True))({**batch, "inputs": inputs,
-                                                                    "targets": inputs.at[0, 4].set(-1)})
+        jax.jit(lambda b: check_batch(b, 16, check_values=True))(
+            {**batch, "inputs": inputs, "targets": inputs.at[0, 4].set(-1)}
+        )
 
 
 def test_batch_check_names_malformed_segment_ids():
     tokens = jnp.zeros((2, 5), jnp.int32)
     segments = jnp.asarray([[0, 0, 1, 1, 2], [0, 1, 1, 0, 0]], jnp.int32)
-    with pytest.raises(ValueError, match=re.escape(
-        "segment_ids: expected document ids non-decreasing along each row, got 0 at index (1, 3)"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("segment_ids: expected document ids non-decreasing along each row, got 0 at index (1, 3)"),
+    ):
         check_batch({"inputs": tokens, "targets": tokens, "segment_ids": segments}, 16, check_values=True)
-    with pytest.raises(ValueError, match=re.escape(
-        "segment_ids: expected non-negative document ids, got -1 at index (0, 0)"
-    )):
-        check_batch({"inputs": tokens, "targets": tokens, "segment_ids": segments.at[0, 0].set(-1)}, 16,
-                    check_values=True)
+    with pytest.raises(
+        ValueError, match=re.escape("segment_ids: expected non-negative document ids, got -1 at index (0, 0)")
+    ):
+        check_batch(
+            {"inputs": tokens, "targets": tokens, "segment_ids": segments.at[0, 0].set(-1)}, 16, check_values=True
+        )
 
 
 def test_steps_check_their_batch_when_the_variable_is_set(monkeypatch):

@@ -18,8 +18,16 @@ OFFSETS = [0, 5, 5, 12, 13, 20]  # includes an empty sequence and a one-token se
 
 def test_varlen_matches_numpy_with_clipping(x64):
     inputs = random_m2rnn_inputs(
-        jax.random.key(10), batch=0, seq_len=0, num_heads=4, k_dim=3, v_dim=2, num_q_heads=1, num_k_heads=2,
-        dtype=jnp.float64, cu_seqlens=OFFSETS,
+        jax.random.key(10),
+        batch=0,
+        seq_len=0,
+        num_heads=4,
+        k_dim=3,
+        v_dim=2,
+        num_q_heads=1,
+        num_k_heads=2,
+        dtype=jnp.float64,
+        cu_seqlens=OFFSETS,
     )
     check_against_numpy(inputs)
     check_against_numpy(inputs, clip=0.3)
@@ -28,8 +36,15 @@ def test_varlen_matches_numpy_with_clipping(x64):
 def test_varlen_equals_separate_dense_runs(x64):
     """Each packed sequence, run alone as a dense batch of one, gives the same y, final state and gradients."""
     inputs = random_m2rnn_inputs(
-        jax.random.key(11), batch=0, seq_len=0, num_heads=2, k_dim=4, v_dim=3, num_q_heads=1,
-        dtype=jnp.float64, cu_seqlens=OFFSETS,
+        jax.random.key(11),
+        batch=0,
+        seq_len=0,
+        num_heads=2,
+        k_dim=4,
+        v_dim=3,
+        num_q_heads=1,
+        dtype=jnp.float64,
+        cu_seqlens=OFFSETS,
     )
     cot = random_cotangents(jax.random.key(12), inputs)
     y, h, grads = scan_value_and_grads(inputs, cot, clip=0.5)
@@ -50,8 +65,9 @@ def test_varlen_equals_separate_dense_runs(x64):
 
 
 def test_varlen_under_jit_with_traced_offsets():
-    inputs = random_m2rnn_inputs(jax.random.key(13), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2,
-                                 cu_seqlens=[0, 3, 8])
+    inputs = random_m2rnn_inputs(
+        jax.random.key(13), batch=0, seq_len=0, num_heads=2, k_dim=2, v_dim=2, cu_seqlens=[0, 3, 8]
+    )
     eager = m2rnn(**inputs)
     jitted = jax.jit(lambda a: m2rnn(**a))(inputs)
     for a, b in zip(eager, jitted):
@@ -112,8 +128,17 @@ def test_hand_derived_scalar_gradients(x64, clip):
 
 
 def test_clipping_binds_and_changes_only_gradients(x64):
-    inputs = random_m2rnn_inputs(jax.random.key(14), batch=2, seq_len=16, num_heads=3, k_dim=4, v_dim=3,
-                                 num_q_heads=1, num_k_heads=1, dtype=jnp.float64)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(14),
+        batch=2,
+        seq_len=16,
+        num_heads=3,
+        k_dim=4,
+        v_dim=3,
+        num_q_heads=1,
+        num_k_heads=1,
+        dtype=jnp.float64,
+    )
     cot = random_cotangents(jax.random.key(15), inputs)
     cot = (10.0 * cot[0], 10.0 * cot[1])  # large cotangents so the clamp at 0.05 binds
     y0, h0, g0 = scan_value_and_grads(inputs, cot)
@@ -123,20 +148,29 @@ def test_clipping_binds_and_changes_only_gradients(x64):
     np.testing.assert_array_equal(g0["q"], g1["q"])  # dq_t = H_t dy_t does not see the state cotangent
     for name in ("k", "v", "W", "f", "h0"):
         assert not np.allclose(g0[name], g1[name]), name
-    ref = m2rnn_numpy(*(inputs[n] for n in ("q", "k", "v", "W", "f", "h0")), dy=np.asarray(cot[0]),
-                      dh_final=np.asarray(cot[1]), clip=0.05)[2]
+    ref = m2rnn_numpy(
+        *(inputs[n] for n in ("q", "k", "v", "W", "f", "h0")),
+        dy=np.asarray(cot[0]),
+        dh_final=np.asarray(cot[1]),
+        clip=0.05,
+    )[2]
     for name in g1:
         np.testing.assert_allclose(g1[name], ref[name], rtol=1e-10, atol=1e-12)
 
 
 def test_clip_placement_differs_from_total_cotangent_clamp(x64):
     """The torch-loop placement (clamp of the total cotangent) is a different function; we follow the kernel."""
-    inputs = random_m2rnn_inputs(jax.random.key(16), batch=1, seq_len=6, num_heads=2, k_dim=3, v_dim=2,
-                                 dtype=jnp.float64)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(16), batch=1, seq_len=6, num_heads=2, k_dim=3, v_dim=2, dtype=jnp.float64
+    )
     cot = random_cotangents(jax.random.key(17), inputs)
     cot = (20.0 * cot[0], cot[1])
     _, _, ours = scan_value_and_grads(inputs, cot, clip=0.1)
-    kernel = m2rnn_numpy(*(inputs[n] for n in ("q", "k", "v", "W", "f", "h0")), dy=np.asarray(cot[0]),
-                         dh_final=np.asarray(cot[1]), clip=0.1)[2]
+    kernel = m2rnn_numpy(
+        *(inputs[n] for n in ("q", "k", "v", "W", "f", "h0")),
+        dy=np.asarray(cot[0]),
+        dh_final=np.asarray(cot[1]),
+        clip=0.1,
+    )[2]
     np.testing.assert_allclose(ours["h0"], kernel["h0"], rtol=1e-10)
     assert np.max(np.abs(ours["h0"])) > 0.1  # dh0 unclamped, unlike a total-cotangent clamp at the last step

@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEVICES = 8
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_checks(module: str, names: list[str], timeout: float = 600) -> dict[str, str]:
     """Run ``python -m module names...`` on 8 fake CPU devices; returns {name: "OK" or the failure text}."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
-    result = subprocess.run([sys.executable, "-m", module, *names], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *names], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     outcome = {name: f"no result (exit {result.returncode}):\n{result.stdout}\n{result.stderr}" for name in names}
     for block in result.stdout.split("\0"):
         status, _, rest = block.strip().partition(" ")
@@ -52,8 +53,9 @@ def context_mesh(context: int, data: int = 1):
     import jax
     from jax.sharding import AxisType
 
-    return jax.make_mesh((data, context), ("data", "context"), axis_types=(AxisType.Auto,) * 2,
-                         devices=jax.devices()[: data * context])
+    return jax.make_mesh(
+        (data, context), ("data", "context"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[: data * context]
+    )
 
 
 def assert_sharded_matches(sharded: Callable, single: Callable, args: dict, tol: float, seed: int = 0) -> None:

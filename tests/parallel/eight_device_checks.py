@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
 from m2rnn_jax.ops.m2rnn.sharding import run_sharded
 from m2rnn_jax.parallel.batches import global_batch
@@ -19,7 +20,6 @@ from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.parallel.shardings import batch_sharding, replicated
 from m2rnn_jax.testing import random_m2rnn_inputs
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from m2rnn_jax.train.state import abstract_train_state, create_train_state, model_graphdef, train_state_shardings
 from m2rnn_jax.train.step import make_train_step
@@ -32,8 +32,19 @@ LAYOUTS = {"dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tp": {"data": 2, "tensor": 4
 def check_op_shard_map() -> None:
     """run_sharded == the plain backend (values and all gradients) for every head-broadcast case."""
     mesh = build_mesh({"data": 2, "tensor": 4})
-    inputs = random_m2rnn_inputs(jax.random.key(0), batch=4, seq_len=6, num_heads=8, k_dim=4, v_dim=3,
-                                 num_q_heads=1, num_k_heads=2, num_v_heads=8, num_f_heads=8, num_w_heads=4)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(0),
+        batch=4,
+        seq_len=6,
+        num_heads=8,
+        k_dim=4,
+        v_dim=3,
+        num_q_heads=1,
+        num_k_heads=2,
+        num_v_heads=8,
+        num_f_heads=8,
+        num_w_heads=4,
+    )
     names = ("q", "k", "v", "W", "f", "h0")
     args = tuple(inputs[name] for name in names)
     kwargs = dict(cu_seqlens=None, gradient_clipping=0.5, state_dtype=jnp.float32, interpret=False)
@@ -44,8 +55,11 @@ def check_op_shard_map() -> None:
 
     expected = jax.value_and_grad(lambda *a: loss(scan_backend, *a), argnums=tuple(range(6)))(*args)
     with jax.set_mesh(mesh):
-        sharded_fn = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b, **k: run_sharded(scan_backend, *b, **k), *a),
-                                                argnums=tuple(range(6))))
+        sharded_fn = jax.jit(
+            jax.value_and_grad(
+                lambda *a: loss(lambda *b, **k: run_sharded(scan_backend, *b, **k), *a), argnums=tuple(range(6))
+            )
+        )
         got = sharded_fn(*args)
         assert "shard_map" in str(jax.make_jaxpr(lambda *a: run_sharded(scan_backend, *a, **kwargs))(*args))
     np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5)
@@ -57,16 +71,39 @@ def check_op_shard_map() -> None:
 def check_op_needs_no_communication() -> None:
     """With inputs already split over (batch, heads), the sharded forward has no collective at all."""
     mesh = build_mesh({"data": 2, "tensor": 4})
-    inputs = random_m2rnn_inputs(jax.random.key(1), batch=4, seq_len=5, num_heads=8, k_dim=4, v_dim=3,
-                                 num_q_heads=1, num_k_heads=4, num_v_heads=8, num_f_heads=8, num_w_heads=8)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    inputs = random_m2rnn_inputs(
+        jax.random.key(1),
+        batch=4,
+        seq_len=5,
+        num_heads=8,
+        k_dim=4,
+        v_dim=3,
+        num_q_heads=1,
+        num_k_heads=4,
+        num_v_heads=8,
+        num_f_heads=8,
+        num_w_heads=8,
+    )
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    specs = {"q": P("data", None, None, None), "k": P("data", None, "tensor", None),
-             "v": P("data", None, "tensor", None), "W": P("tensor", None, None), "f": P("data", None, "tensor"),
-             "h0": P("data", "tensor", None, None)}
+    specs = {
+        "q": P("data", None, None, None),
+        "k": P("data", None, "tensor", None),
+        "v": P("data", None, "tensor", None),
+        "W": P("tensor", None, None),
+        "f": P("data", None, "tensor"),
+        "h0": P("data", "tensor", None, None),
+    }
     args = [jax.device_put(inputs[n], NamedSharding(mesh, specs[n])) for n in ("q", "k", "v", "W", "f", "h0")]
-    fn = lambda *a: run_sharded(scan_backend, *a, cu_seqlens=None, gradient_clipping=None,  # noqa: E731
-                                state_dtype=jnp.float32, interpret=False)
+    fn = lambda *a: run_sharded(
+        scan_backend,
+        *a,
+        cu_seqlens=None,
+        gradient_clipping=None,  # noqa: E731
+        state_dtype=jnp.float32,
+        interpret=False,
+    )
     with jax.set_mesh(mesh):
         hlo = jax.jit(fn).lower(*args).compile().as_text()
     found = [c for c in COLLECTIVES if c in hlo]
@@ -84,8 +121,19 @@ def check_public_op_routes_kernels_through_shard_map() -> None:
     from m2rnn_jax import m2rnn
 
     mesh = build_mesh({"data": 2, "tensor": 4})
-    inputs = random_m2rnn_inputs(jax.random.key(2), batch=4, seq_len=5, num_heads=8, k_dim=4, v_dim=3,
-                                 num_q_heads=1, num_k_heads=1, num_v_heads=8, num_f_heads=8, num_w_heads=8)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(2),
+        batch=4,
+        seq_len=5,
+        num_heads=8,
+        k_dim=4,
+        v_dim=3,
+        num_q_heads=1,
+        num_k_heads=1,
+        num_v_heads=8,
+        num_f_heads=8,
+        num_w_heads=8,
+    )
     args = tuple(inputs[name] for name in ("q", "k", "v", "W", "f", "h0"))
 
     def loss(backend: str, *a):
@@ -117,15 +165,23 @@ def _run_steps(mesh_axes: dict[str, int], steps: int = 2):
     optimizer = build_optimizer(config.optimizer, config.steps)
     state, shardings = create_train_state(config.model, optimizer, config.seed, mesh)
     sharding = batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(model_graphdef(config.model), optimizer,
-                                      learning_rate_schedule(config.optimizer, config.steps)),
-                      in_shardings=(shardings, sharding), out_shardings=(shardings, replicated(mesh)))
+    step_fn = jax.jit(
+        make_train_step(
+            model_graphdef(config.model), optimizer, learning_rate_schedule(config.optimizer, config.steps)
+        ),
+        in_shardings=(shardings, sharding),
+        out_shardings=(shardings, replicated(mesh)),
+    )
     source = make_source(config.data, config.model.vocab_size)
     losses = []
     with jax.set_mesh(mesh):
         for step in range(steps):
-            batch = global_batch(lambda rows: source.train_batch(step, 8, config.batch_size, rows), sharding,
-                                 config.batch_size, 8)
+            batch = global_batch(
+                lambda rows, step=step: source.train_batch(step, 8, config.batch_size, rows),
+                sharding,
+                config.batch_size,
+                8,
+            )
             state, metrics = step_fn(state, batch)
             losses.append(float(metrics["loss"]))
     return config, optimizer, mesh, state, shardings, losses
@@ -158,8 +214,9 @@ def check_restore_onto_another_mesh() -> None:
             shardings = train_state_shardings(abstract, optimizer, mesh)
             restored, metadata = checkpointer.restore(abstract_with_shardings(abstract, shardings))
             assert metadata["data_position"]["next_step"] == 1
-            for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(shardings),
-                               strict=True):
+            for a, b, s in zip(
+                jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True
+            ):
                 assert a.sharding == s, (axes, a.sharding, s)
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             print(f"OK restore_onto_{'_'.join(f'{k}{v}' for k, v in axes.items())}")

@@ -43,9 +43,19 @@ def _one_device_attention(q, k, v, segment_ids, *, rope_theta, start):
     return jnp.einsum("bnst,btnd->bsnd", weights, v)
 
 
-def check_attention(dtype_name: str, context: int, data: int = 1, *, method: str, num_heads: int = 4,
-                    num_kv_heads: int = 2, rope_theta: float | None = 100.0, start: int = 0,
-                    with_documents: bool = False, check_vma: bool = True) -> None:
+def check_attention(
+    dtype_name: str,
+    context: int,
+    data: int = 1,
+    *,
+    method: str,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    rope_theta: float | None = 100.0,
+    start: int = 0,
+    with_documents: bool = False,
+    check_vma: bool = True,
+) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -71,33 +81,47 @@ def check_attention(dtype_name: str, context: int, data: int = 1, *, method: str
     def sharded(q, k, v, segment_ids):
         body = functools.partial(context_causal_attention, rope_theta=rope_theta, start=start, method=method)
         specs = (seq, seq, seq, None if segment_ids is None else seq)
-        return jax.shard_map(lambda q, k, v, ids: body(q, k, v, segment_ids=ids), mesh=context_mesh(context, data),
-                             in_specs=specs, out_specs=seq, check_vma=check_vma)(q, k, v, segment_ids)
+        return jax.shard_map(
+            lambda q, k, v, ids: body(q, k, v, segment_ids=ids),
+            mesh=context_mesh(context, data),
+            in_specs=specs,
+            out_specs=seq,
+            check_vma=check_vma,
+        )(q, k, v, segment_ids)
 
     single = functools.partial(_one_device_attention, rope_theta=rope_theta, start=start)
     assert_sharded_matches(sharded, single, args, tol=1e-10 if dtype == jnp.float64 else 1e-5)
 
 
 FAST = {
-    "ring_float64_context8_documents": functools.partial(check_attention, "float64", 8, method="ring",
-                                                         with_documents=True),
-    "all_gather_float64_context2_offset": functools.partial(check_attention, "float64", 2, method="all_gather",
-                                                            start=5),
-    "ring_float32_context4_data2_nope": functools.partial(check_attention, "float32", 4, 2, method="ring",
-                                                          rope_theta=None),
+    "ring_float64_context8_documents": functools.partial(
+        check_attention, "float64", 8, method="ring", with_documents=True
+    ),
+    "all_gather_float64_context2_offset": functools.partial(
+        check_attention, "float64", 2, method="all_gather", start=5
+    ),
+    "ring_float32_context4_data2_nope": functools.partial(
+        check_attention, "float32", 4, 2, method="ring", rope_theta=None
+    ),
 }
 SLOW = {
     "ring_float64_context2_mha": functools.partial(check_attention, "float64", 2, method="ring", num_kv_heads=4),
     "ring_float64_context4_offset": functools.partial(check_attention, "float64", 4, method="ring", start=7),
-    "all_gather_float64_context8_documents": functools.partial(check_attention, "float64", 8, method="all_gather",
-                                                               with_documents=True),
-    "all_gather_float32_context4_data2_mqa": functools.partial(check_attention, "float32", 4, 2,
-                                                               method="all_gather", num_kv_heads=1),
-    "ring_float32_context2_data4_documents": functools.partial(check_attention, "float32", 2, 4, method="ring",
-                                                               with_documents=True),
-    **{f"{method}_float64_context4_documents_check_vma_off": functools.partial(
-        check_attention, "float64", 4, method=method, with_documents=True, check_vma=False)
-       for method in ("ring", "all_gather")},
+    "all_gather_float64_context8_documents": functools.partial(
+        check_attention, "float64", 8, method="all_gather", with_documents=True
+    ),
+    "all_gather_float32_context4_data2_mqa": functools.partial(
+        check_attention, "float32", 4, 2, method="all_gather", num_kv_heads=1
+    ),
+    "ring_float32_context2_data4_documents": functools.partial(
+        check_attention, "float32", 2, 4, method="ring", with_documents=True
+    ),
+    **{
+        f"{method}_float64_context4_documents_check_vma_off": functools.partial(
+            check_attention, "float64", 4, method=method, with_documents=True, check_vma=False
+        )
+        for method in ("ring", "all_gather")
+    },
 }
 
 

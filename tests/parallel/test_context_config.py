@@ -48,8 +48,11 @@ def test_micro_batch_choice(batch, heads, shards, requested, expected):
 
 
 def test_micro_batch_errors_and_idle_fraction():
-    with pytest.raises(ValueError, match=r"num_micro_batches: expected a divisor of the local batch \(2\) or of the "
-                                         r"local heads \(6\), got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_micro_batches: expected a divisor of the local batch \(2\) or of the "
+        r"local heads \(6\), got 4",
+    ):
         choose_micro_batches(2, 6, 2, 4)
     with pytest.raises(ValueError, match="num_micro_batches: expected a positive int, got 0"):
         choose_micro_batches(2, 6, 2, 0)

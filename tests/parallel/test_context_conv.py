@@ -28,8 +28,16 @@ def _segment_ids(batch: int, rng):
     return ids.astype(np.int32)
 
 
-def check_conv(dtype_name: str, context: int, data: int = 1, *, kernel_size: int = 4, with_state: bool = True,
-               with_documents: bool = False, check_vma: bool = True) -> None:
+def check_conv(
+    dtype_name: str,
+    context: int,
+    data: int = 1,
+    *,
+    kernel_size: int = 4,
+    with_state: bool = True,
+    with_documents: bool = False,
+    check_vma: bool = True,
+) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -42,8 +50,16 @@ def check_conv(dtype_name: str, context: int, data: int = 1, *, kernel_size: int
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(context + 10 * data + kernel_size)
     batch = 2 * data
-    conv = CausalDepthwiseConv1d(CHANNELS, kernel_size, activation="silu", use_bias=True, initializer_range=0.5,
-                                 dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(context))
+    conv = CausalDepthwiseConv1d(
+        CHANNELS,
+        kernel_size,
+        activation="silu",
+        use_bias=True,
+        initializer_range=0.5,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=nnx.Rngs(context),
+    )
     graphdef, params = nnx.split(conv)
     params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)  # bias != 0
     args = {
@@ -59,8 +75,9 @@ def check_conv(dtype_name: str, context: int, data: int = 1, *, kernel_size: int
             return context_causal_conv(nnx.merge(graphdef, params), x, state, segment_ids=segment_ids)
 
         specs = (seq, None if state is None else rows, P(), None if segment_ids is None else seq)
-        return jax.shard_map(body, mesh=context_mesh(context, data), in_specs=specs,
-                             out_specs=(seq, rows), check_vma=check_vma)(x, state, params, segment_ids)
+        return jax.shard_map(
+            body, mesh=context_mesh(context, data), in_specs=specs, out_specs=(seq, rows), check_vma=check_vma
+        )(x, state, params, segment_ids)
 
     def single(x, state, params, segment_ids):
         return nnx.merge(graphdef, params)(x, state, segment_ids=segment_ids)
@@ -74,13 +91,15 @@ FAST = {
     "conv_float32_context4_data2_no_state": functools.partial(check_conv, "float32", 4, 2, with_state=False),
 }
 SLOW = {
-    "conv_float64_context4_documents_no_state": functools.partial(check_conv, "float64", 4, with_state=False,
-                                                                  with_documents=True),
+    "conv_float64_context4_documents_no_state": functools.partial(
+        check_conv, "float64", 4, with_state=False, with_documents=True
+    ),
     "conv_float64_context8_kernel7": functools.partial(check_conv, "float64", 8, kernel_size=7),
     "conv_float64_context2_data4_documents": functools.partial(check_conv, "float64", 2, 4, with_documents=True),
     "conv_float32_context8_kernel1": functools.partial(check_conv, "float32", 8, kernel_size=1),
-    "conv_float64_context4_documents_check_vma_off": functools.partial(check_conv, "float64", 4,
-                                                                       with_documents=True, check_vma=False),
+    "conv_float64_context4_documents_check_vma_off": functools.partial(
+        check_conv, "float64", 4, with_documents=True, check_vma=False
+    ),
 }
 
 
@@ -112,8 +131,9 @@ def test_short_shards_and_unbound_axis_are_rejected():
     with pytest.raises(ValueError, match="axis_name: expected a mesh axis bound by an enclosing jax.shard_map"):
         context_conv_state(x, kernel_size=2)
     mesh = jax.make_mesh((1,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
-    short = jax.shard_map(functools.partial(context_conv_state, kernel_size=4), mesh=mesh, in_specs=P(None, "context"),
-                          out_specs=P())
+    short = jax.shard_map(
+        functools.partial(context_conv_state, kernel_size=4), mesh=mesh, in_specs=P(None, "context"), out_specs=P()
+    )
     with pytest.raises(ValueError, match=r"x: expected a local sequence length >= kernel_size - 1 = 3"):
         short(x)
 

@@ -18,7 +18,6 @@ CHUNK = 5
 
 
 def _random_gdn(dtype, *, seed: int, batch: int, with_h0: bool, reset_rate: float):
-    import jax.numpy as jnp
 
     from m2rnn_jax.testing import random_gdn_inputs
 
@@ -32,8 +31,16 @@ def _random_gdn(dtype, *, seed: int, batch: int, with_h0: bool, reset_rate: floa
     return args
 
 
-def check_gdn(dtype_name: str, context: int, data: int = 1, *, with_h0: bool = True, reset_rate: float = 0.0,
-              backend: str = "chunked", check_vma: bool = True) -> None:
+def check_gdn(
+    dtype_name: str,
+    context: int,
+    data: int = 1,
+    *,
+    with_h0: bool = True,
+    reset_rate: float = 0.0,
+    backend: str = "chunked",
+    check_vma: bool = True,
+) -> None:
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -49,8 +56,13 @@ def check_gdn(dtype_name: str, context: int, data: int = 1, *, with_h0: bool = T
     def sharded(q, k, v, beta, log_alpha, h0, reset):
         body = functools.partial(context_gated_delta_rule, axis_name="context", **op)
         specs = (seq, seq, seq, seq, seq, None if h0 is None else state, None if reset is None else seq)
-        run = jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
-                            in_specs=specs, out_specs=(seq, state), check_vma=check_vma)
+        run = jax.shard_map(
+            lambda *a: body(*a[:6], reset=a[6]),
+            mesh=context_mesh(context, data),
+            in_specs=specs,
+            out_specs=(seq, state),
+            check_vma=check_vma,
+        )
         return run(q, k, v, beta, log_alpha, h0, reset)
 
     def single(q, k, v, beta, log_alpha, h0, reset):
@@ -85,8 +97,17 @@ def _random_ssd(dtype, *, seed: int, batch: int, heads: int, groups: int, with_h
     return {**args, "reset": reset}
 
 
-def check_ssd(dtype_name: str, context: int, data: int = 1, *, heads: int = 2, groups: int = 1,
-              with_h0: bool = True, with_reset: bool = False, check_vma: bool = True) -> None:
+def check_ssd(
+    dtype_name: str,
+    context: int,
+    data: int = 1,
+    *,
+    heads: int = 2,
+    groups: int = 1,
+    with_h0: bool = True,
+    with_reset: bool = False,
+    check_vma: bool = True,
+) -> None:
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -95,15 +116,27 @@ def check_ssd(dtype_name: str, context: int, data: int = 1, *, heads: int = 2, g
     from m2rnn_jax.parallel.context.linear_recurrence import context_ssd
 
     dtype = jnp.dtype(dtype_name)
-    args = _random_ssd(dtype, seed=context + 10 * data, batch=2 * data, heads=heads, groups=groups,
-                       with_h0=with_h0, with_reset=with_reset)
+    args = _random_ssd(
+        dtype,
+        seed=context + 10 * data,
+        batch=2 * data,
+        heads=heads,
+        groups=groups,
+        with_h0=with_h0,
+        with_reset=with_reset,
+    )
     seq, state = P("data", "context"), P("data")
 
     def sharded(x, dt, log_decay, B, C, h0, reset):
         body = functools.partial(context_ssd, chunk_size=CHUNK, backend="chunked", axis_name="context")
         specs = (seq, seq, seq, seq, seq, None if h0 is None else state, None if reset is None else seq)
-        run = jax.shard_map(lambda *a: body(*a[:6], reset=a[6]), mesh=context_mesh(context, data),
-                            in_specs=specs, out_specs=(seq, state), check_vma=check_vma)
+        run = jax.shard_map(
+            lambda *a: body(*a[:6], reset=a[6]),
+            mesh=context_mesh(context, data),
+            in_specs=specs,
+            out_specs=(seq, state),
+            check_vma=check_vma,
+        )
         return run(x, dt, log_decay, B, C, h0, reset)
 
     def single(x, dt, log_decay, B, C, h0, reset):
@@ -116,25 +149,33 @@ FAST = {
     "gdn_float64_context2": functools.partial(check_gdn, "float64", 2),
     "gdn_float64_context8_resets": functools.partial(check_gdn, "float64", 8, reset_rate=0.05),
     "gdn_float32_context4_data2_no_h0": functools.partial(check_gdn, "float32", 4, 2, with_h0=False),
-    "gdn_float64_context4_resets_check_vma_off": functools.partial(check_gdn, "float64", 4, reset_rate=0.05,
-                                                                   check_vma=False),
+    "gdn_float64_context4_resets_check_vma_off": functools.partial(
+        check_gdn, "float64", 4, reset_rate=0.05, check_vma=False
+    ),
     "ssd_float64_context2": functools.partial(check_ssd, "float64", 2),
-    "ssd_float64_context8_groups_resets": functools.partial(check_ssd, "float64", 8, heads=4, groups=2,
-                                                            with_reset=True),
+    "ssd_float64_context8_groups_resets": functools.partial(
+        check_ssd, "float64", 8, heads=4, groups=2, with_reset=True
+    ),
     "ssd_float32_context4_data2_no_h0": functools.partial(check_ssd, "float32", 4, 2, with_h0=False),
 }
 SLOW = {
-    **{f"gdn_float64_context{c}_resets_no_h0": functools.partial(check_gdn, "float64", c, with_h0=False,
-                                                                 reset_rate=0.1) for c in (2, 4)},
-    "gdn_float64_context2_data4_recurrent_backend": functools.partial(check_gdn, "float64", 2, 4,
-                                                                      backend="recurrent"),
+    **{
+        f"gdn_float64_context{c}_resets_no_h0": functools.partial(
+            check_gdn, "float64", c, with_h0=False, reset_rate=0.1
+        )
+        for c in (2, 4)
+    },
+    "gdn_float64_context2_data4_recurrent_backend": functools.partial(check_gdn, "float64", 2, 4, backend="recurrent"),
     "gdn_float32_context8_resets": functools.partial(check_gdn, "float32", 8, reset_rate=0.05),
-    **{f"ssd_float64_context{c}_data2_resets": functools.partial(check_ssd, "float64", c, 2, with_reset=True)
-       for c in (2, 4)},
+    **{
+        f"ssd_float64_context{c}_data2_resets": functools.partial(check_ssd, "float64", c, 2, with_reset=True)
+        for c in (2, 4)
+    },
     "ssd_float64_context8_no_h0": functools.partial(check_ssd, "float64", 8, with_h0=False),
     "ssd_float32_context8_groups": functools.partial(check_ssd, "float32", 8, heads=4, groups=2),
-    "ssd_float64_context4_resets_check_vma_off": functools.partial(check_ssd, "float64", 4, with_reset=True,
-                                                                   check_vma=False),
+    "ssd_float64_context4_resets_check_vma_off": functools.partial(
+        check_ssd, "float64", 4, with_reset=True, check_vma=False
+    ),
 }
 
 

@@ -32,8 +32,13 @@ SLOW = [f"layer_{kind}_float64_{mesh}" for kind in ("m2rnn", "rnn", "gru") for m
 
 def _run(which: str) -> list[str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-m", "tests.parallel.test_context_recurrences", which], env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.parallel.test_context_recurrences", which],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.splitlines()
 
@@ -66,9 +71,17 @@ def _max_error(got, expected) -> float:
     return max(jax.tree.leaves(errors))
 
 
-def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches: int | None = None,
-              dtype=None, backend: str = "scan", tolerance: float = 1e-10,
-              gradient_tolerance: float | None = None) -> None:
+def _check_op(
+    name: str,
+    axes: dict[str, int],
+    *,
+    batch: int,
+    num_micro_batches: int | None = None,
+    dtype=None,
+    backend: str = "scan",
+    tolerance: float = 1e-10,
+    gradient_tolerance: float | None = None,
+) -> None:
     """context_m2rnn under ``axes`` == the op on one device (value and the gradients of q, k, v, W, f, h0), with a
     clamp that binds (the clipped gradients differ from the unclipped ones). Values within ``tolerance``, gradients
     within ``gradient_tolerance`` (default: ``tolerance``) relative to 1 + their largest magnitude."""
@@ -81,9 +94,20 @@ def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches:
     from m2rnn_jax.testing import random_m2rnn_inputs
 
     dtype = dtype or jnp.float64
-    inputs = random_m2rnn_inputs(jax.random.key(0), batch=batch, seq_len=16, num_heads=4, k_dim=3, v_dim=2,
-                                 num_q_heads=1, num_k_heads=1, num_v_heads=4, num_f_heads=4, num_w_heads=2,
-                                 dtype=dtype)
+    inputs = random_m2rnn_inputs(
+        jax.random.key(0),
+        batch=batch,
+        seq_len=16,
+        num_heads=4,
+        k_dim=3,
+        v_dim=2,
+        num_q_heads=1,
+        num_k_heads=1,
+        num_v_heads=4,
+        num_f_heads=4,
+        num_w_heads=2,
+        dtype=dtype,
+    )
     args = tuple(inputs[n] for n in ("q", "k", "v", "W", "f", "h0"))
     argnums = tuple(range(len(args)))
 
@@ -91,6 +115,7 @@ def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches:
         def value(*a):
             y, h = fn(*a, gradient_clipping=clip, backend=backend, interpret=backend != "scan")
             return jnp.sum(y * jnp.cos(3 * y)) + jnp.sum(jnp.sin(5 * h))
+
         return jax.jit(jax.value_and_grad(value, argnums=argnums))
 
     expected = loss(lambda *a, backend, interpret, **k: m2rnn(*a, backend="scan", **k), 0.05)(*args)
@@ -109,8 +134,11 @@ def _check_op(name: str, axes: dict[str, int], *, batch: int, num_micro_batches:
     print(f"OK {name}")
 
 
-MESHES = {"context4_data2": {"context": 4, "data": 2}, "context2_data4": {"context": 2, "data": 4},
-          "context8": {"context": 8}}
+MESHES = {
+    "context4_data2": {"context": 4, "data": 2},
+    "context2_data4": {"context": 2, "data": 4},
+    "context8": {"context": 8},
+}
 
 
 def _check_layer(kind: str, meshes: list[str]) -> None:
@@ -203,10 +231,22 @@ def main(which: str) -> None:
     _check_op("op_float64_context4_batch", {"context": 4, "data": 2}, batch=8, num_micro_batches=4)
     _check_op("op_float64_context8_serial", {"context": 8}, batch=2, num_micro_batches=1)
     _check_op("op_float64_context2_tensor2_data2", {"context": 2, "tensor": 2, "data": 2}, batch=2)
-    _check_op("op_pallas_gpu_interpret_float32_context4", {"context": 4, "data": 2}, batch=2, dtype=jnp.float32,
-              backend="pallas_gpu", tolerance=1e-5)
-    _check_op("op_bfloat16_context4", {"context": 4, "data": 2}, batch=2, dtype=jnp.bfloat16, tolerance=0.0,
-              gradient_tolerance=2**-7)
+    _check_op(
+        "op_pallas_gpu_interpret_float32_context4",
+        {"context": 4, "data": 2},
+        batch=2,
+        dtype=jnp.float32,
+        backend="pallas_gpu",
+        tolerance=1e-5,
+    )
+    _check_op(
+        "op_bfloat16_context4",
+        {"context": 4, "data": 2},
+        batch=2,
+        dtype=jnp.bfloat16,
+        tolerance=0.0,
+        gradient_tolerance=2**-7,
+    )
     for kind in ("m2rnn", "rnn", "gru"):
         _check_layer(kind, ["context4_data2"])
     _check_errors()

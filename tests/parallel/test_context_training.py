@@ -18,8 +18,13 @@ import pytest
 
 def _run_check(name: str) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-m", "tests.parallel.test_context_training", name], env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.parallel.test_context_training", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     assert f"OK {name}" in result.stdout.splitlines(), result.stdout
 
@@ -88,9 +93,23 @@ def _check_train_tiny_state_tracking() -> None:
 
 
 def _check_train_tiny_hybrid() -> None:
-    _compare_train_runs("train_tiny_hybrid", ["--preset", "tiny-hybrid", "--set", "steps=3", "--set", "log_every=1",
-                                              "--set", "optimizer.warmup_steps=1", "--set", "batch_size=8",
-                                              "--set", "data.eval_batch_size=8"])
+    _compare_train_runs(
+        "train_tiny_hybrid",
+        [
+            "--preset",
+            "tiny-hybrid",
+            "--set",
+            "steps=3",
+            "--set",
+            "log_every=1",
+            "--set",
+            "optimizer.warmup_steps=1",
+            "--set",
+            "batch_size=8",
+            "--set",
+            "data.eval_batch_size=8",
+        ],
+    )
 
 
 def _check_tiny_hybrid_model() -> None:
@@ -111,8 +130,7 @@ def _check_tiny_hybrid_model() -> None:
     segment_ids = jnp.cumsum(starts, axis=1)
 
     def loss(params, segment_ids):
-        head, aux = head_loss_sums(nnx.merge(graphdef, params), tokens[:, :-1], tokens[:, 1:],
-                                   segment_ids=segment_ids)
+        head, aux = head_loss_sums(nnx.merge(graphdef, params), tokens[:, :-1], tokens[:, 1:], segment_ids=segment_ids)
         return head.nll_sum / head.weight_sum + aux
 
     for documents in (None, segment_ids):
@@ -120,8 +138,9 @@ def _check_tiny_hybrid_model() -> None:
         for axes in ({"context": 4, "data": 2}, {"context": 2, "data": 4}, {"context": 8}):
             with jax.set_mesh(build_mesh(axes)):
                 got = jax.jit(jax.value_and_grad(loss))(params, documents)
-            errors = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (1.0 + jnp.max(jnp.abs(b)))),
-                                  got, expected)
+            errors = jax.tree.map(
+                lambda a, b: float(jnp.max(jnp.abs(a - b)) / (1.0 + jnp.max(jnp.abs(b)))), got, expected
+            )
             error = max(jax.tree.leaves(errors))
             assert error < 1e-5, f"{axes} documents={documents is not None}: max relative error {error:.2e}"
             print(f"tiny_hybrid {axes} documents={documents is not None}: max relative error {error:.1e}")

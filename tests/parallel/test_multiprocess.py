@@ -24,8 +24,17 @@ def _free_port() -> int:
 
 def _train(config_path, workdir, *, env_extra: dict[str, str], extra_args: list[str] = ()) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_extra}
-    command = [sys.executable, "-m", "m2rnn_jax", "train", "--config", str(config_path), "--workdir", str(workdir),
-               *extra_args]
+    command = [
+        sys.executable,
+        "-m",
+        "m2rnn_jax",
+        "train",
+        "--config",
+        str(config_path),
+        "--workdir",
+        str(workdir),
+        *extra_args,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -35,13 +44,24 @@ def test_two_processes_match_one_process(tmp_path):
     config_path.write_text(json.dumps(config.to_dict()))
     port = _free_port()
     workers = [
-        _train(config_path, tmp_path / "two_processes", env_extra={"XLA_FLAGS": ""},
-               extra_args=["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-                           "--process-id", str(index)])
+        _train(
+            config_path,
+            tmp_path / "two_processes",
+            env_extra={"XLA_FLAGS": ""},
+            extra_args=[
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(index),
+            ],
+        )
         for index in range(2)
     ]
-    single = _train(config_path, tmp_path / "one_process",
-                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    single = _train(
+        config_path, tmp_path / "one_process", env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    )
     outputs = []
     for process in (*workers, single):
         output, _ = process.communicate(timeout=600)

@@ -34,8 +34,13 @@ def test_unknown_logical_name_is_an_error():
 
 
 def test_mesh_shape_fills_the_wildcard_and_rejects_mismatches():
-    assert resolve_mesh_shape({"data": -1, "tensor": 2}, 8) == {"data": 4, "fsdp": 1, "context": 1, "tensor": 2,
-                                                                "expert": 1}
+    assert resolve_mesh_shape({"data": -1, "tensor": 2}, 8) == {
+        "data": 4,
+        "fsdp": 1,
+        "context": 1,
+        "tensor": 2,
+        "expert": 1,
+    }
     with pytest.raises(ValueError, match="does not match the 8 available devices"):
         resolve_mesh_shape({"data": 2, "tensor": 2}, 8)
     with pytest.raises(ValueError, match="do not divide the 8 available devices"):

@@ -20,8 +20,13 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 def test_a_crash_during_save_keeps_the_last_complete_checkpoint(tmp_path):
     directory = tmp_path / "checkpoints"
-    result = subprocess.run([sys.executable, "-m", "tests.train.crash_during_save", str(directory)], env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.train.crash_during_save", str(directory)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1 and "save of step 4 started" in result.stdout, result.stdout + result.stderr
     restored = restore_params(tiny_train_config(), directory)
     # Either the step-4 save finished before the crash, or it is invisible: never a half-written step 4.
@@ -52,8 +57,9 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path):
     step = int(saved[0].split("saved checkpoint at step ")[1].split(",")[0])
     assert step >= 3 and (workdir / "checkpoints" / str(step)).is_dir()
 
-    again = subprocess.run(command + ["--set", f"steps={step + 1}"], env=ENV, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(
+        command + ["--set", f"steps={step + 1}"], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed from step {step}" in again.stdout
     assert f"train step {step + 1}:" in again.stdout

@@ -35,9 +35,18 @@ def test_to_dict_from_dict_round_trip_through_json():
 
 def test_overrides_are_typed_and_applied_together():
     config = train_config("state-tracking-s3-tiny")
-    changed = apply_overrides(config, ["steps=20", "optimizer.warmup_steps=5", "optimizer.learning_rate=1e-3",
-                                       "data.eval_lengths=[8, 16]", "model.m2rnn.num_heads=8",
-                                       "model.m2rnn.num_q_heads=8", "model.m2rnn.num_k_heads=8"])
+    changed = apply_overrides(
+        config,
+        [
+            "steps=20",
+            "optimizer.warmup_steps=5",
+            "optimizer.learning_rate=1e-3",
+            "data.eval_lengths=[8, 16]",
+            "model.m2rnn.num_heads=8",
+            "model.m2rnn.num_q_heads=8",
+            "model.m2rnn.num_k_heads=8",
+        ],
+    )
     assert changed.steps == 20 and changed.optimizer.warmup_steps == 5  # order-independent validation
     assert changed.optimizer.learning_rate == 1e-3 and isinstance(changed.optimizer.learning_rate, float)
     assert changed.data.eval_lengths == (8, 16)

@@ -29,11 +29,22 @@ def test_weight_decay_mask_follows_spec_0_4():
     flat = {"/".join(map(str, path)): bool(variable.get_value()) for path, variable in nnx.to_flat_state(mask)}
     decayed = {name for name, decay in flat.items() if decay}
     assert decayed == {name for name in flat if name.rsplit("/", 1)[-1] in ("kernel", "embedding", "state_weight")}
-    for name in ("blocks/0/mixer/state_weight", "blocks/0/mixer/conv1d/kernel", "embed/embedding",
-                 "lm_head/kernel", "blocks/0/mixer/input_projection/kernel"):
+    for name in (
+        "blocks/0/mixer/state_weight",
+        "blocks/0/mixer/conv1d/kernel",
+        "embed/embedding",
+        "lm_head/kernel",
+        "blocks/0/mixer/input_projection/kernel",
+    ):
         assert flat[name], name
-    for name in ("blocks/0/mixer/D", "blocks/0/mixer/decay_gate/A_log", "blocks/0/mixer/decay_gate/dt_bias",
-                 "blocks/0/norm1/scale", "blocks/0/mixer/g_norm/scale", "final_norm/scale"):
+    for name in (
+        "blocks/0/mixer/D",
+        "blocks/0/mixer/decay_gate/A_log",
+        "blocks/0/mixer/decay_gate/dt_bias",
+        "blocks/0/norm1/scale",
+        "blocks/0/mixer/g_norm/scale",
+        "final_norm/scale",
+    ):
         assert not flat[name], name
 
 

@@ -25,13 +25,55 @@ def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     (root / "corpus.txt").write_text("\n\n".join(f"Story {i}: the cat saw {i % 7} dogs. Fin é." for i in range(40)))
     data, workdir = root / "data", root / "run"
-    assert main(["prepare-data", str(root / "corpus.txt"), "--txt-documents", "paragraph", "--train-tokenizer",
-                 "300", "--validation-fraction", "0.25", "--output", str(data), "--quiet"]) == 0
-    train = ["train", "--preset", ONE_LAYER, "--workdir", str(workdir), "--set", "data.kind=token_file",
-             "--set", f"data.path={data}", "--set", "data.mask_documents=true", "--set", f"data.seq_len={SEQ_LEN}",
-             "--set", f"data.eval_lengths=[{SEQ_LEN}]", "--set", "data.eval_batch_size=4", "--set", "steps=4",
-             "--set", "eval_every=2", "--set", "batch_size=4", "--set", "optimizer.warmup_steps=1",
-             "--set", 'sample.prompts=["the cat saw", "Story 3"]', "--set", "sample.max_new_tokens=5"]
+    assert (
+        main(
+            [
+                "prepare-data",
+                str(root / "corpus.txt"),
+                "--txt-documents",
+                "paragraph",
+                "--train-tokenizer",
+                "300",
+                "--validation-fraction",
+                "0.25",
+                "--output",
+                str(data),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    train = [
+        "train",
+        "--preset",
+        ONE_LAYER,
+        "--workdir",
+        str(workdir),
+        "--set",
+        "data.kind=token_file",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "data.mask_documents=true",
+        "--set",
+        f"data.seq_len={SEQ_LEN}",
+        "--set",
+        f"data.eval_lengths=[{SEQ_LEN}]",
+        "--set",
+        "data.eval_batch_size=4",
+        "--set",
+        "steps=4",
+        "--set",
+        "eval_every=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "optimizer.warmup_steps=1",
+        "--set",
+        'sample.prompts=["the cat saw", "Story 3"]',
+        "--set",
+        "sample.max_new_tokens=5",
+    ]
     assert main(train) == 0
     return workdir, data, json.loads((data / "meta.json").read_text())
 
@@ -84,8 +126,17 @@ def test_eval_prints_perplexity_and_bits_per_byte(text_run, capsys, tmp_path):
 
 def test_generate_prints_text_for_prompts_of_different_lengths(text_run, capsys):
     workdir, _, _ = text_run
-    argv = ["generate", "--checkpoint", str(workdir), "--prompt", "Story 3: the", "--prompt", "é",
-            "--max-new-tokens", "5"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(workdir),
+        "--prompt",
+        "Story 3: the",
+        "--prompt",
+        "é",
+        "--max-new-tokens",
+        "5",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     first, second = out.split("=== prompt 2 ===\n")
@@ -96,11 +147,24 @@ def test_generate_prints_text_for_prompts_of_different_lengths(text_run, capsys)
 
 def test_text_errors(text_run, capsys, tmp_path):
     workdir, data, meta = text_run
-    too_small = ["train", "--preset", ONE_LAYER, "--workdir", str(tmp_path / "run"), "--set", "data.kind=token_file",
-                 "--set", f"data.path={data}", "--set", "model.vocab_size=260"]
+    too_small = [
+        "train",
+        "--preset",
+        ONE_LAYER,
+        "--workdir",
+        str(tmp_path / "run"),
+        "--set",
+        "data.kind=token_file",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "model.vocab_size=260",
+    ]
     assert main(too_small) == 2
-    assert (f"model.vocab_size: expected >= {meta['vocab_size']} (the vocabulary of data.path '{data}'), got 260"
-            in capsys.readouterr().err)
+    assert (
+        f"model.vocab_size: expected >= {meta['vocab_size']} (the vocabulary of data.path '{data}'), got 260"
+        in capsys.readouterr().err
+    )
     assert main(["generate", "--preset", ONE_LAYER, "--prompt", "hi"]) == 2
     assert "error: --tokenizer: expected --tokenizer PATH" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

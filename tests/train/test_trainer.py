@@ -7,8 +7,8 @@ import json
 import jax
 import numpy as np
 
-from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.data.sources import make_source
+from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from m2rnn_jax.train.state import create_train_state, model_graphdef
 from m2rnn_jax.train.step import make_train_step

@@ -63,8 +63,7 @@ def _einsum_wide(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum of two operands of one dtype with a >= float32 result. Plain autodiff would multiply the float32
     cotangent with a 16-bit operand, promoted to float32 products (no bf16 matrix units); the VJP here rounds the
     cotangent to the operands' dtype first (the operand cotangents have that dtype anyway)."""
-    return jnp.einsum(equation, a, b, preferred_element_type=jnp.promote_types(jnp.float32, a.dtype),
-                      precision=HIGHEST)
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.promote_types(jnp.float32, a.dtype), precision=HIGHEST)
 
 
 def _einsum_wide_forward(equation, a, b):
@@ -101,9 +100,7 @@ def _masked_exp(x: jax.Array, keep: jax.Array | None) -> jax.Array:
     return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
 
 
-def chunk_gates(
-    log_alpha: jax.Array, reset: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def chunk_gates(log_alpha: jax.Array, reset: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Decay factors of each chunk, resets folded in.
 
     Args:
@@ -276,5 +273,16 @@ def gated_delta_rule_chunked(
     :func:`m2rnn_jax.ops.gated_delta_rule.recurrent.gated_delta_rule_recurrent`."""
     dtype = jnp.promote_types(jnp.float32, q.dtype)
     q, k, v, beta, log_alpha, h0 = (x.astype(dtype) for x in (q, k, v, beta, log_alpha, h0))
-    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=min(chunk_size, q.shape[1]),
-                       inverse=triangular_inverse, states=scan_states, dot_dtype=dtype)
+    return run_chunked(
+        q,
+        k,
+        v,
+        beta,
+        log_alpha,
+        h0,
+        reset,
+        chunk_size=min(chunk_size, q.shape[1]),
+        inverse=triangular_inverse,
+        states=scan_states,
+        dot_dtype=dtype,
+    )

@@ -49,8 +49,9 @@ def fused_unsupported_reason(k_dim: int, v_dim: int, chunk_size: int, dtype: jnp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def fused_chunk_states(U, Wk, Kd, carry, h0, forward_config: StatesKernelConfig,
-                       backward_config: StatesKernelConfig, interpret: bool):
+def fused_chunk_states(
+    U, Wk, Kd, carry, h0, forward_config: StatesKernelConfig, backward_config: StatesKernelConfig, interpret: bool
+):
     """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`."""
     return chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
 
@@ -63,8 +64,9 @@ def _fused_forward(U, Wk, Kd, carry, h0, forward_config, backward_config, interp
 def _fused_backward(forward_config, backward_config, interpret, residuals, cotangents):
     Wk, Kd, carry, w, starts = residuals
     dw_ext, dstarts, dfinal = cotangents
-    dw, g_next, dh0 = chunk_states_backward(Wk, Kd, carry, dw_ext, dstarts, dfinal, config=backward_config,
-                                            interpret=interpret)
+    dw, g_next, dh0 = chunk_states_backward(
+        Wk, Kd, carry, dw_ext, dstarts, dfinal, config=backward_config, interpret=interpret
+    )
     dot = Wk.dtype
     dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
     dKd = matmul("...cv,...kv->...ck", w, g_next, dot)
@@ -125,9 +127,9 @@ def gated_delta_rule_pallas_gpu(
         spec = mesh_split(U.shape[0], U.shape[1])
         if spec is None:
             return run(U, Wk, Kd, carry, state)
-        return jax.shard_map(run, in_specs=(spec,) * 5, out_specs=(spec,) * 3, check_vma=False)(
-            U, Wk, Kd, carry, state)
+        return jax.shard_map(run, in_specs=(spec,) * 5, out_specs=(spec,) * 3, check_vma=False)(U, Wk, Kd, carry, state)
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
-    return run_chunked(q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states,
-                       dot_dtype=dot)
+    return run_chunked(
+        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states, dot_dtype=dot
+    )

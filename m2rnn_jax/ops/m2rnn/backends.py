@@ -57,7 +57,7 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def _platform() -> str:
-    """"gpu_nvidia", "tpu" or the name of another platform, from the default device."""
+    """ "gpu_nvidia", "tpu" or the name of another platform, from the default device."""
     device = jax.devices()[0]
     if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
         return "gpu_nvidia"
@@ -98,5 +98,3 @@ def available_backends() -> list[str]:
             continue
         names.append(name)
     return names
-
-

@@ -100,8 +100,17 @@ def m2rnn(
         raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
     if reset is not None:  # only the scan backend resets inside a sequence (docstring)
         y, h_final = get_backend("scan")(
-            q, k, v, W, f, h0, cu_seqlens=None, gradient_clipping=clip, state_dtype=jnp.dtype(state_dtype),
-            interpret=False, reset=reset,
+            q,
+            k,
+            v,
+            W,
+            f,
+            h0,
+            cu_seqlens=None,
+            gradient_clipping=clip,
+            state_dtype=jnp.dtype(state_dtype),
+            interpret=False,
+            reset=reset,
         )
         return _cast_outputs(y, h_final, q, h0)
     backend_fn = get_backend(name)
@@ -122,9 +131,7 @@ def m2rnn(
     return _cast_outputs(y, h_final, q, h0)
 
 
-def _cast_outputs(
-    y: jax.Array, h_final: jax.Array, q: jax.Array, h0: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
+def _cast_outputs(y: jax.Array, h_final: jax.Array, q: jax.Array, h0: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """The output-dtype contract: y in q's dtype, h_final in h0's dtype (q's when h0 is None)."""
     final_dtype = q.dtype if h0 is None else h0.dtype
     return y.astype(q.dtype), h_final.astype(final_dtype)

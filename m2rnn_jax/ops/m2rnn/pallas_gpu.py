@@ -48,8 +48,9 @@ def default_config(batch: int, num_heads: int, k_dim: int) -> KernelConfig:
     block_k = min(k_padded, 64)
     while block_k > 16 and batch * num_heads * (k_padded // block_k) < 264:
         block_k //= 2
-    return KernelConfig(block_k=block_k, num_warps=2 if block_k >= 64 else 1, gluon_rows=min(32, block_k),
-                        gluon_backward=True)
+    return KernelConfig(
+        block_k=block_k, num_warps=2 if block_k >= 64 else 1, gluon_rows=min(32, block_k), gluon_backward=True
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,16 @@ def _run_forward(q, k, v, w, f, h0, cu_seqlens, static: _Static, save: bool):
     offsets = _chunk_offsets(cu_seqlens, static.config.chunk_size) if save else None
     if static.gluon_forward:
         y, h_final, checkpoints = m2rnn_forward_gluon(
-            q, k, v, w, f, h0, chunk_size=static.config.chunk_size, save_checkpoints=save,
-            rows=static.config.gluon_rows, tanh=_gluon_tanh(static.config),
+            q,
+            k,
+            v,
+            w,
+            f,
+            h0,
+            chunk_size=static.config.chunk_size,
+            save_checkpoints=save,
+            rows=static.config.gluon_rows,
+            tanh=_gluon_tanh(static.config),
         )
         return (y, h_final), (checkpoints, offsets)
     rows_split = static.config.rows_per_program(q.shape[-1]) < q.shape[-1]
@@ -164,14 +173,24 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     if static.gluon_backward:
         k_dim = q.shape[-1]
         dq, dk, dv, df, dw, dh0 = m2rnn_backward_gluon(
-            q, k, v, w, f, checkpoints, dy, dh_final.astype(acc), chunk_size=static.config.chunk_size,
-            rows=min(static.config.gluon_rows or k_dim, k_dim), clip=static.clip,
+            q,
+            k,
+            v,
+            w,
+            f,
+            checkpoints,
+            dy,
+            dh_final.astype(acc),
+            chunk_size=static.config.chunk_size,
+            rows=min(static.config.gluon_rows or k_dim, k_dim),
+            clip=static.clip,
             block=math.gcd(static.config.gluon_block, static.config.chunk_size),
             tanh=_gluon_tanh(static.config),
         )
     else:
-        dq, dk, dv, df, dw, dh0 = _pallas_backward(q, k, v, w, f, cu_seqlens, checkpoints, offsets, dy, dh_final,
-                                                   static, h0_dtype, acc)
+        dq, dk, dv, df, dw, dh0 = _pallas_backward(
+            q, k, v, w, f, cu_seqlens, checkpoints, offsets, dy, dh_final, static, h0_dtype, acc
+        )
     grads = (
         reduce_heads(dq.astype(acc), q.shape[1], axis=1).astype(q.dtype),
         reduce_heads(dk.astype(acc), k.shape[1], axis=1).astype(k.dtype),
@@ -219,7 +238,10 @@ def _check_index_range(tokens: int, num_heads: int, k_padded: int, v_padded: int
         "per-head gradient partials (T, N, K)": tokens * num_heads * k_padded,
         "readout partials (K/block_k, T, N, V)": (k_padded // rows) * tokens * num_heads * v_padded,
         "checkpoints": static.num_chunks * num_heads * k_padded * v_padded,
-        "recompute block starts": batch * num_heads * k_padded * v_padded
+        "recompute block starts": batch
+        * num_heads
+        * k_padded
+        * v_padded
         * (config.chunk_size // config.recompute_block),
     }
     for what, size in sizes.items():
@@ -281,7 +303,11 @@ def m2rnn_pallas_gpu(
         config=config,
     )
     static = _Static(
-        config=config, num_chunks=max(num_chunks, 1), clip=gradient_clipping, interpret=interpret, gluon_forward=gluon,
+        config=config,
+        num_chunks=max(num_chunks, 1),
+        clip=gradient_clipping,
+        interpret=interpret,
+        gluon_forward=gluon,
         gluon_backward=use_gluon_backward(gluon_forward=gluon, config=config),
     )
     if h0 is None:

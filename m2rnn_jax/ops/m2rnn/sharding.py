@@ -81,8 +81,13 @@ def run_sharded(
     f, hf = split_heads(f, -1)
     W, hw = split_heads(W, 0)
     args = [q, k, v, W, f]
-    specs = [P(*token_axes, hq, None), P(*token_axes, hk, None), P(*token_axes, hv, None), P(hw, None, None),
-             P(*token_axes, hf)]
+    specs = [
+        P(*token_axes, hq, None),
+        P(*token_axes, hk, None),
+        P(*token_axes, hv, None),
+        P(hw, None, None),
+        P(*token_axes, hf),
+    ]
     state_spec = P(b, head_axis, None, None)
     if h0 is not None:
         args.append(h0)

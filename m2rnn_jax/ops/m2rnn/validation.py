@@ -46,16 +46,12 @@ def _require_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
 
 def _require_dim(name: str, x: jax.Array, axis: int, expected: int, layout: str, what: str) -> None:
     if x.shape[axis] != expected:
-        raise ValueError(
-            f"{name}: expected shape {layout} with {what} = {expected}, got shape {_shape_str(x.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape {layout} with {what} = {expected}, got shape {_shape_str(x.shape)}")
 
 
 def _check_cu_seqlens(cu_seqlens: jax.Array, tokens: int) -> int:
     if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens: expected shape (B+1,) with B >= 1, got shape {_shape_str(cu_seqlens.shape)}"
-        )
+        raise ValueError(f"cu_seqlens: expected shape (B+1,) with B >= 1, got shape {_shape_str(cu_seqlens.shape)}")
     if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
         raise ValueError(f"cu_seqlens: expected an integer array, got dtype {cu_seqlens.dtype}")
     try:

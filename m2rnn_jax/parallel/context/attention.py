@@ -75,8 +75,12 @@ def _merge(a: Partial, b: Partial) -> Partial:
     return Partial(top, wa * a.total + wb * b.total, wa[..., None] * a.weighted + wb[..., None] * b.weighted)
 
 
-def _allowed(query_positions: jax.Array, key_positions: jax.Array, query_documents: jax.Array | None,
-             key_documents: jax.Array | None) -> jax.Array:
+def _allowed(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    query_documents: jax.Array | None,
+    key_documents: jax.Array | None,
+) -> jax.Array:
     """(B or 1, S, T) bool: key position <= query position, in the same document when documents are given."""
     allowed = (key_positions[None, :] <= query_positions[:, None])[None]
     if query_documents is not None:
@@ -123,14 +127,22 @@ def context_causal_attention(
     require(q.ndim == 4, "q", "shape (B, S, Nq, d)", tuple(q.shape))
     batch, seq_len, num_heads, head_dim = q.shape
     for name, x in (("k", k), ("v", v)):
-        require(x.ndim == 4 and (x.shape[0], x.shape[1], x.shape[3]) == (batch, seq_len, head_dim), name,
-                f"shape (B, S, Nkv, d) with (B, S, d) = {(batch, seq_len, head_dim)}", tuple(x.shape))
+        require(
+            x.ndim == 4 and (x.shape[0], x.shape[1], x.shape[3]) == (batch, seq_len, head_dim),
+            name,
+            f"shape (B, S, Nkv, d) with (B, S, d) = {(batch, seq_len, head_dim)}",
+            tuple(x.shape),
+        )
     require(k.shape == v.shape, "v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
     require(q.dtype == k.dtype == v.dtype, "k, v", f"q's dtype {q.dtype}", (k.dtype, v.dtype))
     num_kv_heads = k.shape[2]
     require(num_heads % num_kv_heads == 0, "k", f"a head count Nkv that divides Nq = {num_heads}", num_kv_heads)
-    require(segment_ids is None or tuple(segment_ids.shape) == (batch, seq_len), "segment_ids",
-            f"shape (B, S) = {(batch, seq_len)}", None if segment_ids is None else tuple(segment_ids.shape))
+    require(
+        segment_ids is None or tuple(segment_ids.shape) == (batch, seq_len),
+        "segment_ids",
+        f"shape (B, S) = {(batch, seq_len)}",
+        None if segment_ids is None else tuple(segment_ids.shape),
+    )
 
     positions = global_positions(seq_len, axis_name)
     if rope_theta is not None:
@@ -151,15 +163,17 @@ def context_causal_attention(
     if method == "all_gather":
         every_k, every_v = (jax.lax.all_gather(x, axis_name, axis=1, tiled=True) for x in (k, v))
         every_position = jnp.arange(n * seq_len)
-        result = _block(grouped, every_k, every_v, _allowed(positions, every_position, query_documents, documents),
-                        scale)
+        result = _block(
+            grouped, every_k, every_v, _allowed(positions, every_position, query_documents, documents), scale
+        )
     else:
         result = None
         ring = [(r, (r + 1) % n) for r in range(n)]
         for step in range(n):
             source = (rank - step) % n
-            allowed = _allowed(positions, source * seq_len + jnp.arange(seq_len), query_documents,
-                               block_documents(source))
+            allowed = _allowed(
+                positions, source * seq_len + jnp.arange(seq_len), query_documents, block_documents(source)
+            )
             partial = _block(grouped, k, v, allowed, scale)
             result = partial if result is None else _merge(result, partial)
             if step < n - 1:

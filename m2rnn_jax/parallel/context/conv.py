@@ -63,17 +63,20 @@ def context_conv_state(
     require(isinstance(kernel_size, int) and kernel_size >= 1, "kernel_size", "a positive int", kernel_size)
     batch, seq_len, channels = x.shape
     tail = kernel_size - 1
-    require(seq_len >= tail, "x", f"a local sequence length >= kernel_size - 1 = {tail} on each context shard",
-            seq_len)
+    require(seq_len >= tail, "x", f"a local sequence length >= kernel_size - 1 = {tail} on each context shard", seq_len)
     expected = (batch, tail, channels)
-    require(state is None or tuple(state.shape) == expected, "state", f"shape (B, kernel_size - 1, C) = {expected}",
-            None if state is None else tuple(state.shape))
-    halo = shift_right(x[:, seq_len - tail:], axis_name)  # shard 0: zeros
+    require(
+        state is None or tuple(state.shape) == expected,
+        "state",
+        f"shape (B, kernel_size - 1, C) = {expected}",
+        None if state is None else tuple(state.shape),
+    )
+    halo = shift_right(x[:, seq_len - tail :], axis_name)  # shard 0: zeros
     first = jax.lax.axis_index(axis_name) == 0
     if state is not None:
         halo = jnp.where(first, state.astype(x.dtype), halo)
     if segment_ids is not None:
-        keep = _same_document_as_first(shift_right(segment_ids[:, seq_len - tail:], axis_name), segment_ids)
+        keep = _same_document_as_first(shift_right(segment_ids[:, seq_len - tail :], axis_name), segment_ids)
         halo = jnp.where((keep | first)[..., None], halo, jnp.zeros_like(halo))  # shard 0: the layer's own rule
     return halo
 

@@ -22,7 +22,7 @@ end state, replicated over the axis (:func:`~m2rnn_jax.parallel.context.collecti
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

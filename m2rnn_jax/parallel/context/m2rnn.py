@@ -42,8 +42,10 @@ def context_m2rnn(
     """
     for name, x, rank in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("f", f, 3), ("W", W, 3)):
         if x.ndim != rank:
-            raise ValueError(f"{name}: expected {rank} dimensions (dense inputs; varlen cannot be split over the "
-                             f"context axis), got shape {x.shape}")
+            raise ValueError(
+                f"{name}: expected {rank} dimensions (dense inputs; varlen cannot be split over the "
+                f"context axis), got shape {x.shape}"
+            )
     if checks_enabled(check_values):
         check_input_values(q, k, v, W, f, h0, None)
     batch, _, _, key_dim = k.shape
@@ -54,9 +56,29 @@ def context_m2rnn(
 
     def run(inputs, weights, h, reset):
         q, k, v, f = inputs
-        return m2rnn(q, k, v, weights[0], f, h, reset=reset, gradient_clipping=gradient_clipping,
-                     state_dtype=state_dtype, backend=backend, interpret=interpret, check_values=False)
+        return m2rnn(
+            q,
+            k,
+            v,
+            weights[0],
+            f,
+            h,
+            reset=reset,
+            gradient_clipping=gradient_clipping,
+            state_dtype=state_dtype,
+            backend=backend,
+            interpret=interpret,
+            check_values=False,
+        )
 
-    y, final = context_recurrence(run, (q, k, v, f), (W,), start, reset=reset, num_heads=num_heads,
-                                  num_micro_batches=num_micro_batches, axis_name=axis_name)
+    y, final = context_recurrence(
+        run,
+        (q, k, v, f),
+        (W,),
+        start,
+        reset=reset,
+        num_heads=num_heads,
+        num_micro_batches=num_micro_batches,
+        axis_name=axis_name,
+    )
     return y.astype(q.dtype), final.astype(q.dtype if h0 is None else h0.dtype)

@@ -37,11 +37,15 @@ def causal_conv_over_context(
     graphdef, params = nnx.split(conv)
 
     def local(params: nnx.State, x: jax.Array, state: jax.Array | None, segment_ids: jax.Array | None):
-        return context_causal_conv(nnx.merge(graphdef, params), x, state, segment_ids=segment_ids,
-                                   axis_name=axis_name)
+        return context_causal_conv(nnx.merge(graphdef, params), x, state, segment_ids=segment_ids, axis_name=axis_name)
 
-    return run_over_context(local, (params, x, state, segment_ids), (REPLICATED, SEQUENCE, BATCH, SEQUENCE),
-                            (SEQUENCE, BATCH), axis_name=axis_name)
+    return run_over_context(
+        local,
+        (params, x, state, segment_ids),
+        (REPLICATED, SEQUENCE, BATCH, SEQUENCE),
+        (SEQUENCE, BATCH),
+        axis_name=axis_name,
+    )
 
 
 def gated_delta_rule_over_context(
@@ -61,8 +65,13 @@ def gated_delta_rule_over_context(
     def local(q, k, v, beta, log_alpha, h0, reset):
         return context_gated_delta_rule(q, k, v, beta, log_alpha, h0, reset=reset, axis_name=axis_name, **op_kwargs)
 
-    return run_over_context(local, (q, k, v, beta, log_alpha, h0, reset), (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
-                            (SEQUENCE, BATCH), axis_name=axis_name)
+    return run_over_context(
+        local,
+        (q, k, v, beta, log_alpha, h0, reset),
+        (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
+        (SEQUENCE, BATCH),
+        axis_name=axis_name,
+    )
 
 
 def ssd_over_context(
@@ -82,8 +91,13 @@ def ssd_over_context(
     def local(x, dt, log_decay, B, C, h0, reset):
         return context_ssd(x, dt, log_decay, B, C, h0, reset=reset, axis_name=axis_name, **op_kwargs)
 
-    return run_over_context(local, (x, dt, log_decay, B, C, h0, reset), (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
-                            (SEQUENCE, BATCH), axis_name=axis_name)
+    return run_over_context(
+        local,
+        (x, dt, log_decay, B, C, h0, reset),
+        (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
+        (SEQUENCE, BATCH),
+        axis_name=axis_name,
+    )
 
 
 def causal_attention_over_context(
@@ -101,7 +115,8 @@ def causal_attention_over_context(
     from m2rnn_jax.parallel.context.attention import context_causal_attention  # imports layer modules
 
     def local(q, k, v, segment_ids):
-        return (context_causal_attention(q, k, v, scale=scale, segment_ids=segment_ids, method=method,
-                                         axis_name=axis_name),)
+        return (
+            context_causal_attention(q, k, v, scale=scale, segment_ids=segment_ids, method=method, axis_name=axis_name),
+        )
 
     return run_over_context(local, (q, k, v, segment_ids), (SEQUENCE,) * 4, (SEQUENCE,), axis_name=axis_name)[0]

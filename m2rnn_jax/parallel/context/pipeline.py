@@ -36,8 +36,7 @@ from m2rnn_jax.parallel.context.shard import (
 )
 
 # run(inputs, weights, h0, reset) -> (y, h_final): the single-device recurrence on local arrays (reset may be None)
-Run = Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array | None],
-               tuple[jax.Array, jax.Array]]
+Run = Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
 
 
 def _to_micro(x: jax.Array, axis: int | None, num_micro: int) -> jax.Array:
@@ -45,14 +44,14 @@ def _to_micro(x: jax.Array, axis: int | None, num_micro: int) -> jax.Array:
     (a dimension split over devices in contiguous blocks stays split the same way in every micro-batch)."""
     if axis is None:
         return x
-    x = x.reshape(x.shape[:axis] + (x.shape[axis] // num_micro, num_micro) + x.shape[axis + 1:])
+    x = x.reshape(x.shape[:axis] + (x.shape[axis] // num_micro, num_micro) + x.shape[axis + 1 :])
     return jnp.moveaxis(x, axis + 1, 0)
 
 
 def _from_micro(x: jax.Array, axis: int) -> jax.Array:
     """Inverse of :func:`_to_micro` for an array (M, ...) whose micro-batches belong on ``axis`` of the result."""
     x = jnp.moveaxis(x, 0, axis + 1)
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def pipelined_recurrence(
@@ -121,9 +120,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def choose_micro_batches(
-    batch: int, heads: int, num_shards: int, requested: int | None = None
-) -> tuple[str, int]:
+def choose_micro_batches(batch: int, heads: int, num_shards: int, requested: int | None = None) -> tuple[str, int]:
     """("batch" or "heads", M): how the local work of a shard is cut into micro-batches.
 
     batch / heads: the local (per-device) sequences and heads. ``requested``: M, which must divide one of them;
@@ -184,11 +181,25 @@ def context_recurrence(
 
     def local(inputs, weights, h0, reset):
         y, final = pipelined_recurrence(
-            run, inputs, weights, h0, reset, input_axes=input_axes, weight_axes=weight_axes, state_axis=state_axis,
-            output_axis=output_axis, num_micro_batches=m, axis_name=axis_name,
+            run,
+            inputs,
+            weights,
+            h0,
+            reset,
+            input_axes=input_axes,
+            weight_axes=weight_axes,
+            state_axis=state_axis,
+            output_axis=output_axis,
+            num_micro_batches=m,
+            axis_name=axis_name,
         )
         return y, final[:, None]  # (B, shards, ...) over the shards: the last one is the global final state
 
-    y, finals = run_over_context(local, (inputs, weights, h0, reset), (SEQUENCE, REPLICATED, BATCH, SEQUENCE),
-                                 (SEQUENCE, SEQUENCE), axis_name=axis_name)
+    y, finals = run_over_context(
+        local,
+        (inputs, weights, h0, reset),
+        (SEQUENCE, REPLICATED, BATCH, SEQUENCE),
+        (SEQUENCE, SEQUENCE),
+        axis_name=axis_name,
+    )
     return y, finals[:, -1]
