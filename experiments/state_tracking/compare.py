@@ -38,7 +38,6 @@ from m2rnn_jax.models.counting import model_summary
 from m2rnn_jax.train.trainer import Trainer
 
 
-
 class _StopRequests:
     """SIGTERM / SIGINT outside a training run, and the per-run time budget.
 
@@ -52,7 +51,7 @@ class _StopRequests:
         self.budget_expired = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequests":
+    def __enter__(self) -> _StopRequests:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -107,8 +106,9 @@ def _cached(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     return result if result.get("complete") and result.get("config") == config else None
 
 
-def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path, stops: _StopRequests,
-            run_seconds: float | None = None) -> dict[str, Any]:
+def run_one(
+    recipe: Recipe, model: str, group: str, seed: int, out: Path, stops: _StopRequests, run_seconds: float | None = None
+) -> dict[str, Any]:
     """Trains (or resumes) one run, evaluates it at every position, writes and returns its ``result.json``.
 
     ``run_seconds``: stop training after that long (the run is recorded with the steps it did)."""
@@ -132,12 +132,20 @@ def run_one(recipe: Recipe, model: str, group: str, seed: int, out: Path, stops:
     curves = evaluate_positions(trainer, group, max(recipe.lengths), recipe.eval_sequences)
     summary = model_summary(config.model)
     result = {
-        "group": group, "model": model, "seed": seed, "steps": config.steps, "steps_done": steps_done,
-        "complete": steps_done >= config.steps, "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - started, 1), "train_length": recipe.train_length,
-        "params": summary["params_total"], "recurrent_state_per_layer": sum(
-            summary["recurrent_state_per_layer"].values()),
-        "at_lengths": at_lengths(curves, list(recipe.lengths)), "curves": curves, "config": config_dict,
+        "group": group,
+        "model": model,
+        "seed": seed,
+        "steps": config.steps,
+        "steps_done": steps_done,
+        "complete": steps_done >= config.steps,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "train_length": recipe.train_length,
+        "params": summary["params_total"],
+        "recurrent_state_per_layer": sum(summary["recurrent_state_per_layer"].values()),
+        "at_lengths": at_lengths(curves, list(recipe.lengths)),
+        "curves": curves,
+        "config": config_dict,
     }
     with atomic_file(result_path) as temporary:
         temporary.write_text(json.dumps(result) + "\n")
@@ -160,8 +168,9 @@ def collect(out: Path, groups: list[str], models: list[str], seeds: list[int]) -
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = RECIPES[args.recipe]
-    size = dataclasses.replace(recipe.size, **{k: v for k, v in (("hidden_size", args.hidden_size),
-                                                                  ("num_layers", args.num_layers)) if v})
+    size = dataclasses.replace(
+        recipe.size, **{k: v for k, v in (("hidden_size", args.hidden_size), ("num_layers", args.num_layers)) if v}
+    )
     changes: dict[str, Any] = {"size": size}
     if args.steps:
         changes["steps"] = args.steps
@@ -176,8 +185,11 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.state_tracking compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.state_tracking compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--recipe", default="gpu", choices=sorted(RECIPES), help="the training budget (default gpu)")
     parser.add_argument("--groups", nargs="+", default=["s3"], choices=list(GROUPS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -211,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
                 result = run_one(recipe, model, group, seed, out, stops, args.run_seconds)
                 cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
-                print(f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
-                      f"{result['seconds']} s, {cells}", flush=True)
+                print(
+                    f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
+                    f"{result['seconds']} s, {cells}",
+                    flush=True,
+                )
                 if stops.stop_requested(result["steps_done"], result["steps"]):
                     print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
                     break

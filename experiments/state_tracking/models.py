@@ -25,7 +25,7 @@ attention   softmax attention with RoPE, 4 heads of h/4                    (KV c
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from m2rnn_jax.data.state_tracking import get_group
 from m2rnn_jax.layers.attention import AttentionConfig
@@ -36,7 +36,6 @@ from m2rnn_jax.layers.mlp import MLPConfig
 from m2rnn_jax.layers.rnn import RNNConfig
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.train.presets import state_tracking_model
-
 
 # The init of the tanh recurrences (M2RNN, GRU, RNN): large enough that the recurrence uses the tanh from the first
 # step (with the language-model default 0.02 the CPU recipe's GRU stayed at 33% on S3, with 0.2 it reached 100%).
@@ -60,16 +59,27 @@ class ModelSize:
 
 def _decoder(group: str, size: ModelSize, letter: str, field: str, mixer: object) -> ModelConfig:
     return ModelConfig(
-        vocab_size=get_group(group).order, hidden_size=size.hidden_size, num_layers=size.num_layers,
-        layer_pattern=letter * size.num_layers, mlp=MLPConfig(intermediate_size=2 * size.hidden_size),
-        dtype=size.dtype, **{field: mixer},
+        vocab_size=get_group(group).order,
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        layer_pattern=letter * size.num_layers,
+        mlp=MLPConfig(intermediate_size=2 * size.hidden_size),
+        dtype=size.dtype,
+        **{field: mixer},
     )
 
 
 def _m2rnn(group: str, size: ModelSize) -> ModelConfig:
-    return state_tracking_model(group, hidden_size=size.hidden_size, num_layers=size.num_layers, num_heads=4,
-                                k_head_dim=2, v_head_dim=64, intermediate_size=2 * size.hidden_size,
-                                dtype=size.dtype)
+    return state_tracking_model(
+        group,
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        num_heads=4,
+        k_head_dim=2,
+        v_head_dim=64,
+        intermediate_size=2 * size.hidden_size,
+        dtype=size.dtype,
+    )
 
 
 def _gru(group: str, size: ModelSize) -> ModelConfig:

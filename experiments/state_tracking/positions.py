@@ -27,12 +27,14 @@ def evaluation_batch(group: str, length: int, num_sequences: int) -> dict[str, n
     """The fixed evaluation set: ``{"inputs", "targets"}`` of shape (num_sequences, length) int32."""
     if length < 1 or num_sequences < 1:
         raise ValueError(f"length and num_sequences: expected >= 1, got {length} and {num_sequences}")
-    return state_tracking_batch(get_group(group), seed=COMPARE_EVAL_SEED, step=0, batch_size=num_sequences,
-                                seq_len=length)
+    return state_tracking_batch(
+        get_group(group), seed=COMPARE_EVAL_SEED, step=0, batch_size=num_sequences, seq_len=length
+    )
 
 
-def correct_matrix(graphdef: nnx.GraphDef, params: nnx.State, inputs: np.ndarray, targets: np.ndarray,
-                   chunk: int = 256) -> np.ndarray:
+def correct_matrix(
+    graphdef: nnx.GraphDef, params: nnx.State, inputs: np.ndarray, targets: np.ndarray, chunk: int = 256
+) -> np.ndarray:
     """Whether the model's argmax equals the target at every position: (B, S) bool, ``chunk`` rows at a time."""
 
     @jax.jit
@@ -41,8 +43,8 @@ def correct_matrix(graphdef: nnx.GraphDef, params: nnx.State, inputs: np.ndarray
 
     rows = []
     for start in range(0, inputs.shape[0], chunk):
-        predicted = np.asarray(jax.device_get(predict(params, jnp.asarray(inputs[start:start + chunk]))))
-        rows.append(predicted == targets[start:start + chunk])
+        predicted = np.asarray(jax.device_get(predict(params, jnp.asarray(inputs[start : start + chunk]))))
+        rows.append(predicted == targets[start : start + chunk])
     return np.concatenate(rows, axis=0)
 
 

@@ -31,8 +31,10 @@ class Recipe:
 
     def __post_init__(self):
         if self.curriculum[0][0] != 0 or self.curriculum[-1][1] != self.train_length:
-            raise ValueError(f"curriculum: expected to start at fraction 0 and end at length {self.train_length}, "
-                             f"got {self.curriculum}")
+            raise ValueError(
+                f"curriculum: expected to start at fraction 0 and end at length {self.train_length}, "
+                f"got {self.curriculum}"
+            )
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size: expected >= 1, got {self.steps} and {self.batch_size}")
         if not self.lengths or min(self.lengths) < 1:
@@ -45,34 +47,53 @@ class Recipe:
             stages[int(round(fraction * self.steps))] = length
         return tuple(sorted(stages.items()))
 
-    def with_train_length(self, train_length: int) -> "Recipe":
+    def with_train_length(self, train_length: int) -> Recipe:
         """This recipe trained at ``train_length``, its curriculum lengths scaled by the same factor."""
         if train_length < 1:
             raise ValueError(f"train_length: expected >= 1, got {train_length}")
         scale = train_length / self.train_length
         stages = tuple((fraction, max(1, round(length * scale))) for fraction, length in self.curriculum[:-1])
-        return dataclasses.replace(self, train_length=train_length,
-                                   curriculum=stages + ((self.curriculum[-1][0], train_length),))
+        return dataclasses.replace(
+            self, train_length=train_length, curriculum=stages + ((self.curriculum[-1][0], train_length),)
+        )
 
     def describe(self) -> str:
         """One line stating the budget (printed above every table)."""
         stages = " -> ".join(f"{length} from step {step}" for step, length in self.curriculum_steps())
         warmup = min(self.warmup_steps, self.steps)
-        return (f"{self.steps} steps of {self.batch_size} sequences (curriculum: {stages}), AdamW lr "
-                f"{self.learning_rate:g} (warmup {warmup}, cosine to 10%), weight decay 0.1, gradient clip 1, "
-                f"{self.size.num_layers} layers of width {self.size.hidden_size} ({self.size.dtype}), "
-                f"evaluated on {self.eval_sequences} sequences of length {max(self.lengths)}")
+        return (
+            f"{self.steps} steps of {self.batch_size} sequences (curriculum: {stages}), AdamW lr "
+            f"{self.learning_rate:g} (warmup {warmup}, cosine to 10%), weight decay 0.1, gradient clip 1, "
+            f"{self.size.num_layers} layers of width {self.size.hidden_size} ({self.size.dtype}), "
+            f"evaluated on {self.eval_sequences} sequences of length {max(self.lengths)}"
+        )
 
 
 RECIPES: dict[str, Recipe] = {
     # One H200: every model and seed of the S3 figure within 10 minutes (several processes share the GPU).
-    "gpu": Recipe(size=ModelSize(hidden_size=128, num_layers=2), train_length=128,
-                  curriculum=((0.0, 16), (0.3, 64), (0.6, 128)), steps=3000, batch_size=128, learning_rate=3e-3,
-                  warmup_steps=100, lengths=(16, 64, 128, 256, 384, 512), eval_sequences=1024),
+    "gpu": Recipe(
+        size=ModelSize(hidden_size=128, num_layers=2),
+        train_length=128,
+        curriculum=((0.0, 16), (0.3, 64), (0.6, 128)),
+        steps=3000,
+        batch_size=128,
+        learning_rate=3e-3,
+        warmup_steps=100,
+        lengths=(16, 64, 128, 256, 384, 512),
+        eval_sequences=1024,
+    ),
     # A 2-core CPU: train at 32, evaluate to 4x (minutes per model).
-    "cpu": Recipe(size=ModelSize(hidden_size=64, num_layers=2), train_length=32,
-                  curriculum=((0.0, 8), (0.5, 32)), steps=1500, batch_size=32, learning_rate=5e-3,
-                  warmup_steps=100, lengths=(8, 16, 32, 64, 128), eval_sequences=256),
+    "cpu": Recipe(
+        size=ModelSize(hidden_size=64, num_layers=2),
+        train_length=32,
+        curriculum=((0.0, 8), (0.5, 32)),
+        steps=1500,
+        batch_size=32,
+        learning_rate=5e-3,
+        warmup_steps=100,
+        lengths=(8, 16, 32, 64, 128),
+        eval_sequences=256,
+    ),
 }
 
 
@@ -80,11 +101,18 @@ def train_config(recipe: Recipe, model: str, group: str, seed: int) -> TrainConf
     """The :class:`TrainConfig` of one run of the comparison (model and data seeded by ``seed``)."""
     return TrainConfig(
         model=model_config(model, group, recipe.size),
-        optimizer=OptimizerConfig(learning_rate=recipe.learning_rate, warmup_steps=min(recipe.warmup_steps,
-                                                                                      recipe.steps)),
-        data=DataConfig(kind="state_tracking", group=group, seq_len=recipe.train_length,
-                        curriculum=recipe.curriculum_steps(), eval_lengths=(recipe.train_length,),
-                        eval_batch_size=min(recipe.eval_sequences, 256), seed=seed),
+        optimizer=OptimizerConfig(
+            learning_rate=recipe.learning_rate, warmup_steps=min(recipe.warmup_steps, recipe.steps)
+        ),
+        data=DataConfig(
+            kind="state_tracking",
+            group=group,
+            seq_len=recipe.train_length,
+            curriculum=recipe.curriculum_steps(),
+            eval_lengths=(recipe.train_length,),
+            eval_batch_size=min(recipe.eval_sequences, 256),
+            seed=seed,
+        ),
         checkpoint=CheckpointConfig(every_steps=recipe.steps, keep=1, async_save=False),
         steps=recipe.steps,
         batch_size=recipe.batch_size,

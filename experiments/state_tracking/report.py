@@ -12,8 +12,10 @@ from experiments.state_tracking.models import MODELS, model_label
 from experiments.state_tracking.recipes import Recipe
 from m2rnn_jax.data.atomic import atomic_file
 
-KINDS = {"position": "accuracy at position n (the running product after n elements)",
-         "sequence": "whole-sequence accuracy (every running product up to n right)"}
+KINDS = {
+    "position": "accuracy at position n (the running product after n elements)",
+    "sequence": "whole-sequence accuracy (every running product up to n right)",
+}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -42,8 +44,9 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             "params": runs[0]["params"],
             "recurrent_state_per_layer": runs[0]["recurrent_state_per_layer"],
             "seconds_per_run": float(np.mean([run["seconds"] for run in runs])),
-            "at_lengths": {n: {kind: _stats([run["at_lengths"][n][kind] for run in runs]) for kind in KINDS}
-                           for n in lengths},
+            "at_lengths": {
+                n: {kind: _stats([run["at_lengths"][n][kind] for run in runs]) for kind in KINDS} for n in lengths
+            },
         }
     return summary
 
@@ -55,22 +58,30 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], budget: str) -> str:
         train_length = next(iter(models.values()))["train_length"]
         lengths = sorted({n for entry in models.values() for n in entry["at_lengths"]}, key=int)
         for kind, description in KINDS.items():
-            lines += [f"## {group.upper()}, trained at length {train_length}: {description}", "",
-                      "Mean over seeds (worst seed).", "",
-                      "| model | params | state / layer | " + " | ".join(f"@{n}" for n in lengths)
-                      + " | seeds | steps | s / run |",
-                      "|---|---|---|" + "---|" * len(lengths) + "---|---|---|"]
+            lines += [
+                f"## {group.upper()}, trained at length {train_length}: {description}",
+                "",
+                "Mean over seeds (worst seed).",
+                "",
+                "| model | params | state / layer | "
+                + " | ".join(f"@{n}" for n in lengths)
+                + " | seeds | steps | s / run |",
+                "|---|---|---|" + "---|" * len(lengths) + "---|---|---|",
+            ]
             for entry in models.values():
                 cells = []
                 for n in lengths:
                     stats = entry["at_lengths"].get(n, {}).get(kind)
-                    cells.append("-" if stats is None else
-                                 f"{100 * stats['mean']:.1f} ({100 * stats['min']:.1f})")
-                steps = f"{entry['steps_done']}" + ("" if entry["steps_done"] >= entry["steps"]
-                                                    else f" of {entry['steps']}")
+                    cells.append("-" if stats is None else f"{100 * stats['mean']:.1f} ({100 * stats['min']:.1f})")
+                steps = f"{entry['steps_done']}" + (
+                    "" if entry["steps_done"] >= entry["steps"] else f" of {entry['steps']}"
+                )
                 state = entry["recurrent_state_per_layer"] or "KV cache"
-                lines.append(f"| {entry['label']} | {entry['params']:,} | {state} | " + " | ".join(cells)
-                             + f" | {len(entry['seeds'])} | {steps} | {entry['seconds_per_run']:.0f} |")
+                lines.append(
+                    f"| {entry['label']} | {entry['params']:,} | {state} | "
+                    + " | ".join(cells)
+                    + f" | {len(entry['seeds'])} | {steps} | {entry['seconds_per_run']:.0f} |"
+                )
             lines.append("")
     return "\n".join(lines)
 

@@ -24,8 +24,11 @@ from m2rnn_jax.train.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.state_tracking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.state_tracking",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--groups", nargs="+", default=["s3"], choices=["parity", "s3", "s5", "a5"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--size", default="tiny", help="preset size: state-tracking-<group>-<size> (tiny, small, ...)")
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for group in args.groups:
         for seed in args.seeds:
-            config = apply_overrides(train_config(f"state-tracking-{group}-{args.size}"),
-                                     [f"seed={seed}", f"data.seed={seed}", *args.overrides])
+            config = apply_overrides(
+                train_config(f"state-tracking-{group}-{args.size}"),
+                [f"seed={seed}", f"data.seed={seed}", *args.overrides],
+            )
             workdir = Path(args.out) / f"{group}-s{seed}"
             report = workdir / "length_generalization.json"
             started = time.perf_counter()
@@ -46,14 +51,25 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.run()
                 if trainer.step < config.steps:  # stopped by a signal: evaluate the step it reached
                     results = trainer.evaluator.evaluate(trainer.state.params)
-                    write_report(results, config.data.seq_len, workdir, f"{group.upper()} (stopped early)",
-                                 {"step": trainer.step})
+                    write_report(
+                        results,
+                        config.data.seq_len,
+                        workdir,
+                        f"{group.upper()} (stopped early)",
+                        {"step": trainer.step},
+                    )
             reported = json.loads(report.read_text())
             results = reported["results"]
-            rows.append({"group": group, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-                         "steps": f"{reported['step']}/{config.steps}",
-                         "accuracy": {n: r["accuracy"] for n, r in results.items()},
-                         "final_accuracy": {n: r["final_accuracy"] for n, r in results.items()}})
+            rows.append(
+                {
+                    "group": group,
+                    "seed": seed,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "steps": f"{reported['step']}/{config.steps}",
+                    "accuracy": {n: r["accuracy"] for n, r in results.items()},
+                    "final_accuracy": {n: r["final_accuracy"] for n, r in results.items()},
+                }
+            )
 
     lengths = sorted({int(n) for row in rows for n in row["accuracy"]})
     print("| group | seed | " + " | ".join(f"acc @{n}" for n in lengths) + " | steps | seconds |")
@@ -65,4 +81,3 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_file(Path(args.out) / "summary.json") as temporary:
         temporary.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
-

@@ -19,8 +19,10 @@ def test_accuracy_curves_position_and_sequence():
     curves = accuracy_curves(correct)
     np.testing.assert_allclose(curves["position"], [1.0, 2 / 3, 2 / 3, 1.0])
     np.testing.assert_allclose(curves["sequence"], [1.0, 2 / 3, 1 / 3, 1 / 3])
-    assert at_lengths(curves, [2, 4]) == {"2": {"position": 2 / 3, "sequence": 2 / 3},
-                                          "4": {"position": 1.0, "sequence": 1 / 3}}
+    assert at_lengths(curves, [2, 4]) == {
+        "2": {"position": 2 / 3, "sequence": 2 / 3},
+        "4": {"position": 1.0, "sequence": 1 / 3},
+    }
     with pytest.raises(ValueError, match="lengths"):
         at_lengths(curves, [5])
 
@@ -51,9 +53,32 @@ def test_recipe_curriculum_scales_with_steps():
 
 def test_compare_end_to_end(tmp_path, capsys):
     # Training at length 1 keeps it to one compiled train step per model.
-    argv = ["--recipe", "cpu", "--models", "m2rnn", "attention", "--seeds", "0", "--steps", "4", "--train-length", "1",
-            "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "2", "6",
-            "--eval-sequences", "8", "--out", str(tmp_path)]
+    argv = [
+        "--recipe",
+        "cpu",
+        "--models",
+        "m2rnn",
+        "attention",
+        "--seeds",
+        "0",
+        "--steps",
+        "4",
+        "--train-length",
+        "1",
+        "--batch-size",
+        "4",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--lengths",
+        "2",
+        "6",
+        "--eval-sequences",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert compare.main(argv) == 0
     report = json.loads((tmp_path / "compare.json").read_text())
     summary = report["summary"]["s3"]
@@ -90,9 +115,33 @@ def test_compare_rejects_bad_flags(tmp_path):
 
 @pytest.mark.slow
 def test_compare_time_budget_records_partial_runs_and_goes_on(tmp_path):
-    argv = ["--recipe", "cpu", "--models", "m2rnn", "--seeds", "0", "1", "--steps", "100000", "--train-length", "6",
-            "--batch-size", "4", "--hidden-size", "16", "--num-layers", "1", "--lengths", "3",
-            "--eval-sequences", "8", "--run-seconds", "1", "--out", str(tmp_path)]
+    argv = [
+        "--recipe",
+        "cpu",
+        "--models",
+        "m2rnn",
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "100000",
+        "--train-length",
+        "6",
+        "--batch-size",
+        "4",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--lengths",
+        "3",
+        "--eval-sequences",
+        "8",
+        "--run-seconds",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert compare.main(argv) == 0
     for seed in (0, 1):
         directory = tmp_path / "runs" / "s3" / "m2rnn" / f"s{seed}"

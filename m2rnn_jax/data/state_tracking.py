@@ -78,8 +78,9 @@ def running_products(group: Group, tokens: np.ndarray) -> np.ndarray:
     return out
 
 
-def state_tracking_batch(group: Group, *, seed: int, step: int, batch_size: int, seq_len: int,
-                         rows: slice | None = None) -> dict[str, np.ndarray]:
+def state_tracking_batch(
+    group: Group, *, seed: int, step: int, batch_size: int, seq_len: int, rows: slice | None = None
+) -> dict[str, np.ndarray]:
     """The global batch number ``step`` of the stream ``seed``, or the ``rows`` slice of it.
 
     Returns ``{"inputs": (b, seq_len) int32, "targets": (b, seq_len) int32}`` where b is ``batch_size`` or the

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
+from m2rnn_jax.data.state_tracking import GROUPS, get_group
 from m2rnn_jax.layers.attention import AttentionConfig
 from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mlp import MLPConfig
 from m2rnn_jax.models import ModelConfig, get_preset, list_presets, preset_description, register_preset
 from m2rnn_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, SampleConfig, TrainConfig
-from m2rnn_jax.data.state_tracking import GROUPS, get_group
 
 __all__ = [
     "default_train_config",
@@ -83,9 +83,18 @@ def train_config(name: str) -> TrainConfig:
     raise ValueError(f"--preset: unknown preset {name!r}{hint}")
 
 
-def state_tracking_model(group: str, *, hidden_size: int, num_layers: int, num_heads: int, k_head_dim: int,
-                         v_head_dim: int, intermediate_size: int, dtype: str = "float32",
-                         initializer_range: float = 0.2) -> ModelConfig:
+def state_tracking_model(
+    group: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    k_head_dim: int,
+    v_head_dim: int,
+    intermediate_size: int,
+    dtype: str = "float32",
+    initializer_range: float = 0.2,
+) -> ModelConfig:
     """An all-M2RNN decoder whose vocabulary is the group's elements (input tokens and output classes).
 
     Choices that differ from the language-model layer, each of which made S3 learn faster in the sweep recorded
@@ -121,11 +130,18 @@ def state_tracking_model(group: str, *, hidden_size: int, num_layers: int, num_h
 
 def _state_tracking_tiny(group: str) -> TrainConfig:
     return TrainConfig(
-        model=state_tracking_model(group, hidden_size=64, num_layers=2, num_heads=4, k_head_dim=2, v_head_dim=64,
-                                   intermediate_size=128),
+        model=state_tracking_model(
+            group, hidden_size=64, num_layers=2, num_heads=4, k_head_dim=2, v_head_dim=64, intermediate_size=128
+        ),
         optimizer=OptimizerConfig(learning_rate=5e-3, warmup_steps=100, weight_decay=0.1),
-        data=DataConfig(kind="state_tracking", group=group, seq_len=64, curriculum=((0, 16), (2000, 64)),
-                        eval_lengths=(64, 256, 1024), eval_batch_size=256),
+        data=DataConfig(
+            kind="state_tracking",
+            group=group,
+            seq_len=64,
+            curriculum=((0, 16), (2000, 64)),
+            eval_lengths=(64, 256, 1024),
+            eval_batch_size=256,
+        ),
         checkpoint=CheckpointConfig(every_steps=1000, keep=2),
         steps=3000,
         batch_size=32,
@@ -137,11 +153,18 @@ def _state_tracking_small(group: str) -> TrainConfig:
     """The tiny recipe scaled up for a GPU (wider V-rich heads, 4 layers, training length 128), in float32: in
     bfloat16 S3 stopped at 99.4% even at the training length (H200, session 5)."""
     return TrainConfig(
-        model=state_tracking_model(group, hidden_size=256, num_layers=4, num_heads=8, k_head_dim=4,
-                                   v_head_dim=64, intermediate_size=512),
+        model=state_tracking_model(
+            group, hidden_size=256, num_layers=4, num_heads=8, k_head_dim=4, v_head_dim=64, intermediate_size=512
+        ),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=200, weight_decay=0.1),
-        data=DataConfig(kind="state_tracking", group=group, seq_len=128, curriculum=((0, 32), (2000, 128)),
-                        eval_lengths=(128, 512, 2048), eval_batch_size=512),
+        data=DataConfig(
+            kind="state_tracking",
+            group=group,
+            seq_len=128,
+            curriculum=((0, 32), (2000, 128)),
+            eval_lengths=(128, 512, 2048),
+            eval_batch_size=512,
+        ),
         checkpoint=CheckpointConfig(every_steps=1000, keep=2),
         steps=6000,
         batch_size=128,
@@ -169,15 +192,27 @@ def _state_tracking_large(group: str) -> TrainConfig:
     scan backend: V is larger than the fused kernels' tiles), a batch of 256 and a slow curriculum from length 4
     (where the model must first learn the group's multiplication table) to 64, evaluated to 16x. The search
     behind it is in experiments/state_tracking/SEARCH.md."""
-    model = state_tracking_model(group, hidden_size=256, num_layers=2, num_heads=4, k_head_dim=4,
-                                 v_head_dim=_permutation_block_width(group), intermediate_size=1024)
+    model = state_tracking_model(
+        group,
+        hidden_size=256,
+        num_layers=2,
+        num_heads=4,
+        k_head_dim=4,
+        v_head_dim=_permutation_block_width(group),
+        intermediate_size=1024,
+    )
     return TrainConfig(
         model=model.replace(m2rnn=dataclasses.replace(model.m2rnn, backend="scan")),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=500, weight_decay=0.1),
-        data=DataConfig(kind="state_tracking", group=group, seq_len=64,
-                        curriculum=((0, 4), (4000, 6), (6000, 8), (8000, 12), (10000, 16), (12000, 32),
-                                    (14000, 64)),
-                        eval_lengths=(64, 256, 1024), eval_batch_size=128, eval_batches=4),
+        data=DataConfig(
+            kind="state_tracking",
+            group=group,
+            seq_len=64,
+            curriculum=((0, 4), (4000, 6), (6000, 8), (8000, 12), (10000, 16), (12000, 32), (14000, 64)),
+            eval_lengths=(64, 256, 1024),
+            eval_batch_size=128,
+            eval_batches=4,
+        ),
         checkpoint=CheckpointConfig(every_steps=2000, keep=1),
         steps=16000,
         batch_size=256,
@@ -185,7 +220,7 @@ def _state_tracking_large(group: str) -> TrainConfig:
     )
 
 
-TEXT_DEMO_PROMPTS = ("The \"while\" statement", "A class definition")
+TEXT_DEMO_PROMPTS = ('The "while" statement', "A class definition")
 
 
 def _text_demo() -> TrainConfig:
@@ -204,8 +239,14 @@ def _text_demo() -> TrainConfig:
     return TrainConfig(
         model=model,
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=30),
-        data=DataConfig(kind="token_file", path="builtin:python-docs", seq_len=128, eval_lengths=(128,),
-                        eval_batch_size=32, eval_windows=64),
+        data=DataConfig(
+            kind="token_file",
+            path="builtin:python-docs",
+            seq_len=128,
+            eval_lengths=(128,),
+            eval_batch_size=32,
+            eval_windows=64,
+        ),
         checkpoint=CheckpointConfig(every_steps=200, keep=1),
         sample=SampleConfig(prompts=TEXT_DEMO_PROMPTS, max_new_tokens=48),
         steps=200,
@@ -217,7 +258,8 @@ def _text_demo() -> TrainConfig:
 
 def _register() -> None:
     register_train_preset(
-        "text-demo", _text_demo,
+        "text-demo",
+        _text_demo,
         "real text on CPU: MMAM hybrid (h=128) on Python's bundled reference docs, perplexity + samples, minutes",
     )
     for group in GROUPS:
