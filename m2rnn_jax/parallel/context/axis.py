@@ -7,23 +7,14 @@ device. Inside a ``shard_map`` that already made the axis manual the size reads 
 
 from __future__ import annotations
 
-import jax
+from m2rnn_jax.parallel.axes import auto_axis_sizes
 
 CONTEXT_AXIS: str = "context"
 
 
-def mesh_axis_sizes() -> dict[str, int]:
-    """Sizes of the current mesh's axes that are not manual yet (empty without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return {}
-    manual = set(mesh.manual_axes)
-    return {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes) if name not in manual}
-
-
 def context_axis_size(axis_name: str = CONTEXT_AXIS) -> int:
     """Number of shards the sequence is split into by the current mesh (1: no context parallelism)."""
-    return mesh_axis_sizes().get(axis_name, 1)
+    return auto_axis_sizes().get(axis_name, 1)
 
 
 def require_supported(feature: str, value: object, axis_name: str = CONTEXT_AXIS) -> None:

@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS, mesh_axis_sizes
+from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes
+from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS
 from m2rnn_jax.parallel.context.shard import (
     BATCH,
     REPLICATED,
     SEQUENCE,
     require_divisible_sequence,
     run_over_context,
-    split_batch_axes,
 )
 
 # run(inputs, weights, h0, reset) -> (y, h_final): the single-device recurrence on local arrays (reset may be None)
@@ -163,10 +163,10 @@ def context_recurrence(
     every head) or divides N = ``num_heads``. S must be a multiple of the context size.
     Returns (y (B, S, N, ...), h_final (B, N, ...)) equal to ``run`` on the whole sequence.
     """
-    sizes = mesh_axis_sizes()
+    sizes = auto_axis_sizes()
     num_shards = require_divisible_sequence(inputs[0].shape[1], axis_name)
-    batch_axes = split_batch_axes(h0.shape[0])
-    tensor = sizes.get("tensor", 1)
+    batch_axes = batch_split_axes(sizes, h0.shape[0])
+    tensor = sizes.get(HEAD_MESH_AXIS, 1)
     local_heads = num_heads // tensor if num_heads % tensor == 0 else num_heads
     local_batch = h0.shape[0] // math.prod(sizes[a] for a in batch_axes)
     unit, m = choose_micro_batches(local_batch, local_heads, num_shards, num_micro_batches)

@@ -13,7 +13,6 @@ arguments of those kinds enter the ``shard_map`` as float32 and are cast back in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,22 +20,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS, mesh_axis_sizes
-from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
+from m2rnn_jax.parallel.axes import auto_axis_sizes, batch_split_axes, spec_entry
+from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS
 
 SEQUENCE, BATCH, REPLICATED = "sequence", "batch", "replicated"
 
 
-def split_batch_axes(batch: int) -> tuple[str, ...]:
-    """The batch mesh axes (size > 1, not yet manual) that a batch of ``batch`` rows is split over."""
-    sizes = mesh_axis_sizes()
-    axes = tuple(a for a in LOGICAL_AXIS_RULES["batch"] if sizes.get(a, 1) > 1)
-    return axes if batch % math.prod(sizes[a] for a in axes) == 0 else ()
-
-
 def require_divisible_sequence(seq_len: int, axis_name: str = CONTEXT_AXIS) -> int:
     """The number of context shards; ValueError naming both when ``seq_len`` is not a multiple of it."""
-    shards = mesh_axis_sizes().get(axis_name, 1)
+    shards = auto_axis_sizes().get(axis_name, 1)
     if seq_len % shards != 0:
         raise ValueError(
             f"sequence length: expected a multiple of the context axis size {shards} (mesh axis {axis_name!r}), "
@@ -62,8 +54,8 @@ def run_over_context(
     sequence = next(a for a, kind in zip(args, kinds, strict=True) if kind == SEQUENCE and a is not None)
     leaf = jax.tree.leaves(sequence)[0]
     require_divisible_sequence(leaf.shape[1], axis_name)
-    batch_axes = split_batch_axes(leaf.shape[0])
-    b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    batch_axes = batch_split_axes(auto_axis_sizes(), leaf.shape[0])
+    b = spec_entry(batch_axes)
     specs = {SEQUENCE: P(b, axis_name), BATCH: P(b), REPLICATED: P()}
     for kind in (*kinds, *out_kinds):
         if kind not in specs:
