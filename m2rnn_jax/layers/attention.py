@@ -41,7 +41,7 @@ from flax import nnx
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.rope import apply_rope
-from m2rnn_jax.layers.validation import require_positive_int
+from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.parallel.context.axis import context_axis_size, require_supported
 from m2rnn_jax.parallel.context.mixers import causal_attention_over_context
 from m2rnn_jax.typing import Dtype
@@ -130,16 +130,12 @@ class Attention(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         if config.head_dim is None and hidden_size % config.num_heads != 0:
             raise ValueError(
                 f"hidden_size: expected a multiple of num_heads={config.num_heads} when head_dim is None, "
                 f"got {hidden_size}"
             )
-        self.hidden_size = hidden_size
-        self.config = config
-        self.dtype = dtype
         self.head_dim = config.head_dim or hidden_size // config.num_heads
         if config.position_embedding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"head_dim: expected an even number with RoPE, got {self.head_dim}")

@@ -48,7 +48,7 @@ from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_i
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
-from m2rnn_jax.layers.validation import require_positive_int
+from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import BACKEND_NAMES
 from m2rnn_jax.parallel.context.axis import context_axis_size
@@ -194,13 +194,9 @@ class M2RNN(nnx.Module):
         check_values: bool | None = None,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         if initializer_range <= 0:
             raise ValueError(f"initializer_range: expected > 0, got {initializer_range}")
-        self.hidden_size = hidden_size
-        self.config = config
-        self.dtype = dtype
         self.check_values = check_values
         N, V = config.num_heads, config.v_head_dim
 

@@ -42,7 +42,7 @@ from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_i
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
-from m2rnn_jax.layers.validation import require_positive_int
+from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops import ssd
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import ssd_over_context
@@ -123,11 +123,7 @@ class Mamba2(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
-        self.hidden_size = hidden_size
-        self.config = config
-        self.dtype = dtype
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         c = config
         I, H = c.intermediate_size, c.num_heads
         kw = dict(use_bias=c.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

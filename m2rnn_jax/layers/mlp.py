@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.validation import require_positive_int
+from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.typing import Dtype
 
 Z_LOSS_WEIGHT = 0.1
@@ -124,9 +124,7 @@ class MLP(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
-        self.dtype = dtype
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         I = config.intermediate_size
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.c_fc = sharded_linear(hidden_size, 2 * I, ("embed", "mlp"), std=initializer_range, **kw)
@@ -205,11 +203,7 @@ class MoE(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
-        self.hidden_size = hidden_size
-        self.config = config
-        self.dtype = dtype
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         out_std = output_projection_std(initializer_range, num_layers)
         kw = dict(use_bias=config.add_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         E, I = config.num_experts, config.intermediate_size

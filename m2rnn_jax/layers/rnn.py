@@ -43,7 +43,7 @@ from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
-from m2rnn_jax.layers.validation import require_positive_int
+from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops.clipping import clamp_cotangent, normalize_clipping
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.pipeline import context_recurrence
@@ -139,11 +139,7 @@ class GatedVectorRNN(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        require_positive_int("hidden_size", hidden_size)
-        require_positive_int("num_layers", num_layers)
-        self.hidden_size = hidden_size
-        self.config = config
-        self.dtype = dtype
+        init_layer(self, hidden_size, config, num_layers=num_layers, dtype=dtype)
         c = config
         width = c.num_heads * c.head_dim
         normal = jax.nn.initializers.normal
