@@ -273,3 +273,57 @@ def test_format_report_lines():
     refused = format_report(_report(error="RESOURCE_EXHAUSTED: Ran out of memory", cost=None, collectives=None,
                                     memory={"hbm_bytes": 16 * 2**30, "fits": False}))
     assert "DOES NOT FIT (16.00 GiB HBM): RESOURCE_EXHAUSTED: Ran out of memory" in refused
+
+
+# ------------------------------------------------------------------------------ compile-cost regressions (no libtpu)
+
+
+def test_buffer_assignment_reader_sums_hbm_allocations_by_kind():
+    from experiments.bench.tpu_buffer_assignment import hbm_allocations
+
+    dump = (
+        "allocation 0: size 512, thread-local:\n"
+        "allocation 1: size 4096, parameter 9, shape |f32[32,32]| at ShapeIndex {}, maybe-live-out:\n"
+        "allocation 2: size 1024, parameter 3, shape |f32[256]| at ShapeIndex {}:\n"
+        " value: <1 x @0> (size=1024,offset=0): f32[256]\n"
+        "allocation 3: size 65536, preallocated-temp:\n"
+        "allocation 4: size 99999, color 1, preallocated-temp:\n"
+        "allocation 5: size 64, constant:\n"
+    )
+    assert hbm_allocations(dump) == {"thread-local": 512, "parameter": 5120, "preallocated-temp": 65536,
+                                     "constant": 64}
+
+
+def test_swiglu_splits_the_kernel_not_the_activations():
+    """The SwiGLU's interleaved [gate, up] split is a stride-2 slice of the (in, 2I) kernel, never of a (..., 2I)
+    activation: libtpu generates code per activation row for the latter (a 400M train step's compile ran out of
+    host memory; experiments/RESULTS.md, session 6)."""
+    import jax
+    import jax.extend.core as jax_core
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m2rnn_jax.layers.mlp import MLP, MLPConfig, MoE, MoEConfig
+
+    def strided_slice_operands(module, x):
+        graphdef, state = nnx.split(module)
+        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+        found = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "slice" and any(s not in (None, 1) for s in eqn.params["strides"] or ()):
+                    found.append(eqn.invars[0].aval.shape)
+                for sub in jax_core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    x = jnp.ones((2, 5, 8), jnp.float32)
+    mlp = MLP(8, MLPConfig(intermediate_size=6), num_layers=2, rngs=nnx.Rngs(0))
+    assert strided_slice_operands(mlp, x) == [(8, 12), (8, 12)]  # the kernel's even and odd columns
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=6, shared_intermediate_size=4), num_layers=2,
+              rngs=nnx.Rngs(0))
+    shapes = strided_slice_operands(moe, x)
+    assert shapes and all(shape in {(4, 8, 12), (8, 8)} for shape in shapes), shapes
