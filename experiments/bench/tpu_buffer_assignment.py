@@ -55,7 +55,7 @@ def _wait_for_dump(dump: Path, child: subprocess.Popen, timeout: float) -> Path 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.poll() is None:
         found = sorted(dump.glob("*jit_train_step*after_optimizations-buffer-assignment.txt"))
-        if found and time.monotonic() - found[-1].stat().st_mtime > 5:  # written completely
+        if found and time.time() - found[-1].stat().st_mtime > 5:  # written completely (file times are wall-clock)
             return found[-1]
         time.sleep(5)
     found = sorted(dump.glob("*jit_train_step*after_optimizations-buffer-assignment.txt"))
