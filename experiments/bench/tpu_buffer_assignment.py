@@ -73,16 +73,17 @@ def main() -> int:
         dump = Path(tmp)
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()}
         start = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "m2rnn_jax", "compile", *compile_args], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-        found = _wait_for_dump(dump, child, args.timeout)
-        seconds = time.monotonic() - start
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-        output = child.communicate()[0]
+        log = dump / "compile.log"  # a file, not a pipe: a full pipe would stall the compile
+        with open(log, "w") as output:
+            child = subprocess.Popen([sys.executable, "-m", "m2rnn_jax", "compile", *compile_args], env=env,
+                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            found = _wait_for_dump(dump, child, args.timeout)
+            seconds = time.monotonic() - start
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         if found is None:
-            print(output[-4000:], file=sys.stderr)
+            print(log.read_text()[-4000:], file=sys.stderr)
             print("no buffer assignment of jit_train_step was written", file=sys.stderr)
             return 1
         hbm = hbm_allocations(found.read_text())
