@@ -1,5 +1,5 @@
-"""Random, realistic inputs for the ops (M2RNN, the gated delta rule) and error measures, shared by tests and
-benchmarks.
+"""Random, realistic inputs for the ops (M2RNN, the gated delta rule), error measures and a VJP harness (values
+and every gradient of an op), shared by tests and benchmarks.
 
 Realistic means what the trained layer feeds the op: forget values from the softplus decay gate at init
 (f = exp(-A * softplus(x + dt_bias)), A ~ U(0, 16), dt_bias from dt ~ logU(1e-3, 0.1); f roughly in [0.2, 1]),
@@ -8,9 +8,15 @@ a state weight near the identity, and q, k, v of unit scale (post conv + SiLU). 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The differentiable arguments of the M2RNN op, in its argument order.
+M2RNN_DIFFERENTIABLE: tuple[str, ...] = ("q", "k", "v", "W", "f", "h0")
 
 
 def _numpy_rng(key: jax.Array) -> np.random.Generator:
@@ -126,3 +132,59 @@ def max_relative_error(actual: jax.Array, expected: jax.Array, floor: float = 1e
     """
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), floor))
+
+
+class OpVJP(NamedTuple):
+    """What :func:`op_values_and_grads` returns: ``fn``'s outputs, the gradient of each differentiated input (by
+    name) and the cotangents used (given or drawn)."""
+
+    outputs: Any
+    grads: dict[str, jax.Array]
+    cotangents: Any
+
+
+def random_cotangents(key: jax.Array, outputs: Any) -> Any:
+    """Standard-normal cotangents shaped like ``outputs`` (a pytree of arrays or ``jax.ShapeDtypeStruct``): leaf i
+    drawn in float32 from ``jax.random.split(key, n)[i]``, then cast to the leaf's dtype."""
+    leaves, treedef = jax.tree.flatten(outputs)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [jax.random.normal(k, leaf.shape, jnp.float32).astype(leaf.dtype) for k, leaf in zip(keys, leaves)]
+    )
+
+
+def op_values_and_grads(
+    fn: Callable[..., Any],
+    inputs: Mapping[str, Any],
+    cotangents: Any = None,
+    *,
+    key: jax.Array | None = None,
+    wrt: Sequence[str] = M2RNN_DIFFERENTIABLE,
+) -> OpVJP:
+    """``fn(**inputs)`` and the gradients of <outputs, cotangents> w.r.t. every input named in ``wrt`` that is
+    present and not None, through one jitted ``jax.vjp``.
+
+    The other entries of ``inputs`` (``cu_seqlens``, an ``h0`` of None) are passed to ``fn`` unchanged, as
+    constants. Give ``cotangents`` (a pytree like ``fn``'s outputs) or ``key`` (drawn by :func:`random_cotangents`
+    from the outputs' shapes and dtypes), not both.
+    """
+    if (cotangents is None) == (key is None):
+        given = "neither" if cotangents is None else "both"
+        raise ValueError(f"cotangents, key: expected exactly one of them, got {given}")
+    names = [name for name in wrt if inputs.get(name) is not None]
+    constants = {name: x for name, x in inputs.items() if name not in names}
+    primals = [inputs[name] for name in names]
+
+    def call(*arrays: jax.Array) -> Any:
+        return fn(**constants, **dict(zip(names, arrays)))
+
+    if cotangents is None:
+        cotangents = random_cotangents(key, jax.eval_shape(call, *primals))
+
+    @jax.jit
+    def values_and_pullback(primals: list[jax.Array], cotangents: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        outputs, pullback = jax.vjp(call, *primals)
+        return outputs, pullback(cotangents)
+
+    outputs, grads = values_and_pullback(primals, cotangents)
+    return OpVJP(outputs, dict(zip(names, grads)), cotangents)
