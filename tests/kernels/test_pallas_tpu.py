@@ -10,6 +10,8 @@ binding gradient clip.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 from m2rnn_jax import m2rnn
 from m2rnn_jax.ops.m2rnn.backends import get_backend, resolve_backend_name
 from m2rnn_jax.ops.m2rnn.pallas_tpu import m2rnn_pallas_tpu
-from m2rnn_jax.testing import max_relative_error, random_m2rnn_inputs
+from m2rnn_jax.testing import max_relative_error, op_values_and_grads, random_m2rnn_inputs
 from pallas_kernels.tpu import m2rnn_layout as layout
 from pallas_kernels.tpu.m2rnn_backward import backward_buffers
 from pallas_kernels.tpu.m2rnn_common import vmem_bytes
@@ -29,8 +31,6 @@ try:  # the race flag lives in a private module; the printed "RACE DETECTED" is 
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpret_state
 except ImportError:  # pragma: no cover - depends on the jax version
     _interpret_state = None
-
-ARGS = ("q", "k", "v", "W", "f", "h0")
 
 
 @pytest.fixture
@@ -43,22 +43,6 @@ def interpret(capfd):
         assert not _interpret_state.races.races_found
 
 
-def _vjp(fn, inputs, cotangent_key):
-    """y, h_final and the gradients of <y, dy> + <h_final, dh> for every float input that is present."""
-    names = [n for n in ARGS if inputs.get(n) is not None]
-    primals = [inputs[n] for n in names]
-
-    def call(*xs):
-        given = dict(zip(names, xs))
-        return fn(*(given.get(n) for n in ARGS))
-
-    (y, final), pullback = jax.vjp(call, *primals)
-    key_y, key_h = jax.random.split(cotangent_key)
-    dy = jax.random.normal(key_y, y.shape, jnp.float32).astype(y.dtype)
-    dh = jax.random.normal(key_h, final.shape, jnp.float32).astype(final.dtype)
-    return y, final, dict(zip(names, pullback((dy, dh))))
-
-
 def _assert_close(name, actual, expected, tol):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
@@ -68,24 +52,12 @@ def _assert_close(name, actual, expected, tol):
 
 
 def _compare(inputs, *, interpret, clip=None, state_dtype=jnp.float32, chunk_size=8, tol=2e-5, grad_tol=None):
-    cu = inputs.get("cu_seqlens")
-
-    def kernel(*xs):
-        return m2rnn_pallas_tpu(
-            *xs,
-            cu_seqlens=cu,
-            gradient_clipping=clip,
-            state_dtype=state_dtype,
-            interpret=interpret,
-            chunk_size=chunk_size,
-        )
-
-    def reference(*xs):
-        return m2rnn(*xs, cu_seqlens=cu, gradient_clipping=clip, state_dtype=state_dtype, backend="scan")
-
+    options = dict(h0=None, cu_seqlens=None, gradient_clipping=clip, state_dtype=state_dtype)  # inputs override
+    kernel = functools.partial(m2rnn_pallas_tpu, interpret=interpret, chunk_size=chunk_size, **options)
+    reference = functools.partial(m2rnn, backend="scan", **options)
     key = jax.random.key(7)
-    y, final, grads = _vjp(kernel, inputs, key)
-    y_ref, final_ref, grads_ref = _vjp(reference, inputs, key)
+    (y, final), grads, _ = op_values_and_grads(kernel, inputs, key=key)
+    (y_ref, final_ref), grads_ref, _ = op_values_and_grads(reference, inputs, key=key)
     _assert_close("y", y, y_ref, tol)
     _assert_close("h_final", final, final_ref, tol)
     for name in grads_ref:
@@ -100,7 +72,7 @@ def test_dense_shared_qk_padding_and_binding_clip(interpret):
         jax.random.key(0), batch=2, seq_len=13, num_heads=4, k_dim=5, v_dim=3, num_q_heads=1, num_k_heads=1
     )
     clipped = _compare(inputs, interpret=interpret, clip=0.05)
-    _, _, unclipped = _vjp(lambda *xs: m2rnn(*xs, backend="scan"), inputs, jax.random.key(7))
+    _, unclipped, _ = op_values_and_grads(functools.partial(m2rnn, backend="scan"), inputs, key=jax.random.key(7))
     for name in ("k", "v", "W", "f", "h0"):  # the clip changes every gradient that flows through the state
         assert not np.allclose(clipped[name], unclipped[name], rtol=1e-2, atol=1e-3), name
 
@@ -181,9 +153,8 @@ def test_bf16_state_rounds_like_the_reference(interpret):
 def test_public_op_runs_the_kernels_in_interpret_mode(interpret):
     """m2rnn(..., backend="pallas_tpu", interpret=...) goes through the registered backend (default chunk)."""
     x = random_m2rnn_inputs(jax.random.key(8), batch=1, seq_len=9, num_heads=2, k_dim=4, v_dim=4, num_q_heads=1)
-    args = [x[n] for n in ARGS]
-    y, final = m2rnn(*args, backend="pallas_tpu", interpret=interpret)
-    y_ref, final_ref = m2rnn(*args, backend="scan")
+    y, final = m2rnn(**x, backend="pallas_tpu", interpret=interpret)
+    y_ref, final_ref = m2rnn(**x, backend="scan")
     _assert_close("y", y, y_ref, 2e-5)
     _assert_close("h_final", final, final_ref, 2e-5)
     assert get_backend("pallas_tpu") is m2rnn_pallas_tpu
@@ -199,7 +170,7 @@ def test_auto_selects_the_tpu_kernels_on_tpu(monkeypatch):
 def test_float64_and_bad_chunk_size_are_refused(x64):
     x = random_m2rnn_inputs(jax.random.key(9), batch=1, seq_len=4, num_heads=1, k_dim=2, v_dim=2, dtype=jnp.float64)
     with pytest.raises(ValueError, match="float32"):
-        m2rnn(*(x[n] for n in ARGS), backend="pallas_tpu", interpret=True)
+        m2rnn(**x, backend="pallas_tpu", interpret=True)
     with pytest.raises(ValueError, match="chunk_size"):
         layout.plan_blocks(1, 4, 1, 2, 2, chunk_size=12)
 

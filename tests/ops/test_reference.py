@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,38 +11,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m2rnn_jax import m2rnn
-from m2rnn_jax.testing import random_m2rnn_inputs, relative_error
+from m2rnn_jax import m2rnn, testing
+from m2rnn_jax.testing import M2RNN_DIFFERENTIABLE as ARGS
+from m2rnn_jax.testing import op_values_and_grads, random_m2rnn_inputs, relative_error
 from tests.ops.numpy_reference import m2rnn_numpy
-
-ARGS = ("q", "k", "v", "W", "f", "h0")
 
 
 def scan_value_and_grads(inputs, cotangents, clip=None, **kw):
-    """y, h_final and the gradients of <y, dy> + <h_final, dh> w.r.t. every float input."""
-    cu = inputs.get("cu_seqlens")
-    names = [n for n in ARGS if n in inputs]
-
-    def loss(*xs):
-        args = dict(zip(names, xs))
-        y, h = m2rnn(**args, cu_seqlens=cu, gradient_clipping=clip, backend="scan", **kw)
-        return jnp.sum(y * cotangents[0]) + jnp.sum(h * cotangents[1]), (y, h)
-
-    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
-    (_, (y, h)), grads = value_and_grad(*[inputs[n] for n in names])
-    return y, h, dict(zip(names, grads))
+    """y, h_final and the gradients of <y, dy> + <h_final, dh> w.r.t. every float input (the scan backend)."""
+    run = functools.partial(m2rnn, gradient_clipping=clip, backend="scan", **kw)
+    (y, h), grads, _ = op_values_and_grads(run, inputs, cotangents)
+    return y, h, grads
 
 
 def random_cotangents(key, inputs):
-    """Random cotangents for y (..., N, V) and h_final (B, N, K, V) in the dtype of q."""
-    q, v, W = inputs["q"], inputs["v"], inputs["W"]
-    n = max(q.shape[-2], inputs["k"].shape[-2], v.shape[-2], inputs["f"].shape[-1], W.shape[0])
-    batch = q.shape[0] if "cu_seqlens" not in inputs else inputs["cu_seqlens"].shape[0] - 1
-    k1, k2 = jax.random.split(key)
-    return (
-        jax.random.normal(k1, q.shape[:-2] + (n, v.shape[-1]), q.dtype),
-        jax.random.normal(k2, (batch, n, q.shape[-1], v.shape[-1]), q.dtype),
-    )
+    """Random cotangents (dy (..., N, V), dh_final (B, N, K, V)) in the dtypes of the op's outputs on ``inputs``."""
+    return testing.random_cotangents(key, jax.eval_shape(lambda: m2rnn(**inputs, backend="scan")))
 
 
 def check_against_numpy(inputs, clip=None, tol=1e-10):
