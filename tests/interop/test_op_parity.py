@@ -6,7 +6,8 @@ a relative error (max |a - b| / max |b|) below 1e-10 in float64 and 1e-5 in floa
 
 from __future__ import annotations
 
-import jax
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,29 +17,18 @@ torch = pytest.importorskip("torch")
 from m2rnn_jax import m2rnn  # noqa: E402
 from m2rnn_jax.interop.conversion import to_torch  # noqa: E402
 from m2rnn_jax.interop.torch_reference import m2rnn_torch  # noqa: E402
-from m2rnn_jax.testing import max_relative_error  # noqa: E402
+from m2rnn_jax.testing import M2RNN_DIFFERENTIABLE as DIFFERENTIABLE  # noqa: E402
+from m2rnn_jax.testing import max_relative_error, op_values_and_grads  # noqa: E402
 from tests.interop.inputs import numpy_m2rnn_inputs, numpy_varlen_inputs  # noqa: E402
 
 TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-5}
-DIFFERENTIABLE = ("q", "k", "v", "W", "f", "h0")
 
 
 def jax_outputs_and_grads(inputs, cotangents, clip):
     """(y, h_final) and the gradients of <y, dy> + <h_final, dh> w.r.t. every differentiable input."""
-    names = [n for n in DIFFERENTIABLE if n in inputs]
-    cu_seqlens = inputs.get("cu_seqlens")
-
-    def run(*arrays):
-        args = dict(zip(names, arrays))
-        return m2rnn(**args, cu_seqlens=cu_seqlens, gradient_clipping=clip, backend="scan")
-
-    @jax.jit  # one compilation instead of many eager ones: keeps the test group inside its time budget
-    def outputs_and_grads(arrays, cotangents):
-        outputs, vjp = jax.vjp(run, *arrays)
-        return outputs, vjp(cotangents)
-
-    outputs, grads = outputs_and_grads([inputs[n] for n in names], cotangents)
-    return outputs, dict(zip(names, grads))
+    run = functools.partial(m2rnn, gradient_clipping=clip, backend="scan")
+    outputs, grads, _ = op_values_and_grads(run, inputs, cotangents)
+    return outputs, grads
 
 
 def torch_outputs_and_grads(inputs, cotangents, clip):
