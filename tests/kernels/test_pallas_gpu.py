@@ -18,27 +18,26 @@ from m2rnn_jax.ops.m2rnn import backends
 from m2rnn_jax.ops.m2rnn.pallas_gpu import default_config, m2rnn_pallas_gpu, padded_size
 from m2rnn_jax.ops.m2rnn.reference import m2rnn_scan_dense
 from m2rnn_jax.ops.m2rnn.scan_backend import scan_backend
-from m2rnn_jax.testing import max_relative_error, random_m2rnn_inputs, relative_error
+from m2rnn_jax.testing import (
+    M2RNN_DIFFERENTIABLE,
+    max_relative_error,
+    op_values_and_grads,
+    random_m2rnn_inputs,
+    relative_error,
+)
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 from pallas_kernels.gpu.m2rnn_forward import m2rnn_forward
 
-NAMES = ("q", "k", "v", "W", "f", "h0")
+NAMES = M2RNN_DIFFERENTIABLE
 # Max-abs error allowed relative to the reference's max-abs value, per input dtype.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 1e-2}
 
 
 def _outputs_and_grads(fn, inputs, key):
-    """y, h_final and the gradients of all float inputs for random cotangents, in float32."""
+    """y, h_final and the gradients of all float inputs for random cotangents drawn from ``key``, as float32
+    NumPy arrays named y, h_final, dq, ...; ``fn`` takes a dict of the inputs named in NAMES."""
     args = {name: inputs[name] for name in NAMES if name in inputs}
-
-    def call(args):
-        return fn(args)
-
-    (y, h), vjp = jax.vjp(call, args)
-    key_y, key_h = jax.random.split(key)
-    dy = jax.random.normal(key_y, y.shape, jnp.float32).astype(y.dtype)
-    dh = jax.random.normal(key_h, h.shape, jnp.float32).astype(h.dtype)
-    (grads,) = vjp((dy, dh))
+    (y, h), grads, _ = op_values_and_grads(lambda **args: fn(args), args, key=key)
     results = {"y": y, "h_final": h} | {"d" + name: g for name, g in grads.items()}
     return {name: np.asarray(x, np.float32) for name, x in results.items()}
 
