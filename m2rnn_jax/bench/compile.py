@@ -26,7 +26,8 @@ import os
 import re
 import resource
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +78,9 @@ class CompileRequest:
             raise ValueError(f"remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
         if self.hbm_gib is not None and not self.hbm_gib > 0:
             raise ValueError(f"hbm_gib: expected > 0, got {self.hbm_gib!r}")
-        if self.layers is not None and (not isinstance(self.layers, int) or isinstance(self.layers, bool)
-                                        or self.layers <= 0):
+        if self.layers is not None and (
+            not isinstance(self.layers, int) or isinstance(self.layers, bool) or self.layers <= 0
+        ):
             raise ValueError(f"layers: expected a positive int or None, got {self.layers!r}")
 
 
@@ -154,8 +156,7 @@ def requested_train_config(request: CompileRequest) -> Any:
     pattern = model.layer_pattern[: request.layers]
     used = {MIXER_FIELDS[letter] for letter in pattern}
     unused = {field: None for field in MIXER_FIELDS.values() if field not in used}
-    return dataclasses.replace(config, model=model.replace(num_layers=request.layers, layer_pattern=pattern,
-                                                           **unused))
+    return dataclasses.replace(config, model=model.replace(num_layers=request.layers, layer_pattern=pattern, **unused))
 
 
 def tpu_model_config(config: ModelConfig, remat: str | None) -> ModelConfig:
@@ -241,9 +242,15 @@ def _memory(compiled: Any, hbm_bytes: int) -> dict[str, Any]:
     code = stats.generated_code_size_in_bytes
     total = argument + output - alias + temp + code
     return {
-        "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias, "temp_bytes": temp,
-        "generated_code_bytes": code, "total_bytes": total, "hbm_bytes": hbm_bytes,
-        "fraction_of_hbm": total / hbm_bytes, "fits": total <= hbm_bytes,
+        "argument_bytes": argument,
+        "output_bytes": output,
+        "alias_bytes": alias,
+        "temp_bytes": temp,
+        "generated_code_bytes": code,
+        "total_bytes": total,
+        "hbm_bytes": hbm_bytes,
+        "fraction_of_hbm": total / hbm_bytes,
+        "fits": total <= hbm_bytes,
     }
 
 
@@ -295,15 +302,25 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
     mesh = build_mesh(sizes, devices)
 
     report: dict[str, Any] = {
-        "preset": request.preset, "topology": request.topology, "chip": devices[0].device_kind,
-        "num_devices": len(devices), "mesh": sizes, "batch": request.batch,
-        "micro_batch": request.batch // request.grad_accum, "grad_accum": request.grad_accum,
-        "seq_len": request.seq_len, "layers": request.layers, "layer_pattern": config.layer_pattern,
+        "preset": request.preset,
+        "topology": request.topology,
+        "chip": devices[0].device_kind,
+        "num_devices": len(devices),
+        "mesh": sizes,
+        "batch": request.batch,
+        "micro_batch": request.batch // request.grad_accum,
+        "grad_accum": request.grad_accum,
+        "seq_len": request.seq_len,
+        "layers": request.layers,
+        "layer_pattern": config.layer_pattern,
         "overrides": list(request.overrides),
         "micro_batch_per_device": request.batch // request.grad_accum // batch_shards(mesh),
-        "remat": config.remat, "backends": {f: b for f, b in TPU_BACKENDS.items() if getattr(config, f) is not None},
-        "dtype": config.dtype, "param_dtype": config.param_dtype,
-        "jax_version": jax.__version__, "libtpu_version": _libtpu_version(),
+        "remat": config.remat,
+        "backends": {f: b for f, b in TPU_BACKENDS.items() if getattr(config, f) is not None},
+        "dtype": config.dtype,
+        "param_dtype": config.param_dtype,
+        "jax_version": jax.__version__,
+        "libtpu_version": _libtpu_version(),
     }
     start = time.perf_counter()
     step, state, batch, num_params, replicated_names = _build_step(train, config, request, mesh)
@@ -317,9 +334,14 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
     except Exception as err:  # the TPU compiler's HBM check raises a runtime error with RESOURCE_EXHAUSTED
         if not _OOM.search(str(err)):
             raise
-        report.update(status="does_not_fit", error=str(err).strip().splitlines()[0][:2000],
-                      compile_seconds=time.perf_counter() - start, host_peak_rss_bytes=_peak_rss_bytes(),
-                      cost=None, collectives=None)
+        report.update(
+            status="does_not_fit",
+            error=str(err).strip().splitlines()[0][:2000],
+            compile_seconds=time.perf_counter() - start,
+            host_peak_rss_bytes=_peak_rss_bytes(),
+            cost=None,
+            collectives=None,
+        )
         report["memory"] = {"hbm_bytes": int(hbm_gib * GIB), "fits": False}
         return report
     report["compile_seconds"] = time.perf_counter() - start
@@ -354,8 +376,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report.get("error"):
         lines.append(f"DOES NOT FIT ({_size(memory['hbm_bytes'])} HBM): {report['error']}")
     else:
-        sizes = {key: _size(memory[key]) for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
-                                                      "total_bytes", "hbm_bytes")}
+        sizes = {
+            key: _size(memory[key])
+            for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes")
+        }
         verdict = "fits" if memory["fits"] else "DOES NOT FIT"
         lines.append(
             f"memory per device: arguments {sizes['argument_bytes']}, outputs {sizes['output_bytes']} (aliased "
@@ -364,14 +388,20 @@ def format_report(report: Mapping[str, Any]) -> str:
         )
         cost = report["cost"]
         if cost["flops"] is not None:
-            lines.append(f"compiler estimate per device: {cost['flops']:.3g} FLOP, "
-                         f"{_size(cost['bytes_accessed'] or 0)} accessed")
-        parts = [f"{kind} {c['count']} ({_size(c['bytes'])})" for kind, c in report["collectives"].items()
-                 if c["count"]]
+            lines.append(
+                f"compiler estimate per device: {cost['flops']:.3g} FLOP, {_size(cost['bytes_accessed'] or 0)} accessed"
+            )
+        parts = [
+            f"{kind} {c['count']} ({_size(c['bytes'])})" for kind, c in report["collectives"].items() if c["count"]
+        ]
         lines.append("collectives: " + (", ".join(parts) if parts else "none"))
     if report["replicated_parameters"]:
-        lines.append(f"replicated (size not divisible by the mesh): {len(report['replicated_parameters'])} "
-                     f"parameters, e.g. {report['replicated_parameters'][0]}")
-    lines.append(f"compiled in {report['compile_seconds']:.1f} s (trace + lower {report['lower_seconds']:.1f} s), "
-                 f"host peak RSS {_size(report['host_peak_rss_bytes'])}")
+        lines.append(
+            f"replicated (size not divisible by the mesh): {len(report['replicated_parameters'])} "
+            f"parameters, e.g. {report['replicated_parameters'][0]}"
+        )
+    lines.append(
+        f"compiled in {report['compile_seconds']:.1f} s (trace + lower {report['lower_seconds']:.1f} s), "
+        f"host peak RSS {_size(report['host_peak_rss_bytes'])}"
+    )
     return "\n".join(lines)

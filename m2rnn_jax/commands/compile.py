@@ -22,24 +22,44 @@ def add_parser(subparsers: Any) -> None:
     from m2rnn_jax.models.config import REMAT_CHOICES
 
     p = subparsers.add_parser(
-        NAME, help="compile a preset's train step ahead of time for a TPU pod topology (memory per chip, FLOPs, "
-                   "collectives)",
-        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        NAME,
+        help="compile a preset's train step ahead of time for a TPU pod topology (memory per chip, FLOPs, collectives)",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", required=True, help="model preset (m2rnn-jax info --list)")
     p.add_argument("--topology", required=True, help="TPU topology CHIP:DIMS, e.g. v5e:2x4, v5p:4x4x2, v6e:4x4")
-    p.add_argument("--mesh", required=True,
-                   help="AXIS=SIZE,... over data, fsdp, tensor, expert (missing axes are 1; one may be -1)")
-    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
-                   help="global sequences per optimizer step (default: one per batch shard)")
+    p.add_argument(
+        "--mesh",
+        required=True,
+        help="AXIS=SIZE,... over data, fsdp, tensor, expert (missing axes are 1; one may be -1)",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        metavar="B",
+        help="global sequences per optimizer step (default: one per batch shard)",
+    )
     p.add_argument("--seq-len", type=positive_int, default=4096, metavar="S", help="tokens per row (default 4096)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
-                   help="micro-batches per step (default 1)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N", help="micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT_CHOICES, default=None, help="activation checkpointing (default: preset's)")
-    p.add_argument("--layers", type=positive_int, default=None, metavar="N",
-                   help="compile only the first N blocks of the layer pattern (depth probes; default: all)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the preset's training config, e.g. --set model.vocab_size=4096 "
-                        "(repeatable)")
+    p.add_argument(
+        "--layers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="compile only the first N blocks of the layer pattern (depth probes; default: all)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the preset's training config, e.g. --set model.vocab_size=4096 (repeatable)",
+    )
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip in GiB (default: the chip's)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report to this JSON file")
     p.set_defaults(run=run)
@@ -62,9 +82,18 @@ def run(args: argparse.Namespace) -> int:
         if batch is None:  # one sequence per batch shard
             sizes = resolve_mesh_shape(mesh, len(topology_devices(args.topology)))
             batch = sizes["data"] * sizes["fsdp"] * sizes["expert"] * args.grad_accum
-        request = CompileRequest(preset=args.preset, topology=args.topology, mesh=mesh, batch=batch,
-                                 seq_len=args.seq_len, grad_accum=args.grad_accum, remat=args.remat,
-                                 hbm_gib=args.hbm_gib, overrides=tuple(args.overrides), layers=args.layers)
+        request = CompileRequest(
+            preset=args.preset,
+            topology=args.topology,
+            mesh=mesh,
+            batch=batch,
+            seq_len=args.seq_len,
+            grad_accum=args.grad_accum,
+            remat=args.remat,
+            hbm_gib=args.hbm_gib,
+            overrides=tuple(args.overrides),
+            layers=args.layers,
+        )
         report = compile_train_step(request)
     except ValueError as err:
         return fail(NAME, err)

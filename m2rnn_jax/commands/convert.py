@@ -79,10 +79,18 @@ def run(args: argparse.Namespace) -> int:
             summary = f"wrote {args.workdir}/config.json and checkpoints/0 ({config.model.layer_pattern})"
         else:
             _require(args, ("checkpoint", "output"), ("workdir", "preset", "config", "overrides"), "--to-lm-engine")
-            stats = export_lm_engine(args.checkpoint, args.output, args.step, bos_token_id=args.bos_token_id,
-                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id)
-            summary = (f"wrote {args.output}/model.safetensors ({stats['num_tensors']} tensors, "
-                       f"{stats['num_parameters']:,} parameters, step {stats['step']}) and config.json")
+            stats = export_lm_engine(
+                args.checkpoint,
+                args.output,
+                args.step,
+                bos_token_id=args.bos_token_id,
+                eos_token_id=args.eos_token_id,
+                pad_token_id=args.pad_token_id,
+            )
+            summary = (
+                f"wrote {args.output}/model.safetensors ({stats['num_tensors']} tensors, "
+                f"{stats['num_parameters']:,} parameters, step {stats['step']}) and config.json"
+            )
     except ValueError as err:
         return fail(NAME, err)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

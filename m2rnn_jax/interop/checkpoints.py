@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,9 @@ def read_lm_engine_config(source: str | Path, **overrides: Any) -> ModelConfig:
     """Our ModelConfig for the lm-engine ``config.json`` in directory ``source`` (see ``from_lm_engine_config``)."""
     path = Path(source) / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"source: expected an lm-engine checkpoint directory holding {CONFIG_FILE}, got "
-                         f"{str(source)!r}")
+        raise ValueError(
+            f"source: expected an lm-engine checkpoint directory holding {CONFIG_FILE}, got {str(source)!r}"
+        )
     return from_lm_engine_config(json.loads(path.read_text()), **overrides)
 
 
@@ -53,8 +55,9 @@ def _write_json(path: Path, data: dict) -> None:
         temporary.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def import_lm_engine(source: str | Path, workdir: str | Path,
-                     make_config: Callable[[ModelConfig], TrainConfig]) -> TrainConfig:
+def import_lm_engine(
+    source: str | Path, workdir: str | Path, make_config: Callable[[ModelConfig], TrainConfig]
+) -> TrainConfig:
     """Convert the lm-engine checkpoint in ``source`` into the run directory ``workdir`` (must hold no checkpoint).
 
     ``make_config(model_config)`` returns the run's TrainConfig (training settings around the converted model; its
@@ -67,8 +70,10 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     model_config = read_lm_engine_config(source)
     config = make_config(model_config)
     if to_lm_engine_config(config.model) != to_lm_engine_config(model_config):
-        raise ValueError("--set / --preset: the run's model must keep the structure of the lm-engine checkpoint; "
-                         f"got {config.model} for {model_config}")
+        raise ValueError(
+            "--set / --preset: the run's model must keep the structure of the lm-engine checkpoint; "
+            f"got {config.model} for {model_config}"
+        )
     workdir = Path(workdir)
     checkpoint_dir = workdir / "checkpoints"
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
@@ -78,15 +83,24 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     params = abstract_train_state(config.model, build_optimizer(config.optimizer, config.steps)).params
     read = functools.partial(reader.read, copy=False)  # views of the file: each tensor is copied once, aligned
     nnx.replace_by_pure_dict(params, params_from_tensors(params, read, reader.names(), place=jax.device_put))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
-                       rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=None,
+        rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / CONFIG_FILE, config.to_dict())
-    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False,
-                                concurrent_gb=CONCURRENT_GB)
+    checkpointer = Checkpointer(
+        checkpoint_dir, keep=config.checkpoint.keep, async_save=False, concurrent_gb=CONCURRENT_GB
+    )
     try:
-        metadata = {"step": 0, "data_position": {"next_step": 0, "kind": config.data.kind},
-                    "config": config.to_dict(), "converted_from": str(Path(source).absolute())}
+        metadata = {
+            "step": 0,
+            "data_position": {"next_step": 0, "kind": config.data.kind},
+            "config": config.to_dict(),
+            "converted_from": str(Path(source).absolute()),
+        }
         checkpointer.save(state, metadata, force=True)
         checkpointer.wait_until_finished()
     finally:
@@ -94,8 +108,9 @@ def import_lm_engine(source: str | Path, workdir: str | Path,
     return config
 
 
-def export_lm_engine(workdir: str | Path, output: str | Path, step: int | None = None,
-                     **token_ids: int) -> dict[str, Any]:
+def export_lm_engine(
+    workdir: str | Path, output: str | Path, step: int | None = None, **token_ids: int
+) -> dict[str, Any]:
     """Write the parameters of run ``workdir`` (checkpoint ``step``, default latest) as an lm-engine checkpoint.
 
     ``token_ids`` (bos_token_id, eos_token_id, pad_token_id) go into the lm-engine config as metadata. Returns
@@ -118,8 +133,11 @@ def export_lm_engine(workdir: str | Path, output: str | Path, step: int | None =
     tensors = _lazy_tensors(restored.params)
     write_safetensors(output / SINGLE_FILE, specs, tensors, metadata={"format": "pt"})
     _write_json(output / CONFIG_FILE, lm_config)
-    return {"step": restored.step, "num_tensors": len(specs),
-            "num_parameters": int(sum(np.prod(shape, dtype=np.int64) for shape, _ in specs.values()))}
+    return {
+        "step": restored.step,
+        "num_tensors": len(specs),
+        "num_parameters": int(sum(np.prod(shape, dtype=np.int64) for shape, _ in specs.values())),
+    }
 
 
 def _leaves_by_name(params: Any) -> list[tuple[str, jax.Array]]:

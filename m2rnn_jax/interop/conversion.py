@@ -18,8 +18,9 @@ Decoding states: Flax keeps the conv state as (B, ks - 1, C), lm-engine as (B, C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -253,9 +254,7 @@ def compare_layer_with_torch(layer: M2RNN, x: jax.Array, state: M2RNNState | Non
     dh = rng.standard_normal(state_shape.recurrent.shape).astype(np.dtype(state_shape.recurrent.dtype))
     zero_conv = None if state_shape.conv is None else jnp.zeros(state_shape.conv.shape, state_shape.conv.dtype)
     cotangents = (jnp.asarray(dy), M2RNNState(zero_conv, jnp.asarray(dh)))
-    (y, new_state), (grad_params, grad_x, grad_state) = _outputs_and_grads(
-        graphdef, params, rest, x, state, cotangents
-    )
+    (y, new_state), (grad_params, grad_x, grad_state) = _outputs_and_grads(graphdef, params, rest, x, state, cotangents)
 
     x_t = to_torch(x).requires_grad_()
     conv_in = rec_in = None

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2rnn_jax.interop.conversion import _errors, randomize_layer_params, to_torch
+from m2rnn_jax.interop.conversion import _errors, randomize_layer_params
 from m2rnn_jax.interop.lm_engine_config import to_lm_engine_config
 from m2rnn_jax.interop.names import lm_engine_tensors
 from m2rnn_jax.interop.torch_decoder import DecoderTorch, cross_entropy_loss

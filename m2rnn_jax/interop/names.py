@@ -24,7 +24,8 @@ Leaves inside a mixer or MLP: ``<conv>.kernel`` (ks, C) of a module named ``conv
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -88,7 +89,7 @@ def aligned_copy(x: np.ndarray, dtype: Any) -> np.ndarray:
     dtype = np.dtype(dtype)
     raw = np.empty(x.size * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
-    out = raw[start:start + x.size * dtype.itemsize].view(dtype).reshape(x.shape)
+    out = raw[start : start + x.size * dtype.itemsize].view(dtype).reshape(x.shape)
     np.copyto(out, x, casting="unsafe")
     return out
 
@@ -124,8 +125,9 @@ def lm_engine_name(path: str, shape: tuple[int, ...]) -> TensorName:
         return TensorName("lm_head.weight", "transpose", shape, shape[::-1])
     match = re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|mixer|mlp)\.(.+)", path)
     if match is None:
-        raise ValueError(f"path: expected a decoder parameter path (embed, blocks.<i>.*, final_norm, lm_head), "
-                         f"got {path!r}")
+        raise ValueError(
+            f"path: expected a decoder parameter path (embed, blocks.<i>.*, final_norm, lm_head), got {path!r}"
+        )
     index, part, rest = match.groups()
     suffix, kind = _leaf_rule(rest, len(shape))
     if kind == "invalid":

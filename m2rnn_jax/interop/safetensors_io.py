@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -25,9 +25,16 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
@@ -74,8 +81,9 @@ class SafetensorsReader:
                 if name in self._entries:
                     raise ValueError(f"{path}: tensor {name!r} also appears in {self._entries[name][0]}")
                 if entry.get("dtype") not in _DTYPES:
-                    raise ValueError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, "
-                                     f"expected one of {sorted(_DTYPES)}")
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, expected one of {sorted(_DTYPES)}"
+                    )
                 self._entries[name] = (path, data_start, entry)
 
     def names(self) -> set[str]:
@@ -122,7 +130,8 @@ def write_safetensors(
         for name, (shape, dtype) in specs.items():
             array = np.asarray(produce(name))
             if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise ValueError(f"produce({name!r}): expected {tuple(shape)} {np.dtype(dtype)}, "
-                                 f"got {array.shape} {array.dtype}")
+                raise ValueError(
+                    f"produce({name!r}): expected {tuple(shape)} {np.dtype(dtype)}, got {array.shape} {array.dtype}"
+                )
             little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
             file.write(little.reshape(-1).view(np.uint8))  # the array's own bytes: no further copy

@@ -62,8 +62,18 @@ class MoETorch(torch.nn.Module):
     share of the T*k selections that went to expert e.
     """
 
-    def __init__(self, hidden_size: int, *, num_experts: int, top_k: int, intermediate_size: int,
-                 shared_intermediate_size: int | None, add_bias: bool, aux_coef: float, dtype: torch.dtype):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        shared_intermediate_size: int | None,
+        add_bias: bool,
+        aux_coef: float,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.top_k, self.aux_coef, self.num_experts = top_k, aux_coef, num_experts
         E, I, h = num_experts, intermediate_size, hidden_size
@@ -108,42 +118,74 @@ def build_sequence_mixer(block: dict, hidden_size: int, config: dict, dtype: tor
     if kind == "m2rnn":
         counts = {f"num_{x}_heads": block[f"num_{x}_heads"] for x in ("q", "k", "v", "f", "g", "weight")}
         return M2RNNTorch(
-            hidden_size, num_heads=max(v for k, v in counts.items() if k != "num_g_heads"), **counts,
-            k_head_dim=block["k_head_dim"], v_head_dim=block["v_head_dim"], kernel_size=block["kernel_size"],
-            activation_function=block["activation_function"], use_residual=block["use_residual"],
-            add_bias=block["add_bias"], gradient_clipping=block["gradient_clipping"], norm_eps=_NORM_EPS, dtype=dtype,
+            hidden_size,
+            num_heads=max(v for k, v in counts.items() if k != "num_g_heads"),
+            **counts,
+            k_head_dim=block["k_head_dim"],
+            v_head_dim=block["v_head_dim"],
+            kernel_size=block["kernel_size"],
+            activation_function=block["activation_function"],
+            use_residual=block["use_residual"],
+            add_bias=block["add_bias"],
+            gradient_clipping=block["gradient_clipping"],
+            norm_eps=_NORM_EPS,
+            dtype=dtype,
         )
     if kind == "gated_deltanet":
         return GatedDeltaNetTorch(
-            hidden_size, num_heads=block["num_v_heads"], num_k_heads=block["num_k_heads"],
-            k_head_dim=block["k_head_dim"], v_head_dim=block["v_head_dim"], kernel_size=block["kernel_size"],
-            use_gate=block["use_gate"], allow_neg_eigval=block["allow_neg_eigval"],
-            attention_multiplier=block["attention_multiplier"], norm_eps=config["layer_norm_epsilon"], dtype=dtype,
+            hidden_size,
+            num_heads=block["num_v_heads"],
+            num_k_heads=block["num_k_heads"],
+            k_head_dim=block["k_head_dim"],
+            v_head_dim=block["v_head_dim"],
+            kernel_size=block["kernel_size"],
+            use_gate=block["use_gate"],
+            allow_neg_eigval=block["allow_neg_eigval"],
+            attention_multiplier=block["attention_multiplier"],
+            norm_eps=config["layer_norm_epsilon"],
+            dtype=dtype,
         )
     if kind == "mamba2":
         return Mamba2Torch(
-            hidden_size, num_heads=block["num_heads"], intermediate_size=block["intermediate_size"],
-            state_size=block["state_size"], num_groups=block["num_groups"], kernel_size=block["conv_kernel_size"],
-            add_bias=block.get("add_bias", False), use_conv_bias=block.get("use_conv_bias", True),
-            norm_eps=config["layer_norm_epsilon"], dtype=dtype,
+            hidden_size,
+            num_heads=block["num_heads"],
+            intermediate_size=block["intermediate_size"],
+            state_size=block["state_size"],
+            num_groups=block["num_groups"],
+            kernel_size=block["conv_kernel_size"],
+            add_bias=block.get("add_bias", False),
+            use_conv_bias=block.get("use_conv_bias", True),
+            norm_eps=config["layer_norm_epsilon"],
+            dtype=dtype,
         )
     if kind == "softmax_attention":
         head_dim = block.get("head_dim") or hidden_size // block["num_attention_heads"]
         rope = config["position_embedding_type"] == "rope"
         return AttentionTorch(
-            hidden_size, num_heads=block["num_attention_heads"], num_kv_heads=block["num_key_value_heads"],
-            head_dim=head_dim, add_bias=block.get("add_bias", False),
-            rope_theta=float(config["rope_theta"]) if rope else None, dtype=dtype,
+            hidden_size,
+            num_heads=block["num_attention_heads"],
+            num_kv_heads=block["num_key_value_heads"],
+            head_dim=head_dim,
+            add_bias=block.get("add_bias", False),
+            rope_theta=float(config["rope_theta"]) if rope else None,
+            dtype=dtype,
         )
     if kind in ("rnn", "gru"):
         return VectorRNNTorch(
-            hidden_size, gru=kind == "gru", num_heads=block["num_input_heads"], head_dim=block["state_head_dim"],
-            kernel_size=block["kernel_size"], activation_function=block["activation_function"],
-            add_bias=block["add_bias"], gradient_clipping=block["gradient_clipping"], norm_eps=_NORM_EPS,
+            hidden_size,
+            gru=kind == "gru",
+            num_heads=block["num_input_heads"],
+            head_dim=block["state_head_dim"],
+            kernel_size=block["kernel_size"],
+            activation_function=block["activation_function"],
+            add_bias=block["add_bias"],
+            gradient_clipping=block["gradient_clipping"],
+            norm_eps=_NORM_EPS,
             dtype=dtype,
         )
-    raise ValueError(f"sequence_mixer_type: expected one of m2rnn, gated_deltanet, mamba2, softmax_attention, "
-                     f"rnn, gru, got {kind!r}")
+    raise ValueError(
+        f"sequence_mixer_type: expected one of m2rnn, gated_deltanet, mamba2, softmax_attention, rnn, gru, got {kind!r}"
+    )
 
 
 class _Block(torch.nn.Module):
@@ -155,10 +197,13 @@ class _Block(torch.nn.Module):
         self.ln_2 = _Norm(h, eps, dtype)
         if mlp_block.get("mlp_type", "MLP") == "MoE":
             self.mlp_block = MoETorch(
-                h, num_experts=mlp_block["num_experts"], top_k=mlp_block["num_experts_per_tok"],
+                h,
+                num_experts=mlp_block["num_experts"],
+                top_k=mlp_block["num_experts_per_tok"],
                 intermediate_size=mlp_block["intermediate_size"],
                 shared_intermediate_size=mlp_block["shared_intermediate_size"],
-                add_bias=mlp_block.get("add_bias", False), aux_coef=config.get("router_aux_loss_coef") or 0.0,
+                add_bias=mlp_block.get("add_bias", False),
+                aux_coef=config.get("router_aux_loss_coef") or 0.0,
                 dtype=dtype,
             )
         else:

@@ -98,9 +98,21 @@ class GatedDeltaNetTorch(torch.nn.Module):
     o_t = S_t^T q_t; o *= SiLU(gate); per-head RMSNorm over dv (o_norm); o_proj.
     """
 
-    def __init__(self, hidden_size: int, *, num_heads: int, num_k_heads: int, k_head_dim: int, v_head_dim: int,
-                 kernel_size: int, use_gate: bool, allow_neg_eigval: bool, attention_multiplier: float | None,
-                 norm_eps: float, dtype: torch.dtype):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_heads: int,
+        num_k_heads: int,
+        k_head_dim: int,
+        v_head_dim: int,
+        kernel_size: int,
+        use_gate: bool,
+        allow_neg_eigval: bool,
+        attention_multiplier: float | None,
+        norm_eps: float,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.Nv, self.Nk, self.dk, self.dv = num_heads, num_k_heads, k_head_dim, v_head_dim
         self.use_gate, self.allow_neg_eigval, self.norm_eps = use_gate, allow_neg_eigval, norm_eps
@@ -151,9 +163,20 @@ class Mamba2Torch(torch.nn.Module):
     s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t + D x_t; y *= SiLU(z); RMSNorm over I (norm); out_proj.
     """
 
-    def __init__(self, hidden_size: int, *, num_heads: int, intermediate_size: int, state_size: int,
-                 num_groups: int, kernel_size: int, add_bias: bool, use_conv_bias: bool, norm_eps: float,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_heads: int,
+        intermediate_size: int,
+        state_size: int,
+        num_groups: int,
+        kernel_size: int,
+        add_bias: bool,
+        use_conv_bias: bool,
+        norm_eps: float,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.H, self.I, self.N, self.G, self.norm_eps = num_heads, intermediate_size, state_size, num_groups, norm_eps
         self.P = intermediate_size // num_heads
@@ -205,8 +228,17 @@ class AttentionTorch(torch.nn.Module):
     causal mask over [cache | new]; c_proj. The cache is lm-engine's ``LinearCache``: keys/values concatenated.
     """
 
-    def __init__(self, hidden_size: int, *, num_heads: int, num_kv_heads: int, head_dim: int, add_bias: bool,
-                 rope_theta: float | None, dtype: torch.dtype):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        add_bias: bool,
+        rope_theta: float | None,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.Nq, self.Nkv, self.d, self.rope_theta = num_heads, num_kv_heads, head_dim, rope_theta
         self.c_attn = _linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, add_bias, dtype)
@@ -244,9 +276,20 @@ class VectorRNNTorch(torch.nn.Module):
     [-gradient_clipping, gradient_clipping]. Output: y ⊙ SiLU(g) -> RMSNorm over N d (norm) -> output_projection.
     """
 
-    def __init__(self, hidden_size: int, *, gru: bool, num_heads: int, head_dim: int, kernel_size: int | None,
-                 activation_function: str | None, add_bias: bool, gradient_clipping: float | None, norm_eps: float,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        gru: bool,
+        num_heads: int,
+        head_dim: int,
+        kernel_size: int | None,
+        activation_function: str | None,
+        add_bias: bool,
+        gradient_clipping: float | None,
+        norm_eps: float,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.gru, self.N, self.d, self.norm_eps = gru, num_heads, head_dim, norm_eps
         self.activation_function = activation_function

@@ -94,9 +94,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
         raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1; got {tuple(cu_seqlens.shape)}")
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != num_tokens or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at T={num_tokens}; got {bounds}"
-        )
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={num_tokens}; got {bounds}")
 
 
 def _recurrence(
@@ -253,7 +251,11 @@ class M2RNNTorch(torch.nn.Module):
             None
             if kernel_size is None
             else torch.nn.Conv1d(
-                self.conv_channels, self.conv_channels, kernel_size, groups=self.conv_channels, bias=add_bias,
+                self.conv_channels,
+                self.conv_channels,
+                kernel_size,
+                groups=self.conv_channels,
+                bias=add_bias,
                 dtype=dtype,
             )
         )

@@ -31,8 +31,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A 4-chip v5e, M2RNN + attention hybrid (tiny-m2rnn: MMAM, 4 M2RNN heads), data x tensor so that the kernel runs
 # under shard_map over batch and heads, the parameters are split over tensor and the gradients are reduced.
-TINY = ["--preset", "tiny-m2rnn", "--topology", "v5e:2x2", "--mesh", "data=2,tensor=2", "--batch", "4",
-        "--seq-len", "32", "--remat", "full"]
+TINY = [
+    "--preset",
+    "tiny-m2rnn",
+    "--topology",
+    "v5e:2x2",
+    "--mesh",
+    "data=2,tensor=2",
+    "--batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--remat",
+    "full",
+]
 
 
 # ------------------------------------------------------------------------------------------------ unit tests (CPU)
@@ -41,8 +53,14 @@ TINY = ["--preset", "tiny-m2rnn", "--topology", "v5e:2x2", "--mesh", "data=2,ten
 def test_parse_mesh_reads_axes_and_rejects_bad_text():
     assert parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
     assert parse_mesh("fsdp=-1,expert=8") == {"fsdp": -1, "expert": 8}
-    for text, fragment in [("", "at least one"), ("data=2,pipe=2", "AXIS=SIZE"), ("data=0", "positive size"),
-                           ("data=x", "positive size"), ("data=2,data=2", "each axis once"), ("data", "AXIS=SIZE")]:
+    for text, fragment in [
+        ("", "at least one"),
+        ("data=2,pipe=2", "AXIS=SIZE"),
+        ("data=0", "positive size"),
+        ("data=x", "positive size"),
+        ("data=2,data=2", "each axis once"),
+        ("data", "AXIS=SIZE"),
+    ]:
         with pytest.raises(ValueError, match=f"--mesh: expected.*{fragment}"):
             parse_mesh(text)
 
@@ -93,8 +111,14 @@ def test_requested_train_config_applies_overrides_and_cuts_the_layers():
     """--set edits the preset's training config; --layers keeps the first blocks and drops unused mixer configs."""
     base = requested_train_config(CompileRequest(preset="tiny-hybrid", topology="v5e:2x2", mesh={}, batch=1))
     assert base.model == get_preset("tiny-hybrid")
-    request = CompileRequest(preset="tiny-hybrid", topology="v5e:2x2", mesh={}, batch=1, layers=1,
-                             overrides=("model.vocab_size=64", "model.m2rnn.num_heads=2"))
+    request = CompileRequest(
+        preset="tiny-hybrid",
+        topology="v5e:2x2",
+        mesh={},
+        batch=1,
+        layers=1,
+        overrides=("model.vocab_size=64", "model.m2rnn.num_heads=2"),
+    )
     config = requested_train_config(request).model
     assert (config.num_layers, config.layer_pattern) == (1, base.model.layer_pattern[:1])
     assert config.vocab_size == 64 and config.m2rnn.num_heads == 2
@@ -105,8 +129,9 @@ def test_requested_train_config_applies_overrides_and_cuts_the_layers():
     with pytest.raises(ValueError, match=r"--layers: expected at most the model's \d+ layers, got 99"):
         requested_train_config(too_deep)
     with pytest.raises(ValueError, match="unknown key 'nope'"):
-        requested_train_config(CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1,
-                                              overrides=("model.nope=1",)))
+        requested_train_config(
+            CompileRequest(preset="tiny-m2rnn", topology="v5e:2x2", mesh={}, batch=1, overrides=("model.nope=1",))
+        )
 
 
 HLO = """
@@ -160,16 +185,45 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
     assert "tiny-m2rnn on v5e:2x2 (4 x TPU v5 lite), mesh data=2,fsdp=1,context=1,tensor=2,expert=1" in result.stdout
     report = json.loads(out.read_text())
     assert set(report) == {
-        "preset", "topology", "chip", "num_devices", "mesh", "batch", "micro_batch", "grad_accum", "seq_len",
-        "micro_batch_per_device", "remat", "backends", "dtype", "param_dtype", "jax_version", "libtpu_version",
-        "num_params", "replicated_parameters", "lower_seconds", "compile_seconds", "memory", "cost", "collectives",
-        "status", "error", "layers", "layer_pattern", "overrides", "host_peak_rss_bytes",
+        "preset",
+        "topology",
+        "chip",
+        "num_devices",
+        "mesh",
+        "batch",
+        "micro_batch",
+        "grad_accum",
+        "seq_len",
+        "micro_batch_per_device",
+        "remat",
+        "backends",
+        "dtype",
+        "param_dtype",
+        "jax_version",
+        "libtpu_version",
+        "num_params",
+        "replicated_parameters",
+        "lower_seconds",
+        "compile_seconds",
+        "memory",
+        "cost",
+        "collectives",
+        "status",
+        "error",
+        "layers",
+        "layer_pattern",
+        "overrides",
+        "host_peak_rss_bytes",
     }
     assert report["mesh"] == {"data": 2, "fsdp": 1, "context": 1, "tensor": 2, "expert": 1}
     assert (report["layers"], report["layer_pattern"], report["overrides"]) == (None, "MMAM", [])
     assert 2**27 < report["host_peak_rss_bytes"] < 2**35
-    assert (report["num_devices"], report["chip"], report["status"], report["error"]) == (4, "TPU v5 lite", "fits",
-                                                                                          None)
+    assert (report["num_devices"], report["chip"], report["status"], report["error"]) == (
+        4,
+        "TPU v5 lite",
+        "fits",
+        None,
+    )
     assert (report["batch"], report["micro_batch"], report["micro_batch_per_device"]) == (4, 4, 2)
     assert report["backends"] == {"m2rnn": "pallas_tpu"} and report["remat"] == "full"
     assert report["libtpu_version"] and report["num_params"] > 100_000
@@ -218,11 +272,17 @@ def test_bad_requests_exit_2_with_a_message(libtpu_env):
         "    results.append([code, err.getvalue()])\n"
         "print('RESULTS ' + json.dumps(results))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, json.dumps([extra for extra, _ in cases])], cwd=REPO,
-                            env=libtpu_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([extra for extra, _ in cases])],
+        cwd=REPO,
+        env=libtpu_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, result.stdout[-3000:] + result.stderr[-3000:]
-    for (extra, fragment), (code, stderr) in zip(cases, json.loads(lines[0][len("RESULTS "):])):
+    for (extra, fragment), (code, stderr) in zip(cases, json.loads(lines[0][len("RESULTS ") :])):
         assert code == 2, (extra, stderr)
         assert stderr.startswith("m2rnn-jax compile: error: ") and fragment in stderr, (extra, stderr)
 
@@ -242,13 +302,36 @@ def test_missing_libtpu_is_a_usage_error(tmp_path):
 
 def _report(**changes):
     report = {
-        "preset": "p", "topology": "v5e:2x2", "chip": "TPU v5 lite", "num_devices": 4,
-        "mesh": {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}, "batch": 8, "micro_batch": 8, "grad_accum": 1,
-        "seq_len": 16, "micro_batch_per_device": 2, "remat": "none", "num_params": 2_000_000,
-        "replicated_parameters": [], "compile_seconds": 3.0, "lower_seconds": 1.0, "error": None,
-        "layers": None, "layer_pattern": "MMAM", "overrides": [], "host_peak_rss_bytes": 3 * 2**29,
-        "memory": {"argument_bytes": 3 * 2**30, "output_bytes": 2**20, "alias_bytes": 2**20, "temp_bytes": 1536,
-                   "total_bytes": 3 * 2**30 + 1536, "hbm_bytes": 16 * 2**30, "fraction_of_hbm": 0.1875, "fits": True},
+        "preset": "p",
+        "topology": "v5e:2x2",
+        "chip": "TPU v5 lite",
+        "num_devices": 4,
+        "mesh": {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1},
+        "batch": 8,
+        "micro_batch": 8,
+        "grad_accum": 1,
+        "seq_len": 16,
+        "micro_batch_per_device": 2,
+        "remat": "none",
+        "num_params": 2_000_000,
+        "replicated_parameters": [],
+        "compile_seconds": 3.0,
+        "lower_seconds": 1.0,
+        "error": None,
+        "layers": None,
+        "layer_pattern": "MMAM",
+        "overrides": [],
+        "host_peak_rss_bytes": 3 * 2**29,
+        "memory": {
+            "argument_bytes": 3 * 2**30,
+            "output_bytes": 2**20,
+            "alias_bytes": 2**20,
+            "temp_bytes": 1536,
+            "total_bytes": 3 * 2**30 + 1536,
+            "hbm_bytes": 16 * 2**30,
+            "fraction_of_hbm": 0.1875,
+            "fits": True,
+        },
         "cost": {"flops": 1.5e12, "bytes_accessed": 2**21},
         "collectives": {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVE_KINDS},
     }
@@ -270,8 +353,14 @@ def test_format_report_lines():
     assert "replicated (size not divisible by the mesh): 1 parameters, e.g. ['a']['kernel']" in text
     assert "compiled in 3.0 s (trace + lower 1.0 s), host peak RSS 1.50 GiB" in text
     assert "p (2 layers: MM) on v5e:2x2" in format_report(_report(layers=2, layer_pattern="MM"))
-    refused = format_report(_report(error="RESOURCE_EXHAUSTED: Ran out of memory", cost=None, collectives=None,
-                                    memory={"hbm_bytes": 16 * 2**30, "fits": False}))
+    refused = format_report(
+        _report(
+            error="RESOURCE_EXHAUSTED: Ran out of memory",
+            cost=None,
+            collectives=None,
+            memory={"hbm_bytes": 16 * 2**30, "fits": False},
+        )
+    )
     assert "DOES NOT FIT (16.00 GiB HBM): RESOURCE_EXHAUSTED: Ran out of memory" in refused
 
 
@@ -279,7 +368,7 @@ def test_format_report_lines():
 
 
 def test_buffer_assignment_reader_sums_hbm_allocations_by_kind():
-    from experiments.bench.tpu_buffer_assignment import hbm_allocations
+    from m2rnn_jax.bench.tpu_buffer_assignment import hbm_allocations
 
     dump = (
         "allocation 0: size 512, thread-local:\n"
@@ -290,8 +379,7 @@ def test_buffer_assignment_reader_sums_hbm_allocations_by_kind():
         "allocation 4: size 99999, color 1, preallocated-temp:\n"
         "allocation 5: size 64, constant:\n"
     )
-    assert hbm_allocations(dump) == {"thread-local": 512, "parameter": 5120, "preallocated-temp": 65536,
-                                     "constant": 64}
+    assert hbm_allocations(dump) == {"thread-local": 512, "parameter": 5120, "preallocated-temp": 65536, "constant": 64}
 
 
 def test_swiglu_splits_the_kernel_not_the_activations():
@@ -323,7 +411,11 @@ def test_swiglu_splits_the_kernel_not_the_activations():
     x = jnp.ones((2, 5, 8), jnp.float32)
     mlp = MLP(8, MLPConfig(intermediate_size=6), num_layers=2, rngs=nnx.Rngs(0))
     assert strided_slice_operands(mlp, x) == [(8, 12), (8, 12)]  # the kernel's even and odd columns
-    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=6, shared_intermediate_size=4), num_layers=2,
-              rngs=nnx.Rngs(0))
+    moe = MoE(
+        8,
+        MoEConfig(num_experts=4, top_k=2, intermediate_size=6, shared_intermediate_size=4),
+        num_layers=2,
+        rngs=nnx.Rngs(0),
+    )
     shapes = strided_slice_operands(moe, x)
     assert shapes and all(shape in {(4, 8, 12), (8, 8)} for shape in shapes), shapes

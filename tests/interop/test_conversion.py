@@ -27,15 +27,21 @@ CONFIG = M2RNNConfig(
     num_heads=4, k_head_dim=3, v_head_dim=2, num_g_heads=2, num_weight_heads=2, add_bias=True, backend="scan"
 )
 TORCH_KWARGS = dict(
-    num_heads=4, k_head_dim=3, v_head_dim=2, num_q_heads=1, num_k_heads=1, num_v_heads=4, num_f_heads=4,
-    num_g_heads=2, num_weight_heads=2, add_bias=True,
+    num_heads=4,
+    k_head_dim=3,
+    v_head_dim=2,
+    num_q_heads=1,
+    num_k_heads=1,
+    num_v_heads=4,
+    num_f_heads=4,
+    num_g_heads=2,
+    num_weight_heads=2,
+    add_bias=True,
 )
 
 
 def make_layer(seed):
-    layer = M2RNN(
-        HIDDEN, CONFIG, num_layers=2, initializer_range=0.3, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))
-    )
+    layer = M2RNN(HIDDEN, CONFIG, num_layers=2, initializer_range=0.3, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
     return randomize_layer_params(layer, seed + 100)
 
 

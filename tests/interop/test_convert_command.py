@@ -30,8 +30,9 @@ def _lm_engine_checkpoint(directory, pattern="MGSARU", moe=True, tied=False, edi
     if edit is not None:
         edit(tensors, lm_config)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors", {k: (v.shape, v.dtype) for k, v in tensors.items()},
-                      tensors.__getitem__)
+    write_safetensors(
+        directory / "model.safetensors", {k: (v.shape, v.dtype) for k, v in tensors.items()}, tensors.__getitem__
+    )
     (directory / "config.json").write_text(json.dumps(lm_config))
     return tensors, lm_config
 
@@ -43,8 +44,10 @@ def test_round_trip_is_exact(tmp_path, case, capsys):
     assert main(["convert", "--from-lm-engine", str(tmp_path / "src"), "--workdir", str(tmp_path / "run")]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["layer_pattern"] == pattern and saved["model"]["tie_embeddings"] == tied
-    assert main(["convert", "--to-lm-engine", "--checkpoint", str(tmp_path / "run"),
-                 "--output", str(tmp_path / "back")]) == 0
+    assert (
+        main(["convert", "--to-lm-engine", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "back")])
+        == 0
+    )
     assert "peak RSS" in capsys.readouterr().out
     back = SafetensorsReader(tmp_path / "back")
     assert back.names() == set(tensors)
@@ -102,8 +105,24 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
 @pytest.mark.slow
 def test_converted_run_evaluates_generates_and_trains(tmp_path):
     _lm_engine_checkpoint(tmp_path / "src", "MA", moe=True)
-    assert main(["convert", "--from-lm-engine", str(tmp_path / "src"), "--workdir", str(tmp_path / "run"),
-                 "--set", "steps=12", "--set", "batch_size=2", "--set", "data.seq_len=16"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from-lm-engine",
+                str(tmp_path / "src"),
+                "--workdir",
+                str(tmp_path / "run"),
+                "--set",
+                "steps=12",
+                "--set",
+                "batch_size=2",
+                "--set",
+                "data.seq_len=16",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--workdir", str(tmp_path / "run")]) == 0
     run = tmp_path / "run"
     assert main(["generate", "--checkpoint", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0
@@ -124,9 +143,26 @@ def _converted_run(tmp_path, pattern="MR"):
     from m2rnn_jax.train.state import abstract_train_state, train_state_shardings
 
     tensors, _ = _lm_engine_checkpoint(tmp_path / "src", pattern, moe=False)
-    assert main(["convert", "--from-lm-engine", str(tmp_path / "src"), "--workdir", str(tmp_path / "run"),
-                 "--set", "batch_size=2", "--set", "data.seq_len=8", "--set", "steps=2",
-                 "--set", "optimizer.warmup_steps=1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from-lm-engine",
+                str(tmp_path / "src"),
+                "--workdir",
+                str(tmp_path / "run"),
+                "--set",
+                "batch_size=2",
+                "--set",
+                "data.seq_len=8",
+                "--set",
+                "steps=2",
+                "--set",
+                "optimizer.warmup_steps=1",
+            ]
+        )
+        == 0
+    )
     config = TrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
     optimizer = build_optimizer(config.optimizer, config.steps)
     abstract = abstract_train_state(config.model, optimizer)
@@ -160,8 +196,9 @@ def test_import_writes_parameters_only_and_restore_builds_the_optimizer_state(tm
     assert _saved_opt_state(tmp_path / "run" / "checkpoints" / "0") is None
     expected = jax.jit(optimizer.init)(state.params)  # the fresh moments: what training from these params starts at
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(expected)
-    for got, want, target in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected),
-                                 jax.tree.leaves(abstract.opt_state)):
+    for got, want, target in zip(
+        jax.tree.leaves(state.opt_state), jax.tree.leaves(expected), jax.tree.leaves(abstract.opt_state)
+    ):
         assert got.sharding.is_equivalent_to(target.sharding, got.ndim)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     exported = dict(lm_engine_tensors(state.params))
@@ -177,8 +214,9 @@ def test_export_of_a_full_checkpoint_reads_only_the_parameters(tmp_path):
     checkpointer = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
     try:
         state, _ = checkpointer.restore(abstract, optimizer=optimizer)
-        moments = jax.tree.map(lambda x: x + 7 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
-                               state.opt_state)
+        moments = jax.tree.map(
+            lambda x: x + 7 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state.opt_state
+        )
         checkpointer.save(state._replace(step=state.step + 1, opt_state=moments), {"step": 1})
         checkpointer.wait_until_finished()
         full, metadata = checkpointer.restore(abstract, 1)
@@ -190,8 +228,21 @@ def test_export_of_a_full_checkpoint_reads_only_the_parameters(tmp_path):
     assert all(float(np.min(np.asarray(leaf))) == 7 for leaf in jax.tree.leaves(full.opt_state) if leaf.ndim)
     for name, value in lm_engine_tensors(only.params):
         assert value.tobytes() == tensors[name].tobytes(), name
-    assert main(["convert", "--to-lm-engine", "--checkpoint", str(tmp_path / "run"), "--step", "1",
-                 "--output", str(tmp_path / "back")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--to-lm-engine",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--step",
+                "1",
+                "--output",
+                str(tmp_path / "back"),
+            ]
+        )
+        == 0
+    )
     back = SafetensorsReader(tmp_path / "back")
     assert all(back.read(name).tobytes() == value.tobytes() for name, value in tensors.items())
 

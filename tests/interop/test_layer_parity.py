@@ -25,12 +25,27 @@ HIDDEN = 12
 CONFIGS = {
     "paper-like-Nq=Nk=1": dict(num_heads=4, k_head_dim=6, v_head_dim=3),
     "mixed-heads-bias-binding-clip": dict(
-        num_heads=8, k_head_dim=3, v_head_dim=2, num_q_heads=2, num_k_heads=4, num_weight_heads=2, num_g_heads=2,
-        add_bias=True, gradient_clipping=0.05,
+        num_heads=8,
+        k_head_dim=3,
+        v_head_dim=2,
+        num_q_heads=2,
+        num_k_heads=4,
+        num_weight_heads=2,
+        num_g_heads=2,
+        add_bias=True,
+        gradient_clipping=0.05,
     ),
     "no-conv-no-residual-no-clip": dict(
-        num_heads=4, k_head_dim=3, v_head_dim=4, num_q_heads=4, num_k_heads=2, num_v_heads=2, kernel_size=None,
-        activation_function=None, use_residual=False, gradient_clipping=None,
+        num_heads=4,
+        k_head_dim=3,
+        v_head_dim=4,
+        num_q_heads=4,
+        num_k_heads=2,
+        num_v_heads=2,
+        kernel_size=None,
+        activation_function=None,
+        use_residual=False,
+        gradient_clipping=None,
     ),
 }
 # Every config in float64 (the logic), the busiest one in float32 too (the precision).
@@ -79,9 +94,17 @@ def test_layer_parity_from_zero_state(x64, config_kwargs, dtype):
     layer = make_layer(config_kwargs, dtype)
     x = random_normal(7, (2, 5, HIDDEN), dtype)
     errors = compare_layer_with_torch(layer, x)
-    expected = {"y", "recurrent_state", "grad/x", "grad/state_weight", "grad/decay_gate.A_log",
-                "grad/decay_gate.dt_bias", "grad/g_norm.weight", "grad/input_projection.weight",
-                "grad/output_projection.weight"}
+    expected = {
+        "y",
+        "recurrent_state",
+        "grad/x",
+        "grad/state_weight",
+        "grad/decay_gate.A_log",
+        "grad/decay_gate.dt_bias",
+        "grad/g_norm.weight",
+        "grad/input_projection.weight",
+        "grad/output_projection.weight",
+    }
     assert expected <= set(errors)
     assert_small(errors, dtype)
 

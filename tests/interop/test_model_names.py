@@ -61,8 +61,9 @@ def test_name_map_rules():
 
 def _random_params(config, seed=0):
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape).astype(leaf.dtype),
-                        nnx.to_pure_dict(_abstract_params(config)))
+    return jax.tree.map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(leaf.dtype), nnx.to_pure_dict(_abstract_params(config))
+    )
 
 
 def test_params_round_trip_is_exact():
@@ -80,8 +81,11 @@ def test_params_from_tensors_names_missing_unexpected_and_misshaped():
     tensors = dict(lm_engine_tensors(_random_params(config)))
     broken = {k: v for k, v in tensors.items() if k != "transformer.h.0.sequence_mixer.D"}
     broken["transformer.h.0.sequence_mixer.extra"] = np.zeros(3)
-    with pytest.raises(ValueError, match=r"missing tensors \['transformer.h.0.sequence_mixer.D'\]; unexpected "
-                                         r"tensors \['transformer.h.0.sequence_mixer.extra'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \['transformer.h.0.sequence_mixer.D'\]; unexpected "
+        r"tensors \['transformer.h.0.sequence_mixer.extra'\]",
+    ):
         params_from_tensors(template, broken.__getitem__, set(broken))
     tensors["lm_head.weight"] = tensors["lm_head.weight"].T
     with pytest.raises(ValueError, match=r"lm_head.weight: expected shape \(256, 64\), got \(64, 256\)"):
@@ -93,7 +97,8 @@ def _jax_only_fields_reset(config):
     changes = {}
     if config.gated_deltanet is not None:
         changes["gated_deltanet"] = config.gated_deltanet.__class__(
-            **{**config.gated_deltanet.__dict__, "chunk_size": 64, "backend": "auto"})
+            **{**config.gated_deltanet.__dict__, "chunk_size": 64, "backend": "auto"}
+        )
     return config.replace(**changes)
 
 
@@ -106,8 +111,17 @@ def test_config_round_trip_tiny_families(pattern, moe):
     assert to_lm_engine_config(from_lm_engine_config(lm)) == lm
 
 
-@pytest.mark.parametrize("preset", ["hybrid-gdn-m2rnn-3l-400m", "hybrid-mamba2-m2rnn-1l-400m", "attention-400m",
-                                    "gru-400m", "rnn-400m", "hybrid-m2rnn-7b"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "hybrid-gdn-m2rnn-3l-400m",
+        "hybrid-mamba2-m2rnn-1l-400m",
+        "attention-400m",
+        "gru-400m",
+        "rnn-400m",
+        "hybrid-m2rnn-7b",
+    ],
+)
 def test_config_round_trip_paper_presets(preset):
     config = get_preset(preset).replace(dtype="float32", param_dtype="float32", remat="none")
     lm = to_lm_engine_config(config)
@@ -132,8 +146,10 @@ def _lm_config():
         (lambda c: c["mlp_blocks"][0].update(normalized_topk=False), r"\[0\].normalized_topk"),
         (lambda c: c["sequence_mixer_blocks"].append(dict(c["sequence_mixer_blocks"][0])), r"num_layers=6"),
         (lambda c: c["sequence_mixer_blocks"][2].update(time_step_limit=[0.0, 1.0]), r"time_step_limit"),
-        (lambda c: c["sequence_mixer_blocks"][2].update(sequence_mixer_type="linear_attention"),
-         r"sequence_mixer_type: expected one of"),
+        (
+            lambda c: c["sequence_mixer_blocks"][2].update(sequence_mixer_type="linear_attention"),
+            r"sequence_mixer_type: expected one of",
+        ),
     ],
 )
 def test_untranslatable_lm_engine_fields_are_errors(edit, message):
@@ -165,8 +181,9 @@ def test_norm_eps_follows_lm_engine():
     twin = DecoderTorch(lm)
     assert twin.transformer.h[1].sequence_mixer.norm_eps == twin.transformer.h[2].sequence_mixer.norm_eps == 1e-6
     with pytest.raises(ValueError, match=r"mamba2.norm_eps: lm-engine uses layer_norm_epsilon=1e-05"):
-        to_lm_engine_config(tiny_config("S").replace(
-            mamba2=config.mamba2.__class__(**{**config.mamba2.__dict__, "norm_eps": 1e-6})))
+        to_lm_engine_config(
+            tiny_config("S").replace(mamba2=config.mamba2.__class__(**{**config.mamba2.__dict__, "norm_eps": 1e-6}))
+        )
 
 
 def test_our_fields_without_counterpart_are_errors():

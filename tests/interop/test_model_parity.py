@@ -66,8 +66,14 @@ def test_compare_model_cli(capsys):
     args = ["compare", "--model", "tiny-m2rnn", "--seq-len", "5", "--batch", "1"]
     assert main(args + ["--dtypes", "float32", "float64"]) == 0
     out = capsys.readouterr().out
-    for row in ("logits", "aux_loss", "decode", "grad/transformer.h.2.sequence_mixer.c_attn.weight",
-                "grad/transformer.h.0.mlp_block.c_fc.weight", "PASS"):
+    for row in (
+        "logits",
+        "aux_loss",
+        "decode",
+        "grad/transformer.h.2.sequence_mixer.c_attn.weight",
+        "grad/transformer.h.0.mlp_block.c_fc.weight",
+        "PASS",
+    ):
         assert row in out
     assert main(args + ["--dtypes", "float32", "--tol-float32", "1e-30"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -54,8 +54,9 @@ def test_failed_write_leaves_no_file(tmp_path):
     tensors = _tensors()
     specs = {k: (v.shape, v.dtype) for k, v in tensors.items()}
     with pytest.raises(ValueError, match=r"produce\('b'\): expected \(2, 1, 4\) float64, got \(2, 4\) float64"):
-        write_safetensors(tmp_path / "m.safetensors", specs, lambda n: tensors[n].reshape(2, 4) if n == "b"
-                          else tensors[n])
+        write_safetensors(
+            tmp_path / "m.safetensors", specs, lambda n: tensors[n].reshape(2, 4) if n == "b" else tensors[n]
+        )
     assert list(tmp_path.iterdir()) == []
 
 

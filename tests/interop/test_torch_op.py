@@ -23,7 +23,7 @@ def _numpy_m2rnn(q, k, v, W, f, h0):
     h_final = np.zeros_like(h0)
     for b in range(batch):
         for head in range(n):
-            src = lambda x, axis: head // (n // x.shape[axis])  # noqa: E731
+            src = lambda x, axis, head=head: head // (n // x.shape[axis])
             h = h0[b, head].copy()
             w = W[src(W, 0)]
             for t in range(seq_len):
@@ -39,14 +39,10 @@ def _numpy_m2rnn(q, k, v, W, f, h0):
 
 
 def _torch(arrays, requires_grad=False):
-    return {
-        name: torch.tensor(x, dtype=torch.float64, requires_grad=requires_grad) for name, x in arrays.items()
-    }
+    return {name: torch.tensor(x, dtype=torch.float64, requires_grad=requires_grad) for name, x in arrays.items()}
 
 
-@pytest.mark.parametrize(
-    "counts", [(3, 3, 3, 3, 3), (1, 1, 6, 6, 6), (2, 4, 8, 8, 2), (4, 2, 1, 2, 4)], ids=str
-)
+@pytest.mark.parametrize("counts", [(3, 3, 3, 3, 3), (1, 1, 6, 6, 6), (2, 4, 8, 8, 2), (4, 2, 1, 2, 4)], ids=str)
 def test_forward_matches_numpy_loop(counts):
     arrays = numpy_m2rnn_inputs(0, batch=2, seq_len=5, counts=counts, k_dim=3, v_dim=4)
     y_ref, h_ref = _numpy_m2rnn(**arrays)

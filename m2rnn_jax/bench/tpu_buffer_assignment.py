@@ -9,7 +9,7 @@ state, batch shard) and the preallocated temporaries (activations, gradients, wo
 generation still adds temporaries (hybrid-m2rnn-400m at 4096 tokens, 1 sequence per chip: +0.47 GB on 1.57 GB;
 small programs: a few MB); the numbers are the buffer assignment's, called an estimate wherever they are quoted.
 
-    PYTHONPATH=.venv-tpu:. python experiments/bench/tpu_buffer_assignment.py --json out.json -- \\
+    PYTHONPATH=.venv-tpu:. python -m m2rnn_jax.bench.tpu_buffer_assignment --json out.json -- \\
         --preset hybrid-m2rnn-400m --topology v5e:2x4 --mesh data=2,fsdp=4 --batch 8 --remat full
 
 Everything after ``--`` goes to ``m2rnn-jax compile`` unchanged. Prints one JSON object (also written to --json).
@@ -75,8 +75,13 @@ def main() -> int:
         start = time.monotonic()
         log = dump / "compile.log"  # a file, not a pipe: a full pipe would stall the compile
         with open(log, "w") as output:
-            child = subprocess.Popen([sys.executable, "-m", "m2rnn_jax", "compile", *compile_args], env=env,
-                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "m2rnn_jax", "compile", *compile_args],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             found = _wait_for_dump(dump, child, args.timeout)
             seconds = time.monotonic() - start
             if child.poll() is None:
@@ -88,8 +93,10 @@ def main() -> int:
             return 1
         hbm = hbm_allocations(found.read_text())
     result = {
-        "compile_args": compile_args, "seconds_to_buffer_assignment": round(seconds, 1),
-        "argument_bytes": hbm.get("parameter", 0), "temp_bytes": hbm.get("preallocated-temp", 0),
+        "compile_args": compile_args,
+        "seconds_to_buffer_assignment": round(seconds, 1),
+        "argument_bytes": hbm.get("parameter", 0),
+        "temp_bytes": hbm.get("preallocated-temp", 0),
         "other_bytes": sum(v for k, v in hbm.items() if k not in ("parameter", "preallocated-temp")),
     }
     result["total_gib"] = (result["argument_bytes"] + result["temp_bytes"] + result["other_bytes"]) / GIB
