@@ -61,16 +61,8 @@ def gated_delta_rule_over_context(
     **op_kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`m2rnn_jax.ops.gated_delta_rule` (same arguments and results) with S split over ``axis_name``."""
-
-    def local(q, k, v, beta, log_alpha, h0, reset):
-        return context_gated_delta_rule(q, k, v, beta, log_alpha, h0, reset=reset, axis_name=axis_name, **op_kwargs)
-
-    return run_over_context(
-        local,
-        (q, k, v, beta, log_alpha, h0, reset),
-        (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
-        (SEQUENCE, BATCH),
-        axis_name=axis_name,
+    return _linear_recurrence_over_context(
+        context_gated_delta_rule, (q, k, v, beta, log_alpha), h0, reset, axis_name, op_kwargs
     )
 
 
@@ -87,14 +79,29 @@ def ssd_over_context(
     **op_kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`m2rnn_jax.ops.ssd` (same arguments and results) with S split over ``axis_name``."""
+    return _linear_recurrence_over_context(context_ssd, (x, dt, log_decay, B, C), h0, reset, axis_name, op_kwargs)
 
-    def local(x, dt, log_decay, B, C, h0, reset):
-        return context_ssd(x, dt, log_decay, B, C, h0, reset=reset, axis_name=axis_name, **op_kwargs)
+
+def _linear_recurrence_over_context(
+    recurrence: Any,
+    sequences: tuple[jax.Array, ...],
+    h0: jax.Array | None,
+    reset: jax.Array | None,
+    axis_name: str,
+    op_kwargs: dict[str, Any],
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``recurrence(*sequences, h0, reset=, axis_name=, **op_kwargs)`` (a function of local shards from
+    :mod:`m2rnn_jax.parallel.context.linear_recurrence`) with the sequence inputs (B, S, ...) and ``reset`` split over
+    ``axis_name`` and ``h0`` per batch row; returns (output split over S, final state per batch row)."""
+
+    def local(*args):
+        *local_sequences, local_h0, local_reset = args
+        return recurrence(*local_sequences, local_h0, reset=local_reset, axis_name=axis_name, **op_kwargs)
 
     return run_over_context(
         local,
-        (x, dt, log_decay, B, C, h0, reset),
-        (SEQUENCE,) * 5 + (BATCH, SEQUENCE),
+        (*sequences, h0, reset),
+        (SEQUENCE,) * len(sequences) + (BATCH, SEQUENCE),
         (SEQUENCE, BATCH),
         axis_name=axis_name,
     )
