@@ -64,6 +64,8 @@ def check_training() -> None:
                 "--set",
                 "steps=2",
                 "--set",
+                "optimizer.warmup_steps=1",
+                "--set",
                 "log_every=1",
                 "--set",
                 "eval_every=2",

@@ -29,7 +29,7 @@ for part in "$@"; do
            run "parts_$preset" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
              --iters 5 --repeats 3 --json "$OUT/parts_$preset.json" ;;
     profile-*) preset=${part#profile-}  # where the step's device time goes (per source line of the model code)
-           run "profile_$preset" 240 python3 -m m2rnn_jax.bench.step_profile --model "$preset" --batch "$B" --seq-len "$S" \
+           run "profile_$preset" 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m m2rnn_jax.bench.step_profile --model "$preset" --batch "$B" --seq-len "$S" \
              --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json" ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
     gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \

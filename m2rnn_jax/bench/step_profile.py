@@ -150,13 +150,16 @@ def summarize(events: Iterable[dict], sources: dict[str, dict[str, str]], steps:
     by_file: collections.Counter = collections.Counter()
     by_kernel: collections.Counter = collections.Counter()
     examples: dict[str, str] = {}
+    # A fusion's kernel is named after its instruction ("loop_convert_fusion_72" for "loop_convert_fusion.72"):
+    # the fallback where the event's hlo_op names a command buffer (CUDA graph) instead of the instruction.
+    by_kernel_name = {re.sub(r"[.\-]", "_", name): source for name, source in sources.items()}
     total = 0.0
     for event in events:
         ms = event["dur"] / 1e3 / steps
         total += ms
         args = event.get("args", {})
         hlo_op = args.get("hlo_op", "")
-        source = sources.get(hlo_op, {})
+        source = sources.get(hlo_op) or by_kernel_name.get(event["name"], {})
         file = source["source"].split(":", 1)[0] if source else "(unknown)"
         line = f"{source['source']} {direction(source['op_name'])}" if source else None
         by_file[file] += ms

@@ -77,3 +77,10 @@ def test_cli_on_a_tiny_preset(tmp_path, capsys):
 def test_cli_rejects_bad_steps(tmp_path):
     with pytest.raises(SystemExit):
         step_profile.main(["--model", "tiny-hybrid", "--steps", "0", "--out", str(tmp_path)])
+
+
+def test_kernels_inside_command_buffers_map_by_fusion_name():
+    kernels = [{"name": "loop_convert_fusion_72", "dur": 2000.0, "args": {"hlo_op": "command_buffer_3"}}]
+    sources = {"loop_convert_fusion.72": {"op_name": "jit(s)/jvp()/convert", "source": "layers/norm.py:__call__:9"}}
+    summary = step_profile.summarize(kernels, sources, steps=1)
+    assert summary["by_source_line"][0]["name"] == "layers/norm.py:__call__:9 forward"
