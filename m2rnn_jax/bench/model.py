@@ -48,7 +48,7 @@ from m2rnn_jax.bench.timing import (
 )
 from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.counting import abstract_decoder
-from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock
+from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock, embed_tokens
 from m2rnn_jax.models.loss import next_token_targets
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
@@ -213,7 +213,7 @@ def bench_embedding(config: ModelConfig, batch: int, seq_len: int, timing: Timin
     tokens = random_batch(config, batch, seq_len)["inputs"]
 
     def apply(params: nnx.State, ids: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params)(ids)
+        return embed_tokens(nnx.merge(graphdef, params).embedding[...], ids, config.compute_dtype)
 
     return measured(part("embedding", "embedding"), lambda: time_forward_backward(apply, params, tokens, timing))
 

@@ -122,6 +122,17 @@ def _block_runner(remat: str) -> Any:
     return nnx.remat(_run_block, policy=REMAT_POLICIES[remat])
 
 
+def embed_tokens(table: jax.Array, input_ids: jax.Array, dtype: Any) -> jax.Array:
+    """(V, h) embedding table (parameter dtype), (B, S) ids -> (B, S, h) rows in ``dtype``.
+
+    Gathers the rows from the stored table and casts only them, so the gradient is a scatter-add in the table's
+    dtype. (``nnx.Embed`` casts the whole table to the compute dtype first and scatter-adds the gradient in bf16:
+    60 ms of a 265 ms hybrid-gdn-m2rnn-1l-400m train step on the H200, experiments/RESULTS.md session 7.)
+    Out-of-range ids give NaN rows, as ``nnx.Embed``.
+    """
+    return jnp.take(table, input_ids, axis=0).astype(dtype)
+
+
 class Decoder(nnx.Module):
     """The hybrid language model of SPEC §9-§10.
 
@@ -207,7 +218,7 @@ class Decoder(nnx.Module):
         elif len(cache) != len(self.blocks):
             raise ValueError(f"cache: expected {len(self.blocks)} per-block states, got {len(cache)}")
         run_block = _block_runner(self.config.remat)
-        x = self.embed(input_ids)
+        x = embed_tokens(self.embed.embedding[...], input_ids, self.config.compute_dtype)
         new_cache = []
         aux_loss = jnp.zeros((), dtype=jnp.promote_types(jnp.float32, self.config.compute_dtype))
         for block, state in zip(self.blocks, cache):
