@@ -16,7 +16,9 @@ SwiGLU of intermediate size I; one always-on shared expert (intermediate ``share
 added. Aux loss = switch load-balancing loss ``E * sum_e P_e F_e`` (P = mean router probability, F = fraction of
 the T*k selections that went to expert e) + 0.1 * router z-loss ``mean(logsumexp(logits)**2)``.
 The experts run as two grouped matmuls (``jax.lax.ragged_dot``) over the T*k (token, expert) pairs sorted by
-expert: exact (no capacity, no token dropping), static shapes, jit-friendly.
+expert: exact (no capacity, no token dropping), static shapes, jit-friendly. Under a mesh with an ``expert`` axis
+> 1 the pairs travel to the shard holding their expert and back by all-to-all (``MoEConfig.dispatch``,
+:mod:`m2rnn_jax.layers.moe_dispatch`); the result is the same.
 
 Parameters (Flax path -> lm-engine name, kernels stored (in, out); expert kernels (E, in, out)):
 
@@ -39,12 +41,15 @@ are routed: a token uses ``top_k / num_experts`` of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.moe_dispatch import DISPATCH_CHOICES, resolve_dispatch, run_experts_all_to_all, run_experts_local
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.typing import Dtype
 
@@ -66,7 +71,11 @@ class MLPConfig:
 class MoEConfig:
     """Mixture of SwiGLU experts (7B: 128 experts, top-8, I = 256, shared I = 1024, coef 0.001).
 
-    ``shared_intermediate_size=None`` drops the shared expert.
+    ``shared_intermediate_size=None`` drops the shared expert. ``dispatch`` (see
+    :mod:`m2rnn_jax.layers.moe_dispatch`): ``"auto"`` (default) exchanges the routed rows by all-to-all over the
+    mesh's ``expert`` axis when it is > 1 and the batch splits over the batch axes, else runs them in place;
+    ``"local"`` always in place (XLA partitions it: every chip then holds the routed rows of the global batch);
+    ``"all_to_all"`` requires the exchange whenever the expert axis is > 1 (ValueError if the batch does not split).
     """
 
     num_experts: int
@@ -75,6 +84,7 @@ class MoEConfig:
     shared_intermediate_size: int | None = None
     router_aux_loss_coef: float = 0.001
     add_bias: bool = False
+    dispatch: str = "auto"
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "intermediate_size"):
@@ -85,6 +95,8 @@ class MoEConfig:
             require_positive_int("shared_intermediate_size", self.shared_intermediate_size)
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
+        if self.dispatch not in DISPATCH_CHOICES:
+            raise ValueError(f"dispatch: expected one of {DISPATCH_CHOICES}, got {self.dispatch!r}")
 
 
 # The even (gate) and odd (up) columns of an interleaved SwiGLU projection. The split is applied to the kernel
@@ -177,16 +189,39 @@ class ExpertLinear(nnx.Module):
             else None
         )
 
-    def __call__(
-        self, x: jax.Array, group_sizes: jax.Array, row_experts: jax.Array, columns: slice = slice(None)
-    ) -> jax.Array:
-        """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert, row_experts (R,) -> (R, out) or, with
-        ``columns``, only those output columns (computed from those kernel columns)."""
-        kernel = self.kernel[...][..., columns]
-        y = jax.lax.ragged_dot(x.astype(self.dtype), kernel.astype(self.dtype), group_sizes)
-        if self.bias is not None:
-            y = y + self.bias[...][..., columns].astype(self.dtype)[row_experts]
-        return y
+    def weights(self) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel (E, in, out), bias (E, out) or None) as arrays, the argument of :func:`expert_linear`."""
+        return self.kernel[...], None if self.bias is None else self.bias[...]
+
+
+def expert_linear(
+    x: jax.Array,
+    group_sizes: jax.Array,
+    row_experts: jax.Array,
+    weights: tuple[jax.Array, jax.Array | None],
+    dtype: Dtype,
+    columns: slice = slice(None),
+) -> jax.Array:
+    """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert (rows past their sum are in no group),
+    row_experts (R,), weights (kernel (E, in, out), bias (E, out) or None) -> (R, out) in ``dtype`` or, with
+    ``columns``, only those output columns (computed from those kernel columns)."""
+    kernel, bias = weights
+    y = jax.lax.ragged_dot(x.astype(dtype), kernel[..., columns].astype(dtype), group_sizes)
+    if bias is not None:
+        y = y + bias[..., columns].astype(dtype)[row_experts]
+    return y
+
+
+def expert_swiglu(
+    rows: jax.Array, group_sizes: jax.Array, row_experts: jax.Array, weights: dict[str, Any], dtype: Dtype
+) -> jax.Array:
+    """The routed SwiGLU experts: rows (R, h) sorted by expert -> (R, h) in ``dtype``; ``weights`` holds the
+    ``"c_fc"`` and ``"c_proj"`` (kernel, bias) pairs (see :func:`expert_linear`)."""
+    gate, up = (
+        expert_linear(rows, group_sizes, row_experts, weights["c_fc"], dtype, columns)
+        for columns in (GATE_COLUMNS, UP_COLUMNS)
+    )
+    return expert_linear(swiglu(gate, up), group_sizes, row_experts, weights["c_proj"], dtype)
 
 
 class MoE(nnx.Module):
@@ -233,23 +268,28 @@ class MoE(nnx.Module):
         tokens = x.reshape(-1, self.hidden_size).astype(self.dtype)  # (T, h)
         logits = self.gate(tokens)  # (T, E) float32
         weights, experts = route_tokens(logits, c.top_k)
-        y = self._routed_experts(tokens, weights, experts)
+        y = self._routed_experts(x, tokens, weights, experts)
         if self.c_fc_shared is not None:
             gate, up = (linear_columns(self.c_fc_shared, tokens, c) for c in (GATE_COLUMNS, UP_COLUMNS))
             y = y + self.c_proj_shared(swiglu(gate, up))
         aux_loss = c.router_aux_loss_coef * router_aux_loss(logits, experts)
         return y.reshape(x.shape).astype(self.dtype), aux_loss.astype(jnp.promote_types(jnp.float32, self.dtype))
 
-    def _routed_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
-        """tokens (T, h), weights (T, k), experts (T, k) -> sum_k weights * expert_k(token) (T, h)."""
-        num_tokens, top_k = experts.shape
-        flat_experts = experts.reshape(-1)  # (T k,) pair p = token p // k, choice p % k
-        order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
-        sorted_experts = flat_experts[order]
-        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
-        rows = tokens[order // top_k]
-        gate, up = (self.c_fc(rows, group_sizes, sorted_experts, c) for c in (GATE_COLUMNS, UP_COLUMNS))
-        out = self.c_proj(swiglu(gate, up), group_sizes, sorted_experts)  # (T k, h) in sorted order
-        out = out[jnp.argsort(order)].reshape(num_tokens, top_k, self.hidden_size)
-        compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
-        return jnp.einsum("tk,tkh->th", weights.astype(compute_dtype), out.astype(compute_dtype))
+    def _routed_experts(self, x: jax.Array, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+        """x (B, S, h), its tokens (T = B S, h), weights (T, k), experts (T, k) -> sum_k weights * expert_k(token)
+        (T, h) in >= float32, on one device or expert-parallel (``config.dispatch``)."""
+        c = self.config
+        params = {"c_fc": self.c_fc.weights(), "c_proj": self.c_proj.weights()}
+        experts_fn = functools.partial(expert_swiglu, dtype=self.dtype)
+        if resolve_dispatch(c.dispatch, c.num_experts, x.shape[0]) == "local":
+            return run_experts_local(experts_fn, tokens, weights, experts, params, c.num_experts)
+        shape = (*x.shape[:2], c.top_k)
+        y = run_experts_all_to_all(
+            experts_fn,
+            tokens.reshape(x.shape),
+            weights.reshape(shape),
+            experts.reshape(shape),
+            params,
+            c.num_experts,
+        )
+        return y.reshape(tokens.shape)
