@@ -94,6 +94,37 @@ class _StopRequests:
         return self.received or (trainer_step < steps and not self.budget_expired)
 
 
+class _ComparisonTrainer(Trainer):
+    """A :class:`Trainer` without its final report: the comparison measures every position itself
+    (:func:`evaluate_positions`), so the trainer's evaluation at the training length would only add a compile."""
+
+    def final_report(self) -> dict[int, dict[str, float]]:
+        return {}
+
+
+# Seconds kept for each run's evaluation and result when a deadline shares the time out (its first evaluation
+# compiles the forward at the longest length).
+EVALUATION_SECONDS = 20.0
+# A run whose share of the time left is shorter than this is not started (its compile alone would not fit).
+SHORTEST_RUN_SECONDS = 10.0
+
+
+def run_budget(seconds_left: float | None, runs_left: int, run_seconds: float | None) -> float | None:
+    """Training seconds for the next of ``runs_left`` runs: an equal share of ``seconds_left`` (the time before
+    the deadline, None: no deadline) less :data:`EVALUATION_SECONDS`, capped at ``run_seconds``. None: no limit.
+
+    The share is taken again before every run, so time a run did not use (a finished or cached run, a faster
+    compile) goes to the runs after it. A share below :data:`SHORTEST_RUN_SECONDS` is returned as 0: skip."""
+    if runs_left < 1:
+        raise ValueError(f"runs_left: expected >= 1, got {runs_left}")
+    if seconds_left is None:
+        return run_seconds
+    share = seconds_left / runs_left - EVALUATION_SECONDS
+    if share < SHORTEST_RUN_SECONDS:
+        return 0.0
+    return share if run_seconds is None else min(share, run_seconds)
+
+
 def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
     return out / "runs" / group / model / f"s{seed}"
 
@@ -124,7 +155,7 @@ def run_one(
     directory.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    trainer = Trainer(config, directory)
+    trainer = _ComparisonTrainer(config, directory)
     with stops.budget(run_seconds):
         trainer.run()
     train_seconds = time.perf_counter() - started
@@ -202,9 +233,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int)
     parser.add_argument("--eval-sequences", type=int)
     parser.add_argument("--run-seconds", type=float, help="stop training a run after this long (then evaluate)")
+    parser.add_argument(
+        "--deadline-seconds",
+        type=float,
+        help="finish every run (training, evaluation, result) within this many seconds of the start: each run "
+        "trains for its equal share of the time left (at most --run-seconds); runs that would get less than "
+        f"{SHORTEST_RUN_SECONDS:g} s are skipped",
+    )
     parser.add_argument("--out", default="runs/state_tracking_compare")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs under --out, train nothing")
     args = parser.parse_args(argv)
+    for name in ("run_seconds", "deadline_seconds"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number of seconds, got {value}")
     for name in ("steps", "train_length", "batch_size", "hidden_size", "num_layers", "eval_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -218,10 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = _recipe_from_args(args)
     out = Path(args.out)
+    started = time.monotonic()
     if not args.report_only:
+        runs = list(itertools.product(args.groups, args.models, args.seeds))
         with _StopRequests() as stops:
-            for group, model, seed in itertools.product(args.groups, args.models, args.seeds):
-                result = run_one(recipe, model, group, seed, out, stops, args.run_seconds)
+            for index, (group, model, seed) in enumerate(runs):
+                seconds_left = (
+                    None if args.deadline_seconds is None else args.deadline_seconds - (time.monotonic() - started)
+                )
+                budget = run_budget(seconds_left, len(runs) - index, args.run_seconds)
+                if budget == 0:
+                    print(f"[compare] {group} {model} seed {seed}: skipped, {seconds_left:.0f} s left", flush=True)
+                    continue
+                result = run_one(recipe, model, group, seed, out, stops, budget)
                 cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
                 print(
                     f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "

@@ -1,100 +1,149 @@
 #!/usr/bin/env bash
-# Issue 14's H200 measurements in one device call (<= 9 minutes on one H200), every result written to $OUT as it
-# finishes:
-#   (a) the S3 figure: every mixer, 3 seeds, the compare command's GPU recipe (train at 128, evaluate to 512);
-#   (b) A5 for every mixer (1 seed, the same recipe) and the most promising M2RNN settings for A5 and S5;
-#   (c) the state-tracking-s3-small preset (the >= 99.5% at 4x check).
-# The jobs share the GPU (up to $MAX_JOBS processes at once, each with a small memory pool and a persistent
-# compilation cache so that seeds 1 and 2 reuse seed 0's programs). Every job has a timeout inside the 9-minute
-# budget; a job that times out gets SIGTERM, evaluates the step it reached and says so in its table; a final pass
-# rebuilds the reports from every finished run.
-#   Usage: OUT=/path bash experiments/state_tracking/h200.sh           (on the device; $OUT is created)
-#          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh --smoke   (CPU: the same jobs, a few steps each)
-#   PARTS="s3 small large a5" (the default) picks the parts: s3 = (a), small = (c), large = M2RNN on A5/S5, a5 = A5
-#   for every mixer.
+# Issue 14's H200 measurements as two device calls of <= 9 minutes each, in priority order:
+#   call 1: the S3 figure (7 mixers x 3 seeds, the compare command's GPU recipe: train at 128, evaluate to 512)
+#           and the state-tracking-s3-small preset (the >= 99.5% at 4x check);
+#   call 2: A5 for every mixer (1 seed, the same recipe) and M2RNN on A5 / S5 (the state-tracking-{a5,s5}-large
+#           presets and the setting that SEARCH.md found most promising).
+#   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
+#          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
+#          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
+#
+# Why it looks like this (the first version ran 16 processes at once; raw logs of that run: 16 processes on 16
+# cores and one GPU, every compile 2-30x slower than alone: M2RNN's first train step 167 s, cached ones 3-8 s; tiny
+# models at 12-70 steps/s; almost every run hit its timeout):
+#   * at most 5 processes, each pinned to its own cores (taskset, nproc / jobs cores each), XLA's compile threads
+#     limited to those cores (--xla_gpu_force_compilation_parallelism), no GEMM autotuning (--xla_gpu_autotune_level=0:
+#     these models' matmuls are tiny; autotuning is compile time) and no multi-threaded Eigen on the host; flags the
+#     installed XLA rejects are dropped (checked first, written to environment.txt);
+#   * the seeds (and models) of a process run one after another in ONE process, all processes share one persistent
+#     compilation cache (seeds 1-2 load seed 0's programs; on a warm machine call 2 reuses call 1's);
+#   * every compare process has a deadline (--deadline-seconds): each run trains for an equal share of the time
+#     left, is evaluated at every position and written; time a run leaves unused goes to the next. The preset runs
+#     get SIGTERM early enough for their own evaluation (they evaluate the step reached). A final pass rebuilds
+#     the reports. `timeout -k` behind every process is only the safety net.
+#
+# Time plan (seconds; BUDGET=540 for the whole script, 60 s under the device call's 600 s limit). Per-run
+# numbers for the H200 are upper bounds from the failed run (16 processes at once): they only say the plan is
+# not optimistic; the deadlines make it fit whatever the real speed is.
+#   0-15     environment, XLA flag check (one jax import)
+#   15-490   jobs (below), all started at once, deadline 475 s each (compare) / SIGTERM at 400-410 s (presets)
+#   490-525  reports over every finished run (no compiles), cleanup, printing
+# call 1 (5 processes, 3 cores each):
+#   s3_m2rnn      M2RNN x 3 seeds: compile ~60 s (first seed: 2 lengths + evaluation; cached later),
+#                 3000 steps at >= 12-18 steps/s (failed run, 16 processes; alone ~2-5x faster) -> ~150 s per run
+#   s3_gru_rnn    GRU, RNN x 3 seeds: 6 runs of ~75 s (both learned S3 by step 900; 7-100 steps/s in the failed run)
+#   s3_gdn        GDN [0, 1], GDN [-1, 1] x 3 seeds: 6 runs of ~75 s
+#   s3_ssm_attn   Mamba2, attention x 3 seeds: 6 runs of ~75 s (45-70 steps/s in the failed run)
+#   s3_small      state-tracking-s3-small, 6000 steps: SIGTERM at 410 s, then its evaluation (128/512/2048, ~60 s)
+# call 2 (5 processes, 3 cores each):
+#   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
+#   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
+#   a5_large      state-tracking-a5-large (the search's setting), seed 0: SIGTERM at 400 s, evaluation ~60 s
+#   s5_large      state-tracking-s5-large, seed 0: the same
+#   a5_large_s1   state-tracking-a5-large, seed 1: the same
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-SMOKE=0; [[ "${1:-}" == "--smoke" ]] && SMOKE=1
-PARTS=" ${PARTS:-s3 small large a5} "
-part() { [[ "$PARTS" == *" $1 "* ]]; }
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.06
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache_state_tracking}
+CALL=${1:-}
+SMOKE=0; [[ "${2:-}" == "--smoke" ]] && SMOKE=1
+if [[ "$CALL" != 1 && "$CALL" != 2 ]]; then
+  echo "usage: OUT=DIR bash $0 {1|2} [--smoke]: call 1 = the S3 figure + s3-small, call 2 = A5 / S5" >&2
+  exit 2
+fi
+OUT=${OUT:-/tmp/st$CALL}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 ST="python3 -m experiments.state_tracking"
-MODELS="m2rnn gru rnn gdn gdn-neg mamba2 attention"
+JOBS=5
+BUDGET=${BUDGET:-540}
 if (( SMOKE )); then
   export JAX_PLATFORMS=cpu
-  MAX_JOBS=1
-  COMPARE="--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
-           --eval-sequences 8"
-  SEEDS="0"; RUN_SECONDS=60; A5_RUN_SECONDS=60; BUDGET=${BUDGET:-3600}
-  SWEEP_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
-               --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
-               --set model.hidden_size=16 --set model.num_layers=1 --set model.layer_pattern=M
-               --set model.mlp.intermediate_size=16)
+  JOBS=1   # the CPU box has 2 cores: the jobs run one after another
+  COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
+           --eval-sequences 8)
+  SEEDS="0 1"; DEADLINE=60; PRESET_SECONDS=60; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
+  PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
+                --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
+                --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1
+                --set model.layer_pattern=M --set model.mlp.intermediate_size=16)
 else
-  MAX_JOBS=${MAX_JOBS:-16}
-  COMPARE="--recipe gpu"
-  SEEDS="0 1 2"; RUN_SECONDS=130; A5_RUN_SECONDS=90; BUDGET=${BUDGET:-540}   # seconds for the whole script
-  SWEEP_SMOKE=()
+  COMPARE=(--recipe gpu)
+  SEEDS="0 1 2"
+  DEADLINE=$(( BUDGET - 65 ))        # 475 s: the compare processes' own deadline
+  PRESET_SECONDS=$(( BUDGET - 140 ))  # 400 s, then SIGTERM: the preset evaluates the step it reached ...
+  PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
+  PRESET_SMOKE=()
 fi
 START=$SECONDS
-{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
-  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } \
-  > "$OUT/environment.txt" 2>&1
-echo "state-tracking H200 script: budget ${BUDGET}s, smoke=$SMOKE, parts$PARTS, max $MAX_JOBS jobs at once" \
-  > "$OUT/status.txt"
+CORES=$(nproc)
+PER_JOB=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 
-job() {  # job NAME SECONDS CMD...: runs in the background (at most MAX_JOBS at once), log in $OUT/NAME.log
-  local name=$1 seconds=$2; shift 2
-  while (( $(jobs -rp | wc -l) >= MAX_JOBS )); do wait -n; done
-  local left=$(( BUDGET - 75 - (SECONDS - START) ))  # 45 s grace after SIGTERM, ~30 s for the reports
-  (( seconds > left )) && seconds=$left
-  if (( seconds < 30 )); then echo "$name skipped: no time left" >> "$OUT/status.txt"; return; fi
+# XLA flags, kept only if the installed XLA accepts them (an unknown flag aborts every process).
+FLAGS="--xla_gpu_force_compilation_parallelism=$PER_JOB --xla_gpu_autotune_level=0 --xla_cpu_multi_thread_eigen=false"
+CHECK="import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
+  echo "cores $CORES, jobs $JOBS x $PER_JOB cores, GPUs $GPUS, compilation cache $JAX_COMPILATION_CACHE_DIR"
+  if XLA_FLAGS="$FLAGS" python3 -c "$CHECK"; then echo "XLA_FLAGS=$FLAGS"
+  else FLAGS=""; echo "XLA flags rejected: running without them"; python3 -c "$CHECK"; fi
+} > "$OUT/environment.txt" 2>&1
+[[ -n "$FLAGS" ]] && export XLA_FLAGS="$FLAGS"
+echo "state-tracking H200 call $CALL: budget ${BUDGET}s, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
+
+SLOT=0
+job() {  # job NAME SECONDS GRACE CMD...: in the background on its own cores (and GPU), log in $OUT/NAME.log;
+  # SIGTERM after SECONDS, SIGKILL GRACE seconds later
+  local name=$1 seconds=$2 grace=$3; shift 3
+  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
+  local first=$(( (SLOT % JOBS) * PER_JOB )) gpu=$(( GPUS > 0 ? SLOT % GPUS : 0 ))
+  local pin=(); command -v taskset > /dev/null && (( CORES >= JOBS )) && pin=(taskset -c "$first-$(( first + PER_JOB - 1 ))")
+  SLOT=$(( SLOT + 1 ))
   (
     local begin=$SECONDS
-    timeout -k 45 "$seconds" "$@" > "$OUT/$name.log" 2>&1
-    echo "$name rc=$? $(( SECONDS - begin ))s (timeout ${seconds}s)" >> "$OUT/status.txt"
+    CUDA_VISIBLE_DEVICES=$gpu timeout -k "$grace" "$seconds" "${pin[@]}" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name rc=$? $(( SECONDS - begin ))s (limit ${seconds}s) started at $(( begin - START ))s" >> "$OUT/status.txt"
   ) &
 }
+# compare_job NAME GROUP SEEDS MODELS...: the compare command with a deadline; the timeout is the safety net.
+compare_job() {
+  local name=$1 group=$2 seeds=$3; shift 3
+  local deadline=$DEADLINE
+  (( SMOKE )) || deadline=$(( DEADLINE - (SECONDS - START) ))
+  job "$name" $(( deadline + 30 )) 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
+    --deadline-seconds "$deadline" --out "$OUT/$group"
+}
+# preset_job NAME GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM after PRESET_SECONDS (it then
+# saves, evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
+preset_job() {
+  local name=$1 group=$2 size=$3 seed=$4; shift 4
+  job "$name" "$PRESET_SECONDS" "$PRESET_GRACE" $ST --groups "$group" --size "$size" --seeds "$seed" --out "$OUT/$name" \
+    "${PRESET_SMOKE[@]}" "$@"
+}
 
-# (a) the S3 figure: one process per mixer, 3 seeds each, every run capped at RUN_SECONDS of training.
-part s3 && for model in $MODELS; do
-  job "s3_$model" 460 $ST compare $COMPARE --groups s3 --models $model --seeds $SEEDS --run-seconds $RUN_SECONDS \
-    --out "$OUT/s3"
-done
-# (c) the S3 small preset (6000 steps; float32 since this session).
-part small && job s3_small 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small" "${SWEEP_SMOKE[@]}"
-part small && job s3_small_bf16 420 $ST --groups s3 --size small --seeds 0 --out "$OUT/s3_small_bf16" \
-  --set model.dtype=bfloat16 "${SWEEP_SMOKE[@]}"   # the control: the preset as it was (bfloat16)
-# (b) M2RNN on A5 and S5: the settings of experiments/state_tracking/SEARCH.md, as presets.
-part large && for preset in a5-large s5-large; do
-  job "m2rnn_${preset}" 440 $ST --groups ${preset%%-*} --size ${preset#*-} --seeds 0 --out "$OUT/m2rnn_$preset" \
-    "${SWEEP_SMOKE[@]}"
-done
-part large && job m2rnn_a5-large_s1 440 $ST --groups a5 --size large --seeds 1 --out "$OUT/m2rnn_a5-large_s1" \
-  "${SWEEP_SMOKE[@]}"
-part large && job m2rnn_a5-large_1l 440 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_1l" \
-  --set model.num_layers=1 --set model.layer_pattern=M "${SWEEP_SMOKE[@]}"  # one layer: the recurrence only
-part large && job m2rnn_a5-large_v128 440 $ST --groups a5 --size large --seeds 0 --out "$OUT/m2rnn_a5-large_v128" \
-  --set model.m2rnn.k_head_dim=2 --set model.m2rnn.v_head_dim=128 "${SWEEP_SMOKE[@]}"  # the control: V < n|G|
-# (b) A5 for every mixer (item 4): 1 seed, two processes of three or four mixers.
-part a5 && job a5_compare_1 460 $ST compare $COMPARE --groups a5 --models m2rnn gru rnn gdn-neg --seeds 0 \
-  --run-seconds $A5_RUN_SECONDS --out "$OUT/a5"
-part a5 && job a5_compare_2 460 $ST compare $COMPARE --groups a5 --models gdn mamba2 attention --seeds 0 \
-  --run-seconds $A5_RUN_SECONDS --out "$OUT/a5"
-
+if [[ $CALL == 1 ]]; then
+  compare_job s3_m2rnn s3 "$SEEDS" m2rnn
+  compare_job s3_gru_rnn s3 "$SEEDS" gru rnn
+  compare_job s3_gdn s3 "$SEEDS" gdn gdn-neg
+  compare_job s3_ssm_attn s3 "$SEEDS" mamba2 attention
+  preset_job s3_small s3 small 0
+else
+  compare_job a5_recurrent a5 0 m2rnn gru rnn gdn-neg
+  compare_job a5_others a5 0 gdn mamba2 attention
+  preset_job a5_large a5 large 0
+  preset_job s5_large s5 large 0
+  preset_job a5_large_s1 a5 large 1
+fi
 wait
-# The reports over every run that finished (the per-mixer processes each wrote a partial one).
-part s3 && $ST compare $COMPARE --groups s3 --seeds $SEEDS --out "$OUT/s3" --report-only > "$OUT/s3_report.log" 2>&1
-part a5 && $ST compare $COMPARE --groups a5 --seeds 0 --out "$OUT/a5" --report-only > "$OUT/a5_report.log" 2>&1
+
+GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)
+REPORT_SEEDS=$([[ $CALL == 1 ]] && echo "$SEEDS" || echo 0)
+$ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$OUT/$GROUP" --report-only \
+  > "$OUT/${GROUP}_report.log" 2>&1
 echo "done in $(( SECONDS - START ))s" >> "$OUT/status.txt"
 find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
-cat "$OUT/status.txt"
-cat "$OUT/s3/compare.md" "$OUT/a5/compare.md" 2>/dev/null
-for name in s3_small s3_small_bf16 m2rnn_a5-large m2rnn_a5-large_s1 m2rnn_a5-large_1l m2rnn_a5-large_v128 \
-  m2rnn_s5-large; do
-  [[ -f "$OUT/$name.log" ]] && { echo "== $name"; grep -A6 "^| group" "$OUT/$name.log" | tail -4; }
+cat "$OUT/environment.txt" "$OUT/status.txt"
+cat "$OUT/$GROUP/compare.md" 2>/dev/null
+for log in "$OUT"/s3_small.log "$OUT"/*_large*.log; do
+  [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done

@@ -45,10 +45,23 @@ def test_every_variant_builds_and_the_gdn_pair_differs_only_in_eigenvalues():
 
 def test_recipe_curriculum_scales_with_steps():
     recipe = RECIPES["gpu"]
-    assert recipe.curriculum_steps() == ((0, 16), (900, 64), (1800, 128))
+    assert recipe.curriculum_steps() == ((0, 32), (900, 128))
     assert max(recipe.lengths) == 512 and {16, 64, 128, 256, 384}.issubset(recipe.lengths)
     shorter = recipe.with_train_length(32)
-    assert shorter.train_length == 32 and shorter.curriculum == ((0.0, 4), (0.3, 16), (0.6, 32))
+    assert shorter.train_length == 32 and shorter.curriculum == ((0.0, 8), (0.3, 32))
+    # A stage is never shorter than 2 (length 1 has nothing to compose) unless training is at length 1.
+    assert recipe.with_train_length(4).curriculum == ((0.0, 2), (0.3, 4))
+    assert recipe.with_train_length(1).curriculum == ((0.0, 1), (0.3, 1))
+
+
+def test_run_budget_shares_the_time_left():
+    assert compare.run_budget(None, 3, None) is None and compare.run_budget(None, 3, 50.0) == 50.0
+    share = 300 / 3 - compare.EVALUATION_SECONDS
+    assert compare.run_budget(300.0, 3, None) == pytest.approx(share)
+    assert compare.run_budget(300.0, 3, 30.0) == 30.0  # --run-seconds caps the share
+    assert compare.run_budget(3 * (compare.EVALUATION_SECONDS + 1), 3, None) == 0.0  # too short: skip
+    with pytest.raises(ValueError, match="runs_left"):
+        compare.run_budget(100.0, 0, None)
 
 
 def test_compare_end_to_end(tmp_path, capsys):
@@ -90,7 +103,9 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert len(run["curves"]["position"]) == 6
         assert run["curves"]["position"][0] >= run["curves"]["sequence"][5]
         assert all(0.0 <= value <= 1.0 for value in run["curves"]["sequence"])
-        assert not (tmp_path / "runs" / "s3" / run["model"] / "s0" / "checkpoints").exists()
+        run_dir = tmp_path / "runs" / "s3" / run["model"] / "s0"
+        assert not (run_dir / "checkpoints").exists()
+        assert not (run_dir / "length_generalization.json").exists()  # no second evaluation by the trainer
     table = (tmp_path / "compare.md").read_text()
     assert "| M2RNN |" in table and "| Attention (RoPE) |" in table and "@6" in table
     assert (tmp_path / "compare_s3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -111,6 +126,27 @@ def test_compare_rejects_bad_flags(tmp_path):
         compare.main(["--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         compare.main(["--models", "lstm", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main(["--deadline-seconds", "0", "--out", str(tmp_path)])
+
+
+def test_compare_deadline_too_short_skips_runs(tmp_path, capsys):
+    argv = [
+        "--recipe",
+        "cpu",
+        "--models",
+        "rnn",
+        "--seeds",
+        "0",
+        "1",
+        "--deadline-seconds",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
+    assert compare.main(argv) == 0
+    assert "rnn seed 1: skipped" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
