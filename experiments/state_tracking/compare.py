@@ -111,17 +111,19 @@ SHORTEST_RUN_SECONDS = 10.0
 
 def run_budget(seconds_left: float | None, runs_left: int, run_seconds: float | None) -> float | None:
     """Training seconds for the next of ``runs_left`` runs: an equal share of ``seconds_left`` (the time before
-    the deadline, None: no deadline) less :data:`EVALUATION_SECONDS`, capped at ``run_seconds``. None: no limit.
+    the deadline; None: no deadline) less :data:`EVALUATION_SECONDS`, capped at ``run_seconds``. None: no limit.
 
     The share is taken again before every run, so time a run did not use (a finished or cached run, a faster
-    compile) goes to the runs after it. A share below :data:`SHORTEST_RUN_SECONDS` is returned as 0: skip."""
+    compile) goes to the runs after it. When the time left cannot give every run :data:`SHORTEST_RUN_SECONDS`, it
+    is shared among as many runs as it can (the last ones are skipped); 0 means: no time for this run, skip it."""
     if runs_left < 1:
         raise ValueError(f"runs_left: expected >= 1, got {runs_left}")
     if seconds_left is None:
         return run_seconds
-    share = seconds_left / runs_left - EVALUATION_SECONDS
-    if share < SHORTEST_RUN_SECONDS:
+    runs_that_fit = min(runs_left, int(seconds_left // (SHORTEST_RUN_SECONDS + EVALUATION_SECONDS)))
+    if runs_that_fit < 1:
         return 0.0
+    share = seconds_left / runs_that_fit - EVALUATION_SECONDS
     return share if run_seconds is None else min(share, run_seconds)
 
 

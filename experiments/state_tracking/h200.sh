@@ -62,7 +62,7 @@ if (( SMOKE )); then
   JOBS=1   # the CPU box has 2 cores: the jobs run one after another
   COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
            --eval-sequences 8)
-  SEEDS="0 1"; DEADLINE=60; PRESET_SECONDS=60; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
+  SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=60; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
                 --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1

@@ -59,7 +59,10 @@ def test_run_budget_shares_the_time_left():
     share = 300 / 3 - compare.EVALUATION_SECONDS
     assert compare.run_budget(300.0, 3, None) == pytest.approx(share)
     assert compare.run_budget(300.0, 3, 30.0) == 30.0  # --run-seconds caps the share
-    assert compare.run_budget(3 * (compare.EVALUATION_SECONDS + 1), 3, None) == 0.0  # too short: skip
+    # Too little time for three runs: it goes to as many as it fits (here one); none fits: 0, skip.
+    shortest = compare.SHORTEST_RUN_SECONDS + compare.EVALUATION_SECONDS
+    assert compare.run_budget(1.5 * shortest, 3, None) == pytest.approx(1.5 * shortest - compare.EVALUATION_SECONDS)
+    assert compare.run_budget(0.9 * shortest, 3, None) == 0.0
     with pytest.raises(ValueError, match="runs_left"):
         compare.run_budget(100.0, 0, None)
 
@@ -145,7 +148,7 @@ def test_compare_deadline_too_short_skips_runs(tmp_path, capsys):
         str(tmp_path),
     ]
     assert compare.main(argv) == 0
-    assert "rnn seed 1: skipped" in capsys.readouterr().out
+    assert "rnn seed 0: skipped" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 
