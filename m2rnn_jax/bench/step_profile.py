@@ -4,12 +4,14 @@ device kernels summed per source line of the model code, per source file, and pe
     python -m m2rnn_jax.bench.step_profile --model hybrid-gdn-m2rnn-1l-400m --batch 8 --seq-len 4096 \
         --out /tmp/profile [--json profile.json]
 
-The step is compiled, run twice to warm up, then ``--steps`` steps are traced (``create_perfetto_trace``). Each
+The step is compiled, run twice to warm up, then ``--steps`` steps are traced (``create_perfetto_trace``; the
+step's optimized HLO is written beside the trace as ``train_step.hlo.txt.gz``). Each
 device event of the trace names the HLO instruction it ran (``hlo_op``); the optimized HLO of the step gives that
 instruction's ``op_name`` (the jaxpr path: ``transpose(...)`` marks the backward) and the ``source_file`` /
 ``source_line`` of the JAX call that produced it. Times are per step (the traced total / ``--steps``), in ms.
 Events without a known instruction (or on a host-only platform, where the trace has no device kernels) are
-grouped under their kernel name.
+grouped under their kernel name. Group keys name sources, not operations: the ``op_name`` shown beside a row is
+one example of the instructions summed in it.
 """
 
 from __future__ import annotations
@@ -70,20 +72,25 @@ def short_source(path: str) -> str | None:
 
 
 def _project_frames(frame_id: int, tables: dict[str, dict[int, Any]]) -> list[str]:
-    """``file:function:line`` of the project's frames of one stack, innermost first."""
+    """``file:function:line`` of the project's frames of one stack, innermost first; without any, the innermost
+    frame of the stack in parentheses (``(flax/nnx/nn/linear.py:__call__:300)``)."""
     frames, locations = tables.get("StackFrames", {}), tables.get("FileLocations", {})
     files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
-    out, seen = [], set()
+    out, seen, innermost = [], set(), None
     while frame_id in frames and frame_id not in seen:
         seen.add(frame_id)
         frame = frames[frame_id]
         location = locations.get(int(frame.get("file_location_id", 0)), {})
-        path = short_source(files.get(int(location.get("file_name_id", 0)), ""))
+        full_path = files.get(int(location.get("file_name_id", 0)), "")
+        if innermost is None:
+            function = functions.get(int(location.get("function_name_id", 0)), "?")
+            innermost = f"({'/'.join(full_path.split('/')[-3:])}:{function}:{location.get('line', '?')})"
+        path = short_source(full_path)
         if path is not None and not (out and out[-1].startswith(f"{path.removeprefix('m2rnn_jax/')}:")):
             function = functions.get(int(location.get("function_name_id", 0)), "?")
             out.append(f"{path.removeprefix('m2rnn_jax/')}:{function}:{location.get('line', '?')}")
         frame_id = int(frame.get("parent_frame_id", 0))
-    return out
+    return out or ([innermost] if innermost else [])
 
 
 def instruction_sources(hlo_text: str) -> dict[str, dict[str, str]]:
@@ -99,7 +106,7 @@ def instruction_sources(hlo_text: str) -> dict[str, dict[str, str]]:
         fields = _fields(match[2])
         if "stack_frame_id" in fields:
             frames = _project_frames(int(fields["stack_frame_id"]), tables)
-            source = " < ".join(frames[:FRAMES_SHOWN]) if frames else "(outside the project)"
+            source = " < ".join(frames[:FRAMES_SHOWN]) if frames else "(no frames)"
         elif "source_file" in fields:
             source = f"{short_source(fields['source_file']) or fields['source_file']}:{fields.get('source_line', '?')}"
         else:
@@ -213,8 +220,11 @@ def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps
         for _ in range(steps):
             state, _ = compiled.executable(state, tokens)
         jax.block_until_ready(state)
+    hlo_text = compiled.executable.as_text()
+    with gzip.open(os.path.join(log_dir, "train_step.hlo.txt.gz"), "wt") as handle:  # for reading a profile later
+        handle.write(hlo_text)
     kernels, threads = device_events(load_trace(log_dir))
-    summary = summarize(kernels, instruction_sources(compiled.executable.as_text()), steps, top)
+    summary = summarize(kernels, instruction_sources(hlo_text), steps, top)
     return {
         "preset": preset,
         "batch": batch,

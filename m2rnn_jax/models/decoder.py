@@ -126,9 +126,10 @@ def embed_tokens(table: jax.Array, input_ids: jax.Array, dtype: Any) -> jax.Arra
     """(V, h) embedding table (parameter dtype), (B, S) ids -> (B, S, h) rows in ``dtype``.
 
     Gathers the rows from the stored table and casts only them, so the gradient is a scatter-add in the table's
-    dtype. (``nnx.Embed`` casts the whole table to the compute dtype first and scatter-adds the gradient in bf16:
-    60 ms of a 265 ms hybrid-gdn-m2rnn-1l-400m train step on the H200, experiments/RESULTS.md session 7.)
-    Out-of-range ids give NaN rows, as ``nnx.Embed``.
+    dtype: repeated ids sum in float32, as PyTorch's embedding under autocast (``nnx.Embed`` casts the whole table
+    to the compute dtype first and sums the gradient in bf16). Out-of-range ids give NaN rows, as ``nnx.Embed``.
+    On the H200 (B=8, S=4096, V=100352, h=1024) forward+backward take 0.26 ms (``nnx.Embed``'s way 0.55 ms;
+    ``experiments/bench/embedding_check.py``).
     """
     return jnp.take(table, input_ids, axis=0).astype(dtype)
 
