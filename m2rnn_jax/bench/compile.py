@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from m2rnn_jax.bench.collectives import count_collectives
+from m2rnn_jax.layers.mlp import MoEConfig
+from m2rnn_jax.layers.moe_dispatch import resolve_dispatch
 from m2rnn_jax.models import ModelConfig
 from m2rnn_jax.models.config import MIXER_FIELDS, REMAT_CHOICES
 from m2rnn_jax.parallel.mesh import build_mesh, resolve_mesh_shape
@@ -160,12 +162,15 @@ def requested_train_config(request: CompileRequest) -> Any:
 
 
 def tpu_model_config(config: ModelConfig, remat: str | None) -> ModelConfig:
-    """``config`` with the TPU backends of :data:`TPU_BACKENDS` and, if given, the ``remat`` policy."""
+    """``config`` with the TPU backends of :data:`TPU_BACKENDS`, the MoE experts on the megablox kernels (the
+    "auto" choice would follow the compiling host's CPU) and, if given, the ``remat`` policy."""
     changes: dict[str, Any] = {
         field: dataclasses.replace(getattr(config, field), backend=backend)
         for field, backend in TPU_BACKENDS.items()
         if getattr(config, field) is not None
     }
+    if isinstance(config.mlp, MoEConfig) and config.mlp.grouped_matmul == "auto":
+        changes["mlp"] = dataclasses.replace(config.mlp, grouped_matmul="megablox")
     if remat is not None:
         changes["remat"] = remat
     return config.replace(**changes)
@@ -254,6 +259,16 @@ def _memory(compiled: Any, hbm_bytes: int) -> dict[str, Any]:
     }
 
 
+def _moe_settings(config: ModelConfig, mesh: Mesh, micro_batch: int) -> dict[str, str] | None:
+    """The MoE's ``dispatch`` (as resolved on ``mesh`` for ``micro_batch`` sequences) and ``grouped_matmul``; None
+    for a dense model."""
+    if not isinstance(config.mlp, MoEConfig):
+        return None
+    with jax.set_mesh(mesh):
+        dispatch = resolve_dispatch(config.mlp.dispatch, config.mlp.num_experts, micro_batch)
+    return {"dispatch": dispatch, "grouped_matmul": config.mlp.grouped_matmul}
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -317,6 +332,7 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
         "micro_batch_per_device": request.batch // request.grad_accum // batch_shards(mesh),
         "remat": config.remat,
         "backends": {f: b for f, b in TPU_BACKENDS.items() if getattr(config, f) is not None},
+        "moe": _moe_settings(config, mesh, request.batch // request.grad_accum),
         "dtype": config.dtype,
         "param_dtype": config.param_dtype,
         "jax_version": jax.__version__,

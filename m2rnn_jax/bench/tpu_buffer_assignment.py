@@ -66,11 +66,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the buffer assignment")
+    parser.add_argument(
+        "--keep-dump", default=None, help="dump XLA's files to this folder (kept) instead of a temporary one"
+    )
     parser.add_argument("compile_args", nargs=argparse.REMAINDER, help="-- then the m2rnn-jax compile arguments")
     args = parser.parse_args()
     compile_args = [a for a in args.compile_args if a != "--"]
     with tempfile.TemporaryDirectory(prefix="tpu_ba_") as tmp:
-        dump = Path(tmp)
+        dump = Path(args.keep_dump or tmp)
+        dump.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()}
         start = time.monotonic()
         log = dump / "compile.log"  # a file, not a pipe: a full pipe would stall the compile

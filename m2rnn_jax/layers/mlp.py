@@ -15,7 +15,8 @@ experts per token by logit, routing weights = softmax over the k selected logits
 SwiGLU of intermediate size I; one always-on shared expert (intermediate ``shared_intermediate_size``, no gate) is
 added. Aux loss = switch load-balancing loss ``E * sum_e P_e F_e`` (P = mean router probability, F = fraction of
 the T*k selections that went to expert e) + 0.1 * router z-loss ``mean(logsumexp(logits)**2)``.
-The experts run as two grouped matmuls (``jax.lax.ragged_dot``) over the T*k (token, expert) pairs sorted by
+The experts run as grouped matmuls (``jax.lax.ragged_dot``, or the megablox Pallas kernels on TPU:
+``MoEConfig.grouped_matmul``, :mod:`m2rnn_jax.layers.grouped_matmul`) over the T*k (token, expert) pairs sorted by
 expert: exact (no capacity, no token dropping), static shapes, jit-friendly. Under a mesh with an ``expert`` axis
 > 1 the pairs travel to the shard holding their expert and back by all-to-all (``MoEConfig.dispatch``,
 :mod:`m2rnn_jax.layers.moe_dispatch`); the result is the same.
@@ -48,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.grouped_matmul import GROUPED_MATMUL_CHOICES, grouped_matmul, resolve_grouped_matmul
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.moe_dispatch import DISPATCH_CHOICES, resolve_dispatch, run_experts_all_to_all, run_experts_local
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
@@ -76,6 +78,8 @@ class MoEConfig:
     mesh's ``expert`` axis when it is > 1 and the batch splits over the batch axes, else runs them in place;
     ``"local"`` always in place (XLA partitions it: every chip then holds the routed rows of the global batch);
     ``"all_to_all"`` requires the exchange whenever the expert axis is > 1 (ValueError if the batch does not split).
+    ``grouped_matmul`` (see :mod:`m2rnn_jax.layers.grouped_matmul`): ``"auto"`` (megablox kernels on a TPU
+    backend, ``jax.lax.ragged_dot`` otherwise), ``"ragged_dot"`` or ``"megablox"``.
     """
 
     num_experts: int
@@ -85,6 +89,7 @@ class MoEConfig:
     router_aux_loss_coef: float = 0.001
     add_bias: bool = False
     dispatch: str = "auto"
+    grouped_matmul: str = "auto"
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "intermediate_size"):
@@ -97,6 +102,8 @@ class MoEConfig:
             raise ValueError(f"router_aux_loss_coef: expected >= 0, got {self.router_aux_loss_coef}")
         if self.dispatch not in DISPATCH_CHOICES:
             raise ValueError(f"dispatch: expected one of {DISPATCH_CHOICES}, got {self.dispatch!r}")
+        if self.grouped_matmul not in GROUPED_MATMUL_CHOICES:
+            raise ValueError(f"grouped_matmul: expected one of {GROUPED_MATMUL_CHOICES}, got {self.grouped_matmul!r}")
 
 
 # The even (gate) and odd (up) columns of an interleaved SwiGLU projection. The split is applied to the kernel
@@ -201,27 +208,43 @@ def expert_linear(
     weights: tuple[jax.Array, jax.Array | None],
     dtype: Dtype,
     columns: slice = slice(None),
+    implementation: str = "ragged_dot",
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
     """x (R, in) rows sorted by expert, group_sizes (E,) rows per expert (rows past their sum are in no group),
     row_experts (R,), weights (kernel (E, in, out), bias (E, out) or None) -> (R, out) in ``dtype`` or, with
-    ``columns``, only those output columns (computed from those kernel columns)."""
+    ``columns``, only those output columns (computed from those kernel columns). ``implementation`` and
+    ``interpret``: see :func:`~m2rnn_jax.layers.grouped_matmul.grouped_matmul`."""
     kernel, bias = weights
-    y = jax.lax.ragged_dot(x.astype(dtype), kernel[..., columns].astype(dtype), group_sizes)
+    y = grouped_matmul(x, kernel[..., columns], group_sizes, dtype, implementation, interpret=interpret)
     if bias is not None:
         y = y + bias[..., columns].astype(dtype)[row_experts]
     return y
 
 
 def expert_swiglu(
-    rows: jax.Array, group_sizes: jax.Array, row_experts: jax.Array, weights: dict[str, Any], dtype: Dtype
+    rows: jax.Array,
+    group_sizes: jax.Array,
+    row_experts: jax.Array,
+    weights: dict[str, Any],
+    dtype: Dtype,
+    implementation: str = "ragged_dot",
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
     """The routed SwiGLU experts: rows (R, h) sorted by expert -> (R, h) in ``dtype``; ``weights`` holds the
-    ``"c_fc"`` and ``"c_proj"`` (kernel, bias) pairs (see :func:`expert_linear`)."""
+    ``"c_fc"`` and ``"c_proj"`` (kernel, bias) pairs (see :func:`expert_linear`, also for ``implementation``)."""
     gate, up = (
-        expert_linear(rows, group_sizes, row_experts, weights["c_fc"], dtype, columns)
+        expert_linear(
+            rows, group_sizes, row_experts, weights["c_fc"], dtype, columns, implementation, interpret=interpret
+        )
         for columns in (GATE_COLUMNS, UP_COLUMNS)
     )
-    return expert_linear(swiglu(gate, up), group_sizes, row_experts, weights["c_proj"], dtype)
+    hidden = swiglu(gate, up)
+    return expert_linear(
+        hidden, group_sizes, row_experts, weights["c_proj"], dtype, implementation=implementation, interpret=interpret
+    )
 
 
 class MoE(nnx.Module):
@@ -280,7 +303,9 @@ class MoE(nnx.Module):
         (T, h) in >= float32, on one device or expert-parallel (``config.dispatch``)."""
         c = self.config
         params = {"c_fc": self.c_fc.weights(), "c_proj": self.c_proj.weights()}
-        experts_fn = functools.partial(expert_swiglu, dtype=self.dtype)
+        experts_fn = functools.partial(
+            expert_swiglu, dtype=self.dtype, implementation=resolve_grouped_matmul(c.grouped_matmul)
+        )
         if resolve_dispatch(c.dispatch, c.num_experts, x.shape[0]) == "local":
             return run_experts_local(experts_fn, tokens, weights, experts, params, c.num_experts)
         shape = (*x.shape[:2], c.top_k)
