@@ -30,7 +30,8 @@ for part in "$@"; do
              --iters 5 --repeats 3 --json "$OUT/parts_$preset.json" ;;
     profile-*) preset=${part#profile-}  # where the step's device time goes (per source line of the model code)
            run "profile_$preset" 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m m2rnn_jax.bench.step_profile --model "$preset" --batch "$B" --seq-len "$S" \
-             --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json" ;;
+             --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json"
+           tar czf "$OUT/profile_${preset}_raw.tgz" -C "/tmp/profile_$preset" train_step.hlo.txt.gz kernels.json.gz ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
     gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
                 tests/models/test_lm_head_loss.py ;;

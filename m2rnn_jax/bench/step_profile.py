@@ -5,7 +5,8 @@ device kernels summed per source line of the model code, per source file, and pe
         --out /tmp/profile [--json profile.json]
 
 The step is compiled, run twice to warm up, then ``--steps`` steps are traced (``create_perfetto_trace``; the
-step's optimized HLO is written beside the trace as ``train_step.hlo.txt.gz``). Each
+step's optimized HLO and the counted kernel events are written beside the trace as ``train_step.hlo.txt.gz`` and
+``kernels.json.gz``, enough to summarize again with :func:`summarize` and :func:`instruction_sources`). Each
 device event of the trace names the HLO instruction it ran (``hlo_op``); the optimized HLO of the step gives that
 instruction's ``op_name`` (the jaxpr path: ``transpose(...)`` marks the backward) and the ``source_file`` /
 ``source_line`` of the JAX call that produced it. Times are per step (the traced total / ``--steps``), in ms.
@@ -89,7 +90,8 @@ def _project_frames(frame_id: int, tables: dict[str, dict[int, Any]]) -> list[st
         if path is not None and not (out and out[-1].startswith(f"{path.removeprefix('m2rnn_jax/')}:")):
             function = functions.get(int(location.get("function_name_id", 0)), "?")
             out.append(f"{path.removeprefix('m2rnn_jax/')}:{function}:{location.get('line', '?')}")
-        frame_id = int(frame.get("parent_frame_id", 0))
+        # The text format prints a frame's parent as its id + 1 (the root's parent as 1): the caller is one less.
+        frame_id = int(frame.get("parent_frame_id", 1)) - 1
     return out or ([innermost] if innermost else [])
 
 
@@ -224,6 +226,14 @@ def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps
     with gzip.open(os.path.join(log_dir, "train_step.hlo.txt.gz"), "wt") as handle:  # for reading a profile later
         handle.write(hlo_text)
     kernels, threads = device_events(load_trace(log_dir))
+    with gzip.open(os.path.join(log_dir, "kernels.json.gz"), "wt") as handle:  # the counted events, compactly
+        json.dump(
+            [
+                {"name": k["name"], "dur": k["dur"], "args": {"hlo_op": k.get("args", {}).get("hlo_op", "")}}
+                for k in kernels
+            ],
+            handle,
+        )
     summary = summarize(kernels, instruction_sources(hlo_text), steps, top)
     return {
         "preset": preset,

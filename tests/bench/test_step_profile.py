@@ -84,3 +84,24 @@ def test_kernels_inside_command_buffers_map_by_fusion_name():
     sources = {"loop_convert_fusion.72": {"op_name": "jit(s)/jvp()/convert", "source": "layers/norm.py:__call__:9"}}
     summary = step_profile.summarize(kernels, sources, steps=1)
     assert summary["by_source_line"][0]["name"] == "layers/norm.py:__call__:9 forward"
+
+
+def _outer(x):
+    return _middle(x) + 1.0
+
+
+def _middle(x):
+    return swiglu(x, x) * 3.0
+
+
+def test_stacks_are_walked_from_the_innermost_frame_to_its_callers():
+    x = jnp.ones((4, 8), jnp.float32)
+    text = jax.jit(_outer).lower(x).compile().as_text()
+    tables = step_profile._tables(text)
+    chains = [step_profile._project_frames(frame, tables) for frame in tables["StackFrames"]]
+    # swiglu's multiply is called from _middle, called from _outer: the test module is outside the project, so only
+    # swiglu's frame is named, and no chain names a project frame twice or a frame that did not call it
+    swiglu_chains = [chain for chain in chains if chain and chain[0].startswith("layers/mlp.py:swiglu:")]
+    assert swiglu_chains and all(len(chain) == 1 for chain in swiglu_chains)
+    innermost = [chain[0] for chain in chains if chain and chain[0].startswith("(")]
+    assert any("_middle" in name or "_outer" in name for name in innermost), innermost
