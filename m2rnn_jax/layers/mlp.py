@@ -51,7 +51,13 @@ from flax import nnx
 
 from m2rnn_jax.layers.grouped_matmul import GROUPED_MATMUL_CHOICES, grouped_matmul, resolve_grouped_matmul
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
-from m2rnn_jax.layers.moe_dispatch import DISPATCH_CHOICES, resolve_dispatch, run_experts_all_to_all, run_experts_local
+from m2rnn_jax.layers.moe_dispatch import (
+    DISPATCH_CHOICES,
+    mesh_is_split,
+    resolve_dispatch,
+    run_experts_all_to_all,
+    run_experts_local,
+)
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.typing import Dtype
 
@@ -303,11 +309,13 @@ class MoE(nnx.Module):
         (T, h) in >= float32, on one device or expert-parallel (``config.dispatch``)."""
         c = self.config
         params = {"c_fc": self.c_fc.weights(), "c_proj": self.c_proj.weights()}
-        experts_fn = functools.partial(
-            expert_swiglu, dtype=self.dtype, implementation=resolve_grouped_matmul(c.grouped_matmul)
-        )
+        implementation = resolve_grouped_matmul(c.grouped_matmul)
         if resolve_dispatch(c.dispatch, c.num_experts, x.shape[0]) == "local":
+            if mesh_is_split():  # XLA partitions the local program; it cannot partition a Pallas kernel
+                implementation = "ragged_dot"
+            experts_fn = functools.partial(expert_swiglu, dtype=self.dtype, implementation=implementation)
             return run_experts_local(experts_fn, tokens, weights, experts, params, c.num_experts)
+        experts_fn = functools.partial(expert_swiglu, dtype=self.dtype, implementation=implementation)
         shape = (*x.shape[:2], c.top_k)
         y = run_experts_all_to_all(
             experts_fn,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
+from m2rnn_jax.parallel.axes import auto_axis_sizes, batch_split_axes, spec_entry
 
 EXPERT_AXIS = "expert"
 CONTEXT_AXIS = "context"
@@ -43,6 +43,11 @@ DISPATCH_CHOICES: tuple[str, ...] = ("auto", "local", "all_to_all")
 # experts_fn(rows (R, h), group_sizes (E,) int32, row_experts (R,) int32, params) -> (R, h): rows sorted by expert,
 # group_sizes rows per expert (rows past their sum belong to no group), params a pytree of (E, ...) arrays.
 ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+def mesh_is_split() -> bool:
+    """Whether the current mesh has an axis of size > 1 that is not manual yet (work there is partitioned)."""
+    return any(size > 1 for size in auto_axis_sizes().values())
 
 
 def expert_axis_size() -> int:
@@ -170,11 +175,7 @@ def run_experts_all_to_all(
             f"{CONTEXT_AXIS!r}), got {seq_len}"
         )
     seq_axis = CONTEXT_AXIS if context > 1 else None
-    manual = {
-        *batch_axes,
-        *([seq_axis] if seq_axis else []),
-        *([HEAD_MESH_AXIS] if sizes.get(HEAD_MESH_AXIS, 1) > 1 else []),
-    }
+    manual = set(sizes)  # every axis not manual yet, so that Pallas (Mosaic) expert kernels may run inside
     token_spec = P(spec_entry(batch_axes), seq_axis)
     param_specs = jax.tree.map(lambda a: P(EXPERT_AXIS, *([None] * (a.ndim - 1))), params)
     out_dtype = jnp.promote_types(jnp.float32, x.dtype)
