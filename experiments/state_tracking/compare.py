@@ -209,6 +209,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         changes["steps"] = args.steps
     if args.batch_size:
         changes["batch_size"] = args.batch_size
+    if args.learning_rate:
+        changes["learning_rate"] = args.learning_rate
     if args.lengths:
         changes["lengths"] = tuple(sorted(args.lengths))
     if args.eval_sequences:
@@ -231,6 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
     parser.add_argument("--train-length", type=int, help="training length (the curriculum scales with it)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (default: the recipe's)")
     parser.add_argument("--hidden-size", type=int)
     parser.add_argument("--num-layers", type=int)
     parser.add_argument("--eval-sequences", type=int)
@@ -245,10 +248,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/state_tracking_compare")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs under --out, train nothing")
     args = parser.parse_args(argv)
-    for name in ("run_seconds", "deadline_seconds"):
+    for name in ("run_seconds", "deadline_seconds", "learning_rate"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive number of seconds, got {value}")
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
     for name in ("steps", "train_length", "batch_size", "hidden_size", "num_layers", "eval_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:

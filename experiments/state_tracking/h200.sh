@@ -2,8 +2,9 @@
 # Issue 14's H200 measurements as two device calls of <= 9 minutes each, in priority order:
 #   call 1: the S3 figure (7 mixers x 3 seeds, the compare command's GPU recipe: train at 128, evaluate to 512)
 #           and the state-tracking-s3-small preset (the >= 99.5% at 4x check);
-#   call 2: A5 for every mixer (1 seed, the same recipe) and M2RNN on A5 / S5 (the state-tracking-{a5,s5}-large
-#           presets and the setting that SEARCH.md found most promising).
+#   call 2: A5 for every mixer (1 seed, the same recipe), the state-tracking-a5-large preset, and the recurrence
+#           alone (experiments/state_tracking/probe.py, RNN and M2RNN) with the largest data budget one call gives:
+#           the open question of SEARCH.md.
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
@@ -38,9 +39,10 @@
 # call 2 (5 processes, 3 cores each):
 #   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
 #   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
-#   a5_large      state-tracking-a5-large (the search's setting), seed 0: SIGTERM at 400 s, evaluation ~60 s
-#   s5_large      state-tracking-s5-large, seed 0: the same
-#   a5_large_s1   state-tracking-a5-large, seed 1: the same
+#   a5_large      state-tracking-a5-large, seed 0: SIGTERM at 400 s (4 train + 3 evaluation compiles), evaluation ~60 s
+#   probe_rnn     probe.py, tanh RNN width 512, A5 at length 4, batch 512: trains 380 s, one compile, evaluation ~10 s
+#   probe_m2rnn   probe.py, the M2RNN op (4 heads K=4 x V=320, scan backend), the same budget
+#   (state-tracking-s5-large is not run: S5 contains A5's difficulty and more; it waits for an A5 result)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,6 +65,7 @@ if (( SMOKE )); then
   COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
            --eval-sequences 8)
   SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=60; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
+  PROBE_SECONDS=20; PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
                 --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1
@@ -73,6 +76,9 @@ else
   DEADLINE=$(( BUDGET - 65 ))        # 475 s: the compare processes' own deadline
   PRESET_SECONDS=$(( BUDGET - 140 ))  # 400 s, then SIGTERM: the preset evaluates the step it reached ...
   PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
+  PROBE_SECONDS=$(( BUDGET - 160 ))   # 380 s of training, then the evaluation at every position up to 64
+  PROBE=(--train-length 4 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024
+         --seconds "$PROBE_SECONDS")
   PRESET_SMOKE=()
 fi
 START=$SECONDS
@@ -113,6 +119,12 @@ compare_job() {
   job "$name" $(( deadline + 30 )) 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
     --deadline-seconds "$deadline" --out "$OUT/$group"
 }
+# probe_job NAME ARGS...: the recurrence-only probe on A5, training stopped by its own clock.
+probe_job() {
+  local name=$1; shift
+  job "$name" $(( PROBE_SECONDS + 60 )) 15 python3 -m experiments.state_tracking.probe --group a5 "${PROBE[@]}" \
+    --out "$OUT/$name.json" "$@"
+}
 # preset_job NAME GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM after PRESET_SECONDS (it then
 # saves, evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
 preset_job() {
@@ -131,8 +143,8 @@ else
   compare_job a5_recurrent a5 0 m2rnn gru rnn gdn-neg
   compare_job a5_others a5 0 gdn mamba2 attention
   preset_job a5_large a5 large 0
-  preset_job s5_large s5 large 0
-  preset_job a5_large_s1 a5 large 1
+  probe_job probe_rnn --cell rnn --width 512
+  probe_job probe_m2rnn --cell m2rnn --heads 4 --k 4 --v 320 --backend scan
 fi
 wait
 
@@ -147,3 +159,4 @@ cat "$OUT/$GROUP/compare.md" 2>/dev/null
 for log in "$OUT"/s3_small.log "$OUT"/*_large*.log; do
   [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done
+for log in "$OUT"/probe_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done

@@ -131,6 +131,10 @@ def test_compare_rejects_bad_flags(tmp_path):
         compare.main(["--models", "lstm", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         compare.main(["--deadline-seconds", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main(["--learning-rate", "-1e-3", "--out", str(tmp_path)])
+    recipe = compare._recipe_from_args(compare.parse_args(["--recipe", "cpu", "--learning-rate", "1e-3"]))
+    assert recipe.learning_rate == 1e-3 and "lr 0.001" in recipe.describe()
 
 
 def test_compare_deadline_too_short_skips_runs(tmp_path, capsys):
