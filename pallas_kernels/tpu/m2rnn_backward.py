@@ -256,19 +256,20 @@ def m2rnn_backward(
     dh_final: jax.Array,
     *,
     cu_seqlens: jax.Array | None = None,
+    num_heads: int,
     chunk_size: int | None = None,
     gradient_clipping: float | None = None,
     bf16_state: bool = False,
     interpret=False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Gradients of M2RNN for the inputs of ``m2rnn_forward`` (same shapes and head counts).
+    """Gradients of M2RNN for the inputs of ``m2rnn_forward`` (same shapes, head counts and ``num_heads``).
 
     ``checkpoints`` come from ``m2rnn_forward(..., save_checkpoints=True)`` with the same ``chunk_size``;
     dy has y's shape (.., N, V), dh_final (B, N, K, V). ``gradient_clipping`` is None or |c|.
     Returns float32 gradients with the inputs' shapes: dq, dk, dv, df, dw and dh0 (B, N, K, V).
     """
     varlen = cu_seqlens is not None
-    plan, packed = pack_inputs(q, k, v, w, f, h0, cu_seqlens, chunk_size)
+    plan, packed = pack_inputs(q, k, v, w, f, h0, cu_seqlens, chunk_size, num_heads)
     num_seqs = packed.h0.shape[0]
     q_slots, k_slots = packed.q_slots, packed.k_slots
     call = backward_call(

@@ -65,14 +65,15 @@ def pack_inputs(
     h0: jax.Array | None,
     cu_seqlens: jax.Array | None,
     chunk_size: int | None,
+    num_heads: int,
 ) -> tuple[BlockPlan, PackedInputs]:
     """Plan the blocks and pack inputs with their own head counts: q (B, S, Nq, K) | (T, Nq, K); k (.., Nk, K);
-    v (.., Nv, V); f (.., Nf); w (Nw, V, V); h0 (B, N, K, V) or None (zeros). v, f and w are repeated to N heads."""
+    v (.., Nv, V); f (.., Nf); w (Nw, V, V); h0 (B, N, K, V) or None (zeros). v, f and w are repeated to the
+    ``num_heads`` N = max(Nq, Nk, Nv, Nf, Nw) heads (the caller validated the counts)."""
     varlen = cu_seqlens is not None
     q, k, v, f = (as_rows(x, varlen) for x in (q, k, v, f))
     rows, tokens, _, k_dim = q.shape
     v_dim = v.shape[-1]
-    num_heads = max(q.shape[2], k.shape[2], v.shape[2], f.shape[2], w.shape[0])
     num_seqs = cu_seqlens.shape[0] - 1 if varlen else rows
     plan = plan_blocks(rows, tokens, num_heads, k_dim, v_dim, chunk_size)
     if h0 is None:

@@ -189,6 +189,7 @@ def m2rnn_forward(
     h0: jax.Array | None = None,
     *,
     cu_seqlens: jax.Array | None = None,
+    num_heads: int,
     chunk_size: int | None = None,
     bf16_state: bool = False,
     save_checkpoints: bool = False,
@@ -197,14 +198,14 @@ def m2rnn_forward(
     """M2RNN forward (the op's semantics, SPEC §2) with any head broadcasting.
 
     Dense: q (B, S, Nq, K), k (B, S, Nk, K), v (B, S, Nv, V), f (B, S, Nf), w (Nw, V, V), h0 (B, N, K, V) or None
-    (zeros); each head count divides N = max(Nq, Nk, Nv, Nf, Nw). Varlen (``cu_seqlens`` (B+1,) given): q (T, Nq, K),
-    k (T, Nk, K), v (T, Nv, V), f (T, Nf).
+    (zeros); each head count divides ``num_heads`` N = max(Nq, Nk, Nv, Nf, Nw). Varlen (``cu_seqlens`` (B+1,)
+    given): q (T, Nq, K), k (T, Nk, K), v (T, Nv, V), f (T, Nf).
     Returns y (.., N, V) in v's dtype, the final states (B, N, K, V) float32 and, with ``save_checkpoints``, the
     packed chunk-start states (R, G, NC, Kp, L) float32 (else None). An empty varlen sequence returns its h0.
     ``interpret``: False (compile for TPU), True (TPU interpret mode) or a ``pltpu.InterpretParams``.
     """
     varlen = cu_seqlens is not None
-    plan, packed = pack_inputs(q, k, v, w, f, h0, cu_seqlens, chunk_size)
+    plan, packed = pack_inputs(q, k, v, w, f, h0, cu_seqlens, chunk_size, num_heads)
     num_seqs = packed.h0.shape[0]
     call = forward_call(
         plan,

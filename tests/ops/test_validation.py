@@ -122,3 +122,36 @@ def test_auto_backend_resolution(monkeypatch):
     assert backends.resolve_backend_name("auto", jnp.bfloat16) == "pallas_tpu"
     assert backends.resolve_backend_name("auto", jnp.float64) == "scan"  # the kernels compute in float32
     assert backends.resolve_backend_name("scan") == "scan"
+
+
+def test_backends_get_the_validated_shapes(dense, packed, monkeypatch):
+    """The op hands each backend the M2RNNShapes of validate_inputs (nothing recomputes them)."""
+    from m2rnn_jax.ops.m2rnn import backends
+    from m2rnn_jax.ops.m2rnn.validation import validate_inputs
+
+    seen = []
+    scan = backends.get_backend("scan")
+
+    def spy(*args, shapes, **kwargs):
+        seen.append(shapes)
+        return scan(*args, shapes=shapes, **kwargs)
+
+    monkeypatch.setitem(backends._REGISTRY, "scan", spy)
+    names = ("q", "k", "v", "W", "f", "h0")
+    for inputs, cu in ((dense, None), (packed, packed["cu_seqlens"])):
+        m2rnn(*(inputs[n] for n in names), cu_seqlens=cu, backend="scan")
+        assert seen.pop() == validate_inputs(*(inputs[n] for n in names), cu)
+    assert seen == []
+
+
+@pytest.mark.parametrize("backend", ["scan", "pallas_gpu", "pallas_tpu"])
+def test_direct_backend_call_validates(dense, backend):
+    """A backend called directly (shapes None, as benchmarks do) validates its inputs like the op."""
+    from m2rnn_jax.ops.m2rnn.backends import get_backend
+
+    args = [dense[n] for n in ("q", "k", "v", "W", "f", "h0")]
+    args[2] = args[2][:, :, :3]  # Nv = 3 does not divide N = 4
+    call = get_backend(backend)
+    options = dict(cu_seqlens=None, gradient_clipping=None, state_dtype=jnp.float32, interpret=backend != "scan")
+    with pytest.raises(ValueError, match="head counts: each of Nq, Nk, Nv, Nf, Nw must divide N"):
+        call(*args, **options)

@@ -15,6 +15,7 @@ EXPECTED = [
     "OK op_shard_map_matches_unsharded",
     "OK op_no_collectives",
     "OK public_op_kernels_in_shard_map",
+    "OK public_op_varlen_in_shard_map",
     "OK sharded_step_dp",
     "OK sharded_step_fsdp",
     "OK sharded_step_tp",

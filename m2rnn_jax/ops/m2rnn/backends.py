@@ -2,10 +2,12 @@
 
 A backend is a function
 
-    fn(q, k, v, W, f, h0, *, cu_seqlens, gradient_clipping, state_dtype, interpret) -> (y, h_final)
+    fn(q, k, v, W, f, h0, *, cu_seqlens, gradient_clipping, state_dtype, interpret, shapes) -> (y, h_final)
 
 that receives validated inputs with their original head counts (``h0`` may be None, ``gradient_clipping`` is None
-or |c|) and returns ``y`` and the final state in any float dtype; the op casts them to the contract dtypes.
+or |c|) and their sizes ``shapes`` (the :class:`~m2rnn_jax.ops.m2rnn.validation.M2RNNShapes` of
+``validate_inputs``, or of one shard under a mesh; a direct call may pass None and the backend validates), and
+returns ``y`` and the final state in any float dtype; the op casts them to the contract dtypes.
 Kernel backends live in their own modules, which call :func:`register_backend` when imported; they are imported
 lazily so that a missing optional dependency of one backend never breaks the others.
 """
@@ -18,6 +20,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes
 from m2rnn_jax.typing import Interpret
 
 
@@ -35,6 +38,7 @@ class Backend(Protocol):
         gradient_clipping: float | None,
         state_dtype: jnp.dtype,
         interpret: Interpret,
+        shapes: M2RNNShapes | None,
     ) -> tuple[jax.Array, jax.Array]: ...
 
 

@@ -90,7 +90,7 @@ def m2rnn(
     ``block_until_ready`` of its outputs) raises ``jax.errors.JaxRuntimeError`` whose message ends with that line
     (:mod:`m2rnn_jax.value_checks`, ``docs/value_checks.md``). The caller needs no ``checkify`` of its own.
     """
-    validate_inputs(q, k, v, W, f, h0, cu_seqlens, reset)
+    shapes = validate_inputs(q, k, v, W, f, h0, cu_seqlens, reset)
     if checks_enabled(check_values):
         check_input_values(q, k, v, W, f, h0, cu_seqlens)
     clip = normalize_clipping(gradient_clipping)
@@ -111,6 +111,7 @@ def m2rnn(
             state_dtype=jnp.dtype(state_dtype),
             interpret=False,
             reset=reset,
+            shapes=shapes,
         )
         return _cast_outputs(y, h_final, q, h0)
     backend_fn = get_backend(name)
@@ -127,6 +128,7 @@ def m2rnn(
         gradient_clipping=clip,
         state_dtype=jnp.dtype(state_dtype),
         interpret=interpret,
+        shapes=shapes,
     )
     return _cast_outputs(y, h_final, q, h0)
 

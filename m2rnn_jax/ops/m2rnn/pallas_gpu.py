@@ -20,7 +20,7 @@ import numpy as np
 
 from m2rnn_jax.ops.heads import reduce_heads
 from m2rnn_jax.ops.m2rnn.backends import register_backend
-from m2rnn_jax.ops.m2rnn.validation import head_count, state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes, resolve_shapes, state_dtypes
 from pallas_kernels.gpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.gpu.m2rnn_backward_gluon import m2rnn_backward_gluon
 from pallas_kernels.gpu.m2rnn_common import KernelConfig, cdiv
@@ -270,23 +270,24 @@ def m2rnn_pallas_gpu(
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
     interpret: bool,
+    shapes: M2RNNShapes | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The backend function (validated inputs, original head counts; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).
 
-    ``config`` overrides the launch parameters chosen by :func:`default_config` (benchmarks use it).
+    ``shapes``: the sizes ``validate_inputs`` returned (None: validated here). ``config`` overrides the launch
+    parameters chosen by :func:`default_config` (benchmarks use it).
     Returns y in q.dtype ((B, S, N, V) dense, (T, N, V) varlen) and h_final (B, N, K, V) in the state's
     storage dtype.
     """
-    dense = cu_seqlens is None
+    shapes = resolve_shapes(shapes, q, k, v, W, f, h0, cu_seqlens)
+    batch, num_heads, k_dim, v_dim = shapes.batch, shapes.num_heads, shapes.k_dim, shapes.v_dim
+    dense = not shapes.varlen
     if dense:
-        batch, seq_len = q.shape[:2]
+        seq_len = shapes.tokens
         q, k, v, f = (x.reshape((batch * seq_len,) + x.shape[2:]) for x in (q, k, v, f))
         cu_seqlens = jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
-    else:
-        batch = cu_seqlens.shape[0] - 1
-    tokens, k_dim, v_dim = q.shape[0], q.shape[-1], v.shape[-1]
-    num_heads = head_count(q, k, v, W, f)
+    tokens = batch * shapes.tokens if dense else shapes.tokens  # packed tokens
     carry_dtype, _ = state_dtypes(state_dtype, q.dtype)
     config = config or default_config(batch, num_heads, k_dim)
     num_chunks = batch * cdiv(seq_len, config.chunk_size) if dense else tokens // config.chunk_size + batch

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.m2rnn.backends import register_backend
-from m2rnn_jax.ops.m2rnn.validation import state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes, resolve_shapes, state_dtypes
 from m2rnn_jax.typing import Interpret
 from pallas_kernels.tpu.m2rnn_backward import m2rnn_backward
 from pallas_kernels.tpu.m2rnn_forward import m2rnn_forward
@@ -32,10 +32,7 @@ class _Static:
     bf16_state: bool
     chunk_size: int | None
     interpret: Interpret
-
-
-def _num_heads(q, k, v, w, f) -> int:
-    return max(q.shape[-2], k.shape[-2], v.shape[-2], w.shape[0], f.shape[-1])
+    num_heads: int
 
 
 def _forward(static: _Static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints: bool):
@@ -47,6 +44,7 @@ def _forward(static: _Static, q, k, v, w, f, h0, cu_seqlens, save_checkpoints: b
         f,
         h0,
         cu_seqlens=cu_seqlens,
+        num_heads=static.num_heads,
         chunk_size=static.chunk_size,
         bf16_state=static.bf16_state,
         save_checkpoints=save_checkpoints,
@@ -79,6 +77,7 @@ def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
         dy,
         dfinal,
         cu_seqlens=cu_seqlens,
+        num_heads=static.num_heads,
         chunk_size=static.chunk_size,
         gradient_clipping=static.gradient_clipping,
         bf16_state=static.bf16_state,
@@ -98,14 +97,12 @@ def _m2rnn_tpu_bwd(static: _Static, residuals, cotangents):
 _m2rnn_tpu.defvjp(_m2rnn_tpu_fwd, _m2rnn_tpu_bwd)
 
 
-def _no_tokens(q, k, v, w, f, h0, cu_seqlens) -> tuple[jax.Array, jax.Array]:
+def _no_tokens(shapes: M2RNNShapes, y_dtype: jnp.dtype, h0: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Zero time steps: an empty y and the initial states (zeros when h0 is None)."""
-    num_heads = _num_heads(q, k, v, w, f)
-    lead = q.shape[:-2]
-    batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    y = jnp.zeros(lead + (num_heads, v.shape[-1]), q.dtype)
+    lead = (shapes.tokens,) if shapes.varlen else (shapes.batch, shapes.tokens)
+    y = jnp.zeros(lead + (shapes.num_heads, shapes.v_dim), y_dtype)
     if h0 is None:
-        return y, jnp.zeros((batch, num_heads, q.shape[-1], v.shape[-1]), jnp.float32)
+        return y, jnp.zeros((shapes.batch, shapes.num_heads, shapes.k_dim, shapes.v_dim), jnp.float32)
     return y, h0.astype(jnp.float32)
 
 
@@ -121,14 +118,17 @@ def m2rnn_pallas_tpu(
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
     interpret: Interpret,
+    shapes: M2RNNShapes | None = None,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Backend entry point (validated inputs with their original head counts; see ``m2rnn_jax.ops.m2rnn.op.m2rnn``).
 
     Returns y in q's dtype and the final state in float32. ``interpret``: False (compile for TPU), True (TPU
     interpret mode on CPU) or a ``jax.experimental.pallas.tpu.InterpretParams``. ``chunk_size`` (a multiple of 8,
-    default 64 capped by the length) is the number of time steps per grid step and per checkpoint.
+    default 64 capped by the length) is the number of time steps per grid step and per checkpoint. ``shapes``: the
+    sizes ``validate_inputs`` returned (None: validated here).
     """
+    shapes = resolve_shapes(shapes, q, k, v, W, f, h0, cu_seqlens)
     storage, compute = state_dtypes(state_dtype, q.dtype)
     if compute != jnp.float32:
         raise ValueError(
@@ -140,10 +140,10 @@ def m2rnn_pallas_tpu(
         bf16_state=storage == jnp.bfloat16,
         chunk_size=chunk_size,
         interpret=interpret,
+        num_heads=shapes.num_heads,
     )
-    tokens = q.shape[0] if cu_seqlens is not None else q.shape[1]
-    if tokens == 0:
-        return _no_tokens(q, k, v, W, f, h0, cu_seqlens)
+    if shapes.tokens == 0:
+        return _no_tokens(shapes, q.dtype, h0)
     return _m2rnn_tpu(static, q, k, v, W, f, h0, cu_seqlens)
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.clipping import clamp_cotangent
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.ops.m2rnn.validation import head_count, state_dtypes
+from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes, resolve_shapes, state_dtypes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -63,6 +63,7 @@ def m2rnn_scan_dense(
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
     reset: jax.Array | None = None,
+    shapes: M2RNNShapes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Dense reference: q (B,S,Nq,K), k (B,S,Nk,K), v (B,S,Nv,V), f (B,S,Nf), W (Nw,V,V), h0 (B,N,K,V) | None.
 
@@ -70,14 +71,14 @@ def m2rnn_scan_dense(
     starts at t). The zeroing sits after the clamped carry, so no cotangent flows from step t into the earlier
     document: each document gets exactly the gradients of a separate run from zeros.
     Returns y (B,S,N,V) and the final state (B,N,K,V), both in the arithmetic dtype (the op casts them).
-    ``gradient_clipping`` must already be normalised (None or |c|).
+    ``gradient_clipping`` must already be normalised (None or |c|). ``shapes``: the sizes ``validate_inputs``
+    returned (None: validated here).
     """
     storage_dtype, compute_dtype = state_dtypes(state_dtype, q.dtype)
-    num_heads = head_count(q, k, v, W, f)
-    batch, k_dim, v_dim = q.shape[0], q.shape[-1], v.shape[-1]
-    w = expand_heads(W.astype(compute_dtype), num_heads, axis=0)
+    shapes = resolve_shapes(shapes, q, k, v, W, f, h0, None)
+    w = expand_heads(W.astype(compute_dtype), shapes.num_heads, axis=0)
     if h0 is None:
-        h_init = jnp.zeros((batch, num_heads, k_dim, v_dim), storage_dtype)
+        h_init = jnp.zeros((shapes.batch, shapes.num_heads, shapes.k_dim, shapes.v_dim), storage_dtype)
     else:
         h_init = h0.astype(storage_dtype)
 
@@ -114,23 +115,24 @@ def m2rnn_scan_varlen(
     *,
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
+    shapes: M2RNNShapes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Varlen reference over packed tokens: q (T,Nq,K), k (T,Nk,K), v (T,Nv,V), f (T,Nf), cu_seqlens (B+1,).
 
     One scan walks all T tokens; at the first token of sequence b the state is reset to h0[b], and at its last
     token the (clamped-cotangent) state is written to slot b of the final states. An empty sequence returns its h0.
-    Returns y (T,N,V) and the final states (B,N,K,V) in the arithmetic dtype.
+    Returns y (T,N,V) and the final states (B,N,K,V) in the arithmetic dtype. ``shapes``: the sizes
+    ``validate_inputs`` returned (None: validated here).
     """
     storage_dtype, compute_dtype = state_dtypes(state_dtype, q.dtype)
-    num_heads = head_count(q, k, v, W, f)
-    batch, tokens = cu_seqlens.shape[0] - 1, q.shape[0]
-    k_dim, v_dim = q.shape[-1], v.shape[-1]
+    shapes = resolve_shapes(shapes, q, k, v, W, f, h0, cu_seqlens)
+    num_heads, k_dim, v_dim = shapes.num_heads, shapes.k_dim, shapes.v_dim
     w = expand_heads(W.astype(compute_dtype), num_heads, axis=0)
     if h0 is None:
-        h0 = jnp.zeros((batch, num_heads, k_dim, v_dim), storage_dtype)
+        h0 = jnp.zeros((shapes.batch, num_heads, k_dim, v_dim), storage_dtype)
     else:
         h0 = h0.astype(storage_dtype)
-    seq, is_start, is_end = sequence_positions(cu_seqlens, tokens)
+    seq, is_start, is_end = sequence_positions(cu_seqlens, shapes.tokens)
 
     def body(carry, xs):
         h_prev, finals = carry

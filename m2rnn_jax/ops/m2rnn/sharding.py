@@ -18,6 +18,8 @@ only the remaining auto axes are split here. :func:`m2rnn_jax.m2rnn` routes its 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.ops.heads import expand_heads
-from m2rnn_jax.ops.m2rnn.validation import head_count
+from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes, resolve_shapes
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from m2rnn_jax.typing import Interpret
 
@@ -43,43 +45,55 @@ def run_sharded(
     gradient_clipping: float | None,
     state_dtype: jnp.dtype,
     interpret: Interpret,
+    shapes: M2RNNShapes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``backend(q, k, v, W, f, h0, ...)`` run per (batch, head) block of the current mesh (see module doc).
 
-    Same arguments and results as a backend (validated inputs, original head counts): dense q (B,S,Nq,K),
-    k (B,S,Nk,K), v (B,S,Nv,V), f (B,S,Nf), W (Nw,V,V), h0 (B,N,K,V) or None -> y (B,S,N,V), h_final (B,N,K,V);
-    varlen the same with (T, ...) inputs and cu_seqlens (B+1,).
+    Same arguments and results as a backend (validated inputs, original head counts, ``shapes`` as
+    ``validate_inputs`` returned them or None): dense q (B,S,Nq,K), k (B,S,Nk,K), v (B,S,Nv,V), f (B,S,Nf),
+    W (Nw,V,V), h0 (B,N,K,V) or None -> y (B,S,N,V), h_final (B,N,K,V); varlen the same with (T, ...) inputs and
+    cu_seqlens (B+1,). Each block's backend gets the sizes of its block.
     """
     kwargs = dict(gradient_clipping=gradient_clipping, state_dtype=state_dtype, interpret=interpret)
+    shapes = resolve_shapes(shapes, q, k, v, W, f, h0, cu_seqlens)
     sizes = auto_axis_sizes()
-    varlen = cu_seqlens is not None
-    num_heads = head_count(q, k, v, W, f)
-    batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
+    varlen = shapes.varlen
+    num_heads = shapes.num_heads
 
-    batch_axes = () if varlen else batch_split_axes(sizes, batch)
+    batch_axes = () if varlen else batch_split_axes(sizes, shapes.batch)
     head_shards = sizes.get(HEAD_MESH_AXIS, 1)
     head_axis = HEAD_MESH_AXIS if head_shards > 1 and num_heads % head_shards == 0 else None
     if not batch_axes and head_axis is None:
-        return backend(q, k, v, W, f, h0, cu_seqlens=cu_seqlens, **kwargs)
+        return backend(q, k, v, W, f, h0, cu_seqlens=cu_seqlens, shapes=shapes, **kwargs)
 
     b = spec_entry(batch_axes)
-    token_axes = () if varlen else (b, None)  # dense: (B, S); varlen: (T,) never split
+    token_axes = (None,) if varlen else (b, None)  # dense: (B, S); varlen: (T,) never split
 
-    def split_heads(x: jax.Array, head_dim: int) -> tuple[jax.Array, str | None]:
-        count = x.shape[head_dim]
+    def split_heads(x: jax.Array, count: int, head_dim: int) -> tuple[jax.Array, str | None, int]:
+        """x, the mesh axis of its heads and its head count per shard."""
         if head_axis is None:
-            return x, None
+            return x, None, count
         if count % head_shards == 0:
-            return x, head_axis
+            return x, head_axis, count // head_shards
         if count == 1:
-            return x, None
-        return expand_heads(x, num_heads, axis=head_dim), head_axis
+            return x, None, 1
+        return expand_heads(x, num_heads, axis=head_dim), head_axis, num_heads // head_shards
 
-    q, hq = split_heads(q, -2)
-    k, hk = split_heads(k, -2)
-    v, hv = split_heads(v, -2)
-    f, hf = split_heads(f, -1)
-    W, hw = split_heads(W, 0)
+    q, hq, local_q = split_heads(q, shapes.num_q_heads, -2)
+    k, hk, local_k = split_heads(k, shapes.num_k_heads, -2)
+    v, hv, local_v = split_heads(v, shapes.num_v_heads, -2)
+    f, hf, local_f = split_heads(f, shapes.num_f_heads, -1)
+    W, hw, local_w = split_heads(W, shapes.num_w_heads, 0)
+    local_shapes = dataclasses.replace(
+        shapes,
+        batch=shapes.batch // math.prod(sizes[axis] for axis in batch_axes),
+        num_heads=num_heads // head_shards if head_axis else num_heads,
+        num_q_heads=local_q,
+        num_k_heads=local_k,
+        num_v_heads=local_v,
+        num_f_heads=local_f,
+        num_w_heads=local_w,
+    )
     args = [q, k, v, W, f]
     specs = [
         P(*token_axes, hq, None),
@@ -101,7 +115,7 @@ def run_sharded(
         rest = list(rest)
         local_h0 = rest.pop(0) if has_h0 else None
         local_cu = rest.pop(0) if varlen else None
-        return backend(q, k, v, W, f, local_h0, cu_seqlens=local_cu, **kwargs)
+        return backend(q, k, v, W, f, local_h0, cu_seqlens=local_cu, shapes=local_shapes, **kwargs)
 
     out_specs = (P(*token_axes, head_axis, None), state_spec)
     return jax.shard_map(local, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)

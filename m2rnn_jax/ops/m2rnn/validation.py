@@ -158,9 +158,19 @@ def validate_inputs(
     )
 
 
-def head_count(q: jax.Array, k: jax.Array, v: jax.Array, W: jax.Array, f: jax.Array) -> int:
-    """N = max(Nq, Nk, Nv, Nf, Nw) of validated inputs, dense (B, S, N_x, ...) or varlen (T, N_x, ...)."""
-    return max(q.shape[-2], k.shape[-2], v.shape[-2], f.shape[-1], W.shape[0])
+def resolve_shapes(
+    shapes: M2RNNShapes | None,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    W: jax.Array,
+    f: jax.Array,
+    h0: jax.Array | None,
+    cu_seqlens: jax.Array | None,
+) -> M2RNNShapes:
+    """``shapes`` as the op validated them, or, for a direct call of a backend (``shapes`` None), the inputs
+    validated here: the one place a backend learns B, S/T, N, K, V and the head counts."""
+    return validate_inputs(q, k, v, W, f, h0, cu_seqlens) if shapes is None else shapes
 
 
 def state_dtypes(state_dtype: jnp.dtype, input_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops import m2rnn
+from m2rnn_jax.ops.m2rnn.validation import validate_inputs
 from m2rnn_jax.ops.m2rnn.value_checks import check_input_values
 from m2rnn_jax.parallel.context.axis import CONTEXT_AXIS
 from m2rnn_jax.parallel.context.pipeline import context_recurrence
@@ -46,12 +47,11 @@ def context_m2rnn(
                 f"{name}: expected {rank} dimensions (dense inputs; varlen cannot be split over the "
                 f"context axis), got shape {x.shape}"
             )
+    shapes = validate_inputs(q, k, v, W, f, h0, None, reset)
     if checks_enabled(check_values):
         check_input_values(q, k, v, W, f, h0, None)
-    batch, _, _, key_dim = k.shape
-    num_heads = max(q.shape[2], k.shape[2], v.shape[2], f.shape[2], W.shape[0])
     carry_dtype = jnp.promote_types(state_dtype, q.dtype)
-    shape = (batch, num_heads, key_dim, v.shape[-1])
+    shape = (shapes.batch, shapes.num_heads, shapes.k_dim, shapes.v_dim)
     start = jnp.zeros(shape, carry_dtype) if h0 is None else h0.astype(carry_dtype)
 
     def run(inputs, weights, h, reset):
@@ -77,7 +77,7 @@ def context_m2rnn(
         (W,),
         start,
         reset=reset,
-        num_heads=num_heads,
+        num_heads=shapes.num_heads,
         num_micro_batches=num_micro_batches,
         axis_name=axis_name,
     )
