@@ -41,6 +41,7 @@ from flax import nnx
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
+from m2rnn_jax.layers.gated_norm import gated_rms_norm
 from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
@@ -213,9 +214,11 @@ class GatedDeltaNet(nnx.Module):
         o, recurrent = delta_rule(
             q, k, v, beta, log_alpha, state.recurrent, reset=reset, chunk_size=c.chunk_size, backend=backend
         )
-        o = o.astype(compute_dtype)
-        if c.use_gate:
-            o = o * jax.nn.silu(gate.reshape(batch, seq_len, Nv, dv).astype(compute_dtype))
-        o = self.o_norm(o)  # per head over dv, output in dtype
+        if c.use_gate:  # per head over dv, output in dtype; one fused backward (layers/gated_norm.py)
+            norm = self.o_norm
+            gate = gate.reshape(batch, seq_len, Nv, dv)
+            o = gated_rms_norm(o, gate, norm.scale[...], eps=norm.eps, dtype=norm.dtype)
+        else:
+            o = self.o_norm(o.astype(compute_dtype))
         y = self.o_proj(o.reshape(batch, seq_len, Nv * dv))
         return y, GatedDeltaNetState(conv=conv_state, recurrent=recurrent.astype(state.recurrent.dtype))

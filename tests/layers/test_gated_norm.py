@@ -1,0 +1,78 @@
+"""`gated_rms_norm`: the forward is `RMSNorm(o * silu(gate))` (same values), and the hand-written backward equals
+autodiff of that composition for o, gate and scale (float64 to 1e-12, float32 to 1e-5, bf16 inputs with float32
+scale within bf16 rounding); bad shapes and eps are refused."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2rnn_jax.layers.gated_norm import gated_rms_norm
+from m2rnn_jax.testing import relative_error
+
+EPS = 1e-5
+
+
+def composition(o, gate, scale, dtype):
+    """The layer's former path: o in float32 times silu(gate), then RMSNorm (statistics in float32)."""
+    compute = jnp.promote_types(jnp.float32, o.dtype)
+    g = o.astype(compute) * jax.nn.silu(gate.astype(compute))
+    inverse_rms = jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + EPS)
+    return (g * inverse_rms * scale.astype(compute)).astype(dtype)
+
+
+def _inputs(dtype, shape=(2, 5, 3, 16)):
+    keys = jax.random.split(jax.random.key(0), 4)
+    o = jax.random.normal(keys[0], shape, dtype)
+    gate = 2.0 * jax.random.normal(keys[1], shape, dtype)
+    scale = (1.0 + 0.1 * jax.random.normal(keys[2], shape[-1:])).astype(jnp.promote_types(jnp.float32, dtype))
+    cotangent = jax.random.normal(keys[3], shape, dtype)
+    return o, gate, scale, cotangent
+
+
+def _values_and_grads(fn, o, gate, scale, cotangent, dtype):
+    y, pullback = jax.vjp(lambda o, g, s: fn(o, g, s, dtype), o, gate, scale)
+    return (y, *pullback(cotangent))
+
+
+def ours(o, gate, scale, dtype):
+    return gated_rms_norm(o, gate, scale, eps=EPS, dtype=dtype)
+
+
+def _check_against_autodiff(dtype, tolerance):
+    o, gate, scale, cotangent = _inputs(dtype)
+    fast = _values_and_grads(ours, o, gate, scale, cotangent, dtype)
+    reference = _values_and_grads(composition, o, gate, scale, cotangent, dtype)
+    for name, a, b in zip(("y", "d o", "d gate", "d scale"), fast, reference):
+        assert a.dtype == b.dtype == (dtype if name != "d scale" else scale.dtype), name
+        assert relative_error(a, b) < tolerance, (name, relative_error(a, b))
+
+
+def test_matches_autodiff_of_the_composition_float64(x64):
+    _check_against_autodiff(jnp.float64, 1e-12)
+
+
+def test_matches_autodiff_of_the_composition_float32():
+    _check_against_autodiff(jnp.float32, 1e-5)
+
+
+def test_bf16_inputs_forward_identical_gradients_within_rounding():
+    o, gate, scale, cotangent = _inputs(jnp.bfloat16)
+    fast = jax.jit(lambda *a: _values_and_grads(ours, *a, jnp.bfloat16))(o, gate, scale, cotangent)
+    reference = jax.jit(lambda *a: _values_and_grads(composition, *a, jnp.bfloat16))(o, gate, scale, cotangent)
+    np.testing.assert_array_equal(np.asarray(fast[0], np.float32), np.asarray(reference[0], np.float32))
+    assert [a.dtype for a in fast[1:]] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    for a, b in zip(fast[1:], reference[1:]):
+        assert relative_error(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2
+
+
+def test_refuses_bad_arguments():
+    o, gate, scale, _ = _inputs(jnp.float32)
+    with pytest.raises(ValueError, match="gate: expected shape"):
+        gated_rms_norm(o, gate[..., :8], scale, eps=EPS, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="scale: expected shape"):
+        gated_rms_norm(o, gate, scale[:8], eps=EPS, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="eps: expected > 0"):
+        gated_rms_norm(o, gate, scale, eps=0.0, dtype=jnp.float32)
