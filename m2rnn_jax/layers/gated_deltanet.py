@@ -32,6 +32,7 @@ o_proj.kernel            o_proj.weight              (Nv dv, h)                  
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -111,9 +112,40 @@ class GatedDeltaNetState(NamedTuple):
     recurrent: jax.Array
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / sqrt(sum(x**2, -1) + 1e-6) over the last axis."""
-    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + L2_NORM_EPS)
+def l2_normalize(x: jax.Array, scale: float, dtype: Dtype) -> jax.Array:
+    """x (..., d) -> ``scale * x / sqrt(sum(x**2, -1) + 1e-6)`` in ``dtype``, computed in
+    ``promote_types(float32, x.dtype)``.
+
+    The backward is written out (``dx = scale * n * (dy - x_hat * sum(dy * x_hat))``, n the inverse norm, x_hat =
+    n x), recomputing n from x: it keeps only x in its own dtype where autodiff kept float32 copies of the inputs.
+    """
+    return _l2_normalize(float(scale), jnp.dtype(dtype), x)
+
+
+def _inverse_norm(x: jax.Array) -> jax.Array:
+    return jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + L2_NORM_EPS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _l2_normalize(scale: float, dtype: jnp.dtype, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+    return (x * _inverse_norm(x) * scale).astype(dtype)
+
+
+def _l2_normalize_forward(scale: float, dtype: jnp.dtype, x: jax.Array):
+    return _l2_normalize(scale, dtype, x), x
+
+
+def _l2_normalize_backward(scale: float, dtype: jnp.dtype, x_in: jax.Array, dy: jax.Array):
+    x = x_in.astype(jnp.promote_types(jnp.float32, x_in.dtype))
+    inverse_norm = _inverse_norm(x)
+    x_hat = x * inverse_norm
+    dy = dy.astype(x.dtype)
+    dx = scale * inverse_norm * (dy - x_hat * jnp.sum(dy * x_hat, axis=-1, keepdims=True))
+    return (dx.astype(x_in.dtype),)
+
+
+_l2_normalize.defvjp(_l2_normalize_forward, _l2_normalize_backward)
 
 
 class GatedDeltaNet(nnx.Module):
@@ -200,11 +232,12 @@ class GatedDeltaNet(nnx.Module):
         a, b, gate = jnp.split(self.ab_proj(x), [Nv, 2 * Nv], axis=-1)
         reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
         qkv, conv_state = self.qkv_conv1d(self.qkv_proj(x), state.conv, segment_ids=segment_ids)
-        q, k, v = jnp.split(qkv.astype(compute_dtype), [Nk * dk, 2 * Nk * dk], axis=-1)
-        q, k = (jnp.repeat(t.reshape(batch, seq_len, Nk, dk), Nv // Nk, axis=2) for t in (q, k))
+        q, k, v = jnp.split(qkv, [Nk * dk, 2 * Nk * dk], axis=-1)  # in dtype (the conv's output)
         scale = c.attention_multiplier if c.attention_multiplier is not None else dk**-0.5
-        q, k = l2_normalize(q) * scale, l2_normalize(k)
-        q, k = q.astype(self.dtype), k.astype(self.dtype)
+        q, k = (
+            jnp.repeat(l2_normalize(t.reshape(batch, seq_len, Nk, dk), s, self.dtype), Nv // Nk, axis=2)
+            for t, s in ((q, scale), (k, 1.0))
+        )
         v = v.reshape(batch, seq_len, Nv, dv).astype(self.dtype)
         beta = jax.nn.sigmoid(b.astype(compute_dtype)) * (2.0 if c.allow_neg_eigval else 1.0)
         log_alpha = self.decay_gate(a, final_exponential=False)  # (B, S, Nv) in compute_dtype

@@ -1,6 +1,7 @@
-"""`gated_rms_norm`: the forward is `RMSNorm(o * silu(gate))` (same values), and the hand-written backward equals
-autodiff of that composition for o, gate and scale (float64 to 1e-12, float32 to 1e-5, bf16 inputs with float32
-scale within bf16 rounding); bad shapes and eps are refused."""
+"""The Gated DeltaNet layer's hand-written backwards. `gated_rms_norm`: the forward is `RMSNorm(o * silu(gate))`
+(same values) and the backward equals autodiff of that composition for o, gate and scale (float64 to 1e-12, float32
+to 1e-5, bf16 inputs with a float32 scale within bf16 rounding); bad shapes and eps are refused. `l2_normalize`:
+the same values as the former float32 formula and its autodiff gradient."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m2rnn_jax.layers.gated_deltanet import l2_normalize
 from m2rnn_jax.layers.gated_norm import gated_rms_norm
 from m2rnn_jax.testing import relative_error
 
@@ -76,3 +78,29 @@ def test_refuses_bad_arguments():
         gated_rms_norm(o, gate, scale[:8], eps=EPS, dtype=jnp.float32)
     with pytest.raises(ValueError, match="eps: expected > 0"):
         gated_rms_norm(o, gate, scale, eps=0.0, dtype=jnp.float32)
+
+
+def l2_composition(x, scale, dtype):
+    """The layer's former path: x in float32, divided by its norm, scaled, cast."""
+    x = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+    return (x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-6) * scale).astype(dtype)
+
+
+def _l2_check(dtype, tolerance, scale=0.0625):
+    x, _, _, cotangent = _inputs(dtype)
+    fast = jax.vjp(lambda x: l2_normalize(x, scale, dtype), x)
+    reference = jax.vjp(lambda x: l2_composition(x, scale, dtype), x)
+    (d_fast,), (d_reference,) = fast[1](cotangent), reference[1](cotangent)
+    np.testing.assert_array_equal(np.asarray(fast[0], np.float64), np.asarray(reference[0], np.float64))
+    assert d_fast.dtype == d_reference.dtype == dtype
+    error = relative_error(d_fast.astype(jnp.float32), d_reference.astype(jnp.float32))
+    assert error < tolerance, error
+
+
+def test_l2_normalize_matches_autodiff_float64(x64):
+    _l2_check(jnp.float64, 1e-12)
+
+
+def test_l2_normalize_matches_autodiff_float32_and_bf16():
+    _l2_check(jnp.float32, 1e-5)
+    _l2_check(jnp.bfloat16, 1e-2, scale=1.0)
