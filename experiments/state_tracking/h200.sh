@@ -40,7 +40,9 @@
 #   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
 #   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
 #   a5_large      state-tracking-a5-large, seed 0: SIGTERM at 400 s (4 train + 3 evaluation compiles), evaluation ~60 s
-#   probe_rnn     probe.py, tanh RNN width 512, A5 at length 4, batch 512: trains 380 s, one compile, evaluation ~10 s
+#   probe_rnn     probe.py, tanh RNN width 512 (learned A5 at length 4 on the CPU, SEARCH.md #9), A5 at lengths
+#                 4 -> 8 -> 16 (a third of the time each), batch 512, lr 1e-3: trains 380 s, 3 compiles, evaluation
+#                 to 64 ~10 s
 #   probe_m2rnn   probe.py, the M2RNN op (4 heads K=4 x V=320, scan backend), the same budget
 #   (state-tracking-s5-large is not run: S5 contains A5's difficulty and more; it waits for an A5 result)
 set -u
@@ -53,6 +55,8 @@ if [[ "$CALL" != 1 && "$CALL" != 2 ]]; then
   exit 2
 fi
 OUT=${OUT:-/tmp/st$CALL}; mkdir -p "$OUT"
+# The runs (checkpoints included) live in RUNS, kept between calls on a warm machine: running a call again resumes
+# its unfinished runs and skips the finished ones. $OUT gets everything but the checkpoints at the end.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
@@ -64,7 +68,8 @@ if (( SMOKE )); then
   JOBS=1   # the CPU box has 2 cores: the jobs run one after another
   COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
            --eval-sequences 8)
-  SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=60; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
+  RUNS=$OUT
+  SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=300; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
   PROBE_SECONDS=20; PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
@@ -72,15 +77,17 @@ if (( SMOKE )); then
                 --set model.layer_pattern=M --set model.mlp.intermediate_size=16)
 else
   COMPARE=(--recipe gpu)
+  RUNS=${RUNS:-$PWD/runs/st_h200_call$CALL}
   SEEDS="0 1 2"
   DEADLINE=$(( BUDGET - 65 ))        # 475 s: the compare processes' own deadline
   PRESET_SECONDS=$(( BUDGET - 140 ))  # 400 s, then SIGTERM: the preset evaluates the step it reached ...
   PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
   PROBE_SECONDS=$(( BUDGET - 160 ))   # 380 s of training, then the evaluation at every position up to 64
-  PROBE=(--train-length 4 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024
-         --seconds "$PROBE_SECONDS")
+  PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024
+         --seconds "$PROBE_SECONDS")   # lengths 4, 8, 16: a third of the time each
   PRESET_SMOKE=()
 fi
+mkdir -p "$RUNS"
 START=$SECONDS
 CORES=$(nproc)
 PER_JOB=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
@@ -117,7 +124,7 @@ compare_job() {
   local deadline=$DEADLINE
   (( SMOKE )) || deadline=$(( DEADLINE - (SECONDS - START) ))
   job "$name" $(( deadline + 30 )) 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
-    --deadline-seconds "$deadline" --out "$OUT/$group"
+    --deadline-seconds "$deadline" --out "$RUNS/$group"
 }
 # probe_job NAME ARGS...: the recurrence-only probe on A5, training stopped by its own clock.
 probe_job() {
@@ -129,7 +136,7 @@ probe_job() {
 # saves, evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
 preset_job() {
   local name=$1 group=$2 size=$3 seed=$4; shift 4
-  job "$name" "$PRESET_SECONDS" "$PRESET_GRACE" $ST --groups "$group" --size "$size" --seeds "$seed" --out "$OUT/$name" \
+  job "$name" "$PRESET_SECONDS" "$PRESET_GRACE" $ST --groups "$group" --size "$size" --seeds "$seed" --out "$RUNS/$name" \
     "${PRESET_SMOKE[@]}" "$@"
 }
 
@@ -150,10 +157,14 @@ wait
 
 GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)
 REPORT_SEEDS=$([[ $CALL == 1 ]] && echo "$SEEDS" || echo 0)
-$ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$OUT/$GROUP" --report-only \
+$ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$RUNS/$GROUP" --report-only \
   > "$OUT/${GROUP}_report.log" 2>&1
 echo "done in $(( SECONDS - START ))s" >> "$OUT/status.txt"
-find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
+if [[ "$RUNS" == "$OUT" ]]; then
+  find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
+else
+  tar -C "$RUNS" --exclude=checkpoints -cf - . | tar -C "$OUT" -xf -
+fi
 cat "$OUT/environment.txt" "$OUT/status.txt"
 cat "$OUT/$GROUP/compare.md" 2>/dev/null
 for log in "$OUT"/s3_small.log "$OUT"/*_large*.log; do

@@ -105,15 +105,17 @@ def train(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     steps_done = 0
     for number in range(args.steps):
-        if args.seconds is not None and time.perf_counter() - started > args.seconds:
+        elapsed = time.perf_counter() - started
+        if args.seconds is not None and elapsed > args.seconds:
             break
-        batch = state_tracking_batch(
-            group, seed=args.seed, step=number, batch_size=args.batch_size, seq_len=args.train_length
-        )
+        progress = number / args.steps if args.seconds is None else elapsed / args.seconds
+        length = args.train_length[min(int(progress * len(args.train_length)), len(args.train_length) - 1)]
+        batch = state_tracking_batch(group, seed=args.seed, step=number, batch_size=args.batch_size, seq_len=length)
         params, opt_state, loss = step(params, opt_state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]))
         steps_done = number + 1
         if (number + 1) % max(args.steps // 10, 1) == 0:
-            print(f"step {number + 1}: loss {float(loss):.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            seconds = time.perf_counter() - started
+            print(f"step {number + 1}: length {length}, loss {float(loss):.4f} ({seconds:.0f} s)", flush=True)
     evaluation = evaluation_batch(args.group, args.eval_length, args.eval_sequences)
     forward = jax.jit(logits, static_argnums=(0, 3))
     predicted = jnp.argmax(forward(args.cell, params, jnp.asarray(evaluation["inputs"]), args.backend), -1)
@@ -132,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="m2rnn: K (rows of a head's state)")
     parser.add_argument("--v", type=int, default=64, help="m2rnn: V (width of a row)")
     parser.add_argument("--backend", default="auto", help="m2rnn: the op's backend (scan for V > 128 on a GPU)")
-    parser.add_argument("--train-length", type=int, default=4)
+    parser.add_argument(
+        "--train-length",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="training length; several: a curriculum, each for an equal share of --steps (of --seconds if given)",
+    )
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -142,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-sequences", type=int, default=512)
     parser.add_argument("--out", type=Path, help="write the result (JSON) here")
     args = parser.parse_args(argv)
-    for name in ("width", "heads", "k", "v", "train_length", "steps", "batch_size", "eval_length", "eval_sequences"):
+    for name in ("width", "heads", "k", "v", "steps", "batch_size", "eval_length", "eval_sequences"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
+    if min(args.train_length) < 1:
+        parser.error(f"--train-length: expected positive lengths, got {args.train_length}")
     if args.seconds is not None and args.seconds <= 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
     result = train(args)

@@ -35,8 +35,17 @@ def test_probe_learns_the_s3_table(tmp_path, cell, capsys):
     assert f"{cell} s3: 300/300 steps" in capsys.readouterr().out
 
 
+def test_probe_curriculum_trains_every_length(capsys):
+    argv = ["--cell", "rnn", "--group", "s3", "--train-length", "2", "3", "--steps", "20", "--width", "8"]
+    assert probe.main(argv + ["--eval-length", "3", "--eval-sequences", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "step 10: length 2" in out and "step 12: length 3" in out
+
+
 def test_probe_rejects_bad_flags():
     with pytest.raises(SystemExit):
         probe.main(["--steps", "0"])
     with pytest.raises(SystemExit):
         probe.main(["--seconds", "-1"])
+    with pytest.raises(SystemExit):
+        probe.main(["--train-length", "4", "0"])
