@@ -27,7 +27,8 @@
 # numbers for the H200 are upper bounds from the failed run (16 processes at once): they only say the plan is
 # not optimistic; the deadlines make it fit whatever the real speed is.
 #   0-15     environment, XLA flag check (one jax import)
-#   15-490   jobs (below), all started at once, deadline 475 s each (compare) / SIGTERM at 400-410 s (presets)
+#   15-490   jobs (below), all started at once: the compare processes' deadline is 465 s after the script's start
+#            (~450 s from their own start, after imports), the presets get SIGTERM 400 s after theirs
 #   490-525  reports over every finished run (no compiles), cleanup, printing
 # call 1 (5 processes, 3 cores each):
 #   s3_m2rnn      M2RNN x 3 seeds: compile ~60 s (first seed: 2 lengths + evaluation; cached later),
@@ -79,7 +80,7 @@ else
   COMPARE=(--recipe gpu)
   RUNS=${RUNS:-$PWD/runs/st_h200_call$CALL}
   SEEDS="0 1 2"
-  DEADLINE=$(( BUDGET - 65 ))        # 475 s: the compare processes' own deadline
+  DEADLINE=$(( BUDGET - 75 ))        # 465 s after the start (less what has passed when a job starts)
   PRESET_SECONDS=$(( BUDGET - 140 ))  # 400 s, then SIGTERM: the preset evaluates the step it reached ...
   PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
   PROBE_SECONDS=$(( BUDGET - 160 ))   # 380 s of training, then the evaluation at every position up to 64
