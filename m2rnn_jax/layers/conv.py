@@ -5,10 +5,19 @@ zero left padding (or the carried state) before the first token. The state is th
 (pre-conv) inputs, so running a sequence in pieces while carrying the state equals running it at once.
 With ``segment_ids`` (documents, :mod:`m2rnn_jax.layers.documents`) taps that reach into an earlier document read
 zeros, and the returned state keeps only inputs of the last document.
+
+Two functions compute it: :func:`causal_conv_reference` is the plain formula differentiated by JAX (the layer uses
+it with ``segment_ids``); :func:`causal_conv` (the layer without ``segment_ids``) gives the same values behind a
+``jax.custom_vjp`` whose residuals are only the raw inputs (x and the state in their own dtypes, the parameters).
+Autodiff of the plain formula keeps float32 copies of the window and of the pre-activation and splits the
+window's cotangent back into [state | x]; the custom backward recomputes the pre-activation from x and reads the
+activation's cotangent through a few fused passes: the kernel and bias gradients in one reduction over (B, S), dx
+and d state as the transposed conv written straight into each.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,6 +30,156 @@ from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
+
+
+def _window(x: jax.Array, state: jax.Array) -> jax.Array:
+    """[state | x] in x's dtype: (B, kernel_size - 1 + S, C); the state is rounded to x's dtype as it is read."""
+    return jnp.concatenate([state.astype(x.dtype), x], axis=1)
+
+
+def _tap_products(window: jax.Array, kernel: jax.Array, seq_len: int) -> list[jax.Array]:
+    """Tap j of every output: ``window[:, j : j + S] * kernel[j]`` (B, S, C) in kernel's (compute) dtype."""
+    return [window[:, j : j + seq_len].astype(kernel.dtype) * kernel[j] for j in range(kernel.shape[0])]
+
+
+def _last_inputs(x: jax.Array, state: jax.Array) -> jax.Array:
+    """The next state: the last kernel_size - 1 entries of [state | x] (B, kernel_size - 1, C) in state's dtype."""
+    tail = state.shape[1]
+    seq_len = x.shape[1]
+    recent = _window(x[:, seq_len - min(seq_len, tail) :], state)  # only the entries that can end up in the state
+    return recent[:, recent.shape[1] - tail :].astype(state.dtype)
+
+
+def causal_conv_reference(
+    x: jax.Array,
+    state: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    activation: str | None,
+    dtype: Dtype,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The conv as a plain formula, differentiated by JAX: the layer's path with ``segment_ids``, and the
+    reference that :func:`causal_conv` is tested against.
+
+    Args:
+        x: (B, S, C) raw inputs.
+        state: (B, kernel_size - 1, C) the raw inputs before x.
+        kernel: (kernel_size, C) taps, oldest -> newest.
+        bias: (C,) or None.
+        activation: a key of ``ACTIVATIONS`` or None.
+        dtype: output dtype; the math runs in ``promote_types(float32, dtype)``.
+        segment_ids: (B, S) document ids or None (see :class:`CausalDepthwiseConv1d`).
+
+    Returns:
+        y (B, S, C) in ``dtype`` and the new state (B, kernel_size - 1, C) in state's dtype.
+    """
+    batch, seq_len, _ = x.shape
+    kernel_size = kernel.shape[0]
+    compute_dtype = jnp.promote_types(jnp.float32, dtype)
+    padded = _window(x, state)  # (B, S + kernel_size - 1, C)
+    new_state = padded[:, seq_len:]
+    taps = _tap_products(padded, kernel.astype(compute_dtype), seq_len)
+    if segment_ids is not None:
+        document = document_index(segment_ids, batch, seq_len)  # (B, S)
+        padded_document = jnp.pad(document, ((0, 0), (kernel_size - 1, 0)))  # the state is document 0
+        taps = [
+            jnp.where((padded_document[:, j : j + seq_len] == document)[..., None], tap, 0)
+            for j, tap in enumerate(taps)
+        ]
+        in_last_document = padded_document[:, seq_len:] == document[:, -1:]
+        new_state = jnp.where(in_last_document[..., None], new_state, 0)
+    y = sum(taps)
+    if bias is not None:
+        y = y + bias.astype(compute_dtype)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    return y.astype(dtype), new_state.astype(state.dtype)
+
+
+def causal_conv(
+    x: jax.Array,
+    state: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    activation: str | None,
+    dtype: Dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`causal_conv_reference` without documents, with the custom backward of :func:`_conv_output`.
+
+    Same arguments (no ``segment_ids``) and results: y (B, S, C) in ``dtype``, new state (B, kernel_size - 1, C)
+    in state's dtype. The state is a slice of the inputs and is differentiated by JAX.
+    """
+    y = _conv_output(x, state, kernel, bias, activation, dtype)
+    return y, _last_inputs(x, state)
+
+
+def _pre_activation(
+    x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None, compute_dtype: Dtype
+) -> tuple[jax.Array, jax.Array]:
+    """(window (B, kernel_size - 1 + S, C) in x's dtype, conv + bias (B, S, C) in ``compute_dtype``)."""
+    window = _window(x, state)
+    z = sum(_tap_products(window, kernel.astype(compute_dtype), x.shape[1]))
+    if bias is not None:
+        z = z + bias.astype(compute_dtype)
+    return window, z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_output(
+    x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation: str | None, dtype: Dtype
+) -> jax.Array:
+    """y (B, S, C) in ``dtype``: the activation of the conv of [state | x] plus the bias."""
+    _, z = _pre_activation(x, state, kernel, bias, jnp.promote_types(jnp.float32, dtype))
+    y = z if activation is None else ACTIVATIONS[activation](z)
+    return y.astype(dtype)
+
+
+def _conv_output_fwd(
+    x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation: str | None, dtype: Dtype
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]:
+    return _conv_output(x, state, kernel, bias, activation, dtype), (x, state, kernel, bias)
+
+
+def _conv_output_bwd(
+    activation: str | None,
+    dtype: Dtype,
+    residuals: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None],
+    dy: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Cotangents of (x, state, kernel, bias) from dy (B, S, C), the pre-activation recomputed from the inputs."""
+    x, state, kernel, bias = residuals
+    compute_dtype = jnp.promote_types(jnp.float32, dtype)
+    seq_len = x.shape[1]
+    kernel_size = kernel.shape[0]
+    window, z = _pre_activation(x, state, kernel, bias, compute_dtype)
+    dz = dy.astype(compute_dtype)
+    if activation is not None:
+        (dz,) = jax.vjp(ACTIVATIONS[activation], z)[1](dz)
+    # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: one reduction to (ks [+ 1], C)
+    rows = [dz * window[:, j : j + seq_len].astype(compute_dtype) for j in range(kernel_size)]
+    sums = jnp.sum(jnp.stack(rows if bias is None else [*rows, dz]), axis=(1, 2))
+    dbias = None if bias is None else sums[kernel_size].astype(bias.dtype)
+    # d window[i] = sum_j kernel[j] dz[i - j] (the transposed conv), with dz[i - j] = dz_padded[i - j + ks - 1]
+    taps = kernel.astype(compute_dtype)
+    dz_padded = jnp.pad(dz, ((0, 0), (kernel_size - 1, kernel_size - 1), (0, 0)))
+
+    def dwindow(start: int, length: int) -> jax.Array:
+        """d window[start : start + length] (B, length, C) in x's dtype (as the window's cast back from compute)."""
+        shifted = [
+            dz_padded[:, start + kernel_size - 1 - j : start + kernel_size - 1 - j + length] * taps[j]
+            for j in range(kernel_size)
+        ]
+        return sum(shifted).astype(x.dtype)
+
+    dx = dwindow(kernel_size - 1, seq_len)
+    dstate = dwindow(0, kernel_size - 1).astype(state.dtype)
+    return dx, dstate, sums[:kernel_size].astype(kernel.dtype), dbias
+
+
+_conv_output.defvjp(_conv_output_fwd, _conv_output_bwd)
 
 
 class CausalDepthwiseConv1d(nnx.Module):
@@ -94,25 +253,10 @@ class CausalDepthwiseConv1d(nnx.Module):
         if state.shape != expected_state:
             raise ValueError(f"state: expected shape {expected_state}, got {state.shape}")
 
-        padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (B, S + kernel_size - 1, C)
-        new_state = padded[:, seq_len:]
-        compute_dtype = jnp.promote_types(jnp.float32, self.dtype)
-        window = padded.astype(compute_dtype)
-        kernel = self.kernel[...].astype(compute_dtype)
-        taps = [window[:, j : j + seq_len] * kernel[j] for j in range(self.kernel_size)]
+        kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
         if segment_ids is not None:
-            document = document_index(segment_ids, batch, seq_len)  # (B, S)
-            padded_document = jnp.pad(document, ((0, 0), (self.kernel_size - 1, 0)))  # the state is document 0
-            taps = [
-                jnp.where((padded_document[:, j : j + seq_len] == document)[..., None], tap, 0)
-                for j, tap in enumerate(taps)
-            ]
-            in_last_document = padded_document[:, seq_len:] == document[:, -1:]
-            new_state = jnp.where(in_last_document[..., None], new_state, 0)
-        y = sum(taps)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(compute_dtype)
-        if self.activation is not None:
-            y = ACTIVATIONS[self.activation](y)
-        new_state = new_state.astype(state.dtype)
-        return y.astype(self.dtype), new_state
+            return causal_conv_reference(
+                x, state, kernel, bias, activation=self.activation, dtype=self.dtype, segment_ids=segment_ids
+            )
+        return causal_conv(x, state, kernel, bias, activation=self.activation, dtype=self.dtype)
