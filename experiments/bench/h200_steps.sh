@@ -32,6 +32,9 @@ for part in "$@"; do
            run "profile_$preset" 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m m2rnn_jax.bench.step_profile --model "$preset" --batch "$B" --seq-len "$S" \
              --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json"
            tar czf "$OUT/profile_${preset}_raw.tgz" -C "/tmp/profile_$preset" train_step.hlo.txt.gz kernels.json.gz ;;
+    compile-*) spec=${part#compile-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT, nothing run
+           run "compile_${preset}_${remat}" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "${CB:-1}" \
+             --seq-len "$S" --remat "$remat" --compile-only --json "$OUT/compile_${preset}_${remat}.json" ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
     gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
                 tests/models/test_lm_head_loss.py ;;

@@ -312,6 +312,61 @@ def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing
     return step_row, measured(optimizer_row, lambda: time_optimizer_update(optimizer, left.pop("state"), timing))
 
 
+def compile_training(config: ModelConfig, batch: int, seq_len: int) -> dict:
+    """The ``compile`` row's numbers: the trainer's donated train step compiled for abstract inputs (nothing is
+    allocated, so presets larger than the device compile too): compile seconds, the executable's memory per device
+    (arguments, outputs, donated aliases, temporaries, generated code, footprint = arguments + outputs - aliases +
+    temporaries) against the device's memory where it reports it, and the compiler's FLOP estimate."""
+    optimizer_config = OptimizerConfig()
+    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
+    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
+    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
+    tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
+    compiled = compile_timed(step, state, tokens)
+    analysis = compiled.executable.memory_analysis()
+    cost = compiled.executable.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    footprint = footprint_bytes(compiled.executable)
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    row = {f"{name}_gib": to_gib(getattr(analysis, f"{name}_size_in_bytes", None)) for name in fields}
+    row.update(
+        compile_s=compiled.compile_s,
+        footprint_gib=to_gib(footprint),
+        device_memory_gib=to_gib(limit),
+        fits=None if limit is None or footprint is None else footprint <= limit,
+        flops=cost.get("flops"),
+        flops_per_token=training_flops_per_token(config, seq_len),
+    )
+    return row
+
+
+def format_compile_report(report: dict) -> str:
+    """One line per number of :func:`compile_training`'s row, under the report's heading."""
+    row = report["rows"][0]
+    shapes = report["shapes"]
+    if "error" in row:
+        return f"{report['preset']}: compile failed: {row['error'][:2000]}"
+    fits = {None: "unknown (the device reports no memory limit)", True: "yes", False: "NO"}[row["fits"]]
+
+    def gib(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f} GiB"
+
+    return "\n".join(
+        [
+            f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
+            f"S={shapes['seq_len']} {shapes['dtype']} (params {shapes['param_dtype']}) remat={shapes['remat']}",
+            f"compile {row['compile_s']:.1f} s",
+            f"memory per device: arguments {gib(row['argument_gib'])}, outputs {gib(row['output_gib'])}, "
+            f"donated {gib(row['alias_gib'])}, temporaries {gib(row['temp_gib'])}, "
+            f"code {gib(row['generated_code_gib'])}",
+            f"footprint {gib(row['footprint_gib'])} of {gib(row['device_memory_gib'])}: fits {fits}",
+            f"compiler FLOP estimate {row['flops']:.3e}" if row["flops"] else "compiler FLOP estimate n/a",
+        ]
+    )
+
+
 def sum_of_parts(rows: list[dict], step_ms: float | None) -> dict:
     """The ``sum`` row: sum of count x forward+backward over the block rows, plus the embedding, the head and the
     optimizer update, and its share of the measured step (the rest is the final norm, the metrics and glue); its
@@ -331,11 +386,18 @@ def sum_of_parts(rows: list[dict], step_ms: float | None) -> dict:
 
 
 def run_model_bench(
-    preset: str, config: ModelConfig, batch: int, seq_len: int, timing: Timing = Timing(), step_only: bool = False
+    preset: str,
+    config: ModelConfig,
+    batch: int,
+    seq_len: int,
+    timing: Timing = Timing(),
+    step_only: bool = False,
+    compile_only: bool = False,
 ) -> dict:
     """Benchmarks ``config`` (from :func:`resolve_config`; ``preset`` names it in the report) at (batch, seq_len);
     returns the JSON report (device, versions, shapes, rows). ``step_only`` keeps only the train step and the
-    optimizer update rows (no per-part rows, no sum).
+    optimizer update rows (no per-part rows, no sum); ``compile_only`` only compiles the step
+    (:func:`compile_training`, one ``compile`` row, nothing run or allocated).
 
     Raises:
         ValueError: non-positive batch / seq_len.
@@ -343,6 +405,9 @@ def run_model_bench(
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if compile_only:
+        row = measured(part("compile", "train step (compiled only)"), lambda: compile_training(config, batch, seq_len))
+        return report_fields(preset, config, batch, seq_len, timing, [row])
     step, optimizer = bench_training(config, batch, seq_len, timing)
     if step_only:
         return report_fields(preset, config, batch, seq_len, timing, [optimizer, step])

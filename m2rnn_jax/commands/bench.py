@@ -17,7 +17,7 @@ NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
 DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
-MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "step_only")
+MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "step_only", "compile_only")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 DESCRIPTION = "Time the M2RNN op's backends (--shapes, the default mode) or a model preset (--model)."
@@ -95,6 +95,14 @@ def add_parser(subparsers: Any) -> None:
         help="model mode: time only the whole train step and the optimizer update (one compile; for "
         "comparing --remat or --batch choices)",
     )
+    p.add_argument(
+        "--compile-only",
+        action="store_const",
+        const=True,
+        default=None,
+        help="model mode: only compile the train step for abstract inputs (nothing allocated or run): compile "
+        "seconds, memory per device and whether it fits, for presets larger than the device",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
     p.add_argument(
@@ -120,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.backends is not None:
         return fail(NAME, "--backends: only in op mode (without --model)")
+    if args.step_only and args.compile_only:
+        return fail(NAME, "--compile-only: expected without --step-only (it runs nothing)")
     from m2rnn_jax.bench import model
     from m2rnn_jax.bench.report import write_json
 
@@ -135,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
         args.seq_len or DEFAULT_SEQ_LEN,
         model.Timing(args.iters, args.repeats),
         step_only=bool(args.step_only),
+        compile_only=bool(args.compile_only),
     )
-    print(model.format_report(report))
+    print(model.format_compile_report(report) if args.compile_only else model.format_report(report))
     if args.json:
         write_json(args.json, report)
     failed = model.failed_parts(report)
