@@ -388,6 +388,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{report['micro_batch_per_device']} per device, grad-accum {report['grad_accum']}), remat {report['remat']}, "
         f"{report['num_params'] / 1e6:.1f}M parameters",
     ]
+    if report.get("moe"):
+        lines.append(f"MoE: dispatch {report['moe']['dispatch']}, grouped matmul {report['moe']['grouped_matmul']}")
     memory = report["memory"]
     if report.get("error"):
         lines.append(f"DOES NOT FIT ({_size(memory['hbm_bytes'])} HBM): {report['error']}")

@@ -96,6 +96,7 @@ def test_tpu_model_config_forces_the_tpu_backends_and_remat():
     assert config.gated_deltanet.backend == "chunked"
     assert config.remat == "save_dots"
     assert tpu_model_config(get_preset("tiny-m2rnn"), None).remat == get_preset("tiny-m2rnn").remat
+    assert tpu_model_config(get_preset("tiny-hybrid-moe"), None).mlp.grouped_matmul == "megablox"
 
 
 def test_request_validation():
@@ -214,6 +215,7 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
         "layer_pattern",
         "overrides",
         "host_peak_rss_bytes",
+        "moe",
     }
     assert report["mesh"] == {"data": 2, "fsdp": 1, "context": 1, "tensor": 2, "expert": 1}
     assert (report["layers"], report["layer_pattern"], report["overrides"]) == (None, "MMAM", [])
@@ -226,6 +228,7 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
     )
     assert (report["batch"], report["micro_batch"], report["micro_batch_per_device"]) == (4, 4, 2)
     assert report["backends"] == {"m2rnn": "pallas_tpu"} and report["remat"] == "full"
+    assert report["moe"] is None  # a dense model
     assert report["libtpu_version"] and report["num_params"] > 100_000
     memory = report["memory"]
     assert memory["hbm_bytes"] == 16 * 2**30 and memory["fits"] is True
@@ -244,6 +247,19 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
     assert set(collectives) == set(COLLECTIVE_KINDS)
     assert collectives["all-reduce"]["count"] > 0 and collectives["all-reduce"]["bytes"] > 0  # gradients over data
     assert report["compile_seconds"] >= report["lower_seconds"] > 0
+
+
+@pytest.mark.tpu_aot
+def test_moe_compiles_expert_parallel_on_the_megablox_kernels(libtpu_env, tmp_path):
+    """One block of the tiny MoE hybrid on fsdp=2, expert=2: the all-to-all dispatch and the megablox kernels
+    compile with libtpu (the 7B presets' configuration in miniature)."""
+    out = tmp_path / "report.json"
+    args = ["--preset", "tiny-hybrid-moe", "--topology", "v5e:2x2", "--mesh", "fsdp=2,expert=2", "--batch", "4"]
+    result = _cli(libtpu_env, args + ["--seq-len", "32", "--layers", "1", "--json", str(out)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["moe"] == {"dispatch": "all_to_all", "grouped_matmul": "megablox"}
+    assert report["status"] == "fits" and report["collectives"]["all-to-all"]["count"] >= 4
 
 
 @pytest.mark.tpu_aot
