@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.documents import document_index
+from m2rnn_jax.layers.manual_axes import vary_together
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
@@ -110,9 +111,10 @@ def causal_conv(
     """:func:`causal_conv_reference` without documents, with the custom backward of :func:`_conv_output`.
 
     Same arguments (no ``segment_ids``) and results: y (B, S, C) in ``dtype``, new state (B, kernel_size - 1, C)
-    in state's dtype. The state is a slice of the inputs and is differentiated by JAX.
+    in state's dtype. The state is a slice of the inputs and is differentiated by JAX. Under ``jax.shard_map``
+    the inputs are first cast to vary over the same manual axes (:mod:`m2rnn_jax.layers.manual_axes`).
     """
-    y = _conv_output(x, state, kernel, bias, activation, dtype)
+    y = _conv_output(*vary_together(x, state, kernel, bias), activation, dtype)  # cotangent types (shard_map)
     return y, _last_inputs(x, state)
 
 

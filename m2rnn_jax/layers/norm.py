@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.manual_axes import vary_together
 from m2rnn_jax.typing import Dtype
 
 
@@ -38,8 +39,10 @@ def rms_norm_reference(x: jax.Array, scale: jax.Array, *, eps: float, dtype: Dty
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, dtype: Dtype) -> jax.Array:
     """:func:`rms_norm_reference` (same arguments and result) with the closed-form backward of
     :func:`_rms_norm`: for g = dy * scale and x_hat = x * r, r = 1 / rms(x),
-    ``dx = r * (g - x_hat * mean(g * x_hat))`` and ``d scale = sum over rows of dy * x_hat``."""
-    return _rms_norm(x, scale, eps, dtype)
+    ``dx = r * (g - x_hat * mean(g * x_hat))`` and ``d scale = sum over rows of dy * x_hat``. Under
+    ``jax.shard_map`` x and scale are first cast to vary over the same manual axes
+    (:mod:`m2rnn_jax.layers.manual_axes`)."""
+    return _rms_norm(*vary_together(x, scale), eps, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

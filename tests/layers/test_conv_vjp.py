@@ -32,8 +32,7 @@ def assert_close(actual: jax.Array, expected: jax.Array, name: str, mode: str) -
     """Equal dtypes and shapes, values within the mode's tolerance (relative, and relative to the largest)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
     tol = TOLERANCE[mode][name in PARAMETER_GRADIENTS]
-    expected = np.asarray(expected.astype(jnp.float64) if expected.dtype != jnp.float64 else expected)
-    actual = np.asarray(actual.astype(jnp.float64) if actual.dtype != jnp.float64 else actual)
+    expected, actual = np.asarray(expected).astype(np.float64), np.asarray(actual).astype(np.float64)
     scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=name)
 
@@ -189,3 +188,31 @@ def test_forward_values_are_the_reference_bitwise():
     )
     np.testing.assert_array_equal(y, expected)
     np.testing.assert_array_equal(new_state, expected_state)
+
+
+def test_inside_shard_map_with_replicated_state_and_parameters():
+    """check_vma=True: x varies over the mesh axis, the state, kernel and bias do not (their cotangents are summed)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, state, kernel, bias = make_inputs("f32", 1, 6, 4, 3, True, key=31)
+    weights = jnp.asarray(np.random.default_rng(32).standard_normal((1, 6, 4)), jnp.float32)
+
+    def conv(fn, x, state, kernel, bias):
+        return fn(x, state, kernel, bias, activation="silu", dtype=jnp.float32)[0]
+
+    sharded = jax.shard_map(
+        lambda *args: conv(causal_conv, *args),
+        mesh=mesh,
+        in_specs=(P("data"), P(), P(), P()),
+        out_specs=P("data"),
+        check_vma=True,
+    )
+    grads = jax.jit(jax.grad(lambda *args: jnp.sum(sharded(*args) * weights), argnums=(0, 1, 2, 3)))(
+        x, state, kernel, bias
+    )
+    expected = jax.jit(
+        jax.grad(lambda *args: jnp.sum(conv(causal_conv_reference, *args) * weights), argnums=(0, 1, 2, 3))
+    )(x, state, kernel, bias)
+    for name, actual, wanted in zip(("dx", "dstate", *PARAMETER_GRADIENTS), grads, expected, strict=True):
+        assert_close(actual, wanted, name, "f32")

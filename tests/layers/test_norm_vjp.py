@@ -27,8 +27,7 @@ MODES = {
 def assert_close(actual: jax.Array, expected: jax.Array, tol: float, name: str) -> None:
     """Equal dtypes and shapes, values within ``tol`` (relative, and relative to the largest value)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    expected = np.asarray(expected.astype(jnp.float64))
-    actual = np.asarray(actual.astype(jnp.float64))
+    expected, actual = np.asarray(expected).astype(np.float64), np.asarray(actual).astype(np.float64)
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * max(1.0, float(np.max(np.abs(expected)))))
 
 
@@ -114,3 +113,26 @@ def test_forward_values_are_the_reference_bitwise():
     np.testing.assert_array_equal(
         run(x, scale, eps=1e-5, dtype=jnp.bfloat16), run_reference(x, scale, eps=1e-5, dtype=jnp.bfloat16)
     )
+
+
+def test_inside_shard_map_with_a_replicated_scale():
+    """check_vma=True: x varies over the mesh axis, the scale does not; its gradient is summed over the axis."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, scale, dy = make_inputs("f32", (4, 3, 16), key=8)
+
+    def loss(fn, x, scale):
+        return jnp.sum(fn(x, scale, eps=1e-5, dtype=jnp.float32) * dy)
+
+    sharded = jax.shard_map(
+        lambda x, scale: rms_norm(x, scale, eps=1e-5, dtype=jnp.float32),
+        mesh=mesh,
+        in_specs=(P("data"), P()),
+        out_specs=P("data"),
+        check_vma=True,
+    )
+    grads = jax.jit(jax.grad(lambda x, scale: jnp.sum(sharded(x, scale) * dy), argnums=(0, 1)))(x, scale)
+    expected = jax.jit(jax.grad(lambda x, scale: loss(rms_norm_reference, x, scale), argnums=(0, 1)))(x, scale)
+    for name, actual, wanted in zip(("dx", "dscale"), grads, expected, strict=True):
+        assert_close(actual, wanted, 1e-6, name)

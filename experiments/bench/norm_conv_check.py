@@ -1,0 +1,95 @@
+"""The short conv and RMSNorm with their custom VJPs against the plain formulas differentiated by JAX: forward and
+forward+backward timed side by side, with outputs and every gradient compared to the plain formula.
+
+    python3 experiments/bench/norm_conv_check.py [--batch 8 --seq-len 4096 --dtype bfloat16]
+
+Cases (the shapes of hybrid-gdn-m2rnn-1l-400m): ``conv`` (B, S, 2048) with 4 taps, SiLU, no bias, float32 kernel
+and zero state (the GDN qkv conv in training); ``norm`` (B, S, 1024) (the residual-stream RMSNorm); ``o_norm``
+(B, S, 2, 512) (GDN's per-head norm). Inputs and outputs in ``--dtype``, parameters float32. One line per case and
+variant: ``reference`` (autodiff) and ``custom_vjp`` (the layers' path), then the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from m2rnn_jax.bench.timing import median_ms, temp_bytes, to_gib
+from m2rnn_jax.layers.conv import causal_conv, causal_conv_reference
+from m2rnn_jax.layers.norm import rms_norm, rms_norm_reference
+from m2rnn_jax.testing import max_relative_error
+
+
+def conv_case(fn: Callable, dtype: jnp.dtype) -> Callable:
+    """(x, state, kernel) -> y of the GDN conv (SiLU, no bias) through ``fn``."""
+    return lambda x, state, kernel: fn(x, state, kernel, None, activation="silu", dtype=dtype)[0]
+
+
+def norm_case(fn: Callable, dtype: jnp.dtype) -> Callable:
+    """(x, scale) -> y through ``fn`` with eps 1e-5."""
+    return lambda x, scale: fn(x, scale, eps=1e-5, dtype=dtype)
+
+
+def case_inputs(batch: int, seq_len: int, dtype: jnp.dtype) -> dict[str, tuple[Callable, tuple[jax.Array, ...]]]:
+    """name -> (builder of the function from (fn, dtype), primal inputs)."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    conv_x = jax.random.normal(keys[0], (batch, seq_len, 2048), jnp.float32).astype(dtype)
+    norm_x = jax.random.normal(keys[1], (batch, seq_len, 1024), jnp.float32).astype(dtype)
+    head_x = jax.random.normal(keys[2], (batch, seq_len, 2, 512), jnp.float32).astype(dtype)
+    kernel = 0.3 * jax.random.normal(keys[3], (4, 2048), jnp.float32)
+    return {
+        "conv": (conv_case, (conv_x, jnp.zeros((batch, 3, 2048), dtype), kernel)),
+        "norm": (norm_case, (norm_x, 1.0 + 0.1 * jax.random.normal(keys[4], (1024,), jnp.float32))),
+        "o_norm": (norm_case, (head_x, 1.0 + 0.1 * jax.random.normal(keys[4], (512,), jnp.float32))),
+    }
+
+
+VARIANTS = {
+    "conv": {"reference": causal_conv_reference, "custom_vjp": causal_conv},
+    "norm": {"reference": rms_norm_reference, "custom_vjp": rms_norm},
+    "o_norm": {"reference": rms_norm_reference, "custom_vjp": rms_norm},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    print(
+        f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; B={args.batch} S={args.seq_len} "
+        f"{args.dtype} inputs/outputs, float32 parameters"
+    )
+    for case, (build, primals) in case_inputs(args.batch, args.seq_len, dtype).items():
+        times, results = {}, {}
+        dy = jax.random.normal(jax.random.key(1), primals[0].shape, jnp.float32).astype(dtype)
+        for variant, fn in VARIANTS[case].items():
+            forward = jax.jit(build(fn, dtype))
+            gradient = jax.jit(lambda dy, *p, f=forward: jax.vjp(f, *p)[1](dy))  # every input's cotangent
+            results[variant] = (forward(*primals), *gradient(dy, *primals))
+            compiled = gradient.lower(dy, *primals).compile()
+            times[variant] = (
+                median_ms(forward, *primals, iters=args.iters),
+                median_ms(gradient, dy, *primals, iters=args.iters),
+            )
+            error = max(
+                max_relative_error(a.astype(jnp.float32), b.astype(jnp.float32))
+                for a, b in zip(results[variant], results["reference"], strict=True)
+            )
+            print(
+                f"{case:7s} {variant:10s} forward {times[variant][0]:8.3f} ms   forward+backward "
+                f"{times[variant][1]:8.3f} ms   temporaries {to_gib(temp_bytes(compiled)) or 0:6.2f} GiB   "
+                f"max rel. error vs reference (y and every gradient) {error:.1e}"
+            )
+        (ref_f, ref_b), (new_f, new_b) = times["reference"], times["custom_vjp"]
+        print(f"{case:7s} ratio      forward {ref_f / new_f:5.2f}x   forward+backward {ref_b / new_b:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
