@@ -41,8 +41,8 @@ def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping -> AdamW (masked decay), wrapped in a NaN/Inf guard.
 
-    The guard (:func:`skip_if_not_finite`, ``optax.apply_if_finite`` without its conditional) skips an update whose
-    gradients hold a NaN or Inf and counts it (``skipped_updates`` reads the count from the optimizer state).
+    The guard (``optax.apply_if_finite``) skips an update whose gradients hold a NaN or Inf and counts it
+    (``skipped_updates`` reads the count from the optimizer state).
     """
     schedule = learning_rate_schedule(config, total_steps)
     parts = []
@@ -58,43 +58,7 @@ def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.Gradient
             mask=lambda params: weight_decay_mask(params, config.no_decay_names),
         )
     )
-    return skip_if_not_finite(optax.chain(*parts), max_consecutive_errors=1_000_000_000)
-
-
-def skip_if_not_finite(
-    inner: optax.GradientTransformation, max_consecutive_errors: int
-) -> optax.GradientTransformationExtraArgs:
-    """``optax.apply_if_finite`` (same state, ``optax.ApplyIfFiniteState``, same updates and counters) without its
-    ``lax.cond``.
-
-    optax puts the whole inner update inside a conditional: its outputs (every update and moment) are written out
-    by the branch and read again by ``apply_updates``, and XLA cannot fuse across it. Here the inner update always
-    runs and a select keeps the old state and zero updates where the gradients are not finite, so the update, the
-    select and ``apply_updates`` fuse into one pass over each parameter. A rejected update computes NaNs that the
-    select drops: the results equal optax's exactly.
-    """
-
-    def init(params: Any) -> optax.ApplyIfFiniteState:
-        return optax.ApplyIfFiniteState(
-            notfinite_count=jnp.zeros([], jnp.int32),
-            last_finite=jnp.array(True, jnp.bool_),
-            total_notfinite=jnp.zeros([], jnp.int32),
-            inner_state=inner.init(params),
-        )
-
-    def update(updates: Any, state: optax.ApplyIfFiniteState, params: Any = None, **extra_args: Any):
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(updates)]))
-        notfinite_count = jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count))
-        accept = jnp.logical_or(finite, notfinite_count > max_consecutive_errors)
-        new_updates, new_inner = optax.with_extra_args_support(inner).update(
-            updates, state.inner_state, params, **extra_args
-        )
-        kept_updates = jax.tree.map(lambda new: jnp.where(accept, new, jnp.zeros_like(new)), new_updates)
-        kept_inner = jax.tree.map(lambda new, old: jnp.where(accept, new, old), new_inner, state.inner_state)
-        total_notfinite = jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite))
-        return kept_updates, optax.ApplyIfFiniteState(notfinite_count, finite, total_notfinite, kept_inner)
-
-    return optax.GradientTransformationExtraArgs(init=init, update=update)
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000_000)
 
 
 def skipped_updates(opt_state: Any) -> jax.Array:
