@@ -69,7 +69,7 @@ if (( SMOKE )); then
   JOBS=1   # the CPU box has 2 cores: the jobs run one after another
   COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
            --eval-sequences 8)
-  RUNS=$OUT
+  RUNS=${RUNS:-$OUT}
   SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=300; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
   PROBE_SECONDS=20; PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
