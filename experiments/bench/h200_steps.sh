@@ -35,6 +35,8 @@ for part in "$@"; do
     compile-*) spec=${part#compile-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT, nothing run
            run "compile_${preset}_${remat}" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "${CB:-1}" \
              --seq-len "$S" --remat "$remat" --compile-only --json "$OUT/compile_${preset}_${remat}.json" ;;
+    optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
+    embedding) run embedding 60 env PYTHONPATH=. python3 experiments/bench/embedding_check.py ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
     gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
                 tests/models/test_lm_head_loss.py ;;

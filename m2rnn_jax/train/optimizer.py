@@ -39,11 +39,19 @@ def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
 
 
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping -> AdamW (masked decay), wrapped in a NaN/Inf guard.
+    """:func:`clipped_adamw` wrapped in a NaN/Inf guard.
 
     The guard (``optax.apply_if_finite``) skips an update whose gradients hold a NaN or Inf and counts it
     (``skipped_updates`` reads the count from the optimizer state).
     """
+    return optax.apply_if_finite(clipped_adamw(config, total_steps), max_consecutive_errors=MAX_SKIPPED_IN_A_ROW)
+
+
+MAX_SKIPPED_IN_A_ROW = 1_000_000_000  # the guard never gives up and applies a non-finite update
+
+
+def clipped_adamw(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (if ``grad_clip_norm``) -> AdamW with the schedule and the masked weight decay."""
     schedule = learning_rate_schedule(config, total_steps)
     parts = []
     if config.grad_clip_norm is not None:
@@ -58,7 +66,7 @@ def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.Gradient
             mask=lambda params: weight_decay_mask(params, config.no_decay_names),
         )
     )
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000_000)
+    return optax.chain(*parts)
 
 
 def skipped_updates(opt_state: Any) -> jax.Array:
