@@ -11,7 +11,9 @@ loss falls from ~ln V towards ln 4 = 1.39 as the model learns the table). uint32
 ``summarize``: every training row (``train_run``'s ``<label>.p<i>.json``; the processes of one run merged: peak
 memory per device in process order) against its reference: ``ref`` for the runs at ``ref``'s sequence length,
 ``ref_long`` for the others. ``loss_diff`` = loss - reference loss; ``ok`` when ``|loss_diff| <= tolerance * |reference
-loss|``. The M2RNN op rows (``op_parallel``) are added as they are. Writes ``<out>.json`` and ``<out>.md``.
+loss|``; ``dist`` (one process per GPU) is also compared with ``data`` (``same_run_loss_diff``,
+``same_run_speed_ratio``: its tokens/s over data's). The M2RNN op rows (``op_parallel``) are added as they are.
+Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from m2rnn_jax.data.atomic import atomic_file
 
 SUCCESSORS = 4
 REFERENCES = ("ref", "ref_long")
+ORDER = ("ref", "ref_long", "data", "data_tensor", "fsdp", "context", "dist")  # the summary's row order
+SAME_RUN = {"dist": "data"}  # run -> the same run in another process layout (one process for all GPUs)
 
 
 def markov_tokens(num_tokens: int, vocab_size: int, seed: int = 0) -> np.ndarray:
@@ -52,7 +56,8 @@ def merge_rows(rows_dir: Path) -> dict[str, dict[str, Any]]:
         row = json.loads(path.read_text())
         by_label.setdefault(row["label"], []).append(row)
     merged = {}
-    for label, rows in by_label.items():
+    rank = {label: index for index, label in enumerate(ORDER)}
+    for label, rows in sorted(by_label.items(), key=lambda item: (rank.get(item[0], len(ORDER)), item[0])):
         rows.sort(key=lambda row: row["process_index"])
         main = dict(rows[0])
         main["peak_gib"] = [peak for row in rows for peak in row["peak_gib"]]
@@ -73,6 +78,12 @@ def compare_runs(runs: dict[str, dict[str, Any]], tolerance: float) -> list[dict
             row["loss_diff"] = row["loss"] - reference["loss"]
             row["grad_norm_diff"] = row["grad_norm"] - reference["grad_norm"]
             row["ok"] = abs(row["loss_diff"]) <= tolerance * abs(reference["loss"])
+        same = runs.get(SAME_RUN.get(label, ""))
+        if same is not None and row.get("loss") is not None:
+            row["same_run"] = same["label"]
+            row["same_run_loss_diff"] = row["loss"] - same["loss"]
+            if row.get("tokens_per_second") and same.get("tokens_per_second"):
+                row["same_run_speed_ratio"] = row["tokens_per_second"] / same["tokens_per_second"]
         table.append(row)
     return table
 
@@ -104,6 +115,14 @@ def markdown(table: list[dict[str, Any]], op: dict[str, Any] | None, tolerance: 
             f"{_number(row.get('loss'), '.6f')} | {_number(row.get('loss_diff'), '+.2e')} | "
             f"{'' if 'ok' not in row else ('yes' if row['ok'] else 'NO')} |"
         )
+    for row in table:
+        if "same_run" in row:
+            ratio = row.get("same_run_speed_ratio")
+            lines += [
+                "",
+                f"{row['label']} ({row['num_processes']} processes) against {row['same_run']} (1 process): loss diff "
+                f"{row['same_run_loss_diff']:+.2e}" + ("" if ratio is None else f", tokens/s ratio {ratio:.3f}"),
+            ]
     if op is not None:
         lines += [
             "",

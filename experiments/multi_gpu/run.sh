@@ -58,9 +58,10 @@ STEPS=${STEPS:-6}
 if (( SMOKE )); then
   export JAX_PLATFORMS=cpu
   G=8
-  BUDGET=${BUDGET:-900}
+  BUDGET=${BUDGET:-1500}
   ROWS=${ROWS:-$OUT/rows}
   S=64; S_LONG=256; VOCAB=256; TOLERANCE=1e-4; OP_SHAPE=smoke; DIST_PROCESSES=2
+  TIME_SCALE=3  # timeouts x 3: the CPU twin compiles on 2 shared cores
   MODEL=(--preset tiny-hybrid --set model.layer_pattern=MGGA --set model.num_layers=4 --set model.mamba2=null
          --set model.rnn=null --set model.gru=null)
 else
@@ -68,6 +69,7 @@ else
   BUDGET=${BUDGET:-540}
   ROWS=${ROWS:-runs/multi_gpu/rows}
   S=4096; S_LONG=16384; VOCAB=100352; TOLERANCE=1e-2; OP_SHAPE=400m; DIST_PROCESSES=$G
+  TIME_SCALE=1
   MODEL=(--preset hybrid-gdn-m2rnn-1l-400m --set model.remat=none)
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/multi_gpu/jax_cache}
   nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOGS/gpus.csv" 2>&1
@@ -113,9 +115,9 @@ train() {  # train LABEL SECONDS DEVICE_ENV SEQ_LEN BATCH [--set ...]: one run o
     --set data.kind=token_file --set "data.path=$DATA" --set data.token_dtype=uint32 \
     --set "data.seq_len=$seq" --set "data.eval_lengths=[$seq]" --set "batch_size=$batch" \
     --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=2 --set seed=0 "$@" \
-    > "$LOGS/$label.log" 2>&1
-  echo "$label rc=$? $(( SECONDS - start ))s (timeout $seconds)" >> "$OUT/status.txt"
-  tail -3 "$LOGS/$label.log"
+    > "$LOGS/$label${LOG_SUFFIX:-}.log" 2>&1
+  echo "$label${LOG_SUFFIX:-} rc=$? $(( SECONDS - start ))s (timeout $seconds)" >> "$OUT/status.txt"
+  tail -3 "$LOGS/$label${LOG_SUFFIX:-}.log"
 }
 run_part() {  # run_part NAME MAX_SECONDS: one part of $PARTS
   local name=$1 t
@@ -127,7 +129,7 @@ run_part() {  # run_part NAME MAX_SECONDS: one part of $PARTS
       clear_runs ref_long
       if (( SMOKE )); then  # one CPU device each, one after the other (2 cores)
         train ref "$t" "$(devices_env one 0)" "$S" 8
-        t=$(part_timeout 150); [[ -n "$t" ]] && train ref_long "$t" "$(devices_env one 0)" "$S_LONG" 2
+        t=$(part_timeout $(( TIME_SCALE * 150 ))); [[ -n "$t" ]] && train ref_long "$t" "$(devices_env one 0)" "$S_LONG" 2
       else  # GPU 0 and GPU 1 at the same time
         train ref "$t" "$(devices_env one 0)" "$S" 8 &
         train ref_long "$t" "$(devices_env one 1)" "$S_LONG" 2 &
@@ -146,7 +148,7 @@ run_part() {  # run_part NAME MAX_SECONDS: one part of $PARTS
     dist)
       local port=$(( 20000 + RANDOM % 20000 )) i
       for (( i = 0; i < DIST_PROCESSES; i++ )); do
-        train dist "$t" "$(devices_env proc "$i")" "$S" 8 --set mesh.data="$G" \
+        LOG_SUFFIX=.p$i train dist "$t" "$(devices_env proc "$i")" "$S" 8 --set mesh.data="$G" \
           --coordinator-address "127.0.0.1:$port" --num-processes "$DIST_PROCESSES" --process-id "$i" &
         sleep 1
       done
@@ -154,8 +156,17 @@ run_part() {  # run_part NAME MAX_SECONDS: one part of $PARTS
     *) echo "unknown part $name" >> "$OUT/status.txt" ;;
   esac
 }
+part_seconds() {  # part_seconds NAME: the part's own timeout (the time plan above) x TIME_SCALE
+  local seconds=120
+  case $1 in
+    ref) seconds=150 ;;
+    context) seconds=130 ;;
+    op) seconds=80 ;;
+  esac
+  echo $(( TIME_SCALE * seconds ))
+}
 for part in $PARTS; do
-  run_part "$part" "$(case $part in ref) echo 150;; context) echo 130;; op) echo 80;; *) echo 120;; esac)"
+  run_part "$part" "$(part_seconds "$part")"
 done
 python3 -m experiments.multi_gpu.compare summarize --rows "$ROWS" --op "$ROWS/op.json" --tolerance "$TOLERANCE" \
   --out "$OUT/summary" > "$LOGS/summary.log" 2>&1

@@ -97,8 +97,8 @@ def test_markov_tokens_have_four_successors_per_id():
 
 
 def test_train_run_arguments():
-    ours, train = parse_arguments(["--label", "x", "--steps", "4", "--out", "r/x.json", "--", "--preset", "tiny-m2rnn",
-                                   "--workdir", "w", "--set", "mesh.data=2"])  # fmt: skip
+    train_arguments = ["--preset", "tiny-m2rnn", "--workdir", "w", "--set", "mesh.data=2"]
+    ours, train = parse_arguments(["--label", "x", "--steps", "4", "--out", "r/x.json", "--", *train_arguments])
     assert train.overrides == ["mesh.data=2", "steps=5", "log_every=4", "checkpoint.every_steps=5"]
     assert row_path(ours.out, 3) == Path("r/x.p3.json")
     with pytest.raises(ValueError, match="--steps: expected an int >= 2"):
