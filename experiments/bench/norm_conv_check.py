@@ -1,7 +1,7 @@
 """The short conv and RMSNorm with their custom VJPs against the plain formulas differentiated by JAX: forward and
 forward+backward timed side by side, with outputs and every gradient compared to the plain formula.
 
-    python3 experiments/bench/norm_conv_check.py [--batch 8 --seq-len 4096 --dtype bfloat16]
+    python -m experiments.bench.norm_conv_check [--batch 8 --seq-len 4096 --dtype bfloat16]
 
 Cases (the shapes of hybrid-gdn-m2rnn-1l-400m): ``conv`` (B, S, 2048) with 4 taps, SiLU, no bias, float32 kernel
 and zero state (the GDN qkv conv in training); ``norm`` (B, S, 1024) (the residual-stream RMSNorm); ``o_norm``

@@ -11,7 +11,7 @@ it with ``segment_ids``); :func:`causal_conv` (the layer without ``segment_ids``
 ``jax.custom_vjp`` whose residuals are only the raw inputs (x and the state in their own dtypes, the parameters).
 Autodiff of the plain formula keeps float32 copies of the window and of the pre-activation and splits the
 window's cotangent back into [state | x]; the custom backward recomputes the pre-activation from x and reads the
-activation's cotangent through a few fused passes: the kernel and bias gradients in one reduction over (B, S), dx
+activation's cotangent through a few fused passes: the kernel and bias gradients as sibling reductions over (B, S), dx
 and d state as the transposed conv written straight into each.
 """
 
@@ -160,10 +160,11 @@ def _conv_output_bwd(
     dz = dy.astype(compute_dtype)
     if activation is not None:
         (dz,) = jax.vjp(ACTIVATIONS[activation], z)[1](dz)
-    # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: one reduction to (ks [+ 1], C)
-    rows = [dz * window[:, j : j + seq_len].astype(compute_dtype) for j in range(kernel_size)]
-    sums = jnp.sum(jnp.stack(rows if bias is None else [*rows, dz]), axis=(1, 2))
-    dbias = None if bias is None else sums[kernel_size].astype(bias.dtype)
+    # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
+    dkernel = jnp.stack(
+        [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]
+    )
+    dbias = None if bias is None else jnp.sum(dz, axis=(0, 1)).astype(bias.dtype)
     # d window[i] = sum_j kernel[j] dz[i - j] (the transposed conv), with dz[i - j] = dz_padded[i - j + ks - 1]
     taps = kernel.astype(compute_dtype)
     dz_padded = jnp.pad(dz, ((0, 0), (kernel_size - 1, kernel_size - 1), (0, 0)))
@@ -178,7 +179,7 @@ def _conv_output_bwd(
 
     dx = dwindow(kernel_size - 1, seq_len)
     dstate = dwindow(0, kernel_size - 1).astype(state.dtype)
-    return dx, dstate, sums[:kernel_size].astype(kernel.dtype), dbias
+    return dx, dstate, dkernel.astype(kernel.dtype), dbias
 
 
 _conv_output.defvjp(_conv_output_fwd, _conv_output_bwd)
