@@ -136,6 +136,18 @@ def topology_devices(topology: str) -> list[Any]:
     return list(description.devices)
 
 
+def _topology_mesh(sizes: Mapping[str, int], devices: list[Any], topology: str) -> Mesh:
+    """The mesh of ``sizes`` over the topology's ``devices``; ValueError when JAX cannot lay it on the chips' torus
+    (each mesh axis must be a product of some of the topology's dimensions: on 4x4x4, 8 is not)."""
+    try:
+        return build_mesh(sizes, devices)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"--mesh: expected axis sizes that are products of the topology's dimensions ({topology}), got "
+            f"{ {axis: size for axis, size in sizes.items() if size > 1} } ({err})"
+        ) from err
+
+
 def _libtpu_version() -> str | None:
     try:
         return importlib.metadata.version("libtpu")
@@ -314,7 +326,7 @@ def compile_train_step(request: CompileRequest) -> dict[str, Any]:
     devices = topology_devices(request.topology)
     sizes = resolve_mesh_shape(request.mesh, len(devices))
     check_divisibility(config, sizes, request.batch, request.grad_accum)
-    mesh = build_mesh(sizes, devices)
+    mesh = _topology_mesh(sizes, devices, request.topology)
 
     report: dict[str, Any] = {
         "preset": request.preset,

@@ -271,6 +271,7 @@ def test_bad_requests_exit_2_with_a_message(libtpu_env):
         (["--topology", "v5e:2x4", "--mesh", "tensor=8"], "--mesh: expected tensor to divide the 4 M2RNN heads"),
         (["--mesh", "data=2,expert=2"], "--mesh: expected expert to divide"),
         (["--topology", "v5e:3x7"], "--topology: libtpu cannot describe the topology 'v5e:3x7'"),
+        (["--topology", "v5p:4x4x4", "--mesh", "data=8,fsdp=8"], "--mesh: expected axis sizes that are products"),
         (["--topology", "v9z:2x2"], "--topology"),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--layers", "9"], "--layers: expected at most the model's 4 layers, got 9"),
