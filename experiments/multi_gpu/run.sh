@@ -81,7 +81,9 @@ fi
 mkdir -p "$ROWS"
 WORK=$(mktemp -d)
 DATA=$WORK/tokens.bin
-python3 -m experiments.multi_gpu.compare make-data --out "$DATA" --vocab-size "$VOCAB" > "$LOGS/make_data.log" 2>&1
+if [[ " $PARTS " != " op " ]]; then  # the training parts' tokens
+  python3 -m experiments.multi_gpu.compare make-data --out "$DATA" --vocab-size "$VOCAB" > "$LOGS/make_data.log" 2>&1
+fi
 echo "G=$G smoke=$SMOKE steps=$STEPS parts=$PARTS" > "$OUT/status.txt"
 
 left() { echo $(( BUDGET - (SECONDS - BEGIN) - 10 )); }

@@ -38,7 +38,7 @@ def test_op_part_on_eight_cpu_devices(tmp_path):
     done = _smoke(tmp_path, "op")
     assert done.returncode == 0, done.stdout + done.stderr
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "status.txt", "summary.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "rows", "status.txt", "summary.json", "summary.md"]
     summary = json.loads((out / "summary.json").read_text())
     rows = {row["layout"]: row for row in summary["op"]["rows"]}
     assert summary["op"]["device"].startswith("8 x cpu")
