@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/out bash experiments/multi_gpu/run.sh             # on the device (nvidia-h200-x2 or larger)
 #   OUT=/tmp/mg bash experiments/multi_gpu/run.sh --smoke      # the CPU twin: 8 fake CPU devices, a tiny model
+#   SMOKE_DTYPE=bfloat16 OUT=/tmp/mg16 bash experiments/multi_gpu/run.sh --smoke   # the twin in bf16 compute
 #   PARTS="context op" OUT=... bash experiments/multi_gpu/run.sh   # some parts only (names below)
 #
 # Parts, in this order (each `timeout`-bounded, its row written as soon as it finishes):
@@ -62,8 +63,10 @@ if (( SMOKE )); then
   ROWS=${ROWS:-$OUT/rows}
   S=64; S_LONG=256; VOCAB=256; TOLERANCE=1e-4; OP_SHAPE=smoke; DIST_PROCESSES=2
   TIME_SCALE=3  # timeouts x 3: the CPU twin compiles on 2 shared cores
+  SMOKE_DTYPE=${SMOKE_DTYPE:-float32}  # bfloat16: the twin in the GPUs' compute dtype (tolerance 1e-2)
+  [[ $SMOKE_DTYPE == bfloat16 ]] && TOLERANCE=1e-2
   MODEL=(--preset tiny-hybrid --set model.layer_pattern=MGGA --set model.num_layers=4 --set model.mamba2=null
-         --set model.rnn=null --set model.gru=null)
+         --set model.rnn=null --set model.gru=null --set "model.dtype=$SMOKE_DTYPE")
 else
   G=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   BUDGET=${BUDGET:-540}
