@@ -17,7 +17,7 @@
 #     these models' matmuls are tiny; autotuning is compile time) and no multi-threaded Eigen on the host; flags the
 #     installed XLA rejects are dropped (checked first, written to environment.txt);
 #   * the seeds (and models) of a process run one after another in ONE process, all processes share one persistent
-#     compilation cache (seeds 1-2 load seed 0's programs; on a warm machine call 2 reuses call 1's);
+#     compilation cache (seeds 1-2 load seed 0's programs; on a warm machine a repeated call reuses them all);
 #   * every compare process has a deadline (--deadline-seconds): each run trains for an equal share of the time
 #     left, is evaluated at every position and written; time a run leaves unused goes to the next. The preset runs
 #     get SIGTERM early enough for their own evaluation (they evaluate the step reached). A final pass rebuilds
@@ -25,7 +25,8 @@
 #
 # Time plan (seconds; BUDGET=540 for the whole script, 60 s under the device call's 600 s limit). Per-run
 # numbers for the H200 are upper bounds from the failed run (16 processes at once): they only say the plan is
-# not optimistic; the deadlines make it fit whatever the real speed is.
+# not optimistic; the deadlines make it fit whatever the real speed is. A run the deadline cuts is recorded as
+# "N of 3000" steps; running the same call again on the warm machine resumes it (RUNS below).
 #   0-15     environment, XLA flag check (one jax import)
 #   15-490   jobs (below), all started at once: the compare processes' deadline is 465 s after the script's start
 #            (~450 s from their own start, after imports), the presets get SIGTERM 400 s after theirs
@@ -36,7 +37,7 @@
 #   s3_gru_rnn    GRU, RNN x 3 seeds: 6 runs of ~75 s (both learned S3 by step 900; 7-100 steps/s in the failed run)
 #   s3_gdn        GDN [0, 1], GDN [-1, 1] x 3 seeds: 6 runs of ~75 s
 #   s3_ssm_attn   Mamba2, attention x 3 seeds: 6 runs of ~75 s (45-70 steps/s in the failed run)
-#   s3_small      state-tracking-s3-small, 6000 steps: SIGTERM at 410 s, then its evaluation (128/512/2048, ~60 s)
+#   s3_small      state-tracking-s3-small, 6000 steps: SIGTERM at 400 s, then its evaluation (128/512/2048, ~60 s)
 # call 2 (5 processes, 3 cores each):
 #   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
 #   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
