@@ -52,6 +52,45 @@ from pallas_kernels.tpu.m2rnn_layout import (
 _F32 = jnp.float32
 
 
+def _step_gradients(
+    t: jax.Array,
+    cotangent: jax.Array,
+    inputs: tuple,
+    outputs: tuple,
+    w: jax.Array,
+    q_src: jax.Array,
+    k_src: jax.Array,
+    *,
+    bf16_state: bool,
+    clip: float | None,
+) -> jax.Array:
+    """The gradients of step t of the chunk, given the state cotangent R arriving from step t + 1 (SPEC §4.1):
+
+        R <- clamp(R);  G = q_t dy_t^T + R;  dq_t = H_t dy_t;  df_t = sum(G * (H_{t-1} - Z_t));
+        dA = (1 - f_t) G * (1 - Z_t^2);  dk_t = dA v_t;  dv_t = dA^T k_t;  dW += H_{t-1}^T dA;  R <- f_t G + dA W^T
+
+    ``inputs``: the chunk's q, k, v, f, dy, states before each step and tanh outputs; ``outputs``: dq, dk, dv, df
+    (written at step t) and the dW accumulator. Returns the cotangent for step t - 1 (Kp, L).
+    """
+    q_s, k_s, v_s, f_ref, dy_s, prev_s, z_s = inputs
+    dq_ref, dk_ref, dv_ref, df_ref, dw_s = outputs
+    prev, z, f_t = prev_s[t], z_s[t], f_ref[0, 0, pl.ds(t, 1), :]
+    dy_t, v_t, q_t, k_t = dy_s[pl.ds(t, 1), :], v_s[pl.ds(t, 1), :], q_s[t], k_s[t]
+    state = f_t * prev + (1.0 - f_t) * z
+    if bf16_state:
+        state = state.astype(jnp.bfloat16).astype(_F32)
+    if clip is not None:
+        cotangent = jnp.clip(cotangent, -clip, clip)
+    g = recurrence.outer(q_t, dy_t, q_src) + cotangent
+    dq_ref[0, 0, t] = recurrence.contract_lanes(state * dy_t, q_src)
+    df_ref[0, 0, pl.ds(t, 1), :] = jnp.sum(g * (prev - z), axis=0, keepdims=True)
+    da = g * (1.0 - f_t) * (1.0 - z * z)
+    dk_ref[0, 0, t] = recurrence.contract_lanes(da * v_t, k_src)
+    dv_ref[0, 0, pl.ds(t, 1), :] = recurrence.contract_rows(k_t, da, k_src)
+    dw_s[...] += recurrence.matmul_tn(prev, da)
+    return f_t * g + recurrence.matmul_nt(da, w)
+
+
 def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_state: bool, clip: float | None):
     if varlen:
         cu_ref, *refs = refs
@@ -82,11 +121,7 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
         return f_ref[0, 0, pl.ds(t, 1), :]
 
     def token_flags(t, seq):
-        token = chunk * size + t
-        valid = token < plan.tokens
-        is_start = jnp.logical_and(valid, cu_ref[seq] == token)
-        is_end = jnp.logical_and(valid, cu_ref[seq + 1] - 1 == token)
-        return is_start, is_end
+        return recurrence.token_flags(chunk * size + t, cu_ref, seq, plan.tokens)
 
     # Recompute the chunk forward from its checkpoint.
     def recompute(t, carry):
@@ -119,21 +154,9 @@ def _backward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_s
                 return io_s[...]
 
             cotangent = lax.cond(is_end, load_dfinal, lambda r: r, cotangent)
-        prev, z, f_t = prev_s[t], z_s[t], f_at(t)
-        dy_t, v_t, q_t, k_t = dy_s[pl.ds(t, 1), :], v_s[pl.ds(t, 1), :], q_s[t], k_s[t]
-        state = f_t * prev + (1.0 - f_t) * z
-        if bf16_state:
-            state = state.astype(jnp.bfloat16).astype(_F32)
-        if clip is not None:
-            cotangent = jnp.clip(cotangent, -clip, clip)
-        g = recurrence.outer(q_t, dy_t, q_src) + cotangent
-        dq_ref[0, 0, t] = recurrence.contract_lanes(state * dy_t, q_src)
-        df_ref[0, 0, pl.ds(t, 1), :] = jnp.sum(g * (prev - z), axis=0, keepdims=True)
-        da = g * (1.0 - f_t) * (1.0 - z * z)
-        dk_ref[0, 0, t] = recurrence.contract_lanes(da * v_t, k_src)
-        dv_ref[0, 0, pl.ds(t, 1), :] = recurrence.contract_rows(k_t, da, k_src)
-        dw_s[...] += recurrence.matmul_tn(prev, da)
-        cotangent = f_t * g + recurrence.matmul_nt(da, w)
+        inputs = (q_s, k_s, v_s, f_ref, dy_s, prev_s, z_s)
+        outputs = (dq_ref, dk_ref, dv_ref, df_ref, dw_s)
+        cotangent = _step_gradients(t, cotangent, inputs, outputs, w, q_src, k_src, bf16_state=bf16_state, clip=clip)
         if varlen:
 
             @pl.when(is_start)

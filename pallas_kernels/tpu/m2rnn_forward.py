@@ -72,9 +72,7 @@ def _forward_kernel(*refs, plan: BlockPlan, num_seqs: int, varlen: bool, bf16_st
             state, seq = carry
             token = chunk * size + t
             seq = recurrence.sequence_at(token, cu_ref, num_seqs, seq)
-            valid = token < plan.tokens
-            is_start = jnp.logical_and(valid, cu_ref[seq] == token)
-            is_end = jnp.logical_and(valid, cu_ref[seq + 1] - 1 == token)
+            is_start, is_end = recurrence.token_flags(token, cu_ref, seq, plan.tokens)
 
             def load_h0(_):
                 pltpu.sync_copy(h0_hbm.at[seq, block], io_s)

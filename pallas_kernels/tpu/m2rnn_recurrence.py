@@ -84,3 +84,12 @@ def sequence_at(token: jax.Array, cu_ref, num_seqs: int, start: jax.Array) -> ja
         return jnp.logical_and(seq < num_seqs - 1, cu_ref[seq + 1] <= token)
 
     return lax.while_loop(inside_later, advance, start)
+
+
+def token_flags(token: jax.Array, cu_ref, seq: jax.Array, tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Whether packed ``token`` (of sequence ``seq``) starts and whether it ends its sequence; both False for the
+    padding past the ``tokens`` real tokens. ``cu_ref`` (num_seqs + 1,) int32 in SMEM."""
+    valid = token < tokens
+    is_start = jnp.logical_and(valid, cu_ref[seq] == token)
+    is_end = jnp.logical_and(valid, cu_ref[seq + 1] - 1 == token)
+    return is_start, is_end
