@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from m2rnn_jax.bench.collectives import count_collectives
+from m2rnn_jax.layers.grouped_matmul import megablox_fits
 from m2rnn_jax.layers.mlp import MoEConfig
 from m2rnn_jax.layers.moe_dispatch import resolve_dispatch
 from m2rnn_jax.models import ModelConfig
@@ -174,15 +175,18 @@ def requested_train_config(request: CompileRequest) -> Any:
 
 
 def tpu_model_config(config: ModelConfig, remat: str | None) -> ModelConfig:
-    """``config`` with the TPU backends of :data:`TPU_BACKENDS`, the MoE experts on the megablox kernels (the
-    "auto" choice would follow the compiling host's CPU) and, if given, the ``remat`` policy."""
+    """``config`` with the TPU backends of :data:`TPU_BACKENDS`, the MoE experts on the megablox kernels where
+    their widths allow it (the "auto" choice would follow the compiling host's CPU) and, if given, the ``remat``
+    policy."""
     changes: dict[str, Any] = {
         field: dataclasses.replace(getattr(config, field), backend=backend)
         for field, backend in TPU_BACKENDS.items()
         if getattr(config, field) is not None
     }
-    if isinstance(config.mlp, MoEConfig) and config.mlp.grouped_matmul == "auto":
-        changes["mlp"] = dataclasses.replace(config.mlp, grouped_matmul="megablox")
+    moe = config.mlp
+    if isinstance(moe, MoEConfig) and moe.grouped_matmul == "auto":
+        fits = megablox_fits(config.hidden_size, moe.intermediate_size)
+        changes["mlp"] = dataclasses.replace(moe, grouped_matmul="megablox" if fits else "ragged_dot")
     if remat is not None:
         changes["remat"] = remat
     return config.replace(**changes)

@@ -10,8 +10,10 @@ Two implementations with the same result:
   (``jax.experimental.pallas.ops.tpu.megablox``: ``gmm`` forward and input gradient, ``tgmm`` weight gradient),
   which visit only the row tiles of each group. Rows are padded to a multiple of the row tile (128).
 
-``"auto"`` picks megablox when the default backend is a TPU, ragged_dot otherwise; ``m2rnn-jax compile`` asks for
-megablox (it compiles for a TPU from a CPU host). Rows past the sum of the group sizes belong to no group: their
+The megablox kernels need matrix widths (in, out) that are multiples of 128 (their tiles are used both ways
+round in the backward pass); the 7B experts' 1536 and 256 are. ``"auto"`` picks megablox when the default backend is
+a TPU and the widths allow it, ragged_dot otherwise; ``m2rnn-jax compile`` asks for megablox where the widths allow
+it (it compiles for a TPU from a CPU host). Rows past the sum of the group sizes belong to no group: their
 output and input gradient are zero with both.
 """
 
@@ -26,12 +28,18 @@ GROUPED_MATMUL_CHOICES: tuple[str, ...] = ("auto", "ragged_dot", "megablox")
 ROW_TILE = 128
 
 
-def resolve_grouped_matmul(choice: str) -> str:
-    """``"ragged_dot"`` or ``"megablox"`` for ``choice`` (``"auto"``: megablox on a TPU default backend)."""
+def megablox_fits(*widths: int) -> bool:
+    """Whether the megablox kernels take matrices of these widths (multiples of 128)."""
+    return all(width % ROW_TILE == 0 for width in widths)
+
+
+def resolve_grouped_matmul(choice: str, *widths: int) -> str:
+    """``"ragged_dot"`` or ``"megablox"`` for ``choice`` and matrices of ``widths`` (``"auto"``: megablox on a TPU
+    default backend when :func:`megablox_fits` the widths)."""
     if choice not in GROUPED_MATMUL_CHOICES:
         raise ValueError(f"grouped_matmul: expected one of {GROUPED_MATMUL_CHOICES}, got {choice!r}")
     if choice == "auto":
-        return "megablox" if jax.default_backend() == "tpu" else "ragged_dot"
+        return "megablox" if jax.default_backend() == "tpu" and megablox_fits(*widths) else "ragged_dot"
     return choice
 
 
@@ -47,13 +55,18 @@ def grouped_matmul(
     """x (R, in) rows sorted by group, kernel (G, in, out), group_sizes (G,) int32 -> (R, out) in ``dtype``.
 
     implementation: ``"ragged_dot"`` or ``"megablox"`` (see the module doc); ``interpret`` runs the megablox
-    kernels in Pallas interpret mode (tests on CPU).
+    kernels in Pallas interpret mode (tests on CPU; any widths), compiled they need ``megablox_fits(in, out)``.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if implementation == "ragged_dot":
         return jax.lax.ragged_dot(x, kernel, group_sizes)
     if implementation != "megablox":
         raise ValueError(f"implementation: expected 'ragged_dot' or 'megablox', got {implementation!r}")
+    if not interpret and not megablox_fits(*kernel.shape[1:]):
+        raise ValueError(
+            f"kernel: expected widths (in, out) that are multiples of {ROW_TILE} for 'megablox', got "
+            f"{kernel.shape[1:]}; use grouped_matmul='ragged_dot'"
+        )
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
     rows = x.shape[0]

@@ -85,7 +85,8 @@ class MoEConfig:
     ``"local"`` always in place (XLA partitions it: every chip then holds the routed rows of the global batch);
     ``"all_to_all"`` requires the exchange whenever the expert axis is > 1 (ValueError if the batch does not split).
     ``grouped_matmul`` (see :mod:`m2rnn_jax.layers.grouped_matmul`): ``"auto"`` (megablox kernels on a TPU
-    backend, ``jax.lax.ragged_dot`` otherwise), ``"ragged_dot"`` or ``"megablox"``.
+    backend when hidden and intermediate sizes are multiples of 128, ``jax.lax.ragged_dot`` otherwise),
+    ``"ragged_dot"`` or ``"megablox"``.
     """
 
     num_experts: int
@@ -309,7 +310,7 @@ class MoE(nnx.Module):
         (T, h) in >= float32, on one device or expert-parallel (``config.dispatch``)."""
         c = self.config
         params = {"c_fc": self.c_fc.weights(), "c_proj": self.c_proj.weights()}
-        implementation = resolve_grouped_matmul(c.grouped_matmul)
+        implementation = resolve_grouped_matmul(c.grouped_matmul, self.hidden_size, c.intermediate_size)
         if resolve_dispatch(c.dispatch, c.num_experts, x.shape[0]) == "local":
             if mesh_is_split():  # XLA partitions the local program; it cannot partition a Pallas kernel
                 implementation = "ragged_dot"

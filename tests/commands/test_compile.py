@@ -8,6 +8,7 @@ on v5e:2x2 (every JSON field checked), and the error cases (exit status 2 with a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,7 +97,10 @@ def test_tpu_model_config_forces_the_tpu_backends_and_remat():
     assert config.gated_deltanet.backend == "chunked"
     assert config.remat == "save_dots"
     assert tpu_model_config(get_preset("tiny-m2rnn"), None).remat == get_preset("tiny-m2rnn").remat
-    assert tpu_model_config(get_preset("tiny-hybrid-moe"), None).mlp.grouped_matmul == "megablox"
+    tiny_moe = get_preset("tiny-hybrid-moe")  # widths 64 / 32: not for the megablox kernels
+    assert tpu_model_config(tiny_moe, None).mlp.grouped_matmul == "ragged_dot"
+    wide = tiny_moe.replace(hidden_size=128, mlp=dataclasses.replace(tiny_moe.mlp, intermediate_size=128))
+    assert tpu_model_config(wide, None).mlp.grouped_matmul == "megablox"
 
 
 def test_request_validation():
@@ -255,7 +259,8 @@ def test_moe_compiles_expert_parallel_on_the_megablox_kernels(libtpu_env, tmp_pa
     compile with libtpu (the 7B presets' configuration in miniature)."""
     out = tmp_path / "report.json"
     args = ["--preset", "tiny-hybrid-moe", "--topology", "v5e:2x2", "--mesh", "fsdp=2,expert=2", "--batch", "4"]
-    result = _cli(libtpu_env, args + ["--seq-len", "32", "--layers", "1", "--json", str(out)])
+    widths = ["--set", "model.hidden_size=128", "--set", "model.mlp.intermediate_size=128"]  # megablox widths
+    result = _cli(libtpu_env, args + widths + ["--seq-len", "32", "--layers", "1", "--json", str(out)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["moe"] == {"dispatch": "all_to_all", "grouped_matmul": "megablox"}

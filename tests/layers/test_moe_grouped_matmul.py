@@ -64,7 +64,11 @@ def test_expert_swiglu_megablox_matches_ragged_dot():
 
 
 def test_choices_are_validated():
-    assert resolve_grouped_matmul("auto") == ("megablox" if jax.default_backend() == "tpu" else "ragged_dot")
+    on_tpu = jax.default_backend() == "tpu"
+    assert resolve_grouped_matmul("auto", 1536, 256) == ("megablox" if on_tpu else "ragged_dot")
+    assert resolve_grouped_matmul("auto", 64, 32) == "ragged_dot"  # widths the kernels do not take
+    with pytest.raises(ValueError, match="kernel: expected widths .* multiples of 128 for 'megablox'"):
+        grouped_matmul(jnp.ones((2, 64)), jnp.ones((1, 64, 32)), jnp.asarray([2]), jnp.float32, "megablox")
     with pytest.raises(ValueError, match="grouped_matmul: expected one of"):
         MoEConfig(num_experts=4, top_k=2, intermediate_size=8, grouped_matmul="dense")
     with pytest.raises(ValueError, match="dispatch: expected one of"):
