@@ -1,7 +1,7 @@
 """The multi-GPU run's data and summary.
 
     python -m experiments.multi_gpu.compare make-data --out tokens.bin --vocab-size 100352 --tokens 1000000
-    python -m experiments.multi_gpu.compare summarize --rows OUT/rows --op OUT/op.json --tolerance 1e-2 \\
+    python -m experiments.multi_gpu.compare summarize --rows OUT/rows --op OUT/op.json --tolerance 2e-3 \\
         --out OUT/summary
 
 ``make-data``: a learnable token stream written here, so that nothing is downloaded: a first-order Markov chain

@@ -22,8 +22,9 @@
 # Every training run: bf16 compute, float32 parameters, remat none, AdamW lr 1e-3 with 2 warm-up steps, seed 0,
 # STEPS (6) steps on a Markov token stream generated here (compare.py make-data; nothing is downloaded). Recorded:
 # the loss of step STEPS and its difference to the 1-GPU run at the same length, tokens/s, MFU, step ms (steps
-# 2..STEPS), peak memory of every GPU. Tolerance (bf16): |loss diff| <= 1e-2 x the 1-GPU loss (~ one bf16 ulp,
-# 2^-7, of the logits: the layouts reduce matmuls and gradients in other orders and in bf16).
+# 2..STEPS), peak memory of every GPU. Tolerance (bf16): |loss diff| <= 2e-3 x the 1-GPU loss (bf16's unit
+# roundoff 2^-9: the layouts reduce matmuls and gradients in other orders, partly in bf16; the bf16 CPU twin
+# differed by <= 7.2e-6 x the loss).
 #
 # Time plan on nvidia-h200-x2 (BUDGET=540 s for the script, under the call's 600 s). A 1-GPU run of this preset
 # compiles its step in 43-51 s (experiments/RESULTS.md, issue 12) + ~15 s import/initialisation + ~8 s for the
@@ -63,15 +64,15 @@ if (( SMOKE )); then
   ROWS=${ROWS:-$OUT/rows}
   S=64; S_LONG=256; VOCAB=256; TOLERANCE=1e-4; OP_SHAPE=smoke; DIST_PROCESSES=2
   TIME_SCALE=3  # timeouts x 3: the CPU twin compiles on 2 shared cores
-  SMOKE_DTYPE=${SMOKE_DTYPE:-float32}  # bfloat16: the twin in the GPUs' compute dtype (tolerance 1e-2)
-  [[ $SMOKE_DTYPE == bfloat16 ]] && TOLERANCE=1e-2
+  SMOKE_DTYPE=${SMOKE_DTYPE:-float32}  # bfloat16: the twin in the GPUs' compute dtype (tolerance 2e-3)
+  [[ $SMOKE_DTYPE == bfloat16 ]] && TOLERANCE=2e-3
   MODEL=(--preset tiny-hybrid --set model.layer_pattern=MGGA --set model.num_layers=4 --set model.mamba2=null
          --set model.rnn=null --set model.gru=null --set "model.dtype=$SMOKE_DTYPE")
 else
   G=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   BUDGET=${BUDGET:-540}
   ROWS=${ROWS:-runs/multi_gpu/rows}
-  S=4096; S_LONG=16384; VOCAB=100352; TOLERANCE=1e-2; OP_SHAPE=400m; DIST_PROCESSES=$G
+  S=4096; S_LONG=16384; VOCAB=100352; TOLERANCE=2e-3; OP_SHAPE=400m; DIST_PROCESSES=$G
   TIME_SCALE=1
   MODEL=(--preset hybrid-gdn-m2rnn-1l-400m --set model.remat=none)
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/multi_gpu/jax_cache}
