@@ -10,7 +10,8 @@
 #
 # Parts, in this order (each `timeout`-bounded, its row written as soon as it finishes):
 #   ref        1 GPU, S = 4096, batch 8            | run at the same time as ref_long, on the other GPU
-#   ref_long   1 GPU, S = 16384, batch 2 (the same 32,768 tokens per step)
+#   ref_long   1 GPU, S = 16384, batch 2 (the same 32,768 tokens per step; if it runs out of memory, again with
+#              grad_accum_steps=2)
 #   data       mesh data = G
 #   data_tensor mesh data = G / 2, tensor = 2 (heads of M2RNN, GDN and attention, the MLP and vocab split in two)
 #   fsdp       mesh fsdp = G (batch split, parameters and optimizer state sharded)
@@ -140,6 +141,11 @@ run_part() {  # run_part NAME MAX_SECONDS: one part of $PARTS
         train ref "$t" "$(devices_env one 0)" "$S" 8 &
         train ref_long "$t" "$(devices_env one 1)" "$S_LONG" 2 &
         wait
+        if [[ ! -f "$ROWS/ref_long.p0.json" ]] && grep -qiE "RESOURCE_EXHAUSTED|out of memory" "$LOGS/ref_long.log"; then
+          t=$(part_timeout 150)  # S = 16384 x 2 did not fit one GPU: the same batch in 2 micro-batches
+          mv "$LOGS/ref_long.log" "$LOGS/ref_long.oom.log"
+          [[ -n "$t" ]] && train ref_long "$t" "$(devices_env one 1)" "$S_LONG" 2 --set grad_accum_steps=2
+        fi
       fi ;;
     data) train data "$t" "$(devices_env all 0)" "$S" 8 --set mesh.data="$G" ;;
     data_tensor) train data_tensor "$t" "$(devices_env all 0)" "$S" 8 --set mesh.data=$(( G / 2 )) --set mesh.tensor=2 ;;
