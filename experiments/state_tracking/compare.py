@@ -7,7 +7,8 @@
 Each (group, model, seed) trains in ``<out>/runs/<group>/<model>/s<seed>`` with the recipe's budget
 (:mod:`experiments.state_tracking.recipes`), then its accuracy at every position 1 .. max(lengths) is measured on a
 fixed evaluation set (:mod:`experiments.state_tracking.positions`) and written to ``result.json`` there. A finished
-run with the same configuration is not trained again; a run stopped by ``--run-seconds`` or SIGTERM is recorded with
+run with the same configuration is not trained again; a run stopped by ``--run-seconds``, by its share of
+``--deadline-seconds`` (the time left shared among the runs left, :func:`run_budget`) or by SIGTERM is recorded with
 the steps it did (``complete: false``) and resumes from its checkpoint next time. At the end ``<out>/compare.json``,
 ``<out>/compare.md`` and ``<out>/compare_<group>.png`` summarise every run found (``--report-only``: only that).
 """
