@@ -16,7 +16,8 @@ and the outputs are parallel again (:func:`chunk_outputs`): O_c = diag(e^Γ) Q S
 Resets (a new document at position t: the state entering step t is zero) are folded into the chunk-local factors:
 a pairwise decay e^{Γ_t - Γ_i} across a reset becomes 0, the chunk-start factor e^{Γ_t} becomes 0 from the first
 reset of the chunk on, and the carry factors (Kd's e^{Γ_C - Γ_i} and a) become 0 before the chunk's last reset.
-Ragged lengths are zero-padded at the end (β = 0, log α = 0 leave the state untouched).
+Ragged lengths are zero-padded at the end (β = 0, log α = 0 leave the state untouched). The chunking and these
+decay weights are shared with SSD (:mod:`m2rnn_jax.ops.chunking`); the WY-form state update is this module's.
 
 Layout of the chunked tensors: (B, H, n, C, ...) with n = ceil(S / C) chunks.
 """
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from m2rnn_jax.ops.chunking import chunk_decays, merge_chunks, split_chunks
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -81,53 +84,12 @@ _einsum_wide.defvjp(_einsum_wide_forward, _einsum_wide_backward)
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """(B, S, H, ...) -> (B, H, n, C, ...), zero-padding S to n C."""
-    batch, seq_len = x.shape[:2]
-    num_chunks = -(-seq_len // chunk_size)
-    x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk_size - seq_len)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
+    return jnp.moveaxis(split_chunks(x, chunk_size), 3, 1)
 
 
 def from_chunks(x: jax.Array, seq_len: int) -> jax.Array:
     """(B, H, n, C, V) -> (B, S, H, V), dropping the padding."""
-    batch, heads, num_chunks, chunk_size, v_dim = x.shape
-    x = jnp.moveaxis(x, 1, 3).reshape(batch, num_chunks * chunk_size, heads, v_dim)
-    return x[:, :seq_len]
-
-
-def _masked_exp(x: jax.Array, keep: jax.Array | None) -> jax.Array:
-    """exp(x) where ``keep``, 0 elsewhere (exp(-inf): no NaN in the value or the gradient)."""
-    return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
-
-
-def chunk_gates(log_alpha: jax.Array, reset: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Decay factors of each chunk, resets folded in.
-
-    Args:
-      log_alpha (B, H, n, C) in the accumulation dtype; reset (B, 1, n, C) bool or None.
-
-    Returns:
-      decay (B, H, n, C, C): e^{Γ_t - Γ_i} for i <= t with no reset in (i, t], else 0;
-      start (B, H, n, C): e^{Γ_t} before the chunk's first reset, else 0 (the weight of the chunk-start state);
-      end (B, H, n, C): e^{Γ_C - Γ_i} from the chunk's last reset on, else 0 (what of step i reaches the chunk end);
-      carry (B, H, n): e^{Γ_C} if the chunk has no reset, else 0.
-    """
-    gamma = jnp.cumsum(log_alpha, axis=-1)
-    steps = jnp.arange(log_alpha.shape[-1])
-    lower = steps[:, None] >= steps[None, :]
-    if reset is None:
-        same, first, last, whole = lower, None, None, None
-    else:
-        segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)  # index of the document inside the chunk
-        same = lower & (segment[..., :, None] == segment[..., None, :])
-        first = segment == 0
-        last = segment == segment[..., -1:]
-        whole = first[..., -1]
-    decay = _masked_exp(gamma[..., :, None] - gamma[..., None, :], same)
-    start = _masked_exp(gamma, first)
-    end = _masked_exp(gamma[..., -1:] - gamma, last)
-    carry = _masked_exp(gamma[..., -1], whole)
-    return decay, start, end, carry
+    return merge_chunks(jnp.moveaxis(x, 1, 3), seq_len)
 
 
 def chunk_factors(
@@ -148,7 +110,7 @@ def chunk_factors(
     (the operands of the walk and the outputs), carry and QK in the dtype of beta / log_alpha. The diagonal scalings
     of the right-hand sides are applied to the columns of T = (I + A)⁻¹ (C x C) instead of to V and K.
     """
-    decay, start, end, carry = chunk_gates(log_alpha, reset)
+    decay, start, end, carry = chunk_decays(log_alpha, reset)
     steps = jnp.arange(q.shape[-2])
     strict = steps[:, None] > steps[None, :]
     A = jnp.where(strict, beta[..., :, None] * matmul("...tk,...ik->...ti", k, k, dot_dtype) * decay, 0.0)

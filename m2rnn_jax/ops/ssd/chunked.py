@@ -5,7 +5,9 @@ y_t = Σ_{i≤t} e^{Γ_t - Γ_i} (C_t·B_i) dt_i x_i + e^{Γ_t} s_0 C_t and
 s_L = e^{Γ_L} s_0 + Σ_i e^{Γ_L - Γ_i} dt_i x_i B_iᵀ; the intra-chunk terms of all chunks are computed in parallel
 and a scan over chunks carries s. Ragged lengths are zero-padded at the end (dt = 0 leaves the state untouched).
 Document resets: the pairwise decay between positions of different documents is 0, the chunk-start state reaches
-only positions before the chunk's first reset, and the carried state is zeroed by a reset inside the chunk.
+only positions before the chunk's first reset, and the carried state is zeroed by a reset inside the chunk. The
+chunking and these decay weights are shared with the gated delta rule (:mod:`m2rnn_jax.ops.chunking`); the decayed
+sum carried over chunks is this module's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.ops.chunking import chunk_decays, merge_chunks, split_chunks
 from m2rnn_jax.ops.ssd.reference import split_groups
 
 
@@ -35,39 +38,29 @@ def ssd_chunked(
     batch, seq_len, _, P = x.shape
     groups = B.shape[2]
     L = min(chunk_size, seq_len)
-    num_chunks = -(-seq_len // L)
-    pad = num_chunks * L - seq_len
-    if reset is None:
-        reset = jnp.zeros((batch, seq_len), dtype=jnp.bool_)
 
     def chunks(t):  # (b, S, ...) -> (n, b, L, ...)
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-        return jnp.moveaxis(t.reshape(batch, num_chunks, L, *t.shape[2:]), 1, 0)
+        return jnp.moveaxis(split_chunks(t, L), 1, 0)
+
+    def steps_last(t):  # (n, b, L, ...) -> (n, b, ..., L)
+        return jnp.moveaxis(t, 2, -1)
 
     xdt = chunks(split_groups(x * dt[..., None], groups))  # (n, b, L, G, R, P)
-    gamma = jnp.cumsum(chunks(split_groups(log_decay, groups)), axis=2)  # (n, b, L, G, R)
     B, C = chunks(B), chunks(C)  # (n, b, L, G, N)
-    document = jnp.cumsum(chunks(reset), axis=2, dtype=jnp.int32)  # (n, b, L): resets so far in the chunk
-    g = jnp.moveaxis(gamma, 2, -1)  # (n, b, G, R, L)
-    same_document = document[..., :, None] == document[..., None, :]  # (n, b, L, L)
-    visible = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_)) & same_document[:, :, None, None]
-    decay = jnp.exp(jnp.where(visible, g[..., :, None] - g[..., None, :], -jnp.inf))  # (n, b, G, R, L, L)
+    chunk_reset = None if reset is None else chunks(reset)[:, :, None, None]  # (n, b, 1, 1, L)
+    decay, start, end, carry = chunk_decays(steps_last(chunks(split_groups(log_decay, groups))), chunk_reset)
     scores = jnp.einsum("nbtgs,nbigs->nbgti", C, B)
-    y_diag = jnp.einsum("nbgti,nbgrti,nbigrp->nbtgrp", scores, decay, xdt)
-    last = gamma[:, :, -1]  # (n, b, G, R)
-    in_last_document = (document == document[:, :, -1:])[..., None, None]  # (n, b, L, 1, 1)
-    to_end = jnp.where(in_last_document, jnp.exp(last[:, :, None] - gamma), 0)
+    y_diag = jnp.einsum("nbgti,nbgrti,nbigrp->nbtgrp", scores, decay, xdt)  # decay (n, b, G, R, L, L)
+    to_end = jnp.moveaxis(end, -1, 2)  # (n, b, L, G, R)
     chunk_states = jnp.einsum("nbigr,nbigrp,nbigs->nbgrps", to_end, xdt, B)
-    from_start = jnp.where((document == 0)[..., None, None], jnp.exp(gamma), 0)  # decay from s_0, 0 after a reset
-    keeps_state = jnp.where(document[:, :, -1] == 0, 1.0, 0.0).astype(gamma.dtype)  # (n, b)
+    from_start = jnp.moveaxis(start, -1, 2)  # (n, b, L, G, R): weight of s_0, 0 from the chunk's first reset on
 
     def step(state, inputs):
-        C_c, from_start_c, last_c, keeps_c, chunk_state = inputs
+        C_c, from_start_c, carry_c, chunk_state = inputs
         y_off = jnp.einsum("btgs,bgrps->btgrp", C_c, state) * from_start_c[..., None]
-        carried = (keeps_c[:, None, None] * jnp.exp(last_c))[..., None, None] * state
-        return carried + chunk_state, y_off
+        return carry_c[..., None, None] * state + chunk_state, y_off
 
     state = h0.reshape(batch, groups, -1, *h0.shape[2:])  # (b, G, R, P, N)
-    final, y_off = jax.lax.scan(step, state, (C, from_start, last, keeps_state, chunk_states))
-    y = jnp.moveaxis(y_diag + y_off, 0, 1).reshape(batch, num_chunks * L, -1, P)
-    return y[:, :seq_len], final.reshape(h0.shape)
+    final, y_off = jax.lax.scan(step, state, (C, from_start, carry, chunk_states))
+    y = merge_chunks(jnp.moveaxis(y_diag + y_off, 0, 1), seq_len)  # (b, S, G, R, P)
+    return y.reshape(batch, seq_len, -1, P), final.reshape(h0.shape)
