@@ -42,10 +42,10 @@
 #   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
 #   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
 #   a5_large      state-tracking-a5-large, seed 0: SIGTERM at 400 s (4 train + 3 evaluation compiles), evaluation ~60 s
-#   probe_rnn     probe.py, tanh RNN width 512 (learned A5 at length 4 on the CPU, SEARCH.md #9), A5 at lengths
-#                 4 -> 8 -> 16 (a third of the time each), batch 512, lr 1e-3: trains 380 s, 3 compiles, evaluation
-#                 to 64 ~10 s
-#   probe_m2rnn   probe.py, the M2RNN op (4 heads K=4 x V=320, scan backend), the same budget
+#   probe_m2rnn   probe.py, the M2RNN op alone, 8 heads K=4 x V=64 (learned A5 at length 4 on the CPU, SEARCH.md
+#                 #13: 100% at 4, 90.8% at 8), scan backend, A5 at lengths 4 -> 8 -> 16 (a third of the time each),
+#                 batch 512, constant lr 1e-3: trains 380 s, 3 compiles, evaluation to 64 ~10 s
+#   probe_rnn     probe.py, tanh RNN width 512 (SEARCH.md #9: 99.8% at 4, 75% at 8), the same budget
 #   (state-tracking-s5-large is not run: S5 contains A5's difficulty and more; it waits for an A5 result)
 set -u
 cd "$(dirname "$0")/../.."
@@ -86,7 +86,7 @@ else
   PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
   PROBE_SECONDS=$(( BUDGET - 160 ))   # 380 s of training, then the evaluation at every position up to 64
   PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024
-         --seconds "$PROBE_SECONDS")   # lengths 4, 8, 16: a third of the time each
+         --seconds "$PROBE_SECONDS")   # lengths 4, 8, 16: a third of the time each; --steps far away: constant lr
   PRESET_SMOKE=()
 fi
 mkdir -p "$RUNS"
@@ -152,8 +152,8 @@ else
   compare_job a5_recurrent a5 0 m2rnn gru rnn gdn-neg
   compare_job a5_others a5 0 gdn mamba2 attention
   preset_job a5_large a5 large 0
+  probe_job probe_m2rnn --cell m2rnn --heads 8 --k 4 --v 64 --backend scan
   probe_job probe_rnn --cell rnn --width 512
-  probe_job probe_m2rnn --cell m2rnn --heads 4 --k 4 --v 320 --backend scan
 fi
 wait
 
