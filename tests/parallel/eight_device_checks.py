@@ -162,11 +162,12 @@ def check_public_op_routes_kernels_through_shard_map() -> None:
 def check_public_op_varlen_in_shard_map() -> None:
     """Varlen inputs under a mesh: the op splits heads only (the packed tokens stay whole) and equals scan.
 
-    The mesh has the tensor axis only: an axis the op leaves unsplit (data, for varlen) gets the clamped-cotangent
-    clipping wrong inside the shard_map (open issue, see docs/architecture.md)."""
+    The data axis is left unsplit (varlen tokens are never split): each block runs on both of its devices, and the
+    clamp of the gradient clipping (binding here) must still see the whole cotangent (it saw half of it before the
+    fix in run_sharded)."""
     from m2rnn_jax import m2rnn
 
-    mesh = build_mesh({"tensor": 4}, devices=jax.devices()[:4])
+    mesh = build_mesh({"data": 2, "tensor": 4}, devices=jax.devices()[:8])
     inputs = random_m2rnn_inputs(
         jax.random.key(3),
         batch=0,

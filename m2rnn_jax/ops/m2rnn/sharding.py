@@ -19,6 +19,7 @@ only the remaining auto axes are split here. :func:`m2rnn_jax.m2rnn` routes its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -111,11 +112,40 @@ def run_sharded(
         specs.append(P())
     has_h0 = h0 is not None
 
+    # Mesh axes that split neither the batch nor the heads: every block runs on each of their devices, and with
+    # check_vma=False shard_map's transpose hands each copy 1/replicas of the outputs' cotangent (and sums the
+    # inputs' cotangents over the copies). That is exact for a linear backward but not for the clamp of SPEC §0.1,
+    # which must see the whole cotangent: scale it back up at the outputs and down at the inputs.
+    replicas = math.prod(size for axis, size in sizes.items() if axis not in batch_axes and axis != head_axis)
+    rescale = gradient_clipping is not None and replicas > 1
+
     def local(q, k, v, W, f, *rest):
         rest = list(rest)
         local_h0 = rest.pop(0) if has_h0 else None
         local_cu = rest.pop(0) if varlen else None
-        return backend(q, k, v, W, f, local_h0, cu_seqlens=local_cu, shapes=local_shapes, **kwargs)
+        if rescale:
+            q, k, v, W, f, local_h0 = (
+                None if x is None else _scale_cotangent(1.0 / replicas, x) for x in (q, k, v, W, f, local_h0)
+            )
+        outputs = backend(q, k, v, W, f, local_h0, cu_seqlens=local_cu, shapes=local_shapes, **kwargs)
+        return tuple(_scale_cotangent(float(replicas), x) for x in outputs) if rescale else outputs
 
     out_specs = (P(*token_axes, head_axis, None), state_spec)
     return jax.shard_map(local, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scale_cotangent(factor: float, x: jax.Array) -> jax.Array:
+    """The identity, whose backward multiplies the cotangent by ``factor``."""
+    return x
+
+
+def _scale_cotangent_forward(factor: float, x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _scale_cotangent_backward(factor: float, _: None, cotangent: jax.Array) -> tuple[jax.Array]:
+    return (cotangent * jnp.asarray(factor, cotangent.dtype),)
+
+
+_scale_cotangent.defvjp(_scale_cotangent_forward, _scale_cotangent_backward)
