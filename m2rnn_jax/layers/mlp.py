@@ -310,13 +310,13 @@ class MoE(nnx.Module):
         (T, h) in >= float32, on one device or expert-parallel (``config.dispatch``)."""
         c = self.config
         params = {"c_fc": self.c_fc.weights(), "c_proj": self.c_proj.weights()}
+        dispatch = resolve_dispatch(c.dispatch, c.num_experts, x.shape[0])
         implementation = resolve_grouped_matmul(c.grouped_matmul, self.hidden_size, c.intermediate_size)
-        if resolve_dispatch(c.dispatch, c.num_experts, x.shape[0]) == "local":
-            if mesh_is_split():  # XLA partitions the local program; it cannot partition a Pallas kernel
-                implementation = "ragged_dot"
-            experts_fn = functools.partial(expert_swiglu, dtype=self.dtype, implementation=implementation)
-            return run_experts_local(experts_fn, tokens, weights, experts, params, c.num_experts)
+        if dispatch == "local" and mesh_is_split():  # XLA partitions the local program, not a Pallas kernel
+            implementation = "ragged_dot"
         experts_fn = functools.partial(expert_swiglu, dtype=self.dtype, implementation=implementation)
+        if dispatch == "local":
+            return run_experts_local(experts_fn, tokens, weights, experts, params, c.num_experts)
         shape = (*x.shape[:2], c.top_k)
         y = run_experts_all_to_all(
             experts_fn,
