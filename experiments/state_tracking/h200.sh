@@ -8,6 +8,7 @@
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
+#   $OUT ends as one archive st_call<N>.tgz (the device returns at most 8 files); KEEP_OUT_TREE=1 keeps the tree.
 #
 # Why it looks like this (the first version ran 16 processes at once; raw logs of that run: 16 processes on 16
 # cores and one GPU, every compile 2-30x slower than alone: M2RNN's first train step 167 s, cached ones 3-8 s; tiny
@@ -173,3 +174,10 @@ for log in "$OUT"/s3_small.log "$OUT"/*_large*.log; do
   [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done
 for log in "$OUT"/probe_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
+# The device returns at most 8 files from $OUT, none deeper than two folders: pack everything into one archive
+# (the text above is also in the call's output). Unpack here with `tar xzf st_call<N>.tgz`.
+if [[ -z "${KEEP_OUT_TREE:-}" && "$RUNS" != "$OUT" ]]; then  # (RUNS = OUT: the runs stay for resuming)
+  ARCHIVE=$(mktemp -d)/st_call$CALL.tgz
+  tar -C "$OUT" -czf "$ARCHIVE" . && find "$OUT" -mindepth 1 -delete && mv "$ARCHIVE" "$OUT/"
+  ls -la "$OUT"
+fi
