@@ -289,13 +289,19 @@ def time_optimizer_update(optimizer: optax.GradientTransformation, state: TrainS
     }
 
 
-def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> tuple[dict, dict]:
-    """The ``step`` and ``optimizer`` rows: the trainer's jitted, donated train step on one device (AdamW of
-    ``OptimizerConfig()``, a fresh state, random tokens), then its optimizer update alone on the state it left."""
+def train_step_function(config: ModelConfig) -> tuple[Callable, optax.GradientTransformation]:
+    """The trainer's jitted train step for ``config`` (state donated) and its optimizer: AdamW of
+    ``OptimizerConfig()`` with a schedule of ``SCHEDULE_STEPS``."""
     optimizer_config = OptimizerConfig()
     optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
     schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
-    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    return jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0), optimizer
+
+
+def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing) -> tuple[dict, dict]:
+    """The ``step`` and ``optimizer`` rows: the trainer's jitted, donated train step on one device (AdamW of
+    ``OptimizerConfig()``, a fresh state, random tokens), then its optimizer update alone on the state it left."""
+    step, optimizer = train_step_function(config)
     tokens = random_batch(config, batch, seq_len)
     left: dict[str, TrainState] = {}  # the state the step leaves, for the optimizer row
 
@@ -317,10 +323,7 @@ def compile_training(config: ModelConfig, batch: int, seq_len: int) -> dict:
     allocated, so presets larger than the device compile too): compile seconds, the executable's memory per device
     (arguments, outputs, donated aliases, temporaries, generated code, footprint = arguments + outputs - aliases +
     temporaries) against the device's memory where it reports it, and the compiler's FLOP estimate."""
-    optimizer_config = OptimizerConfig()
-    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
-    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
-    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    step, optimizer = train_step_function(config)
     state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
     tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
     compiled = compile_timed(step, state, tokens)

@@ -30,12 +30,9 @@ from typing import Any
 
 import jax
 
-from m2rnn_jax.bench.model import SCHEDULE_STEPS, SEED, random_batch, resolve_config
+from m2rnn_jax.bench.model import SEED, random_batch, resolve_config, train_step_function
 from m2rnn_jax.bench.timing import compile_timed
-from m2rnn_jax.train.config import OptimizerConfig
-from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
-from m2rnn_jax.train.state import init_train_state, model_graphdef
-from m2rnn_jax.train.step import make_train_step
+from m2rnn_jax.train.state import init_train_state
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
 _FIELD = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|(\d+))')
@@ -208,10 +205,7 @@ def load_trace(log_dir: str) -> dict | list:
 def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps: int, log_dir: str, top: int) -> dict:
     """Compiles the trainer's step for ``preset``, traces ``steps`` steps after two warm-up steps and summarizes."""
     config = resolve_config(preset, remat=remat)
-    optimizer_config = OptimizerConfig()
-    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
-    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
-    step = jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0)
+    step, optimizer = train_step_function(config)
     tokens = random_batch(config, batch, seq_len)
     state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
     compiled = compile_timed(step, state, tokens)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +18,7 @@ from m2rnn_jax.models.lm_head_loss import (
 from m2rnn_jax.models.loss import cross_entropy, language_model_loss
 from m2rnn_jax.models.presets import tiny_config
 from m2rnn_jax.train.step import make_eval_step
+from tests.parallel.fake_devices import run_on_fake_devices
 
 
 def head_inputs(seed: int, num_tokens: int, width: int, vocab: int, dtype, masked: bool = True):
@@ -204,16 +201,7 @@ def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop(
     """8 fake CPU devices (subprocess): sharded == unsharded, and one group per device moves the all-reduce of the
     kernel gradient out of the loop (with one group it is inside, once per chunk); the train step's group count is
     the number of batch shards of the ambient mesh."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.models.lm_head_loss_sharded"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    facts = dict(line.split() for line in result.stdout.splitlines())
+    facts = dict(line.split() for line in run_on_fake_devices("tests.models.lm_head_loss_sharded", timeout=600))
     for groups in (1, 8):
         assert float(facts[f"groups{groups}_value_error"]) < 1e-5, facts
         assert float(facts[f"groups{groups}_grad_error"]) < 1e-6, facts

@@ -9,11 +9,11 @@ axes) and each layer on context 4 x data 2; ``-m slow`` adds the layers on conte
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.parallel.fake_devices import run_on_fake_devices
 
 FAST = [
     "op_float64_context2_data4_heads",
@@ -31,16 +31,7 @@ SLOW = [f"layer_{kind}_float64_{mesh}" for kind in ("m2rnn", "rnn", "gru") for m
 
 
 def _run(which: str) -> list[str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.test_context_recurrences", which],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.splitlines()
+    return run_on_fake_devices("tests.parallel.test_context_recurrences", which, timeout=1800)
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,16 @@ issue's command ``m2rnn-jax train --preset tiny-hybrid --set mesh.context=4 --se
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests.parallel.fake_devices import run_on_fake_devices
+
 
 def _run_check(name: str) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.test_context_training", name],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    assert f"OK {name}" in result.stdout.splitlines(), result.stdout
+    lines = run_on_fake_devices("tests.parallel.test_context_training", name, timeout=1800)
+    assert f"OK {name}" in lines, lines
 
 
 def test_train_command_context4_data2_equals_data8() -> None:

@@ -8,10 +8,7 @@ an expert axis that does not divide the experts and an unsplittable batch under 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+from tests.parallel.fake_devices import run_on_fake_devices
 from tests.parallel.moe_expert_checks import CASES
 
 EXPECTED = [
@@ -23,15 +20,6 @@ EXPECTED = [
 
 
 def test_expert_parallel_moe_on_eight_fake_devices():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.moe_expert_checks"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_on_fake_devices("tests.parallel.moe_expert_checks")
     for expected in EXPECTED:
-        assert expected in lines, result.stdout
+        assert expected in lines, lines

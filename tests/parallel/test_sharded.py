@@ -7,9 +7,7 @@ fsdp x tp equals the single-device step; a checkpoint saved on one mesh restores
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from tests.parallel.fake_devices import run_on_fake_devices
 
 EXPECTED = [
     "OK op_shard_map_matches_unsharded",
@@ -28,15 +26,6 @@ EXPECTED = [
 
 
 def test_eight_fake_devices():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.eight_device_checks"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_on_fake_devices("tests.parallel.eight_device_checks")
     for expected in EXPECTED:
-        assert expected in lines, result.stdout
+        assert expected in lines, lines
