@@ -2,8 +2,8 @@
 
 The Gated DeltaNet output path (SPEC §9.4: ``o_norm(o * SiLU(gate))`` per head over dv). Autodiff of the
 composition keeps float32 copies of ``o``, ``silu(gate)`` and their product for the backward and reads them in
-several passes; here the backward keeps only the inputs (in their own dtypes) and the scale, and recomputes the
-product and the statistics from them:
+several passes; here the backward keeps only the inputs (in their own dtypes) and the scale, recomputes the
+product, and runs RMSNorm's closed-form backward (:func:`~m2rnn_jax.layers.norm.rms_norm_backward`) on it:
 
     g = o * silu(z);  r = 1 / sqrt(mean(g^2) + eps);  y = g * r * w
     dg = r * (dy w - (g r) * mean(dy w * g r));  do = dg * silu(z);  dz = dg * o * silu'(z)
@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.layers.norm import rms_norm_backward, rms_norm_reference
 from m2rnn_jax.typing import Dtype
 
 
@@ -42,26 +43,17 @@ def gated_rms_norm(o: jax.Array, gate: jax.Array, scale: jax.Array, *, eps: floa
     return _gated_rms_norm(float(eps), jnp.dtype(dtype), o, gate, scale)
 
 
-def _compute_dtype(o: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(jnp.float32, o.dtype)
-
-
 def _gated(o: jax.Array, gate: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(o, silu(gate), o * silu(gate)) in the compute dtype."""
-    compute = _compute_dtype(o)
+    """(o, silu(gate), o * silu(gate)) in ``promote_types(float32, o.dtype)``."""
+    compute = jnp.promote_types(jnp.float32, o.dtype)
     o = o.astype(compute)
     activated = jax.nn.silu(gate.astype(compute))
     return o, activated, o * activated
 
 
-def _inverse_rms(g: jax.Array, eps: float) -> jax.Array:
-    return jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + eps)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _gated_rms_norm(eps: float, dtype: jnp.dtype, o: jax.Array, gate: jax.Array, scale: jax.Array) -> jax.Array:
-    _, _, g = _gated(o, gate)
-    return (g * _inverse_rms(g, eps) * scale.astype(g.dtype)).astype(dtype)
+    return rms_norm_reference(_gated(o, gate)[2], scale, eps=eps, dtype=dtype)
 
 
 def _forward(eps: float, dtype: jnp.dtype, o: jax.Array, gate: jax.Array, scale: jax.Array):
@@ -71,17 +63,10 @@ def _forward(eps: float, dtype: jnp.dtype, o: jax.Array, gate: jax.Array, scale:
 def _backward(eps: float, dtype: jnp.dtype, residuals, dy: jax.Array):
     o_in, gate_in, scale_in = residuals
     o, activated, g = _gated(o_in, gate_in)
-    r = _inverse_rms(g, eps)
-    normed = g * r
-    dy = dy.astype(g.dtype)
-    dy_scaled = dy * scale_in.astype(g.dtype)
-    dg = r * (dy_scaled - normed * jnp.mean(dy_scaled * normed, axis=-1, keepdims=True))
+    dg, d_scale = rms_norm_backward(eps, dtype, (g, scale_in), dy)  # dg in g's (compute) dtype
     sigmoid = jax.nn.sigmoid(gate_in.astype(g.dtype))
     d_activation = sigmoid * (1 + gate_in.astype(g.dtype) * (1 - sigmoid))  # silu'(z)
-    d_o = dg * activated
-    d_gate = dg * o * d_activation
-    d_scale = jnp.sum((dy * normed).reshape(-1, normed.shape[-1]), axis=0)
-    return d_o.astype(o_in.dtype), d_gate.astype(gate_in.dtype), d_scale.astype(scale_in.dtype)
+    return (dg * activated).astype(o_in.dtype), (dg * o * d_activation).astype(gate_in.dtype), d_scale
 
 
 _gated_rms_norm.defvjp(_forward, _backward)

@@ -56,10 +56,11 @@ def _rms_norm_fwd(
     return rms_norm_reference(x, scale, eps=eps, dtype=dtype), (x, scale)
 
 
-def _rms_norm_bwd(
+def rms_norm_backward(
     eps: float, dtype: Dtype, residuals: tuple[jax.Array, jax.Array], dy: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(dx (..., F) in x's dtype, d scale (F,) in scale's dtype) from dy (..., F)."""
+    """(dx (..., F) in x's dtype, d scale (F,) in scale's dtype) from dy (..., F): the backward of :func:`rms_norm`
+    for ``residuals = (x, scale)`` (also the norm part of :func:`~m2rnn_jax.layers.gated_norm.gated_rms_norm`)."""
     x, scale = residuals
     compute_dtype = jnp.promote_types(jnp.float32, x.dtype)
     xc = x.astype(compute_dtype)
@@ -73,7 +74,7 @@ def _rms_norm_bwd(
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+_rms_norm.defvjp(_rms_norm_fwd, rms_norm_backward)
 
 
 class RMSNorm(nnx.Module):
