@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12's H200 measurements in one device call: the GDN kernel check, the LM-head loss variants, the step-only
 # remat comparison and the full per-part breakdown of the four 400M presets. Every part has its own timeout and
-# writes to $OUT as it finishes (a time-out keeps what was done).  Usage (on the device): bash experiments/bench/h200_steps.sh PART...
+# writes to $OUT as it finishes (a time-out keeps what was done).  Usage (on the device): [PACK=$OUT/r.tgz OUT=/tmp/r] bash experiments/bench/h200_steps.sh PART...
+# Never end a device command with `pkill -f python3`: the pattern matches the command's own shell and kills it.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 B=${B:-8}; S=${S:-4096}
@@ -11,6 +12,8 @@ run() {  # run NAME SECONDS CMD...: stdout+stderr to $OUT/NAME.log, status line 
   timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
   echo "$name rc=$? ${SECONDS}s-$start" | awk '{print}' >> "$OUT/status.txt"
   tail -25 "$OUT/$name.log"
+  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
+  if [ -n "${PACK:-}" ]; then tar czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
 }
 for part in "$@"; do
   case $part in
@@ -37,6 +40,9 @@ for part in "$@"; do
              --seq-len "$S" --remat "$remat" --compile-only --json "$OUT/compile_${preset}_${remat}.json" ;;
     optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
     embedding) run embedding 60 env PYTHONPATH=. python3 experiments/bench/embedding_check.py ;;
+    normconv) run normconv 100 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;
+    vjptests) run vjptests 90 python3 -m pytest -q -p no:randomly -p no:cacheprovider tests/layers/test_conv_vjp.py \
+                tests/layers/test_norm_vjp.py -k shard_map ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
     gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
                 tests/models/test_lm_head_loss.py ;;
