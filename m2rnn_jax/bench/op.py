@@ -60,6 +60,9 @@ SHAPES = {
     "400m-b1-s16k": Shape(1, 16384, 84, 64, 16, 1, 1),
     "7b": Shape(4, 4096, 132, 64, 16, 1, 1),
     "tiny": Shape(2, 64, 4, 16, 16, 1, 1, "float32"),
+    # the M2RNN layer of the state-tracking comparison (experiments/state_tracking/models.py) at its batch and length
+    "state-tracking": Shape(128, 128, 4, 2, 64, 4, 4, "float32"),
+    "state-tracking-bf16": Shape(128, 128, 4, 2, 64, 4, 4),
 }
 
 

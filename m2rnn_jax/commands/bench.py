@@ -14,7 +14,7 @@ from m2rnn_jax.commands.arguments import check_backend_hardware, check_preset, p
 from m2rnn_jax.commands.errors import fail
 
 NAME = "bench"
-SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny")
+SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny", "state-tracking", "state-tracking-bf16")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
 DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
 MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "step_only", "compile_only")

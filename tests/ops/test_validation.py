@@ -124,6 +124,20 @@ def test_auto_backend_resolution(monkeypatch):
     assert backends.resolve_backend_name("scan") == "scan"
 
 
+def test_auto_backend_on_nvidia_keeps_float32_with_wide_states_on_the_scan(monkeypatch):
+    """float32 inputs with V > 16 run the scan on NVIDIA GPUs (measured faster there); bf16 and V = 16 the kernels."""
+    from m2rnn_jax.ops.m2rnn import backends
+
+    monkeypatch.setattr(backends, "_platform", lambda: "gpu_nvidia")
+    assert backends.resolve_backend_name("auto", jnp.float32, v_dim=64) == "scan"
+    assert backends.resolve_backend_name("auto", jnp.float32, v_dim=16) == "pallas_gpu"
+    assert backends.resolve_backend_name("auto", jnp.bfloat16, v_dim=64) == "pallas_gpu"
+    assert backends.resolve_backend_name("auto", jnp.float32) == "pallas_gpu"  # V unknown
+    assert backends.resolve_backend_name("pallas_gpu", jnp.float32, v_dim=64) == "pallas_gpu"  # explicit wins
+    monkeypatch.setattr(backends, "_platform", lambda: "tpu")
+    assert backends.resolve_backend_name("auto", jnp.float32, v_dim=64) == "pallas_tpu"
+
+
 def test_backends_get_the_validated_shapes(dense, packed, monkeypatch):
     """The op hands each backend the M2RNNShapes of validate_inputs (nothing recomputes them)."""
     from m2rnn_jax.ops.m2rnn import backends

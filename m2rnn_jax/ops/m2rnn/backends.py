@@ -68,11 +68,14 @@ def _platform() -> str:
     return device.platform
 
 
-def resolve_backend_name(backend: str, input_dtype: jnp.dtype = jnp.float32) -> str:
+def resolve_backend_name(backend: str, input_dtype: jnp.dtype = jnp.float32, v_dim: int | None = None) -> str:
     """Map ``backend`` (possibly "auto") to a concrete backend name.
 
     "auto" goes by the default device: pallas_gpu on NVIDIA GPUs, pallas_tpu on TPUs, scan elsewhere; float64
-    inputs always get scan (the fused kernels compute in float32 and reject float64).
+    inputs always get scan (the fused kernels compute in float32 and reject float64). On NVIDIA GPUs float32
+    inputs with V > 16 (``v_dim``, when given) also get scan: the fused backward then runs its (V, V) products as
+    exact float32 dots on few warps and was measured 5x slower than the scan (H200, B=128 S=128 N=4 K=2 V=64,
+    forward+backward 27.1 vs 5.4 ms; bf16 inputs 1.27 ms fused; experiments/RESULTS.md session 8).
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)}, got {backend!r}")
@@ -80,7 +83,10 @@ def resolve_backend_name(backend: str, input_dtype: jnp.dtype = jnp.float32) -> 
         return backend
     if jnp.dtype(input_dtype) == jnp.float64:
         return "scan"
-    return {"gpu_nvidia": "pallas_gpu", "tpu": "pallas_tpu"}.get(_platform(), "scan")
+    platform = _platform()
+    if platform == "gpu_nvidia" and jnp.dtype(input_dtype) == jnp.float32 and v_dim is not None and v_dim > 16:
+        return "scan"
+    return {"gpu_nvidia": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "scan")
 
 
 def get_backend(name: str) -> Backend:

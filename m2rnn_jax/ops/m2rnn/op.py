@@ -72,7 +72,8 @@ def m2rnn(
 
     Backends: "scan" (``lax.scan`` reference, any platform), "pallas_gpu" (fused kernels for NVIDIA GPUs),
     "pallas_tpu" (fused Mosaic TPU kernels), "auto" (pallas_gpu on NVIDIA GPUs, pallas_tpu on TPU, scan elsewhere,
-    judged by the default device; float64 inputs always get scan). ``interpret=True`` runs a Pallas backend in
+    judged by the default device; float64 inputs always get scan, and so do float32 inputs with V > 16 on NVIDIA
+    GPUs, where the scan was measured faster). ``interpret=True`` runs a Pallas backend in
     interpret mode (on CPU; pallas_tpu also takes a ``pltpu.InterpretParams``). Under a mesh (``jax.set_mesh``) a
     Pallas backend runs inside ``jax.shard_map``: batch split over the mesh's data/fsdp/expert axes, heads over
     ``tensor``, no communication in the recurrence (:mod:`m2rnn_jax.ops.m2rnn.sharding`); axes a caller's
@@ -95,7 +96,7 @@ def m2rnn(
         check_input_values(q, k, v, W, f, h0, cu_seqlens)
     clip = normalize_clipping(gradient_clipping)
     state_dtypes(state_dtype, q.dtype)  # validates state_dtype
-    name = resolve_backend_name(backend, q.dtype)
+    name = resolve_backend_name(backend, q.dtype, shapes.v_dim)
     if interpret and name not in PALLAS_BACKENDS:
         raise ValueError(f"interpret: True needs a Pallas backend ({', '.join(PALLAS_BACKENDS)}), got {name!r}")
     if reset is not None:  # only the scan backend resets inside a sequence (docstring)
