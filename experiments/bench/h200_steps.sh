@@ -27,6 +27,10 @@ for part in "$@"; do
     step-*) spec=${part#step-}; preset=${spec%:*}; remat=${spec##*:}  # step-PRESET:REMAT, one step-only run
            run "step_${preset}_${remat}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
              --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json" ;;
+    flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
+           run "step_${preset}_${remat}_flags" 170 env XLA_FLAGS="${STEP_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+             python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" --remat "$remat" --step-only \
+             --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}_flags.json" ;;
     lm_table) run lm_table 560 python3 -m experiments.lm_table.run --data data/gutenberg --out "$OUT/lm_table" ;;
     parts-*) preset=${part#parts-}
            run "parts_$preset" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
