@@ -22,6 +22,13 @@ gradients chunk by chunk right after each chunk's logits, keeps them as residual
 the backward only scales them by the incoming cotangent of ``loss``. The summed loss is linear in that cotangent,
 so dividing by the weight sum afterwards (a mean over counted tokens) gives exact gradients. Without
 differentiation only the loss is computed (no gradient work).
+
+Statistics (``statistics``): how each chunk's float32 logits are turned into (logsumexp, nll, argmax) and
+``d logits``. "two_pass" (jnp, the default): an argmax reduction, a sum-of-exp reduction, then an elementwise
+pass that reads the logits and writes ``d logits`` (three reads of the logits with the gradient, two without).
+"pallas_gpu": one fused kernel (:mod:`pallas_kernels.gpu.softmax_xent`, Pallas on Triton, NVIDIA GPUs; any backend
+with ``interpret=True``) that keeps running statistics over vocabulary blocks, then writes ``d logits`` (two reads
+with the gradient, one without). Both give the same values up to float rounding.
 """
 
 from __future__ import annotations
@@ -34,9 +41,13 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.checks import is_int, require
+from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy
 
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
 CHUNK_LOGITS_ELEMENTS = 2**28
+
+# The ways to compute a chunk's softmax statistics and logits gradient (the module docstring).
+STATISTICS = ("two_pass", "pallas_gpu")
 
 
 class LMHeadLoss(NamedTuple):
@@ -62,6 +73,8 @@ class _Layout(NamedTuple):
     compute_dtype: Any
     hidden_dtype: Any
     kernel_dtype: Any
+    statistics: str
+    interpret: bool
 
 
 def default_num_chunks(num_tokens: int, vocab_size: int) -> int:
@@ -80,6 +93,8 @@ def lm_head_cross_entropy(
     chunk_size: int | None = None,
     compute_dtype: Any = None,
     groups: int = 1,
+    statistics: str = "two_pass",
+    interpret: bool = False,
 ) -> LMHeadLoss:
     """Summed weighted token cross-entropy of the LM head ``hidden @ kernel``, chunked over tokens.
 
@@ -93,17 +108,20 @@ def lm_head_cross_entropy(
             Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
+        statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend) or
+            "pallas_gpu" (the fused kernel; NVIDIA GPUs, or any backend with ``interpret``).
+        interpret: run the "pallas_gpu" kernel in Pallas interpret mode (tests on CPU).
 
     Returns:
         :class:`LMHeadLoss`. Gradients flow to ``hidden``, ``kernel`` and ``weights`` through ``nll_sum``,
         ``weight_sum`` and ``correct`` (the last two only to ``weights``).
 
     Raises:
-        ValueError: on shapes that do not fit together, a bad ``chunk_size`` or ``groups``.
+        ValueError: on shapes that do not fit together, a bad ``chunk_size``, ``groups`` or ``statistics``.
     """
     if weights is None:
         weights = jnp.ones(hidden.shape[:1], dtype=jnp.float32)
-    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups)
+    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics, interpret)
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
 
@@ -116,6 +134,8 @@ def _make_layout(
     chunk_size: int | None,
     compute_dtype: Any,
     groups: int,
+    statistics: str,
+    interpret: bool,
 ) -> _Layout:
     """Validates the arguments of :func:`lm_head_cross_entropy` and derives the chunk layout."""
     require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
@@ -135,6 +155,7 @@ def _make_layout(
         chunk_size,
     )
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
+    require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
         num_chunks = default_num_chunks(group_tokens, kernel.shape[1])
@@ -147,6 +168,8 @@ def _make_layout(
         compute_dtype=jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype),
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
+        statistics=statistics,
+        interpret=bool(interpret),
     )
 
 
@@ -207,6 +230,30 @@ def _token_statistics(logits: jax.Array, targets_c: jax.Array) -> tuple[jax.Arra
     return logsumexp, logsumexp - target_logit, best == targets_c
 
 
+def _chunk_terms(
+    layout: _Layout, logits: jax.Array, targets_c: jax.Array, weights_c: jax.Array, with_gradient: bool
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(G, C, V) logits -> (nll (G, C), argmax == target (G, C) bool, d logits (G, C, V) in the compute dtype, or
+    None without ``with_gradient``), by ``layout.statistics``."""
+    if layout.statistics == "pallas_gpu":
+        fused = softmax_cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets_c.reshape(-1),
+            weights_c.reshape(-1),
+            d_dtype=layout.compute_dtype,
+            with_gradient=with_gradient,
+            interpret=layout.interpret,
+        )
+        d_logits = None if fused.d_logits is None else fused.d_logits.reshape(logits.shape)
+        return fused.nll.reshape(targets_c.shape), fused.argmax.reshape(targets_c.shape) == targets_c, d_logits
+    logsumexp, nll, hits = _token_statistics(logits, targets_c)
+    if not with_gradient:
+        return nll, hits, None
+    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets_c[..., None]
+    d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights_c[..., None]
+    return nll, hits, d_logits.astype(layout.compute_dtype)
+
+
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
     """Per-chunk (num_chunks, G, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
     return LMHeadLoss(
@@ -222,11 +269,11 @@ def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLo
     kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
 
     def step(_, xs):
-        hidden_c, targets_c = xs
-        _, nll, hits = _token_statistics(_chunk_logits(hidden_c, kernel_c), targets_c)
+        hidden_c, targets_c, weights_c = xs
+        nll, hits, _ = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, False)
         return None, (nll, hits)
 
-    _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks))
+    _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks, weight_chunks))
     return _outputs(nll, hits, weight_chunks, hidden.shape[0])
 
 
@@ -237,11 +284,7 @@ def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
 
     def step(d_kernel, xs):
         hidden_c, targets_c, weights_c = xs
-        logits = _chunk_logits(hidden_c, kernel_c)
-        logsumexp, nll, hits = _token_statistics(logits, targets_c)
-        onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets_c[..., None]
-        d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights_c[..., None]
-        d_logits = d_logits.astype(layout.compute_dtype)
+        nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, True)
         d_hidden_c = _matmul(d_logits, kernel_c, (2, 1), ((), ()), accumulation)
         d_kernel = d_kernel + _matmul(hidden_c, d_logits, (1, 1), ((0,), (0,)), accumulation)
         return d_kernel, (nll, hits, d_hidden_c)

@@ -1,0 +1,190 @@
+"""Softmax cross-entropy statistics and the logits' gradient of one chunk of LM-head logits, fused for NVIDIA GPUs
+(Pallas, Triton lowering).
+
+For float32 logits x (R, V), int32 targets t (R,) and float32 weights w (R,), per row r:
+
+    logsumexp_r = log sum_v exp(x_rv)
+    nll_r       = logsumexp_r - x_r,t_r
+    argmax_r    = the first v with x_rv = max_v x_rv                         (ties -> the smallest index)
+    d_r         = (exp(x_r - logsumexp_r) - onehot(t_r)) * w_r              (cast to the compute dtype)
+
+One program owns ``block_rows`` rows and walks the vocabulary in blocks of ``block_v`` columns. Pass 1 keeps a
+running (max, sum of exp relative to that max, first argmax, target logit) per row: one read of the logits.
+Pass 2 (only when the gradient is asked for) reads the logits again and writes d. Compared with the jnp version
+(an argmax pass, a sum-of-exp pass, then a pass reading the logits and writing d) the gradient costs two float32
+reads and one compute-dtype write per element instead of three reads, and the statistics alone one read instead of
+two. Neither R nor V needs to be a multiple of the blocks: loads and stores are masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxXentConfig:
+    """Launch parameters: rows per program, vocabulary columns per loop step, Triton warps and pipeline stages."""
+
+    block_rows: int = 8
+    block_v: int = 2048
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_rows", "block_v", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        for name in ("block_rows", "block_v"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two, got {value}")
+
+    def compiler_params(self) -> pltriton.CompilerParams:
+        return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def default_config(rows: int, vocab: int) -> SoftmaxXentConfig:
+    """The launch parameters for (rows, vocab) logits: 8 rows x 2048 columns per step (16K float32 elements, 64
+    per thread at 8 warps), shrunk to the next power of two of ``rows`` / ``vocab`` for small inputs. To be tuned
+    on the H200 (``python -m m2rnn_jax.bench.loss --kernel-configs ...``)."""
+    return SoftmaxXentConfig(block_rows=min(8, _next_power_of_two(rows)), block_v=min(2048, _next_power_of_two(vocab)))
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class SoftmaxXent(NamedTuple):
+    """What :func:`softmax_cross_entropy` returns.
+
+    Attributes:
+        logsumexp: (R,) in the logits' dtype.
+        nll: (R,) ``logsumexp - logits[target]`` in the logits' dtype.
+        argmax: (R,) int32, the first index of the row maximum.
+        d_logits: (R, V) ``(softmax - onehot(target)) * weight`` in the requested dtype, or None when not asked for.
+    """
+
+    logsumexp: jax.Array
+    nll: jax.Array
+    argmax: jax.Array
+    d_logits: jax.Array | None
+
+
+def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: int, block_rows: int, block_v: int):
+    logsumexp_ref, nll_ref, argmax_ref = out_refs[:3]
+    d_ref = out_refs[3] if len(out_refs) == 4 else None
+    dtype = logits_ref.dtype
+    first_row = pl.program_id(0) * block_rows
+    row_ids = first_row + jnp.arange(block_rows, dtype=jnp.int32)
+    row_ok = row_ids < rows
+    row_slice = pl.ds(first_row, block_rows)
+    targets = pltriton.load(targets_ref.at[row_slice], mask=row_ok, other=0)
+    num_blocks = pl.cdiv(vocab, block_v)
+
+    def load_block(j):
+        cols = j * block_v + jnp.arange(block_v, dtype=jnp.int32)
+        mask = row_ok[:, None] & (cols < vocab)[None, :]
+        x = pltriton.load(logits_ref.at[row_slice, pl.ds(j * block_v, block_v)], mask=mask, other=-jnp.inf)
+        return cols, mask, x
+
+    def statistics(j, carry):
+        top, total, best, target_logit = carry
+        cols, _, x = load_block(j)
+        block_top = jnp.max(x, axis=1)
+        block_best = jnp.min(jnp.where(x == block_top[:, None], cols[None, :], vocab), axis=1)
+        new_top = jnp.maximum(top, block_top)
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
+        best = jnp.where(block_top > top, block_best, best)  # strict: an equal later maximum keeps the first index
+        target_logit = target_logit + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0), axis=1)
+        return new_top, total, best, target_logit
+
+    # Rows past R start their running max at 0 instead of -inf so that they stay finite (they are never stored);
+    # a real row's first block holds column 0, so its max is finite after one step.
+    init = (
+        jnp.where(row_ok, -jnp.inf, 0).astype(dtype),
+        jnp.zeros((block_rows,), dtype),
+        jnp.zeros((block_rows,), jnp.int32),
+        jnp.zeros((block_rows,), dtype),
+    )
+    top, total, best, target_logit = lax.fori_loop(0, num_blocks, statistics, init)
+    logsumexp = top + jnp.log(total)
+    pltriton.store(logsumexp_ref.at[row_slice], logsumexp, mask=row_ok)
+    pltriton.store(nll_ref.at[row_slice], logsumexp - target_logit, mask=row_ok)
+    pltriton.store(argmax_ref.at[row_slice], best, mask=row_ok)
+    if d_ref is None:
+        return
+    weights = pltriton.load(weights_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
+
+    def gradient(j, _):
+        cols, mask, x = load_block(j)
+        onehot = (cols[None, :] == targets[:, None]).astype(dtype)
+        d = (jnp.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
+        pltriton.store(d_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(d_ref.dtype), mask=mask)
+        return 0
+
+    lax.fori_loop(0, num_blocks, gradient, 0)
+
+
+def softmax_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    d_dtype: Any = None,
+    with_gradient: bool = True,
+    config: SoftmaxXentConfig | None = None,
+    interpret: bool = False,
+) -> SoftmaxXent:
+    """Per-row softmax cross-entropy statistics of ``logits`` and, optionally, its weighted gradient.
+
+    Args:
+        logits: (R, V) float logits (float32 on GPUs; float64 runs in interpret mode).
+        targets: (R,) int target ids in [0, V) (not checked: an id outside gives nll = logsumexp, no onehot).
+        weights: (R,) token weights scaling the rows of d_logits.
+        d_dtype: dtype of d_logits; default the logits' dtype.
+        with_gradient: False computes only the statistics (one read of the logits, ``d_logits`` None).
+        config: launch parameters; default :func:`default_config`.
+        interpret: run the kernel in Pallas interpret mode (any backend, for tests).
+
+    Returns:
+        :class:`SoftmaxXent`.
+
+    Raises:
+        ValueError: on shapes that do not fit together or a non-float ``logits``.
+    """
+    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"logits: expected shape (R, V) with R, V >= 1, got {logits.shape}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"logits: expected a float dtype, got {logits.dtype}")
+    rows, vocab = logits.shape
+    if targets.shape != (rows,) or not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets: expected an int array of shape ({rows},), got {targets.dtype} {targets.shape}")
+    if weights.shape != (rows,):
+        raise ValueError(f"weights: expected shape ({rows},), got {weights.shape}")
+    config = default_config(rows, vocab) if config is None else config
+    dtype = logits.dtype
+    out_shape = [
+        jax.ShapeDtypeStruct((rows,), dtype),
+        jax.ShapeDtypeStruct((rows,), dtype),
+        jax.ShapeDtypeStruct((rows,), jnp.int32),
+    ]
+    if with_gradient:
+        out_shape.append(jax.ShapeDtypeStruct((rows, vocab), jnp.dtype(dtype if d_dtype is None else d_dtype)))
+    outputs = pl.pallas_call(
+        functools.partial(_kernel, rows=rows, vocab=vocab, block_rows=config.block_rows, block_v=config.block_v),
+        out_shape=out_shape,
+        grid=(pl.cdiv(rows, config.block_rows),),
+        compiler_params=config.compiler_params(),
+        interpret=interpret,
+        name="softmax_cross_entropy" + ("_and_gradient" if with_gradient else ""),
+    )(logits, targets.astype(jnp.int32), weights.astype(dtype))
+    return SoftmaxXent(*outputs[:3], outputs[3] if with_gradient else None)
