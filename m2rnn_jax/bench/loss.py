@@ -1,8 +1,9 @@
 """Benchmark of the LM head + cross-entropy: the chunked version against the plain one (full logits).
 
     python -m m2rnn_jax.bench.loss                                   # B=8, S=4096, h=1024, V=100352, bf16
-    python -m m2rnn_jax.bench.loss --chunk-sizes 1024 2048 4096 --json head.json
+    python -m m2rnn_jax.bench.loss --chunk-sizes 1024 2048 4096 --statistics two_pass pallas_gpu --json head.json
     python -m m2rnn_jax.bench.loss --batch 2 --seq-len 64 --hidden 32 --vocab 512 --dtype float32   # CPU
+    python -m m2rnn_jax.bench.loss --kernel-configs 8x2048x8x2 16x1024x8x2 --kernel-rows 2048       # GPU kernel sweep
 
 Both versions take hidden states (B*S, h) in the compute dtype and a float32 kernel (h, V) and return (mean token
 cross-entropy, number of correct argmax predictions), what the train step needs. "plain" is the code the train step
@@ -11,7 +12,14 @@ ran before the chunked head: logits (B*S, V) in the compute dtype (``nnx.Linear`
 :func:`m2rnn_jax.models.lm_head_loss.lm_head_cross_entropy`. Forward+backward is one jitted ``value_and_grad``
 wrt hidden and kernel. Times: median ms per call (:func:`m2rnn_jax.bench.timing.median_ms`); memory: the compiled
 executable's temporaries (``memory_analysis().temp_size_in_bytes``). The ``*_rel_diff`` entries compare the chunked
-loss and gradients with the plain ones at this shape (relative L2 norm of the difference).
+loss and gradients with the plain ones at this shape (relative L2 norm of the difference). ``--statistics`` picks
+how each chunk's softmax statistics and logits gradient are computed (one row per chunk size and choice; see
+:data:`m2rnn_jax.models.lm_head_loss.STATISTICS`).
+
+``--kernel-configs`` instead times only what follows the logits GEMM of one chunk: float32 logits (R, V) ~N(0, 4)
+-> (nll, hits) alone ("stats") and with d logits in the compute dtype ("grad"), for "two_pass" (jnp) and the fused
+kernel :mod:`pallas_kernels.gpu.softmax_xent` at each launch configuration ``ROWSxCOLSxWARPSxSTAGES``; the
+``*_max_diff`` entries compare each with two_pass (max |difference| of nll and d logits).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import jax.numpy as jnp
 
 from m2rnn_jax.bench.report import format_table, write_json
 from m2rnn_jax.bench.timing import compile_timed, median_ms, temp_bytes, to_gib
-from m2rnn_jax.models.lm_head_loss import default_num_chunks, lm_head_cross_entropy
+from m2rnn_jax.models.lm_head_loss import STATISTICS, chunk_loss_terms, default_num_chunks, lm_head_cross_entropy
 from m2rnn_jax.models.loss import cross_entropy
+from pallas_kernels.gpu.softmax_xent import SoftmaxXentConfig, softmax_cross_entropy
 
 SEED = 0
 INIT_STD = 0.02  # the kernel's init (initializer_range)
@@ -51,11 +60,22 @@ def plain_loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax
     return mean, jnp.sum(jnp.argmax(logits, axis=-1) == targets)
 
 
-def chunked_loss(chunk_size: int | None) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """:func:`lm_head_cross_entropy` with ``chunk_size``: (mean cross-entropy, correct count)."""
+def chunked_loss(
+    chunk_size: int | None, statistics: str = "two_pass", interpret: bool = False
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """:func:`lm_head_cross_entropy` with ``chunk_size``, ``statistics`` and ``interpret``: (mean cross-entropy,
+    correct count)."""
 
     def loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        head = lm_head_cross_entropy(x, kernel, targets, chunk_size=chunk_size, compute_dtype=x.dtype)
+        head = lm_head_cross_entropy(
+            x,
+            kernel,
+            targets,
+            chunk_size=chunk_size,
+            compute_dtype=x.dtype,
+            statistics=statistics,
+            interpret=interpret,
+        )
         return head.nll_sum / jnp.maximum(head.weight_sum, 1.0), jnp.sum(head.correct)
 
     return loss
@@ -91,21 +111,25 @@ def bench_lm_head_loss(
     repeats: int,
     *,
     chunk_size: int | None = None,
+    statistics: str = "two_pass",
     compare_plain: bool = True,
+    interpret: bool = False,
 ) -> dict[str, Any]:
-    """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it).
+    """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it);
+    ``interpret`` runs the "pallas_gpu" kernel in interpret mode (CPU smoke tests).
 
     Returns:
         ``forward_ms``, ``fwd_bwd_ms``, ``forward_temp_gib``, ``fwd_bwd_temp_gib``, ``compile_s``,
-        ``chunk_tokens`` (tokens per chunk) of the chunked version; with ``compare_plain`` the
+        ``chunk_tokens`` (tokens per chunk) and ``statistics`` of the chunked version; with ``compare_plain`` the
         first five again with a ``plain_`` prefix, and ``loss_rel_diff``, ``d_hidden_rel_diff``,
         ``d_kernel_rel_diff`` (chunked vs plain).
     """
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
     num_chunks = default_num_chunks(num_tokens, vocab) if chunk_size is None else -(-num_tokens // chunk_size)
-    result, (value, grads) = _time(chunked_loss(chunk_size), args, iters, repeats)
+    result, (value, grads) = _time(chunked_loss(chunk_size, statistics, interpret), args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)
+    result["statistics"] = statistics
     if compare_plain:
         plain, (plain_value, plain_grads) = _time(plain_loss, args, iters, repeats)
         result.update({f"plain_{key}": value_ for key, value_ in plain.items()})
@@ -115,8 +139,85 @@ def bench_lm_head_loss(
     return result
 
 
+def parse_kernel_config(text: str) -> SoftmaxXentConfig:
+    """``"ROWSxCOLSxWARPSxSTAGES"`` (e.g. ``8x2048x8x2``) -> :class:`SoftmaxXentConfig`."""
+    parts = text.split("x")
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"kernel config: expected ROWSxCOLSxWARPSxSTAGES such as 8x2048x8x2, got {text!r}")
+    block_rows, block_v, num_warps, num_stages = map(int, parts)
+    return SoftmaxXentConfig(block_rows=block_rows, block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+
+
+def _chunk_terms_function(
+    config: SoftmaxXentConfig | None, dtype: str, with_gradient: bool, interpret: bool
+) -> Callable[..., Any]:
+    """(logits, targets, weights) -> (nll, hits, d logits or None): two_pass for ``config`` None, else the kernel."""
+
+    def terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
+        if config is None:
+            return chunk_loss_terms(
+                logits, targets, weights, statistics="two_pass", d_dtype=dtype, with_gradient=with_gradient
+            )
+        fused = softmax_cross_entropy(
+            logits, targets, weights, d_dtype=dtype, with_gradient=with_gradient, config=config, interpret=interpret
+        )
+        return fused.nll, fused.argmax == targets, fused.d_logits
+
+    return jax.jit(terms)
+
+
+def bench_chunk_terms(
+    rows: int,
+    vocab: int,
+    dtype: str,
+    iters: int,
+    repeats: int,
+    configs: Sequence[SoftmaxXentConfig],
+    interpret: bool = False,
+) -> list[dict[str, Any]]:
+    """Times the statistics ("stats_ms", no gradient) and statistics + d logits ("grad_ms") of one chunk's float32
+    logits (rows, vocab): a "two_pass" row, then one "pallas_gpu" row per launch configuration, with
+    ``nll_max_diff`` / ``d_max_diff`` against two_pass and ``hits_equal`` (``interpret``: the kernel in interpret
+    mode)."""
+    keys = jax.random.split(jax.random.PRNGKey(SEED), 3)
+    logits = 2.0 * jax.random.normal(keys[0], (rows, vocab), jnp.float32)
+    targets = jax.random.randint(keys[1], (rows,), 0, vocab, dtype=jnp.int32)
+    weights = (jax.random.uniform(keys[2], (rows,)) > 0.1).astype(jnp.float32)
+    args = (logits, targets, weights)
+    results, reference = [], None
+    for config in [None, *configs]:
+        stats, grad = (_chunk_terms_function(config, dtype, flag, interpret) for flag in (False, True))
+        row = {
+            "variant": "two_pass" if config is None else "pallas_gpu",
+            "config": None
+            if config is None
+            else f"{config.block_rows}x{config.block_v}x{config.num_warps}x{config.num_stages}",
+            "stats_ms": median_ms(stats, *args, iters=iters, repeats=repeats),
+            "grad_ms": median_ms(grad, *args, iters=iters, repeats=repeats),
+        }
+        nll, hits, d_logits = grad(*args)
+        if reference is None:
+            reference = (nll, hits, d_logits)
+        row["nll_max_diff"] = float(jnp.max(jnp.abs(nll - reference[0])))
+        row["hits_equal"] = bool(jnp.all(hits == reference[1]))
+        row["d_max_diff"] = float(jnp.max(jnp.abs(d_logits.astype(jnp.float32) - reference[2].astype(jnp.float32))))
+        results.append(row)
+    return results
+
+
+KERNEL_TABLE_COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("config", "config", "{}"),
+    ("stats ms", "stats_ms", "{:.2f}"),
+    ("stats + d ms", "grad_ms", "{:.2f}"),
+    ("nll diff", "nll_max_diff", "{:.1e}"),
+    ("d diff", "d_max_diff", "{:.1e}"),
+    ("hits equal", "hits_equal", "{}"),
+]
+
 TABLE_COLUMNS = [
     ("chunk", "chunk_tokens", "{}"),
+    ("statistics", "statistics", "{}"),
     ("fwd ms", "forward_ms", "{:.2f}"),
     ("fwd+bwd ms", "fwd_bwd_ms", "{:.2f}"),
     ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
@@ -143,30 +244,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="tokens per chunk, one row each (default: one row with the default chunking)",
     )
+    parser.add_argument(
+        "--statistics",
+        nargs="+",
+        choices=STATISTICS,
+        default=["two_pass"],
+        help="softmax statistics + logits gradient of each chunk, one row each per chunk size",
+    )
+    parser.add_argument(
+        "--kernel-configs",
+        nargs="*",
+        default=[],
+        help="time only the chunk statistics (two_pass and the fused kernel at these ROWSxCOLSxWARPSxSTAGES)",
+    )
+    parser.add_argument(
+        "--kernel-rows", type=int, help="rows of the logits for --kernel-configs (default: tokens per chunk)"
+    )
+    parser.add_argument("--interpret", action="store_true", help="run the Pallas kernel in interpret mode (CPU)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = []
-    for chunk_size in args.chunk_sizes or [None]:
-        rows.append(
-            bench_lm_head_loss(
-                args.batch,
-                args.seq_len,
-                args.hidden,
-                args.vocab,
-                args.dtype,
-                args.iters,
-                args.repeats,
-                chunk_size=chunk_size,
-                compare_plain=not rows,
-            )
-        )
-    print(
-        f"LM head + loss on {jax.devices()[0].device_kind} (jax {jax.__version__}): N={args.batch}x{args.seq_len} "
-        f"h={args.hidden} V={args.vocab} {args.dtype}"
-    )
-    print(format_table(TABLE_COLUMNS, rows))
+    device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
+    if args.kernel_configs:
+        num_tokens = args.batch * args.seq_len
+        kernel_rows = args.kernel_rows or -(-num_tokens // default_num_chunks(num_tokens, args.vocab))
+        configs = [parse_kernel_config(text) for text in args.kernel_configs]
+        rows = bench_chunk_terms(kernel_rows, args.vocab, args.dtype, args.iters, args.repeats, configs, args.interpret)
+        print(f"Chunk statistics on {device}: logits {kernel_rows}x{args.vocab} float32, d logits {args.dtype}")
+        print(format_table(KERNEL_TABLE_COLUMNS, rows))
+    else:
+        rows = []
+        for chunk_size in args.chunk_sizes or [None]:
+            for statistics in args.statistics:
+                rows.append(
+                    bench_lm_head_loss(
+                        args.batch,
+                        args.seq_len,
+                        args.hidden,
+                        args.vocab,
+                        args.dtype,
+                        args.iters,
+                        args.repeats,
+                        chunk_size=chunk_size,
+                        statistics=statistics,
+                        compare_plain=not rows,
+                        interpret=args.interpret,
+                    )
+                )
+        print(f"LM head + loss on {device}: N={args.batch}x{args.seq_len} h={args.hidden} V={args.vocab} {args.dtype}")
+        print(format_table(TABLE_COLUMNS, rows))
     if args.json:
         write_json(args.json, {"shape": vars(args), "jax": jax.__version__, "rows": rows})
     else:

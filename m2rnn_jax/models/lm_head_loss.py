@@ -230,28 +230,63 @@ def _token_statistics(logits: jax.Array, targets_c: jax.Array) -> tuple[jax.Arra
     return logsumexp, logsumexp - target_logit, best == targets_c
 
 
+def chunk_loss_terms(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    statistics: str,
+    d_dtype: Any,
+    with_gradient: bool,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """One chunk's cross-entropy terms from its logits, computed as ``statistics`` says (:data:`STATISTICS`).
+
+    Args:
+        logits: (..., V) float logits (float32 from the head's matmul).
+        targets: (...) int32 target ids.
+        weights: (...) token weights (scale ``d logits``).
+        statistics: "two_pass" (jnp) or "pallas_gpu" (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy`).
+        d_dtype: dtype of ``d logits`` (the compute dtype).
+        with_gradient: also return ``d logits``; False reads the logits for the statistics only.
+        interpret: run the "pallas_gpu" kernel in Pallas interpret mode.
+
+    Returns:
+        (nll (...), argmax == target (...) bool, d logits = (softmax - onehot(target)) * weight (..., V) in
+        ``d_dtype``, or None without ``with_gradient``).
+    """
+    if statistics == "pallas_gpu":
+        fused = softmax_cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            weights.reshape(-1),
+            d_dtype=d_dtype,
+            with_gradient=with_gradient,
+            interpret=interpret,
+        )
+        d_logits = None if fused.d_logits is None else fused.d_logits.reshape(logits.shape)
+        return fused.nll.reshape(targets.shape), fused.argmax.reshape(targets.shape) == targets, d_logits
+    logsumexp, nll, hits = _token_statistics(logits, targets)
+    if not with_gradient:
+        return nll, hits, None
+    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+    d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights[..., None]
+    return nll, hits, d_logits.astype(d_dtype)
+
+
 def _chunk_terms(
     layout: _Layout, logits: jax.Array, targets_c: jax.Array, weights_c: jax.Array, with_gradient: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(G, C, V) logits -> (nll (G, C), argmax == target (G, C) bool, d logits (G, C, V) in the compute dtype, or
-    None without ``with_gradient``), by ``layout.statistics``."""
-    if layout.statistics == "pallas_gpu":
-        fused = softmax_cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets_c.reshape(-1),
-            weights_c.reshape(-1),
-            d_dtype=layout.compute_dtype,
-            with_gradient=with_gradient,
-            interpret=layout.interpret,
-        )
-        d_logits = None if fused.d_logits is None else fused.d_logits.reshape(logits.shape)
-        return fused.nll.reshape(targets_c.shape), fused.argmax.reshape(targets_c.shape) == targets_c, d_logits
-    logsumexp, nll, hits = _token_statistics(logits, targets_c)
-    if not with_gradient:
-        return nll, hits, None
-    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets_c[..., None]
-    d_logits = (jnp.exp(logits - logsumexp[..., None]) - onehot) * weights_c[..., None]
-    return nll, hits, d_logits.astype(layout.compute_dtype)
+    """:func:`chunk_loss_terms` of (G, C, V) logits with the layout's statistics and compute dtype."""
+    return chunk_loss_terms(
+        logits,
+        targets_c,
+        weights_c,
+        statistics=layout.statistics,
+        d_dtype=layout.compute_dtype,
+        with_gradient=with_gradient,
+        interpret=layout.interpret,
+    )
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.bench.loss import bench_lm_head_loss
+from m2rnn_jax.bench.loss import bench_chunk_terms, bench_lm_head_loss, parse_kernel_config
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.lm_head_loss import (
     CHUNK_LOGITS_ELEMENTS,
@@ -272,6 +272,31 @@ def test_bench_times_both_versions_at_a_tiny_shape():
             assert result[prefix + key] > 0, prefix + key
     for key in ("loss_rel_diff", "d_hidden_rel_diff", "d_kernel_rel_diff"):
         assert result[key] < 1e-5, key
+
+
+def test_bench_times_the_fused_statistics_in_interpret_mode():
+    result = bench_lm_head_loss(2, 16, 8, 64, "float32", 1, 1, chunk_size=8, statistics="pallas_gpu", interpret=True)
+    assert result["statistics"] == "pallas_gpu" and result["fwd_bwd_ms"] > 0
+    for key in ("loss_rel_diff", "d_hidden_rel_diff", "d_kernel_rel_diff"):
+        assert result[key] < 1e-5, key
+    config = parse_kernel_config("4x128x4x1")
+    assert (config.block_rows, config.block_v, config.num_warps, config.num_stages) == (4, 128, 4, 1)
+    rows = bench_chunk_terms(10, 300, "float32", 1, 1, [config], interpret=True)
+    assert [row["variant"] for row in rows] == ["two_pass", "pallas_gpu"] and rows[1]["config"] == "4x128x4x1"
+    assert rows[1]["hits_equal"] and rows[1]["nll_max_diff"] < 1e-5 and rows[1]["d_max_diff"] < 1e-6, rows
+    with pytest.raises(ValueError, match="kernel config: expected ROWSxCOLSxWARPSxSTAGES"):
+        parse_kernel_config("8x2048")
+
+
+@pytest.mark.gpu
+def test_gpu_target_shape_with_the_fused_statistics_matches_the_plain_head():
+    """As below with statistics="pallas_gpu": the same memory bound and agreement with the plain head."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    result = bench_lm_head_loss(8, 4096, 1024, 100352, "bfloat16", 2, 2, statistics="pallas_gpu")
+    assert result["fwd_bwd_temp_gib"] <= 3.0, result
+    assert result["loss_rel_diff"] < 1e-3, result
+    assert result["d_hidden_rel_diff"] < 2e-2 and result["d_kernel_rel_diff"] < 2e-2, result
 
 
 @pytest.mark.gpu
