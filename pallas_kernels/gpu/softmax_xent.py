@@ -52,11 +52,23 @@ class SoftmaxXentConfig:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+# Programs to aim for: memory-bound streaming wants several programs per SM (132 SMs on the H200).
+TARGET_PROGRAMS = 1024
+
+
 def default_config(rows: int, vocab: int) -> SoftmaxXentConfig:
-    """The launch parameters for (rows, vocab) logits: 8 rows x 2048 columns per step (16K float32 elements, 64
-    per thread at 8 warps), shrunk to the next power of two of ``rows`` / ``vocab`` for small inputs. To be tuned
-    on the H200 (``python -m m2rnn_jax.bench.loss --kernel-configs ...``)."""
-    return SoftmaxXentConfig(block_rows=min(8, _next_power_of_two(rows)), block_v=min(2048, _next_power_of_two(vocab)))
+    """The launch parameters for (rows, vocab) logits, provisional until timed on the H200
+    (``python -m m2rnn_jax.bench.loss --kernel-configs ...``, docs/lm_head_loss_and_remat.md).
+
+    Rows per program: the largest power of two <= 8 that still gives :data:`TARGET_PROGRAMS` programs (at least 1;
+    a chunk of 2048 tokens gets 2 rows per program). Columns per step: 2048 (the next power of two of ``vocab`` when
+    smaller). Warps: 8 for tiles above 4096 elements, else 4 (8-16 float32 elements per thread and tensor)."""
+    block_rows = 8
+    while block_rows > 1 and -(-rows // block_rows) < TARGET_PROGRAMS:
+        block_rows //= 2
+    block_rows = min(block_rows, _next_power_of_two(rows))
+    block_v = min(2048, _next_power_of_two(vocab))
+    return SoftmaxXentConfig(block_rows=block_rows, block_v=block_v, num_warps=8 if block_rows * block_v > 4096 else 4)
 
 
 def _next_power_of_two(n: int) -> int:

@@ -79,9 +79,9 @@ def test_kernel_writes_d_logits_in_the_compute_dtype():
 
 
 def test_default_config_fits_small_and_large_inputs():
-    assert default_config(32768, 100352) == SoftmaxXentConfig(block_rows=8, block_v=2048)
-    small = default_config(3, 70)
-    assert (small.block_rows, small.block_v) == (4, 128)
+    assert default_config(32768, 100352) == SoftmaxXentConfig(block_rows=8, block_v=2048, num_warps=8)
+    assert default_config(2048, 100352) == SoftmaxXentConfig(block_rows=2, block_v=2048, num_warps=4)
+    assert default_config(3, 70) == SoftmaxXentConfig(block_rows=1, block_v=128, num_warps=4)
 
 
 def test_bad_inputs_raise():
