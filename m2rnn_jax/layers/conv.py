@@ -13,6 +13,13 @@ Autodiff of the plain formula keeps float32 copies of the window and of the pre-
 window's cotangent back into [state | x]; the custom backward recomputes the pre-activation from x and reads the
 activation's cotangent through a few fused passes: the kernel and bias gradients as sibling reductions over (B, S), dx
 and d state as the transposed conv written straight into each.
+
+:func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the
+fused Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy
+for dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" picks
+"pallas_gpu" on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output, else "jnp". Under a
+mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes, channels over
+``tensor`` (when they divide).
 """
 
 from __future__ import annotations
@@ -23,14 +30,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.manual_axes import vary_together
+from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
+from pallas_kernels.gpu.causal_conv import causal_conv_backward, causal_conv_forward
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
+CONV_BACKENDS = ("auto", "jnp", "pallas_gpu")
+FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def _window(x: jax.Array, state: jax.Array) -> jax.Array:
@@ -107,15 +119,41 @@ def causal_conv(
     *,
     activation: str | None,
     dtype: Dtype,
+    backend: str = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`causal_conv_reference` without documents, with the custom backward of :func:`_conv_output`.
+    """:func:`causal_conv_reference` without documents, with a custom backward.
 
     Same arguments (no ``segment_ids``) and results: y (B, S, C) in ``dtype``, new state (B, kernel_size - 1, C)
-    in state's dtype. The state is a slice of the inputs and is differentiated by JAX. Under ``jax.shard_map``
-    the inputs are first cast to vary over the same manual axes (:mod:`m2rnn_jax.layers.manual_axes`).
+    in state's dtype. ``backend``: one of :data:`CONV_BACKENDS` (module docstring; :func:`resolve_conv_backend`);
+    ``interpret`` runs the "pallas_gpu" kernels in Pallas' interpret mode (any platform, for tests). The state is a
+    slice of the inputs and is differentiated by JAX. Under ``jax.shard_map`` the inputs are first cast to vary
+    over the same manual axes (:mod:`m2rnn_jax.layers.manual_axes`).
     """
-    y = _conv_output(*vary_together(x, state, kernel, bias), activation, dtype)  # cotangent types (shard_map)
+    inputs = vary_together(x, state, kernel, bias)  # cotangent types (shard_map)
+    if resolve_conv_backend(backend, inputs, dtype) == "pallas_gpu":
+        y = _fused_conv_output_on_mesh(*inputs, activation, dtype, interpret)
+    else:
+        y = _conv_output(*inputs, activation, dtype)
     return y, _last_inputs(x, state)
+
+
+def _on_nvidia_gpu() -> bool:
+    """Whether the default device is an NVIDIA GPU (the test of :mod:`m2rnn_jax.ops.m2rnn.backends`)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+
+
+def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dtype: Dtype) -> str:
+    """The concrete backend of :func:`causal_conv`: ``backend`` unless it is "auto", which is "pallas_gpu" on an
+    NVIDIA GPU when every input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else
+    "jnp"."""
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"backend: expected one of {list(CONV_BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
+    return "pallas_gpu" if _on_nvidia_gpu() and all(d in FUSED_DTYPES for d in dtypes) else "jnp"
 
 
 def _pre_activation(
@@ -183,6 +221,76 @@ def _conv_output_bwd(
 
 
 _conv_output.defvjp(_conv_output_fwd, _conv_output_bwd)
+
+
+def _fused_conv_output_on_mesh(
+    x: jax.Array,
+    state: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    activation: str | None,
+    dtype: Dtype,
+    interpret: bool,
+) -> jax.Array:
+    """:func:`_fused_conv_output`, inside ``jax.shard_map`` when the current mesh has auto axes that split the
+    batch or the channels (a Pallas kernel is opaque to XLA's partitioner, which would gather its inputs). The
+    backward is linear in dy, so shard_map's transpose (summing the replicated parameters' cotangents) is exact."""
+    sizes = auto_axis_sizes()
+    batch_axes = batch_split_axes(sizes, x.shape[0])
+    channel_shards = sizes.get(HEAD_MESH_AXIS, 1)
+    channel_axis = HEAD_MESH_AXIS if channel_shards > 1 and x.shape[-1] % channel_shards == 0 else None
+    run = lambda *arrays: _fused_conv_output(*arrays, activation, dtype, interpret)
+    if not batch_axes and channel_axis is None:
+        return run(x, state, kernel, bias)
+    tokens = P(spec_entry(batch_axes), None, channel_axis)
+    specs = (tokens, tokens, P(None, channel_axis), None if bias is None else P(channel_axis))
+    return jax.shard_map(run, in_specs=specs, out_specs=tokens, check_vma=False)(x, state, kernel, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_conv_output(
+    x: jax.Array,
+    state: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    activation: str | None,
+    dtype: Dtype,
+    interpret: bool,
+) -> jax.Array:
+    """:func:`_conv_output` by the fused kernels: y (B, S, C) in ``dtype``."""
+    return causal_conv_forward(
+        x, state, kernel, bias, activation=_activation(activation), out_dtype=dtype, interpret=interpret
+    )
+
+
+def _fused_conv_output_fwd(x, state, kernel, bias, activation, dtype, interpret):
+    return _fused_conv_output(x, state, kernel, bias, activation, dtype, interpret), (x, state, kernel, bias)
+
+
+def _fused_conv_output_bwd(
+    activation: str | None,
+    dtype: Dtype,
+    interpret: bool,
+    residuals: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None],
+    dy: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """dx, d kernel, d bias from the backward kernel; d state, which only the first kernel_size - 1 tokens reach,
+    from :func:`_conv_output_bwd` of those tokens."""
+    x, state, kernel, bias = residuals
+    dx, dkernel, dbias = causal_conv_backward(
+        x, state, kernel, bias, dy, activation=_activation(activation), interpret=interpret
+    )
+    tail = state.shape[1]
+    head = (x[:, :tail], state, kernel, bias)
+    dstate = _conv_output_bwd(activation, dtype, head, dy[:, :tail])[1] if tail else jnp.zeros_like(state)
+    return dx, dstate, dkernel.astype(kernel.dtype), None if bias is None else dbias.astype(bias.dtype)
+
+
+_fused_conv_output.defvjp(_fused_conv_output_fwd, _fused_conv_output_bwd)
+
+
+def _activation(name: str | None) -> Callable[[jax.Array], jax.Array] | None:
+    return None if name is None else ACTIVATIONS[name]
 
 
 class CausalDepthwiseConv1d(nnx.Module):

@@ -77,6 +77,12 @@ def default_config(seq_len: int, channels: int) -> ConvKernelConfig:
     return ConvKernelConfig(block_s=block_s, block_c=block_c, blocks_per_program=blocks_per_program)
 
 
+def _output(shape: tuple[int, ...], dtype: jnp.dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """An output type that varies over the manual mesh axes ``like`` varies over (inside a ``jax.shard_map`` with
+    ``check_vma=True`` a kernel's outputs must say so)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=getattr(jax.typeof(like), "manual_axis_type", None))
+
+
 def _check_inputs(x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> None:
     """ValueError naming the argument for shapes and dtypes the kernels do not take."""
     if x.ndim != 3:
@@ -106,8 +112,9 @@ class _Tiles:
         self.col_ok = self.cols < self.channels
 
     def window(self, shift: int) -> jax.Array:
-        """w at token rows + shift in float32 (B-slice (block_s, block_c)): x where the row is >= 0, the state
-        (which holds rows -(ks - 1) .. -1) before that, zero past S or C. Indices are clamped into bounds."""
+        """w at token rows + shift in float32 (block_s, block_c): x where the row is >= 0, the state (rows
+        -(ks - 1) .. -1, rounded to x's dtype as the layer's window is) before that, zero past S or C. Indices are
+        clamped into bounds (the interpreter reads every index; the GPU skips masked ones)."""
         rows = self.rows + shift
         from_x = (rows >= 0) & (rows < self.seq_len) & self.col_ok
         x_rows = jnp.clip(rows, 0, self.seq_len - 1)
@@ -118,7 +125,7 @@ class _Tiles:
         from_state = (rows < 0) & self.col_ok
         state_rows = jnp.clip(rows + tail, 0, tail - 1)
         before = pltriton.load(self.state_ref.at[self.b, state_rows, self.cols], mask=from_state, other=0)
-        return jnp.where(rows < 0, before.astype(jnp.float32), value)
+        return jnp.where(rows < 0, before.astype(self.x_ref.dtype).astype(jnp.float32), value)
 
     def token(self, ref, shift: int = 0) -> jax.Array:
         """ref (B, S, C) at token rows + shift in float32, zero past S or C (shift >= 0)."""
@@ -230,6 +237,8 @@ def causal_conv_forward(
       y (B, S, C) in ``out_dtype``.
     """
     _check_inputs(x, state, kernel, bias)
+    if jnp.dtype(out_dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"out_dtype: expected bfloat16, float16 or float32, got {jnp.dtype(out_dtype)}")
     batch, seq_len, channels = x.shape
     kernel_size = kernel.shape[0]
     config = config or default_config(seq_len, channels)
@@ -238,7 +247,7 @@ def causal_conv_forward(
     grid = (batch, pl.cdiv(seq_len, config.block_s), pl.cdiv(channels, config.block_c))
     return pl.pallas_call(
         functools.partial(_forward_kernel, activation=activation, config=config),
-        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+        out_shape=_output(x.shape, out_dtype, x),
         grid=grid,
         compiler_params=config.compiler_params(),
         interpret=interpret,
@@ -266,8 +275,8 @@ def causal_conv_backward(
       state's cotangent is not computed (it depends only on the first ks - 1 tokens; see the module docstring).
     """
     _check_inputs(x, state, kernel, bias)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
+    if dy.shape != x.shape or jnp.dtype(dy.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"dy: expected shape {x.shape} in bfloat16, float16 or float32, got {dy.shape} {dy.dtype}")
     batch, seq_len, channels = x.shape
     kernel_size = kernel.shape[0]
     config = config or default_config(seq_len, channels)
@@ -275,11 +284,11 @@ def causal_conv_backward(
     tail_state = _state_operand(state, kernel_size, batch, channels)
     operands = (x, tail_state, kernel) + (() if bias is None else (bias,)) + (dy,)
     out_shape = [
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct((batch, groups, kernel_size, channels), jnp.float32),
+        _output(x.shape, x.dtype, x),
+        _output((batch, groups, kernel_size, channels), jnp.float32, x),
     ]
     if bias is not None:
-        out_shape.append(jax.ShapeDtypeStruct((batch, groups, channels), jnp.float32))
+        out_shape.append(_output((batch, groups, channels), jnp.float32, x))
     outs = pl.pallas_call(
         functools.partial(_backward_kernel, activation=activation, config=config, has_bias=bias is not None),
         out_shape=out_shape,

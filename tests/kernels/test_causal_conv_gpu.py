@@ -1,0 +1,201 @@
+"""The fused causal depthwise conv (pallas_kernels/gpu/causal_conv.py) against the plain formula.
+
+In interpret mode on any platform: the kernels called directly with small tiles (several row, channel and
+row-group blocks, ragged S and C) against autodiff of ``causal_conv_reference``, and ``causal_conv`` with
+``backend="pallas_gpu"`` (values, new state and every gradient) for kernel sizes 1..4, with and without bias and
+activation, float32 and bf16 inputs, a nonzero state, S shorter than the state, under ``jax.vmap`` and a
+``jax.shard_map``. Tests marked ``gpu`` run the compiled kernels on an NVIDIA GPU at the GDN conv's shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from m2rnn_jax.layers.conv import causal_conv, causal_conv_reference, resolve_conv_backend
+from pallas_kernels.gpu.causal_conv import (
+    ConvKernelConfig,
+    causal_conv_backward,
+    causal_conv_forward,
+    default_config,
+)
+from tests.layers.test_conv_vjp import MODES, PARAMETER_GRADIENTS, assert_close, make_inputs, values_and_gradients
+
+FUSED = dict(backend="pallas_gpu", interpret=True)
+SMALL_TILES = ConvKernelConfig(block_s=8, block_c=16, blocks_per_program=2)
+
+
+def fused_conv(x, state, kernel, bias, *, activation, dtype):
+    return causal_conv(x, state, kernel, bias, activation=activation, dtype=dtype, **FUSED)
+
+
+def reference_gradients(x, state, kernel, bias, dy, activation, dtype):
+    """y and the cotangents of (x, state, kernel, bias) of the plain formula for the cotangent dy of y."""
+    run = lambda *args: causal_conv_reference(*args, activation=activation, dtype=dtype)[0]
+    y, vjp = jax.vjp(run, x, state, kernel, bias)
+    return y, vjp(dy)
+
+
+def compare(mode: str, x, state, kernel, bias, activation, fn=fused_conv, transform=lambda f: f) -> None:
+    """values_and_gradients of ``fn`` and of the reference under ``jax.jit(transform(...))`` agree."""
+    dtype = MODES[mode][3]
+    outputs, grads = jax.jit(
+        transform(lambda *args: values_and_gradients(fn, *args, activation=activation, dtype=dtype))
+    )(x, state, kernel, bias)
+    expected_outputs, expected_grads = jax.jit(
+        transform(lambda *args: values_and_gradients(causal_conv_reference, *args, activation=activation, dtype=dtype))
+    )(x, state, kernel, bias)
+    for name, actual, expected in zip(("y", "new_state"), outputs, expected_outputs, strict=True):
+        assert_close(actual, expected, name, mode)
+    for name, actual, expected in zip(("dx", "dstate", *PARAMETER_GRADIENTS), grads, expected_grads, strict=True):
+        if expected is None:
+            assert actual is None, name
+        else:
+            assert_close(actual, expected, name, mode)
+
+
+@pytest.mark.parametrize("mode", ["f32", "bf16"])
+@pytest.mark.parametrize(
+    "kernel_size, use_bias, activation", [(1, True, "silu"), (2, False, None), (3, True, None), (4, False, "silu")]
+)
+def test_kernels_with_small_tiles_match_reference(mode, kernel_size, use_bias, activation):
+    """S = 37 over 8-row blocks in groups of 2 (3 groups, the last ragged), C = 20 over 16-channel blocks."""
+    x, state, kernel, bias = make_inputs(mode, 2, 37, 20, kernel_size, use_bias, key=kernel_size)
+    dtype = MODES[mode][3]
+    dy = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), dtype)
+    act = None if activation is None else jax.nn.silu
+    y = causal_conv_forward(x, state, kernel, bias, activation=act, out_dtype=dtype, config=SMALL_TILES, interpret=True)
+    dx, dkernel, dbias = causal_conv_backward(
+        x, state, kernel, bias, dy, activation=act, config=SMALL_TILES, interpret=True
+    )
+    expected_y, (expected_dx, _, expected_dkernel, expected_dbias) = reference_gradients(
+        x, state, kernel, bias, dy, activation, dtype
+    )
+    assert_close(y, expected_y, "y", mode)
+    assert_close(dx, expected_dx, "dx", mode)
+    assert_close(dkernel, expected_dkernel, "dkernel", mode)
+    if use_bias:
+        assert_close(dbias, expected_dbias, "dbias", mode)
+    else:
+        assert dbias is None
+
+
+@pytest.mark.parametrize("mode", ["f32", "bf16"])
+@pytest.mark.parametrize(
+    "kernel_size, use_bias, activation", [(1, False, None), (2, True, "silu"), (3, False, "silu"), (4, True, None)]
+)
+def test_causal_conv_pallas_gpu_matches_reference(mode, kernel_size, use_bias, activation):
+    """The layer's function with the default tiles: y, new state and the gradients of x, state, kernel, bias."""
+    x, state, kernel, bias = make_inputs(mode, 2, 13, 6, kernel_size, use_bias, key=10 + kernel_size)
+    compare(mode, x, state, kernel, bias, activation)
+
+
+@pytest.mark.parametrize("seq_len", [1, 2])
+def test_sequences_shorter_than_the_state(seq_len):
+    """S < kernel_size - 1: every tap of the first rows reads the state; d state gets all of them."""
+    x, state, kernel, bias = make_inputs("f32", 2, seq_len, 3, 4, True, key=seq_len)
+    compare("f32", x, state, kernel, bias, "silu")
+
+
+def test_under_vmap():
+    """An extra leading axis mapped by jax.vmap (the kernels get a batched grid)."""
+    x, state, kernel, bias = make_inputs("f32", 2, 6, 4, 4, True)
+    xs = jnp.stack([x, 2 * x])
+    states = jnp.stack([state, -state])
+    compare("f32", xs, states, kernel, bias, "silu", transform=lambda f: jax.vmap(f, in_axes=(0, 0, None, None)))
+
+
+def test_inside_shard_map():
+    """Inside a caller's shard_map (check_vma=False: the Pallas interpreter does not track varying axes)."""
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = (P("data"), P("data"), P(), P())
+
+    def sharded(x, state, kernel, bias, *, activation, dtype):
+        def run(*args):
+            return fused_conv(*args, activation=activation, dtype=dtype)
+
+        return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=(P("data"), P("data")), check_vma=False)(
+            x, state, kernel, bias
+        )
+
+    x, state, kernel, bias = make_inputs("f32", 2, 9, 5, 4, True, key=3)
+    compare("f32", x, state, kernel, bias, "silu", fn=sharded)
+
+
+def test_lowers_for_cuda_inside_a_check_vma_shard_map():
+    """The kernels' outputs carry the inputs' varying manual axes: the gradient lowers for CUDA inside a
+    ``check_vma=True`` shard_map with replicated state and parameters (both kernels are Triton custom calls)."""
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, state, kernel, bias = make_inputs("bf16", 2, 9, 5, 4, True, key=4)
+
+    def loss(x, state, kernel, bias):
+        def run(*args):
+            y, new_state = causal_conv(*args, activation="silu", dtype=jnp.bfloat16, backend="pallas_gpu")
+            return jnp.sum(y.astype(jnp.float32) ** 2)[None]
+
+        sharded = jax.shard_map(run, mesh=mesh, in_specs=(P("data"), P(), P(), P()), out_specs=P("data"))
+        return jnp.sum(sharded(x, state, kernel, bias))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, state, kernel, bias)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "causal_conv_forward" in text and "causal_conv_backward" in text
+
+
+def test_auto_backend_is_jnp_off_nvidia_gpus():
+    x, state, kernel, bias = make_inputs("f32", 1, 4, 3, 2, False)
+    expected = "pallas_gpu" if jax.devices()[0].platform == "gpu" else "jnp"
+    assert resolve_conv_backend("auto", (x, state, kernel, bias), jnp.float32) == expected
+    assert resolve_conv_backend("auto", (x, state, kernel, bias), np.float64) == "jnp"
+    assert resolve_conv_backend("pallas_gpu", (x, state, kernel, bias), jnp.float32) == "pallas_gpu"
+
+
+def test_bad_arguments_raise():
+    x, state, kernel, bias = make_inputs("f32", 1, 4, 3, 2, True)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        causal_conv(x, state, kernel, bias, activation=None, dtype=jnp.float32, backend="cuda")
+    with pytest.raises(ValueError, match="x: expected dtype bfloat16, float16 or float32, got float64"):
+        causal_conv_forward(np.zeros(x.shape), state, kernel, bias, activation=None, out_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="out_dtype: expected"):
+        causal_conv_forward(x, state, kernel, bias, activation=None, out_dtype=np.float64)
+    with pytest.raises(ValueError, match=r"state: expected shape \(1, 1, 3\)"):
+        causal_conv_forward(x, state[:, :0], kernel, bias, activation=None, out_dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"dy: expected shape"):
+        causal_conv_backward(x, state, kernel, bias, x[:, :2], activation=None)
+    with pytest.raises(ValueError, match="block_c: expected a power of two, got 48"):
+        ConvKernelConfig(block_c=48)
+    with pytest.raises(ValueError, match="num_warps: expected a positive int"):
+        ConvKernelConfig(num_warps=0)
+
+
+def test_default_config_shrinks_to_small_inputs():
+    assert default_config(4096, 2048) == ConvKernelConfig(block_s=32, block_c=128, blocks_per_program=16)
+    assert default_config(5, 20) == ConvKernelConfig(block_s=8, block_c=32, blocks_per_program=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2**-7)])
+def test_compiled_kernels_match_reference_on_gpu(dtype, tol):
+    """The GDN qkv conv's shape per sequence (S = 4096, C = 2048, 4 taps, SiLU) plus a bias and a state."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4096, 2048)), dtype)
+    state = jnp.asarray(rng.standard_normal((2, 3, 2048)), dtype)
+    kernel = jnp.asarray(0.3 * rng.standard_normal((4, 2048)), jnp.float32)
+    bias = jnp.asarray(0.1 * rng.standard_normal(2048), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal(x.shape), dtype)
+
+    def outputs(fn, **backend):
+        run = lambda *args: fn(*args, activation="silu", dtype=dtype, **backend)[0]
+        y, vjp = jax.vjp(run, x, state, kernel, bias)
+        return (y, *vjp(dy))
+
+    fused = jax.jit(lambda: outputs(causal_conv, backend="pallas_gpu"))()
+    expected = jax.jit(lambda: outputs(causal_conv_reference))()
+    for name, actual, wanted in zip(("y", "dx", "dstate", "dkernel", "dbias"), fused, expected, strict=True):
+        wanted = np.asarray(wanted, np.float64)
+        scale = max(1.0, float(np.max(np.abs(wanted))))
+        np.testing.assert_allclose(np.asarray(actual, np.float64), wanted, rtol=tol, atol=tol * scale, err_msg=name)
