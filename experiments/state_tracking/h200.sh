@@ -1,79 +1,119 @@
 #!/usr/bin/env bash
-# Issue 14's H200 measurements as two device calls of <= 9 minutes each, in priority order:
-#   call 1: the S3 figure (7 mixers x 3 seeds, the compare command's GPU recipe: train at 128, evaluate to 512)
-#           and the state-tracking-s3-small preset (the >= 99.5% at 4x check);
+# Issue 14's H200 measurements as three device calls of <= 9 minutes each, in priority order:
+#   call 1: the S3 figure: 7 mixers x 3 seeds, the compare command's GPU recipe (train at 128, evaluate to 512);
 #   call 2: A5 for every mixer (1 seed, the same recipe), the state-tracking-a5-large preset, and the recurrence
-#           alone (experiments/state_tracking/probe.py, RNN and M2RNN) with the largest data budget one call gives:
-#           the open question of SEARCH.md.
+#           alone (experiments/state_tracking/probe.py, M2RNN and RNN): the open question of SEARCH.md;
+#   call 3: state-tracking-s3-small (the >= 99.5% at 4x check, float32) and the same preset in bfloat16 (the fused
+#           kernels): is bfloat16 what held it at 99.44% in session 5?
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
+#          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
-#   $OUT ends as one archive st_call<N>.tgz (the device returns at most 8 files); KEEP_OUT_TREE=1 keeps the tree.
+#          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
+#   Environment: JOBS (processes at once, default 2), BUDGET (seconds, default 540), RUNS (where the runs live),
+#   CACHE_ARCHIVE=1 (also return the compilation cache as $OUT/st_jax_cache.tgz, see the end), KEEP_OUT_TREE=1
+#   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files).
 #
-# Why it looks like this (the first version ran 16 processes at once; raw logs of that run: 16 processes on 16
-# cores and one GPU, every compile 2-30x slower than alone: M2RNN's first train step 167 s, cached ones 3-8 s; tiny
-# models at 12-70 steps/s; almost every run hit its timeout):
-#   * at most 5 processes, each pinned to its own cores (taskset, nproc / jobs cores each), XLA's compile threads
-#     limited to those cores (--xla_gpu_force_compilation_parallelism), no GEMM autotuning (--xla_gpu_autotune_level=0:
-#     these models' matmuls are tiny; autotuning is compile time) and no multi-threaded Eigen on the host; flags the
-#     installed XLA rejects are dropped (checked first, written to environment.txt);
-#   * the seeds (and models) of a process run one after another in ONE process, all processes share one persistent
-#     compilation cache (seeds 1-2 load seed 0's programs; on a warm machine a repeated call reuses them all);
-#   * every compare process has a deadline (--deadline-seconds): each run trains for an equal share of the time
-#     left, is evaluated at every position and written; time a run leaves unused goes to the next. The preset runs
-#     get SIGTERM early enough for their own evaluation (they evaluate the step reached). A final pass rebuilds
-#     the reports. `timeout -k` behind every process is only the safety net.
+# Why it looks like this. Session 7 ran 16 processes at once (every compile 2-30x slower, almost every run hit its
+# timeout); session 8's call 1 ran 5 (456 s, experiments/results/h200_2026-12-03_session8/st_call1): every compare
+# run was cut by its deadline far from its 3000 steps (M2RNN 1065-1307, GRU ~1470, RNN 1857-2827, GDN 1250-1422,
+# GDN [-1, 1] 1139-2174, Mamba2 1781-2224, attention 2489-3000). Two causes, both measured on the H200:
+#   * float32 M2RNN ran its fused pallas_gpu backward, 27.1 ms forward+backward at the comparison's shape
+#     (B=128 S=128 N=4 K=2 V=64) against 5.4 ms on the scan: backend "auto" now picks the scan there (4c9da9a);
+#   * without MPS the GPU time-slices between processes, and these models are launch-bound: processes cannot
+#     overlap on the GPU, they only lose to context switches (GRU 233 steps/s at length 32 while the others
+#     compiled, 13-25 at 128 with five training). More processes only overlap compiles (host side).
+# So: JOBS=2 processes (one trains while the other compiles), each pinned to nproc / JOBS cores (taskset), XLA's
+# compile threads limited to those (--xla_gpu_force_compilation_parallelism), no GEMM autotuning
+# (--xla_gpu_autotune_level=0), no multi-threaded Eigen on the host; flags the installed XLA rejects are dropped
+# (checked first, written to environment.txt). Seeds and models of a job run one after another in ONE process, and
+# all share one persistent compilation cache (seeds 1-2 load seed 0's programs; on a warm machine, or with the
+# cache carried in, a repeated call compiles nothing). Every compare process has a deadline (--deadline-seconds):
+# each run trains for an equal share of the time left, is evaluated at every position and written; time a run
+# leaves unused goes to the next ("N of 3000" steps when cut). The preset and probe jobs end at fixed times after
+# the script's start (SIGTERM: a preset saves, evaluates the step it reached and prints its table). A final pass
+# rebuilds the report. Jobs beyond JOBS wait for a free slot (and take its cores); `timeout -k` is the safety net.
+# Running a call again on the warm machine resumes its unfinished runs from RUNS and skips the finished ones.
 #
-# Time plan (seconds; BUDGET=540 for the whole script, 60 s under the device call's 600 s limit). Per-run
-# numbers for the H200 are upper bounds from the failed run (16 processes at once): they only say the plan is
-# not optimistic; the deadlines make it fit whatever the real speed is. A run the deadline cuts is recorded as
-# "N of 3000" steps; running the same call again on the warm machine resumes it (RUNS below).
+# The split of call 1 (GPU seconds per 3000-step run, one process alone on the H200, ESTIMATED: COST below):
+#   M2RNN: measured pieces: op forward+backward on the scan 5.40 ms per layer at 128 (x 2 layers) + the rest of the
+#     step 0.7 ms (bf16 step 3.27 ms - 2 x 1.27 ms op) = 11.5 ms at 128, ~3.4 ms at 32 (the scan is launch-bound:
+#     ~ length) -> 2100 x 11.5 + 900 x 3.4 ms = 27 s.
+#   the others: no alone measurement at 128. Session 8's median steps/s at 128 with ~5 processes training, times
+#     4.5 (M2RNN's fused step: 18.4 steps/s alone, 4.2-4.5 in that run), gives ms per step alone at 128: GRU 15,
+#     GDN 13 (both signs), RNN 10, Mamba2 8.6, attention 6.2; at 32 the near-alone 4.3-4.7 ms of the first runs
+#     (GRU, GDN, Mamba2: 212-233 steps/s while the others compiled), 3-4 ms for the rest -> GRU 35, GDN 31,
+#     GDN [-1, 1] 31, RNN 25, Mamba2 22, attention 16 s.
+#   So per step M2RNN on the scan sits with the recurrences (GRU and GDN may be heavier: the x 4.5 is rough), and
+#   its compiles are the longest. The models go to JOBS processes largest first, each to the least-loaded one (LPT);
+#   in a process the cheapest run first, so time a fast run leaves goes to the costly ones. JOBS=2:
+#     process 1: GRU, M2RNN, RNN x 3 seeds          (87 s per seed: ~260 s of GPU)
+#     process 2: GDN, GDN [-1, 1], Mamba2, attention (100 s per seed: ~300 s of GPU)
+#   ~560 s of GPU against ~450 s of deadline: if the estimates hold, call 1 reaches ~80% of the steps and running
+#   it again on the warm machine (resume) finishes the figure (~2 minutes of training plus the evaluations).
+#   One process finishing early gives the other the GPU alone, so an unequal split costs little.
+#
+# Time plan (seconds; BUDGET=540, 60 s under the device call's 600 s limit; STOP = BUDGET - 75 = 465):
 #   0-15     environment, XLA flag check (one jax import)
-#   15-490   jobs (below), all started at once: the compare processes' deadline is 465 s after the script's start
-#            (~450 s from their own start, after imports), the presets get SIGTERM 400 s after theirs
-#   490-525  reports over every finished run (no compiles), cleanup, printing
-# call 1 (5 processes, 3 cores each):
-#   s3_m2rnn      M2RNN x 3 seeds: compile ~60 s (first seed: 2 lengths + evaluation; cached later),
-#                 3000 steps at >= 12-18 steps/s (failed run, 16 processes; alone ~2-5x faster) -> ~150 s per run
-#   s3_gru_rnn    GRU, RNN x 3 seeds: 6 runs of ~75 s (both learned S3 by step 900; 7-100 steps/s in the failed run)
-#   s3_gdn        GDN [0, 1], GDN [-1, 1] x 3 seeds: 6 runs of ~75 s
-#   s3_ssm_attn   Mamba2, attention x 3 seeds: 6 runs of ~75 s (45-70 steps/s in the failed run)
-#   s3_small      state-tracking-s3-small, 6000 steps: SIGTERM at 400 s, then its evaluation (128/512/2048, ~60 s)
-# call 2 (5 processes, 3 cores each):
-#   a5_recurrent  A5, M2RNN / GRU / RNN / GDN [-1, 1], seed 0: 4 runs of ~115 s
-#   a5_others     A5, GDN [0, 1] / Mamba2 / attention, seed 0: 3 runs of ~150 s
-#   a5_large      state-tracking-a5-large, seed 0: SIGTERM at 400 s (4 train + 3 evaluation compiles), evaluation ~60 s
-#   probe_m2rnn   probe.py, the M2RNN op alone, 8 heads K=4 x V=64 (learned A5 at length 4 on the CPU, SEARCH.md
-#                 #13: 100% at 4, 90.8% at 8), scan backend, A5 at lengths 4 -> 8 -> 16 (a third of the time each),
-#                 batch 512, constant lr 1e-3: trains 380 s, 3 compiles, evaluation to 64 ~10 s
-#   probe_rnn     probe.py, tanh RNN width 512 (SEARCH.md #9: 99.8% at 4, 75% at 8), the same budget
+#   15-465   jobs: compare processes finish by STOP (deadline = STOP - the time already passed)
+#   465-525  reports over every finished run (no compiles), archive, printing
+# call 1 (2 processes, 8 cores each): the two compare jobs above (s3_1, s3_2), 9 and 12 runs.
+# call 2 (2 processes; jobs 3-4 start when a slot frees):
+#   a5            A5, all 7 mixers, seed 0 (~190 s of GPU estimated; time-sliced with the other slot): deadline STOP
+#   a5_large      state-tracking-a5-large, seed 0 (16000 steps, cut; resumes when run again): SIGTERM at 220 s,
+#                 then its evaluation at 64/256/1024 (killed 75 s later)
+#   probe_m2rnn   probe.py, the M2RNN op alone, 8 heads K=4 x V=64 (SEARCH.md #13), scan, A5 at lengths 4 -> 8 -> 16
+#                 (a third of the time each), batch 512, constant lr 1e-3: from a5_large's end (~250 s) to 350 s,
+#                 then its evaluation to 64 (~10 s)
+#   probe_rnn     probe.py, tanh RNN width 512 (SEARCH.md #9), the same: from ~365 s to 440 s
+#   With JOBS=2 the probes get ~100 and ~75 s (at length 4 a step is ~1 ms: 2000 steps of 512 sequences, the ~1M
+#   sequences after which they learned A5 at length 4 on the CPU, take seconds); JOBS=4 starts all four at once
+#   (probes train to 350 / 440 s) at the price of the compare runs' GPU share (a third instead of half).
 #   (state-tracking-s5-large is not run: S5 contains A5's difficulty and more; it waits for an A5 result)
+# call 3 (2 processes):
+#   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
+#                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
+#   s3_small_bf16 the same preset in bfloat16 (fused kernels, ~3 ms steps at the tiny shape): SIGTERM at 420 s
+#
+# Tests: experiments/state_tracking/test_h200.py (syntax, usage, the --plan of every call and JOBS). Docs:
+# docs/state_tracking.md, "The H200 script".
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CALL=${1:-}
-SMOKE=0; [[ "${2:-}" == "--smoke" ]] && SMOKE=1
-if [[ "$CALL" != 1 && "$CALL" != 2 ]]; then
-  echo "usage: OUT=DIR bash $0 {1|2} [--smoke]: call 1 = the S3 figure + s3-small, call 2 = A5 / S5" >&2
+MODE=${2:-}
+if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 ]] || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
+  echo "usage: OUT=DIR bash $0 {1|2|3} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
+    "call 3 = state-tracking-s3-small (float32, bfloat16)" >&2
   exit 2
 fi
-OUT=${OUT:-/tmp/st$CALL}; mkdir -p "$OUT"
-# The runs (checkpoints included) live in RUNS, kept between calls on a warm machine: running a call again resumes
-# its unfinished runs and skips the finished ones. $OUT gets everything but the checkpoints at the end.
+SMOKE=0; [[ "$MODE" == --smoke ]] && SMOKE=1
+PLAN=0; [[ "$MODE" == --plan ]] && PLAN=1
+JOBS=${JOBS:-2}
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "JOBS: expected a positive integer, got '$JOBS'" >&2; exit 2; fi
+BUDGET=${BUDGET:-540}
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || (( BUDGET < 300 )); then
+  echo "BUDGET: expected an integer >= 300 (seconds), got '$BUDGET'" >&2; exit 2
+fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 ST="python3 -m experiments.state_tracking"
-JOBS=5
-BUDGET=${BUDGET:-540}
+MODELS=(m2rnn gru rnn gdn gdn-neg mamba2 attention)
+# Estimated GPU seconds of one 3000-step compare run alone on the H200 (derivation in the header).
+declare -A COST=([m2rnn]=27 [gru]=35 [rnn]=25 [gdn]=31 [gdn-neg]=31 [mamba2]=22 [attention]=16)
+# The times below are seconds after the script's start. The runs (checkpoints included) live in RUNS, kept
+# between calls on a warm machine: a call run again resumes its unfinished runs, skips the finished ones.
 if (( SMOKE )); then
   export JAX_PLATFORMS=cpu
-  JOBS=1   # the CPU box has 2 cores: the jobs run one after another
+  JOBS=${SMOKE_JOBS:-1}   # the CPU box has 2 cores: the jobs run one after another
   COMPARE=(--recipe cpu --steps 3 --train-length 6 --batch-size 4 --hidden-size 16 --num-layers 1 --lengths 2 6
            --eval-sequences 8)
   RUNS=${RUNS:-$OUT}
-  SEEDS="0 1"; DEADLINE=600; PRESET_SECONDS=300; PRESET_GRACE=60; BUDGET=${SMOKE_BUDGET:-3600}
-  PROBE_SECONDS=20; PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
+  SEEDS="0 1"
+  STOP=${SMOKE_BUDGET:-3600}; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
+  PRESET_GRACE=60
+  PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
                 --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1
@@ -82,95 +122,139 @@ else
   COMPARE=(--recipe gpu)
   RUNS=${RUNS:-$PWD/runs/st_h200_call$CALL}
   SEEDS="0 1 2"
-  DEADLINE=$(( BUDGET - 75 ))        # 465 s after the start (less what has passed when a job starts)
-  PRESET_SECONDS=$(( BUDGET - 140 ))  # 400 s, then SIGTERM: the preset evaluates the step it reached ...
-  PRESET_GRACE=75                     # ... within 75 s (SIGKILL at ~490 s)
-  PROBE_SECONDS=$(( BUDGET - 160 ))   # 380 s of training, then the evaluation at every position up to 64
-  PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024
-         --seconds "$PROBE_SECONDS")   # lengths 4, 8, 16: a third of the time each; --steps far away: constant lr
-  PRESET_SMOKE=()
+  STOP=$(( BUDGET - 75 ))               # 465: every compare run evaluated and written by then
+  A5_LARGE_END=$(( BUDGET - 320 ))      # 220: SIGTERM, then its evaluation within PRESET_GRACE
+  PROBE_M2RNN_END=$(( BUDGET - 190 ))   # 350: end of its training
+  PROBE_RNN_END=$(( BUDGET - 100 ))     # 440
+  SMALL_END=$(( BUDGET - 120 ))         # 420: SIGTERM for both s3-small runs
+  PRESET_GRACE=75
+  PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024)
+  PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
 fi
-mkdir -p "$RUNS"
+PROBE_EVAL=15   # seconds of a probe's evaluation (to 64): its kill comes 45 s after that
+OUT=${OUT:-/tmp/st$CALL}
 START=$SECONDS
 CORES=$(nproc)
 PER_JOB=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
-GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-
-# XLA flags, kept only if the installed XLA accepts them (an unknown flag aborts every process).
 FLAGS="--xla_gpu_force_compilation_parallelism=$PER_JOB --xla_gpu_autotune_level=0 --xla_cpu_multi_thread_eigen=false"
-CHECK="import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
-  echo "cores $CORES, jobs $JOBS x $PER_JOB cores, GPUs $GPUS, compilation cache $JAX_COMPILATION_CACHE_DIR"
-  if XLA_FLAGS="$FLAGS" python3 -c "$CHECK"; then echo "XLA_FLAGS=$FLAGS"
-  else FLAGS=""; echo "XLA flags rejected: running without them"; python3 -c "$CHECK"; fi
-} > "$OUT/environment.txt" 2>&1
-[[ -n "$FLAGS" ]] && export XLA_FLAGS="$FLAGS"
-echo "state-tracking H200 call $CALL: budget ${BUDGET}s, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
+if (( ! PLAN )); then
+  mkdir -p "$OUT" "$RUNS"
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  # XLA flags, kept only if the installed XLA accepts them (an unknown flag aborts every process).
+  CHECK="import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
+    echo "cores $CORES, jobs $JOBS x $PER_JOB cores, GPUs $GPUS, compilation cache $JAX_COMPILATION_CACHE_DIR" \
+      "($(du -sh "$JAX_COMPILATION_CACHE_DIR" 2>/dev/null | cut -f1 || echo empty) at the start)"
+    if XLA_FLAGS="$FLAGS" python3 -c "$CHECK"; then echo "XLA_FLAGS=$FLAGS"
+    else FLAGS=""; echo "XLA flags rejected: running without them"; python3 -c "$CHECK"; fi
+  } > "$OUT/environment.txt" 2>&1
+  [[ -n "$FLAGS" ]] && export XLA_FLAGS="$FLAGS"
+  echo "state-tracking H200 call $CALL: budget ${BUDGET}s, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
+fi
 
-SLOT=0
-job() {  # job NAME SECONDS GRACE CMD...: in the background on its own cores (and GPU), log in $OUT/NAME.log;
-  # SIGTERM after SECONDS, SIGKILL GRACE seconds later
-  local name=$1 seconds=$2 grace=$3; shift 3
-  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
-  local first=$(( (SLOT % JOBS) * PER_JOB )) gpu=$(( GPUS > 0 ? SLOT % GPUS : 0 ))
-  local pin=(); command -v taskset > /dev/null && (( CORES >= JOBS )) && pin=(taskset -c "$first-$(( first + PER_JOB - 1 ))")
-  SLOT=$(( SLOT + 1 ))
-  (
-    local begin=$SECONDS
-    CUDA_VISIBLE_DEVICES=$gpu timeout -k "$grace" "$seconds" "${pin[@]}" "$@" > "$OUT/$name.log" 2>&1
-    echo "$name rc=$? $(( SECONDS - begin ))s (limit ${seconds}s) started at $(( begin - START ))s" >> "$OUT/status.txt"
-  ) &
+# balance N MODEL...: the models in N groups, one line each: largest COST first, each to the group with the least
+# COST so far (the first on ties); within a group the cheapest first. Empty groups are not printed.
+balance() {
+  local n=$1 model i best; shift
+  local -a load groups
+  for (( i = 0; i < n; i++ )); do load[i]=0; groups[i]=""; done
+  for model in $(for model in "$@"; do echo "${COST[$model]} $model"; done | sort -s -k1,1nr | cut -d' ' -f2); do
+    best=0
+    for (( i = 1; i < n; i++ )); do (( load[i] < load[best] )) && best=$i; done
+    load[best]=$(( load[best] + COST[$model] )); groups[best]="$model ${groups[best]}"
+  done
+  for (( i = 0; i < n; i++ )); do [[ -n "${groups[i]}" ]] && echo ${groups[i]}; done
 }
-# compare_job NAME GROUP SEEDS MODELS...: the compare command with a deadline; the timeout is the safety net.
+
+# Slots: JOBS processes at once; slot i runs on cores [i * PER_JOB, (i + 1) * PER_JOB).
+declare -a SLOT_PID=()
+SLOT=0
+take_slot() {  # sets SLOT to a free slot, waiting for a job to end if none is
+  local i
+  while :; do
+    for (( i = 0; i < JOBS; i++ )); do
+      if [[ -z "${SLOT_PID[i]:-}" ]] || ! kill -0 "${SLOT_PID[i]}" 2> /dev/null; then SLOT=$i; return; fi
+    done
+    wait -n
+  done
+}
+elapsed() { echo $(( SECONDS - START )); }
+job() {  # job NAME END MARGIN GRACE CMD...: in the background on a free slot's cores, log in $OUT/NAME.log;
+  # SIGTERM at END (seconds after the start), SIGKILL GRACE seconds later. The word @LEFT@ in CMD becomes the
+  # seconds left when it starts, less MARGIN (for the command's own clock).
+  local name=$1 end=$2 margin=$3 grace=$4; shift 4
+  if (( PLAN )); then echo "$name (until ${end}s): ${*//@LEFT@/\$((END-NOW-$margin))}"; return; fi
+  take_slot
+  local left=$(( end - $(elapsed) ))
+  if (( left - margin < 30 )); then
+    echo "$name skipped: ${left}s left at $(elapsed)s" >> "$OUT/status.txt"; return
+  fi
+  local args=("${@//@LEFT@/$(( left - margin ))}") first=$(( SLOT * PER_JOB ))
+  local pin=(); command -v taskset > /dev/null && (( CORES >= JOBS )) && pin=(taskset -c "$first-$(( first + PER_JOB - 1 ))")
+  (
+    begin=$SECONDS
+    timeout -k "$grace" "$left" "${pin[@]}" "${args[@]}" > "$OUT/$name.log" 2>&1
+    echo "$name rc=$? $(( SECONDS - begin ))s (limit ${left}s, slot $SLOT) started at $(( begin - START ))s" \
+      >> "$OUT/status.txt"
+  ) &
+  SLOT_PID[SLOT]=$!
+}
+# compare_job NAME GROUP SEEDS MODELS...: the compare command, every run done by STOP (its timeout: the safety net).
 compare_job() {
   local name=$1 group=$2 seeds=$3; shift 3
-  local deadline=$DEADLINE
-  (( SMOKE )) || deadline=$(( DEADLINE - (SECONDS - START) ))
-  job "$name" $(( deadline + 30 )) 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
-    --deadline-seconds "$deadline" --out "$RUNS/$group"
+  job "$name" $(( STOP + 30 )) 30 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
+    --deadline-seconds @LEFT@ --out "$RUNS/$group"
 }
-# probe_job NAME ARGS...: the recurrence-only probe on A5, training stopped by its own clock.
+# probe_job NAME END ARGS...: the recurrence-only probe on A5, training until END by its own clock, then its
+# evaluation (killed PROBE_EVAL + 45 s after END).
 probe_job() {
-  local name=$1; shift
-  job "$name" $(( PROBE_SECONDS + 60 )) 15 python3 -m experiments.state_tracking.probe --group a5 "${PROBE[@]}" \
-    --out "$OUT/$name.json" "$@"
+  local name=$1 end=$2; shift 2
+  job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
+    --group a5 "${PROBE[@]}" --seconds @LEFT@ --out "$OUT/$name.json" "$@"
 }
-# preset_job NAME GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM after PRESET_SECONDS (it then
-# saves, evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
+# preset_job NAME END GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM at END (it then saves,
+# evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
 preset_job() {
-  local name=$1 group=$2 size=$3 seed=$4; shift 4
-  job "$name" "$PRESET_SECONDS" "$PRESET_GRACE" $ST --groups "$group" --size "$size" --seeds "$seed" --out "$RUNS/$name" \
+  local name=$1 end=$2 group=$3 size=$4 seed=$5; shift 5
+  job "$name" "$end" 0 "$PRESET_GRACE" $ST --groups "$group" --size "$size" --seeds "$seed" --out "$RUNS/$name" \
     "${PRESET_SMOKE[@]}" "$@"
 }
 
-if [[ $CALL == 1 ]]; then
-  compare_job s3_m2rnn s3 "$SEEDS" m2rnn
-  compare_job s3_gru_rnn s3 "$SEEDS" gru rnn
-  compare_job s3_gdn s3 "$SEEDS" gdn gdn-neg
-  compare_job s3_ssm_attn s3 "$SEEDS" mamba2 attention
-  preset_job s3_small s3 small 0
-else
-  compare_job a5_recurrent a5 0 m2rnn gru rnn gdn-neg
-  compare_job a5_others a5 0 gdn mamba2 attention
-  preset_job a5_large a5 large 0
-  probe_job probe_m2rnn --cell m2rnn --heads 8 --k 4 --v 64 --backend scan
-  probe_job probe_rnn --cell rnn --width 512
-fi
+case $CALL in
+  1)
+    mapfile -t PARTS < <(balance "$JOBS" "${MODELS[@]}")
+    for part in "${!PARTS[@]}"; do compare_job "s3_$(( part + 1 ))" s3 "$SEEDS" ${PARTS[part]}; done
+    ;;
+  2)
+    compare_job a5 a5 0 "${MODELS[@]}"
+    preset_job a5_large "$A5_LARGE_END" a5 large 0
+    probe_job probe_m2rnn "$PROBE_M2RNN_END" --cell m2rnn --heads 8 --k 4 --v 64 --backend scan
+    probe_job probe_rnn "$PROBE_RNN_END" --cell rnn --width 512
+    ;;
+  3)
+    preset_job s3_small "$SMALL_END" s3 small 0
+    preset_job s3_small_bf16 "$SMALL_END" s3 small 0 --set model.dtype=bfloat16
+    ;;
+esac
+(( PLAN )) && exit 0
 wait
 
-GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)
-REPORT_SEEDS=$([[ $CALL == 1 ]] && echo "$SEEDS" || echo 0)
-$ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$RUNS/$GROUP" --report-only \
-  > "$OUT/${GROUP}_report.log" 2>&1
-echo "done in $(( SECONDS - START ))s" >> "$OUT/status.txt"
+if [[ $CALL != 3 ]]; then
+  GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)
+  REPORT_SEEDS=$([[ $CALL == 1 ]] && echo "$SEEDS" || echo 0)
+  $ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$RUNS/$GROUP" --report-only \
+    > "$OUT/${GROUP}_report.log" 2>&1
+fi
+echo "done in $(elapsed)s; compilation cache $(du -sh "$JAX_COMPILATION_CACHE_DIR" 2>/dev/null | cut -f1)" \
+  >> "$OUT/status.txt"
 if [[ "$RUNS" == "$OUT" ]]; then
   find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
 else
   tar -C "$RUNS" --exclude=checkpoints -cf - . | tar -C "$OUT" -xf -
 fi
 cat "$OUT/environment.txt" "$OUT/status.txt"
-cat "$OUT/$GROUP/compare.md" 2>/dev/null
-for log in "$OUT"/s3_small.log "$OUT"/*_large*.log; do
+for report in "$OUT"/s3/compare.md "$OUT"/a5/compare.md; do [[ -f "$report" ]] && cat "$report"; done
+for log in "$OUT"/s3_small*.log "$OUT"/a5_large.log; do
   [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done
 for log in "$OUT"/probe_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
@@ -179,5 +263,15 @@ for log in "$OUT"/probe_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log
 if [[ -z "${KEEP_OUT_TREE:-}" && "$RUNS" != "$OUT" ]]; then  # (RUNS = OUT: the runs stay for resuming)
   ARCHIVE=$(mktemp -d)/st_call$CALL.tgz
   tar -C "$OUT" -czf "$ARCHIVE" . && find "$OUT" -mindepth 1 -delete && mv "$ARCHIVE" "$OUT/"
-  ls -la "$OUT"
 fi
+# CACHE_ARCHIVE=1: the compilation cache as $OUT/st_jax_cache.tgz, to bring to the next session's fresh machine:
+# here `mkdir -p runs && tar -C runs -xzf st_jax_cache.tgz`, then the device call with
+# carry=["runs/jax_cache_state_tracking"] (the working tree and what is carried: 64 MiB at most together).
+if [[ -n "${CACHE_ARCHIVE:-}" && -d "$JAX_COMPILATION_CACHE_DIR" ]]; then
+  CACHE_TGZ=$(mktemp -d)/st_jax_cache.tgz
+  tar -C "$(dirname "$JAX_COMPILATION_CACHE_DIR")" -czf "$CACHE_TGZ" "$(basename "$JAX_COMPILATION_CACHE_DIR")" \
+    && mv "$CACHE_TGZ" "$OUT/"
+  size=$(( $(stat -c %s "$OUT/st_jax_cache.tgz") / 1048576 ))
+  echo "compilation cache archive: ${size} MiB$( (( size > 48 )) && echo ' (too large to carry beside the tree)')"
+fi
+ls -la "$OUT"

@@ -1,20 +1,103 @@
-"""The H200 script parses and refuses a call it does not know (its jobs run in `h200.sh {1|2} --smoke`, minutes)."""
+"""The H200 script: it parses, refuses bad arguments before starting anything, and its ``--plan`` (the jobs it would
+start, nothing run) splits and times every call as its header says. Its jobs run in ``h200.sh {1|2|3} --smoke``
+(minutes on a CPU, not part of the suite)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("h200.sh")
+MODELS = {"m2rnn", "gru", "rnn", "gdn", "gdn-neg", "mamba2", "attention"}
+
+
+def run_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin", **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=environment, capture_output=True, text=True)
+
+
+def plan(tmp_path: Path, call: int, **env: str) -> list[tuple[str, int, list[str]]]:
+    """(job name, second of its kill, command words) of every job of ``call``."""
+    done = run_script(tmp_path, str(call), "--plan", **env)
+    assert done.returncode == 0, done.stderr
+    jobs = []
+    for line in done.stdout.splitlines():
+        match = re.fullmatch(r"(\S+) \(until (-?\d+)s\): (.*)", line)
+        assert match, line
+        jobs.append((match[1], int(match[2]), match[3].split()))
+    assert not (tmp_path / "out").exists()  # a plan starts nothing, writes nothing
+    return jobs
+
+
+def costs() -> dict[str, int]:
+    """The script's COST table (estimated GPU seconds of one run)."""
+    table = re.search(r"declare -A COST=\((.*)\)", SCRIPT.read_text())[1]
+    return {name: int(value) for name, value in re.findall(r"\[([\w-]+)\]=(\d+)", table)}
+
+
+def flag_values(words: list[str], flag: str) -> list[str]:
+    start = words.index(flag) + 1
+    end = next((i for i in range(start, len(words)) if words[i].startswith("--")), len(words))
+    return words[start:end]
 
 
 def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def test_script_needs_a_call_number(tmp_path):
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "3"], env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True
-    )
-    assert done.returncode == 2 and "usage: OUT=DIR bash" in done.stderr
-    assert not any(tmp_path.iterdir())  # nothing started
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("4",), {}, "usage: OUT=DIR bash"),
+        (("1", "--fast"), {}, "usage: OUT=DIR bash"),
+        (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
+        (("2",), {"BUDGET": "100"}, "BUDGET: expected an integer >= 300 (seconds), got '100'"),
+    ],
+)
+def test_bad_arguments_start_nothing(tmp_path, args, env, message):
+    done = run_script(tmp_path, *args, **env)
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cost_table_covers_every_model():
+    assert set(costs()) == MODELS
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 7, 9])
+def test_call_1_splits_the_figure_over_jobs_processes(tmp_path, jobs):
+    cost = costs()
+    planned = plan(tmp_path, 1, JOBS=str(jobs))
+    assert [name for name, _, _ in planned] == [f"s3_{i + 1}" for i in range(min(jobs, len(MODELS)))]
+    groups = [flag_values(words, "--models") for _, _, words in planned]
+    assert sorted(m for group in groups for m in group) == sorted(MODELS)  # every model once
+    for _, _, words in planned:
+        assert flag_values(words, "--seeds") == ["0", "1", "2"] and flag_values(words, "--groups") == ["s3"]
+        assert flag_values(words, "--recipe") == ["gpu"]
+    for group in groups:  # the cheapest run first: time it leaves goes to the costly ones
+        assert [cost[m] for m in group] == sorted(cost[m] for m in group)
+    loads = [sum(cost[m] for m in group) for group in groups]
+    assert max(loads) - min(loads) <= max(cost.values())  # balanced to within one model
+
+
+def test_call_1_default_is_two_processes(tmp_path):
+    assert len(plan(tmp_path, 1)) == 2
+
+
+@pytest.mark.parametrize("budget", [300, 540, 600])
+@pytest.mark.parametrize("call", [1, 2, 3])
+def test_every_job_is_killed_before_the_reports(tmp_path, call, budget):
+    for name, until, _ in plan(tmp_path, call, BUDGET=str(budget)):
+        assert until <= budget - 30, name  # the last 30 s: reports, archive, printing
+
+
+def test_call_2_and_3_jobs(tmp_path):
+    assert [name for name, _, _ in plan(tmp_path, 2)] == ["a5", "a5_large", "probe_m2rnn", "probe_rnn"]
+    a5 = plan(tmp_path, 2)[0][2]
+    assert set(flag_values(a5, "--models")) == MODELS and flag_values(a5, "--seeds") == ["0"]
+    small, small_bf16 = plan(tmp_path, 3)
+    assert small[0] == "s3_small" and "model.dtype=bfloat16" not in small[2]
+    assert small_bf16[0] == "s3_small_bf16" and small_bf16[2][-2:] == ["--set", "model.dtype=bfloat16"]
