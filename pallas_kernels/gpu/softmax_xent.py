@@ -10,10 +10,14 @@ For float32 logits x (R, V), int32 targets t (R,) and float32 weights w (R,), pe
 
 One program owns ``block_rows`` rows and walks the vocabulary in blocks of ``block_v`` columns. Pass 1 keeps a
 running (max, sum of exp relative to that max, first argmax, target logit) per row: one read of the logits.
-Pass 2 (only when the gradient is asked for) reads the logits again and writes d. Compared with the jnp version
-(an argmax pass, a sum-of-exp pass, then a pass reading the logits and writing d) the gradient costs two float32
-reads and one compute-dtype write per element instead of three reads, and the statistics alone one read instead of
-two. Neither R nor V needs to be a multiple of the blocks: loads and stores are masked.
+Pass 2 (only when the gradient is asked for) reads the logits again, last block first (those pass 1 read last may
+still sit in L2), and writes d. Compared with the jnp version (an argmax pass, a sum-of-exp pass, then a pass
+reading the logits and writing d) the gradient costs two float32 reads and one compute-dtype write per element
+instead of three reads, and the statistics alone one read instead of two. Neither R nor V needs to be a multiple
+of the blocks: loads and stores are masked.
+
+Checked without a GPU (session 8): the Triton IR this lowers to compiles with triton 3.6 for sm_90 with no
+register spills at 1-16 rows x 1024-4096 columns (78 registers at 2 x 2048, 4 warps); loads are 16-byte vectors.
 """
 
 from __future__ import annotations
@@ -136,7 +140,8 @@ def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: i
         return
     weights = pltriton.load(weights_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
 
-    def gradient(j, _):
+    def gradient(i, _):
+        j = num_blocks - 1 - i  # backwards: the blocks pass 1 read last may still be in L2
         cols, mask, x = load_block(j)
         onehot = (cols[None, :] == targets[:, None]).astype(dtype)
         d = (jnp.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
