@@ -199,3 +199,28 @@ def test_compiled_kernels_match_reference_on_gpu(dtype, tol):
         wanted = np.asarray(wanted, np.float64)
         scale = max(1.0, float(np.max(np.abs(wanted))))
         np.testing.assert_allclose(np.asarray(actual, np.float64), wanted, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def check_on_a_mesh() -> None:
+    """Under ``jax.set_mesh`` of 8 devices (data 4 x tensor 2), inputs split over both: the kernels run in a
+    shard_map (an opaque Pallas call would otherwise gather its inputs on the GPU); values and every gradient
+    equal the reference's (raises AssertionError otherwise)."""
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x, state, kernel, bias = make_inputs("f32", 8, 11, 6, 4, True, key=8)
+    split = jax.sharding.NamedSharding(mesh, P("data", None, "tensor"))
+    x, state = jax.device_put(x, split), jax.device_put(state, split)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda *args: fused_conv(*args, activation="silu", dtype=jnp.float32))
+        assert "shard_map" in str(jaxpr(x, state, kernel, bias)), "the kernels ran outside a shard_map"
+        compare("f32", x, state, kernel, bias, "silu")
+    print("mesh check passed")
+
+
+def test_under_a_mesh_on_fake_devices():
+    from tests.parallel.fake_devices import run_on_fake_devices
+
+    assert run_on_fake_devices("tests.kernels.test_causal_conv_gpu")[-1] == "mesh check passed"
+
+
+if __name__ == "__main__":
+    check_on_a_mesh()
