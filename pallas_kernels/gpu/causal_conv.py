@@ -79,8 +79,11 @@ def default_config(seq_len: int, channels: int) -> ConvKernelConfig:
 
 def _output(shape: tuple[int, ...], dtype: jnp.dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     """An output type that varies over the manual mesh axes ``like`` varies over (inside a ``jax.shard_map`` with
-    ``check_vma=True`` a kernel's outputs must say so)."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=getattr(jax.typeof(like), "manual_axis_type", None))
+    ``check_vma=True`` a kernel's outputs must say so); a plain one elsewhere."""
+    manual = getattr(jax.typeof(like), "manual_axis_type", None)
+    if not getattr(manual, "varying", None):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
 
 
 def _check_inputs(x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> None:
@@ -210,9 +213,10 @@ def _backward_kernel(
         pltriton.store(dbias_ref.at[b, g, cols], dbias, mask=col_ok)
 
 
-def _state_operand(state: jax.Array, kernel_size: int, batch: int, channels: int) -> jax.Array:
-    """The state as the kernels take it: a one-row dummy when kernel_size is 1 (never read; refs need a row)."""
-    return state if kernel_size > 1 else jnp.zeros((batch, 1, channels), jnp.float32)
+def _state_operand(x: jax.Array, state: jax.Array) -> jax.Array:
+    """The state as the kernels take it: a one-row dummy like x's rows when kernel_size is 1 (never read; a ref
+    needs a row)."""
+    return state if state.shape[1] else jnp.zeros_like(x[:, :1])
 
 
 def causal_conv_forward(
@@ -240,9 +244,8 @@ def causal_conv_forward(
     if jnp.dtype(out_dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"out_dtype: expected bfloat16, float16 or float32, got {jnp.dtype(out_dtype)}")
     batch, seq_len, channels = x.shape
-    kernel_size = kernel.shape[0]
     config = config or default_config(seq_len, channels)
-    tail_state = _state_operand(state, kernel_size, batch, channels)
+    tail_state = _state_operand(x, state)
     operands = (x, tail_state, kernel) + (() if bias is None else (bias,))
     grid = (batch, pl.cdiv(seq_len, config.block_s), pl.cdiv(channels, config.block_c))
     return pl.pallas_call(
@@ -281,7 +284,7 @@ def causal_conv_backward(
     kernel_size = kernel.shape[0]
     config = config or default_config(seq_len, channels)
     groups = pl.cdiv(seq_len, config.block_s * config.blocks_per_program)
-    tail_state = _state_operand(state, kernel_size, batch, channels)
+    tail_state = _state_operand(x, state)
     operands = (x, tail_state, kernel) + (() if bias is None else (bias,)) + (dy,)
     out_shape = [
         _output(x.shape, x.dtype, x),

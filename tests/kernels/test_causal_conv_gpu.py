@@ -125,15 +125,16 @@ def test_inside_shard_map():
     compare("f32", x, state, kernel, bias, "silu", fn=sharded)
 
 
-def test_lowers_for_cuda_inside_a_check_vma_shard_map():
+@pytest.mark.parametrize("kernel_size", [1, 4])
+def test_lowers_for_cuda_inside_a_check_vma_shard_map(kernel_size):
     """The kernels' outputs carry the inputs' varying manual axes: the gradient lowers for CUDA inside a
     ``check_vma=True`` shard_map with replicated state and parameters (both kernels are Triton custom calls)."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    x, state, kernel, bias = make_inputs("bf16", 2, 9, 5, 4, True, key=4)
+    x, state, kernel, bias = make_inputs("bf16", 2, 9, 5, kernel_size, True, key=4)
 
     def loss(x, state, kernel, bias):
         def run(*args):
-            y, new_state = causal_conv(*args, activation="silu", dtype=jnp.bfloat16, backend="pallas_gpu")
+            y, _ = causal_conv(*args, activation="silu", dtype=jnp.bfloat16, backend="pallas_gpu")
             return jnp.sum(y.astype(jnp.float32) ** 2)[None]
 
         sharded = jax.shard_map(run, mesh=mesh, in_specs=(P("data"), P(), P(), P()), out_specs=P("data"))
