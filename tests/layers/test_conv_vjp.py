@@ -2,7 +2,9 @@
 
 Values, the returned state and every gradient (x, state, kernel, bias) for kernel sizes 1..4, with and without
 bias and activation, float64 / float32 / bf16 compute with float32 parameters, under ``jax.jit`` and ``jax.vmap``,
-through the layer with a state given and None, and the decoding step (S = 1 with a state).
+through the layer with a state given and None, and the decoding step (S = 1 with a state). ``causal_conv``'s
+"auto" backend is the "jnp" custom VJP here and the fused kernels on an NVIDIA GPU (float64 stays on "jnp"), so on
+the GPU box these tests check the kernels too (tests/kernels/test_causal_conv_gpu.py checks them everywhere).
 """
 
 from __future__ import annotations
@@ -178,10 +180,10 @@ def test_decoding_steps_equal_the_full_sequence(kernel_size):
 
 
 def test_forward_values_are_the_reference_bitwise():
-    """The custom-VJP forward runs the same float32 operations as the plain formula (both under jax.jit)."""
+    """The "jnp" custom-VJP forward runs the same float32 operations as the plain formula (both under jax.jit)."""
     x, state, kernel, bias = make_inputs("bf16", 2, 9, 5, 4, True, key=21)
-    y, new_state = jax.jit(causal_conv, static_argnames=("activation", "dtype"))(
-        x, state, kernel, bias, activation="silu", dtype=jnp.bfloat16
+    y, new_state = jax.jit(causal_conv, static_argnames=("activation", "dtype", "backend"))(
+        x, state, kernel, bias, activation="silu", dtype=jnp.bfloat16, backend="jnp"
     )
     expected, expected_state = jax.jit(causal_conv_reference, static_argnames=("activation", "dtype"))(
         x, state, kernel, bias, activation="silu", dtype=jnp.bfloat16
