@@ -137,6 +137,7 @@ START=$SECONDS
 CORES=$(nproc)
 PER_JOB=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
 FLAGS="--xla_gpu_force_compilation_parallelism=$PER_JOB --xla_gpu_autotune_level=0 --xla_cpu_multi_thread_eigen=false"
+cache_size() { local size; size=$(du -sh "$JAX_COMPILATION_CACHE_DIR" 2> /dev/null | cut -f1); echo "${size:-none}"; }
 if (( ! PLAN )); then
   mkdir -p "$OUT" "$RUNS"
   GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -144,7 +145,7 @@ if (( ! PLAN )); then
   CHECK="import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
   { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
     echo "cores $CORES, jobs $JOBS x $PER_JOB cores, GPUs $GPUS, compilation cache $JAX_COMPILATION_CACHE_DIR" \
-      "($(du -sh "$JAX_COMPILATION_CACHE_DIR" 2>/dev/null | cut -f1 || echo empty) at the start)"
+      "($(cache_size) at the start)"
     if XLA_FLAGS="$FLAGS" python3 -c "$CHECK"; then echo "XLA_FLAGS=$FLAGS"
     else FLAGS=""; echo "XLA flags rejected: running without them"; python3 -c "$CHECK"; fi
   } > "$OUT/environment.txt" 2>&1
@@ -245,8 +246,7 @@ if [[ $CALL != 3 ]]; then
   $ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$RUNS/$GROUP" --report-only \
     > "$OUT/${GROUP}_report.log" 2>&1
 fi
-echo "done in $(elapsed)s; compilation cache $(du -sh "$JAX_COMPILATION_CACHE_DIR" 2>/dev/null | cut -f1)" \
-  >> "$OUT/status.txt"
+echo "done in $(elapsed)s; compilation cache $(cache_size)" >> "$OUT/status.txt"
 if [[ "$RUNS" == "$OUT" ]]; then
   find "$OUT" -name checkpoints -type d -prune -exec rm -rf {} +   # keep $OUT small: results, logs, figures
 else
