@@ -183,11 +183,12 @@ def _backward_kernel(
     kernel_size = kernel_ref.shape[0]
     tail = kernel_size - 1
     first_row = g * config.blocks_per_program * config.block_s
+    tiles_at = lambda row0: _Tiles(x_ref, state_ref, b, row0, c * config.block_c, config)
+    taps = _taps(tiles_at(first_row), kernel_ref)  # the parameters are loaded once per program
+    bias = None if bias_ref is None else tiles_at(first_row).channel_vector(bias_ref)
 
     def row_block(k, sums):
-        tiles = _Tiles(x_ref, state_ref, b, first_row + k * config.block_s, c * config.block_c, config)
-        taps = _taps(tiles, kernel_ref)
-        bias = None if bias_ref is None else tiles.channel_vector(bias_ref)
+        tiles = tiles_at(first_row + k * config.block_s)
         # w at rows t - tail .. t + tail: z[t + d] reads windows[d : d + ks], and dx[t] needs dz[t .. t + tail]
         windows = [tiles.window(shift) for shift in range(-tail, tail + 1)]
         dz = []
