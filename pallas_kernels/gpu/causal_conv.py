@@ -67,13 +67,13 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def default_config(seq_len: int, channels: int) -> ConvKernelConfig:
-    """The launch parameters for x (B, seq_len, channels): 32 x 128 tiles (4 warps, 32 values per thread and
-    operand), shrunk to the next power of two of a smaller S or C; a backward program walks up to 16 row blocks
-    (512 rows), fewer when S is shorter."""
-    block_s = min(32, _next_power_of_two(seq_len))
+def default_config(seq_len: int, channels: int, *, backward: bool = False) -> ConvKernelConfig:
+    """The launch parameters for x (B, seq_len, channels), not tuned yet (no GPU measurement): tiles of 32 rows
+    (forward) or 16 rows (backward, which keeps about six tiles live) by 128 channels on 4 warps, shrunk to the next
+    power of two of a smaller S or C; a backward program walks up to 512 rows."""
+    block_s = min(16 if backward else 32, _next_power_of_two(seq_len))
     block_c = min(128, _next_power_of_two(channels))
-    blocks_per_program = min(16, -(-seq_len // block_s))
+    blocks_per_program = max(1, min(512 // block_s, -(-seq_len // block_s)))
     return ConvKernelConfig(block_s=block_s, block_c=block_c, blocks_per_program=blocks_per_program)
 
 
@@ -189,18 +189,25 @@ def _backward_kernel(
 
     def row_block(k, sums):
         tiles = tiles_at(first_row + k * config.block_s)
-        # w at rows t - tail .. t + tail: z[t + d] reads windows[d : d + ks], and dx[t] needs dz[t .. t + tail]
-        windows = [tiles.window(shift) for shift in range(-tail, tail + 1)]
-        dz = []
-        for d in range(kernel_size):
-            z = _pre_activation(windows[d : d + kernel_size], taps, bias)
-            dy = tiles.token(dy_ref, d)  # zero past S, so dz is too
-            dz.append(dy if activation is None else jax.vjp(activation, z)[1](dy)[0])
-        # dx[t] = dw[t + tail] = sum_j kernel[j] dz[t + tail - j]
-        tiles.store(dx_ref, sum(taps[j] * dz[tail - j] for j in range(kernel_size)))
+        # dz at rows t + d for d = 0 .. tail; z[t + d] reads w at rows t + d - tail .. t + d. Written in the order
+        # that keeps few tiles live: each window tile is loaded when first needed, each dz consumed at once.
+        windows = [tiles.window(shift) for shift in range(-tail, 1)]
         dkernel, dbias = sums
-        dkernel = tuple(acc + jnp.sum(dz[0] * windows[j], axis=0) for j, acc in enumerate(dkernel))
-        return dkernel, dbias + jnp.sum(dz[0], axis=0)
+        dx = None
+        for d in range(kernel_size):
+            if d:
+                windows = windows[1:] + [tiles.window(d)]
+            z = _pre_activation(windows, taps, bias)
+            dy = tiles.token(dy_ref, d)  # zero past S, so dz is too
+            dz = dy if activation is None else jax.vjp(activation, z)[1](dy)[0]
+            if d == 0:  # d kernel[j] += sum_t dz[t] w[t + j], d bias += sum_t dz[t]
+                dkernel = tuple(acc + jnp.sum(dz * w, axis=0) for acc, w in zip(dkernel, windows, strict=True))
+                dbias = dbias + jnp.sum(dz, axis=0)
+            # dx[t] = dw[t + tail] = sum_j kernel[j] dz[t + tail - j]: dz[t + d] meets kernel[tail - d]
+            term = taps[tail - d] * dz
+            dx = term if dx is None else dx + term
+        tiles.store(dx_ref, dx)
+        return dkernel, dbias
 
     zeros = jnp.zeros((config.block_c,), jnp.float32)
     dkernel, dbias = jax.lax.fori_loop(
@@ -272,7 +279,8 @@ def causal_conv_backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Cotangents of x, kernel and bias from dy; the pre-activation is recomputed from x and the state.
 
-    Args: as :func:`causal_conv_forward`, plus dy (B, S, C) the cotangent of y.
+    Args: as :func:`causal_conv_forward`, plus dy (B, S, C) the cotangent of y; config defaults to
+      ``default_config(S, C, backward=True)``.
 
     Returns:
       dx (B, S, C) in x's dtype, d kernel (ks, C) float32 and d bias (C,) float32 (None without bias). The
@@ -283,7 +291,7 @@ def causal_conv_backward(
         raise ValueError(f"dy: expected shape {x.shape} in bfloat16, float16 or float32, got {dy.shape} {dy.dtype}")
     batch, seq_len, channels = x.shape
     kernel_size = kernel.shape[0]
-    config = config or default_config(seq_len, channels)
+    config = config or default_config(seq_len, channels, backward=True)
     groups = pl.cdiv(seq_len, config.block_s * config.blocks_per_program)
     tail_state = _state_operand(x, state)
     operands = (x, tail_state, kernel) + (() if bias is None else (bias,)) + (dy,)
