@@ -12,10 +12,11 @@ from memory and the shifted re-reads hit the cache. Arithmetic is float32 whatev
 
 The forward runs one program per (sequence, block of rows, block of channels) and writes y only. The backward
 recomputes the pre-activation from x (nothing saved but the inputs): a program walks ``blocks_per_program``
-row blocks of one (sequence, channel block), computing dz for the 2 ks - 1 shifted rows that dx needs, writing
-dx, and summing d kernel and d bias in registers; it writes one float32 partial sum per program, which the caller
-reduces. The cotangent of the state (its ks - 1 rows only need dz of the first ks - 1 tokens) is left to the
-caller. Rows past S and channels past C are masked, so S and C are arbitrary.
+row blocks of one (sequence, channel block); per block it reads x at 2 ks - 1 row shifts, evaluates dz at the ks
+shifts that dx needs (dz[t .. t + ks - 1]), writes dx, and sums d kernel and d bias in registers. It writes one
+float32 partial sum per program, which the caller reduces. The cotangent of the state (its ks - 1 rows only need
+dz of the first ks - 1 tokens) is left to the caller. Rows past S and channels past C are masked, so S and C are
+arbitrary.
 """
 
 from __future__ import annotations
