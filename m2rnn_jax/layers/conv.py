@@ -38,11 +38,10 @@ from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
-from pallas_kernels.gpu.causal_conv import causal_conv_backward, causal_conv_forward
+from pallas_kernels.gpu.causal_conv import SUPPORTED_DTYPES, causal_conv_backward, causal_conv_forward
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
 CONV_BACKENDS = ("auto", "jnp", "pallas_gpu")
-FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def _window(x: jax.Array, state: jax.Array) -> jax.Array:
@@ -153,7 +152,7 @@ def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dty
     if backend != "auto":
         return backend
     dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
-    return "pallas_gpu" if _on_nvidia_gpu() and all(d in FUSED_DTYPES for d in dtypes) else "jnp"
+    return "pallas_gpu" if _on_nvidia_gpu() and all(d in SUPPORTED_DTYPES for d in dtypes) else "jnp"
 
 
 def _pre_activation(
