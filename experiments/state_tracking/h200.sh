@@ -12,7 +12,8 @@
 #          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
 #   Environment: JOBS (processes at once, default 2), BUDGET (seconds, default 540), RUNS (where the runs live),
 #   CACHE_ARCHIVE=1 (also return the compilation cache as $OUT/st_jax_cache.tgz, see the end), KEEP_OUT_TREE=1
-#   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files).
+#   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files); with --smoke,
+#   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600).
 #
 # Why it looks like this. Session 7 ran 16 processes at once (every compile 2-30x slower, almost every run hit its
 # timeout); session 8's call 1 ran 5 (456 s, experiments/results/h200_2026-12-03_session8/st_call1): every compare

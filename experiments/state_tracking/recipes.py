@@ -72,7 +72,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # One H200: every model and seed of the S3 figure in one device call (experiments/state_tracking/h200.sh).
+    # One H200: every model and seed of the S3 figure in call 1 of experiments/state_tracking/h200.sh (~560 GPU
+    # seconds estimated; the call's deadlines cut what does not fit and the same call again resumes it).
     # Two curriculum stages, not three: each new length is one more compile of every model's train step.
     "gpu": Recipe(
         size=ModelSize(hidden_size=128, num_layers=2),
