@@ -87,11 +87,14 @@ def measured(row: dict, measure: Callable[[], dict]) -> dict:
     return row
 
 
-def resolve_config(preset: str, dtype: str | None = None, remat: str | None = None) -> ModelConfig:
-    """The preset's config with the compute ``dtype`` and ``remat`` replaced where given (None keeps the preset's).
+def resolve_config(
+    preset: str, dtype: str | None = None, remat: str | None = None, head_statistics: str | None = None
+) -> ModelConfig:
+    """The preset's config with the compute ``dtype``, ``remat`` and ``head_statistics`` replaced where given (None
+    keeps the preset's).
 
     Raises:
-        ValueError: unknown preset (the message lists the known names), or a dtype / remat the config rejects.
+        ValueError: unknown preset (the message lists the known names), or a value the config rejects.
     """
     names = list_presets()
     if preset not in names:
@@ -103,6 +106,8 @@ def resolve_config(preset: str, dtype: str | None = None, remat: str | None = No
         config = config.replace(dtype=dtype)
     if remat is not None:
         config = config.replace(remat=remat)
+    if head_statistics is not None:
+        config = config.replace(head_statistics=head_statistics)
     return config
 
 
@@ -443,6 +448,7 @@ def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, ti
             "dtype": config.dtype,
             "param_dtype": config.param_dtype,
             "remat": config.remat,
+            "head_statistics": config.head_statistics,
         },
         "timing": dataclasses.asdict(timing),
         "rows": rows,
@@ -498,7 +504,8 @@ def format_report(report: dict) -> str:
     heading = (
         f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
         f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
-        f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']}"
+        f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']} "
+        f"head statistics={shapes.get('head_statistics', 'two_pass')}"
     )
     errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
     columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS

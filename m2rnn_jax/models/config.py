@@ -33,6 +33,7 @@ from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2Config
 from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
 from m2rnn_jax.layers.rnn import RNNConfig
+from m2rnn_jax.models.lm_head_loss import STATISTICS as HEAD_STATISTICS
 from m2rnn_jax.models.mixers import MIXER_LETTERS, MIXERS, mixer_fields, mixer_spec
 
 # Layer-pattern letter -> ModelConfig field holding that mixer's config (a view of the registry).
@@ -90,6 +91,10 @@ class ModelConfig:
         param_dtype: storage dtype of the parameters (float32 master weights).
         remat: activation checkpointing of each block, one of :data:`REMAT_CHOICES` ("none", "full",
             "save_dots"); ``True`` / ``False`` (older config files) are read as "full" / "none".
+        head_statistics: how the chunked LM-head loss computes its softmax statistics and logits gradient, one
+            of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend) or "pallas_gpu" (one fused kernel, NVIDIA
+            GPUs; used on one device or one token group, the jnp path otherwise: the kernel is an opaque custom
+            call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
     """
 
     vocab_size: int
@@ -109,6 +114,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str | bool = "none"
+    head_statistics: str = "two_pass"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers"):
@@ -126,6 +132,8 @@ class ModelConfig:
         object.__setattr__(self, "dtype", canonical_dtype_name(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", canonical_dtype_name(self.param_dtype, "param_dtype"))
         object.__setattr__(self, "remat", canonical_remat(self.remat))
+        if self.head_statistics not in HEAD_STATISTICS:
+            raise ValueError(f"head_statistics: expected one of {HEAD_STATISTICS}, got {self.head_statistics!r}")
 
     def _validate_pattern(self) -> None:
         if not isinstance(self.layer_pattern, str):

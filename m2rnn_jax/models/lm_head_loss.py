@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.checks import is_int, require
+from m2rnn_jax.ops.platform import default_platform, on_nvidia_gpu
 from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy
 
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
@@ -156,6 +157,12 @@ def _make_layout(
     )
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
     require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
+    require(
+        statistics != "pallas_gpu" or interpret or on_nvidia_gpu(),
+        "statistics",
+        f"'two_pass' on {default_platform()} ('pallas_gpu' runs on NVIDIA GPUs, or with interpret=True)",
+        statistics,
+    )
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
         num_chunks = default_num_chunks(group_tokens, kernel.shape[1])

@@ -97,7 +97,8 @@ def head_loss_sums(
         segment_ids: optional (B, S) document ids, passed to the mixers that support document masking.
         chunk_size: tokens per chunk of the head (default: :func:`~m2rnn_jax.models.lm_head_loss.default_num_chunks`).
         groups: contiguous token groups of the head: the number of devices the batch rows are split over (1 on one
-            device; see :mod:`m2rnn_jax.models.lm_head_loss`).
+            device; see :mod:`m2rnn_jax.models.lm_head_loss`). The model config's ``head_statistics`` applies with
+            one group; with several the jnp statistics run (the fused kernel cannot be split by XLA).
 
     Returns:
         (:class:`~m2rnn_jax.models.lm_head_loss.LMHeadLoss` with ``correct`` shaped (B, S), aux loss (scalar f32)).
@@ -117,6 +118,7 @@ def head_loss_sums(
         chunk_size=chunk_size,
         compute_dtype=model.config.compute_dtype,
         groups=groups,
+        statistics=model.config.head_statistics if groups == 1 else "two_pass",
     )
     return head._replace(correct=head.correct.reshape(batch, seq_len)), output.aux_loss
 

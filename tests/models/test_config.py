@@ -33,6 +33,7 @@ def test_tiny_config_is_valid_and_canonicalises_dtypes():
         (dict(initializer_range=0.0), "initializer_range"),
         (dict(norm_eps=-1e-5), "norm_eps"),
         (dict(mlp=None), "mlp"),
+        (dict(head_statistics="fused"), "head_statistics"),
     ],
 )
 def test_bad_field_raises_naming_it(changes, field):

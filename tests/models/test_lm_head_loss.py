@@ -195,6 +195,28 @@ def test_bad_inputs_raise():
         lm_head_cross_entropy(hidden, kernel, targets, chunk_size=0)
     with pytest.raises(ValueError, match=r"groups: expected an int in \[1, N=6\]"):
         lm_head_cross_entropy(hidden, kernel, targets, groups=7)
+    with pytest.raises(ValueError, match="statistics: expected 'two_pass' on cpu"):
+        lm_head_cross_entropy(hidden, kernel, targets, statistics="pallas_gpu")  # the kernel needs a GPU
+
+
+@pytest.mark.parametrize("groups, expected", [(1, "pallas_gpu"), (2, "two_pass")])
+def test_training_loss_takes_the_head_statistics_of_the_model_config(monkeypatch, groups, expected):
+    """head_loss_sums hands model.config.head_statistics to the head with one token group, the jnp path with more."""
+    from m2rnn_jax.models import loss as loss_module
+
+    seen = []
+
+    def spy(*args, statistics, **kwargs):
+        seen.append(statistics)
+        return lm_head_cross_entropy(*args, **kwargs, statistics="pallas_gpu", interpret=True)
+
+    ids = jax.random.randint(jax.random.key(3), (2, 5), 0, 256, dtype=jnp.int32)
+    expected_head, _ = loss_module.head_loss_sums(Decoder(tiny_config("A"), rngs=nnx.Rngs(0)), ids, ids, groups=groups)
+    monkeypatch.setattr(loss_module, "lm_head_cross_entropy", spy)
+    model = Decoder(tiny_config("A").replace(head_statistics="pallas_gpu"), rngs=nnx.Rngs(0))
+    head, _ = loss_module.head_loss_sums(model, ids, ids, groups=groups)
+    assert seen == [expected]
+    np.testing.assert_allclose(head.nll_sum, expected_head.nll_sum, rtol=1e-6)
 
 
 def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():

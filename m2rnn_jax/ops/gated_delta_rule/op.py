@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import gated_delta_rule_chunked
 from m2rnn_jax.ops.gated_delta_rule.recurrent import gated_delta_rule_recurrent
+from m2rnn_jax.ops.platform import on_nvidia_gpu
 
 BACKENDS = ("auto", "chunked", "recurrent", "pallas_gpu")
 
@@ -46,11 +47,6 @@ def validate_inputs(q, k, v, beta, log_alpha, h0, reset, chunk_size) -> None:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
 
 
-def _on_nvidia_gpu() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
-
-
 def _fused_module():
     return importlib.import_module("m2rnn_jax.ops.gated_delta_rule.pallas_gpu")
 
@@ -64,7 +60,7 @@ def resolve_backend(backend: str, k_dim: int, v_dim: int, chunk_size: int, dtype
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
-    if _on_nvidia_gpu() and _fused_module().fused_unsupported_reason(k_dim, v_dim, chunk_size, dtype) is None:
+    if on_nvidia_gpu() and _fused_module().fused_unsupported_reason(k_dim, v_dim, chunk_size, dtype) is None:
         return "pallas_gpu"
     return "chunked"
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.m2rnn.validation import M2RNNShapes
+from m2rnn_jax.ops.platform import default_platform
 from m2rnn_jax.typing import Interpret
 
 
@@ -61,11 +62,8 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def _platform() -> str:
-    """ "gpu_nvidia", "tpu" or the name of another platform, from the default device."""
-    device = jax.devices()[0]
-    if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
-        return "gpu_nvidia"
-    return device.platform
+    """The default device's platform (:func:`m2rnn_jax.ops.platform.default_platform`; a seam for tests)."""
+    return default_platform()
 
 
 def resolve_backend_name(backend: str, input_dtype: jnp.dtype = jnp.float32, v_dim: int | None = None) -> str:
