@@ -25,8 +25,10 @@ for part in "$@"; do
                --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json"
            done; done ;;
     step-*) spec=${part#step-}; preset=${spec%:*}; remat=${spec##*:}  # step-PRESET:REMAT, one step-only run
-           run "step_${preset}_${remat}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
-             --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json" ;;
+           # STEP_ARGS: more bench arguments (e.g. "--head-statistics pallas_gpu"), TAG: a suffix of the file names
+           run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
+             --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
+             --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
     flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
            run "step_${preset}_${remat}_flags" 170 env XLA_FLAGS="${STEP_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
              python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" --remat "$remat" --step-only \
