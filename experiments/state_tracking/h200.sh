@@ -67,9 +67,9 @@
 #                 (a third of the time each), batch 512, constant lr 1e-3: from a5_large's end (~250 s) to 350 s,
 #                 then its evaluation to 64 (~10 s)
 #   probe_rnn     probe.py, tanh RNN width 512 (SEARCH.md #9), the same: from ~365 s to 440 s
-#   With JOBS=2 the probes get ~100 and ~75 s (at length 4 a step is ~1 ms: 2000 steps of 512 sequences, the ~1M
-#   sequences after which they learned A5 at length 4 on the CPU, take seconds); JOBS=4 starts all four at once
-#   (probes train to 350 / 440 s) at the price of the compare runs' GPU share (a third instead of half).
+#   With JOBS=2 the probes get ~100 and ~75 s (at length 4 a step should take ~1 ms, not measured: 2000 steps of 512
+#   sequences, the ~1M sequences after which they learned A5 at length 4 on the CPU, take seconds); JOBS=4 starts
+#   all four at once (probes train to 350 / 440 s) at the price of the compare runs' GPU share (a quarter, not half).
 #   (state-tracking-s5-large is not run: S5 contains A5's difficulty and more; it waits for an A5 result)
 # call 3 (2 processes):
 #   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
