@@ -294,12 +294,14 @@ def time_optimizer_update(optimizer: optax.GradientTransformation, state: TrainS
     }
 
 
-def train_step_function(config: ModelConfig) -> tuple[Callable, optax.GradientTransformation]:
+def train_step_function(
+    config: ModelConfig, optimizer_config: OptimizerConfig | None = None, schedule_steps: int = SCHEDULE_STEPS
+) -> tuple[Callable, optax.GradientTransformation]:
     """The trainer's jitted train step for ``config`` (state donated) and its optimizer: AdamW of
-    ``OptimizerConfig()`` with a schedule of ``SCHEDULE_STEPS``."""
-    optimizer_config = OptimizerConfig()
-    optimizer = build_optimizer(optimizer_config, SCHEDULE_STEPS)
-    schedule = learning_rate_schedule(optimizer_config, SCHEDULE_STEPS)
+    ``optimizer_config`` (None: ``OptimizerConfig()``) with a schedule of ``schedule_steps``."""
+    optimizer_config = OptimizerConfig() if optimizer_config is None else optimizer_config
+    optimizer = build_optimizer(optimizer_config, schedule_steps)
+    schedule = learning_rate_schedule(optimizer_config, schedule_steps)
     return jax.jit(make_train_step(model_graphdef(config), optimizer, schedule), donate_argnums=0), optimizer
 
 
