@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.manual_axes import vary_together
+from m2rnn_jax.ops.platform import on_nvidia_gpu
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
@@ -137,12 +138,6 @@ def causal_conv(
     return y, _last_inputs(x, state)
 
 
-def _on_nvidia_gpu() -> bool:
-    """Whether the default device is an NVIDIA GPU (the test of :mod:`m2rnn_jax.ops.m2rnn.backends`)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
-
-
 def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dtype: Dtype) -> str:
     """The concrete backend of :func:`causal_conv`: ``backend`` unless it is "auto", which is "pallas_gpu" on an
     NVIDIA GPU when every input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else
@@ -152,7 +147,7 @@ def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dty
     if backend != "auto":
         return backend
     dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
-    return "pallas_gpu" if _on_nvidia_gpu() and all(d in SUPPORTED_DTYPES for d in dtypes) else "jnp"
+    return "pallas_gpu" if on_nvidia_gpu() and all(d in SUPPORTED_DTYPES for d in dtypes) else "jnp"
 
 
 def _pre_activation(
