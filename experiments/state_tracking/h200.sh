@@ -10,10 +10,13 @@
 #          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
 #          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
+#          OUT=/tmp/st_times bash experiments/state_tracking/h200.sh times   (each model's train step alone, <= 3 min:
+#            $OUT/step_times.json, the measured costs: COSTS=step_times.json bash h200.sh 1 splits call 1 by them)
 #   Environment: JOBS (processes at once, default 2), BUDGET (seconds, default 540), RUNS (where the runs live),
 #   CACHE_ARCHIVE=1 (also return the compilation cache as $OUT/st_jax_cache.tgz, see the end), KEEP_OUT_TREE=1
 #   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files); with --smoke,
-#   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600).
+#   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600); COSTS=FILE (a step_times JSON:
+#   its "runs" replace the COST table below for the models it measured), TIMES_SECONDS (the times call, default 180).
 #
 # Why it looks like this. Session 7 ran 16 processes at once (every compile 2-30x slower, almost every run hit its
 # timeout); session 8's call 1 ran 5 (456 s, experiments/results/h200_2026-12-03_session8/st_call1): every compare
@@ -36,7 +39,9 @@
 # rebuilds the report. Jobs beyond JOBS wait for a free slot (and take its cores); `timeout -k` is the safety net.
 # Running a call again on the warm machine resumes its unfinished runs from RUNS and skips the finished ones.
 #
-# The split of call 1 (GPU seconds per 3000-step run, one process alone on the H200, ESTIMATED: COST below):
+# The split of call 1 (GPU seconds per 3000-step run, one process alone on the H200, ESTIMATED: COST below; the
+# times call measures them: experiments/state_tracking/step_times.py times each model's train step alone at 32 and
+# 128 and multiplies by the curriculum's steps there; COSTS=its JSON then replaces the table, model by model):
 #   M2RNN: measured pieces: op forward+backward on the scan 5.40 ms per layer at 128 (x 2 layers) + the rest of the
 #     step 0.7 ms (bf16 step 3.27 ms - 2 x 1.27 ms op) = 11.5 ms at 128, ~3.4 ms at 32 (the scan is launch-bound:
 #     ~ length) -> 2100 x 11.5 + 900 x 3.4 ms = 27 s.
@@ -76,16 +81,17 @@
 #                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
 #   s3_small_bf16 the same preset in bfloat16 (fused kernels, ~3 ms steps at the tiny shape): SIGTERM at 420 s
 #
-# Tests: experiments/state_tracking/test_h200.py (syntax, usage, the --plan of every call and JOBS). Docs:
-# docs/state_tracking.md, "The H200 script".
+# Tests: experiments/state_tracking/test_h200.py (syntax, usage, the --plan of every call and JOBS),
+# test_step_times.py (the times call, COSTS=). Docs: docs/state_tracking.md, "The H200 script".
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CALL=${1:-}
 MODE=${2:-}
-if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 ]] || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
-  echo "usage: OUT=DIR bash $0 {1|2|3} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
-    "call 3 = state-tracking-s3-small (float32, bfloat16)" >&2
+if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 && "$CALL" != times ]] \
+  || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
+  echo "usage: OUT=DIR bash $0 {1|2|3|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
+    "call 3 = state-tracking-s3-small (float32, bfloat16), times = each model's train step alone (step_times)" >&2
   exit 2
 fi
 SMOKE=0; [[ "$MODE" == --smoke ]] && SMOKE=1
@@ -96,13 +102,39 @@ BUDGET=${BUDGET:-540}
 if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || (( BUDGET < 300 )); then
   echo "BUDGET: expected an integer >= 300 (seconds), got '$BUDGET'" >&2; exit 2
 fi
+TIMES_SECONDS=${TIMES_SECONDS:-180}
+if ! [[ "$TIMES_SECONDS" =~ ^[0-9]+$ ]] || (( TIMES_SECONDS < 60 )); then
+  echo "TIMES_SECONDS: expected an integer >= 60 (seconds), got '$TIMES_SECONDS'" >&2; exit 2
+fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 ST="python3 -m experiments.state_tracking"
 MODELS=(m2rnn gru rnn gdn gdn-neg mamba2 attention)
-# Estimated GPU seconds of one 3000-step compare run alone on the H200 (derivation in the header).
+# Estimated GPU seconds of one 3000-step compare run alone on the H200 (derivation in the header): the fallback
+# for every model that COSTS=FILE (a step_times JSON) does not measure.
 declare -A COST=([m2rnn]=27 [gru]=35 [rnn]=25 [gdn]=31 [gdn-neg]=31 [mamba2]=22 [attention]=16)
+COST_SOURCE="estimated (the COST table of $0)"
+if [[ -n "${COSTS:-}" ]]; then
+  # "model seconds" for each model of MODELS with a measured run in the file (rounded, at least 1).
+  READ_COSTS='
+import json, sys
+path, models = sys.argv[1], sys.argv[2:]
+try:
+    runs = json.load(open(path))["runs"]
+    seconds = {m: float(runs[m]["seconds"]) for m in models if (runs.get(m) or {}).get("seconds") is not None}
+except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    sys.exit(f"COSTS: expected a step_times JSON with runs.<model>.seconds, got {path!r} ({type(err).__name__}: {err})")
+if not seconds:
+    sys.exit(f"COSTS: expected runs.<model>.seconds for at least one of {models}, got none in {path!r}")
+for model, value in seconds.items():
+    print(model, max(1, round(value)))
+'
+  MEASURED=$(python3 -c "$READ_COSTS" "$COSTS" "${MODELS[@]}") || exit 2
+  while read -r model seconds; do COST[$model]=$seconds; done <<< "$MEASURED"
+  COST_SOURCE="measured in $COSTS: $(echo $(cut -d' ' -f1 <<< "$MEASURED")); the table for the others"
+fi
+COST_LINE="costs (GPU s per run, $COST_SOURCE): $(for model in "${MODELS[@]}"; do echo -n "$model=${COST[$model]} "; done)"
 # The times below are seconds after the script's start. The runs (checkpoints included) live in RUNS, kept
 # between calls on a warm machine: a call run again resumes its unfinished runs, skips the finished ones.
 if (( SMOKE )); then
@@ -112,18 +144,21 @@ if (( SMOKE )); then
            --eval-sequences 8)
   RUNS=${RUNS:-$OUT}
   SEEDS="0 1"
-  STOP=${SMOKE_BUDGET:-3600}; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
+  STOP=${SMOKE_BUDGET:-3600}; TIMES_END=$STOP; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
   PRESET_GRACE=60
   PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
+  TIMES=(--recipe cpu --train-length 4 --hidden-size 16 --num-layers 1 --batch-size 4 --iters 1 --repeats 1)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
                 --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1
                 --set model.layer_pattern=M --set model.mlp.intermediate_size=16)
 else
   COMPARE=(--recipe gpu)
+  TIMES=(--recipe gpu)
   RUNS=${RUNS:-$PWD/runs/st_h200_call$CALL}
   SEEDS="0 1 2"
   STOP=$(( BUDGET - 75 ))               # 465: every compare run evaluated and written by then
+  TIMES_END=$(( TIMES_SECONDS - 10 ))   # 170: step_times killed (its JSON holds every measurement done by then)
   A5_LARGE_END=$(( BUDGET - 320 ))      # 220: SIGTERM, then its evaluation within PRESET_GRACE
   PROBE_M2RNN_END=$(( BUDGET - 190 ))   # 350: end of its training
   PROBE_RNN_END=$(( BUDGET - 100 ))     # 440
@@ -133,6 +168,7 @@ else
   PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
 fi
 PROBE_EVAL=15   # seconds of a probe's evaluation (to 64): its kill comes 45 s after that
+[[ $CALL == times ]] && JOBS=1   # one process: every step timed alone on the GPU, with all the cores
 OUT=${OUT:-/tmp/st$CALL}
 START=$SECONDS
 CORES=$(nproc)
@@ -149,6 +185,7 @@ if (( ! PLAN )); then
       "($(cache_size) at the start)"
     if XLA_FLAGS="$FLAGS" python3 -c "$CHECK"; then echo "XLA_FLAGS=$FLAGS"
     else FLAGS=""; echo "XLA flags rejected: running without them"; python3 -c "$CHECK"; fi
+    echo "$COST_LINE"
   } > "$OUT/environment.txt" 2>&1
   [[ -n "$FLAGS" ]] && export XLA_FLAGS="$FLAGS"
   echo "state-tracking H200 call $CALL: budget ${BUDGET}s, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
@@ -222,6 +259,7 @@ preset_job() {
     "${PRESET_SMOKE[@]}" "$@"
 }
 
+(( PLAN )) && echo "$COST_LINE" >&2
 case $CALL in
   1)
     mapfile -t PARTS < <(balance "$JOBS" "${MODELS[@]}")
@@ -237,9 +275,19 @@ case $CALL in
     preset_job s3_small "$SMALL_END" s3 small 0
     preset_job s3_small_bf16 "$SMALL_END" s3 small 0 --set model.dtype=bfloat16
     ;;
+  times)
+    job times "$TIMES_END" 0 15 python3 -m experiments.state_tracking.step_times "${TIMES[@]}" \
+      --json "$OUT/step_times.json"
+    ;;
 esac
 (( PLAN )) && exit 0
 wait
+if [[ $CALL == times ]]; then  # four files in $OUT: environment.txt, status.txt, times.log, step_times.json
+  echo "done in $(elapsed)s; compilation cache $(cache_size)" >> "$OUT/status.txt"
+  cat "$OUT/environment.txt" "$OUT/status.txt" "$OUT/times.log"
+  ls -la "$OUT"
+  exit 0
+fi
 
 if [[ $CALL != 3 ]]; then
   GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)

@@ -53,6 +53,7 @@ def test_script_parses():
     [
         (("4",), {}, "usage: OUT=DIR bash"),
         (("1", "--fast"), {}, "usage: OUT=DIR bash"),
+        (("times", "--fast"), {}, "usage: OUT=DIR bash"),
         (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
         (("2",), {"BUDGET": "100"}, "BUDGET: expected an integer >= 300 (seconds), got '100'"),
     ],
