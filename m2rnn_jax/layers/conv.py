@@ -16,8 +16,10 @@ and d state as the transposed conv written straight into each.
 
 :func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the
 fused Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy
-for dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" picks
-"pallas_gpu" on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output, else "jnp". Under a
+for dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" is
+"jnp" until the fused kernels are checked and timed on the H200 (they are tested in interpret mode only); the
+environment variable ``M2RNN_JAX_CONV_BACKEND=pallas_gpu`` (read when a call is traced) makes "auto" pick them
+on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output, "jnp" elsewhere. Under a
 mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes, channels over
 ``tensor`` (when they divide).
 """
@@ -25,6 +27,7 @@ mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/ex
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import jax
@@ -43,6 +46,7 @@ from pallas_kernels.gpu.causal_conv import SUPPORTED_DTYPES, causal_conv_backwar
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
 CONV_BACKENDS = ("auto", "jnp", "pallas_gpu")
+BACKEND_ENV_VAR = "M2RNN_JAX_CONV_BACKEND"  # what "auto" prefers (module docstring)
 
 
 def _window(x: jax.Array, state: jax.Array) -> jax.Array:
@@ -139,13 +143,18 @@ def causal_conv(
 
 
 def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dtype: Dtype) -> str:
-    """The concrete backend of :func:`causal_conv`: ``backend`` unless it is "auto", which is "pallas_gpu" on an
-    NVIDIA GPU when every input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else
-    "jnp"."""
+    """The concrete backend of :func:`causal_conv`: ``backend`` unless it is "auto". "auto" is "jnp" unless the
+    environment variable :data:`BACKEND_ENV_VAR` says "pallas_gpu": then "pallas_gpu" on an NVIDIA GPU when every
+    input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else "jnp"."""
     if backend not in CONV_BACKENDS:
         raise ValueError(f"backend: expected one of {list(CONV_BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
+    preferred = os.environ.get(BACKEND_ENV_VAR, "") or "jnp"
+    if preferred not in CONV_BACKENDS[1:]:
+        raise ValueError(f"{BACKEND_ENV_VAR}: expected one of {list(CONV_BACKENDS[1:])} or unset, got {preferred!r}")
+    if preferred == "jnp":
+        return "jnp"
     dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
     return "pallas_gpu" if on_nvidia_gpu() and all(d in SUPPORTED_DTYPES for d in dtypes) else "jnp"
 

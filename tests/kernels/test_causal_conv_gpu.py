@@ -145,12 +145,26 @@ def test_lowers_for_cuda_inside_a_check_vma_shard_map(kernel_size):
     assert "causal_conv_forward" in text and "causal_conv_backward" in text
 
 
-def test_auto_backend_is_jnp_off_nvidia_gpus():
+def test_auto_backend_is_jnp_unless_the_environment_asks_for_the_kernels(monkeypatch):
+    """ "auto" is "jnp" until the kernels are timed on the H200; M2RNN_JAX_CONV_BACKEND=pallas_gpu makes it pick them
+    on NVIDIA GPUs for supported dtypes."""
+    from m2rnn_jax.layers import conv
+
     x, state, kernel, bias = make_inputs("f32", 1, 4, 3, 2, False)
-    expected = "pallas_gpu" if jax.devices()[0].platform == "gpu" else "jnp"
-    assert resolve_conv_backend("auto", (x, state, kernel, bias), jnp.float32) == expected
-    assert resolve_conv_backend("auto", (x, state, kernel, bias), np.float64) == "jnp"
-    assert resolve_conv_backend("pallas_gpu", (x, state, kernel, bias), jnp.float32) == "pallas_gpu"
+    inputs = (x, state, kernel, bias)
+    monkeypatch.delenv(conv.BACKEND_ENV_VAR, raising=False)
+    monkeypatch.setattr(conv, "on_nvidia_gpu", lambda: True)
+    assert resolve_conv_backend("auto", inputs, jnp.float32) == "jnp"
+    monkeypatch.setenv(conv.BACKEND_ENV_VAR, "pallas_gpu")
+    assert resolve_conv_backend("auto", inputs, jnp.float32) == "pallas_gpu"
+    assert resolve_conv_backend("auto", inputs, np.float64) == "jnp"
+    assert resolve_conv_backend("jnp", inputs, jnp.float32) == "jnp"  # an explicit backend wins
+    monkeypatch.setattr(conv, "on_nvidia_gpu", lambda: False)
+    assert resolve_conv_backend("auto", inputs, jnp.float32) == "jnp"
+    assert resolve_conv_backend("pallas_gpu", inputs, jnp.float32) == "pallas_gpu"
+    monkeypatch.setenv(conv.BACKEND_ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="M2RNN_JAX_CONV_BACKEND: expected one of"):
+        resolve_conv_backend("auto", inputs, jnp.float32)
 
 
 def test_bad_arguments_raise():
