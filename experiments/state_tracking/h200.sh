@@ -188,7 +188,8 @@ if (( ! PLAN )); then
     echo "$COST_LINE"
   } > "$OUT/environment.txt" 2>&1
   [[ -n "$FLAGS" ]] && export XLA_FLAGS="$FLAGS"
-  echo "state-tracking H200 call $CALL: budget ${BUDGET}s, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
+  LIMIT=$([[ $CALL == times ]] && echo "TIMES_SECONDS ${TIMES_SECONDS}s" || echo "budget ${BUDGET}s")
+  echo "state-tracking H200 call $CALL: $LIMIT, smoke=$SMOKE, $JOBS jobs at once" > "$OUT/status.txt"
 fi
 
 # balance N MODEL...: the models in N groups, one line each: largest COST first, each to the group with the least
