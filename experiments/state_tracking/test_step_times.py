@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments.state_tracking import step_times
-from experiments.state_tracking.recipes import RECIPES
+from experiments.state_tracking.recipes import RECIPES, train_config
 from experiments.state_tracking.test_h200 import costs, flag_values, plan, run_script
+from m2rnn_jax.bench.model import random_batch, train_step_function
+from m2rnn_jax.train.state import init_train_state
 
 # The interpreter running the tests first on the script's PATH (it reads a COSTS file with python3).
 PYTHON_PATH = f"{Path(sys.executable).parent}:/usr/bin:/bin"
@@ -68,6 +71,24 @@ def test_command_at_tiny_sizes_on_cpu(tmp_path, capsys):
     assert f"rnn   | 2      | 1500  | {row['ms_per_step']:.3f}" in printed
     assert f"  rnn: {result['runs']['rnn']['seconds']:.1f} s" in printed
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # atomic: no temporary left
+
+
+def test_the_timed_step_has_the_comparisons_schedule():
+    """The step built as :func:`step_times.time_train_step` builds it runs the recipe's schedule (peak lr at the end
+    of its warmup, cosine over its steps), not the benchmark's default optimizer."""
+    recipe = step_times.recipe_from_args(step_times.parse_args([*TINY, "--train-length", "2"]))
+    config = train_config(recipe, "rnn", "s3", seed=0)
+    step, optimizer = train_step_function(config.model, config.optimizer, config.steps)
+    tokens = random_batch(config.model, config.batch_size, 2)
+    rates = {}
+    for at in (recipe.warmup_steps, recipe.steps):  # a fresh state each time: the step donates it
+        state = init_train_state(config.model, optimizer, 0)
+        _, metrics = step(state._replace(step=jnp.asarray(at, state.step.dtype)), tokens)
+        rates[at] = float(metrics["learning_rate"])
+    assert rates == {
+        recipe.warmup_steps: pytest.approx(recipe.learning_rate),
+        recipe.steps: pytest.approx(0.1 * recipe.learning_rate),
+    }
 
 
 def test_a_failing_measurement_keeps_the_others(tmp_path, monkeypatch, capsys):
