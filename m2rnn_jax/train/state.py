@@ -39,10 +39,22 @@ def model_graphdef(config: ModelConfig) -> nnx.GraphDef:
     return _split_params(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))[0]
 
 
-def init_train_state(config: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh state: parameters from ``Decoder(config, rngs=nnx.Rngs(seed))``, step 0 (call under ``jax.jit``)."""
-    _, params = _split_params(Decoder(config, rngs=nnx.Rngs(seed)))
-    rng = jax.random.key_data(jax.random.key(seed + 1))
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(parameter key, step-RNG key) of a run's ``seed``: ``jax.random.key(seed)``, ``jax.random.key(seed + 1)``."""
+    return jax.random.key(seed), jax.random.key(seed + 1)
+
+
+def init_train_state(
+    config: ModelConfig, optimizer: optax.GradientTransformation, seed: int | tuple[jax.Array, jax.Array]
+) -> TrainState:
+    """Fresh state: parameters from ``Decoder(config, rngs=nnx.Rngs(key(seed)))``, step 0 (call under ``jax.jit``).
+
+    ``seed``: an int, or its :func:`seed_keys` (the same state; passed as arguments of a jitted init they make one
+    compiled program serve every seed, so a persistent compilation cache hit for the next seed).
+    """
+    param_key, rng_key = seed_keys(seed) if isinstance(seed, int) else seed
+    _, params = _split_params(Decoder(config, rngs=nnx.Rngs(param_key)))
+    rng = jax.random.key_data(rng_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
 
 
@@ -68,5 +80,6 @@ def create_train_state(
     """(state, shardings): a fresh state created directly in its shards (no full copy on one device)."""
     shardings = train_state_shardings(abstract_train_state(config, optimizer), optimizer, mesh)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda: init_train_state(config, optimizer, seed), out_shardings=shardings)()
+        init = jax.jit(lambda keys: init_train_state(config, optimizer, keys), out_shardings=shardings)
+        state = init(seed_keys(seed))  # the seed as an argument: one program for every seed
     return state, shardings

@@ -59,3 +59,21 @@ def test_gradient_accumulation_matches_the_full_batch():
         np.testing.assert_allclose(float(accum[key]), float(full[key]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_fresh_state_takes_the_seed_as_an_argument_of_one_program():
+    """create_train_state gives the state of init_train_state(seed) (a seed baked in), and the jitted init it runs has
+    the same program for every seed (so the next seed's init is a compilation-cache hit)."""
+    from m2rnn_jax.train.state import init_train_state, seed_keys
+
+    config = tiny_train_config()
+    optimizer = build_optimizer(config.optimizer, config.steps)
+    state, _ = create_train_state(config.model, optimizer, 7, build_mesh({"data": 1}))
+    baked = jax.jit(lambda: init_train_state(config.model, optimizer, 7))()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(baked), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    init = jax.jit(lambda keys: init_train_state(config.model, optimizer, keys))
+    assert init.lower(seed_keys(7)).as_text() == init.lower(seed_keys(8)).as_text()
+    other, _ = create_train_state(config.model, optimizer, 8, build_mesh({"data": 1}))
+    pairs = zip(jax.tree.leaves(other.params), jax.tree.leaves(state.params), strict=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)  # the seed still matters
