@@ -22,7 +22,13 @@ from pallas_kernels.gpu.causal_conv import (
     causal_conv_forward,
     default_config,
 )
-from tests.layers.test_conv_vjp import MODES, PARAMETER_GRADIENTS, assert_close, make_inputs, values_and_gradients
+from tests.layers.test_conv_vjp import (
+    MODES,
+    assert_close,
+    assert_results_match,
+    make_inputs,
+    values_and_gradients,
+)
 
 FUSED = dict(backend="pallas_gpu", interpret=True)
 SMALL_TILES = ConvKernelConfig(block_s=8, block_c=16, blocks_per_program=2)
@@ -48,13 +54,7 @@ def compare(mode: str, x, state, kernel, bias, activation, fn=fused_conv, transf
     expected_outputs, expected_grads = jax.jit(
         transform(lambda *args: values_and_gradients(causal_conv_reference, *args, activation=activation, dtype=dtype))
     )(x, state, kernel, bias)
-    for name, actual, expected in zip(("y", "new_state"), outputs, expected_outputs, strict=True):
-        assert_close(actual, expected, name, mode)
-    for name, actual, expected in zip(("dx", "dstate", *PARAMETER_GRADIENTS), grads, expected_grads, strict=True):
-        if expected is None:
-            assert actual is None, name
-        else:
-            assert_close(actual, expected, name, mode)
+    assert_results_match((outputs, grads), (expected_outputs, expected_grads), mode)
 
 
 @pytest.mark.parametrize("mode", ["f32", "bf16"])

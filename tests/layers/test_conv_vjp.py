@@ -39,6 +39,19 @@ def assert_close(actual: jax.Array, expected: jax.Array, name: str, mode: str) -
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=name)
 
 
+def assert_results_match(results, expected_results, mode: str) -> None:
+    """((y, new_state), gradients of (x, state, kernel, bias)) of a conv against the reference's, per ``mode``'s
+    tolerance; a gradient the reference has as None (no bias) must be None too."""
+    (outputs, grads), (expected_outputs, expected_grads) = results, expected_results
+    for name, actual, expected in zip(("y", "new_state"), outputs, expected_outputs, strict=True):
+        assert_close(actual, expected, name, mode)
+    for name, actual, expected in zip(("dx", "dstate", *PARAMETER_GRADIENTS), grads, expected_grads, strict=True):
+        if expected is None:
+            assert actual is None, name
+        else:
+            assert_close(actual, expected, name, mode)
+
+
 def make_inputs(mode: str, batch: int, seq_len: int, channels: int, kernel_size: int, use_bias: bool, key: int = 0):
     """Random (x, state, kernel, bias) in the mode's dtypes (NumPy draws: no compilation per shape)."""
     x_dtype, state_dtype, param_dtype, _ = MODES[mode]
@@ -74,13 +87,7 @@ def check_against_reference(mode, x, state, kernel, bias, activation, transform=
         run(x, state, kernel, bias),
         run_reference(x, state, kernel, bias),
     )
-    for name, actual, expected in zip(("y", "new_state"), outputs, expected_outputs, strict=True):
-        assert_close(actual, expected, name, mode)
-    for name, actual, expected in zip(("dx", "dstate", *PARAMETER_GRADIENTS), grads, expected_grads, strict=True):
-        if expected is None:
-            assert actual is None, name
-        else:
-            assert_close(actual, expected, name, mode)
+    assert_results_match((outputs, grads), (expected_outputs, expected_grads), mode)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
