@@ -27,8 +27,10 @@ mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/ex
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,6 @@ from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
-from pallas_kernels.gpu.causal_conv import SUPPORTED_DTYPES, causal_conv_backward, causal_conv_forward
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
 CONV_BACKENDS = ("auto", "jnp", "pallas_gpu")
@@ -155,8 +156,15 @@ def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dty
         raise ValueError(f"{BACKEND_ENV_VAR}: expected one of {list(CONV_BACKENDS[1:])} or unset, got {preferred!r}")
     if preferred == "jnp":
         return "jnp"
+    if not on_nvidia_gpu():
+        return "jnp"
     dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
-    return "pallas_gpu" if on_nvidia_gpu() and all(d in SUPPORTED_DTYPES for d in dtypes) else "jnp"
+    return "pallas_gpu" if all(d in _kernels().SUPPORTED_DTYPES for d in dtypes) else "jnp"
+
+
+def _kernels() -> ModuleType:
+    """:mod:`pallas_kernels.gpu.causal_conv`, imported on first use (Pallas-Triton; only "pallas_gpu" needs it)."""
+    return importlib.import_module("pallas_kernels.gpu.causal_conv")
 
 
 def _pre_activation(
@@ -261,7 +269,7 @@ def _fused_conv_output(
     interpret: bool,
 ) -> jax.Array:
     """:func:`_conv_output` by the fused kernels: y (B, S, C) in ``dtype``."""
-    return causal_conv_forward(
+    return _kernels().causal_conv_forward(
         x, state, kernel, bias, activation=_activation(activation), out_dtype=dtype, interpret=interpret
     )
 
@@ -280,7 +288,7 @@ def _fused_conv_output_bwd(
     """dx, d kernel, d bias from the backward kernel; d state, which only the first kernel_size - 1 tokens reach,
     from :func:`_conv_output_bwd` of those tokens."""
     x, state, kernel, bias = residuals
-    dx, dkernel, dbias = causal_conv_backward(
+    dx, dkernel, dbias = _kernels().causal_conv_backward(
         x, state, kernel, bias, dy, activation=_activation(activation), interpret=interpret
     )
     tail = state.shape[1]

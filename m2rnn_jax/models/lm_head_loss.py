@@ -42,7 +42,6 @@ import jax.numpy as jnp
 
 from m2rnn_jax.checks import is_int, require
 from m2rnn_jax.ops.platform import default_platform, on_nvidia_gpu
-from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy
 
 # Default chunking: enough chunks that one chunk's logits hold at most this many elements (1 GiB in float32).
 CHUNK_LOGITS_ELEMENTS = 2**28
@@ -263,6 +262,8 @@ def chunk_loss_terms(
         ``d_dtype``, or None without ``with_gradient``).
     """
     if statistics == "pallas_gpu":
+        from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy  # Pallas-Triton: loaded only when used
+
         fused = softmax_cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
