@@ -47,9 +47,9 @@ for part in "$@"; do
     optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
     embedding) run embedding 60 env PYTHONPATH=. python3 experiments/bench/embedding_check.py ;;
     normconv) run normconv 100 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;
-    vjptests) run vjptests 90 python3 -m pytest -q -p no:randomly -p no:cacheprovider tests/layers/test_conv_vjp.py \
+    vjptests) run vjptests 90 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider tests/layers/test_conv_vjp.py \
                 tests/layers/test_norm_vjp.py -k shard_map ;;
-    kerneltests) run kerneltests 150 env M2RNN_JAX_CONV_BACKEND=pallas_gpu python3 -m pytest -q -p no:randomly \
+    kerneltests) run kerneltests 150 env M2RNN_JAX_CONV_BACKEND=pallas_gpu python3 -m pytest -n 0 -q -p no:randomly \
                 -p no:cacheprovider -m "gpu or not gpu" tests/kernels/test_causal_conv_gpu.py \
                 tests/kernels/test_softmax_xent_gpu.py tests/layers/test_conv_vjp.py ;;
     convsweep) run convsweep 120 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" \
@@ -58,7 +58,7 @@ for part in "$@"; do
     losssweep) run losssweep 120 python3 -m m2rnn_jax.bench.loss --kernel-configs 2x2048x4x2 1x4096x4x2 4x2048x8x2 \
                 8x2048x8x2 8x1024x4x2 2x2048x4x3 16x1024x8x2 --json "$OUT/softmax_xent_sweep.json" ;;
     smoke) run smoke 150 env PYTHONPATH=. python3 experiments/bench/gpu_smoke.py ;;
-    gputests) run gputests 200 python3 -m pytest -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
+    gputests) run gputests 200 python3 -m pytest -n 0 -m gpu -q -x -p no:randomly tests/kernels/test_gdn_gpu.py tests/bench \
                 tests/models/test_lm_head_loss.py ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac

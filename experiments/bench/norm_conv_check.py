@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.bench.timing import median_ms, temp_bytes, to_gib
-from m2rnn_jax.layers.conv import causal_conv, causal_conv_reference, resolve_conv_backend
+from m2rnn_jax.layers.conv import causal_conv, causal_conv_reference
 from m2rnn_jax.layers.norm import rms_norm, rms_norm_reference
+from m2rnn_jax.ops.platform import on_nvidia_gpu
 from m2rnn_jax.testing import max_relative_error
 from pallas_kernels.gpu.causal_conv import ConvKernelConfig, causal_conv_backward, causal_conv_forward
 
@@ -83,7 +84,7 @@ def main() -> None:
         times, results = {}, {}
         dy = jax.random.normal(jax.random.key(1), primals[0].shape, jnp.float32).astype(dtype)
         for variant, fn in VARIANTS[case].items():
-            if variant == "pallas_gpu" and resolve_conv_backend("auto", primals, dtype) != "pallas_gpu":
+            if variant == "pallas_gpu" and not on_nvidia_gpu():
                 print(f"{case:7s} {variant:10s} skipped: needs an NVIDIA GPU")
                 continue
             forward = jax.jit(build(fn, dtype))
@@ -125,7 +126,7 @@ def time_conv_kernels(batch: int, seq_len: int, dtype: jnp.dtype, configs: list[
     """One line per launch configuration: the forward and the backward kernel of the GDN conv alone."""
     _, (x, state, kernel) = case_inputs(batch, seq_len, dtype)["conv"]
     dy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32).astype(dtype)
-    if resolve_conv_backend("auto", (x, state, kernel), dtype) != "pallas_gpu":
+    if not on_nvidia_gpu():
         print("conv kernels skipped: need an NVIDIA GPU")
         return
     gigabytes = x.size * x.dtype.itemsize / 1e9  # one pass over a (B, S, C) array

@@ -109,6 +109,14 @@ def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size, groups, stat
     return out.nll_sum / jnp.maximum(out.weight_sum, 1), out
 
 
+@pytest.fixture
+def float32_matmuls():
+    """Full float32 matmuls (on GPUs jnp's float32 matmuls default to TF32, ~1e-3 relative, on both sides)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.usefixtures("float32_matmuls")
 @pytest.mark.parametrize("chunk_size, groups", [(16, 1), (5, 3)], ids=["ragged_chunks", "ragged_groups"])
 def test_chunked_loss_with_the_kernel_equals_the_plain_loss(chunk_size, groups):
     """Loss, d hidden, d kernel and d weights (float32) equal the full-logits loss; hits equal two_pass's."""
@@ -128,6 +136,7 @@ def test_chunked_loss_with_the_kernel_equals_the_plain_loss(chunk_size, groups):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 def test_chunked_loss_with_the_kernel_counts_the_hits():
     """Targets set to the argmax on some rows: the kernel's hits equal jnp.argmax == target."""
     hidden, kernel, targets, weights = head_inputs(2, 30, 8, 40, jnp.float32)

@@ -25,8 +25,11 @@ MODES = {
     "bf16": (jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16),
 }
 # tolerance of values that pass through x's dtype (y, new state, dx, d state) and of the float32 parameter
-# gradients (reductions over (B, S) in the compute dtype); bf16: the reference adds the two state cotangents in bf16
-TOLERANCE = {"f64": (1e-12, 1e-12), "f32": (1e-6, 1e-6), "bf16": (2**-7, 1e-6)}
+# gradients (reductions over (B, S) in the compute dtype); bf16: the reference adds the two state cotangents in bf16,
+# and its parameter gradients reduce bf16 products, in an order XLA picks per platform (equal to 1e-6 on the CPU,
+# 8e-3 apart on gradients of magnitude ~20 on the H200, 2026-12-04): held to bf16's precision, relative to the
+# largest
+TOLERANCE = {"f64": (1e-12, 1e-12), "f32": (1e-6, 1e-6), "bf16": (2**-7, 2**-7)}
 PARAMETER_GRADIENTS = ("dkernel", "dbias")
 
 
