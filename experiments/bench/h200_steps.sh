@@ -49,9 +49,12 @@ for part in "$@"; do
     normconv) run normconv 100 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;
     vjptests) run vjptests 90 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider tests/layers/test_conv_vjp.py \
                 tests/layers/test_norm_vjp.py -k shard_map ;;
-    kerneltests) run kerneltests 150 env M2RNN_JAX_CONV_BACKEND=pallas_gpu python3 -m pytest -n 0 -q -p no:randomly \
-                -p no:cacheprovider -m "gpu or not gpu" tests/kernels/test_causal_conv_gpu.py \
-                tests/kernels/test_softmax_xent_gpu.py tests/layers/test_conv_vjp.py ;;
+    kerneltests) # the compiled kernels against their references (the interpret-mode tests run in CI), then the conv
+                 # layer's tests with the fused kernels selected
+                 run kerneltests 120 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+                   tests/kernels/test_causal_conv_gpu.py tests/kernels/test_softmax_xent_gpu.py
+                 run convlayertests 90 env M2RNN_JAX_CONV_BACKEND=pallas_gpu python3 -m pytest -n 0 -q -p no:randomly \
+                   -p no:cacheprovider tests/layers/test_conv_vjp.py ;;
     convsweep) run convsweep 120 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" \
                 --dtype bfloat16 --conv-configs 32,128,64,4,1 8,128,64,8,1 16,128,32,4,1 32,128,16,8,1 4,128,128,4,1 \
                 4,256,128,8,1 8,128,32,8,1 8,128,64,8,2 ;;

@@ -14,14 +14,14 @@ window's cotangent back into [state | x]; the custom backward recomputes the pre
 activation's cotangent through a few fused passes: the kernel and bias gradients as sibling reductions over (B, S), dx
 and d state as the transposed conv written straight into each.
 
-:func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the
-fused Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy
-for dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" is
-"jnp" until the fused kernels are checked and timed on the H200 (they are tested in interpret mode only); the
-environment variable ``M2RNN_JAX_CONV_BACKEND=pallas_gpu`` (read when a call is traced) makes "auto" pick them
-on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output, "jnp" elsewhere. Under a
-mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes, channels over
-``tensor`` (when they divide).
+:func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the fused
+Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy for
+dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" is "jnp": on
+the H200 the fused kernels are correct and 3.4x faster forward but only 1.15x forward + backward, and neutral in the
+train step (docs/norm_conv_vjp.md); the environment variable ``M2RNN_JAX_CONV_BACKEND=pallas_gpu`` (read when a call
+is traced) makes "auto" pick them on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output,
+"jnp" elsewhere. Under a mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes,
+channels over ``tensor`` (when they divide).
 """
 
 from __future__ import annotations

@@ -69,16 +69,18 @@ def _next_power_of_two(n: int) -> int:
 
 
 def default_config(seq_len: int, channels: int, *, backward: bool = False) -> ConvKernelConfig:
-    """The launch parameters for x (B, seq_len, channels), not timed yet, chosen by register use (ptxas for sm_90a,
-    bf16, 4 taps, SiLU; docs/norm_conv_vjp.md): forward tiles of 32 rows x 128 channels on 4 warps (86 registers);
-    backward tiles of 8 x 128 on 8 warps, 4 values per thread (100 registers; 8 values per thread took 168, 16
-    values 255 and spilled), walks of 512 rows. Tiles shrink to the next power of two of a smaller S or C."""
-    block_s = min(8 if backward else 32, _next_power_of_two(seq_len))
+    """The launch parameters for x (B, seq_len, channels), picked by timing on the H200 (2026-12-04, bf16, 4 taps,
+    SiLU, (8, 4096, 2048); ``python -m experiments.bench.norm_conv_check --conv-configs ...``, docs/norm_conv_vjp.md):
+    forward tiles of 32 rows x 128 channels on 4 warps (0.137-0.146 ms; 8- and 4-row tiles 0.19-0.22 ms); backward
+    tiles of 16 x 128 on 4 warps, walks of 512 rows (0.695 ms; 32-row tiles 0.77-0.79, 8-row tiles 0.86, 4-row
+    tiles 0.88-0.91 ms). Tiles shrink to the next power of two of a smaller S or C, and the backward's warps with
+    them (16 values per thread)."""
+    block_s = min(16 if backward else 32, _next_power_of_two(seq_len))
     block_c = min(128, _next_power_of_two(channels))
     if not backward:
         return ConvKernelConfig(block_s=block_s, block_c=block_c, blocks_per_program=1)
     blocks_per_program = max(1, min(512 // block_s, -(-seq_len // block_s)))
-    num_warps = max(1, min(8, block_s * block_c // 128))
+    num_warps = max(1, min(4, block_s * block_c // 512))
     return ConvKernelConfig(
         block_s=block_s, block_c=block_c, blocks_per_program=blocks_per_program, num_warps=num_warps
     )

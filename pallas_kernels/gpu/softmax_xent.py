@@ -61,8 +61,9 @@ TARGET_PROGRAMS = 1024
 
 
 def default_config(rows: int, vocab: int) -> SoftmaxXentConfig:
-    """The launch parameters for (rows, vocab) logits, provisional until timed on the H200
-    (``python -m m2rnn_jax.bench.loss --kernel-configs ...``, docs/lm_head_loss_and_remat.md).
+    """The launch parameters for (rows, vocab) logits: at a 2048-token chunk of vocabulary 100352 the fastest of
+    the H200 sweep (2026-12-04, ``python -m m2rnn_jax.bench.loss --kernel-configs ...``: 0.60 ms with the gradient,
+    tied with 1 x 4096 columns; 8-16 rows per program 0.82-0.83 ms; docs/lm_head_loss_and_remat.md).
 
     Rows per program: the largest power of two <= 8 that still gives :data:`TARGET_PROGRAMS` programs (at least 1;
     a chunk of 2048 tokens gets 2 rows per program). Columns per step: 2048 (the next power of two of ``vocab`` when

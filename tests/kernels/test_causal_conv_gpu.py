@@ -187,8 +187,8 @@ def test_bad_arguments_raise():
 
 def test_default_config_shrinks_to_small_inputs():
     assert default_config(4096, 2048) == ConvKernelConfig(block_s=32, block_c=128, blocks_per_program=1)
-    assert default_config(4096, 2048, backward=True) == ConvKernelConfig(8, 128, blocks_per_program=64, num_warps=8)
-    assert default_config(40, 20, backward=True) == ConvKernelConfig(8, 32, blocks_per_program=5, num_warps=2)
+    assert default_config(4096, 2048, backward=True) == ConvKernelConfig(16, 128, blocks_per_program=32, num_warps=4)
+    assert default_config(40, 20, backward=True) == ConvKernelConfig(16, 32, blocks_per_program=3, num_warps=1)
     assert default_config(1, 3, backward=True) == ConvKernelConfig(1, 4, blocks_per_program=1, num_warps=1)
 
 
