@@ -1,4 +1,4 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures (the compilation cache of every run is set in the repository's conftest.py).
 
 ``libtpu_env`` is the environment of a subprocess that compiles for virtual TPUs with libtpu (tpu_aot tests).
 float64 checks run inside the ``x64`` fixture (``jax.enable_x64``) instead of turning x64 on for the
@@ -8,7 +8,6 @@ whole session, so that the default float32/int32 behaviour of the library is wha
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -16,12 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Many tests compile the same programs (the tiny train step of every Trainer, the tiny models): JAX's persistent
-# compilation cache, shared by the xdist workers of a run, turns the repeats into disk reads (docs/testing.md).
-# An explicit JAX_COMPILATION_CACHE_DIR wins; subprocesses started by tests do not inherit the setting.
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "m2rnn-jax-test-compile-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 LIBTPU_DIR = REPO / ".venv-tpu"  # where .ci/install_tpu.sh puts libtpu (a --target folder)
 
 

@@ -11,6 +11,13 @@ run with the same configuration is not trained again; a run stopped by ``--run-s
 ``--deadline-seconds`` (the time left shared among the runs left, :func:`run_budget`) or by SIGTERM is recorded with
 the steps it did (``complete: false``) and resumes from its checkpoint next time. At the end ``<out>/compare.json``,
 ``<out>/compare.md`` and ``<out>/compare_<group>.png`` summarise every run found (``--report-only``: only that).
+
+``--stack-seeds`` trains the seeds of each (group, model) together as ONE program, vmapped over a leading seed axis
+on one device (:mod:`experiments.state_tracking.stacked`: each seed's state, data and curriculum as its one-by-one
+run has them, the same losses and parameters to float32 rounding), then evaluates and writes every seed as above
+(``result.json`` also lists ``stacked_seeds``). Finished seeds are not trained again; in the deadline's sharing a
+model's stack counts as its seeds' runs; a stopped stack is checkpointed in ``<out>/runs/<group>/<model>/stack`` and
+resumed by the next call with the same seeds. The default trains one seed after another.
 """
 
 from __future__ import annotations
@@ -21,21 +28,21 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from experiments.state_tracking.models import MODELS
 from experiments.state_tracking.plot import plot_group
-from experiments.state_tracking.positions import at_lengths, evaluate_positions
+from experiments.state_tracking.positions import evaluate_positions
 from experiments.state_tracking.recipes import RECIPES, Recipe, train_config
 from experiments.state_tracking.report import write_report
-from m2rnn_jax.data.atomic import atomic_file
+from experiments.state_tracking.run_files import cached_result, prepare_run_directory, run_directory, write_result
+from experiments.state_tracking.stacked import pending_seeds, run_stacked
 from m2rnn_jax.data.state_tracking import GROUPS
-from m2rnn_jax.models.counting import model_summary
 from m2rnn_jax.train.trainer import Trainer
 
 
@@ -90,6 +97,12 @@ class _StopRequests:
                 timer.cancel()
                 timer.join()
 
+    def checker(self, seconds: float | None) -> Callable[[], bool]:
+        """For training without a :class:`Trainer` (:func:`run_stacked`, whose loop asks after every step): a
+        function that is True once a signal arrived or ``seconds`` (None: never) have passed from now."""
+        end = None if seconds is None else time.monotonic() + seconds
+        return lambda: self.received or (end is not None and time.monotonic() >= end)
+
     def stop_requested(self, trainer_step: int, steps: int) -> bool:
         """True when a signal from outside stopped the run (not its time budget) or arrived after it."""
         return self.received or (trainer_step < steps and not self.budget_expired)
@@ -110,34 +123,27 @@ EVALUATION_SECONDS = 20.0
 SHORTEST_RUN_SECONDS = 10.0
 
 
-def run_budget(seconds_left: float | None, runs_left: int, run_seconds: float | None) -> float | None:
+def run_budget(seconds_left: float | None, runs_left: int, run_seconds: float | None, seeds: int = 1) -> float | None:
     """Training seconds for the next of ``runs_left`` runs: an equal share of ``seconds_left`` (the time before
     the deadline; None: no deadline) less :data:`EVALUATION_SECONDS`, capped at ``run_seconds``. None: no limit.
 
     The share is taken again before every run, so time a run did not use (a finished or cached run, a faster
     compile) goes to the runs after it. When the time left cannot give every run :data:`SHORTEST_RUN_SECONDS`, it
-    is shared among as many runs as it can (the last ones are skipped); 0 means: no time for this run, skip it."""
-    if runs_left < 1:
-        raise ValueError(f"runs_left: expected >= 1, got {runs_left}")
+    is shared among as many runs as it can (the last ones are skipped); 0 means: no time for this run, skip it.
+    ``seeds``: the next run trains that many seeds as one program (``--stack-seeds``) and counts as that many runs
+    of ``runs_left``: it gets their shares less one evaluation per seed (when fewer than ``seeds`` runs fit: all the
+    time left less the evaluations, 0 if that is under :data:`SHORTEST_RUN_SECONDS`), capped at ``run_seconds``."""
+    if seeds < 1 or runs_left < seeds:
+        raise ValueError(f"runs_left: expected >= seeds >= 1, got runs_left={runs_left}, seeds={seeds}")
     if seconds_left is None:
         return run_seconds
     runs_that_fit = min(runs_left, int(seconds_left // (SHORTEST_RUN_SECONDS + EVALUATION_SECONDS)))
     if runs_that_fit < 1:
         return 0.0
-    share = seconds_left / runs_that_fit - EVALUATION_SECONDS
+    share = seconds_left * min(seeds, runs_that_fit) / runs_that_fit - seeds * EVALUATION_SECONDS
+    if share < SHORTEST_RUN_SECONDS:
+        return 0.0
     return share if run_seconds is None else min(share, run_seconds)
-
-
-def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
-    return out / "runs" / group / model / f"s{seed}"
-
-
-def _cached(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished result in ``path`` if it was trained with ``config``."""
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    return result if result.get("complete") and result.get("config") == config else None
 
 
 def run_one(
@@ -148,44 +154,28 @@ def run_one(
     ``run_seconds``: stop training after that long (the run is recorded with the steps it did)."""
     config = train_config(recipe, model, group, seed)
     directory = run_directory(out, group, model, seed)
-    result_path = directory / "result.json"
-    config_dict = config.to_dict()
-    cached = _cached(result_path, config_dict)
+    cached = cached_result(directory, config)
     if cached is not None:
         return cached
-    if result_path.is_file() and json.loads(result_path.read_text()).get("config") != config_dict:
-        shutil.rmtree(directory)  # an earlier run of another configuration: start again
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_directory(directory, config)
 
     started = time.perf_counter()
     trainer = _ComparisonTrainer(config, directory)
     with stops.budget(run_seconds):
         trainer.run()
     train_seconds = time.perf_counter() - started
-    steps_done = trainer.step
     curves = evaluate_positions(trainer, group, max(recipe.lengths), recipe.eval_sequences)
-    summary = model_summary(config.model)
-    result = {
-        "group": group,
-        "model": model,
-        "seed": seed,
-        "steps": config.steps,
-        "steps_done": steps_done,
-        "complete": steps_done >= config.steps,
-        "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - started, 1),
-        "train_length": recipe.train_length,
-        "params": summary["params_total"],
-        "recurrent_state_per_layer": sum(summary["recurrent_state_per_layer"].values()),
-        "at_lengths": at_lengths(curves, list(recipe.lengths)),
-        "curves": curves,
-        "config": config_dict,
-    }
-    with atomic_file(result_path) as temporary:
-        temporary.write_text(json.dumps(result) + "\n")
-    if result["complete"]:
-        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-    return result
+    return write_result(
+        directory,
+        recipe,
+        model,
+        group,
+        config,
+        steps_done=trainer.step,
+        train_seconds=train_seconds,
+        seconds=time.perf_counter() - started,
+        curves=curves,
+    )
 
 
 def collect(out: Path, groups: list[str], models: list[str], seeds: list[int]) -> list[dict[str, Any]]:
@@ -246,6 +236,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "trains for its equal share of the time left (at most --run-seconds); runs that would get less than "
         f"{SHORTEST_RUN_SECONDS:g} s are skipped",
     )
+    parser.add_argument(
+        "--stack-seeds",
+        action="store_true",
+        help="train the seeds of each model together as one program (vmapped over a leading seed axis, one device) "
+        "instead of one after another",
+    )
     parser.add_argument("--out", default="runs/state_tracking_compare")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs under --out, train nothing")
     args = parser.parse_args(argv)
@@ -257,6 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
+    if args.stack_seeds and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: expected each seed once with --stack-seeds, got {args.seeds}")
     if args.lengths and min(args.lengths) < 1:
         parser.error(f"--lengths: expected positive lengths, got {args.lengths}")
     return args
@@ -266,28 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = _recipe_from_args(args)
     out = Path(args.out)
-    started = time.monotonic()
     if not args.report_only:
-        runs = list(itertools.product(args.groups, args.models, args.seeds))
         with _StopRequests() as stops:
-            for index, (group, model, seed) in enumerate(runs):
-                seconds_left = (
-                    None if args.deadline_seconds is None else args.deadline_seconds - (time.monotonic() - started)
-                )
-                budget = run_budget(seconds_left, len(runs) - index, args.run_seconds)
-                if budget == 0:
-                    print(f"[compare] {group} {model} seed {seed}: skipped, {seconds_left:.0f} s left", flush=True)
-                    continue
-                result = run_one(recipe, model, group, seed, out, stops, budget)
-                cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
-                print(
-                    f"[compare] {group} {model} seed {seed}: {result['steps_done']}/{result['steps']} steps, "
-                    f"{result['seconds']} s, {cells}",
-                    flush=True,
-                )
-                if stops.stop_requested(result["steps_done"], result["steps"]):
-                    print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
-                    break
+            (_train_stacked if args.stack_seeds else _train_one_by_one)(args, recipe, out, stops)
     results = collect(out, args.groups, args.models, args.seeds)
     paths = write_report(results, recipe, out)
     for group in args.groups:
@@ -297,3 +276,54 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "compare.md").read_text())
     print("[compare] wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _seconds_left(args: argparse.Namespace, started: float) -> float | None:
+    return None if args.deadline_seconds is None else args.deadline_seconds - (time.monotonic() - started)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    cells = " ".join(f"@{n}={100 * v['position']:.1f}%" for n, v in result["at_lengths"].items())
+    print(
+        f"[compare] {result['group']} {result['model']} seed {result['seed']}: {result['steps_done']}/"
+        f"{result['steps']} steps, {result['seconds']} s, {cells}",
+        flush=True,
+    )
+
+
+def _train_one_by_one(args: argparse.Namespace, recipe: Recipe, out: Path, stops: _StopRequests) -> None:
+    started = time.monotonic()
+    runs = list(itertools.product(args.groups, args.models, args.seeds))
+    for index, (group, model, seed) in enumerate(runs):
+        seconds_left = _seconds_left(args, started)
+        budget = run_budget(seconds_left, len(runs) - index, args.run_seconds)
+        if budget == 0:
+            print(f"[compare] {group} {model} seed {seed}: skipped, {seconds_left:.0f} s left", flush=True)
+            continue
+        result = run_one(recipe, model, group, seed, out, stops, budget)
+        _print_result(result)
+        if stops.stop_requested(result["steps_done"], result["steps"]):
+            print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
+            return
+
+
+def _train_stacked(args: argparse.Namespace, recipe: Recipe, out: Path, stops: _StopRequests) -> None:
+    """Every (group, model) trains its seeds as one program (:func:`run_stacked`), the seeds without a finished
+    result; in the deadline's sharing it counts as that many runs."""
+    started = time.monotonic()
+    pairs = list(itertools.product(args.groups, args.models))
+    for index, (group, model) in enumerate(pairs):
+        pending = pending_seeds(recipe, model, group, args.seeds, out)
+        seconds_left = _seconds_left(args, started)
+        budget = run_budget(seconds_left, (len(pairs) - index) * len(args.seeds), args.run_seconds, len(pending) or 1)
+        if pending and budget == 0:
+            print(f"[compare] {group} {model} seeds {pending}: skipped, {seconds_left:.0f} s left", flush=True)
+            continue
+        if pending:
+            limit = "" if budget is None else f" for at most {budget:.0f} s"
+            print(f"[compare] {group} {model} seeds {pending} stacked: training{limit}", flush=True)
+        for result in run_stacked(recipe, model, group, args.seeds, out, stops.checker(budget)):
+            _print_result(result)
+        if stops.received:
+            print("[compare] stopped by a signal: reporting the runs done so far", flush=True)
+            return

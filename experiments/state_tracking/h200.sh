@@ -30,9 +30,12 @@
 # So: JOBS=2 processes (one trains while the other compiles), each pinned to nproc / JOBS cores (taskset), XLA's
 # compile threads limited to those (--xla_gpu_force_compilation_parallelism), no GEMM autotuning
 # (--xla_gpu_autotune_level=0), no multi-threaded Eigen on the host; flags the installed XLA rejects are dropped
-# (checked first, written to environment.txt). Seeds and models of a job run one after another in ONE process, and
-# all share one persistent compilation cache (seeds 1-2 load seed 0's programs; on a warm machine, or with the
-# cache carried in, a repeated call compiles nothing). Every compare process has a deadline (--deadline-seconds):
+# (checked first, written to environment.txt). The models of a job run one after another in ONE process, and all
+# share one persistent compilation cache (on a warm machine, or with the cache carried in, a repeated call compiles
+# nothing). Call 1 passes --stack-seeds: the 3 seeds of a model train as ONE vmapped program
+# (experiments/state_tracking/stacked.py), which costs about one seed's launches when the step is launch-bound
+# (session 9's call 1, one seed after another: 30-75% of the 3000 steps in 450 s,
+# experiments/results/h200_2026-12-04_session9/st_call1); the stacked speed-up on the H200 is not measured yet. Every compare process has a deadline (--deadline-seconds):
 # each run trains for an equal share of the time left, is evaluated at every position and written; time a run
 # leaves unused goes to the next ("N of 3000" steps when cut). The preset and probe jobs end at fixed times after
 # the script's start (SIGTERM: a preset saves, evaluates the step it reached and prints its table). A final pass
@@ -55,8 +58,9 @@
 #   in a process the cheapest run first, so time a fast run leaves goes to the costly ones. JOBS=2:
 #     process 1: GRU, M2RNN, RNN x 3 seeds          (87 s per seed: ~260 s of GPU)
 #     process 2: GDN, GDN [-1, 1], Mamba2, attention (100 s per seed: ~300 s of GPU)
-#   ~560 s of GPU against ~450 s of deadline: if the estimates hold, call 1 reaches ~80% of the steps and running
-#   it again on the warm machine (resume) finishes the figure (~2 minutes of training plus the evaluations).
+#   ~560 s of GPU against ~450 s of deadline one seed after another; stacked (--stack-seeds), a model's three seeds
+#   cost about one seed's launches, ~190 s if the step stays launch-bound. Running it again on the warm machine
+#   resumes what was cut (the stacked state is checkpointed) and skips the finished runs.
 #   One process finishing early gives the other the GPU alone, so an unequal split costs little.
 #
 # Time plan (seconds; BUDGET=540, 60 s under the device call's 600 s limit; STOP = BUDGET - 75 = 465):
@@ -239,11 +243,13 @@ job() {  # job NAME END MARGIN GRACE CMD...: in the background on a free slot's 
   ) &
   SLOT_PID[SLOT]=$!
 }
-# compare_job NAME GROUP SEEDS MODELS...: the compare command, every run done by STOP (its timeout: the safety net).
+# compare_job NAME GROUP SEEDS MODELS...: the compare command, every run done by STOP (its timeout: the safety net);
+# STACK=(--stack-seeds) trains the seeds of each model as one program.
+STACK=()
 compare_job() {
   local name=$1 group=$2 seeds=$3; shift 3
-  job "$name" $(( STOP + 30 )) 30 15 $ST compare "${COMPARE[@]}" --groups "$group" --models "$@" --seeds $seeds \
-    --deadline-seconds @LEFT@ --out "$RUNS/$group"
+  job "$name" $(( STOP + 30 )) 30 15 $ST compare "${COMPARE[@]}" "${STACK[@]}" --groups "$group" --models "$@" \
+    --seeds $seeds --deadline-seconds @LEFT@ --out "$RUNS/$group"
 }
 # probe_job NAME END ARGS...: the recurrence-only probe on A5, training until END by its own clock, then its
 # evaluation (killed PROBE_EVAL + 45 s after END).
@@ -263,6 +269,7 @@ preset_job() {
 (( PLAN )) && echo "$COST_LINE" >&2
 case $CALL in
   1)
+    STACK=(--stack-seeds)
     mapfile -t PARTS < <(balance "$JOBS" "${MODELS[@]}")
     for part in "${!PARTS[@]}"; do compare_job "s3_$(( part + 1 ))" s3 "$SEEDS" ${PARTS[part]}; done
     ;;

@@ -10,12 +10,14 @@ The evaluation sequences are the same for every model and seed (a fixed stream, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from m2rnn_jax.data.sources import EVAL_STREAM
 from m2rnn_jax.data.state_tracking import get_group, state_tracking_batch
@@ -32,18 +34,20 @@ def evaluation_batch(group: str, length: int, num_sequences: int) -> dict[str, n
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
+    """The argmax token at every position, (B, S) int32 (one compile per model structure and shape: every seed
+    of a model reuses it)."""
+    return jnp.argmax(nnx.merge(graphdef, params)(tokens).logits, axis=-1).astype(jnp.int32)
+
+
 def correct_matrix(
     graphdef: nnx.GraphDef, params: nnx.State, inputs: np.ndarray, targets: np.ndarray, chunk: int = 256
 ) -> np.ndarray:
     """Whether the model's argmax equals the target at every position: (B, S) bool, ``chunk`` rows at a time."""
-
-    @jax.jit
-    def predict(state: nnx.State, tokens: jax.Array) -> jax.Array:
-        return jnp.argmax(nnx.merge(graphdef, state)(tokens).logits, axis=-1).astype(jnp.int32)
-
     rows = []
     for start in range(0, inputs.shape[0], chunk):
-        predicted = np.asarray(jax.device_get(predict(params, jnp.asarray(inputs[start : start + chunk]))))
+        predicted = np.asarray(jax.device_get(_predict(graphdef, params, jnp.asarray(inputs[start : start + chunk]))))
         rows.append(predicted == targets[start : start + chunk])
     return np.concatenate(rows, axis=0)
 
@@ -64,9 +68,16 @@ def at_lengths(curves: dict[str, list[float]], lengths: list[int]) -> dict[str, 
     return {str(n): {kind: values[n - 1] for kind, values in curves.items()} for n in lengths}
 
 
+def position_curves(
+    graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh, group: str, length: int, num_sequences: int
+) -> dict[str, list[float]]:
+    """The curves of the model ``(graphdef, params)`` on the fixed evaluation set (run under ``mesh``)."""
+    batch = evaluation_batch(group, length, num_sequences)
+    with jax.set_mesh(mesh):
+        correct = correct_matrix(graphdef, params, batch["inputs"], batch["targets"])
+    return accuracy_curves(correct)
+
+
 def evaluate_positions(trainer: Any, group: str, length: int, num_sequences: int) -> dict[str, list[float]]:
     """The curves of a trained :class:`~m2rnn_jax.train.trainer.Trainer`'s model on the fixed evaluation set."""
-    batch = evaluation_batch(group, length, num_sequences)
-    with jax.set_mesh(trainer.mesh):
-        correct = correct_matrix(trainer.graphdef, trainer.state.params, batch["inputs"], batch["targets"])
-    return accuracy_curves(correct)
+    return position_curves(trainer.graphdef, trainer.state.params, trainer.mesh, group, length, num_sequences)

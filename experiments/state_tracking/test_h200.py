@@ -77,7 +77,7 @@ def test_call_1_splits_the_figure_over_jobs_processes(tmp_path, jobs):
     assert sorted(m for group in groups for m in group) == sorted(MODELS)  # every model once
     for _, _, words in planned:
         assert flag_values(words, "--seeds") == ["0", "1", "2"] and flag_values(words, "--groups") == ["s3"]
-        assert flag_values(words, "--recipe") == ["gpu"]
+        assert flag_values(words, "--recipe") == ["gpu"] and "--stack-seeds" in words  # one program per model
     for group in groups:  # the cheapest run first: time it leaves goes to the costly ones
         assert [cost[m] for m in group] == sorted(cost[m] for m in group)
     loads = [sum(cost[m] for m in group) for group in groups]
@@ -99,6 +99,7 @@ def test_call_2_and_3_jobs(tmp_path):
     assert [name for name, _, _ in plan(tmp_path, 2)] == ["a5", "a5_large", "probe_m2rnn", "probe_rnn"]
     a5 = plan(tmp_path, 2)[0][2]
     assert set(flag_values(a5, "--models")) == MODELS and flag_values(a5, "--seeds") == ["0"]
+    assert "--stack-seeds" not in a5  # one seed: nothing to stack
     small, small_bf16 = plan(tmp_path, 3)
     assert small[0] == "s3_small" and "model.dtype=bfloat16" not in small[2]
     assert small_bf16[0] == "s3_small_bf16" and small_bf16[2][-2:] == ["--set", "model.dtype=bfloat16"]

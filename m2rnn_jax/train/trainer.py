@@ -62,7 +62,7 @@ class _StopSignal:
         return bool(flag)
 
 
-class _Throughput:
+class Throughput:
     """Tokens and steps since the last :meth:`reset` (called after compiles and evaluations, which are not
     throughput) as tokens/s, steps/s and, when the chip's peak is known, MFU."""
 
@@ -273,7 +273,7 @@ class Trainer:
         last_step = config.steps if stop_after is None else min(config.steps, start + stop_after)
         if start >= config.steps:
             self.logger.message(f"nothing to train: the checkpoint is at step {start} >= steps={config.steps}")
-        throughput = _Throughput(training_flops_per_token(config.model, config.data.seq_len), peak_flops_per_device())
+        throughput = Throughput(training_flops_per_token(config.model, config.data.seq_len), peak_flops_per_device())
         compiled_lengths: set[int] = set()
         seq_len = None
         progress = self.console.start_progress(config.steps, initial=start, desc="train")
