@@ -124,6 +124,20 @@ def test_pallas_gpu_interpret_matches_recurrent_with_gradients(seq_len, reset_ra
         assert relative_error(a, b) < 1e-5, name
 
 
+def test_pallas_gpu_interpret_under_vmap_equals_each_slice():
+    # compare --stack-seeds vmaps the train step over a leading seed axis: the kernels run batched (pallas_call's
+    # batching rule adds a grid axis), forward and backward.
+    slices = [random_gdn_inputs(seed, 1, 24, 2, 16, 16) for seed in (11, 12)]
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((1, 24, 2, 16)), jnp.float32)
+    loss = _loss("pallas_gpu", None, 16, weights, interpret=True)
+    value_and_grad = jax.value_and_grad(loss, argnums=tuple(range(6)))
+    stacked = jax.jit(jax.vmap(value_and_grad))(*(jnp.stack([x[n] for x in slices]) for n in ARGS))
+    for index, x in enumerate(slices):
+        expected = jax.jit(value_and_grad)(*(x[n] for n in ARGS))
+        for name, a, b in zip(("loss",) + ARGS, jax.tree.leaves(stacked), jax.tree.leaves(expected)):
+            assert relative_error(a[index], b) < 1e-5, name
+
+
 def test_pallas_gpu_interpret_bf16_inputs_close_to_float32():
     x = random_gdn_inputs(5, 1, 24, 2, 16, 16, dtype=jnp.bfloat16, reset_rate=0.1)
     args = tuple(x[n] for n in ARGS)
