@@ -88,10 +88,14 @@ def measured(row: dict, measure: Callable[[], dict]) -> dict:
 
 
 def resolve_config(
-    preset: str, dtype: str | None = None, remat: str | None = None, head_statistics: str | None = None
+    preset: str,
+    dtype: str | None = None,
+    remat: str | None = None,
+    head_statistics: str | None = None,
+    scan_layers: bool | None = None,
 ) -> ModelConfig:
-    """The preset's config with the compute ``dtype``, ``remat`` and ``head_statistics`` replaced where given (None
-    keeps the preset's).
+    """The preset's config with the compute ``dtype``, ``remat``, ``head_statistics`` and ``scan_layers`` replaced
+    where given (None keeps the preset's).
 
     Raises:
         ValueError: unknown preset (the message lists the known names), or a value the config rejects.
@@ -108,6 +112,8 @@ def resolve_config(
         config = config.replace(remat=remat)
     if head_statistics is not None:
         config = config.replace(head_statistics=head_statistics)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
     return config
 
 
@@ -451,6 +457,7 @@ def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, ti
             "param_dtype": config.param_dtype,
             "remat": config.remat,
             "head_statistics": config.head_statistics,
+            "scan_layers": config.scan_layers,
         },
         "timing": dataclasses.asdict(timing),
         "rows": rows,
@@ -507,7 +514,7 @@ def format_report(report: dict) -> str:
         f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
         f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
         f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']} "
-        f"head statistics={shapes.get('head_statistics', 'two_pass')}"
+        f"head statistics={shapes.get('head_statistics', 'two_pass')} scan layers={shapes.get('scan_layers', False)}"
     )
     errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
     columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS

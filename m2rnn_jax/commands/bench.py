@@ -17,7 +17,7 @@ NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny", "state-tracking", "state-tracking-bf16")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
 DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
-MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "head_statistics", "step_only", "compile_only")
+MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "head_statistics", "scan_layers", "step_only", "compile_only")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 DESCRIPTION = "Time the M2RNN op's backends (--shapes, the default mode) or a model preset (--model)."
@@ -95,6 +95,14 @@ def add_parser(subparsers: Any) -> None:
         "field: two_pass, pallas_gpu (default: the preset's)",
     )
     p.add_argument(
+        "--scan-layers",
+        action="store_const",
+        const=True,
+        default=None,
+        help="model mode: run each run of equal mixer letters as one lax.scan (the model config's scan_layers; "
+        "default: the preset's)",
+    )
+    p.add_argument(
         "--step-only",
         action="store_const",
         const=True,
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_preset("--model", args.model)
-        config = model.resolve_config(args.model, args.dtype, args.remat, args.head_statistics)
+        config = model.resolve_config(args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers)
     except ValueError as err:
         return fail(NAME, err)
     report = model.run_model_bench(

@@ -95,6 +95,9 @@ class ModelConfig:
             of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend) or "pallas_gpu" (one fused kernel, NVIDIA
             GPUs; used on one device or one token group, the jnp path otherwise: the kernel is an opaque custom
             call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
+        scan_layers: run each run of consecutive blocks with the same mixer letter as one ``jax.lax.scan`` over
+            their stacked parameters (compiled once per run instead of once per block; the parameter tree is
+            unchanged; :mod:`m2rnn_jax.models.layer_scan`). False: every block unrolled.
     """
 
     vocab_size: int
@@ -115,6 +118,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str | bool = "none"
     head_statistics: str = "two_pass"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers"):
@@ -132,6 +136,8 @@ class ModelConfig:
         object.__setattr__(self, "dtype", canonical_dtype_name(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", canonical_dtype_name(self.param_dtype, "param_dtype"))
         object.__setattr__(self, "remat", canonical_remat(self.remat))
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers: expected True or False, got {self.scan_layers!r}")
         if self.head_statistics not in HEAD_STATISTICS:
             raise ValueError(f"head_statistics: expected one of {HEAD_STATISTICS}, got {self.head_statistics!r}")
 

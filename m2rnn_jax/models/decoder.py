@@ -31,6 +31,7 @@ from flax import nnx
 from m2rnn_jax.layers.mlp import MLP, MoE, MoEConfig
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.models.config import ModelConfig
+from m2rnn_jax.models.layer_scan import layer_runs, run_blocks_scanned
 from m2rnn_jax.models.mixers import MIXERS, mixer_spec
 
 # Layer-pattern letter -> sequence-mixer class (a view of the registry in models/mixers.py).
@@ -190,6 +191,29 @@ class Decoder(nnx.Module):
             return self.embed.embedding[...].T
         return self.lm_head.kernel[...]
 
+    def _run_blocks(
+        self, x: jax.Array, cache: Cache, segment_ids: jax.Array | None
+    ) -> tuple[jax.Array, list[Any], jax.Array]:
+        """x (B, S, h) through every block -> (x, new per-block states, summed aux loss); with ``scan_layers``
+        each run of equal mixer letters longer than one block is one ``lax.scan``, else one call per block."""
+        run_block = _block_runner(self.config.remat)
+        aux_loss = jnp.zeros((), dtype=jnp.promote_types(jnp.float32, self.config.compute_dtype))
+        if self.config.scan_layers:
+            runs = layer_runs(self.config.layer_pattern)
+        else:
+            runs = [(i, i + 1) for i in range(len(self.blocks))]
+        new_cache: list[Any] = []
+        for start, stop in runs:
+            if stop - start > 1:
+                blocks = [self.blocks[i] for i in range(start, stop)]
+                x, new_states, run_aux_loss = run_blocks_scanned(blocks, x, cache[start:stop], segment_ids, run_block)
+            else:
+                x, new_state, run_aux_loss = run_block(self.blocks[start], x, cache[start], segment_ids)
+                new_states = [new_state]
+            new_cache.extend(new_states)
+            aux_loss = aux_loss + run_aux_loss
+        return x, new_cache, aux_loss
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -218,14 +242,8 @@ class Decoder(nnx.Module):
             cache = (None,) * len(self.blocks)
         elif len(cache) != len(self.blocks):
             raise ValueError(f"cache: expected {len(self.blocks)} per-block states, got {len(cache)}")
-        run_block = _block_runner(self.config.remat)
         x = embed_tokens(self.embed.embedding[...], input_ids, self.config.compute_dtype)
-        new_cache = []
-        aux_loss = jnp.zeros((), dtype=jnp.promote_types(jnp.float32, self.config.compute_dtype))
-        for block, state in zip(self.blocks, cache):
-            x, new_state, block_aux_loss = run_block(block, x, state, segment_ids)
-            new_cache.append(new_state)
-            aux_loss = aux_loss + block_aux_loss
+        x, new_cache, aux_loss = self._run_blocks(x, cache, segment_ids)
         x = self.final_norm(x)
         if return_hidden:
             return DecoderOutput(logits=None, cache=tuple(new_cache), aux_loss=aux_loss, hidden=x)

@@ -21,6 +21,7 @@ from m2rnn_jax.parallel.shardings import batch_sharding, replicated
 from m2rnn_jax.testing import random_m2rnn_inputs
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.presets import state_tracking_model
 from m2rnn_jax.train.state import abstract_train_state, create_train_state, model_graphdef, train_state_shardings
 from m2rnn_jax.train.step import make_train_step
 from tests.train.tiny import tiny_train_config
@@ -203,8 +204,8 @@ def check_public_op_varlen_in_shard_map() -> None:
     print("OK public_op_varlen_in_shard_map")
 
 
-def _run_steps(mesh_axes: dict[str, int], steps: int = 2):
-    config = tiny_train_config()
+def _run_steps(mesh_axes: dict[str, int], steps: int = 2, config=None):
+    config = config or tiny_train_config()
     mesh = build_mesh(mesh_axes, devices=jax.devices()[: int(np.prod(list(mesh_axes.values())))])
     optimizer = build_optimizer(config.optimizer, config.steps)
     state, shardings = create_train_state(config.model, optimizer, config.seed, mesh)
@@ -244,6 +245,22 @@ def check_sharded_steps_match_single_device() -> None:
         if "fsdp" in axes:
             assert any("fsdp" in s for s in specs), (name, specs)
         print(f"OK sharded_step_{name}")
+
+
+def check_scanned_layers_match_unrolled() -> None:
+    """``model.scan_layers``: a 3-layer M2RNN stack scanned over its stacked parameters trains on data x tensor
+    and fsdp x tensor meshes exactly as unrolled on one device (losses and parameters)."""
+    model = state_tracking_model(
+        "s3", hidden_size=16, num_layers=3, num_heads=4, k_head_dim=4, v_head_dim=4, intermediate_size=16
+    )
+    _, _, _, reference, _, reference_losses = _run_steps({"data": 1}, config=tiny_train_config(model=model))
+    scanned = tiny_train_config(model=model.replace(scan_layers=True))
+    for name in ("tp", "fsdp_tp"):
+        _, _, _, state, _, losses = _run_steps(LAYOUTS[name], config=scanned)
+        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=name)
+        print(f"OK scanned_layers_{name}")
 
 
 def check_restore_onto_another_mesh() -> None:
@@ -292,6 +309,7 @@ if __name__ == "__main__":
         check_public_op_varlen_in_shard_map()
     if "steps" in checks:
         check_sharded_steps_match_single_device()
+        check_scanned_layers_match_unrolled()
     if "restore" in checks:
         check_restore_onto_another_mesh()
         check_heads_must_divide_the_tensor_axis()

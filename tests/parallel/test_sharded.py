@@ -18,6 +18,8 @@ EXPECTED = [
     "OK sharded_step_fsdp",
     "OK sharded_step_tp",
     "OK sharded_step_fsdp_tp",
+    "OK scanned_layers_tp",
+    "OK scanned_layers_fsdp_tp",
     "OK restore_onto_data2_tensor4",
     "OK restore_onto_fsdp4_tensor2",
     "OK restore_onto_data1",
