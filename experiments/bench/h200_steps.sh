@@ -42,8 +42,10 @@ for part in "$@"; do
              --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json"
            tar czf "$OUT/profile_${preset}_raw.tgz" -C "/tmp/profile_$preset" train_step.hlo.txt.gz kernels.json.gz ;;
     compile-*) spec=${part#compile-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT, nothing run
-           run "compile_${preset}_${remat}" 300 python3 -m m2rnn_jax bench --model "$preset" --batch "${CB:-1}" \
-             --seq-len "$S" --remat "$remat" --compile-only --json "$OUT/compile_${preset}_${remat}.json" ;;
+           # STEP_ARGS / TAG as for step-* (e.g. STEP_ARGS=--scan-layers TAG=_scan)
+           run "compile_${preset}_${remat}${TAG:-}" 300 python3 -m m2rnn_jax bench --model "$preset" \
+             --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
+             --json "$OUT/compile_${preset}_${remat}${TAG:-}.json" ;;
     optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
     embedding) run embedding 60 env PYTHONPATH=. python3 experiments/bench/embedding_check.py ;;
     normconv) run normconv 100 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;

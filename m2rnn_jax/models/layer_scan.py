@@ -6,7 +6,8 @@ letter have the same structure, so a run of them is one block applied with a sta
 scan body is traced and compiled once per run instead of once per block. The parameter tree is left as it is (one
 ``DecoderBlock`` per layer, so checkpoints, interop and sharding rules do not change); the per-layer parameters
 are stacked inside the traced function, which costs one copy of the run's parameters (and one of their gradients)
-per step.
+per step. Under a mesh XLA's partitioner shards the stacks (a sharding constraint that splits each stack like
+one layer changed nothing in the TPU compile measured, RESULTS.md session 9).
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec
-
-from m2rnn_jax.parallel.axes import auto_axis_sizes
-from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_mesh_axes
 
 # (block, x (B, S, h), mixer state or None, segment_ids or None) -> (x, new state, aux loss (scalar))
 BlockRunner = Callable[[nnx.Module, jax.Array, Any, jax.Array | None], tuple[jax.Array, Any, jax.Array]]
@@ -40,23 +37,6 @@ def layer_runs(pattern: str) -> list[tuple[int, int]]:
 def _stack(trees: Sequence[Any]) -> Any:
     """Pytrees of equal structure -> one pytree with a new leading axis (len(trees), ...) on every leaf."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _keep_parameter_shardings(stacked_params: nnx.State) -> nnx.State:
-    """Under a mesh (``jax.set_mesh``), each stacked parameter (L, ...) split like one layer's (its logical axes
-    through the sharding rules, the layer axis whole), so the scan slices a layer without gathering the stack;
-    unchanged without a mesh."""
-    sizes = auto_axis_sizes()
-    if not sizes:
-        return stacked_params
-
-    def constrain(variable: nnx.Variable) -> nnx.Variable:
-        shape = variable.shape[1:]
-        names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
-        spec = logical_to_mesh_axes(names, shape, sizes, LOGICAL_AXIS_RULES)
-        return variable.replace(jax.lax.with_sharding_constraint(variable[...], PartitionSpec(None, *spec)))
-
-    return jax.tree.map(constrain, stacked_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _unstack(tree: Any, count: int) -> list[Any]:
@@ -85,7 +65,7 @@ def run_blocks_scanned(
         Equal to applying the blocks one by one (up to the order of floating-point operations XLA picks).
     """
     graphdef, *_ = nnx.split(blocks[0])
-    stacked_params = _keep_parameter_shardings(_stack([nnx.state(block) for block in blocks]))
+    stacked_params = _stack([nnx.state(block) for block in blocks])
     stacked_states = None if all(state is None for state in states) else _stack(list(states))
 
     def body(carry: jax.Array, layer: tuple[Any, Any]) -> tuple[jax.Array, tuple[Any, jax.Array]]:
