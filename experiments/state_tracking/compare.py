@@ -14,7 +14,8 @@ the steps it did (``complete: false``) and resumes from its checkpoint next time
 
 ``--stack-seeds`` trains the seeds of each (group, model) together as ONE program, vmapped over a leading seed axis
 on one device (:mod:`experiments.state_tracking.stacked`: each seed's state, data and curriculum as its one-by-one
-run has them, the same losses and parameters to float32 rounding), then evaluates and writes every seed as above
+run has them; losses and parameters agree to float32 rounding, which long runs amplify as they would any change of
+summation order), then evaluates and writes every seed as above
 (``result.json`` also lists ``stacked_seeds``). Finished seeds are not trained again; in the deadline's sharing a
 model's stack counts as its seeds' runs; a stopped stack is checkpointed in ``<out>/runs/<group>/<model>/stack`` and
 resumed by the next call with the same seeds. The default trains one seed after another.

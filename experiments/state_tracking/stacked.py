@@ -161,15 +161,17 @@ class StackedTraining:
         batches = [source.train_batch(step, seq_len, config.batch_size, rows) for source in self.sources]
         return {name: jnp.asarray(np.stack([batch[name] for batch in batches])) for name in batches[0]}
 
-    def _log(self, step: int, metrics: dict[str, jax.Array], seq_len: int, throughput: dict[str, float]) -> None:
-        """One "train" record per seed's metrics.jsonl, one summary line on the console."""
+    def _log(self, step: int, metrics: dict[str, jax.Array], seq_len: int, throughput: Throughput) -> None:
+        """One "train" record per seed's metrics.jsonl, one summary line on the console (the throughput is read
+        once the step's metrics are on the host: the steps queued before it are counted finished)."""
         metrics = jax.device_get(metrics)
+        rates = throughput.values()
         for index, logger in enumerate(self.loggers):
             values = {name: float(value[index]) for name, value in metrics.items()}
-            logger.write("train", step, {**values, **throughput, "seq_len": seq_len})
+            logger.write("train", step, {**values, **rates, "seq_len": seq_len})
         losses = " ".join(f"{value:.4g}" for value in metrics["loss"])
         accuracies = " ".join(f"{value:.4g}" for value in metrics["accuracy"])
-        rate = f", {throughput['steps_per_second']:.3g} steps/s" if throughput else ""
+        rate = f", {rates['steps_per_second']:.3g} steps/s" if rates else ""
         self.console.line(
             f"train step {step}/{self.config.steps} (length {seq_len}, seeds {self.seeds}): loss {losses}, "
             f"accuracy {accuracies}{rate}"
@@ -197,7 +199,7 @@ class StackedTraining:
                     throughput.reset()
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
-                    self._log(done, metrics, seq_len, throughput.values())
+                    self._log(done, metrics, seq_len, throughput)
                     throughput.reset()
                 if done < config.steps and should_stop():
                     self.save()
