@@ -147,6 +147,14 @@ def test_run_budget_gives_a_stack_its_seeds_shares():
         compare.run_budget(300.0, 2, None, seeds=3)
 
 
+def test_stop_checker_answers_signals_and_its_time():
+    stops = compare._StopRequests()
+    no_limit, expired = stops.checker(None), stops.checker(0.0)
+    assert not no_limit() and expired()
+    stops.received = True  # what SIGTERM / SIGINT does under compare's handler
+    assert no_limit()
+
+
 def test_stack_seeds_rejects_a_repeated_seed(tmp_path):
     with pytest.raises(SystemExit):
         compare.main(["--stack-seeds", "--seeds", "0", "0", "--out", str(tmp_path)])
