@@ -22,7 +22,8 @@ conv1d.bias                    conv1d.bias                    (C,)              
 decay_gate.A_log               decay_gate.A_log               (N,) float32            log U(A_init_min, A_init_max)
 decay_gate.dt_bias             decay_gate.dt_bias             (N,) float32            softplus^-1(dt), SPEC §2.3
 D                              D                              (N, V)                  ones (only if use_residual)
-state_weight                   state_weight                   (Nw, V, V)              identity per head
+state_weight                   state_weight                   (Nw, V, V)              identity per head, or
+                                                                                      N(0, state_weight_init_std)
 g_norm.scale                   g_norm.weight                  (N*V,)                  ones
 output_projection.kernel       output_projection.weight       (N*V, h)                N(0, initializer_range /
                                                                                       sqrt(2 * num_layers))
@@ -63,6 +64,8 @@ class M2RNNConfig:
     ``num_heads`` is N, the number of state heads. ``num_v_heads``, ``num_f_heads``, ``num_g_heads`` and
     ``num_weight_heads`` default to N; every head count must divide N and the largest of
     (Nq, Nk, Nv, Nf, Nw) must equal N. The decay gate is sized N, so Nf = N; the residual D (N, V) needs Nv = N.
+    ``state_weight_init_std``: None initialises W as the identity per head (the paper's and lm-engine's init); a
+    number draws W from N(0, std), as the GRU and RNN weights are (init only: lm-engine configs have no such field).
     """
 
     num_heads: int
@@ -84,6 +87,7 @@ class M2RNNConfig:
     dt_init_min: float = 1e-3
     dt_init_max: float = 0.1
     dt_init_floor: float = 1e-4
+    state_weight_init_std: float | None = None
     norm_eps: float = 1e-5
     backend: str = "auto"
 
@@ -132,6 +136,8 @@ class M2RNNConfig:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps: expected > 0, got {self.norm_eps}")
+        if self.state_weight_init_std is not None and self.state_weight_init_std <= 0:
+            raise ValueError(f"state_weight_init_std: expected None or > 0, got {self.state_weight_init_std}")
         validate_decay_gate_init(
             self.A_init_min, self.A_init_max, self.dt_init_min, self.dt_init_max, self.dt_init_floor
         )
@@ -240,8 +246,15 @@ class M2RNN(nnx.Module):
             if config.use_residual
             else None
         )
+        weight_shape = (config.num_weight_heads, V, V)
+        if config.state_weight_init_std is None:
+            state_weight = jnp.broadcast_to(jnp.eye(V, dtype=param_dtype), weight_shape)
+        else:
+            state_weight = jax.nn.initializers.normal(config.state_weight_init_std)(
+                rngs.params(), weight_shape, param_dtype
+            )
         self.state_weight = nnx.Param(
-            jnp.broadcast_to(jnp.eye(V, dtype=param_dtype), (config.num_weight_heads, V, V)),
+            state_weight,
             out_sharding=("heads", None, None),
             eager_sharding=False,
         )
