@@ -95,6 +95,7 @@ def test_model_bench_json_header(model_run):
         "param_dtype": config.param_dtype,
         "remat": config.remat,
         "head_statistics": config.head_statistics,
+        "scan_layers": config.scan_layers,
     }
     assert report["timing"] == {"iters": 1, "repeats": 1}
     assert [row["kind"] for row in report["rows"]] == [
