@@ -1,4 +1,5 @@
-"""Optax AdamW with warmup + cosine schedule, weight-decay masks (SPEC §0.4), global-norm clipping, NaN guard."""
+"""AdamW with warmup + cosine schedule, weight-decay masks (SPEC §0.4), global-norm clipping and a NaN guard: optax's
+composition (the reference) and the same update fused into one pass per parameter (the trainer's)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,13 @@ def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
 
 
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """:func:`clipped_adamw` wrapped in a NaN/Inf guard.
+    """The trainer's optimizer: :func:`reference_optimizer`'s results and state, computed by :func:`fused_adamw`
+    (one elementwise pass over each parameter instead of one per optax stage and a conditional around them)."""
+    return fused_adamw(config, total_steps)
+
+
+def reference_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """:func:`clipped_adamw` wrapped in optax's NaN/Inf guard: the definition :func:`fused_adamw` is tested against.
 
     The guard (``optax.apply_if_finite``) skips an update whose gradients hold a NaN or Inf and counts it
     (``skipped_updates`` reads the count from the optimizer state).
@@ -67,6 +74,65 @@ def clipped_adamw(config: OptimizerConfig, total_steps: int) -> optax.GradientTr
         )
     )
     return optax.chain(*parts)
+
+
+def fused_adamw(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """:func:`reference_optimizer` (clip -> AdamW -> masked decay -> schedule, NaN/Inf guard) as one expression per
+    parameter, with the same state pytree (checkpoints and ``skipped_updates`` are unchanged).
+
+    optax runs each stage as its own pass over the parameters and the guard as a ``lax.cond`` around all of them,
+    whose branch outputs are materialised before ``apply_updates`` reads them again. Here one reduction gives the
+    global norm (clipping, and the guard: the squared norm is finite exactly when every gradient is, unless it
+    overflows float32 at a norm above ~1.8e19, where this guard skips and optax's would apply a clipped update), and
+    a single elementwise expression per parameter gives the update and both moments, a rejected step selecting
+    zero and the old moments. The arithmetic is optax's, operation for operation.
+    """
+    reference = reference_optimizer(config, total_steps)
+    schedule = learning_rate_schedule(config, total_steps)
+    b1, b2, eps, clip = config.b1, config.b2, config.eps, config.grad_clip_norm
+
+    def update(grads: Any, state: optax.ApplyIfFiniteState, params: Any = None):
+        if params is None:
+            raise ValueError("params: expected the parameters (AdamW's weight decay needs them), got None")
+        adam, masked, scheduled = state.inner_state[-1]
+        g_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(g_norm)
+        count = optax.safe_increment(adam.count)
+        mu_correction, nu_correction = 1 - b1**count, 1 - b2**count
+        step_size = -schedule(scheduled.count)
+        decay = weight_decay_mask(params, config.no_decay_names)
+
+        def leaf(g, mu, nu, p, decayed):
+            if clip is not None:
+                g = jax.lax.select(g_norm < clip, g, (g / g_norm.astype(g.dtype)) * clip)
+            mu_new = (1 - b1) * g + b1 * mu
+            nu_new = (1 - b2) * (g**2) + b2 * nu
+            u = (mu_new / mu_correction.astype(mu_new.dtype)) / (
+                jnp.sqrt(nu_new / nu_correction.astype(nu_new.dtype) + 0.0) + eps
+            )
+            if decayed and config.weight_decay != 0.0:
+                u = u + config.weight_decay * p
+            u = jnp.array(step_size, dtype=u.dtype) * u
+            return (
+                jnp.where(finite, u, jnp.zeros_like(u)),
+                jnp.where(finite, mu_new, mu).astype(mu.dtype),
+                jnp.where(finite, nu_new, nu).astype(nu.dtype),
+            )
+
+        results = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, decay)
+        outer = jax.tree.structure(grads)
+        updates, mu, nu = jax.tree.transpose(outer, jax.tree.structure((0, 0, 0)), results)
+        keep_or_increment = lambda c: jnp.where(finite, optax.safe_increment(c), c)
+        adam = adam._replace(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu)
+        inner = state.inner_state[:-1] + ((adam, masked, scheduled._replace(count=keep_or_increment(scheduled.count))),)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)),
+            last_finite=finite,
+            total_notfinite=jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
+            inner_state=inner,
+        )
+
+    return optax.GradientTransformation(reference.init, update)
 
 
 def skipped_updates(opt_state: Any) -> jax.Array:
