@@ -172,6 +172,7 @@ class GatedVectorRNN(nnx.Module):
             normal(initializer_range)(rngs.params(), weight_shape, param_dtype),
             out_sharding=("heads", None, None),
             eager_sharding=False,
+            no_weight_decay=True,  # SPEC §9.5: the RNN/GRU state weights are in lm-engine's no-weight-decay group
         )
         self.norm = RMSNorm(width, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
         self.output_projection = sharded_linear(

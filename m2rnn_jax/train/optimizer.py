@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from m2rnn_jax.train.config import OptimizerConfig
 
@@ -35,8 +36,17 @@ def _parameter_name(path: tuple[Any, ...]) -> str:
 
 
 def weight_decay_mask(params: Any, no_decay_names: tuple[str, ...]) -> Any:
-    """A pytree of bools like ``params``: True where weight decay applies (the name is not in ``no_decay_names``)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) not in no_decay_names, params)
+    """A pytree like ``params``: True where weight decay applies, i.e. the parameter's name is not in
+    ``no_decay_names`` and its ``nnx.Variable`` is not marked ``no_weight_decay=True`` (lm-engine's per-parameter
+    marker; the RNN and GRU state weights carry it, SPEC §9.5)."""
+
+    def decays(path: tuple[Any, ...], leaf: Any) -> Any:
+        name_decays = _parameter_name(path) not in no_decay_names
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(value=name_decays and not leaf.get_metadata().get("no_weight_decay", False))
+        return name_decays
+
+    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
