@@ -39,9 +39,11 @@ def test_weight_decay_mask_follows_spec_0_4():
     decayed = {name for name, decay in flat.items() if decay}
     rnn_state_weights = {"blocks/2/mixer/state_weight", "blocks/3/mixer/state_weight"}  # SPEC §9.5: RNN, GRU
     assert rnn_state_weights <= set(flat)
-    assert decayed == {
-        name for name in flat if name.rsplit("/", 1)[-1] in ("kernel", "embedding", "state_weight")
-    } - rnn_state_weights
+    assert (
+        decayed
+        == {name for name in flat if name.rsplit("/", 1)[-1] in ("kernel", "embedding", "state_weight")}
+        - rnn_state_weights
+    )
     for name in (
         "blocks/0/mixer/state_weight",
         "blocks/0/mixer/conv1d/kernel",
