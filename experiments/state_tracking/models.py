@@ -5,9 +5,10 @@ vocabulary (the group's elements), so the models differ only in their sequence m
 recurrent mixers where the layer allows it: no short convolution (with a 4-tap conv the first positions are solvable
 without the recurrence, a shortcut that stalled learning in the M2RNN sweep of experiments/RESULTS.md; Gated DeltaNet
 and Mamba2 always have one, kernel size 4 as in their language models). The M2RNN variant is the tuned
-``state-tracking-*`` preset model (:func:`m2rnn_jax.train.presets.state_tracking_model`) with its state weight W drawn
-from N(0, :data:`TANH_RNN_INIT`) as the GRU's and RNN's are, not the identity (on the CPU recipe W ~ N(0, 0.2) learned
-S3 on 4 of 4 seeds in ~2x fewer steps than the identity, which learned 3 of 4: SEARCH.md, "S3 in the comparison");
+``state-tracking-*`` preset model (:func:`m2rnn_jax.train.presets.state_tracking_model`), whose state weight W is drawn
+from N(0, 1.6 / sqrt(V)) = N(0, :data:`TANH_RNN_INIT`) at V=64, as the GRU's and RNN's are, not the identity (on the
+CPU recipe W ~ N(0, 0.2) learned S3 on 4 of 4 seeds in ~2x fewer steps than the identity, which learned 3 of 4:
+SEARCH.md, "S3 in the comparison");
 the other mixers use their library defaults plus the per-mixer sizes below, except that GRU and RNN, tanh recurrences
 like M2RNN, get its larger init (:data:`TANH_RNN_INIT`):
 
@@ -72,7 +73,7 @@ def _decoder(group: str, size: ModelSize, letter: str, field: str, mixer: object
 
 
 def _m2rnn(group: str, size: ModelSize) -> ModelConfig:
-    config = state_tracking_model(
+    return state_tracking_model(
         group,
         hidden_size=size.hidden_size,
         num_layers=size.num_layers,
@@ -82,7 +83,6 @@ def _m2rnn(group: str, size: ModelSize) -> ModelConfig:
         intermediate_size=2 * size.hidden_size,
         dtype=size.dtype,
     )
-    return config.replace(m2rnn=dataclasses.replace(config.m2rnn, state_weight_init_std=TANH_RNN_INIT))
 
 
 def _gru(group: str, size: ModelSize) -> ModelConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable
 
 from m2rnn_jax.data.state_tracking import GROUPS, get_group
@@ -101,7 +102,10 @@ def state_tracking_model(
     in experiments/RESULTS.md: no short conv (with a 4-tap conv the first positions are solvable without the
     recurrence, a shortcut that stalls learning); a decay gate that starts with short memory (f = exp(-A dt)
     mostly well below 1: dt in [0.3, 3], A in [1, 16]), since every step must overwrite the state; a 10x larger
-    init (``initializer_range`` 0.2), so k v^T is O(1) from the start and the tanh is used, not its linear part.
+    init (``initializer_range`` 0.2), so k v^T is O(1) from the start and the tanh is used, not its linear part;
+    a random state weight W ~ N(0, 1.6 / sqrt(V)) (0.2 at V=64, spectral radius ~1.6 at any V) instead of the
+    identity: the units of a row mix from the first step, which composing permutations needs (S3 learned in ~1.4-2x
+    fewer steps on the CPU recipes, experiments/state_tracking/SEARCH.md).
     Each row of a head's state is a V-unit tanh RNN, so V, not K, is the capacity that state tracking needs.
     """
     return ModelConfig(
@@ -123,6 +127,7 @@ def state_tracking_model(
             A_init_max=16.0,
             dt_init_min=0.3,
             dt_init_max=3.0,
+            state_weight_init_std=1.6 / math.sqrt(v_head_dim),
         ),
         dtype=dtype,
     )

@@ -23,6 +23,14 @@ def test_state_tracking_presets_exist_for_every_group_and_show_up_as_model_prese
     assert config.data.eval_lengths == (64, 256, 1024) and config.data.seq_len == 64
 
 
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+def test_state_tracking_presets_draw_a_random_state_weight_of_spectral_radius_1_6(size):
+    m2rnn = train_config(f"state-tracking-a5-{size}").model.m2rnn
+    assert m2rnn.state_weight_init_std == pytest.approx(1.6 / m2rnn.v_head_dim**0.5)
+    if m2rnn.v_head_dim == 64:
+        assert m2rnn.state_weight_init_std == 0.2
+
+
 def test_model_presets_train_on_random_tokens_by_default():
     config = train_config("tiny-hybrid")
     assert config.data.kind == "random_tokens" and config.model.layer_pattern == "MGSARU"
