@@ -9,6 +9,7 @@ from m2rnn_jax.data.token_file import is_prepared
 
 DATA_KINDS = ("state_tracking", "token_file", "random_tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
+LOSS_POSITIONS = ("all", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class DataConfig:
         the last ``eval_fraction`` of ``path``).
     eval_windows: token_file only: evaluate the first ``eval_windows`` windows of the evaluation tokens (all of
         them when there are fewer), in batches of ``eval_batch_size`` (``eval_batches`` is for the other kinds).
+    loss_positions: state_tracking only: ``"all"`` trains on the running product at every position, ``"last"`` on
+        the final one only (a ``loss_mask`` on the training batches; evaluation always scores every position).
     """
 
     kind: str = "state_tracking"
@@ -48,6 +51,7 @@ class DataConfig:
     mask_documents: bool = False
     eos_token_id: int | None = None
     seed: int = 0
+    loss_positions: str = "all"
 
     def __post_init__(self):
         require(self.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", self.kind)
@@ -106,6 +110,18 @@ class DataConfig:
                 "a token file (.bin or .npy) or a prepare-data directory for kind=token_file",
                 self.path,
             )
+        require(
+            self.loss_positions in LOSS_POSITIONS,
+            "data.loss_positions",
+            f"one of {LOSS_POSITIONS}",
+            self.loss_positions,
+        )
+        require(
+            self.loss_positions == "all" or self.kind == "state_tracking",
+            "data.loss_positions",
+            "'all' unless data.kind=state_tracking",
+            (self.loss_positions, self.kind),
+        )
         if self.mask_documents:
             require(
                 self.kind == "token_file" and (self.eos_token_id is not None or is_prepared(self.path)),

@@ -45,17 +45,23 @@ class _FixedEvalBatches:
 
 
 class StateTrackingSource(_FixedEvalBatches):
-    """Random group-element sequences and their running products (train and eval from disjoint seeds)."""
+    """Random group-element sequences and their running products (train and eval from disjoint seeds); with
+    ``loss_positions="last"`` the training batches carry a ``loss_mask`` of the final position."""
 
     def __init__(self, config: DataConfig):
         super().__init__(config)
         self.group = get_group(config.group)
         self.seed = config.seed
+        self.last_position_only = config.loss_positions == "last"
 
     def train_batch(self, step: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
-        return state_tracking_batch(
+        batch = state_tracking_batch(
             self.group, seed=self.seed, step=step, batch_size=batch_size, seq_len=seq_len, rows=rows
         )
+        if self.last_position_only:  # data.loss_positions="last": only the whole sequence's product counts
+            batch["loss_mask"] = np.zeros_like(batch["targets"])
+            batch["loss_mask"][:, -1] = 1
+        return batch
 
     def eval_batch(self, index: int, seq_len: int, batch_size: int, rows: slice) -> Batch:
         return state_tracking_batch(

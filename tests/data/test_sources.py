@@ -70,6 +70,28 @@ def test_eval_data_never_repeats_training_data():
     assert not {tuple(r) for r in train} & {tuple(r) for r in evaluation}
 
 
+def test_loss_positions_last_masks_every_training_position_but_the_final_one():
+    everywhere = make_source(DataConfig(group="a5", seq_len=6), vocab_size=60)
+    last = make_source(DataConfig(group="a5", seq_len=6, loss_positions="last"), vocab_size=60)
+    batch, plain = last.train_batch(3, 6, 4, slice(1, 3)), everywhere.train_batch(3, 6, 4, slice(1, 3))
+    assert "loss_mask" not in plain
+    np.testing.assert_array_equal(batch["inputs"], plain["inputs"])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 0, 0, 1]] * 2)
+    assert "loss_mask" not in last.eval_batch(0, 6, 4, slice(0, 4))  # evaluation scores every position
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"loss_positions": "first"}, "data.loss_positions: expected one of"),
+        ({"kind": "random_tokens", "loss_positions": "last"}, "unless data.kind=state_tracking"),
+    ],
+)
+def test_loss_positions_is_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**fields)
+
+
 @pytest.mark.parametrize("suffix, dtype", [(".bin", "uint16"), (".bin", "uint32"), (".npy", "uint32")])
 def test_token_file_windows_and_epoch_shuffle(tmp_path, suffix, dtype):
     tokens = np.arange(1, 4 * 10 + 2, dtype=dtype)  # 41 tokens -> 10 windows of 4 + 1

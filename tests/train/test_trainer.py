@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -11,7 +12,7 @@ from m2rnn_jax.data.sources import make_source
 from m2rnn_jax.parallel.mesh import build_mesh
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from m2rnn_jax.train.state import create_train_state, model_graphdef
-from m2rnn_jax.train.step import make_train_step
+from m2rnn_jax.train.step import make_eval_step, make_train_step
 from m2rnn_jax.train.trainer import Trainer
 from tests.train.tiny import tiny_train_config
 
@@ -77,3 +78,22 @@ def test_fresh_state_takes_the_seed_as_an_argument_of_one_program():
     other, _ = create_train_state(config.model, optimizer, 8, build_mesh({"data": 1}))
     pairs = zip(jax.tree.leaves(other.params), jax.tree.leaves(state.params), strict=True)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)  # the seed still matters
+
+
+def test_loss_on_the_last_position_counts_one_token_per_sequence():
+    """data.loss_positions="last": the train step's loss and accuracy are those of the final position alone."""
+    config = tiny_train_config()
+    last = config.__class__(**{**config.__dict__, "data": dataclasses.replace(config.data, loss_positions="last")})
+    optimizer = build_optimizer(config.optimizer, config.steps)
+    schedule = learning_rate_schedule(config.optimizer, config.steps)
+    state, _ = create_train_state(config.model, optimizer, config.seed, build_mesh({"data": 1}))
+    step = jax.jit(make_train_step(model_graphdef(config.model), optimizer, schedule, 1))
+    rows = slice(0, config.batch_size)
+    batch = make_source(last.data, config.model.vocab_size).train_batch(0, 8, config.batch_size, rows)
+    _, metrics = step(state, batch)
+    assert float(metrics["tokens"]) == config.batch_size
+    unmasked = {key: value for key, value in batch.items() if key != "loss_mask"}
+    _, everywhere = step(state, unmasked)
+    assert float(everywhere["tokens"]) == config.batch_size * 8
+    sums = make_eval_step(model_graphdef(config.model))(state.params, unmasked)
+    assert float(metrics["accuracy"]) == float(sums["correct_last"]) / config.batch_size
