@@ -237,7 +237,8 @@ def test_tiny_preset_compiles_for_v5e_with_every_report_field(libtpu_env, tmp_pa
     memory = report["memory"]
     assert memory["hbm_bytes"] == 16 * 2**30 and memory["fits"] is True
     parts = ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes")
-    assert all(memory[key] > 0 for key in parts)
+    # temporaries may be 0 at this size (the fused optimizer update left none; optax's conditional needed 17 MiB)
+    assert all(memory[key] > 0 for key in parts if key != "temp_bytes") and memory["temp_bytes"] >= 0
     assert memory["total_bytes"] == sum(memory[key] for key in parts) - memory["alias_bytes"]
     assert memory["alias_bytes"] > 0  # the state is donated: outputs reuse the argument buffers
     assert memory["fraction_of_hbm"] == pytest.approx(memory["total_bytes"] / memory["hbm_bytes"])
