@@ -28,6 +28,15 @@ def cached_result(directory: Path, config: TrainConfig) -> dict[str, Any] | None
     return result if result.get("complete") and result.get("config") == config.to_dict() else None
 
 
+def _unfinished_result(directory: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The unfinished result in ``directory`` if it was trained with ``config`` (what a resumed run continues)."""
+    path = directory / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return None if result.get("complete") or result.get("config") != config.to_dict() else result
+
+
 def prepare_run_directory(directory: Path, config: TrainConfig) -> None:
     """Creates ``directory``; one holding the result of another configuration is emptied first (start again)."""
     path = directory / "result.json"
@@ -50,8 +59,15 @@ def write_result(
     **extra: Any,
 ) -> dict[str, Any]:
     """Writes and returns the run's ``result.json`` (``extra``: more fields, e.g. ``stacked_seeds``); a complete
-    run's ``checkpoints/`` is removed."""
+    run's ``checkpoints/`` is removed.
+
+    ``train_seconds`` and ``seconds`` are this sitting's; a run resumed from an unfinished result of the same
+    configuration adds that result's, so that the file holds the run's whole time (``sittings`` counts them)."""
     summary = model_summary(config.model)
+    earlier = _unfinished_result(directory, config)
+    if earlier is not None:
+        train_seconds += earlier["train_seconds"]
+        seconds += earlier["seconds"]
     result = {
         "group": group,
         "model": model,
@@ -61,6 +77,7 @@ def write_result(
         "complete": steps_done >= config.steps,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(seconds, 1),
+        "sittings": 1 if earlier is None else earlier.get("sittings", 1) + 1,
         "train_length": recipe.train_length,
         "params": summary["params_total"],
         "recurrent_state_per_layer": sum(summary["recurrent_state_per_layer"].values()),

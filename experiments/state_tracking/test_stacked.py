@@ -114,8 +114,12 @@ def test_stop_then_resume_reaches_the_unstopped_parameters(tmp_path):
     # The same compiled program from the same saved state and the same batches: bit-identical.
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, unstopped.state.params)
     assert [r["step"] for r in train_records(run_directory(tmp_path / "stopped", "s3", "gru", 0))] == [1, 2, 3, 4]
+    stopped_seconds = {r["seed"]: r["train_seconds"] for r in results}
     results = write_results(resumed, TINY, "gru", "s3", train_seconds=1.0)
     assert all(result["complete"] for result in results.values())
+    # The result holds the run's whole time: the stopped sitting's and the resumed one's.
+    for seed, result in results.items():
+        assert result["sittings"] == 2 and result["train_seconds"] == pytest.approx(stopped_seconds[seed] + 1.0)
     assert not resumed.stack_directory.exists()
 
 
