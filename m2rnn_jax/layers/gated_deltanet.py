@@ -43,7 +43,7 @@ from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
 from m2rnn_jax.layers.gated_norm import gated_rms_norm
-from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.linear import linear_blocks, output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops.gated_delta_rule import gated_delta_rule
@@ -229,7 +229,8 @@ class GatedDeltaNet(nnx.Module):
         Nv, Nk, dk, dv = c.num_heads, c.num_k_heads, c.k_head_dim, c.v_head_dim
 
         x = x.astype(self.dtype)
-        a, b, gate = jnp.split(self.ab_proj(x), [Nv, 2 * Nv], axis=-1)
+        # a, b [, gate] from their own column blocks of ab_proj's kernel: no concatenate of their gradients
+        a, b, *gate = linear_blocks(self.ab_proj, x, (Nv, Nv) + ((Nv * dv,) if c.use_gate else ()))
         reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
         qkv, conv_state = self.qkv_conv1d(self.qkv_proj(x), state.conv, segment_ids=segment_ids)
         q, k, v = jnp.split(qkv, [Nk * dk, 2 * Nk * dk], axis=-1)  # in dtype (the conv's output)
@@ -249,7 +250,7 @@ class GatedDeltaNet(nnx.Module):
         )
         if c.use_gate:  # per head over dv, output in dtype; one fused backward (layers/gated_norm.py)
             norm = self.o_norm
-            gate = gate.reshape(batch, seq_len, Nv, dv)
+            gate = gate[0].reshape(batch, seq_len, Nv, dv)
             o = gated_rms_norm(o, gate, norm.scale[...], eps=norm.eps, dtype=norm.dtype)
         else:
             o = self.o_norm(o.astype(compute_dtype))

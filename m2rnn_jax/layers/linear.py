@@ -2,6 +2,9 @@
 
 Input projections use ``std = initializer_range``; output projections back into the residual stream use the
 depth-scaled ``std = initializer_range / sqrt(2 * num_layers)`` (SPEC §3.3, §9.1): :func:`output_projection_std`.
+:func:`linear_columns` computes some of a projection's output columns from the kernel's columns alone, and
+:func:`linear_blocks` a projection's consecutive column blocks that way: one parameter (checkpoints and interop
+unchanged), separate matmuls for outputs used apart.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.typing import Dtype
@@ -46,3 +50,27 @@ def sharded_linear(
         bias_metadata={"out_sharding": axes[-1:], "eager_sharding": False},
         rngs=rngs,
     )
+
+
+def linear_columns(linear: nnx.Linear, x: jax.Array, columns: slice) -> jax.Array:
+    """``linear(x)[..., columns]`` computed from the kernel's (and bias') ``columns`` only, in ``linear.dtype``.
+
+    Splitting the kernel instead of the product keeps the outputs' gradients apart: the backward of a split of the
+    product is a concatenate of every output's gradient, an activation-sized copy (in the GDN layer's backward, of
+    rows 2 Nv + Nv dv wide, unaligned: 14 ms of the 400M hybrid's H200 step, experiments/RESULTS.md, session 11),
+    where split kernels cost one more matmul into the same dx.
+    """
+    dtype = linear.dtype
+    y = jnp.dot(x.astype(dtype), linear.kernel[...][:, columns].astype(dtype))
+    if linear.bias is not None:
+        y = y + linear.bias[...][columns].astype(dtype)
+    return y
+
+
+def linear_blocks(linear: nnx.Linear, x: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """``jnp.split(linear(x), ...)`` into consecutive column blocks of ``widths`` (summing to the output width),
+    each block from its own columns of the kernel (:func:`linear_columns`)."""
+    if sum(widths) != linear.out_features or min(widths) < 1:
+        raise ValueError(f"widths: expected positive block widths summing to {linear.out_features}, got {widths}")
+    ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+    return tuple(linear_columns(linear, x, slice(end - width, end)) for width, end in zip(widths, ends))

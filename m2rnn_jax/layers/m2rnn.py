@@ -47,7 +47,7 @@ from flax import nnx
 from m2rnn_jax.layers.conv import ACTIVATIONS, CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
-from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.linear import linear_blocks, output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops import m2rnn
@@ -297,8 +297,10 @@ class M2RNN(nnx.Module):
         N, K, V = c.num_heads, c.k_head_dim, c.v_head_dim
         reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
 
-        projected = self.input_projection(x.astype(self.dtype))
-        qkv, f_raw, g = jnp.split(projected, [c.conv_channels, c.conv_channels + c.num_f_heads], axis=-1)
+        # each block from its own kernel columns: no concatenate of the blocks' gradients (layers/linear.py)
+        qkv, f_raw, g = linear_blocks(
+            self.input_projection, x.astype(self.dtype), (c.conv_channels, c.num_f_heads, c.num_g_heads * V)
+        )
         f = self.decay_gate(f_raw, final_exponential=True)  # (B, S, N)
         conv_state = state.conv
         if self.conv1d is not None:

@@ -40,7 +40,7 @@ from flax import nnx
 from m2rnn_jax.layers.conv import CausalDepthwiseConv1d
 from m2rnn_jax.layers.decay_gate import SoftplusDecayGate, validate_decay_gate_init
 from m2rnn_jax.layers.documents import document_starts
-from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.linear import linear_blocks, output_projection_std, sharded_linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
 from m2rnn_jax.ops import ssd
@@ -182,7 +182,8 @@ class Mamba2(nnx.Module):
             state = self.init_state(batch, seq_len, dtype=compute_dtype)
         I, H, N, G = c.intermediate_size, c.num_heads, c.state_size, c.num_groups
 
-        z, xBC, dt_raw = jnp.split(self.in_proj(x.astype(self.dtype)), [I, I + c.conv_channels], axis=-1)
+        # each block from its own kernel columns: no concatenate of the blocks' gradients (layers/linear.py)
+        z, xBC, dt_raw = linear_blocks(self.in_proj, x.astype(self.dtype), (I, c.conv_channels, H))
         reset = None if segment_ids is None else document_starts(segment_ids, batch, seq_len)
         xBC, conv_state = self.conv1d(xBC, state.conv, segment_ids=segment_ids)
         xs, B, C = jnp.split(xBC.astype(compute_dtype), [I, I + G * N], axis=-1)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.grouped_matmul import GROUPED_MATMUL_CHOICES, grouped_matmul, resolve_grouped_matmul
-from m2rnn_jax.layers.linear import output_projection_std, sharded_linear
+from m2rnn_jax.layers.linear import linear_columns, output_projection_std, sharded_linear
 from m2rnn_jax.layers.moe_dispatch import (
     DISPATCH_CHOICES,
     mesh_is_split,
@@ -125,15 +125,6 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """gate, up (..., I) -> (..., I) ``up * silu(gate)``, computed in >= float32, returned in ``gate.dtype``."""
     compute = jnp.promote_types(jnp.float32, gate.dtype)
     return (up.astype(compute) * jax.nn.silu(gate.astype(compute))).astype(gate.dtype)
-
-
-def linear_columns(linear: nnx.Linear, x: jax.Array, columns: slice) -> jax.Array:
-    """``linear(x)[..., columns]`` computed from the kernel's (and bias') ``columns`` only, in ``linear.dtype``."""
-    dtype = linear.dtype
-    y = jnp.dot(x.astype(dtype), linear.kernel[...][:, columns].astype(dtype))
-    if linear.bias is not None:
-        y = y + linear.bias[...][columns].astype(dtype)
-    return y
 
 
 class MLP(nnx.Module):
