@@ -12,10 +12,12 @@ position 2 right means the state after two tokens names their product, and the s
 later position needs. The question this answers: is the bypass what stops composition from being learned?
 
 Cells: ``rnn``, h_t = tanh(h_{t-1} W + E[x_t] + b) (width ``--width``); ``m2rnn``, the M2RNN op (``--heads`` heads
-of K x V) with k_t, v_t and the forget value f_t = sigmoid(.) read from per-token tables. AdamW (warmup, cosine to
-10% over ``--steps``, clip 1); ``--seconds`` stops training earlier (with a ``--steps`` far beyond what fits, the
-learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ... of the comparison's
-fixed evaluation set and writes ``--out`` (JSON) atomically.
+of K x V) with k_t, v_t and the forget value f_t = sigmoid(.) read from per-token tables, and the query q learned
+once (``--query fixed``) or, as in the decoders, read per token from a table (``--query token``: position 2 can then
+be a lookup of x_1 in the state by x_2's query, the decoders' shortcut without their residual stream). AdamW
+(warmup, cosine to 10% over ``--steps``, clip 1); ``--seconds`` stops training earlier (with a ``--steps`` far
+beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ...
+of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ from m2rnn_jax.ops.m2rnn import m2rnn
 Params = dict[str, jax.Array]
 
 
-def init_params(cell: str, order: int, width: int, heads: int, k: int, v: int, key: jax.Array) -> Params:
-    """The parameters of one cell and its readout (``order`` = number of group elements)."""
+def init_params(
+    cell: str, order: int, width: int, heads: int, k: int, v: int, key: jax.Array, query: str = "fixed"
+) -> Params:
+    """The parameters of one cell and its readout (``order`` = number of group elements; ``query``: the m2rnn
+    query, one (heads, k) for every token or a table (order, heads, k))."""
     keys = jax.random.split(key, 8)
     if cell == "rnn":
         return {
@@ -53,7 +58,7 @@ def init_params(cell: str, order: int, width: int, heads: int, k: int, v: int, k
         "v": jax.random.normal(keys[1], (order, heads, v)),
         "f": jnp.full((order, heads), -2.0),  # sigmoid(-2) = 0.12: the state is mostly overwritten
         "w": jax.random.normal(keys[2], (heads, v, v)) / np.sqrt(v),
-        "q": jax.random.normal(keys[3], (heads, k)),
+        "q": jax.random.normal(keys[3], (order, heads, k) if query == "token" else (heads, k)),
         "out": jax.random.normal(keys[4], (heads * v, order)) / np.sqrt(heads * v),
     }
 
@@ -72,8 +77,8 @@ def logits(cell: str, params: Params, tokens: jax.Array, backend: str = "auto") 
         _, states = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
         return jnp.swapaxes(states, 0, 1) @ params["out"]
     batch, length = tokens.shape
-    heads, k = params["q"].shape
-    q = jnp.broadcast_to(params["q"], (batch, length, heads, k))
+    heads, k = params["q"].shape[-2:]
+    q = params["q"][tokens] if params["q"].ndim == 3 else jnp.broadcast_to(params["q"], (batch, length, heads, k))
     forget = jax.nn.sigmoid(params["f"][tokens])
     y, _ = m2rnn(q, params["k"][tokens], params["v"][tokens], params["w"], forget, backend=backend)
     return y.reshape(batch, length, -1) @ params["out"]
@@ -82,7 +87,8 @@ def logits(cell: str, params: Params, tokens: jax.Array, backend: str = "auto") 
 def train(args: argparse.Namespace) -> dict:
     """Trains one cell on ``args.group`` at ``args.train_length`` and returns the result (curves included)."""
     group = get_group(args.group)
-    params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, jax.random.key(args.seed))
+    key = jax.random.key(args.seed)
+    params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query)
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adamw(
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4, help="m2rnn: heads")
     parser.add_argument("--k", type=int, default=4, help="m2rnn: K (rows of a head's state)")
     parser.add_argument("--v", type=int, default=64, help="m2rnn: V (width of a row)")
+    parser.add_argument(
+        "--query", choices=["fixed", "token"], default="fixed", help="m2rnn: one learned query, or one per token"
+    )
     parser.add_argument("--backend", default="auto", help="m2rnn: the op's backend (scan for V > 128 on a GPU)")
     parser.add_argument(
         "--train-length",

@@ -12,9 +12,9 @@ import pytest
 from experiments.state_tracking import probe
 
 
-@pytest.mark.parametrize("cell", ["rnn", "m2rnn"])
-def test_logits_are_causal(cell):
-    params = probe.init_params(cell, order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0))
+@pytest.mark.parametrize("cell, query", [("rnn", "fixed"), ("m2rnn", "fixed"), ("m2rnn", "token")])
+def test_logits_are_causal(cell, query):
+    params = probe.init_params(cell, order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0), query=query)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 6, size=(3, 5)), jnp.int32)
     changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % 6)
     first, second = probe.logits(cell, params, tokens), probe.logits(cell, params, changed)
@@ -49,3 +49,14 @@ def test_probe_rejects_bad_flags():
         probe.main(["--seconds", "-1"])
     with pytest.raises(SystemExit):
         probe.main(["--train-length", "4", "0"])
+
+
+def test_token_query_reads_the_query_of_each_token():
+    params = probe.init_params("m2rnn", order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0), query="token")
+    assert params["q"].shape == (6, 2, 2)
+    tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
+    base = probe.logits("m2rnn", params, tokens)
+    moved = dict(params, q=params["q"].at[3].multiply(-1.0))  # only token 3's query changes
+    changed = probe.logits("m2rnn", moved, tokens)
+    np.testing.assert_allclose(changed[:, :2], base[:, :2], rtol=1e-6)
+    assert not np.allclose(changed[:, 2], base[:, 2])
