@@ -237,18 +237,43 @@ def test_pallas_gpu_runs_per_shard_under_a_mesh():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-def _dot_operand_types(jaxpr) -> list[tuple]:
-    """(dtype, shape) pairs of the operands of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+def _equations(jaxpr, primitive: str) -> list:
+    """Every equation of ``primitive`` in ``jaxpr`` and its sub-jaxprs."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars))
+        if eqn.primitive.name == primitive:
+            found.append(eqn)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    found.extend(_dot_operand_types(inner))
+                    found.extend(_equations(inner, primitive))
     return found
+
+
+def _dot_operand_types(jaxpr) -> list[tuple]:
+    """(dtype, shape) pairs of the operands of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+    return [tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars) for eqn in _equations(jaxpr, "dot_general")]
+
+
+def test_pallas_gpu_backward_transposes_no_chunk_product():
+    """The chunk products' cotangents come out of their dot_generals in the operands' own layout: no transpose of
+    the last two dims after a product (einsum's autodiff gave (..., V, K) / (..., V, C) and transposed them: 13.6 ms
+    of the 400M 1L hybrid's H200 step). Only the (C, C) chunk inverse's gradient swaps axes."""
+    x = random_gdn_inputs(0, 1, 32, 1, 32, 64, dtype=jnp.bfloat16)  # C=16, K=32, V=64: the shapes tell them apart
+
+    def loss(*args):
+        o, final = gated_delta_rule(*args, chunk_size=16, backend="pallas_gpu", interpret=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(*(x[n] for n in ARGS)).jaxpr
+    swaps = [
+        eqn.outvars[0].aval.shape
+        for eqn in _equations(jaxpr, "transpose")
+        if tuple(eqn.params["permutation"][-2:])
+        == (len(eqn.params["permutation"]) - 1, len(eqn.params["permutation"]) - 2)
+    ]
+    assert swaps and all(shape[-2:] == (16, 16) for shape in swaps), swaps
 
 
 def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
@@ -265,3 +290,12 @@ def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
     assert any(all(d == jnp.bfloat16 for d, _ in ops) for ops in dots)
     wide = [ops for ops in dots if any(d != jnp.bfloat16 for d, _ in ops)]
     assert all(shape[-2:] == (16, 16) for ops in wide for _, shape in ops), wide
+
+
+def test_chunk_product_gradient_rejects_other_equations():
+    from m2rnn_jax.ops.gated_delta_rule.chunked import matmul
+
+    a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    loss = lambda a, b: jnp.sum(matmul("bij,bjk->bik", a, b, jnp.float32))
+    with pytest.raises(ValueError, match="equation: expected the form '...xy,...yz->...xz'"):
+        jax.grad(loss)(a, b)

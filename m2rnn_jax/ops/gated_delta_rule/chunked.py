@@ -75,8 +75,33 @@ def _einsum_wide_forward(equation, a, b):
 
 def _einsum_wide_backward(equation, residuals, cotangent):
     a, b = residuals
-    _, vjp = jax.vjp(lambda x, y: jnp.einsum(equation, x, y, precision=HIGHEST), a, b)
-    return vjp(cotangent.astype(a.dtype))
+    a_spec, b_spec, out_spec = _two_operand_specs(equation)
+    g = cotangent.astype(a.dtype)
+    return _product_in_order(out_spec, g, b_spec, b, a_spec), _product_in_order(a_spec, a, out_spec, g, b_spec)
+
+
+def _two_operand_specs(equation: str) -> tuple[str, str, str]:
+    """"...ab,...bc->...ac" -> ("ab", "bc", "ac"): the subscripts after the shared leading batch dims."""
+    operands, out = equation.split("->")
+    a, b = operands.split(",")
+    specs = tuple(spec.removeprefix("...") for spec in (a, b, out))
+    if any(len(spec) != 2 for spec in specs) or not all(x.startswith("...") for x in (a, b, out)):
+        raise ValueError(f"equation: expected the form '...xy,...yz->...xz' (any letters), got {equation!r}")
+    return specs
+
+
+def _product_in_order(x_spec: str, x: jax.Array, y_spec: str, y: jax.Array, target: str) -> jax.Array:
+    """einsum(x, y -> target) for two (..., 2-dim) operands that each give ``target`` one dimension, with the
+    operands in the order whose dot_general output is ``target`` as it stands: the batch dims, then the first
+    operand's free dim, then the second's. The order einsum's autodiff picks instead gives one operand's cotangent
+    as (..., second, first) and a transpose after the product: in the GDN op's backward, copies of the (B, H, n, K, V)
+    chunk-start states and of two (B, H, n, C, V) cotangents (13.6 ms of the 400M 1L hybrid's H200 step,
+    experiments/RESULTS.md, session 11)."""
+    for (first_spec, first), (second_spec, second) in (((x_spec, x), (y_spec, y)), ((y_spec, y), (x_spec, x))):
+        free = [c for c in first_spec if c not in second_spec] + [c for c in second_spec if c not in first_spec]
+        if "".join(free) == target:
+            return jnp.einsum(f"...{first_spec},...{second_spec}->...{target}", first, second, precision=HIGHEST)
+    raise ValueError(f"einsum: no operand order of {x_spec!r}, {y_spec!r} gives {target!r}")
 
 
 _einsum_wide.defvjp(_einsum_wide_forward, _einsum_wide_backward)
