@@ -12,7 +12,9 @@ run() {  # run NAME SECONDS CMD...: stdout+stderr to $OUT/NAME.log, status line 
   timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
   echo "$name rc=$? ${SECONDS}s-$start" | awk '{print}' >> "$OUT/status.txt"
   tail -25 "$OUT/$name.log"
-  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
+  pack
+}
+pack() {  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
 }
 for part in "$@"; do
@@ -40,7 +42,8 @@ for part in "$@"; do
     profile-*) preset=${part#profile-}  # where the step's device time goes (per source line of the model code)
            run "profile_$preset" 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m m2rnn_jax.bench.step_profile --model "$preset" --batch "$B" --seq-len "$S" \
              --steps 3 --top 60 --out "/tmp/profile_$preset" --json "$OUT/profile_$preset.json"
-           tar czf "$OUT/profile_${preset}_raw.tgz" -C "/tmp/profile_$preset" train_step.hlo.txt.gz kernels.json.gz ;;
+           tar czf "$OUT/profile_${preset}_raw.tgz" -C "/tmp/profile_$preset" train_step.hlo.txt.gz kernels.json.gz
+           pack ;;  # again, with the raw profile (session 11's archive was packed before it and lacked it)
     compile-*) spec=${part#compile-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT, nothing run
            # STEP_ARGS / TAG as for step-* (e.g. STEP_ARGS=--scan-layers TAG=_scan)
            run "compile_${preset}_${remat}${TAG:-}" 300 python3 -m m2rnn_jax bench --model "$preset" \
