@@ -81,7 +81,7 @@ def _einsum_wide_backward(equation, residuals, cotangent):
 
 
 def _two_operand_specs(equation: str) -> tuple[str, str, str]:
-    """"...ab,...bc->...ac" -> ("ab", "bc", "ac"): the subscripts after the shared leading batch dims."""
+    """The subscripts after the shared leading batch dims: ``"...ab,...bc->...ac"`` -> ``("ab", "bc", "ac")``."""
     operands, out = equation.split("->")
     a, b = operands.split(",")
     specs = tuple(spec.removeprefix("...") for spec in (a, b, out))
