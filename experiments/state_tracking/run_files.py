@@ -19,22 +19,25 @@ def run_directory(out: Path, group: str, model: str, seed: int) -> Path:
     return out / "runs" / group / model / f"s{seed}"
 
 
-def cached_result(directory: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The finished result in ``directory`` if it was trained with ``config``."""
+def _result_of(directory: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The result in ``directory`` (finished or not) if it was trained with ``config``."""
     path = directory / "result.json"
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("complete") and result.get("config") == config.to_dict() else None
+    return result if result.get("config") == config.to_dict() else None
+
+
+def cached_result(directory: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The finished result in ``directory`` if it was trained with ``config``."""
+    result = _result_of(directory, config)
+    return result if result is not None and result.get("complete") else None
 
 
 def _unfinished_result(directory: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The unfinished result in ``directory`` if it was trained with ``config`` (what a resumed run continues)."""
-    path = directory / "result.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    return None if result.get("complete") or result.get("config") != config.to_dict() else result
+    result = _result_of(directory, config)
+    return None if result is None or result.get("complete") else result
 
 
 def prepare_run_directory(directory: Path, config: TrainConfig) -> None:

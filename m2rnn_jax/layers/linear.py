@@ -9,6 +9,7 @@ unchanged), separate matmuls for outputs used apart.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -72,5 +73,5 @@ def linear_blocks(linear: nnx.Linear, x: jax.Array, widths: tuple[int, ...]) -> 
     each block from its own columns of the kernel (:func:`linear_columns`)."""
     if sum(widths) != linear.out_features or min(widths) < 1:
         raise ValueError(f"widths: expected positive block widths summing to {linear.out_features}, got {widths}")
-    ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+    ends = itertools.accumulate(widths)
     return tuple(linear_columns(linear, x, slice(end - width, end)) for width, end in zip(widths, ends))

@@ -15,11 +15,16 @@ from m2rnn_jax.layers.m2rnn import M2RNN, M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2, Mamba2Config
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_blocks_equal_the_split_product(use_bias):
-    linear = sharded_linear(
+def projection(use_bias: bool) -> nnx.Linear:
+    """A (6 -> 9) float32 projection."""
+    return sharded_linear(
         6, 9, ("embed", None), std=0.5, use_bias=use_bias, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
     )
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_blocks_equal_the_split_product(use_bias):
+    linear = projection(use_bias)
     if use_bias:
         linear.bias[...] = jnp.arange(9.0)
     x = jax.random.normal(jax.random.key(1), (2, 3, 6))
@@ -32,9 +37,7 @@ def test_blocks_equal_the_split_product(use_bias):
 
 @pytest.mark.parametrize("widths", [(2, 6), (0, 9), (4, 4, 2)])
 def test_bad_widths_raise(widths):
-    linear = sharded_linear(
-        6, 9, ("embed", None), std=0.5, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
-    )
+    linear = projection(use_bias=False)
     with pytest.raises(ValueError, match="widths: expected positive block widths summing to 9"):
         linear_blocks(linear, jnp.ones((1, 6)), widths)
 
