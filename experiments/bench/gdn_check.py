@@ -39,7 +39,8 @@ from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 K = StatesKernelConfig
 VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse)
-    "default": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "doubling"),
+    "default": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "kernel"),
+    "xla_doubling": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "doubling"),
     "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling"),
     "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling"),
     "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling"),

@@ -19,7 +19,11 @@ pack() {  # PACK=FILE: everything so far in one archive after every part (the de
 }
 for part in "$@"; do
   case $part in
-    gdn) run gdn 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT" --variants default --no-sweep ;;
+    gdn) run gdn 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT" --variants default xla_doubling \
+           --no-sweep ;;
+    mlp) run mlp 90 env PYTHONPATH=. python3 experiments/bench/mlp_check.py --batch "$B" --seq-len "$S" ;;
+    inversetests) run inversetests 120 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+                    tests/kernels/test_unit_lower_inverse.py tests/kernels/test_gdn_gpu.py ;;
     loss) run loss 120 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass online \
             --json "$OUT/loss.json" ;;
     steps) for preset in hybrid-gdn-m2rnn-1l-400m hybrid-gdn-400m; do for remat in full save_dots none; do

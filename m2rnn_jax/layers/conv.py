@@ -10,9 +10,9 @@ Two functions compute it: :func:`causal_conv_reference` is the plain formula dif
 it with ``segment_ids``); :func:`causal_conv` (the layer without ``segment_ids``) gives the same values behind a
 ``jax.custom_vjp`` whose residuals are only the raw inputs (x and the state in their own dtypes, the parameters).
 Autodiff of the plain formula keeps float32 copies of the window and of the pre-activation and splits the
-window's cotangent back into [state | x]; the custom backward recomputes the pre-activation from x and reads the
-activation's cotangent through a few fused passes: the kernel and bias gradients as sibling reductions over (B, S), dx
-and d state as the transposed conv written straight into each.
+window's cotangent back into [state | x]; the custom backward recomputes the pre-activation from x and reads its
+cotangent (kept in the output cotangent's dtype: bf16 in bf16 layers) through a few fused passes: the kernel and
+bias gradients as sibling reductions over (B, S), dx and d state as the transposed conv written straight into each.
 
 :func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the fused
 Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy for
@@ -209,6 +209,9 @@ def _conv_output_bwd(
     dz = dy.astype(compute_dtype)
     if activation is not None:
         (dz,) = jax.vjp(ACTIVATIONS[activation], z)[1](dz)
+    # dz is the one activation-sized array this backward writes and reads back (twice): kept in dy's dtype when that
+    # is narrower (bf16 layers: the rounding a bf16 autodiff of the layer applies to this cotangent), half the bytes
+    dz = dz.astype(jnp.promote_types(dy.dtype, x.dtype))
     # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
     dkernel = jnp.stack(
         [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]

@@ -2,8 +2,9 @@
 
 The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched
 XLA matmuls with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is
-the matmul-based block doubling (:func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`). Only the walk
-over chunks is
+the block doubling of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`, run by the kernels of
+:mod:`pallas_kernels.gpu.unit_lower_inverse` (one program per chunk matrix, the levels in registers; its closed-form
+gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. Only the walk over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
 backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
 
@@ -25,11 +26,12 @@ from jax.sharding import PartitionSpec as P
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
+from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
 
 # measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)
 DEFAULT_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=2)
-INVERSES = ("doubling", "triangular_solve")
+INVERSES = ("kernel", "doubling", "triangular_solve")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -77,6 +79,25 @@ def _fused_backward(forward_config, backward_config, interpret, residuals, cotan
 fused_chunk_states.defvjp(_fused_forward, _fused_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def fused_unit_lower_inverse(A: jax.Array, precision: jax.lax.Precision, interpret: bool) -> jax.Array:
+    """(I + A)⁻¹ of A (..., C, C) float32 strictly lower triangular by the kernels of
+    :mod:`pallas_kernels.gpu.unit_lower_inverse`, forward and backward."""
+    return unit_lower_inverse_forward(A, precision=precision, interpret=interpret)
+
+
+def _inverse_forward(A, precision, interpret):
+    T = unit_lower_inverse_forward(A, precision=precision, interpret=interpret)
+    return T, T
+
+
+def _inverse_backward(precision, interpret, T, dT):
+    return (unit_lower_inverse_backward(T, dT.astype(T.dtype), precision=precision, interpret=interpret),)
+
+
+fused_unit_lower_inverse.defvjp(_inverse_forward, _inverse_backward)
+
+
 def mesh_split(batch: int, heads: int) -> P | None:
     """PartitionSpec (batch axes, head axis) for the (B, H, ...) arrays of the walk under the current mesh, or None
     when nothing is split (no mesh, axes of size 1 or already manual, sizes that do not divide)."""
@@ -87,6 +108,17 @@ def mesh_split(batch: int, heads: int) -> P | None:
     if not batch_axes and head_axis is None:
         return None
     return P(spec_entry(batch_axes), head_axis)
+
+
+def per_shard(kernels, *arrays: jax.Array):
+    """``kernels(*arrays)`` on (B, H, ...) arrays, inside ``jax.shard_map`` over :func:`mesh_split`'s axes when the
+    current mesh splits them (every input and output split alike), else as is."""
+    spec = mesh_split(arrays[0].shape[0], arrays[0].shape[1])
+    if spec is None:
+        return kernels(*arrays)
+    outputs = jax.eval_shape(kernels, *arrays)
+    out_specs = jax.tree.map(lambda _: spec, outputs)
+    return jax.shard_map(kernels, in_specs=(spec,) * len(arrays), out_specs=out_specs, check_vma=False)(*arrays)
 
 
 def gated_delta_rule_pallas_gpu(
@@ -102,12 +134,13 @@ def gated_delta_rule_pallas_gpu(
     interpret: bool = False,
     forward_config: StatesKernelConfig = DEFAULT_FORWARD_CONFIG,
     backward_config: StatesKernelConfig = DEFAULT_BACKWARD_CONFIG,
-    inverse: str = "doubling",
+    inverse: str = "kernel",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
-    Products take q's dtype; ``inverse`` picks the chunk inverse ("doubling" matmuls, at the matmul unit's default
-    precision for 16-bit inputs and full float32 for float32 inputs, or XLA's "triangular_solve");
+    Products take q's dtype; ``inverse`` picks the chunk inverse: the block doubling in one "kernel" launch or as
+    XLA's "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for
+    float32 inputs), or XLA's "triangular_solve";
     ``forward_config`` / ``backward_config`` the launches of the fused walks.
     """
     reason = fused_unsupported_reason(q.shape[-1], v.shape[-1], chunk_size, q.dtype)
@@ -117,17 +150,19 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
     dot = q.dtype
 
+    precision = HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT
+
     def invert(A):
         if inverse == "triangular_solve":
             return triangular_inverse(A)
-        return unit_lower_inverse(A, HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT)
+        if inverse == "doubling":
+            return unit_lower_inverse(A, precision)
+        return per_shard(lambda a: fused_unit_lower_inverse(a, precision, interpret), A)
 
     def states(U, Wk, Kd, carry, state):
-        run = lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret)
-        spec = mesh_split(U.shape[0], U.shape[1])
-        if spec is None:
-            return run(U, Wk, Kd, carry, state)
-        return jax.shard_map(run, in_specs=(spec,) * 5, out_specs=(spec,) * 3, check_vma=False)(U, Wk, Kd, carry, state)
+        return per_shard(
+            lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret), U, Wk, Kd, carry, state
+        )
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
     return run_chunked(
