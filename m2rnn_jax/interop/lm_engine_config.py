@@ -83,6 +83,8 @@ def _mixer_block(letter: str, config: Any, hidden_size: int, eps: float) -> dict
     field = MIXER_FIELDS[letter]
     if letter == "M":
         _require_default_eps(f"{field}.norm_eps", config.norm_eps)
+        if config.query != "token":
+            raise ValueError(f"{field}.query: lm-engine reads q from the projection ('token'), got {config.query!r}")
         return dict(
             k_head_dim=config.k_head_dim,
             v_head_dim=config.v_head_dim,

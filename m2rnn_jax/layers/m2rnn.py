@@ -56,6 +56,8 @@ from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.m2rnn import context_m2rnn
 from m2rnn_jax.typing import Dtype
 
+QUERY_CHOICES = ("token", "learned")
+
 
 @dataclasses.dataclass(frozen=True)
 class M2RNNConfig:
@@ -66,6 +68,10 @@ class M2RNNConfig:
     (Nq, Nk, Nv, Nf, Nw) must equal N. The decay gate is sized N, so Nf = N; the residual D (N, V) needs Nv = N.
     ``state_weight_init_std``: None initialises W as the identity per head (the paper's and lm-engine's init); a
     number draws W from N(0, std), as the GRU and RNN weights are (init only: lm-engine configs have no such field).
+    ``query``: "token" (the paper's) reads q_t from the input projection through the conv like k and v; "learned" is
+    one learned (Nq, K) query for every token (parameter ``query``, init N(0, 1); no q columns in the projection or
+    the conv), so the readout q^T H_t depends on the state alone (a research option for state tracking,
+    experiments/state_tracking/SEARCH.md rows 22-23; no lm-engine counterpart).
     """
 
     num_heads: int
@@ -88,6 +94,7 @@ class M2RNNConfig:
     dt_init_max: float = 0.1
     dt_init_floor: float = 1e-4
     state_weight_init_std: float | None = None
+    query: str = "token"
     norm_eps: float = 1e-5
     backend: str = "auto"
 
@@ -132,6 +139,8 @@ class M2RNNConfig:
                     f"activation_function: expected one of {sorted(ACTIVATIONS)} or None, "
                     f"got {self.activation_function!r}"
                 )
+        if self.query not in QUERY_CHOICES:
+            raise ValueError(f"query: expected one of {QUERY_CHOICES}, got {self.query!r}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.norm_eps <= 0:
@@ -149,9 +158,14 @@ class M2RNNConfig:
         return {name: getattr(self, name) for name in names}
 
     @property
+    def q_channels(self) -> int:
+        """Nq*K projected query channels, 0 for a learned query."""
+        return self.num_q_heads * self.k_head_dim if self.query == "token" else 0
+
+    @property
     def conv_channels(self) -> int:
-        """C = Nq*K + Nk*K + Nv*V: the [q | k | v] channels that go through the conv."""
-        return (self.num_q_heads + self.num_k_heads) * self.k_head_dim + self.num_v_heads * self.v_head_dim
+        """C = Nq*K + Nk*K + Nv*V (Nk*K + Nv*V with a learned query): the [q | k | v] channels of the conv."""
+        return self.q_channels + self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
 
     @property
     def projection_size(self) -> int:
@@ -258,6 +272,13 @@ class M2RNN(nnx.Module):
             out_sharding=("heads", None, None),
             eager_sharding=False,
         )
+        if config.query == "learned":
+            self.query = nnx.Param(
+                jax.nn.initializers.normal(1.0)(rngs.params(), (config.num_q_heads, config.k_head_dim), param_dtype),
+                out_sharding=(None, None),
+                eager_sharding=False,
+                no_weight_decay=True,  # a readout direction, not a weight matrix: decay would only shrink it
+            )
         self.g_norm = RMSNorm(N * V, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, scale_sharding="heads")
         self.output_projection = sharded_linear(
             N * V,
@@ -305,7 +326,9 @@ class M2RNN(nnx.Module):
         conv_state = state.conv
         if self.conv1d is not None:
             qkv, conv_state = self.conv1d(qkv, state.conv, segment_ids=segment_ids)
-        q, k, v = jnp.split(qkv, [c.num_q_heads * K, (c.num_q_heads + c.num_k_heads) * K], axis=-1)
+        q, k, v = jnp.split(qkv, [c.q_channels, c.q_channels + c.num_k_heads * K], axis=-1)
+        if c.query == "learned":
+            q = jnp.broadcast_to(self.query[...].astype(self.dtype), (batch, seq_len, c.num_q_heads, K))
         q = q.reshape(batch, seq_len, c.num_q_heads, K)
         k = k.reshape(batch, seq_len, c.num_k_heads, K)
         v = v.reshape(batch, seq_len, c.num_v_heads, V)

@@ -190,5 +190,9 @@ def test_our_fields_without_counterpart_are_errors():
     config = tiny_config("MR")
     with pytest.raises(ValueError, match=r"m2rnn.norm_eps: lm-engine fixes this norm's eps at 1e-05"):
         to_lm_engine_config(config.replace(m2rnn=config.m2rnn.__class__(num_heads=4, norm_eps=1e-6)))
+    with pytest.raises(
+        ValueError, match=r"m2rnn.query: lm-engine reads q from the projection \('token'\), got 'learned'"
+    ):
+        to_lm_engine_config(config.replace(m2rnn=config.m2rnn.__class__(num_heads=4, query="learned")))
     dense = tiny_config("A").replace(mlp=MLPConfig(intermediate_size=32))
     assert to_lm_engine_config(dense)["mlp_blocks"][0]["mlp_type"] == "MLP"

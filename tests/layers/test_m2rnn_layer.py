@@ -85,9 +85,13 @@ def numpy_m2rnn_layer(p: dict, c: M2RNNConfig, x: np.ndarray, conv_state=None, h
         qkv = numpy_causal_conv(qkv, conv["kernel"], conv.get("bias"), history, c.activation_function == "silu")
         new_conv_state = np.concatenate([history, qkv_raw], axis=1)[:, S:]
 
-    q = qkv[..., : c.num_q_heads * K].reshape(B, S, c.num_q_heads, K)
-    k = qkv[..., c.num_q_heads * K : (c.num_q_heads + c.num_k_heads) * K].reshape(B, S, c.num_k_heads, K)
-    v = qkv[..., (c.num_q_heads + c.num_k_heads) * K :].reshape(B, S, c.num_v_heads, V)
+    Q = c.q_channels  # 0 with a learned query: one (Nq, K) parameter for every token
+    if c.query == "learned":
+        q = np.broadcast_to(p["query"], (B, S, c.num_q_heads, K))
+    else:
+        q = qkv[..., :Q].reshape(B, S, c.num_q_heads, K)
+    k = qkv[..., Q : Q + c.num_k_heads * K].reshape(B, S, c.num_k_heads, K)
+    v = qkv[..., Q + c.num_k_heads * K :].reshape(B, S, c.num_v_heads, V)
 
     def per_head(a, axis):  # source head n // (N / N_x) serves output head n
         return np.repeat(a, N // a.shape[axis], axis=axis)
@@ -137,6 +141,7 @@ BROADCAST = M2RNNConfig(
     num_heads=4, k_head_dim=3, v_head_dim=2, num_q_heads=2, num_k_heads=4, num_g_heads=2, num_weight_heads=2,
     kernel_size=2, add_bias=True,
 )  # fmt: skip
+LEARNED_QUERY = dataclasses.replace(BROADCAST, query="learned")
 NO_CONV_NO_RESIDUAL = M2RNNConfig(
     num_heads=4, k_head_dim=4, v_head_dim=3, num_v_heads=2, kernel_size=None, activation_function=None,
     use_residual=False, gradient_clipping=None,
@@ -236,7 +241,11 @@ def test_logical_axis_metadata():
 # forward vs NumPy
 
 
-@pytest.mark.parametrize("config", [PAPER_LIKE, BROADCAST, NO_CONV_NO_RESIDUAL], ids=["paper", "broadcast", "bare"])
+@pytest.mark.parametrize(
+    "config",
+    [PAPER_LIKE, BROADCAST, LEARNED_QUERY, NO_CONV_NO_RESIDUAL],
+    ids=["paper", "broadcast", "learned_query", "bare"],
+)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zeros", "state"])
 def test_layer_matches_numpy_float64(x64, config, with_state):
     layer = make_layer(config, dtype=jnp.float64, param_dtype=jnp.float64)
@@ -433,6 +442,7 @@ def test_gradient_clipping_changes_only_the_backward():
         ({"num_heads": 4, "A_init_min": -1.0}, "A_init_min"),
         ({"num_heads": 4, "dt_init_min": 0.0}, "dt_init_min"),
         ({"num_heads": 4, "state_weight_init_std": 0.0}, "state_weight_init_std: expected None or > 0"),
+        ({"num_heads": 4, "query": "fixed"}, "query: expected one of \\('token', 'learned'\\)"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -458,3 +468,23 @@ def test_layer_rejects_bad_arguments():
     state = layer.init_state(2, 3)
     with pytest.raises(ValueError, match=r"state.conv: expected an array"):
         layer(jnp.ones((2, 3, 8), jnp.float32), state._replace(conv=None))
+
+
+def test_learned_query_drops_the_q_columns_and_is_trained_without_decay():
+    """query="learned": the projection and the conv lose the Nq*K query channels, the (Nq, K) query parameter gets a
+    gradient, and the weight-decay mask leaves it out (a readout direction)."""
+    from m2rnn_jax.train.config import OptimizerConfig
+    from m2rnn_jax.train.optimizer import weight_decay_mask
+
+    token, learned = (make_layer(c, hidden=12) for c in (BROADCAST, LEARNED_QUERY))
+    q_channels = BROADCAST.num_q_heads * BROADCAST.k_head_dim
+    assert LEARNED_QUERY.q_channels == 0 and LEARNED_QUERY.conv_channels == BROADCAST.conv_channels - q_channels
+    assert learned.input_projection.kernel.shape[1] == token.input_projection.kernel.shape[1] - q_channels
+    assert learned.conv1d.kernel.shape[1] == BROADCAST.conv_channels - q_channels
+    assert learned.query.shape == (LEARNED_QUERY.num_q_heads, LEARNED_QUERY.k_head_dim)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 12))
+    grads = nnx.grad(lambda layer: jnp.sum(layer(x)[0] ** 2))(learned)
+    assert float(jnp.max(jnp.abs(grads["query"][...]))) > 0
+    mask = weight_decay_mask(nnx.state(learned, nnx.Param), OptimizerConfig().no_decay_names)
+    decays = {"/".join(map(str, path)): bool(v.get_value()) for path, v in nnx.to_flat_state(mask)}
+    assert not decays["query"] and decays["input_projection/kernel"] and decays["state_weight"]
