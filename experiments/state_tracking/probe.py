@@ -14,7 +14,10 @@ later position needs. The question this answers: is the bypass what stops compos
 Cells: ``rnn``, h_t = tanh(h_{t-1} W + E[x_t] + b) (width ``--width``); ``m2rnn``, the M2RNN op (``--heads`` heads
 of K x V) with k_t, v_t and the forget value f_t = sigmoid(.) read from per-token tables, and the query q learned
 once (``--query fixed``) or, as in the decoders, read per token from a table (``--query token``: position 2 can then
-be a lookup of x_1 in the state by x_2's query, the decoders' shortcut without their residual stream). AdamW
+be a lookup of x_1 in the state by x_2's query, the decoders' shortcut without their residual stream). The readout
+is linear (``--readout linear``) or, as the decoders' residual stream and MLP give it, a ReLU MLP of the recurrent
+output and the current token's embedding (``--readout token_mlp``, width ``--width``: position 2 can then be a
+lookup of x_1 from the state and x_2 from the token path, the other shortcut). AdamW
 (warmup, cosine to 10% over ``--steps``, clip 1); ``--seconds`` stops training earlier (with a ``--steps`` far
 beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ...
 of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
@@ -41,10 +44,29 @@ Params = dict[str, jax.Array]
 
 
 def init_params(
-    cell: str, order: int, width: int, heads: int, k: int, v: int, key: jax.Array, query: str = "fixed"
+    cell: str,
+    order: int,
+    width: int,
+    heads: int,
+    k: int,
+    v: int,
+    key: jax.Array,
+    query: str = "fixed",
+    readout: str = "linear",
 ) -> Params:
     """The parameters of one cell and its readout (``order`` = number of group elements; ``query``: the m2rnn
-    query, one (heads, k) for every token or a table (order, heads, k))."""
+    query, one (heads, k) for every token or a table (order, heads, k); ``readout``: "linear" or "token_mlp")."""
+    params = _cell_params(cell, order, width, heads, k, v, key, query)
+    if readout == "token_mlp":
+        features = params.pop("out").shape[0]
+        keys = jax.random.split(jax.random.fold_in(key, 1), 3)
+        params["token"] = jax.random.normal(keys[0], (order, width))
+        params["hidden"] = jax.random.normal(keys[1], (features + width, width)) / np.sqrt(features + width)
+        params["out"] = jax.random.normal(keys[2], (width, order)) / np.sqrt(width)
+    return params
+
+
+def _cell_params(cell: str, order: int, width: int, heads: int, k: int, v: int, key: jax.Array, query: str) -> Params:
     keys = jax.random.split(key, 8)
     if cell == "rnn":
         return {
@@ -64,8 +86,16 @@ def init_params(
 
 
 def logits(cell: str, params: Params, tokens: jax.Array, backend: str = "auto") -> jax.Array:
-    """(B, S) int tokens -> (B, S, order) logits, position t read from the recurrence's output at t alone
-    (``backend``: the M2RNN op's backend)."""
+    """(B, S) int tokens -> (B, S, order) logits, position t read from the recurrence's output at t (and, with
+    the token MLP readout, from token t) (``backend``: the M2RNN op's backend)."""
+    features = recurrent_features(cell, params, tokens, backend)
+    if "hidden" in params:  # token_mlp
+        features = jax.nn.relu(jnp.concatenate([features, params["token"][tokens]], axis=-1) @ params["hidden"])
+    return features @ params["out"]
+
+
+def recurrent_features(cell: str, params: Params, tokens: jax.Array, backend: str) -> jax.Array:
+    """(B, S) int tokens -> (B, S, F) the recurrence's output at every position (F = width or heads * V)."""
     if cell == "rnn":
         inputs = params["embed"][tokens] + params["b"]  # (B, S, width)
 
@@ -75,20 +105,20 @@ def logits(cell: str, params: Params, tokens: jax.Array, backend: str = "auto") 
 
         h0 = jnp.zeros((tokens.shape[0], params["w"].shape[0]), inputs.dtype)
         _, states = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
-        return jnp.swapaxes(states, 0, 1) @ params["out"]
+        return jnp.swapaxes(states, 0, 1)
     batch, length = tokens.shape
     heads, k = params["q"].shape[-2:]
     q = params["q"][tokens] if params["q"].ndim == 3 else jnp.broadcast_to(params["q"], (batch, length, heads, k))
     forget = jax.nn.sigmoid(params["f"][tokens])
     y, _ = m2rnn(q, params["k"][tokens], params["v"][tokens], params["w"], forget, backend=backend)
-    return y.reshape(batch, length, -1) @ params["out"]
+    return y.reshape(batch, length, -1)
 
 
 def train(args: argparse.Namespace) -> dict:
     """Trains one cell on ``args.group`` at ``args.train_length`` and returns the result (curves included)."""
     group = get_group(args.group)
     key = jax.random.key(args.seed)
-    params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query)
+    params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query, args.readout)
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adamw(
@@ -135,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.state_tracking.probe", description=__doc__)
     parser.add_argument("--cell", choices=["rnn", "m2rnn"], default="m2rnn")
     parser.add_argument("--group", choices=GROUPS, default="a5")
-    parser.add_argument("--width", type=int, default=256, help="rnn: hidden width")
+    parser.add_argument("--width", type=int, default=256, help="rnn: hidden width; token_mlp: the MLP's width")
     parser.add_argument("--heads", type=int, default=4, help="m2rnn: heads")
     parser.add_argument("--k", type=int, default=4, help="m2rnn: K (rows of a head's state)")
     parser.add_argument("--v", type=int, default=64, help="m2rnn: V (width of a row)")
     parser.add_argument(
         "--query", choices=["fixed", "token"], default="fixed", help="m2rnn: one learned query, or one per token"
+    )
+    parser.add_argument(
+        "--readout",
+        choices=["linear", "token_mlp"],
+        default="linear",
+        help="a linear map of the recurrent output, or a ReLU MLP of it and the token's embedding (width --width)",
     )
     parser.add_argument("--backend", default="auto", help="m2rnn: the op's backend (scan for V > 128 on a GPU)")
     parser.add_argument(

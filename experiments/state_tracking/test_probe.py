@@ -12,9 +12,20 @@ import pytest
 from experiments.state_tracking import probe
 
 
-@pytest.mark.parametrize("cell, query", [("rnn", "fixed"), ("m2rnn", "fixed"), ("m2rnn", "token")])
-def test_logits_are_causal(cell, query):
-    params = probe.init_params(cell, order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0), query=query)
+@pytest.mark.parametrize(
+    "cell, query, readout",
+    [
+        ("rnn", "fixed", "linear"),
+        ("m2rnn", "fixed", "linear"),
+        ("m2rnn", "token", "linear"),
+        ("m2rnn", "fixed", "token_mlp"),
+        ("rnn", "fixed", "token_mlp"),
+    ],
+)
+def test_logits_are_causal(cell, query, readout):
+    params = probe.init_params(
+        cell, order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0), query=query, readout=readout
+    )
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 6, size=(3, 5)), jnp.int32)
     changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % 6)
     first, second = probe.logits(cell, params, tokens), probe.logits(cell, params, changed)
@@ -60,3 +71,19 @@ def test_token_query_reads_the_query_of_each_token():
     changed = probe.logits("m2rnn", moved, tokens)
     np.testing.assert_allclose(changed[:, :2], base[:, :2], rtol=1e-6)
     assert not np.allclose(changed[:, 2], base[:, 2])
+
+
+def test_token_mlp_readout_sees_the_current_token_beside_the_state():
+    """With ``token_mlp`` the logits at t change with token t's readout embedding alone (the decoders' token path);
+    the linear readout has no such table."""
+    params = probe.init_params("m2rnn", order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0), readout="token_mlp")
+    assert (
+        params["token"].shape == (6, 8) and params["hidden"].shape == (2 * 4 + 8, 8) and params["out"].shape == (8, 6)
+    )
+    tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
+    base = probe.logits("m2rnn", params, tokens)
+    moved = dict(params, token=params["token"].at[3].multiply(-1.0))  # only token 3's readout embedding changes
+    changed = probe.logits("m2rnn", moved, tokens)
+    np.testing.assert_allclose(changed[:, :2], base[:, :2], rtol=1e-6)
+    assert not np.allclose(changed[:, 2], base[:, 2])
+    assert "token" not in probe.init_params("m2rnn", order=6, width=8, heads=2, k=2, v=4, key=jax.random.key(0))
