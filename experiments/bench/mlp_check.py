@@ -1,7 +1,8 @@
 """GPU check of the SwiGLU MLP's up-projection: the interleaved kernel's gate and up columns as two matmuls
 ("columns", the layer until session 12) against one matmul of the kernel with its columns reordered to
 [gate | up] ("halves", whose backward writes both halves' gradients in one fusion), forward and forward+backward
-(gradients of x and both kernels), medians after warm-up, in one run; the relative differences of every result.
+(gradients of x and both kernels), medians after warm-up (``m2rnn_jax.bench.timing.median_ms``), in one run; the
+relative differences of every result.
 
     PYTHONPATH=. python3 experiments/bench/mlp_check.py [--batch 8 --seq-len 4096 --hidden 1024 --intermediate 2752]
 """
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from m2rnn_jax.bench.timing import median_ms
 from m2rnn_jax.layers.mlp import GATE_COLUMNS, UP_COLUMNS, swiglu
 from m2rnn_jax.testing import relative_error
 
@@ -34,17 +34,6 @@ def halves(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
 
 
 VARIANTS = {"columns": columns, "halves": halves}
-
-
-def median_ms(fn, *args, warmup: int = 3, reps: int = 20) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:

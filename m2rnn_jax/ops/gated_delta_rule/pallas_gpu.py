@@ -116,9 +116,7 @@ def per_shard(kernels, *arrays: jax.Array):
     spec = mesh_split(arrays[0].shape[0], arrays[0].shape[1])
     if spec is None:
         return kernels(*arrays)
-    outputs = jax.eval_shape(kernels, *arrays)
-    out_specs = jax.tree.map(lambda _: spec, outputs)
-    return jax.shard_map(kernels, in_specs=(spec,) * len(arrays), out_specs=out_specs, check_vma=False)(*arrays)
+    return jax.shard_map(kernels, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
 
 
 def gated_delta_rule_pallas_gpu(
