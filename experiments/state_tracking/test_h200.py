@@ -1,5 +1,5 @@
 """The H200 script: it parses, refuses bad arguments before starting anything, and its ``--plan`` (the jobs it would
-start, nothing run) splits and times every call as its header says. Its jobs run in ``h200.sh {1|2|3} --smoke``
+start, nothing run) splits and times every call as its header says. Its jobs run in ``h200.sh {1|2|3|4} --smoke``
 (minutes on a CPU, not part of the suite)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_script_parses():
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (("4",), {}, "usage: OUT=DIR bash"),
+        (("5",), {}, "usage: OUT=DIR bash"),
         (("1", "--fast"), {}, "usage: OUT=DIR bash"),
         (("times", "--fast"), {}, "usage: OUT=DIR bash"),
         (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
@@ -89,7 +89,7 @@ def test_call_1_default_is_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("budget", [300, 540, 600])
-@pytest.mark.parametrize("call", [1, 2, 3])
+@pytest.mark.parametrize("call", [1, 2, 3, 4])
 def test_every_job_is_killed_before_the_reports(tmp_path, call, budget):
     for name, until, _ in plan(tmp_path, call, BUDGET=str(budget)):
         assert until <= budget - 30, name  # the last 30 s: reports, archive, printing
@@ -103,3 +103,14 @@ def test_call_2_and_3_jobs(tmp_path):
     small, small_bf16 = plan(tmp_path, 3)
     assert small[0] == "s3_small" and "model.dtype=bfloat16" not in small[2]
     assert small_bf16[0] == "s3_small_bf16" and small_bf16[2][-2:] == ["--set", "model.dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("budget", [300, 540])
+def test_call_4_trains_both_large_presets_at_once_for_the_whole_budget(tmp_path, budget):
+    planned = plan(tmp_path, 4, BUDGET=str(budget))
+    assert [(name, until) for name, until, _ in planned] == [("a5_large", budget - 120), ("s5_large", budget - 120)]
+    for (name, _, words), group in zip(planned, ["a5", "s5"]):
+        assert words[:3] == ["python3", "-m", "experiments.state_tracking"]  # the preset sweep: SIGTERM evaluates
+        assert flag_values(words, "--groups") == [group] and flag_values(words, "--size") == ["large"]
+        assert flag_values(words, "--seeds") == ["0"] and flag_values(words, "--out")[0].endswith(f"call4/{name}")
+        assert "--set" not in words  # the presets as they are

@@ -31,6 +31,15 @@ def test_state_tracking_presets_draw_a_random_state_weight_of_spectral_radius_1_
         assert m2rnn.state_weight_init_std == 0.2
 
 
+@pytest.mark.parametrize("group", ["a5", "s5"])
+def test_large_state_tracking_presets_read_the_state_with_a_learned_query(group):
+    # SEARCH.md row 23: with the token's query the decoder stays on A5's lookup plateau, with a learned one it leaves
+    config = train_config(f"state-tracking-{group}-large")
+    assert config.model.m2rnn.query == "learned" and config.model.m2rnn.backend == "scan"
+    assert config.data.curriculum == ((0, 4), (10000, 8), (14000, 16), (16000, 64)) and config.steps == 24000
+    assert config.data.eval_lengths == (64, 256, 1024)  # 256: 4x the last training length
+
+
 def test_model_presets_train_on_random_tokens_by_default():
     config = train_config("tiny-hybrid")
     assert config.data.kind == "random_tokens" and config.model.layer_pattern == "MGSARU"
