@@ -24,8 +24,19 @@ for part in "$@"; do
     mlp) run mlp 90 env PYTHONPATH=. python3 experiments/bench/mlp_check.py --batch "$B" --seq-len "$S" ;;
     inversetests) run inversetests 120 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
                     tests/kernels/test_unit_lower_inverse.py tests/kernels/test_gdn_gpu.py ;;
-    loss) run loss 120 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass online \
-            --json "$OUT/loss.json" ;;
+    loss) run loss 150 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 --statistics two_pass pallas_gpu \
+            fused_matmul --json "$OUT/loss.json" ;;
+    tiles) # one chunk's logits GEMM: XLA's (float32 logits) and the fused_matmul kernel's launch configurations
+           run tiles 150 python3 -m m2rnn_jax.bench.loss --kernel-rows 2048 --json "$OUT/tiles.json" --tile-configs \
+             128x128x64x4x3 128x128x64x8x3 128x256x64x8x3 256x128x64x8x3 128x128x64x4x4 64x256x64x4x3 \
+             128x256x32x8x4 128x128x32x4x4 64x128x64x4x4 ;;
+    tilesloss) # the whole loss with the fastest configuration of the tiles part (TILES=CFG overrides)
+           best=${TILES:-$(python3 -c "import json; rows = json.load(open('$OUT/tiles.json'))['rows']
+print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['with_exp_ms'])['config'])")}
+           run tilesloss 120 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics fused_matmul \
+             --fused-tiles "$best" --json "$OUT/tilesloss.json" ;;
+    tilestests) run tilestests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+                  tests/kernels/test_logits_softmax_tiles.py tests/models/test_lm_head_loss.py tests/kernels/test_gdn_gpu.py ;;
     steps) for preset in hybrid-gdn-m2rnn-1l-400m hybrid-gdn-400m; do for remat in full save_dots none; do
              run "step_${preset}_${remat}" 150 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" \
                --remat "$remat" --step-only --iters 5 --repeats 3 --json "$OUT/step_${preset}_${remat}.json"

@@ -4,6 +4,7 @@
     python -m m2rnn_jax.bench.loss --chunk-sizes 1024 2048 4096 --statistics two_pass pallas_gpu --json head.json
     python -m m2rnn_jax.bench.loss --batch 2 --seq-len 64 --hidden 32 --vocab 512 --dtype float32   # CPU
     python -m m2rnn_jax.bench.loss --kernel-configs 8x2048x8x2 16x1024x8x2 --kernel-rows 2048       # GPU kernel sweep
+    python -m m2rnn_jax.bench.loss --tile-configs 128x128x64x8x3 128x256x64x8x3 --kernel-rows 2048   # fused GEMM
 
 Both versions take hidden states (B*S, h) in the compute dtype and a float32 kernel (h, V) and return (mean token
 cross-entropy, number of correct argmax predictions), what the train step needs. "plain" is the code the train step
@@ -20,11 +21,18 @@ how each chunk's softmax statistics and logits gradient are computed (one row pe
 -> (nll, hits) alone ("stats") and with d logits in the compute dtype ("grad"), for "two_pass" (jnp) and the fused
 kernel :mod:`pallas_kernels.gpu.softmax_xent` at each launch configuration ``ROWSxCOLSxWARPSxSTAGES``; the
 ``*_max_diff`` entries compare each with two_pass (max |difference| of nll and d logits).
+
+``--tile-configs`` times one chunk's logits GEMM (rows x h x V in the compute dtype): XLA's GEMM writing float32
+logits ("xla_gemm", the first step of "two_pass" / "pallas_gpu"), then the GEMM with the statistics in its epilogue
+(:mod:`pallas_kernels.gpu.logits_softmax_tiles`, what "fused_matmul" runs) at each ``ROWSxCOLSxDEPTHxWARPSxSTAGES``,
+with exp(logits - target logit) written ("with_exp_ms", the gradient's forward) and without ("stats_ms");
+``tflops`` is the GEMM's rate in the with-exp time and ``lse_max_diff`` the logsumexp against XLA's logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -37,6 +45,7 @@ from m2rnn_jax.bench.report import format_table, write_json
 from m2rnn_jax.bench.timing import compile_timed, median_ms, temp_bytes, to_gib
 from m2rnn_jax.models.lm_head_loss import STATISTICS, chunk_loss_terms, default_num_chunks, lm_head_cross_entropy
 from m2rnn_jax.models.loss import cross_entropy
+from pallas_kernels.gpu.logits_softmax_tiles import LogitsTilesConfig, combine_tiles, logits_softmax_tiles
 from pallas_kernels.gpu.softmax_xent import SoftmaxXentConfig, softmax_cross_entropy
 
 SEED = 0
@@ -61,10 +70,13 @@ def plain_loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax
 
 
 def chunked_loss(
-    chunk_size: int | None, statistics: str = "two_pass", interpret: bool = False
+    chunk_size: int | None,
+    statistics: str = "two_pass",
+    interpret: bool = False,
+    tiles_config: LogitsTilesConfig | None = None,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """:func:`lm_head_cross_entropy` with ``chunk_size``, ``statistics`` and ``interpret``: (mean cross-entropy,
-    correct count)."""
+    """:func:`lm_head_cross_entropy` with ``chunk_size``, ``statistics``, ``interpret`` and ``tiles_config``:
+    (mean cross-entropy, correct count)."""
 
     def loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         head = lm_head_cross_entropy(
@@ -75,6 +87,7 @@ def chunked_loss(
             compute_dtype=x.dtype,
             statistics=statistics,
             interpret=interpret,
+            tiles_config=tiles_config,
         )
         return head.nll_sum / jnp.maximum(head.weight_sum, 1.0), jnp.sum(head.correct)
 
@@ -101,6 +114,14 @@ def _relative_difference(actual: jax.Array, expected: jax.Array) -> float:
     return float(jnp.linalg.norm(actual - expected) / jnp.maximum(jnp.linalg.norm(expected), 1e-30))
 
 
+@functools.lru_cache(maxsize=1)
+def _plain_timed(
+    batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int, repeats: int
+) -> tuple[dict[str, Any], Any]:
+    """:func:`_time` of the plain head at one shape, computed once per process (every row compares with it)."""
+    return _time(plain_loss, head_inputs(batch * seq_len, hidden, vocab, dtype), iters, repeats)
+
+
 def bench_lm_head_loss(
     batch: int,
     seq_len: int,
@@ -114,9 +135,11 @@ def bench_lm_head_loss(
     statistics: str = "two_pass",
     compare_plain: bool = True,
     interpret: bool = False,
+    tiles_config: LogitsTilesConfig | None = None,
 ) -> dict[str, Any]:
     """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it);
-    ``interpret`` runs the "pallas_gpu" kernel in interpret mode (CPU smoke tests).
+    ``interpret`` runs the kernels in interpret mode (CPU smoke tests); ``tiles_config`` sets the "fused_matmul"
+    kernel's launch parameters.
 
     Returns:
         ``forward_ms``, ``fwd_bwd_ms``, ``forward_temp_gib``, ``fwd_bwd_temp_gib``, ``compile_s``,
@@ -127,11 +150,11 @@ def bench_lm_head_loss(
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
     num_chunks = default_num_chunks(num_tokens, vocab) if chunk_size is None else -(-num_tokens // chunk_size)
-    result, (value, grads) = _time(chunked_loss(chunk_size, statistics, interpret), args, iters, repeats)
+    result, (value, grads) = _time(chunked_loss(chunk_size, statistics, interpret, tiles_config), args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)
     result["statistics"] = statistics
     if compare_plain:
-        plain, (plain_value, plain_grads) = _time(plain_loss, args, iters, repeats)
+        plain, (plain_value, plain_grads) = _plain_timed(batch, seq_len, hidden, vocab, dtype, iters, repeats)
         result.update({f"plain_{key}": value_ for key, value_ in plain.items()})
         result["loss_rel_diff"] = _relative_difference(value, plain_value)
         result["d_hidden_rel_diff"] = _relative_difference(grads[0], plain_grads[0])
@@ -205,6 +228,57 @@ def bench_chunk_terms(
     return results
 
 
+def bench_logits_tiles(
+    rows: int,
+    hidden: int,
+    vocab: int,
+    dtype: str,
+    iters: int,
+    repeats: int,
+    configs: Sequence[LogitsTilesConfig],
+    interpret: bool = False,
+) -> list[dict[str, Any]]:
+    """Times one chunk's logits GEMM: an "xla_gemm" row (float32 logits, then their logsumexp for the reference),
+    then one "fused_matmul" row per launch configuration (see the module docstring)."""
+    x, kernel, targets = head_inputs(rows, hidden, vocab, dtype)
+    kernel = kernel.astype(dtype)
+    reference = jnp.einsum("rh,hr->r", x, jnp.take(kernel, targets, axis=1), preferred_element_type=jnp.float32)
+    flops = 2.0 * rows * hidden * vocab
+
+    def xla_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+    gemm = jax.jit(xla_gemm)
+    expected = jax.nn.logsumexp(gemm(x, kernel), axis=-1)
+    gemm_ms = median_ms(gemm, x, kernel, iters=iters, repeats=repeats)
+    results = [{"variant": "xla_gemm", "config": None, "with_exp_ms": gemm_ms, "tflops": flops / gemm_ms / 1e9}]
+    for config in configs:
+        with_exp, stats_only = (
+            jax.jit(functools.partial(logits_softmax_tiles, with_exp=flag, config=config, interpret=interpret))
+            for flag in (True, False)
+        )
+        row = {
+            "variant": "fused_matmul",
+            "config": f"{config.block_rows}x{config.block_v}x{config.block_k}x{config.num_warps}x{config.num_stages}",
+            "with_exp_ms": median_ms(with_exp, x, kernel, reference, iters=iters, repeats=repeats),
+            "stats_ms": median_ms(stats_only, x, kernel, reference, iters=iters, repeats=repeats),
+        }
+        row["tflops"] = flops / row["with_exp_ms"] / 1e9
+        logsumexp = combine_tiles(with_exp(x, kernel, reference)).logsumexp
+        row["lse_max_diff"] = float(jnp.max(jnp.abs(logsumexp - expected)))
+        results.append(row)
+    return results
+
+
+TILES_TABLE_COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("config", "config", "{}"),
+    ("GEMM + exp ms", "with_exp_ms", "{:.3f}"),
+    ("stats only ms", "stats_ms", "{:.3f}"),
+    ("TFLOP/s", "tflops", "{:.0f}"),
+    ("lse diff", "lse_max_diff", "{:.1e}"),
+]
+
 KERNEL_TABLE_COLUMNS = [
     ("variant", "variant", "{}"),
     ("config", "config", "{}"),
@@ -260,18 +334,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--kernel-rows", type=int, help="rows of the logits for --kernel-configs (default: tokens per chunk)"
     )
+    parser.add_argument(
+        "--tile-configs",
+        nargs="*",
+        default=[],
+        help="time only one chunk's logits GEMM: XLA's and the fused_matmul kernel at these "
+        "ROWSxCOLSxDEPTHxWARPSxSTAGES (rows: --kernel-rows)",
+    )
+    parser.add_argument(
+        "--fused-tiles",
+        type=LogitsTilesConfig.parse,
+        help="launch parameters ROWSxCOLSxDEPTHxWARPSxSTAGES of the fused_matmul kernel (default: its default)",
+    )
     parser.add_argument("--interpret", action="store_true", help="run the Pallas kernel in interpret mode (CPU)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
-    if args.kernel_configs:
-        num_tokens = args.batch * args.seq_len
-        kernel_rows = args.kernel_rows or -(-num_tokens // default_num_chunks(num_tokens, args.vocab))
+    num_tokens = args.batch * args.seq_len
+    chunk_rows = args.kernel_rows or -(-num_tokens // default_num_chunks(num_tokens, args.vocab))
+    if args.tile_configs:
+        configs = [LogitsTilesConfig.parse(text) for text in args.tile_configs]
+        rows = bench_logits_tiles(
+            chunk_rows, args.hidden, args.vocab, args.dtype, args.iters, args.repeats, configs, args.interpret
+        )
+        print(f"One chunk's logits GEMM on {device}: {chunk_rows}x{args.hidden}x{args.vocab} {args.dtype}")
+        print(format_table(TILES_TABLE_COLUMNS, rows))
+    elif args.kernel_configs:
         configs = [parse_kernel_config(text) for text in args.kernel_configs]
-        rows = bench_chunk_terms(kernel_rows, args.vocab, args.dtype, args.iters, args.repeats, configs, args.interpret)
-        print(f"Chunk statistics on {device}: logits {kernel_rows}x{args.vocab} float32, d logits {args.dtype}")
+        rows = bench_chunk_terms(chunk_rows, args.vocab, args.dtype, args.iters, args.repeats, configs, args.interpret)
+        print(f"Chunk statistics on {device}: logits {chunk_rows}x{args.vocab} float32, d logits {args.dtype}")
         print(format_table(KERNEL_TABLE_COLUMNS, rows))
     else:
         rows = []
@@ -288,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.repeats,
                         chunk_size=chunk_size,
                         statistics=statistics,
-                        compare_plain=not rows,
                         interpret=args.interpret,
+                        tiles_config=args.fused_tiles,
                     )
                 )
         print(f"LM head + loss on {device}: N={args.batch}x{args.seq_len} h={args.hidden} V={args.vocab} {args.dtype}")

@@ -92,9 +92,10 @@ class ModelConfig:
         remat: activation checkpointing of each block, one of :data:`REMAT_CHOICES` ("none", "full",
             "save_dots"); ``True`` / ``False`` (older config files) are read as "full" / "none".
         head_statistics: how the chunked LM-head loss computes its softmax statistics and logits gradient, one
-            of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend) or "pallas_gpu" (one fused kernel, NVIDIA
-            GPUs; used on one device or one token group, the jnp path otherwise: the kernel is an opaque custom
-            call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
+            of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend), "pallas_gpu" (one fused statistics
+            kernel) or "fused_matmul" (the logits GEMM with the statistics in its epilogue: no float32 logits);
+            the kernels run on NVIDIA GPUs, on one device or one token group (the jnp path otherwise: a kernel is
+            an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
         scan_layers: run each run of consecutive blocks with the same mixer letter as one ``jax.lax.scan`` over
             their stacked parameters (compiled once per run instead of once per block; the parameter tree is
             unchanged; :mod:`m2rnn_jax.models.layer_scan`). False: every block unrolled.

@@ -28,7 +28,12 @@ Statistics (``statistics``): how each chunk's float32 logits are turned into (lo
 pass that reads the logits and writes ``d logits`` (three reads of the logits with the gradient, two without).
 "pallas_gpu": one fused kernel (:mod:`pallas_kernels.gpu.softmax_xent`, Pallas on Triton, NVIDIA GPUs; any backend
 with ``interpret=True``) that keeps running statistics over vocabulary blocks, then writes ``d logits`` (two reads
-with the gradient, one without). Both give the same values up to float rounding.
+with the gradient, one without). "fused_matmul": no float32 logits at all; the logits GEMM is a Pallas kernel
+(:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes, for the
+gradient, E = exp(logits - target logit) in the compute dtype; the two gradient GEMMs read E with a row scale
+(:func:`_fused_matmul_step`). A chunk whose E could overflow (a row's maximum more than :func:`exp_headroom`, ~69,
+above its target logit) recomputes its logits and takes the two-pass gradient. All give the same values up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from m2rnn_jax.ops.platform import default_platform, on_nvidia_gpu
 CHUNK_LOGITS_ELEMENTS = 2**28
 
 # The ways to compute a chunk's softmax statistics and logits gradient (the module docstring).
-STATISTICS = ("two_pass", "pallas_gpu")
+STATISTICS = ("two_pass", "pallas_gpu", "fused_matmul")
+# Compute dtypes "fused_matmul" accepts: its exp(logits - target logit) must not overflow float16's small range.
+FUSED_MATMUL_DTYPES = ("bfloat16", "float32", "float64")
 
 
 class LMHeadLoss(NamedTuple):
@@ -75,6 +82,7 @@ class _Layout(NamedTuple):
     kernel_dtype: Any
     statistics: str
     interpret: bool
+    tiles_config: Any  # LogitsTilesConfig or None (pallas_kernels is imported only when a kernel runs)
 
 
 def default_num_chunks(num_tokens: int, vocab_size: int) -> int:
@@ -95,6 +103,7 @@ def lm_head_cross_entropy(
     groups: int = 1,
     statistics: str = "two_pass",
     interpret: bool = False,
+    tiles_config: Any = None,
 ) -> LMHeadLoss:
     """Summed weighted token cross-entropy of the LM head ``hidden @ kernel``, chunked over tokens.
 
@@ -108,9 +117,13 @@ def lm_head_cross_entropy(
             Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
-        statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend) or
-            "pallas_gpu" (the fused kernel; NVIDIA GPUs, or any backend with ``interpret``).
-        interpret: run the "pallas_gpu" kernel in Pallas interpret mode (tests on CPU).
+        statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend),
+            "pallas_gpu" (the fused statistics kernel) or "fused_matmul" (the logits GEMM with the statistics in
+            its epilogue; compute dtype bfloat16, float32 or float64); the kernels run on NVIDIA GPUs, or on any
+            backend with ``interpret``.
+        interpret: run the kernels in Pallas interpret mode (tests on CPU).
+        tiles_config: launch parameters of the "fused_matmul" kernel
+            (:class:`pallas_kernels.gpu.logits_softmax_tiles.LogitsTilesConfig`); default its ``default_config``.
 
     Returns:
         :class:`LMHeadLoss`. Gradients flow to ``hidden``, ``kernel`` and ``weights`` through ``nll_sum``,
@@ -121,7 +134,9 @@ def lm_head_cross_entropy(
     """
     if weights is None:
         weights = jnp.ones(hidden.shape[:1], dtype=jnp.float32)
-    layout = _make_layout(hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics, interpret)
+    layout = _make_layout(
+        hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics, interpret, tiles_config
+    )
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
 
@@ -136,6 +151,7 @@ def _make_layout(
     groups: int,
     statistics: str,
     interpret: bool,
+    tiles_config: Any,
 ) -> _Layout:
     """Validates the arguments of :func:`lm_head_cross_entropy` and derives the chunk layout."""
     require(hidden.ndim == 2 and hidden.shape[0] > 0, "hidden", "shape (N, h) with N >= 1", hidden.shape)
@@ -157,10 +173,17 @@ def _make_layout(
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
     require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
     require(
-        statistics != "pallas_gpu" or interpret or on_nvidia_gpu(),
+        statistics == "two_pass" or interpret or on_nvidia_gpu(),
         "statistics",
-        f"'two_pass' on {default_platform()} ('pallas_gpu' runs on NVIDIA GPUs, or with interpret=True)",
+        f"'two_pass' on {default_platform()} ('{statistics}' runs on NVIDIA GPUs, or with interpret=True)",
         statistics,
+    )
+    compute = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
+    require(
+        statistics != "fused_matmul" or compute.name in FUSED_MATMUL_DTYPES,
+        "compute_dtype",
+        f"one of {FUSED_MATMUL_DTYPES} with statistics='fused_matmul'",
+        compute.name,
     )
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
@@ -171,11 +194,12 @@ def _make_layout(
         groups=groups,
         num_chunks=num_chunks,
         chunk=math.ceil(group_tokens / num_chunks),
-        compute_dtype=jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype),
+        compute_dtype=compute,
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
         statistics=statistics,
         interpret=bool(interpret),
+        tiles_config=tiles_config,
     )
 
 
@@ -297,6 +321,104 @@ def _chunk_terms(
     )
 
 
+def _chunk_step(
+    layout: _Layout,
+    kernel_c: jax.Array,
+    hidden_c: jax.Array,
+    targets_c: jax.Array,
+    weights_c: jax.Array,
+    *,
+    with_gradient: bool,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One chunk: (nll (G, C), argmax == target (G, C), and with the gradient of ``sum w * nll`` (d hidden
+    (G, C, h), d kernel (G, h, V)) in the accumulation dtype, else None)."""
+    if layout.statistics == "fused_matmul":
+        return _fused_matmul_step(layout, kernel_c, hidden_c, targets_c, weights_c, with_gradient)
+    nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, with_gradient)
+    return nll, hits, None if d_logits is None else _logits_gradients(d_logits, hidden_c, kernel_c)
+
+
+def _logits_gradients(d_logits: jax.Array, hidden_c: jax.Array, kernel_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(G, C, V) d logits -> (d hidden (G, C, h) = d logits @ kernel.T, d kernel (G, h, V) = hidden.T @ d logits)."""
+    accumulation = jnp.promote_types(jnp.float32, d_logits.dtype)
+    return (
+        _matmul(d_logits, kernel_c, (2, 1), ((), ()), accumulation),
+        _matmul(hidden_c, d_logits, (1, 1), ((0,), (0,)), accumulation),
+    )
+
+
+def exp_headroom(dtype: Any, vocab_size: int) -> float:
+    """How far (in logits) a row's maximum may lie above its target logit for "fused_matmul"'s exp(logits -
+    target logit) to stay finite in ``dtype`` and the gradient GEMM summing V of them (times kernel entries up to
+    e^8 ~ 3000) not to overflow: log(dtype max) - log(V) - 8 (69.2 for bfloat16 / float32 at V = 100352)."""
+    return math.log(float(jnp.finfo(dtype).max)) - math.log(vocab_size) - 8.0
+
+
+def _fused_matmul_step(
+    layout: _Layout,
+    kernel_c: jax.Array,
+    hidden_c: jax.Array,
+    targets_c: jax.Array,
+    weights_c: jax.Array,
+    with_gradient: bool,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """:func:`_chunk_step` with the logits GEMM fused with the statistics
+    (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no float32 logits in memory.
+
+    With the target logit c as reference, the kernel writes E = exp(logits - c) in the compute dtype; with
+    S = exp(logsumexp - c) and a = w / S, ``d logits = a E - w onehot(t) = a (E with S subtracted at t)``, so the
+    gradient GEMMs read E once the target column holds 1 - S (E_t = exp(0)), and the row scale a is applied to
+    their (C, h) operand or result. A chunk whose rows' maximum exceeds c by more than :func:`exp_headroom` (a
+    model assigning its target a probability below e^-69) recomputes its logits and takes the two-pass gradient.
+    """
+    from pallas_kernels.gpu.logits_softmax_tiles import combine_tiles, logits_softmax_tiles  # Pallas-Triton
+
+    groups, chunk, width = hidden_c.shape
+    hidden_flat, targets_flat, weights_flat = hidden_c.reshape(-1, width), targets_c.reshape(-1), weights_c.reshape(-1)
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+    precision = jax.lax.Precision.HIGHEST if layout.compute_dtype == jnp.float32 else None
+    target_logits = jnp.einsum(  # (R,) the logit of each row's target: h_r . kernel[:, t_r]
+        "rh,hr->r",
+        hidden_flat,
+        jnp.take(kernel_c, targets_flat, axis=1),
+        precision=precision,
+        preferred_element_type=accumulation,
+    )
+    tiles = logits_softmax_tiles(
+        hidden_flat,
+        kernel_c,
+        target_logits,
+        with_exp=with_gradient,
+        config=layout.tiles_config,
+        interpret=layout.interpret,
+    )
+    stats = combine_tiles(tiles)
+    nll = (stats.logsumexp - target_logits).reshape(groups, chunk)
+    hits = (stats.argmax == targets_flat).reshape(groups, chunk)
+    if not with_gradient:
+        return nll, hits, None
+
+    def from_exp_logits() -> tuple[jax.Array, jax.Array]:
+        scale = weights_flat * jnp.exp(target_logits - stats.logsumexp)  # a = w / S
+        rows = jnp.arange(targets_flat.shape[0])
+        at_target = (1 - jnp.exp(stats.logsumexp - target_logits)).astype(layout.compute_dtype)  # 1 - S
+        exp_logits = tiles.exp_logits.at[rows, targets_flat].set(at_target).reshape(groups, chunk, -1)
+        scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
+        d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
+        return d_hidden, _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
+
+    def from_recomputed_logits() -> tuple[jax.Array, jax.Array]:
+        logits = _chunk_logits(hidden_c, kernel_c)
+        _, _, d_logits = chunk_loss_terms(
+            logits, targets_c, weights_c, statistics="two_pass", d_dtype=layout.compute_dtype, with_gradient=True
+        )
+        return _logits_gradients(d_logits, hidden_c, kernel_c)
+
+    headroom = exp_headroom(layout.compute_dtype, kernel_c.shape[1])
+    fits = jnp.all(stats.max - target_logits <= headroom)
+    return nll, hits, jax.lax.cond(fits, from_exp_logits, from_recomputed_logits)
+
+
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
     """Per-chunk (num_chunks, G, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
     return LMHeadLoss(
@@ -312,8 +434,7 @@ def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLo
     kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
 
     def step(_, xs):
-        hidden_c, targets_c, weights_c = xs
-        nll, hits, _ = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, False)
+        nll, hits, _ = _chunk_step(layout, kernel_c, *xs, with_gradient=False)
         return None, (nll, hits)
 
     _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks, weight_chunks))
@@ -326,11 +447,8 @@ def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
 
     def step(d_kernel, xs):
-        hidden_c, targets_c, weights_c = xs
-        nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, True)
-        d_hidden_c = _matmul(d_logits, kernel_c, (2, 1), ((), ()), accumulation)
-        d_kernel = d_kernel + _matmul(hidden_c, d_logits, (1, 1), ((0,), (0,)), accumulation)
-        return d_kernel, (nll, hits, d_hidden_c)
+        nll, hits, (d_hidden_c, d_kernel_c) = _chunk_step(layout, kernel_c, *xs, with_gradient=True)
+        return d_kernel + d_kernel_c, (nll, hits, d_hidden_c)
 
     zeros = jnp.zeros((layout.groups,) + kernel.shape, dtype=accumulation)
     d_kernel, (nll, hits, d_hidden) = jax.lax.scan(step, zeros, (hidden_chunks, target_chunks, weight_chunks))

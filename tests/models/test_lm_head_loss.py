@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.bench.loss import bench_chunk_terms, bench_lm_head_loss, parse_kernel_config
+from m2rnn_jax.bench.loss import bench_chunk_terms, bench_lm_head_loss, bench_logits_tiles, parse_kernel_config
 from m2rnn_jax.models.decoder import Decoder
 from m2rnn_jax.models.lm_head_loss import (
     CHUNK_LOGITS_ELEMENTS,
     default_num_chunks,
+    exp_headroom,
     lm_head_cross_entropy,
 )
 from m2rnn_jax.models.loss import cross_entropy, language_model_loss
 from m2rnn_jax.models.presets import tiny_config
 from m2rnn_jax.train.step import make_eval_step
+from pallas_kernels.gpu.logits_softmax_tiles import LogitsTilesConfig
 from tests.parallel.fake_devices import run_on_fake_devices
 
 
@@ -37,18 +39,28 @@ def plain_mean_loss(hidden, kernel, targets, weights):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def chunked_mean_loss(hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1):
+def chunked_mean_loss(
+    hidden, kernel, targets, weights, chunk_size=None, compute_dtype=None, groups=1, statistics="two_pass"
+):
     out = lm_head_cross_entropy(
-        hidden, kernel, targets, weights, chunk_size=chunk_size, compute_dtype=compute_dtype, groups=groups
+        hidden,
+        kernel,
+        targets,
+        weights,
+        chunk_size=chunk_size,
+        compute_dtype=compute_dtype,
+        groups=groups,
+        statistics=statistics,
+        interpret=statistics != "two_pass",  # the kernels in interpret mode (CPU)
     )
     return out.nll_sum / jnp.maximum(out.weight_sum, 1)
 
 
-def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None, groups=1):
+def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=None, groups=1, statistics="two_pass"):
     argnums = (0, 1, 3)  # hidden, kernel, weights
     expected, expected_grads = jax.value_and_grad(plain_mean_loss, argnums)(*args)
-    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5, 6))
-    actual, actual_grads = chunked(*args, chunk_size, compute_dtype, groups)
+    chunked = jax.jit(jax.value_and_grad(chunked_mean_loss, argnums), static_argnums=(4, 5, 6, 7))
+    actual, actual_grads = chunked(*args, chunk_size, compute_dtype, groups, statistics)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
     for name, a, e in zip(("hidden", "kernel", "weights"), actual_grads, expected_grads):
         assert a.dtype == e.dtype, name
@@ -63,6 +75,26 @@ def assert_loss_and_gradients_match(args, chunk_size, rtol, atol, compute_dtype=
 def test_float64_loss_and_gradients_equal_full_logits(x64, chunk_size, groups):
     args = head_inputs(0, 37, 16, 50, jnp.float64)
     assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14, groups=groups)
+
+
+@pytest.mark.parametrize("chunk_size,groups", [(8, 1), (4, 3)], ids=["ragged", "ragged_groups"])
+def test_fused_matmul_float64_loss_and_gradients_equal_full_logits(x64, chunk_size, groups):
+    """statistics="fused_matmul" (the logits GEMM with the statistics in its epilogue, interpret mode)."""
+    args = head_inputs(0, 37, 16, 50, jnp.float64)
+    assert_loss_and_gradients_match(args, chunk_size, rtol=1e-12, atol=1e-14, groups=groups, statistics="fused_matmul")
+
+
+def test_fused_matmul_falls_back_where_exp_logits_would_overflow():
+    """float32 rows whose maximum lies > exp_headroom (~74 at V = 40) above the target logit: exp(logits - target)
+    overflows, so those chunks take the recomputed two-pass gradient; the others keep the fused one."""
+    hidden, kernel, targets, weights = head_inputs(5, 24, 16, 40, jnp.float32)
+    hidden = hidden.at[12:].multiply(40.0)  # chunks 2 and 3 of 4 (chunk size 6): logit gaps far above the headroom
+    gaps = jnp.max(hidden @ kernel, axis=-1) - jnp.take_along_axis(hidden @ kernel, targets[:, None], -1)[:, 0]
+    headroom = exp_headroom(jnp.float32, 40)
+    assert float(jnp.max(gaps[:12])) < headroom < float(jnp.max(gaps[12:]))
+    assert_loss_and_gradients_match(
+        (hidden, kernel, targets, weights), 6, rtol=2e-5, atol=1e-6, statistics="fused_matmul"
+    )
 
 
 def test_ties_predict_the_first_maximal_index():
@@ -195,8 +227,13 @@ def test_bad_inputs_raise():
         lm_head_cross_entropy(hidden, kernel, targets, chunk_size=0)
     with pytest.raises(ValueError, match=r"groups: expected an int in \[1, N=6\]"):
         lm_head_cross_entropy(hidden, kernel, targets, groups=7)
-    with pytest.raises(ValueError, match="statistics: expected 'two_pass' on cpu"):
-        lm_head_cross_entropy(hidden, kernel, targets, statistics="pallas_gpu")  # the kernel needs a GPU
+    for statistics in ("pallas_gpu", "fused_matmul"):  # the kernels need a GPU
+        with pytest.raises(ValueError, match=f"statistics: expected 'two_pass' on cpu .'{statistics}' runs on"):
+            lm_head_cross_entropy(hidden, kernel, targets, statistics=statistics)
+    with pytest.raises(ValueError, match="compute_dtype: expected one of .* with statistics='fused_matmul'"):
+        lm_head_cross_entropy(
+            hidden, kernel, targets, compute_dtype=jnp.float16, statistics="fused_matmul", interpret=True
+        )
 
 
 @pytest.mark.parametrize("groups, expected", [(1, "pallas_gpu"), (2, "two_pass")])
@@ -296,11 +333,18 @@ def test_bench_times_both_versions_at_a_tiny_shape():
         assert result[key] < 1e-5, key
 
 
-def test_bench_times_the_fused_statistics_in_interpret_mode():
-    result = bench_lm_head_loss(2, 16, 8, 64, "float32", 1, 1, chunk_size=8, statistics="pallas_gpu", interpret=True)
-    assert result["statistics"] == "pallas_gpu" and result["fwd_bwd_ms"] > 0
+@pytest.mark.parametrize("statistics", ["pallas_gpu", "fused_matmul"])
+def test_bench_times_the_fused_statistics_in_interpret_mode(statistics):
+    result = bench_lm_head_loss(2, 16, 8, 64, "float32", 1, 1, chunk_size=8, statistics=statistics, interpret=True)
+    assert result["statistics"] == statistics and result["fwd_bwd_ms"] > 0
     for key in ("loss_rel_diff", "d_hidden_rel_diff", "d_kernel_rel_diff"):
         assert result[key] < 1e-5, key
+    if statistics == "fused_matmul":
+        rows = bench_logits_tiles(20, 16, 100, "float32", 1, 1, [LogitsTilesConfig.parse("16x32x16x4x2")], True)
+        assert [row["variant"] for row in rows] == ["xla_gemm", "fused_matmul"], rows
+        assert rows[1]["config"] == "16x32x16x4x2" and rows[1]["lse_max_diff"] < 1e-5, rows
+        assert rows[1]["with_exp_ms"] > 0 and rows[1]["stats_ms"] > 0 and rows[0]["tflops"] > 0, rows
+        return
     config = parse_kernel_config("4x128x4x1")
     assert (config.block_rows, config.block_v, config.num_warps, config.num_stages) == (4, 128, 4, 1)
     rows = bench_chunk_terms(10, 300, "float32", 1, 1, [config], interpret=True)
@@ -311,11 +355,13 @@ def test_bench_times_the_fused_statistics_in_interpret_mode():
 
 
 @pytest.mark.gpu
-def test_gpu_target_shape_with_the_fused_statistics_matches_the_plain_head():
-    """As below with statistics="pallas_gpu": the same memory bound and agreement with the plain head."""
+@pytest.mark.parametrize("statistics", ["pallas_gpu", "fused_matmul"])
+def test_gpu_target_shape_with_the_fused_kernels_matches_the_plain_head(statistics):
+    """As below with the fused statistics kernel or the fused logits GEMM: the same memory bound and agreement
+    with the plain head."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    result = bench_lm_head_loss(8, 4096, 1024, 100352, "bfloat16", 2, 2, statistics="pallas_gpu")
+    result = bench_lm_head_loss(8, 4096, 1024, 100352, "bfloat16", 2, 2, statistics=statistics)
     assert result["fwd_bwd_temp_gib"] <= 3.0, result
     assert result["loss_rel_diff"] < 1e-3, result
     assert result["d_hidden_rel_diff"] < 2e-2 and result["d_kernel_rel_diff"] < 2e-2, result
