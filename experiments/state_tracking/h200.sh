@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Issue 14's H200 measurements as four device calls of <= 9 minutes each:
+# Issue 14's H200 measurements as five device calls of <= 9 minutes each:
 #   call 1: the S3 figure: 7 mixers x 3 seeds, the compare command's GPU recipe (train at 128, evaluate to 512);
 #   call 2: A5 for every mixer (1 seed, the same recipe), the state-tracking-a5-large preset, and the recurrence
 #           alone (experiments/state_tracking/probe.py, M2RNN and RNN): the open question of SEARCH.md;
 #   call 3: state-tracking-s3-small (the >= 99.5% at 4x check, float32) and the same preset in bfloat16 (the fused
 #           kernels): is bfloat16 what held it at 99.44% in session 5?
-#   call 4: state-tracking-a5-large and state-tracking-s5-large (seed 0 each, at once) with the learned query:
-#           trained 4 -> 64, evaluated at 64/256/1024: >= 99% at 256 (4x)? (SEARCH.md rows 23 and 25)
+#   call 4: state-tracking-a5-large (seed 0, the learned query) alone for the whole budget: trained 4 -> 64,
+#           evaluated at 64/256/1024: >= 99% at 256 (4x)? (SEARCH.md rows 23 and 25);
+#   call 5: state-tracking-s5-large the same (reaches 64 only when run again on the warm machine: it resumes)
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
 #          OUT=/tmp/st4 bash experiments/state_tracking/h200.sh 4
+#          OUT=/tmp/st5 bash experiments/state_tracking/h200.sh 5
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
 #          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
 #          OUT=/tmp/st_times bash experiments/state_tracking/h200.sh times   (each model's train step alone, <= 3 min:
@@ -75,7 +77,7 @@
 # call 1 (2 processes, 8 cores each): the two compare jobs above (s3_1, s3_2), 9 and 12 runs.
 # call 2 (2 processes; jobs 3-4 start when a slot frees):
 #   a5            A5, all 7 mixers, seed 0 (~190 s of GPU estimated; time-sliced with the other slot): deadline STOP
-#   a5_large      state-tracking-a5-large, seed 0 (24000 steps, cut; resumes when run again): SIGTERM at 220 s,
+#   a5_large      state-tracking-a5-large, seed 0 (16000 steps, cut; resumes when run again): SIGTERM at 220 s,
 #                 then its evaluation at 64/256/1024 (killed 75 s later)
 #   probe_m2rnn   probe.py, the M2RNN op alone, 8 heads K=4 x V=64 (SEARCH.md #13), scan, A5 at lengths 4 -> 8 -> 16
 #                 (a third of the time each), batch 512, constant lr 1e-3: from a5_large's end (~250 s) to 350 s,
@@ -84,21 +86,22 @@
 #   With JOBS=2 the probes get ~100 and ~75 s (at length 4 a step should take ~1 ms, not measured: 2000 steps of 512
 #   sequences, the ~1M sequences after which they learned A5 at length 4 on the CPU, take seconds); JOBS=4 starts
 #   all four at once (probes train to 350 / 440 s) at the price of the compare runs' GPU share (a quarter, not half).
-#   (state-tracking-s5-large: call 4, beside a5-large with the whole budget)
+#   (state-tracking-s5-large: call 5)
 # call 3 (2 processes):
 #   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
 #                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
 #   s3_small_bf16 the same preset in bfloat16 (fused kernels, ~3 ms steps at the tiny shape): SIGTERM at 420 s
-# call 4 (2 processes, the whole budget): why: with the learned query the presets' decoder left A5's plateau and
-#   was exact at its training length (99.88% at 16) but not at 2x or 4x (SEARCH.md row 23, CPU); the -large presets
-#   (now with the learned query) train on to 64, so 256 is their 4x. The two processes share the GPU by time
-#   slices (no MPS), but each one's compiles (4 training lengths, 3 evaluation lengths) run on its own cores while
-#   the other trains.
-#   a5_large      state-tracking-a5-large, seed 0 (24000 steps, 4 -> 8 -> 16 -> 64): SIGTERM at 420 s, then its
-#                 evaluation at 64/256/1024 (killed 75 s later)
-#   s5_large      state-tracking-s5-large, seed 0 (V=640), the same
-#   Not measured: the steps these reach in 420 s (session 6 ran ~7000 of the large presets' steps per process with 16
-#   processes sharing the GPU); a run cut earlier is evaluated at the step it reached, its table says which.
+# calls 4 and 5 (one process, all the cores, the whole budget; each preset alone):
+#   a5_large (call 4) / s5_large (call 5)   state-tracking-{a5,s5}-large, seed 0 (16000 steps, 4 -> 8 -> 16 -> 64,
+#                 the learned query): SIGTERM at 420 s, then its evaluation at 64/256/1024 (killed 75 s later)
+#   Why: with the learned query the presets' decoder left A5's plateau and was exact at its training length (99.88%
+#   at 16) but not at 2x or 4x (SEARCH.md row 23, CPU); the -large presets (now with that query) train on to 64, so
+#   256 is their 4x. Why alone: at V = 320 / 640 the step is compute-bound in the V x V state weight, ~linear in the
+#   length (measured on the H200 with both at once: A5 58 / 16 / 4.1 steps/s at 4 / 16 / 64, S5 ~35 / 5.5 at 4 / 16,
+#   experiments/results/h200_2026-12-04_session13/st_large_rates): together A5 would reach 64 at ~320 s (~400 steps
+#   there) and S5 would not leave length 8. Alone (about twice those rates, estimated) A5 reaches 64 after ~3 minutes
+#   and trains there to 420 s (~2000 steps); S5 (4x A5's cost per position) reaches 64 near the end: call 5 run twice
+#   more on the warm machine resumes it from RUNS (a checkpoint every 2000 steps and at the SIGTERM).
 #
 # Tests: experiments/state_tracking/test_h200.py (syntax, usage, the --plan of every call and JOBS),
 # test_step_times.py (the times call, COSTS=). Docs: docs/state_tracking.md, "The H200 script".
@@ -107,10 +110,10 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CALL=${1:-}
 MODE=${2:-}
-if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 && "$CALL" != 4 && "$CALL" != times ]] \
+if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 && "$CALL" != 4 && "$CALL" != 5 && "$CALL" != times ]] \
   || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
-  echo "usage: OUT=DIR bash $0 {1|2|3|4|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
-    "call 3 = state-tracking-s3-small (float32, bfloat16), call 4 = state-tracking-{a5,s5}-large," \
+  echo "usage: OUT=DIR bash $0 {1|2|3|4|5|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
+    "call 3 = state-tracking-s3-small (float32, bfloat16), call 4 / 5 = state-tracking-a5-large / s5-large," \
     "times = each model's train step alone (step_times)" >&2
   exit 2
 fi
@@ -184,13 +187,13 @@ else
   PROBE_M2RNN_END=$(( BUDGET - 190 ))   # 350: end of its training
   PROBE_RNN_END=$(( BUDGET - 100 ))     # 440
   SMALL_END=$(( BUDGET - 120 ))         # 420: SIGTERM for both s3-small runs
-  LARGE_END=$(( BUDGET - 120 ))         # 420: SIGTERM for both -large runs of call 4
+  LARGE_END=$(( BUDGET - 120 ))         # 420: SIGTERM for the -large run of call 4 or 5
   PRESET_GRACE=75
   PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024)
   PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
 fi
 PROBE_EVAL=15   # seconds of a probe's evaluation (to 64): its kill comes 45 s after that
-[[ $CALL == times ]] && JOBS=1   # one process: every step timed alone on the GPU, with all the cores
+[[ $CALL == times || $CALL == 4 || $CALL == 5 ]] && JOBS=1   # one process alone on the GPU, with all the cores
 OUT=${OUT:-/tmp/st$CALL}
 START=$SECONDS
 CORES=$(nproc)
@@ -301,10 +304,8 @@ case $CALL in
     preset_job s3_small "$SMALL_END" s3 small 0
     preset_job s3_small_bf16 "$SMALL_END" s3 small 0 --set model.dtype=bfloat16
     ;;
-  4)
-    preset_job a5_large "$LARGE_END" a5 large 0
-    preset_job s5_large "$LARGE_END" s5 large 0
-    ;;
+  4) preset_job a5_large "$LARGE_END" a5 large 0 ;;
+  5) preset_job s5_large "$LARGE_END" s5 large 0 ;;
   times)
     job times "$TIMES_END" 0 15 python3 -m experiments.state_tracking.step_times "${TIMES[@]}" \
       --json "$OUT/step_times.json"
@@ -319,7 +320,7 @@ if [[ $CALL == times ]]; then  # four files in $OUT: environment.txt, status.txt
   exit 0
 fi
 
-if [[ $CALL == 1 || $CALL == 2 ]]; then  # calls 3 and 4 run presets only: no comparison to report
+if [[ $CALL == 1 || $CALL == 2 ]]; then  # calls 3-5 run presets only: no comparison to report
   GROUP=$([[ $CALL == 1 ]] && echo s3 || echo a5)
   REPORT_SEEDS=$([[ $CALL == 1 ]] && echo "$SEEDS" || echo 0)
   $ST compare "${COMPARE[@]}" --groups $GROUP --seeds $REPORT_SEEDS --out "$RUNS/$GROUP" --report-only \

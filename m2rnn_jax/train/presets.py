@@ -204,9 +204,12 @@ def _state_tracking_large(group: str) -> TrainConfig:
       changed it left it after ~1.6M sequences of length 4 and was exact at its training length (row 23);
     * the rate stays at 1e-3: with a cosine-decayed rate the op alone stayed on the plateau (rows 11, 13);
     * the stages, in row 23's sequences (batch 128 there, 256 here): length 4 until 2.56M sequences (10000 steps;
-      row 23 was at 99.2% at 1.98M and 99.8% at 2.56M, when it moved on), 8 for 1M (row 23 was exact after ~0.33M),
-      16 for 0.5M (row 23: 99.9% after 0.26M), then 64 for 2M: the 4x evaluation (256) is decided there, and each
-      longer stage extended the exact range (rows 13-14), so it gets the most steps.
+      row 23 was at 99.2% at 1.98M and 99.8% at 2.56M, when it moved on), 8 for 0.77M (3000 steps; row 23 was exact
+      after ~0.33M), 16 for 0.26M (1000 steps; row 23: 99.88% after 0.26M), then 64 for 0.5M (2000 steps; 256 is its
+      4x). The short stages at 8 and 16 leave time for 64: a step costs ~1.9 ms per position for A5 with the GPU
+      to itself (3.8 ms measured on an H200 with S5 training beside it, ~4x that for S5: V^2), so A5 alone
+      should reach 64 after ~3 minutes of a 7-minute H200 call (experiments/results/h200_2026-12-04_session13/
+      st_large_rates).
     """
     model = state_tracking_model(
         group,
@@ -224,13 +227,13 @@ def _state_tracking_large(group: str) -> TrainConfig:
             kind="state_tracking",
             group=group,
             seq_len=64,
-            curriculum=((0, 4), (10000, 8), (14000, 16), (16000, 64)),
+            curriculum=((0, 4), (10000, 8), (13000, 16), (14000, 64)),
             eval_lengths=(64, 256, 1024),
             eval_batch_size=128,
             eval_batches=4,
         ),
         checkpoint=CheckpointConfig(every_steps=2000, keep=1),
-        steps=24000,
+        steps=16000,
         batch_size=256,
         log_every=200,
     )

@@ -36,7 +36,7 @@ def test_large_state_tracking_presets_read_the_state_with_a_learned_query(group)
     # SEARCH.md row 23: with the token's query the decoder stays on A5's lookup plateau, with a learned one it leaves
     config = train_config(f"state-tracking-{group}-large")
     assert config.model.m2rnn.query == "learned" and config.model.m2rnn.backend == "scan"
-    assert config.data.curriculum == ((0, 4), (10000, 8), (14000, 16), (16000, 64)) and config.steps == 24000
+    assert config.data.curriculum == ((0, 4), (10000, 8), (13000, 16), (14000, 64)) and config.steps == 16000
     assert config.data.eval_lengths == (64, 256, 1024)  # 256: 4x the last training length
 
 
