@@ -343,7 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--fused-tiles",
-        type=LogitsTilesConfig.parse,
         help="launch parameters ROWSxCOLSxDEPTHxWARPSxSTAGES of the fused_matmul kernel (default: its default)",
     )
     parser.add_argument("--interpret", action="store_true", help="run the Pallas kernel in interpret mode (CPU)")
@@ -382,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         chunk_size=chunk_size,
                         statistics=statistics,
                         interpret=args.interpret,
-                        tiles_config=args.fused_tiles,
+                        tiles_config=LogitsTilesConfig.parse(args.fused_tiles) if args.fused_tiles else None,
                     )
                 )
         print(f"LM head + loss on {device}: N={args.batch}x{args.seq_len} h={args.hidden} V={args.vocab} {args.dtype}")

@@ -31,9 +31,9 @@ with ``interpret=True``) that keeps running statistics over vocabulary blocks, t
 with the gradient, one without). "fused_matmul": no float32 logits at all; the logits GEMM is a Pallas kernel
 (:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes, for the
 gradient, E = exp(logits - target logit) in the compute dtype; the two gradient GEMMs read E with a row scale
-(:func:`_fused_matmul_step`). A chunk whose E could overflow (a row's maximum more than :func:`exp_headroom`, ~69,
-above its target logit) recomputes its logits and takes the two-pass gradient. All give the same values up to float
-rounding.
+(:func:`_fused_matmul_step`). When E could overflow in any chunk (a row's maximum more than :func:`exp_headroom`,
+~69, above its target logit), the call computes its gradients again with "two_pass". All give the same values up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -329,13 +329,15 @@ def _chunk_step(
     weights_c: jax.Array,
     *,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One chunk: (nll (G, C), argmax == target (G, C), and with the gradient of ``sum w * nll`` (d hidden
-    (G, C, h), d kernel (G, h, V)) in the accumulation dtype, else None)."""
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array]:
+    """One chunk: (nll (G, C), argmax == target (G, C), with the gradient of ``sum w * nll`` (d hidden (G, C, h),
+    d kernel (G, h, V)) in the accumulation dtype, else None, and () bool: whether that gradient is valid; False
+    only for a "fused_matmul" chunk whose exp(logits - target logit) may overflow (:func:`exp_headroom`))."""
     if layout.statistics == "fused_matmul":
         return _fused_matmul_step(layout, kernel_c, hidden_c, targets_c, weights_c, with_gradient)
     nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, with_gradient)
-    return nll, hits, None if d_logits is None else _logits_gradients(d_logits, hidden_c, kernel_c)
+    gradients = None if d_logits is None else _logits_gradients(d_logits, hidden_c, kernel_c)
+    return nll, hits, gradients, jnp.bool_(True)
 
 
 def _logits_gradients(d_logits: jax.Array, hidden_c: jax.Array, kernel_c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -361,15 +363,15 @@ def _fused_matmul_step(
     targets_c: jax.Array,
     weights_c: jax.Array,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array]:
     """:func:`_chunk_step` with the logits GEMM fused with the statistics
     (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no float32 logits in memory.
 
-    With the target logit c as reference, the kernel writes E = exp(logits - c) in the compute dtype; with
-    S = exp(logsumexp - c) and a = w / S, ``d logits = a E - w onehot(t) = a (E with S subtracted at t)``, so the
-    gradient GEMMs read E once the target column holds 1 - S (E_t = exp(0)), and the row scale a is applied to
-    their (C, h) operand or result. A chunk whose rows' maximum exceeds c by more than :func:`exp_headroom` (a
-    model assigning its target a probability below e^-69) recomputes its logits and takes the two-pass gradient.
+    With the target logit c as reference the kernel writes E = exp(logits - c) in the compute dtype. With
+    a = w exp(c - logsumexp) (= w / sum E), ``d logits = a E - w onehot(t)``, so
+    ``d hidden = a (E @ kernel.T) - w kernel[:, t].T`` and ``d kernel = (a hidden).T @ E`` minus ``w hidden`` added
+    into column t: the gradient GEMMs read E as it is, the one-hot part is a gather and a scatter of (C, h).
+    The gradient is valid (the last output) when no row's maximum exceeds c by more than :func:`exp_headroom`.
     """
     from pallas_kernels.gpu.logits_softmax_tiles import combine_tiles, logits_softmax_tiles  # Pallas-Triton
 
@@ -377,12 +379,9 @@ def _fused_matmul_step(
     hidden_flat, targets_flat, weights_flat = hidden_c.reshape(-1, width), targets_c.reshape(-1), weights_c.reshape(-1)
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     precision = jax.lax.Precision.HIGHEST if layout.compute_dtype == jnp.float32 else None
-    target_logits = jnp.einsum(  # (R,) the logit of each row's target: h_r . kernel[:, t_r]
-        "rh,hr->r",
-        hidden_flat,
-        jnp.take(kernel_c, targets_flat, axis=1),
-        precision=precision,
-        preferred_element_type=accumulation,
+    target_columns = jnp.take(kernel_c, targets_flat, axis=1)  # (h, R): kernel[:, t_r]
+    target_logits = jnp.einsum(  # (R,) h_r . kernel[:, t_r]
+        "rh,hr->r", hidden_flat, target_columns, precision=precision, preferred_element_type=accumulation
     )
     tiles = logits_softmax_tiles(
         hidden_flat,
@@ -396,27 +395,17 @@ def _fused_matmul_step(
     nll = (stats.logsumexp - target_logits).reshape(groups, chunk)
     hits = (stats.argmax == targets_flat).reshape(groups, chunk)
     if not with_gradient:
-        return nll, hits, None
-
-    def from_exp_logits() -> tuple[jax.Array, jax.Array]:
-        scale = weights_flat * jnp.exp(target_logits - stats.logsumexp)  # a = w / S
-        rows = jnp.arange(targets_flat.shape[0])
-        at_target = (1 - jnp.exp(stats.logsumexp - target_logits)).astype(layout.compute_dtype)  # 1 - S
-        exp_logits = tiles.exp_logits.at[rows, targets_flat].set(at_target).reshape(groups, chunk, -1)
-        scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
-        d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
-        return d_hidden, _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
-
-    def from_recomputed_logits() -> tuple[jax.Array, jax.Array]:
-        logits = _chunk_logits(hidden_c, kernel_c)
-        _, _, d_logits = chunk_loss_terms(
-            logits, targets_c, weights_c, statistics="two_pass", d_dtype=layout.compute_dtype, with_gradient=True
-        )
-        return _logits_gradients(d_logits, hidden_c, kernel_c)
-
-    headroom = exp_headroom(layout.compute_dtype, kernel_c.shape[1])
-    fits = jnp.all(stats.max - target_logits <= headroom)
-    return nll, hits, jax.lax.cond(fits, from_exp_logits, from_recomputed_logits)
+        return nll, hits, None, jnp.bool_(True)
+    scale = weights_flat * jnp.exp(target_logits - stats.logsumexp)  # (R,) a
+    exp_logits = tiles.exp_logits.reshape(groups, chunk, -1)
+    d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
+    d_hidden = d_hidden - (weights_flat[:, None] * target_columns.T.astype(accumulation)).reshape(d_hidden.shape)
+    scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
+    d_kernel = _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
+    group_ids = jnp.repeat(jnp.arange(groups), chunk)
+    d_kernel = d_kernel.at[group_ids, :, targets_flat].add(-(weights_flat[:, None] * hidden_flat.astype(accumulation)))
+    fits = jnp.all(stats.max - target_logits <= exp_headroom(layout.compute_dtype, kernel_c.shape[1]))
+    return nll, hits, (d_hidden, d_kernel), fits
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
@@ -434,25 +423,41 @@ def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLo
     kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
 
     def step(_, xs):
-        nll, hits, _ = _chunk_step(layout, kernel_c, *xs, with_gradient=False)
+        nll, hits, _, _ = _chunk_step(layout, kernel_c, *xs, with_gradient=False)
         return None, (nll, hits)
 
     _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks, weight_chunks))
     return _outputs(nll, hits, weight_chunks, hidden.shape[0])
 
 
-def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
-    """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals)."""
-    kernel_c, (hidden_chunks, target_chunks, weight_chunks) = _chunk_inputs(layout, hidden, kernel, targets, weights)
+def _scan_with_gradients(
+    layout: _Layout, kernel_c: jax.Array, chunks: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The chunk loop with gradients: (nll, hits (num_chunks, G, C), d hidden (num_chunks, G, C, h), d kernel
+    (h, V) summed over chunks and groups, () bool: every chunk's gradient valid)."""
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
 
     def step(d_kernel, xs):
-        nll, hits, (d_hidden_c, d_kernel_c) = _chunk_step(layout, kernel_c, *xs, with_gradient=True)
-        return d_kernel + d_kernel_c, (nll, hits, d_hidden_c)
+        nll, hits, (d_hidden_c, d_kernel_c), valid = _chunk_step(layout, kernel_c, *xs, with_gradient=True)
+        return d_kernel + d_kernel_c, (nll, hits, d_hidden_c, valid)
 
-    zeros = jnp.zeros((layout.groups,) + kernel.shape, dtype=accumulation)
-    d_kernel, (nll, hits, d_hidden) = jax.lax.scan(step, zeros, (hidden_chunks, target_chunks, weight_chunks))
-    d_kernel = jnp.sum(d_kernel, axis=0)
+    zeros = jnp.zeros((layout.groups,) + kernel_c.shape, dtype=accumulation)
+    d_kernel, (nll, hits, d_hidden, valid) = jax.lax.scan(step, zeros, chunks)
+    return nll, hits, d_hidden, jnp.sum(d_kernel, axis=0), jnp.all(valid)
+
+
+def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
+    """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals). With
+    "fused_matmul", when any chunk's gradient is not valid (:func:`_fused_matmul_step`), the gradients are computed
+    again with "two_pass" (one ``lax.cond`` per call, outside the chunk loop)."""
+    kernel_c, chunks = _chunk_inputs(layout, hidden, kernel, targets, weights)
+    nll, hits, d_hidden, d_kernel, valid = _scan_with_gradients(layout, kernel_c, chunks)
+    if layout.statistics == "fused_matmul":
+        two_pass = layout._replace(statistics="two_pass")
+        d_hidden, d_kernel = jax.lax.cond(
+            valid, lambda: (d_hidden, d_kernel), lambda: _scan_with_gradients(two_pass, kernel_c, chunks)[2:4]
+        )
+    weight_chunks = chunks[2]
     num_tokens = hidden.shape[0]
     output = _outputs(nll, hits, weight_chunks, num_tokens)
     residuals = (

@@ -93,8 +93,8 @@ def test_statistics_alone_write_no_exp_logits(x64):
 
 
 def test_default_config_fits_small_dimensions_and_parse_reads_the_five_numbers():
-    assert default_config(2048, 1024, 100352) == LogitsTilesConfig(128, 128, 64, 8, 3)
-    assert default_config(5, 24, 33) == LogitsTilesConfig(16, 64, 32, 8, 3)
+    assert default_config(2048, 1024, 100352) == LogitsTilesConfig(128, 128, 64, 4, 3)
+    assert default_config(5, 24, 33) == LogitsTilesConfig(16, 64, 32, 4, 3)
     assert LogitsTilesConfig.parse("64x256x32x4x4") == LogitsTilesConfig(64, 256, 32, 4, 4)
     with pytest.raises(ValueError, match="config: expected ROWSxCOLSxDEPTHxWARPSxSTAGES"):
         LogitsTilesConfig.parse("64x256")

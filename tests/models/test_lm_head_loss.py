@@ -86,7 +86,7 @@ def test_fused_matmul_float64_loss_and_gradients_equal_full_logits(x64, chunk_si
 
 def test_fused_matmul_falls_back_where_exp_logits_would_overflow():
     """float32 rows whose maximum lies > exp_headroom (~74 at V = 40) above the target logit: exp(logits - target)
-    overflows, so those chunks take the recomputed two-pass gradient; the others keep the fused one."""
+    overflows there, so the call computes its gradients again with "two_pass" (one cond outside the chunk loop)."""
     hidden, kernel, targets, weights = head_inputs(5, 24, 16, 40, jnp.float32)
     hidden = hidden.at[12:].multiply(40.0)  # chunks 2 and 3 of 4 (chunk size 6): logit gaps far above the headroom
     gaps = jnp.max(hidden @ kernel, axis=-1) - jnp.take_along_axis(hidden @ kernel, targets[:, None], -1)[:, 0]
