@@ -24,7 +24,7 @@ for part in "$@"; do
     mlp) run mlp 90 env PYTHONPATH=. python3 experiments/bench/mlp_check.py --batch "$B" --seq-len "$S" ;;
     inversetests) run inversetests 120 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
                     tests/kernels/test_unit_lower_inverse.py tests/kernels/test_gdn_gpu.py ;;
-    loss) run loss 150 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 --statistics two_pass pallas_gpu \
+    loss) run loss 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass pallas_gpu \
             fused_matmul --json "$OUT/loss.json" ;;
     tiles) # one chunk's logits GEMM: XLA's (float32 logits) and the fused_matmul kernel's launch configurations
            run tiles 150 python3 -m m2rnn_jax.bench.loss --kernel-rows 2048 --json "$OUT/tiles.json" --tile-configs \
