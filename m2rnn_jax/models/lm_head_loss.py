@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -329,15 +330,19 @@ def _chunk_step(
     weights_c: jax.Array,
     *,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array]:
-    """One chunk: (nll (G, C), argmax == target (G, C), with the gradient of ``sum w * nll`` (d hidden (G, C, h),
-    d kernel (G, h, V)) in the accumulation dtype, else None, and () bool: whether that gradient is valid; False
-    only for a "fused_matmul" chunk whose exp(logits - target logit) may overflow (:func:`exp_headroom`))."""
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None, jax.Array]:
+    """One chunk: (nll (G, C), argmax == target (G, C), with the gradient of ``sum w * nll`` (d hidden (G, C, h) in
+    the accumulation dtype, and a function adding the chunk's d kernel to the running (G, h, V) sum: written as
+    ``sum + GEMM`` so that XLA can accumulate in the GEMM's output), else None, and () bool: whether that gradient
+    is valid; False only for a "fused_matmul" chunk whose exp(logits - target logit) may overflow
+    (:func:`exp_headroom`))."""
     if layout.statistics == "fused_matmul":
         return _fused_matmul_step(layout, kernel_c, hidden_c, targets_c, weights_c, with_gradient)
     nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, with_gradient)
-    gradients = None if d_logits is None else _logits_gradients(d_logits, hidden_c, kernel_c)
-    return nll, hits, gradients, jnp.bool_(True)
+    if d_logits is None:
+        return nll, hits, None, jnp.bool_(True)
+    d_hidden, d_kernel_c = _logits_gradients(d_logits, hidden_c, kernel_c)
+    return nll, hits, (d_hidden, lambda d_kernel: d_kernel + d_kernel_c), jnp.bool_(True)
 
 
 def _logits_gradients(d_logits: jax.Array, hidden_c: jax.Array, kernel_c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -363,7 +368,7 @@ def _fused_matmul_step(
     targets_c: jax.Array,
     weights_c: jax.Array,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array]:
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None, jax.Array]:
     """:func:`_chunk_step` with the logits GEMM fused with the statistics
     (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no float32 logits in memory.
 
@@ -401,11 +406,15 @@ def _fused_matmul_step(
     d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
     d_hidden = d_hidden - (weights_flat[:, None] * target_columns.T.astype(accumulation)).reshape(d_hidden.shape)
     scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
-    d_kernel = _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
     group_ids = jnp.repeat(jnp.arange(groups), chunk)
-    d_kernel = d_kernel.at[group_ids, :, targets_flat].add(-(weights_flat[:, None] * hidden_flat.astype(accumulation)))
+    one_hot_part = -(weights_flat[:, None] * hidden_flat.astype(accumulation))  # (R, h) into columns t_r
+
+    def accumulate(d_kernel: jax.Array) -> jax.Array:
+        d_kernel = d_kernel.at[group_ids, :, targets_flat].add(one_hot_part)  # in place on the running sum
+        return d_kernel + _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
+
     fits = jnp.all(stats.max - target_logits <= exp_headroom(layout.compute_dtype, kernel_c.shape[1]))
-    return nll, hits, (d_hidden, d_kernel), fits
+    return nll, hits, (d_hidden, accumulate), fits
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
@@ -438,8 +447,8 @@ def _scan_with_gradients(
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
 
     def step(d_kernel, xs):
-        nll, hits, (d_hidden_c, d_kernel_c), valid = _chunk_step(layout, kernel_c, *xs, with_gradient=True)
-        return d_kernel + d_kernel_c, (nll, hits, d_hidden_c, valid)
+        nll, hits, (d_hidden_c, accumulate), valid = _chunk_step(layout, kernel_c, *xs, with_gradient=True)
+        return accumulate(d_kernel), (nll, hits, d_hidden_c, valid)
 
     zeros = jnp.zeros((layout.groups,) + kernel_c.shape, dtype=accumulation)
     d_kernel, (nll, hits, d_hidden, valid) = jax.lax.scan(step, zeros, chunks)
