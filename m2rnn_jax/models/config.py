@@ -97,8 +97,11 @@ class ModelConfig:
             the kernels run on NVIDIA GPUs, on one device or one token group (the jnp path otherwise: a kernel is
             an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
         scan_layers: run each run of consecutive blocks with the same mixer letter as one ``jax.lax.scan`` over
-            their stacked parameters (compiled once per run instead of once per block; the parameter tree is
-            unchanged; :mod:`m2rnn_jax.models.layer_scan`). False: every block unrolled.
+            their stacked parameters (compiled once per run instead of once per block), and each *period*, a
+            sequence of runs repeated back to back (the 7B hybrid's ``AGGGGGGG`` x 4), as one scan over its
+            repetitions whose body applies the period's runs in order (compiled once for all repetitions); the
+            segments are :func:`~m2rnn_jax.models.layer_scan.layer_plan`'s. The parameter tree is unchanged
+            (:mod:`m2rnn_jax.models.layer_scan`). False: every block unrolled.
     """
 
     vocab_size: int

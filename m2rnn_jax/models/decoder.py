@@ -31,7 +31,7 @@ from flax import nnx
 from m2rnn_jax.layers.mlp import MLP, MoE, MoEConfig
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.models.config import ModelConfig
-from m2rnn_jax.models.layer_scan import layer_runs, run_blocks_scanned
+from m2rnn_jax.models.layer_scan import Segment, layer_plan, run_segment
 from m2rnn_jax.models.mixers import MIXERS, mixer_spec
 
 # Layer-pattern letter -> sequence-mixer class (a view of the registry in models/mixers.py).
@@ -195,23 +195,22 @@ class Decoder(nnx.Module):
         self, x: jax.Array, cache: Cache, segment_ids: jax.Array | None
     ) -> tuple[jax.Array, list[Any], jax.Array]:
         """x (B, S, h) through every block -> (x, new per-block states, summed aux loss); with ``scan_layers``
-        each run of equal mixer letters longer than one block is one ``lax.scan``, else one call per block."""
+        the segments of :func:`~m2rnn_jax.models.layer_scan.layer_plan` (each run of equal mixer letters longer
+        than one block, or each period of runs repeated back to back) are one ``lax.scan`` each, else one call per
+        block."""
         run_block = _block_runner(self.config.remat)
         aux_loss = jnp.zeros((), dtype=jnp.promote_types(jnp.float32, self.config.compute_dtype))
         if self.config.scan_layers:
-            runs = layer_runs(self.config.layer_pattern)
+            plan = layer_plan(self.config.layer_pattern)
         else:
-            runs = [(i, i + 1) for i in range(len(self.blocks))]
+            plan = [Segment(i, (1,)) for i in range(len(self.blocks))]
         new_cache: list[Any] = []
-        for start, stop in runs:
-            if stop - start > 1:
-                blocks = [self.blocks[i] for i in range(start, stop)]
-                x, new_states, run_aux_loss = run_blocks_scanned(blocks, x, cache[start:stop], segment_ids, run_block)
-            else:
-                x, new_state, run_aux_loss = run_block(self.blocks[start], x, cache[start], segment_ids)
-                new_states = [new_state]
+        for segment in plan:
+            blocks = [self.blocks[i] for i in range(segment.start, segment.stop)]
+            states = cache[segment.start : segment.stop]
+            x, new_states, segment_aux_loss = run_segment(blocks, segment, x, states, segment_ids, run_block)
             new_cache.extend(new_states)
-            aux_loss = aux_loss + run_aux_loss
+            aux_loss = aux_loss + segment_aux_loss
         return x, new_cache, aux_loss
 
     def __call__(

@@ -1,8 +1,11 @@
-"""``ModelConfig.scan_layers``: runs of equal mixer letters as one ``lax.scan`` give the unrolled decoder's results.
+"""``ModelConfig.scan_layers``: runs of equal mixer letters, and periods of runs repeated back to back, as
+``lax.scan`` loops give the unrolled decoder's results.
 
-Float64 equality (values, aux loss, per-block states and every parameter gradient) for every mixer kind, every
-remat choice, MoE blocks, document masking and decoding with a cache; the traced program of a long run is a fraction
-of the unrolled one's (the point of the option); the parameter tree is unchanged. The 8-device check
+The plan of segments of the paper's patterns and of small ones, exactly. Float64 equality (values, aux loss,
+per-block states and every parameter gradient) for every mixer kind, every remat choice, MoE blocks, document
+masking and decoding with a cache, on patterns of runs and of periods; the traced program of a long run is a
+fraction of the unrolled one's (the point of the option) and a repeated period is one loop; the parameter tree is
+unchanged. The 8-device check
 (tests/parallel/eight_device_checks.py, ``scanned_steps``) trains a scanned model on data/fsdp/tensor meshes.
 """
 
@@ -15,8 +18,8 @@ import pytest
 from flax import nnx
 
 from m2rnn_jax.models.decoder import Decoder
-from m2rnn_jax.models.layer_scan import layer_runs
-from m2rnn_jax.models.presets import tiny_config
+from m2rnn_jax.models.layer_scan import Segment, layer_plan, layer_runs
+from m2rnn_jax.models.presets import get_preset, tiny_config
 
 
 def float64_config(pattern: str, **changes):
@@ -49,10 +52,68 @@ def test_layer_runs_split_the_pattern_into_runs_of_equal_letters():
     assert layer_runs("MGSARU") == [(i, i + 1) for i in range(6)]
 
 
-@pytest.mark.parametrize("pattern, remat", [("MMGGGSSAARRUUM", "none"), ("MMGGAM", "full"), ("MMGGAM", "save_dots")])
+@pytest.mark.parametrize(
+    "pattern, plan",
+    [
+        ("M", [Segment(0, (1,))]),
+        ("GGGG", [Segment(0, (4,))]),
+        ("MGSARU", [Segment(i, (1,)) for i in range(6)]),
+        ("GAGAGA", [Segment(0, (1, 1), 3)]),
+        ("AGGAGG", [Segment(0, (1, 2), 2)]),
+        ("GAGAG", [Segment(0, (1, 1), 2), Segment(4, (1,))]),
+        # of periods covering as many layers (GA x 4, GAGA x 2), the one of fewest runs
+        ("GAGAGAGA", [Segment(0, (1, 1), 4)]),
+        # the period covering the most layers wins over a shorter one starting at the same run (GA x 2)
+        ("GAGAMGAGAM", [Segment(0, (1, 1, 1, 1, 1), 2)]),
+        # no period starts at the first run: G, then AGG x 3
+        ("GAGGAGGAGG", [Segment(0, (1,)), Segment(1, (1, 2), 3)]),
+        ("MGGAGGAGGA", [Segment(0, (1,)), Segment(1, (2, 1), 3)]),
+        # a run of 4 is not a repetition of the period's run of 2
+        ("AGGAGGAGGGG", [Segment(0, (1, 2), 2), Segment(6, (1,)), Segment(7, (4,))]),
+    ],
+)
+def test_layer_plan_splits_small_patterns_into_runs_and_periods(pattern, plan):
+    assert layer_plan(pattern) == plan
+    assert [segment.stop for segment in plan] == [segment.start for segment in plan[1:]] + [len(pattern)]
+
+
+def test_layer_plan_of_the_paper_hybrids_repeats_the_attention_period():
+    """400M: M, GGG, AGGGGGGG x 2, A, GGG; 7B: M, GGG, AGGGGGGG x 4, A, GGG (5 segments instead of 8 and 12 runs)."""
+    pattern_400m = get_preset("hybrid-gdn-m2rnn-1l-400m").layer_pattern
+    pattern_7b = get_preset("hybrid-gdn-m2rnn-1l-7b").layer_pattern
+    assert pattern_400m == "MGGGAGGGGGGGAGGGGGGGAGGG"
+    assert pattern_7b == "MGGGA" + "GGGGGGGA" * 4 + "GGG"
+    assert layer_plan(pattern_400m) == [
+        Segment(0, (1,)),
+        Segment(1, (3,)),
+        Segment(4, (1, 7), 2),
+        Segment(20, (1,)),
+        Segment(21, (3,)),
+    ]
+    assert layer_plan(pattern_7b) == [
+        Segment(0, (1,)),
+        Segment(1, (3,)),
+        Segment(4, (1, 7), 4),
+        Segment(36, (1,)),
+        Segment(37, (3,)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "pattern, remat",
+    [
+        ("MMGGGSSAARRUUM", "none"),
+        ("MMGGAM", "full"),
+        ("MMGGAM", "save_dots"),
+        ("MGGAGGAGGA", "none"),  # M, then GGA x 3: an inner scan and a single block in the period's body
+        ("MGGAGGAGGA", "full"),
+    ],
+)
 def test_scanned_decoder_equals_the_unrolled_one_in_every_mixer(x64, pattern, remat):
     """Runs of 2-3 blocks of every mixer kind and single blocks between them (the remat choices on a shorter
-    pattern: rematerialisation wraps a scanned block the same way whatever its mixer): values and every gradient."""
+    pattern: rematerialisation wraps a scanned block the same way whatever its mixer), and a period of runs:
+    values and every gradient (a period applied in another order, or its states or gradients given to other
+    layers, would differ)."""
     config = float64_config(pattern).replace(remat=remat)
     ids = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
     unrolled = loss_and_gradients(config, ids)
@@ -60,8 +121,10 @@ def test_scanned_decoder_equals_the_unrolled_one_in_every_mixer(x64, pattern, re
     assert_trees_close(scanned, unrolled)
 
 
-def test_scanned_moe_blocks_sum_their_aux_losses(x64):
-    config = float64_config("MMM", moe=True)
+@pytest.mark.parametrize("pattern", ["MMM", "GAGAGA"])
+def test_scanned_moe_blocks_sum_their_aux_losses(x64, pattern):
+    """A run of MoE blocks, and a period of single MoE blocks repeated 3 times."""
+    config = float64_config(pattern, moe=True)
     ids = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
     unrolled = loss_and_gradients(config, ids)
     scanned = loss_and_gradients(config.replace(scan_layers=True), ids)
@@ -69,9 +132,11 @@ def test_scanned_moe_blocks_sum_their_aux_losses(x64):
     assert_trees_close(scanned, unrolled)
 
 
-def test_scanned_decoder_masks_documents_and_decodes_with_a_cache(x64):
-    """segment_ids reach every scanned block (attention, M2RNN); a prefill then one-token steps carry the states."""
-    config = float64_config("AAMM")
+@pytest.mark.parametrize("pattern", ["AAMM", "AMMAMM"])
+def test_scanned_decoder_masks_documents_and_decodes_with_a_cache(x64, pattern):
+    """segment_ids reach every scanned block (attention, M2RNN); a prefill then one-token steps carry the states
+    (runs, and the period AMM x 2 whose states are stacked over repetitions and over its run of two)."""
+    config = float64_config(pattern)
     ids = jax.random.randint(jax.random.key(3), (2, 8), 0, config.vocab_size)
     segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 2, 2]], jnp.int32)
     assert_trees_close(
@@ -112,6 +177,22 @@ def test_scanning_keeps_the_parameter_tree_and_shrinks_the_traced_program():
         )
 
     assert equations(scanned) * 3 < equations(unrolled)
+
+
+def test_a_repeated_period_is_one_loop_around_its_runs():
+    """AGG x 4: one scan over the repetitions at the top of the program, whose body holds one scan (the GG run)."""
+    config = tiny_config("AGG" * 4, hidden_size=16).replace(scan_layers=True)
+    graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(ids).logits)(params).jaxpr
+
+    def scans(jaxpr):
+        return [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+
+    (outer,) = scans(jaxpr)
+    assert outer.params["length"] == 4
+    (inner,) = scans(outer.params["jaxpr"].jaxpr)
+    assert inner.params["length"] == 2
 
 
 def test_scan_layers_must_be_a_bool():
