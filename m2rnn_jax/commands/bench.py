@@ -99,8 +99,8 @@ def add_parser(subparsers: Any) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="model mode: run each run of equal mixer letters as one lax.scan (the model config's scan_layers; "
-        "default: the preset's)",
+        help="model mode: run each run of equal mixer letters, and each period of runs repeated back to back, as "
+        "one lax.scan (the model config's scan_layers; default: the preset's)",
     )
     p.add_argument(
         "--step-only",
