@@ -58,6 +58,10 @@ STATISTICS = ("two_pass", "pallas_gpu", "fused_matmul")
 FUSED_MATMUL_DTYPES = ("bfloat16", "float32", "float64")
 
 
+# What one chunk step gives: (nll, hits, (d hidden, add d kernel to a running sum) or None, gradient valid).
+ChunkResult = tuple[jax.Array, jax.Array, tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None, jax.Array]
+
+
 class LMHeadLoss(NamedTuple):
     """What :func:`lm_head_cross_entropy` returns (float32, or float64 when computing in float64).
 
@@ -330,7 +334,7 @@ def _chunk_step(
     weights_c: jax.Array,
     *,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None, jax.Array]:
+) -> ChunkResult:
     """One chunk: (nll (G, C), argmax == target (G, C), with the gradient of ``sum w * nll`` (d hidden (G, C, h) in
     the accumulation dtype, and a function adding the chunk's d kernel to the running (G, h, V) sum: written as
     ``sum + GEMM`` so that XLA can accumulate in the GEMM's output), else None, and () bool: whether that gradient
@@ -368,7 +372,7 @@ def _fused_matmul_step(
     targets_c: jax.Array,
     weights_c: jax.Array,
     with_gradient: bool,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None, jax.Array]:
+) -> ChunkResult:
     """:func:`_chunk_step` with the logits GEMM fused with the statistics
     (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no float32 logits in memory.
 
