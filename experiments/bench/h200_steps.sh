@@ -35,6 +35,9 @@ for part in "$@"; do
 print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['with_exp_ms'])['config'])")}
            run tilesloss 120 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics fused_matmul \
              --fused-tiles "$best" --json "$OUT/tilesloss.json" ;;
+    lossprofile) # where the loss's forward+backward device time goes, per source line, two_pass beside fused_matmul
+           run lossprofile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics two_pass fused_matmul \
+             --profile /tmp/lossprofile --json "$OUT/lossprofile.json" ;;
     tilestests) run tilestests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
                   tests/kernels/test_logits_softmax_tiles.py tests/models/test_lm_head_loss.py tests/kernels/test_gdn_gpu.py ;;
     steps) for preset in hybrid-gdn-m2rnn-1l-400m hybrid-gdn-400m; do for remat in full save_dots none; do

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +51,8 @@ from pallas_kernels.gpu.softmax_xent import SoftmaxXentConfig, softmax_cross_ent
 
 SEED = 0
 INIT_STD = 0.02  # the kernel's init (initializer_range)
+PROFILE_CALLS = 3  # traced forward+backward calls per row with --profile
+PROFILE_ROWS = 25  # rows per table of a profile
 
 
 def head_inputs(num_tokens: int, hidden: int, vocab: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -94,8 +97,9 @@ def chunked_loss(
     return loss
 
 
-def _time(loss: Callable, args: tuple, iters: int, repeats: int) -> tuple[dict[str, Any], Any]:
-    """Forward and forward+backward ms, temporaries and compile seconds of ``loss``; also (loss, grads)."""
+def _time(loss: Callable, args: tuple, iters: int, repeats: int) -> tuple[dict[str, Any], Any, Any]:
+    """Forward and forward+backward ms, temporaries and compile seconds of ``loss``; also (loss, grads) and the
+    compiled forward+backward."""
     forward = compile_timed(jax.jit(loss), *args)
     fwd_bwd = compile_timed(jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), *args)
     row = {
@@ -106,7 +110,7 @@ def _time(loss: Callable, args: tuple, iters: int, repeats: int) -> tuple[dict[s
         "compile_s": forward.compile_s + fwd_bwd.compile_s,
     }
     (value, _), grads = fwd_bwd.executable(*args)
-    return row, (value, grads)
+    return row, (value, grads), fwd_bwd.executable
 
 
 def _relative_difference(actual: jax.Array, expected: jax.Array) -> float:
@@ -117,7 +121,7 @@ def _relative_difference(actual: jax.Array, expected: jax.Array) -> float:
 @functools.lru_cache(maxsize=1)
 def _plain_timed(
     batch: int, seq_len: int, hidden: int, vocab: int, dtype: str, iters: int, repeats: int
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], Any, Any]:
     """:func:`_time` of the plain head at one shape, computed once per process (every row compares with it)."""
     return _time(plain_loss, head_inputs(batch * seq_len, hidden, vocab, dtype), iters, repeats)
 
@@ -136,10 +140,13 @@ def bench_lm_head_loss(
     compare_plain: bool = True,
     interpret: bool = False,
     tiles_config: LogitsTilesConfig | None = None,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
     """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it);
     ``interpret`` runs the kernels in interpret mode (CPU smoke tests); ``tiles_config`` sets the "fused_matmul"
-    kernel's launch parameters.
+    kernel's launch parameters; ``profile_dir``: also trace :data:`PROFILE_CALLS` forward+backward calls there and
+    add their device time per source line / file / kernel as ``profile``
+    (:func:`m2rnn_jax.bench.step_profile.profile_calls`).
 
     Returns:
         ``forward_ms``, ``fwd_bwd_ms``, ``forward_temp_gib``, ``fwd_bwd_temp_gib``, ``compile_s``,
@@ -150,11 +157,18 @@ def bench_lm_head_loss(
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
     num_chunks = default_num_chunks(num_tokens, vocab) if chunk_size is None else -(-num_tokens // chunk_size)
-    result, (value, grads) = _time(chunked_loss(chunk_size, statistics, interpret, tiles_config), args, iters, repeats)
+    loss = chunked_loss(chunk_size, statistics, interpret, tiles_config)
+    result, (value, grads), fwd_bwd = _time(loss, args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)
     result["statistics"] = statistics
+    if profile_dir is not None:
+        from m2rnn_jax.bench.step_profile import profile_calls  # imports bench.model, which imports this module
+
+        name = f"loss_{result['chunk_tokens']}_{statistics}"
+        log_dir = os.path.join(profile_dir, name)
+        result["profile"] = profile_calls(lambda: fwd_bwd(*args), fwd_bwd, name, PROFILE_CALLS, log_dir, PROFILE_ROWS)
     if compare_plain:
-        plain, (plain_value, plain_grads) = _plain_timed(batch, seq_len, hidden, vocab, dtype, iters, repeats)
+        plain, (plain_value, plain_grads), _ = _plain_timed(batch, seq_len, hidden, vocab, dtype, iters, repeats)
         result.update({f"plain_{key}": value_ for key, value_ in plain.items()})
         result["loss_rel_diff"] = _relative_difference(value, plain_value)
         result["d_hidden_rel_diff"] = _relative_difference(grads[0], plain_grads[0])
@@ -345,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fused-tiles",
         help="launch parameters ROWSxCOLSxDEPTHxWARPSxSTAGES of the fused_matmul kernel (default: its default)",
     )
+    parser.add_argument(
+        "--profile",
+        help="also trace the forward+backward of each row into this directory and print where its device time goes",
+    )
     parser.add_argument("--interpret", action="store_true", help="run the Pallas kernel in interpret mode (CPU)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
@@ -382,8 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         statistics=statistics,
                         interpret=args.interpret,
                         tiles_config=LogitsTilesConfig.parse(args.fused_tiles) if args.fused_tiles else None,
+                        profile_dir=args.profile,
                     )
                 )
+                if args.profile:
+                    from m2rnn_jax.bench.step_profile import format_tables
+
+                    print(f"chunk {rows[-1]['chunk_tokens']} {statistics}:\n{format_tables(rows[-1]['profile'])}")
         print(f"LM head + loss on {device}: N={args.batch}x{args.seq_len} h={args.hidden} V={args.vocab} {args.dtype}")
         print(format_table(TABLE_COLUMNS, rows))
     if args.json:

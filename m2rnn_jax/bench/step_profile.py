@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -202,22 +202,16 @@ def load_trace(log_dir: str) -> dict | list:
         return json.load(handle)
 
 
-def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps: int, log_dir: str, top: int) -> dict:
-    """Compiles the trainer's step for ``preset``, traces ``steps`` steps after two warm-up steps and summarizes."""
-    config = resolve_config(preset, remat=remat)
-    step, optimizer = train_step_function(config)
-    tokens = random_batch(config, batch, seq_len)
-    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
-    compiled = compile_timed(step, state, tokens)
-    for _ in range(2):
-        state, _ = compiled.executable(state, tokens)
-    jax.block_until_ready(state)
+def profile_calls(run: Callable[[], Any], executable: Any, name: str, steps: int, log_dir: str, top: int) -> dict:
+    """Traces ``steps`` calls of ``run`` (compiled and warmed up by the caller; each call runs ``executable`` once)
+    and summarizes their device kernels with ``executable``'s optimized HLO; writes ``{name}.hlo.txt.gz`` and
+    ``kernels.json.gz`` beside the trace in ``log_dir``."""
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
-            state, _ = compiled.executable(state, tokens)
-        jax.block_until_ready(state)
-    hlo_text = compiled.executable.as_text()
-    with gzip.open(os.path.join(log_dir, "train_step.hlo.txt.gz"), "wt") as handle:  # for reading a profile later
+            result = run()
+        jax.block_until_ready(result)
+    hlo_text = executable.as_text()
+    with gzip.open(os.path.join(log_dir, f"{name}.hlo.txt.gz"), "wt") as handle:  # for reading a profile later
         handle.write(hlo_text)
     kernels, threads = device_events(load_trace(log_dir))
     with gzip.open(os.path.join(log_dir, "kernels.json.gz"), "wt") as handle:  # the counted events, compactly
@@ -228,7 +222,29 @@ def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps
             ],
             handle,
         )
-    summary = summarize(kernels, instruction_sources(hlo_text), steps, top)
+    return {
+        "device_thread_ms": {thread: round(ms / steps, 3) for thread, ms in threads.items()},
+        **summarize(kernels, instruction_sources(hlo_text), steps, top),
+    }
+
+
+def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps: int, log_dir: str, top: int) -> dict:
+    """Compiles the trainer's step for ``preset``, traces ``steps`` steps after two warm-up steps and summarizes."""
+    config = resolve_config(preset, remat=remat)
+    step, optimizer = train_step_function(config)
+    tokens = random_batch(config, batch, seq_len)
+    state = jax.jit(lambda: init_train_state(config, optimizer, SEED))()
+    compiled = compile_timed(step, state, tokens)
+    for _ in range(2):
+        state, _ = compiled.executable(state, tokens)
+    jax.block_until_ready(state)
+
+    def run() -> Any:
+        nonlocal state
+        state, _ = compiled.executable(state, tokens)
+        return state
+
+    summary = profile_calls(run, compiled.executable, "train_step", steps, log_dir, top)
     return {
         "preset": preset,
         "batch": batch,
@@ -236,17 +252,21 @@ def profile_step(preset: str, batch: int, seq_len: int, remat: str | None, steps
         "remat": config.remat,
         "steps": steps,
         "compile_s": round(compiled.compile_s, 2),
-        "device_thread_ms": {name: round(ms / steps, 3) for name, ms in threads.items()},
         **summary,
     }
 
 
 def format_summary(summary: dict) -> str:
-    """The three tables as plain text."""
-    lines = [
+    """A step profile's header and three tables as plain text."""
+    return (
         f"{summary['preset']} B={summary['batch']} S={summary['seq_len']} remat={summary['remat']}: "
-        f"device time {summary['device_ms_per_step']:.2f} ms per step"
-    ]
+        + format_tables(summary)
+    )
+
+
+def format_tables(summary: dict) -> str:
+    """The device time per call and the three tables (per source file, line, kernel) of :func:`summarize`."""
+    lines = [f"device time {summary['device_ms_per_step']:.2f} ms per step"]
     for key, title in (
         ("by_source_file", "per source file"),
         ("by_source_line", "per source line"),

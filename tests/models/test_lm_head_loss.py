@@ -333,6 +333,16 @@ def test_bench_times_both_versions_at_a_tiny_shape():
         assert result[key] < 1e-5, key
 
 
+def test_bench_profile_puts_the_device_time_on_the_loss_code(tmp_path):
+    result = bench_lm_head_loss(
+        2, 16, 8, 64, "float32", 1, 1, chunk_size=8, compare_plain=False, profile_dir=str(tmp_path)
+    )
+    profile = result["profile"]
+    assert profile["device_ms_per_step"] > 0, profile
+    assert profile["by_source_file"][0]["name"] == "models/lm_head_loss.py", profile["by_source_file"]
+    assert (tmp_path / "loss_8_two_pass" / "loss_8_two_pass.hlo.txt.gz").exists()
+
+
 @pytest.mark.parametrize("statistics", ["pallas_gpu", "fused_matmul"])
 def test_bench_times_the_fused_statistics_in_interpret_mode(statistics):
     result = bench_lm_head_loss(2, 16, 8, 64, "float32", 1, 1, chunk_size=8, statistics=statistics, interpret=True)
