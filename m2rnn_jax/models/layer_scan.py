@@ -10,8 +10,10 @@ sequence of runs repeats back to back (a *period*: the 7B hybrid's ``AGGGGGGG`` 
 scan over its repetitions whose body applies the period's runs in order (an inner scan for a run longer than one
 block, the block itself for a run of one): the body is compiled once for all repetitions. :func:`layer_plan`
 splits a pattern into such segments (runs and periods), :func:`run_segment` applies one. XLA also compiles
-identical kernels once, and each layer of a stack is read through a slice whose offset is baked into its kernels:
-on XLA:CPU a period's larger stacks outweigh the smaller program (docs/models.md, Limits).
+identical kernels once, and each layer of a stack is read back (its gradient, for the optimizer) through a slice
+whose offset is baked into the kernels that read it: so a period's run of several blocks is passed to the loop as
+one (repeats, ...) stack per place in the run, stacked over the run inside the body, not as one (repeats, length,
+...) stack (which made one distinct kernel per layer: twice the compile time on XLA:CPU, docs/models.md, Limits).
 
 The parameter tree is left as it is (one ``DecoderBlock`` per layer, so checkpoints, interop and sharding rules do
 not change); the per-layer parameters are stacked inside the traced function, which costs one copy of the scanned
@@ -185,11 +187,16 @@ def run_period_scanned(
     ]
 
     def group(trees: Sequence[Any]) -> list[Any]:
-        """Per-block trees -> per run, stacked over repetitions (and over the run's blocks for a run of several)."""
-        return [
-            _stack([trees[rep[0]] if len(rep) == 1 else _stack([trees[k] for k in rep]) for rep in run_layers])
-            for run_layers in layers
-        ]
+        """Per-block trees -> per run, stacked over repetitions: one (repeats, ...) tree for a run of one block, a
+        list of one (repeats, ...) tree per place in the run for a run of several (stacked over the run's blocks
+        inside the loop body: a (repeats, length, ...) stack would read each layer back through a slice of its
+        own offset, one distinct kernel per layer, where (repeats, ...) stacks of equal shapes share theirs)."""
+        grouped = []
+        for run_layers in layers:
+            places = list(zip(*run_layers))  # places[j]: block j of the run in every repetition
+            stacks = [_stack([trees[k] for k in place]) for place in places]
+            grouped.append(stacks[0] if len(stacks) == 1 else stacks)
+        return grouped
 
     graphdefs = [nnx.split(blocks[run_layers[0][0]])[0] for run_layers in layers]
 
@@ -200,6 +207,7 @@ def run_period_scanned(
             if length == 1:
                 carry, new_state, aux_loss = run_block(nnx.merge(graphdef, params), carry, state, segment_ids)
             else:
+                params, state = _stack(params), _stack(state)
                 carry, new_state, aux_loss = _scan_stacked(graphdef, params, state, carry, segment_ids, run_block)
             new_states.append(new_state)
             aux_losses.append(aux_loss)

@@ -180,7 +180,8 @@ def test_scanning_keeps_the_parameter_tree_and_shrinks_the_traced_program():
 
 
 def test_a_repeated_period_is_one_loop_around_its_runs():
-    """AGG x 4: one scan over the repetitions at the top of the program, whose body holds one scan (the GG run)."""
+    """AGG x 4: one scan over the repetitions at the top of the program, whose body holds one scan (the GG run)
+    over a stack built inside the body."""
     config = tiny_config("AGG" * 4, hidden_size=16).replace(scan_layers=True)
     graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)
     ids = jnp.zeros((1, 4), jnp.int32)
@@ -193,6 +194,14 @@ def test_a_repeated_period_is_one_loop_around_its_runs():
     assert outer.params["length"] == 4
     (inner,) = scans(outer.params["jaxpr"].jaxpr)
     assert inner.params["length"] == 2
+    # The GG run's parameters enter the outer loop as one (4, ...) stack per place, never as a (4, 2, ...) stack:
+    # every layer of such a stack would be read back through a slice of its own offset (a distinct kernel each).
+    loop_inputs = outer.invars[outer.params["num_consts"] + outer.params["num_carry"] :]
+    shapes = [tuple(var.aval.shape) for var in loop_inputs]
+    run_leaf_shapes = {leaf.shape for leaf in jax.tree.leaves(params["blocks"][1])}  # block 1: a G of the GG run
+    for shape in run_leaf_shapes:
+        assert (4, 2) + shape not in shapes, shape
+        assert shapes.count((4,) + shape) >= 2, shape  # one stack per place of the run (both G blocks)
 
 
 def test_scan_layers_must_be_a_bool():
