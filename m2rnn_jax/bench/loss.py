@@ -156,7 +156,10 @@ def bench_lm_head_loss(
     """
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
-    num_chunks = default_num_chunks(num_tokens, vocab) if chunk_size is None else -(-num_tokens // chunk_size)
+    if chunk_size is None:
+        num_chunks = default_num_chunks(num_tokens, vocab, statistics, dtype)
+    else:
+        num_chunks = -(-num_tokens // chunk_size)
     loss = chunked_loss(chunk_size, statistics, interpret, tiles_config)
     result, (value, grads), fwd_bwd = _time(loss, args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)

@@ -90,10 +90,17 @@ class _Layout(NamedTuple):
     tiles_config: Any  # LogitsTilesConfig or None (pallas_kernels is imported only when a kernel runs)
 
 
-def default_num_chunks(num_tokens: int, vocab_size: int) -> int:
-    """The smallest power of two of chunks such that a chunk's logits hold at most
-    :data:`CHUNK_LOGITS_ELEMENTS` elements (at most ``num_tokens`` chunks)."""
-    needed = max(1, math.ceil(num_tokens * vocab_size / CHUNK_LOGITS_ELEMENTS))
+def default_num_chunks(
+    num_tokens: int, vocab_size: int, statistics: str = "two_pass", compute_dtype: Any = None
+) -> int:
+    """The smallest power of two of chunks such that a chunk's (C, V) intermediate takes at most the bytes of
+    :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): float32 logits, or for
+    "fused_matmul" exp(logits - target logit) in ``compute_dtype`` (bfloat16: twice the tokens per chunk; measured
+    on the H200, 4096-token chunks 39.84 ms against 40.44 at 2048, RESULTS.md session 13)."""
+    elements = CHUNK_LOGITS_ELEMENTS
+    if statistics == "fused_matmul" and compute_dtype is not None:
+        elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(compute_dtype).itemsize
+    needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
 
 
@@ -192,7 +199,7 @@ def _make_layout(
     )
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
-        num_chunks = default_num_chunks(group_tokens, kernel.shape[1])
+        num_chunks = default_num_chunks(group_tokens, kernel.shape[1], statistics, compute)
     else:
         num_chunks = math.ceil(group_tokens / chunk_size)
     return _Layout(

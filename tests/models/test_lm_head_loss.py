@@ -207,6 +207,9 @@ def test_chunked_head_never_holds_all_float32_logits():
 
 def test_default_chunking_bounds_the_chunk_logits():
     assert default_num_chunks(8 * 4096, 100352) == 16  # 2048 tokens per chunk
+    assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.bfloat16) == 8  # E in bf16: 4096 tokens
+    assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.float32) == 16
+    assert default_num_chunks(8 * 4096, 100352, "pallas_gpu", jnp.bfloat16) == 16  # float32 logits
     assert default_num_chunks(100, 50) == 1
     assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
     assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
