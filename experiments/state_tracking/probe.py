@@ -21,6 +21,26 @@ lookup of x_1 from the state and x_2 from the token path, the other shortcut). A
 (warmup, cosine to 10% over ``--steps``, clip 1); ``--seconds`` stops training earlier (with a ``--steps`` far
 beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ...
 of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
+
+Two training-only levers on what the recurrence sees beyond its training length (evaluation is unchanged: the whole
+sequence in one pass from a zero state, no noise):
+
+* ``--state-noise SIGMA``: after every ``--noise-every`` tokens (default 1: every step) the state carried to the
+  next token gets i.i.d. N(0, SIGMA^2) added to each entry (M2RNN: every entry of every head's K x V state; rnn: every
+  unit). The readout at t sees the clean state of step t; the noise enters the state that step t+1 starts from, so
+  the loss at t+1 asks the recurrence to map a perturbed state back to the right one: a pull towards a contracting
+  (error-correcting) update, where an update that is exact only on the states reached within the training length
+  lets a per-step error compound. The M2RNN op runs the sequence in chunks of ``--noise-every`` tokens
+  (``lax.scan`` over chunks, the op's ``h0`` and final state carrying the state between them).
+* ``--segment LEN``: truncated back-propagation. A training sequence longer than LEN (a curriculum stage's length;
+  shorter ones train as before) is run in segments of LEN tokens; the state is carried from one segment to the
+  next through ``jax.lax.stop_gradient`` and the loss is at every position. The recurrence then sees (and is
+  trained on) the states reached at long lengths while every gradient path stays at most LEN steps long. With both
+  levers, LEN must be a multiple of ``--noise-every``.
+
+``--save PATH`` writes the trained parameters and optimizer state (.npz) and ``--init PATH`` starts from them (the
+same cell flags, ``--steps`` and ``--lr``; the step count continues), so several levers can start from one model
+that has already left the plateau and learned the short lengths.
 """
 
 from __future__ import annotations
@@ -85,17 +105,34 @@ def _cell_params(cell: str, order: int, width: int, heads: int, k: int, v: int, 
     }
 
 
-def logits(cell: str, params: Params, tokens: jax.Array, backend: str = "auto") -> jax.Array:
+def logits(
+    cell: str,
+    params: Params,
+    tokens: jax.Array,
+    backend: str = "auto",
+    *,
+    chunk: int | None = None,
+    segment: int | None = None,
+    noise: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
     """(B, S) int tokens -> (B, S, order) logits, position t read from the recurrence's output at t (and, with
-    the token MLP readout, from token t) (``backend``: the M2RNN op's backend)."""
-    features = recurrent_features(cell, params, tokens, backend)
+    the token MLP readout, from token t) (``backend``: the M2RNN op's backend). ``chunk`` / ``segment`` / ``noise``
+    / ``key``: the training-time levers of :func:`segmented_features` (defaults: one pass, no noise)."""
+    if chunk is None and segment is None and noise == 0.0:
+        features, _ = recurrent_features(cell, params, tokens, backend)
+    else:
+        features = segmented_features(cell, params, tokens, backend, chunk, segment, noise, key)
     if "hidden" in params:  # token_mlp
         features = jax.nn.relu(jnp.concatenate([features, params["token"][tokens]], axis=-1) @ params["hidden"])
     return features @ params["out"]
 
 
-def recurrent_features(cell: str, params: Params, tokens: jax.Array, backend: str) -> jax.Array:
-    """(B, S) int tokens -> (B, S, F) the recurrence's output at every position (F = width or heads * V)."""
+def recurrent_features(
+    cell: str, params: Params, tokens: jax.Array, backend: str, h0: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(B, S) int tokens -> ((B, S, F) the recurrence's output at every position (F = width or heads * V), the final
+    state: rnn (B, width), m2rnn (B, heads, K, V)), starting from ``h0`` (that shape; None: zero)."""
     if cell == "rnn":
         inputs = params["embed"][tokens] + params["b"]  # (B, S, width)
 
@@ -103,15 +140,83 @@ def recurrent_features(cell: str, params: Params, tokens: jax.Array, backend: st
             h = jnp.tanh(h @ params["w"] + x)
             return h, h
 
-        h0 = jnp.zeros((tokens.shape[0], params["w"].shape[0]), inputs.dtype)
-        _, states = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
-        return jnp.swapaxes(states, 0, 1)
+        if h0 is None:
+            h0 = jnp.zeros((tokens.shape[0], params["w"].shape[0]), inputs.dtype)
+        final, states = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
+        return jnp.swapaxes(states, 0, 1), final
     batch, length = tokens.shape
     heads, k = params["q"].shape[-2:]
     q = params["q"][tokens] if params["q"].ndim == 3 else jnp.broadcast_to(params["q"], (batch, length, heads, k))
     forget = jax.nn.sigmoid(params["f"][tokens])
-    y, _ = m2rnn(q, params["k"][tokens], params["v"][tokens], params["w"], forget, backend=backend)
-    return y.reshape(batch, length, -1)
+    y, final = m2rnn(q, params["k"][tokens], params["v"][tokens], params["w"], forget, h0, backend=backend)
+    return y.reshape(batch, length, -1), final
+
+
+def initial_state(cell: str, params: Params, batch: int) -> jax.Array:
+    """The zero state of ``batch`` sequences: rnn (B, width), m2rnn (B, heads, K, V)."""
+    if cell == "rnn":
+        return jnp.zeros((batch, params["w"].shape[0]), params["w"].dtype)
+    heads, v = params["w"].shape[0], params["w"].shape[-1]
+    return jnp.zeros((batch, heads, params["k"].shape[-1], v), params["w"].dtype)
+
+
+def segmented_features(
+    cell: str,
+    params: Params,
+    tokens: jax.Array,
+    backend: str,
+    chunk: int | None = None,
+    segment: int | None = None,
+    noise: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """The recurrence run in chunks of ``chunk`` tokens (default ``segment``, else the whole sequence), the state
+    carried from chunk to chunk; the same outputs as :func:`recurrent_features` when ``noise`` is 0.
+
+    ``noise`` > 0 (needs ``key``): N(0, noise^2) added to every entry of the state after each chunk (the state the
+    next chunk starts from; the outputs of a chunk are read before it). ``segment``: truncated back-propagation,
+    the state carried past every ``segment`` tokens goes through ``stop_gradient`` (a multiple of ``chunk``).
+    A sequence that is not a whole number of chunks ends with a shorter one."""
+    batch, length = tokens.shape
+    chunk = chunk or segment or length
+    if segment is not None and segment % chunk:
+        raise ValueError(f"segment: expected a multiple of the chunk ({chunk}), got {segment}")
+    if noise > 0.0 and key is None:
+        raise ValueError("key: state noise needs a random key")
+    chunks_per_segment = (segment or length) // chunk
+    whole = length // chunk
+    h = initial_state(cell, params, batch)
+
+    def carry_on(h: jax.Array, index: jax.Array) -> jax.Array:
+        """The state after chunk ``index`` as the next chunk receives it."""
+        if noise > 0.0:
+            h = h + noise * jax.random.normal(jax.random.fold_in(key, index), h.shape, h.dtype)
+        if segment is not None:
+            h = jnp.where((index + 1) % chunks_per_segment == 0, jax.lax.stop_gradient(h), h)
+        return h
+
+    def body(h: jax.Array, item: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        index, piece = item
+        features, h = recurrent_features(cell, params, piece, backend, h)
+        return carry_on(h, index), features
+
+    pieces = jnp.swapaxes(tokens[:, : whole * chunk].reshape(batch, whole, chunk), 0, 1)  # (whole, B, chunk)
+    h, features = jax.lax.scan(body, h, (jnp.arange(whole), pieces))
+    features = jnp.swapaxes(features, 0, 1).reshape(batch, whole * chunk, -1)
+    if whole * chunk < length:
+        rest, _ = recurrent_features(cell, params, tokens[:, whole * chunk :], backend, h)
+        features = jnp.concatenate([features, rest], axis=1)
+    return features
+
+
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+    """AdamW at ``lr`` (warmup of min(100, steps / 2), cosine to lr / 10 at ``steps``), global-norm clip 1."""
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 2), steps, lr / 10), weight_decay=0.0
+        ),
+    )
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -119,46 +224,82 @@ def train(args: argparse.Namespace) -> dict:
     group = get_group(args.group)
     key = jax.random.key(args.seed)
     params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query, args.readout)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(
-            optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 2), args.steps, args.lr / 10),
-            weight_decay=0.0,
-        ),
-    )
+    optimizer = make_optimizer(args.lr, args.steps)
     opt_state = optimizer.init(params)
+    first = 0
+    if args.init is not None:
+        params, opt_state, first = load_state(args.init, params, opt_state)
 
-    def loss_fn(params: Params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-        predicted = logits(args.cell, params, inputs, args.backend)
+    noise_key = jax.random.fold_in(jax.random.key(args.seed), 7)
+
+    def loss_fn(params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array) -> jax.Array:
+        length = inputs.shape[1]  # static: the levers are chosen per curriculum stage
+        segment = args.segment if args.segment is not None and length > args.segment else None
+        chunk = args.noise_every if args.state_noise > 0.0 else None
+        predicted = logits(
+            args.cell, params, inputs, args.backend, chunk=chunk, segment=segment, noise=args.state_noise, key=key
+        )
         return optax.softmax_cross_entropy_with_integer_labels(predicted, targets).mean()
 
     @jax.jit
-    def step(params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+    def step(params, opt_state, inputs, targets, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     started = time.perf_counter()
-    steps_done = 0
-    for number in range(args.steps):
+    log: list[dict] = []
+    last_length, last_log = None, 0.0
+    steps_done = first
+    for number in range(first, args.steps):
         elapsed = time.perf_counter() - started
         if args.seconds is not None and elapsed > args.seconds:
             break
         progress = number / args.steps if args.seconds is None else elapsed / args.seconds
         length = args.train_length[min(int(progress * len(args.train_length)), len(args.train_length) - 1)]
         batch = state_tracking_batch(group, seed=args.seed, step=number, batch_size=args.batch_size, seq_len=length)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]))
+        inputs, targets = jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])
+        params, opt_state, loss = step(params, opt_state, inputs, targets, jax.random.fold_in(noise_key, number))
         steps_done = number + 1
-        if (number + 1) % max(args.steps // 10, 1) == 0:
-            seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        due = args.log_seconds is not None and seconds - last_log >= args.log_seconds
+        if (number + 1) % max(args.steps // 10, 1) == 0 or length != last_length or due:
+            log.append({"step": number + 1, "length": length, "loss": float(loss), "seconds": round(seconds, 1)})
             print(f"step {number + 1}: length {length}, loss {float(loss):.4f} ({seconds:.0f} s)", flush=True)
+            last_length, last_log = length, seconds
+    if args.save is not None:
+        save_state(args.save, params, opt_state, steps_done)
     evaluation = evaluation_batch(args.group, args.eval_length, args.eval_sequences)
     forward = jax.jit(logits, static_argnums=(0, 3))
     predicted = jnp.argmax(forward(args.cell, params, jnp.asarray(evaluation["inputs"]), args.backend), -1)
     curves = accuracy_curves(np.asarray(predicted) == evaluation["targets"])
     settings = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
     seconds = round(time.perf_counter() - started, 1)
-    return {"args": settings, "steps_done": steps_done, "seconds": seconds, "curves": curves}
+    result = {"args": settings, "steps_done": steps_done, "start_step": first, "seconds": seconds, "curves": curves}
+    return result | {"log": log}
+
+
+def save_state(path: Path, params: Params, opt_state: optax.OptState, step: int) -> None:
+    """Writes the parameters, the optimizer state and the number of steps done to ``path`` (.npz, atomically)."""
+    leaves = jax.tree.leaves((params, opt_state))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, step=np.asarray(step), **{f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+
+
+def load_state(path: Path, params: Params, opt_state: optax.OptState) -> tuple[Params, optax.OptState, int]:
+    """The state :func:`save_state` wrote, in the structure of ``params`` and ``opt_state`` (those of the same
+    flags); raises ValueError when the leaves' count or shapes differ."""
+    structure = jax.tree.structure((params, opt_state))
+    expected = jax.tree.leaves((params, opt_state))
+    with np.load(path) as saved:
+        leaves = [saved[f"leaf{i}"] for i in range(len([name for name in saved.files if name.startswith("leaf")]))]
+        step = int(saved["step"])
+    if [leaf.shape for leaf in leaves] != [np.shape(leaf) for leaf in expected]:
+        raise ValueError(f"{path}: saved with other flags (leaf shapes differ from this run's)")
+    leaves = [jnp.asarray(leaf, dtype=jnp.result_type(old)) for leaf, old in zip(leaves, expected, strict=True)]
+    params, opt_state = jax.tree.unflatten(structure, leaves)
+    return params, opt_state, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,10 +331,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seconds", type=float, help="stop training after this long (then evaluate)")
+    parser.add_argument(
+        "--state-noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="training only: add N(0, SIGMA^2) to every entry of the state carried on after every --noise-every tokens",
+    )
+    parser.add_argument("--noise-every", type=int, default=1, help="--state-noise: tokens between noise draws")
+    parser.add_argument(
+        "--segment",
+        type=int,
+        metavar="LEN",
+        help="truncated back-propagation: a training sequence longer than LEN runs in segments of LEN tokens, the "
+        "state carried across through stop_gradient (loss at every position); with --state-noise a multiple of "
+        "--noise-every",
+    )
+    parser.add_argument("--log-seconds", type=float, help="also print (and record) the loss this often")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-length", type=int, default=16)
     parser.add_argument("--eval-sequences", type=int, default=512)
     parser.add_argument("--out", type=Path, help="write the result (JSON) here")
+    parser.add_argument("--save", type=Path, help="write the trained parameters and optimizer state here (.npz)")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start from a --save file (the same cell flags and --steps / --lr); its step count continues, so the "
+        "batches and noise draws do not repeat the earlier run's",
+    )
     args = parser.parse_args(argv)
     for name in ("width", "heads", "k", "v", "steps", "batch_size", "eval_length", "eval_sequences"):
         if getattr(args, name) < 1:
@@ -202,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--train-length: expected positive lengths, got {args.train_length}")
     if args.seconds is not None and args.seconds <= 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
+    if not args.state_noise >= 0.0:
+        parser.error(f"--state-noise: expected a non-negative number, got {args.state_noise}")
+    if args.noise_every < 1:
+        parser.error(f"--noise-every: expected a positive int, got {args.noise_every}")
+    if args.log_seconds is not None and not args.log_seconds > 0:
+        parser.error(f"--log-seconds: expected a positive number, got {args.log_seconds}")
+    if args.segment is not None and args.segment < 1:
+        parser.error(f"--segment: expected a positive int, got {args.segment}")
+    if args.segment is not None and args.state_noise > 0.0 and args.segment % args.noise_every:
+        parser.error(f"--segment: expected a multiple of --noise-every ({args.noise_every}), got {args.segment}")
     result = train(args)
     position = result["curves"]["position"]
     shown = [n for n in (1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 128, 256) if n <= len(position)]
