@@ -38,6 +38,12 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     lossprofile) # where the loss's forward+backward device time goes, per source line, two_pass beside fused_matmul
            run lossprofile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics two_pass fused_matmul \
              --profile /tmp/lossprofile --json "$OUT/lossprofile.json" ;;
+    logits16) # the loss with the logits written in bfloat16 (as the plain head does) beside float32 and fused_matmul
+           run logits16 300 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass pallas_gpu \
+             fused_matmul --logits-dtypes float32 bfloat16 --json "$OUT/logits16.json" ;;
+    logits16profile) # per source line: two_pass and pallas_gpu with bfloat16 logits, 4096-token chunks
+           run logits16profile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics two_pass pallas_gpu \
+             --logits-dtypes bfloat16 --profile /tmp/logits16profile --json "$OUT/logits16profile.json" ;;
     tilestests) run tilestests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
                   tests/kernels/test_logits_softmax_tiles.py tests/models/test_lm_head_loss.py tests/kernels/test_gdn_gpu.py ;;
     steps) for preset in hybrid-gdn-m2rnn-1l-400m hybrid-gdn-400m; do for remat in full save_dots none; do

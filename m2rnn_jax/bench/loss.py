@@ -77,9 +77,10 @@ def chunked_loss(
     statistics: str = "two_pass",
     interpret: bool = False,
     tiles_config: LogitsTilesConfig | None = None,
+    logits_dtype: str | None = None,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """:func:`lm_head_cross_entropy` with ``chunk_size``, ``statistics``, ``interpret`` and ``tiles_config``:
-    (mean cross-entropy, correct count)."""
+    """:func:`lm_head_cross_entropy` with ``chunk_size``, ``statistics``, ``interpret``, ``tiles_config`` and
+    ``logits_dtype``: (mean cross-entropy, correct count)."""
 
     def loss(x: jax.Array, kernel: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         head = lm_head_cross_entropy(
@@ -89,6 +90,7 @@ def chunked_loss(
             chunk_size=chunk_size,
             compute_dtype=x.dtype,
             statistics=statistics,
+            logits_dtype=logits_dtype,
             interpret=interpret,
             tiles_config=tiles_config,
         )
@@ -141,33 +143,35 @@ def bench_lm_head_loss(
     interpret: bool = False,
     tiles_config: LogitsTilesConfig | None = None,
     profile_dir: str | None = None,
+    logits_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Times the chunked LM head + loss at N = batch * seq_len tokens (and the plain version beside it);
     ``interpret`` runs the kernels in interpret mode (CPU smoke tests); ``tiles_config`` sets the "fused_matmul"
-    kernel's launch parameters; ``profile_dir``: also trace :data:`PROFILE_CALLS` forward+backward calls there and
-    add their device time per source line / file / kernel as ``profile``
-    (:func:`m2rnn_jax.bench.step_profile.profile_calls`).
+    kernel's launch parameters; ``logits_dtype``: the dtype the logits GEMM writes (None: float32);
+    ``profile_dir``: also trace :data:`PROFILE_CALLS` forward+backward calls there and add their device time per
+    source line / file / kernel as ``profile`` (:func:`m2rnn_jax.bench.step_profile.profile_calls`).
 
     Returns:
         ``forward_ms``, ``fwd_bwd_ms``, ``forward_temp_gib``, ``fwd_bwd_temp_gib``, ``compile_s``,
-        ``chunk_tokens`` (tokens per chunk) and ``statistics`` of the chunked version; with ``compare_plain`` the
-        first five again with a ``plain_`` prefix, and ``loss_rel_diff``, ``d_hidden_rel_diff``,
-        ``d_kernel_rel_diff`` (chunked vs plain).
+        ``chunk_tokens`` (tokens per chunk), ``statistics`` and ``logits_dtype`` of the chunked version; with
+        ``compare_plain`` the first five again with a ``plain_`` prefix, and ``loss_rel_diff``,
+        ``d_hidden_rel_diff``, ``d_kernel_rel_diff`` (chunked vs plain).
     """
     num_tokens = batch * seq_len
     args = head_inputs(num_tokens, hidden, vocab, dtype)
     if chunk_size is None:
-        num_chunks = default_num_chunks(num_tokens, vocab, statistics, dtype)
+        num_chunks = default_num_chunks(num_tokens, vocab, statistics, dtype, logits_dtype)
     else:
         num_chunks = -(-num_tokens // chunk_size)
-    loss = chunked_loss(chunk_size, statistics, interpret, tiles_config)
+    loss = chunked_loss(chunk_size, statistics, interpret, tiles_config, logits_dtype)
     result, (value, grads), fwd_bwd = _time(loss, args, iters, repeats)
     result["chunk_tokens"] = -(-num_tokens // num_chunks)
     result["statistics"] = statistics
+    result["logits_dtype"] = "float32" if logits_dtype is None else jnp.dtype(logits_dtype).name
     if profile_dir is not None:
         from m2rnn_jax.bench.step_profile import profile_calls  # imports bench.model, which imports this module
 
-        name = f"loss_{result['chunk_tokens']}_{statistics}"
+        name = f"loss_{result['chunk_tokens']}_{statistics}_{result['logits_dtype']}"
         log_dir = os.path.join(profile_dir, name)
         result["profile"] = profile_calls(lambda: fwd_bwd(*args), fwd_bwd, name, PROFILE_CALLS, log_dir, PROFILE_ROWS)
     if compare_plain:
@@ -309,6 +313,7 @@ KERNEL_TABLE_COLUMNS = [
 TABLE_COLUMNS = [
     ("chunk", "chunk_tokens", "{}"),
     ("statistics", "statistics", "{}"),
+    ("logits", "logits_dtype", "{}"),
     ("fwd ms", "forward_ms", "{:.2f}"),
     ("fwd+bwd ms", "fwd_bwd_ms", "{:.2f}"),
     ("fwd+bwd temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
@@ -341,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=STATISTICS,
         default=["two_pass"],
         help="softmax statistics + logits gradient of each chunk, one row each per chunk size",
+    )
+    parser.add_argument(
+        "--logits-dtypes",
+        nargs="+",
+        default=["float32"],
+        help="the dtype the logits GEMM writes (float32, or e.g. bfloat16 as the plain head does), one row each per "
+        "chunk size and statistics other than fused_matmul (which writes no logits)",
     )
     parser.add_argument(
         "--kernel-configs",
@@ -388,28 +400,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(KERNEL_TABLE_COLUMNS, rows))
     else:
         rows = []
-        for chunk_size in args.chunk_sizes or [None]:
-            for statistics in args.statistics:
-                rows.append(
-                    bench_lm_head_loss(
-                        args.batch,
-                        args.seq_len,
-                        args.hidden,
-                        args.vocab,
-                        args.dtype,
-                        args.iters,
-                        args.repeats,
-                        chunk_size=chunk_size,
-                        statistics=statistics,
-                        interpret=args.interpret,
-                        tiles_config=LogitsTilesConfig.parse(args.fused_tiles) if args.fused_tiles else None,
-                        profile_dir=args.profile,
-                    )
+        runs = [
+            (chunk_size, statistics, None if logits_dtype == "float32" else logits_dtype)
+            for chunk_size in args.chunk_sizes or [None]
+            for statistics in args.statistics
+            for logits_dtype in (["float32"] if statistics == "fused_matmul" else args.logits_dtypes)
+        ]
+        for chunk_size, statistics, logits_dtype in runs:
+            rows.append(
+                bench_lm_head_loss(
+                    args.batch,
+                    args.seq_len,
+                    args.hidden,
+                    args.vocab,
+                    args.dtype,
+                    args.iters,
+                    args.repeats,
+                    chunk_size=chunk_size,
+                    statistics=statistics,
+                    interpret=args.interpret,
+                    tiles_config=LogitsTilesConfig.parse(args.fused_tiles) if args.fused_tiles else None,
+                    profile_dir=args.profile,
+                    logits_dtype=logits_dtype,
                 )
-                if args.profile:
-                    from m2rnn_jax.bench.step_profile import format_tables
+            )
+            if args.profile:
+                from m2rnn_jax.bench.step_profile import format_tables
 
-                    print(f"chunk {rows[-1]['chunk_tokens']} {statistics}:\n{format_tables(rows[-1]['profile'])}")
+                row = rows[-1]
+                print(f"chunk {row['chunk_tokens']} {statistics} {row['logits_dtype']}:")
+                print(format_tables(row["profile"]))
         print(f"LM head + loss on {device}: N={args.batch}x{args.seq_len} h={args.hidden} V={args.vocab} {args.dtype}")
         print(format_table(TABLE_COLUMNS, rows))
     if args.json:

@@ -5,6 +5,10 @@ token weights ``w`` (N,):
 
     logits_i = hidden_i @ kernel                                  (compute dtype in, float32 accumulation)
     nll_i    = logsumexp(logits_i) - logits_i[t_i]                (float32)
+
+The logits are written in float32 (``logits_dtype`` None), or rounded to a lower dtype such as the compute dtype
+(``logits_dtype="bfloat16"``: what the plain head ``hidden @ kernel`` gives in bfloat16 and what PyTorch's
+autocast gives; half the bytes written and read per logit); the statistics are float32 either way.
     loss     = sum_i w_i nll_i                                    (divide by sum_i w_i for the mean)
 
 Layout: the N tokens form ``groups`` contiguous groups (G, N / G) and each group is cut into ``num_chunks``
@@ -86,20 +90,27 @@ class _Layout(NamedTuple):
     hidden_dtype: Any
     kernel_dtype: Any
     statistics: str
+    logits_dtype: Any  # the dtype the logits GEMM writes ("two_pass", "pallas_gpu")
     interpret: bool
     tiles_config: Any  # LogitsTilesConfig or None (pallas_kernels is imported only when a kernel runs)
 
 
 def default_num_chunks(
-    num_tokens: int, vocab_size: int, statistics: str = "two_pass", compute_dtype: Any = None
+    num_tokens: int,
+    vocab_size: int,
+    statistics: str = "two_pass",
+    compute_dtype: Any = None,
+    logits_dtype: Any = None,
 ) -> int:
     """The smallest power of two of chunks such that a chunk's (C, V) intermediate takes at most the bytes of
-    :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): float32 logits, or for
-    "fused_matmul" exp(logits - target logit) in ``compute_dtype`` (bfloat16: twice the tokens per chunk; measured
-    on the H200, 4096-token chunks 39.84 ms against 40.44 at 2048, RESULTS.md session 13)."""
+    :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): the logits in
+    ``logits_dtype`` (None: float32), or for "fused_matmul" exp(logits - target logit) in ``compute_dtype``
+    (bfloat16: twice the tokens per chunk; measured on the H200, "fused_matmul" at 4096-token chunks 39.84 ms
+    against 40.44 at 2048, RESULTS.md session 13)."""
     elements = CHUNK_LOGITS_ELEMENTS
-    if statistics == "fused_matmul" and compute_dtype is not None:
-        elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(compute_dtype).itemsize
+    stored = compute_dtype if statistics == "fused_matmul" else logits_dtype
+    if stored is not None:
+        elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(stored).itemsize
     needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
 
@@ -114,6 +125,7 @@ def lm_head_cross_entropy(
     compute_dtype: Any = None,
     groups: int = 1,
     statistics: str = "two_pass",
+    logits_dtype: Any = None,
     interpret: bool = False,
     tiles_config: Any = None,
 ) -> LMHeadLoss:
@@ -133,6 +145,10 @@ def lm_head_cross_entropy(
             "pallas_gpu" (the fused statistics kernel) or "fused_matmul" (the logits GEMM with the statistics in
             its epilogue; compute dtype bfloat16, float32 or float64); the kernels run on NVIDIA GPUs, or on any
             backend with ``interpret``.
+        logits_dtype: the float dtype the logits GEMM writes ("two_pass" and "pallas_gpu"; "fused_matmul" writes
+            none): None (default) the accumulation dtype, float32; a lower one (the compute dtype, e.g. "bfloat16",
+            as the plain ``hidden @ kernel`` gives) rounds each logit once, halves the bytes the statistics read and
+            doubles the default chunk; the statistics still run in float32.
         interpret: run the kernels in Pallas interpret mode (tests on CPU).
         tiles_config: launch parameters of the "fused_matmul" kernel
             (:class:`pallas_kernels.gpu.logits_softmax_tiles.LogitsTilesConfig`); default its ``default_config``.
@@ -147,7 +163,17 @@ def lm_head_cross_entropy(
     if weights is None:
         weights = jnp.ones(hidden.shape[:1], dtype=jnp.float32)
     layout = _make_layout(
-        hidden, kernel, targets, weights, chunk_size, compute_dtype, groups, statistics, interpret, tiles_config
+        hidden,
+        kernel,
+        targets,
+        weights,
+        chunk_size,
+        compute_dtype,
+        groups,
+        statistics,
+        logits_dtype,
+        interpret,
+        tiles_config,
     )
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     return _chunked_loss(layout, hidden, kernel, targets.astype(jnp.int32), weights.astype(accumulation))
@@ -162,6 +188,7 @@ def _make_layout(
     compute_dtype: Any,
     groups: int,
     statistics: str,
+    logits_dtype: Any,
     interpret: bool,
     tiles_config: Any,
 ) -> _Layout:
@@ -197,9 +224,18 @@ def _make_layout(
         f"one of {FUSED_MATMUL_DTYPES} with statistics='fused_matmul'",
         compute.name,
     )
+    accumulation = jnp.promote_types(jnp.float32, compute)
+    if logits_dtype is not None:
+        require(
+            statistics != "fused_matmul",
+            "logits_dtype",
+            "None with statistics='fused_matmul' (it writes no logits)",
+            logits_dtype,
+        )
+        logits_dtype = _float_dtype(logits_dtype, "logits_dtype")
     group_tokens = math.ceil(num_tokens / groups)
     if chunk_size is None:
-        num_chunks = default_num_chunks(group_tokens, kernel.shape[1], statistics, compute)
+        num_chunks = default_num_chunks(group_tokens, kernel.shape[1], statistics, compute, logits_dtype)
     else:
         num_chunks = math.ceil(group_tokens / chunk_size)
     return _Layout(
@@ -210,9 +246,20 @@ def _make_layout(
         hidden_dtype=jnp.dtype(hidden.dtype),
         kernel_dtype=jnp.dtype(kernel.dtype),
         statistics=statistics,
+        logits_dtype=accumulation if logits_dtype is None else logits_dtype,
         interpret=bool(interpret),
         tiles_config=tiles_config,
     )
+
+
+def _float_dtype(value: Any, name: str) -> Any:
+    """``value`` as a float numpy dtype, or a ValueError naming ``name``."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    require(dtype is not None and jnp.issubdtype(dtype, jnp.floating), name, "a float dtype or None", value)
+    return dtype
 
 
 def _to_chunks(x: jax.Array, layout: _Layout) -> jax.Array:
@@ -250,9 +297,9 @@ def _matmul(
     return jax.lax.dot_general(a, b, dimensions, preferred_element_type=accumulation)
 
 
-def _chunk_logits(hidden_c: jax.Array, kernel: jax.Array) -> jax.Array:
-    """(G, C, h) @ (h, V) -> (G, C, V) logits in the accumulation dtype."""
-    return _matmul(hidden_c, kernel, (2, 0), ((), ()), jnp.promote_types(jnp.float32, hidden_c.dtype))
+def _chunk_logits(hidden_c: jax.Array, kernel: jax.Array, logits_dtype: Any) -> jax.Array:
+    """(G, C, h) @ (h, V) -> (G, C, V) logits in ``logits_dtype`` (accumulated in float32 or wider)."""
+    return _matmul(hidden_c, kernel, (2, 0), ((), ()), logits_dtype)
 
 
 def _softmax_statistics(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -285,7 +332,8 @@ def chunk_loss_terms(
     """One chunk's cross-entropy terms from its logits, computed as ``statistics`` says (:data:`STATISTICS`).
 
     Args:
-        logits: (..., V) float logits (float32 from the head's matmul).
+        logits: (..., V) float logits (float32 from the head's matmul, or its ``logits_dtype``); the statistics
+            run in ``promote_types(float32, logits dtype)``.
         targets: (...) int32 target ids.
         weights: (...) token weights (scale ``d logits``).
         statistics: "two_pass" (jnp) or "pallas_gpu" (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy`).
@@ -310,6 +358,7 @@ def chunk_loss_terms(
         )
         d_logits = None if fused.d_logits is None else fused.d_logits.reshape(logits.shape)
         return fused.nll.reshape(targets.shape), fused.argmax.reshape(targets.shape) == targets, d_logits
+    logits = logits.astype(jnp.promote_types(jnp.float32, logits.dtype))  # read in its dtype, computed in float32
     logsumexp, nll, hits = _token_statistics(logits, targets)
     if not with_gradient:
         return nll, hits, None
@@ -349,7 +398,8 @@ def _chunk_step(
     (:func:`exp_headroom`))."""
     if layout.statistics == "fused_matmul":
         return _fused_matmul_step(layout, kernel_c, hidden_c, targets_c, weights_c, with_gradient)
-    nll, hits, d_logits = _chunk_terms(layout, _chunk_logits(hidden_c, kernel_c), targets_c, weights_c, with_gradient)
+    logits = _chunk_logits(hidden_c, kernel_c, layout.logits_dtype)
+    nll, hits, d_logits = _chunk_terms(layout, logits, targets_c, weights_c, with_gradient)
     if d_logits is None:
         return nll, hits, None, jnp.bool_(True)
     d_hidden, d_kernel_c = _logits_gradients(d_logits, hidden_c, kernel_c)

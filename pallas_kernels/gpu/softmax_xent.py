@@ -1,7 +1,8 @@
 """Softmax cross-entropy statistics and the logits' gradient of one chunk of LM-head logits, fused for NVIDIA GPUs
 (Pallas, Triton lowering).
 
-For float32 logits x (R, V), int32 targets t (R,) and float32 weights w (R,), per row r:
+For logits x (R, V) (float32, or the compute dtype: bfloat16 logits are read as they are and every statistic is
+computed in float32), int32 targets t (R,) and float32 weights w (R,), per row r:
 
     logsumexp_r = log sum_v exp(x_rv)
     nll_r       = logsumexp_r - x_r,t_r
@@ -84,8 +85,8 @@ class SoftmaxXent(NamedTuple):
     """What :func:`softmax_cross_entropy` returns.
 
     Attributes:
-        logsumexp: (R,) in the logits' dtype.
-        nll: (R,) ``logsumexp - logits[target]`` in the logits' dtype.
+        logsumexp: (R,) in ``promote_types(float32, logits dtype)``.
+        nll: (R,) ``logsumexp - logits[target]`` in that dtype.
         argmax: (R,) int32, the first index of the row maximum.
         d_logits: (R, V) ``(softmax - onehot(target)) * weight`` in the requested dtype, or None when not asked for.
     """
@@ -99,7 +100,7 @@ class SoftmaxXent(NamedTuple):
 def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: int, block_rows: int, block_v: int):
     logsumexp_ref, nll_ref, argmax_ref = out_refs[:3]
     d_ref = out_refs[3] if len(out_refs) == 4 else None
-    dtype = logits_ref.dtype
+    dtype = jnp.promote_types(jnp.float32, logits_ref.dtype)  # the statistics' dtype
     first_row = pl.program_id(0) * block_rows
     row_ids = first_row + jnp.arange(block_rows, dtype=jnp.int32)
     row_ok = row_ids < rows
@@ -111,7 +112,7 @@ def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: i
         cols = j * block_v + jnp.arange(block_v, dtype=jnp.int32)
         mask = row_ok[:, None] & (cols < vocab)[None, :]
         x = pltriton.load(logits_ref.at[row_slice, pl.ds(j * block_v, block_v)], mask=mask, other=-jnp.inf)
-        return cols, mask, x
+        return cols, mask, x.astype(dtype)
 
     def statistics(j, carry):
         top, total, best, target_logit = carry
@@ -165,7 +166,8 @@ def softmax_cross_entropy(
     """Per-row softmax cross-entropy statistics of ``logits`` and, optionally, its weighted gradient.
 
     Args:
-        logits: (R, V) float logits (float32 on GPUs; float64 runs in interpret mode).
+        logits: (R, V) float logits (float32, or bfloat16 / float16 read as they are with float32 statistics, on
+            GPUs; float64 runs in interpret mode).
         targets: (R,) int target ids in [0, V) (not checked: an id outside gives nll = logsumexp, no onehot).
         weights: (R,) token weights scaling the rows of d_logits.
         d_dtype: dtype of d_logits; default the logits' dtype.
@@ -189,7 +191,7 @@ def softmax_cross_entropy(
     if weights.shape != (rows,):
         raise ValueError(f"weights: expected shape ({rows},), got {weights.shape}")
     config = default_config(rows, vocab) if config is None else config
-    dtype = logits.dtype
+    dtype = jnp.promote_types(jnp.float32, logits.dtype)
     out_shape = [
         jax.ShapeDtypeStruct((rows,), dtype),
         jax.ShapeDtypeStruct((rows,), dtype),

@@ -78,6 +78,22 @@ def test_kernel_writes_d_logits_in_the_compute_dtype():
     np.testing.assert_allclose(out.d_logits.astype(jnp.float32), expected.astype(jnp.float32), rtol=8e-3, atol=1e-8)
 
 
+def test_kernel_reads_bfloat16_logits_and_computes_in_float32():
+    """bfloat16 logits (``logits_dtype="bfloat16"`` of the chunked loss) are read as they are; the statistics and
+    d_logits come out as float32 ones of the same (rounded) values: not bfloat16 arithmetic."""
+    logits, targets, weights = hard_logits(5, 11, 300, scale=8.0)
+    logits = logits.at[2].set(logits[3])  # drop the +-1e4 row: its bf16 rounding is not the point here
+    rounded = logits.astype(jnp.bfloat16)
+    config = SoftmaxXentConfig(block_rows=4, block_v=128, num_warps=4, num_stages=1)
+    out = softmax_cross_entropy(rounded, targets, weights, config=config, interpret=True)
+    logsumexp, nll, argmax, d_logits = jnp_statistics(rounded.astype(jnp.float32), targets, weights)
+    assert out.logsumexp.dtype == jnp.float32 and out.nll.dtype == jnp.float32 and out.d_logits.dtype == jnp.float32
+    np.testing.assert_allclose(out.logsumexp, logsumexp, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.argmax, argmax)
+    np.testing.assert_allclose(out.d_logits, d_logits, rtol=1e-5, atol=1e-7)
+
+
 def test_default_config_fits_small_and_large_inputs():
     assert default_config(32768, 100352) == SoftmaxXentConfig(block_rows=8, block_v=2048, num_warps=8)
     assert default_config(2048, 100352) == SoftmaxXentConfig(block_rows=2, block_v=2048, num_warps=4)

@@ -179,6 +179,50 @@ def test_bfloat16_compute_stays_close_to_float32():
         assert error < 2e-2, error
 
 
+def plain_rounded_logits_loss(hidden, kernel, targets, weights):
+    """The plain bfloat16 head as PyTorch's autocast computes it: logits accumulated in float32 and rounded once to
+    bfloat16, then a float32 log_softmax."""
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+@pytest.mark.parametrize("statistics", ["two_pass", "pallas_gpu"])
+def test_bfloat16_logits_give_the_plain_bfloat16_head(statistics):
+    """``logits_dtype="bfloat16"``: the loss is the float32 softmax of the once-rounded logits (the plain bf16
+    head's value), the gradients stay within bf16 rounding of the float32 ones, and both statistics agree."""
+    hidden, kernel, targets, weights = head_inputs(12, 40, 16, 96, jnp.float32)
+    hidden, kernel = hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+
+    def chunked(h, k, logits_dtype, statistics):
+        out = lm_head_cross_entropy(
+            h,
+            k,
+            targets,
+            weights,
+            chunk_size=16,
+            statistics=statistics,
+            logits_dtype=logits_dtype,
+            interpret=statistics != "two_pass",
+        )
+        return out.nll_sum / jnp.maximum(out.weight_sum, 1)
+
+    grad = jax.jit(jax.value_and_grad(chunked, (0, 1)), static_argnums=(2, 3))
+    value, grads = grad(hidden, kernel, jnp.bfloat16, statistics)
+    np.testing.assert_allclose(value, plain_rounded_logits_loss(hidden, kernel, targets, weights), rtol=1e-6)
+    exact_value, exact_grads = grad(hidden, kernel, None, "two_pass")  # float32 logits
+    assert abs(float(value - exact_value)) < 1e-2 * float(exact_value) and float(value) != float(exact_value)
+    for name, a, e in zip(("hidden", "kernel"), grads, exact_grads):
+        assert a.dtype == e.dtype == jnp.bfloat16, name
+        a, e = a.astype(jnp.float32), e.astype(jnp.float32)
+        assert float(jnp.linalg.norm(a - e) / jnp.linalg.norm(e)) < 2e-2, name
+    if statistics != "two_pass":
+        same_value, same_grads = grad(hidden, kernel, jnp.bfloat16, "two_pass")
+        np.testing.assert_allclose(value, same_value, rtol=1e-6)
+        for a, e in zip(grads, same_grads):
+            np.testing.assert_allclose(a.astype(jnp.float32), e.astype(jnp.float32), rtol=1e-2, atol=1e-6)
+
+
 def test_value_without_gradient_equals_value_of_the_forward_rule():
     args = head_inputs(6, 21, 8, 30, jnp.float32)
 
@@ -210,6 +254,7 @@ def test_default_chunking_bounds_the_chunk_logits():
     assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.bfloat16) == 8  # E in bf16: 4096 tokens
     assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.float32) == 16
     assert default_num_chunks(8 * 4096, 100352, "pallas_gpu", jnp.bfloat16) == 16  # float32 logits
+    assert default_num_chunks(8 * 4096, 100352, "two_pass", jnp.bfloat16, jnp.bfloat16) == 8  # bf16 logits
     assert default_num_chunks(100, 50) == 1
     assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
     assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
@@ -233,6 +278,14 @@ def test_bad_inputs_raise():
     for statistics in ("pallas_gpu", "fused_matmul"):  # the kernels need a GPU
         with pytest.raises(ValueError, match=f"statistics: expected 'two_pass' on cpu .'{statistics}' runs on"):
             lm_head_cross_entropy(hidden, kernel, targets, statistics=statistics)
+    with pytest.raises(ValueError, match="logits_dtype: expected a float dtype or None, got 'int32'"):
+        lm_head_cross_entropy(hidden, kernel, targets, logits_dtype="int32")
+    with pytest.raises(ValueError, match="logits_dtype: expected a float dtype or None, got 'half-float'"):
+        lm_head_cross_entropy(hidden, kernel, targets, logits_dtype="half-float")
+    with pytest.raises(ValueError, match="logits_dtype: expected None with statistics='fused_matmul'"):
+        lm_head_cross_entropy(
+            hidden, kernel, targets, statistics="fused_matmul", logits_dtype=jnp.bfloat16, interpret=True
+        )
     with pytest.raises(ValueError, match="compute_dtype: expected one of .* with statistics='fused_matmul'"):
         lm_head_cross_entropy(
             hidden, kernel, targets, compute_dtype=jnp.float16, statistics="fused_matmul", interpret=True
@@ -343,7 +396,7 @@ def test_bench_profile_puts_the_device_time_on_the_loss_code(tmp_path):
     profile = result["profile"]
     assert profile["device_ms_per_step"] > 0, profile
     assert profile["by_source_file"][0]["name"] == "models/lm_head_loss.py", profile["by_source_file"]
-    assert (tmp_path / "loss_8_two_pass" / "loss_8_two_pass.hlo.txt.gz").exists()
+    assert (tmp_path / "loss_8_two_pass_float32" / "loss_8_two_pass_float32.hlo.txt.gz").exists()
 
 
 @pytest.mark.parametrize("statistics", ["pallas_gpu", "fused_matmul"])
