@@ -93,9 +93,10 @@ def resolve_config(
     remat: str | None = None,
     head_statistics: str | None = None,
     scan_layers: bool | None = None,
+    head_logits: str | None = None,
 ) -> ModelConfig:
-    """The preset's config with the compute ``dtype``, ``remat``, ``head_statistics`` and ``scan_layers`` replaced
-    where given (None keeps the preset's).
+    """The preset's config with the compute ``dtype``, ``remat``, ``head_statistics``, ``scan_layers`` and
+    ``head_logits`` replaced where given (None keeps the preset's).
 
     Raises:
         ValueError: unknown preset (the message lists the known names), or a value the config rejects.
@@ -114,6 +115,8 @@ def resolve_config(
         config = config.replace(head_statistics=head_statistics)
     if scan_layers is not None:
         config = config.replace(scan_layers=scan_layers)
+    if head_logits is not None:
+        config = config.replace(head_logits=head_logits)
     return config
 
 
@@ -457,6 +460,7 @@ def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, ti
             "param_dtype": config.param_dtype,
             "remat": config.remat,
             "head_statistics": config.head_statistics,
+            "head_logits": config.head_logits,
             "scan_layers": config.scan_layers,
         },
         "timing": dataclasses.asdict(timing),
@@ -514,7 +518,8 @@ def format_report(report: dict) -> str:
         f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
         f"S={shapes['seq_len']} h={shapes['hidden_size']} vocab={shapes['vocab_size']} {shapes['dtype']} "
         f"(params {shapes['param_dtype']}) remat={shapes['remat']} pattern={shapes['layer_pattern']} "
-        f"head statistics={shapes.get('head_statistics', 'two_pass')} scan layers={shapes.get('scan_layers', False)}"
+        f"head statistics={shapes.get('head_statistics', 'two_pass')} "
+        f"head logits={shapes.get('head_logits', 'float32')} scan layers={shapes.get('scan_layers', False)}"
     )
     errors = [f"{row['part']}: {row['error'][:500]}" for row in report["rows"] if "error" in row]
     columns = (*TABLE_COLUMNS, NOTE_COLUMN) if errors else TABLE_COLUMNS

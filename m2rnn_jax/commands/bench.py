@@ -17,7 +17,17 @@ NAME = "bench"
 SHAPE_NAMES = ("400m", "400m-b1", "400m-s16k", "400m-b1-s16k", "7b", "tiny", "state-tracking", "state-tracking-bf16")
 DEFAULT_SHAPES = ("400m", "400m-b1", "400m-s16k")
 DEFAULT_BATCH, DEFAULT_SEQ_LEN = 8, 4096  # the paper's 400M training shape
-MODEL_ONLY = ("batch", "seq_len", "dtype", "remat", "head_statistics", "scan_layers", "step_only", "compile_only")
+MODEL_ONLY = (
+    "batch",
+    "seq_len",
+    "dtype",
+    "remat",
+    "head_statistics",
+    "head_logits",
+    "scan_layers",
+    "step_only",
+    "compile_only",
+)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 DESCRIPTION = "Time the M2RNN op's backends (--shapes, the default mode) or a model preset (--model)."
@@ -92,7 +102,14 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         metavar="NAME",
         help="model mode: the LM-head loss's softmax statistics, a choice of the model config's head_statistics "
-        "field: two_pass, pallas_gpu (default: the preset's)",
+        "field: two_pass, pallas_gpu, fused_matmul (default: the preset's)",
+    )
+    p.add_argument(
+        "--head-logits",
+        default=None,
+        metavar="NAME",
+        help="model mode: the dtype the LM head's logits GEMM writes, the model config's head_logits field: "
+        "float32, compute (the compute dtype, as the plain bf16 head; default: the preset's)",
     )
     p.add_argument(
         "--scan-layers",
@@ -150,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_preset("--model", args.model)
-        config = model.resolve_config(args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers)
+        config = model.resolve_config(
+            args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers, args.head_logits
+        )
     except ValueError as err:
         return fail(NAME, err)
     report = model.run_model_bench(

@@ -36,6 +36,9 @@ from m2rnn_jax.layers.rnn import RNNConfig
 from m2rnn_jax.models.lm_head_loss import STATISTICS as HEAD_STATISTICS
 from m2rnn_jax.models.mixers import MIXER_LETTERS, MIXERS, mixer_fields, mixer_spec
 
+# What the LM head's logits GEMM writes (``head_logits``): float32, or the compute dtype.
+HEAD_LOGITS = ("float32", "compute")
+
 # Layer-pattern letter -> ModelConfig field holding that mixer's config (a view of the registry).
 MIXER_FIELDS: dict[str, str] = {spec.letter: spec.field for spec in MIXERS}
 
@@ -96,6 +99,10 @@ class ModelConfig:
             kernel) or "fused_matmul" (the logits GEMM with the statistics in its epilogue: no float32 logits);
             the kernels run on NVIDIA GPUs, on one device or one token group (the jnp path otherwise: a kernel is
             an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
+        head_logits: the dtype the head's logits GEMM writes, one of :data:`HEAD_LOGITS`: "float32" (default), or
+            "compute" (the compute dtype: each logit rounded once, as the plain ``hidden @ kernel`` in bfloat16 and
+            PyTorch's autocast give them; half the bytes the statistics read; the softmax stays float32). Not with
+            ``head_statistics="fused_matmul"``, which writes no logits.
         scan_layers: run each run of consecutive blocks with the same mixer letter as one ``jax.lax.scan`` over
             their stacked parameters (compiled once per run instead of once per block), and each *period*, a
             sequence of runs repeated back to back (the 7B hybrid's ``AGGGGGGG`` x 4), as one scan over its
@@ -122,6 +129,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str | bool = "none"
     head_statistics: str = "two_pass"
+    head_logits: str = "float32"
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
@@ -144,6 +152,13 @@ class ModelConfig:
             raise ValueError(f"scan_layers: expected True or False, got {self.scan_layers!r}")
         if self.head_statistics not in HEAD_STATISTICS:
             raise ValueError(f"head_statistics: expected one of {HEAD_STATISTICS}, got {self.head_statistics!r}")
+        if self.head_logits not in HEAD_LOGITS:
+            raise ValueError(f"head_logits: expected one of {HEAD_LOGITS}, got {self.head_logits!r}")
+        if self.head_logits != "float32" and self.head_statistics == "fused_matmul":
+            raise ValueError(
+                f"head_logits: expected 'float32' with head_statistics='fused_matmul' (it writes no logits), "
+                f"got {self.head_logits!r}"
+            )
 
     def _validate_pattern(self) -> None:
         if not isinstance(self.layer_pattern, str):

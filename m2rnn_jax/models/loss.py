@@ -98,7 +98,8 @@ def head_loss_sums(
         chunk_size: tokens per chunk of the head (default: :func:`~m2rnn_jax.models.lm_head_loss.default_num_chunks`).
         groups: contiguous token groups of the head: the number of devices the batch rows are split over (1 on one
             device; see :mod:`m2rnn_jax.models.lm_head_loss`). The model config's ``head_statistics`` applies with
-            one group; with several the jnp statistics run (the fused kernel cannot be split by XLA).
+            one group; with several the jnp statistics run (the fused kernel cannot be split by XLA). Its
+            ``head_logits`` sets the dtype of the logits.
 
     Returns:
         (:class:`~m2rnn_jax.models.lm_head_loss.LMHeadLoss` with ``correct`` shaped (B, S), aux loss (scalar f32)).
@@ -119,6 +120,7 @@ def head_loss_sums(
         compute_dtype=model.config.compute_dtype,
         groups=groups,
         statistics=model.config.head_statistics if groups == 1 else "two_pass",
+        logits_dtype=None if model.config.head_logits == "float32" else model.config.compute_dtype,
     )
     return head._replace(correct=head.correct.reshape(batch, seq_len)), output.aux_loss
 

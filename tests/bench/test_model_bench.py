@@ -95,6 +95,7 @@ def test_model_bench_json_header(model_run):
         "param_dtype": config.param_dtype,
         "remat": config.remat,
         "head_statistics": config.head_statistics,
+        "head_logits": config.head_logits,
         "scan_layers": config.scan_layers,
     }
     assert report["timing"] == {"iters": 1, "repeats": 1}
@@ -177,6 +178,8 @@ def test_model_bench_json_step_and_sum_rows(model_run):
         (["--model", PRESET, "--remat", "sometimes"], "remat: expected one of"),
         (["--model", PRESET, "--head-statistics", "fused"], "head_statistics: expected one of"),
         (["--shapes", "tiny", "--head-statistics", "two_pass"], "--head-statistics: only with --model PRESET"),
+        (["--model", PRESET, "--head-logits", "half"], "head_logits: expected one of"),
+        (["--shapes", "tiny", "--head-logits", "compute"], "--head-logits: only with --model PRESET"),
     ],
 )
 def test_bench_bad_input_exits_2(args, message, capsys):
@@ -211,6 +214,7 @@ def test_resolve_config_overrides_dtype_and_remat():
     assert model_bench.resolve_config(PRESET, "bfloat16").dtype == "bfloat16"
     assert model_bench.resolve_config(PRESET, remat="full").remat == "full"
     assert model_bench.resolve_config(PRESET, head_statistics="pallas_gpu").head_statistics == "pallas_gpu"
+    assert model_bench.resolve_config(PRESET, head_logits="compute").head_logits == "compute"
     assert model_bench.resolve_config(PRESET).dtype == get_preset(PRESET).dtype
     with pytest.raises(ValueError, match="dtype: expected one of"):
         model_bench.resolve_config(PRESET, "int8")

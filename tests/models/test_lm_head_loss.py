@@ -312,6 +312,28 @@ def test_training_loss_takes_the_head_statistics_of_the_model_config(monkeypatch
     np.testing.assert_allclose(head.nll_sum, expected_head.nll_sum, rtol=1e-6)
 
 
+def test_training_loss_takes_the_head_logits_of_the_model_config(monkeypatch):
+    """head_loss_sums passes the compute dtype as logits_dtype when model.config.head_logits is "compute"."""
+    from m2rnn_jax.models import loss as loss_module
+
+    seen = []
+
+    def spy(*args, logits_dtype, **kwargs):
+        seen.append(logits_dtype)
+        return lm_head_cross_entropy(*args, **kwargs, logits_dtype=logits_dtype)
+
+    monkeypatch.setattr(loss_module, "lm_head_cross_entropy", spy)
+    ids = jax.random.randint(jax.random.key(4), (2, 5), 0, 256, dtype=jnp.int32)
+    config = tiny_config("A").replace(dtype="bfloat16")
+    sums = {}
+    for head_logits in ("float32", "compute"):
+        model = Decoder(config.replace(head_logits=head_logits), rngs=nnx.Rngs(0))
+        sums[head_logits] = loss_module.head_loss_sums(model, ids, ids)[0].nll_sum
+    assert seen == [None, jnp.bfloat16]
+    assert float(sums["float32"]) != float(sums["compute"])  # the logits were rounded
+    np.testing.assert_allclose(sums["compute"], sums["float32"], rtol=1e-2)
+
+
 def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():
     """8 fake CPU devices (subprocess): sharded == unsharded, and one group per device moves the all-reduce of the
     kernel gradient out of the loop (with one group it is inside, once per chunk); the train step's group count is
