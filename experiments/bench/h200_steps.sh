@@ -41,6 +41,9 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     logits16) # the loss with the logits written in bfloat16 (as the plain head does) beside float32 and fused_matmul
            run logits16 300 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics two_pass pallas_gpu \
              fused_matmul --logits-dtypes float32 bfloat16 --json "$OUT/logits16.json" ;;
+    logits16tests) # the gpu tests of the bf16-logits paths (target shape vs the plain head; the statistics kernel)
+           run logits16tests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+             tests/models/test_lm_head_loss.py tests/kernels/test_softmax_xent_gpu.py -k "fused_kernels or compiled" ;;
     logits16profile) # per source line: two_pass and pallas_gpu with bfloat16 logits, 4096-token chunks
            run logits16profile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics two_pass pallas_gpu \
              --logits-dtypes bfloat16 --profile /tmp/logits16profile --json "$OUT/logits16profile.json" ;;

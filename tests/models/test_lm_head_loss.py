@@ -443,13 +443,18 @@ def test_bench_times_the_fused_statistics_in_interpret_mode(statistics):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("statistics", ["pallas_gpu", "fused_matmul"])
-def test_gpu_target_shape_with_the_fused_kernels_matches_the_plain_head(statistics):
-    """As below with the fused statistics kernel or the fused logits GEMM: the same memory bound and agreement
-    with the plain head."""
+@pytest.mark.parametrize(
+    "statistics, logits_dtype",
+    [("pallas_gpu", None), ("fused_matmul", None), ("two_pass", "bfloat16"), ("pallas_gpu", "bfloat16")],
+)
+def test_gpu_target_shape_with_the_fused_kernels_matches_the_plain_head(statistics, logits_dtype):
+    """As below with the fused statistics kernel, the fused logits GEMM or bfloat16 logits: the same memory bound
+    and agreement with the plain head."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    result = bench_lm_head_loss(8, 4096, 1024, 100352, "bfloat16", 2, 2, statistics=statistics)
+    result = bench_lm_head_loss(
+        8, 4096, 1024, 100352, "bfloat16", 2, 2, statistics=statistics, logits_dtype=logits_dtype
+    )
     assert result["fwd_bwd_temp_gib"] <= 3.0, result
     assert result["loss_rel_diff"] < 1e-3, result
     assert result["d_hidden_rel_diff"] < 2e-2 and result["d_kernel_rel_diff"] < 2e-2, result
