@@ -23,6 +23,10 @@ from m2rnn_jax.train import overrides
 class OptimizerConfig:
     """AdamW with linear warmup from 0 and cosine decay to ``min_lr_ratio * learning_rate`` (SPEC §10.1).
 
+    ``decay_steps``: None decays from the end of the warmup to the last step; an int holds the peak rate after the
+    warmup and decays over the last ``decay_steps`` steps only (warmup-stable-decay: a long constant rate, e.g.
+    through a curriculum, then an anneal; it must fit in ``steps - warmup_steps``).
+
     ``no_decay_names``: parameters whose name (last path element) is listed get no weight decay (SPEC §0.4:
     biases, norm scales, D, A_log, dt_bias); everything else (projections, conv kernels, embeddings, the M2RNN
     state weight) is decayed. ``grad_clip_norm``: global-norm clipping (None disables it).
@@ -36,6 +40,7 @@ class OptimizerConfig:
     no_decay_names: tuple[str, ...] = ("bias", "scale", "D", "A_log", "dt_bias")
     warmup_steps: int = 2500
     min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
     grad_clip_norm: float | None = 1.0
 
     def __post_init__(self):
@@ -50,6 +55,12 @@ class OptimizerConfig:
             self.warmup_steps,
         )
         require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
+        require(
+            self.decay_steps is None or (is_int(self.decay_steps) and self.decay_steps >= 1),
+            "optimizer.decay_steps",
+            "None or an int >= 1",
+            self.decay_steps,
+        )
         require(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             "optimizer.grad_clip_norm",
@@ -188,6 +199,13 @@ class TrainConfig:
             "optimizer.warmup_steps",
             f"<= steps={self.steps}",
             self.optimizer.warmup_steps,
+        )
+        after_warmup = self.steps - self.optimizer.warmup_steps
+        require(
+            self.optimizer.decay_steps is None or self.optimizer.decay_steps <= after_warmup,
+            "optimizer.decay_steps",
+            f"None or <= steps - warmup_steps = {after_warmup}",
+            self.optimizer.decay_steps,
         )
         lengths = sorted({self.data.seq_len, *self.data.eval_lengths, *(n for _, n in self.data.curriculum)})
         require(

@@ -14,14 +14,24 @@ from m2rnn_jax.train.config import OptimizerConfig
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup 0 -> peak over ``warmup_steps``, then cosine to ``min_lr_ratio * peak`` at ``total_steps``."""
+    """Linear warmup 0 -> peak over ``warmup_steps``, then cosine to ``min_lr_ratio * peak`` at ``total_steps``;
+    with ``decay_steps`` the peak holds until ``total_steps - decay_steps`` and the cosine takes the rest."""
     peak = config.learning_rate
-    decay_steps = max(total_steps - config.warmup_steps, 1)
-    warmup = optax.linear_schedule(0.0, peak, max(config.warmup_steps, 1))
-    cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
-    if config.warmup_steps == 0:
-        return cosine
-    return optax.join_schedules([warmup, cosine], [config.warmup_steps])
+    after_warmup = max(total_steps - config.warmup_steps, 1)
+    if config.decay_steps is not None and config.decay_steps > after_warmup:
+        raise ValueError(
+            f"optimizer.decay_steps: expected at most steps - warmup_steps = {after_warmup}, got {config.decay_steps}"
+        )
+    decay_steps = after_warmup if config.decay_steps is None else config.decay_steps
+    pieces, boundaries = [], []
+    if config.warmup_steps:
+        pieces.append(optax.linear_schedule(0.0, peak, config.warmup_steps))
+        boundaries.append(config.warmup_steps)
+    if decay_steps < after_warmup:
+        pieces.append(optax.constant_schedule(peak))
+        boundaries.append(total_steps - decay_steps)
+    pieces.append(optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio))
+    return pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, boundaries)
 
 
 def _parameter_name(path: tuple[Any, ...]) -> str:

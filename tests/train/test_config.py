@@ -83,6 +83,7 @@ def test_overrides_are_typed_and_applied_together():
         ("model.attention.num_heads=2", "model.attention: this section is not set"),
         ("batch_size=30", "batch_size: expected a multiple of grad_accum_steps"),
         ("model.vocab_size=4", "model.vocab_size: expected >= 6"),
+        ("optimizer.decay_steps=2950", "optimizer.decay_steps: expected None or <= steps - warmup_steps = 2900"),
         ("no_equals_sign", "--set: expected key.sub=value"),
     ],
 )

@@ -30,6 +30,27 @@ def test_schedule_warms_up_from_zero_then_decays_to_the_floor():
     np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("warmup_steps", [0, 10])
+def test_schedule_with_decay_steps_holds_the_peak_then_anneals(warmup_steps):
+    config = OptimizerConfig(learning_rate=1e-3, warmup_steps=warmup_steps, min_lr_ratio=0.1, decay_steps=40)
+    schedule = learning_rate_schedule(config, total_steps=110)
+    for step in (max(warmup_steps, 1), 40, 70):
+        np.testing.assert_allclose(float(schedule(step)), 1e-3, rtol=1e-6)  # stable until 110 - 40
+    np.testing.assert_allclose(float(schedule(90)), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # half way down
+    np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-6)
+    whole = OptimizerConfig(learning_rate=1e-3, warmup_steps=warmup_steps, decay_steps=110 - warmup_steps)
+    default = OptimizerConfig(learning_rate=1e-3, warmup_steps=warmup_steps)
+    for step in (0, 5, 30, 77, 110):  # a decay over everything after the warmup is the default schedule
+        assert float(learning_rate_schedule(whole, 110)(step)) == float(learning_rate_schedule(default, 110)(step))
+
+
+def test_decay_steps_must_fit_after_the_warmup():
+    with pytest.raises(ValueError, match="optimizer.decay_steps"):
+        OptimizerConfig(decay_steps=0)
+    with pytest.raises(ValueError, match=r"optimizer.decay_steps: expected at most steps - warmup_steps = 100"):
+        learning_rate_schedule(OptimizerConfig(warmup_steps=10, decay_steps=101), total_steps=110)
+
+
 def test_weight_decay_mask_follows_spec_0_4():
     model = nnx.eval_shape(lambda: Decoder(tiny_config("MARU", vocab_size=32), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
