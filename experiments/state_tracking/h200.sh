@@ -172,7 +172,8 @@ if (( SMOKE )); then
   PRESET_GRACE=60
   PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   TIMES=(--recipe cpu --train-length 4 --hidden-size 16 --num-layers 1 --batch-size 4 --iters 1 --repeats 1)
-  PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set batch_size=4 --set data.seq_len=6
+  PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set optimizer.decay_steps=null
+                --set batch_size=4 --set data.seq_len=6
                 --set 'data.curriculum=[]' --set 'data.eval_lengths=[6]' --set data.eval_batch_size=8
                 --set data.eval_batches=1 --set model.hidden_size=16 --set model.num_layers=1
                 --set model.layer_pattern=M --set model.mlp.intermediate_size=16)
