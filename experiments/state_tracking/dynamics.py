@@ -28,7 +28,6 @@ the readout at every position is the probe's own (checked in the tests against t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
@@ -37,7 +36,7 @@ import numpy as np
 
 from experiments.state_tracking.positions import evaluation_batch
 from experiments.state_tracking.probe import Params, init_params, load_state, make_optimizer
-from m2rnn_jax.data.atomic import atomic_file
+from m2rnn_jax.bench.report import write_json
 from m2rnn_jax.data.state_tracking import GROUPS, Group, get_group
 from m2rnn_jax.ops.m2rnn import m2rnn
 
@@ -237,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     result = analyse(args)
     print("\n".join(summary_lines(result)))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(args.out) as temporary:
-            temporary.write_text(json.dumps(result) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -46,7 +46,6 @@ that has already left the plateau and learned the short lengths.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -56,6 +55,7 @@ import numpy as np
 import optax
 
 from experiments.state_tracking.positions import accuracy_curves, evaluation_batch
+from m2rnn_jax.bench.report import write_json
 from m2rnn_jax.data.atomic import atomic_file
 from m2rnn_jax.data.state_tracking import GROUPS, get_group, state_tracking_batch
 from m2rnn_jax.ops.m2rnn import m2rnn
@@ -383,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = " ".join(f"@{n}={100 * position[n - 1]:.1f}%" for n in shown)
     print(f"{args.cell} {args.group}: {result['steps_done']}/{args.steps} steps, {result['seconds']} s, {cells}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(args.out) as temporary:
-            temporary.write_text(json.dumps(result) + "\n")
+        write_json(args.out, result)
     return 0
 
 
