@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.state_tracking.positions import evaluation_batch
-from experiments.state_tracking.probe import Params, init_params, load_state, make_optimizer
+from experiments.state_tracking.probe import Params, init_params, initial_state, load_state, make_optimizer
 from m2rnn_jax.bench.report import write_json
 from m2rnn_jax.data.state_tracking import GROUPS, Group, get_group
 from m2rnn_jax.ops.m2rnn import m2rnn
@@ -51,39 +52,34 @@ def load_probe(path: Path, group: Group, heads: int, k: int, v: int, query: str)
     return params, step
 
 
-@jax.jit
-def state_trajectory(params: Params, tokens: jax.Array, h0: jax.Array) -> jax.Array:
-    """(B, S) tokens from the state h0 (B, H, K, V) -> the state after every token, (S, B, H, K, V)."""
+class Trajectory(NamedTuple):
+    """The states after every token, (S, B, H, K, V), and the probe's argmax at every position, (B, S) int32."""
 
-    def step(h: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array]:
+    states: jax.Array
+    predictions: jax.Array
+
+
+@jax.jit
+def trajectory(params: Params, tokens: jax.Array, h0: jax.Array) -> Trajectory:
+    """(B, S) tokens run from the state h0 (B, H, K, V), one token at a time through the op."""
+
+    def step(h: jax.Array, token: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         heads, k = params["q"].shape[-2:]
         q = params["q"][token] if params["q"].ndim == 3 else jnp.broadcast_to(params["q"], (token.shape[0], heads, k))
         forget = jax.nn.sigmoid(params["f"][token])
-        _, h = m2rnn(
+        y, h = m2rnn(
             q[:, None], params["k"][token][:, None], params["v"][token][:, None], params["w"], forget[:, None], h,
             backend="scan",
         )  # fmt: skip
-        return h, h
+        return h, (h, y.reshape(y.shape[0], -1))
 
-    _, states = jax.lax.scan(step, h0, tokens.T)
-    return states
-
-
-@jax.jit
-def predictions(params: Params, tokens: jax.Array, states: jax.Array) -> jax.Array:
-    """The probe's argmax at every position, (B, S) int32, from the states (S, B, H, K, V) after each token."""
-    if params["q"].ndim == 3:  # a query per token
-        outputs = jnp.einsum("sbhkv,sbhk->sbhv", states, params["q"][tokens.T])
-    else:
-        outputs = jnp.einsum("sbhkv,hk->sbhv", states, params["q"])
-    logits = outputs.reshape(*outputs.shape[:2], -1) @ params["out"]
-    return jnp.argmax(logits, axis=-1).T.astype(jnp.int32)
+    _, (states, outputs) = jax.lax.scan(step, h0, tokens.T)
+    return Trajectory(states, jnp.argmax(outputs @ params["out"], axis=-1).T.astype(jnp.int32))
 
 
-def zero_state(params: Params, batch: int) -> jax.Array:
-    """(B, H, K, V) zeros."""
-    heads, k = params["k"].shape[1:]
-    return jnp.zeros((batch, heads, k, params["w"].shape[-1]), params["w"].dtype)
+def from_zero_state(params: Params, tokens: np.ndarray) -> Trajectory:
+    """:func:`trajectory` of (B, S) tokens from the zero state, as the probe evaluates."""
+    return trajectory(params, jnp.asarray(tokens), initial_state("m2rnn", params, tokens.shape[0]))
 
 
 def offsets_within(span: int) -> list[int]:
@@ -107,18 +103,17 @@ def _distance(a: jax.Array, b: jax.Array) -> np.ndarray:
 
 
 def perturbation_response(
-    params: Params, tokens: np.ndarray, targets: np.ndarray, at: int, eps: float, key: jax.Array
+    params: Params, tokens: np.ndarray, targets: np.ndarray, clean: Trajectory, at: int, eps: float, key: jax.Array
 ) -> dict:
-    """The state after ``at`` tokens plus N(0, eps^2) per entry, run on over the rest of ``tokens`` (B, S)."""
-    tokens_ = jnp.asarray(tokens)
-    clean = state_trajectory(params, tokens_, zero_state(params, tokens.shape[0]))
-    start = clean[at - 1]
+    """The state after ``at`` tokens of ``clean`` (the run of ``tokens`` (B, S) from the zero state) plus N(0, eps^2)
+    per entry, run on over the rest of ``tokens``."""
+    start = clean.states[at - 1]
     perturbed_start = start + eps * jax.random.normal(key, start.shape, start.dtype)
-    perturbed = state_trajectory(params, tokens_[:, at:], perturbed_start)
+    perturbed = trajectory(params, jnp.asarray(tokens[:, at:]), perturbed_start)
     initial = float(_distance(perturbed_start[None], start[None])[0])
-    distance = _distance(perturbed, clean[at:])
-    correct_clean = np.asarray(predictions(params, tokens_, clean)) == targets
-    correct_perturbed = np.asarray(predictions(params, tokens_[:, at:], perturbed)) == targets[:, at:]
+    distance = _distance(perturbed.states, clean.states[at:])
+    correct_clean = np.asarray(clean.predictions) == targets
+    correct_perturbed = np.asarray(perturbed.predictions) == targets[:, at:]
     rows = {}
     for j in offsets_within(tokens.shape[1] - at):
         rows[str(j)] = {
@@ -147,15 +142,13 @@ def equal_product_prefixes(group: Group, tokens: np.ndarray, at: int, seed: int)
     return other
 
 
-def synchronisation(params: Params, group: Group, tokens: np.ndarray, at: int, seed: int) -> dict:
-    """Two prefixes with the same product, the same suffix: how close their states come (see the module doc)."""
-    other = equal_product_prefixes(group, tokens, at, seed)
-    tokens_, other_ = jnp.asarray(tokens), jnp.asarray(other)
-    zero = zero_state(params, tokens.shape[0])
-    first, second = state_trajectory(params, tokens_, zero), state_trajectory(params, other_, zero)
-    pair = _distance(first[at - 1 :], second[at - 1 :])
-    unrelated = _distance(first[at - 1 :], jnp.roll(first[at - 1 :], 1, axis=1))
-    agree = np.asarray(predictions(params, tokens_, first)) == np.asarray(predictions(params, other_, second))
+def synchronisation(params: Params, group: Group, tokens: np.ndarray, first: Trajectory, at: int, seed: int) -> dict:
+    """Two prefixes with the same product, the same suffix: how close their states come (see the module doc);
+    ``first`` is the run of ``tokens`` from the zero state."""
+    second = from_zero_state(params, equal_product_prefixes(group, tokens, at, seed))
+    pair = _distance(first.states[at - 1 :], second.states[at - 1 :])
+    unrelated = _distance(first.states[at - 1 :], jnp.roll(first.states[at - 1 :], 1, axis=1))
+    agree = np.asarray(first.predictions) == np.asarray(second.predictions)
     rows = {}
     for j in [0, *offsets_within(tokens.shape[1] - at)]:
         rows[str(j)] = {
@@ -171,8 +164,8 @@ def analyse(args: argparse.Namespace) -> dict:
     params, step = load_probe(args.init, group, args.heads, args.k, args.v, args.query)
     batch = evaluation_batch(args.group, args.length, args.sequences)
     tokens, targets = batch["inputs"], batch["targets"]
-    states = state_trajectory(params, jnp.asarray(tokens), zero_state(params, tokens.shape[0]))
-    accuracy = (np.asarray(predictions(params, jnp.asarray(tokens), states)) == targets).mean(axis=0)
+    clean = from_zero_state(params, tokens)
+    accuracy = (np.asarray(clean.predictions) == targets).mean(axis=0)
     key = jax.random.key(args.seed)
     return {
         "args": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
@@ -180,10 +173,10 @@ def analyse(args: argparse.Namespace) -> dict:
         "parameters": parameter_summary(params),
         "accuracy": [float(a) for a in accuracy],
         "perturbation": [
-            perturbation_response(params, tokens, targets, args.at, eps, jax.random.fold_in(key, n))
+            perturbation_response(params, tokens, targets, clean, args.at, eps, jax.random.fold_in(key, n))
             for n, eps in enumerate(args.eps)
         ],
-        "synchronisation": synchronisation(params, group, tokens, args.at, args.seed),
+        "synchronisation": synchronisation(params, group, tokens, clean, args.at, args.seed),
     }
 
 

@@ -31,12 +31,12 @@ def _tokens(batch: int = 16, length: int = 12, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("query", ["fixed", "token"])
 def test_stepwise_states_give_the_probe_s_predictions(query):
-    params, tokens = _params(query), jnp.asarray(_tokens())
-    states = dynamics.state_trajectory(params, tokens, dynamics.zero_state(params, tokens.shape[0]))
+    params, tokens = _params(query), _tokens()
+    states, predictions = dynamics.from_zero_state(params, tokens)
     assert states.shape == (12, 16, 2, 2, 8)
-    expected = jnp.argmax(probe.logits("m2rnn", params, tokens, backend="scan"), axis=-1)
-    np.testing.assert_array_equal(dynamics.predictions(params, tokens, states), expected)
-    _, final = probe.recurrent_features("m2rnn", params, tokens, "scan")
+    expected = jnp.argmax(probe.logits("m2rnn", params, jnp.asarray(tokens), backend="scan"), axis=-1)
+    np.testing.assert_array_equal(predictions, expected)
+    _, final = probe.recurrent_features("m2rnn", params, jnp.asarray(tokens), "scan")
     np.testing.assert_allclose(states[-1], final, rtol=1e-5, atol=1e-6)
 
 
@@ -52,11 +52,11 @@ def test_a_cell_of_the_last_token_only_synchronises_at_once():
     # W = 0 and forget ~ 0: the state after a token is tanh(k v^T) of that token alone
     params = _params(forget_logit=-40.0, zero_w=True)
     tokens = _tokens()
-    targets = running_products(S3, tokens)
-    result = dynamics.synchronisation(params, S3, tokens, at=4, seed=0)
+    targets, clean = running_products(S3, tokens), dynamics.from_zero_state(params, tokens)
+    result = dynamics.synchronisation(params, S3, tokens, clean, at=4, seed=0)
     assert result["after"]["0"]["distance_ratio"] > 0.1  # the two prefixes end in different tokens
     assert result["after"]["1"] == {"distance_ratio": 0.0, "agreement": 1.0}
-    response = dynamics.perturbation_response(params, tokens, targets, at=4, eps=0.1, key=jax.random.key(0))
+    response = dynamics.perturbation_response(params, tokens, targets, clean, at=4, eps=0.1, key=jax.random.key(0))
     assert response["initial_distance"] == pytest.approx(0.1 * np.sqrt(2 * 2 * 8), rel=0.3)
     assert response["after"]["1"]["distance_ratio"] == 0.0
     assert all(row["accuracy"] == row["accuracy_clean"] for row in response["after"].values())
@@ -65,12 +65,12 @@ def test_a_cell_of_the_last_token_only_synchronises_at_once():
 def test_a_cell_that_keeps_its_state_never_contracts_a_perturbation():
     params = _params(forget_logit=40.0)  # forget = 1 in float32: H_t = H_{t-1}
     tokens = _tokens()
-    targets = running_products(S3, tokens)
-    response = dynamics.perturbation_response(params, tokens, targets, at=4, eps=0.1, key=jax.random.key(0))
+    targets, clean = running_products(S3, tokens), dynamics.from_zero_state(params, tokens)
+    response = dynamics.perturbation_response(params, tokens, targets, clean, at=4, eps=0.1, key=jax.random.key(0))
     assert list(response["after"]) == ["1", "2", "4", "8"]
     for row in response["after"].values():
         assert row["distance_ratio"] == pytest.approx(1.0, rel=1e-5)
-    unperturbed = dynamics.perturbation_response(params, tokens, targets, at=4, eps=0.0, key=jax.random.key(0))
+    unperturbed = dynamics.perturbation_response(params, tokens, targets, clean, at=4, eps=0.0, key=jax.random.key(0))
     assert all(row["distance_ratio"] == 0.0 for row in unperturbed["after"].values())
 
 
