@@ -8,11 +8,14 @@
 #   call 4: state-tracking-a5-large (seed 0, the learned query) alone for the whole budget: trained 4 -> 64,
 #           evaluated at 64/256/1024: >= 99% at 256 (4x)? (SEARCH.md rows 23 and 25);
 #   call 5: state-tracking-s5-large the same (reaches 64 only when run again on the warm machine: it resumes)
+#   call 6: the recurrence alone (probe.py), annealed on the GPU: A5 at 64 from SEARCH.md row 37's saved model and
+#           S5 at 16 from row 36b's, each a constant-rate stage then a cosine to 1e-5 (--anneal-steps), batch 512
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
 #          OUT=/tmp/st4 bash experiments/state_tracking/h200.sh 4
 #          OUT=/tmp/st5 bash experiments/state_tracking/h200.sh 5
+#          OUT=/tmp/st6 bash experiments/state_tracking/h200.sh 6
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
 #          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
 #          OUT=/tmp/st_times bash experiments/state_tracking/h200.sh times   (each model's train step alone, <= 3 min:
@@ -87,6 +90,16 @@
 #   sequences, the ~1M sequences after which they learned A5 at length 4 on the CPU, take seconds); JOBS=4 starts
 #   all four at once (probes train to 350 / 440 s) at the price of the compare runs' GPU share (a quarter, not half).
 #   (state-tracking-s5-large: call 5)
+# call 6 (one process at a time, all the cores):
+#   anneal_a5     probe.py from results/cpu_a5/..._more_anneal2.npz (row 37: 100 / 97.9 / 78.8% at 64 / 128 / 256,
+#                 17k steps of 128 at 64 on the CPU): 8000 steps at 1e-3, then 12000 annealed to 1e-5, batch 512,
+#                 length 64; training ends by 230 s, evaluated to 512 (8x)
+#   anneal_s5     the same from results/cpu_s5/s5_m2rnn_16_anneal.npz (row 36b: 99.3 / 76.0 / 30.2% at 16 / 32 /
+#                 64): 15000 constant + 25000 annealed steps at 16; training ends by 450 s, evaluated to 128 (8x)
+#   Why: on the CPU annealing at the final length moved the exact range from 0.56x to 1.7x (rows 33-37) and it was
+#   still growing; the GPU runs ~10x the CPU's sequences per call (row 19: 52k steps of 512 at 4-16 in 110 s, with
+#   another process). The step counts are estimates (~10 ms a step at 64, ~3 ms at 16, from row 19, not measured
+#   at 64): a run cut by its deadline reports the steps it made (steps_done) and the rate it had reached.
 # call 3 (2 processes):
 #   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
 #                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
@@ -110,11 +123,11 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CALL=${1:-}
 MODE=${2:-}
-if [[ "$CALL" != 1 && "$CALL" != 2 && "$CALL" != 3 && "$CALL" != 4 && "$CALL" != 5 && "$CALL" != times ]] \
+if [[ ! "$CALL" =~ ^[1-6]$ && "$CALL" != times ]] \
   || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
-  echo "usage: OUT=DIR bash $0 {1|2|3|4|5|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
+  echo "usage: OUT=DIR bash $0 {1|2|3|4|5|6|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
     "call 3 = state-tracking-s3-small (float32, bfloat16), call 4 / 5 = state-tracking-a5-large / s5-large," \
-    "times = each model's train step alone (step_times)" >&2
+    "call 6 = the probe annealed (A5, S5), times = each model's train step alone (step_times)" >&2
   exit 2
 fi
 SMOKE=0; [[ "$MODE" == --smoke ]] && SMOKE=1
@@ -168,8 +181,11 @@ if (( SMOKE )); then
   RUNS=${RUNS:-$OUT}
   SEEDS="0 1"
   STOP=${SMOKE_BUDGET:-3600}; TIMES_END=$STOP; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
-  LARGE_END=$STOP
+  LARGE_END=$STOP; ANNEAL_A5_END=$STOP; ANNEAL_S5_END=$STOP
   PRESET_GRACE=60
+  ANNEAL=(--batch-size 4 --eval-sequences 8)
+  ANNEAL_A5=(--train-length 8 --eval-length 16 2 2)    # length, evaluation length, constant and annealed steps
+  ANNEAL_S5=(--train-length 4 --eval-length 8 2 2)
   PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   TIMES=(--recipe cpu --train-length 4 --hidden-size 16 --num-layers 1 --batch-size 4 --iters 1 --repeats 1)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set optimizer.decay_steps=null
@@ -189,12 +205,17 @@ else
   PROBE_RNN_END=$(( BUDGET - 100 ))     # 440
   SMALL_END=$(( BUDGET - 120 ))         # 420: SIGTERM for both s3-small runs
   LARGE_END=$(( BUDGET - 120 ))         # 420: SIGTERM for the -large run of call 4 or 5
+  ANNEAL_A5_END=$(( BUDGET - 310 ))     # 230: end of anneal_a5's training (call 6), killed 60 s later
+  ANNEAL_S5_END=$(( BUDGET - 90 ))      # 450: end of anneal_s5's
+  ANNEAL=(--batch-size 512 --eval-sequences 1024)
+  ANNEAL_A5=(--train-length 64 --eval-length 512 8000 12000)
+  ANNEAL_S5=(--train-length 16 --eval-length 128 15000 25000)
   PRESET_GRACE=75
   PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024)
   PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
 fi
 PROBE_EVAL=15   # seconds of a probe's evaluation (to 64): its kill comes 45 s after that
-[[ $CALL == times || $CALL == 4 || $CALL == 5 ]] && JOBS=1   # one process alone on the GPU, with all the cores
+[[ $CALL == times || $CALL == [456] ]] && JOBS=1   # one process alone on the GPU, with all the cores
 OUT=${OUT:-/tmp/st$CALL}
 START=$SECONDS
 CORES=$(nproc)
@@ -280,6 +301,17 @@ probe_job() {
   job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
     --group a5 "${PROBE[@]}" --seconds @LEFT@ --out "$OUT/$name.json" "$@"
 }
+# anneal_job NAME END GROUP INIT --train-length L --eval-length E CONSTANT ANNEALED: the probe's M2RNN cell (row 13:
+# 8 heads K=4 x V=64) from the saved model INIT (its step count continues), CONSTANT steps at 1e-3, then ANNEALED
+# steps on a cosine to 1e-5, at length L; training ends by END on its own clock, then the evaluation to E.
+anneal_job() {
+  local name=$1 end=$2 group=$3 init=$4 length=("$5" "$6") evaluation=("$7" "$8") constant=$9 annealed=${10}
+  job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
+    --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --init "$init" "${length[@]}" \
+    --lr 1e-3 --min-lr-ratio 0.01 --steps +$(( constant + annealed )) --anneal-steps "$annealed" \
+    "${ANNEAL[@]}" "${evaluation[@]}" --log-seconds 20 --seconds @LEFT@ --out "$OUT/$name.json" \
+    --save "$OUT/$name.npz"
+}
 # preset_job NAME END GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM at END (it then saves,
 # evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
 preset_job() {
@@ -307,6 +339,11 @@ case $CALL in
     ;;
   4) preset_job a5_large "$LARGE_END" a5 large 0 ;;
   5) preset_job s5_large "$LARGE_END" s5 large 0 ;;
+  6)
+    RESULTS=experiments/state_tracking/results
+    anneal_job anneal_a5 "$ANNEAL_A5_END" a5 $RESULTS/cpu_a5/a5_m2rnn_levers_full_bptt_64_more_anneal2.npz "${ANNEAL_A5[@]}"
+    anneal_job anneal_s5 "$ANNEAL_S5_END" s5 $RESULTS/cpu_s5/s5_m2rnn_16_anneal.npz "${ANNEAL_S5[@]}"
+    ;;
   times)
     job times "$TIMES_END" 0 15 python3 -m experiments.state_tracking.step_times "${TIMES[@]}" \
       --json "$OUT/step_times.json"
@@ -338,7 +375,7 @@ for report in "$OUT"/s3/compare.md "$OUT"/a5/compare.md; do [[ -f "$report" ]] &
 for log in "$OUT"/s3_small*.log "$OUT"/[as]5_large.log; do
   [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done
-for log in "$OUT"/probe_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
+for log in "$OUT"/probe_*.log "$OUT"/anneal_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
 # The device returns at most 8 files from $OUT, none deeper than two folders: pack everything into one archive
 # (the text above is also in the call's output). Unpack here with `tar xzf st_call<N>.tgz`.
 if [[ -z "${KEEP_OUT_TREE:-}" && "$RUNS" != "$OUT" ]]; then  # (RUNS = OUT: the runs stay for resuming)

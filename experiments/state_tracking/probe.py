@@ -18,9 +18,10 @@ be a lookup of x_1 in the state by x_2's query, the decoders' shortcut without t
 is linear (``--readout linear``) or, as the decoders' residual stream and MLP give it, a ReLU MLP of the recurrent
 output and the current token's embedding (``--readout token_mlp``, width ``--width``: position 2 can then be a
 lookup of x_1 from the state and x_2 from the token path, the other shortcut). AdamW
-(warmup, cosine to 10% over ``--steps``, clip 1); ``--seconds`` stops training earlier (with a ``--steps`` far
-beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ...
-of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
+(warmup, cosine to ``--min-lr-ratio`` (10%) of ``--lr`` over ``--steps``; with ``--anneal-steps N`` the rate holds
+at ``--lr`` and the cosine takes the last N steps only; clip 1); ``--seconds`` stops training earlier (with a
+``--steps`` far beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4
+5 6 8 12 16 ... of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
 
 Two training-only levers on what the recurrence sees beyond its training length (evaluation is unchanged: the whole
 sequence in one pass from a zero state, no noise):
@@ -39,8 +40,10 @@ sequence in one pass from a zero state, no noise):
   levers, LEN must be a multiple of ``--noise-every``.
 
 ``--save PATH`` writes the trained parameters and optimizer state (.npz) and ``--init PATH`` starts from them (the
-same cell flags, ``--steps`` and ``--lr``; the step count continues), so several levers can start from one model
-that has already left the plateau and learned the short lengths.
+same cell flags; the step count continues), so several levers can start from one model that has already left the
+plateau and learned the short lengths. ``--steps +N`` then trains N more steps (the schedule still counts from
+step 0), and ``--steps +N --anneal-steps A`` holds ``--lr`` for N - A of them and anneals over the last A (the
+annealing of SEARCH.md rows 33-38, there done by choosing ``--steps`` so the cosine was near its end).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from m2rnn_jax.bench.report import write_json
 from m2rnn_jax.data.atomic import atomic_file
 from m2rnn_jax.data.state_tracking import GROUPS, get_group, state_tracking_batch
 from m2rnn_jax.ops.m2rnn import m2rnn
+from m2rnn_jax.train.config import OptimizerConfig
+from m2rnn_jax.train.optimizer import learning_rate_schedule
 
 Params = dict[str, jax.Array]
 
@@ -209,14 +214,22 @@ def segmented_features(
     return features
 
 
-def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
-    """AdamW at ``lr`` (warmup of min(100, steps / 2), cosine to lr / 10 at ``steps``), global-norm clip 1."""
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(
-            optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 2), steps, lr / 10), weight_decay=0.0
-        ),
+def learning_rate(lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None) -> optax.Schedule:
+    """Linear warmup 0 -> ``lr`` over min(100, steps / 2) steps, then a cosine to ``lr * min_lr_ratio`` at ``steps``;
+    with ``anneal_steps`` the rate holds at ``lr`` until ``steps - anneal_steps`` and the cosine takes the rest (the
+    library's warmup-stable-decay schedule, :func:`m2rnn_jax.train.optimizer.learning_rate_schedule`)."""
+    config = OptimizerConfig(
+        learning_rate=lr, warmup_steps=min(100, steps // 2), min_lr_ratio=min_lr_ratio, decay_steps=anneal_steps
     )
+    return learning_rate_schedule(config, steps)
+
+
+def make_optimizer(
+    lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None
+) -> optax.GradientTransformation:
+    """AdamW (no weight decay) on the :func:`learning_rate` schedule, global-norm clip 1."""
+    schedule = learning_rate(lr, steps, min_lr_ratio, anneal_steps)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -224,7 +237,7 @@ def train(args: argparse.Namespace) -> dict:
     group = get_group(args.group)
     key = jax.random.key(args.seed)
     params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query, args.readout)
-    optimizer = make_optimizer(args.lr, args.steps)
+    optimizer = make_optimizer(args.lr, args.steps, args.min_lr_ratio, args.anneal_steps)
     opt_state = optimizer.init(params)
     first = 0
     if args.init is not None:
@@ -287,6 +300,12 @@ def save_state(path: Path, params: Params, opt_state: optax.OptState, step: int)
         np.savez(handle, step=np.asarray(step), **{f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
 
 
+def saved_step(path: Path) -> int:
+    """The number of steps done by the run that wrote ``path`` (a :func:`save_state` file)."""
+    with np.load(path) as saved:
+        return int(saved["step"])
+
+
 def load_state(path: Path, params: Params, opt_state: optax.OptState) -> tuple[Params, optax.OptState, int]:
     """The state :func:`save_state` wrote, in the structure of ``params`` and ``opt_state`` (those of the same
     flags); raises ValueError when the leaves' count or shapes differ."""
@@ -327,9 +346,23 @@ def main(argv: list[str] | None = None) -> int:
         default=[4],
         help="training length; several: a curriculum, each for an equal share of --steps (of --seconds if given)",
     )
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument(
+        "--steps",
+        default="4000",
+        help="the step count the schedule ends at; +N: N more than --init's saved count (a continued run's length)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="the cosine ends at --lr times this, at step --steps"
+    )
+    parser.add_argument(
+        "--anneal-steps",
+        type=int,
+        metavar="N",
+        help="hold --lr after the warmup and anneal (the cosine) over the last N of --steps only; with --init the "
+        "step count continues, so --steps SAVED+C+N gives C constant steps, then N annealed",
+    )
     parser.add_argument("--seconds", type=float, help="stop training after this long (then evaluate)")
     parser.add_argument(
         "--state-noise",
@@ -360,11 +393,28 @@ def main(argv: list[str] | None = None) -> int:
         "batches and noise draws do not repeat the earlier run's",
     )
     args = parser.parse_args(argv)
+    more = args.steps.startswith("+")
+    try:
+        args.steps = int(args.steps.removeprefix("+"))
+    except ValueError:
+        parser.error(f"--steps: expected a positive int or +N, got {args.steps!r}")
+    if more and args.init is not None and args.steps >= 1:
+        try:
+            args.steps += saved_step(args.init)
+        except (OSError, KeyError, ValueError) as error:
+            parser.error(f"--init: expected a --save file (.npz with a step count), got {args.init} ({error})")
     for name in ("width", "heads", "k", "v", "steps", "batch_size", "eval_length", "eval_sequences"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if min(args.train_length) < 1:
         parser.error(f"--train-length: expected positive lengths, got {args.train_length}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        parser.error(f"--min-lr-ratio: expected a value in [0, 1], got {args.min_lr_ratio}")
+    warmup = min(100, args.steps // 2)
+    if args.anneal_steps is not None and not 1 <= args.anneal_steps <= args.steps - warmup:
+        parser.error(
+            f"--anneal-steps: expected an int in [1, --steps - warmup = {args.steps - warmup}], got {args.anneal_steps}"
+        )
     if args.seconds is not None and args.seconds <= 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
     if not args.state_noise >= 0.0:

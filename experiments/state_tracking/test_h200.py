@@ -51,7 +51,7 @@ def test_script_parses():
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (("6",), {}, "usage: OUT=DIR bash"),
+        (("7",), {}, "usage: OUT=DIR bash"),
         (("1", "--fast"), {}, "usage: OUT=DIR bash"),
         (("times", "--fast"), {}, "usage: OUT=DIR bash"),
         (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
@@ -89,7 +89,7 @@ def test_call_1_default_is_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("budget", [300, 540, 600])
-@pytest.mark.parametrize("call", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("call", [1, 2, 3, 4, 5, 6])
 def test_every_job_is_killed_before_the_reports(tmp_path, call, budget):
     for name, until, _ in plan(tmp_path, call, BUDGET=str(budget)):
         assert until <= budget - 30, name  # the last 30 s: reports, archive, printing
@@ -115,3 +115,20 @@ def test_calls_4_and_5_train_one_large_preset_alone_for_the_whole_budget(tmp_pat
     assert flag_values(words, "--groups") == [group] and flag_values(words, "--size") == ["large"]
     assert flag_values(words, "--seeds") == ["0"] and flag_values(words, "--out")[0].endswith(f"call{call}/{name}")
     assert "--set" not in words  # the preset as it is
+
+
+def test_call_6_anneals_the_saved_probes_one_after_another(tmp_path):
+    """Each run continues a saved CPU model in the repo (the same cell flags as the file) for +N steps, a constant
+    stage and then the anneal, and evaluates to 8x its training length."""
+    planned = plan(tmp_path, 6, JOBS="2")  # one at a time even with JOBS=2
+    assert [(name, until) for name, until, _ in planned] == [("anneal_a5", 290), ("anneal_s5", 510)]
+    root = SCRIPT.parents[2]
+    for (name, _, words), group, length in zip(planned, ["a5", "s5"], [64, 16], strict=True):
+        assert (root / flag_values(words, "--init")[0]).is_file()  # a saved CPU model in the repo
+        [steps], [annealed] = flag_values(words, "--steps"), flag_values(words, "--anneal-steps")
+        assert steps.startswith("+") and int(steps) > int(annealed) > 0  # a constant stage, then the anneal
+        assert flag_values(words, "--group") == [group] and flag_values(words, "--train-length") == [str(length)]
+        assert flag_values(words, "--eval-length") == [str(8 * length)]
+        assert [flag_values(words, flag) for flag in ("--heads", "--k", "--v")] == [["8"], ["4"], ["64"]]
+        assert flag_values(words, "--min-lr-ratio") == ["0.01"]
+        assert flag_values(words, "--save")[0].endswith(f"{name}.npz")

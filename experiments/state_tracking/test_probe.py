@@ -212,3 +212,41 @@ def test_save_and_init_continue_the_run(tmp_path, capsys):
     assert probe.main(argv + ["--steps", "30", "--init", str(saved), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["steps_done"] == 30 and result["start_step"] == 20 and result["log"][0]["step"] == 21
+    assert probe.main(argv + ["--steps", "+5", "--init", str(saved), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["steps_done"] == 25 and result["start_step"] == 20  # +N: N more than the saved count
+
+
+def test_learning_rate_default_is_warmup_cosine_to_a_tenth():
+    """Without --anneal-steps the schedule is the one every earlier probe run used (optax's warmup cosine)."""
+    schedule = probe.learning_rate(1e-3, 1000)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000, 1e-4)
+    for step in (0, 50, 100, 400, 999, 1000, 5000):
+        np.testing.assert_allclose(float(schedule(step)), float(reference(step)), rtol=1e-6, atol=1e-12)
+
+
+def test_learning_rate_anneal_holds_then_decays_to_the_floor():
+    schedule = probe.learning_rate(1e-3, 1000, min_lr_ratio=0.01, anneal_steps=200)
+    for step in (100, 500, 800):
+        np.testing.assert_allclose(float(schedule(step)), 1e-3, rtol=1e-6)  # the peak holds until 1000 - 200
+    np.testing.assert_allclose(float(schedule(900)), 1e-3 * (1 + 0.01) / 2, rtol=1e-5)  # the cosine's midpoint
+    np.testing.assert_allclose(float(schedule(1000)), 1e-5, rtol=1e-5)
+    assert float(schedule(850)) > float(schedule(900)) > float(schedule(950))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--min-lr-ratio", "-0.1"],
+        ["--min-lr-ratio", "1.5"],
+        ["--anneal-steps", "0"],
+        ["--steps", "1000", "--anneal-steps", "901"],  # more than --steps less the warmup of 100
+        ["--steps", "+0"],
+        ["--steps", "ten"],
+        ["--steps", "+5", "--init", "/nonexistent/state.npz"],
+    ],
+)
+def test_probe_rejects_bad_schedule_flags(flags, capsys):
+    with pytest.raises(SystemExit):
+        probe.main(flags)
+    assert flags[-2] in capsys.readouterr().err
