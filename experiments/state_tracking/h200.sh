@@ -9,7 +9,7 @@
 #           evaluated at 64/256/1024: >= 99% at 256 (4x)? (SEARCH.md rows 23 and 25);
 #   call 5: state-tracking-s5-large the same (reaches 64 only when run again on the warm machine: it resumes)
 #   call 6: the recurrence alone (probe.py), annealed on the GPU: A5 at 64 from SEARCH.md row 37's saved model and
-#           S5 at 16 from row 36b's, each a constant-rate stage then a cosine to 1e-5 (--anneal-steps), batch 512
+#           S5 at 16 from row 36b's, each a constant-rate stage then a cosine to 1e-5 by the clock, batch 512
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
@@ -92,14 +92,15 @@
 #   (state-tracking-s5-large: call 5)
 # call 6 (one process at a time, all the cores):
 #   anneal_a5     probe.py from results/cpu_a5/..._more_anneal2.npz (row 37: 100 / 97.9 / 78.8% at 64 / 128 / 256,
-#                 17k steps of 128 at 64 on the CPU): 8000 steps at 1e-3, then 12000 annealed to 1e-5, batch 512,
-#                 length 64; training ends by 230 s, evaluated to 512 (8x)
+#                 17k steps of 128 at 64 on the CPU), length 64, batch 512: 1e-3 for the first 40% of its time,
+#                 then a cosine to 1e-5 over the rest (--anneal-fraction 0.6); training ends by 230 s, evaluated
+#                 to 512 (8x)
 #   anneal_s5     the same from results/cpu_s5/s5_m2rnn_16_anneal.npz (row 36b: 99.3 / 76.0 / 30.2% at 16 / 32 /
-#                 64): 15000 constant + 25000 annealed steps at 16; training ends by 450 s, evaluated to 128 (8x)
+#                 64), length 16; training ends by 450 s, evaluated to 128 (8x)
 #   Why: on the CPU annealing at the final length moved the exact range from 0.56x to 1.7x (rows 33-37) and it was
-#   still growing; the GPU runs ~10x the CPU's sequences per call (row 19: 52k steps of 512 at 4-16 in 110 s, with
-#   another process). The step counts are estimates (~10 ms a step at 64, ~3 ms at 16, from row 19, not measured
-#   at 64): a run cut by its deadline reports the steps it made (steps_done) and the rate it had reached.
+#   still growing; the GPU runs many times the CPU's sequences per call (row 19: 52k steps of 512 at 4-16 in
+#   110 s, with another process). The step rate at 64 is not measured, so the anneal follows the clock and ends
+#   with the run whatever the rate.
 # call 3 (2 processes):
 #   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
 #                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
@@ -181,11 +182,12 @@ if (( SMOKE )); then
   RUNS=${RUNS:-$OUT}
   SEEDS="0 1"
   STOP=${SMOKE_BUDGET:-3600}; TIMES_END=$STOP; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
-  LARGE_END=$STOP; ANNEAL_A5_END=$STOP; ANNEAL_S5_END=$STOP
+  LARGE_END=$STOP
+  ANNEAL_A5_END=45; ANNEAL_S5_END=110   # the anneals train by the clock (--steps 10000000): ~30 s each
   PRESET_GRACE=60
   ANNEAL=(--batch-size 4 --eval-sequences 8)
-  ANNEAL_A5=(--train-length 8 --eval-length 16 2 2)    # length, evaluation length, constant and annealed steps
-  ANNEAL_S5=(--train-length 4 --eval-length 8 2 2)
+  ANNEAL_A5=(--train-length 8 --eval-length 16)
+  ANNEAL_S5=(--train-length 4 --eval-length 8)
   PROBE=(--train-length 4 --steps 3 --batch-size 4 --eval-length 8 --eval-sequences 8)
   TIMES=(--recipe cpu --train-length 4 --hidden-size 16 --num-layers 1 --batch-size 4 --iters 1 --repeats 1)
   PRESET_SMOKE=(--set steps=3 --set optimizer.warmup_steps=1 --set optimizer.decay_steps=null
@@ -208,8 +210,8 @@ else
   ANNEAL_A5_END=$(( BUDGET - 310 ))     # 230: end of anneal_a5's training (call 6), killed 60 s later
   ANNEAL_S5_END=$(( BUDGET - 90 ))      # 450: end of anneal_s5's
   ANNEAL=(--batch-size 512 --eval-sequences 1024)
-  ANNEAL_A5=(--train-length 64 --eval-length 512 8000 12000)
-  ANNEAL_S5=(--train-length 16 --eval-length 128 15000 25000)
+  ANNEAL_A5=(--train-length 64 --eval-length 512)
+  ANNEAL_S5=(--train-length 16 --eval-length 128)
   PRESET_GRACE=75
   PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024)
   PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
@@ -301,16 +303,15 @@ probe_job() {
   job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
     --group a5 "${PROBE[@]}" --seconds @LEFT@ --out "$OUT/$name.json" "$@"
 }
-# anneal_job NAME END GROUP INIT --train-length L --eval-length E CONSTANT ANNEALED: the probe's M2RNN cell (row 13:
-# 8 heads K=4 x V=64) from the saved model INIT (its step count continues), CONSTANT steps at 1e-3, then ANNEALED
-# steps on a cosine to 1e-5, at length L; training ends by END on its own clock, then the evaluation to E.
+# anneal_job NAME END GROUP INIT --train-length L --eval-length E: the probe's M2RNN cell (row 13: 8 heads K=4 x
+# V=64) from the saved model INIT (its step count continues) at length L, 1e-3 then annealed by the clock to 1e-5
+# over the last 60% of its time; training ends by END on its own clock, then the evaluation to E.
 anneal_job() {
-  local name=$1 end=$2 group=$3 init=$4 length=("$5" "$6") evaluation=("$7" "$8") constant=$9 annealed=${10}
+  local name=$1 end=$2 group=$3 init=$4; shift 4
   job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
-    --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --init "$init" "${length[@]}" \
-    --lr 1e-3 --min-lr-ratio 0.01 --steps +$(( constant + annealed )) --anneal-steps "$annealed" \
-    "${ANNEAL[@]}" "${evaluation[@]}" --log-seconds 20 --seconds @LEFT@ --out "$OUT/$name.json" \
-    --save "$OUT/$name.npz"
+    --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --init "$init" "$@" --lr 1e-3 \
+    --steps 10000000 --min-lr-ratio 0.01 --anneal-fraction 0.6 "${ANNEAL[@]}" --log-seconds 20 --seconds @LEFT@ \
+    --out "$OUT/$name.json" --save "$OUT/$name.npz"
 }
 # preset_job NAME END GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM at END (it then saves,
 # evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).

@@ -20,8 +20,10 @@ output and the current token's embedding (``--readout token_mlp``, width ``--wid
 lookup of x_1 from the state and x_2 from the token path, the other shortcut). AdamW
 (warmup, cosine to ``--min-lr-ratio`` (10%) of ``--lr`` over ``--steps``; with ``--anneal-steps N`` the rate holds
 at ``--lr`` and the cosine takes the last N steps only; clip 1); ``--seconds`` stops training earlier (with a
-``--steps`` far beyond what fits, the learning rate stays near its peak). Prints the accuracy at positions 1 2 3 4
-5 6 8 12 16 ... of the comparison's fixed evaluation set and writes ``--out`` (JSON) atomically.
+``--steps`` far beyond what fits, the learning rate stays near its peak), and ``--anneal-fraction F`` then anneals
+by the clock: the rate is multiplied by a cosine from 1 to ``--min-lr-ratio`` over the last F of ``--seconds``.
+Prints the accuracy at positions 1 2 3 4 5 6 8 12 16 ... of the comparison's fixed evaluation set and writes
+``--out`` (JSON) atomically.
 
 Two training-only levers on what the recurrence sees beyond its training length (evaluation is unchanged: the whole
 sequence in one pass from a zero state, no noise):
@@ -49,6 +51,7 @@ annealing of SEARCH.md rows 33-38, there done by choosing ``--steps`` so the cos
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -224,6 +227,14 @@ def learning_rate(lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps
     return learning_rate_schedule(config, steps)
 
 
+def timed_anneal(elapsed: float, seconds: float, fraction: float, min_lr_ratio: float) -> float:
+    """The factor on the rate after ``elapsed`` of ``seconds`` of training: 1, then over the last ``fraction`` of
+    the time a cosine to ``min_lr_ratio`` (an anneal that ends with the run whatever its step rate)."""
+    start = seconds * (1.0 - fraction)
+    progress = min(max((elapsed - start) / (seconds * fraction), 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def make_optimizer(
     lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None
 ) -> optax.GradientTransformation:
@@ -255,9 +266,10 @@ def train(args: argparse.Namespace) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(predicted, targets).mean()
 
     @jax.jit
-    def step(params, opt_state, inputs, targets, key):
+    def step(params, opt_state, inputs, targets, key, rate_factor):
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda update: update * rate_factor, updates)  # no weight decay: the rate times it
         return optax.apply_updates(params, updates), opt_state, loss
 
     started = time.perf_counter()
@@ -272,12 +284,19 @@ def train(args: argparse.Namespace) -> dict:
         length = args.train_length[min(int(progress * len(args.train_length)), len(args.train_length) - 1)]
         batch = state_tracking_batch(group, seed=args.seed, step=number, batch_size=args.batch_size, seq_len=length)
         inputs, targets = jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])
-        params, opt_state, loss = step(params, opt_state, inputs, targets, jax.random.fold_in(noise_key, number))
+        factor = (
+            1.0
+            if args.anneal_fraction is None
+            else timed_anneal(elapsed, args.seconds, args.anneal_fraction, args.min_lr_ratio)
+        )
+        key = jax.random.fold_in(noise_key, number)
+        params, opt_state, loss = step(params, opt_state, inputs, targets, key, jnp.float32(factor))
         steps_done = number + 1
         seconds = time.perf_counter() - started
         due = args.log_seconds is not None and seconds - last_log >= args.log_seconds
         if (number + 1) % max(args.steps // 10, 1) == 0 or length != last_length or due:
-            log.append({"step": number + 1, "length": length, "loss": float(loss), "seconds": round(seconds, 1)})
+            entry = {"step": number + 1, "length": length, "loss": float(loss), "seconds": round(seconds, 1)}
+            log.append(entry if args.anneal_fraction is None else entry | {"rate_factor": factor})
             print(f"step {number + 1}: length {length}, loss {float(loss):.4f} ({seconds:.0f} s)", flush=True)
             last_length, last_log = length, seconds
     if args.save is not None:
@@ -365,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, help="stop training after this long (then evaluate)")
     parser.add_argument(
+        "--anneal-fraction",
+        type=float,
+        metavar="F",
+        help="with --seconds: the rate (the schedule's) is multiplied by a cosine from 1 to --min-lr-ratio over the "
+        "last F of the training time, so the anneal ends with the run at any step rate",
+    )
+    parser.add_argument(
         "--state-noise",
         type=float,
         default=0.0,
@@ -417,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.seconds is not None and args.seconds <= 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
+    if args.anneal_fraction is not None:
+        if args.seconds is None or args.anneal_steps is not None:
+            parser.error("--anneal-fraction: expected --seconds and no --anneal-steps beside it")
+        if not 0.0 < args.anneal_fraction <= 1.0:
+            parser.error(f"--anneal-fraction: expected a value in (0, 1], got {args.anneal_fraction}")
     if not args.state_noise >= 0.0:
         parser.error(f"--state-noise: expected a non-negative number, got {args.state_noise}")
     if args.noise_every < 1:

@@ -250,3 +250,38 @@ def test_probe_rejects_bad_schedule_flags(flags, capsys):
     with pytest.raises(SystemExit):
         probe.main(flags)
     assert flags[-2] in capsys.readouterr().err
+
+
+def test_timed_anneal_holds_then_follows_a_cosine_to_the_floor():
+    assert probe.timed_anneal(0.0, 100.0, 0.4, 0.01) == 1.0
+    assert probe.timed_anneal(60.0, 100.0, 0.4, 0.01) == 1.0  # the anneal starts at 100 - 40
+    np.testing.assert_allclose(probe.timed_anneal(80.0, 100.0, 0.4, 0.01), (1 + 0.01) / 2)
+    np.testing.assert_allclose(probe.timed_anneal(100.0, 100.0, 0.4, 0.01), 0.01)
+    np.testing.assert_allclose(probe.timed_anneal(130.0, 100.0, 0.4, 0.01), 0.01)  # past the end: the floor
+
+
+def test_probe_anneals_by_the_clock(tmp_path):
+    """--anneal-fraction 1: every logged step carries its rate factor, falling from ~1 towards --min-lr-ratio."""
+    out = tmp_path / "annealed.json"
+    argv = ["--cell", "m2rnn", "--group", "s3", "--train-length", "3", "--steps", "100000", "--heads", "2"]
+    argv += ["--k", "2", "--v", "8", "--eval-length", "3", "--eval-sequences", "8", "--batch-size", "8"]
+    argv += ["--seconds", "8", "--anneal-fraction", "1", "--min-lr-ratio", "0.05", "--log-seconds", "0.25"]
+    assert probe.main(argv + ["--out", str(out)]) == 0
+    factors = [entry["rate_factor"] for entry in json.loads(out.read_text())["log"]]
+    assert len(factors) >= 2 and factors == sorted(set(factors), reverse=True)  # strictly falling
+    assert all(0.05 <= factor <= 1.0 for factor in factors) and factors[-1] < 0.6  # logged near the end
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--anneal-fraction", "0.5"],  # no --seconds
+        ["--seconds", "10", "--anneal-fraction", "0"],
+        ["--seconds", "10", "--anneal-fraction", "1.5"],
+        ["--seconds", "10", "--steps", "1000", "--anneal-steps", "10", "--anneal-fraction", "0.5"],
+    ],
+)
+def test_probe_rejects_bad_anneal_fraction(flags, capsys):
+    with pytest.raises(SystemExit):
+        probe.main(flags)
+    assert "--anneal-fraction" in capsys.readouterr().err
