@@ -101,8 +101,8 @@ class ModelConfig:
             an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
         head_logits: the dtype the head's logits GEMM writes, one of :data:`HEAD_LOGITS`: "float32" (default), or
             "compute" (the compute dtype: each logit rounded once, as the plain ``hidden @ kernel`` in bfloat16 and
-            PyTorch's autocast give them; half the bytes the statistics read; the softmax stays float32). Not with
-            ``head_statistics="fused_matmul"``, which writes no logits.
+            PyTorch's autocast give them; half the bytes the statistics read; the softmax stays float32; the paper
+            presets' setting). ``head_statistics="fused_matmul"`` writes no logits and does not read it.
         scan_layers: run each run of consecutive blocks with the same mixer letter as one ``jax.lax.scan`` over
             their stacked parameters (compiled once per run instead of once per block), and each *period*, a
             sequence of runs repeated back to back (the 7B hybrid's ``AGGGGGGG`` x 4), as one scan over its
@@ -154,11 +154,6 @@ class ModelConfig:
             raise ValueError(f"head_statistics: expected one of {HEAD_STATISTICS}, got {self.head_statistics!r}")
         if self.head_logits not in HEAD_LOGITS:
             raise ValueError(f"head_logits: expected one of {HEAD_LOGITS}, got {self.head_logits!r}")
-        if self.head_logits != "float32" and self.head_statistics == "fused_matmul":
-            raise ValueError(
-                f"head_logits: expected 'float32' with head_statistics='fused_matmul' (it writes no logits), "
-                f"got {self.head_logits!r}"
-            )
 
     def _validate_pattern(self) -> None:
         if not isinstance(self.layer_pattern, str):

@@ -99,7 +99,7 @@ def head_loss_sums(
         groups: contiguous token groups of the head: the number of devices the batch rows are split over (1 on one
             device; see :mod:`m2rnn_jax.models.lm_head_loss`). The model config's ``head_statistics`` applies with
             one group; with several the jnp statistics run (the fused kernel cannot be split by XLA). Its
-            ``head_logits`` sets the dtype of the logits.
+            ``head_logits`` sets the dtype of the logits ("fused_matmul" writes none).
 
     Returns:
         (:class:`~m2rnn_jax.models.lm_head_loss.LMHeadLoss` with ``correct`` shaped (B, S), aux loss (scalar f32)).
@@ -111,6 +111,8 @@ def head_loss_sums(
     output = model(inputs, segment_ids=segment_ids, return_hidden=True)
     batch, seq_len, width = output.hidden.shape
     weights = None if loss_mask is None else (loss_mask != 0).astype(jnp.float32).reshape(-1)
+    statistics = model.config.head_statistics if groups == 1 else "two_pass"
+    in_compute_dtype = model.config.head_logits == "compute" and statistics != "fused_matmul"  # it writes none
     head = lm_head_cross_entropy(
         output.hidden.reshape(batch * seq_len, width),
         model.head_kernel(),
@@ -119,8 +121,8 @@ def head_loss_sums(
         chunk_size=chunk_size,
         compute_dtype=model.config.compute_dtype,
         groups=groups,
-        statistics=model.config.head_statistics if groups == 1 else "two_pass",
-        logits_dtype=None if model.config.head_logits == "float32" else model.config.compute_dtype,
+        statistics=statistics,
+        logits_dtype=model.config.compute_dtype if in_compute_dtype else None,
     )
     return head._replace(correct=head.correct.reshape(batch, seq_len)), output.aux_loss
 

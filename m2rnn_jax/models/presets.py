@@ -163,6 +163,7 @@ def _paper_config(scale: PaperScale, pattern: str, *, rope: bool = False) -> Mod
         mlp=scale.mlp,
         dtype="bfloat16",
         param_dtype="float32",
+        head_logits="compute",  # bf16 logits: the plain bf16 head's loss, -3 ms a step (RESULTS.md session 16)
         **mixers,
     )
 

@@ -313,14 +313,15 @@ def test_training_loss_takes_the_head_statistics_of_the_model_config(monkeypatch
 
 
 def test_training_loss_takes_the_head_logits_of_the_model_config(monkeypatch):
-    """head_loss_sums passes the compute dtype as logits_dtype when model.config.head_logits is "compute"."""
+    """head_loss_sums passes the compute dtype as logits_dtype when model.config.head_logits is "compute", except to
+    "fused_matmul", which writes no logits (with several token groups the jnp statistics run instead, and get it)."""
     from m2rnn_jax.models import loss as loss_module
 
     seen = []
 
-    def spy(*args, logits_dtype, **kwargs):
-        seen.append(logits_dtype)
-        return lm_head_cross_entropy(*args, **kwargs, logits_dtype=logits_dtype)
+    def spy(*args, statistics, logits_dtype, **kwargs):
+        seen.append((statistics, logits_dtype))
+        return lm_head_cross_entropy(*args, **kwargs, logits_dtype=logits_dtype)  # the jnp statistics on CPU
 
     monkeypatch.setattr(loss_module, "lm_head_cross_entropy", spy)
     ids = jax.random.randint(jax.random.key(4), (2, 5), 0, 256, dtype=jnp.int32)
@@ -329,9 +330,14 @@ def test_training_loss_takes_the_head_logits_of_the_model_config(monkeypatch):
     for head_logits in ("float32", "compute"):
         model = Decoder(config.replace(head_logits=head_logits), rngs=nnx.Rngs(0))
         sums[head_logits] = loss_module.head_loss_sums(model, ids, ids)[0].nll_sum
-    assert seen == [None, jnp.bfloat16]
+    assert seen == [("two_pass", None), ("two_pass", jnp.bfloat16)]
     assert float(sums["float32"]) != float(sums["compute"])  # the logits were rounded
     np.testing.assert_allclose(sums["compute"], sums["float32"], rtol=1e-2)
+    seen.clear()
+    fused = Decoder(config.replace(head_logits="compute", head_statistics="fused_matmul"), rngs=nnx.Rngs(0))
+    loss_module.head_loss_sums(fused, ids, ids)
+    loss_module.head_loss_sums(fused, ids, ids, groups=2)
+    assert seen == [("fused_matmul", None), ("two_pass", jnp.bfloat16)]
 
 
 def test_token_groups_keep_the_kernel_gradient_all_reduce_out_of_the_chunk_loop():
