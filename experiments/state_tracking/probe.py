@@ -236,11 +236,12 @@ def timed_anneal(elapsed: float, seconds: float, fraction: float, min_lr_ratio: 
 
 
 def make_optimizer(
-    lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None
+    lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None, weight_decay: float = 0.0
 ) -> optax.GradientTransformation:
-    """AdamW (no weight decay) on the :func:`learning_rate` schedule, global-norm clip 1."""
+    """AdamW on the :func:`learning_rate` schedule (decoupled ``weight_decay`` on every parameter, default none),
+    global-norm clip 1."""
     schedule = learning_rate(lr, steps, min_lr_ratio, anneal_steps)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -248,7 +249,7 @@ def train(args: argparse.Namespace) -> dict:
     group = get_group(args.group)
     key = jax.random.key(args.seed)
     params = init_params(args.cell, group.order, args.width, args.heads, args.k, args.v, key, args.query, args.readout)
-    optimizer = make_optimizer(args.lr, args.steps, args.min_lr_ratio, args.anneal_steps)
+    optimizer = make_optimizer(args.lr, args.steps, args.min_lr_ratio, args.anneal_steps, args.weight_decay)
     opt_state = optimizer.init(params)
     first = 0
     if args.init is not None:
@@ -269,7 +270,7 @@ def train(args: argparse.Namespace) -> dict:
     def step(params, opt_state, inputs, targets, key, rate_factor):
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda update: update * rate_factor, updates)  # no weight decay: the rate times it
+        updates = jax.tree.map(lambda update: update * rate_factor, updates)  # the rate (and the decay) times it
         return optax.apply_updates(params, updates), opt_state, loss
 
     started = time.perf_counter()
@@ -382,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         help="hold --lr after the warmup and anneal (the cosine) over the last N of --steps only; with --init the "
         "step count continues, so --steps SAVED+C+N gives C constant steps, then N annealed",
     )
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay, on every parameter"
+    )
     parser.add_argument("--seconds", type=float, help="stop training after this long (then evaluate)")
     parser.add_argument(
         "--anneal-fraction",
@@ -434,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if min(args.train_length) < 1:
         parser.error(f"--train-length: expected positive lengths, got {args.train_length}")
+    if not args.weight_decay >= 0.0:
+        parser.error(f"--weight-decay: expected a non-negative number, got {args.weight_decay}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min-lr-ratio: expected a value in [0, 1], got {args.min_lr_ratio}")
     warmup = min(100, args.steps // 2)

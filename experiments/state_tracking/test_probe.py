@@ -244,6 +244,7 @@ def test_learning_rate_anneal_holds_then_decays_to_the_floor():
         ["--steps", "+0"],
         ["--steps", "ten"],
         ["--steps", "+5", "--init", "/nonexistent/state.npz"],
+        ["--weight-decay", "-0.1"],
     ],
 )
 def test_probe_rejects_bad_schedule_flags(flags, capsys):
@@ -285,3 +286,16 @@ def test_probe_rejects_bad_anneal_fraction(flags, capsys):
     with pytest.raises(SystemExit):
         probe.main(flags)
     assert "--anneal-fraction" in capsys.readouterr().err
+
+
+def test_weight_decay_shrinks_every_parameter_by_the_rate_times_it():
+    params = {"w": jnp.ones((3, 3)), "k": jnp.full((2,), 2.0)}
+    optimizer = probe.make_optimizer(1e-2, 1000, anneal_steps=10, weight_decay=0.5)  # constant 1e-2 after warmup
+    state = optimizer.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(100):  # past the warmup, where the rate is 1e-2
+        updates, state = optimizer.update(zero, state, params)
+    updates, state = optimizer.update(zero, state, params)
+    np.testing.assert_allclose(updates["w"], -1e-2 * 0.5 * params["w"], rtol=1e-5)
+    np.testing.assert_allclose(updates["k"], -1e-2 * 0.5 * params["k"], rtol=1e-5)
+    assert not np.any(probe.make_optimizer(1e-2, 1000).update(zero, state, params)[0]["w"])  # default: no decay
