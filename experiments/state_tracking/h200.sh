@@ -23,7 +23,9 @@
 #   Environment: JOBS (processes at once, default 2), BUDGET (seconds, default 540), RUNS (where the runs live),
 #   CACHE_ARCHIVE=1 (also return the compilation cache as $OUT/st_jax_cache.tgz, see the end), KEEP_OUT_TREE=1
 #   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files); with --smoke,
-#   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600); COSTS=FILE (a step_times JSON:
+#   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600); call 6: ANNEAL_DECAY (the
+#   probes' --weight-decay, default 0; SEARCH.md row 43), ANNEAL_A5_INIT / ANNEAL_S5_INIT (the saved models it
+#   continues; defaults in the case below); COSTS=FILE (a step_times JSON:
 #   its "runs" replace the COST table below for the models it measured), TIMES_SECONDS (the times call, default 180).
 #
 # Why it looks like this. Session 7 ran 16 processes at once (every compile 2-30x slower, almost every run hit its
@@ -140,6 +142,10 @@ if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || (( BUDGET < 300 )); then
   echo "BUDGET: expected an integer >= 300 (seconds), got '$BUDGET'" >&2; exit 2
 fi
 TIMES_SECONDS=${TIMES_SECONDS:-180}
+ANNEAL_DECAY=${ANNEAL_DECAY:-0}
+if ! [[ "$ANNEAL_DECAY" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "ANNEAL_DECAY: expected a non-negative number, got '$ANNEAL_DECAY'" >&2; exit 2
+fi
 if ! [[ "$TIMES_SECONDS" =~ ^[0-9]+$ ]] || (( TIMES_SECONDS < 60 )); then
   echo "TIMES_SECONDS: expected an integer >= 60 (seconds), got '$TIMES_SECONDS'" >&2; exit 2
 fi
@@ -310,7 +316,8 @@ anneal_job() {
   local name=$1 end=$2 group=$3 init=$4; shift 4
   job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
     --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --init "$init" "$@" --lr 1e-3 \
-    --steps 10000000 --min-lr-ratio 0.01 --anneal-fraction 0.6 "${ANNEAL[@]}" --log-seconds 20 --seconds @LEFT@ \
+    --steps 10000000 --min-lr-ratio 0.01 --anneal-fraction 0.6 --weight-decay "$ANNEAL_DECAY" "${ANNEAL[@]}" \
+    --log-seconds 20 --seconds @LEFT@ \
     --out "$OUT/$name.json" --save "$OUT/$name.npz"
 }
 # preset_job NAME END GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM at END (it then saves,
@@ -342,8 +349,9 @@ case $CALL in
   5) preset_job s5_large "$LARGE_END" s5 large 0 ;;
   6)
     RESULTS=experiments/state_tracking/results
-    anneal_job anneal_a5 "$ANNEAL_A5_END" a5 $RESULTS/cpu_a5/a5_m2rnn_levers_full_bptt_64_more_anneal2.npz "${ANNEAL_A5[@]}"
-    anneal_job anneal_s5 "$ANNEAL_S5_END" s5 $RESULTS/cpu_s5/s5_m2rnn_16_anneal.npz "${ANNEAL_S5[@]}"
+    anneal_job anneal_a5 "$ANNEAL_A5_END" a5 "${ANNEAL_A5_INIT:-$RESULTS/cpu_a5/a5_m2rnn_levers_full_bptt_64_more_anneal2.npz}" \
+      "${ANNEAL_A5[@]}"
+    anneal_job anneal_s5 "$ANNEAL_S5_END" s5 "${ANNEAL_S5_INIT:-$RESULTS/cpu_s5/s5_m2rnn_16_anneal.npz}" "${ANNEAL_S5[@]}"
     ;;
   times)
     job times "$TIMES_END" 0 15 python3 -m experiments.state_tracking.step_times "${TIMES[@]}" \

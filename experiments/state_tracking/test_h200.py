@@ -56,6 +56,7 @@ def test_script_parses():
         (("times", "--fast"), {}, "usage: OUT=DIR bash"),
         (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
         (("2",), {"BUDGET": "100"}, "BUDGET: expected an integer >= 300 (seconds), got '100'"),
+        (("6",), {"ANNEAL_DECAY": "-1"}, "ANNEAL_DECAY: expected a non-negative number, got '-1'"),
     ],
 )
 def test_bad_arguments_start_nothing(tmp_path, args, env, message):
@@ -131,3 +132,11 @@ def test_call_6_anneals_the_saved_probes_one_after_another(tmp_path):
         assert flag_values(words, "--eval-length") == [str(8 * length)]
         assert [flag_values(words, flag) for flag in ("--heads", "--k", "--v")] == [["8"], ["4"], ["64"]]
         assert flag_values(words, "--save")[0].endswith(f"{name}.npz")
+
+
+def test_call_6_takes_the_decay_and_the_saved_models_from_the_environment(tmp_path):
+    default = plan(tmp_path, 6)
+    assert all(flag_values(words, "--weight-decay") == ["0"] for _, _, words in default)
+    planned = plan(tmp_path, 6, ANNEAL_DECAY="1.0", ANNEAL_A5_INIT="a.npz", ANNEAL_S5_INIT="s.npz")
+    assert [flag_values(words, "--weight-decay") for _, _, words in planned] == [["1.0"], ["1.0"]]
+    assert [flag_values(words, "--init") for _, _, words in planned] == [["a.npz"], ["s.npz"]]
