@@ -142,12 +142,12 @@ if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || (( BUDGET < 300 )); then
   echo "BUDGET: expected an integer >= 300 (seconds), got '$BUDGET'" >&2; exit 2
 fi
 TIMES_SECONDS=${TIMES_SECONDS:-180}
+if ! [[ "$TIMES_SECONDS" =~ ^[0-9]+$ ]] || (( TIMES_SECONDS < 60 )); then
+  echo "TIMES_SECONDS: expected an integer >= 60 (seconds), got '$TIMES_SECONDS'" >&2; exit 2
+fi
 ANNEAL_DECAY=${ANNEAL_DECAY:-0}
 if ! [[ "$ANNEAL_DECAY" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
   echo "ANNEAL_DECAY: expected a non-negative number, got '$ANNEAL_DECAY'" >&2; exit 2
-fi
-if ! [[ "$TIMES_SECONDS" =~ ^[0-9]+$ ]] || (( TIMES_SECONDS < 60 )); then
-  echo "TIMES_SECONDS: expected an integer >= 60 (seconds), got '$TIMES_SECONDS'" >&2; exit 2
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}

@@ -217,12 +217,17 @@ def segmented_features(
     return features
 
 
+def warmup_steps(steps: int) -> int:
+    """The schedule's linear warmup: min(100, steps / 2) steps."""
+    return min(100, steps // 2)
+
+
 def learning_rate(lr: float, steps: int, min_lr_ratio: float = 0.1, anneal_steps: int | None = None) -> optax.Schedule:
-    """Linear warmup 0 -> ``lr`` over min(100, steps / 2) steps, then a cosine to ``lr * min_lr_ratio`` at ``steps``;
+    """Linear warmup 0 -> ``lr`` over :func:`warmup_steps`, then a cosine to ``lr * min_lr_ratio`` at ``steps``;
     with ``anneal_steps`` the rate holds at ``lr`` until ``steps - anneal_steps`` and the cosine takes the rest (the
     library's warmup-stable-decay schedule, :func:`m2rnn_jax.train.optimizer.learning_rate_schedule`)."""
     config = OptimizerConfig(
-        learning_rate=lr, warmup_steps=min(100, steps // 2), min_lr_ratio=min_lr_ratio, decay_steps=anneal_steps
+        learning_rate=lr, warmup_steps=warmup_steps(steps), min_lr_ratio=min_lr_ratio, decay_steps=anneal_steps
     )
     return learning_rate_schedule(config, steps)
 
@@ -290,8 +295,8 @@ def train(args: argparse.Namespace) -> dict:
             if args.anneal_fraction is None
             else timed_anneal(elapsed, args.seconds, args.anneal_fraction, args.min_lr_ratio)
         )
-        key = jax.random.fold_in(noise_key, number)
-        params, opt_state, loss = step(params, opt_state, inputs, targets, key, jnp.float32(factor))
+        noise = jax.random.fold_in(noise_key, number)
+        params, opt_state, loss = step(params, opt_state, inputs, targets, noise, jnp.float32(factor))
         steps_done = number + 1
         seconds = time.perf_counter() - started
         due = args.log_seconds is not None and seconds - last_log >= args.log_seconds
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--weight-decay: expected a non-negative number, got {args.weight_decay}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min-lr-ratio: expected a value in [0, 1], got {args.min_lr_ratio}")
-    warmup = min(100, args.steps // 2)
+    warmup = warmup_steps(args.steps)
     if args.anneal_steps is not None and not 1 <= args.anneal_steps <= args.steps - warmup:
         parser.error(
             f"--anneal-steps: expected an int in [1, --steps - warmup = {args.steps - warmup}], got {args.anneal_steps}"
