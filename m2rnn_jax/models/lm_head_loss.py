@@ -32,12 +32,14 @@ Statistics (``statistics``): how each chunk's float32 logits are turned into (lo
 pass that reads the logits and writes ``d logits`` (three reads of the logits with the gradient, two without).
 "pallas_gpu": one fused kernel (:mod:`pallas_kernels.gpu.softmax_xent`, Pallas on Triton, NVIDIA GPUs; any backend
 with ``interpret=True``) that keeps running statistics over vocabulary blocks, then writes ``d logits`` (two reads
-with the gradient, one without). "fused_matmul": no float32 logits at all; the logits GEMM is a Pallas kernel
-(:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes, for the
-gradient, E = exp(logits - target logit) in the compute dtype; the two gradient GEMMs read E with a row scale
-(:func:`_fused_matmul_step`). When E could overflow in any chunk (a row's maximum more than :func:`exp_headroom`,
-~69, above its target logit), the call computes its gradients again with "two_pass". All give the same values up
-to float rounding.
+with the gradient, one without). "one_read": the same kernel given each row's target logit (a gather-dot of
+(C, h), computed first) reads the logits once and writes, in the same pass, E = exp(logits - target logit) in the
+compute dtype instead of ``d logits``; the two gradient GEMMs read E with a row scale (:func:`_exp_gradients`).
+"fused_matmul": no logits in memory at all; the logits GEMM is a Pallas kernel
+(:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes E the same way.
+When E could overflow in any chunk (a row's maximum more than :func:`exp_headroom`, ~69, above its target logit),
+"one_read" and "fused_matmul" compute the call's gradients again with "two_pass". All give the same values up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ from m2rnn_jax.ops.platform import default_platform, on_nvidia_gpu
 CHUNK_LOGITS_ELEMENTS = 2**28
 
 # The ways to compute a chunk's softmax statistics and logits gradient (the module docstring).
-STATISTICS = ("two_pass", "pallas_gpu", "fused_matmul")
-# Compute dtypes "fused_matmul" accepts: its exp(logits - target logit) must not overflow float16's small range.
-FUSED_MATMUL_DTYPES = ("bfloat16", "float32", "float64")
+STATISTICS = ("two_pass", "pallas_gpu", "one_read", "fused_matmul")
+# The statistics whose gradient GEMMs read E = exp(logits - target logit) (:func:`_exp_gradients`).
+EXP_STATISTICS = ("one_read", "fused_matmul")
+# Compute dtypes those accept: E must not overflow float16's small range.
+EXP_DTYPES = ("bfloat16", "float32", "float64")
 
 
 # What one chunk step gives: (nll, hits, (d hidden, add d kernel to a running sum) or None, gradient valid).
@@ -90,7 +94,7 @@ class _Layout(NamedTuple):
     hidden_dtype: Any
     kernel_dtype: Any
     statistics: str
-    logits_dtype: Any  # the dtype the logits GEMM writes ("two_pass", "pallas_gpu")
+    logits_dtype: Any  # the dtype the logits GEMM writes ("two_pass", "pallas_gpu", "one_read")
     interpret: bool
     tiles_config: Any  # LogitsTilesConfig or None (pallas_kernels is imported only when a kernel runs)
 
@@ -142,13 +146,14 @@ def lm_head_cross_entropy(
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
         statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend),
-            "pallas_gpu" (the fused statistics kernel) or "fused_matmul" (the logits GEMM with the statistics in
-            its epilogue; compute dtype bfloat16, float32 or float64); the kernels run on NVIDIA GPUs, or on any
-            backend with ``interpret``.
-        logits_dtype: the float dtype the logits GEMM writes ("two_pass" and "pallas_gpu"; "fused_matmul" writes
-            none): None (default) the accumulation dtype, float32; a lower one (the compute dtype, e.g. "bfloat16",
-            as the plain ``hidden @ kernel`` gives) rounds each logit once, halves the bytes the statistics read and
-            doubles the default chunk; the statistics still run in float32.
+            "pallas_gpu" (the fused statistics kernel), "one_read" (that kernel reading the logits once and writing
+            exp(logits - target logit)) or "fused_matmul" (the logits GEMM with the statistics in its epilogue);
+            the last two take compute dtype bfloat16, float32 or float64; the kernels run on NVIDIA GPUs, or on
+            any backend with ``interpret``.
+        logits_dtype: the float dtype the logits GEMM writes ("two_pass", "pallas_gpu" and "one_read";
+            "fused_matmul" writes none): None (default) the accumulation dtype, float32; a lower one (the compute
+            dtype, e.g. "bfloat16", as the plain ``hidden @ kernel`` gives) rounds each logit once, halves the
+            bytes the statistics read and doubles the default chunk; the statistics still run in float32.
         interpret: run the kernels in Pallas interpret mode (tests on CPU).
         tiles_config: launch parameters of the "fused_matmul" kernel
             (:class:`pallas_kernels.gpu.logits_softmax_tiles.LogitsTilesConfig`); default its ``default_config``.
@@ -219,9 +224,9 @@ def _make_layout(
     )
     compute = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     require(
-        statistics != "fused_matmul" or compute.name in FUSED_MATMUL_DTYPES,
+        statistics not in EXP_STATISTICS or compute.name in EXP_DTYPES,
         "compute_dtype",
-        f"one of {FUSED_MATMUL_DTYPES} with statistics='fused_matmul'",
+        f"one of {EXP_DTYPES} with statistics='{statistics}'",
         compute.name,
     )
     accumulation = jnp.promote_types(jnp.float32, compute)
@@ -370,12 +375,13 @@ def chunk_loss_terms(
 def _chunk_terms(
     layout: _Layout, logits: jax.Array, targets_c: jax.Array, weights_c: jax.Array, with_gradient: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """:func:`chunk_loss_terms` of (G, C, V) logits with the layout's statistics and compute dtype."""
+    """:func:`chunk_loss_terms` of (G, C, V) logits with the layout's statistics and compute dtype ("one_read"
+    without the gradient is "pallas_gpu": the same single read of the kernel)."""
     return chunk_loss_terms(
         logits,
         targets_c,
         weights_c,
-        statistics=layout.statistics,
+        statistics="pallas_gpu" if layout.statistics == "one_read" else layout.statistics,
         d_dtype=layout.compute_dtype,
         with_gradient=with_gradient,
         interpret=layout.interpret,
@@ -394,11 +400,13 @@ def _chunk_step(
     """One chunk: (nll (G, C), argmax == target (G, C), with the gradient of ``sum w * nll`` (d hidden (G, C, h) in
     the accumulation dtype, and a function adding the chunk's d kernel to the running (G, h, V) sum: written as
     ``sum + GEMM`` so that XLA can accumulate in the GEMM's output), else None, and () bool: whether that gradient
-    is valid; False only for a "fused_matmul" chunk whose exp(logits - target logit) may overflow
+    is valid; False only for a chunk of :data:`EXP_STATISTICS` whose exp(logits - target logit) may overflow
     (:func:`exp_headroom`))."""
     if layout.statistics == "fused_matmul":
         return _fused_matmul_step(layout, kernel_c, hidden_c, targets_c, weights_c, with_gradient)
     logits = _chunk_logits(hidden_c, kernel_c, layout.logits_dtype)
+    if layout.statistics == "one_read" and with_gradient:
+        return _one_read_step(layout, logits, kernel_c, hidden_c, targets_c, weights_c)
     nll, hits, d_logits = _chunk_terms(layout, logits, targets_c, weights_c, with_gradient)
     if d_logits is None:
         return nll, hits, None, jnp.bool_(True)
@@ -416,10 +424,109 @@ def _logits_gradients(d_logits: jax.Array, hidden_c: jax.Array, kernel_c: jax.Ar
 
 
 def exp_headroom(dtype: Any, vocab_size: int) -> float:
-    """How far (in logits) a row's maximum may lie above its target logit for "fused_matmul"'s exp(logits -
-    target logit) to stay finite in ``dtype`` and the gradient GEMM summing V of them (times kernel entries up to
-    e^8 ~ 3000) not to overflow: log(dtype max) - log(V) - 8 (69.2 for bfloat16 / float32 at V = 100352)."""
+    """How far (in logits) a row's maximum may lie above its target logit for E = exp(logits - target logit)
+    (:data:`EXP_STATISTICS`) to stay finite in ``dtype`` and the gradient GEMM summing V of them (times kernel
+    entries up to e^8 ~ 3000) not to overflow: log(dtype max) - log(V) - 8 (69.2 for bfloat16 / float32 at
+    V = 100352)."""
     return math.log(float(jnp.finfo(dtype).max)) - math.log(vocab_size) - 8.0
+
+
+class _TargetColumns(NamedTuple):
+    """Each row's target column of the kernel and target logit: the reference of E."""
+
+    columns: jax.Array  # (h, R) kernel[:, t_r] in the compute dtype
+    logits: jax.Array  # (R,) hidden_r . kernel[:, t_r] in the accumulation dtype
+
+
+def _target_columns(layout: _Layout, kernel_c: jax.Array, hidden_flat: jax.Array, targets_flat: jax.Array):
+    """(R, h) hidden and (R,) targets -> :class:`_TargetColumns` (a gather of R columns and R dot products)."""
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+    precision = jax.lax.Precision.HIGHEST if layout.compute_dtype == jnp.float32 else None
+    columns = jnp.take(kernel_c, targets_flat, axis=1)
+    logits = jnp.einsum("rh,hr->r", hidden_flat, columns, precision=precision, preferred_element_type=accumulation)
+    return _TargetColumns(columns, logits)
+
+
+def _exp_gradients(
+    layout: _Layout,
+    kernel_c: jax.Array,
+    hidden_c: jax.Array,
+    targets_flat: jax.Array,
+    weights_flat: jax.Array,
+    target: _TargetColumns,
+    exp_logits: jax.Array,
+    logsumexp: jax.Array,
+    row_max: jax.Array,
+) -> tuple[tuple[jax.Array, Callable[[jax.Array], jax.Array]], jax.Array]:
+    """The chunk's gradients from E = exp(logits - c) (G, C, V) in the compute dtype, c = the target logit.
+
+    With a = w exp(c - logsumexp) (= w / sum E), ``d logits = a E - w onehot(t)``, so
+    ``d hidden = a (E @ kernel.T) - w kernel[:, t].T`` and ``d kernel = (a hidden).T @ E`` minus ``w hidden`` added
+    into column t: the gradient GEMMs read E as it is, the one-hot part is a gather and a scatter of (C, h).
+
+    Returns:
+        ((d hidden (G, C, h), the function adding d kernel to the running sum), () bool: valid, i.e. no (R,)
+        ``row_max`` exceeds c by more than :func:`exp_headroom`).
+    """
+    groups, chunk, width = hidden_c.shape
+    hidden_flat = hidden_c.reshape(-1, width)
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+    scale = weights_flat * jnp.exp(target.logits - logsumexp)  # (R,) a
+    d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
+    d_hidden = d_hidden - (weights_flat[:, None] * target.columns.T.astype(accumulation)).reshape(d_hidden.shape)
+    scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
+    group_ids = jnp.repeat(jnp.arange(groups), chunk)
+    one_hot_part = -(weights_flat[:, None] * hidden_flat.astype(accumulation))  # (R, h) into columns t_r
+
+    def accumulate(d_kernel: jax.Array) -> jax.Array:
+        d_kernel = d_kernel.at[group_ids, :, targets_flat].add(one_hot_part)  # in place on the running sum
+        return d_kernel + _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
+
+    fits = jnp.all(row_max - target.logits <= exp_headroom(layout.compute_dtype, kernel_c.shape[1]))
+    return (d_hidden, accumulate), fits
+
+
+def _one_read_step(
+    layout: _Layout,
+    logits: jax.Array,
+    kernel_c: jax.Array,
+    hidden_c: jax.Array,
+    targets_c: jax.Array,
+    weights_c: jax.Array,
+) -> ChunkResult:
+    """:func:`_chunk_step` with the gradient for "one_read": the statistics kernel
+    (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy` with a reference) reads the chunk's (G, C, V)
+    logits once and writes E = exp(logits - target logit); the nll and hits come from the logits as read (the
+    rounded ones for a lower ``logits_dtype``), the target logit computed here is only E's reference."""
+    from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy  # Pallas-Triton: loaded only when used
+
+    vocab = logits.shape[-1]
+    hidden_flat, targets_flat, weights_flat = (
+        hidden_c.reshape(-1, hidden_c.shape[-1]),
+        targets_c.reshape(-1),
+        weights_c.reshape(-1),
+    )
+    target = _target_columns(layout, kernel_c, hidden_flat, targets_flat)
+    fused = softmax_cross_entropy(
+        logits.reshape(-1, vocab),
+        targets_flat,
+        weights_flat,
+        d_dtype=layout.compute_dtype,
+        reference=target.logits,
+        interpret=layout.interpret,
+    )
+    gradient, fits = _exp_gradients(
+        layout,
+        kernel_c,
+        hidden_c,
+        targets_flat,
+        weights_flat,
+        target,
+        fused.exp_logits.reshape(logits.shape),
+        fused.logsumexp,
+        fused.max,
+    )
+    return fused.nll.reshape(targets_c.shape), (fused.argmax == targets_flat).reshape(targets_c.shape), gradient, fits
 
 
 def _fused_matmul_step(
@@ -431,51 +538,32 @@ def _fused_matmul_step(
     with_gradient: bool,
 ) -> ChunkResult:
     """:func:`_chunk_step` with the logits GEMM fused with the statistics
-    (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no float32 logits in memory.
-
-    With the target logit c as reference the kernel writes E = exp(logits - c) in the compute dtype. With
-    a = w exp(c - logsumexp) (= w / sum E), ``d logits = a E - w onehot(t)``, so
-    ``d hidden = a (E @ kernel.T) - w kernel[:, t].T`` and ``d kernel = (a hidden).T @ E`` minus ``w hidden`` added
-    into column t: the gradient GEMMs read E as it is, the one-hot part is a gather and a scatter of (C, h).
-    The gradient is valid (the last output) when no row's maximum exceeds c by more than :func:`exp_headroom`.
-    """
+    (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no logits in memory. With the target logit c as reference
+    the kernel writes E = exp(logits - c) in the compute dtype, and :func:`_exp_gradients` turns it into the
+    gradients."""
     from pallas_kernels.gpu.logits_softmax_tiles import combine_tiles, logits_softmax_tiles  # Pallas-Triton
 
     groups, chunk, width = hidden_c.shape
     hidden_flat, targets_flat, weights_flat = hidden_c.reshape(-1, width), targets_c.reshape(-1), weights_c.reshape(-1)
-    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
-    precision = jax.lax.Precision.HIGHEST if layout.compute_dtype == jnp.float32 else None
-    target_columns = jnp.take(kernel_c, targets_flat, axis=1)  # (h, R): kernel[:, t_r]
-    target_logits = jnp.einsum(  # (R,) h_r . kernel[:, t_r]
-        "rh,hr->r", hidden_flat, target_columns, precision=precision, preferred_element_type=accumulation
-    )
+    target = _target_columns(layout, kernel_c, hidden_flat, targets_flat)
     tiles = logits_softmax_tiles(
         hidden_flat,
         kernel_c,
-        target_logits,
+        target.logits,
         with_exp=with_gradient,
         config=layout.tiles_config,
         interpret=layout.interpret,
     )
     stats = combine_tiles(tiles)
-    nll = (stats.logsumexp - target_logits).reshape(groups, chunk)
+    nll = (stats.logsumexp - target.logits).reshape(groups, chunk)
     hits = (stats.argmax == targets_flat).reshape(groups, chunk)
     if not with_gradient:
         return nll, hits, None, jnp.bool_(True)
-    scale = weights_flat * jnp.exp(target_logits - stats.logsumexp)  # (R,) a
     exp_logits = tiles.exp_logits.reshape(groups, chunk, -1)
-    d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
-    d_hidden = d_hidden - (weights_flat[:, None] * target_columns.T.astype(accumulation)).reshape(d_hidden.shape)
-    scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
-    group_ids = jnp.repeat(jnp.arange(groups), chunk)
-    one_hot_part = -(weights_flat[:, None] * hidden_flat.astype(accumulation))  # (R, h) into columns t_r
-
-    def accumulate(d_kernel: jax.Array) -> jax.Array:
-        d_kernel = d_kernel.at[group_ids, :, targets_flat].add(one_hot_part)  # in place on the running sum
-        return d_kernel + _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
-
-    fits = jnp.all(stats.max - target_logits <= exp_headroom(layout.compute_dtype, kernel_c.shape[1]))
-    return nll, hits, (d_hidden, accumulate), fits
+    gradient, fits = _exp_gradients(
+        layout, kernel_c, hidden_c, targets_flat, weights_flat, target, exp_logits, stats.logsumexp, stats.max
+    )
+    return nll, hits, gradient, fits
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
@@ -518,11 +606,11 @@ def _scan_with_gradients(
 
 def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals). With
-    "fused_matmul", when any chunk's gradient is not valid (:func:`_fused_matmul_step`), the gradients are computed
-    again with "two_pass" (one ``lax.cond`` per call, outside the chunk loop)."""
+    :data:`EXP_STATISTICS`, when any chunk's gradient is not valid (:func:`_exp_gradients`), the gradients are
+    computed again with "two_pass" (one ``lax.cond`` per call, outside the chunk loop)."""
     kernel_c, chunks = _chunk_inputs(layout, hidden, kernel, targets, weights)
     nll, hits, d_hidden, d_kernel, valid = _scan_with_gradients(layout, kernel_c, chunks)
-    if layout.statistics == "fused_matmul":
+    if layout.statistics in EXP_STATISTICS:
         two_pass = layout._replace(statistics="two_pass")
         d_hidden, d_kernel = jax.lax.cond(
             valid, lambda: (d_hidden, d_kernel), lambda: _scan_with_gradients(two_pass, kernel_c, chunks)[2:4]

@@ -13,9 +13,20 @@ One program owns ``block_rows`` rows and walks the vocabulary in blocks of ``blo
 running (max, sum of exp relative to that max, first argmax, target logit) per row: one read of the logits.
 Pass 2 (only when the gradient is asked for) reads the logits again, last block first (those pass 1 read last may
 still sit in L2), and writes d. Compared with the jnp version (an argmax pass, a sum-of-exp pass, then a pass
-reading the logits and writing d) the gradient costs two float32 reads and one compute-dtype write per element
-instead of three reads, and the statistics alone one read instead of two. Neither R nor V needs to be a multiple
-of the blocks: loads and stores are masked.
+reading the logits and writing d) the gradient costs two reads and one compute-dtype write per element instead of
+three reads, and the statistics alone one read instead of two. Neither R nor V needs to be a multiple of the
+blocks: loads and stores are masked.
+
+With a per-row ``reference`` c (R,) known before the logits are read (the LM head's target logit, a cheap
+gather-dot), pass 1 also writes, block by block as it reads them,
+
+    exp_logits_r = exp(x_r - c_r)                                            (in the compute dtype)
+
+and there is no pass 2: one read and one write per element. The gradient is then d_r = a_r exp_logits_r -
+w_r onehot(t_r) with a_r = w_r exp(c_r - logsumexp_r), which the caller folds into its gradient GEMMs. Each
+element's exponential is taken once, relative to the running max m (it feeds the sum), and scaled by
+exp(m - c_r); exp_logits overflows when a row's maximum exceeds c_r by more than the dtype's log range (~88 for
+bfloat16 / float32), which the caller checks with the returned ``max``.
 
 Checked without a GPU (session 8): the Triton IR this lowers to compiles with triton 3.6 for sm_90 with no
 register spills at 1-16 rows x 1024-4096 columns (78 registers at 2 x 2048, 4 warps); loads are 16-byte vectors.
@@ -88,18 +99,36 @@ class SoftmaxXent(NamedTuple):
         logsumexp: (R,) in ``promote_types(float32, logits dtype)``.
         nll: (R,) ``logsumexp - logits[target]`` in that dtype.
         argmax: (R,) int32, the first index of the row maximum.
-        d_logits: (R, V) ``(softmax - onehot(target)) * weight`` in the requested dtype, or None when not asked for.
+        max: (R,) the row maximum, in the statistics' dtype.
+        d_logits: (R, V) ``(softmax - onehot(target)) * weight`` in the requested dtype; None when not asked for
+            or with a ``reference``.
+        exp_logits: (R, V) ``exp(logits - reference)`` in the requested dtype with a ``reference`` and the
+            gradient, else None.
     """
 
     logsumexp: jax.Array
     nll: jax.Array
     argmax: jax.Array
+    max: jax.Array
     d_logits: jax.Array | None
+    exp_logits: jax.Array | None
 
 
-def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: int, block_rows: int, block_v: int):
-    logsumexp_ref, nll_ref, argmax_ref = out_refs[:3]
-    d_ref = out_refs[3] if len(out_refs) == 4 else None
+def _kernel(
+    logits_ref,
+    targets_ref,
+    weights_ref,
+    *refs,
+    rows: int,
+    vocab: int,
+    block_rows: int,
+    block_v: int,
+    with_reference: bool,
+    with_gradient: bool,
+):
+    reference_ref = refs[0] if with_reference else None
+    logsumexp_ref, nll_ref, argmax_ref, max_ref = refs[with_reference : with_reference + 4]
+    out_ref = refs[with_reference + 4] if with_gradient else None  # d_logits, or exp_logits with a reference
     dtype = jnp.promote_types(jnp.float32, logits_ref.dtype)  # the statistics' dtype
     first_row = pl.program_id(0) * block_rows
     row_ids = first_row + jnp.arange(block_rows, dtype=jnp.int32)
@@ -107,6 +136,9 @@ def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: i
     row_slice = pl.ds(first_row, block_rows)
     targets = pltriton.load(targets_ref.at[row_slice], mask=row_ok, other=0)
     num_blocks = pl.cdiv(vocab, block_v)
+    writes_exp = with_reference and with_gradient
+    if writes_exp:
+        reference = pltriton.load(reference_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
 
     def load_block(j):
         cols = j * block_v + jnp.arange(block_v, dtype=jnp.int32)
@@ -115,14 +147,21 @@ def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: i
         return cols, mask, x.astype(dtype)
 
     def statistics(j, carry):
+        j = jnp.asarray(j, jnp.int32)  # the row index's type, also with x64 enabled (float64 tests)
         top, total, best, target_logit = carry
-        cols, _, x = load_block(j)
+        cols, mask, x = load_block(j)
         block_top = jnp.max(x, axis=1)
         block_best = jnp.min(jnp.where(x == block_top[:, None], cols[None, :], vocab), axis=1)
         new_top = jnp.maximum(top, block_top)
-        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
+        relative = jnp.exp(x - new_top[:, None])
+        total = total * jnp.exp(top - new_top) + jnp.sum(relative, axis=1)
         best = jnp.where(block_top > top, block_best, best)  # strict: an equal later maximum keeps the first index
         target_logit = target_logit + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0), axis=1)
+        if writes_exp:  # exp(x - c) = exp(x - m) exp(m - c): the one exponential per element, rescaled
+            exp_logits = relative * jnp.exp(new_top - reference)[:, None]
+            pltriton.store(
+                out_ref.at[row_slice, pl.ds(j * block_v, block_v)], exp_logits.astype(out_ref.dtype), mask=mask
+            )
         return new_top, total, best, target_logit
 
     # Rows past R start their running max at 0 instead of -inf so that they stay finite (they are never stored);
@@ -138,16 +177,17 @@ def _kernel(logits_ref, targets_ref, weights_ref, *out_refs, rows: int, vocab: i
     pltriton.store(logsumexp_ref.at[row_slice], logsumexp, mask=row_ok)
     pltriton.store(nll_ref.at[row_slice], logsumexp - target_logit, mask=row_ok)
     pltriton.store(argmax_ref.at[row_slice], best, mask=row_ok)
-    if d_ref is None:
+    pltriton.store(max_ref.at[row_slice], top, mask=row_ok)
+    if not with_gradient or writes_exp:
         return
     weights = pltriton.load(weights_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
 
     def gradient(i, _):
-        j = num_blocks - 1 - i  # backwards: the blocks pass 1 read last may still be in L2
+        j = jnp.asarray(num_blocks - 1 - i, jnp.int32)  # backwards: the blocks pass 1 read last may still be in L2
         cols, mask, x = load_block(j)
         onehot = (cols[None, :] == targets[:, None]).astype(dtype)
         d = (jnp.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
-        pltriton.store(d_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(d_ref.dtype), mask=mask)
+        pltriton.store(out_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(out_ref.dtype), mask=mask)
         return 0
 
     lax.fori_loop(0, num_blocks, gradient, 0)
@@ -160,6 +200,7 @@ def softmax_cross_entropy(
     *,
     d_dtype: Any = None,
     with_gradient: bool = True,
+    reference: jax.Array | None = None,
     config: SoftmaxXentConfig | None = None,
     interpret: bool = False,
 ) -> SoftmaxXent:
@@ -170,8 +211,10 @@ def softmax_cross_entropy(
             GPUs; float64 runs in interpret mode).
         targets: (R,) int target ids in [0, V) (not checked: an id outside gives nll = logsumexp, no onehot).
         weights: (R,) token weights scaling the rows of d_logits.
-        d_dtype: dtype of d_logits; default the logits' dtype.
+        d_dtype: dtype of d_logits / exp_logits; default the logits' dtype.
         with_gradient: False computes only the statistics (one read of the logits, ``d_logits`` None).
+        reference: optional (R,) float per-row reference c: with the gradient, write ``exp_logits = exp(logits -
+            c)`` in the statistics' single read instead of ``d_logits`` (the module docstring).
         config: launch parameters; default :func:`default_config`.
         interpret: run the kernel in Pallas interpret mode (any backend, for tests).
 
@@ -190,21 +233,39 @@ def softmax_cross_entropy(
         raise ValueError(f"targets: expected an int array of shape ({rows},), got {targets.dtype} {targets.shape}")
     if weights.shape != (rows,):
         raise ValueError(f"weights: expected shape ({rows},), got {weights.shape}")
+    if reference is not None and (reference.shape != (rows,) or not jnp.issubdtype(reference.dtype, jnp.floating)):
+        raise ValueError(
+            f"reference: expected a float array of shape ({rows},), got {reference.dtype} {reference.shape}"
+        )
     config = default_config(rows, vocab) if config is None else config
     dtype = jnp.promote_types(jnp.float32, logits.dtype)
-    out_shape = [
-        jax.ShapeDtypeStruct((rows,), dtype),
-        jax.ShapeDtypeStruct((rows,), dtype),
-        jax.ShapeDtypeStruct((rows,), jnp.int32),
-    ]
+    out_shape = [jax.ShapeDtypeStruct((rows,), dtype) for _ in range(2)]
+    out_shape += [jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), dtype)]
     if with_gradient:
         out_shape.append(jax.ShapeDtypeStruct((rows, vocab), jnp.dtype(dtype if d_dtype is None else d_dtype)))
+    inputs = [logits, targets.astype(jnp.int32), weights.astype(dtype)]
+    if reference is not None:
+        inputs.append(reference.astype(dtype))
+    kernel = functools.partial(
+        _kernel,
+        rows=rows,
+        vocab=vocab,
+        block_rows=config.block_rows,
+        block_v=config.block_v,
+        with_reference=reference is not None,
+        with_gradient=with_gradient,
+    )
+    writes_exp = with_gradient and reference is not None
+    name = "softmax_cross_entropy" + ("_and_exp" if writes_exp else "_and_gradient" if with_gradient else "")
     outputs = pl.pallas_call(
-        functools.partial(_kernel, rows=rows, vocab=vocab, block_rows=config.block_rows, block_v=config.block_v),
+        kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(rows, config.block_rows),),
         compiler_params=config.compiler_params(),
         interpret=interpret,
-        name="softmax_cross_entropy" + ("_and_gradient" if with_gradient else ""),
-    )(logits, targets.astype(jnp.int32), weights.astype(dtype))
-    return SoftmaxXent(*outputs[:3], outputs[3] if with_gradient else None)
+        name=name,
+    )(*inputs)
+    gradient = outputs[4] if with_gradient else None
+    return SoftmaxXent(
+        *outputs[:4], d_logits=None if writes_exp else gradient, exp_logits=gradient if writes_exp else None
+    )

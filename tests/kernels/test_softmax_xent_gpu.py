@@ -69,6 +69,60 @@ def test_kernel_matches_jnp_in_interpret_mode(rows, vocab, block_rows, block_v):
         np.testing.assert_array_equal(got, full)
 
 
+def reference_logits(logits, targets, offset: float = 0.3):
+    """A per-row reference near each row's target logit (as the LM head's gather-dot gives it: not exactly the
+    logit read), on logits without hard_logits' +-1e4 and -3e3 rows (exp(logits - c) overflows there)."""
+    logits = logits.at[2].set(logits[5]).at[4].set(logits[6])
+    return logits, jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] + offset
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, block_rows, block_v",
+    [(13, 300, 4, 64), (8, 256, 8, 256), (17, 70, 16, 128)],
+    ids=["ragged_both", "exact_blocks", "vocab_below_block"],
+)
+def test_kernel_with_a_reference_writes_exp_logits_in_one_read(rows, vocab, block_rows, block_v):
+    """With a reference c the kernel writes exp(logits - c) instead of d_logits (no second pass) and the same
+    statistics; a exp_logits - w onehot, a = w exp(c - logsumexp), is d_logits."""
+    logits, targets, weights = hard_logits(rows * vocab, rows, vocab, scale=5.0)
+    logits, reference = reference_logits(logits, targets)
+    config = SoftmaxXentConfig(block_rows=block_rows, block_v=block_v, num_warps=4, num_stages=1)
+    out = softmax_cross_entropy(logits, targets, weights, reference=reference, config=config, interpret=True)
+    assert out.d_logits is None and out.exp_logits.dtype == jnp.float32
+    np.testing.assert_allclose(out.exp_logits, jnp.exp(logits - reference[:, None]), rtol=1e-5, atol=1e-30)
+    np.testing.assert_array_equal(out.max, jnp.max(logits, axis=-1))
+    plain = softmax_cross_entropy(logits, targets, weights, config=config, interpret=True)
+    for name in ("logsumexp", "nll", "argmax", "max"):
+        np.testing.assert_array_equal(getattr(out, name), getattr(plain, name), err_msg=name)
+    scale = weights * jnp.exp(reference - out.logsumexp)
+    onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
+    d_logits = scale[:, None] * out.exp_logits - weights[:, None] * onehot
+    np.testing.assert_allclose(d_logits, plain.d_logits, rtol=1e-5, atol=1e-6)
+    stats_only = softmax_cross_entropy(
+        logits, targets, weights, with_gradient=False, reference=reference, config=config, interpret=True
+    )
+    assert stats_only.d_logits is None and stats_only.exp_logits is None
+    np.testing.assert_array_equal(stats_only.logsumexp, out.logsumexp)
+
+
+def test_kernel_writes_exp_logits_of_bfloat16_logits_in_bfloat16():
+    logits, targets, weights = hard_logits(4, 9, 200, scale=3.0)
+    logits, reference = reference_logits(logits.astype(jnp.bfloat16).astype(jnp.float32), targets)
+    config = SoftmaxXentConfig(block_rows=4, block_v=64, num_warps=4, num_stages=1)
+    out = softmax_cross_entropy(
+        logits.astype(jnp.bfloat16),
+        targets,
+        weights,
+        d_dtype=jnp.bfloat16,
+        reference=reference,
+        config=config,
+        interpret=True,
+    )
+    assert out.exp_logits.dtype == jnp.bfloat16 and out.max.dtype == jnp.float32
+    expected = jnp.exp(logits - reference[:, None])
+    np.testing.assert_allclose(out.exp_logits.astype(jnp.float32), expected, rtol=8e-3, atol=1e-30)
+
+
 def test_kernel_writes_d_logits_in_the_compute_dtype():
     logits, targets, weights = hard_logits(3, 9, 200)
     config = SoftmaxXentConfig(block_rows=4, block_v=64, num_warps=4, num_stages=1)
@@ -110,6 +164,8 @@ def test_bad_inputs_raise():
         softmax_cross_entropy(logits, targets[:3], weights, interpret=True)
     with pytest.raises(ValueError, match=r"weights: expected shape \(6,\)"):
         softmax_cross_entropy(logits, targets, weights[:2], interpret=True)
+    with pytest.raises(ValueError, match=r"reference: expected a float array of shape \(6,\)"):
+        softmax_cross_entropy(logits, targets, weights, reference=targets, interpret=True)
     with pytest.raises(ValueError, match="block_v: expected a power of two, got 96"):
         SoftmaxXentConfig(block_v=96)
     with pytest.raises(ValueError, match="num_warps: expected a positive int"):
@@ -176,6 +232,27 @@ def test_compiled_kernel_matches_jnp_on_gpu(rows, vocab):
     np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(out.argmax, argmax)
     np.testing.assert_allclose(out.d_logits.astype(jnp.float32), d_logits, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, vocab", [(300, 100352), (64, 50257)])
+def test_compiled_kernel_with_a_reference_matches_jnp_on_gpu(rows, vocab):
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    logits, targets, weights = hard_logits(rows, rows, vocab, scale=4.0)
+    logits, reference = reference_logits(logits, targets)
+    bf16_logits = logits.astype(jnp.bfloat16)
+    out = jax.jit(lambda *a: softmax_cross_entropy(*a, d_dtype=jnp.bfloat16, reference=reference))(
+        bf16_logits, targets, weights
+    )
+    rounded = bf16_logits.astype(jnp.float32)
+    logsumexp, nll, argmax, _ = jax.jit(jnp_statistics)(rounded, targets, weights)
+    np.testing.assert_allclose(out.logsumexp, logsumexp, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out.argmax, argmax)
+    np.testing.assert_array_equal(out.max, jnp.max(rounded, axis=-1))
+    expected = jnp.exp(rounded - reference[:, None])
+    np.testing.assert_allclose(out.exp_logits.astype(jnp.float32), expected, rtol=1e-2, atol=1e-30)
 
 
 @pytest.mark.gpu
