@@ -10,12 +10,16 @@
 #   call 5: state-tracking-s5-large the same (reaches 64 only when run again on the warm machine: it resumes)
 #   call 6: the recurrence alone (probe.py), annealed on the GPU: A5 at 64 from SEARCH.md row 37's saved model and
 #           S5 at 16 from row 36b's, each a constant-rate stage then a cosine to 1e-5 by the clock, batch 512
+#   call 7: the recurrence alone from scratch, one seed (SEED) of one group (SCRATCH_GROUP, a5 or s5), the whole
+#           recipe of SEARCH.md's best row in one call: curriculum at 1e-3, the anneal to 1e-5, then 1e-5 with
+#           weight decay 1.0 (rows 31-43)
 #   Usage: OUT=/tmp/st1 bash experiments/state_tracking/h200.sh 1        (on the device; $OUT is created)
 #          OUT=/tmp/st2 bash experiments/state_tracking/h200.sh 2
 #          OUT=/tmp/st3 bash experiments/state_tracking/h200.sh 3
 #          OUT=/tmp/st4 bash experiments/state_tracking/h200.sh 4
 #          OUT=/tmp/st5 bash experiments/state_tracking/h200.sh 5
 #          OUT=/tmp/st6 bash experiments/state_tracking/h200.sh 6
+#          SEED=0 SCRATCH_GROUP=a5 OUT=/tmp/st7 bash experiments/state_tracking/h200.sh 7
 #          OUT=/tmp/st_smoke bash experiments/state_tracking/h200.sh 1 --smoke   (CPU: the same jobs, tiny budgets)
 #          bash experiments/state_tracking/h200.sh 1 --plan    (prints the jobs and their commands, runs nothing)
 #          OUT=/tmp/st_times bash experiments/state_tracking/h200.sh times   (each model's train step alone, <= 3 min:
@@ -24,8 +28,11 @@
 #   CACHE_ARCHIVE=1 (also return the compilation cache as $OUT/st_jax_cache.tgz, see the end), KEEP_OUT_TREE=1
 #   (keep $OUT as a tree instead of one archive st_call<N>.tgz: the device returns at most 8 files); with --smoke,
 #   SMOKE_JOBS (default 1: the CPU box has 2 cores) and SMOKE_BUDGET (default 3600); call 6: ANNEAL_DECAY (the
-#   probes' --weight-decay, default 0; SEARCH.md row 43), ANNEAL_A5_INIT / ANNEAL_S5_INIT (the saved models it
-#   continues; defaults in the case below); COSTS=FILE (a step_times JSON:
+#   probes' --weight-decay, default 0; SEARCH.md row 43), ANNEAL_LR / ANNEAL_FRACTION / ANNEAL_MIN_RATIO (the
+#   schedule: --lr, default 1e-3; --anneal-fraction, default 0.6; --min-lr-ratio, default 0.01; ANNEAL_LR=1e-5
+#   ANNEAL_MIN_RATIO=1 ANNEAL_DECAY=1.0 is row 43's constant low rate with decay), ANNEAL_A5_INIT / ANNEAL_S5_INIT
+#   (the saved models it continues; defaults in the case below); call 7: SEED (default 0), SCRATCH_GROUP (a5 or
+#   s5, default a5); COSTS=FILE (a step_times JSON:
 #   its "runs" replace the COST table below for the models it measured), TIMES_SECONDS (the times call, default 180).
 #
 # Why it looks like this. Session 7 ran 16 processes at once (every compile 2-30x slower, almost every run hit its
@@ -103,6 +110,18 @@
 #   still growing; the GPU runs many times the CPU's sequences per call (row 19: 52k steps of 512 at 4-16 in
 #   110 s, with another process). The step rate at 64 is not measured, so the anneal follows the clock and ends
 #   with the run whatever the rate.
+# call 7 (one process at a time, all the cores; SEED=N, SCRATCH_GROUP=a5|s5): three probe runs chained through
+#   their saved models, each by its own clock (the step rates at 32-64 are not measured), the M2RNN cell of row 13
+#   (8 heads K=4 x V=64), batch 512:
+#   scratch_<group>_s<seed>_curriculum  from scratch at 1e-3: A5 4, 8, 16, 32, 64, 64 (equal shares of the time),
+#                 S5 4, 4, 8, 16 (its plateau at 4 is ~2.5x A5's, row 32); training ends by 195 s
+#   ..._anneal    1e-3, then a cosine to 1e-5 over the last 60% (row 40a's schedule) at the final length (A5 64,
+#                 S5 16): ends by 375 s
+#   ..._decay     1e-5 with weight decay 1.0 (row 43): ends by 450 s (~60 s); evaluated to 8x the final length
+#   The first two are evaluated to 4x.
+#   Why: on the GPU the probe crossed A5's plateau and learned 4 -> 8 -> 16 in 110 s (row 19); every later stage of
+#   the CPU lineage (rows 31-43, ~7M sequences, hours on one core) is ~3 minutes of the H200's 45k sequences/s at
+#   64 (row 40a). Several seeds: one call per seed (SEED=1, SEED=2).
 # call 3 (2 processes):
 #   s3_small      state-tracking-s3-small (float32, 4 layers h=256, 6000 steps; session 8 reached 1763 in 400 s with
 #                 five processes and the slow fused float32 backward): SIGTERM at 420 s, evaluation 128/512/2048
@@ -126,11 +145,12 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CALL=${1:-}
 MODE=${2:-}
-if [[ ! "$CALL" =~ ^[1-6]$ && "$CALL" != times ]] \
+if [[ ! "$CALL" =~ ^[1-7]$ && "$CALL" != times ]] \
   || [[ -n "$MODE" && "$MODE" != --smoke && "$MODE" != --plan ]]; then
-  echo "usage: OUT=DIR bash $0 {1|2|3|4|5|6|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 + probes," \
-    "call 3 = state-tracking-s3-small (float32, bfloat16), call 4 / 5 = state-tracking-a5-large / s5-large," \
-    "call 6 = the probe annealed (A5, S5), times = each model's train step alone (step_times)" >&2
+  echo "usage: OUT=DIR bash $0 {1|2|3|4|5|6|7|times} [--smoke|--plan]: call 1 = the S3 figure, call 2 = A5 +" \
+    "probes, call 3 = state-tracking-s3-small (float32, bfloat16), call 4 / 5 = state-tracking-a5-large / s5-large," \
+    "call 6 = the probe annealed (A5, S5), call 7 = the probe from scratch (SEED, SCRATCH_GROUP)," \
+    "times = each model's train step alone (step_times)" >&2
   exit 2
 fi
 SMOKE=0; [[ "$MODE" == --smoke ]] && SMOKE=1
@@ -148,6 +168,21 @@ fi
 ANNEAL_DECAY=${ANNEAL_DECAY:-0}
 if ! [[ "$ANNEAL_DECAY" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
   echo "ANNEAL_DECAY: expected a non-negative number, got '$ANNEAL_DECAY'" >&2; exit 2
+fi
+# unit_number NAME VALUE: exit 2 unless VALUE is a number in (0, 1] (decimal or 1e-5 style)
+unit_number() {
+  if ! python3 -c 'import sys; v = float(sys.argv[1]); sys.exit(not 0 < v <= 1)' "$2" 2> /dev/null; then
+    echo "$1: expected a number in (0, 1], got '$2'" >&2; exit 2
+  fi
+}
+ANNEAL_LR=${ANNEAL_LR:-1e-3}; unit_number ANNEAL_LR "$ANNEAL_LR"
+ANNEAL_FRACTION=${ANNEAL_FRACTION:-0.6}; unit_number ANNEAL_FRACTION "$ANNEAL_FRACTION"
+ANNEAL_MIN_RATIO=${ANNEAL_MIN_RATIO:-0.01}; unit_number ANNEAL_MIN_RATIO "$ANNEAL_MIN_RATIO"
+SEED=${SEED:-0}
+if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "SEED: expected a non-negative integer, got '$SEED'" >&2; exit 2; fi
+SCRATCH_GROUP=${SCRATCH_GROUP:-a5}
+if [[ "$SCRATCH_GROUP" != a5 && "$SCRATCH_GROUP" != s5 ]]; then
+  echo "SCRATCH_GROUP: expected a5 or s5, got '$SCRATCH_GROUP'" >&2; exit 2
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache_state_tracking}
@@ -190,6 +225,9 @@ if (( SMOKE )); then
   STOP=${SMOKE_BUDGET:-3600}; TIMES_END=$STOP; A5_LARGE_END=$STOP; PROBE_M2RNN_END=$STOP; PROBE_RNN_END=$STOP; SMALL_END=$STOP
   LARGE_END=$STOP
   ANNEAL_A5_END=45; ANNEAL_S5_END=110   # the anneals train by the clock (--steps 10000000): ~30 s each
+  SCRATCH_ENDS=(40 100 160)             # call 7's three stages, ~25 s of training each
+  SCRATCH_A5=(--train-length 4 8 --final-length 8 --eval-length 16)
+  SCRATCH_S5=(--train-length 4 4 --final-length 4 --eval-length 8)
   PRESET_GRACE=60
   ANNEAL=(--batch-size 4 --eval-sequences 8)
   ANNEAL_A5=(--train-length 8 --eval-length 16)
@@ -218,12 +256,15 @@ else
   ANNEAL=(--batch-size 512 --eval-sequences 1024)
   ANNEAL_A5=(--train-length 64 --eval-length 512)
   ANNEAL_S5=(--train-length 16 --eval-length 128)
+  SCRATCH_ENDS=($(( BUDGET - 345 )) $(( BUDGET - 165 )) $(( BUDGET - 90 )))   # 195, 375, 450: call 7's stages
+  SCRATCH_A5=(--train-length 4 8 16 32 64 64 --final-length 64 --eval-length 512)
+  SCRATCH_S5=(--train-length 4 4 8 16 --final-length 16 --eval-length 128)
   PRESET_GRACE=75
   PROBE=(--train-length 4 8 16 --steps 10000000 --batch-size 512 --lr 1e-3 --eval-length 64 --eval-sequences 1024)
   PRESET_SMOKE=()                       # (--steps far away: a constant lr; lengths 4, 8, 16: a third of the time each)
 fi
 PROBE_EVAL=15   # seconds of a probe's evaluation (to 64): its kill comes 45 s after that
-[[ $CALL == times || $CALL == [456] ]] && JOBS=1   # one process alone on the GPU, with all the cores
+[[ $CALL == times || $CALL == [4567] ]] && JOBS=1   # one process alone on the GPU, with all the cores
 OUT=${OUT:-/tmp/st$CALL}
 START=$SECONDS
 CORES=$(nproc)
@@ -309,16 +350,41 @@ probe_job() {
   job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
     --group a5 "${PROBE[@]}" --seconds @LEFT@ --out "$OUT/$name.json" "$@"
 }
-# anneal_job NAME END GROUP INIT --train-length L --eval-length E: the probe's M2RNN cell (row 13: 8 heads K=4 x
-# V=64) from the saved model INIT (its step count continues) at length L, 1e-3 then annealed by the clock to 1e-5
-# over the last 60% of its time; training ends by END on its own clock, then the evaluation to E.
+# cell_job NAME END GROUP ARGS...: the probe's M2RNN cell (row 13: 8 heads K=4 x V=64), a constant schedule
+# (--steps far away) that ARGS shape, training until END by its own clock, then its evaluation; writes
+# $OUT/NAME.json and the model $OUT/NAME.npz.
+cell_job() {
+  local name=$1 end=$2 group=$3; shift 3
+  job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
+    --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --steps 10000000 "${ANNEAL[@]}" "$@" \
+    --log-seconds 20 --seconds @LEFT@ --out "$OUT/$name.json" --save "$OUT/$name.npz"
+}
+# anneal_job NAME END GROUP INIT --train-length L --eval-length E: the cell from the saved model INIT (its step
+# count continues) at length L, ANNEAL_LR (1e-3) then annealed by the clock to ANNEAL_LR x ANNEAL_MIN_RATIO (1e-5)
+# over the last ANNEAL_FRACTION (60%) of its time, weight decay ANNEAL_DECAY (0); then the evaluation to E.
 anneal_job() {
   local name=$1 end=$2 group=$3 init=$4; shift 4
-  job "$name" $(( end + PROBE_EVAL + 45 )) $(( PROBE_EVAL + 45 )) 15 python3 -m experiments.state_tracking.probe \
-    --cell m2rnn --group "$group" --heads 8 --k 4 --v 64 --backend scan --init "$init" "$@" --lr 1e-3 \
-    --steps 10000000 --min-lr-ratio 0.01 --anneal-fraction 0.6 --weight-decay "$ANNEAL_DECAY" "${ANNEAL[@]}" \
-    --log-seconds 20 --seconds @LEFT@ \
-    --out "$OUT/$name.json" --save "$OUT/$name.npz"
+  cell_job "$name" "$end" "$group" --init "$init" "$@" --lr "$ANNEAL_LR" --min-lr-ratio "$ANNEAL_MIN_RATIO" \
+    --anneal-fraction "$ANNEAL_FRACTION" --weight-decay "$ANNEAL_DECAY"
+}
+# scratch_jobs GROUP --train-length L... --final-length F --eval-length E: call 7's three chained stages (header).
+scratch_jobs() {
+  local group=$1 prefix="scratch_$1_s$SEED"; shift
+  local -a curriculum=(); local final="" evaluate=""
+  while (( $# )); do
+    case $1 in
+      --train-length) shift; while (( $# )) && [[ $1 != --* ]]; do curriculum+=("$1"); shift; done ;;
+      --final-length) final=$2; shift 2 ;;
+      --eval-length) evaluate=$2; shift 2 ;;
+      *) echo "scratch_jobs: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+  done
+  cell_job "${prefix}_curriculum" "${SCRATCH_ENDS[0]}" "$group" --seed "$SEED" --train-length "${curriculum[@]}" \
+    --lr 1e-3 --eval-length $(( 4 * final ))
+  cell_job "${prefix}_anneal" "${SCRATCH_ENDS[1]}" "$group" --seed "$SEED" --init "$OUT/${prefix}_curriculum.npz" \
+    --train-length "$final" --lr 1e-3 --min-lr-ratio 0.01 --anneal-fraction 0.6 --eval-length $(( 4 * final ))
+  cell_job "${prefix}_decay" "${SCRATCH_ENDS[2]}" "$group" --seed "$SEED" --init "$OUT/${prefix}_anneal.npz" \
+    --train-length "$final" --lr 1e-5 --weight-decay 1.0 --eval-length "$evaluate"
 }
 # preset_job NAME END GROUP SIZE SEED [--set ...]: a state-tracking preset, SIGTERM at END (it then saves,
 # evaluates the step it reached and prints its table: PRESET_GRACE seconds before the kill).
@@ -353,6 +419,9 @@ case $CALL in
       "${ANNEAL_A5[@]}"
     anneal_job anneal_s5 "$ANNEAL_S5_END" s5 "${ANNEAL_S5_INIT:-$RESULTS/cpu_s5/s5_m2rnn_16_anneal.npz}" "${ANNEAL_S5[@]}"
     ;;
+  7)
+    if [[ $SCRATCH_GROUP == a5 ]]; then scratch_jobs a5 "${SCRATCH_A5[@]}"; else scratch_jobs s5 "${SCRATCH_S5[@]}"; fi
+    ;;
   times)
     job times "$TIMES_END" 0 15 python3 -m experiments.state_tracking.step_times "${TIMES[@]}" \
       --json "$OUT/step_times.json"
@@ -384,7 +453,7 @@ for report in "$OUT"/s3/compare.md "$OUT"/a5/compare.md; do [[ -f "$report" ]] &
 for log in "$OUT"/s3_small*.log "$OUT"/[as]5_large.log; do
   [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; grep -A6 "^| group" "$log" | tail -4; }
 done
-for log in "$OUT"/probe_*.log "$OUT"/anneal_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
+for log in "$OUT"/probe_*.log "$OUT"/anneal_*.log "$OUT"/scratch_*.log; do [[ -f "$log" ]] && { echo "== $(basename "$log" .log)"; tail -1 "$log"; }; done
 # The device returns at most 8 files from $OUT, none deeper than two folders: pack everything into one archive
 # (the text above is also in the call's output). Unpack here with `tar xzf st_call<N>.tgz`.
 if [[ -z "${KEEP_OUT_TREE:-}" && "$RUNS" != "$OUT" ]]; then  # (RUNS = OUT: the runs stay for resuming)

@@ -51,12 +51,17 @@ def test_script_parses():
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (("7",), {}, "usage: OUT=DIR bash"),
+        (("8",), {}, "usage: OUT=DIR bash"),
         (("1", "--fast"), {}, "usage: OUT=DIR bash"),
         (("times", "--fast"), {}, "usage: OUT=DIR bash"),
         (("1",), {"JOBS": "0"}, "JOBS: expected a positive integer, got '0'"),
         (("2",), {"BUDGET": "100"}, "BUDGET: expected an integer >= 300 (seconds), got '100'"),
         (("6",), {"ANNEAL_DECAY": "-1"}, "ANNEAL_DECAY: expected a non-negative number, got '-1'"),
+        (("6",), {"ANNEAL_LR": "0"}, "ANNEAL_LR: expected a number in (0, 1], got '0'"),
+        (("6",), {"ANNEAL_FRACTION": "1.5"}, "ANNEAL_FRACTION: expected a number in (0, 1], got '1.5'"),
+        (("6",), {"ANNEAL_MIN_RATIO": "x"}, "ANNEAL_MIN_RATIO: expected a number in (0, 1], got 'x'"),
+        (("7",), {"SEED": "-1"}, "SEED: expected a non-negative integer, got '-1'"),
+        (("7",), {"SCRATCH_GROUP": "s3"}, "SCRATCH_GROUP: expected a5 or s5, got 's3'"),
     ],
 )
 def test_bad_arguments_start_nothing(tmp_path, args, env, message):
@@ -90,7 +95,7 @@ def test_call_1_default_is_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("budget", [300, 540, 600])
-@pytest.mark.parametrize("call", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("call", [1, 2, 3, 4, 5, 6, 7])
 def test_every_job_is_killed_before_the_reports(tmp_path, call, budget):
     for name, until, _ in plan(tmp_path, call, BUDGET=str(budget)):
         assert until <= budget - 30, name  # the last 30 s: reports, archive, printing
@@ -140,3 +145,53 @@ def test_call_6_takes_the_decay_and_the_saved_models_from_the_environment(tmp_pa
     planned = plan(tmp_path, 6, ANNEAL_DECAY="1.0", ANNEAL_A5_INIT="a.npz", ANNEAL_S5_INIT="s.npz")
     assert [flag_values(words, "--weight-decay") for _, _, words in planned] == [["1.0"], ["1.0"]]
     assert [flag_values(words, "--init") for _, _, words in planned] == [["a.npz"], ["s.npz"]]
+
+
+def test_call_6_takes_the_schedule_from_the_environment(tmp_path):
+    """Row 43's constant low rate with decay on the GPU: ANNEAL_LR=1e-5 ANNEAL_MIN_RATIO=1 ANNEAL_DECAY=1.0."""
+    default = plan(tmp_path, 6)[0][2]
+    assert [flag_values(default, flag) for flag in ("--lr", "--anneal-fraction")] == [["1e-3"], ["0.6"]]
+    words = plan(tmp_path, 6, ANNEAL_LR="1e-5", ANNEAL_FRACTION="1", ANNEAL_MIN_RATIO="1", ANNEAL_DECAY="1.0")[0][2]
+    assert [flag_values(words, flag) for flag in ("--lr", "--anneal-fraction", "--min-lr-ratio", "--weight-decay")] == [
+        ["1e-5"],
+        ["1"],
+        ["1"],
+        ["1.0"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("group", "seed", "curriculum", "final"),
+    [("a5", "0", ["4", "8", "16", "32", "64", "64"], 64), ("s5", "2", ["4", "4", "8", "16"], 16)],
+)
+def test_call_7_chains_three_stages_from_scratch(tmp_path, group, seed, curriculum, final):
+    """From scratch at 1e-3 through the curriculum, then the anneal at the final length, then 1e-5 with weight
+    decay 1.0; each stage continues the previous one's saved model, one after another even with JOBS=2."""
+    planned = plan(tmp_path, 7, JOBS="2", SEED=seed, SCRATCH_GROUP=group)
+    prefix = f"scratch_{group}_s{seed}"
+    assert [(name, until) for name, until, _ in planned] == [
+        (f"{prefix}_curriculum", 255),
+        (f"{prefix}_anneal", 435),
+        (f"{prefix}_decay", 510),
+    ]
+    (_, _, first), (_, _, second), (_, _, third) = planned
+    assert "--init" not in first and flag_values(first, "--train-length") == curriculum
+    assert flag_values(second, "--init") == flag_values(first, "--save")
+    assert flag_values(third, "--init") == flag_values(second, "--save")
+    for words in (second, third):
+        assert flag_values(words, "--train-length") == [str(final)]
+    assert [flag_values(words, "--lr") for words in (first, second, third)] == [["1e-3"], ["1e-3"], ["1e-5"]]
+    assert flag_values(second, "--anneal-fraction") == ["0.6"] and flag_values(second, "--min-lr-ratio") == ["0.01"]
+    assert flag_values(third, "--weight-decay") == ["1.0"] and "--weight-decay" not in first + second
+    assert [flag_values(words, "--eval-length") for words in planned_words(planned)] == [
+        [str(4 * final)],
+        [str(4 * final)],
+        [str(8 * final)],
+    ]
+    for words in planned_words(planned):
+        assert flag_values(words, "--group") == [group] and flag_values(words, "--seed") == [seed]
+        assert flag_values(words, "--batch-size") == ["512"] and int(flag_values(words, "--steps")[0]) >= 10**7
+
+
+def planned_words(planned: list[tuple[str, int, list[str]]]) -> list[list[str]]:
+    return [words for _, _, words in planned]
