@@ -35,8 +35,9 @@ H200_CLOCK_HZ = 1.98e9
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, int]) -> dict[str, tuple[str, list]]:
-    """Triton IR text and launch grid of the forward and backward kernels of a bf16 fwd+bwd call."""
+def triton_modules(function, *specs: jax.ShapeDtypeStruct) -> dict[str, tuple[str, list]]:
+    """Triton IR text and launch grid of every Pallas-Triton kernel of ``function`` lowered for CUDA at ``specs``
+    (no GPU needed), by kernel name."""
     modules = {}
     lowering = pallas_call_registration.lowering
     original = lowering.lower_jaxpr_to_triton_module
@@ -48,6 +49,16 @@ def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, in
         modules[name] = (text, list(result.grid))
         return result
 
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(function).trace(*specs).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return modules
+
+
+def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, int]) -> dict[str, tuple[str, list]]:
+    """Triton IR text and launch grid of the forward and backward kernels of a bf16 fwd+bwd call."""
     batch, seq_len, heads, k_dim, v_dim = shape
     dt = jnp.bfloat16
     specs = dict(
@@ -75,12 +86,7 @@ def lower_to_triton_ir(config: KernelConfig, shape: tuple[int, int, int, int, in
         (y, h), pullback = jax.vjp(fn, a)
         return pullback((y, h))
 
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        jax.jit(fwd_bwd).trace(specs).lower(lowering_platforms=("cuda",))
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
-    return modules
+    return triton_modules(fwd_bwd, specs)
 
 
 def compile_to_sass(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tuple[str, str, str]:

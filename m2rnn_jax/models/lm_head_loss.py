@@ -32,14 +32,15 @@ Statistics (``statistics``): how each chunk's float32 logits are turned into (lo
 pass that reads the logits and writes ``d logits`` (three reads of the logits with the gradient, two without).
 "pallas_gpu": one fused kernel (:mod:`pallas_kernels.gpu.softmax_xent`, Pallas on Triton, NVIDIA GPUs; any backend
 with ``interpret=True``) that keeps running statistics over vocabulary blocks, then writes ``d logits`` (two reads
-with the gradient, one without). "one_read": the same kernel given each row's target logit (a gather-dot of
-(C, h), computed first) reads the logits once and writes, in the same pass, E = exp(logits - target logit) in the
-compute dtype instead of ``d logits``; the two gradient GEMMs read E with a row scale (:func:`_exp_gradients`).
-"fused_matmul": no logits in memory at all; the logits GEMM is a Pallas kernel
-(:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes E the same way.
-When E could overflow in any chunk (a row's maximum more than :func:`exp_headroom`, ~69, above its target logit),
-"one_read" and "fused_matmul" compute the call's gradients again with "two_pass". All give the same values up to
-float rounding.
+with the gradient, one without). "one_read": the kernel's one-read form, given each row's target logit c (a
+gather-dot of (C, h), computed first), reads the logits once and writes, in the same pass, D = exp(logits - c) -
+exp(logsumexp - c) onehot(target) in the compute dtype, d logits up to a row scale; the two gradient GEMMs read D
+with that scale (:func:`_row_scaled_gradients`). "fused_matmul": no logits in memory at all; the logits GEMM is a
+Pallas kernel (:mod:`pallas_kernels.gpu.logits_softmax_tiles`) with the statistics in its epilogue, which writes
+E = exp(logits - c); the GEMMs read E with the row scale and the one-hot part is a gather and a scatter. When
+exp(logits - c) could overflow in any chunk (a row's maximum more than :func:`exp_headroom`, ~69, above c),
+"one_read" and "fused_matmul" compute the whole call again with "two_pass". All give the same values up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ CHUNK_LOGITS_ELEMENTS = 2**28
 
 # The ways to compute a chunk's softmax statistics and logits gradient (the module docstring).
 STATISTICS = ("two_pass", "pallas_gpu", "one_read", "fused_matmul")
-# The statistics whose gradient GEMMs read E = exp(logits - target logit) (:func:`_exp_gradients`).
+# The statistics whose gradient GEMMs read exp(logits - target logit) with a row scale (:func:`_row_scaled_gradients`).
 EXP_STATISTICS = ("one_read", "fused_matmul")
 # Compute dtypes those accept: E must not overflow float16's small range.
 EXP_DTYPES = ("bfloat16", "float32", "float64")
@@ -447,43 +448,28 @@ def _target_columns(layout: _Layout, kernel_c: jax.Array, hidden_flat: jax.Array
     return _TargetColumns(columns, logits)
 
 
-def _exp_gradients(
-    layout: _Layout,
-    kernel_c: jax.Array,
-    hidden_c: jax.Array,
-    targets_flat: jax.Array,
-    weights_flat: jax.Array,
-    target: _TargetColumns,
-    exp_logits: jax.Array,
-    logsumexp: jax.Array,
-    row_max: jax.Array,
-) -> tuple[tuple[jax.Array, Callable[[jax.Array], jax.Array]], jax.Array]:
-    """The chunk's gradients from E = exp(logits - c) (G, C, V) in the compute dtype, c = the target logit.
-
-    With a = w exp(c - logsumexp) (= w / sum E), ``d logits = a E - w onehot(t)``, so
-    ``d hidden = a (E @ kernel.T) - w kernel[:, t].T`` and ``d kernel = (a hidden).T @ E`` minus ``w hidden`` added
-    into column t: the gradient GEMMs read E as it is, the one-hot part is a gather and a scatter of (C, h).
-
-    Returns:
-        ((d hidden (G, C, h), the function adding d kernel to the running sum), () bool: valid, i.e. no (R,)
-        ``row_max`` exceeds c by more than :func:`exp_headroom`).
-    """
+def _row_scaled_gradients(
+    layout: _Layout, kernel_c: jax.Array, hidden_c: jax.Array, scale: jax.Array, unscaled: jax.Array
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """The chunk's gradients for ``d logits = scale[:, None] * unscaled``, unscaled (G, C, V) in the compute dtype
+    and scale (R,) in the accumulation dtype: (d hidden (G, C, h) = scale (unscaled @ kernel.T), the function adding
+    d kernel = (scale hidden).T @ unscaled to the running sum). The GEMMs read ``unscaled`` as it is."""
     groups, chunk, width = hidden_c.shape
-    hidden_flat = hidden_c.reshape(-1, width)
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
-    scale = weights_flat * jnp.exp(target.logits - logsumexp)  # (R,) a
-    d_hidden = _matmul(exp_logits, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
-    d_hidden = d_hidden - (weights_flat[:, None] * target.columns.T.astype(accumulation)).reshape(d_hidden.shape)
-    scaled_hidden = (scale[:, None] * hidden_flat).astype(layout.compute_dtype).reshape(hidden_c.shape)
-    group_ids = jnp.repeat(jnp.arange(groups), chunk)
-    one_hot_part = -(weights_flat[:, None] * hidden_flat.astype(accumulation))  # (R, h) into columns t_r
+    d_hidden = _matmul(unscaled, kernel_c, (2, 1), ((), ()), accumulation) * scale.reshape(groups, chunk, 1)
+    scaled_hidden = (scale[:, None] * hidden_c.reshape(-1, width)).astype(layout.compute_dtype)
+    scaled_hidden = scaled_hidden.reshape(hidden_c.shape)
 
     def accumulate(d_kernel: jax.Array) -> jax.Array:
-        d_kernel = d_kernel.at[group_ids, :, targets_flat].add(one_hot_part)  # in place on the running sum
-        return d_kernel + _matmul(scaled_hidden, exp_logits, (1, 1), ((0,), (0,)), accumulation)
+        return d_kernel + _matmul(scaled_hidden, unscaled, (1, 1), ((0,), (0,)), accumulation)
 
-    fits = jnp.all(row_max - target.logits <= exp_headroom(layout.compute_dtype, kernel_c.shape[1]))
-    return (d_hidden, accumulate), fits
+    return d_hidden, accumulate
+
+
+def _fits(layout: _Layout, vocab: int, row_max: jax.Array, target_logits: jax.Array) -> jax.Array:
+    """() bool: no row's maximum exceeds its target logit c by more than :func:`exp_headroom` (E = exp(logits -
+    c) finite, and its sums)."""
+    return jnp.all(row_max - target_logits <= exp_headroom(layout.compute_dtype, vocab))
 
 
 def _one_read_step(
@@ -494,39 +480,29 @@ def _one_read_step(
     targets_c: jax.Array,
     weights_c: jax.Array,
 ) -> ChunkResult:
-    """:func:`_chunk_step` with the gradient for "one_read": the statistics kernel
+    """:func:`_chunk_step` with the gradient for "one_read": the one-read kernel
     (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy` with a reference) reads the chunk's (G, C, V)
-    logits once and writes E = exp(logits - target logit); the nll and hits come from the logits as read (the
-    rounded ones for a lower ``logits_dtype``), the target logit computed here is only E's reference."""
+    logits once and writes D = exp(logits - c) - exp(logsumexp - c) onehot(t), c the target logit computed here
+    (its only use: D's reference); d logits = a D with a = w exp(c - logsumexp), so the gradient GEMMs read D with
+    a row scale (:func:`_row_scaled_gradients`). The nll and hits come from the logits as read (the rounded ones
+    for a lower ``logits_dtype``); they and the gradient are valid when the chunk :func:`_fits`."""
     from pallas_kernels.gpu.softmax_xent import softmax_cross_entropy  # Pallas-Triton: loaded only when used
 
     vocab = logits.shape[-1]
-    hidden_flat, targets_flat, weights_flat = (
-        hidden_c.reshape(-1, hidden_c.shape[-1]),
-        targets_c.reshape(-1),
-        weights_c.reshape(-1),
-    )
+    hidden_flat, targets_flat = hidden_c.reshape(-1, hidden_c.shape[-1]), targets_c.reshape(-1)
     target = _target_columns(layout, kernel_c, hidden_flat, targets_flat)
     fused = softmax_cross_entropy(
         logits.reshape(-1, vocab),
         targets_flat,
-        weights_flat,
+        weights_c.reshape(-1),
         d_dtype=layout.compute_dtype,
         reference=target.logits,
         interpret=layout.interpret,
     )
-    gradient, fits = _exp_gradients(
-        layout,
-        kernel_c,
-        hidden_c,
-        targets_flat,
-        weights_flat,
-        target,
-        fused.exp_logits.reshape(logits.shape),
-        fused.logsumexp,
-        fused.max,
-    )
-    return fused.nll.reshape(targets_c.shape), (fused.argmax == targets_flat).reshape(targets_c.shape), gradient, fits
+    scale = weights_c.reshape(-1) * jnp.exp(target.logits - fused.logsumexp)  # (R,) a
+    gradient = _row_scaled_gradients(layout, kernel_c, hidden_c, scale, fused.unscaled_d_logits.reshape(logits.shape))
+    nll, hits = fused.nll.reshape(targets_c.shape), (fused.argmax == targets_flat).reshape(targets_c.shape)
+    return nll, hits, gradient, _fits(layout, vocab, fused.max, target.logits)
 
 
 def _fused_matmul_step(
@@ -538,9 +514,14 @@ def _fused_matmul_step(
     with_gradient: bool,
 ) -> ChunkResult:
     """:func:`_chunk_step` with the logits GEMM fused with the statistics
-    (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no logits in memory. With the target logit c as reference
-    the kernel writes E = exp(logits - c) in the compute dtype, and :func:`_exp_gradients` turns it into the
-    gradients."""
+    (:mod:`pallas_kernels.gpu.logits_softmax_tiles`): no logits in memory.
+
+    With the target logit c as reference the kernel writes E = exp(logits - c) in the compute dtype. With
+    a = w exp(c - logsumexp) (= w / sum E), ``d logits = a E - w onehot(t)``, so
+    ``d hidden = a (E @ kernel.T) - w kernel[:, t].T`` and ``d kernel = (a hidden).T @ E`` minus ``w hidden`` added
+    into column t: the gradient GEMMs read E as it is (:func:`_row_scaled_gradients`), the one-hot part is a gather
+    and a scatter of (C, h). The gradient is valid when the chunk :func:`_fits`.
+    """
     from pallas_kernels.gpu.logits_softmax_tiles import combine_tiles, logits_softmax_tiles  # Pallas-Triton
 
     groups, chunk, width = hidden_c.shape
@@ -559,11 +540,19 @@ def _fused_matmul_step(
     hits = (stats.argmax == targets_flat).reshape(groups, chunk)
     if not with_gradient:
         return nll, hits, None, jnp.bool_(True)
+    accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
+    scale = weights_flat * jnp.exp(target.logits - stats.logsumexp)  # (R,) a
     exp_logits = tiles.exp_logits.reshape(groups, chunk, -1)
-    gradient, fits = _exp_gradients(
-        layout, kernel_c, hidden_c, targets_flat, weights_flat, target, exp_logits, stats.logsumexp, stats.max
-    )
-    return nll, hits, gradient, fits
+    d_hidden, accumulate_exp = _row_scaled_gradients(layout, kernel_c, hidden_c, scale, exp_logits)
+    d_hidden = d_hidden - (weights_flat[:, None] * target.columns.T.astype(accumulation)).reshape(d_hidden.shape)
+    group_ids = jnp.repeat(jnp.arange(groups), chunk)
+    one_hot_part = -(weights_flat[:, None] * hidden_flat.astype(accumulation))  # (R, h) into columns t_r
+
+    def accumulate(d_kernel: jax.Array) -> jax.Array:
+        d_kernel = d_kernel.at[group_ids, :, targets_flat].add(one_hot_part)  # in place on the running sum
+        return accumulate_exp(d_kernel)
+
+    return nll, hits, (d_hidden, accumulate), _fits(layout, kernel_c.shape[1], stats.max, target.logits)
 
 
 def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
@@ -606,15 +595,15 @@ def _scan_with_gradients(
 
 def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals). With
-    :data:`EXP_STATISTICS`, when any chunk's gradient is not valid (:func:`_exp_gradients`), the gradients are
-    computed again with "two_pass" (one ``lax.cond`` per call, outside the chunk loop)."""
+    :data:`EXP_STATISTICS`, when any chunk does not fit (:func:`_fits`: exp(logits - target logit) could
+    overflow), the whole call is computed again with "two_pass" (one ``lax.cond`` per call, outside the chunk
+    loop; "one_read"'s loss is then not valid either)."""
     kernel_c, chunks = _chunk_inputs(layout, hidden, kernel, targets, weights)
-    nll, hits, d_hidden, d_kernel, valid = _scan_with_gradients(layout, kernel_c, chunks)
+    results = _scan_with_gradients(layout, kernel_c, chunks)
     if layout.statistics in EXP_STATISTICS:
         two_pass = layout._replace(statistics="two_pass")
-        d_hidden, d_kernel = jax.lax.cond(
-            valid, lambda: (d_hidden, d_kernel), lambda: _scan_with_gradients(two_pass, kernel_c, chunks)[2:4]
-        )
+        results = jax.lax.cond(results[-1], lambda: results, lambda: _scan_with_gradients(two_pass, kernel_c, chunks))
+    nll, hits, d_hidden, d_kernel, _ = results
     weight_chunks = chunks[2]
     num_tokens = hidden.shape[0]
     output = _outputs(nll, hits, weight_chunks, num_tokens)

@@ -17,16 +17,20 @@ reading the logits and writing d) the gradient costs two reads and one compute-d
 three reads, and the statistics alone one read instead of two. Neither R nor V needs to be a multiple of the
 blocks: loads and stores are masked.
 
-With a per-row ``reference`` c (R,) known before the logits are read (the LM head's target logit, a cheap
-gather-dot), pass 1 also writes, block by block as it reads them,
+One read (a per-row ``reference`` c (R,) known before the logits are read: the LM head's target logit, a cheap
+gather-dot): a second kernel writes, block by block as it reads them,
 
-    exp_logits_r = exp(x_r - c_r)                                            (in the compute dtype)
+    D_r = exp(x_r - c_r) - exp(logsumexp_r - c_r) onehot(t_r)                 (in the compute dtype)
 
-and there is no pass 2: one read and one write per element. The gradient is then d_r = a_r exp_logits_r -
-w_r onehot(t_r) with a_r = w_r exp(c_r - logsumexp_r), which the caller folds into its gradient GEMMs. Each
-element's exponential is taken once, relative to the running max m (it feeds the sum), and scaled by
-exp(m - c_r); exp_logits overflows when a row's maximum exceeds c_r by more than the dtype's log range (~88 for
-bfloat16 / float32), which the caller checks with the returned ``max``.
+which is d_r / a_r with a_r = w_r exp(c_r - logsumexp_r): the caller's gradient GEMMs read D and scale rows by a.
+There is no running maximum: each lane (element of the (block_rows, block_v) tile) keeps its own running sum of
+exp(x - c), maximum and first argmax, and the lanes are reduced once, after the loop (logsumexp = c + log(sum));
+the target logit is one gathered load per row, and the target column is written again after the loop and a
+barrier (exp(logsumexp - c) is the sum itself). Per element that is one FMA and the hardware ex2, an add, a
+compare-select and a max: 9.2 SASS instructions per logit against the two-pass kernel's 47.5 (compiled for sm_90 on
+the CPU, RESULTS.md session 17), so it should run at the memory's speed. Without the maximum the sum overflows when
+a row's maximum exceeds c by more than float32's log range (~88); the caller checks the returned ``max`` and
+recomputes such calls another way.
 
 Checked without a GPU (session 8): the Triton IR this lowers to compiles with triton 3.6 for sm_90 with no
 register spills at 1-16 rows x 1024-4096 columns (78 registers at 2 x 2048, 4 warps); loads are 16-byte vectors.
@@ -88,6 +92,15 @@ def default_config(rows: int, vocab: int) -> SoftmaxXentConfig:
     return SoftmaxXentConfig(block_rows=block_rows, block_v=block_v, num_warps=8 if block_rows * block_v > 4096 else 4)
 
 
+def default_one_read_config(vocab: int) -> SoftmaxXentConfig:
+    """The one-read kernel's launch parameters: one row per program, 2048 columns per step (the next power of two of
+    ``vocab`` when smaller), 4 warps: 16 elements per thread and tensor. Chosen without a GPU (session 17) by its
+    SASS for sm_90 at 4096 x 100352 bfloat16 logits (``triton.compile`` on the CPU): 9.2 instructions per element
+    and 90 registers, against 9.2-9.7 and 96-174 registers at 2-8 rows x 1024-2048 columns x 4-8 warps; the
+    fewest registers leave the most warps in flight for a kernel that streams memory. Not timed yet."""
+    return SoftmaxXentConfig(block_rows=1, block_v=min(2048, _next_power_of_two(vocab)), num_warps=4)
+
+
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -102,8 +115,8 @@ class SoftmaxXent(NamedTuple):
         max: (R,) the row maximum, in the statistics' dtype.
         d_logits: (R, V) ``(softmax - onehot(target)) * weight`` in the requested dtype; None when not asked for
             or with a ``reference``.
-        exp_logits: (R, V) ``exp(logits - reference)`` in the requested dtype with a ``reference`` and the
-            gradient, else None.
+        unscaled_d_logits: (R, V) with a ``reference`` c and the gradient, D = ``exp(logits - c) - exp(logsumexp -
+            c) onehot(target)`` in the requested dtype: ``d_logits = w exp(c - logsumexp) D``; else None.
     """
 
     logsumexp: jax.Array
@@ -111,24 +124,22 @@ class SoftmaxXent(NamedTuple):
     argmax: jax.Array
     max: jax.Array
     d_logits: jax.Array | None
-    exp_logits: jax.Array | None
+    unscaled_d_logits: jax.Array | None
 
 
 def _kernel(
     logits_ref,
     targets_ref,
     weights_ref,
-    *refs,
+    *out_refs,
     rows: int,
     vocab: int,
     block_rows: int,
     block_v: int,
-    with_reference: bool,
-    with_gradient: bool,
 ):
-    reference_ref = refs[0] if with_reference else None
-    logsumexp_ref, nll_ref, argmax_ref, max_ref = refs[with_reference : with_reference + 4]
-    out_ref = refs[with_reference + 4] if with_gradient else None  # d_logits, or exp_logits with a reference
+    """The two-pass kernel (the module docstring): statistics, then (with an output for it) d_logits."""
+    logsumexp_ref, nll_ref, argmax_ref, max_ref = out_refs[:4]
+    d_ref = out_refs[4] if len(out_refs) == 5 else None
     dtype = jnp.promote_types(jnp.float32, logits_ref.dtype)  # the statistics' dtype
     first_row = pl.program_id(0) * block_rows
     row_ids = first_row + jnp.arange(block_rows, dtype=jnp.int32)
@@ -136,9 +147,6 @@ def _kernel(
     row_slice = pl.ds(first_row, block_rows)
     targets = pltriton.load(targets_ref.at[row_slice], mask=row_ok, other=0)
     num_blocks = pl.cdiv(vocab, block_v)
-    writes_exp = with_reference and with_gradient
-    if writes_exp:
-        reference = pltriton.load(reference_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
 
     def load_block(j):
         cols = j * block_v + jnp.arange(block_v, dtype=jnp.int32)
@@ -149,19 +157,13 @@ def _kernel(
     def statistics(j, carry):
         j = jnp.asarray(j, jnp.int32)  # the row index's type, also with x64 enabled (float64 tests)
         top, total, best, target_logit = carry
-        cols, mask, x = load_block(j)
+        cols, _, x = load_block(j)
         block_top = jnp.max(x, axis=1)
         block_best = jnp.min(jnp.where(x == block_top[:, None], cols[None, :], vocab), axis=1)
         new_top = jnp.maximum(top, block_top)
-        relative = jnp.exp(x - new_top[:, None])
-        total = total * jnp.exp(top - new_top) + jnp.sum(relative, axis=1)
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
         best = jnp.where(block_top > top, block_best, best)  # strict: an equal later maximum keeps the first index
         target_logit = target_logit + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0), axis=1)
-        if writes_exp:  # exp(x - c) = exp(x - m) exp(m - c): the one exponential per element, rescaled
-            exp_logits = relative * jnp.exp(new_top - reference)[:, None]
-            pltriton.store(
-                out_ref.at[row_slice, pl.ds(j * block_v, block_v)], exp_logits.astype(out_ref.dtype), mask=mask
-            )
         return new_top, total, best, target_logit
 
     # Rows past R start their running max at 0 instead of -inf so that they stay finite (they are never stored);
@@ -178,7 +180,7 @@ def _kernel(
     pltriton.store(nll_ref.at[row_slice], logsumexp - target_logit, mask=row_ok)
     pltriton.store(argmax_ref.at[row_slice], best, mask=row_ok)
     pltriton.store(max_ref.at[row_slice], top, mask=row_ok)
-    if not with_gradient or writes_exp:
+    if d_ref is None:
         return
     weights = pltriton.load(weights_ref.at[row_slice], mask=row_ok, other=0).astype(dtype)
 
@@ -187,10 +189,86 @@ def _kernel(
         cols, mask, x = load_block(j)
         onehot = (cols[None, :] == targets[:, None]).astype(dtype)
         d = (jnp.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
-        pltriton.store(out_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(out_ref.dtype), mask=mask)
+        pltriton.store(d_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(d_ref.dtype), mask=mask)
         return 0
 
     lax.fori_loop(0, num_blocks, gradient, 0)
+
+
+LOG2_E = 1.4426950408889634  # exp(y) = exp2(y * log2(e))
+
+
+def _one_read_kernel(
+    logits_ref,
+    targets_ref,
+    reference_ref,
+    logsumexp_ref,
+    nll_ref,
+    argmax_ref,
+    max_ref,
+    out_ref,
+    *,
+    rows: int,
+    vocab: int,
+    block_rows: int,
+    block_v: int,
+    barrier: bool,
+):
+    """The one-read kernel (the module docstring): per-lane running sums of exp(x - c), maxima and first argmaxes,
+    reduced across lanes once after the loop; D = exp(x - c) written as the blocks are read (whole vectors, no
+    per-element mask), then, after a barrier, the target column's final value."""
+    dtype = jnp.promote_types(jnp.float32, logits_ref.dtype)
+    first_row = pl.program_id(0) * block_rows
+    row_ids = first_row + jnp.arange(block_rows, dtype=jnp.int32)
+    row_slice = pl.ds(first_row, block_rows)
+    # Masks only where a block can overhang (statically known): every other compare costs issue slots per element.
+    row_ok = row_ids < rows if rows % block_rows else None
+    ragged_vocab = vocab % block_v != 0
+
+    def load_rows(ref):  # (block_rows,) of a per-row input, 0 past R
+        return pltriton.load(ref) if row_ok is None else pltriton.load(ref, mask=row_ok, other=0)
+
+    targets = load_rows(targets_ref.at[row_slice])
+    reference = load_rows(reference_ref.at[row_slice]).astype(dtype)
+    target_logit = load_rows(logits_ref.at[row_ids, targets]).astype(dtype)  # one gathered element per row
+    scaled_reference = reference * LOG2_E
+
+    def step(j, carry):
+        j = jnp.asarray(j, jnp.int32)  # the row index's type, also with x64 enabled (float64 tests)
+        total, top, best = carry
+        cols = j * block_v + jnp.arange(block_v, dtype=jnp.int32)
+        mask = None if row_ok is None else jnp.broadcast_to(row_ok[:, None], (block_rows, block_v))
+        if ragged_vocab:
+            col_ok = jnp.broadcast_to((cols < vocab)[None, :], (block_rows, block_v))
+            mask = col_ok if mask is None else mask & col_ok
+        columns = pl.ds(j * block_v, block_v)
+        block = logits_ref.at[row_slice, columns]
+        x = (pltriton.load(block) if mask is None else pltriton.load(block, mask=mask, other=-jnp.inf)).astype(dtype)
+        exp_logits = jnp.exp2(x * LOG2_E - scaled_reference[:, None])  # one FMA and the hardware ex2
+        best = jnp.where(x > top, cols[None, :], best)  # strict: a lane keeps its first maximal column
+        top = jnp.maximum(top, x)
+        pltriton.store(out_ref.at[row_slice, columns], exp_logits.astype(out_ref.dtype), mask=mask)
+        return total + exp_logits, top, best
+
+    lanes = (block_rows, block_v)
+    init = (jnp.zeros(lanes, dtype), jnp.full(lanes, -jnp.inf, dtype), jnp.zeros(lanes, jnp.int32))
+    total, top, best = lax.fori_loop(0, pl.cdiv(vocab, block_v), step, init)
+    # Every thread's stores of the loop (the target column's exp(x_t - c) among them) are performed before any
+    # thread stores the target column's final value below (bar.sync orders the CTA's global memory accesses).
+    # Interpret mode runs one program at a time, in order, and has no barrier.
+    if barrier:
+        pltriton.debug_barrier()
+    total = jnp.sum(total, axis=1)
+    row_max = jnp.max(top, axis=1)
+    argmax = jnp.min(jnp.where(top == row_max[:, None], best, vocab), axis=1)
+    logsumexp = reference + jnp.log(total)
+    pltriton.store(logsumexp_ref.at[row_slice], logsumexp, mask=row_ok)
+    pltriton.store(nll_ref.at[row_slice], logsumexp - target_logit, mask=row_ok)
+    pltriton.store(argmax_ref.at[row_slice], argmax, mask=row_ok)
+    pltriton.store(max_ref.at[row_slice], row_max, mask=row_ok)
+    # d / a at the target: exp(x_t - c) - exp(logsumexp - c), and exp(logsumexp - c) is the sum itself.
+    target_value = jnp.exp(target_logit - reference) - total
+    pltriton.store(out_ref.at[row_ids, targets], target_value.astype(out_ref.dtype), mask=row_ok)
 
 
 def softmax_cross_entropy(
@@ -211,11 +289,13 @@ def softmax_cross_entropy(
             GPUs; float64 runs in interpret mode).
         targets: (R,) int target ids in [0, V) (not checked: an id outside gives nll = logsumexp, no onehot).
         weights: (R,) token weights scaling the rows of d_logits.
-        d_dtype: dtype of d_logits / exp_logits; default the logits' dtype.
+        d_dtype: dtype of d_logits / unscaled_d_logits; default the logits' dtype.
         with_gradient: False computes only the statistics (one read of the logits, ``d_logits`` None).
-        reference: optional (R,) float per-row reference c: with the gradient, write ``exp_logits = exp(logits -
-            c)`` in the statistics' single read instead of ``d_logits`` (the module docstring).
-        config: launch parameters; default :func:`default_config`.
+        reference: optional (R,) float per-row reference c, near the target logit: with the gradient, run the
+            one-read kernel, which writes ``unscaled_d_logits`` instead of ``d_logits`` (the module docstring;
+            valid while no row's maximum exceeds c by more than ~88).
+        config: launch parameters; default :func:`default_config` (:func:`default_one_read_config` for the
+            one-read kernel).
         interpret: run the kernel in Pallas interpret mode (any backend, for tests).
 
     Returns:
@@ -237,26 +317,23 @@ def softmax_cross_entropy(
         raise ValueError(
             f"reference: expected a float array of shape ({rows},), got {reference.dtype} {reference.shape}"
         )
-    config = default_config(rows, vocab) if config is None else config
+    one_read = with_gradient and reference is not None
+    if config is None:
+        config = default_one_read_config(vocab) if one_read else default_config(rows, vocab)
     dtype = jnp.promote_types(jnp.float32, logits.dtype)
     out_shape = [jax.ShapeDtypeStruct((rows,), dtype) for _ in range(2)]
     out_shape += [jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), dtype)]
     if with_gradient:
         out_shape.append(jax.ShapeDtypeStruct((rows, vocab), jnp.dtype(dtype if d_dtype is None else d_dtype)))
-    inputs = [logits, targets.astype(jnp.int32), weights.astype(dtype)]
-    if reference is not None:
-        inputs.append(reference.astype(dtype))
-    kernel = functools.partial(
-        _kernel,
-        rows=rows,
-        vocab=vocab,
-        block_rows=config.block_rows,
-        block_v=config.block_v,
-        with_reference=reference is not None,
-        with_gradient=with_gradient,
-    )
-    writes_exp = with_gradient and reference is not None
-    name = "softmax_cross_entropy" + ("_and_exp" if writes_exp else "_and_gradient" if with_gradient else "")
+    static = dict(rows=rows, vocab=vocab, block_rows=config.block_rows, block_v=config.block_v)
+    if one_read:
+        kernel = functools.partial(_one_read_kernel, **static, barrier=not interpret)
+        name = "softmax_cross_entropy_one_read"
+        inputs = (logits, targets.astype(jnp.int32), reference.astype(dtype))
+    else:
+        kernel = functools.partial(_kernel, **static)
+        name = "softmax_cross_entropy" + ("_and_gradient" if with_gradient else "")
+        inputs = (logits, targets.astype(jnp.int32), weights.astype(dtype))
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -267,5 +344,5 @@ def softmax_cross_entropy(
     )(*inputs)
     gradient = outputs[4] if with_gradient else None
     return SoftmaxXent(
-        *outputs[:4], d_logits=None if writes_exp else gradient, exp_logits=gradient if writes_exp else None
+        *outputs[:4], d_logits=None if one_read else gradient, unscaled_d_logits=gradient if one_read else None
     )

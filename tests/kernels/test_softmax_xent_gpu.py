@@ -8,13 +8,21 @@ kernel on an NVIDIA GPU.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from m2rnn_jax.models.lm_head_loss import lm_head_cross_entropy
-from pallas_kernels.gpu.softmax_xent import SoftmaxXentConfig, default_config, softmax_cross_entropy
+from pallas_kernels.gpu.softmax_xent import (
+    SoftmaxXentConfig,
+    default_config,
+    default_one_read_config,
+    softmax_cross_entropy,
+)
 from tests.models.test_lm_head_loss import head_inputs, plain_mean_loss
 
 
@@ -76,51 +84,63 @@ def reference_logits(logits, targets, offset: float = 0.3):
     return logits, jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] + offset
 
 
+def unscaled_reference(logits, targets, reference):
+    """D = exp(logits - c) - exp(logsumexp - c) onehot(target), in float32 (what the one-read kernel writes)."""
+    logsumexp = jax.nn.logsumexp(logits, axis=-1)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    return jnp.exp(logits - reference[:, None]) - jnp.exp(logsumexp - reference)[:, None] * onehot
+
+
 @pytest.mark.parametrize(
     "rows, vocab, block_rows, block_v",
-    [(13, 300, 4, 64), (8, 256, 8, 256), (17, 70, 16, 128)],
-    ids=["ragged_both", "exact_blocks", "vocab_below_block"],
+    [(13, 300, 4, 64), (8, 256, 8, 256), (17, 70, 16, 128), (6, 512, 1, 128)],
+    ids=["ragged_both", "exact_blocks", "vocab_below_block", "one_row_programs"],
 )
-def test_kernel_with_a_reference_writes_exp_logits_in_one_read(rows, vocab, block_rows, block_v):
-    """With a reference c the kernel writes exp(logits - c) instead of d_logits (no second pass) and the same
-    statistics; a exp_logits - w onehot, a = w exp(c - logsumexp), is d_logits."""
+def test_one_read_kernel_matches_the_two_pass_kernel(rows, vocab, block_rows, block_v):
+    """With a reference c the kernel reads the logits once and writes D = exp(logits - c) - exp(logsumexp - c)
+    onehot(target) instead of d_logits; its statistics are the two-pass kernel's, first argmax on ties included, and
+    a D with a = w exp(c - logsumexp) is that kernel's d_logits."""
     logits, targets, weights = hard_logits(rows * vocab, rows, vocab, scale=5.0)
     logits, reference = reference_logits(logits, targets)
     config = SoftmaxXentConfig(block_rows=block_rows, block_v=block_v, num_warps=4, num_stages=1)
     out = softmax_cross_entropy(logits, targets, weights, reference=reference, config=config, interpret=True)
-    assert out.d_logits is None and out.exp_logits.dtype == jnp.float32
-    np.testing.assert_allclose(out.exp_logits, jnp.exp(logits - reference[:, None]), rtol=1e-5, atol=1e-30)
-    np.testing.assert_array_equal(out.max, jnp.max(logits, axis=-1))
+    assert out.d_logits is None and out.unscaled_d_logits.dtype == jnp.float32
+    np.testing.assert_allclose(out.unscaled_d_logits, unscaled_reference(logits, targets, reference), rtol=1e-5)
     plain = softmax_cross_entropy(logits, targets, weights, config=config, interpret=True)
-    for name in ("logsumexp", "nll", "argmax", "max"):
-        np.testing.assert_array_equal(getattr(out, name), getattr(plain, name), err_msg=name)
+    for name in ("logsumexp", "nll", "max"):
+        np.testing.assert_allclose(getattr(out, name), getattr(plain, name), rtol=1e-6, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(out.argmax, plain.argmax)
+    assert int(out.argmax[0]) == 3 and int(out.argmax[1]) == 5  # the first of the tied maxima
     scale = weights * jnp.exp(reference - out.logsumexp)
-    onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
-    d_logits = scale[:, None] * out.exp_logits - weights[:, None] * onehot
-    np.testing.assert_allclose(d_logits, plain.d_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale[:, None] * out.unscaled_d_logits, plain.d_logits, rtol=1e-5, atol=1e-6)
     stats_only = softmax_cross_entropy(
         logits, targets, weights, with_gradient=False, reference=reference, config=config, interpret=True
     )
-    assert stats_only.d_logits is None and stats_only.exp_logits is None
-    np.testing.assert_array_equal(stats_only.logsumexp, out.logsumexp)
+    assert stats_only.d_logits is None and stats_only.unscaled_d_logits is None
+    np.testing.assert_array_equal(stats_only.logsumexp, plain.logsumexp)  # no gradient: the two-pass kernel
 
 
-def test_kernel_writes_exp_logits_of_bfloat16_logits_in_bfloat16():
+def test_one_read_kernel_reads_bfloat16_logits_and_writes_bfloat16():
     logits, targets, weights = hard_logits(4, 9, 200, scale=3.0)
     logits, reference = reference_logits(logits.astype(jnp.bfloat16).astype(jnp.float32), targets)
-    config = SoftmaxXentConfig(block_rows=4, block_v=64, num_warps=4, num_stages=1)
     out = softmax_cross_entropy(
         logits.astype(jnp.bfloat16),
         targets,
         weights,
         d_dtype=jnp.bfloat16,
         reference=reference,
-        config=config,
+        config=SoftmaxXentConfig(block_rows=4, block_v=64, num_warps=4, num_stages=1),
         interpret=True,
     )
-    assert out.exp_logits.dtype == jnp.bfloat16 and out.max.dtype == jnp.float32
-    expected = jnp.exp(logits - reference[:, None])
-    np.testing.assert_allclose(out.exp_logits.astype(jnp.float32), expected, rtol=8e-3, atol=1e-30)
+    assert out.unscaled_d_logits.dtype == jnp.bfloat16 and out.max.dtype == jnp.float32
+    expected = unscaled_reference(logits, targets, reference)
+    np.testing.assert_allclose(out.unscaled_d_logits.astype(jnp.float32), expected, rtol=8e-3)
+    np.testing.assert_allclose(out.nll, jnp_statistics(logits, targets, weights)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_default_one_read_config():
+    assert default_one_read_config(100352) == SoftmaxXentConfig(block_rows=1, block_v=2048, num_warps=4)
+    assert default_one_read_config(70) == SoftmaxXentConfig(block_rows=1, block_v=128, num_warps=4)
 
 
 def test_kernel_writes_d_logits_in_the_compute_dtype():
@@ -236,7 +256,7 @@ def test_compiled_kernel_matches_jnp_on_gpu(rows, vocab):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows, vocab", [(300, 100352), (64, 50257)])
-def test_compiled_kernel_with_a_reference_matches_jnp_on_gpu(rows, vocab):
+def test_compiled_one_read_kernel_matches_jnp_on_gpu(rows, vocab):
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs an NVIDIA GPU")
     logits, targets, weights = hard_logits(rows, rows, vocab, scale=4.0)
@@ -251,8 +271,10 @@ def test_compiled_kernel_with_a_reference_matches_jnp_on_gpu(rows, vocab):
     np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(out.argmax, argmax)
     np.testing.assert_array_equal(out.max, jnp.max(rounded, axis=-1))
-    expected = jnp.exp(rounded - reference[:, None])
-    np.testing.assert_allclose(out.exp_logits.astype(jnp.float32), expected, rtol=1e-2, atol=1e-30)
+    expected = jax.jit(unscaled_reference)(rounded, targets, reference)
+    np.testing.assert_allclose(out.unscaled_d_logits.astype(jnp.float32), expected, rtol=1e-2)
+    targets_written = out.unscaled_d_logits[jnp.arange(rows), targets].astype(jnp.float32)  # after the barrier
+    np.testing.assert_allclose(targets_written, expected[jnp.arange(rows), targets], rtol=1e-2)
 
 
 @pytest.mark.gpu
@@ -272,3 +294,20 @@ def test_compiled_chunked_loss_equals_the_plain_loss_on_gpu():
     for name, got, want in zip(("hidden", "kernel", "weights"), grads, expected_grads):
         error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         assert error < 1e-2, (name, error)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# CI installs triton (the [gpu] extra), so there a missing triton fails the test instead of skipping it.
+@pytest.mark.skipif(not _HAS_TRITON and not os.environ.get("CI"), reason="needs triton (3.6): pip install -e '.[gpu]'")
+def test_both_kernels_compile_for_sm90_and_one_read_issues_a_fifth_of_the_instructions():
+    """The kernels lowered for CUDA and compiled for sm_90 on this machine (what interpret mode does not check: the
+    gathered load, the barrier, vector stores): no spills, and the one-read kernel's loop issues < 1/4 of the
+    two-pass kernel's instructions per logit (session 17: 9.2 against 47.5 at 4096 x 100352)."""
+    from experiments.bench.softmax_xent_sass import kernel_cost
+
+    two_pass = kernel_cost(64, 8192, default_config(64, 8192), one_read=False)
+    one_read = kernel_cost(64, 8192, default_one_read_config(8192), one_read=True)
+    assert two_pass["spilled_bytes"] == one_read["spilled_bytes"] == 0
+    assert one_read["instructions_per_logit"] < two_pass["instructions_per_logit"] / 4, (one_read, two_pass)
