@@ -27,8 +27,9 @@ There is no running maximum: each lane (element of the (block_rows, block_v) til
 exp(x - c), maximum and first argmax, and the lanes are reduced once, after the loop (logsumexp = c + log(sum));
 the target logit is one gathered load per row, and the target column is written again after the loop and a
 barrier (exp(logsumexp - c) is the sum itself). Per element that is one FMA and the hardware ex2, an add, a
-compare-select and a max: 9.2 SASS instructions per logit against the two-pass kernel's 47.5 (compiled for sm_90 on
-the CPU, RESULTS.md session 17), so it should run at the memory's speed. Without the maximum the sum overflows when
+compare-select and a max: 9.2 SASS instructions per logit against the two-pass kernel's 35.8 (compiled for sm_90 on
+the CPU, ``python -m experiments.bench.softmax_xent_sass``, RESULTS.md session 17), so it should run at the memory's
+speed. Without the maximum the sum overflows when
 a row's maximum exceeds c by more than float32's log range (~88); the caller checks the returned ``max`` and
 recomputes such calls another way.
 
@@ -127,6 +128,15 @@ class SoftmaxXent(NamedTuple):
     unscaled_d_logits: jax.Array | None
 
 
+LOG2_E = 1.4426950408889634  # exp(y) = exp2(y * log2(e))
+
+
+def _exp(y: jax.Array) -> jax.Array:
+    """exp as one multiply and the hardware ex2 (``jnp.exp`` lowers to libdevice's accurate expf: ~7 more
+    instructions per element in the kernels' loops; ex2.approx is within 2 ulp)."""
+    return jnp.exp2(y * LOG2_E)
+
+
 def _kernel(
     logits_ref,
     targets_ref,
@@ -161,7 +171,7 @@ def _kernel(
         block_top = jnp.max(x, axis=1)
         block_best = jnp.min(jnp.where(x == block_top[:, None], cols[None, :], vocab), axis=1)
         new_top = jnp.maximum(top, block_top)
-        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
+        total = total * jnp.exp(top - new_top) + jnp.sum(_exp(x - new_top[:, None]), axis=1)
         best = jnp.where(block_top > top, block_best, best)  # strict: an equal later maximum keeps the first index
         target_logit = target_logit + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0), axis=1)
         return new_top, total, best, target_logit
@@ -188,14 +198,11 @@ def _kernel(
         j = jnp.asarray(num_blocks - 1 - i, jnp.int32)  # backwards: the blocks pass 1 read last may still be in L2
         cols, mask, x = load_block(j)
         onehot = (cols[None, :] == targets[:, None]).astype(dtype)
-        d = (jnp.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
+        d = (_exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
         pltriton.store(d_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(d_ref.dtype), mask=mask)
         return 0
 
     lax.fori_loop(0, num_blocks, gradient, 0)
-
-
-LOG2_E = 1.4426950408889634  # exp(y) = exp2(y * log2(e))
 
 
 def _one_read_kernel(
