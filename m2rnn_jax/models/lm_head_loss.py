@@ -111,11 +111,16 @@ def default_num_chunks(
     :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): the logits in
     ``logits_dtype`` (None: float32), or for "fused_matmul" exp(logits - target logit) in ``compute_dtype``
     (bfloat16: twice the tokens per chunk; measured on the H200, "fused_matmul" at 4096-token chunks 39.84 ms
-    against 40.44 at 2048, RESULTS.md session 13)."""
+    against 40.44 at 2048, RESULTS.md session 13). "one_read" with the logits in the compute dtype writes its
+    gradient over the logits (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy`): one (C, V) buffer
+    where the others hold two, so twice the tokens (not yet timed against the smaller chunk)."""
     elements = CHUNK_LOGITS_ELEMENTS
     stored = compute_dtype if statistics == "fused_matmul" else logits_dtype
     if stored is not None:
         elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(stored).itemsize
+    in_place = statistics == "one_read" and logits_dtype is not None and compute_dtype is not None
+    if in_place and jnp.dtype(logits_dtype) == jnp.dtype(compute_dtype):
+        elements *= 2
     needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
 
@@ -555,13 +560,9 @@ def _fused_matmul_step(
     return nll, hits, (d_hidden, accumulate), _fits(layout, kernel_c.shape[1], stats.max, target.logits)
 
 
-def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array, num_tokens: int) -> LMHeadLoss:
-    """Per-chunk (num_chunks, G, C) nll and hits -> :class:`LMHeadLoss` (padding rows have weight 0)."""
-    return LMHeadLoss(
-        nll_sum=jnp.sum(nll * weights),
-        weight_sum=jnp.sum(weights),
-        correct=_from_chunks(jnp.where(hits, weights, 0), num_tokens),
-    )
+def _outputs(nll: jax.Array, hits: jax.Array, weights: jax.Array) -> LMHeadLoss:
+    """Per-token (N,) nll, hits and weights -> :class:`LMHeadLoss`."""
+    return LMHeadLoss(nll_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights), correct=jnp.where(hits, weights, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -574,14 +575,16 @@ def _chunked_loss(layout: _Layout, hidden, kernel, targets, weights) -> LMHeadLo
         return None, (nll, hits)
 
     _, (nll, hits) = jax.lax.scan(step, None, (hidden_chunks, target_chunks, weight_chunks))
-    return _outputs(nll, hits, weight_chunks, hidden.shape[0])
+    num_tokens = hidden.shape[0]
+    return _outputs(_from_chunks(nll, num_tokens), _from_chunks(hits, num_tokens), weights)
 
 
-def _scan_with_gradients(
-    layout: _Layout, kernel_c: jax.Array, chunks: tuple[jax.Array, jax.Array, jax.Array]
+def _loss_and_gradients(
+    layout: _Layout, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The chunk loop with gradients: (nll, hits (num_chunks, G, C), d hidden (num_chunks, G, C, h), d kernel
-    (h, V) summed over chunks and groups, () bool: every chunk's gradient valid)."""
+    """The chunk loop with gradients: per token (nll (N,), hits (N,), d hidden (N, h)), d kernel (h, V) summed
+    over chunks and groups (the accumulation dtype), and () bool: every chunk's gradient valid."""
+    kernel_c, chunks = _chunk_inputs(layout, hidden, kernel, targets, weights)
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
 
     def step(d_kernel, xs):
@@ -590,30 +593,36 @@ def _scan_with_gradients(
 
     zeros = jnp.zeros((layout.groups,) + kernel_c.shape, dtype=accumulation)
     d_kernel, (nll, hits, d_hidden, valid) = jax.lax.scan(step, zeros, chunks)
-    return nll, hits, d_hidden, jnp.sum(d_kernel, axis=0), jnp.all(valid)
+    num_tokens = hidden.shape[0]
+    per_token = tuple(_from_chunks(x, num_tokens) for x in (nll, hits, d_hidden))
+    return per_token + (jnp.sum(d_kernel, axis=0), jnp.all(valid))
+
+
+def _fallback_layout(layout: _Layout, num_tokens: int, vocab: int) -> _Layout:
+    """The layout that recomputes a call of :data:`EXP_STATISTICS` that does not fit: "two_pass" in a quarter of
+    its default chunk (at most the call's own). The fallback is rare (a logit more than ~69 above the target's), and
+    XLA allocates its buffers beside the main path's (session 13: "fused_matmul" at 4096-token chunks held 2.6 GiB,
+    its E 0.8 of them), so it is kept small: ~0.6 GiB at 1024 tokens x 100352 in bfloat16."""
+    group_tokens = math.ceil(num_tokens / layout.groups)
+    logits_dtype = layout.logits_dtype if layout.statistics != "fused_matmul" else None
+    own = default_num_chunks(group_tokens, vocab, "two_pass", layout.compute_dtype, logits_dtype)
+    num_chunks = min(group_tokens, max(layout.num_chunks, 4 * own))
+    return layout._replace(statistics="two_pass", num_chunks=num_chunks, chunk=math.ceil(group_tokens / num_chunks))
 
 
 def _chunked_loss_forward(layout: _Layout, hidden, kernel, targets, weights):
     """Loss and, chunk by chunk, the gradients of ``nll_sum`` wrt hidden and kernel (the residuals). With
     :data:`EXP_STATISTICS`, when any chunk does not fit (:func:`_fits`: exp(logits - target logit) could
-    overflow), the whole call is computed again with "two_pass" (one ``lax.cond`` per call, outside the chunk
-    loop; "one_read"'s loss is then not valid either)."""
-    kernel_c, chunks = _chunk_inputs(layout, hidden, kernel, targets, weights)
-    results = _scan_with_gradients(layout, kernel_c, chunks)
+    overflow), the whole call is computed again with "two_pass" (:func:`_fallback_layout`; one ``lax.cond`` per
+    call, outside the chunk loop; "one_read"'s loss is then not valid either)."""
+    results = _loss_and_gradients(layout, hidden, kernel, targets, weights)
     if layout.statistics in EXP_STATISTICS:
-        two_pass = layout._replace(statistics="two_pass")
-        results = jax.lax.cond(results[-1], lambda: results, lambda: _scan_with_gradients(two_pass, kernel_c, chunks))
+        fallback = _fallback_layout(layout, hidden.shape[0], kernel.shape[1])
+        results = jax.lax.cond(
+            results[-1], lambda: results, lambda: _loss_and_gradients(fallback, hidden, kernel, targets, weights)
+        )
     nll, hits, d_hidden, d_kernel, _ = results
-    weight_chunks = chunks[2]
-    num_tokens = hidden.shape[0]
-    output = _outputs(nll, hits, weight_chunks, num_tokens)
-    residuals = (
-        _from_chunks(d_hidden, num_tokens),
-        d_kernel,
-        _from_chunks(nll, num_tokens),
-        _from_chunks(hits, num_tokens),
-    )
-    return output, residuals
+    return _outputs(nll, hits, weights), (d_hidden, d_kernel, nll, hits)
 
 
 def _chunked_loss_backward(layout: _Layout, residuals, cotangent: LMHeadLoss):

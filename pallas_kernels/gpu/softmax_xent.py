@@ -300,7 +300,9 @@ def softmax_cross_entropy(
         with_gradient: False computes only the statistics (one read of the logits, ``d_logits`` None).
         reference: optional (R,) float per-row reference c, near the target logit: with the gradient, run the
             one-read kernel, which writes ``unscaled_d_logits`` instead of ``d_logits`` (the module docstring;
-            valid while no row's maximum exceeds c by more than ~88).
+            valid while no row's maximum exceeds c by more than ~88); when ``d_dtype`` is the logits' dtype it is
+            written over the logits' buffer (``input_output_aliases``: XLA copies the logits first only where they
+            are still needed after the call), so a chunk needs one (R, V) buffer, not two.
         config: launch parameters; default :func:`default_config` (:func:`default_one_read_config` for the
             one-read kernel).
         interpret: run the kernel in Pallas interpret mode (any backend, for tests).
@@ -333,6 +335,9 @@ def softmax_cross_entropy(
     if with_gradient:
         out_shape.append(jax.ShapeDtypeStruct((rows, vocab), jnp.dtype(dtype if d_dtype is None else d_dtype)))
     static = dict(rows=rows, vocab=vocab, block_rows=config.block_rows, block_v=config.block_v)
+    aliases = {}
+    if one_read and out_shape[4].dtype == logits.dtype:
+        aliases = {0: 4}  # D overwrites the logits: each block is read before its D is stored, by its own program
     if one_read:
         kernel = functools.partial(_one_read_kernel, **static, barrier=not interpret)
         name = "softmax_cross_entropy_one_read"
@@ -348,6 +353,7 @@ def softmax_cross_entropy(
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name=name,
+        input_output_aliases=aliases,
     )(*inputs)
     gradient = outputs[4] if with_gradient else None
     return SoftmaxXent(
