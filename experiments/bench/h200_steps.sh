@@ -47,14 +47,14 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     logits16profile) # per source line: two_pass and pallas_gpu with bfloat16 logits, 4096-token chunks
            run logits16profile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics two_pass pallas_gpu \
              --logits-dtypes bfloat16 --profile /tmp/logits16profile --json "$OUT/logits16profile.json" ;;
-    oneread) # the loss with the one-read statistics (E = exp(logits - target logit)) beside pallas_gpu, bf16 logits
-           run oneread 240 python3 -m m2rnn_jax.bench.loss --chunk-sizes 2048 4096 --statistics pallas_gpu one_read \
+    oneread) # the loss with the one-read statistics (D over the logits, in place) beside pallas_gpu, bf16 logits
+           run oneread 240 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 8192 --statistics pallas_gpu one_read \
              --logits-dtypes bfloat16 --json "$OUT/oneread.json" ;;
     onereadtests) # the gpu tests of the one-read path (the kernel with a reference; the target shape vs the plain head)
            run onereadtests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/models/test_lm_head_loss.py tests/kernels/test_softmax_xent_gpu.py -k "reference or one_read" ;;
-    onereadprofile) # per source line: pallas_gpu and one_read with bfloat16 logits, 4096-token chunks
-           run onereadprofile 200 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 --statistics pallas_gpu one_read \
+    onereadprofile) # per source line: pallas_gpu and one_read with bfloat16 logits, each at its default chunk
+           run onereadprofile 200 python3 -m m2rnn_jax.bench.loss --statistics pallas_gpu one_read \
              --logits-dtypes bfloat16 --profile /tmp/onereadprofile --json "$OUT/onereadprofile.json" ;;
     tilestests) run tilestests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
                   tests/kernels/test_logits_softmax_tiles.py tests/models/test_lm_head_loss.py tests/kernels/test_gdn_gpu.py ;;
