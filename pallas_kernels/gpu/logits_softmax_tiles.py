@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu import fast_math
+
 
 @dataclasses.dataclass(frozen=True)
 class LogitsTilesConfig:
@@ -145,14 +147,16 @@ def _kernel(x_ref, w_ref, c_ref, max_ref, argmax_ref, sumexp_ref, *exp_ref, rows
         logits = jnp.where(col_ok[None, :], logits, -jnp.inf)
     tile_max = jnp.max(logits, axis=1)
     first = jnp.min(jnp.where(logits == tile_max[:, None], col_ids[None, :], vocab), axis=1)
-    sumexp = jnp.sum(jnp.exp(logits - tile_max[:, None]), axis=1)
+    relative = fast_math.exp(logits - tile_max[:, None])  # the one exponential per element
+    sumexp = jnp.sum(relative, axis=1)
     pltriton.store(max_ref.at[j, row_slice], tile_max, mask=row_ok)
     pltriton.store(argmax_ref.at[j, row_slice], first, mask=row_ok)
     pltriton.store(sumexp_ref.at[j, row_slice], sumexp, mask=row_ok)
     if exp_ref:
         (out_ref,) = exp_ref
         reference = _load(c_ref.at[row_slice], row_ok).astype(accumulation)
-        values = jnp.exp(logits - reference[:, None]).astype(out_ref.dtype)
+        # exp(logits - c) = exp(logits - tile max) exp(tile max - c); finite where the caller's check passes
+        values = (relative * fast_math.exp(tile_max - reference)[:, None]).astype(out_ref.dtype)
         mask = both(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
         pltriton.store(out_ref.at[row_slice, col_slice], values, mask=mask)
 

@@ -49,6 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu import fast_math
+
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxXentConfig:
@@ -128,15 +130,6 @@ class SoftmaxXent(NamedTuple):
     unscaled_d_logits: jax.Array | None
 
 
-LOG2_E = 1.4426950408889634  # exp(y) = exp2(y * log2(e))
-
-
-def _exp(y: jax.Array) -> jax.Array:
-    """exp as one multiply and the hardware ex2 (``jnp.exp`` lowers to libdevice's accurate expf: ~7 more
-    instructions per element in the kernels' loops; ex2.approx is within 2 ulp)."""
-    return jnp.exp2(y * LOG2_E)
-
-
 def _kernel(
     logits_ref,
     targets_ref,
@@ -171,7 +164,7 @@ def _kernel(
         block_top = jnp.max(x, axis=1)
         block_best = jnp.min(jnp.where(x == block_top[:, None], cols[None, :], vocab), axis=1)
         new_top = jnp.maximum(top, block_top)
-        total = total * jnp.exp(top - new_top) + jnp.sum(_exp(x - new_top[:, None]), axis=1)
+        total = total * jnp.exp(top - new_top) + jnp.sum(fast_math.exp(x - new_top[:, None]), axis=1)
         best = jnp.where(block_top > top, block_best, best)  # strict: an equal later maximum keeps the first index
         target_logit = target_logit + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0), axis=1)
         return new_top, total, best, target_logit
@@ -198,7 +191,7 @@ def _kernel(
         j = jnp.asarray(num_blocks - 1 - i, jnp.int32)  # backwards: the blocks pass 1 read last may still be in L2
         cols, mask, x = load_block(j)
         onehot = (cols[None, :] == targets[:, None]).astype(dtype)
-        d = (_exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
+        d = (fast_math.exp(x - logsumexp[:, None]) - onehot) * weights[:, None]
         pltriton.store(d_ref.at[row_slice, pl.ds(j * block_v, block_v)], d.astype(d_ref.dtype), mask=mask)
         return 0
 
@@ -238,7 +231,7 @@ def _one_read_kernel(
     targets = load_rows(targets_ref.at[row_slice])
     reference = load_rows(reference_ref.at[row_slice]).astype(dtype)
     target_logit = load_rows(logits_ref.at[row_ids, targets]).astype(dtype)  # one gathered element per row
-    scaled_reference = reference * LOG2_E
+    scaled_reference = reference * fast_math.LOG2_E
 
     def step(j, carry):
         j = jnp.asarray(j, jnp.int32)  # the row index's type, also with x64 enabled (float64 tests)
@@ -251,7 +244,7 @@ def _one_read_kernel(
         columns = pl.ds(j * block_v, block_v)
         block = logits_ref.at[row_slice, columns]
         x = (pltriton.load(block) if mask is None else pltriton.load(block, mask=mask, other=-jnp.inf)).astype(dtype)
-        exp_logits = jnp.exp2(x * LOG2_E - scaled_reference[:, None])  # one FMA and the hardware ex2
+        exp_logits = jnp.exp2(x * fast_math.LOG2_E - scaled_reference[:, None])  # one FMA and the hardware ex2
         best = jnp.where(x > top, cols[None, :], best)  # strict: a lane keeps its first maximal column
         top = jnp.maximum(top, x)
         pltriton.store(out_ref.at[row_slice, columns], exp_logits.astype(out_ref.dtype), mask=mask)
