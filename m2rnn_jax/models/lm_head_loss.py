@@ -111,16 +111,14 @@ def default_num_chunks(
     :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): the logits in
     ``logits_dtype`` (None: float32), or for "fused_matmul" exp(logits - target logit) in ``compute_dtype``
     (bfloat16: twice the tokens per chunk; measured on the H200, "fused_matmul" at 4096-token chunks 39.84 ms
-    against 40.44 at 2048, RESULTS.md session 13). "one_read" with the logits in the compute dtype writes its
-    gradient over the logits (:func:`pallas_kernels.gpu.softmax_xent.softmax_cross_entropy`): one (C, V) buffer
-    where the others hold two, so twice the tokens (not yet timed against the smaller chunk)."""
+    against 40.44 at 2048, RESULTS.md session 13). ("one_read" with the logits in the compute dtype writes its
+    gradient over the logits, so it holds one (C, V) buffer where "pallas_gpu" holds two; its chunk stays the same
+    until twice the tokens is timed on the GPU: at 8192 x 100352 the estimate, its fallback's buffers included, is
+    ~3 GiB.)"""
     elements = CHUNK_LOGITS_ELEMENTS
     stored = compute_dtype if statistics == "fused_matmul" else logits_dtype
     if stored is not None:
         elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(stored).itemsize
-    in_place = statistics == "one_read" and logits_dtype is not None and compute_dtype is not None
-    if in_place and jnp.dtype(logits_dtype) == jnp.dtype(compute_dtype):
-        elements *= 2
     needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
 

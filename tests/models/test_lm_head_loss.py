@@ -102,17 +102,16 @@ def test_exp_statistics_fall_back_where_exp_logits_would_overflow(statistics):
 
 
 def test_one_read_falls_back_in_small_chunks(monkeypatch):
-    """With the logits in the compute dtype "one_read" holds one (C, V) buffer, so its default chunk is twice
-    "two_pass"'s; a call that does not fit is recomputed with "two_pass" in a quarter of that one's default chunk
-    (its buffers come on top of the main path's), and the loss and every gradient are still full logits'."""
-    monkeypatch.setattr(lm_head_loss, "CHUNK_LOGITS_ELEMENTS", 16 * 40)  # two_pass: 2 chunks of 12 of 24 tokens
+    """A call that does not fit is recomputed with "two_pass" in a quarter of that one's default chunk (its
+    buffers come on top of the main path's), and the loss and every gradient are still full logits'."""
+    monkeypatch.setattr(lm_head_loss, "CHUNK_LOGITS_ELEMENTS", 16 * 40)  # 2 chunks of 12 of 24 tokens
     hidden, kernel, targets, weights = head_inputs(5, 24, 16, 40, jnp.float32)
     hidden = hidden.at[12:].multiply(40.0)  # logit gaps far above exp_headroom: the call does not fit
     layout = lm_head_loss._make_layout(
         hidden, kernel, targets, weights, None, None, 1, "one_read", jnp.float32, True, None
     )
     fallback = lm_head_loss._fallback_layout(layout, 24, 40)
-    assert (layout.chunk, fallback.chunk, fallback.statistics) == (24, 3, "two_pass")
+    assert (layout.chunk, fallback.chunk, fallback.statistics) == (12, 3, "two_pass")
 
     def loss(hidden, kernel, weights):
         out = lm_head_cross_entropy(
@@ -289,8 +288,7 @@ def test_default_chunking_bounds_the_chunk_logits():
     assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.float32) == 16
     assert default_num_chunks(8 * 4096, 100352, "pallas_gpu", jnp.bfloat16) == 16  # float32 logits
     assert default_num_chunks(8 * 4096, 100352, "two_pass", jnp.bfloat16, jnp.bfloat16) == 8  # bf16 logits
-    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16, jnp.bfloat16) == 4  # D over the logits
-    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16) == 16  # float32 logits, bf16 D
+    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16, jnp.bfloat16) == 8  # as pallas_gpu
     assert default_num_chunks(100, 50) == 1
     assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
     assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
