@@ -240,6 +240,16 @@ def test_chunked_loss_with_the_kernel_counts_the_hits():
     assert int(jnp.sum(out.correct > 0)) >= 6
 
 
+def assert_compiled_statistics_match(out, logits, targets, weights) -> jax.Array:
+    """The compiled kernel's logsumexp, nll and argmax against jnp's of ``logits`` (float32); returns jnp's
+    d_logits."""
+    logsumexp, nll, argmax, d_logits = jax.jit(jnp_statistics)(logits, targets, weights)
+    np.testing.assert_allclose(out.logsumexp, logsumexp, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out.argmax, argmax)
+    return d_logits
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows, vocab", [(300, 100352), (64, 50257)])
 def test_compiled_kernel_matches_jnp_on_gpu(rows, vocab):
@@ -247,10 +257,7 @@ def test_compiled_kernel_matches_jnp_on_gpu(rows, vocab):
         pytest.skip("needs an NVIDIA GPU")
     logits, targets, weights = hard_logits(rows, rows, vocab, scale=4.0)
     out = jax.jit(lambda *a: softmax_cross_entropy(*a, d_dtype=jnp.bfloat16))(logits, targets, weights)
-    logsumexp, nll, argmax, d_logits = jax.jit(jnp_statistics)(logits, targets, weights)
-    np.testing.assert_allclose(out.logsumexp, logsumexp, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(out.argmax, argmax)
+    d_logits = assert_compiled_statistics_match(out, logits, targets, weights)
     np.testing.assert_allclose(out.d_logits.astype(jnp.float32), d_logits, rtol=1e-2, atol=1e-6)
 
 
@@ -266,10 +273,7 @@ def test_compiled_one_read_kernel_matches_jnp_on_gpu(rows, vocab):
         bf16_logits, targets, weights
     )
     rounded = bf16_logits.astype(jnp.float32)
-    logsumexp, nll, argmax, _ = jax.jit(jnp_statistics)(rounded, targets, weights)
-    np.testing.assert_allclose(out.logsumexp, logsumexp, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(out.nll, nll, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(out.argmax, argmax)
+    assert_compiled_statistics_match(out, rounded, targets, weights)
     np.testing.assert_array_equal(out.max, jnp.max(rounded, axis=-1))
     expected = jax.jit(unscaled_reference)(rounded, targets, reference)
     np.testing.assert_allclose(out.unscaled_d_logits.astype(jnp.float32), expected, rtol=1e-2)
