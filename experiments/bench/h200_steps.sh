@@ -53,6 +53,10 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     onereadtests) # the gpu tests of the one-read path (the kernel with a reference; the target shape vs the plain head)
            run onereadtests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/models/test_lm_head_loss.py tests/kernels/test_softmax_xent_gpu.py -k "reference or one_read" ;;
+    onereadsweep) # one chunk's statistics: the two-pass kernel beside the one-read kernel's launch configurations
+           run onereadsweep 150 python3 -m m2rnn_jax.bench.loss --kernel-rows 4096 --logits-dtypes bfloat16 \
+             --kernel-configs 4x2048x8x2 --one-read-configs 1x2048x4x2 1x1024x4x2 2x1024x4x2 2x2048x8x2 1x4096x8x2 \
+             --json "$OUT/onereadsweep.json" ;;
     onereadprofile) # per source line: pallas_gpu and one_read with bfloat16 logits, each at its default chunk
            run onereadprofile 200 python3 -m m2rnn_jax.bench.loss --statistics pallas_gpu one_read \
              --logits-dtypes bfloat16 --profile /tmp/onereadprofile --json "$OUT/onereadprofile.json" ;;

@@ -17,10 +17,12 @@ loss and gradients with the plain ones at this shape (relative L2 norm of the di
 how each chunk's softmax statistics and logits gradient are computed (one row per chunk size and choice; see
 :data:`m2rnn_jax.models.lm_head_loss.STATISTICS`).
 
-``--kernel-configs`` instead times only what follows the logits GEMM of one chunk: float32 logits (R, V) ~N(0, 4)
--> (nll, hits) alone ("stats") and with d logits in the compute dtype ("grad"), for "two_pass" (jnp) and the fused
-kernel :mod:`pallas_kernels.gpu.softmax_xent` at each launch configuration ``ROWSxCOLSxWARPSxSTAGES``; the
-``*_max_diff`` entries compare each with two_pass (max |difference| of nll and d logits).
+``--kernel-configs`` instead times only what follows the logits GEMM of one chunk: logits (R, V) ~N(0, 4) in the
+first of ``--logits-dtypes`` -> (nll, hits) alone ("stats") and with d logits in the compute dtype ("grad"), for
+"two_pass" (jnp) and the fused kernel :mod:`pallas_kernels.gpu.softmax_xent` at each launch configuration
+``ROWSxCOLSxWARPSxSTAGES``, and with ``--one-read-configs`` its one-read kernel ("one_read": the gradient only,
+given each row's target logit; D scaled back to d logits for the comparison); the ``*_max_diff`` entries compare
+each with two_pass (max |difference| of nll and d logits).
 
 ``--tile-configs`` times one chunk's logits GEMM (rows x h x V in the compute dtype): XLA's GEMM writing float32
 logits ("xla_gemm", the first step of "two_pass" / "pallas_gpu"), then the GEMM with the statistics in its epilogue
@@ -193,19 +195,33 @@ def parse_kernel_config(text: str) -> SoftmaxXentConfig:
 
 
 def _chunk_terms_function(
-    config: SoftmaxXentConfig | None, dtype: str, with_gradient: bool, interpret: bool
+    config: SoftmaxXentConfig | None, dtype: str, with_gradient: bool, interpret: bool, one_read: bool = False
 ) -> Callable[..., Any]:
-    """(logits, targets, weights) -> (nll, hits, d logits or None): two_pass for ``config`` None, else the kernel."""
+    """(logits, targets, weights) -> (nll, hits, d logits or None): two_pass for ``config`` None, else the kernel
+    (``one_read``: the one-read kernel, its reference the target logit, D scaled back to d logits)."""
 
     def terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
         if config is None:
             return chunk_loss_terms(
                 logits, targets, weights, statistics="two_pass", d_dtype=dtype, with_gradient=with_gradient
             )
+        reference = None
+        if one_read:
+            reference = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0].astype(jnp.float32)
         fused = softmax_cross_entropy(
-            logits, targets, weights, d_dtype=dtype, with_gradient=with_gradient, config=config, interpret=interpret
+            logits,
+            targets,
+            weights,
+            d_dtype=dtype,
+            with_gradient=with_gradient,
+            reference=reference,
+            config=config,
+            interpret=interpret,
         )
-        return fused.nll, fused.argmax == targets, fused.d_logits
+        if not (one_read and with_gradient):
+            return fused.nll, fused.argmax == targets, fused.d_logits
+        scale = weights * jnp.exp(reference - fused.logsumexp)
+        return fused.nll, fused.argmax == targets, scale[:, None] * fused.unscaled_d_logits.astype(jnp.float32)
 
     return jax.jit(terms)
 
@@ -218,25 +234,28 @@ def bench_chunk_terms(
     repeats: int,
     configs: Sequence[SoftmaxXentConfig],
     interpret: bool = False,
+    one_read_configs: Sequence[SoftmaxXentConfig] = (),
+    logits_dtype: str = "float32",
 ) -> list[dict[str, Any]]:
-    """Times the statistics ("stats_ms", no gradient) and statistics + d logits ("grad_ms") of one chunk's float32
-    logits (rows, vocab): a "two_pass" row, then one "pallas_gpu" row per launch configuration, with
-    ``nll_max_diff`` / ``d_max_diff`` against two_pass and ``hits_equal`` (``interpret``: the kernel in interpret
-    mode)."""
+    """Times the statistics ("stats_ms", no gradient) and statistics + d logits ("grad_ms") of one chunk's logits
+    (rows, vocab) in ``logits_dtype``: a "two_pass" row, one "pallas_gpu" row per launch configuration, then one
+    "one_read" row per configuration of the one-read kernel (``grad_ms`` only), with ``nll_max_diff`` /
+    ``d_max_diff`` against two_pass and ``hits_equal`` (``interpret``: the kernels in interpret mode)."""
     keys = jax.random.split(jax.random.PRNGKey(SEED), 3)
-    logits = 2.0 * jax.random.normal(keys[0], (rows, vocab), jnp.float32)
+    logits = (2.0 * jax.random.normal(keys[0], (rows, vocab), jnp.float32)).astype(logits_dtype)
     targets = jax.random.randint(keys[1], (rows,), 0, vocab, dtype=jnp.int32)
     weights = (jax.random.uniform(keys[2], (rows,)) > 0.1).astype(jnp.float32)
     args = (logits, targets, weights)
     results, reference = [], None
-    for config in [None, *configs]:
-        stats, grad = (_chunk_terms_function(config, dtype, flag, interpret) for flag in (False, True))
+    runs = [(None, False), *((config, False) for config in configs), *((c, True) for c in one_read_configs)]
+    for config, one_read in runs:
+        stats, grad = (_chunk_terms_function(config, dtype, flag, interpret, one_read) for flag in (False, True))
         row = {
-            "variant": "two_pass" if config is None else "pallas_gpu",
+            "variant": "two_pass" if config is None else "one_read" if one_read else "pallas_gpu",
             "config": None
             if config is None
             else f"{config.block_rows}x{config.block_v}x{config.num_warps}x{config.num_stages}",
-            "stats_ms": median_ms(stats, *args, iters=iters, repeats=repeats),
+            "stats_ms": None if one_read else median_ms(stats, *args, iters=iters, repeats=repeats),
             "grad_ms": median_ms(grad, *args, iters=iters, repeats=repeats),
         }
         nll, hits, d_logits = grad(*args)
@@ -361,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time only the chunk statistics (two_pass and the fused kernel at these ROWSxCOLSxWARPSxSTAGES)",
     )
     parser.add_argument(
+        "--one-read-configs",
+        nargs="*",
+        default=[],
+        help="with --kernel-configs: also the one-read kernel (statistics one_read) at these ROWSxCOLSxWARPSxSTAGES",
+    )
+    parser.add_argument(
         "--kernel-rows", type=int, help="rows of the logits for --kernel-configs (default: tokens per chunk)"
     )
     parser.add_argument(
@@ -395,8 +420,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(TILES_TABLE_COLUMNS, rows))
     elif args.kernel_configs:
         configs = [parse_kernel_config(text) for text in args.kernel_configs]
-        rows = bench_chunk_terms(chunk_rows, args.vocab, args.dtype, args.iters, args.repeats, configs, args.interpret)
-        print(f"Chunk statistics on {device}: logits {chunk_rows}x{args.vocab} float32, d logits {args.dtype}")
+        one_read_configs = [parse_kernel_config(text) for text in args.one_read_configs]
+        logits_dtype = args.logits_dtypes[0]
+        rows = bench_chunk_terms(
+            chunk_rows,
+            args.vocab,
+            args.dtype,
+            args.iters,
+            args.repeats,
+            configs,
+            args.interpret,
+            one_read_configs,
+            logits_dtype,
+        )
+        print(f"Chunk statistics on {device}: logits {chunk_rows}x{args.vocab} {logits_dtype}, d logits {args.dtype}")
         print(format_table(KERNEL_TABLE_COLUMNS, rows))
     else:
         rows = []

@@ -480,9 +480,13 @@ def test_bench_times_the_fused_logits_gemm_configs_in_interpret_mode():
 def test_bench_times_the_statistics_kernel_configs_in_interpret_mode():
     config = parse_kernel_config("4x128x4x1")
     assert (config.block_rows, config.block_v, config.num_warps, config.num_stages) == (4, 128, 4, 1)
-    rows = bench_chunk_terms(10, 300, "float32", 1, 1, [config], interpret=True)
-    assert [row["variant"] for row in rows] == ["two_pass", "pallas_gpu"] and rows[1]["config"] == "4x128x4x1"
-    assert rows[1]["hits_equal"] and rows[1]["nll_max_diff"] < 1e-5 and rows[1]["d_max_diff"] < 1e-6, rows
+    rows = bench_chunk_terms(10, 300, "float32", 1, 1, [config], interpret=True, one_read_configs=[config])
+    assert [row["variant"] for row in rows] == ["two_pass", "pallas_gpu", "one_read"], rows
+    assert rows[1]["config"] == rows[2]["config"] == "4x128x4x1" and rows[2]["stats_ms"] is None, rows
+    for row in rows[1:]:
+        assert row["hits_equal"] and row["nll_max_diff"] < 1e-5 and row["d_max_diff"] < 1e-6, rows
+    bf16 = bench_chunk_terms(10, 300, "bfloat16", 1, 1, [], True, [config], logits_dtype="bfloat16")
+    assert bf16[1]["variant"] == "one_read" and bf16[1]["hits_equal"] and bf16[1]["nll_max_diff"] < 1e-5, bf16
     with pytest.raises(ValueError, match="kernel config: expected ROWSxCOLSxWARPSxSTAGES"):
         parse_kernel_config("8x2048")
 
