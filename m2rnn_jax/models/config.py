@@ -96,8 +96,8 @@ class ModelConfig:
             "save_dots"); ``True`` / ``False`` (older config files) are read as "full" / "none".
         head_statistics: how the chunked LM-head loss computes its softmax statistics and logits gradient, one
             of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend), "pallas_gpu" (one fused statistics
-            kernel), "one_read" (that kernel reading the logits once and writing exp(logits - target logit) for
-            the gradient GEMMs) or "fused_matmul" (the logits GEMM with the statistics in its epilogue: no logits);
+            kernel), "one_read" (its one-read form: the logits read once, d logits written up to a row scale) or
+            "fused_matmul" (the logits GEMM with the statistics in its epilogue: no logits);
             the kernels run on NVIDIA GPUs, on one device or one token group (the jnp path otherwise: a kernel is
             an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
         head_logits: the dtype the head's logits GEMM writes, one of :data:`HEAD_LOGITS`: "float32" (default), or

@@ -150,8 +150,8 @@ def lm_head_cross_entropy(
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
         statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend),
-            "pallas_gpu" (the fused statistics kernel), "one_read" (that kernel reading the logits once and writing
-            exp(logits - target logit)) or "fused_matmul" (the logits GEMM with the statistics in its epilogue);
+            "pallas_gpu" (the fused statistics kernel), "one_read" (its one-read form, writing d logits up to a row
+            scale in its single read) or "fused_matmul" (the logits GEMM with the statistics in its epilogue);
             the last two take compute dtype bfloat16, float32 or float64; the kernels run on NVIDIA GPUs, or on
             any backend with ``interpret``.
         logits_dtype: the float dtype the logits GEMM writes ("two_pass", "pallas_gpu" and "one_read";
@@ -442,7 +442,9 @@ class _TargetColumns(NamedTuple):
     logits: jax.Array  # (R,) hidden_r . kernel[:, t_r] in the accumulation dtype
 
 
-def _target_columns(layout: _Layout, kernel_c: jax.Array, hidden_flat: jax.Array, targets_flat: jax.Array):
+def _target_columns(
+    layout: _Layout, kernel_c: jax.Array, hidden_flat: jax.Array, targets_flat: jax.Array
+) -> _TargetColumns:
     """(R, h) hidden and (R,) targets -> :class:`_TargetColumns` (a gather of R columns and R dot products)."""
     accumulation = jnp.promote_types(jnp.float32, layout.compute_dtype)
     precision = jax.lax.Precision.HIGHEST if layout.compute_dtype == jnp.float32 else None
