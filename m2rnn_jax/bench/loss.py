@@ -21,8 +21,10 @@ how each chunk's softmax statistics and logits gradient are computed (one row pe
 first of ``--logits-dtypes`` -> (nll, hits) alone ("stats") and with d logits in the compute dtype ("grad"), for
 "two_pass" (jnp) and the fused kernel :mod:`pallas_kernels.gpu.softmax_xent` at each launch configuration
 ``ROWSxCOLSxWARPSxSTAGES``, and with ``--one-read-configs`` its one-read kernel ("one_read": the gradient only,
-given each row's target logit; D scaled back to d logits for the comparison); the ``*_max_diff`` entries compare
-each with two_pass (max |difference| of nll and d logits).
+given each row's target logit; timed as the kernel writes D, scaled back to d logits for the comparison); the
+``*_max_diff`` entries compare each with two_pass (max |difference| of nll and d logits). The one-read kernel writes
+D over the logits: the benchmark does not donate them, so its time includes XLA's copy of the logits, timed alone
+(a negation, the same bytes) in the last row, "logits_copy".
 
 ``--tile-configs`` times one chunk's logits GEMM (rows x h x V in the compute dtype): XLA's GEMM writing float32
 logits ("xla_gemm", the first step of "two_pass" / "pallas_gpu"), then the GEMM with the statistics in its epilogue
@@ -195,10 +197,16 @@ def parse_kernel_config(text: str) -> SoftmaxXentConfig:
 
 
 def _chunk_terms_function(
-    config: SoftmaxXentConfig | None, dtype: str, with_gradient: bool, interpret: bool, one_read: bool = False
+    config: SoftmaxXentConfig | None,
+    dtype: str,
+    with_gradient: bool,
+    interpret: bool,
+    one_read: bool = False,
+    scale_back: bool = True,
 ) -> Callable[..., Any]:
     """(logits, targets, weights) -> (nll, hits, d logits or None): two_pass for ``config`` None, else the kernel
-    (``one_read``: the one-read kernel, its reference the target logit, D scaled back to d logits)."""
+    (``one_read``: the one-read kernel, its reference the target logit, D scaled back to d logits unless
+    ``scale_back`` is False: then D as the kernel writes it, what the timing measures)."""
 
     def terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
         if config is None:
@@ -220,6 +228,8 @@ def _chunk_terms_function(
         )
         if not (one_read and with_gradient):
             return fused.nll, fused.argmax == targets, fused.d_logits
+        if not scale_back:
+            return fused.nll, fused.argmax == targets, fused.unscaled_d_logits
         scale = weights * jnp.exp(reference - fused.logsumexp)
         return fused.nll, fused.argmax == targets, scale[:, None] * fused.unscaled_d_logits.astype(jnp.float32)
 
@@ -250,13 +260,14 @@ def bench_chunk_terms(
     runs = [(None, False), *((config, False) for config in configs), *((c, True) for c in one_read_configs)]
     for config, one_read in runs:
         stats, grad = (_chunk_terms_function(config, dtype, flag, interpret, one_read) for flag in (False, True))
+        timed = _chunk_terms_function(config, dtype, True, interpret, one_read, scale_back=False)
         row = {
             "variant": "two_pass" if config is None else "one_read" if one_read else "pallas_gpu",
             "config": None
             if config is None
             else f"{config.block_rows}x{config.block_v}x{config.num_warps}x{config.num_stages}",
             "stats_ms": None if one_read else median_ms(stats, *args, iters=iters, repeats=repeats),
-            "grad_ms": median_ms(grad, *args, iters=iters, repeats=repeats),
+            "grad_ms": median_ms(timed, *args, iters=iters, repeats=repeats),
         }
         nll, hits, d_logits = grad(*args)
         if reference is None:
@@ -265,6 +276,10 @@ def bench_chunk_terms(
         row["hits_equal"] = bool(jnp.all(hits == reference[1]))
         row["d_max_diff"] = float(jnp.max(jnp.abs(d_logits.astype(jnp.float32) - reference[2].astype(jnp.float32))))
         results.append(row)
+    if one_read_configs:  # the copy XLA makes of the logits before a kernel writing over them (not donated here)
+        copy = jax.jit(jnp.negative)
+        copy_ms = median_ms(copy, logits, iters=iters, repeats=repeats)
+        results.append({"variant": "logits_copy", "config": None, "stats_ms": None, "grad_ms": copy_ms})
     return results
 
 

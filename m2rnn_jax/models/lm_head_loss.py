@@ -111,14 +111,16 @@ def default_num_chunks(
     :data:`CHUNK_LOGITS_ELEMENTS` float32 values, 1 GiB (at most ``num_tokens`` chunks): the logits in
     ``logits_dtype`` (None: float32), or for "fused_matmul" exp(logits - target logit) in ``compute_dtype``
     (bfloat16: twice the tokens per chunk; measured on the H200, "fused_matmul" at 4096-token chunks 39.84 ms
-    against 40.44 at 2048, RESULTS.md session 13). ("one_read" with the logits in the compute dtype writes its
-    gradient over the logits, so it holds one (C, V) buffer where "pallas_gpu" holds two; its chunk stays the same
-    until twice the tokens is timed on the GPU: at 8192 x 100352 the estimate, its fallback's buffers included, is
-    ~3 GiB.)"""
+    against 40.44 at 2048, RESULTS.md session 13). "one_read" with the logits in the compute dtype writes its
+    gradient over the logits, so it holds one (C, V) buffer where "pallas_gpu" holds two: it takes twice the tokens
+    per chunk (measured on the H100 at 8 x 4096 x 100352: 35.29 ms and 1.91 GiB at 8192-token chunks against 36.73 ms
+    and 1.13 GiB at 4096, RESULTS.md session 18)."""
     elements = CHUNK_LOGITS_ELEMENTS
     stored = compute_dtype if statistics == "fused_matmul" else logits_dtype
     if stored is not None:
         elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(stored).itemsize
+    if statistics == "one_read" and stored is not None and jnp.dtype(stored) == jnp.dtype(compute_dtype):
+        elements *= 2
     needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
 

@@ -104,14 +104,14 @@ def test_exp_statistics_fall_back_where_exp_logits_would_overflow(statistics):
 def test_one_read_falls_back_in_small_chunks(monkeypatch):
     """A call that does not fit is recomputed with "two_pass" in a quarter of that one's default chunk (its
     buffers come on top of the main path's), and the loss and every gradient are still full logits'."""
-    monkeypatch.setattr(lm_head_loss, "CHUNK_LOGITS_ELEMENTS", 16 * 40)  # 2 chunks of 12 of 24 tokens
+    monkeypatch.setattr(lm_head_loss, "CHUNK_LOGITS_ELEMENTS", 8 * 40)  # one_read in place: 2 chunks of 12 tokens
     hidden, kernel, targets, weights = head_inputs(5, 24, 16, 40, jnp.float32)
     hidden = hidden.at[12:].multiply(40.0)  # logit gaps far above exp_headroom: the call does not fit
     layout = lm_head_loss._make_layout(
         hidden, kernel, targets, weights, None, None, 1, "one_read", jnp.float32, True, None
     )
     fallback = lm_head_loss._fallback_layout(layout, 24, 40)
-    assert (layout.chunk, fallback.chunk, fallback.statistics) == (12, 3, "two_pass")
+    assert (layout.chunk, fallback.chunk, fallback.statistics) == (12, 2, "two_pass")  # two_pass's own: 6
 
     def loss(hidden, kernel, weights):
         out = lm_head_cross_entropy(
@@ -288,7 +288,8 @@ def test_default_chunking_bounds_the_chunk_logits():
     assert default_num_chunks(8 * 4096, 100352, "fused_matmul", jnp.float32) == 16
     assert default_num_chunks(8 * 4096, 100352, "pallas_gpu", jnp.bfloat16) == 16  # float32 logits
     assert default_num_chunks(8 * 4096, 100352, "two_pass", jnp.bfloat16, jnp.bfloat16) == 8  # bf16 logits
-    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16, jnp.bfloat16) == 8  # as pallas_gpu
+    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16, jnp.bfloat16) == 4  # D over the logits
+    assert default_num_chunks(8 * 4096, 100352, "one_read", jnp.bfloat16, jnp.float32) == 16  # D beside them
     assert default_num_chunks(100, 50) == 1
     assert default_num_chunks(2, CHUNK_LOGITS_ELEMENTS // 2) == 1
     assert default_num_chunks(1000, CHUNK_LOGITS_ELEMENTS // 100) == 16
@@ -481,9 +482,10 @@ def test_bench_times_the_statistics_kernel_configs_in_interpret_mode():
     config = parse_kernel_config("4x128x4x1")
     assert (config.block_rows, config.block_v, config.num_warps, config.num_stages) == (4, 128, 4, 1)
     rows = bench_chunk_terms(10, 300, "float32", 1, 1, [config], interpret=True, one_read_configs=[config])
-    assert [row["variant"] for row in rows] == ["two_pass", "pallas_gpu", "one_read"], rows
+    assert [row["variant"] for row in rows] == ["two_pass", "pallas_gpu", "one_read", "logits_copy"], rows
     assert rows[1]["config"] == rows[2]["config"] == "4x128x4x1" and rows[2]["stats_ms"] is None, rows
-    for row in rows[1:]:
+    assert rows[3]["grad_ms"] > 0, rows
+    for row in rows[1:3]:
         assert row["hits_equal"] and row["nll_max_diff"] < 1e-5 and row["d_max_diff"] < 1e-6, rows
     bf16 = bench_chunk_terms(10, 300, "bfloat16", 1, 1, [], True, [config], logits_dtype="bfloat16")
     assert bf16[1]["variant"] == "one_read" and bf16[1]["hits_equal"] and bf16[1]["nll_max_diff"] < 1e-5, bf16
