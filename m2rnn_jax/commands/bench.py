@@ -102,7 +102,7 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         metavar="NAME",
         help="model mode: the LM-head loss's softmax statistics, a choice of the model config's head_statistics "
-        "field: two_pass, pallas_gpu, one_read, fused_matmul (default: the preset's)",
+        "field: two_pass, pallas_gpu, one_read, fused_matmul, auto (default: the preset's)",
     )
     p.add_argument(
         "--head-logits",

@@ -33,7 +33,7 @@ from m2rnn_jax.layers.m2rnn import M2RNNConfig
 from m2rnn_jax.layers.mamba2 import Mamba2Config
 from m2rnn_jax.layers.mlp import MLPConfig, MoEConfig
 from m2rnn_jax.layers.rnn import RNNConfig
-from m2rnn_jax.models.lm_head_loss import STATISTICS as HEAD_STATISTICS
+from m2rnn_jax.models.lm_head_loss import STATISTICS_CHOICES as HEAD_STATISTICS
 from m2rnn_jax.models.mixers import MIXER_LETTERS, MIXERS, mixer_fields, mixer_spec
 
 # What the LM head's logits GEMM writes (``head_logits``): float32, or the compute dtype.
@@ -96,10 +96,11 @@ class ModelConfig:
             "save_dots"); ``True`` / ``False`` (older config files) are read as "full" / "none".
         head_statistics: how the chunked LM-head loss computes its softmax statistics and logits gradient, one
             of :data:`HEAD_STATISTICS`: "two_pass" (jnp, any backend), "pallas_gpu" (one fused statistics
-            kernel), "one_read" (its one-read form: the logits read once, d logits written up to a row scale) or
-            "fused_matmul" (the logits GEMM with the statistics in its epilogue: no logits);
-            the kernels run on NVIDIA GPUs, on one device or one token group (the jnp path otherwise: a kernel is
-            an opaque custom call that XLA cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
+            kernel), "one_read" (its one-read form: the logits read once, d logits written up to a row scale),
+            "fused_matmul" (the logits GEMM with the statistics in its epilogue: no logits) or "auto" ("one_read"
+            on NVIDIA GPUs, "two_pass" elsewhere; the paper presets' setting); the kernels run on NVIDIA GPUs, on
+            one device or one token group (the jnp path otherwise: a kernel is an opaque custom call that XLA
+            cannot split; :mod:`m2rnn_jax.models.lm_head_loss`).
         head_logits: the dtype the head's logits GEMM writes, one of :data:`HEAD_LOGITS`: "float32" (default), or
             "compute" (the compute dtype: each logit rounded once, as the plain ``hidden @ kernel`` in bfloat16 and
             PyTorch's autocast give them; half the bytes the statistics read; the softmax stays float32; the paper

@@ -61,6 +61,8 @@ CHUNK_LOGITS_ELEMENTS = 2**28
 
 # The ways to compute a chunk's softmax statistics and logits gradient (the module docstring).
 STATISTICS = ("two_pass", "pallas_gpu", "one_read", "fused_matmul")
+# What ``statistics`` accepts: one of those, or "auto", the fastest measured where it runs (:func:`auto_statistics`).
+STATISTICS_CHOICES = (*STATISTICS, "auto")
 # The statistics whose gradient GEMMs read exp(logits - target logit) with a row scale (:func:`_row_scaled_gradients`).
 EXP_STATISTICS = ("one_read", "fused_matmul")
 # Compute dtypes those accept: E must not overflow float16's small range.
@@ -125,6 +127,15 @@ def default_num_chunks(
     return min(num_tokens, 1 << (needed - 1).bit_length())
 
 
+def auto_statistics(compute_dtype: Any) -> str:
+    """What ``statistics="auto"`` runs: "one_read" on NVIDIA GPUs with a compute dtype it takes
+    (:data:`EXP_DTYPES`), the fastest measured (H100, 400M head with bfloat16 logits: 35.29 ms against
+    "pallas_gpu"'s 38.38, RESULTS.md session 18); "two_pass" elsewhere (CPU, TPU, float16)."""
+    if on_nvidia_gpu() and jnp.dtype(compute_dtype).name in EXP_DTYPES:
+        return "one_read"
+    return "two_pass"
+
+
 def lm_head_cross_entropy(
     hidden: jax.Array,
     kernel: jax.Array,
@@ -151,10 +162,11 @@ def lm_head_cross_entropy(
             Products accumulate in ``promote_types(float32, compute_dtype)``, and the softmax runs in that dtype.
         groups: G, the number of contiguous token groups (see the module docstring): the number of devices the
             tokens are split over, 1 on one device. Each group holds its own (h, V) float32 kernel gradient.
-        statistics: one of :data:`STATISTICS` (the module docstring): "two_pass" (jnp, any backend),
+        statistics: one of :data:`STATISTICS_CHOICES` (the module docstring): "two_pass" (jnp, any backend),
             "pallas_gpu" (the fused statistics kernel), "one_read" (its one-read form, writing d logits up to a row
-            scale in its single read) or "fused_matmul" (the logits GEMM with the statistics in its epilogue);
-            the last two take compute dtype bfloat16, float32 or float64; the kernels run on NVIDIA GPUs, or on
+            scale in its single read), "fused_matmul" (the logits GEMM with the statistics in its epilogue) or
+            "auto" (:func:`auto_statistics`: "one_read" on NVIDIA GPUs, else "two_pass"); "one_read" and
+            "fused_matmul" take compute dtype bfloat16, float32 or float64; the kernels run on NVIDIA GPUs, or on
             any backend with ``interpret``.
         logits_dtype: the float dtype the logits GEMM writes ("two_pass", "pallas_gpu" and "one_read";
             "fused_matmul" writes none): None (default) the accumulation dtype, float32; a lower one (the compute
@@ -221,14 +233,16 @@ def _make_layout(
         chunk_size,
     )
     require(is_int(groups) and 0 < groups <= num_tokens, "groups", f"an int in [1, N={num_tokens}]", groups)
-    require(statistics in STATISTICS, "statistics", f"one of {STATISTICS}", statistics)
+    require(statistics in STATISTICS_CHOICES, "statistics", f"one of {STATISTICS_CHOICES}", statistics)
+    compute = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
+    if statistics == "auto":
+        statistics = auto_statistics(compute)
     require(
         statistics == "two_pass" or interpret or on_nvidia_gpu(),
         "statistics",
         f"'two_pass' on {default_platform()} ('{statistics}' runs on NVIDIA GPUs, or with interpret=True)",
         statistics,
     )
-    compute = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     require(
         statistics not in EXP_STATISTICS or compute.name in EXP_DTYPES,
         "compute_dtype",

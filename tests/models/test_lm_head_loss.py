@@ -328,6 +328,26 @@ def test_bad_inputs_raise():
             )
 
 
+@pytest.mark.parametrize(
+    "nvidia, compute_dtype, expected",
+    [(False, jnp.bfloat16, "two_pass"), (True, jnp.bfloat16, "one_read"), (True, jnp.float16, "two_pass")],
+)
+def test_auto_statistics_take_one_read_on_nvidia_gpus_only(monkeypatch, nvidia, compute_dtype, expected):
+    """statistics="auto" is "one_read" on NVIDIA GPUs with a compute dtype it takes, "two_pass" elsewhere; the
+    layout carries the resolved choice, so the call runs exactly what that choice runs."""
+    monkeypatch.setattr(lm_head_loss, "on_nvidia_gpu", lambda: nvidia)
+    hidden, kernel, targets, weights = head_inputs(2, 24, 16, 40, jnp.float32)
+    layout = lm_head_loss._make_layout(
+        hidden, kernel, targets, weights, None, compute_dtype, 1, "auto", None, False, None
+    )
+    assert lm_head_loss.auto_statistics(compute_dtype) == layout.statistics == expected
+    kwargs = dict(compute_dtype=compute_dtype, interpret=True)
+    auto = lm_head_cross_entropy(hidden, kernel, targets, weights, statistics="auto", **kwargs)
+    chosen = lm_head_cross_entropy(hidden, kernel, targets, weights, statistics=expected, **kwargs)
+    for got, want in zip(auto, chosen):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("groups, expected", [(1, "pallas_gpu"), (2, "two_pass")])
 def test_training_loss_takes_the_head_statistics_of_the_model_config(monkeypatch, groups, expected):
     """head_loss_sums hands model.config.head_statistics to the head with one token group, the jnp path with more."""
