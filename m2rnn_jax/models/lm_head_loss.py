@@ -121,7 +121,8 @@ def default_num_chunks(
     stored = compute_dtype if statistics == "fused_matmul" else logits_dtype
     if stored is not None:
         elements = CHUNK_LOGITS_ELEMENTS * 4 // jnp.dtype(stored).itemsize
-    if statistics == "one_read" and stored is not None and jnp.dtype(stored) == jnp.dtype(compute_dtype):
+    in_place = statistics == "one_read" and logits_dtype is not None and compute_dtype is not None
+    if in_place and jnp.dtype(logits_dtype) == jnp.dtype(compute_dtype):
         elements *= 2
     needed = max(1, math.ceil(num_tokens * vocab_size / elements))
     return min(num_tokens, 1 << (needed - 1).bit_length())
