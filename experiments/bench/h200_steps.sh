@@ -50,6 +50,9 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     oneread) # the loss with the one-read statistics (D over the logits, in place) beside pallas_gpu, bf16 logits
            run oneread 240 python3 -m m2rnn_jax.bench.loss --chunk-sizes 4096 8192 --statistics pallas_gpu one_read \
              --logits-dtypes bfloat16 --json "$OUT/oneread.json" ;;
+    lossdefault) # the loss as the presets run it on an NVIDIA GPU (auto = one_read) beside pallas_gpu, each at its default chunk
+           run lossdefault 150 python3 -m m2rnn_jax.bench.loss --statistics pallas_gpu one_read \
+             --logits-dtypes bfloat16 --json "$OUT/lossdefault.json" ;;
     onereadtests) # the gpu tests of the one-read path (the kernel with a reference; the target shape vs the plain head)
            run onereadtests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/models/test_lm_head_loss.py tests/kernels/test_softmax_xent_gpu.py -k "reference or one_read" ;;
