@@ -38,6 +38,7 @@ from flax import nnx
 from m2rnn_jax.bench.loss import bench_lm_head_loss
 from m2rnn_jax.bench.report import format_table
 from m2rnn_jax.bench.timing import (
+    COMPILE_PHASE_EVENTS,
     Compiled,
     compile_timed,
     footprint_bytes,
@@ -352,6 +353,7 @@ def compile_training(config: ModelConfig, batch: int, seq_len: int) -> dict:
     row = {f"{name}_gib": to_gib(getattr(analysis, f"{name}_size_in_bytes", None)) for name in fields}
     row.update(
         compile_s=compiled.compile_s,
+        **compiled.phases,
         footprint_gib=to_gib(footprint),
         device_memory_gib=to_gib(limit),
         fits=None if limit is None or footprint is None else footprint <= limit,
@@ -359,6 +361,12 @@ def compile_training(config: ModelConfig, batch: int, seq_len: int) -> dict:
         flops_per_token=training_flops_per_token(config, seq_len),
     )
     return row
+
+
+def format_phases(row: dict) -> str:
+    """`` (trace 2.1 s, lower 4.5 s, backend compile 60.0 s)`` from a row's stage seconds ("" when it has none)."""
+    stages = [(name.removesuffix("_s").replace("_", " "), row[name]) for name in COMPILE_PHASE_EVENTS if name in row]
+    return f" ({', '.join(f'{label} {seconds:.1f} s' for label, seconds in stages)})" if stages else ""
 
 
 def format_compile_report(report: dict) -> str:
@@ -376,7 +384,7 @@ def format_compile_report(report: dict) -> str:
         [
             f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
             f"S={shapes['seq_len']} {shapes['dtype']} (params {shapes['param_dtype']}) remat={shapes['remat']}",
-            f"compile {row['compile_s']:.1f} s",
+            f"compile {row['compile_s']:.1f} s{format_phases(row)}",
             f"memory per device: arguments {gib(row['argument_gib'])}, outputs {gib(row['output_gib'])}, "
             f"donated {gib(row['alias_gib'])}, temporaries {gib(row['temp_gib'])}, "
             f"code {gib(row['generated_code_gib'])}",

@@ -8,14 +8,23 @@ closed by ``jax.block_until_ready``; it is reported in ms per call. Memory comes
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 
 GIB = 2**30
+
+
+# JAX's duration events of the compile stages (jax.monitoring), by the name a report gives their seconds.
+COMPILE_PHASE_EVENTS = {
+    "trace_s": "/jax/core/compile/jaxpr_trace_duration",  # Python -> jaxpr
+    "lower_s": "/jax/core/compile/jaxpr_to_mlir_module_duration",  # jaxpr -> StableHLO (Pallas kernels lower here)
+    "backend_compile_s": "/jax/core/compile/backend_compile_duration",  # XLA (or the persistent cache)
+}
 
 
 class Compiled(NamedTuple):
@@ -24,17 +33,41 @@ class Compiled(NamedTuple):
     Attributes:
         executable: the ``jax.stages.Compiled`` (call it like the jitted function).
         compile_s: seconds spent in ``lower`` + ``compile``.
+        phases: seconds of each stage (keys of :data:`COMPILE_PHASE_EVENTS`; a stage JAX did not report is absent).
     """
 
     executable: Any
     compile_s: float
+    phases: dict[str, float]
+
+
+@contextlib.contextmanager
+def compile_phases() -> Iterator[dict[str, float]]:
+    """Collects the compile stages' seconds while the block runs, into the yielded dict (keys of
+    :data:`COMPILE_PHASE_EVENTS`). A stage keeps its longest event: the outermost one, which contains the nested
+    functions' own stages (a jit inside the traced function) and is the function's whole stage."""
+    phases: dict[str, float] = {}
+    names = {event: name for name, event in COMPILE_PHASE_EVENTS.items()}
+
+    def listener(event: str, duration_secs: float, **_: Any) -> None:
+        if event in names:
+            phases[names[event]] = max(phases.get(names[event], 0.0), duration_secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield phases
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def compile_timed(fn: Callable[..., Any], *args: Any) -> Compiled:
-    """Lowers and compiles ``fn`` (a ``jax.jit`` function) for ``args``, timing both stages together."""
-    start = time.perf_counter()
-    executable = fn.lower(*args).compile()
-    return Compiled(executable, time.perf_counter() - start)
+    """Lowers and compiles ``fn`` (a ``jax.jit`` function) for ``args``, timing both stages together and each
+    compile stage (:func:`compile_phases`)."""
+    with compile_phases() as phases:
+        start = time.perf_counter()
+        executable = fn.lower(*args).compile()
+        elapsed = time.perf_counter() - start
+    return Compiled(executable, elapsed, dict(phases))
 
 
 def median_ms(fn: Callable[..., Any], *args: Any, iters: int = 10, repeats: int = 5, warmup: int = 1) -> float:

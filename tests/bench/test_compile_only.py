@@ -1,5 +1,5 @@
 """`m2rnn-jax bench --model P --compile-only`: the train step compiled for abstract inputs (memory per device, FLOPs,
-compile seconds in the JSON and the text), and its bad combinations."""
+compile seconds and their stages in the JSON and the text), and its bad combinations."""
 
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def test_compile_only_reports_memory_and_flops(tmp_path, capsys):
         assert row["fits"] is None
     else:
         assert row["fits"] == (row["footprint_gib"] <= row["device_memory_gib"])
+    stages = [row[name] for name in ("trace_s", "lower_s", "backend_compile_s")]
+    assert all(seconds > 0 for seconds in stages) and sum(stages) <= row["compile_s"]
     out = capsys.readouterr().out
-    assert "compile " in out and "memory per device: arguments" in out and "footprint" in out
+    assert "memory per device: arguments" in out and "footprint" in out
+    assert f"compile {row['compile_s']:.1f} s (trace {row['trace_s']:.1f} s, lower {row['lower_s']:.1f} s, " in out
 
 
 @pytest.mark.parametrize(

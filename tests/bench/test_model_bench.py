@@ -17,7 +17,14 @@ from flax import nnx
 
 from m2rnn_jax.bench import model as model_bench
 from m2rnn_jax.bench.report import format_table, write_json
-from m2rnn_jax.bench.timing import compile_timed, footprint_bytes, median_ms, temp_bytes
+from m2rnn_jax.bench.timing import (
+    COMPILE_PHASE_EVENTS,
+    compile_phases,
+    compile_timed,
+    footprint_bytes,
+    median_ms,
+    temp_bytes,
+)
 from m2rnn_jax.cli import main
 from m2rnn_jax.models.decoder import DecoderBlock
 from m2rnn_jax.models.presets import get_preset, list_presets
@@ -309,7 +316,31 @@ def test_compiled_memory_helpers():
     fn = jax.jit(lambda a: jnp.sin(a) @ a.T)
     compiled = compile_timed(fn, jnp.ones((64, 64), jnp.float32))
     assert compiled.compile_s > 0
+    assert set(compiled.phases) == {"trace_s", "lower_s", "backend_compile_s"}
     assert footprint_bytes(compiled.executable) >= 2 * 64 * 64 * 4 + temp_bytes(compiled.executable)
+
+
+def test_compile_phases_keep_the_outermost_stage():
+    """A computation compiled while the function is traced (a constant evaluated eagerly) reports its own, shorter
+    stages inside the outer ones: each stage keeps its longest event, other events are ignored, and the listener
+    goes with the block."""
+    trace, lower, backend = (COMPILE_PHASE_EVENTS[name] for name in ("trace_s", "lower_s", "backend_compile_s"))
+    with compile_phases() as phases:
+        for event, seconds in ((lower, 0.25), (backend, 1.5), (trace, 4.0), (lower, 0.5), (backend, 0.75)):
+            jax.monitoring.record_event_duration_secs(event, seconds)
+        jax.monitoring.record_event_duration_secs("/jax/some/other_duration", 9.0)
+    assert phases == {"trace_s": 4.0, "lower_s": 0.5, "backend_compile_s": 1.5}
+    jax.monitoring.record_event_duration_secs(trace, 8.0)
+    assert phases["trace_s"] == 4.0
+
+    def with_eager_constant(a):
+        with jax.ensure_compile_time_eval():  # compiled and run while with_eager_constant is traced
+            constant = jax.jit(jnp.cos)(np.ones((8,), np.float32))
+        return a + constant
+
+    compiled = compile_timed(jax.jit(with_eager_constant), jnp.ones((8,), jnp.float32))
+    assert set(compiled.phases) == {"trace_s", "lower_s", "backend_compile_s"}
+    assert sum(compiled.phases.values()) <= compiled.compile_s
 
 
 def test_format_table_and_atomic_json(tmp_path):
