@@ -268,6 +268,7 @@ def step_fields(config: ModelConfig, batch: int, seq_len: int, ms: float, compil
         "forward_temp_gib": None,
         "fwd_bwd_temp_gib": to_gib(temp_bytes(compiled.executable)),
         "compile_s": compiled.compile_s,
+        **compiled.phases,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token,
         "model_tflops_per_s": flops_per_token * tokens_per_s / 1e12,
@@ -503,7 +504,7 @@ def _step_line(step: dict) -> str:
     peak = "n/a" if step["peak_memory_gib"] is None else f"{step['peak_memory_gib']:.3f} GiB"
     return (
         f"train step: {step['fwd_bwd_ms']:.3f} ms/step, {step['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
-        f"peak memory {peak} ({step['peak_memory_source']}), compile {step['compile_s']:.1f} s"
+        f"peak memory {peak} ({step['peak_memory_source']}), compile {step['compile_s']:.1f} s{format_phases(step)}"
     )
 
 

@@ -44,20 +44,33 @@ class Compiled(NamedTuple):
 @contextlib.contextmanager
 def compile_phases() -> Iterator[dict[str, float]]:
     """Collects the compile stages' seconds while the block runs, into the yielded dict (keys of
-    :data:`COMPILE_PHASE_EVENTS`). A stage keeps its longest event: the outermost one, which contains the nested
-    functions' own stages (a jit inside the traced function) and is the function's whole stage."""
+    :data:`COMPILE_PHASE_EVENTS`, filled when the block ends).
+
+    Only top-level spans count: a computation compiled while the function is traced (a constant evaluated eagerly)
+    reports its own stages inside the trace's span, and those stay part of the trace. So the stages never overlap
+    and never sum past the block's time.
+    """
     phases: dict[str, float] = {}
     names = {event: name for name, event in COMPILE_PHASE_EVENTS.items()}
+    spans: list[tuple[str, float, float]] = []
 
-    def listener(event: str, duration_secs: float, **_: Any) -> None:
+    def listener(event: str, start: float, end: float, **_: Any) -> None:
         if event in names:
-            phases[names[event]] = max(phases.get(names[event], 0.0), duration_secs)
+            spans.append((names[event], start, end))
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_time_span_listener(listener)
     try:
         yield phases
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_time_span_listener(listener)
+        for index, (name, start, end) in enumerate(spans):
+            nested = any(
+                other_start <= start and end <= other_end and (other_start, other_end) != (start, end)
+                for other_index, (_, other_start, other_end) in enumerate(spans)
+                if other_index != index
+            )
+            if not nested:
+                phases[name] = phases.get(name, 0.0) + (end - start)
 
 
 def compile_timed(fn: Callable[..., Any], *args: Any) -> Compiled:

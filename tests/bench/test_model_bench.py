@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,7 @@ def test_model_bench_table_names_every_part(model_run):
     counts = {part: line.split("|")[1].strip() for part, line in zip(parts, lines[3:])}
     assert counts["block M (M2RNN)"] == "3" and counts["block A (Attention)"] == "1"
     assert lines[-2].startswith("train step: ") and "tokens/s, MFU n/a" in lines[-2]
+    assert re.search(r"compile [\d.]+ s \(trace [\d.]+ s, lower [\d.]+ s, backend compile [\d.]+ s\)$", lines[-2])
     assert lines[-1].startswith("sum of parts ") and "vs measured" in lines[-1]
 
 
@@ -157,6 +159,8 @@ def test_model_bench_json_step_and_sum_rows(model_run):
     (total,) = _rows(report, "sum")
     ms = step["fwd_bwd_ms"]
     assert ms > 0 and step["compile_s"] > 0 and step["fwd_bwd_temp_gib"] > 0
+    stages = [step[name] for name in ("trace_s", "lower_s", "backend_compile_s")]
+    assert all(seconds > 0 for seconds in stages) and sum(stages) <= step["compile_s"]
     assert step["tokens_per_s"] == pytest.approx(BATCH * SEQ_LEN / (ms / 1e3))
     assert step["flops_per_token"] == training_flops_per_token(get_preset(PRESET), SEQ_LEN)
     assert step["model_tflops_per_s"] == pytest.approx(step["flops_per_token"] * step["tokens_per_s"] / 1e12)
@@ -320,17 +324,24 @@ def test_compiled_memory_helpers():
     assert footprint_bytes(compiled.executable) >= 2 * 64 * 64 * 4 + temp_bytes(compiled.executable)
 
 
-def test_compile_phases_keep_the_outermost_stage():
-    """A computation compiled while the function is traced (a constant evaluated eagerly) reports its own, shorter
-    stages inside the outer ones: each stage keeps its longest event, other events are ignored, and the listener
-    goes with the block."""
+def test_compile_phases_count_top_level_spans():
+    """A computation compiled while the function is traced (a constant evaluated eagerly) reports its own stages
+    inside the trace's span: they stay part of the trace, sibling spans add up, other events are ignored, and the
+    listener goes with the block."""
     trace, lower, backend = (COMPILE_PHASE_EVENTS[name] for name in ("trace_s", "lower_s", "backend_compile_s"))
     with compile_phases() as phases:
-        for event, seconds in ((lower, 0.25), (backend, 1.5), (trace, 4.0), (lower, 0.5), (backend, 0.75)):
-            jax.monitoring.record_event_duration_secs(event, seconds)
-        jax.monitoring.record_event_duration_secs("/jax/some/other_duration", 9.0)
-    assert phases == {"trace_s": 4.0, "lower_s": 0.5, "backend_compile_s": 1.5}
-    jax.monitoring.record_event_duration_secs(trace, 8.0)
+        for event, start, end in (
+            (lower, 11.0, 11.5),  # nested in the trace (an eager constant's compile)
+            (backend, 11.5, 13.0),  # nested
+            (trace, 10.0, 14.0),
+            (lower, 14.0, 14.5),
+            (backend, 14.5, 16.0),
+            (backend, 16.0, 16.25),  # a second top-level compile in the block
+        ):
+            jax.monitoring.record_event_time_span(event, start, end)
+        jax.monitoring.record_event_time_span("/jax/some/other_event", 0.0, 100.0)
+    assert phases == {"trace_s": 4.0, "lower_s": 0.5, "backend_compile_s": 1.75}
+    jax.monitoring.record_event_time_span(trace, 20.0, 28.0)
     assert phases["trace_s"] == 4.0
 
     def with_eager_constant(a):
