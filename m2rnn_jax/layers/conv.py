@@ -210,8 +210,14 @@ def _conv_output_bwd(
     if activation is not None:
         (dz,) = jax.vjp(ACTIVATIONS[activation], z)[1](dz)
     # dz is the one activation-sized array this backward writes and reads back (twice): kept in dy's dtype when that
-    # is narrower (bf16 layers: the rounding a bf16 autodiff of the layer applies to this cotangent), half the bytes
+    # is narrower (bf16 layers: the rounding a bf16 autodiff of the layer applies to this cotangent), half the bytes.
+    # The barrier keeps it so: without it XLA's GPU compiler (excess precision allowed) drops the round trip and
+    # writes dz in float32 for its two readers (the 1L hybrid's H200 step, session 12's profile: 20 float32
+    # (B, S, C) buffers a step, each written once and read twice)
+    narrowed = jnp.dtype(dz.dtype).itemsize > jnp.dtype(jnp.promote_types(dy.dtype, x.dtype)).itemsize
     dz = dz.astype(jnp.promote_types(dy.dtype, x.dtype))
+    if narrowed:
+        dz = jax.lax.optimization_barrier(dz)
     # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
     dkernel = jnp.stack(
         [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]

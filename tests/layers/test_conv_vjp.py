@@ -125,6 +125,35 @@ def test_under_vmap(x64):
     check_against_reference("f64", x, state, kernel, bias, "silu", transform=batched)
 
 
+@pytest.mark.parametrize("mode, barriers", [("bf16", [(jnp.bfloat16, (2, 7, 5))]), ("f32", []), ("f64", [])])
+def test_narrowed_output_cotangent_is_materialized_in_its_dtype(x64, mode, barriers):
+    """The backward's one activation-sized intermediate (the pre-activation's cotangent) goes through an
+    optimization barrier in the narrow dtype when the layer's output is narrower than its compute dtype (bf16): the
+    GPU compiler would otherwise drop the rounding and write it in float32. Nothing is added otherwise."""
+    x, state, kernel, bias = make_inputs(mode, 2, 7, 5, 4, True)
+    dtype = MODES[mode][3]
+    jaxpr = jax.make_jaxpr(lambda *args: values_and_gradients(causal_conv, *args, activation="silu", dtype=dtype))(
+        x, state, kernel, bias
+    )
+
+    assert barrier_operands(jaxpr.jaxpr) == barriers
+
+
+def barrier_operands(jaxpr) -> list[tuple]:
+    """(dtype, shape) of every optimization barrier's operands in ``jaxpr`` and the jaxprs nested in its equations'
+    parameters (custom VJPs, jit, control flow)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "optimization_barrier":
+            found += [(var.aval.dtype, var.aval.shape) for var in eqn.invars]
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += barrier_operands(inner)
+    return found
+
+
 def make_layer(mode: str, kernel_size: int, use_bias: bool) -> CausalDepthwiseConv1d:
     _, _, param_dtype, dtype = MODES[mode]
     conv = CausalDepthwiseConv1d(
