@@ -188,3 +188,18 @@ def op_values_and_grads(
 
     outputs, grads = values_and_pullback(primals, cotangents)
     return OpVJP(outputs, dict(zip(names, grads)), cotangents)
+
+
+def jaxpr_equations(jaxpr: Any, primitive: str) -> list:
+    """Every equation of ``primitive`` (a name, e.g. "dot_general") in ``jaxpr`` (a ``Jaxpr``) and the jaxprs nested
+    in its equations' parameters (jit, custom VJPs, control flow)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    found.extend(jaxpr_equations(inner, primitive))
+    return found

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from m2rnn_jax.layers.documents import document_index
 from m2rnn_jax.layers.manual_axes import vary_together
 from m2rnn_jax.ops.platform import on_nvidia_gpu
+from m2rnn_jax.ops.rounding import stored_in
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from m2rnn_jax.parallel.context.axis import context_axis_size
 from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
@@ -211,13 +212,9 @@ def _conv_output_bwd(
         (dz,) = jax.vjp(ACTIVATIONS[activation], z)[1](dz)
     # dz is the one activation-sized array this backward writes and reads back (twice): kept in dy's dtype when that
     # is narrower (bf16 layers: the rounding a bf16 autodiff of the layer applies to this cotangent), half the bytes.
-    # The barrier keeps it so: without it XLA's GPU compiler (excess precision allowed) drops the round trip and
-    # writes dz in float32 for its two readers (the 1L hybrid's H200 step, session 12's profile: 20 float32
-    # (B, S, C) buffers a step, each written once and read twice)
-    narrowed = jnp.dtype(dz.dtype).itemsize > jnp.dtype(jnp.promote_types(dy.dtype, x.dtype)).itemsize
-    dz = dz.astype(jnp.promote_types(dy.dtype, x.dtype))
-    if narrowed:
-        dz = jax.lax.optimization_barrier(dz)
+    # stored_in keeps it so: without its barrier XLA's GPU compiler wrote dz in float32 for its two readers (the 1L
+    # hybrid's H200 step, session 12's profile: 20 float32 (B, S, C) buffers a step, each written once, read twice)
+    dz = stored_in(dz, jnp.promote_types(dy.dtype, x.dtype))
     # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
     dkernel = jnp.stack(
         [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]

@@ -17,6 +17,7 @@ from flax import nnx
 
 from m2rnn_jax.layers import CausalDepthwiseConv1d
 from m2rnn_jax.layers.conv import causal_conv, causal_conv_reference
+from m2rnn_jax.testing import jaxpr_equations
 
 # (x dtype, state dtype, parameter dtype, compute/output dtype)
 MODES = {
@@ -136,22 +137,8 @@ def test_narrowed_output_cotangent_is_materialized_in_its_dtype(x64, mode, barri
         x, state, kernel, bias
     )
 
-    assert barrier_operands(jaxpr.jaxpr) == barriers
-
-
-def barrier_operands(jaxpr) -> list[tuple]:
-    """(dtype, shape) of every optimization barrier's operands in ``jaxpr`` and the jaxprs nested in its equations'
-    parameters (custom VJPs, jit, control flow)."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "optimization_barrier":
-            found += [(var.aval.dtype, var.aval.shape) for var in eqn.invars]
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
-                if hasattr(inner, "eqns"):
-                    found += barrier_operands(inner)
-    return found
+    operands = jaxpr_equations(jaxpr.jaxpr, "optimization_barrier")
+    assert [(v.aval.dtype, v.aval.shape) for eqn in operands for v in eqn.invars] == barriers
 
 
 def make_layer(mode: str, kernel_size: int, use_bias: bool) -> CausalDepthwiseConv1d:

@@ -16,7 +16,7 @@ import pytest
 from m2rnn_jax.ops import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.chunked import triangular_inverse, unit_lower_inverse
 from m2rnn_jax.ops.gated_delta_rule.op import resolve_backend
-from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import jaxpr_equations, random_gdn_inputs, relative_error
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 
@@ -237,23 +237,9 @@ def test_pallas_gpu_runs_per_shard_under_a_mesh():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-def _equations(jaxpr, primitive: str) -> list:
-    """Every equation of ``primitive`` in ``jaxpr`` and its sub-jaxprs."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            found.append(eqn)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found.extend(_equations(inner, primitive))
-    return found
-
-
 def _dot_operand_types(jaxpr) -> list[tuple]:
     """(dtype, shape) pairs of the operands of every dot_general in ``jaxpr`` and its sub-jaxprs."""
-    return [tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars) for eqn in _equations(jaxpr, "dot_general")]
+    return [tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars) for eqn in jaxpr_equations(jaxpr, "dot_general")]
 
 
 def test_pallas_gpu_backward_transposes_no_chunk_product():
@@ -270,7 +256,7 @@ def test_pallas_gpu_backward_transposes_no_chunk_product():
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(*(x[n] for n in ARGS)).jaxpr
     swaps = [
         eqn.outvars[0].aval.shape
-        for eqn in _equations(jaxpr, "transpose")
+        for eqn in jaxpr_equations(jaxpr, "transpose")
         if tuple(eqn.params["permutation"][-2:])
         == (len(eqn.params["permutation"]) - 1, len(eqn.params["permutation"]) - 2)
     ]
@@ -291,6 +277,23 @@ def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
     assert any(all(d == jnp.bfloat16 for d, _ in ops) for ops in dots)
     wide = [ops for ops in dots if any(d != jnp.bfloat16 for d, _ in ops)]
     assert all(shape[-2:] == (16, 16) for ops in wide for _, shape in ops), wide
+
+
+@pytest.mark.parametrize("dtype, stored", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_pallas_gpu_output_is_stored_in_the_input_dtype(dtype, stored):
+    """bf16 inputs: o goes through an optimization barrier in bf16 before the transpose back to (B, S, H, V), and its
+    cotangent likewise (the GPU compiler otherwise stored the float32 sum of the two output products); float32
+    inputs: no barrier. (The chunked reference computes in float32 throughout and narrows nothing.)"""
+    x = random_gdn_inputs(0, 1, 32, 1, 16, 32, dtype=dtype)  # (B, H, n, C, V) = (1, 1, 2, 16, 32)
+
+    def loss(*args):
+        o, final = gated_delta_rule(*args, chunk_size=16, backend="pallas_gpu", interpret=True)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*(x[n] for n in ARGS)).jaxpr
+    barriers = jaxpr_equations(jaxpr, "optimization_barrier")
+    operands = [[(v.aval.dtype, v.aval.shape) for v in eqn.invars] for eqn in barriers]
+    assert operands == ([[(jnp.bfloat16, (1, 1, 2, 16, 32))]] * 2 if stored else [])
 
 
 def test_chunk_product_gradient_rejects_other_equations():

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.chunking import chunk_decays, merge_chunks, split_chunks
+from m2rnn_jax.ops.rounding import stored_in
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -241,7 +242,9 @@ def run_chunked(
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
     f = chunk_factors(q, k, v, beta, log_alpha, reset, inverse=inverse, dot_dtype=dot_dtype)
     w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
-    o = chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype).astype(q.dtype)  # before the transpose: fewer bytes
+    # in q's dtype before the transpose (fewer bytes), and kept so (stored_in: XLA's GPU compiler otherwise stores o
+    # in float32 for the transpose and the layer's output norm, session 12's H200 profile)
+    o = stored_in(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), q.dtype)
     return from_chunks(o, seq_len), final
 
 
