@@ -74,6 +74,15 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
              --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
              --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
+    barrierab-*) spec=${part#barrierab-}; preset=${spec%:*}; remat=${spec##*:}  # the step with and without stored_in's barrier
+           for variant in barrier nobarrier; do
+             if [ "$variant" = nobarrier ]; then cp m2rnn_jax/ops/rounding.py /tmp/rounding.py.orig
+               sed -i 's/return jax.lax.optimization_barrier(x) if narrowed else x/return x/' m2rnn_jax/ops/rounding.py; fi
+             run "step_${preset}_${remat}_${variant}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
+               --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 \
+               --json "$OUT/step_${preset}_${remat}_${variant}.json"
+           done
+           cp /tmp/rounding.py.orig m2rnn_jax/ops/rounding.py ;;
     flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
            run "step_${preset}_${remat}_flags" 170 env XLA_FLAGS="${STEP_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
              python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" --remat "$remat" --step-only \
