@@ -19,7 +19,7 @@ import jax
 GIB = 2**30
 
 
-# JAX's duration events of the compile stages (jax.monitoring), by the name a report gives their seconds.
+# JAX's events of the compile stages (jax.monitoring time spans), by the name a report gives their seconds.
 COMPILE_PHASE_EVENTS = {
     "trace_s": "/jax/core/compile/jaxpr_trace_duration",  # Python -> jaxpr
     "lower_s": "/jax/core/compile/jaxpr_to_mlir_module_duration",  # jaxpr -> StableHLO (Pallas kernels lower here)
