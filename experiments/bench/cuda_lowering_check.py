@@ -24,7 +24,7 @@ from unittest import mock
 
 import jax
 
-from m2rnn_jax.bench.model import SEED, init_train_state, random_batch, train_step_function
+from m2rnn_jax.bench.model import SEED, format_phases, init_train_state, random_batch, train_step_function
 from m2rnn_jax.bench.timing import compile_phases
 from m2rnn_jax.train.presets import get_preset
 
@@ -60,10 +60,9 @@ def main() -> None:
             lowered = step.trace(state, tokens).lower(lowering_platforms=("cuda",))
             elapsed = time.perf_counter() - start
     text = lowered.as_text()
-    stages = ", ".join(f"{name.removesuffix('_s')} {seconds:.1f} s" for name, seconds in phases.items())
     print(
         f"{args.preset} (scan_layers={config.scan_layers}, remat {args.remat}, B={args.batch} S={args.seq_len}) "
-        f"for cuda on {jax.devices()[0].platform}: trace + lower {elapsed:.1f} s ({stages}); "
+        f"for cuda on {jax.devices()[0].platform}: trace + lower {elapsed:.1f} s{format_phases(phases)}; "
         f"{text.count('__gpu$xla.gpu.triton')} Triton custom calls; {len(text):,} characters of StableHLO"
     )
 

@@ -77,7 +77,8 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     barrierab-*) spec=${part#barrierab-}; preset=${spec%:*}; remat=${spec##*:}  # the step with and without stored_in's barrier
            for variant in barrier nobarrier; do
              if [ "$variant" = nobarrier ]; then cp m2rnn_jax/ops/rounding.py /tmp/rounding.py.orig
-               sed -i 's/return jax.lax.optimization_barrier(x) if narrowed else x/return x/' m2rnn_jax/ops/rounding.py; fi
+               sed -i 's/return jax.lax.optimization_barrier(x) if narrowed else x/return x/' m2rnn_jax/ops/rounding.py
+               grep -q "return jax.lax.optimization_barrier" m2rnn_jax/ops/rounding.py && { echo "barrierab: the barrier line changed"; break; }; fi
              run "step_${preset}_${remat}_${variant}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
                --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 \
                --json "$OUT/step_${preset}_${remat}_${variant}.json"
