@@ -102,6 +102,14 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "compile_${preset}_${remat}${TAG:-}" 300 python3 -m m2rnn_jax bench --model "$preset" \
              --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
              --json "$OUT/compile_${preset}_${remat}${TAG:-}.json" ;;
+    compilelog-*) spec=${part#compilelog-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT with XLA's pass log
+           # (TF_CPP_VMODULE), then where XLA's time went (experiments/bench/xla_pass_times.py); STEP_ARGS / TAG / CB as compile-*
+           name="compilelog_${preset}_${remat}${TAG:-}"
+           run "$name" 300 env TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,nvptx_compiler=1 \
+             python3 -m m2rnn_jax bench --model "$preset" --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only \
+             ${STEP_ARGS:-} --json "$OUT/$name.json"
+           python3 experiments/bench/xla_pass_times.py "$OUT/$name.log" --top 30 > "$OUT/${name}_passes.txt" 2>&1
+           gzip -f "$OUT/$name.log"; head -80 "$OUT/${name}_passes.txt"; pack ;;
     optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
     embedding) run embedding 60 env PYTHONPATH=. python3 experiments/bench/embedding_check.py ;;
     normconv) run normconv 100 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;
