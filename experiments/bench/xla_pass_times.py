@@ -21,7 +21,8 @@ import sys
 from datetime import datetime
 
 _LINE = re.compile(r"^[IWEF](\d{4} \d\d:\d\d:\d\d\.\d{6})\s+(\d+)\s+(\S+)\] (.*)$")
-_PASS = re.compile(r"HLO pass: (\S+) time: (\d+) (us|ms|s)\b")
+_PASS = re.compile(r"HLO pass: (\S+) time: ([\d.]+) (us|ms|s)\b")
+_PASS_START = re.compile(r"^\s*HLO pass (\S+)$")
 _PIPELINE = re.compile(r"Running HLO pass pipeline on module (\S+): (.*)$")
 _UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
@@ -41,13 +42,26 @@ def parse(lines) -> list[tuple[float, str, str, str]]:
 
 def report(records, module: str | None = None, top: int = 25) -> str:
     """Pass time by pass name and by pipeline, and the time no pass accounts for, of one module (default: the
-    module with the longest span)."""
-    by_module = collections.defaultdict(list)  # module -> records from its first pipeline to the next module's
-    current = None
+    module with the longest span).
+
+    Passes nest: a pipeline can run as a pass of another, and a pass can compile other modules (the GEMM autotuner
+    compiles every candidate fusion as its own module, with its own pipelines). Only outermost passes, those that
+    start while no other pass is open, are summed; a nested module's lines belong to the module whose pass runs it.
+    """
+    by_module = collections.defaultdict(list)  # top-level module -> its records, nested compiles included
+    outermost = []  # (module, pipeline, pass name, seconds) of every outermost pass
+    open_passes: list[str] = []
+    current = pipeline = None
     for record in records:
-        pipeline = _PIPELINE.search(record[3])
-        if pipeline:
-            current = pipeline.group(1)
+        message = record[3]
+        if not open_passes and (m := _PIPELINE.search(message)):
+            current, pipeline = m.group(1), m.group(2)
+        elif m := _PASS_START.search(message):
+            open_passes.append(m.group(1))
+        elif (m := _PASS.search(message)) and open_passes:
+            open_passes.pop()
+            if not open_passes:
+                outermost.append((current, pipeline, m.group(1), float(m.group(2)) * _UNIT[m.group(3)]))
         if current is not None:
             by_module[current].append(record)
     if not by_module:
@@ -56,17 +70,10 @@ def report(records, module: str | None = None, top: int = 25) -> str:
     if module is None:
         module = max(by_module, key=lambda name: by_module[name][-1][0] - by_module[name][0][0])
     recs = by_module[module]
-    # A pipeline can run inside another as one of its passes: its "HLO pass" line holds its own passes' time, so
-    # only passes that are not pipelines are summed.
-    pipelines = {m.group(2) for r in recs if (m := _PIPELINE.search(r[3]))}
     by_pass, by_pipeline = collections.Counter(), collections.Counter()
-    pipeline = "?"
-    for _, _, _, message in recs:
-        if m := _PIPELINE.search(message):
-            pipeline = m.group(2)
-        elif (m := _PASS.search(message)) and m.group(1) not in pipelines:
-            seconds = int(m.group(2)) * _UNIT[m.group(3)]
-            by_pass[m.group(1)] += seconds
+    for owner, pipeline, name, seconds in outermost:
+        if owner == module:
+            by_pass[name] += seconds
             by_pipeline[pipeline] += seconds
     span = recs[-1][0] - recs[0][0]
     passes = sum(by_pass.values())
@@ -75,10 +82,10 @@ def report(records, module: str | None = None, top: int = 25) -> str:
         f"module {module}: {span:.1f} s from its first to its last log line; HLO passes {passes:.1f} s; "
         f"outside the passes {span - passes:.1f} s",
         "",
-        "pipelines (summed pass time, by the pipeline started last):",
+        "pipelines (summed time of their outermost passes):",
         *(f"  {seconds:8.2f} s  {name}" for name, seconds in by_pipeline.most_common(top)),
         "",
-        "passes (summed over every run):",
+        "outermost passes (summed over every run):",
         *(f"  {seconds:8.2f} s  {name}" for name, seconds in by_pass.most_common(top)),
         "",
         "largest gaps between two log lines (the line before each):",
