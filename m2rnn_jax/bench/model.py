@@ -51,6 +51,7 @@ from m2rnn_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from m2rnn_jax.models.counting import abstract_decoder
 from m2rnn_jax.models.decoder import MIXER_CLASSES, REMAT_POLICIES, DecoderBlock, embed_tokens
 from m2rnn_jax.models.loss import next_token_targets
+from m2rnn_jax.train.compile_cache import describe_compile_cache
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
@@ -385,7 +386,7 @@ def format_compile_report(report: dict) -> str:
         [
             f"{report['preset']} on {report['device']} (jax {report['jax']}): B={shapes['batch']} "
             f"S={shapes['seq_len']} {shapes['dtype']} (params {shapes['param_dtype']}) remat={shapes['remat']}",
-            f"compile {row['compile_s']:.1f} s{format_phases(row)}",
+            f"compile {row['compile_s']:.1f} s{format_phases(row)}; {report['compile_cache']}",
             f"memory per device: arguments {gib(row['argument_gib'])}, outputs {gib(row['output_gib'])}, "
             f"donated {gib(row['alias_gib'])}, temporaries {gib(row['temp_gib'])}, "
             f"code {gib(row['generated_code_gib'])}",
@@ -473,6 +474,7 @@ def report_fields(preset: str, config: ModelConfig, batch: int, seq_len: int, ti
             "scan_layers": config.scan_layers,
         },
         "timing": dataclasses.asdict(timing),
+        "compile_cache": describe_compile_cache(),  # a program found in the cache compiles in seconds
         "rows": rows,
     }
 

@@ -27,6 +27,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_compile_cache_argument(p: argparse.ArgumentParser, default: str, prefix: str = "") -> None:
+    """``--compile-cache DIR|off``: JAX's persistent compilation cache (:mod:`m2rnn_jax.train.compile_cache`);
+    ``default`` says in words what happens without the flag, ``prefix`` starts the help text."""
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR|off",
+        help=f"{prefix}keep compiled programs (and GPU autotuning results) in DIR for the next process that "
+        f"compiles the same program; off: no cache (default: {default})",
+    )
+
+
 def check_backend_hardware(flag: str, backend: str) -> None:
     """Raises ``ValueError`` naming ``flag`` when op backend ``backend`` needs hardware this machine's JAX lacks
     (pallas_gpu: a GPU, pallas_tpu: a TPU); any other name (scan, auto, chunked, ...) passes."""

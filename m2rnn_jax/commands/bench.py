@@ -10,7 +10,12 @@ import argparse
 import sys
 from typing import Any
 
-from m2rnn_jax.commands.arguments import check_backend_hardware, check_preset, positive_int
+from m2rnn_jax.commands.arguments import (
+    add_compile_cache_argument,
+    check_backend_hardware,
+    check_preset,
+    positive_int,
+)
 from m2rnn_jax.commands.errors import fail
 
 NAME = "bench"
@@ -27,6 +32,7 @@ MODEL_ONLY = (
     "scan_layers",
     "step_only",
     "compile_only",
+    "compile_cache",
 )
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -135,6 +141,11 @@ def add_parser(subparsers: Any) -> None:
         help="model mode: only compile the train step for abstract inputs (nothing allocated or run): compile "
         "seconds, memory per device and whether it fits, for presets larger than the device",
     )
+    add_compile_cache_argument(
+        p,
+        default="none unless JAX_COMPILATION_CACHE_DIR is set; run twice with DIR to time a warm compile",
+        prefix="model mode: ",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
     p.add_argument(
@@ -164,9 +175,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(NAME, "--compile-only: expected without --step-only (it runs nothing)")
     from m2rnn_jax.bench import model
     from m2rnn_jax.bench.report import write_json
+    from m2rnn_jax.train.compile_cache import use_compile_cache
 
     try:
         check_preset("--model", args.model)
+        if args.compile_cache is not None:
+            use_compile_cache(args.compile_cache)
         config = model.resolve_config(
             args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers, args.head_logits
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from m2rnn_jax.commands.arguments import check_backend_hardware
+from m2rnn_jax.commands.arguments import add_compile_cache_argument, check_backend_hardware
 from m2rnn_jax.commands.errors import fail
 
 NAME = "train"
@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="start over: move an existing --workdir aside (renamed to WORKDIR.replaced-<time>, nothing "
         "deleted) instead of resuming it",
+    )
+    add_compile_cache_argument(
+        p, default="$M2RNN_JAX_CACHE/compile, i.e. ~/.cache/m2rnn-jax/compile, or JAX_COMPILATION_CACHE_DIR when set"
     )
     add_distributed_arguments(p)
     p.set_defaults(run=run)
@@ -106,8 +109,10 @@ def _restart(workdir: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from m2rnn_jax.parallel.distributed import initialize_distributed
+    from m2rnn_jax.train.compile_cache import use_compile_cache
 
     try:
+        use_compile_cache(args.compile_cache)
         initialize_distributed(args)
         from m2rnn_jax.train.restore import read_run_config
 

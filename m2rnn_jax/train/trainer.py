@@ -18,6 +18,7 @@ from m2rnn_jax.parallel.batches import global_batch
 from m2rnn_jax.parallel.mesh import build_mesh, without_context
 from m2rnn_jax.parallel.shardings import batch_sharding, batch_shards, replicated
 from m2rnn_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from m2rnn_jax.train.compile_cache import describe_compile_cache
 from m2rnn_jax.train.config import TrainConfig
 from m2rnn_jax.train.evaluation import Evaluator, format_table, write_report
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
@@ -184,6 +185,7 @@ class Trainer:
                     f"and at the end, checkpoint every {config.checkpoint.every_steps})",
                 ),
                 ("workdir", f"{self.workdir} ({resumed})"),
+                ("compiles", describe_compile_cache()),
             ],
         )
 

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 
+import jax
 import pytest
 
 from m2rnn_jax.cli import main
@@ -47,14 +48,15 @@ def test_header_phases_and_step_total_lines_on_a_pipe(trained):
     config_file, run, out = trained
     lines = out.splitlines()
     assert lines[0] == f"m2rnn-jax train: {config_file}"
-    header = dict(line.split(None, 1) for line in lines[1:7])
-    assert list(header) == ["model", "devices", "dtypes", "data", "steps", "workdir"]
+    header = dict(line.split(None, 1) for line in lines[1:8])
+    assert list(header) == ["model", "devices", "dtypes", "data", "steps", "workdir", "compiles"]
     assert header["model"].startswith("M (1 layers, hidden 16, vocab 6), ") and header["model"].endswith(" parameters")
     assert "mesh data=1" in header["devices"]
     assert header["dtypes"] == "compute float32, parameters float32, remat none"
     assert header["data"] == "state tracking, group s3; length 4 -> 8; batch 8"
     assert header["steps"].startswith("4 (log every 2, evaluate every 2")
     assert header["workdir"] == f"{run} (new run)"
+    assert header["compiles"] == f"cached in {jax.config.jax_compilation_cache_dir}"  # the conftest's test cache
     phases = [line for line in lines if line.startswith("-- ")]
     expected = [
         "-- initialising the parameters ...",

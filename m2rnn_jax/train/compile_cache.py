@@ -1,0 +1,69 @@
+"""JAX's persistent compilation cache for the commands that compile a train step.
+
+A compiled program is written to disk and read back by the next process that compiles the same program on the
+same kind of device with the same JAX: a resumed or restarted run, a second benchmark. On GPUs the cache also
+keeps XLA's GEMM autotuning results per fusion (JAX's ``jax_persistent_cache_enable_xla_caches``), which
+a different program with the same fusions reuses. Autotuning is most of a large model's GPU compile: 25 of the
+72 s of the 7B hybrid's on an H100 (experiments/RESULTS.md, "Session 20").
+
+``m2rnn-jax train`` turns the cache on by default, in ``$M2RNN_JAX_CACHE/compile`` (``~/.cache/m2rnn-jax/compile``);
+``--compile-cache DIR`` puts it elsewhere and ``--compile-cache off`` leaves it off. A directory already set
+through JAX (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept when no ``--compile-cache`` is given.
+A change after the process's first compile reopens the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from m2rnn_jax.data.builtin_corpora import cache_directory
+
+OFF = "off"
+FLAG = "--compile-cache"
+
+
+def default_compile_cache() -> Path:
+    """``$M2RNN_JAX_CACHE/compile`` (default ``~/.cache/m2rnn-jax/compile``)."""
+    return cache_directory() / "compile"
+
+
+def use_compile_cache(setting: str | None, *, flag: str = FLAG) -> Path | None:
+    """Turn JAX's persistent compilation cache on and return its directory (None: off).
+
+    ``setting``: a directory (created if missing), ``"off"``, or None for the default: the directory JAX already
+    has (``JAX_COMPILATION_CACHE_DIR``), else :func:`default_compile_cache`. ``ValueError`` naming ``flag`` when
+    the directory is an existing file.
+    """
+    if setting == OFF:
+        _configure(enabled=False, directory=jax.config.jax_compilation_cache_dir)
+        return None
+    if setting is None and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = Path(setting) if setting is not None else default_compile_cache()
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{flag}: expected a directory for the compilation cache or {OFF!r}, got {str(path)!r} (a file)"
+        )
+    _configure(enabled=True, directory=str(path))
+    return path
+
+
+def _configure(*, enabled: bool, directory: str | None) -> None:
+    """Sets JAX's cache options; a change after the process's first compile reopens the cache (JAX opens it once
+    and would keep writing to the previous directory)."""
+    if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) == (enabled, directory):
+        return
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    compilation_cache.reset_cache()
+
+
+def describe_compile_cache() -> str:
+    """Where compiled programs are kept, for a run's start-up header: "cached in DIR" or "not cached"."""
+    directory = jax.config.jax_compilation_cache_dir
+    if jax.config.jax_enable_compilation_cache and directory:
+        return f"cached in {directory}"
+    return f"not cached ({FLAG} DIR keeps them)"
