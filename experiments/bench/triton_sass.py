@@ -103,22 +103,26 @@ def compile_to_sass(ttir: str, num_warps: int, num_stages: int, workdir: str) ->
     cubin = os.path.join(workdir, "kernel.cubin")
     with open(cubin, "wb") as fh:
         fh.write(kernel.asm["cubin"])
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    sass = subprocess.run(
-        [os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True
-    ).stdout
-    usage = (
-        subprocess.run(
-            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-        .strip()
-    )
+    sass, usage = disassemble(cubin)
     return sass, usage, kernel.asm["ttgir"]
+
+
+def _nvidia_tool(name: str) -> str:
+    """Path of one of the CUDA tools Triton ships (ptxas, cuobjdump)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def disassemble(cubin: str) -> tuple[str, str]:
+    """SASS text and resource usage line of a cubin file, with Triton's cuobjdump."""
+
+    def cuobjdump(option: str) -> str:
+        return subprocess.run(
+            [_nvidia_tool("cuobjdump"), option, cubin], capture_output=True, text=True, check=True
+        ).stdout
+
+    return cuobjdump("--dump-sass"), cuobjdump("--dump-resource-usage").strip().splitlines()[-1].strip()
 
 
 def innermost_loops(sass: str) -> list[dict]:
@@ -183,34 +187,13 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def ptx_to_sass(ptx: str, workdir: str, arch: str = "sm_90a") -> tuple[str, str]:
     """SASS text and resource usage line of a PTX module (a Gluon kernel's), with Triton's ptxas and cuobjdump."""
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     src, cubin = os.path.join(workdir, "kernel.ptx"), os.path.join(workdir, "kernel.cubin")
     with open(src, "w") as fh:
         fh.write(ptx)
-    subprocess.run([os.path.join(tools, "ptxas"), f"-arch={arch}", src, "-o", cubin], check=True)
-    sass = subprocess.run(
-        [os.path.join(tools, "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True
-    ).stdout
-    usage = (
-        subprocess.run(
-            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-        .strip()
-    )
-    return sass, usage
+    subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", src, "-o", cubin], check=True)
+    return disassemble(cubin)
 
 
 def gluon_report(ptx: str) -> dict:
@@ -218,3 +201,7 @@ def gluon_report(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         sass, usage = ptx_to_sass(ptx, workdir)
     return {"resources": usage, "loops": innermost_loops(sass)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
