@@ -29,6 +29,7 @@ from m2rnn_jax.bench.timing import (
 from m2rnn_jax.cli import main
 from m2rnn_jax.models.decoder import DecoderBlock
 from m2rnn_jax.models.presets import get_preset, list_presets
+from m2rnn_jax.train.compile_cache import describe_compile_cache
 from m2rnn_jax.train.flops import training_flops_per_token
 from m2rnn_jax.train.state import TrainState
 
@@ -90,7 +91,8 @@ def test_model_bench_table_names_every_part(model_run):
 def test_model_bench_json_header(model_run):
     _, report = model_run
     config = get_preset(PRESET)
-    assert set(report) == {"device", "platform", "jax", "preset", "shapes", "timing", "rows"}
+    assert set(report) == {"device", "platform", "jax", "preset", "shapes", "timing", "compile_cache", "rows"}
+    assert report["compile_cache"] == describe_compile_cache()  # this session's test cache (conftest.py)
     assert report["device"] == jax.devices()[0].device_kind and report["platform"] == jax.devices()[0].platform
     assert report["jax"] == jax.__version__ and report["preset"] == PRESET
     assert report["shapes"] == {
