@@ -27,7 +27,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_compile_cache_argument(p: argparse.ArgumentParser, default: str, prefix: str = "") -> None:
+COMPILE_CACHE_DEFAULT = (
+    "$M2RNN_JAX_CACHE/compile, i.e. ~/.cache/m2rnn-jax/compile, or JAX_COMPILATION_CACHE_DIR when set"
+)
+
+
+def add_compile_cache_argument(
+    p: argparse.ArgumentParser, default: str = COMPILE_CACHE_DEFAULT, prefix: str = ""
+) -> None:
     """``--compile-cache DIR|off``: JAX's persistent compilation cache (:mod:`m2rnn_jax.train.compile_cache`);
     ``default`` says in words what happens without the flag, ``prefix`` starts the help text."""
     p.add_argument(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from m2rnn_jax.commands.arguments import existing_directory
+from m2rnn_jax.commands.arguments import add_compile_cache_argument, existing_directory
 from m2rnn_jax.commands.errors import fail
 
 NAME = "eval"
@@ -40,6 +40,7 @@ def add_parser(subparsers: Any) -> None:
         help="token data to evaluate: a prepare-data directory (its validation.bin) or one "
         ".bin/.npy token file (default: the run's data)",
     )
+    add_compile_cache_argument(p)
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 
@@ -49,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
     from m2rnn_jax.commands.train import resolve_config
     from m2rnn_jax.parallel.distributed import initialize_distributed
+    from m2rnn_jax.train.compile_cache import use_compile_cache
     from m2rnn_jax.train.progress import Console
 
     try:
+        use_compile_cache(args.compile_cache)
         workdir = existing_directory("--workdir", args.workdir, "run directory (written by m2rnn-jax train)")
         initialize_distributed(args)
         from m2rnn_jax.data.sources import make_source

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from m2rnn_jax.commands.arguments import check_preset, existing_directory
+from m2rnn_jax.commands.arguments import add_compile_cache_argument, check_preset, existing_directory
 from m2rnn_jax.commands.errors import fail
 
 NAME = "generate"
@@ -60,6 +60,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and for the random init")
+    add_compile_cache_argument(p)
     p.set_defaults(run=run)
 
 
@@ -148,8 +149,10 @@ def _continue(model: Any, prompts: list[list[int]], args: argparse.Namespace) ->
 
 def run(args: argparse.Namespace) -> int:
     from m2rnn_jax.models.text_generation import encode_prompts, until_eos
+    from m2rnn_jax.train.compile_cache import use_compile_cache
 
     try:
+        use_compile_cache(args.compile_cache)
         config = _train_config(args)
         model_config = _model_config(args, config)
         vocab_size = model_config.vocab_size

@@ -1,15 +1,17 @@
-"""JAX's persistent compilation cache for the commands that compile a train step.
+"""JAX's persistent compilation cache for the commands that compile: train, eval, generate, bench.
 
 A compiled program is written to disk and read back by the next process that compiles the same program on the
-same kind of device with the same JAX: a resumed or restarted run, a second benchmark. On GPUs the cache also
-keeps XLA's GEMM autotuning results per fusion (JAX's ``jax_persistent_cache_enable_xla_caches``), which
-a different program with the same fusions reuses. Autotuning is most of a large model's GPU compile: 25 of the
-72 s of the 7B hybrid's on an H100 (experiments/RESULTS.md, "Session 20").
+same kind of device with the same JAX: a resumed or restarted run, an eval of a run (its evaluation step), a
+second generate or benchmark. On GPUs the cache also keeps XLA's GEMM autotuning results per fusion (JAX's
+``jax_persistent_cache_enable_xla_caches``), which a different program with the same fusions reuses. Autotuning is
+the largest part of a large model's GPU compile: 25 of the 72 s of the 7B hybrid's on an H100
+(experiments/RESULTS.md, "Session 20").
 
-``m2rnn-jax train`` turns the cache on by default, in ``$M2RNN_JAX_CACHE/compile`` (``~/.cache/m2rnn-jax/compile``);
-``--compile-cache DIR`` puts it elsewhere and ``--compile-cache off`` leaves it off. A directory already set
-through JAX (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept when no ``--compile-cache`` is given.
-A change after the process's first compile reopens the cache.
+``m2rnn-jax train``, ``eval`` and ``generate`` turn the cache on by default, in ``$M2RNN_JAX_CACHE/compile``
+(``~/.cache/m2rnn-jax/compile``); ``--compile-cache DIR`` puts it elsewhere and ``--compile-cache off`` leaves it
+off. ``bench`` uses it only with ``--compile-cache`` (its ``compile_s`` is a cold compile unless asked). A
+directory already set through JAX (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept when no
+``--compile-cache`` is given. A change after the process's first compile reopens the cache.
 """
 
 from __future__ import annotations

@@ -61,26 +61,33 @@ def test_a_file_is_refused_naming_the_flag(jax_cache_config, tmp_path):
     assert jax.config.jax_compilation_cache_dir == before
 
 
-def _train(config_file: Path, workdir: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "m2rnn_jax", "train", "--config", str(config_file), "--workdir", str(workdir)]
-    result = subprocess.run([*command, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _cli(env: dict, *argv: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "m2rnn_jax", *argv]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
-def test_a_second_run_reads_the_train_step_from_the_default_cache(tmp_path):
-    """Two processes (a run, then its --restart): the first writes the compiled train step under
-    $M2RNN_JAX_CACHE/compile, the second finds it there (JAX logs the hit with JAX_LOG_COMPILES)."""
+def test_train_eval_and_generate_read_their_programs_from_the_default_cache(tmp_path):
+    """Separate processes, each with the default cache ($M2RNN_JAX_CACHE/compile): a run writes its compiled train
+    step there and its --restart finds it; eval finds the evaluation step the run compiled at its end; a second
+    generate finds the first one's programs. JAX logs every hit with JAX_LOG_COMPILES."""
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(tiny_train_config(steps=1, eval_every=0).to_dict()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(M2RNN_JAX_CACHE=str(tmp_path / "root"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    first = _train(config_file, tmp_path / "run", env)
+    train = ["train", "--config", str(config_file), "--workdir", str(tmp_path / "run")]
+    first = _cli(env, *train)
     cache = tmp_path / "root" / "compile"
     assert f"compiles  cached in {cache}" in first.stdout
     assert any(path.name.startswith("jit_train_step-") for path in cache.iterdir())
-    second = _train(config_file, tmp_path / "run", {**env, "JAX_LOG_COMPILES": "1"}, "--restart")
-    assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
+    logged = {**env, "JAX_LOG_COMPILES": "1"}
+    hit = "Persistent compilation cache hit for '{}'"
+    assert hit.format("jit_train_step") in _cli(logged, *train, "--restart").stderr
+    assert hit.format("jit_eval_step") in _cli(logged, "eval", "--workdir", str(tmp_path / "run")).stderr
+    generate = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
+    assert hit.format("jit__generate") not in _cli(logged, *generate).stderr
+    assert hit.format("jit__generate") in _cli(logged, *generate).stderr
 
 
 def test_bench_compile_cache_moves_the_open_cache(jax_cache_config, tmp_path):
