@@ -53,9 +53,7 @@ def add_parser(subparsers: Any) -> None:
         help="start over: move an existing --workdir aside (renamed to WORKDIR.replaced-<time>, nothing "
         "deleted) instead of resuming it",
     )
-    add_compile_cache_argument(
-        p, default="$M2RNN_JAX_CACHE/compile, i.e. ~/.cache/m2rnn-jax/compile, or JAX_COMPILATION_CACHE_DIR when set"
-    )
+    add_compile_cache_argument(p)
     add_distributed_arguments(p)
     p.set_defaults(run=run)
 
