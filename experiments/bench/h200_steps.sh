@@ -17,7 +17,9 @@ run() {  # run NAME SECONDS CMD...: stdout+stderr to $OUT/NAME.log, status line 
 pack() {  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
 }
-for part in "$@"; do
+# donewhen: issue 12's done-when steps in one call (~480 s on the H200): the two hybrids, m2rnn-400m, attention-400m
+DONEWHEN="step-hybrid-gdn-m2rnn-1l-400m:none step-hybrid-gdn-400m:none step-m2rnn-400m:none step-attention-400m:none"
+for part in $(for p in "$@"; do if [ "$p" = donewhen ]; then echo $DONEWHEN; else echo "$p"; fi; done); do
   case $part in
     gdn) run gdn 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT" --variants default xla_doubling \
            --no-sweep ;;
@@ -102,6 +104,14 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "compile_${preset}_${remat}${TAG:-}" 300 python3 -m m2rnn_jax bench --model "$preset" \
              --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
              --json "$OUT/compile_${preset}_${remat}${TAG:-}.json" ;;
+    compilewarm-*) spec=${part#compilewarm-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT twice, in two
+           # processes sharing a fresh --compile-cache: the cold compile, then the warm one (a restarted run's)
+           rm -rf /tmp/compilewarm_cache
+           for round in cold warm; do
+             run "compilewarm_${preset}_${remat}${TAG:-}_$round" 300 python3 -m m2rnn_jax bench --model "$preset" \
+               --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
+               --compile-cache /tmp/compilewarm_cache --json "$OUT/compilewarm_${preset}_${remat}${TAG:-}_$round.json"
+           done ;;
     compilelog-*) spec=${part#compilelog-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT with XLA's pass log
            # (TF_CPP_VMODULE), then where XLA's time went (experiments/bench/xla_pass_times.py); STEP_ARGS / TAG / CB as compile-*
            name="compilelog_${preset}_${remat}${TAG:-}"
