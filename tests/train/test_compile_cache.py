@@ -13,7 +13,12 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from m2rnn_jax.cli import main
-from m2rnn_jax.train.compile_cache import default_compile_cache, describe_compile_cache, use_compile_cache
+from m2rnn_jax.train.compile_cache import (
+    DEFAULT_MAX_BYTES,
+    default_compile_cache,
+    describe_compile_cache,
+    use_compile_cache,
+)
 from tests.train.tiny import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,10 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def jax_cache_config():
     """Restores the session's cache settings (the repository conftest's test cache) after the test."""
-    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_compilation_cache_max_size")
+    saved = {name: getattr(jax.config, name) for name in names}
     yield
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_enable_compilation_cache", saved[1])
+    for name, value in saved.items():
+        jax.config.update(name, value)
     compilation_cache.reset_cache()
 
 
@@ -37,8 +43,19 @@ def test_default_is_the_cache_root_unless_jax_already_has_a_directory(jax_cache_
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "root" / "compile")
     assert describe_compile_cache() == f"cached in {tmp_path / 'root' / 'compile'}"
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # as JAX_COMPILATION_CACHE_DIR sets it
+    jax.config.update("jax_compilation_cache_max_size", -1)
     assert use_compile_cache(None) == tmp_path / "mine"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    assert jax.config.jax_compilation_cache_max_size == -1  # JAX's own settings are left as they are
+
+
+def test_a_directory_chosen_here_is_capped_unless_jax_has_a_size(jax_cache_config, tmp_path):
+    jax.config.update("jax_compilation_cache_max_size", -1)  # JAX's default: unbounded
+    use_compile_cache(str(tmp_path / "a"))
+    assert jax.config.jax_compilation_cache_max_size == DEFAULT_MAX_BYTES == 16 * 2**30
+    jax.config.update("jax_compilation_cache_max_size", 12345)  # as JAX_COMPILATION_CACHE_MAX_SIZE sets it
+    use_compile_cache(str(tmp_path / "b"))
+    assert jax.config.jax_compilation_cache_max_size == 12345
 
 
 def test_an_explicit_directory_wins_and_off_turns_the_cache_off(jax_cache_config, tmp_path):
