@@ -76,14 +76,12 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
              --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
              --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
-    barrierab-*) spec=${part#barrierab-}; preset=${spec%:*}; remat=${spec##*:}  # the step with and without stored_in's barrier
+    barrierab-*) spec=${part#barrierab-}  # step-PRESET:REMAT with and without stored_in's barrier (TAG _barrier / _nobarrier)
            for variant in barrier nobarrier; do
              if [ "$variant" = nobarrier ]; then cp m2rnn_jax/ops/rounding.py /tmp/rounding.py.orig
                sed -i 's/return jax.lax.optimization_barrier(x) if narrowed else x/return x/' m2rnn_jax/ops/rounding.py
                grep -q "return jax.lax.optimization_barrier" m2rnn_jax/ops/rounding.py && { echo "barrierab: the barrier line changed"; break; }; fi
-             run "step_${preset}_${remat}_${variant}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
-               --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 \
-               --json "$OUT/step_${preset}_${remat}_${variant}.json"
+             TAG="_$variant" bash "$0" "step-$spec"
            done
            cp /tmp/rounding.py.orig m2rnn_jax/ops/rounding.py ;;
     flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
@@ -104,20 +102,17 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "compile_${preset}_${remat}${TAG:-}" 300 python3 -m m2rnn_jax bench --model "$preset" \
              --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
              --json "$OUT/compile_${preset}_${remat}${TAG:-}.json" ;;
-    compilewarm-*) spec=${part#compilewarm-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT twice, in two
-           # processes sharing a fresh --compile-cache: the cold compile, then the warm one (a restarted run's)
+    compilewarm-*) spec=${part#compilewarm-}  # compile-PRESET:REMAT twice, in two processes sharing a fresh
+           # --compile-cache: the cold compile, then the warm one (a restarted run's); TAG gets _cold / _warm
            rm -rf /tmp/compilewarm_cache
            for round in cold warm; do
-             run "compilewarm_${preset}_${remat}${TAG:-}_$round" 300 python3 -m m2rnn_jax bench --model "$preset" \
-               --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only ${STEP_ARGS:-} \
-               --compile-cache /tmp/compilewarm_cache --json "$OUT/compilewarm_${preset}_${remat}${TAG:-}_$round.json"
+             TAG="${TAG:-}_$round" STEP_ARGS="${STEP_ARGS:-} --compile-cache /tmp/compilewarm_cache" bash "$0" "compile-$spec"
            done ;;
     compilelog-*) spec=${part#compilelog-}; preset=${spec%:*}; remat=${spec##*:}  # compile-PRESET:REMAT with XLA's pass log
-           # (TF_CPP_VMODULE), then where XLA's time went (experiments/bench/xla_pass_times.py); STEP_ARGS / TAG / CB as compile-*
-           name="compilelog_${preset}_${remat}${TAG:-}"
-           run "$name" 300 env TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,nvptx_compiler=1 \
-             python3 -m m2rnn_jax bench --model "$preset" --batch "${CB:-1}" --seq-len "$S" --remat "$remat" --compile-only \
-             ${STEP_ARGS:-} --json "$OUT/$name.json"
+           # (TF_CPP_VMODULE, TAG gets _log), then where XLA's time went (experiments/bench/xla_pass_times.py)
+           name="compile_${preset}_${remat}${TAG:-}_log"
+           TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,nvptx_compiler=1 TAG="${TAG:-}_log" \
+             bash "$0" "compile-$spec"
            python3 experiments/bench/xla_pass_times.py "$OUT/$name.log" --top 30 > "$OUT/${name}_passes.txt" 2>&1
            gzip -f "$OUT/$name.log"; head -80 "$OUT/${name}_passes.txt"; pack ;;
     optimizer) run optimizer 150 env PYTHONPATH=. python3 experiments/bench/optimizer_check.py ;;
