@@ -76,14 +76,13 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
              --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
              --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
-    barrierab-*) spec=${part#barrierab-}  # step-PRESET:REMAT with and without stored_in's barrier (TAG _barrier / _nobarrier)
-           for variant in barrier nobarrier; do
-             if [ "$variant" = nobarrier ]; then cp m2rnn_jax/ops/rounding.py /tmp/rounding.py.orig
-               sed -i 's/return jax.lax.optimization_barrier(x) if narrowed else x/return x/' m2rnn_jax/ops/rounding.py
-               grep -q "return jax.lax.optimization_barrier" m2rnn_jax/ops/rounding.py && { echo "barrierab: the barrier line changed"; break; }; fi
-             TAG="_$variant" bash "$0" "step-$spec"
-           done
-           cp /tmp/rounding.py.orig m2rnn_jax/ops/rounding.py ;;
+    ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's AB_PATH (TAG _new), then with AB_BASE in its place (_base)
+           # e.g. AB_PATH=m2rnn_jax/layers/mlp.py AB_BASE=ab_base/mlp.py (a file shipped beside the tree, not committed)
+           [ -f "${AB_PATH:-}" ] && [ -f "${AB_BASE:-}" ] || { echo "ab: AB_PATH and AB_BASE must name files"; continue; }
+           cp "$AB_PATH" /tmp/ab_new
+           TAG=_new bash "$0" "step-$spec"
+           cp "$AB_BASE" "$AB_PATH"; TAG=_base bash "$0" "step-$spec"
+           cp /tmp/ab_new "$AB_PATH" ;;
     flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
            run "step_${preset}_${remat}_flags" 170 env XLA_FLAGS="${STEP_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
              python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" --remat "$remat" --step-only \
