@@ -1,13 +1,12 @@
 """GPU check of the SwiGLU MLP's up-projection: the interleaved kernel's gate and up columns as two matmuls
-("columns", the layer since session 12; its SwiGLU has a written-out backward since session 21, and
-"columns_autodiff" is the same with JAX's autodiff of the SwiGLU formula) against one matmul of the kernel with its
-columns reordered to [gate | up] ("halves", whose backward writes both halves' gradients in one fusion) and one
-matmul of the kernel as it is, interleaved ("interleaved": SwiGLU reads the (tokens, 2I) product's even and odd
-columns, and its hand-written backward writes d gate and d up back interleaved from one elementwise pass over
-(tokens, I, 2), so that the backward reads dh, gate and up once where autodiff of "columns" runs two passes, one per
-gradient: 7.4 ms of the 1L hybrid's H200 step in session 12's profile), forward and forward+backward (gradients of x
-and both kernels), medians after warm-up (``m2rnn_jax.bench.timing.median_ms``), in one run; the relative
-differences of every result against "columns".
+("columns", the layer since session 12) against one matmul of the kernel with its columns reordered to
+[gate | up] ("halves", whose backward writes both halves' gradients in one fusion) and one matmul of the kernel as
+it is, interleaved ("interleaved": SwiGLU reads the (tokens, 2I) product's even and odd columns, and its
+hand-written backward writes d gate and d up back interleaved from one elementwise pass over (tokens, I, 2), so that
+the backward reads dh, gate and up once where autodiff of "columns" runs two passes, one per gradient: 7.4 ms of
+the 1L hybrid's H200 step in session 12's profile), forward and forward+backward (gradients of x and both kernels),
+medians after warm-up (``m2rnn_jax.bench.timing.median_ms``), in one run; the relative differences of every result
+against "columns".
 
     PYTHONPATH=. python3 experiments/bench/mlp_check.py [--batch 8 --seq-len 4096 --hidden 1024 --intermediate 2752]
 """
@@ -30,16 +29,6 @@ DTYPE = jnp.bfloat16
 def columns(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
     gate, up = (jnp.dot(x, fc[:, c].astype(DTYPE)) for c in (GATE_COLUMNS, UP_COLUMNS))
     return jnp.dot(swiglu(gate, up), proj.astype(DTYPE))
-
-
-def plain_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """SwiGLU as it was before session 21: the formula differentiated by JAX (no written-out backward)."""
-    return (up.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))).astype(gate.dtype)
-
-
-def columns_autodiff(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
-    gate, up = (jnp.dot(x, fc[:, c].astype(DTYPE)) for c in (GATE_COLUMNS, UP_COLUMNS))
-    return jnp.dot(plain_swiglu(gate, up), proj.astype(DTYPE))
 
 
 def halves(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
@@ -76,7 +65,7 @@ def interleaved(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
     return jnp.dot(swiglu_interleaved(jnp.dot(x, fc.astype(DTYPE))), proj.astype(DTYPE))
 
 
-VARIANTS = {"columns": columns, "columns_autodiff": columns_autodiff, "halves": halves, "interleaved": interleaved}
+VARIANTS = {"columns": columns, "halves": halves, "interleaved": interleaved}
 
 
 def main() -> None:
@@ -98,8 +87,9 @@ def main() -> None:
         both = jax.jit(lambda x, fc, proj, fn=fn: jax.vjp(fn, x, fc, proj)[1](dy))
         outputs[name] = (forward(x, fc, proj), *both(x, fc, proj))
         results[name] = {"fwd_ms": median_ms(forward, x, fc, proj), "fwd_bwd_ms": median_ms(both, x, fc, proj)}
-        fwd_ms, fwd_bwd_ms = results[name]["fwd_ms"], results[name]["fwd_bwd_ms"]
-        print(f"{name:16s} forward {fwd_ms:.3f} ms, forward+backward {fwd_bwd_ms:.3f} ms")
+        print(
+            f"{name:8s} forward {results[name]['fwd_ms']:.3f} ms, forward+backward {results[name]['fwd_bwd_ms']:.3f} ms"
+        )
     for name in VARIANTS:
         if name != "columns":
             for part, a, b in zip(("y", "dx", "dfc", "dproj"), outputs[name], outputs["columns"]):

@@ -122,44 +122,9 @@ GATE_COLUMNS, UP_COLUMNS = slice(0, None, 2), slice(1, None, 2)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """gate, up (..., I) -> (..., I) ``up * silu(gate)``, computed in >= float32, returned in ``gate.dtype``.
-
-    The backward is written out (:func:`_swiglu_backward`) and keeps only gate and up, in their own dtypes. Autodiff
-    of the formula kept five float32 (..., I) intermediates of the activation, which XLA's GPU compiler recomputed
-    from gate and up instead, in one more pass over them in the backward (the 400M presets' step: 24 x 0.17 ms on an
-    H100, experiments/RESULTS.md, session 21).
-    """
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"up: expected gate's shape {gate.shape} and dtype {gate.dtype}, got {up.shape} {up.dtype}")
-    return _swiglu(gate, up)
-
-
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(jnp.float32, x.dtype)
-
-
-@jax.custom_vjp
-def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    compute = _compute_dtype(gate)
+    """gate, up (..., I) -> (..., I) ``up * silu(gate)``, computed in >= float32, returned in ``gate.dtype``."""
+    compute = jnp.promote_types(jnp.float32, gate.dtype)
     return (up.astype(compute) * jax.nn.silu(gate.astype(compute))).astype(gate.dtype)
-
-
-def _swiglu_forward(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _swiglu(gate, up), (gate, up)
-
-
-def _swiglu_backward(residuals: tuple[jax.Array, jax.Array], dh: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """d gate = dh up s (1 + gate (1 - s)), d up = dh gate s with s = sigmoid(gate), from one read of gate and up."""
-    gate_in, up_in = residuals
-    compute = _compute_dtype(gate_in)
-    gate, up, dh = gate_in.astype(compute), up_in.astype(compute), dh.astype(compute)
-    sigmoid = jax.nn.sigmoid(gate)
-    dgate = dh * up * sigmoid * (1 + gate * (1 - sigmoid))
-    dup = dh * gate * sigmoid
-    return dgate.astype(gate_in.dtype), dup.astype(up_in.dtype)
-
-
-_swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class MLP(nnx.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m2rnn_jax.layers.mlp import MLP, MLPConfig, MoE, MoEConfig, route_tokens, router_aux_loss, swiglu
+from m2rnn_jax.layers.mlp import MLP, MLPConfig, MoE, MoEConfig, route_tokens, router_aux_loss
 from tests.layers.mixer_helpers import count_params
 
 
@@ -51,48 +51,6 @@ def test_mlp_matches_numpy_float64(x64):
     y = jax.jit(lambda x: module(x))(jnp.asarray(x))
     expected = numpy_swiglu(x, np.asarray(module.c_fc.kernel[...]), np.asarray(module.c_proj.kernel[...]))
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
-
-
-def autodiff_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """The formula of ``swiglu`` differentiated by JAX (the reference of its written-out backward)."""
-    compute = jnp.promote_types(jnp.float32, gate.dtype)
-    return (up.astype(compute) * jax.nn.silu(gate.astype(compute))).astype(gate.dtype)
-
-
-def swiglu_results(fn, gate, up, dh):
-    h, vjp = jax.vjp(fn, gate, up)
-    return (h, *vjp(dh))
-
-
-@pytest.mark.parametrize(
-    "dtype, rtol", [(jnp.float64, 1e-14), (jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)], ids=["f64", "f32", "bf16"]
-)
-def test_swiglu_backward_matches_autodiff(x64, dtype, rtol):
-    gate, up, dh = (jnp.asarray(4 * np.random.default_rng(s).standard_normal((3, 5, 40)), dtype) for s in (3, 4, 5))
-    ours = jax.jit(lambda *a: swiglu_results(swiglu, *a))(gate, up, dh)
-    reference = jax.jit(lambda *a: swiglu_results(autodiff_swiglu, *a))(gate, up, dh)
-    for name, a, b in zip(("h", "d gate", "d up"), ours, reference):
-        assert a.dtype == b.dtype == dtype, name
-        np.testing.assert_allclose(
-            np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=rtol, err_msg=name
-        )
-
-
-def test_swiglu_keeps_only_gate_and_up_for_its_backward():
-    gate, up = (jnp.ones((4, 16, 32), jnp.bfloat16) for _ in range(2))
-
-    def residuals(fn):
-        backward = jax.vjp(fn, gate, up)[1]
-        return [leaf for leaf in jax.tree.leaves(backward) if hasattr(leaf, "shape") and leaf.size > 1]
-
-    kept = residuals(swiglu)
-    assert [(r.shape, r.dtype) for r in kept] == [(gate.shape, jnp.bfloat16)] * 2
-    assert any(r.dtype == jnp.float32 for r in residuals(autodiff_swiglu))  # what the written-out backward avoids
-
-
-def test_swiglu_rejects_mismatched_up():
-    with pytest.raises(ValueError, match="up: expected"):
-        swiglu(jnp.ones((2, 3)), jnp.ones((2, 4)))
 
 
 @pytest.mark.parametrize("shared", [None, 5])
