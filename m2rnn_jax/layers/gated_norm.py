@@ -62,6 +62,10 @@ def _forward(eps: float, dtype: jnp.dtype, o: jax.Array, gate: jax.Array, scale:
 
 def _backward(eps: float, dtype: jnp.dtype, residuals, dy: jax.Array):
     o_in, gate_in, scale_in = residuals
+    # Without the barrier XLA merges (CSE) this recomputation with the forward's identical product and keeps that
+    # float32 product (..., F) alive from the forward to here: in the 400M hybrids, 20 float32 (B, S, H, dv) arrays
+    # of 512 MiB each, written once and read back by the backward (the 1L hybrid's H100 profile, session 21).
+    o_in, gate_in = jax.lax.optimization_barrier((o_in, gate_in))
     o, activated, g = _gated(o_in, gate_in)
     dg, d_scale = rms_norm_backward(eps, dtype, (g, scale_in), dy)  # dg in g's (compute) dtype
     sigmoid = jax.nn.sigmoid(gate_in.astype(g.dtype))

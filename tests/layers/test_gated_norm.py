@@ -70,6 +70,27 @@ def test_bf16_inputs_forward_identical_gradients_within_rounding():
         assert relative_error(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2
 
 
+def test_backward_recomputes_the_product_behind_a_barrier():
+    """The backward recomputes o * silu(gate) from its bf16 inputs behind an optimization barrier: without it XLA
+    merges the recomputation with the forward's float32 product and keeps that array alive until the backward."""
+    o, gate, scale, cotangent = _inputs(jnp.bfloat16)
+    backward = jax.vjp(lambda o, g: gated_rms_norm(o, g, scale, eps=EPS, dtype=jnp.bfloat16), o, gate)[1]
+    jaxpr = jax.make_jaxpr(backward)(cotangent)
+    barriers = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "optimization_barrier"]
+    assert [[v.aval.dtype for v in e.invars] for e in barriers] == [[jnp.bfloat16, jnp.bfloat16]]
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr``, inside nested jaxprs (custom VJPs, pjit) too."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 def test_refuses_bad_arguments():
     o, gate, scale, _ = _inputs(jnp.float32)
     with pytest.raises(ValueError, match="gate: expected shape"):
