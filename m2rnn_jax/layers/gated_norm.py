@@ -63,8 +63,9 @@ def _forward(eps: float, dtype: jnp.dtype, o: jax.Array, gate: jax.Array, scale:
 def _backward(eps: float, dtype: jnp.dtype, residuals, dy: jax.Array):
     o_in, gate_in, scale_in = residuals
     # Without the barrier XLA merges (CSE) this recomputation with the forward's identical product and keeps that
-    # float32 product (..., F) alive from the forward to here: in the 400M hybrids, 20 float32 (B, S, H, dv) arrays
-    # of 512 MiB each, written once and read back by the backward (the 1L hybrid's H100 profile, session 21).
+    # float32 product (..., F) alive from the forward to here (the 1L 400M hybrid at 8 x 4096: 20 float32 arrays of
+    # 512 MiB; its peak memory on an H100 is 49.3 GiB with the barrier against 51.8 GiB without, at the same step
+    # time: experiments/RESULTS.md, session 21).
     o_in, gate_in = jax.lax.optimization_barrier((o_in, gate_in))
     o, activated, g = _gated(o_in, gate_in)
     dg, d_scale = rms_norm_backward(eps, dtype, (g, scale_in), dy)  # dg in g's (compute) dtype
