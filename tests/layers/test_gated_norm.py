@@ -1,7 +1,8 @@
 """The Gated DeltaNet layer's hand-written backwards. `gated_rms_norm`: the forward is `RMSNorm(o * silu(gate))`
 (same values) and the backward equals autodiff of that composition for o, gate and scale (float64 to 1e-12, float32
-to 1e-5, bf16 inputs with a float32 scale within bf16 rounding); bad shapes and eps are refused. `l2_normalize`:
-the same values as the former float32 formula and its autodiff gradient."""
+to 1e-5, bf16 inputs with a float32 scale within bf16 rounding), and it recomputes the product behind an
+optimization barrier; bad shapes and eps are refused. `l2_normalize`: the same values as the former float32 formula
+and its autodiff gradient."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from m2rnn_jax.layers.gated_deltanet import l2_normalize
 from m2rnn_jax.layers.gated_norm import gated_rms_norm
-from m2rnn_jax.testing import relative_error
+from m2rnn_jax.testing import jaxpr_equations, relative_error
 
 EPS = 1e-5
 
@@ -76,19 +77,8 @@ def test_backward_recomputes_the_product_behind_a_barrier():
     o, gate, scale, cotangent = _inputs(jnp.bfloat16)
     backward = jax.vjp(lambda o, g: gated_rms_norm(o, g, scale, eps=EPS, dtype=jnp.bfloat16), o, gate)[1]
     jaxpr = jax.make_jaxpr(backward)(cotangent)
-    barriers = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "optimization_barrier"]
+    barriers = jaxpr_equations(jaxpr.jaxpr, "optimization_barrier")
     assert [[v.aval.dtype for v in e.invars] for e in barriers] == [[jnp.bfloat16, jnp.bfloat16]]
-
-
-def _equations(jaxpr):
-    """Every equation of ``jaxpr``, inside nested jaxprs (custom VJPs, pjit) too."""
-    for equation in jaxpr.eqns:
-        yield equation
-        for value in equation.params.values():
-            for inner in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
 
 
 def test_refuses_bad_arguments():
