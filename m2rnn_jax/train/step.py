@@ -17,7 +17,7 @@ from flax import nnx
 from m2rnn_jax.models.loss import head_loss_sums
 from m2rnn_jax.parallel.rules import LOGICAL_AXIS_RULES
 from m2rnn_jax.train.batch_checks import check_batch
-from m2rnn_jax.train.optimizer import skipped_updates
+from m2rnn_jax.train.optimizer import global_norm, skipped_updates
 from m2rnn_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -111,7 +111,7 @@ def make_train_step(
             "loss": cross_entropy_mean + sums["aux_loss"],
             "cross_entropy": cross_entropy_mean,
             "accuracy": sums["correct"] / tokens,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": global_norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": sums["tokens"],
             "skipped_updates": skipped_updates(opt_state).astype(jnp.float32),

@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 from m2rnn_jax.models import Decoder, tiny_config
+from m2rnn_jax.testing import jaxpr_equations
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.optimizer import (
     build_optimizer,
+    global_norm,
     learning_rate_schedule,
     reference_optimizer,
     skipped_updates,
@@ -153,3 +155,20 @@ def test_fused_adamw_needs_the_parameters():
     params = {"w": jnp.ones((3,), jnp.float32)}
     with pytest.raises(ValueError, match="params: expected the parameters"):
         optimizer.update(params, optimizer.init(params))
+
+
+def test_global_norm_is_optax_tree_norm_bitwise():
+    tree = {"a": jnp.linspace(-3.0, 5.0, 17), "b": {"c": jnp.full((4, 3), 0.1), "d": jnp.arange(6.0).reshape(2, 3)}}
+    assert np.asarray(jax.jit(global_norm)(tree)) == np.asarray(jax.jit(optax.tree.norm)(tree))
+    assert float(global_norm({})) == float(optax.tree.norm({})) == 0.0
+
+
+def test_fused_adamw_traces_one_update_per_distinct_parameter_shape():
+    """Parameters alike (shape, dtype, weight decay) share one traced update (the trace of a 7B step's optimizer)."""
+    params = {f"w{i}": jnp.ones((4, 8), jnp.float32) for i in range(6)} | {"norm": {"scale": jnp.ones((8,))}}
+    optimizer = build_optimizer(OptimizerConfig(), total_steps=10)
+    jaxpr = jax.make_jaxpr(lambda g, s, p: optimizer.update(g, s, p))(params, optimizer.init(params), params)
+    calls = jaxpr_equations(jaxpr.jaxpr, "jit") + jaxpr_equations(jaxpr.jaxpr, "pjit")
+    updates = [e for e in calls if e.params["name"] == "_adamw_leaf"]
+    assert len(updates) == 7
+    assert len({id(e.params["jaxpr"]) for e in updates}) == 2  # the six (4, 8) kernels, and the (8,) scale
