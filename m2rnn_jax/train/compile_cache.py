@@ -11,13 +11,15 @@ the largest part of a large model's GPU compile: 25 of the 72 s of the 7B hybrid
 (``~/.cache/m2rnn-jax/compile``); ``--compile-cache DIR`` puts it elsewhere and ``--compile-cache off`` leaves it
 off. ``bench`` uses it only with ``--compile-cache`` (its ``compile_s`` is a cold compile unless asked). A
 directory already set through JAX (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept when no
-``--compile-cache`` is given. A change after the process's first compile reopens the cache.
+``--compile-cache`` is given. A change after the process's first compile reopens the cache. A directory used
+uncapped before (JAX's default) is made fit for the cap first (:func:`complete_access_times`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import filelock
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -55,8 +57,36 @@ def use_compile_cache(setting: str | None, *, flag: str = FLAG) -> Path | None:
             f"{flag}: expected a directory for the compilation cache or {OFF!r}, got {str(path)!r} (a file)"
         )
     max_size = jax.config.jax_compilation_cache_max_size
-    _configure(enabled=True, directory=str(path), max_size=DEFAULT_MAX_BYTES if max_size == -1 else max_size)
+    max_size = DEFAULT_MAX_BYTES if max_size == -1 else max_size
+    if max_size > 0:
+        complete_access_times(path)
+    _configure(enabled=True, directory=str(path), max_size=max_size)
     return path
+
+
+# The file names of JAX's cache (jax._src.lru_cache): a program's "<key>-cache" and, when the cache is capped, its
+# last access time "<key>-atime" (8 bytes, nanoseconds, little-endian), both guarded by the lock file.
+_PROGRAM_SUFFIX, _ACCESS_TIME_SUFFIX, _LOCK_FILE = "-cache", "-atime", ".lockfile"
+
+
+def complete_access_times(directory: Path) -> int:
+    """Gives every program in ``directory`` that has no access time (written by an uncapped cache: JAX's default,
+    or m2rnn-jax before its cap) one, its file's modification time; returns how many. A capped JAX cache reads
+    every program's access time before it writes a new one, and a single missing one makes every later write fail
+    (a warning, nothing cached). Nothing is done if another process holds the cache's lock for 10 s.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    completed = 0
+    try:
+        with filelock.FileLock(directory / _LOCK_FILE, timeout=10):
+            for program in directory.glob(f"*{_PROGRAM_SUFFIX}"):
+                access_time = directory / (program.name.removesuffix(_PROGRAM_SUFFIX) + _ACCESS_TIME_SUFFIX)
+                if not access_time.exists():
+                    access_time.write_bytes(program.stat().st_mtime_ns.to_bytes(8, "little"))
+                    completed += 1
+    except filelock.Timeout:
+        return completed
+    return completed
 
 
 def _configure(*, enabled: bool, directory: str | None, max_size: int | None = None) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -15,6 +16,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from m2rnn_jax.cli import main
 from m2rnn_jax.train.compile_cache import (
     DEFAULT_MAX_BYTES,
+    complete_access_times,
     default_compile_cache,
     describe_compile_cache,
     use_compile_cache,
@@ -27,7 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def jax_cache_config():
     """Restores the session's cache settings (the repository conftest's test cache) after the test."""
-    names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_compilation_cache_max_size")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_enable_compilation_cache",
+        "jax_compilation_cache_max_size",
+        "jax_persistent_cache_min_compile_time_secs",
+    )
     saved = {name: getattr(jax.config, name) for name in names}
     yield
     for name, value in saved.items():
@@ -66,6 +73,29 @@ def test_an_explicit_directory_wins_and_off_turns_the_cache_off(jax_cache_config
     assert describe_compile_cache() == "not cached (--compile-cache DIR keeps them)"
     use_compile_cache(str(tmp_path / "given"))  # on again
     assert jax.config.jax_enable_compilation_cache
+
+
+def test_a_directory_written_uncapped_keeps_caching_once_capped(jax_cache_config, tmp_path):
+    """Programs written by an uncapped cache (JAX's default) have no access-time file; the capped cache that
+    m2rnn-jax opens on the same directory must still write new programs (JAX's eviction reads every access time)."""
+    directory = tmp_path / "shared"
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+    jax.jit(lambda x: x * 3.0 + 1.0).lower(jax.numpy.ones(5)).compile()
+    uncapped = sorted(directory.glob("*-cache"))
+    assert uncapped and not list(directory.glob("*-atime"))
+
+    jax.config.update("jax_compilation_cache_max_size", -1)  # no size given: use_compile_cache caps the directory
+    use_compile_cache(str(directory))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # JAX reports a failed write as a warning
+        jax.jit(lambda x: x * 5.0 - 2.0).lower(jax.numpy.ones(5)).compile()
+    assert len(list(directory.glob("*-cache"))) == len(uncapped) + 1
+    assert len(list(directory.glob("*-atime"))) == len(uncapped) + 1
+    assert complete_access_times(directory) == 0  # nothing left to complete
 
 
 def test_a_file_is_refused_naming_the_flag(jax_cache_config, tmp_path):
