@@ -29,13 +29,12 @@ from unittest import mock
 
 import jax
 
-from m2rnn_jax.bench.model import SEED, random_batch, train_step_function
+from m2rnn_jax.bench.model import abstract_train_step
 from m2rnn_jax.layers.mlp import MoEConfig
 from m2rnn_jax.models import decoder
 from m2rnn_jax.models.config import ModelConfig
 from m2rnn_jax.models.layer_scan import Segment, layer_plan, layer_runs
 from m2rnn_jax.models.presets import get_preset, tiny_config
-from m2rnn_jax.train.state import init_train_state
 
 WAYS = ("unrolled", "runs", "periods")
 
@@ -56,9 +55,7 @@ def distinct_fusions(hlo_text: str) -> tuple[int, int]:
 
 def compile_step(config: ModelConfig, batch: int, seq_len: int) -> dict:
     """Lower and compile the donated train step for abstract inputs: seconds of each, while loops, HLO size."""
-    step, optimizer = train_step_function(config)
-    state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
-    tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
+    step, state, tokens = abstract_train_step(config, batch, seq_len)
     start = time.perf_counter()
     lowered = step.lower(state, tokens)
     lowered_at = time.perf_counter()

@@ -1,9 +1,9 @@
 """Trace and lower times of the trainer's train step, without XLA's compile: the Python side of every compile, cold
 or warm from the compile cache (JAX computes the cache key from the lowered program, so these are never cached).
 
-The step is ``m2rnn_jax.bench.model.train_step_function`` for abstract inputs (nothing is allocated, any preset fits
-any machine), traced then lowered once in this process. Run each measurement in a fresh process: JAX's and the
-step's trace caches make a second trace in the same process faster.
+The step and its abstract inputs are ``m2rnn_jax.bench.model.abstract_train_step``'s (nothing is allocated: any
+preset fits any machine), traced then lowered once in this process. Run each measurement in a fresh process: JAX's
+and the step's trace caches make a second trace in the same process faster.
 
     python -m experiments.bench.trace_time --model hybrid-gdn-m2rnn-1l-7b --batch 1 --remat full --scan-layers
 """
@@ -14,18 +14,13 @@ import argparse
 import json
 import time
 
-import jax
-
-from m2rnn_jax.bench.model import SEED, random_batch, resolve_config, train_step_function
-from m2rnn_jax.train.state import init_train_state
+from m2rnn_jax.bench.model import abstract_train_step, resolve_config
 
 
 def trace_and_lower_seconds(preset: str, batch: int, seq_len: int, remat: str | None, scan_layers: bool) -> dict:
     """{"trace_s", "lower_s"} of the preset's train step at (batch, seq_len)."""
     config = resolve_config(preset, remat=remat, scan_layers=scan_layers)
-    step, optimizer = train_step_function(config)
-    state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
-    tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
+    step, state, tokens = abstract_train_step(config, batch, seq_len)
     start = time.perf_counter()
     traced = step.trace(state, tokens)
     traced_at = time.perf_counter()

@@ -337,15 +337,22 @@ def bench_training(config: ModelConfig, batch: int, seq_len: int, timing: Timing
     return step_row, measured(optimizer_row, lambda: time_optimizer_update(optimizer, left.pop("state"), timing))
 
 
+def abstract_train_step(config: ModelConfig, batch: int, seq_len: int) -> tuple[Callable, TrainState, Any]:
+    """(step, state, tokens): the trainer's jitted train step (:func:`train_step_function`) and shape-only inputs
+    for it (a fresh state, a (batch, seq_len) token batch), so that any preset traces, lowers and compiles on any
+    machine without allocating."""
+    step, optimizer = train_step_function(config)
+    state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
+    tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
+    return step, state, tokens
+
+
 def compile_training(config: ModelConfig, batch: int, seq_len: int) -> dict:
     """The ``compile`` row's numbers: the trainer's donated train step compiled for abstract inputs (nothing is
     allocated, so presets larger than the device compile too): compile seconds, the executable's memory per device
     (arguments, outputs, donated aliases, temporaries, generated code, footprint = arguments + outputs - aliases +
     temporaries) against the device's memory where it reports it, and the compiler's FLOP estimate."""
-    step, optimizer = train_step_function(config)
-    state = jax.eval_shape(lambda: init_train_state(config, optimizer, SEED))
-    tokens = jax.eval_shape(lambda: random_batch(config, batch, seq_len))
-    compiled = compile_timed(step, state, tokens)
+    compiled = compile_timed(*abstract_train_step(config, batch, seq_len))
     analysis = compiled.executable.memory_analysis()
     cost = compiled.executable.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
