@@ -54,7 +54,7 @@ from m2rnn_jax.models.loss import next_token_targets
 from m2rnn_jax.train.compile_cache import describe_compile_cache
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
-from m2rnn_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from m2rnn_jax.train.optimizer import build_optimizer, global_norm, learning_rate_schedule
 from m2rnn_jax.train.presets import get_preset, list_presets
 from m2rnn_jax.train.state import TrainState, init_train_state, model_graphdef
 from m2rnn_jax.train.step import make_train_step
@@ -286,7 +286,7 @@ def optimizer_update_function(optimizer: optax.GradientTransformation) -> Callab
     def update(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state), optax.tree.norm(updates)
+        return state._replace(params=params, opt_state=opt_state), global_norm(updates)
 
     return update
 
