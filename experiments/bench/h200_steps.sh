@@ -14,6 +14,17 @@ run() {  # run NAME SECONDS CMD...: stdout+stderr to $OUT/NAME.log, status line 
   tail -25 "$OUT/$name.log"
   pack
 }
+with_base() {  # with_base CMD...: CMD with each file of AB_BASE copied over the same-position file of AB_PATH, then restored
+  # AB_PATH / AB_BASE: space-separated lists of equal length (repository files / files shipped beside the tree, e.g.
+  # AB_PATH="m2rnn_jax/layers/mlp.py" AB_BASE="ab_base/mlp.py"; ab_base/ is never committed)
+  local paths=(${AB_PATH:-}) bases=(${AB_BASE:-}) i
+  [ ${#paths[@]} -gt 0 ] && [ ${#paths[@]} -eq ${#bases[@]} ] || { echo "ab: AB_PATH and AB_BASE: lists of equal length"; return 1; }
+  for i in "${!paths[@]}"; do [ -f "${paths[$i]}" ] && [ -f "${bases[$i]}" ] || { echo "ab: no file ${paths[$i]} or ${bases[$i]}"; return 1; }; done
+  local keep; keep=$(mktemp -d)
+  for i in "${!paths[@]}"; do cp "${paths[$i]}" "$keep/$i"; cp "${bases[$i]}" "${paths[$i]}"; done
+  "$@"
+  for i in "${!paths[@]}"; do cp "$keep/$i" "${paths[$i]}"; done
+}
 pack() {  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
 }
@@ -76,13 +87,14 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
              --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
              --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
-    ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's AB_PATH (TAG _new), then with AB_BASE in its place (_base)
-           # e.g. AB_PATH=m2rnn_jax/layers/mlp.py AB_BASE=ab_base/mlp.py (a file shipped beside the tree, not committed)
-           [ -f "${AB_PATH:-}" ] && [ -f "${AB_BASE:-}" ] || { echo "ab: AB_PATH and AB_BASE must name files"; continue; }
-           cp "$AB_PATH" /tmp/ab_new
+    ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's files (TAG _new), then with AB_BASE's (_base; with_base)
            TAG=_new bash "$0" "step-$spec"
-           cp "$AB_BASE" "$AB_PATH"; TAG=_base bash "$0" "step-$spec"
-           cp /tmp/ab_new "$AB_PATH" ;;
+           TAG=_base with_base bash "$0" "step-$spec" ;;
+    gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)
+           mkdir -p "$OUT/gdn_new" "$OUT/gdn_base"
+           run gdn_new 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_new" --variants default
+           with_base run gdn_base 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_base" \
+             --variants default --no-sweep --no-resets ;;
     flags-*) spec=${part#flags-}; preset=${spec%:*}; remat=${spec##*:}  # flags-PRESET:REMAT: the step under XLA_FLAGS=$STEP_FLAGS
            run "step_${preset}_${remat}_flags" 170 env XLA_FLAGS="${STEP_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
              python3 -m m2rnn_jax bench --model "$preset" --batch "$B" --seq-len "$S" --remat "$remat" --step-only \
