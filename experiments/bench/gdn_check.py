@@ -195,23 +195,22 @@ def main() -> None:
             "chunk_factors_vjp_ms": median_ms(factor_grad, chunks),
             "inverse_doubling_default_precision_vs_trsm_rel": relative_error(inv_d, inv_t),
         }
-        qk = f.QK.astype(jnp.bfloat16)
-        do_chunks = to_chunks(do.astype(jnp.bfloat16), args.chunk)
         for cfg in KERNEL_SWEEP:
             name = f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
             fwd_kernel = jax.jit(
-                lambda U, Wk, Kd, a, h, Qd, QK, cfg=cfg: chunk_states_forward(
-                    U, Wk, Kd, a, h, Qd, QK, out_dtype=jnp.bfloat16, config=cfg, interpret=args.interpret
+                lambda U, Wk, Kd, a, h, cfg=cfg: chunk_states_forward(
+                    U, Wk, Kd, a, h, config=cfg, interpret=args.interpret
                 )
             )
             bwd_kernel = jax.jit(
-                lambda Wk, Kd, a, Qd, QK, do_, dh_, cfg=cfg: chunk_states_backward(
-                    Wk, Kd, a, Qd, QK, do_, dh_, config=cfg, interpret=args.interpret
+                lambda Wk, Kd, a, dw, ds, dh_, cfg=cfg: chunk_states_backward(
+                    Wk, Kd, a, dw, ds, dh_, config=cfg, interpret=args.interpret
                 )
             )
             try:
-                out[f"states_fwd_{name}_ms"] = median_ms(fwd_kernel, f.U, f.Wk, f.Kd, f.carry, h0, f.Qd, qk)
-                out[f"states_bwd_{name}_ms"] = median_ms(bwd_kernel, f.Wk, f.Kd, f.carry, f.Qd, qk, do_chunks, dh)
+                w, starts, _ = fwd_kernel(f.U, f.Wk, f.Kd, f.carry, h0)
+                out[f"states_fwd_{name}_ms"] = median_ms(fwd_kernel, f.U, f.Wk, f.Kd, f.carry, h0)
+                out[f"states_bwd_{name}_ms"] = median_ms(bwd_kernel, f.Wk, f.Kd, f.carry, w, starts, dh)
             except Exception as e:
                 out[f"states_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
         return out

@@ -1,21 +1,17 @@
-"""The sequential part of the chunked gated delta rule and its outputs as fused NVIDIA GPU kernels (Pallas, Triton
-lowering).
+"""The sequential part of the chunked gated delta rule as fused NVIDIA GPU kernels (Pallas, Triton lowering).
 
-Per (sequence, head) the chunk-start states S_c (K, V) and the chunk outputs O_c (C, V) follow
+Per (sequence, head) the chunk-start states S_c (K, V) follow
 
-    W_c = U_c - Wk_c S_c,    O_c = Qd_c S_c + QK_c W_c,    S_{c+1} = a_c S_c + Kd_cᵀ W_c            (forward)
+    W_c = U_c - Wk_c S_c,        S_{c+1} = a_c S_c + Kd_cᵀ W_c                          (forward)
 
-and, walking back with G_{c+1} = dL/dS_{c+1} (G_n the cotangent of the final state) and dO_c the outputs' cotangent,
+and, walking back with G_{c+1} = dL/dS_{c+1} (G_n the cotangent of the final state),
 
-    dW_c = QK_cᵀ dO_c + Kd_c G_{c+1},    G_c = Qd_cᵀ dO_c + a_c G_{c+1} - Wk_cᵀ dW_c                 (backward)
+    dW_c = dW_c^ext + Kd_c G_{c+1},    G_c = dS_c^ext + a_c G_{c+1} - Wk_cᵀ dW_c            (backward)
 
 Both recurrences are independent across the columns of the state, so one program owns a (K, block_v) column
 block of one (sequence, head) and loops over the chunks with that block in registers (grid
-(B H, V / block_v)). The output products (Qd_c S_c, QK_c W_c and, backward, their transposes against dO_c) are
-taken inside the walk, so neither the output's float32 partial sums nor the chunk-start states' cotangent
-(n, K, V) per head ever go through memory; the forward still writes W and the chunk-start states, which the
-backward's parallel products (left to the caller) read. Products take the operands' dtype (bf16 / f16 / f32;
-float32 at full precision) with float32 accumulation; the carried state is float32.
+(B H, V / block_v)). Products take the operands' dtype (bf16 / f16 / f32; float32 at full precision) with float32
+accumulation; the carried state is float32.
 """
 
 from __future__ import annotations
@@ -57,41 +53,24 @@ def _dot(a: jax.Array, b: jax.Array, *, transpose_a: bool = False) -> jax.Array:
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(
-    u_ref,
-    wk_ref,
-    kd_ref,
-    carry_ref,
-    h0_ref,
-    qd_ref,
-    qk_ref,
-    w_ref,
-    starts_ref,
-    o_ref,
-    final_ref,
-    *,
-    num_chunks,
-    block_v,
-):
+def _forward_kernel(u_ref, wk_ref, kd_ref, carry_ref, h0_ref, w_ref, starts_ref, final_ref, *, num_chunks, block_v):
     bh, j = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(j * block_v, block_v)
     dot_dtype = wk_ref.dtype
 
     def chunk(c, state):
-        start = state.astype(dot_dtype)
-        starts_ref[bh, c, :, cols] = start.astype(starts_ref.dtype)
-        w = (u_ref[bh, c, :, cols].astype(jnp.float32) - _dot(wk_ref[bh, c, :, :], start)).astype(dot_dtype)
+        starts_ref[bh, c, :, cols] = state.astype(starts_ref.dtype)
+        w = u_ref[bh, c, :, cols].astype(jnp.float32) - _dot(wk_ref[bh, c, :, :], state.astype(dot_dtype))
         w_ref[bh, c, :, cols] = w.astype(w_ref.dtype)
-        o = _dot(qd_ref[bh, c, :, :], start) + _dot(qk_ref[bh, c, :, :], w)
-        o_ref[bh, c, :, cols] = o.astype(o_ref.dtype)
-        return carry_ref[bh, c] * state + _dot(kd_ref[bh, c, :, :], w, transpose_a=True)
+        update = _dot(kd_ref[bh, c, :, :], w.astype(dot_dtype), transpose_a=True)
+        return carry_ref[bh, c] * state + update
 
     state = lax.fori_loop(0, num_chunks, chunk, h0_ref[bh, :, cols].astype(jnp.float32))
     final_ref[bh, :, cols] = state.astype(final_ref.dtype)
 
 
 def _backward_kernel(
-    wk_ref, kd_ref, carry_ref, qd_ref, qk_ref, do_ref, dfinal_ref, dw_ref, g_next_ref, dh0_ref, *, num_chunks, block_v
+    wk_ref, kd_ref, carry_ref, dw_ext_ref, dstarts_ref, dfinal_ref, dw_ref, g_next_ref, dh0_ref, *, num_chunks, block_v
 ):
     bh, j = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(j * block_v, block_v)
@@ -100,11 +79,10 @@ def _backward_kernel(
     def chunk(i, g):
         c = num_chunks - 1 - i
         g_next_ref[bh, c, :, cols] = g.astype(g_next_ref.dtype)
-        do = do_ref[bh, c, :, cols].astype(dot_dtype)
-        dw = _dot(qk_ref[bh, c, :, :], do, transpose_a=True) + _dot(kd_ref[bh, c, :, :], g.astype(dot_dtype))
+        dw = dw_ext_ref[bh, c, :, cols].astype(jnp.float32) + _dot(kd_ref[bh, c, :, :], g.astype(dot_dtype))
         dw_ref[bh, c, :, cols] = dw.astype(dw_ref.dtype)
         back = _dot(wk_ref[bh, c, :, :], dw.astype(dot_dtype), transpose_a=True)
-        return _dot(qd_ref[bh, c, :, :], do, transpose_a=True) + carry_ref[bh, c] * g - back
+        return dstarts_ref[bh, c, :, cols].astype(jnp.float32) + carry_ref[bh, c] * g - back
 
     g = lax.fori_loop(0, num_chunks, chunk, dfinal_ref[bh, :, cols].astype(jnp.float32))
     dh0_ref[bh, :, cols] = g.astype(dh0_ref.dtype)
@@ -126,51 +104,37 @@ def chunk_states_forward(
     Kd: jax.Array,
     carry: jax.Array,
     h0: jax.Array,
-    Qd: jax.Array,
-    QK: jax.Array,
     *,
-    out_dtype: jnp.dtype,
     config: StatesKernelConfig,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The forward walk over chunks and the chunk outputs.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward walk over chunks.
 
     Args:
-      U (B, H, n, C, V), Wk, Kd, Qd (B, H, n, C, K), QK (B, H, n, C, C): chunk factors, one dtype (the product
-        dtype); C, K, V powers of two >= 16. carry (B, H, n) float32; h0 (B, H, K, V) float32.
-      out_dtype: the dtype O is written in.
+      U (B, H, n, C, V), Wk, Kd (B, H, n, C, K): chunk factors, one dtype (the product dtype); C, K, V powers of
+        two >= 16. carry (B, H, n) float32; h0 (B, H, K, V) float32.
 
     Returns:
-      O (B, H, n, C, V) in ``out_dtype``; W (B, H, n, C, V) and the chunk-start states (B, H, n, K, V) in the
-      product dtype; the final state (B, H, K, V) float32.
+      W (B, H, n, C, V) and the chunk-start states (B, H, n, K, V) in the product dtype, the final state
+      (B, H, K, V) float32.
     """
     batch, heads, num_chunks, chunk, v_dim = U.shape
     k_dim = Wk.shape[-1]
     grid, block_v = _grid(v_dim, config, batch * heads)
     bh = batch * heads
-    w, starts, o, final = pl.pallas_call(
+    w, starts, final = pl.pallas_call(
         functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v),
         out_shape=[
             jax.ShapeDtypeStruct((bh, num_chunks, chunk, v_dim), U.dtype),
             jax.ShapeDtypeStruct((bh, num_chunks, k_dim, v_dim), U.dtype),
-            jax.ShapeDtypeStruct((bh, num_chunks, chunk, v_dim), out_dtype),
             jax.ShapeDtypeStruct((bh, k_dim, v_dim), jnp.float32),
         ],
         grid=grid,
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="gdn_chunk_states_forward",
-    )(
-        _flat(U),
-        _flat(Wk),
-        _flat(Kd),
-        _flat(carry.astype(jnp.float32)),
-        _flat(h0.astype(jnp.float32)),
-        _flat(Qd),
-        _flat(QK),
-    )
+    )(_flat(U), _flat(Wk), _flat(Kd), _flat(carry.astype(jnp.float32)), _flat(h0.astype(jnp.float32)))
     return (
-        o.reshape(U.shape),
         w.reshape(U.shape),
         starts.reshape(batch, heads, num_chunks, k_dim, v_dim),
         final.reshape(batch, heads, k_dim, v_dim),
@@ -181,9 +145,8 @@ def chunk_states_backward(
     Wk: jax.Array,
     Kd: jax.Array,
     carry: jax.Array,
-    Qd: jax.Array,
-    QK: jax.Array,
-    dO: jax.Array,
+    dw_ext: jax.Array,
+    dstarts: jax.Array,
     dfinal: jax.Array,
     *,
     config: StatesKernelConfig,
@@ -192,16 +155,15 @@ def chunk_states_backward(
     """The backward walk over chunks.
 
     Args:
-      Wk, Kd, Qd (B, H, n, C, K), QK (B, H, n, C, C) in the product dtype, carry (B, H, n) float32, and the
-      cotangents of the forward's results: dO (B, H, n, C, V) (any float dtype: read in the product dtype),
-      dfinal (B, H, K, V).
+      Wk, Kd (B, H, n, C, K) in the product dtype, carry (B, H, n) float32, and the cotangents of the forward's
+      results: dw_ext (B, H, n, C, V), dstarts (B, H, n, K, V), dfinal (B, H, K, V).
 
     Returns:
-      dW (B, H, n, C, V) (the cotangent of W, through the outputs and the states) and G_{c+1} (B, H, n, K, V) (the
-      cotangent of the state leaving chunk c) in the product dtype, dh0 (B, H, K, V) float32.
+      dW (B, H, n, C, V) (the full cotangent of W: external plus through the states) and G_{c+1} (B, H, n, K, V)
+      (the cotangent of the state leaving chunk c) in the product dtype, dh0 (B, H, K, V) float32.
     """
     batch, heads, num_chunks, chunk, k_dim = Wk.shape
-    v_dim = dO.shape[-1]
+    v_dim = dw_ext.shape[-1]
     grid, block_v = _grid(v_dim, config, batch * heads)
     bh = batch * heads
     dw, g_next, dh0 = pl.pallas_call(
@@ -215,15 +177,7 @@ def chunk_states_backward(
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="gdn_chunk_states_backward",
-    )(
-        _flat(Wk),
-        _flat(Kd),
-        _flat(carry.astype(jnp.float32)),
-        _flat(Qd),
-        _flat(QK),
-        _flat(dO),
-        _flat(dfinal.astype(jnp.float32)),
-    )
+    )(_flat(Wk), _flat(Kd), _flat(carry.astype(jnp.float32)), _flat(dw_ext), _flat(dstarts), _flat(dfinal))
     return (
         dw.reshape(batch, heads, num_chunks, chunk, v_dim),
         g_next.reshape(batch, heads, num_chunks, k_dim, v_dim),

@@ -1,7 +1,7 @@
-"""The fused walk over chunks and outputs of the gated delta rule (pallas_kernels/gpu/gdn_chunk_states.py).
+"""The fused walk over chunks of the gated delta rule (pallas_kernels/gpu/gdn_chunk_states.py).
 
-On CPU the kernels run in Pallas interpret mode against ``lax.scan`` and the output products
-(:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_walk`) and its autodiff, forward and every cotangent; tests
+On CPU the kernels run in Pallas interpret mode against ``lax.scan``
+(:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_states`) and its autodiff, forward and every cotangent; tests
 marked ``gpu`` run the whole pallas_gpu backend compiled on an NVIDIA GPU against the float32 chunked reference.
 """
 
@@ -13,58 +13,39 @@ import numpy as np
 import pytest
 
 from m2rnn_jax.ops import gated_delta_rule
-from m2rnn_jax.ops.gated_delta_rule.chunked import ChunkFactors, scan_states, scan_walk
-from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import fused_chunk_outputs
+from m2rnn_jax.ops.gated_delta_rule.chunked import scan_states
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
-from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_forward
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
-FACTORS = ("U", "Wk", "Kd", "carry", "h0", "Qd", "QK")
 
 
 def random_factors(seed, batch=2, heads=1, chunks=3, chunk=16, k_dim=16, v_dim=32):
-    """U, Wk, Kd, carry, h0, Qd, QK as the walk takes them (float32; one carry factor is zero: a reset)."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.3, jnp.float32)
-    U, Wk, Kd, Qd = (normal(batch, heads, chunks, chunk, d) for d in (v_dim, k_dim, k_dim, k_dim))
-    QK = jnp.tril(normal(batch, heads, chunks, chunk, chunk))
+    U, Wk, Kd = (normal(batch, heads, chunks, chunk, d) for d in (v_dim, k_dim, k_dim))
     carry = jnp.asarray(rng.uniform(0.0, 1.0, (batch, heads, chunks)), jnp.float32).at[0, 0, 1].set(0.0)
-    return U, Wk, Kd, carry, normal(batch, heads, k_dim, v_dim), Qd, QK
-
-
-def reference_walk(U, Wk, Kd, carry, h0, Qd, QK):
-    return scan_walk(ChunkFactors(U=U, Wk=Wk, Kd=Kd, carry=carry, Qd=Qd, QK=QK), h0)
+    return U, Wk, Kd, carry, normal(batch, heads, k_dim, v_dim)
 
 
 @pytest.mark.parametrize("block_v", [16, 32])
 def test_kernels_match_scan_and_its_vjp_in_interpret_mode(block_v):
     config = StatesKernelConfig(block_v=block_v, num_warps=4, num_stages=1)
-    factors = random_factors(block_v)
-    o, w, starts, final = chunk_states_forward(*factors, out_dtype=jnp.float32, config=config, interpret=True)
-    w_ref, starts_ref, final_ref = scan_states(*factors[:5])
-    (o_ref, _), vjp_ref = jax.vjp(reference_walk, *factors)
-    for got, ref in ((o, o_ref), (w, w_ref), (starts, starts_ref), (final, final_ref)):
+    U, Wk, Kd, carry, h0 = random_factors(block_v)
+    w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=config, interpret=True)
+    (w_ref, starts_ref, final_ref), vjp = jax.vjp(scan_states, U, Wk, Kd, carry, h0)
+    for got, ref in ((w, w_ref), (starts, starts_ref), (final, final_ref)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
-    fused = lambda *a: fused_chunk_outputs(*a, jnp.float32, config, config, True)  # interpret mode
-    (o_fused, final_fused), vjp = jax.vjp(fused, *factors)
-    np.testing.assert_allclose(o_fused, o_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(final_fused, final_ref, rtol=1e-5, atol=1e-6)
     rng = np.random.default_rng(7)
-    cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (o, final))
-    for name, got, ref in zip(FACTORS, vjp(cotangents), vjp_ref(cotangents)):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
-
-
-def test_kernels_write_the_output_in_out_dtype_from_bf16_factors():
-    """bf16 factors (the product dtype of bf16 layers): O in bf16, the bf16 rounding of the products' reference."""
-    factors = zip(FACTORS, random_factors(3))
-    narrow = tuple(x if name in ("carry", "h0") else x.astype(jnp.bfloat16) for name, x in factors)
-    config = StatesKernelConfig(block_v=16, num_warps=4, num_stages=1)
-    o, w, starts, final = chunk_states_forward(*narrow, out_dtype=jnp.bfloat16, config=config, interpret=True)
-    assert (o.dtype, w.dtype, starts.dtype, final.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32)
-    o_ref, final_ref = reference_walk(*(x.astype(jnp.float32) for x in narrow))
-    assert relative_error(o, o_ref) < 1e-2 and relative_error(final, final_ref) < 1e-2
+    cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (w, starts, final))
+    dU, dWk, dKd, dcarry, dh0 = vjp(cotangents)
+    dw, g_next, dh0_kernel = chunk_states_backward(Wk, Kd, carry, *cotangents, config=config, interpret=True)
+    np.testing.assert_allclose(dw, dU, rtol=1e-5, atol=1e-5)  # dU = dW
+    np.testing.assert_allclose(dh0_kernel, dh0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(-jnp.einsum("...cv,...kv->...ck", dw, starts), dWk, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.einsum("...cv,...kv->...ck", w, g_next), dKd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.sum(g_next * starts, axis=(-2, -1)), dcarry, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_kernel_config_raises():

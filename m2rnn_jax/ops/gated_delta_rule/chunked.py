@@ -7,13 +7,11 @@ with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular sol
     U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
 
 for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part
-walks over chunks (:func:`scan_states` here):
+walks over chunks (:func:`scan_states` here, a fused kernel in :mod:`m2rnn_jax.ops.gated_delta_rule.pallas_gpu`):
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
 
 and the outputs are parallel again (:func:`chunk_outputs`): O_c = diag(e^Γ) Q S_c + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]) W_c.
-The "pallas_gpu" backend (:mod:`m2rnn_jax.ops.gated_delta_rule.pallas_gpu`) runs the walk and the outputs as one
-fused kernel; both plug into :func:`run_chunked` as its ``walk``.
 
 Resets (a new document at position t: the state entering step t is zero) are folded into the chunk-local factors:
 a pairwise decay e^{Γ_t - Γ_i} across a reset becomes 0, the chunk-start factor e^{Γ_t} becomes 0 from the first
@@ -34,13 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax.ops.chunking import chunk_decays, merge_chunks, split_chunks
+from m2rnn_jax.ops.rounding import stored_in
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # inverse(A) -> (I + A)⁻¹ for A (..., C, C) strictly lower triangular
 Inverse = Callable[[jax.Array], jax.Array]
-# walk(factors, h0 (B, H, K, V)) -> (chunk outputs O (B, H, n, C, V), final state (B, H, K, V))
-Walk = Callable[["ChunkFactors", jax.Array], tuple[jax.Array, jax.Array]]
+# states(U, Wk, Kd, a, h0) -> (W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V))
+States = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
 class ChunkFactors(NamedTuple):
@@ -219,13 +218,6 @@ def chunk_outputs(Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array,
     return matmul("...ck,...kv->...cv", Qd, starts, dot_dtype) + matmul("...ti,...iv->...tv", QK, w, dot_dtype)
 
 
-def scan_walk(f: ChunkFactors, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The reference ``walk`` of :func:`run_chunked`: :func:`scan_states`, then :func:`chunk_outputs` in the
-    factors' dtype -> (O (B, H, n, C, V), final state (B, H, K, V))."""
-    w, starts, final = scan_states(f.U, f.Wk, f.Kd, f.carry, h0)
-    return chunk_outputs(f.Qd, f.QK, starts, w, f.U.dtype), final
-
-
 def run_chunked(
     q: jax.Array,
     k: jax.Array,
@@ -237,20 +229,23 @@ def run_chunked(
     *,
     chunk_size: int,
     inverse: Inverse,
-    walk: Walk,
+    states: States,
     dot_dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
-    """The stages on (B, S, H, ...) inputs: chunk factors, then ``walk`` (the walk over chunks and the outputs).
+    """The three stages on (B, S, H, ...) inputs: chunk factors, the walk ``states``, outputs.
 
-    Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``walk`` gives it.
+    Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``states`` gives it.
     """
     seq_len = q.shape[1]
     q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
     if reset is not None:
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
     f = chunk_factors(q, k, v, beta, log_alpha, reset, inverse=inverse, dot_dtype=dot_dtype)
-    o, final = walk(f, h0)
-    return from_chunks(o.astype(q.dtype), seq_len), final
+    w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
+    # in q's dtype before the transpose (fewer bytes), and kept so (stored_in: XLA's GPU compiler otherwise stores o
+    # in float32 for the transpose and the layer's output norm, session 12's H200 profile)
+    o = stored_in(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), q.dtype)
+    return from_chunks(o, seq_len), final
 
 
 def gated_delta_rule_chunked(
@@ -278,6 +273,6 @@ def gated_delta_rule_chunked(
         reset,
         chunk_size=min(chunk_size, q.shape[1]),
         inverse=triangular_inverse,
-        walk=scan_walk,
+        states=scan_states,
         dot_dtype=dtype,
     )

@@ -1,17 +1,14 @@
-"""The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks and the outputs
-fused.
+"""The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks fused.
 
-The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) are batched XLA matmuls with
-operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is the block
-doubling of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`, run by the kernels of
+The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched
+XLA matmuls with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is
+the block doubling of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`, run by the kernels of
 :mod:`pallas_kernels.gpu.unit_lower_inverse` (one program per chunk matrix, the levels in registers; its closed-form
-gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. The walk over chunks and the
-chunk outputs O_c = Qd_c S_c + QK_c W_c run in the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`
-(O written in q's dtype), wrapped in a ``jax.custom_vjp`` whose backward runs the reverse kernel (dW and the
-states' cotangents G) and leaves the parallel cotangents to einsums over the forward's W and chunk-start states S:
+gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. Only the walk over chunks is
+sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
+backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
 
-    dU = dW,   dWk_c = -dW_c S_cᵀ,   dKd_c = W_c G_{c+1}ᵀ,   da_c = <G_{c+1}, S_c>,   dh0 = G_0,
-    dQd_c = dO_c S_cᵀ,   dQK_c = dO_c W_cᵀ
+    dU = dW,   dWk_c = -dW_c S_cᵀ,   dKd_c = W_c G_{c+1}ᵀ,   da_c = <G_{c+1}, S_c>,   dh0 = G_0
 
 XLA differentiates the rest. Under a mesh (``jax.set_mesh``) the kernels, opaque to XLA's partitioner, run inside
 ``jax.shard_map``: batch split over the mesh's data/fsdp/expert axes, heads over ``tensor`` (when they divide);
@@ -26,14 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.ops.gated_delta_rule.chunked import (
-    HIGHEST,
-    ChunkFactors,
-    matmul,
-    run_chunked,
-    triangular_inverse,
-    unit_lower_inverse,
-)
+from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
@@ -60,53 +50,33 @@ def fused_unsupported_reason(k_dim: int, v_dim: int, chunk_size: int, dtype: jnp
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def fused_chunk_outputs(
-    U,
-    Wk,
-    Kd,
-    carry,
-    h0,
-    Qd,
-    QK,
-    out_dtype: jnp.dtype,
-    forward_config: StatesKernelConfig,
-    backward_config: StatesKernelConfig,
-    interpret: bool,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def fused_chunk_states(
+    U, Wk, Kd, carry, h0, forward_config: StatesKernelConfig, backward_config: StatesKernelConfig, interpret: bool
 ):
-    """(chunk outputs O (B, H, n, C, V) in ``out_dtype``, final state (B, H, K, V) float32) of the walk over chunks;
-    see :func:`chunk_states_forward` (every factor in the product dtype, carry and h0 float32)."""
-    o, _, _, final = chunk_states_forward(
-        U, Wk, Kd, carry, h0, Qd, QK, out_dtype=out_dtype, config=forward_config, interpret=interpret
-    )
-    return o, final
+    """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`."""
+    return chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
 
 
-def _fused_forward(U, Wk, Kd, carry, h0, Qd, QK, out_dtype, forward_config, backward_config, interpret):
-    o, w, starts, final = chunk_states_forward(
-        U, Wk, Kd, carry, h0, Qd, QK, out_dtype=out_dtype, config=forward_config, interpret=interpret
-    )
-    return (o, final), (Wk, Kd, carry, Qd, QK, w, starts)
+def _fused_forward(U, Wk, Kd, carry, h0, forward_config, backward_config, interpret):
+    w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
+    return (w, starts, final), (Wk, Kd, carry, w, starts)
 
 
-def _fused_backward(out_dtype, forward_config, backward_config, interpret, residuals, cotangents):
-    Wk, Kd, carry, Qd, QK, w, starts = residuals
-    do, dfinal = cotangents
-    dot = Wk.dtype
-    do = do.astype(dot)
+def _fused_backward(forward_config, backward_config, interpret, residuals, cotangents):
+    Wk, Kd, carry, w, starts = residuals
+    dw_ext, dstarts, dfinal = cotangents
     dw, g_next, dh0 = chunk_states_backward(
-        Wk, Kd, carry, Qd, QK, do, dfinal, config=backward_config, interpret=interpret
+        Wk, Kd, carry, dw_ext, dstarts, dfinal, config=backward_config, interpret=interpret
     )
+    dot = Wk.dtype
     dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
     dKd = matmul("...cv,...kv->...ck", w, g_next, dot)
-    dQd = matmul("...cv,...kv->...ck", do, starts, dot)
-    dQK = matmul("...cv,...iv->...ci", do, w, dot)
     dcarry = jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
-    # every factor but carry and h0 (float32, as their cotangents) is in the product dtype
-    return dw, dWk.astype(dot), dKd.astype(dot), dcarry.astype(carry.dtype), dh0, dQd.astype(dot), dQK.astype(dot)
+    return dw.astype(w.dtype), dWk.astype(dot), dKd.astype(dot), dcarry.astype(carry.dtype), dh0
 
 
-fused_chunk_outputs.defvjp(_fused_forward, _fused_backward)
+fused_chunk_states.defvjp(_fused_forward, _fused_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -187,11 +157,12 @@ def gated_delta_rule_pallas_gpu(
             return unit_lower_inverse(A, precision)
         return per_shard(lambda a: fused_unit_lower_inverse(a, precision, interpret), A)
 
-    def walk(f: ChunkFactors, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-        run = lambda *a: fused_chunk_outputs(*a, q.dtype, forward_config, backward_config, interpret)
-        return per_shard(run, f.U, f.Wk, f.Kd, f.carry, state, f.Qd, f.QK.astype(dot))
+    def states(U, Wk, Kd, carry, state):
+        return per_shard(
+            lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret), U, Wk, Kd, carry, state
+        )
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
     return run_chunked(
-        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, walk=walk, dot_dtype=dot
+        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states, dot_dtype=dot
     )
