@@ -76,15 +76,22 @@ def _backward_kernel(
     cols = pl.ds(j * block_v, block_v)
     dot_dtype = wk_ref.dtype
 
-    def chunk(i, g):
+    def external(c):
+        """dW_c^ext (C, block_v) and dS_c^ext (K, block_v): loaded one chunk ahead of their use, so that their
+        latency overlaps the previous chunk's products instead of stalling the walk."""
+        return dw_ext_ref[bh, c, :, cols], dstarts_ref[bh, c, :, cols]
+
+    def chunk(i, walk):
+        g, (dw_ext, dstart) = walk
         c = num_chunks - 1 - i
+        ahead = external(jnp.maximum(c - 1, 0))
         g_next_ref[bh, c, :, cols] = g.astype(g_next_ref.dtype)
-        dw = dw_ext_ref[bh, c, :, cols].astype(jnp.float32) + _dot(kd_ref[bh, c, :, :], g.astype(dot_dtype))
+        dw = dw_ext.astype(jnp.float32) + _dot(kd_ref[bh, c, :, :], g.astype(dot_dtype))
         dw_ref[bh, c, :, cols] = dw.astype(dw_ref.dtype)
         back = _dot(wk_ref[bh, c, :, :], dw.astype(dot_dtype), transpose_a=True)
-        return dstarts_ref[bh, c, :, cols].astype(jnp.float32) + carry_ref[bh, c] * g - back
+        return dstart.astype(jnp.float32) + carry_ref[bh, c] * g - back, ahead
 
-    g = lax.fori_loop(0, num_chunks, chunk, dfinal_ref[bh, :, cols].astype(jnp.float32))
+    g, _ = lax.fori_loop(0, num_chunks, chunk, (dfinal_ref[bh, :, cols].astype(jnp.float32), external(num_chunks - 1)))
     dh0_ref[bh, :, cols] = g.astype(dh0_ref.dtype)
 
 
