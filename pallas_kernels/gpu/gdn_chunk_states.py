@@ -58,16 +58,14 @@ def _forward_kernel(u_ref, wk_ref, kd_ref, carry_ref, h0_ref, w_ref, starts_ref,
     cols = pl.ds(j * block_v, block_v)
     dot_dtype = wk_ref.dtype
 
-    def chunk(c, walk):
-        state, u = walk  # U_c (C, block_v) was loaded during chunk c - 1 (as the backward's external cotangents)
-        ahead = u_ref[bh, jnp.minimum(c + 1, num_chunks - 1), :, cols]
+    def chunk(c, state):
         starts_ref[bh, c, :, cols] = state.astype(starts_ref.dtype)
-        w = u.astype(jnp.float32) - _dot(wk_ref[bh, c, :, :], state.astype(dot_dtype))
+        w = u_ref[bh, c, :, cols].astype(jnp.float32) - _dot(wk_ref[bh, c, :, :], state.astype(dot_dtype))
         w_ref[bh, c, :, cols] = w.astype(w_ref.dtype)
         update = _dot(kd_ref[bh, c, :, :], w.astype(dot_dtype), transpose_a=True)
-        return carry_ref[bh, c] * state + update, ahead
+        return carry_ref[bh, c] * state + update
 
-    state, _ = lax.fori_loop(0, num_chunks, chunk, (h0_ref[bh, :, cols].astype(jnp.float32), u_ref[bh, 0, :, cols]))
+    state = lax.fori_loop(0, num_chunks, chunk, h0_ref[bh, :, cols].astype(jnp.float32))
     final_ref[bh, :, cols] = state.astype(final_ref.dtype)
 
 
