@@ -10,8 +10,9 @@ and, walking back with G_{c+1} = dL/dS_{c+1} (G_n the cotangent of the final sta
 
 Both recurrences are independent across the columns of the state, so one program owns a (K, block_v) column
 block of one (sequence, head) and loops over the chunks with that block in registers (grid
-(B H, V / block_v)). Products take the operands' dtype (bf16 / f16 / f32; float32 at full precision) with float32
-accumulation; the carried state is float32.
+(B H, V / block_v)). The backward loads chunk c - 1's external cotangents while it works on chunk c. Products take
+the operands' dtype (bf16 / f16 / f32; float32 at full precision) with float32 accumulation; the carried state is
+float32.
 """
 
 from __future__ import annotations
