@@ -27,7 +27,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -55,6 +55,7 @@ from m2rnn_jax.train.compile_cache import describe_compile_cache
 from m2rnn_jax.train.config import OptimizerConfig
 from m2rnn_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from m2rnn_jax.train.optimizer import build_optimizer, global_norm, learning_rate_schedule
+from m2rnn_jax.train.overrides import apply_overrides
 from m2rnn_jax.train.presets import get_preset, list_presets
 from m2rnn_jax.train.state import TrainState, init_train_state, model_graphdef
 from m2rnn_jax.train.step import make_train_step
@@ -96,12 +97,15 @@ def resolve_config(
     head_statistics: str | None = None,
     scan_layers: bool | None = None,
     head_logits: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> ModelConfig:
     """The preset's config with the compute ``dtype``, ``remat``, ``head_statistics``, ``scan_layers`` and
-    ``head_logits`` replaced where given (None keeps the preset's).
+    ``head_logits`` replaced where given (None keeps the preset's), then the ``KEY=VALUE`` ``overrides`` on the
+    model config applied (``gated_deltanet.chunk_size=128``; :func:`m2rnn_jax.train.overrides.apply_overrides`).
 
     Raises:
-        ValueError: unknown preset (the message lists the known names), or a value the config rejects.
+        ValueError: unknown preset (the message lists the known names), unknown override key, or a value the
+            config rejects.
     """
     names = list_presets()
     if preset not in names:
@@ -119,7 +123,7 @@ def resolve_config(
         config = config.replace(scan_layers=scan_layers)
     if head_logits is not None:
         config = config.replace(head_logits=head_logits)
-    return config
+    return apply_overrides(config, list(overrides))
 
 
 def mixer_kinds(config: ModelConfig) -> dict[str, int]:

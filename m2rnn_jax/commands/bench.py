@@ -33,6 +33,7 @@ MODEL_ONLY = (
     "step_only",
     "compile_only",
     "compile_cache",
+    "set",
 )
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -146,6 +147,14 @@ def add_parser(subparsers: Any) -> None:
         default="none unless JAX_COMPILATION_CACHE_DIR is set; run twice with DIR to time a warm compile",
         prefix="model mode: ",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="model mode: override a field of the preset's model config, e.g. --set gated_deltanet.chunk_size=128 "
+        "(repeatable; applied after the options above; the report lists them)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--iters", type=positive_int, default=10, metavar="N", help="calls per timed repeat (default 10)")
     p.add_argument(
@@ -181,8 +190,9 @@ def run(args: argparse.Namespace) -> int:
         check_preset("--model", args.model)
         if args.compile_cache is not None:
             use_compile_cache(args.compile_cache)
+        overrides = args.set or []
         config = model.resolve_config(
-            args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers, args.head_logits
+            args.model, args.dtype, args.remat, args.head_statistics, args.scan_layers, args.head_logits, overrides
         )
     except ValueError as err:
         return fail(NAME, err)
@@ -195,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
         step_only=bool(args.step_only),
         compile_only=bool(args.compile_only),
     )
+    report["overrides"] = overrides
+    if overrides:
+        print(f"overrides: {' '.join(overrides)}")
     print(model.format_compile_report(report) if args.compile_only else model.format_report(report))
     if args.json:
         write_json(args.json, report)

@@ -91,7 +91,8 @@ def test_model_bench_table_names_every_part(model_run):
 def test_model_bench_json_header(model_run):
     _, report = model_run
     config = get_preset(PRESET)
-    assert set(report) == {"device", "platform", "jax", "preset", "shapes", "timing", "compile_cache", "rows"}
+    keys = {"device", "platform", "jax", "preset", "shapes", "timing", "compile_cache", "rows", "overrides"}
+    assert set(report) == keys and report["overrides"] == []  # the CLI's --set assignments
     assert report["compile_cache"] == describe_compile_cache()  # this session's test cache (conftest.py)
     assert report["device"] == jax.devices()[0].device_kind and report["platform"] == jax.devices()[0].platform
     assert report["jax"] == jax.__version__ and report["preset"] == PRESET
@@ -193,6 +194,10 @@ def test_model_bench_json_step_and_sum_rows(model_run):
         (["--shapes", "tiny", "--head-statistics", "two_pass"], "--head-statistics: only with --model PRESET"),
         (["--model", PRESET, "--head-logits", "half"], "head_logits: expected one of"),
         (["--shapes", "tiny", "--head-logits", "compute"], "--head-logits: only with --model PRESET"),
+        (["--shapes", "tiny", "--set", "m2rnn.gradient_clipping=2"], "--set: only with --model PRESET"),
+        (["--model", PRESET, "--set", "m2rnn.clipping=2"], "m2rnn: unknown key 'clipping'"),
+        (["--model", PRESET, "--set", "m2rnn.kernel_size"], "--set: expected key.sub=value"),
+        (["--model", PRESET, "--set", "m2rnn.kernel_size=0"], "kernel_size: expected a positive"),
     ],
 )
 def test_bench_bad_input_exits_2(args, message, capsys):
@@ -233,6 +238,12 @@ def test_resolve_config_overrides_dtype_and_remat():
         model_bench.resolve_config(PRESET, "int8")
 
 
+def test_resolve_config_applies_set_overrides_after_the_options():
+    config = model_bench.resolve_config(PRESET, remat="full", overrides=["m2rnn.gradient_clipping=2.5", "remat=none"])
+    assert config.m2rnn.gradient_clipping == 2.5 and config.remat == "none"  # the override wins over --remat
+    assert config.replace(m2rnn=get_preset(PRESET).m2rnn, remat="none") == model_bench.resolve_config(PRESET)
+
+
 @pytest.mark.parametrize("batch, seq_len, name", [(0, 16, "batch"), (2, -1, "seq_len"), (2.0, 16, "batch")])
 def test_run_model_bench_rejects_bad_shapes_before_any_work(batch, seq_len, name):
     with pytest.raises(ValueError, match=f"{name}: expected a positive int, got"):
@@ -241,11 +252,14 @@ def test_run_model_bench_rejects_bad_shapes_before_any_work(batch, seq_len, name
 
 def test_step_only_times_the_step_and_the_optimizer_alone(tmp_path):
     path = tmp_path / "step.json"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main([*BENCH_ARGS, "--step-only", "--json", str(path)]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*BENCH_ARGS, "--step-only", "--set", "head_logits=compute", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert [row["kind"] for row in report["rows"]] == ["optimizer", "step"]
     assert report["rows"][1]["tokens_per_s"] > 0 and report["shapes"]["batch"] == BATCH
+    assert report["overrides"] == ["head_logits=compute"] and report["shapes"]["head_logits"] == "compute"
+    assert out.getvalue().startswith("overrides: head_logits=compute\n")
 
 
 def test_op_mode_still_runs(tmp_path, capsys):
