@@ -28,19 +28,15 @@ import jax.numpy as jnp
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import chunk_factors, to_chunks, triangular_inverse, unit_lower_inverse
 from m2rnn_jax.ops.gated_delta_rule.op import gated_delta_rule
-from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import (
-    DEFAULT_BACKWARD_CONFIG,
-    DEFAULT_FORWARD_CONFIG,
-    gated_delta_rule_pallas_gpu,
-)
+from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import default_states_configs, gated_delta_rule_pallas_gpu
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 K = StatesKernelConfig
 VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse)
-    "default": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "kernel"),
-    "xla_doubling": (DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG, "doubling"),
+    "default": (None, None, "kernel"),  # default_states_configs(--chunk)
+    "xla_doubling": (None, None, "doubling"),
     "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling"),
     "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling"),
     "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling"),
@@ -163,9 +159,10 @@ def main() -> None:
             fwd = jax.jit(lambda x: fn(*(x[n] for n in ARGS)))
             out["fwd_ms"] = median_ms(fwd, bf16)
             out["fwd_bwd_ms"] = median_ms(both, bf16, do.astype(jnp.bfloat16), dh)
+            defaults = default_states_configs(args.chunk)
             out["config"] = {
-                "forward": dataclasses.asdict(forward_config),
-                "backward": dataclasses.asdict(backward_config),
+                "forward": dataclasses.asdict(forward_config or defaults[0]),
+                "backward": dataclasses.asdict(backward_config or defaults[1]),
                 "inverse": inverse,
             }
             return out

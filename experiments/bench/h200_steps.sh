@@ -90,6 +90,11 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's files (TAG _new), then with AB_BASE's (_base; with_base)
            TAG=_new bash "$0" "step-$spec"
            TAG=_base with_base bash "$0" "step-$spec" ;;
+    gdntests) run gdntests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu tests/kernels/test_gdn_gpu.py ;;
+    gdnc-*) chunk=${part#gdnc-}  # gdnc-C: the GDN op check at chunk length C (default kernels and the sweep, no resets)
+           mkdir -p "$OUT/gdn_c$chunk"
+           run "gdn_c$chunk" 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_c$chunk" \
+             --chunk "$chunk" --variants default --no-resets ;;
     gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)
            mkdir -p "$OUT/gdn_new" "$OUT/gdn_base"
            run gdn_new 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_new" --variants default

@@ -55,25 +55,30 @@ def test_bad_kernel_config_raises():
         StatesKernelConfig(num_warps=0)
 
 
-def _outputs_and_grads(backend, x, reset, do, dh):
+def _outputs_and_grads(backend, x, reset, do, dh, chunk_size=64):
     def run(*args):
-        return gated_delta_rule(*args, reset=reset, chunk_size=64, backend=backend)
+        return gated_delta_rule(*args, reset=reset, chunk_size=chunk_size, backend=backend)
 
     (o, h), vjp = jax.vjp(run, *(x[n] for n in ARGS))
     return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)])
-def test_pallas_gpu_matches_float32_reference_on_gpu(dtype, tol):
+@pytest.mark.parametrize(
+    "dtype, tol, chunk_size", [(jnp.bfloat16, 2e-2, 64), (jnp.float32, 1e-4, 64), (jnp.bfloat16, 2e-2, 128)]
+)
+def test_pallas_gpu_matches_float32_reference_on_gpu(dtype, tol, chunk_size):
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs an NVIDIA GPU")
-    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)  # ragged: 1000 = 15 x 64 + 40
+    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)  # ragged: 15 x 64 + 40, 7 x 128 + 104
     reset = x.pop("reset")
     rng = np.random.default_rng(1)
     do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
     dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
-    reference = _outputs_and_grads("chunked", {n: a.astype(jnp.float32) for n, a in x.items()}, reset, do, dh)
-    fused = jax.jit(lambda x, reset, do, dh: _outputs_and_grads("pallas_gpu", x, reset, do, dh))(x, reset, do, dh)
+    x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+    reference = _outputs_and_grads("chunked", x32, reset, do, dh, chunk_size)
+    fused = jax.jit(lambda x, reset, do, dh: _outputs_and_grads("pallas_gpu", x, reset, do, dh, chunk_size))(
+        x, reset, do, dh
+    )
     for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in ARGS), fused, reference):
         assert relative_error(got, ref) < tol, name

@@ -296,6 +296,43 @@ def test_pallas_gpu_output_is_stored_in_the_input_dtype(dtype, stored):
     assert operands == ([[(jnp.bfloat16, (1, 1, 2, 16, 32))]] * 2 if stored else [])
 
 
+@pytest.mark.parametrize("chunk_size, stages", [(16, 2), (64, 2), (128, 1)])
+def test_pallas_gpu_walk_kernels_take_the_chunk_lengths_pipeline_stages(chunk_size, stages):
+    """Chunks of 128 need one pipeline stage in the walk kernels (two overflow an H100/H200's shared memory:
+    311-319 KB at K=256 bf16); shorter chunks keep the measured two. Forward and backward walk both."""
+    x = random_gdn_inputs(0, 1, 130, 1, 16, 32, dtype=jnp.bfloat16)
+
+    def loss(*args):
+        o, final = gated_delta_rule(*args, chunk_size=chunk_size, backend="pallas_gpu", interpret=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=1))(*(x[n] for n in ARGS)).jaxpr
+    walks = {
+        eqn.params["name"]: eqn.params["compiler_params"]
+        for eqn in jaxpr_equations(jaxpr, "pallas_call")
+        if eqn.params["name"].startswith("gdn_chunk_states")
+    }
+    assert sorted(walks) == ["gdn_chunk_states_backward", "gdn_chunk_states_forward"]
+    assert {params.num_stages for params in walks.values()} == {stages}
+    assert walks["gdn_chunk_states_backward"].num_warps == 8
+
+
+def test_pallas_gpu_interpret_with_128_token_chunks_matches_recurrent():
+    """The long-chunk launch configuration (one stage) computes the same walk: 130 tokens = one chunk of 128 + 2."""
+    x = random_gdn_inputs(3, 1, 130, 2, 16, 32, reset_rate=0.02)
+    args = tuple(x[n] for n in ARGS)
+    weights = jnp.asarray(np.random.default_rng(4).standard_normal((1, 130, 2, 32)), jnp.float32)
+    results = []
+    for backend, kwargs in (("recurrent", {}), ("pallas_gpu", {"interpret": True})):
+        value = gated_delta_rule(*args, reset=x["reset"], chunk_size=128, backend=backend, **kwargs)
+        grads = jax.jit(jax.grad(_loss(backend, x["reset"], 128, weights, **kwargs), argnums=tuple(range(6))))(*args)
+        results.append((value, grads))
+    ((o_ref, f_ref), g_ref), ((o, f), g) = results
+    assert relative_error(o, o_ref) < 1e-5 and relative_error(f, f_ref) < 1e-5
+    for name, a, b in zip(ARGS, g, g_ref):
+        assert relative_error(a, b) < 1e-5, name
+
+
 def test_chunk_product_gradient_rejects_other_equations():
     from m2rnn_jax.ops.gated_delta_rule.chunked import matmul
 

@@ -28,11 +28,23 @@ from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
 
-# measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16 (experiments/RESULTS.md, session 5, run 2)
+# measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16, 64-token chunks (experiments/RESULTS.md, session 5,
+# run 2)
 DEFAULT_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=2)
+# Longer chunks: two pipeline stages of the (C, K) factor tiles outgrow an H100/H200's 227 KiB of shared memory
+# (C=128, K=256 bf16: 311-319 KB, Triton 3.6 for sm_90); one stage needs 98 KB.
+LONG_CHUNK_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=1)
+LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=1)
 INVERSES = ("kernel", "doubling", "triangular_solve")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def default_states_configs(chunk_size: int) -> tuple[StatesKernelConfig, StatesKernelConfig]:
+    """(forward, backward) launch configurations of the walk kernels for chunks of ``chunk_size`` tokens."""
+    if chunk_size <= 64:
+        return DEFAULT_FORWARD_CONFIG, DEFAULT_BACKWARD_CONFIG
+    return LONG_CHUNK_FORWARD_CONFIG, LONG_CHUNK_BACKWARD_CONFIG
 
 
 def _power_of_two_at_least_16(n: int) -> bool:
@@ -130,8 +142,8 @@ def gated_delta_rule_pallas_gpu(
     *,
     chunk_size: int,
     interpret: bool = False,
-    forward_config: StatesKernelConfig = DEFAULT_FORWARD_CONFIG,
-    backward_config: StatesKernelConfig = DEFAULT_BACKWARD_CONFIG,
+    forward_config: StatesKernelConfig | None = None,
+    backward_config: StatesKernelConfig | None = None,
     inverse: str = "kernel",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
@@ -139,13 +151,16 @@ def gated_delta_rule_pallas_gpu(
     Products take q's dtype; ``inverse`` picks the chunk inverse: the block doubling in one "kernel" launch or as
     XLA's "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for
     float32 inputs), or XLA's "triangular_solve";
-    ``forward_config`` / ``backward_config`` the launches of the fused walks.
+    ``forward_config`` / ``backward_config`` the launches of the fused walks (None: :func:`default_states_configs`).
     """
     reason = fused_unsupported_reason(q.shape[-1], v.shape[-1], chunk_size, q.dtype)
     if reason is not None:
         raise ValueError(reason)
     if inverse not in INVERSES:
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
+    default_forward, default_backward = default_states_configs(chunk_size)
+    forward_config = default_forward if forward_config is None else forward_config
+    backward_config = default_backward if backward_config is None else backward_config
     dot = q.dtype
 
     precision = HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT
