@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import glob
 import gzip
 import json
@@ -26,21 +27,36 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.gated_delta_rule.chunked import chunk_factors, to_chunks, triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.chunking import chunk_decays
+from m2rnn_jax.ops.gated_delta_rule.chunked import (
+    chunk_factors,
+    local_factors,
+    to_chunks,
+    triangular_inverse,
+    unit_lower_inverse,
+)
 from m2rnn_jax.ops.gated_delta_rule.op import gated_delta_rule
-from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import default_states_configs, gated_delta_rule_pallas_gpu
+from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import (
+    default_states_configs,
+    fused_local_factors,
+    gated_delta_rule_pallas_gpu,
+)
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 K = StatesKernelConfig
-VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse)
-    "default": (None, None, "kernel"),  # default_states_configs(--chunk)
-    "xla_doubling": (None, None, "doubling"),
-    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling"),
-    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling"),
-    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling"),
+F = FactorsKernelConfig
+VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse, local factors)
+    "default": (None, None, "kernel", "xla"),  # default_states_configs(--chunk)
+    "fused_local": (None, None, "kernel", "fused"),  # the chunk-local stage in one kernel
+    "xla_doubling": (None, None, "doubling", "xla"),
+    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling", "xla"),
+    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling", "xla"),
+    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling", "xla"),
 }
+FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
 KERNEL_SWEEP = [K(16, 4, 2), K(32, 2, 2), K(32, 4, 2), K(32, 8, 2), K(64, 4, 2), K(64, 8, 2), K(64, 8, 1), K(32, 4, 1)]
 
 
@@ -140,7 +156,7 @@ def main() -> None:
     if not args.no_reference_timing:
         step("chunked_f32_reference", reference_timing)
 
-    def variant(forward_config, backward_config, inverse):
+    def variant(forward_config, backward_config, inverse, local):
         def fn(*a, reset=None):
             o, h = gated_delta_rule_pallas_gpu(
                 *a,
@@ -149,6 +165,7 @@ def main() -> None:
                 forward_config=forward_config,
                 backward_config=backward_config,
                 inverse=inverse,
+                local=local,
                 interpret=args.interpret,
             )
             return o.astype(a[0].dtype), h
@@ -164,6 +181,7 @@ def main() -> None:
                 "forward": dataclasses.asdict(forward_config or defaults[0]),
                 "backward": dataclasses.asdict(backward_config or defaults[1]),
                 "inverse": inverse,
+                "local": local,
             }
             return out
 
@@ -175,23 +193,43 @@ def main() -> None:
     def breakdown():
         chunks = {n: to_chunks(bf16[n], args.chunk) for n in ("q", "k", "v", "beta", "log_alpha")}
 
-        def factors(c):
-            inverse = lambda A: unit_lower_inverse(A, jax.lax.Precision.DEFAULT)
-            return chunk_factors(
-                c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, inverse=inverse, dot_dtype=jnp.bfloat16
-            )
+        default = jax.lax.Precision.DEFAULT
+        xla_local = functools.partial(
+            local_factors, inverse=lambda A: unit_lower_inverse(A, default), dot_dtype=jnp.bfloat16
+        )
+        fused_local = lambda *a: fused_local_factors(*a, default, args.interpret)  # noqa: E731
+
+        def factors(c, local=xla_local):
+            return chunk_factors(c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, local=local)
+
+        def factor_grad(local):
+            run = functools.partial(factors, local=local)
+            return jax.jit(lambda c: jax.vjp(run, c)[1](jax.tree.map(jnp.ones_like, run(c))))
 
         f = jax.jit(factors)(chunks)
         h0 = bf16["h0"]
-        factor_grad = jax.jit(lambda c: jax.vjp(factors, c)[1](jax.tree.map(jnp.ones_like, factors(c))))
-        solve_check = jax.jit(lambda A: (unit_lower_inverse(A, jax.lax.Precision.DEFAULT), triangular_inverse(A)))
+        solve_check = jax.jit(lambda A: (unit_lower_inverse(A, default), triangular_inverse(A)))
         A = jnp.tril(0.3 * jax.random.normal(jax.random.key(2), (64, args.chunk, args.chunk)), -1)
         inv_d, inv_t = solve_check(A)
         out = {
             "chunk_factors_fwd_ms": median_ms(jax.jit(factors), chunks),
-            "chunk_factors_vjp_ms": median_ms(factor_grad, chunks),
+            "chunk_factors_vjp_ms": median_ms(factor_grad(xla_local), chunks),
+            "chunk_factors_fused_fwd_ms": median_ms(jax.jit(functools.partial(factors, local=fused_local)), chunks),
+            "chunk_factors_fused_vjp_ms": median_ms(factor_grad(fused_local), chunks),
             "inverse_doubling_default_precision_vs_trsm_rel": relative_error(inv_d, inv_t),
         }
+        decays = chunk_decays(chunks["log_alpha"], None)[:3]
+        for cfg in FACTORS_SWEEP:
+            name = f"factors_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+            kernel = jax.jit(
+                lambda c, d, cfg=cfg: chunk_factors_forward(
+                    c["q"], c["k"], c["v"], c["beta"], *d, precision=default, config=cfg, interpret=args.interpret
+                )
+            )
+            try:
+                out[f"{name}_ms"] = median_ms(kernel, chunks, decays)
+            except Exception as e:
+                out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
         for cfg in KERNEL_SWEEP:
             name = f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
             fwd_kernel = jax.jit(

@@ -95,6 +95,19 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            mkdir -p "$OUT/gdn_c$chunk"
            run "gdn_c$chunk" 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_c$chunk" \
              --chunk "$chunk" --variants default --no-resets ;;
+    gdnlocal) # the GDN op with the XLA chunk-local factors beside the fused factors kernel (gdn_check, its sweep), then
+              # the compiled GPU tests of the fused kernel
+           mkdir -p "$OUT/gdn_local"
+           run gdn_local 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_local" \
+             --variants default fused_local --no-resets
+           run gdnlocaltests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+             tests/kernels/test_gdn_chunk_factors.py ;;
+    localab-*) spec=${part#localab-}  # localab-PRESET:REMAT: the step with local="xla" (_xla), then "fused" (_fused)
+           f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp)
+           TAG=_xla bash "$0" "step-$spec"
+           cp "$f" "$keep"; sed -i 's/    local: str = "xla",/    local: str = "fused",/' "$f"
+           if grep -q '    local: str = "fused",' "$f"; then TAG=_fused bash "$0" "step-$spec"; else echo "localab: no default to flip"; fi
+           cp "$keep" "$f" ;;
     gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)
            mkdir -p "$OUT/gdn_new" "$OUT/gdn_base"
            run gdn_new 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_new" --variants default

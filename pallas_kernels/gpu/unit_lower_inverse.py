@@ -39,18 +39,24 @@ def _indices(size: int) -> tuple[jax.Array, jax.Array]:
     return lax.broadcasted_iota(jnp.int32, (size, size), 0), lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
 
-def _forward_kernel(a_ref, t_ref, *, size: int, precision: lax.Precision):
-    A = a_ref[...].astype(jnp.float32)
+def doubling_inverse(A: jax.Array, precision: lax.Precision) -> jax.Array:
+    """(I + A)⁻¹ of one (C, C) float32 matrix inside a kernel (only A's strictly lower part is read): the block
+    doubling, unrolled over its log2(C) levels with T in registers."""
+    size = A.shape[-1]
     rows, cols = _indices(size)
     T = jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)
     level = 0
-    while (1 << level) < size:  # unrolled: log2(size) levels
+    while (1 << level) < size:
         same_pair = (rows >> (level + 1)) == (cols >> (level + 1))
         below = (rows >> level) > (cols >> level)
         M = jnp.where(same_pair & below, A, 0.0)
         T = T - _dot(T, _dot(M, T, precision), precision)
         level += 1
-    t_ref[...] = T.astype(t_ref.dtype)
+    return T
+
+
+def _forward_kernel(a_ref, t_ref, *, precision: lax.Precision):
+    t_ref[...] = doubling_inverse(a_ref[...].astype(jnp.float32), precision).astype(t_ref.dtype)
 
 
 def _backward_kernel(t_ref, dt_ref, da_ref, *, size: int, precision: lax.Precision):
@@ -95,7 +101,7 @@ def unit_lower_inverse_forward(
 
     Only A's strictly lower part is read (as the doubling's masks read it)."""
     size = _check("A", A)
-    kernel = functools.partial(_forward_kernel, size=size, precision=precision)
+    kernel = functools.partial(_forward_kernel, precision=precision)
     return _call(kernel, "unit_lower_inverse_forward", (A,), size, interpret)
 
 

@@ -6,8 +6,9 @@ with A_ti = β_t e^{Γ_t - Γ_i} k_t·k_i (i < t). One unit lower-triangular sol
 
     U = (I + A)⁻¹ diag(β) V,   Wk = (I + A)⁻¹ diag(β e^Γ) K,   Kd = diag(e^{Γ_C - Γ}) K,   a = e^{Γ_C}
 
-for all chunks in parallel (:func:`chunk_factors`; T = (I + A)⁻¹ is formed explicitly). The only sequential part
-walks over chunks (:func:`scan_states` here, a fused kernel in :mod:`m2rnn_jax.ops.gated_delta_rule.pallas_gpu`):
+for all chunks in parallel (:func:`chunk_factors`, :func:`local_factors`; T = (I + A)⁻¹ is formed explicitly). The
+only sequential part walks over chunks (:func:`scan_states` here, a fused kernel in
+:mod:`m2rnn_jax.ops.gated_delta_rule.pallas_gpu`):
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
 
@@ -38,6 +39,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # inverse(A) -> (I + A)⁻¹ for A (..., C, C) strictly lower triangular
 Inverse = Callable[[jax.Array], jax.Array]
+# local(q, k, v, beta, decay, start, end) -> (U, Wk, Kd, Qd, QK): :func:`local_factors` or a fused equivalent
+LocalFactors = Callable[..., tuple[jax.Array, ...]]
 # states(U, Wk, Kd, a, h0) -> (W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V))
 States = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -126,28 +129,45 @@ def chunk_factors(
     log_alpha: jax.Array,
     reset: jax.Array | None,
     *,
-    inverse: Inverse,
-    dot_dtype: jnp.dtype,
+    local: LocalFactors,
 ) -> ChunkFactors:
     """Chunk-local factors from chunked inputs q, k (B, H, n, C, K), v (B, H, n, C, V), beta, log_alpha
-    (B, H, n, C), reset (B, 1, n, C) or None.
+    (B, H, n, C), reset (B, 1, n, C) or None: the decay weights of :func:`m2rnn_jax.ops.chunking.chunk_decays`,
+    then ``local`` (:func:`local_factors` with an inverse and a product dtype, or a fused equivalent)."""
+    decay, start, end, carry = chunk_decays(log_alpha, reset)
+    U, Wk, Kd, Qd, QK = local(q, k, v, beta, decay, start, end)
+    return ChunkFactors(U=U, Wk=Wk, Kd=Kd, carry=carry, Qd=Qd, QK=QK)
+
+
+def local_factors(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    decay: jax.Array,
+    start: jax.Array,
+    end: jax.Array,
+    *,
+    inverse: Inverse,
+    dot_dtype: jnp.dtype,
+) -> tuple[jax.Array, ...]:
+    """(U, Wk, Kd, Qd, QK) of every chunk from q, k (..., C, K), v (..., C, V), beta, start, end (..., C) and
+    decay (..., C, C) (the last three from :func:`m2rnn_jax.ops.chunking.chunk_decays`).
 
     Products take ``dot_dtype`` operands with a >= float32 accumulator; U, Wk, Kd, Qd come out in ``dot_dtype``
-    (the operands of the walk and the outputs), carry and QK in the dtype of beta / log_alpha. The diagonal scalings
-    of the right-hand sides are applied to the columns of T = (I + A)⁻¹ (C x C) instead of to V and K.
+    (the operands of the walk and the outputs), QK in the dtype of beta / decay. The diagonal scalings of the
+    right-hand sides are applied to the columns of T = (I + A)⁻¹ (C x C) instead of to V and K.
     """
-    decay, start, end, carry = chunk_decays(log_alpha, reset)
     steps = jnp.arange(q.shape[-2])
     strict = steps[:, None] > steps[None, :]
     A = jnp.where(strict, beta[..., :, None] * matmul("...tk,...ik->...ti", k, k, dot_dtype) * decay, 0.0)
     T = inverse(A)
-    return ChunkFactors(
-        U=matmul("...ti,...iv->...tv", T * beta[..., None, :], v, dot_dtype, out_dtype=dot_dtype),
-        Wk=matmul("...ti,...ik->...tk", T * (beta * start)[..., None, :], k, dot_dtype, out_dtype=dot_dtype),
-        Kd=(k * end[..., None]).astype(dot_dtype),
-        carry=carry,
-        Qd=(q * start[..., None]).astype(dot_dtype),
-        QK=matmul("...tk,...ik->...ti", q, k, dot_dtype) * decay,
+    return (
+        matmul("...ti,...iv->...tv", T * beta[..., None, :], v, dot_dtype, out_dtype=dot_dtype),
+        matmul("...ti,...ik->...tk", T * (beta * start)[..., None, :], k, dot_dtype, out_dtype=dot_dtype),
+        (k * end[..., None]).astype(dot_dtype),
+        (q * start[..., None]).astype(dot_dtype),
+        matmul("...tk,...ik->...ti", q, k, dot_dtype) * decay,
     )
 
 
@@ -228,11 +248,12 @@ def run_chunked(
     reset: jax.Array | None,
     *,
     chunk_size: int,
-    inverse: Inverse,
+    local: LocalFactors,
     states: States,
     dot_dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
-    """The three stages on (B, S, H, ...) inputs: chunk factors, the walk ``states``, outputs.
+    """The three stages on (B, S, H, ...) inputs: chunk factors (``local``: :func:`chunk_factors`), the walk
+    ``states``, outputs.
 
     Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``states`` gives it.
     """
@@ -240,7 +261,7 @@ def run_chunked(
     q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
     if reset is not None:
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
-    f = chunk_factors(q, k, v, beta, log_alpha, reset, inverse=inverse, dot_dtype=dot_dtype)
+    f = chunk_factors(q, k, v, beta, log_alpha, reset, local=local)
     w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
     # in q's dtype before the transpose (fewer bytes), and kept so (stored_in: XLA's GPU compiler otherwise stores o
     # in float32 for the transpose and the layer's output norm, session 12's H200 profile)
@@ -272,7 +293,7 @@ def gated_delta_rule_chunked(
         h0,
         reset,
         chunk_size=min(chunk_size, q.shape[1]),
-        inverse=triangular_inverse,
+        local=functools.partial(local_factors, inverse=triangular_inverse, dot_dtype=dtype),
         states=scan_states,
         dot_dtype=dtype,
     )

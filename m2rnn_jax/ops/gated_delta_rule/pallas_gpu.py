@@ -23,8 +23,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, matmul, run_chunked, triangular_inverse, unit_lower_inverse
+from m2rnn_jax.ops.gated_delta_rule.chunked import (
+    HIGHEST,
+    local_factors,
+    matmul,
+    run_chunked,
+    triangular_inverse,
+    unit_lower_inverse,
+)
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
+from pallas_kernels.gpu.gdn_chunk_factors import chunk_factors_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
 
@@ -37,6 +45,7 @@ DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages
 LONG_CHUNK_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=1)
 LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=1)
 INVERSES = ("kernel", "doubling", "triangular_solve")
+LOCALS = ("xla", "fused")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -110,6 +119,52 @@ def _inverse_backward(precision, interpret, T, dT):
 fused_unit_lower_inverse.defvjp(_inverse_forward, _inverse_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def fused_local_factors(q, k, v, beta, decay, start, end, precision: jax.lax.Precision, interpret: bool):
+    """(U, Wk, Kd, Qd, QK) of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.local_factors` by the one kernel of
+    :mod:`pallas_kernels.gpu.gdn_chunk_factors`. The backward is XLA's autodiff of ``local_factors`` with the
+    kernel's T = (I + A)⁻¹ standing in for the inverse (its gradient by the inverse's backward kernel); the forward
+    products it does not need (U, Wk, QK) are dead code there."""
+    return chunk_factors_forward(q, k, v, beta, decay, start, end, precision=precision, interpret=interpret)[:5]
+
+
+def _local_forward(q, k, v, beta, decay, start, end, precision, interpret):
+    *factors, T = chunk_factors_forward(q, k, v, beta, decay, start, end, precision=precision, interpret=interpret)
+    return tuple(factors), (q, k, v, beta, decay, start, end, T)
+
+
+def _local_backward(precision, interpret, residuals, cotangents):
+    *inputs, T = residuals
+
+    def given_inverse(A):
+        return _saved_inverse(A, T, precision, interpret)
+
+    _, pullback = jax.vjp(functools.partial(local_factors, inverse=given_inverse, dot_dtype=inputs[0].dtype), *inputs)
+    return pullback(tuple(cotangents))
+
+
+fused_local_factors.defvjp(_local_forward, _local_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _saved_inverse(A: jax.Array, T: jax.Array, precision: jax.lax.Precision, interpret: bool) -> jax.Array:
+    """T, the inverse of I + A computed earlier, with the inverse's gradient with respect to A (none to T)."""
+    del A
+    return T
+
+
+def _saved_inverse_forward(A, T, precision, interpret):
+    return T, T
+
+
+def _saved_inverse_backward(precision, interpret, T, dT):
+    dA = unit_lower_inverse_backward(T, dT.astype(T.dtype), precision=precision, interpret=interpret)
+    return dA, jnp.zeros_like(T)
+
+
+_saved_inverse.defvjp(_saved_inverse_forward, _saved_inverse_backward)
+
+
 def mesh_split(batch: int, heads: int) -> P | None:
     """PartitionSpec (batch axes, head axis) for the (B, H, ...) arrays of the walk under the current mesh, or None
     when nothing is split (no mesh, axes of size 1 or already manual, sizes that do not divide)."""
@@ -145,12 +200,15 @@ def gated_delta_rule_pallas_gpu(
     forward_config: StatesKernelConfig | None = None,
     backward_config: StatesKernelConfig | None = None,
     inverse: str = "kernel",
+    local: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
-    Products take q's dtype; ``inverse`` picks the chunk inverse: the block doubling in one "kernel" launch or as
-    XLA's "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for
-    float32 inputs), or XLA's "triangular_solve";
+    Products take q's dtype; ``local`` picks how the chunk-local factors are formed: as batched "xla" matmuls
+    around the chunk inverse, or "fused" in one kernel per chunk (:func:`fused_local_factors`, its inverse inside);
+    ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
+    "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
+    inputs), or XLA's "triangular_solve";
     ``forward_config`` / ``backward_config`` the launches of the fused walks (None: :func:`default_states_configs`).
     """
     reason = fused_unsupported_reason(q.shape[-1], v.shape[-1], chunk_size, q.dtype)
@@ -158,6 +216,12 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(reason)
     if inverse not in INVERSES:
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
+    if local not in LOCALS:
+        raise ValueError(f"local: expected one of {list(LOCALS)}, got {local!r}")
+    if local == "fused" and inverse != "kernel":
+        raise ValueError(
+            f"inverse: the fused local factors invert inside their kernel; expected 'kernel', got {inverse!r}"
+        )
     default_forward, default_backward = default_states_configs(chunk_size)
     forward_config = default_forward if forward_config is None else forward_config
     backward_config = default_backward if backward_config is None else backward_config
@@ -172,6 +236,11 @@ def gated_delta_rule_pallas_gpu(
             return unit_lower_inverse(A, precision)
         return per_shard(lambda a: fused_unit_lower_inverse(a, precision, interpret), A)
 
+    def local_stage(*inputs):
+        if local == "fused":
+            return per_shard(lambda *a: fused_local_factors(*a, precision, interpret), *inputs)
+        return local_factors(*inputs, inverse=invert, dot_dtype=dot)
+
     def states(U, Wk, Kd, carry, state):
         return per_shard(
             lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret), U, Wk, Kd, carry, state
@@ -179,5 +248,5 @@ def gated_delta_rule_pallas_gpu(
 
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
     return run_chunked(
-        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, inverse=invert, states=states, dot_dtype=dot
+        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, local=local_stage, states=states, dot_dtype=dot
     )

@@ -1,0 +1,102 @@
+"""The chunk-local stage of the gated delta rule in one kernel (pallas_kernels/gpu/gdn_chunk_factors.py).
+
+On CPU the kernel runs in Pallas interpret mode against the XLA form
+(:func:`m2rnn_jax.ops.gated_delta_rule.chunked.local_factors` with the block-doubling inverse at the same
+precision); the whole backend with ``local="fused"`` against ``local="xla"`` and the recurrent reference, forward and
+every gradient, is in tests/ops/test_gated_delta_rule.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2rnn_jax.ops.chunking import chunk_decays
+from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, local_factors, to_chunks, unit_lower_inverse
+from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
+
+
+def chunked_inputs(dtype, chunk=16, seq_len=48, k_dim=16, v_dim=64):
+    x = random_gdn_inputs(5, 2, seq_len, 2, k_dim, v_dim, dtype=dtype, reset_rate=0.1)
+    q, k, v = (to_chunks(x[n], chunk) for n in ("q", "k", "v"))
+    beta, log_alpha = (to_chunks(x[n].astype(jnp.float32), chunk) for n in ("beta", "log_alpha"))
+    decay, start, end, _ = chunk_decays(log_alpha, to_chunks(x["reset"][..., None], chunk))
+    return q, k, v, beta, decay, start, end
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, tol", [(jnp.float32, HIGHEST, 1e-5), (jnp.bfloat16, jax.lax.Precision.DEFAULT, 1e-2)]
+)
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_kernel_matches_the_xla_local_factors_in_interpret_mode(dtype, precision, tol, block_v):
+    inputs = chunked_inputs(dtype)
+    *factors, T = chunk_factors_forward(
+        *inputs, precision=precision, config=FactorsKernelConfig(block_v=block_v), interpret=True
+    )
+    reference = local_factors(
+        *inputs, inverse=functools.partial(unit_lower_inverse, precision=precision), dot_dtype=dtype
+    )
+    for name, got, ref in zip(("U", "Wk", "Kd", "Qd", "QK"), factors, reference):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        assert relative_error(got.astype(jnp.float32), ref.astype(jnp.float32)) < tol, name
+    q, k, v, beta, decay, *_ = inputs
+    steps = jnp.arange(q.shape[-2])
+    kk = jnp.einsum("...tk,...ik->...ti", k.astype(jnp.float32), k.astype(jnp.float32), precision=HIGHEST)
+    A = jnp.where(steps[:, None] > steps[None, :], beta[..., :, None] * kk * decay, 0.0)
+    eye = jnp.eye(q.shape[-2])
+    assert T.dtype == jnp.float32
+    assert relative_error(jnp.einsum("...ti,...ij->...tj", eye + A, T, precision=HIGHEST), eye + 0 * A) < tol
+
+
+def test_kernel_takes_resets_through_the_decay_weights():
+    """A chunk with a reset: pairwise weights across it are 0, so T is block diagonal there (exactly, in float32)."""
+    q, k, v, beta, decay, start, end = chunked_inputs(jnp.float32)
+    mask = decay == 0.0
+    assert bool(jnp.any(mask & (jnp.arange(16)[:, None] > jnp.arange(16)[None, :])))  # some reset inside a chunk
+    *_, QK, T = chunk_factors_forward(q, k, v, beta, decay, start, end, precision=HIGHEST, interpret=True)
+    below = jnp.arange(16)[:, None] > jnp.arange(16)[None, :]
+    assert not np.any(np.asarray(QK)[np.asarray(mask)])
+    assert not np.any(np.asarray(T)[np.asarray(mask & below)])
+
+
+def test_bad_kernel_config_raises():
+    with pytest.raises(ValueError, match="block_v: expected a power of two >= 16"):
+        FactorsKernelConfig(block_v=48)
+    with pytest.raises(ValueError, match="num_warps: expected a positive int"):
+        FactorsKernelConfig(num_warps=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)])
+def test_fused_local_factors_match_float32_reference_on_gpu(dtype, tol):
+    """The backend with ``local="fused"``, compiled, against the float32 chunked reference: outputs, final state
+    and every gradient (ragged S = 1000, resets)."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    from m2rnn_jax.ops import gated_delta_rule
+    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
+
+    names = ("q", "k", "v", "beta", "log_alpha", "h0")
+    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)
+    reset = x.pop("reset")
+    rng = np.random.default_rng(1)
+    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
+    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
+
+    def outputs_and_grads(run, args):
+        (o, h), vjp = jax.vjp(run, *args)
+        return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
+
+    x32 = [x[n].astype(jnp.float32) for n in names]
+    reference = outputs_and_grads(lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=64, backend="chunked"), x32)
+    fused_args = [x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in names]
+    fused = jax.jit(
+        lambda *a: outputs_and_grads(lambda *b: gated_delta_rule_pallas_gpu(*b, reset, chunk_size=64, local="fused"), a)
+    )(*fused_args)
+    for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in names), fused, reference):
+        assert relative_error(got.astype(jnp.float32), ref) < tol, name
