@@ -27,7 +27,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from m2rnn_jax.ops.chunking import chunk_decays
+from m2rnn_jax.ops.chunking import chunk_decays, split_chunks
 from m2rnn_jax.ops.gated_delta_rule.chunked import (
     chunk_factors,
     local_factors,
@@ -191,7 +191,8 @@ def main() -> None:
         step(name, variant(*VARIANTS[name]))
 
     def breakdown():
-        chunks = {n: to_chunks(bf16[n], args.chunk) for n in ("q", "k", "v", "beta", "log_alpha")}
+        chunks = {n: split_chunks(bf16[n], args.chunk) for n in ("q", "k", "v")}  # (B, n, C, H, ...)
+        chunks |= {n: to_chunks(bf16[n], args.chunk) for n in ("beta", "log_alpha")}  # (B, H, n, C)
 
         default = jax.lax.Precision.DEFAULT
         xla_local = functools.partial(

@@ -7,18 +7,18 @@ Per (sequence, head, chunk), with the chunk's decay weights given (decay (C, C),
     U  = (T diag β) V,     Wk = (T diag(β start)) K,     Kd = diag(end) K,     Qd = diag(start) Q,
     QK = (Q Kᵀ) ⊙ decay
 
-One program per chunk keeps K, Q, the (C, C) matrices and T in registers and writes each factor once, where XLA
-wrote and read back the (C, C) products, the masks and the inverse's input between launches. The products take the
-inputs' dtype as operands with a float32 accumulator (float32 inputs at full precision), as
-:func:`m2rnn_jax.ops.gated_delta_rule.chunked.local_factors` does; the inverse's products take ``precision``.
-U's columns are formed in blocks of ``block_v``.
+One program per (sequence, head, chunk) (grid (B, H, n)) keeps the (C, C) matrices and T in registers and writes
+each factor once, where XLA wrote and read back the (C, C) products, the masks and the inverse's input between
+launches. It reads its head's rows of q, k, v in the inputs' own (B, S, H, ...) layout, so the inputs are not
+transposed to heads-first before the kernel. The products take the inputs' dtype as operands with a float32
+accumulator (float32 inputs at full precision), as :func:`m2rnn_jax.ops.gated_delta_rule.chunked.local_factors`
+does; the inverse's products take ``precision``. U's columns are formed in blocks of ``block_v``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,11 @@ from pallas_kernels.gpu.unit_lower_inverse import doubling_inverse
 
 @dataclasses.dataclass(frozen=True)
 class FactorsKernelConfig:
-    """Launch parameters: U's columns per product, Triton warps and software-pipeline stages."""
+    """Launch parameters: U's columns per product, Triton warps and software-pipeline stages. The default is the
+    configuration that compiles without register spills for C=64, K=256, V=512 bf16 (Triton 3.6, sm_90); not yet
+    timed on a GPU."""
 
-    block_v: int = 128
+    block_v: int = 64
     num_warps: int = 4
     num_stages: int = 1
 
@@ -109,49 +111,50 @@ def chunk_factors_forward(
     """The chunk-local factors of every chunk.
 
     Args:
-      q, k (..., C, K) and v (..., C, V) in one dtype (the product dtype: bf16, f16 or f32); beta, start, end
-        (..., C) and decay (..., C, C) float32; C, K, V powers of two >= 16.
+      q, k (B, n, C, H, K) and v (B, n, C, H, V): the inputs split into chunks in their own (B, S, H, ...) layout
+        (one program reads its head's (C, K) rows in place: no transpose to heads-first), in one dtype (the product
+        dtype: bf16, f16 or f32); beta, start, end (B, H, n, C) and decay (B, H, n, C, C) float32; C, K, V powers
+        of two >= 16.
       precision: of the inverse's float32 products.
 
     Returns:
-      U (..., C, V), Wk, Kd, Qd (..., C, K) in the product dtype; QK and T = (I + A)⁻¹ (..., C, C) float32.
+      U (B, H, n, C, V), Wk, Kd, Qd (B, H, n, C, K) in the product dtype; QK and T = (I + A)⁻¹ (B, H, n, C, C)
+      float32.
     """
-    *lead, chunk, k_dim = q.shape
+    batch, num_chunks, chunk, heads, k_dim = q.shape
     v_dim = v.shape[-1]
-    count = math.prod(lead)
     block_v = min(config.block_v, v_dim)
 
-    def spec(*shape):
-        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+    def token_major(width: int) -> pl.BlockSpec:  # (B, n, C, H, width) -> one (C, width) tile
+        return pl.BlockSpec((None, None, chunk, None, width), lambda b, h, c: (b, c, 0, h, 0))
 
-    def flat(x: jax.Array) -> jax.Array:
-        return x.reshape(count, *x.shape[len(lead) :])
+    def heads_first(*shape: int) -> pl.BlockSpec:  # (B, H, n, *shape) -> one tile of shape
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h, c) + (0,) * len(shape))
 
-    dt = q.dtype
-    out = pl.pallas_call(
-        functools.partial(_kernel, block_v=block_v, precision=precision),
-        out_shape=[
-            jax.ShapeDtypeStruct((count, chunk, v_dim), dt),
-            *(jax.ShapeDtypeStruct((count, chunk, k_dim), dt) for _ in range(3)),
-            *(jax.ShapeDtypeStruct((count, chunk, chunk), jnp.float32) for _ in range(2)),
-        ],
-        grid=(count,),
-        in_specs=[
-            spec(chunk, k_dim),
-            spec(chunk, k_dim),
-            spec(chunk, v_dim),
-            spec(chunk),
-            spec(chunk, chunk),
-            spec(chunk),
-            spec(chunk),
-        ],
-        out_specs=[
-            spec(chunk, v_dim),
-            *(spec(chunk, k_dim) for _ in range(3)),
-            *(spec(chunk, chunk) for _ in range(2)),
-        ],
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=interpret,
-        name="gdn_chunk_factors_forward",
-    )(*(flat(x) for x in (q, k, v)), *(flat(x.astype(jnp.float32)) for x in (beta, decay, start, end)))
-    return tuple(x.reshape(*lead, *x.shape[1:]) for x in out)
+    def out(width: int, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk, width), dtype)
+
+    return tuple(
+        pl.pallas_call(
+            functools.partial(_kernel, block_v=block_v, precision=precision),
+            out_shape=[out(v_dim, q.dtype), *(out(k_dim, q.dtype) for _ in range(3)), *(out(chunk, jnp.float32),) * 2],
+            grid=(batch, heads, num_chunks),
+            in_specs=[
+                token_major(k_dim),
+                token_major(k_dim),
+                token_major(v_dim),
+                heads_first(chunk),
+                heads_first(chunk, chunk),
+                heads_first(chunk),
+                heads_first(chunk),
+            ],
+            out_specs=[
+                heads_first(chunk, v_dim),
+                *(heads_first(chunk, k_dim) for _ in range(3)),
+                *(heads_first(chunk, chunk) for _ in range(2)),
+            ],
+            compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+            interpret=interpret,
+            name="gdn_chunk_factors_forward",
+        )(q, k, v, *(x.astype(jnp.float32) for x in (beta, decay, start, end)))
+    )

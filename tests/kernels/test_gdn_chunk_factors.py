@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2rnn_jax.ops.chunking import chunk_decays
+from m2rnn_jax.ops.chunking import chunk_decays, split_chunks
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, local_factors, to_chunks, unit_lower_inverse
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
@@ -23,7 +23,7 @@ from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_fact
 
 def chunked_inputs(dtype, chunk=16, seq_len=48, k_dim=16, v_dim=64):
     x = random_gdn_inputs(5, 2, seq_len, 2, k_dim, v_dim, dtype=dtype, reset_rate=0.1)
-    q, k, v = (to_chunks(x[n], chunk) for n in ("q", "k", "v"))
+    q, k, v = (split_chunks(x[n], chunk) for n in ("q", "k", "v"))  # (B, n, C, H, ...): the kernel's layout
     beta, log_alpha = (to_chunks(x[n].astype(jnp.float32), chunk) for n in ("beta", "log_alpha"))
     decay, start, end, _ = chunk_decays(log_alpha, to_chunks(x["reset"][..., None], chunk))
     return q, k, v, beta, decay, start, end
@@ -44,11 +44,12 @@ def test_kernel_matches_the_xla_local_factors_in_interpret_mode(dtype, precision
     for name, got, ref in zip(("U", "Wk", "Kd", "Qd", "QK"), factors, reference):
         assert got.dtype == ref.dtype and got.shape == ref.shape, name
         assert relative_error(got.astype(jnp.float32), ref.astype(jnp.float32)) < tol, name
-    q, k, v, beta, decay, *_ = inputs
-    steps = jnp.arange(q.shape[-2])
-    kk = jnp.einsum("...tk,...ik->...ti", k.astype(jnp.float32), k.astype(jnp.float32), precision=HIGHEST)
+    _, k, _, beta, decay, *_ = inputs
+    k = jnp.moveaxis(k, 3, 1).astype(jnp.float32)  # (B, H, n, C, K)
+    steps = jnp.arange(k.shape[-2])
+    kk = jnp.einsum("...tk,...ik->...ti", k, k, precision=HIGHEST)
     A = jnp.where(steps[:, None] > steps[None, :], beta[..., :, None] * kk * decay, 0.0)
-    eye = jnp.eye(q.shape[-2])
+    eye = jnp.eye(k.shape[-2])
     assert T.dtype == jnp.float32
     assert relative_error(jnp.einsum("...ti,...ij->...tj", eye + A, T, precision=HIGHEST), eye + 0 * A) < tol
 

@@ -131,9 +131,10 @@ def chunk_factors(
     *,
     local: LocalFactors,
 ) -> ChunkFactors:
-    """Chunk-local factors from chunked inputs q, k (B, H, n, C, K), v (B, H, n, C, V), beta, log_alpha
-    (B, H, n, C), reset (B, 1, n, C) or None: the decay weights of :func:`m2rnn_jax.ops.chunking.chunk_decays`,
-    then ``local`` (:func:`local_factors` with an inverse and a product dtype, or a fused equivalent)."""
+    """Chunk-local factors from q, k (B, n, C, H, K), v (B, n, C, H, V) (split into chunks, heads where they were:
+    :func:`m2rnn_jax.ops.chunking.split_chunks`), beta, log_alpha (B, H, n, C), reset (B, 1, n, C) or None: the
+    decay weights of :func:`m2rnn_jax.ops.chunking.chunk_decays`, then ``local`` (:func:`local_factors` with an
+    inverse and a product dtype, or a fused equivalent)."""
     decay, start, end, carry = chunk_decays(log_alpha, reset)
     U, Wk, Kd, Qd, QK = local(q, k, v, beta, decay, start, end)
     return ChunkFactors(U=U, Wk=Wk, Kd=Kd, carry=carry, Qd=Qd, QK=QK)
@@ -151,13 +152,15 @@ def local_factors(
     inverse: Inverse,
     dot_dtype: jnp.dtype,
 ) -> tuple[jax.Array, ...]:
-    """(U, Wk, Kd, Qd, QK) of every chunk from q, k (..., C, K), v (..., C, V), beta, start, end (..., C) and
-    decay (..., C, C) (the last three from :func:`m2rnn_jax.ops.chunking.chunk_decays`).
+    """(U, Wk, Kd, Qd, QK) (B, H, n, C, ...) of every chunk from q, k (B, n, C, H, K), v (B, n, C, H, V), beta,
+    start, end (B, H, n, C) and decay (B, H, n, C, C) (the last three from
+    :func:`m2rnn_jax.ops.chunking.chunk_decays`).
 
     Products take ``dot_dtype`` operands with a >= float32 accumulator; U, Wk, Kd, Qd come out in ``dot_dtype``
     (the operands of the walk and the outputs), QK in the dtype of beta / decay. The diagonal scalings of the
     right-hand sides are applied to the columns of T = (I + A)⁻¹ (C x C) instead of to V and K.
     """
+    q, k, v = (jnp.moveaxis(x, 3, 1) for x in (q, k, v))  # heads first: (B, H, n, C, ...)
     steps = jnp.arange(q.shape[-2])
     strict = steps[:, None] > steps[None, :]
     A = jnp.where(strict, beta[..., :, None] * matmul("...tk,...ik->...ti", k, k, dot_dtype) * decay, 0.0)
@@ -258,7 +261,8 @@ def run_chunked(
     Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``states`` gives it.
     """
     seq_len = q.shape[1]
-    q, k, v, beta, log_alpha = (to_chunks(x, chunk_size) for x in (q, k, v, beta, log_alpha))
+    q, k, v = (split_chunks(x, chunk_size) for x in (q, k, v))  # (B, n, C, H, ...): the local stage's layout
+    beta, log_alpha = (to_chunks(x, chunk_size) for x in (beta, log_alpha))
     if reset is not None:
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
     f = chunk_factors(q, k, v, beta, log_alpha, reset, local=local)

@@ -177,13 +177,16 @@ def mesh_split(batch: int, heads: int) -> P | None:
     return P(spec_entry(batch_axes), head_axis)
 
 
-def per_shard(kernels, *arrays: jax.Array):
-    """``kernels(*arrays)`` on (B, H, ...) arrays, inside ``jax.shard_map`` over :func:`mesh_split`'s axes when the
-    current mesh splits them (every input and output split alike), else as is."""
-    spec = mesh_split(arrays[0].shape[0], arrays[0].shape[1])
+def per_shard(kernels, *arrays: jax.Array, token_major: int = 0):
+    """``kernels(*arrays)`` inside ``jax.shard_map`` over :func:`mesh_split`'s axes when the current mesh splits
+    them, else as is. The arrays and the results are (B, H, ...), except the first ``token_major`` arrays, which are
+    (B, n, C, H, ...) (inputs split into chunks in their own layout); all are split alike."""
+    heads_first = arrays[token_major:]
+    spec = mesh_split(heads_first[0].shape[0], heads_first[0].shape[1])
     if spec is None:
         return kernels(*arrays)
-    return jax.shard_map(kernels, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+    in_specs = (P(spec[0], None, None, spec[1]),) * token_major + (spec,) * len(heads_first)
+    return jax.shard_map(kernels, in_specs=in_specs, out_specs=spec, check_vma=False)(*arrays)
 
 
 def gated_delta_rule_pallas_gpu(
@@ -238,7 +241,7 @@ def gated_delta_rule_pallas_gpu(
 
     def local_stage(*inputs):
         if local == "fused":
-            return per_shard(lambda *a: fused_local_factors(*a, precision, interpret), *inputs)
+            return per_shard(lambda *a: fused_local_factors(*a, precision, interpret), *inputs, token_major=3)
         return local_factors(*inputs, inverse=invert, dot_dtype=dot)
 
     def states(U, Wk, Kd, carry, state):
