@@ -384,6 +384,8 @@ def test_pallas_gpu_local_argument_checks():
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, local="kernel")
     with pytest.raises(ValueError, match="inverse: the fused local factors invert inside their kernel"):
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, local="fused", inverse="doubling")
+    with pytest.raises(ValueError, match="local: 'fused' takes bfloat16 or float16 inputs on the GPU"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, local="fused")  # float32, compiled
 
 
 def test_chunk_product_gradient_rejects_other_equations():

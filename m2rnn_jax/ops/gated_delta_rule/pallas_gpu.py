@@ -208,7 +208,8 @@ def gated_delta_rule_pallas_gpu(
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
     Products take q's dtype; ``local`` picks how the chunk-local factors are formed: as batched "xla" matmuls
-    around the chunk inverse, or "fused" in one kernel per chunk (:func:`fused_local_factors`, its inverse inside);
+    around the chunk inverse, or "fused" in one kernel per chunk (:func:`fused_local_factors`, its inverse inside;
+    16-bit inputs, float32 only in interpret mode);
     ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
     "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
     inputs), or XLA's "triangular_solve";
@@ -221,6 +222,11 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
     if local not in LOCALS:
         raise ValueError(f"local: expected one of {list(LOCALS)}, got {local!r}")
+    if local == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
+        raise ValueError(
+            "local: 'fused' takes bfloat16 or float16 inputs on the GPU (its float32 products compile to FMA loops: "
+            "over 14 minutes for K=256 offline); expected 'xla' for float32 inputs"
+        )
     if local == "fused" and inverse != "kernel":
         raise ValueError(
             f"inverse: the fused local factors invert inside their kernel; expected 'kernel', got {inverse!r}"
