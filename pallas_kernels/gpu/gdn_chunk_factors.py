@@ -24,28 +24,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig
 from pallas_kernels.gpu.unit_lower_inverse import doubling_inverse
 
 
 @dataclasses.dataclass(frozen=True)
-class FactorsKernelConfig:
-    """Launch parameters: U's columns per product, Triton warps and software-pipeline stages. The default is the
-    configuration that compiles without register spills for C=64, K=256, V=512 bf16 (Triton 3.6, sm_90); not yet
-    timed on a GPU."""
+class FactorsKernelConfig(StatesKernelConfig):
+    """Launch parameters (the walk's fields and checks): U's columns per product, Triton warps and pipeline stages.
+    The default is the configuration that compiles without register spills for C=64, K=256, V=512 bf16 (Triton
+    3.6, sm_90); not yet timed on a GPU."""
 
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("block_v", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if self.block_v < 16 or self.block_v & (self.block_v - 1):
-            raise ValueError(f"block_v: expected a power of two >= 16, got {self.block_v}")
 
 
 def _dot(a: jax.Array, b: jax.Array, *, transpose_b: bool = False, precision=None) -> jax.Array:
@@ -153,7 +145,7 @@ def chunk_factors_forward(
                 *(heads_first(chunk, k_dim) for _ in range(3)),
                 *(heads_first(chunk, chunk) for _ in range(2)),
             ],
-            compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+            compiler_params=config.compiler_params(),
             interpret=interpret,
             name="gdn_chunk_factors_forward",
         )(q, k, v, *(x.astype(jnp.float32) for x in (beta, decay, start, end)))
