@@ -4,7 +4,9 @@ The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_fac
 XLA matmuls with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is
 the block doubling of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`, run by the kernels of
 :mod:`pallas_kernels.gpu.unit_lower_inverse` (one program per chunk matrix, the levels in registers; its closed-form
-gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. Only the walk over chunks is
+gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. With ``local="fused"`` (opt-in,
+16-bit inputs) the whole chunk-local stage is one kernel instead (:func:`fused_local_factors`,
+:mod:`pallas_kernels.gpu.gdn_chunk_factors`). Only the walk over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
 backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
 
