@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig
-from pallas_kernels.gpu.unit_lower_inverse import doubling_inverse
+from pallas_kernels.gpu.unit_lower_inverse import dot, doubling_inverse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +38,6 @@ class FactorsKernelConfig(StatesKernelConfig):
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 1
-
-
-def _dot(a: jax.Array, b: jax.Array, *, transpose_b: bool = False, precision=None) -> jax.Array:
-    """a @ b (or a @ bᵀ) with a float32 accumulator; float32 operands at full precision unless ``precision``."""
-    if precision is None:
-        precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    dims = (((1,), (1,) if transpose_b else (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _kernel(
@@ -69,22 +61,23 @@ def _kernel(
     # Each input is read where it is used (K again after the inverse) so that no (C, K) tile stays in registers
     # across the inverse: the kernel's register pressure, not its memory traffic, is what limits it.
     dot_dtype = k_ref.dtype
+    exact = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None  # float32 inputs at full precision
     beta, start = beta_ref[...], start_ref[...]
     size = beta.shape[-1]
     rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    qk_ref[...] = _dot(q_ref[...], k_ref[...], transpose_b=True) * decay_ref[...]
+    qk_ref[...] = dot(q_ref[...], k_ref[...], exact, transpose_b=True) * decay_ref[...]
     qd_ref[...] = (q_ref[...] * start[:, None]).astype(qd_ref.dtype)
     kd_ref[...] = (k_ref[...] * end_ref[...][:, None]).astype(kd_ref.dtype)
     k = k_ref[...]
-    A = jnp.where(rows > cols, beta[:, None] * _dot(k, k, transpose_b=True) * decay_ref[...], 0.0)
+    A = jnp.where(rows > cols, beta[:, None] * dot(k, k, exact, transpose_b=True) * decay_ref[...], 0.0)
     T = doubling_inverse(A, precision)
     t_ref[...] = T
-    wk_ref[...] = _dot((T * (beta * start)[None, :]).astype(dot_dtype), k_ref[...]).astype(wk_ref.dtype)
+    wk_ref[...] = dot((T * (beta * start)[None, :]).astype(dot_dtype), k_ref[...], exact).astype(wk_ref.dtype)
     Tb = (T * beta[None, :]).astype(dot_dtype)
     for j in range(v_ref.shape[-1] // block_v):  # unrolled over U's column blocks
         cols_j = pl.ds(j * block_v, block_v)
-        u_ref[:, cols_j] = _dot(Tb, v_ref[:, cols_j]).astype(u_ref.dtype)
+        u_ref[:, cols_j] = dot(Tb, v_ref[:, cols_j], exact).astype(u_ref.dtype)
 
 
 def chunk_factors_forward(

@@ -27,10 +27,11 @@ from jax.experimental.pallas import triton as pltriton
 NUM_WARPS = 4
 
 
-def _dot(
-    a: jax.Array, b: jax.Array, precision: lax.Precision, *, transpose_a: bool = False, transpose_b: bool = False
+def dot(
+    a: jax.Array, b: jax.Array, precision: lax.Precision | None, *, transpose_a: bool = False, transpose_b: bool = False
 ) -> jax.Array:
-    """a @ b with either operand transposed, float32 accumulator."""
+    """a @ b with either operand transposed, float32 accumulator, at ``precision`` (None: the operands' default;
+    also used by :mod:`pallas_kernels.gpu.gdn_chunk_factors`)."""
     dims = (((0,) if transpose_a else (1,), (1,) if transpose_b else (0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
@@ -50,7 +51,7 @@ def doubling_inverse(A: jax.Array, precision: lax.Precision) -> jax.Array:
         same_pair = (rows >> (level + 1)) == (cols >> (level + 1))
         below = (rows >> level) > (cols >> level)
         M = jnp.where(same_pair & below, A, 0.0)
-        T = T - _dot(T, _dot(M, T, precision), precision)
+        T = T - dot(T, dot(M, T, precision), precision)
         level += 1
     return T
 
@@ -63,8 +64,8 @@ def _backward_kernel(t_ref, dt_ref, da_ref, *, size: int, precision: lax.Precisi
     T = t_ref[...].astype(jnp.float32)
     dT = dt_ref[...].astype(jnp.float32)
     rows, cols = _indices(size)
-    inner = _dot(T, dT, precision, transpose_a=True)  # Tᵀ dT
-    dA = -_dot(inner, T, precision, transpose_b=True)  # (Tᵀ dT) Tᵀ
+    inner = dot(T, dT, precision, transpose_a=True)  # Tᵀ dT
+    dA = -dot(inner, T, precision, transpose_b=True)  # (Tᵀ dT) Tᵀ
     da_ref[...] = jnp.where(rows > cols, dA, 0.0).astype(da_ref.dtype)
 
 
