@@ -222,10 +222,10 @@ assert relative_error(v1, v2) < 1e-5, (v1, v2)
 assert all(relative_error(a, b) < 1e-5 for a, b in zip(g1, g2))
 from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 def fused_loss(*a):
-    o, h = gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, local="fused")
+    o, h = gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, local="fused", outputs="fused")
     return jnp.sum(o * o) + jnp.sum(h)
 fused_local = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1, 2, 3, 4, 5)))
-assert str(jax.make_jaxpr(fused_local)(*args)).count("shard_map") >= 2  # the factors' kernel and the walk's
+assert str(jax.make_jaxpr(fused_local)(*args)).count("shard_map") >= 3  # the factors', the walk's and the outputs'
 v3, g3 = fused_local(*args)
 assert relative_error(v3, v2) < 1e-5 and all(relative_error(a, b) < 1e-5 for a, b in zip(g3, g2))
 print("ok")
@@ -341,41 +341,48 @@ def test_pallas_gpu_interpret_with_128_token_chunks_matches_recurrent():
         assert relative_error(a, b) < 1e-5, name
 
 
+FUSED_STAGES = [{"local": "fused"}, {"outputs": "fused"}, {"local": "fused", "outputs": "fused"}]
+
+
+@pytest.mark.parametrize("stages", FUSED_STAGES, ids=lambda s: "+".join(s))
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_pallas_gpu_fused_local_factors_match_the_xla_ones(dtype, tol):
-    """local="fused" (the chunk-local stage in one kernel, its backward through the kernel's T) against the XLA
-    factors around the inverse kernel, in interpret mode: outputs, final state and every gradient (ragged S = 40,
-    resets, h0 given; a cotangent on the final state too)."""
+def test_pallas_gpu_fused_stages_match_the_xla_ones(stages, dtype, tol):
+    """local="fused" (the chunk-local stage in one kernel, its backward through the kernel's T) and outputs="fused"
+    (the output products and their cotangents in kernels, token-major O and dO) against the XLA stages around the
+    inverse kernel, in interpret mode: outputs, final state and every gradient (ragged S = 40, resets, h0 given; a
+    cotangent on the final state too)."""
     from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 
     x = random_gdn_inputs(11, 2, 40, 2, 16, 32, dtype=dtype, reset_rate=0.1)
     args = tuple(x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in ARGS)
     weights = jnp.asarray(np.random.default_rng(3).standard_normal((2, 40, 2, 32)), jnp.float32)
     results = {}
-    for local in ("xla", "fused"):
+    for name, chosen in (("xla", {}), ("fused", stages)):
 
-        def loss(*a, local=local):
-            o, final = gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, local=local)
+        def loss(*a, chosen=chosen):
+            o, final = gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, **chosen)
             return jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(final * jnp.cos(final))
 
-        results[local] = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(*args)
+        results[name] = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(*args)
     (value, grads), (value_ref, grads_ref) = results["fused"], results["xla"]
     assert relative_error(value, value_ref) < tol
     for name, a, b in zip(ARGS, grads, grads_ref):
         assert relative_error(a.astype(jnp.float32), b.astype(jnp.float32)) < tol, name
 
 
-def test_pallas_gpu_fused_local_factors_match_recurrent_float32():
+@pytest.mark.parametrize("stages", FUSED_STAGES, ids=lambda s: "+".join(s))
+def test_pallas_gpu_fused_stages_match_recurrent_float32(stages):
     from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 
     x = random_gdn_inputs(12, 1, 37, 2, 16, 32, reset_rate=0.1)
     args = tuple(x[n] for n in ARGS)
-    o, final = gated_delta_rule_pallas_gpu(*args, x["reset"], chunk_size=16, interpret=True, local="fused")
+    o, final = gated_delta_rule_pallas_gpu(*args, x["reset"], chunk_size=16, interpret=True, **stages)
     o_ref, final_ref = gated_delta_rule(*args, reset=x["reset"], backend="recurrent")
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
     assert relative_error(o, o_ref) < 1e-5 and relative_error(final, final_ref) < 1e-5
 
 
-def test_pallas_gpu_local_argument_checks():
+def test_pallas_gpu_fused_stage_argument_checks():
     from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 
     x = random_gdn_inputs(0, 1, 16, 1, 16, 16)
@@ -386,6 +393,10 @@ def test_pallas_gpu_local_argument_checks():
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, local="fused", inverse="doubling")
     with pytest.raises(ValueError, match="local: 'fused' takes bfloat16 or float16 inputs on the GPU"):
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, local="fused")  # float32, compiled
+    with pytest.raises(ValueError, match=r"outputs: expected one of \['xla', 'fused'\], got 'kernel'"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, outputs="kernel")
+    with pytest.raises(ValueError, match="outputs: 'fused' takes bfloat16 or float16 inputs on the GPU"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, outputs="fused")  # float32, compiled
 
 
 def test_chunk_product_gradient_rejects_other_equations():

@@ -12,7 +12,8 @@ only sequential part walks over chunks (:func:`scan_states` here, a fused kernel
 
     W_c = U_c - Wk_c S_c,   S_{c+1} = a_c S_c + Kd_cᵀ W_c
 
-and the outputs are parallel again (:func:`chunk_outputs`): O_c = diag(e^Γ) Q S_c + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]) W_c.
+and the outputs are parallel again (:func:`chunk_outputs`, :func:`xla_outputs`):
+O_c = diag(e^Γ) Q S_c + (Q Kᵀ ⊙ e^{Γ_t - Γ_i} [i <= t]) W_c.
 
 Resets (a new document at position t: the state entering step t is zero) are folded into the chunk-local factors:
 a pairwise decay e^{Γ_t - Γ_i} across a reset becomes 0, the chunk-start factor e^{Γ_t} becomes 0 from the first
@@ -43,6 +44,8 @@ Inverse = Callable[[jax.Array], jax.Array]
 LocalFactors = Callable[..., tuple[jax.Array, ...]]
 # states(U, Wk, Kd, a, h0) -> (W (B, H, n, C, V), chunk-start states (B, H, n, K, V), final state (B, H, K, V))
 States = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+# outputs(Qd, QK, starts, W, out_dtype) -> O (B, n, C, H, V) in out_dtype: :func:`xla_outputs` or a fused equivalent
+Outputs = Callable[..., jax.Array]
 
 
 class ChunkFactors(NamedTuple):
@@ -114,11 +117,6 @@ _einsum_wide.defvjp(_einsum_wide_forward, _einsum_wide_backward)
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """(B, S, H, ...) -> (B, H, n, C, ...), zero-padding S to n C."""
     return jnp.moveaxis(split_chunks(x, chunk_size), 3, 1)
-
-
-def from_chunks(x: jax.Array, seq_len: int) -> jax.Array:
-    """(B, H, n, C, V) -> (B, S, H, V), dropping the padding."""
-    return merge_chunks(jnp.moveaxis(x, 1, 3), seq_len)
 
 
 def chunk_factors(
@@ -241,6 +239,16 @@ def chunk_outputs(Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array,
     return matmul("...ck,...kv->...cv", Qd, starts, dot_dtype) + matmul("...ti,...iv->...tv", QK, w, dot_dtype)
 
 
+def xla_outputs(
+    Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array, out_dtype: jnp.dtype, *, dot_dtype: jnp.dtype
+) -> jax.Array:
+    """:func:`chunk_outputs` rounded to ``out_dtype`` and token-major: (B, n, C, H, V), the (B, S, H, V) layout
+    split into chunks."""
+    # rounded before the transpose (fewer bytes), and kept so (stored_in: XLA's GPU compiler otherwise stores o in
+    # float32 for the transpose and the layer's output norm, session 12's H200 profile)
+    return jnp.moveaxis(stored_in(chunk_outputs(Qd, QK, starts, w, dot_dtype), out_dtype), 1, 3)
+
+
 def run_chunked(
     q: jax.Array,
     k: jax.Array,
@@ -253,10 +261,10 @@ def run_chunked(
     chunk_size: int,
     local: LocalFactors,
     states: States,
-    dot_dtype: jnp.dtype,
+    outputs: Outputs,
 ) -> tuple[jax.Array, jax.Array]:
     """The three stages on (B, S, H, ...) inputs: chunk factors (``local``: :func:`chunk_factors`), the walk
-    ``states``, outputs.
+    ``states``, the ``outputs``.
 
     Returns o (B, S, H, V) in q's dtype and the final state in the dtype ``states`` gives it.
     """
@@ -267,10 +275,7 @@ def run_chunked(
         reset = to_chunks(reset[..., None], chunk_size)  # (B, 1, n, C)
     f = chunk_factors(q, k, v, beta, log_alpha, reset, local=local)
     w, starts, final = states(f.U, f.Wk, f.Kd, f.carry, h0)
-    # in q's dtype before the transpose (fewer bytes), and kept so (stored_in: XLA's GPU compiler otherwise stores o
-    # in float32 for the transpose and the layer's output norm, session 12's H200 profile)
-    o = stored_in(chunk_outputs(f.Qd, f.QK, starts, w, dot_dtype), q.dtype)
-    return from_chunks(o, seq_len), final
+    return merge_chunks(outputs(f.Qd, f.QK, starts, w, q.dtype), seq_len), final
 
 
 def gated_delta_rule_chunked(
@@ -299,5 +304,5 @@ def gated_delta_rule_chunked(
         chunk_size=min(chunk_size, q.shape[1]),
         local=functools.partial(local_factors, inverse=triangular_inverse, dot_dtype=dtype),
         states=scan_states,
-        dot_dtype=dtype,
+        outputs=functools.partial(xla_outputs, dot_dtype=dtype),
     )

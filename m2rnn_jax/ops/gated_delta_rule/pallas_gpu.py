@@ -32,9 +32,11 @@ from m2rnn_jax.ops.gated_delta_rule.chunked import (
     run_chunked,
     triangular_inverse,
     unit_lower_inverse,
+    xla_outputs,
 )
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
 from pallas_kernels.gpu.gdn_chunk_factors import chunk_factors_forward
+from pallas_kernels.gpu.gdn_chunk_outputs import chunk_outputs_backward, chunk_outputs_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
 
@@ -48,6 +50,7 @@ LONG_CHUNK_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stag
 LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=1)
 INVERSES = ("kernel", "doubling", "triangular_solve")
 LOCALS = ("xla", "fused")
+OUTPUTS = ("xla", "fused")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -167,6 +170,24 @@ def _saved_inverse_backward(precision, interpret, T, dT):
 _saved_inverse.defvjp(_saved_inverse_forward, _saved_inverse_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_chunk_outputs(Qd, QK, starts, w, out_dtype: jnp.dtype, interpret: bool):
+    """O (B, n, C, H, V) token-major in ``out_dtype``: :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.xla_outputs`
+    by the kernels of :mod:`pallas_kernels.gpu.gdn_chunk_outputs`, forward and backward."""
+    return chunk_outputs_forward(Qd, QK, starts, w, out_dtype=out_dtype, interpret=interpret)
+
+
+def _outputs_forward(Qd, QK, starts, w, out_dtype, interpret):
+    return fused_chunk_outputs(Qd, QK, starts, w, out_dtype, interpret), (Qd, QK, starts, w)
+
+
+def _outputs_backward(out_dtype, interpret, residuals, do):
+    return chunk_outputs_backward(*residuals, do, interpret=interpret)
+
+
+fused_chunk_outputs.defvjp(_outputs_forward, _outputs_backward)
+
+
 def mesh_split(batch: int, heads: int) -> P | None:
     """PartitionSpec (batch axes, head axis) for the (B, H, ...) arrays of the walk under the current mesh, or None
     when nothing is split (no mesh, axes of size 1 or already manual, sizes that do not divide)."""
@@ -179,16 +200,19 @@ def mesh_split(batch: int, heads: int) -> P | None:
     return P(spec_entry(batch_axes), head_axis)
 
 
-def per_shard(kernels, *arrays: jax.Array, token_major: int = 0):
+def per_shard(kernels, *arrays: jax.Array, token_major: int = 0, token_major_result: bool = False):
     """``kernels(*arrays)`` inside ``jax.shard_map`` over :func:`mesh_split`'s axes when the current mesh splits
-    them, else as is. The arrays and the results are (B, H, ...), except the first ``token_major`` arrays, which are
-    (B, n, C, H, ...) (inputs split into chunks in their own layout); all are split alike."""
+    them, else as is. The arrays and the results are (B, H, ...), except the first ``token_major`` arrays, and the
+    one result if ``token_major_result``, which are (B, n, C, H, ...) (split into chunks in the (B, S, H, ...)
+    layout); all are split alike."""
     heads_first = arrays[token_major:]
     spec = mesh_split(heads_first[0].shape[0], heads_first[0].shape[1])
     if spec is None:
         return kernels(*arrays)
-    in_specs = (P(spec[0], None, None, spec[1]),) * token_major + (spec,) * len(heads_first)
-    return jax.shard_map(kernels, in_specs=in_specs, out_specs=spec, check_vma=False)(*arrays)
+    token_spec = P(spec[0], None, None, spec[1])
+    in_specs = (token_spec,) * token_major + (spec,) * len(heads_first)
+    out_specs = token_spec if token_major_result else spec
+    return jax.shard_map(kernels, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
 
 
 def gated_delta_rule_pallas_gpu(
@@ -206,12 +230,15 @@ def gated_delta_rule_pallas_gpu(
     backward_config: StatesKernelConfig | None = None,
     inverse: str = "kernel",
     local: str = "xla",
+    outputs: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
     Products take q's dtype; ``local`` picks how the chunk-local factors are formed: as batched "xla" matmuls
     around the chunk inverse, or "fused" in one kernel per chunk (:func:`fused_local_factors`, its inverse inside;
-    16-bit inputs, float32 only in interpret mode);
+    16-bit inputs, float32 only in interpret mode); ``outputs`` how the outputs O_c = Qd_c S_c + QK_c W_c are
+    formed: as "xla" matmuls (float32 results, summed and rounded) or "fused" in one kernel (forward) and two
+    (backward) that write O and read its cotangent token-major (:func:`fused_chunk_outputs`; the same dtypes);
     ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
     "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
     inputs), or XLA's "triangular_solve";
@@ -224,11 +251,14 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
     if local not in LOCALS:
         raise ValueError(f"local: expected one of {list(LOCALS)}, got {local!r}")
-    if local == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
-        raise ValueError(
-            "local: 'fused' takes bfloat16 or float16 inputs on the GPU (its float32 products compile to FMA loops: "
-            "over 14 minutes for K=256 offline); expected 'xla' for float32 inputs"
-        )
+    if outputs not in OUTPUTS:
+        raise ValueError(f"outputs: expected one of {list(OUTPUTS)}, got {outputs!r}")
+    for name, value in (("local", local), ("outputs", outputs)):
+        if value == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
+            raise ValueError(
+                f"{name}: 'fused' takes bfloat16 or float16 inputs on the GPU (float32 products compile to FMA "
+                "loops: over 14 minutes for the local factors at K=256 offline); expected 'xla' for float32 inputs"
+            )
     if local == "fused" and inverse != "kernel":
         raise ValueError(
             f"inverse: the fused local factors invert inside their kernel; expected 'kernel', got {inverse!r}"
@@ -257,7 +287,23 @@ def gated_delta_rule_pallas_gpu(
             lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret), U, Wk, Kd, carry, state
         )
 
+    def output_stage(Qd, QK, starts, w, out_dtype):
+        if outputs == "fused":
+            kernels = lambda *a: fused_chunk_outputs(*a, out_dtype, interpret)  # noqa: E731
+            return per_shard(kernels, Qd, QK, starts, w, token_major_result=True)
+        return xla_outputs(Qd, QK, starts, w, out_dtype, dot_dtype=dot)
+
     beta, log_alpha, h0 = (x.astype(jnp.float32) for x in (beta, log_alpha, h0))
     return run_chunked(
-        q, k, v, beta, log_alpha, h0, reset, chunk_size=chunk_size, local=local_stage, states=states, dot_dtype=dot
+        q,
+        k,
+        v,
+        beta,
+        log_alpha,
+        h0,
+        reset,
+        chunk_size=chunk_size,
+        local=local_stage,
+        states=states,
+        outputs=output_stage,
     )
