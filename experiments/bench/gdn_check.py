@@ -34,29 +34,49 @@ from m2rnn_jax.ops.gated_delta_rule.chunked import (
     to_chunks,
     triangular_inverse,
     unit_lower_inverse,
+    xla_outputs,
 )
 from m2rnn_jax.ops.gated_delta_rule.op import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import (
     default_states_configs,
+    fused_chunk_outputs,
     fused_local_factors,
     gated_delta_rule_pallas_gpu,
 )
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
+from pallas_kernels.gpu.gdn_chunk_outputs import OutputsKernelConfig, chunk_outputs_backward, chunk_outputs_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
+from pallas_kernels.gpu.gdn_walk_cotangents import WalkCotangentsKernelConfig, walk_input_cotangents
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
 K = StatesKernelConfig
 F = FactorsKernelConfig
-VARIANTS = {  # name -> (forward kernel config, backward kernel config, inverse, local factors)
-    "default": (None, None, "kernel", "xla"),  # default_states_configs(--chunk)
-    "fused_local": (None, None, "kernel", "fused"),  # the chunk-local stage in one kernel
-    "xla_doubling": (None, None, "doubling", "xla"),
-    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling", "xla"),
-    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling", "xla"),
-    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling", "xla"),
+O = OutputsKernelConfig
+W = WalkCotangentsKernelConfig
+# name -> (forward kernel config, backward kernel config, inverse, local factors, outputs, walk cotangents)
+VARIANTS = {
+    "default": (None, None, "kernel", "xla", "xla", "xla"),  # default_states_configs(--chunk)
+    "fused_local": (None, None, "kernel", "fused", "xla", "xla"),  # the chunk-local stage in one kernel
+    "fused_outputs": (None, None, "kernel", "xla", "fused", "xla"),  # the output stage and its backward in kernels
+    "fused_walk": (None, None, "kernel", "xla", "xla", "fused"),  # dWk, dKd, da in one kernel
+    "fused_all": (None, None, "kernel", "fused", "fused", "fused"),
+    "xla_doubling": (None, None, "doubling", "xla", "xla", "xla"),
+    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling", "xla", "xla", "xla"),
+    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling", "xla", "xla", "xla"),
+    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling", "xla", "xla", "xla"),
 }
 FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
+# the output kernels: forward and state cotangents (one column block a program), factor cotangents (a loop)
+OUTPUTS_SWEEP = [O(64, 8, 1), O(128, 8, 1), O(64, 4, 1), O(128, 4, 1), O(32, 4, 1)]
+FACTOR_COTANGENTS_SWEEP = [O(64, 8, 2), O(64, 8, 1), O(32, 8, 3), O(32, 8, 2), O(64, 4, 2)]
+WALK_COTANGENTS_SWEEP = [
+    W(block_k=128, block_v=64, num_warps=8, num_stages=2),  # the default
+    W(block_k=128, block_v=32, num_warps=8, num_stages=3),
+    W(block_k=64, block_v=64, num_warps=4, num_stages=2),
+    W(block_k=128, block_v=64, num_warps=8, num_stages=1),
+    W(block_k=64, block_v=64, num_warps=8, num_stages=3),
+]
 KERNEL_SWEEP = [K(16, 4, 2), K(32, 2, 2), K(32, 4, 2), K(32, 8, 2), K(64, 4, 2), K(64, 8, 2), K(64, 8, 1), K(32, 4, 1)]
 
 
@@ -86,6 +106,69 @@ def errors(result, reference) -> dict[str, float]:
     o_ref, h_ref, grads_ref = reference
     out = {"o": relative_error(o, o_ref), "h_final": relative_error(h, h_ref)}
     out.update({f"d{n}": relative_error(g, g_ref) for n, g, g_ref in zip(ARGS, grads, grads_ref)})
+    return out
+
+
+def output_stage_timings(Qd, QK, starts, w, interpret: bool) -> dict[str, float | str]:
+    """The output stage O = Qd S + QK W (B=8 ... bf16) forward and forward+backward by XLA and by the kernels, then
+    each kernel alone at the configurations of the sweeps."""
+    dtype = Qd.dtype
+    do = jax.random.normal(jax.random.key(4), (Qd.shape[0], Qd.shape[2], Qd.shape[3], Qd.shape[1], w.shape[-1]), dtype)
+    stages = {
+        "xla": lambda *a: xla_outputs(*a, dtype, dot_dtype=dtype),
+        "fused": lambda *a: fused_chunk_outputs(*a, dtype, interpret),
+    }
+    factors = (Qd, QK, starts, w)
+    out = {}
+    for name, stage in stages.items():
+        out[f"outputs_{name}_fwd_ms"] = median_ms(jax.jit(stage), *factors)
+        vjp = jax.jit(lambda *a, stage=stage: jax.vjp(stage, *a)[1](do))
+        out[f"outputs_{name}_vjp_ms"] = median_ms(vjp, *factors)
+    kernels = {
+        "outputs_fwd": lambda cfg: (
+            lambda *a: chunk_outputs_forward(*a, out_dtype=dtype, config=cfg, interpret=interpret)
+        ),
+        "outputs_state_cot": lambda cfg: (
+            lambda *a: chunk_outputs_backward(
+                *a, do, state_config=cfg, factor_config=FACTOR_COTANGENTS_SWEEP[0], interpret=interpret
+            )[2:]
+        ),
+        "outputs_factor_cot": lambda cfg: (
+            lambda *a: chunk_outputs_backward(
+                *a, do, state_config=OUTPUTS_SWEEP[0], factor_config=cfg, interpret=interpret
+            )[:2]
+        ),
+    }
+    for kind, build in kernels.items():
+        for cfg in FACTOR_COTANGENTS_SWEEP if kind == "outputs_factor_cot" else OUTPUTS_SWEEP:
+            name = f"{kind}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+            try:
+                out[f"{name}_ms"] = median_ms(jax.jit(build(cfg)), *factors)
+            except Exception as e:  # a launch that does not fit must not lose the others
+                out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def walk_cotangent_timings(starts, w, interpret: bool) -> dict[str, float | str]:
+    """dWk = -dW Sᵀ, dKd = W Gᵀ, da = <G, S> as the XLA backward forms them and by the kernel at the sweep's
+    launches (random dW and G of W's and S's shapes and dtype)."""
+    key_w, key_g = jax.random.split(jax.random.key(5))
+    dw = jax.random.normal(key_w, w.shape, w.dtype)
+    g_next = jax.random.normal(key_g, starts.shape, starts.dtype)
+
+    def xla(dw, starts, w, g_next):
+        dwk = -jnp.einsum("...cv,...kv->...ck", dw, starts)
+        dkd = jnp.einsum("...cv,...kv->...ck", w, g_next)
+        return dwk, dkd, jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
+
+    out = {"walk_cotangents_xla_ms": median_ms(jax.jit(xla), dw, starts, w, g_next)}
+    for cfg in WALK_COTANGENTS_SWEEP:
+        name = f"walk_cotangents_bk{cfg.block_k}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+        kernel = jax.jit(lambda *a, cfg=cfg: walk_input_cotangents(*a, config=cfg, interpret=interpret))
+        try:
+            out[f"{name}_ms"] = median_ms(kernel, dw, starts, w, g_next)
+        except Exception as e:  # a launch that does not fit must not lose the others
+            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -156,7 +239,7 @@ def main() -> None:
     if not args.no_reference_timing:
         step("chunked_f32_reference", reference_timing)
 
-    def variant(forward_config, backward_config, inverse, local):
+    def variant(forward_config, backward_config, inverse, local, outputs, walk_cotangents):
         def fn(*a, reset=None):
             o, h = gated_delta_rule_pallas_gpu(
                 *a,
@@ -166,6 +249,8 @@ def main() -> None:
                 backward_config=backward_config,
                 inverse=inverse,
                 local=local,
+                outputs=outputs,
+                walk_cotangents=walk_cotangents,
                 interpret=args.interpret,
             )
             return o.astype(a[0].dtype), h
@@ -182,6 +267,8 @@ def main() -> None:
                 "backward": dataclasses.asdict(backward_config or defaults[1]),
                 "inverse": inverse,
                 "local": local,
+                "outputs": outputs,
+                "walk_cotangents": walk_cotangents,
             }
             return out
 
@@ -231,6 +318,12 @@ def main() -> None:
                 out[f"{name}_ms"] = median_ms(kernel, chunks, decays)
             except Exception as e:
                 out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        walk = functools.partial(
+            chunk_states_forward, config=default_states_configs(args.chunk)[0], interpret=args.interpret
+        )
+        w, starts, _ = jax.jit(walk)(f.U, f.Wk, f.Kd, f.carry, h0)
+        out.update(output_stage_timings(f.Qd, f.QK, starts, w, args.interpret))
+        out.update(walk_cotangent_timings(starts, w, args.interpret))
         for cfg in KERNEL_SWEEP:
             name = f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
             fwd_kernel = jax.jit(

@@ -95,18 +95,29 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            mkdir -p "$OUT/gdn_c$chunk"
            run "gdn_c$chunk" 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_c$chunk" \
              --chunk "$chunk" --variants default --no-resets ;;
-    gdnlocal) # the GDN op with the XLA chunk-local factors beside the fused factors kernel (gdn_check, its sweep), then
-              # the compiled GPU tests of the fused kernel
-           mkdir -p "$OUT/gdn_local"
-           run gdn_local 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_local" \
-             --variants default fused_local --no-resets
-           run gdnlocaltests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
-             tests/kernels/test_gdn_chunk_factors.py ;;
-    localab-*) spec=${part#localab-}  # localab-PRESET:REMAT: the step with local="xla" (_xla), then "fused" (_fused)
-           f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp)
-           TAG=_xla bash "$0" "step-$spec"
-           cp "$f" "$keep"; sed -i 's/    local: str = "xla",/    local: str = "fused",/' "$f"
-           if grep -q '    local: str = "fused",' "$f"; then TAG=_fused bash "$0" "step-$spec"; else echo "localab: no default to flip"; fi
+    gdnfused) # the GDN op with the XLA stages beside each fused one and all fused (gdn_check: the kernels' launch
+              # sweeps and each stage alone), then the compiled GPU tests of the three kernels
+           mkdir -p "$OUT/gdn_fused"
+           run gdn_fused 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
+             --variants default fused_local fused_outputs fused_walk fused_all --no-resets --budget-s 280
+           run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+             tests/kernels/test_gdn_chunk_factors.py tests/kernels/test_gdn_chunk_outputs.py \
+             tests/kernels/test_gdn_walk_cotangents.py ;;
+    stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
+           # "xla local outputs walk_cotangents all"): the tree as it is, then the pallas_gpu default of the named
+           # arguments (joined by +; "all": the three) flipped to "fused" for that run; files tagged _STAGE
+           f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp); cp "$f" "$keep"
+           for stage in ${STAGES:-xla local outputs walk_cotangents all}; do
+             names=${stage//+/ }; [ "$stage" = all ] && names="local outputs walk_cotangents"; [ "$stage" = xla ] && names=""
+             cp "$keep" "$f"; want=0; ok=1
+             for name in $names; do
+               case $name in local|outputs|walk_cotangents) ;; *) ok=0;; esac
+               sed -i "s/    $name: str = \"xla\",/    $name: str = \"fused\",/" "$f"; want=$((want + 1))
+             done
+             if [ $ok = 1 ] && [ "$(grep -cE '    (local|outputs|walk_cotangents): str = "fused",' "$f")" = "$want" ]; then
+               TAG=_${stage//+/_} bash "$0" "step-$spec"
+             else echo "stageab: $stage: expected xla, all, or local / outputs / walk_cotangents joined by +, each a default of $f" | tee -a "$OUT/status.txt"; fi
+           done
            cp "$keep" "$f" ;;
     gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)
            mkdir -p "$OUT/gdn_new" "$OUT/gdn_base"

@@ -46,8 +46,8 @@ class OutputsKernelConfig(StatesKernelConfig):
 
 # the configurations that compile without register spills for C=64, K=256, V=512 bf16 (Triton 3.6, sm_90); not
 # yet timed on a GPU
-DEFAULT_FORWARD_CONFIG = OutputsKernelConfig(block_v=128, num_warps=4, num_stages=1)
-DEFAULT_STATE_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=4, num_stages=1)
+DEFAULT_FORWARD_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=1)
+DEFAULT_STATE_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=1)
 DEFAULT_FACTOR_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=2)
 
 

@@ -222,7 +222,9 @@ assert relative_error(v1, v2) < 1e-5, (v1, v2)
 assert all(relative_error(a, b) < 1e-5 for a, b in zip(g1, g2))
 from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 def fused_loss(*a):
-    o, h = gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, local="fused", outputs="fused")
+    o, h = gated_delta_rule_pallas_gpu(
+        *a, x["reset"], chunk_size=16, interpret=True, local="fused", outputs="fused", walk_cotangents="fused"
+    )
     return jnp.sum(o * o) + jnp.sum(h)
 fused_local = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1, 2, 3, 4, 5)))
 assert str(jax.make_jaxpr(fused_local)(*args)).count("shard_map") >= 3  # the factors', the walk's and the outputs'
@@ -341,16 +343,21 @@ def test_pallas_gpu_interpret_with_128_token_chunks_matches_recurrent():
         assert relative_error(a, b) < 1e-5, name
 
 
-FUSED_STAGES = [{"local": "fused"}, {"outputs": "fused"}, {"local": "fused", "outputs": "fused"}]
+FUSED_STAGES = [
+    {"local": "fused"},
+    {"outputs": "fused"},
+    {"walk_cotangents": "fused"},
+    {"local": "fused", "outputs": "fused", "walk_cotangents": "fused"},
+]
 
 
 @pytest.mark.parametrize("stages", FUSED_STAGES, ids=lambda s: "+".join(s))
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
 def test_pallas_gpu_fused_stages_match_the_xla_ones(stages, dtype, tol):
-    """local="fused" (the chunk-local stage in one kernel, its backward through the kernel's T) and outputs="fused"
-    (the output products and their cotangents in kernels, token-major O and dO) against the XLA stages around the
-    inverse kernel, in interpret mode: outputs, final state and every gradient (ragged S = 40, resets, h0 given; a
-    cotangent on the final state too)."""
+    """local="fused" (the chunk-local stage in one kernel, its backward through the kernel's T), outputs="fused"
+    (the output products and their cotangents in kernels, token-major O and dO) and walk_cotangents="fused" (dWk,
+    dKd, da in one kernel) against the XLA stages around the inverse kernel, in interpret mode: outputs, final state
+    and every gradient (ragged S = 40, resets, h0 given; a cotangent on the final state too)."""
     from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 
     x = random_gdn_inputs(11, 2, 40, 2, 16, 32, dtype=dtype, reset_rate=0.1)
@@ -397,6 +404,10 @@ def test_pallas_gpu_fused_stage_argument_checks():
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, outputs="kernel")
     with pytest.raises(ValueError, match="outputs: 'fused' takes bfloat16 or float16 inputs on the GPU"):
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, outputs="fused")  # float32, compiled
+    with pytest.raises(ValueError, match=r"walk_cotangents: expected one of \['xla', 'fused'\], got 'yes'"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, walk_cotangents="yes")
+    with pytest.raises(ValueError, match="walk_cotangents: 'fused' takes bfloat16 or float16 inputs on the GPU"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, walk_cotangents="fused")  # float32, compiled
 
 
 def test_chunk_product_gradient_rejects_other_equations():

@@ -38,6 +38,7 @@ from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split
 from pallas_kernels.gpu.gdn_chunk_factors import chunk_factors_forward
 from pallas_kernels.gpu.gdn_chunk_outputs import chunk_outputs_backward, chunk_outputs_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
+from pallas_kernels.gpu.gdn_walk_cotangents import walk_input_cotangents
 from pallas_kernels.gpu.unit_lower_inverse import unit_lower_inverse_backward, unit_lower_inverse_forward
 
 # measured on an H200 at B=8, S=4096, H=2, K=256, V=512, bf16, 64-token chunks (experiments/RESULTS.md, session 5,
@@ -51,6 +52,7 @@ LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_sta
 INVERSES = ("kernel", "doubling", "triangular_solve")
 LOCALS = ("xla", "fused")
 OUTPUTS = ("xla", "fused")
+WALK_COTANGENTS = ("xla", "fused")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -76,29 +78,42 @@ def fused_unsupported_reason(k_dim: int, v_dim: int, chunk_size: int, dtype: jnp
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def fused_chunk_states(
-    U, Wk, Kd, carry, h0, forward_config: StatesKernelConfig, backward_config: StatesKernelConfig, interpret: bool
+    U,
+    Wk,
+    Kd,
+    carry,
+    h0,
+    forward_config: StatesKernelConfig,
+    backward_config: StatesKernelConfig,
+    walk_cotangents: str,
+    interpret: bool,
 ):
-    """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`."""
+    """(W, chunk-start states, final state) of the walk over chunks; see :func:`chunk_states_forward`.
+    ``walk_cotangents``: how the backward forms dWk, dKd and da from the reverse walk's results ("xla" einsums and
+    a reduction, or the "fused" kernel of :mod:`pallas_kernels.gpu.gdn_walk_cotangents`)."""
     return chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
 
 
-def _fused_forward(U, Wk, Kd, carry, h0, forward_config, backward_config, interpret):
+def _fused_forward(U, Wk, Kd, carry, h0, forward_config, backward_config, walk_cotangents, interpret):
     w, starts, final = chunk_states_forward(U, Wk, Kd, carry, h0, config=forward_config, interpret=interpret)
     return (w, starts, final), (Wk, Kd, carry, w, starts)
 
 
-def _fused_backward(forward_config, backward_config, interpret, residuals, cotangents):
+def _fused_backward(forward_config, backward_config, walk_cotangents, interpret, residuals, cotangents):
     Wk, Kd, carry, w, starts = residuals
     dw_ext, dstarts, dfinal = cotangents
     dw, g_next, dh0 = chunk_states_backward(
         Wk, Kd, carry, dw_ext, dstarts, dfinal, config=backward_config, interpret=interpret
     )
     dot = Wk.dtype
-    dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
-    dKd = matmul("...cv,...kv->...ck", w, g_next, dot)
-    dcarry = jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
+    if walk_cotangents == "fused":
+        dWk, dKd, dcarry = walk_input_cotangents(dw, starts, w, g_next, interpret=interpret)
+    else:
+        dWk = -matmul("...cv,...kv->...ck", dw, starts, dot)
+        dKd = matmul("...cv,...kv->...ck", w, g_next, dot)
+        dcarry = jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
     return dw.astype(w.dtype), dWk.astype(dot), dKd.astype(dot), dcarry.astype(carry.dtype), dh0
 
 
@@ -231,6 +246,7 @@ def gated_delta_rule_pallas_gpu(
     inverse: str = "kernel",
     local: str = "xla",
     outputs: str = "xla",
+    walk_cotangents: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
@@ -239,6 +255,8 @@ def gated_delta_rule_pallas_gpu(
     16-bit inputs, float32 only in interpret mode); ``outputs`` how the outputs O_c = Qd_c S_c + QK_c W_c are
     formed: as "xla" matmuls (float32 results, summed and rounded) or "fused" in one kernel (forward) and two
     (backward) that write O and read its cotangent token-major (:func:`fused_chunk_outputs`; the same dtypes);
+    ``walk_cotangents`` how the walk's backward forms dWk = -dW Sᵀ, dKd = W Gᵀ and da = <G, S>: "xla" einsums and
+    a reduction, or "fused" in one kernel (:func:`fused_chunk_states`);
     ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
     "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
     inputs), or XLA's "triangular_solve";
@@ -253,7 +271,9 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"local: expected one of {list(LOCALS)}, got {local!r}")
     if outputs not in OUTPUTS:
         raise ValueError(f"outputs: expected one of {list(OUTPUTS)}, got {outputs!r}")
-    for name, value in (("local", local), ("outputs", outputs)):
+    if walk_cotangents not in WALK_COTANGENTS:
+        raise ValueError(f"walk_cotangents: expected one of {list(WALK_COTANGENTS)}, got {walk_cotangents!r}")
+    for name, value in (("local", local), ("outputs", outputs), ("walk_cotangents", walk_cotangents)):
         if value == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
             raise ValueError(
                 f"{name}: 'fused' takes bfloat16 or float16 inputs on the GPU (float32 products compile to FMA "
@@ -284,7 +304,12 @@ def gated_delta_rule_pallas_gpu(
 
     def states(U, Wk, Kd, carry, state):
         return per_shard(
-            lambda *a: fused_chunk_states(*a, forward_config, backward_config, interpret), U, Wk, Kd, carry, state
+            lambda *a: fused_chunk_states(*a, forward_config, backward_config, walk_cotangents, interpret),
+            U,
+            Wk,
+            Kd,
+            carry,
+            state,
         )
 
     def output_stage(Qd, QK, starts, w, out_dtype):
