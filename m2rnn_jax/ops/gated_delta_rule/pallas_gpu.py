@@ -8,9 +8,13 @@ gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve
 16-bit inputs) the whole chunk-local stage is one kernel instead (:func:`fused_local_factors`,
 :mod:`pallas_kernels.gpu.gdn_chunk_factors`). Only the walk over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
-backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there):
+backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there), or with
+``walk_cotangents="fused"`` to one kernel (:mod:`pallas_kernels.gpu.gdn_walk_cotangents`):
 
     dU = dW,   dWk_c = -dW_c S_cᵀ,   dKd_c = W_c G_{c+1}ᵀ,   da_c = <G_{c+1}, S_c>,   dh0 = G_0
+
+With ``outputs="fused"`` the outputs and their cotangents are kernels too (:func:`fused_chunk_outputs`,
+:mod:`pallas_kernels.gpu.gdn_chunk_outputs`).
 
 XLA differentiates the rest. Under a mesh (``jax.set_mesh``) the kernels, opaque to XLA's partitioner, run inside
 ``jax.shard_map``: batch split over the mesh's data/fsdp/expert axes, heads over ``tensor`` (when they divide);
