@@ -101,8 +101,7 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run gdn_fused 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
              --variants default fused_local fused_outputs fused_walk fused_all --no-resets --budget-s 280
            run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
-             tests/kernels/test_gdn_chunk_factors.py tests/kernels/test_gdn_chunk_outputs.py \
-             tests/kernels/test_gdn_walk_cotangents.py ;;
+             tests/kernels/test_gdn_gpu.py -k fused_stages ;;
     stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
            # "xla local outputs walk_cotangents all"): the tree as it is, then the pallas_gpu default of the named
            # arguments (joined by +; "all": the three) flipped to "fused" for that run; files tagged _STAGE

@@ -3,7 +3,8 @@
 On CPU the kernel runs in Pallas interpret mode against the XLA form
 (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.local_factors` with the block-doubling inverse at the same
 precision); the whole backend with ``local="fused"`` against ``local="xla"`` and the recurrent reference, forward and
-every gradient, is in tests/ops/test_gated_delta_rule.py.
+every gradient, is in tests/ops/test_gated_delta_rule.py. The compiled GPU test of
+the backend with this stage fused is in tests/kernels/test_gdn_gpu.py.
 """
 
 from __future__ import annotations
@@ -70,34 +71,3 @@ def test_bad_kernel_config_raises():
         FactorsKernelConfig(block_v=48)
     with pytest.raises(ValueError, match="num_warps: expected a positive int"):
         FactorsKernelConfig(num_warps=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-2)])
-def test_fused_local_factors_match_float32_reference_on_gpu(dtype, tol):
-    """The backend with ``local="fused"``, compiled, against the float32 chunked reference: outputs, final state
-    and every gradient (ragged S = 1000, resets)."""
-    if jax.devices()[0].platform != "gpu":
-        pytest.skip("needs an NVIDIA GPU")
-    from m2rnn_jax.ops import gated_delta_rule
-    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
-
-    names = ("q", "k", "v", "beta", "log_alpha", "h0")
-    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)
-    reset = x.pop("reset")
-    rng = np.random.default_rng(1)
-    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
-    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
-
-    def outputs_and_grads(run, args):
-        (o, h), vjp = jax.vjp(run, *args)
-        return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
-
-    x32 = [x[n].astype(jnp.float32) for n in names]
-    reference = outputs_and_grads(lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=64, backend="chunked"), x32)
-    fused_args = [x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in names]
-    fused = jax.jit(
-        lambda *a: outputs_and_grads(lambda *b: gated_delta_rule_pallas_gpu(*b, reset, chunk_size=64, local="fused"), a)
-    )(*fused_args)
-    for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in names), fused, reference):
-        assert relative_error(got.astype(jnp.float32), ref) < tol, name

@@ -3,7 +3,8 @@
 On CPU the kernels run in Pallas interpret mode against the einsum form of
 :func:`m2rnn_jax.ops.gated_delta_rule.chunked.xla_outputs` and its autodiff; the whole backend with
 ``outputs="fused"`` against ``outputs="xla"`` and the recurrent reference, forward and every gradient, is in
-tests/ops/test_gated_delta_rule.py.
+tests/ops/test_gated_delta_rule.py. The compiled GPU test of
+the backend with this stage fused is in tests/kernels/test_gdn_gpu.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import xla_outputs
-from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import relative_error
 from pallas_kernels.gpu.gdn_chunk_outputs import OutputsKernelConfig, chunk_outputs_backward, chunk_outputs_forward
 
 B, H, N, C, K, V = 2, 3, 2, 16, 32, 64
@@ -85,37 +86,3 @@ def test_bad_arguments_raise():
         chunk_outputs_backward(Qd, QK, starts, w, jnp.zeros((B, H, N, C, V)), interpret=True)
     with pytest.raises(ValueError, match="block_v: expected a power of two >= 16"):
         OutputsKernelConfig(block_v=24)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "stages", [{"outputs": "fused"}, {"outputs": "fused", "local": "fused"}], ids=lambda s: "+".join(s)
-)
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-2)])
-def test_fused_outputs_match_float32_reference_on_gpu(stages, dtype, tol):
-    """The backend with ``outputs="fused"`` (alone and with the fused local factors), compiled, against the float32
-    chunked reference: outputs, final state and every gradient (ragged S = 1000, resets)."""
-    if jax.devices()[0].platform != "gpu":
-        pytest.skip("needs an NVIDIA GPU")
-    from m2rnn_jax.ops import gated_delta_rule
-    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
-
-    names = ("q", "k", "v", "beta", "log_alpha", "h0")
-    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)
-    reset = x.pop("reset")
-    rng = np.random.default_rng(1)
-    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
-    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
-
-    def outputs_and_grads(run, args):
-        (o, h), vjp = jax.vjp(run, *args)
-        return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
-
-    x32 = [x[n].astype(jnp.float32) for n in names]
-    expected = outputs_and_grads(lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=64, backend="chunked"), x32)
-    fused_args = [x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in names]
-    fused = jax.jit(
-        lambda *a: outputs_and_grads(lambda *b: gated_delta_rule_pallas_gpu(*b, reset, chunk_size=64, **stages), a)
-    )(*fused_args)
-    for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in names), fused, expected):
-        assert relative_error(got.astype(jnp.float32), ref) < tol, name

@@ -2,7 +2,9 @@
 
 On CPU the kernels run in Pallas interpret mode against ``lax.scan``
 (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.scan_states`) and its autodiff, forward and every cotangent; tests
-marked ``gpu`` run the whole pallas_gpu backend compiled on an NVIDIA GPU against the float32 chunked reference.
+marked ``gpu`` run the whole pallas_gpu backend compiled on an NVIDIA GPU against the float32 chunked reference, by
+default and with each opt-in fused stage (the kernels of gdn_chunk_factors.py, gdn_chunk_outputs.py,
+gdn_walk_cotangents.py).
 """
 
 from __future__ import annotations
@@ -55,12 +57,25 @@ def test_bad_kernel_config_raises():
         StatesKernelConfig(num_warps=0)
 
 
-def _outputs_and_grads(backend, x, reset, do, dh, chunk_size=64):
-    def run(*args):
-        return gated_delta_rule(*args, reset=reset, chunk_size=chunk_size, backend=backend)
-
+def _outputs_and_grads(run, x, do, dh):
     (o, h), vjp = jax.vjp(run, *(x[n] for n in ARGS))
     return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
+
+
+def _gpu_case(dtype):
+    """Inputs at S = 1000 (ragged: 15 x 64 + 40, 7 x 128 + 104) with resets, and cotangents of o and h_final."""
+    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)
+    reset = x.pop("reset")
+    rng = np.random.default_rng(1)
+    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
+    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
+    return x, reset, do, dh
+
+
+def _chunked_float32(x, reset, do, dh, chunk_size):
+    x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+    run = lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=chunk_size, backend="chunked")  # noqa: E731
+    return _outputs_and_grads(run, x32, do, dh)
 
 
 @pytest.mark.gpu
@@ -70,15 +85,46 @@ def _outputs_and_grads(backend, x, reset, do, dh, chunk_size=64):
 def test_pallas_gpu_matches_float32_reference_on_gpu(dtype, tol, chunk_size):
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs an NVIDIA GPU")
-    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)  # ragged: 15 x 64 + 40, 7 x 128 + 104
-    reset = x.pop("reset")
-    rng = np.random.default_rng(1)
-    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
-    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
-    x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
-    reference = _outputs_and_grads("chunked", x32, reset, do, dh, chunk_size)
-    fused = jax.jit(lambda x, reset, do, dh: _outputs_and_grads("pallas_gpu", x, reset, do, dh, chunk_size))(
-        x, reset, do, dh
-    )
-    for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in ARGS), fused, reference):
+    x, reset, do, dh = _gpu_case(dtype)
+    reference = _chunked_float32(x, reset, do, dh, chunk_size)
+
+    def fused(x, reset, do, dh):
+        run = lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=chunk_size, backend="pallas_gpu")  # noqa: E731
+        return _outputs_and_grads(run, x, do, dh)
+
+    for name, got, ref in zip(
+        ("o", "h_final") + tuple(f"d{n}" for n in ARGS), jax.jit(fused)(x, reset, do, dh), reference
+    ):
         assert relative_error(got, ref) < tol, name
+
+
+FUSED_STAGES = {
+    "local": {"local": "fused"},
+    "outputs": {"outputs": "fused"},
+    "walk_cotangents": {"walk_cotangents": "fused"},
+    "all": {"local": "fused", "outputs": "fused", "walk_cotangents": "fused"},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", list(FUSED_STAGES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fused_stages_match_float32_reference_on_gpu(stages, dtype):
+    """The backend with each opt-in fused stage (the local factors, the outputs, the walk's input cotangents) and
+    with all three, compiled, against the float32 chunked reference: outputs, final state and every gradient."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
+
+    x, reset, do, dh = _gpu_case(dtype)
+    reference = _chunked_float32(x, reset, do, dh, 64)
+    x = {n: a.astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else a for n, a in x.items()}
+
+    def fused(x, reset, do, dh):
+        run = lambda *a: gated_delta_rule_pallas_gpu(*a, reset, chunk_size=64, **FUSED_STAGES[stages])  # noqa: E731
+        return _outputs_and_grads(run, x, do, dh)
+
+    for name, got, ref in zip(
+        ("o", "h_final") + tuple(f"d{n}" for n in ARGS), jax.jit(fused)(x, reset, do, dh), reference
+    ):
+        assert relative_error(got.astype(jnp.float32), ref) < 2e-2, name

@@ -3,18 +3,18 @@
 On CPU the kernel runs in Pallas interpret mode against the einsums and the reduction of the XLA backward
 (``_fused_backward`` of m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py); the whole backend with
 ``walk_cotangents="fused"`` against ``"xla"`` and the recurrent reference, every gradient, is in
-tests/ops/test_gated_delta_rule.py.
+tests/ops/test_gated_delta_rule.py. The compiled GPU test of
+the backend with this stage fused is in tests/kernels/test_gdn_gpu.py.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST
-from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import relative_error
 from pallas_kernels.gpu.gdn_walk_cotangents import WalkCotangentsKernelConfig, walk_input_cotangents
 
 B, H, N, C, K, V = 2, 3, 2, 16, 64, 64
@@ -58,35 +58,3 @@ def test_bad_arguments_raise():
         WalkCotangentsKernelConfig(block_k=48)
     with pytest.raises(ValueError, match="block_v: expected a power of two >= 16"):
         WalkCotangentsKernelConfig(block_v=8)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-2)])
-def test_fused_walk_cotangents_match_float32_reference_on_gpu(dtype, tol):
-    """The backend with ``walk_cotangents="fused"`` (alone, and with every stage fused), compiled, against the
-    float32 chunked reference: outputs, final state and every gradient (ragged S = 1000, resets)."""
-    if jax.devices()[0].platform != "gpu":
-        pytest.skip("needs an NVIDIA GPU")
-    from m2rnn_jax.ops import gated_delta_rule
-    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
-
-    names = ("q", "k", "v", "beta", "log_alpha", "h0")
-    x = random_gdn_inputs(0, 2, 1000, 2, 128, 256, dtype=dtype, reset_rate=0.005)
-    reset = x.pop("reset")
-    rng = np.random.default_rng(1)
-    do = jnp.asarray(rng.standard_normal((2, 1000, 2, 256)), jnp.float32)
-    dh = jnp.asarray(rng.standard_normal((2, 2, 128, 256)), jnp.float32)
-
-    def outputs_and_grads(run, args):
-        (o, h), vjp = jax.vjp(run, *args)
-        return (o, h) + tuple(vjp((do.astype(o.dtype), dh)))
-
-    x32 = [x[n].astype(jnp.float32) for n in names]
-    reference = outputs_and_grads(lambda *a: gated_delta_rule(*a, reset=reset, chunk_size=64, backend="chunked"), x32)
-    fused_args = [x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in names]
-    every = {"local": "fused", "outputs": "fused"}
-    for stages in ({"walk_cotangents": "fused"}, {"walk_cotangents": "fused", **every}):
-        run = lambda *b, stages=stages: gated_delta_rule_pallas_gpu(*b, reset, chunk_size=64, **stages)  # noqa: E731
-        fused = jax.jit(lambda *a, run=run: outputs_and_grads(run, a))(*fused_args)
-        for name, got, ref in zip(("o", "h_final") + tuple(f"d{n}" for n in names), fused, reference):
-            assert relative_error(got.astype(jnp.float32), ref) < tol, (name, stages)
