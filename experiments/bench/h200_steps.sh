@@ -90,6 +90,9 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
     ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's files (TAG _new), then with AB_BASE's (_base; with_base)
            TAG=_new bash "$0" "step-$spec"
            TAG=_base with_base bash "$0" "step-$spec" ;;
+    base-*) spec=${part#base-}  # only the second half of ab-: the step with AB_BASE's files (_base), when another
+           # part of the same call already timed the tree's (e.g. stageab's _xla)
+           TAG=_base with_base bash "$0" "step-$spec" ;;
     gdntests) run gdntests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu tests/kernels/test_gdn_gpu.py ;;
     gdnc-*) chunk=${part#gdnc-}  # gdnc-C: the GDN op check at chunk length C (default kernels and the sweep, no resets)
            mkdir -p "$OUT/gdn_c$chunk"
