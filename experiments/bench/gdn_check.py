@@ -54,17 +54,19 @@ K = StatesKernelConfig
 F = FactorsKernelConfig
 O = OutputsKernelConfig
 W = WalkCotangentsKernelConfig
-# name -> (forward kernel config, backward kernel config, inverse, local factors, outputs, walk cotangents)
+# name -> the arguments of gated_delta_rule_pallas_gpu that differ from its defaults
+FUSED = "fused"
 VARIANTS = {
-    "default": (None, None, "kernel", "xla", "xla", "xla"),  # default_states_configs(--chunk)
-    "fused_local": (None, None, "kernel", "fused", "xla", "xla"),  # the chunk-local stage in one kernel
-    "fused_outputs": (None, None, "kernel", "xla", "fused", "xla"),  # the output stage and its backward in kernels
-    "fused_walk": (None, None, "kernel", "xla", "xla", "fused"),  # dWk, dKd, da in one kernel
-    "fused_all": (None, None, "kernel", "fused", "fused", "fused"),
-    "xla_doubling": (None, None, "doubling", "xla", "xla", "xla"),
-    "f32w4_b32w4": (K(32, 4, 2), K(32, 4, 2), "doubling", "xla", "xla", "xla"),
-    "f64w4_b64w4": (K(64, 4, 2), K(64, 4, 2), "doubling", "xla", "xla", "xla"),
-    "f32w4_b32w8": (K(32, 4, 2), K(32, 8, 2), "doubling", "xla", "xla", "xla"),
+    "default": {},  # default_states_configs(--chunk), every stage "xla"
+    "fused_local": {"local": FUSED},  # the chunk-local stage in one kernel, XLA's autodiff for its backward
+    "fused_local_bwd": {"local": FUSED, "local_backward": FUSED},  # and its backward in one kernel too
+    "fused_outputs": {"outputs": FUSED},  # the output stage and its backward in kernels
+    "fused_walk": {"walk_cotangents": FUSED},  # dWk, dKd, da in one kernel
+    "fused_all": {"local": FUSED, "local_backward": FUSED, "outputs": FUSED, "walk_cotangents": FUSED},
+    "xla_doubling": {"inverse": "doubling"},
+    "f32w4_b32w4": {"forward_config": K(32, 4, 2), "backward_config": K(32, 4, 2), "inverse": "doubling"},
+    "f64w4_b64w4": {"forward_config": K(64, 4, 2), "backward_config": K(64, 4, 2), "inverse": "doubling"},
+    "f32w4_b32w8": {"forward_config": K(32, 4, 2), "backward_config": K(32, 8, 2), "inverse": "doubling"},
 }
 FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
 # the output kernels: forward and state cotangents (one column block a program), factor cotangents (a loop)
@@ -239,20 +241,9 @@ def main() -> None:
     if not args.no_reference_timing:
         step("chunked_f32_reference", reference_timing)
 
-    def variant(forward_config, backward_config, inverse, local, outputs, walk_cotangents):
+    def variant(**choices):
         def fn(*a, reset=None):
-            o, h = gated_delta_rule_pallas_gpu(
-                *a,
-                reset,
-                chunk_size=args.chunk,
-                forward_config=forward_config,
-                backward_config=backward_config,
-                inverse=inverse,
-                local=local,
-                outputs=outputs,
-                walk_cotangents=walk_cotangents,
-                interpret=args.interpret,
-            )
+            o, h = gated_delta_rule_pallas_gpu(*a, reset, chunk_size=args.chunk, interpret=args.interpret, **choices)
             return o.astype(a[0].dtype), h
 
         def body():
@@ -261,21 +252,17 @@ def main() -> None:
             fwd = jax.jit(lambda x: fn(*(x[n] for n in ARGS)))
             out["fwd_ms"] = median_ms(fwd, bf16)
             out["fwd_bwd_ms"] = median_ms(both, bf16, do.astype(jnp.bfloat16), dh)
-            defaults = default_states_configs(args.chunk)
+            defaults = dict(zip(("forward_config", "backward_config"), default_states_configs(args.chunk)))
             out["config"] = {
-                "forward": dataclasses.asdict(forward_config or defaults[0]),
-                "backward": dataclasses.asdict(backward_config or defaults[1]),
-                "inverse": inverse,
-                "local": local,
-                "outputs": outputs,
-                "walk_cotangents": walk_cotangents,
+                name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                for name, value in (defaults | choices).items()
             }
             return out
 
         return body
 
     for name in args.variants:
-        step(name, variant(*VARIANTS[name]))
+        step(name, variant(**VARIANTS[name]))
 
     def breakdown():
         chunks = {n: split_chunks(bf16[n], args.chunk) for n in ("q", "k", "v")}  # (B, n, C, H, ...)
@@ -285,7 +272,8 @@ def main() -> None:
         xla_local = functools.partial(
             local_factors, inverse=lambda A: unit_lower_inverse(A, default), dot_dtype=jnp.bfloat16
         )
-        fused_local = lambda *a: fused_local_factors(*a, default, args.interpret)  # noqa: E731
+        fused_local = lambda *a: fused_local_factors(*a, default, "xla", args.interpret)  # noqa: E731
+        fused_local_bwd = lambda *a: fused_local_factors(*a, default, FUSED, args.interpret)  # noqa: E731
 
         def factors(c, local=xla_local):
             return chunk_factors(c["q"], c["k"], c["v"], c["beta"], c["log_alpha"], None, local=local)
@@ -304,6 +292,7 @@ def main() -> None:
             "chunk_factors_vjp_ms": median_ms(factor_grad(xla_local), chunks),
             "chunk_factors_fused_fwd_ms": median_ms(jax.jit(functools.partial(factors, local=fused_local)), chunks),
             "chunk_factors_fused_vjp_ms": median_ms(factor_grad(fused_local), chunks),
+            "chunk_factors_fused_bwd_kernel_vjp_ms": median_ms(factor_grad(fused_local_bwd), chunks),
             "inverse_doubling_default_precision_vs_trsm_rel": relative_error(inv_d, inv_t),
         }
         decays = chunk_decays(chunks["log_alpha"], None)[:3]

@@ -102,23 +102,25 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
               # sweeps and each stage alone), then the compiled GPU tests of the three kernels
            mkdir -p "$OUT/gdn_fused"
            run gdn_fused 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
-             --variants default fused_local fused_outputs fused_walk fused_all --no-resets --budget-s 280
+             --variants default fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-resets --budget-s 280
            run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/kernels/test_gdn_gpu.py -k fused_stages ;;
     stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
-           # "xla local outputs walk_cotangents all"): the tree as it is, then the pallas_gpu default of the named
-           # arguments (joined by +; "all": the three) flipped to "fused" for that run; files tagged _STAGE
+           # "xla all"): the tree as it is, then the pallas_gpu defaults of the named arguments (local, local_backward
+           # (with local only), outputs, walk_cotangents, joined by +; "all": the four) flipped to "fused" for that
+           # run; files tagged _STAGE
            f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp); cp "$f" "$keep"
-           for stage in ${STAGES:-xla local outputs walk_cotangents all}; do
-             names=${stage//+/ }; [ "$stage" = all ] && names="local outputs walk_cotangents"; [ "$stage" = xla ] && names=""
+           for stage in ${STAGES:-xla all}; do
+             names=${stage//+/ }; [ "$stage" = all ] && names="local local_backward outputs walk_cotangents"
+             [ "$stage" = xla ] && names=""
              cp "$keep" "$f"; want=0; ok=1
              for name in $names; do
-               case $name in local|outputs|walk_cotangents) ;; *) ok=0;; esac
+               case $name in local|local_backward|outputs|walk_cotangents) ;; *) ok=0;; esac
                sed -i "s/    $name: str = \"xla\",/    $name: str = \"fused\",/" "$f"; want=$((want + 1))
              done
-             if [ $ok = 1 ] && [ "$(grep -cE '    (local|outputs|walk_cotangents): str = "fused",' "$f")" = "$want" ]; then
+             if [ $ok = 1 ] && [ "$(grep -cE '    (local|local_backward|outputs|walk_cotangents): str = "fused",' "$f")" = "$want" ]; then
                TAG=_${stage//+/_} bash "$0" "step-$spec"
-             else echo "stageab: $stage: expected xla, all, or local / outputs / walk_cotangents joined by +, each a default of $f" | tee -a "$OUT/status.txt"; fi
+             else echo "stageab: $stage: expected xla, all, or local / local_backward / outputs / walk_cotangents joined by +, each a default of $f" | tee -a "$OUT/status.txt"; fi
            done
            cp "$keep" "$f" ;;
     gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)

@@ -47,6 +47,19 @@ class StatesKernelConfig:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+@dataclasses.dataclass(frozen=True)
+class TiledKernelConfig(StatesKernelConfig):
+    """Launch parameters of the GDN kernels that also tile K: rows of K per block (``block_k``) besides the walk's
+    fields (the chunk-local backward, the walk's input cotangents)."""
+
+    block_k: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k: expected a power of two >= 16, got {self.block_k!r}")
+
+
 def _dot(a: jax.Array, b: jax.Array, *, transpose_a: bool = False) -> jax.Array:
     """a @ b (or aᵀ @ b) with a float32 accumulator; float32 operands at full precision."""
     dims = (((0,) if transpose_a else (1,), (0,)), ((), ()))

@@ -24,25 +24,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig
+from pallas_kernels.gpu.gdn_chunk_states import TiledKernelConfig
 from pallas_kernels.gpu.unit_lower_inverse import dot
 
 
 @dataclasses.dataclass(frozen=True)
-class WalkCotangentsKernelConfig(StatesKernelConfig):
-    """Launch parameters: rows of K per program (a power of two >= 16), columns of V per loop step, Triton warps
-    and pipeline stages. The default compiles without register spills for C=64, K=256, V=512 bf16 (Triton 3.6,
-    sm_90); not yet timed on a GPU."""
+class WalkCotangentsKernelConfig(TiledKernelConfig):
+    """Launch parameters: rows of K per program, columns of V per loop step, Triton warps and pipeline stages. The
+    default compiles without register spills for C=64, K=256, V=512 bf16 (Triton 3.6, sm_90); not yet timed on a
+    GPU."""
 
     block_k: int = 128
     block_v: int = 64
     num_warps: int = 8
     num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"block_k: expected a power of two >= 16, got {self.block_k!r}")
 
 
 def _kernel(dw_ref, s_ref, w_ref, g_ref, dwk_ref, dkd_ref, da_ref, *, block_v: int):

@@ -60,13 +60,18 @@ def _forward_kernel(a_ref, t_ref, *, precision: lax.Precision):
     t_ref[...] = doubling_inverse(a_ref[...].astype(jnp.float32), precision).astype(t_ref.dtype)
 
 
-def _backward_kernel(t_ref, dt_ref, da_ref, *, size: int, precision: lax.Precision):
-    T = t_ref[...].astype(jnp.float32)
-    dT = dt_ref[...].astype(jnp.float32)
-    rows, cols = _indices(size)
+def inverse_cotangent(T: jax.Array, dT: jax.Array, precision: lax.Precision) -> jax.Array:
+    """dA = strict_lower(-Tᵀ dT Tᵀ) of one (C, C) float32 T = (I + A)⁻¹ and its cotangent, inside a kernel (also
+    used by :mod:`pallas_kernels.gpu.gdn_chunk_factors`)."""
+    rows, cols = _indices(T.shape[-1])
     inner = dot(T, dT, precision, transpose_a=True)  # Tᵀ dT
     dA = -dot(inner, T, precision, transpose_b=True)  # (Tᵀ dT) Tᵀ
-    da_ref[...] = jnp.where(rows > cols, dA, 0.0).astype(da_ref.dtype)
+    return jnp.where(rows > cols, dA, 0.0)
+
+
+def _backward_kernel(t_ref, dt_ref, da_ref, *, precision: lax.Precision):
+    dA = inverse_cotangent(t_ref[...].astype(jnp.float32), dt_ref[...].astype(jnp.float32), precision)
+    da_ref[...] = dA.astype(da_ref.dtype)
 
 
 def _check(name: str, x: jax.Array) -> int:
@@ -113,5 +118,5 @@ def unit_lower_inverse_backward(
     size = _check("T", T)
     if dT.shape != T.shape or dT.dtype != T.dtype:
         raise ValueError(f"dT: expected {T.dtype} of shape {T.shape}, got {dT.dtype} of shape {dT.shape}")
-    kernel = functools.partial(_backward_kernel, size=size, precision=precision)
+    kernel = functools.partial(_backward_kernel, precision=precision)
     return _call(kernel, "unit_lower_inverse_backward", (T, dT), size, interpret)

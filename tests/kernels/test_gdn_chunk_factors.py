@@ -19,7 +19,12 @@ import pytest
 from m2rnn_jax.ops.chunking import chunk_decays, split_chunks
 from m2rnn_jax.ops.gated_delta_rule.chunked import HIGHEST, local_factors, to_chunks, unit_lower_inverse
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
-from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
+from pallas_kernels.gpu.gdn_chunk_factors import (
+    FactorsBackwardKernelConfig,
+    FactorsKernelConfig,
+    chunk_factors_backward,
+    chunk_factors_forward,
+)
 
 
 def chunked_inputs(dtype, chunk=16, seq_len=48, k_dim=16, v_dim=64):
@@ -71,3 +76,38 @@ def test_bad_kernel_config_raises():
         FactorsKernelConfig(block_v=48)
     with pytest.raises(ValueError, match="num_warps: expected a positive int"):
         FactorsKernelConfig(num_warps=0)
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, tol", [(jnp.float32, HIGHEST, 1e-6), (jnp.bfloat16, jax.lax.Precision.DEFAULT, 1e-2)]
+)
+@pytest.mark.parametrize("block_k, block_v", [(16, 16), (64, 64)])
+def test_backward_kernel_matches_autodiff_of_the_xla_factors_in_interpret_mode(dtype, precision, tol, block_k, block_v):
+    """dq, dk, dv (token-major) and the cotangents of beta, the decay weights, start and end against jax.vjp of
+    local_factors (the kernel's T as the inverse's value), for random cotangents of all five factors; K = 32 and
+    V = 64 walked in one or several blocks, resets inside chunks."""
+    inputs = chunked_inputs(dtype, k_dim=32)
+    *factors, T = chunk_factors_forward(*inputs, precision=precision, interpret=True)
+    rng = np.random.default_rng(3)
+    cotangents = tuple(jnp.asarray(rng.standard_normal(f.shape), f.dtype) for f in factors)
+    local = functools.partial(
+        local_factors, inverse=functools.partial(unit_lower_inverse, precision=HIGHEST), dot_dtype=dtype
+    )
+    expected = jax.vjp(local, *inputs)[1](cotangents)
+    config = FactorsBackwardKernelConfig(block_k=block_k, block_v=block_v)
+    got = chunk_factors_backward(*inputs, T, cotangents, precision=precision, config=config, interpret=True)
+    names = ("dq", "dk", "dv", "dbeta", "ddecay", "dstart", "dend")
+    for name, g, ref, x in zip(names, got, expected, inputs):
+        assert g.shape == x.shape and g.dtype == (x.dtype if name in ("dq", "dk", "dv") else jnp.float32), name
+        assert relative_error(g.astype(jnp.float32), ref.astype(jnp.float32)) < tol, name
+
+
+def test_backward_kernel_argument_checks():
+    inputs = chunked_inputs(jnp.float32)
+    *factors, T = chunk_factors_forward(*inputs, precision=HIGHEST, interpret=True)
+    with pytest.raises(ValueError, match=r"dQK: expected shape \(2, 2, 3, 16, 16\)"):
+        chunk_factors_backward(*inputs, T, (*factors[:4], factors[4][..., :8]), precision=HIGHEST, interpret=True)
+    with pytest.raises(ValueError, match=r"T: expected shape"):
+        chunk_factors_backward(*inputs, T[:1], tuple(factors), precision=HIGHEST, interpret=True)
+    with pytest.raises(ValueError, match="block_k: expected a power of two >= 16, got 24"):
+        FactorsBackwardKernelConfig(block_k=24)

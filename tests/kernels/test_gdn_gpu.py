@@ -100,9 +100,10 @@ def test_pallas_gpu_matches_float32_reference_on_gpu(dtype, tol, chunk_size):
 
 FUSED_STAGES = {
     "local": {"local": "fused"},
+    "local_backward": {"local": "fused", "local_backward": "fused"},
     "outputs": {"outputs": "fused"},
     "walk_cotangents": {"walk_cotangents": "fused"},
-    "all": {"local": "fused", "outputs": "fused", "walk_cotangents": "fused"},
+    "all": {"local": "fused", "local_backward": "fused", "outputs": "fused", "walk_cotangents": "fused"},
 }
 
 
@@ -110,8 +111,9 @@ FUSED_STAGES = {
 @pytest.mark.parametrize("stages", list(FUSED_STAGES))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_fused_stages_match_float32_reference_on_gpu(stages, dtype):
-    """The backend with each opt-in fused stage (the local factors, the outputs, the walk's input cotangents) and
-    with all three, compiled, against the float32 chunked reference: outputs, final state and every gradient."""
+    """The backend with each opt-in fused stage (the local factors, with their backward kernel too, the outputs, the
+    walk's input cotangents) and with all, compiled, against the float32 chunked reference: outputs, final state
+    and every gradient."""
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs an NVIDIA GPU")
     from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu

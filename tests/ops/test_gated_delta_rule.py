@@ -223,7 +223,14 @@ assert all(relative_error(a, b) < 1e-5 for a, b in zip(g1, g2))
 from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 def fused_loss(*a):
     o, h = gated_delta_rule_pallas_gpu(
-        *a, x["reset"], chunk_size=16, interpret=True, local="fused", outputs="fused", walk_cotangents="fused"
+        *a,
+        x["reset"],
+        chunk_size=16,
+        interpret=True,
+        local="fused",
+        local_backward="fused",
+        outputs="fused",
+        walk_cotangents="fused",
     )
     return jnp.sum(o * o) + jnp.sum(h)
 fused_local = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1, 2, 3, 4, 5)))
@@ -345,9 +352,10 @@ def test_pallas_gpu_interpret_with_128_token_chunks_matches_recurrent():
 
 FUSED_STAGES = [
     {"local": "fused"},
+    {"local": "fused", "local_backward": "fused"},
     {"outputs": "fused"},
     {"walk_cotangents": "fused"},
-    {"local": "fused", "outputs": "fused", "walk_cotangents": "fused"},
+    {"local": "fused", "local_backward": "fused", "outputs": "fused", "walk_cotangents": "fused"},
 ]
 
 
@@ -404,6 +412,10 @@ def test_pallas_gpu_fused_stage_argument_checks():
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, outputs="kernel")
     with pytest.raises(ValueError, match="outputs: 'fused' takes bfloat16 or float16 inputs on the GPU"):
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, outputs="fused")  # float32, compiled
+    with pytest.raises(ValueError, match=r"local_backward: expected one of \['xla', 'fused'\], got 'yes'"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, local="fused", local_backward="yes")
+    with pytest.raises(ValueError, match="local_backward: 'fused' is the backward of local='fused'"):
+        gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, local_backward="fused")
     with pytest.raises(ValueError, match=r"walk_cotangents: expected one of \['xla', 'fused'\], got 'yes'"):
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, interpret=True, walk_cotangents="yes")
     with pytest.raises(ValueError, match="walk_cotangents: 'fused' takes bfloat16 or float16 inputs on the GPU"):

@@ -39,7 +39,7 @@ from m2rnn_jax.ops.gated_delta_rule.chunked import (
     xla_outputs,
 )
 from m2rnn_jax.parallel.axes import HEAD_MESH_AXIS, auto_axis_sizes, batch_split_axes, spec_entry
-from pallas_kernels.gpu.gdn_chunk_factors import chunk_factors_forward
+from pallas_kernels.gpu.gdn_chunk_factors import chunk_factors_backward, chunk_factors_forward
 from pallas_kernels.gpu.gdn_chunk_outputs import chunk_outputs_backward, chunk_outputs_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.gdn_walk_cotangents import walk_input_cotangents
@@ -55,6 +55,7 @@ LONG_CHUNK_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stag
 LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=1)
 INVERSES = ("kernel", "doubling", "triangular_solve")
 LOCALS = ("xla", "fused")
+LOCAL_BACKWARDS = ("xla", "fused")
 OUTPUTS = ("xla", "fused")
 WALK_COTANGENTS = ("xla", "fused")
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -143,22 +144,25 @@ def _inverse_backward(precision, interpret, T, dT):
 fused_unit_lower_inverse.defvjp(_inverse_forward, _inverse_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def fused_local_factors(q, k, v, beta, decay, start, end, precision: jax.lax.Precision, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def fused_local_factors(q, k, v, beta, decay, start, end, precision: jax.lax.Precision, backward: str, interpret: bool):
     """(U, Wk, Kd, Qd, QK) of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.local_factors` by the one kernel of
-    :mod:`pallas_kernels.gpu.gdn_chunk_factors`. The backward is XLA's autodiff of ``local_factors`` with the
-    kernel's T = (I + A)⁻¹ standing in for the inverse (its gradient by the inverse's backward kernel); the forward
-    products it does not need (U, Wk, QK) are dead code there."""
+    :mod:`pallas_kernels.gpu.gdn_chunk_factors`. ``backward`` "fused": the backward kernel there; "xla": XLA's
+    autodiff of ``local_factors`` with the kernel's T = (I + A)⁻¹ standing in for the inverse (its gradient by the
+    inverse's backward kernel; the forward products it does not need, U, Wk and QK, are dead code there)."""
     return chunk_factors_forward(q, k, v, beta, decay, start, end, precision=precision, interpret=interpret)[:5]
 
 
-def _local_forward(q, k, v, beta, decay, start, end, precision, interpret):
+def _local_forward(q, k, v, beta, decay, start, end, precision, backward, interpret):
     *factors, T = chunk_factors_forward(q, k, v, beta, decay, start, end, precision=precision, interpret=interpret)
     return tuple(factors), (q, k, v, beta, decay, start, end, T)
 
 
-def _local_backward(precision, interpret, residuals, cotangents):
+def _local_backward(precision, backward, interpret, residuals, cotangents):
     *inputs, T = residuals
+    if backward == "fused":
+        grads = chunk_factors_backward(*inputs, T, tuple(cotangents), precision=precision, interpret=interpret)
+        return tuple(g.astype(x.dtype) for g, x in zip(grads, inputs))
 
     def given_inverse(A):
         return _saved_inverse(A, T, precision, interpret)
@@ -251,6 +255,7 @@ def gated_delta_rule_pallas_gpu(
     local: str = "xla",
     outputs: str = "xla",
     walk_cotangents: str = "xla",
+    local_backward: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
@@ -260,7 +265,8 @@ def gated_delta_rule_pallas_gpu(
     formed: as "xla" matmuls (float32 results, summed and rounded) or "fused" in one kernel (forward) and two
     (backward) that write O and read its cotangent token-major (:func:`fused_chunk_outputs`; the same dtypes);
     ``walk_cotangents`` how the walk's backward forms dWk = -dW Sᵀ, dKd = W Gᵀ and da = <G, S>: "xla" einsums and
-    a reduction, or "fused" in one kernel (:func:`fused_chunk_states`);
+    a reduction, or "fused" in one kernel (:func:`fused_chunk_states`); ``local_backward`` the backward of the
+    "fused" local stage: XLA's autodiff ("xla") or its own kernel ("fused", dQ, dK, dV written token-major);
     ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
     "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
     inputs), or XLA's "triangular_solve";
@@ -277,6 +283,12 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(f"outputs: expected one of {list(OUTPUTS)}, got {outputs!r}")
     if walk_cotangents not in WALK_COTANGENTS:
         raise ValueError(f"walk_cotangents: expected one of {list(WALK_COTANGENTS)}, got {walk_cotangents!r}")
+    if local_backward not in LOCAL_BACKWARDS:
+        raise ValueError(f"local_backward: expected one of {list(LOCAL_BACKWARDS)}, got {local_backward!r}")
+    if local_backward == "fused" and local != "fused":
+        raise ValueError(
+            f"local_backward: 'fused' is the backward of local='fused'; expected 'xla', got local={local!r}"
+        )
     for name, value in (("local", local), ("outputs", outputs), ("walk_cotangents", walk_cotangents)):
         if value == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
             raise ValueError(
@@ -303,7 +315,8 @@ def gated_delta_rule_pallas_gpu(
 
     def local_stage(*inputs):
         if local == "fused":
-            return per_shard(lambda *a: fused_local_factors(*a, precision, interpret), *inputs, token_major=3)
+            kernels = lambda *a: fused_local_factors(*a, precision, local_backward, interpret)  # noqa: E731
+            return per_shard(kernels, *inputs, token_major=3)
         return local_factors(*inputs, inverse=invert, dot_dtype=dot)
 
     def states(U, Wk, Kd, carry, state):
