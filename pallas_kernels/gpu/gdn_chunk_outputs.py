@@ -16,8 +16,9 @@ is two kernels, one per kind of cotangent, each reading dO once. O is written, a
 heads-first. Products take the factors' dtype as operands (QK, float32, is rounded to it as XLA's products did)
 with a float32 accumulator; float32 operands at full precision.
 
-Grids: forward and state cotangents (B, H, n, V / block_v), one (C or K, block_v) column block a program; factor
-cotangents (B, H, n), a loop over the column blocks accumulating dQd (C, K) and dQK (C, C) in registers.
+Grids: forward and state cotangents (V / block_v, B, H, n), one (C or K, block_v) column block a program, the
+column blocks of a chunk launched together (they share its Qd and QK tiles through the cache); factor cotangents
+(B, H, n), a loop over the column blocks accumulating dQd (C, K) and dQK (C, C) in registers.
 """
 
 from __future__ import annotations
@@ -107,16 +108,32 @@ def _check(Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array) -> tup
     return batch, heads, num_chunks, chunk, k_dim, v_dim
 
 
-def _heads_first(*shape: int, block_index=None) -> pl.BlockSpec:
-    """(B, H, n, *shape) -> one ``shape`` tile of (sequence, head, chunk); ``block_index(j)`` picks the tile's block
-    along the trailing dims from the fourth grid index (default: the whole)."""
-    index = block_index or (lambda *j: (0,) * len(shape))
-    return pl.BlockSpec((None, None, None, *shape), lambda b, h, c, *j: (b, h, c) + index(*j))
+def _grid_ids(ids: tuple) -> tuple:
+    """(column block, sequence, head, chunk) from the grid indices: (V / block_v, B, H, n) (column blocks first,
+    so that a chunk's column-block programs run next to each other and share its (C, K) and (C, C) tiles through the
+    cache; Pallas launches the first grid axis fastest) or (B, H, n) (column block 0)."""
+    return (ids[0], *ids[1:]) if len(ids) == 4 else (0, *ids)
+
+
+def _heads_first(*shape: int, by_columns: bool = False) -> pl.BlockSpec:
+    """(B, H, n, *shape) -> the ``shape`` tile of (sequence, head, chunk): the column block's tile if
+    ``by_columns``, else the whole trailing dims."""
+
+    def index(*ids):
+        j, b, h, c = _grid_ids(ids)
+        return (b, h, c) + (0,) * (len(shape) - 1) + (j if by_columns else 0,)
+
+    return pl.BlockSpec((None, None, None, *shape), index)
 
 
 def _token_major(chunk: int, width: int) -> pl.BlockSpec:
     """(B, n, C, H, V) -> the (C, width) tile of (sequence, head, chunk) and the grid's column block (if any)."""
-    return pl.BlockSpec((None, None, chunk, None, width), lambda b, h, c, j=0: (b, c, 0, h, j))
+
+    def index(*ids):
+        j, b, h, c = _grid_ids(ids)
+        return (b, c, 0, h, j)
+
+    return pl.BlockSpec((None, None, chunk, None, width), index)
 
 
 def chunk_outputs_forward(
@@ -141,16 +158,15 @@ def chunk_outputs_forward(
     """
     batch, heads, num_chunks, chunk, k_dim, v_dim = _check(Qd, QK, starts, w)
     block_v = min(config.block_v, v_dim)
-    columns = lambda j: (0, j)  # noqa: E731  (the j-th column block of a (rows, V) tile)
     return pl.pallas_call(
         _forward_kernel,
         out_shape=jax.ShapeDtypeStruct((batch, num_chunks, chunk, heads, v_dim), out_dtype),
-        grid=(batch, heads, num_chunks, v_dim // block_v),
+        grid=(v_dim // block_v, batch, heads, num_chunks),
         in_specs=[
             _heads_first(chunk, k_dim),
             _heads_first(chunk, chunk),
-            _heads_first(k_dim, block_v, block_index=columns),
-            _heads_first(chunk, block_v, block_index=columns),
+            _heads_first(k_dim, block_v, by_columns=True),
+            _heads_first(chunk, block_v, by_columns=True),
         ],
         out_specs=_token_major(chunk, block_v),
         compiler_params=config.compiler_params(),
@@ -186,17 +202,13 @@ def chunk_outputs_backward(
         raise ValueError(
             f"do: expected shape (B, n, C, H, V) = {(batch, num_chunks, chunk, heads, v_dim)}, got {tuple(do.shape)}"
         )
-    columns = lambda j: (0, j)  # noqa: E731
     block_v = min(state_config.block_v, v_dim)
     dstarts, dw = pl.pallas_call(
         _state_cotangents_kernel,
         out_shape=[jax.ShapeDtypeStruct(starts.shape, starts.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype)],
-        grid=(batch, heads, num_chunks, v_dim // block_v),
+        grid=(v_dim // block_v, batch, heads, num_chunks),
         in_specs=[_heads_first(chunk, k_dim), _heads_first(chunk, chunk), _token_major(chunk, block_v)],
-        out_specs=[
-            _heads_first(k_dim, block_v, block_index=columns),
-            _heads_first(chunk, block_v, block_index=columns),
-        ],
+        out_specs=[_heads_first(k_dim, block_v, by_columns=True), _heads_first(chunk, block_v, by_columns=True)],
         compiler_params=state_config.compiler_params(),
         interpret=interpret,
         name="gdn_chunk_outputs_state_cotangents",

@@ -8,8 +8,8 @@ independent per chunk:
 
 three reductions over V of (C or K, V) tiles of one chunk. XLA ran them as two batched products (Triton GEMM
 fusions) and a separate reduction that read the (B, H, n, K, V) G and S once more (session 21's H100 profile of the
-400M 1L hybrid: 5.06 and 3.52 ms of the 257 ms step). Here one program per (sequence, head, chunk, block of
-``block_k`` rows of K) loops over V in blocks of ``block_v``, keeping the two (C, block_k) products in float32
+400M 1L hybrid: 5.06 and 3.52 ms of the 257 ms step). Here one program per (block of ``block_k`` rows of K,
+sequence, head, chunk) loops over V in blocks of ``block_v``, keeping the two (C, block_k) products in float32
 registers, and adds the block's part of da, so S and G are read once for all three. Products take the operands'
 dtype with a float32 accumulator (float32 at full precision); da's partial sums per row block are added after.
 """
@@ -95,10 +95,11 @@ def walk_input_cotangents(
     block_k = min(config.block_k, k_dim)
     row_blocks = k_dim // block_k
 
+    # grid (K / block_k, B, H, n): a chunk's row-block programs launch together and share its dW and W tiles
     def tile(rows: int, by_row_block: bool) -> pl.BlockSpec:  # (B, H, n, rows, V) -> one (rows, V) tile
-        return pl.BlockSpec((None, None, None, rows, v_dim), lambda b, h, c, r: (b, h, c, r if by_row_block else 0, 0))
+        return pl.BlockSpec((None, None, None, rows, v_dim), lambda r, b, h, c: (b, h, c, r if by_row_block else 0, 0))
 
-    cotangent = pl.BlockSpec((None, None, None, chunk, block_k), lambda b, h, c, r: (b, h, c, 0, r))
+    cotangent = pl.BlockSpec((None, None, None, chunk, block_k), lambda r, b, h, c: (b, h, c, 0, r))
     dwk, dkd, da = pl.pallas_call(
         functools.partial(_kernel, block_v=min(config.block_v, v_dim)),
         out_shape=[
@@ -106,12 +107,12 @@ def walk_input_cotangents(
             jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk, k_dim), w.dtype),
             jax.ShapeDtypeStruct((batch, heads, num_chunks, row_blocks), jnp.float32),
         ],
-        grid=(batch, heads, num_chunks, row_blocks),
+        grid=(row_blocks, batch, heads, num_chunks),
         in_specs=[tile(chunk, False), tile(block_k, True), tile(chunk, False), tile(block_k, True)],
         out_specs=[
             cotangent,
             cotangent,
-            pl.BlockSpec((None, None, None, None), lambda b, h, c, r: (b, h, c, r)),
+            pl.BlockSpec((None, None, None, None), lambda r, b, h, c: (b, h, c, r)),
         ],
         compiler_params=config.compiler_params(),
         interpret=interpret,
