@@ -44,7 +44,12 @@ from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import (
     gated_delta_rule_pallas_gpu,
 )
 from m2rnn_jax.testing import random_gdn_inputs, relative_error
-from pallas_kernels.gpu.gdn_chunk_factors import FactorsKernelConfig, chunk_factors_forward
+from pallas_kernels.gpu.gdn_chunk_factors import (
+    FactorsBackwardKernelConfig,
+    FactorsKernelConfig,
+    chunk_factors_backward,
+    chunk_factors_forward,
+)
 from pallas_kernels.gpu.gdn_chunk_outputs import OutputsKernelConfig, chunk_outputs_backward, chunk_outputs_forward
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.gdn_walk_cotangents import WalkCotangentsKernelConfig, walk_input_cotangents
@@ -69,6 +74,12 @@ VARIANTS = {
     "f32w4_b32w8": {"forward_config": K(32, 4, 2), "backward_config": K(32, 8, 2), "inverse": "doubling"},
 }
 FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
+LOCAL_BACKWARD_SWEEP = [  # the configurations without register spills offline (C=64, K=256, V=512 bf16)
+    FactorsBackwardKernelConfig(block_k=64, block_v=64, num_warps=8, num_stages=1),  # the default
+    FactorsBackwardKernelConfig(block_k=32, block_v=32, num_warps=8, num_stages=3),
+    FactorsBackwardKernelConfig(block_k=32, block_v=64, num_warps=8, num_stages=1),
+    FactorsBackwardKernelConfig(block_k=32, block_v=64, num_warps=8, num_stages=2),  # 8 B spilled
+]
 # the output kernels: forward and state cotangents (one column block a program), factor cotangents (a loop)
 OUTPUTS_SWEEP = [O(64, 8, 1), O(128, 8, 1), O(64, 4, 1), O(128, 4, 1), O(32, 4, 1)]
 FACTOR_COTANGENTS_SWEEP = [O(64, 8, 2), O(64, 8, 1), O(32, 8, 3), O(32, 8, 2), O(64, 4, 2)]
@@ -148,6 +159,29 @@ def output_stage_timings(Qd, QK, starts, w, interpret: bool) -> dict[str, float 
                 out[f"{name}_ms"] = median_ms(jax.jit(build(cfg)), *factors)
             except Exception as e:  # a launch that does not fit must not lose the others
                 out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def local_backward_timings(chunks, decays, interpret: bool) -> dict[str, float | str]:
+    """The chunk-local stage's backward kernel alone at the sweep's launches, for random cotangents of the five
+    factors (the forward kernel's T)."""
+    default = jax.lax.Precision.DEFAULT
+    inputs = (chunks["q"], chunks["k"], chunks["v"], chunks["beta"], *decays)
+    *factors, T = chunk_factors_forward(*inputs, precision=default, interpret=interpret)
+    keys = jax.random.split(jax.random.key(6), len(factors))
+    cotangents = tuple(jax.random.normal(key, f.shape, f.dtype) for key, f in zip(keys, factors))
+    out = {}
+    for cfg in LOCAL_BACKWARD_SWEEP:
+        name = f"local_bwd_bk{cfg.block_k}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+        kernel = jax.jit(
+            lambda cts, cfg=cfg: chunk_factors_backward(
+                *inputs, T, cts, precision=default, config=cfg, interpret=interpret
+            )
+        )
+        try:
+            out[f"{name}_ms"] = median_ms(kernel, cotangents)
+        except Exception as e:  # a launch that does not fit must not lose the others
+            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -296,6 +330,7 @@ def main() -> None:
             "inverse_doubling_default_precision_vs_trsm_rel": relative_error(inv_d, inv_t),
         }
         decays = chunk_decays(chunks["log_alpha"], None)[:3]
+        out.update(local_backward_timings(chunks, decays, args.interpret))
         for cfg in FACTORS_SWEEP:
             name = f"factors_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
             kernel = jax.jit(

@@ -98,13 +98,17 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            mkdir -p "$OUT/gdn_c$chunk"
            run "gdn_c$chunk" 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_c$chunk" \
              --chunk "$chunk" --variants default --no-resets ;;
-    gdnfused) # the GDN op with the XLA stages beside each fused one and all fused (gdn_check: the kernels' launch
-              # sweeps and each stage alone), then the compiled GPU tests of the three kernels
+    gdnfused) # the GDN op with the XLA stages beside each fused one and all fused (errors vs float32, fwd and fwd+bwd
+              # ms), then the compiled GPU tests of every fused stage
            mkdir -p "$OUT/gdn_fused"
-           run gdn_fused 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
-             --variants default fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-resets --budget-s 280
+           run gdn_fused 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
+             --variants default fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-sweep --no-resets
            run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/kernels/test_gdn_gpu.py -k fused_stages ;;
+    gdnsweep) # gdn_check's breakdown alone: each stage, XLA's and the kernels', and every kernel's launch sweep
+           mkdir -p "$OUT/gdn_sweep"
+           run gdn_sweep 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_sweep" \
+             --variants --no-resets --no-reference-timing ;;
     stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
            # "xla all"): the tree as it is, then the pallas_gpu defaults of the named arguments (local, local_backward
            # (with local only), outputs, walk_cotangents, joined by +; "all": the four) flipped to "fused" for that
