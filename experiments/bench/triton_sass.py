@@ -36,8 +36,8 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_
 
 
 def triton_modules(function, *specs: jax.ShapeDtypeStruct) -> dict[str, tuple[str, list]]:
-    """Triton IR text and launch grid of every Pallas-Triton kernel of ``function`` lowered for CUDA at ``specs``
-    (no GPU needed), by kernel name."""
+    """Triton IR text and launch grid of every Pallas-Triton kernel of ``function`` lowered for CUDA (sm_90) at
+    ``specs`` (no GPU needed), by kernel name."""
     modules = {}
     lowering = pallas_call_registration.lowering
     original = lowering.lower_jaxpr_to_triton_module
@@ -50,10 +50,16 @@ def triton_modules(function, *specs: jax.ShapeDtypeStruct) -> dict[str, tuple[st
         return result
 
     lowering.lower_jaxpr_to_triton_module = capture
+    gpu_info = getattr(pallas_call_registration, "gpu_info_lib", None)  # jax >= 0.11 asks the device for its arch
+    original_info = gpu_info and gpu_info.get_gpu_info
+    if gpu_info is not None:
+        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
     try:
         jax.jit(function).trace(*specs).lower(lowering_platforms=("cuda",))
     finally:
         lowering.lower_jaxpr_to_triton_module = original
+        if gpu_info is not None:
+            gpu_info.get_gpu_info = original_info
     return modules
 
 
