@@ -8,7 +8,9 @@ a state weight near the identity, and q, k, v of unit scale (post conv + SiLU). 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -203,3 +205,21 @@ def jaxpr_equations(jaxpr: Any, primitive: str) -> list:
                 if hasattr(inner, "eqns"):
                     found.extend(jaxpr_equations(inner, primitive))
     return found
+
+
+@contextlib.contextmanager
+def cuda_lowering_without_a_gpu() -> Iterator[None]:
+    """Inside: Pallas-Triton kernels lower for CUDA (``lower(lowering_platforms=("cuda",))``) on a host without a
+    GPU. jax >= 0.11 asks the default device for its compute capability while lowering; this hands it an H200's
+    (sm_90). Older jax does not ask, and nothing is changed."""
+    registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
+    gpu_info = getattr(registration, "gpu_info_lib", None)
+    if gpu_info is None:
+        yield
+        return
+    original = gpu_info.get_gpu_info
+    gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+    try:
+        yield
+    finally:
+        gpu_info.get_gpu_info = original

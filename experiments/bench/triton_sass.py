@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration  # noqa: F401 (the hook below needs the module object)
 
 from m2rnn_jax.ops.m2rnn.pallas_gpu import m2rnn_pallas_gpu
+from m2rnn_jax.testing import cuda_lowering_without_a_gpu
 from pallas_kernels.gpu.m2rnn_common import KernelConfig
 
 H200_SCHEDULERS = 132 * 4
@@ -50,16 +51,11 @@ def triton_modules(function, *specs: jax.ShapeDtypeStruct) -> dict[str, tuple[st
         return result
 
     lowering.lower_jaxpr_to_triton_module = capture
-    gpu_info = getattr(pallas_call_registration, "gpu_info_lib", None)  # jax >= 0.11 asks the device for its arch
-    original_info = gpu_info and gpu_info.get_gpu_info
-    if gpu_info is not None:
-        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
     try:
-        jax.jit(function).trace(*specs).lower(lowering_platforms=("cuda",))
+        with cuda_lowering_without_a_gpu():
+            jax.jit(function).trace(*specs).lower(lowering_platforms=("cuda",))
     finally:
         lowering.lower_jaxpr_to_triton_module = original
-        if gpu_info is not None:
-            gpu_info.get_gpu_info = original_info
     return modules
 
 
