@@ -7,8 +7,8 @@ Cases (the shapes of hybrid-gdn-m2rnn-1l-400m): ``conv`` (B, S, 2048) with 4 tap
 and zero state (the GDN qkv conv in training); ``norm`` (B, S, 1024) (the residual-stream RMSNorm); ``o_norm``
 (B, S, 2, 512) (GDN's per-head norm). Inputs and outputs in ``--dtype``, parameters float32. One line per case and
 variant: ``reference`` (autodiff) and ``custom_vjp`` (the layers' path; for the conv its "jnp" backend), for the
-conv also ``pallas_gpu`` (the fused Pallas-Triton kernels; NVIDIA GPUs only, skipped elsewhere), then the ratios to
-the reference.
+conv also ``pallas_gpu`` (the fused Pallas-Triton kernels) and ``pallas_gpu_transpose`` (XLA's dz, then the backward
+kernel; both NVIDIA GPUs only, skipped elsewhere), then the ratios to the reference.
 
 ``--conv-configs block_s,block_c,blocks_per_program,num_warps,num_stages ...`` also times the two conv kernels
 alone for each launch configuration (forward kernel; backward kernel), with their effective bandwidth (bytes the
@@ -61,6 +61,7 @@ VARIANTS = {
         "reference": causal_conv_reference,
         "custom_vjp": functools.partial(causal_conv, backend="jnp"),
         "pallas_gpu": functools.partial(causal_conv, backend="pallas_gpu"),
+        "pallas_gpu_transpose": functools.partial(causal_conv, backend="pallas_gpu_transpose"),
     },
     "norm": {"reference": rms_norm_reference, "custom_vjp": rms_norm},
     "o_norm": {"reference": rms_norm_reference, "custom_vjp": rms_norm},
@@ -84,7 +85,7 @@ def main() -> None:
         times, results = {}, {}
         dy = jax.random.normal(jax.random.key(1), primals[0].shape, jnp.float32).astype(dtype)
         for variant, fn in VARIANTS[case].items():
-            if variant == "pallas_gpu" and not on_nvidia_gpu():
+            if variant.startswith("pallas_gpu") and not on_nvidia_gpu():
                 print(f"{case:7s} {variant:10s} skipped: needs an NVIDIA GPU")
                 continue
             forward = jax.jit(build(fn, dtype))

@@ -14,14 +14,17 @@ window's cotangent back into [state | x]; the custom backward recomputes the pre
 cotangent (kept in the output cotangent's dtype: bf16 in bf16 layers) through a few fused passes: the kernel and
 bias gradients as sibling reductions over (B, S), dx and d state as the transposed conv written straight into each.
 
-:func:`causal_conv` has two backends (``backend=``): "jnp", the custom VJP above in XLA, and "pallas_gpu", the fused
+:func:`causal_conv` has three backends (``backend=``): "jnp", the custom VJP above in XLA; "pallas_gpu", the fused
 Pallas-Triton kernels of :mod:`pallas_kernels.gpu.causal_conv` (one pass over x for y; one pass over x and dy for
-dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward). "auto" is "jnp": on
-the H200 the fused kernels are correct and 3.4x faster forward but only 1.15x forward + backward, and neutral in the
-train step (docs/norm_conv_vjp.md); the environment variable ``M2RNN_JAX_CONV_BACKEND=pallas_gpu`` (read when a call
-is traced) makes "auto" pick them on an NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output,
-"jnp" elsewhere. Under a mesh the kernels run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes,
-channels over ``tensor`` (when they divide).
+dx, d kernel and d bias; d state from the first kernel_size - 1 tokens by the "jnp" backward); and
+"pallas_gpu_transpose", the "jnp" path up to dz (which XLA fuses with the layer's ops after the conv), then the
+backward kernel with dz for dy and no activation for dx, d kernel and d bias (one pass over dz and x where XLA
+made two; not yet timed on a GPU). "auto" is "jnp": on the H200 the fused kernels are correct and 3.4x faster
+forward but only 1.15x forward + backward, and neutral in the train step (docs/norm_conv_vjp.md); the environment
+variable ``M2RNN_JAX_CONV_BACKEND`` (read when a call is traced) naming a kernel backend makes "auto" pick it on an
+NVIDIA GPU (the default device) for bf16 / f16 / f32 inputs and output, "jnp" elsewhere. Under a mesh the kernels
+run inside ``jax.shard_map``: batch split over the data/fsdp/expert axes, channels over ``tensor`` (when they
+divide).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from m2rnn_jax.parallel.context.mixers import causal_conv_over_context
 from m2rnn_jax.typing import Dtype
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu}
-CONV_BACKENDS = ("auto", "jnp", "pallas_gpu")
+CONV_BACKENDS = ("auto", "jnp", "pallas_gpu", "pallas_gpu_transpose")
+KERNEL_BACKENDS = ("pallas_gpu", "pallas_gpu_transpose")  # the backends that run Pallas kernels
 BACKEND_ENV_VAR = "M2RNN_JAX_CONV_BACKEND"  # what "auto" prefers (module docstring)
 
 
@@ -137,17 +141,20 @@ def causal_conv(
     over the same manual axes (:mod:`m2rnn_jax.layers.manual_axes`).
     """
     inputs = vary_together(x, state, kernel, bias)  # cotangent types (shard_map)
-    if resolve_conv_backend(backend, inputs, dtype) == "pallas_gpu":
-        y = _fused_conv_output_on_mesh(*inputs, activation, dtype, interpret)
+    name = resolve_conv_backend(backend, inputs, dtype)
+    if name == "pallas_gpu":
+        y = _kernels_on_mesh(lambda *a: _fused_conv_output(*a, activation, dtype, interpret), *inputs)
+    elif name == "pallas_gpu_transpose":
+        y = _kernels_on_mesh(lambda *a: _conv_output(*a, activation, dtype, "kernel", interpret), *inputs)
     else:
-        y = _conv_output(*inputs, activation, dtype)
+        y = _conv_output(*inputs, activation, dtype, "jnp", False)
     return y, _last_inputs(x, state)
 
 
 def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dtype: Dtype) -> str:
     """The concrete backend of :func:`causal_conv`: ``backend`` unless it is "auto". "auto" is "jnp" unless the
-    environment variable :data:`BACKEND_ENV_VAR` says "pallas_gpu": then "pallas_gpu" on an NVIDIA GPU when every
-    input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else "jnp"."""
+    environment variable :data:`BACKEND_ENV_VAR` names one of :data:`KERNEL_BACKENDS`: then that one on an NVIDIA
+    GPU when every input (x, state, kernel, bias; None skipped) and ``dtype`` are bf16 / f16 / f32, else "jnp"."""
     if backend not in CONV_BACKENDS:
         raise ValueError(f"backend: expected one of {list(CONV_BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -160,11 +167,12 @@ def resolve_conv_backend(backend: str, inputs: tuple[jax.Array | None, ...], dty
     if not on_nvidia_gpu():
         return "jnp"
     dtypes = [jnp.dtype(dtype)] + [jnp.dtype(a.dtype) for a in inputs if a is not None]
-    return "pallas_gpu" if all(d in _kernels().SUPPORTED_DTYPES for d in dtypes) else "jnp"
+    return preferred if all(d in _kernels().SUPPORTED_DTYPES for d in dtypes) else "jnp"
 
 
 def _kernels() -> ModuleType:
-    """:mod:`pallas_kernels.gpu.causal_conv`, imported on first use (Pallas-Triton; only "pallas_gpu" needs it)."""
+    """:mod:`pallas_kernels.gpu.causal_conv`, imported on first use (Pallas-Triton; only the kernel backends need
+    it)."""
     return importlib.import_module("pallas_kernels.gpu.causal_conv")
 
 
@@ -179,25 +187,34 @@ def _pre_activation(
     return window, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _conv_output(
-    x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation: str | None, dtype: Dtype
+    x: jax.Array,
+    state: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    activation: str | None,
+    dtype: Dtype,
+    transpose: str,
+    interpret: bool,
 ) -> jax.Array:
-    """y (B, S, C) in ``dtype``: the activation of the conv of [state | x] plus the bias."""
+    """y (B, S, C) in ``dtype``: the activation of the conv of [state | x] plus the bias. ``transpose``: how the
+    backward forms dx, d kernel and d bias from dz: "jnp" (XLA) or "kernel" (the Pallas backward kernel with no
+    activation; ``interpret`` runs it in interpret mode)."""
     _, z = _pre_activation(x, state, kernel, bias, jnp.promote_types(jnp.float32, dtype))
     y = z if activation is None else ACTIVATIONS[activation](z)
     return y.astype(dtype)
 
 
-def _conv_output_fwd(
-    x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation: str | None, dtype: Dtype
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]:
-    return _conv_output(x, state, kernel, bias, activation, dtype), (x, state, kernel, bias)
+def _conv_output_fwd(x, state, kernel, bias, activation, dtype, transpose, interpret):
+    return _conv_output(x, state, kernel, bias, activation, dtype, transpose, interpret), (x, state, kernel, bias)
 
 
 def _conv_output_bwd(
     activation: str | None,
     dtype: Dtype,
+    transpose: str,
+    interpret: bool,
     residuals: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None],
     dy: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
@@ -215,11 +232,6 @@ def _conv_output_bwd(
     # stored_in keeps it so: without its barrier XLA's GPU compiler wrote dz in float32 for its two readers (the 1L
     # hybrid's H200 step, session 12's profile: 20 float32 (B, S, C) buffers a step, each written once, read twice)
     dz = stored_in(dz, jnp.promote_types(dy.dtype, x.dtype))
-    # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
-    dkernel = jnp.stack(
-        [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]
-    )
-    dbias = None if bias is None else jnp.sum(dz, axis=(0, 1)).astype(bias.dtype)
     # d window[i] = sum_j kernel[j] dz[i - j] (the transposed conv), with dz[i - j] = dz_padded[i - j + ks - 1]
     taps = kernel.astype(compute_dtype)
     dz_padded = jnp.pad(dz, ((0, 0), (kernel_size - 1, kernel_size - 1), (0, 0)))
@@ -232,31 +244,34 @@ def _conv_output_bwd(
         ]
         return sum(shifted).astype(x.dtype)
 
-    dx = dwindow(kernel_size - 1, seq_len)
     dstate = dwindow(0, kernel_size - 1).astype(state.dtype)
-    return dx, dstate, dkernel.astype(kernel.dtype), dbias
+    if transpose == "kernel":  # one pass over dz and x: the backward kernel with dz for dy and no activation
+        dx, dkernel, dbias = _kernels().causal_conv_backward(
+            x, state, kernel, bias, dz, activation=None, interpret=interpret
+        )
+        return dx, dstate, dkernel.astype(kernel.dtype), None if bias is None else dbias.astype(bias.dtype)
+    # d kernel[j] = sum over (B, S) of dz * window[:, j : j + S], d bias = sum of dz: sibling reductions of one read
+    dkernel = jnp.stack(
+        [jnp.sum(dz * window[:, j : j + seq_len].astype(compute_dtype), axis=(0, 1)) for j in range(kernel_size)]
+    )
+    dbias = None if bias is None else jnp.sum(dz, axis=(0, 1)).astype(bias.dtype)
+    return dwindow(kernel_size - 1, seq_len), dstate, dkernel.astype(kernel.dtype), dbias
 
 
 _conv_output.defvjp(_conv_output_fwd, _conv_output_bwd)
 
 
-def _fused_conv_output_on_mesh(
-    x: jax.Array,
-    state: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    activation: str | None,
-    dtype: Dtype,
-    interpret: bool,
+def _kernels_on_mesh(
+    run: Callable[..., jax.Array], x: jax.Array, state: jax.Array, kernel: jax.Array, bias: jax.Array | None
 ) -> jax.Array:
-    """:func:`_fused_conv_output`, inside ``jax.shard_map`` when the current mesh has auto axes that split the
-    batch or the channels (a Pallas kernel is opaque to XLA's partitioner, which would gather its inputs). The
-    backward is linear in dy, so shard_map's transpose (summing the replicated parameters' cotangents) is exact."""
+    """``run(x, state, kernel, bias)`` (a conv whose forward or backward runs Pallas kernels), inside
+    ``jax.shard_map`` when the current mesh has auto axes that split the batch or the channels (a Pallas kernel is
+    opaque to XLA's partitioner, which would gather its inputs). The backward is linear in dy, so shard_map's
+    transpose (summing the replicated parameters' cotangents) is exact."""
     sizes = auto_axis_sizes()
     batch_axes = batch_split_axes(sizes, x.shape[0])
     channel_shards = sizes.get(HEAD_MESH_AXIS, 1)
     channel_axis = HEAD_MESH_AXIS if channel_shards > 1 and x.shape[-1] % channel_shards == 0 else None
-    run = lambda *arrays: _fused_conv_output(*arrays, activation, dtype, interpret)
     if not batch_axes and channel_axis is None:
         return run(x, state, kernel, bias)
     tokens = P(spec_entry(batch_axes), None, channel_axis)
@@ -299,7 +314,7 @@ def _fused_conv_output_bwd(
     )
     tail = state.shape[1]
     head = (x[:, :tail], state, kernel, bias)
-    dstate = _conv_output_bwd(activation, dtype, head, dy[:, :tail])[1] if tail else jnp.zeros_like(state)
+    dstate = _conv_output_bwd(activation, dtype, "jnp", False, head, dy[:, :tail])[1] if tail else jnp.zeros_like(state)
     return dx, dstate, dkernel.astype(kernel.dtype), None if bias is None else dbias.astype(bias.dtype)
 
 

@@ -2,9 +2,10 @@
 
 In interpret mode on any platform: the kernels called directly with small tiles (several row, channel and
 row-group blocks, ragged S and C) against autodiff of ``causal_conv_reference``, and ``causal_conv`` with
-``backend="pallas_gpu"`` (values, new state and every gradient) for kernel sizes 1..4, with and without bias and
-activation, float32 and bf16 inputs, a nonzero state, S shorter than the state, under ``jax.vmap`` and a
-``jax.shard_map``. Tests marked ``gpu`` run the compiled kernels on an NVIDIA GPU at the GDN conv's shape.
+``backend="pallas_gpu"`` and ``"pallas_gpu_transpose"`` (values, new state and every gradient) for kernel sizes
+1..4, with and without bias and activation, float32 and bf16 inputs, a nonzero state, S shorter than the state,
+under ``jax.vmap`` and a ``jax.shard_map``. Tests marked ``gpu`` run the compiled kernels on an NVIDIA GPU at the
+GDN conv's shape.
 """
 
 from __future__ import annotations
@@ -94,6 +95,29 @@ def test_causal_conv_pallas_gpu_matches_reference(mode, kernel_size, use_bias, a
     compare(mode, x, state, kernel, bias, activation)
 
 
+def transpose_conv(x, state, kernel, bias, *, activation, dtype):
+    return causal_conv(
+        x, state, kernel, bias, activation=activation, dtype=dtype, backend="pallas_gpu_transpose", interpret=True
+    )
+
+
+@pytest.mark.parametrize("mode", ["f32", "bf16"])
+@pytest.mark.parametrize(
+    "kernel_size, use_bias, activation", [(1, True, "silu"), (2, False, None), (3, True, None), (4, True, "silu")]
+)
+def test_causal_conv_pallas_gpu_transpose_matches_reference(mode, kernel_size, use_bias, activation):
+    """backend="pallas_gpu_transpose" (XLA's dz, then the backward kernel for dx, d kernel and d bias): y, new state
+    and every gradient; S = 13 and C = 6 ragged for the default tiles."""
+    x, state, kernel, bias = make_inputs(mode, 2, 13, 6, kernel_size, use_bias, key=20 + kernel_size)
+    compare(mode, x, state, kernel, bias, activation, fn=transpose_conv)
+
+
+@pytest.mark.parametrize("seq_len", [1, 2])
+def test_pallas_gpu_transpose_with_sequences_shorter_than_the_state(seq_len):
+    x, state, kernel, bias = make_inputs("f32", 2, seq_len, 3, 4, True, key=seq_len)
+    compare("f32", x, state, kernel, bias, "silu", fn=transpose_conv)
+
+
 @pytest.mark.parametrize("seq_len", [1, 2])
 def test_sequences_shorter_than_the_state(seq_len):
     """S < kernel_size - 1: every tap of the first rows reads the state; d state gets all of them."""
@@ -126,16 +150,18 @@ def test_inside_shard_map():
     compare("f32", x, state, kernel, bias, "silu", fn=sharded)
 
 
+@pytest.mark.parametrize("backend, kernels", [("pallas_gpu", 2), ("pallas_gpu_transpose", 1)])
 @pytest.mark.parametrize("kernel_size", [1, 4])
-def test_lowers_for_cuda_inside_a_check_vma_shard_map(kernel_size):
+def test_lowers_for_cuda_inside_a_check_vma_shard_map(kernel_size, backend, kernels):
     """The kernels' outputs carry the inputs' varying manual axes: the gradient lowers for CUDA inside a
-    ``check_vma=True`` shard_map with replicated state and parameters (both kernels are Triton custom calls)."""
+    ``check_vma=True`` shard_map with replicated state and parameters ("pallas_gpu": both kernels are Triton custom
+    calls; "pallas_gpu_transpose": the backward one)."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     x, state, kernel, bias = make_inputs("bf16", 2, 9, 5, kernel_size, True, key=4)
 
     def loss(x, state, kernel, bias):
         def run(*args):
-            y, _ = causal_conv(*args, activation="silu", dtype=jnp.bfloat16, backend="pallas_gpu")
+            y, _ = causal_conv(*args, activation="silu", dtype=jnp.bfloat16, backend=backend)
             return jnp.sum(y.astype(jnp.float32) ** 2)[None]
 
         sharded = jax.shard_map(run, mesh=mesh, in_specs=(P("data"), P(), P(), P()), out_specs=P("data"))
@@ -144,7 +170,7 @@ def test_lowers_for_cuda_inside_a_check_vma_shard_map(kernel_size):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, state, kernel, bias)
     with cuda_lowering_without_a_gpu():
         text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert "causal_conv_forward" in text and "causal_conv_backward" in text
+    assert "causal_conv_backward" in text and ("causal_conv_forward" in text) == (kernels == 2)
 
 
 def test_auto_backend_is_jnp_unless_the_environment_asks_for_the_kernels(monkeypatch):
@@ -164,6 +190,10 @@ def test_auto_backend_is_jnp_unless_the_environment_asks_for_the_kernels(monkeyp
     monkeypatch.setattr(conv, "on_nvidia_gpu", lambda: False)
     assert resolve_conv_backend("auto", inputs, jnp.float32) == "jnp"
     assert resolve_conv_backend("pallas_gpu", inputs, jnp.float32) == "pallas_gpu"
+    monkeypatch.setattr(conv, "on_nvidia_gpu", lambda: True)
+    monkeypatch.setenv(conv.BACKEND_ENV_VAR, "pallas_gpu_transpose")
+    assert resolve_conv_backend("auto", inputs, jnp.float32) == "pallas_gpu_transpose"
+    assert resolve_conv_backend("auto", inputs, np.float64) == "jnp"
     monkeypatch.setenv(conv.BACKEND_ENV_VAR, "triton")
     with pytest.raises(ValueError, match="M2RNN_JAX_CONV_BACKEND: expected one of"):
         resolve_conv_backend("auto", inputs, jnp.float32)
@@ -195,8 +225,9 @@ def test_default_config_shrinks_to_small_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_transpose"])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2**-7)])
-def test_compiled_kernels_match_reference_on_gpu(dtype, tol):
+def test_compiled_kernels_match_reference_on_gpu(backend, dtype, tol):
     """The GDN qkv conv's shape per sequence (S = 4096, C = 2048, 4 taps, SiLU) plus a bias and a state."""
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs an NVIDIA GPU")
@@ -212,7 +243,7 @@ def test_compiled_kernels_match_reference_on_gpu(dtype, tol):
         y, vjp = jax.vjp(run, x, state, kernel, bias)
         return (y, *vjp(dy))
 
-    fused = jax.jit(lambda: outputs(causal_conv, backend="pallas_gpu"))()
+    fused = jax.jit(lambda: outputs(causal_conv, backend=backend))()
     expected = jax.jit(lambda: outputs(causal_conv_reference))()
     for name, actual, wanted in zip(("y", "dx", "dstate", "dkernel", "dbias"), fused, expected, strict=True):
         wanted = np.asarray(wanted, np.float64)
@@ -229,9 +260,10 @@ def check_on_a_mesh() -> None:
     split = jax.sharding.NamedSharding(mesh, P("data", None, "tensor"))
     x, state = jax.device_put(x, split), jax.device_put(state, split)
     with jax.set_mesh(mesh):
-        jaxpr = jax.make_jaxpr(lambda *args: fused_conv(*args, activation="silu", dtype=jnp.float32))
-        assert "shard_map" in str(jaxpr(x, state, kernel, bias)), "the kernels ran outside a shard_map"
-        compare("f32", x, state, kernel, bias, "silu")
+        for fn in (fused_conv, transpose_conv):
+            jaxpr = jax.make_jaxpr(lambda *args, fn=fn: fn(*args, activation="silu", dtype=jnp.float32))
+            assert "shard_map" in str(jaxpr(x, state, kernel, bias)), "the kernels ran outside a shard_map"
+            compare("f32", x, state, kernel, bias, "silu", fn=fn)
     print("mesh check passed")
 
 
