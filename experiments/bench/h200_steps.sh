@@ -105,6 +105,11 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
              --variants default fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-sweep --no-resets
            run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/kernels/test_gdn_gpu.py -k fused_stages ;;
+    convt) # the conv backends: the compiled GPU tests (pallas_gpu and pallas_gpu_transpose), then norm_conv_check
+           # (reference, jnp, both kernel backends, and the norms) at the GDN conv's shape
+           run convtests 240 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
+             tests/kernels/test_causal_conv_gpu.py
+           run convcheck 200 python3 -m experiments.bench.norm_conv_check --batch "$B" --seq-len "$S" --dtype bfloat16 ;;
     gdnsweep) # gdn_check's breakdown alone: each stage, XLA's and the kernels', and every kernel's launch sweep
            mkdir -p "$OUT/gdn_sweep"
            run gdn_sweep 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_sweep" \
