@@ -97,6 +97,29 @@ def _kernel(
         u_ref[:, cols_j] = dot(Tb, v_ref[:, cols_j], exact).astype(u_ref.dtype)
 
 
+def _token_major(chunk: int, width: int) -> pl.BlockSpec:
+    """(B, n, C, H, width) -> the (C, width) tile of the grid's (sequence, head, chunk)."""
+    return pl.BlockSpec((None, None, chunk, None, width), lambda b, h, c: (b, c, 0, h, 0))
+
+
+def _heads_first(*shape: int) -> pl.BlockSpec:
+    """(B, H, n, *shape) -> the ``shape`` tile of the grid's (sequence, head, chunk)."""
+    return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h, c) + (0,) * len(shape))
+
+
+def _stage_specs(chunk: int, k_dim: int, v_dim: int) -> list[pl.BlockSpec]:
+    """The tiles of the stage's inputs, in both kernels' order: q, k, v token-major; beta, decay, start, end."""
+    return [
+        _token_major(chunk, k_dim),
+        _token_major(chunk, k_dim),
+        _token_major(chunk, v_dim),
+        _heads_first(chunk),
+        _heads_first(chunk, chunk),
+        _heads_first(chunk),
+        _heads_first(chunk),
+    ]
+
+
 def chunk_factors_forward(
     q: jax.Array,
     k: jax.Array,
@@ -127,12 +150,6 @@ def chunk_factors_forward(
     v_dim = v.shape[-1]
     block_v = min(config.block_v, v_dim)
 
-    def token_major(width: int) -> pl.BlockSpec:  # (B, n, C, H, width) -> one (C, width) tile
-        return pl.BlockSpec((None, None, chunk, None, width), lambda b, h, c: (b, c, 0, h, 0))
-
-    def heads_first(*shape: int) -> pl.BlockSpec:  # (B, H, n, *shape) -> one tile of shape
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h, c) + (0,) * len(shape))
-
     def out(width: int, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk, width), dtype)
 
@@ -141,19 +158,11 @@ def chunk_factors_forward(
             functools.partial(_kernel, block_v=block_v, precision=precision),
             out_shape=[out(v_dim, q.dtype), *(out(k_dim, q.dtype) for _ in range(3)), *(out(chunk, jnp.float32),) * 2],
             grid=(batch, heads, num_chunks),
-            in_specs=[
-                token_major(k_dim),
-                token_major(k_dim),
-                token_major(v_dim),
-                heads_first(chunk),
-                heads_first(chunk, chunk),
-                heads_first(chunk),
-                heads_first(chunk),
-            ],
+            in_specs=_stage_specs(chunk, k_dim, v_dim),
             out_specs=[
-                heads_first(chunk, v_dim),
-                *(heads_first(chunk, k_dim) for _ in range(3)),
-                *(heads_first(chunk, chunk) for _ in range(2)),
+                _heads_first(chunk, v_dim),
+                *(_heads_first(chunk, k_dim) for _ in range(3)),
+                *(_heads_first(chunk, chunk) for _ in range(2)),
             ],
             compiler_params=config.compiler_params(),
             interpret=interpret,
@@ -300,12 +309,6 @@ def chunk_factors_backward(
         if tuple(x.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} (from q (B, n, C, H, K) and v), got {tuple(x.shape)}")
 
-    def token_major(width: int) -> pl.BlockSpec:
-        return pl.BlockSpec((None, None, chunk, None, width), lambda b, h, c: (b, c, 0, h, 0))
-
-    def heads_first(*shape: int) -> pl.BlockSpec:
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h, c) + (0,) * len(shape))
-
     def out(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
@@ -331,27 +334,13 @@ def chunk_factors_backward(
             ],
             grid=(batch, heads, num_chunks),
             in_specs=[
-                token_major(k_dim),
-                token_major(k_dim),
-                token_major(v_dim),
-                heads_first(chunk),
-                heads_first(chunk, chunk),
-                heads_first(chunk),
-                heads_first(chunk),
-                heads_first(chunk, chunk),
-                heads_first(chunk, v_dim),
-                *(heads_first(chunk, k_dim) for _ in range(3)),
-                heads_first(chunk, chunk),
+                *_stage_specs(chunk, k_dim, v_dim),
+                _heads_first(chunk, chunk),  # T
+                _heads_first(chunk, v_dim),  # dU
+                *(_heads_first(chunk, k_dim) for _ in range(3)),  # dWk, dKd, dQd
+                _heads_first(chunk, chunk),  # dQK
             ],
-            out_specs=[
-                token_major(k_dim),
-                token_major(k_dim),
-                token_major(v_dim),
-                heads_first(chunk),
-                heads_first(chunk, chunk),
-                heads_first(chunk),
-                heads_first(chunk),
-            ],
+            out_specs=_stage_specs(chunk, k_dim, v_dim),  # the inputs' cotangents, in their layouts
             compiler_params=config.compiler_params(),
             interpret=interpret,
             name="gdn_chunk_factors_backward",
