@@ -16,7 +16,7 @@ import pytest
 
 from m2rnn_jax.ops import gated_delta_rule
 from m2rnn_jax.ops.gated_delta_rule.chunked import scan_states
-from m2rnn_jax.testing import random_gdn_inputs, relative_error
+from m2rnn_jax.testing import cuda_lowering_without_a_gpu, random_gdn_inputs, relative_error
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 
 ARGS = ("q", "k", "v", "beta", "log_alpha", "h0")
@@ -130,3 +130,33 @@ def test_fused_stages_match_float32_reference_on_gpu(stages, dtype):
         ("o", "h_final") + tuple(f"d{n}" for n in ARGS), jax.jit(fused)(x, reset, do, dh), reference
     ):
         assert relative_error(got.astype(jnp.float32), ref) < 2e-2, name
+
+
+def test_every_fused_stage_lowers_for_cuda():
+    """Without a GPU: the backend with all four fused stages, forward and gradient, lowers for CUDA with each of its
+    eight Pallas-Triton kernels in the module (a Triton lowering rule missing for an op in a kernel fails here, not
+    on the device)."""
+    from m2rnn_jax.ops.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
+
+    x = random_gdn_inputs(0, 1, 100, 2, 32, 64, dtype=jnp.bfloat16, reset_rate=0.05)
+    reset = x.pop("reset")
+    x = {n: a.astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else a for n, a in x.items()}
+
+    def loss(*a):
+        o, h = gated_delta_rule_pallas_gpu(*a, reset, chunk_size=16, **FUSED_STAGES["all"])
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(h)
+
+    traced = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*(x[n] for n in ARGS))
+    with cuda_lowering_without_a_gpu():
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    kernels = (
+        "gdn_chunk_factors_forward",
+        "gdn_chunk_factors_backward",
+        "gdn_chunk_states_forward",
+        "gdn_chunk_states_backward",
+        "gdn_walk_input_cotangents",
+        "gdn_chunk_outputs_forward",
+        "gdn_chunk_outputs_state_cotangents",
+        "gdn_chunk_outputs_factor_cotangents",
+    )
+    assert [name for name in kernels if name not in text] == []
