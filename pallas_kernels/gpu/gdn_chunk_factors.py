@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, TiledKernelConfig
-from pallas_kernels.gpu.unit_lower_inverse import dot, doubling_inverse, inverse_cotangent
+from pallas_kernels.gpu.unit_lower_inverse import dot, doubling_inverse, inverse_cotangent, operand_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _kernel(
     # Each input is read where it is used (K again after the inverse) so that no (C, K) tile stays in registers
     # across the inverse: the kernel's register pressure, not its memory traffic, is what limits it.
     dot_dtype = k_ref.dtype
-    exact = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None  # float32 inputs at full precision
+    exact = operand_precision(dot_dtype)
     beta, start = beta_ref[...], start_ref[...]
     size = beta.shape[-1]
     rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
@@ -203,7 +203,7 @@ def _backward_kernel(
     # the cotangents of β, the decay weights and start; (4) dQ and dK block by block over K. T, the decay weights
     # and dQK are read from memory where they are used, so that fewer (C, C) matrices stay in registers.
     dot_dtype = k_ref.dtype
-    exact = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    exact = operand_precision(dot_dtype)
     beta, start = beta_ref[...], start_ref[...]
     size = beta.shape[-1]
     square = jnp.zeros((size, size), jnp.float32)

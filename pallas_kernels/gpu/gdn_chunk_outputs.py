@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig
-from pallas_kernels.gpu.unit_lower_inverse import dot
+from pallas_kernels.gpu.unit_lower_inverse import dot, operand_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +52,16 @@ DEFAULT_STATE_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, n
 DEFAULT_FACTOR_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=2)
 
 
-def _exact(dtype: jnp.dtype) -> lax.Precision | None:
-    """Full precision for float32 operands, the matrix units' default for 16-bit ones."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
 def _forward_kernel(qd_ref, qk_ref, s_ref, w_ref, o_ref):
     dot_dtype = qd_ref.dtype
-    exact = _exact(dot_dtype)
+    exact = operand_precision(dot_dtype)
     o = dot(qd_ref[...], s_ref[...], exact) + dot(qk_ref[...].astype(dot_dtype), w_ref[...], exact)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _state_cotangents_kernel(qd_ref, qk_ref, do_ref, ds_ref, dw_ref):
     dot_dtype = qd_ref.dtype
-    exact = _exact(dot_dtype)
+    exact = operand_precision(dot_dtype)
     do = do_ref[...].astype(dot_dtype)
     ds_ref[...] = dot(qd_ref[...], do, exact, transpose_a=True).astype(ds_ref.dtype)
     dw_ref[...] = dot(qk_ref[...].astype(dot_dtype), do, exact, transpose_a=True).astype(dw_ref.dtype)
@@ -74,7 +69,7 @@ def _state_cotangents_kernel(qd_ref, qk_ref, do_ref, ds_ref, dw_ref):
 
 def _factor_cotangents_kernel(do_ref, s_ref, w_ref, dqd_ref, dqk_ref, *, block_v: int):
     dot_dtype = s_ref.dtype
-    exact = _exact(dot_dtype)
+    exact = operand_precision(dot_dtype)
 
     def column_block(j, sums):
         dqd, dqk = sums

@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu.unit_lower_inverse import operand_precision
+
 
 @dataclasses.dataclass(frozen=True)
 class StatesKernelConfig:
@@ -63,7 +65,7 @@ class TiledKernelConfig(StatesKernelConfig):
 def _dot(a: jax.Array, b: jax.Array, *, transpose_a: bool = False) -> jax.Array:
     """a @ b (or aᵀ @ b) with a float32 accumulator; float32 operands at full precision."""
     dims = (((0,) if transpose_a else (1,), (0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    precision = operand_precision(a.dtype)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 

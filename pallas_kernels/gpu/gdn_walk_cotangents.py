@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu.gdn_chunk_states import TiledKernelConfig
-from pallas_kernels.gpu.unit_lower_inverse import dot
+from pallas_kernels.gpu.unit_lower_inverse import dot, operand_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class WalkCotangentsKernelConfig(TiledKernelConfig):
 
 def _kernel(dw_ref, s_ref, w_ref, g_ref, dwk_ref, dkd_ref, da_ref, *, block_v: int):
     dot_dtype = s_ref.dtype
-    exact = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    exact = operand_precision(dot_dtype)
 
     def column_block(j, sums):
         dwk, dkd, da = sums

@@ -27,6 +27,12 @@ from jax.experimental.pallas import triton as pltriton
 NUM_WARPS = 4
 
 
+def operand_precision(dtype: jnp.dtype) -> lax.Precision | None:
+    """The precision of a kernel product with ``dtype`` operands: full for float32 (no TF32), the matrix units'
+    default for 16-bit ones (used by the GDN kernels)."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def dot(
     a: jax.Array, b: jax.Array, precision: lax.Precision | None, *, transpose_a: bool = False, transpose_b: bool = False
 ) -> jax.Array:
