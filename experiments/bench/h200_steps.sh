@@ -115,21 +115,22 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run gdn_sweep 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_sweep" \
              --variants --no-resets --no-reference-timing ;;
     stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
-           # "xla all"): the tree as it is, then the pallas_gpu defaults of the named arguments (local, local_backward
-           # (with local only), outputs, walk_cotangents, joined by +; "all": the four) flipped to "fused" for that
-           # run; files tagged _STAGE
+           # "xla all"): the tree as it is, then with pallas_gpu.py's FUSED_BY_DEFAULT set to the named stages (local,
+           # local_backward (with local only), outputs, walk_cotangents, joined by +; "all": the four) for that run;
+           # files tagged _STAGE
            f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp); cp "$f" "$keep"
+           line='^FUSED_BY_DEFAULT: frozenset\[str\] = frozenset(.*)$'
            for stage in ${STAGES:-xla all}; do
              names=${stage//+/ }; [ "$stage" = all ] && names="local local_backward outputs walk_cotangents"
              [ "$stage" = xla ] && names=""
-             cp "$keep" "$f"; want=0; ok=1
+             cp "$keep" "$f"; ok=1; set_=""
              for name in $names; do
-               case $name in local|local_backward|outputs|walk_cotangents) ;; *) ok=0;; esac
-               sed -i "s/    $name: str = \"xla\",/    $name: str = \"fused\",/" "$f"; want=$((want + 1))
+               case $name in local|local_backward|outputs|walk_cotangents) set_="$set_\"$name\", ";; *) ok=0;; esac
              done
-             if [ $ok = 1 ] && [ "$(grep -cE '    (local|local_backward|outputs|walk_cotangents): str = "fused",' "$f")" = "$want" ]; then
+             [ -n "$set_" ] && sed -i -E "s/$line/FUSED_BY_DEFAULT: frozenset[str] = frozenset({${set_%, }})/" "$f"
+             if [ $ok = 1 ] && grep -qE "$line" "$f" && { [ -z "$set_" ] || ! cmp -s "$f" "$keep"; }; then
                TAG=_${stage//+/_} bash "$0" "step-$spec"
-             else echo "stageab: $stage: expected xla, all, or local / local_backward / outputs / walk_cotangents joined by +, each a default of $f" | tee -a "$OUT/status.txt"; fi
+             else echo "stageab: $stage: expected xla, all, or local / local_backward / outputs / walk_cotangents joined by +, and a FUSED_BY_DEFAULT line in $f" | tee -a "$OUT/status.txt"; fi
            done
            cp "$keep" "$f" ;;
     gdnab) # the GDN op check with the tree's files (gdn_new/, with the kernel-config sweep), then with AB_BASE's (gdn_base/)

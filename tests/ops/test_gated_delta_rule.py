@@ -422,6 +422,51 @@ def test_pallas_gpu_fused_stage_argument_checks():
         gated_delta_rule_pallas_gpu(*args, None, chunk_size=16, walk_cotangents="fused")  # float32, compiled
 
 
+def test_stage_defaults_follow_fused_by_default_for_16_bit_inputs(monkeypatch):
+    """None takes "fused" for the stages in FUSED_BY_DEFAULT with 16-bit inputs (local_backward only with local
+    fused), "xla" otherwise; a value given wins."""
+    from m2rnn_jax.ops.gated_delta_rule import pallas_gpu
+
+    unset = dict.fromkeys(pallas_gpu.STAGES)
+    assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"xla"}  # the tree's default
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset(pallas_gpu.STAGES))
+    assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"fused"}
+    assert set(pallas_gpu.resolve_stages(jnp.float16, False, **unset).values()) == {"fused"}
+    assert set(pallas_gpu.resolve_stages(jnp.float32, False, **unset).values()) == {"xla"}
+    explicit = pallas_gpu.resolve_stages(jnp.bfloat16, False, **{**unset, "local": "xla", "outputs": "xla"})
+    assert explicit == {"local": "xla", "local_backward": "xla", "outputs": "xla", "walk_cotangents": "fused"}
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset({"outputs"}))
+    assert pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset)["outputs"] == "fused"
+    assert pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset)["local"] == "xla"
+
+
+def test_fused_by_default_runs_the_fused_stages(monkeypatch):
+    """With every stage in FUSED_BY_DEFAULT the backend's default call (bf16, interpret mode) equals the call that
+    names all four stages, value and every gradient, bit for bit."""
+    from m2rnn_jax.ops.gated_delta_rule import pallas_gpu
+
+    x = random_gdn_inputs(13, 1, 32, 2, 16, 32, dtype=jnp.bfloat16, reset_rate=0.1)
+    args = tuple(x[n].astype(jnp.float32) if n in ("beta", "log_alpha", "h0") else x[n] for n in ARGS)
+
+    def run(**stages):
+        def loss(*a):
+            o, final = pallas_gpu.gated_delta_rule_pallas_gpu(*a, x["reset"], chunk_size=16, interpret=True, **stages)
+            return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
+
+        return jax.value_and_grad(loss, argnums=tuple(range(6)))(*args)
+
+    named = run(**dict.fromkeys(pallas_gpu.STAGES, "fused"))
+    unnamed_xla = run()
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset(pallas_gpu.STAGES))
+    unnamed = run()
+    for a, b in zip(jax.tree.leaves(unnamed), jax.tree.leaves(named)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert any(  # the tree's default (every stage "xla") rounds differently somewhere
+        not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        for a, b in zip(jax.tree.leaves(unnamed_xla), jax.tree.leaves(named))
+    )
+
+
 def test_chunk_product_gradient_rejects_other_equations():
     from m2rnn_jax.ops.gated_delta_rule.chunked import matmul
 

@@ -54,10 +54,12 @@ DEFAULT_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages
 LONG_CHUNK_FORWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=4, num_stages=1)
 LONG_CHUNK_BACKWARD_CONFIG = StatesKernelConfig(block_v=64, num_warps=8, num_stages=1)
 INVERSES = ("kernel", "doubling", "triangular_solve")
-LOCALS = ("xla", "fused")
-LOCAL_BACKWARDS = ("xla", "fused")
-OUTPUTS = ("xla", "fused")
-WALK_COTANGENTS = ("xla", "fused")
+STAGE_CHOICES = ("xla", "fused")
+# The stages with a fused form, in resolution order (local_backward is the backward of local="fused").
+STAGES = ("local", "local_backward", "outputs", "walk_cotangents")
+# The stages fused when their argument is None and the inputs are 16-bit (float32 inputs take "xla": their products
+# compile to FMA loops). Empty until the kernels are timed on a GPU (experiments/RESULTS.md, session 24).
+FUSED_BY_DEFAULT: frozenset[str] = frozenset()
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -238,6 +240,39 @@ def per_shard(kernels, *arrays: jax.Array, token_major: int = 0, token_major_res
     return jax.shard_map(kernels, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
 
 
+def resolve_stages(dtype: jnp.dtype, interpret: bool, **chosen: str | None) -> dict[str, str]:
+    """Each of :data:`STAGES` as "xla" or "fused" from the arguments of :func:`gated_delta_rule_pallas_gpu`
+    (``chosen``: name -> "xla", "fused" or None): the value given, or for None "fused" when the stage is in
+    :data:`FUSED_BY_DEFAULT`, the inputs are 16-bit and (for local_backward) local is "fused", else "xla".
+
+    Raises ValueError naming the argument for other values, local_backward="fused" without local="fused", and a
+    "fused" stage with float32 inputs outside interpret mode.
+    """
+    sixteen_bit = jnp.dtype(dtype) != jnp.float32
+    stages: dict[str, str] = {}
+    for name in STAGES:
+        value = chosen[name]
+        if value is None:
+            fused = (
+                name in FUSED_BY_DEFAULT and sixteen_bit and (name != "local_backward" or stages["local"] == "fused")
+            )
+            value = "fused" if fused else "xla"
+        elif value not in STAGE_CHOICES:
+            raise ValueError(f"{name}: expected one of {list(STAGE_CHOICES)}, got {value!r}")
+        stages[name] = value
+    if stages["local_backward"] == "fused" and stages["local"] != "fused":
+        raise ValueError(
+            f"local_backward: 'fused' is the backward of local='fused'; expected 'xla', got local={stages['local']!r}"
+        )
+    for name in ("local", "outputs", "walk_cotangents"):
+        if stages[name] == "fused" and not interpret and not sixteen_bit:
+            raise ValueError(
+                f"{name}: 'fused' takes bfloat16 or float16 inputs on the GPU (float32 products compile to FMA "
+                "loops: over 14 minutes for the local factors at K=256 offline); expected 'xla' for float32 inputs"
+            )
+    return stages
+
+
 def gated_delta_rule_pallas_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -252,10 +287,10 @@ def gated_delta_rule_pallas_gpu(
     forward_config: StatesKernelConfig | None = None,
     backward_config: StatesKernelConfig | None = None,
     inverse: str = "kernel",
-    local: str = "xla",
-    outputs: str = "xla",
-    walk_cotangents: str = "xla",
-    local_backward: str = "xla",
+    local: str | None = None,
+    outputs: str | None = None,
+    walk_cotangents: str | None = None,
+    local_backward: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Validated inputs (op contract; h0 given) -> (o (B, S, H, V) in q's dtype, final state (B, H, K, V) float32).
 
@@ -267,6 +302,7 @@ def gated_delta_rule_pallas_gpu(
     ``walk_cotangents`` how the walk's backward forms dWk = -dW Sᵀ, dKd = W Gᵀ and da = <G, S>: "xla" einsums and
     a reduction, or "fused" in one kernel (:func:`fused_chunk_states`); ``local_backward`` the backward of the
     "fused" local stage: XLA's autodiff ("xla") or its own kernel ("fused", dQ, dK, dV written token-major);
+    None for any of these four: :func:`resolve_stages` (:data:`FUSED_BY_DEFAULT`);
     ``inverse`` picks the "xla" factors' chunk inverse: the block doubling in one "kernel" launch or as XLA's
     "doubling" matmuls (both at the matmul unit's default precision for 16-bit inputs and full float32 for float32
     inputs), or XLA's "triangular_solve";
@@ -277,24 +313,10 @@ def gated_delta_rule_pallas_gpu(
         raise ValueError(reason)
     if inverse not in INVERSES:
         raise ValueError(f"inverse: expected one of {list(INVERSES)}, got {inverse!r}")
-    if local not in LOCALS:
-        raise ValueError(f"local: expected one of {list(LOCALS)}, got {local!r}")
-    if outputs not in OUTPUTS:
-        raise ValueError(f"outputs: expected one of {list(OUTPUTS)}, got {outputs!r}")
-    if walk_cotangents not in WALK_COTANGENTS:
-        raise ValueError(f"walk_cotangents: expected one of {list(WALK_COTANGENTS)}, got {walk_cotangents!r}")
-    if local_backward not in LOCAL_BACKWARDS:
-        raise ValueError(f"local_backward: expected one of {list(LOCAL_BACKWARDS)}, got {local_backward!r}")
-    if local_backward == "fused" and local != "fused":
-        raise ValueError(
-            f"local_backward: 'fused' is the backward of local='fused'; expected 'xla', got local={local!r}"
-        )
-    for name, value in (("local", local), ("outputs", outputs), ("walk_cotangents", walk_cotangents)):
-        if value == "fused" and not interpret and jnp.dtype(q.dtype) == jnp.float32:
-            raise ValueError(
-                f"{name}: 'fused' takes bfloat16 or float16 inputs on the GPU (float32 products compile to FMA "
-                "loops: over 14 minutes for the local factors at K=256 offline); expected 'xla' for float32 inputs"
-            )
+    stages = resolve_stages(
+        q.dtype, interpret, local=local, local_backward=local_backward, outputs=outputs, walk_cotangents=walk_cotangents
+    )
+    local, local_backward, outputs, walk_cotangents = (stages[name] for name in STAGES)
     if local == "fused" and inverse != "kernel":
         raise ValueError(
             f"inverse: the fused local factors invert inside their kernel; expected 'kernel', got {inverse!r}"
