@@ -259,7 +259,16 @@ def _dot_operand_types(jaxpr) -> list[tuple]:
     return [tuple((v.aval.dtype, v.aval.shape) for v in eqn.invars) for eqn in jaxpr_equations(jaxpr, "dot_general")]
 
 
-def test_pallas_gpu_backward_transposes_no_chunk_product():
+@pytest.fixture
+def xla_stages(monkeypatch):
+    """The backend's "xla" stages by default (FUSED_BY_DEFAULT empty): the tests of what XLA's form of the chunk
+    products, outputs and cotangents looks like."""
+    from m2rnn_jax.ops.gated_delta_rule import pallas_gpu
+
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset())
+
+
+def test_pallas_gpu_backward_transposes_no_chunk_product(xla_stages):
     """The chunk products' cotangents come out of their dot_generals in the operands' own layout: no transpose of
     the last two dims after a product (einsum's autodiff gave (..., V, K) / (..., V, C) and transposed them: 13.6 ms
     of the 400M 1L hybrid's H200 step). Only the (C, C) chunk inverse's gradient may swap axes (the inverse's
@@ -280,7 +289,7 @@ def test_pallas_gpu_backward_transposes_no_chunk_product():
     assert all(shape[-2:] == (16, 16) for shape in swaps), swaps
 
 
-def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
+def test_pallas_gpu_bf16_gradient_products_take_bf16_operands(xla_stages):
     """Float32 products in the bf16 backward ran as float32 FFMA gemms on the H200 (run 3 profile); only the
     (C, C) chunk inverse and its gradient are meant to be float32."""
     x = random_gdn_inputs(0, 1, 32, 1, 32, 64, dtype=jnp.bfloat16)  # K, V != C: (C, C) products stand out
@@ -297,7 +306,7 @@ def test_pallas_gpu_bf16_gradient_products_take_bf16_operands():
 
 
 @pytest.mark.parametrize("dtype, stored", [(jnp.bfloat16, True), (jnp.float32, False)])
-def test_pallas_gpu_output_is_stored_in_the_input_dtype(dtype, stored):
+def test_pallas_gpu_output_is_stored_in_the_input_dtype(xla_stages, dtype, stored):
     """bf16 inputs: o goes through an optimization barrier in bf16 before the transpose back to (B, S, H, V), and its
     cotangent likewise (the GPU compiler otherwise stored the float32 sum of the two output products); float32
     inputs: no barrier. (The chunked reference computes in float32 throughout and narrows nothing.)"""
@@ -428,7 +437,9 @@ def test_stage_defaults_follow_fused_by_default_for_16_bit_inputs(monkeypatch):
     from m2rnn_jax.ops.gated_delta_rule import pallas_gpu
 
     unset = dict.fromkeys(pallas_gpu.STAGES)
-    assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"xla"}  # the tree's default
+    assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"fused"}  # the tree's default
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset())
+    assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"xla"}
     monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset(pallas_gpu.STAGES))
     assert set(pallas_gpu.resolve_stages(jnp.bfloat16, False, **unset).values()) == {"fused"}
     assert set(pallas_gpu.resolve_stages(jnp.float16, False, **unset).values()) == {"fused"}
@@ -456,6 +467,7 @@ def test_fused_by_default_runs_the_fused_stages(monkeypatch):
         return jax.value_and_grad(loss, argnums=tuple(range(6)))(*args)
 
     named = run(**dict.fromkeys(pallas_gpu.STAGES, "fused"))
+    monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset())
     unnamed_xla = run()
     monkeypatch.setattr(pallas_gpu, "FUSED_BY_DEFAULT", frozenset(pallas_gpu.STAGES))
     unnamed = run()
