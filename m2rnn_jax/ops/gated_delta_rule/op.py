@@ -93,7 +93,8 @@ def gated_delta_rule(
       chunk_size: chunk length of the chunked forms ("chunked" uses min(chunk_size, S); "pallas_gpu" needs a power
         of two >= 16 and pads S).
       backend: "chunked" (jnp WY form, the reference), "recurrent" (``lax.scan`` over steps), "pallas_gpu"
-        (chunk-local XLA matmuls + fused Pallas-Triton walk over chunks, forward and backward), or "auto"
+        (Pallas-Triton kernels, forward and backward: every stage for 16-bit inputs, the inverse and the walk over
+        chunks around XLA matmuls for float32), or "auto"
         (pallas_gpu on an NVIDIA GPU when K, V, chunk_size are powers of two >= 16 and the dtype is bf16 / f16 /
         f32; chunked otherwise).
       interpret: run the Pallas kernels in interpret mode (CPU testing); only with backend "pallas_gpu".

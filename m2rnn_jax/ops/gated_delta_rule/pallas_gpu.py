@@ -1,12 +1,14 @@
-"""The "pallas_gpu" backend of the gated delta rule: chunk-local stages in XLA, the walk over chunks fused.
+"""The "pallas_gpu" backend of the gated delta rule: Pallas-Triton kernels for every stage (16-bit inputs), or the
+chunk-local stages in XLA around the inverse and walk kernels (float32 inputs; :func:`resolve_stages`).
 
 The chunk-local factors (:func:`m2rnn_jax.ops.gated_delta_rule.chunked.chunk_factors`) and the outputs are batched
 XLA matmuls with operands in the input dtype (bf16 / f16 / f32) and float32 accumulation; the triangular inverse is
 the block doubling of :func:`~m2rnn_jax.ops.gated_delta_rule.chunked.unit_lower_inverse`, run by the kernels of
 :mod:`pallas_kernels.gpu.unit_lower_inverse` (one program per chunk matrix, the levels in registers; its closed-form
-gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. With ``local="fused"`` (opt-in,
-16-bit inputs) the whole chunk-local stage is one kernel instead (:func:`fused_local_factors`,
-:mod:`pallas_kernels.gpu.gdn_chunk_factors`). Only the walk over chunks is
+gradient likewise) unless ``inverse`` asks for XLA's matmuls or triangular solve. With ``local="fused"`` (the
+default for 16-bit inputs) the whole chunk-local stage is one kernel instead, its backward another with
+``local_backward="fused"`` (:func:`fused_local_factors`, :mod:`pallas_kernels.gpu.gdn_chunk_factors`). Only the
+walk over chunks is
 sequential: the fused kernels of :mod:`pallas_kernels.gpu.gdn_chunk_states`, wrapped in a ``jax.custom_vjp`` whose
 backward runs the reverse kernel and leaves the parallel cotangents to einsums (module docstring there), or with
 ``walk_cotangents="fused"`` to one kernel (:mod:`pallas_kernels.gpu.gdn_walk_cotangents`):
