@@ -62,7 +62,8 @@ W = WalkCotangentsKernelConfig
 # name -> the arguments of gated_delta_rule_pallas_gpu that differ from its defaults
 FUSED = "fused"
 VARIANTS = {
-    "default": {},  # default_states_configs(--chunk), every stage "xla"
+    "default": {},  # default_states_configs(--chunk), the stages of FUSED_BY_DEFAULT fused (bf16)
+    "xla_stages": {"local": "xla", "local_backward": "xla", "outputs": "xla", "walk_cotangents": "xla"},
     "fused_local": {"local": FUSED},  # the chunk-local stage in one kernel, XLA's autodiff for its backward
     "fused_local_bwd": {"local": FUSED, "local_backward": FUSED},  # and its backward in one kernel too
     "fused_outputs": {"outputs": FUSED},  # the output stage and its backward in kernels

@@ -102,7 +102,7 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
               # ms), then the compiled GPU tests of every fused stage
            mkdir -p "$OUT/gdn_fused"
            run gdn_fused 240 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_fused" \
-             --variants default fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-sweep --no-resets
+             --variants default xla_stages fused_local fused_local_bwd fused_outputs fused_walk fused_all --no-sweep --no-resets
            run gdnfusedtests 300 python3 -m pytest -n 0 -q -p no:randomly -p no:cacheprovider -m gpu \
              tests/kernels/test_gdn_gpu.py -k fused_stages ;;
     convt) # the conv backends: the compiled GPU tests (pallas_gpu and pallas_gpu_transpose), then norm_conv_check
