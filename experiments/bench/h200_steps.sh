@@ -115,9 +115,8 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run gdn_sweep 330 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT/gdn_sweep" \
              --variants --no-resets --no-reference-timing ;;
     stageab-*) spec=${part#stageab-}  # stageab-PRESET:REMAT: the step for each GDN stage choice in $STAGES (default
-           # "xla all"): the tree as it is, then with pallas_gpu.py's FUSED_BY_DEFAULT set to the named stages (local,
-           # local_backward (with local only), outputs, walk_cotangents, joined by +; "all": the four) for that run;
-           # files tagged _STAGE
+           # "xla all"): pallas_gpu.py's FUSED_BY_DEFAULT set to the named stages (local, local_backward (with local
+           # only), outputs, walk_cotangents, joined by +; "all": the four; "xla": none) for that run; files _STAGE
            f=m2rnn_jax/ops/gated_delta_rule/pallas_gpu.py; keep=$(mktemp); cp "$f" "$keep"
            line='^FUSED_BY_DEFAULT: frozenset\[str\] = frozenset(.*)$'
            for stage in ${STAGES:-xla all}; do
@@ -127,8 +126,9 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
              for name in $names; do
                case $name in local|local_backward|outputs|walk_cotangents) set_="$set_\"$name\", ";; *) ok=0;; esac
              done
-             [ -n "$set_" ] && sed -i -E "s/$line/FUSED_BY_DEFAULT: frozenset[str] = frozenset({${set_%, }})/" "$f"
-             if [ $ok = 1 ] && grep -qE "$line" "$f" && { [ -z "$set_" ] || ! cmp -s "$f" "$keep"; }; then
+             value="frozenset()"; [ -n "$set_" ] && value="frozenset({${set_%, }})"
+             sed -i -E "s/$line/FUSED_BY_DEFAULT: frozenset[str] = $value/" "$f"
+             if [ $ok = 1 ] && grep -qF "FUSED_BY_DEFAULT: frozenset[str] = $value" "$f"; then
                TAG=_${stage//+/_} bash "$0" "step-$spec"
              else echo "stageab: $stage: expected xla, all, or local / local_backward / outputs / walk_cotangents joined by +, and a FUSED_BY_DEFAULT line in $f" | tee -a "$OUT/status.txt"; fi
            done
