@@ -123,6 +123,25 @@ def errors(result, reference) -> dict[str, float]:
     return out
 
 
+def config_label(cfg) -> str:
+    """``bk64_bv64_w8_s1``: a launch configuration in a timing's name (block_k only where the config has one)."""
+    block_k = getattr(cfg, "block_k", None)
+    return ("" if block_k is None else f"bk{block_k}_") + f"bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def sweep_timings(prefix: str, configs, kernel_for, *args) -> dict[str, float | str]:
+    """``{prefix}_{label}_ms`` of ``kernel_for(cfg)(*args)`` (jitted) for each launch configuration; a launch that
+    does not fit records ``{prefix}_{label}_error`` instead, so it does not lose the others."""
+    out = {}
+    for cfg in configs:
+        name = f"{prefix}_{config_label(cfg)}"
+        try:
+            out[f"{name}_ms"] = median_ms(jax.jit(kernel_for(cfg)), *args)
+        except Exception as e:
+            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
 def output_stage_timings(Qd, QK, starts, w, interpret: bool) -> dict[str, float | str]:
     """The output stage O = Qd S + QK W (B=8 ... bf16) forward and forward+backward by XLA and by the kernels, then
     each kernel alone at the configurations of the sweeps."""
@@ -154,12 +173,8 @@ def output_stage_timings(Qd, QK, starts, w, interpret: bool) -> dict[str, float 
         ),
     }
     for kind, build in kernels.items():
-        for cfg in FACTOR_COTANGENTS_SWEEP if kind == "outputs_factor_cot" else OUTPUTS_SWEEP:
-            name = f"{kind}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
-            try:
-                out[f"{name}_ms"] = median_ms(jax.jit(build(cfg)), *factors)
-            except Exception as e:  # a launch that does not fit must not lose the others
-                out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        configs = FACTOR_COTANGENTS_SWEEP if kind == "outputs_factor_cot" else OUTPUTS_SWEEP
+        out.update(sweep_timings(kind, configs, build, *factors))
     return out
 
 
@@ -171,19 +186,11 @@ def local_backward_timings(chunks, decays, interpret: bool) -> dict[str, float |
     *factors, T = chunk_factors_forward(*inputs, precision=default, interpret=interpret)
     keys = jax.random.split(jax.random.key(6), len(factors))
     cotangents = tuple(jax.random.normal(key, f.shape, f.dtype) for key, f in zip(keys, factors))
-    out = {}
-    for cfg in LOCAL_BACKWARD_SWEEP:
-        name = f"local_bwd_bk{cfg.block_k}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
-        kernel = jax.jit(
-            lambda cts, cfg=cfg: chunk_factors_backward(
-                *inputs, T, cts, precision=default, config=cfg, interpret=interpret
-            )
-        )
-        try:
-            out[f"{name}_ms"] = median_ms(kernel, cotangents)
-        except Exception as e:  # a launch that does not fit must not lose the others
-            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-    return out
+
+    def kernel_for(cfg):
+        return lambda cts: chunk_factors_backward(*inputs, T, cts, precision=default, config=cfg, interpret=interpret)
+
+    return sweep_timings("local_bwd", LOCAL_BACKWARD_SWEEP, kernel_for, cotangents)
 
 
 def walk_cotangent_timings(starts, w, interpret: bool) -> dict[str, float | str]:
@@ -198,15 +205,11 @@ def walk_cotangent_timings(starts, w, interpret: bool) -> dict[str, float | str]
         dkd = jnp.einsum("...cv,...kv->...ck", w, g_next)
         return dwk, dkd, jnp.sum(g_next.astype(jnp.float32) * starts.astype(jnp.float32), axis=(-2, -1))
 
+    def kernel_for(cfg):
+        return lambda *a: walk_input_cotangents(*a, config=cfg, interpret=interpret)
+
     out = {"walk_cotangents_xla_ms": median_ms(jax.jit(xla), dw, starts, w, g_next)}
-    for cfg in WALK_COTANGENTS_SWEEP:
-        name = f"walk_cotangents_bk{cfg.block_k}_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
-        kernel = jax.jit(lambda *a, cfg=cfg: walk_input_cotangents(*a, config=cfg, interpret=interpret))
-        try:
-            out[f"{name}_ms"] = median_ms(kernel, dw, starts, w, g_next)
-        except Exception as e:  # a launch that does not fit must not lose the others
-            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-    return out
+    return out | sweep_timings("walk_cotangents", WALK_COTANGENTS_SWEEP, kernel_for, dw, starts, w, g_next)
 
 
 def main() -> None:
@@ -332,17 +335,13 @@ def main() -> None:
         }
         decays = chunk_decays(chunks["log_alpha"], None)[:3]
         out.update(local_backward_timings(chunks, decays, args.interpret))
-        for cfg in FACTORS_SWEEP:
-            name = f"factors_bv{cfg.block_v}_w{cfg.num_warps}_s{cfg.num_stages}"
-            kernel = jax.jit(
-                lambda c, d, cfg=cfg: chunk_factors_forward(
-                    c["q"], c["k"], c["v"], c["beta"], *d, precision=default, config=cfg, interpret=args.interpret
-                )
+
+        def factors_kernel(cfg):
+            return lambda c, d: chunk_factors_forward(
+                c["q"], c["k"], c["v"], c["beta"], *d, precision=default, config=cfg, interpret=args.interpret
             )
-            try:
-                out[f"{name}_ms"] = median_ms(kernel, chunks, decays)
-            except Exception as e:
-                out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+
+        out.update(sweep_timings("factors", FACTORS_SWEEP, factors_kernel, chunks, decays))
         walk = functools.partial(
             chunk_states_forward, config=default_states_configs(args.chunk)[0], interpret=args.interpret
         )
