@@ -152,7 +152,10 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         gate, up = (linear_columns(self.c_fc, x, columns) for columns in (GATE_COLUMNS, UP_COLUMNS))
-        return self.c_proj(swiglu(gate, up))
+        # Materialized once: the GPU compiler otherwise writes the (tokens, I) SwiGLU output a second time in the
+        # backward, recomputed from gate and up, for c_proj's kernel gradient (24 x 0.17 ms of the 400M 1L hybrid's
+        # H100 step, experiments/RESULTS.md session 21). The barrier keeps the forward's array for it.
+        return self.c_proj(jax.lax.optimization_barrier(swiglu(gate, up)))
 
 
 def route_tokens(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
