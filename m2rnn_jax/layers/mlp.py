@@ -59,6 +59,7 @@ from m2rnn_jax.layers.moe_dispatch import (
     run_experts_local,
 )
 from m2rnn_jax.layers.validation import init_layer, require_positive_int
+from m2rnn_jax.ops.platform import on_nvidia_gpu
 from m2rnn_jax.typing import Dtype
 
 Z_LOSS_WEIGHT = 0.1
@@ -152,10 +153,14 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         gate, up = (linear_columns(self.c_fc, x, columns) for columns in (GATE_COLUMNS, UP_COLUMNS))
-        # Materialized once: the GPU compiler otherwise writes the (tokens, I) SwiGLU output a second time in the
-        # backward, recomputed from gate and up, for c_proj's kernel gradient (24 x 0.17 ms of the 400M 1L hybrid's
-        # H100 step, experiments/RESULTS.md session 21). The barrier keeps the forward's array for it.
-        return self.c_proj(jax.lax.optimization_barrier(swiglu(gate, up)))
+        hidden = swiglu(gate, up)
+        if on_nvidia_gpu():
+            # Materialized once: XLA's GPU compiler otherwise writes the (tokens, I) SwiGLU output a second time in the
+            # backward, recomputed from gate and up, for c_proj's kernel gradient (24 x 0.17 ms of the 400M 1L
+            # hybrid's H100 step, experiments/RESULTS.md session 21). Not on TPUs, where XLA fuses the SwiGLU into
+            # the projection (the barrier there added 0.8% to a v5e step's bytes accessed, session 24).
+            hidden = jax.lax.optimization_barrier(hidden)
+        return self.c_proj(hidden)
 
 
 def route_tokens(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
