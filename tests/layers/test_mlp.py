@@ -53,6 +53,23 @@ def test_mlp_matches_numpy_float64(x64):
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_mlp_keeps_the_swiglu_output_on_nvidia_gpus_only(monkeypatch, gpu):
+    """On an NVIDIA GPU the SwiGLU output passes an optimization barrier (so XLA's GPU compiler keeps the forward's
+    array for c_proj's kernel gradient instead of recomputing it); elsewhere the graph has none. Values and
+    gradients are the same either way."""
+    from m2rnn_jax.layers import mlp
+
+    module = make(MLP, MLPConfig(intermediate_size=6))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 8)), jnp.float32)
+    loss = lambda x: jnp.sum(module(x) ** 2)  # noqa: E731
+    expected = jax.value_and_grad(loss)(x)
+    monkeypatch.setattr(mlp, "on_nvidia_gpu", lambda: gpu)
+    assert ("optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss))(x))) == gpu
+    for got, want in zip(jax.value_and_grad(loss)(x), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("shared", [None, 5])
 def test_moe_matches_numpy_float64(x64, shared):
     config = MoEConfig(num_experts=5, top_k=2, intermediate_size=4, shared_intermediate_size=shared)
