@@ -157,8 +157,9 @@ class MLP(nnx.Module):
         if on_nvidia_gpu():
             # Materialized once: XLA's GPU compiler otherwise writes the (tokens, I) SwiGLU output a second time in the
             # backward, recomputed from gate and up, for c_proj's kernel gradient (24 x 0.17 ms of the 400M 1L
-            # hybrid's H100 step, experiments/RESULTS.md session 21). Not on TPUs, where XLA fuses the SwiGLU into
-            # the projection (the barrier there added 0.8% to a v5e step's bytes accessed, session 24).
+            # hybrid's H100 step, experiments/RESULTS.md session 21; with the barrier that step took 244.8 ms
+            # against 247.1 / 248.5 ms without, one H100, session 25). Not on TPUs, where XLA fuses the SwiGLU
+            # into the projection (the barrier there added 0.8% to a v5e step's bytes accessed, session 24).
             hidden = jax.lax.optimization_barrier(hidden)
         return self.c_proj(hidden)
 
