@@ -28,8 +28,10 @@ with_base() {  # with_base CMD...: CMD with each file of AB_BASE copied over the
 pack() {  # PACK=FILE: everything so far in one archive after every part (the device returns few files; a time-out keeps it)
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
 }
-# donewhen: issue 12's done-when steps in one call (~480 s on the H200): the two hybrids, m2rnn-400m, attention-400m
-DONEWHEN="step-hybrid-gdn-m2rnn-1l-400m:none step-hybrid-gdn-400m:none step-m2rnn-400m:none step-attention-400m:none"
+# donewhen: issue 12's done-when steps in one call (~390 s on an H100, session 25): the two hybrids, m2rnn-400m,
+# attention-400m, then the 1L hybrid a second time (its MFU sits near the 35% target: two samples)
+DONEWHEN="step-hybrid-gdn-m2rnn-1l-400m:none step-hybrid-gdn-400m:none step-m2rnn-400m:none step-attention-400m:none
+again-hybrid-gdn-m2rnn-1l-400m:none"
 for part in $(for p in "$@"; do if [ "$p" = donewhen ]; then echo $DONEWHEN; else echo "$p"; fi; done); do
   case $part in
     gdn) run gdn 150 env PYTHONPATH=. python3 experiments/bench/gdn_check.py --out "$OUT" --variants default xla_doubling \
@@ -87,6 +89,7 @@ print(min((r for r in rows if r['variant'] == 'fused_matmul'), key=lambda r: r['
            run "step_${preset}_${remat}${TAG:-}" 170 python3 -m m2rnn_jax bench --model "$preset" --batch "$B" \
              --seq-len "$S" --remat "$remat" --step-only --iters 5 --repeats 3 ${STEP_ARGS:-} \
              --json "$OUT/step_${preset}_${remat}${TAG:-}.json" ;;
+    again-*) TAG="${TAG:-}_again" bash "$0" "step-${part#again-}" ;;  # step-PRESET:REMAT once more, files tagged _again
     ab-*) spec=${part#ab-}  # step-PRESET:REMAT with the tree's files (TAG _new), then with AB_BASE's (_base; with_base)
            TAG=_new bash "$0" "step-$spec"
            TAG=_base with_base bash "$0" "step-$spec" ;;
