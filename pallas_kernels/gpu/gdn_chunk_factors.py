@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, TiledKernelConfig
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, TiledKernelConfig, require_shapes
 from pallas_kernels.gpu.unit_lower_inverse import dot, doubling_inverse, inverse_cotangent, operand_precision
 
 
@@ -305,9 +305,7 @@ def chunk_factors_backward(
         "dQK": (dQK, (batch, heads, num_chunks, chunk, chunk)),
         "T": (T, (batch, heads, num_chunks, chunk, chunk)),
     }
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (from q (B, n, C, H, K) and v), got {tuple(x.shape)}")
+    require_shapes(expected, "q (B, n, C, H, K) and v")
 
     def out(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)

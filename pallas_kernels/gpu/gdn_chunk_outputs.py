@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig
+from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, require_shapes
 from pallas_kernels.gpu.unit_lower_inverse import dot, operand_precision
 
 
@@ -95,9 +95,7 @@ def _check(Qd: jax.Array, QK: jax.Array, starts: jax.Array, w: jax.Array) -> tup
         "starts": (starts, (batch, heads, num_chunks, k_dim, v_dim)),
         "w": (w, (batch, heads, num_chunks, chunk, v_dim)),
     }
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (from Qd {tuple(Qd.shape)} and w), got {tuple(x.shape)}")
+    require_shapes(expected, f"Qd {tuple(Qd.shape)} and w")
     if not Qd.dtype == starts.dtype == w.dtype:
         raise ValueError(f"Qd, starts, w: expected one dtype, got {Qd.dtype}, {starts.dtype}, {w.dtype}")
     return batch, heads, num_chunks, chunk, k_dim, v_dim

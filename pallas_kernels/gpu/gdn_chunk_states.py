@@ -29,6 +29,14 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.gpu.unit_lower_inverse import operand_precision
 
 
+def require_shapes(expected: dict[str, tuple[jax.Array, tuple[int, ...]]], source: str) -> None:
+    """ValueError ``"{name}: expected shape {shape} (from {source}), got {x.shape}"`` for the first array of
+    ``expected`` (name -> (array, shape)) whose shape differs; the GDN kernels' input checks."""
+    for name, (x, shape) in expected.items():
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)} (from {source}), got {tuple(x.shape)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class StatesKernelConfig:
     """Launch parameters: columns of the state per program, Triton warps and software-pipeline stages."""

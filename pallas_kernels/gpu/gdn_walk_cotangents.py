@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gpu.gdn_chunk_states import TiledKernelConfig
+from pallas_kernels.gpu.gdn_chunk_states import TiledKernelConfig, require_shapes
 from pallas_kernels.gpu.unit_lower_inverse import dot, operand_precision
 
 
@@ -81,13 +81,14 @@ def walk_input_cotangents(
     """
     batch, heads, num_chunks, chunk, v_dim = w.shape
     k_dim = starts.shape[-2]
-    for name, x, shape in (
-        ("dw", dw, w.shape),
-        ("starts", starts, (batch, heads, num_chunks, k_dim, v_dim)),
-        ("g_next", g_next, starts.shape),
-    ):
-        if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected shape {tuple(shape)} (from w and starts), got {tuple(x.shape)}")
+    require_shapes(
+        {
+            "dw": (dw, w.shape),
+            "starts": (starts, (batch, heads, num_chunks, k_dim, v_dim)),
+            "g_next": (g_next, starts.shape),
+        },
+        "w and starts",
+    )
     if not dw.dtype == starts.dtype == w.dtype == g_next.dtype:
         raise ValueError(
             f"dw, starts, w, g_next: expected one dtype, got {dw.dtype}, {starts.dtype}, {w.dtype}, {g_next.dtype}"
