@@ -61,18 +61,37 @@ O = OutputsKernelConfig
 W = WalkCotangentsKernelConfig
 # name -> the arguments of gated_delta_rule_pallas_gpu that differ from its defaults
 FUSED = "fused"
+XLA_STAGES = {"local": "xla", "local_backward": "xla", "outputs": "xla", "walk_cotangents": "xla"}
 VARIANTS = {
     "default": {},  # default_states_configs(--chunk), the stages of FUSED_BY_DEFAULT fused (bf16)
-    "xla_stages": {"local": "xla", "local_backward": "xla", "outputs": "xla", "walk_cotangents": "xla"},
-    "fused_local": {"local": FUSED},  # the chunk-local stage in one kernel, XLA's autodiff for its backward
-    "fused_local_bwd": {"local": FUSED, "local_backward": FUSED},  # and its backward in one kernel too
-    "fused_outputs": {"outputs": FUSED},  # the output stage and its backward in kernels
-    "fused_walk": {"walk_cotangents": FUSED},  # dWk, dKd, da in one kernel
+    "xla_stages": XLA_STAGES,
+    # one stage fused, the others XLA's (the defaults fuse all four)
+    # the chunk-local stage in one kernel, XLA's autodiff for its backward
+    "fused_local": XLA_STAGES | {"local": FUSED},
+    "fused_local_bwd": XLA_STAGES | {"local": FUSED, "local_backward": FUSED},  # and its backward in one kernel too
+    "fused_outputs": XLA_STAGES | {"outputs": FUSED},  # the output stage and its backward in kernels
+    "fused_walk": XLA_STAGES | {"walk_cotangents": FUSED},  # dWk, dKd, da in one kernel
     "fused_all": {"local": FUSED, "local_backward": FUSED, "outputs": FUSED, "walk_cotangents": FUSED},
-    "xla_doubling": {"inverse": "doubling"},
-    "f32w4_b32w4": {"forward_config": K(32, 4, 2), "backward_config": K(32, 4, 2), "inverse": "doubling"},
-    "f64w4_b64w4": {"forward_config": K(64, 4, 2), "backward_config": K(64, 4, 2), "inverse": "doubling"},
-    "f32w4_b32w8": {"forward_config": K(32, 4, 2), "backward_config": K(32, 8, 2), "inverse": "doubling"},
+    # the XLA chunk-local stage (its inverse as XLA's doubling matmuls): the fused local stage inverts in its kernel
+    "xla_doubling": {"local": "xla", "inverse": "doubling"},
+    "f32w4_b32w4": {
+        "local": "xla",
+        "forward_config": K(32, 4, 2),
+        "backward_config": K(32, 4, 2),
+        "inverse": "doubling",
+    },
+    "f64w4_b64w4": {
+        "local": "xla",
+        "forward_config": K(64, 4, 2),
+        "backward_config": K(64, 4, 2),
+        "inverse": "doubling",
+    },
+    "f32w4_b32w8": {
+        "local": "xla",
+        "forward_config": K(32, 4, 2),
+        "backward_config": K(32, 8, 2),
+        "inverse": "doubling",
+    },
 }
 FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
 LOCAL_BACKWARD_SWEEP = [  # the configurations without register spills offline (C=64, K=256, V=512 bf16)
@@ -239,6 +258,7 @@ def main() -> None:
         "dtype": "bfloat16",
         "steps": {},
     }
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gdn_check.json")
 
     def save():
