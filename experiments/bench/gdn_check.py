@@ -50,7 +50,13 @@ from pallas_kernels.gpu.gdn_chunk_factors import (
     chunk_factors_backward,
     chunk_factors_forward,
 )
-from pallas_kernels.gpu.gdn_chunk_outputs import OutputsKernelConfig, chunk_outputs_backward, chunk_outputs_forward
+from pallas_kernels.gpu.gdn_chunk_outputs import (
+    DEFAULT_FACTOR_COTANGENTS_CONFIG,
+    DEFAULT_STATE_COTANGENTS_CONFIG,
+    OutputsKernelConfig,
+    chunk_outputs_backward,
+    chunk_outputs_forward,
+)
 from pallas_kernels.gpu.gdn_chunk_states import StatesKernelConfig, chunk_states_backward, chunk_states_forward
 from pallas_kernels.gpu.gdn_walk_cotangents import WalkCotangentsKernelConfig, walk_input_cotangents
 
@@ -104,9 +110,9 @@ LOCAL_BACKWARD_SWEEP = [  # the configurations without register spills offline (
 OUTPUTS_SWEEP = [O(64, 8, 1), O(128, 8, 1), O(64, 4, 1), O(128, 4, 1), O(32, 4, 1)]
 FACTOR_COTANGENTS_SWEEP = [O(64, 8, 2), O(64, 8, 1), O(32, 8, 3), O(32, 8, 2), O(64, 4, 2)]
 WALK_COTANGENTS_SWEEP = [
-    W(block_k=128, block_v=64, num_warps=8, num_stages=2),  # the default
+    W(block_k=128, block_v=64, num_warps=8, num_stages=2),
     W(block_k=128, block_v=32, num_warps=8, num_stages=3),
-    W(block_k=64, block_v=64, num_warps=4, num_stages=2),
+    W(block_k=64, block_v=64, num_warps=4, num_stages=2),  # the default
     W(block_k=128, block_v=64, num_warps=8, num_stages=1),
     W(block_k=64, block_v=64, num_warps=8, num_stages=3),
 ]
@@ -182,12 +188,12 @@ def output_stage_timings(Qd, QK, starts, w, interpret: bool) -> dict[str, float 
         ),
         "outputs_state_cot": lambda cfg: (
             lambda *a: chunk_outputs_backward(
-                *a, do, state_config=cfg, factor_config=FACTOR_COTANGENTS_SWEEP[0], interpret=interpret
+                *a, do, state_config=cfg, factor_config=DEFAULT_FACTOR_COTANGENTS_CONFIG, interpret=interpret
             )[2:]
         ),
         "outputs_factor_cot": lambda cfg: (
             lambda *a: chunk_outputs_backward(
-                *a, do, state_config=OUTPUTS_SWEEP[0], factor_config=cfg, interpret=interpret
+                *a, do, state_config=DEFAULT_STATE_COTANGENTS_CONFIG, factor_config=cfg, interpret=interpret
             )[:2]
         ),
     }

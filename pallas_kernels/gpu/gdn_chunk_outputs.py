@@ -45,10 +45,11 @@ class OutputsKernelConfig(StatesKernelConfig):
     num_stages: int = 1
 
 
-# the configurations that compile without register spills for C=64, K=256, V=512 bf16 (Triton 3.6, sm_90); not
-# yet timed on a GPU
-DEFAULT_FORWARD_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=1)
-DEFAULT_STATE_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=1)
+# the fastest of gdn_check.py's launch sweep for each kernel at B=8, S=4096, H=2, C=64, K=256, V=512 bf16 on an H200
+# (session 26, experiments/RESULTS.md): forward 0.392 ms (64/8/1: 0.433), state cotangents 0.396 ms (64/8/1:
+# 0.417), factor cotangents 0.313 ms (the next, 64/4/2: 0.344)
+DEFAULT_FORWARD_CONFIG = OutputsKernelConfig(block_v=128, num_warps=4, num_stages=1)
+DEFAULT_STATE_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=128, num_warps=4, num_stages=1)
 DEFAULT_FACTOR_COTANGENTS_CONFIG = OutputsKernelConfig(block_v=64, num_warps=8, num_stages=2)
 
 
