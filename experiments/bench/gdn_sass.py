@@ -13,7 +13,6 @@ fastest (gdn_check.py times them on the device).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.gdn_check import FACTOR_COTANGENTS_SWEEP, OUTPUTS_SWEEP, WALK_COTANGENTS_SWEEP, config_label
-from experiments.bench.triton_sass import compile_to_sass, triton_modules
+from experiments.bench.triton_sass import compile_to_sass, report, resources, triton_modules
 from pallas_kernels.gpu.gdn_chunk_outputs import (
     DEFAULT_FACTOR_COTANGENTS_CONFIG,
     DEFAULT_FORWARD_CONFIG,
@@ -45,13 +44,7 @@ def compiled_cost(function: Callable, specs: Sequence[jax.ShapeDtypeStruct], ker
         raise ValueError(f"kernel: expected one lowered kernel named like {kernel!r}, got {sorted(modules)}")
     with tempfile.TemporaryDirectory() as workdir:
         sass, usage, _ = compile_to_sass(matches[0], config.num_warps, config.num_stages, workdir)
-    field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
-    return {
-        "registers": field("REG"),
-        "spilled_bytes": field("STACK") + field("LOCAL"),
-        "instructions": len(_INSTRUCTION.findall(sass)),
-        "hgmma": "HGMMA" in sass,
-    }
+    return resources(usage) | {"instructions": len(_INSTRUCTION.findall(sass)), "hgmma": "HGMMA" in sass}
 
 
 def kernel_costs(chunk: int, k_dim: int, v_dim: int, *, sweep: bool = True) -> list[dict]:
@@ -109,12 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     rows = kernel_costs(args.chunk, args.k_dim, args.v_dim, sweep=not args.defaults_only)
-    print(f"GDN output and walk-cotangent kernels, C={args.chunk} K={args.k_dim} V={args.v_dim} bf16, sm_90 (no GPU)")
-    for row in rows:
-        print(" | ".join(f"{key} {value}" for key, value in row.items()))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    title = f"GDN output and walk-cotangent kernels, C={args.chunk} K={args.k_dim} V={args.v_dim} bf16, sm_90 (no GPU)"
+    report(title, rows, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ to compare variants when no GPU is lent, not a timing.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from experiments.bench.triton_sass import (
     H200_SCHEDULERS,
     compile_to_sass,
     innermost_loops,
+    report,
+    resources,
     triton_modules,
 )
 from m2rnn_jax.bench.loss import parse_kernel_config
@@ -68,16 +69,10 @@ def kernel_cost(rows: int, vocab: int, config: SoftmaxXentConfig, one_read: bool
         "kernel": "one_read" if one_read else "two_pass",
         "config": f"{config.block_rows}x{config.block_v}x{config.num_warps}x{config.num_stages}",
         "instructions_per_logit": round(per_step / elements_per_thread, 2),
-        **_resources(usage),
+        **resources(usage),
         "issue_ms": round(warp_instructions / (H200_SCHEDULERS * H200_CLOCK_HZ) * 1e3, 3),
         "memory_ms": round(rows * vocab * 2 * (passes + 1) / H200_BYTES_PER_S * 1e3, 3),
     }
-
-
-def _resources(usage: str) -> dict:
-    """Registers and spill bytes (stack frame and local memory) of a cuobjdump resource line."""
-    field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
-    return {"registers": field("REG"), "spilled_bytes": field("STACK") + field("LOCAL")}
 
 
 def fused_gemm_cost(rows: int, depth: int, vocab: int) -> dict:
@@ -97,7 +92,7 @@ def fused_gemm_cost(rows: int, depth: int, vocab: int) -> dict:
         "config": config_text,
         "program_instructions": instructions,
         "instructions_per_logit": round(instructions / logits_per_thread, 2),
-    } | _resources(usage)
+    } | resources(usage)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,12 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [kernel_cost(args.rows, args.vocab, default_config(args.rows, args.vocab), one_read=False)]
     rows += [kernel_cost(args.rows, args.vocab, config, one_read=True) for config in configs]
     rows.append(fused_gemm_cost(args.rows, args.hidden, args.vocab))
-    print(f"Statistics kernels, {args.rows} x {args.vocab} bfloat16 logits, compiled for sm_90 (no GPU)")
-    for row in rows:
-        print(" | ".join(f"{key} {value}" for key, value in row.items()))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    title = f"Statistics kernels, {args.rows} x {args.vocab} bfloat16 logits, compiled for sm_90 (no GPU)"
+    report(title, rows, args.json)
     return 0
 
 

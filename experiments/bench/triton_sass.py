@@ -127,6 +127,22 @@ def disassemble(cubin: str) -> tuple[str, str]:
     return cuobjdump("--dump-sass"), cuobjdump("--dump-resource-usage").strip().splitlines()[-1].strip()
 
 
+def resources(usage: str) -> dict:
+    """Registers and spilled bytes (stack frame and local memory) of a cuobjdump resource usage line."""
+    field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
+    return {"registers": field("REG"), "spilled_bytes": field("STACK") + field("LOCAL")}
+
+
+def report(title: str, rows: list[dict], json_path: str | None) -> None:
+    """Prints ``title`` and one line per row (``key value | ...``); also writes the rows to ``json_path`` if given."""
+    print(title)
+    for row in rows:
+        print(" | ".join(f"{key} {value}" for key, value in row.items()))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
 def innermost_loops(sass: str) -> list[dict]:
     """Innermost loops (backward branches that contain no other backward branch) with their opcode mix."""
     code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass)]
