@@ -68,6 +68,8 @@ W = WalkCotangentsKernelConfig
 # name -> the arguments of gated_delta_rule_pallas_gpu that differ from its defaults
 FUSED = "fused"
 XLA_STAGES = {"local": "xla", "local_backward": "xla", "outputs": "xla", "walk_cotangents": "xla"}
+# the XLA chunk-local stage with its inverse as XLA's doubling matmuls (the fused local stage inverts in its kernel)
+XLA_DOUBLING = {"local": "xla", "inverse": "doubling"}
 VARIANTS = {
     "default": {},  # default_states_configs(--chunk), the stages of FUSED_BY_DEFAULT fused (bf16)
     "xla_stages": XLA_STAGES,
@@ -78,26 +80,10 @@ VARIANTS = {
     "fused_outputs": XLA_STAGES | {"outputs": FUSED},  # the output stage and its backward in kernels
     "fused_walk": XLA_STAGES | {"walk_cotangents": FUSED},  # dWk, dKd, da in one kernel
     "fused_all": {"local": FUSED, "local_backward": FUSED, "outputs": FUSED, "walk_cotangents": FUSED},
-    # the XLA chunk-local stage (its inverse as XLA's doubling matmuls): the fused local stage inverts in its kernel
-    "xla_doubling": {"local": "xla", "inverse": "doubling"},
-    "f32w4_b32w4": {
-        "local": "xla",
-        "forward_config": K(32, 4, 2),
-        "backward_config": K(32, 4, 2),
-        "inverse": "doubling",
-    },
-    "f64w4_b64w4": {
-        "local": "xla",
-        "forward_config": K(64, 4, 2),
-        "backward_config": K(64, 4, 2),
-        "inverse": "doubling",
-    },
-    "f32w4_b32w8": {
-        "local": "xla",
-        "forward_config": K(32, 4, 2),
-        "backward_config": K(32, 8, 2),
-        "inverse": "doubling",
-    },
+    "xla_doubling": XLA_DOUBLING,
+    "f32w4_b32w4": XLA_DOUBLING | {"forward_config": K(32, 4, 2), "backward_config": K(32, 4, 2)},
+    "f64w4_b64w4": XLA_DOUBLING | {"forward_config": K(64, 4, 2), "backward_config": K(64, 4, 2)},
+    "f32w4_b32w8": XLA_DOUBLING | {"forward_config": K(32, 4, 2), "backward_config": K(32, 8, 2)},
 }
 FACTORS_SWEEP = [F(128, 4, 1), F(64, 4, 1), F(128, 8, 1), F(64, 8, 1), F(128, 4, 2)]
 LOCAL_BACKWARD_SWEEP = [  # the configurations without register spills offline (C=64, K=256, V=512 bf16)

@@ -13,7 +13,6 @@ fastest (gdn_check.py times them on the device).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.gdn_check import FACTOR_COTANGENTS_SWEEP, OUTPUTS_SWEEP, WALK_COTANGENTS_SWEEP, config_label
-from experiments.bench.triton_sass import compile_to_sass, report, resources, triton_modules
+from experiments.bench.triton_sass import compile_to_sass, instruction_count, report, resources, triton_modules
 from pallas_kernels.gpu.gdn_chunk_outputs import (
     DEFAULT_FACTOR_COTANGENTS_CONFIG,
     DEFAULT_FORWARD_CONFIG,
@@ -31,8 +30,6 @@ from pallas_kernels.gpu.gdn_chunk_outputs import (
     chunk_outputs_forward,
 )
 from pallas_kernels.gpu.gdn_walk_cotangents import WalkCotangentsKernelConfig, walk_input_cotangents
-
-_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z]")
 
 
 def compiled_cost(function: Callable, specs: Sequence[jax.ShapeDtypeStruct], kernel: str, config) -> dict:
@@ -44,7 +41,7 @@ def compiled_cost(function: Callable, specs: Sequence[jax.ShapeDtypeStruct], ker
         raise ValueError(f"kernel: expected one lowered kernel named like {kernel!r}, got {sorted(modules)}")
     with tempfile.TemporaryDirectory() as workdir:
         sass, usage, _ = compile_to_sass(matches[0], config.num_warps, config.num_stages, workdir)
-    return resources(usage) | {"instructions": len(_INSTRUCTION.findall(sass)), "hgmma": "HGMMA" in sass}
+    return resources(usage) | {"instructions": instruction_count(sass), "hgmma": "HGMMA" in sass}
 
 
 def kernel_costs(chunk: int, k_dim: int, v_dim: int, *, sweep: bool = True) -> list[dict]:

@@ -16,7 +16,6 @@ to compare variants when no GPU is lent, not a timing.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from experiments.bench.triton_sass import (
     H200_SCHEDULERS,
     compile_to_sass,
     innermost_loops,
+    instruction_count,
     report,
     resources,
     triton_modules,
@@ -84,7 +84,7 @@ def fused_gemm_cost(rows: int, depth: int, vocab: int) -> dict:
     [(ttir, _)] = triton_modules(lambda x, w, c: logits_softmax_tiles(x, w, c, config=config), *specs).values()
     with tempfile.TemporaryDirectory() as workdir:
         sass, usage, _ = compile_to_sass(ttir, config.num_warps, config.num_stages, workdir)
-    instructions = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z]", sass))
+    instructions = instruction_count(sass)
     logits_per_thread = config.block_rows * config.block_v / (32 * config.num_warps)
     config_text = f"{config.block_rows}x{config.block_v}x{config.block_k}x{config.num_warps}x{config.num_stages}"
     return {

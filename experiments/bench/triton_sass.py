@@ -127,6 +127,11 @@ def disassemble(cubin: str) -> tuple[str, str]:
     return cuobjdump("--dump-sass"), cuobjdump("--dump-resource-usage").strip().splitlines()[-1].strip()
 
 
+def instruction_count(sass: str) -> int:
+    """SASS instructions in a disassembly (every addressed line whose opcode starts with a capital letter)."""
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z]", sass))
+
+
 def resources(usage: str) -> dict:
     """Registers and spilled bytes (stack frame and local memory) of a cuobjdump resource usage line."""
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
